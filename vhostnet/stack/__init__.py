@@ -1,0 +1,1 @@
+"""The user-mode network stack: sans-IO, one module per protocol."""
