@@ -1,0 +1,231 @@
+"""Configuration of the user-mode network, with QEMU user-networking defaults.
+
+Addresses inside the stack are 4-byte ``bytes``; ``StackConfig`` also accepts
+dotted strings for convenience and converts them once, in ``__post_init__``.
+
+Port forwarding specs follow passt's ``-t``/``-u`` syntax (see ``parse_port_spec``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+MIN_MTU = 576
+MAX_MTU = 65520
+DNS_PORT = 53
+
+
+def ip4(text: str) -> bytes:
+    """Dotted quad -> 4 bytes; ``ValueError`` for anything else (no inet_aton shortcuts)."""
+    return ipaddress.IPv4Address(text).packed
+
+
+def ip4_str(address: bytes) -> str:
+    """4 bytes -> dotted quad."""
+    return str(ipaddress.IPv4Address(bytes(address)))
+
+
+def mac_bytes(text: str) -> bytes:
+    """"52:56:00:00:00:02" -> 6 bytes."""
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"not a MAC address: {text!r}")
+    return bytes(int(p, 16) for p in parts)
+
+
+def mac_str(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+@dataclass(frozen=True)
+class PortForward:
+    """One forwarded port: host_addr:host_port on the host reaches guest_port in the guest."""
+
+    host_addr: str
+    host_port: int
+    guest_port: int
+
+
+def _as_ip4(value: bytes | str, name: str) -> bytes:
+    if isinstance(value, str):
+        return ip4(value)
+    if len(value) != 4:
+        raise ValueError(f"{name} must be 4 bytes or a dotted quad")
+    return bytes(value)
+
+
+@dataclass
+class StackConfig:
+    """Everything the stack engines need to know about the virtual network."""
+
+    guest_ipv4: bytes = ip4("10.0.2.15")
+    netmask: bytes = ip4("255.255.255.0")
+    gateway: bytes = ip4("10.0.2.2")
+    dns: bytes = ip4("10.0.2.3")
+    mtu: int = 1500
+    # Locally administered (bit 1 of the first octet set), so it cannot clash with a real NIC.
+    gateway_mac: bytes = bytes.fromhex("525600000002")
+    # Where guest traffic to the gateway address goes on the host; None disables it.
+    map_host_loopback: str | None = "127.0.0.1"
+    dhcp: bool = True
+    icmp: bool = True
+    tcp: bool = True
+    udp: bool = True
+    hostname: str | None = None
+    search_domains: list[str] = field(default_factory=list)
+    dns_upstream: list[tuple[str, int]] = field(default_factory=list)
+    tcp_forwards: list[PortForward] = field(default_factory=list)
+    udp_forwards: list[PortForward] = field(default_factory=list)
+    tftp_root: str | None = None
+    bootfile: str | None = None
+    bootfile_ipxe: str | None = None
+    lease_time: int = 86400
+    flow_limit: int = 65536
+    udp_idle_timeout: float = 180.0
+
+    def __post_init__(self) -> None:
+        self.guest_ipv4 = _as_ip4(self.guest_ipv4, "guest_ipv4")
+        self.netmask = _as_ip4(self.netmask, "netmask")
+        self.gateway = _as_ip4(self.gateway, "gateway")
+        self.dns = _as_ip4(self.dns, "dns")
+        if isinstance(self.gateway_mac, str):
+            self.gateway_mac = mac_bytes(self.gateway_mac)
+        if len(self.gateway_mac) != 6 or self.gateway_mac[0] & 1:
+            raise ValueError("gateway_mac must be a 6-byte unicast MAC address")
+        if not MIN_MTU <= self.mtu <= MAX_MTU:
+            raise ValueError(f"MTU must be between {MIN_MTU} and {MAX_MTU}, not {self.mtu}")
+        mask = int.from_bytes(self.netmask, "big")
+        inverted = ~mask & 0xFFFFFFFF
+        if inverted & (inverted + 1):
+            raise ValueError(f"netmask {ip4_str(self.netmask)} is not contiguous")
+        if self.gateway == self.guest_ipv4:
+            raise ValueError("the gateway address must differ from the guest address")
+        if self.lease_time <= 0:
+            raise ValueError("lease_time must be positive")
+        if self.flow_limit <= 0:
+            raise ValueError("flow_limit must be positive")
+        if self.udp_idle_timeout <= 0:
+            raise ValueError("udp_idle_timeout must be positive")
+
+    @property
+    def prefix_length(self) -> int:
+        return bin(int.from_bytes(self.netmask, "big")).count("1")
+
+    def in_guest_subnet(self, address: bytes) -> bool:
+        mask = int.from_bytes(self.netmask, "big")
+        return (int.from_bytes(address, "big") & mask) == (
+            int.from_bytes(self.guest_ipv4, "big") & mask
+        )
+
+    @property
+    def subnet_broadcast(self) -> bytes:
+        mask = int.from_bytes(self.netmask, "big")
+        net = int.from_bytes(self.guest_ipv4, "big") & mask
+        return (net | (~mask & 0xFFFFFFFF)).to_bytes(4, "big")
+
+    def host_destination(self, dst_ip: bytes, dst_port: int) -> tuple[str, int] | None:
+        """Where a guest's outbound flow to ``dst_ip:dst_port`` goes on the host, or None.
+
+        - the gateway address -> ``map_host_loopback`` (None when that is disabled);
+        - the DNS address, port 53 -> the first upstream resolver (None without one);
+          other ports of the DNS address lead nowhere, it is a virtual address;
+        - broadcast, multicast, 0.0.0.0/8 and 127.0.0.0/8 -> None (never leave the guest link,
+          and the guest must not reach host loopback except through the gateway mapping);
+        - anything else -> itself.
+        """
+        if dst_ip == self.gateway:
+            if self.map_host_loopback is None:
+                return None
+            return (self.map_host_loopback, dst_port)
+        if dst_ip == self.dns:
+            if dst_port == DNS_PORT and self.dns_upstream:
+                return self.dns_upstream[0]
+            return None
+        first = dst_ip[0]
+        if first == 0 or first == 127 or first >= 224 or dst_ip == self.subnet_broadcast:
+            return None
+        return (ip4_str(dst_ip), dst_port)
+
+
+# --- passt-style port specs -------------------------------------------------
+
+ALL_PORTS = range(1, 65536)
+DEFAULT_BIND_ADDRESS = "0.0.0.0"
+
+
+def _parse_port(text: str, spec: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"bad port {text!r} in port spec {spec!r}")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} out of range 1-65535 in port spec {spec!r}")
+    return port
+
+
+def _parse_range(text: str, spec: str) -> range:
+    first, dash, last = text.partition("-")
+    start = _parse_port(first, spec)
+    end = _parse_port(last, spec) if dash else start
+    if end < start:
+        raise ValueError(f"empty port range {text!r} in port spec {spec!r}")
+    return range(start, end + 1)
+
+
+def parse_port_spec(spec: str) -> list[PortForward]:
+    """Parse a passt ``-t``/``-u`` port spec into forwards, in ascending host-port order.
+
+    Syntax (comma-separated items, optionally prefixed once by ``ADDR/``):
+
+    - ``none``: no forwards.  ``all``: every port 1-65535 to the same guest port
+      (items after it may only be exclusions, e.g. ``all,~22``);
+    - ``P`` or ``A-B``: the same port numbers on host and guest;
+    - ``P:Q`` or ``A-B:C-D``: host ports to other guest ports (ranges of equal length);
+    - ``~P`` or ``~A-B``: exclude host ports; a spec made only of exclusions means
+      "all ports except these" (as in passt);
+    - ``ADDR/...``: bind on ADDR (IPv4 or IPv6 literal) instead of 0.0.0.0.
+    """
+    text = spec.strip()
+    if not text:
+        raise ValueError("empty port spec")
+    if text == "none":
+        return []
+    address = DEFAULT_BIND_ADDRESS
+    if "/" in text:
+        address, _, text = text.rpartition("/")
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"bad bind address {address!r} in port spec {spec!r}") from None
+    mapping: dict[int, int] = {}
+    excluded: set[int] = set()
+    has_positive = False
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"empty item in port spec {spec!r}")
+        if item == "all":
+            has_positive = True
+            for port in ALL_PORTS:
+                mapping.setdefault(port, port)
+            continue
+        if item.startswith("~"):
+            excluded.update(_parse_range(item[1:], spec))
+            continue
+        has_positive = True
+        host_text, colon, guest_text = item.partition(":")
+        host_ports = _parse_range(host_text, spec)
+        guest_ports = _parse_range(guest_text, spec) if colon else host_ports
+        if len(guest_ports) != len(host_ports):
+            raise ValueError(f"host and guest ranges differ in length in {item!r} of {spec!r}")
+        for host_port, guest_port in zip(host_ports, guest_ports, strict=True):
+            if mapping.get(host_port, guest_port) != guest_port:
+                raise ValueError(f"host port {host_port} forwarded twice in port spec {spec!r}")
+            mapping[host_port] = guest_port
+    if not has_positive:
+        mapping = {port: port for port in ALL_PORTS}
+    return [
+        PortForward(address, host_port, guest_port)
+        for host_port, guest_port in sorted(mapping.items())
+        if host_port not in excluded
+    ]

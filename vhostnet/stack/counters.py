@@ -1,0 +1,66 @@
+"""Flat event counters and log-once reporting shared by every stack engine.
+
+Counters are plain dotted names ("ipv4.rx", "ipv4.drop.bad_checksum") so the
+integrator can print or export them without knowing each engine's structure.
+
+``MalformedPacket`` is what the checked wire views raise: its ``reason`` is a
+short identifier that becomes the last part of a drop counter name, so every
+kind of bad input is counted separately and logged only once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+
+class MalformedPacket(ValueError):
+    """Raised by a wire view when the bytes cannot be what they claim to be."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class Counters:
+    """A bag of named integer counters plus a "log this kind of problem once" helper.
+
+    Logging once per key matters because a misbehaving guest can send millions
+    of identical bad frames; the counter keeps the total, the log keeps the cause.
+    """
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self._values: Counter[str] = Counter()
+        self._logged: set[str] = set()
+        self._logger = logger or logging.getLogger("vhostnet.stack")
+
+    def inc(self, name: str, amount: int = 1) -> None:
+        self._values[name] += amount
+
+    def set(self, name: str, value: int) -> None:
+        """Record a gauge (a current level such as the number of open flows)."""
+        self._values[name] = value
+
+    def get(self, name: str) -> int:
+        return self._values.get(name, 0)
+
+    def drop(self, name: str, message: str = "") -> None:
+        """Count a dropped input under ``name`` and log the first occurrence."""
+        self._values[name] += 1
+        self.log_once(name, message or f"dropped: {name}")
+
+    def log_once(self, key: str, message: str, level: int = logging.WARNING) -> None:
+        if key in self._logged:
+            return
+        self._logged.add(key)
+        self._logger.log(level, "%s (further occurrences only counted)", message)
+
+    def log_exception_once(self, key: str, message: str) -> None:
+        """Log the current exception with its traceback, the first time only."""
+        if key in self._logged:
+            return
+        self._logged.add(key)
+        self._logger.exception("%s (further occurrences only counted)", message)
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self._values)

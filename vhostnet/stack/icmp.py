@@ -1,0 +1,220 @@
+"""ICMPv4 (RFC 792): checked view, message builders, and the echo engine.
+
+Echo requests to the gateway or DNS address are answered here. Echo requests
+to any other destination go out through unprivileged "ping sockets" on the
+host (see ``vhostnet.hostio.icmp``): the engine queues commands, the glue
+executes them and reports replies back with ``on_echo_reply``.
+
+Commands (``IcmpEngine.commands``):
+
+- ``IcmpOpen(flow_id, host_addr)``: open a ping socket connected to ``host_addr``;
+- ``IcmpEchoSend(flow_id, seq, payload)``: send an echo request on it (the kernel
+  picks the echo identifier; the engine maps replies back to the guest's one);
+- ``IcmpClose(flow_id)``: close it (idle flow).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .checksum import PROTO_ICMP, internet_checksum, ones_complement_sum
+from .config import StackConfig
+from .counters import Counters, MalformedPacket
+from .ipv4 import IPv4Packet
+
+TYPE_ECHO_REPLY = 0
+TYPE_DEST_UNREACHABLE = 3
+TYPE_ECHO_REQUEST = 8
+TYPE_TIME_EXCEEDED = 11
+CODE_PORT_UNREACHABLE = 3
+HEADER_LEN = 8
+ECHO_FLOW_IDLE_TIMEOUT = 60.0
+
+SendIPv4 = Callable[..., None]
+
+
+class IcmpMessage:
+    """Checked view of an ICMP message: at least 8 bytes, checksum verified."""
+
+    __slots__ = ("type", "code", "rest", "body")
+
+    def __init__(self, data: bytes | bytearray | memoryview, verify_checksum: bool = True) -> None:
+        view = memoryview(data)
+        if len(view) < HEADER_LEN:
+            raise MalformedPacket("short", f"ICMP message of {len(view)} bytes")
+        if verify_checksum and ones_complement_sum(view) != 0xFFFF:
+            raise MalformedPacket("bad_checksum", "ICMP checksum")
+        self.type: int = view[0]
+        self.code: int = view[1]
+        self.rest = bytes(view[4:8])
+        self.body = view[HEADER_LEN:]
+
+    @property
+    def echo_ident(self) -> int:
+        return struct.unpack("!H", self.rest[0:2])[0]
+
+    @property
+    def echo_seq(self) -> int:
+        return struct.unpack("!H", self.rest[2:4])[0]
+
+
+def emit_icmp(icmp_type: int, code: int, rest: bytes, body: bytes | bytearray | memoryview) -> bytes:
+    """A complete ICMP message with its checksum; ``rest`` is the 4 bytes after the checksum."""
+    message = bytearray(struct.pack("!BBH4s", icmp_type, code, 0, rest))
+    message += body
+    struct.pack_into("!H", message, 2, internet_checksum(message))
+    return bytes(message)
+
+
+def emit_echo(icmp_type: int, ident: int, seq: int, payload: bytes | bytearray | memoryview) -> bytes:
+    return emit_icmp(icmp_type, 0, struct.pack("!HH", ident, seq), payload)
+
+
+def emit_port_unreachable(original_header: bytes, original_payload: bytes | memoryview) -> bytes:
+    """Destination unreachable / port unreachable quoting the IP header and 8 payload bytes."""
+    quote = bytes(original_header) + bytes(original_payload[:8])
+    return emit_icmp(TYPE_DEST_UNREACHABLE, CODE_PORT_UNREACHABLE, bytes(4), quote)
+
+
+@dataclass(frozen=True)
+class IcmpOpen:
+    flow_id: int
+    host_addr: str
+
+
+@dataclass(frozen=True)
+class IcmpEchoSend:
+    flow_id: int
+    seq: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class IcmpClose:
+    flow_id: int
+
+
+@dataclass
+class _EchoFlow:
+    flow_id: int
+    guest_ip: bytes
+    guest_ident: int
+    remote_ip: bytes
+    last_active: float
+
+
+class IcmpEngine:
+    """Protocol handler for IPv4 protocol 1 (registered by ``NetworkStack``)."""
+
+    def __init__(self, config: StackConfig, counters: Counters, send_ipv4: SendIPv4) -> None:
+        self.config = config
+        self.counters = counters
+        self._send_ipv4 = send_ipv4
+        self.commands: deque[IcmpOpen | IcmpEchoSend | IcmpClose] = deque()
+        # False once the glue reports that the host forbids ping sockets.
+        self.host_echo_available = True
+        self._flows_by_key: dict[tuple[bytes, int, bytes], _EchoFlow] = {}
+        # Ordered by last activity, oldest first, so expiry looks only at the front.
+        self._flows: OrderedDict[int, _EchoFlow] = OrderedDict()
+        self._next_flow_id = 1
+
+    # --- guest side -------------------------------------------------------
+
+    def handle_ipv4(self, packet: IPv4Packet, now: float) -> None:
+        try:
+            message = IcmpMessage(packet.payload)
+        except MalformedPacket as error:
+            self.counters.drop(f"icmp.drop.{error.reason}", f"ICMP from guest dropped: {error}")
+            return
+        self.counters.inc("icmp.rx")
+        if message.type != TYPE_ECHO_REQUEST:
+            self.counters.inc("icmp.drop.type")
+            return
+        if packet.dst in (self.config.gateway, self.config.dns):
+            self.counters.inc("icmp.echo.local")
+            reply = emit_echo(TYPE_ECHO_REPLY, message.echo_ident, message.echo_seq, message.body)
+            self._send_ipv4(packet.dst, packet.src, PROTO_ICMP, reply)
+            return
+        self._forward_echo(packet, message, now)
+
+    def _forward_echo(self, packet: IPv4Packet, message: IcmpMessage, now: float) -> None:
+        if not self.host_echo_available:
+            self.counters.inc("icmp.drop.no_ping_socket")
+            return
+        target = self.config.host_destination(packet.dst, 0)
+        if target is None:
+            self.counters.inc("icmp.drop.no_route")
+            return
+        key = (packet.src, message.echo_ident, packet.dst)
+        flow = self._flows_by_key.get(key)
+        if flow is None:
+            if len(self._flows) >= self.config.flow_limit:
+                self.counters.drop("icmp.drop.flow_limit", "ICMP echo flow limit reached")
+                return
+            flow = _EchoFlow(self._next_flow_id, packet.src, message.echo_ident, packet.dst, now)
+            self._next_flow_id += 1
+            self._flows_by_key[key] = flow
+            self._flows[flow.flow_id] = flow
+            self.commands.append(IcmpOpen(flow.flow_id, target[0]))
+        flow.last_active = now
+        self._flows.move_to_end(flow.flow_id)
+        self.counters.inc("icmp.echo.forwarded")
+        self.commands.append(IcmpEchoSend(flow.flow_id, message.echo_seq, bytes(message.body)))
+
+    # --- host side (called by the glue) -----------------------------------
+
+    def on_echo_reply(self, flow_id: int, data: bytes, now: float) -> None:
+        """A datagram from a ping socket: an ICMP message without the IP header.
+
+        The kernel already checked the checksum and rewrote the identifier to
+        the socket's own; the guest gets its original identifier back.
+        """
+        flow = self._flows.get(flow_id)
+        if flow is None:
+            return
+        try:
+            message = IcmpMessage(data, verify_checksum=False)
+        except MalformedPacket:
+            self.counters.inc("icmp.drop.host_short")
+            return
+        if message.type != TYPE_ECHO_REPLY:
+            self.counters.inc("icmp.drop.host_type")
+            return
+        flow.last_active = now
+        self._flows.move_to_end(flow_id)
+        reply = emit_echo(TYPE_ECHO_REPLY, flow.guest_ident, message.echo_seq, message.body)
+        self.counters.inc("icmp.echo.reply")
+        self._send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_ICMP, reply)
+
+    def on_host_echo_unavailable(self, reason: str) -> None:
+        """The glue could not open a ping socket: only local echo answers from now on."""
+        self.host_echo_available = False
+        self.counters.log_once("icmp.no_ping_socket",
+                               f"ICMP echo beyond the gateway disabled: {reason}")
+        for flow in list(self._flows.values()):
+            self._remove(flow)
+
+    # --- timers -----------------------------------------------------------
+
+    def poll_timers(self, now: float) -> None:
+        while self._flows:
+            flow = next(iter(self._flows.values()))
+            if now - flow.last_active < ECHO_FLOW_IDLE_TIMEOUT:
+                break
+            self._remove(flow)
+            self.commands.append(IcmpClose(flow.flow_id))
+
+    def next_timer(self) -> float | None:
+        if not self._flows:
+            return None
+        return next(iter(self._flows.values())).last_active + ECHO_FLOW_IDLE_TIMEOUT
+
+    def flow_count(self) -> int:
+        return len(self._flows)
+
+    def _remove(self, flow: _EchoFlow) -> None:
+        self._flows.pop(flow.flow_id, None)
+        self._flows_by_key.pop((flow.guest_ip, flow.guest_ident, flow.remote_ip), None)

@@ -1,0 +1,253 @@
+"""``NetworkStack``: the dispatcher that receives guest frames and owns the engines.
+
+Frames come in through ``receive_frame`` (one call per Ethernet frame from the
+guest's TX ring); frames for the guest pile up in ``frames_to_guest``, which
+the device drains into the RX ring after each event-loop callback.
+
+Per-protocol work is delegated:
+
+- ARP is answered here (it is a few lines): every address in the guest's subnet
+  except the guest's own, plus the gateway and DNS addresses, is "at" the gateway MAC;
+- IPv4 protocol handlers: ICMP (``icmp.IcmpEngine``, when ``config.icmp``) and
+  whatever ``set_protocol_handler`` registers (the integrator adds TCP for 6);
+- UDP: services first (``add_udp_service``: DHCP, DNS, TFTP), then the generic
+  NAT (``udp_nat.UdpNat``, when ``config.udp``).
+
+Engines that talk to host sockets keep a ``commands`` deque that their glue in
+``vhostnet.hostio`` executes: ``stack.icmp``, ``stack.udp_nat``, ``stack.dns``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Protocol
+
+from . import arp, ethernet
+from .checksum import PROTO_ICMP, PROTO_UDP
+from .config import StackConfig
+from .counters import Counters, MalformedPacket
+from .icmp import IcmpEngine
+from .ipv4 import IPv4Packet, emit_ipv4_header
+from .udp import UdpDatagram, emit_udp
+
+log = logging.getLogger(__name__)
+
+
+class ProtocolHandler(Protocol):
+    """An engine for one IPv4 protocol number (e.g. the TCP engine for 6)."""
+
+    def handle_ipv4(self, packet: IPv4Packet, now: float) -> None: ...
+
+
+class UdpService(Protocol):
+    """A local UDP service (DHCP, DNS, TFTP), consulted before generic UDP NAT."""
+
+    def accepts(self, dst_ip: bytes, dst_port: int) -> bool: ...
+
+    def handle_udp(self, src_ip: bytes, src_port: int, dst_ip: bytes, dst_port: int,
+                   payload: memoryview, now: float) -> None: ...
+
+
+class TimerClient(Protocol):
+    def poll_timers(self, now: float) -> None: ...
+
+    def next_timer(self) -> float | None: ...
+
+
+class NetworkStack:
+    """The sans-IO user-mode network: guest frames in, guest frames and host commands out."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self._counters = Counters(log)
+        self.frames_to_guest: deque[bytes] = deque()
+        # Learned from the guest's own frames; None until it has sent something.
+        self.guest_mac: bytes | None = None
+        self.guest_ipv4: bytes | None = None
+        self._protocol_handlers: dict[int, ProtocolHandler] = {}
+        self._udp_services: list[UdpService] = []
+        self._timer_clients: list[TimerClient] = []
+
+        self.icmp: IcmpEngine | None = None
+        if config.icmp:
+            self.icmp = IcmpEngine(config, self._counters, self.send_ipv4)
+            self.set_protocol_handler(PROTO_ICMP, self.icmp)
+            self._timer_clients.append(self.icmp)
+        self._setup_udp_engines()
+
+    def _setup_udp_engines(self) -> None:
+        # Imported here so this module stays readable on its own; these engines
+        # only need the two send functions and the counters.
+        from .dhcp import DhcpServer
+        from .dns import DnsForwarder
+        from .udp_nat import UdpNat
+
+        self.dhcp: DhcpServer | None = None
+        if self.config.dhcp:
+            self.dhcp = DhcpServer(self.config, self._counters, self.send_udp)
+            self.add_udp_service(self.dhcp)
+        self.dns: DnsForwarder | None = None
+        self.udp_nat: UdpNat | None = None
+        if self.config.udp:
+            self.dns = DnsForwarder(self.config, self._counters, self.send_udp)
+            self.add_udp_service(self.dns)
+            self._timer_clients.append(self.dns)
+            self.udp_nat = UdpNat(self.config, self._counters, self.send_ipv4, self.send_udp,
+                                  lambda: self.guest_ipv4 or self.config.guest_ipv4)
+            self._timer_clients.append(self.udp_nat)
+
+    # --- registration -----------------------------------------------------
+
+    def set_protocol_handler(self, proto: int, handler: ProtocolHandler) -> None:
+        """Route IPv4 packets of protocol ``proto`` to ``handler.handle_ipv4(packet, now)``."""
+        self._protocol_handlers[proto] = handler
+
+    def add_udp_service(self, service: UdpService) -> None:
+        """Add a local UDP service; services are asked in registration order."""
+        self._udp_services.append(service)
+
+    # --- guest -> stack ----------------------------------------------------
+
+    def receive_frame(self, frame: bytes | bytearray | memoryview, now: float) -> None:
+        """Handle one Ethernet frame from the guest. Never raises."""
+        try:
+            self._receive_frame(frame, now)
+        except Exception:  # a bug must cost one frame, not the whole back-end
+            self._counters.inc("stack.drop.internal_error")
+            self._counters.log_exception_once("stack.internal_error",
+                                              "internal error handling a guest frame")
+
+    def _receive_frame(self, frame: bytes | bytearray | memoryview, now: float) -> None:
+        try:
+            eth = ethernet.EthernetFrame(frame)
+        except MalformedPacket as error:
+            self._counters.drop(f"eth.drop.{error.reason}", f"Ethernet frame dropped: {error}")
+            return
+        self._counters.inc("eth.rx")
+        if ethernet.is_multicast(eth.src):
+            self._counters.drop("eth.drop.bad_src", "frame with a multicast source MAC")
+            return
+        if not ethernet.is_multicast(eth.dst) and eth.dst != self.config.gateway_mac:
+            self._counters.inc("eth.drop.not_for_us")
+            return
+        if eth.ethertype == ethernet.ETHERTYPE_IPV4:
+            self._receive_ipv4(eth, now)
+        elif eth.ethertype == ethernet.ETHERTYPE_ARP:
+            self._receive_arp(eth)
+        elif eth.ethertype == ethernet.ETHERTYPE_IPV6:
+            self._counters.inc("eth.drop.ipv6")
+        else:
+            self._counters.inc("eth.drop.ethertype")
+
+    def _learn(self, mac: bytes, ip: bytes) -> None:
+        self.guest_mac = mac
+        if ip != bytes(4) and ip not in (self.config.gateway, self.config.dns) and ip[0] < 224:
+            self.guest_ipv4 = ip
+
+    def _receive_arp(self, eth: ethernet.EthernetFrame) -> None:
+        try:
+            packet = arp.ArpPacket(eth.payload)
+        except MalformedPacket as error:
+            self._counters.drop(f"arp.drop.{error.reason}", f"ARP dropped: {error}")
+            return
+        self._counters.inc("arp.rx")
+        self._learn(eth.src, packet.sender_ip)
+        if packet.op != arp.OP_REQUEST:
+            self._counters.inc("arp.learned")
+            return
+        if self._answers_arp_for(packet.target_ip):
+            self.frames_to_guest.append(arp.arp_reply_frame(packet, self.config.gateway_mac))
+            self._counters.inc("arp.reply")
+        else:
+            self._counters.inc("arp.ignored")
+
+    def _answers_arp_for(self, target: bytes) -> bool:
+        config = self.config
+        if target in (config.gateway, config.dns):
+            return True
+        if target in (config.guest_ipv4, self.guest_ipv4):
+            return False  # the guest's own address: stay silent so duplicate detection passes
+        if not config.in_guest_subnet(target):
+            return False
+        host_bits = int.from_bytes(target, "big") & ~int.from_bytes(config.netmask, "big")
+        return host_bits not in (0, ~int.from_bytes(config.netmask, "big") & 0xFFFFFFFF)
+
+    def _receive_ipv4(self, eth: ethernet.EthernetFrame, now: float) -> None:
+        try:
+            packet = IPv4Packet(eth.payload)
+        except MalformedPacket as error:
+            self._counters.drop(f"ipv4.drop.{error.reason}", f"IPv4 packet dropped: {error}")
+            return
+        self._counters.inc("ipv4.rx")
+        self._learn(eth.src, packet.src)
+        if packet.proto == PROTO_UDP:
+            self._receive_udp(packet, now)
+            return
+        handler = self._protocol_handlers.get(packet.proto)
+        if handler is None:
+            self._counters.inc("ipv4.drop.proto")
+            return
+        handler.handle_ipv4(packet, now)
+
+    def _receive_udp(self, packet: IPv4Packet, now: float) -> None:
+        try:
+            datagram = UdpDatagram(packet.src, packet.dst, packet.payload)
+        except MalformedPacket as error:
+            self._counters.drop(f"udp.drop.{error.reason}", f"UDP datagram dropped: {error}")
+            return
+        self._counters.inc("udp.rx")
+        for service in self._udp_services:
+            if service.accepts(packet.dst, datagram.dst_port):
+                service.handle_udp(packet.src, datagram.src_port, packet.dst, datagram.dst_port,
+                                   datagram.payload, now)
+                return
+        if self.udp_nat is None:
+            self._counters.inc("udp.drop.disabled")
+            return
+        self.udp_nat.handle_datagram(packet, datagram, now)
+
+    # --- stack -> guest (also used by the engines) -------------------------
+
+    def send_ipv4(self, src: bytes, dst: bytes, proto: int, payload: bytes | bytearray | memoryview,
+                  ttl: int = 64, dst_mac: bytes | None = None) -> None:
+        """Queue an IPv4 packet for the guest, from ``src`` (any address we impersonate).
+
+        ``dst_mac`` defaults to the learned guest MAC; without one the packet is
+        dropped and counted ("ipv4.tx.drop.no_guest_mac"), since there is nobody to send to.
+        """
+        mac = dst_mac or self.guest_mac
+        if mac is None:
+            self._counters.drop("ipv4.tx.drop.no_guest_mac",
+                                "packet for the guest dropped: its MAC address is not known yet")
+            return
+        header = emit_ipv4_header(src, dst, proto, len(payload), ttl=ttl)
+        self.frames_to_guest.append(ethernet.emit_ethernet(
+            mac, self.config.gateway_mac, ethernet.ETHERTYPE_IPV4, header + bytes(payload)))
+        self._counters.inc("ipv4.tx")
+
+    def send_udp(self, src: bytes, sport: int, dst: bytes, dport: int,
+                 payload: bytes | bytearray | memoryview, dst_mac: bytes | None = None) -> None:
+        """Queue a UDP datagram (checksum filled in) for the guest."""
+        self.send_ipv4(src, dst, PROTO_UDP, emit_udp(src, sport, dst, dport, payload),
+                       dst_mac=dst_mac)
+
+    # --- timers and statistics ----------------------------------------------
+
+    def poll_timers(self, now: float) -> None:
+        """Run every timer due at ``now`` (flow expiry, DNS retries)."""
+        for client in self._timer_clients:
+            client.poll_timers(now)
+
+    def next_timer(self) -> float | None:
+        """The earliest time ``poll_timers`` has work to do, or None."""
+        deadlines = [d for c in self._timer_clients if (d := c.next_timer()) is not None]
+        return min(deadlines) if deadlines else None
+
+    def counters(self) -> dict[str, int]:
+        """A snapshot of every counter (flat dotted names) plus current flow gauges."""
+        if self.udp_nat is not None:
+            self._counters.set("udp.flows", self.udp_nat.flow_count())
+        if self.icmp is not None:
+            self._counters.set("icmp.flows", self.icmp.flow_count())
+        return self._counters.snapshot()
