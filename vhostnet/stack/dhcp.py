@@ -1,14 +1,340 @@
-"""DHCPv4 server (placeholder until the real one lands in the next commit)."""
+"""DHCPv4 server (RFC 2131/2132) for the single guest, as a sans-IO UDP service on port 67.
+
+There is one guest and one address to give: every client is offered
+``config.guest_ipv4``. The server identifier is the gateway address.
+
+Handled: DISCOVER -> OFFER (or ACK with rapid commit, RFC 4039), REQUEST ->
+ACK / NAK (a REQUEST naming another server is ignored silently), INFORM -> ACK
+without lease, RELEASE and DECLINE (noted, nothing sent), and plain BOOTP
+(no option 53) -> BOOTREPLY with the same configuration options.
+
+Reply addressing: NAKs, and replies to clients that set the broadcast flag or
+have no address yet (ciaddr 0), go to 255.255.255.255 and the broadcast MAC;
+otherwise the reply is unicast to ciaddr at the client's hardware address.
+
+Malformed messages (short, wrong op/hardware type, truncated options, option
+lengths that do not fit the option's meaning) are counted, logged once, dropped.
+"""
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .config import StackConfig, ip4_str
+from .counters import Counters, MalformedPacket
+from .ethernet import BROADCAST_MAC
+from .ipv4 import BROADCAST
+
+SERVER_PORT = 67
+CLIENT_PORT = 68
+MAGIC_COOKIE = b"\x63\x82\x53\x63"
+FIXED_LEN = 236  # op .. file, before the magic cookie
+MIN_REPLY_LEN = 300  # the BOOTP minimum (RFC 951: 64-byte vendor area)
+OP_REQUEST = 1
+OP_REPLY = 2
+FLAG_BROADCAST = 0x8000
+FILE_FIELD_LEN = 128
+
+# Message types (option 53).
+DISCOVER, OFFER, REQUEST, DECLINE, ACK, NAK, RELEASE, INFORM = range(1, 9)
+
+# Option codes used here.
+OPT_PAD = 0
+OPT_SUBNET_MASK = 1
+OPT_ROUTER = 3
+OPT_DNS = 6
+OPT_HOSTNAME = 12
+OPT_DOMAIN_NAME = 15
+OPT_MTU = 26
+OPT_REQUESTED_IP = 50
+OPT_LEASE_TIME = 51
+OPT_OVERLOAD = 52
+OPT_MESSAGE_TYPE = 53
+OPT_SERVER_ID = 54
+OPT_RENEWAL_TIME = 58
+OPT_REBINDING_TIME = 59
+OPT_TFTP_SERVER = 66
+OPT_BOOTFILE = 67
+OPT_USER_CLASS = 77
+OPT_RAPID_COMMIT = 80
+OPT_SEARCH = 119
+OPT_CLASSLESS_ROUTES = 121
+OPT_END = 255
+
+# Options whose value must have exactly this length to make sense.
+_FIXED_OPTION_LENGTHS = {OPT_MESSAGE_TYPE: 1, OPT_REQUESTED_IP: 4, OPT_SERVER_ID: 4}
+
+_FIXED_FORMAT = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s")
+
+SendUdp = Callable[..., None]
+
+
+@dataclass
+class DhcpMessage:
+    """Parsed representation of a DHCP/BOOTP message (repeated options concatenated, RFC 3396)."""
+
+    op: int
+    xid: int
+    flags: int
+    ciaddr: bytes
+    yiaddr: bytes
+    siaddr: bytes
+    giaddr: bytes
+    chaddr: bytes  # the 6-byte MAC (hlen is checked to be 6)
+    options: dict[int, bytes] = field(default_factory=dict)
+    file: bytes = b""
+
+    @property
+    def message_type(self) -> int | None:
+        value = self.options.get(OPT_MESSAGE_TYPE)
+        return value[0] if value else None
+
+    @classmethod
+    def parse(cls, data: bytes | bytearray | memoryview) -> DhcpMessage:
+        """Parse a client message; ``MalformedPacket`` for anything that cannot be trusted."""
+        view = memoryview(data)
+        if len(view) < FIXED_LEN:
+            raise MalformedPacket("short", f"DHCP message of {len(view)} bytes")
+        (op, htype, hlen, _hops, xid, _secs, flags, ciaddr, yiaddr, siaddr, giaddr, chaddr,
+         _sname, file) = _FIXED_FORMAT.unpack_from(view, 0)
+        if htype != 1 or hlen != 6:
+            raise MalformedPacket("bad_hardware", f"hardware type {htype} length {hlen}")
+        message = cls(op, xid, flags, ciaddr, yiaddr, siaddr, giaddr, chaddr[:6], file=file)
+        # Without the cookie this is plain BOOTP whose vendor area we do not interpret.
+        if bytes(view[FIXED_LEN : FIXED_LEN + 4]) == MAGIC_COOKIE:
+            message.options = parse_options(view[FIXED_LEN + 4 :])
+        return message
+
+    def emit(self) -> bytes:
+        """A reply message: fixed part, cookie, options, END, padded to 300 bytes."""
+        fixed = _FIXED_FORMAT.pack(self.op, 1, 6, 0, self.xid, 0, self.flags, self.ciaddr,
+                                   self.yiaddr, self.siaddr, self.giaddr, self.chaddr,
+                                   b"", self.file)
+        body = bytearray(fixed + MAGIC_COOKIE)
+        for code, value in self.options.items():
+            body += encode_option(code, value)
+        body.append(OPT_END)
+        if len(body) < MIN_REPLY_LEN:
+            body += bytes(MIN_REPLY_LEN - len(body))
+        return bytes(body)
+
+
+def parse_options(view: memoryview) -> dict[int, bytes]:
+    """Options area -> {code: value}; repeated codes are concatenated (RFC 3396)."""
+    options: dict[int, bytes] = {}
+    offset = 0
+    while offset < len(view):
+        code = view[offset]
+        if code == OPT_PAD:
+            offset += 1
+            continue
+        if code == OPT_END:
+            break
+        if offset + 1 >= len(view):
+            raise MalformedPacket("truncated_option", f"option {code} has no length byte")
+        length = view[offset + 1]
+        end = offset + 2 + length
+        if end > len(view):
+            raise MalformedPacket("truncated_option", f"option {code} runs past the message")
+        options[code] = options.get(code, b"") + bytes(view[offset + 2 : end])
+        offset = end
+    for code, expected in _FIXED_OPTION_LENGTHS.items():
+        if code in options and len(options[code]) != expected:
+            raise MalformedPacket("bad_option_length", f"option {code} of {len(options[code])} bytes")
+    return options
+
+
+def encode_option(code: int, value: bytes) -> bytes:
+    """One option; values longer than 255 bytes are split into consecutive pieces (RFC 3396)."""
+    if not value:
+        return bytes((code, 0))
+    pieces = bytearray()
+    for start in range(0, len(value), 255):
+        chunk = value[start : start + 255]
+        pieces += bytes((code, len(chunk))) + chunk
+    return bytes(pieces)
+
+
+def encode_dns_name(name: str) -> bytes:
+    """RFC 1035 uncompressed wire form: length-prefixed labels ending with the root label."""
+    labels = name.strip().rstrip(".").split(".")
+    encoded = bytearray()
+    for label in labels:
+        raw = label.encode("idna") if not label.isascii() else label.encode("ascii")
+        if not 1 <= len(raw) <= 63:
+            raise ValueError(f"bad label {label!r} in domain name {name!r}")
+        encoded += bytes((len(raw),)) + raw
+    encoded.append(0)
+    if len(encoded) > 255:
+        raise ValueError(f"domain name {name!r} is longer than 255 bytes")
+    return bytes(encoded)
+
+
+def classless_route(destination: bytes, prefix_length: int, router: bytes) -> bytes:
+    """One RFC 3442 route: prefix width, the significant destination octets, the router."""
+    significant = (prefix_length + 7) // 8
+    return bytes((prefix_length,)) + destination[:significant] + router
+
 
 class DhcpServer:
-    def __init__(self, config, counters, send_udp) -> None:
+    """The UDP service answering guest DHCP on port 67.
+
+    ``send_udp(src, sport, dst, dport, payload, dst_mac=...)`` is the stack's sender.
+    """
+
+    def __init__(self, config: StackConfig, counters: Counters, send_udp: SendUdp) -> None:
+        self.config = config
         self.counters = counters
+        self._send_udp = send_udp
+        # The one lease: which hardware address holds it, until when (informational:
+        # the address is the guest's whatever happens, but tests and logs use it).
+        self.lease_holder: bytes | None = None
+        self.lease_expiry: float | None = None
+        self._search_list = self._encode_search_list()
+
+    def _encode_search_list(self) -> bytes:
+        encoded = bytearray()
+        for domain in self.config.search_domains:
+            try:
+                encoded += encode_dns_name(domain)
+            except (ValueError, UnicodeError) as error:
+                self.counters.log_once(f"dhcp.bad_domain.{domain}", f"DHCP: skipping {error}")
+        return bytes(encoded)
+
+    # --- UdpService -------------------------------------------------------
 
     def accepts(self, dst_ip: bytes, dst_port: int) -> bool:
-        return False
+        return dst_port == SERVER_PORT
 
-    def handle_udp(self, src_ip, src_port, dst_ip, dst_port, payload, now) -> None:
-        pass
+    def handle_udp(self, src_ip: bytes, src_port: int, dst_ip: bytes, dst_port: int,
+                   payload: memoryview, now: float) -> None:
+        try:
+            request = DhcpMessage.parse(payload)
+        except MalformedPacket as error:
+            self.counters.drop(f"dhcp.drop.{error.reason}", f"DHCP message dropped: {error}")
+            return
+        if request.op != OP_REQUEST:
+            self.counters.drop("dhcp.drop.not_request", "DHCP: BOOTREPLY from the guest dropped")
+            return
+        self.counters.inc("dhcp.rx")
+        reply = self.respond(request, now)
+        if reply is not None:
+            self._send(request, reply)
+
+    # --- protocol ---------------------------------------------------------
+
+    def respond(self, request: DhcpMessage, now: float) -> DhcpMessage | None:
+        """The reply to ``request`` (None when nothing is to be sent). Sans-IO core."""
+        kind = request.message_type
+        if kind is None:
+            self.counters.inc("dhcp.bootp")
+            return self._reply(request, None, self.config.guest_ipv4, lease=False)
+        if kind == DISCOVER:
+            if OPT_RAPID_COMMIT in request.options:
+                self.counters.inc("dhcp.ack.rapid_commit")
+                self._grant(request, now)
+                reply = self._reply(request, ACK, self.config.guest_ipv4, lease=True)
+                reply.options[OPT_RAPID_COMMIT] = b""
+                return reply
+            self.counters.inc("dhcp.offer")
+            return self._reply(request, OFFER, self.config.guest_ipv4, lease=True)
+        if kind == REQUEST:
+            return self._respond_to_request(request, now)
+        if kind == INFORM:
+            self.counters.inc("dhcp.inform")
+            return self._reply(request, ACK, bytes(4), lease=False)
+        if kind == RELEASE:
+            self.counters.inc("dhcp.release")
+            self._release(request)
+            return None
+        if kind == DECLINE:
+            self.counters.inc("dhcp.decline")
+            self.counters.log_once("dhcp.decline",
+                                   f"DHCP: guest declined {ip4_str(self.config.guest_ipv4)} "
+                                   "(another host on its link claims it)")
+            self._release(request)
+            return None
+        self.counters.drop("dhcp.drop.unexpected_type", f"DHCP: message type {kind} from a client")
+        return None
+
+    def _respond_to_request(self, request: DhcpMessage, now: float) -> DhcpMessage | None:
+        server_id = request.options.get(OPT_SERVER_ID)
+        if server_id is not None and server_id != self.config.gateway:
+            self.counters.inc("dhcp.ignored.other_server")
+            return None
+        wanted = request.options.get(OPT_REQUESTED_IP, request.ciaddr)
+        if wanted != self.config.guest_ipv4:
+            self.counters.inc("dhcp.nak")
+            nak = DhcpMessage(OP_REPLY, request.xid, request.flags | FLAG_BROADCAST, bytes(4),
+                              bytes(4), bytes(4), request.giaddr, request.chaddr)
+            nak.options = {OPT_MESSAGE_TYPE: bytes((NAK,)), OPT_SERVER_ID: self.config.gateway}
+            return nak
+        self.counters.inc("dhcp.ack")
+        self._grant(request, now)
+        return self._reply(request, ACK, self.config.guest_ipv4, lease=True)
+
+    def _grant(self, request: DhcpMessage, now: float) -> None:
+        self.lease_holder = request.chaddr
+        self.lease_expiry = now + self.config.lease_time
+
+    def _release(self, request: DhcpMessage) -> None:
+        if self.lease_holder == request.chaddr:
+            self.lease_holder = None
+            self.lease_expiry = None
+
+    def _bootfile_for(self, request: DhcpMessage) -> str | None:
+        user_class = request.options.get(OPT_USER_CLASS, b"")
+        if self.config.bootfile_ipxe and b"iPXE" in user_class:
+            return self.config.bootfile_ipxe
+        return self.config.bootfile
+
+    def _reply(self, request: DhcpMessage, kind: int | None, yiaddr: bytes,
+               lease: bool) -> DhcpMessage:
+        config = self.config
+        reply = DhcpMessage(OP_REPLY, request.xid, request.flags, request.ciaddr, yiaddr,
+                            bytes(4), request.giaddr, request.chaddr)
+        options: dict[int, bytes] = {}
+        if kind is not None:
+            options[OPT_MESSAGE_TYPE] = bytes((kind,))
+            options[OPT_SERVER_ID] = config.gateway
+        if lease and kind is not None:
+            options[OPT_LEASE_TIME] = struct.pack("!I", config.lease_time)
+            options[OPT_RENEWAL_TIME] = struct.pack("!I", config.lease_time // 2)
+            options[OPT_REBINDING_TIME] = struct.pack("!I", config.lease_time * 7 // 8)
+        options[OPT_SUBNET_MASK] = config.netmask
+        options[OPT_ROUTER] = config.gateway
+        options[OPT_DNS] = config.dns
+        options[OPT_MTU] = struct.pack("!H", config.mtu)
+        if config.hostname:
+            options[OPT_HOSTNAME] = config.hostname.encode("utf-8")
+        if config.search_domains:
+            options[OPT_DOMAIN_NAME] = config.search_domains[0].rstrip(".").encode("utf-8")
+        if self._search_list:
+            options[OPT_SEARCH] = self._search_list
+        if not config.in_guest_subnet(config.gateway):
+            # A router outside the subnet is unreachable without a host route to it first;
+            # clients honouring option 121 ignore option 3 (RFC 3442), so both routes go here.
+            options[OPT_CLASSLESS_ROUTES] = (classless_route(config.gateway, 32, bytes(4))
+                                             + classless_route(bytes(4), 0, config.gateway))
+        bootfile = self._bootfile_for(request)
+        if bootfile:
+            reply.siaddr = config.gateway
+            encoded = bootfile.encode("utf-8")
+            if len(encoded) < FILE_FIELD_LEN:
+                reply.file = encoded
+            options[OPT_TFTP_SERVER] = ip4_str(config.gateway).encode("ascii")
+            options[OPT_BOOTFILE] = encoded
+        reply.options = options
+        return reply
+
+    def _send(self, request: DhcpMessage, reply: DhcpMessage) -> None:
+        is_nak = reply.message_type == NAK
+        if is_nak or request.flags & FLAG_BROADCAST or request.ciaddr == bytes(4):
+            dst_ip, dst_mac = BROADCAST, BROADCAST_MAC
+        else:
+            dst_ip, dst_mac = request.ciaddr, request.chaddr
+        self.counters.inc("dhcp.tx")
+        self._send_udp(self.config.gateway, SERVER_PORT, dst_ip, CLIENT_PORT, reply.emit(),
+                       dst_mac=dst_mac)
