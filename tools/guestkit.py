@@ -12,7 +12,8 @@ Guest conventions (the harness in tools/qemu.py and tests/e2e rely on them):
   powers off with `poweroff -f`, which makes QEMU (run with -no-reboot) exit.
 * The test script reports results as lines `RESULT name=value` on the serial
   console (ttyS0).
-* /usr/share/udhcpc/default.script configures the interface, the default
+* /usr/share/udhcpc/default.script (also at /etc/udhcpc/, where Debian's
+  busybox looks) configures the interface, the default
   route and /etc/resolv.conf from a DHCP lease.
 """
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
-import json
 import os
 import shutil
 import stat
@@ -58,10 +58,6 @@ QEMU10_SUITE = "bookworm-backports"
 QEMU10_PACKAGES = ("qemu-system-x86", "qemu-system-common", "qemu-system-data", "qemu-system-gui")
 DEBIAN_MIRROR = "(the machine apt archive)"
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
-
-# Bump when the layout of the initramfs changes in a way the content hash
-# below would not notice.
-KIT_FORMAT = 1
 
 INIT_SCRIPT = f"""#!/bin/sh
 # PID 1 of the test guest. It must never exit: the kernel would panic. It
@@ -335,7 +331,7 @@ def _build_initramfs(modules: dict[str, Path]) -> bytes:
     archive = CpioWriter()
     for directory in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "usr/share",
                       "usr/share/udhcpc", "lib", "lib/modules", "etc", "dev", "proc", "sys",
-                      "tmp", "run", "var", "root"):
+                      "tmp", "run", "var", "root", "etc/udhcpc"):
         archive.directory(directory)
     # The kernel opens /dev/console for PID 1 before anything is mounted.
     archive.char_device("dev/console", 5, 1)
@@ -349,6 +345,8 @@ def _build_initramfs(modules: dict[str, Path]) -> bytes:
         archive.file(f"lib/modules/{name}.ko", source.read_bytes())
     archive.file("init", INIT_SCRIPT.encode(), executable=True)
     archive.file("usr/share/udhcpc/default.script", UDHCPC_SCRIPT.encode(), executable=True)
+    # Debian's busybox looks for the script here instead of the upstream path.
+    archive.symlink("etc/udhcpc/default.script", "/usr/share/udhcpc/default.script")
     archive.file("etc/hosts", b"127.0.0.1 localhost\n")
     archive.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     archive.file("etc/group", b"root:x:0:\n")
@@ -441,7 +439,8 @@ def build_kit(cache_dir: Path = DEFAULT_CACHE_DIR, *, want_qemu10: bool = True) 
 def _cached_initramfs(cache_dir: Path, modules: dict[str, Path]) -> Path:
     """Rebuild the base initramfs only when its inputs changed."""
     fingerprint = hashlib.sha256()
-    fingerprint.update(json.dumps([KIT_FORMAT, INIT_SCRIPT, UDHCPC_SCRIPT]).encode())
+    # This file's own text stands for "how the archive is laid out".
+    fingerprint.update(Path(__file__).read_bytes())
     for source in (BUSYBOX, *modules.values()):
         info = source.stat()
         fingerprint.update(f"{source}:{info.st_size}:{info.st_mtime_ns}".encode())
