@@ -1,0 +1,837 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The split-virtqueue kernel: moves virtio-net frames between guest rings and a FrameBatch.
+
+Virtio 1.x split rings, little-endian, laid out by the guest driver:
+
+    descriptor table  16 * size bytes   {u64 addr, u32 len, u16 flags, u16 next}
+    avail ring        6 + 2 * size      {u16 flags, u16 idx, u16 ring[size], u16 used_event}
+    used ring         6 + 8 * size      {u16 flags, u16 idx, {u32 id, u32 len}[size], u16 avail_event}
+
+Everything the guest wrote is hostile until checked. Each descriptor is copied
+into a local struct once and validated there (so the guest cannot change it
+between the check and the use), chains are walked with a step bound, buffers
+are checked to lie inside mapped regions before a byte is copied, and a bad
+chain is completed with length 0 and counted by reason. Per-frame work runs
+without the GIL and without Python objects or allocation.
+
+The Python face is vhostnet/virtqueue/virtqueue.py; use that, not this module.
+"""
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset
+from posix.unistd cimport write as c_write
+
+import numpy as np
+
+cdef extern from "virtq_atomic.h" nogil:
+    void vq_fence_acquire()
+    void vq_fence_release()
+    void vq_fence_full()
+    uint16_t vq_load_u16(const uint8_t *p)
+    void vq_store_u16(uint8_t *p, uint16_t value)
+    void vq_store_u32(uint8_t *p, uint32_t value)
+    void vq_log_or(uint8_t *p, uint8_t bits)
+
+
+cdef enum:
+    DESC_F_NEXT = 1
+    DESC_F_WRITE = 2
+    DESC_F_INDIRECT = 4
+    AVAIL_F_NO_INTERRUPT = 1
+    USED_F_NO_NOTIFY = 1
+    DESC_SIZE = 16
+    # vhost-net's bound (UIO_MAXIOV); Linux guests use at most MAX_SKB_FRAGS + 2 entries.
+    MAX_INDIRECT_ENTRIES = 1024
+    MAX_QUEUE_SIZE = 32768
+    # 64 KiB IP packet + Ethernet header + VLAN tag + slack, the largest frame either side may carry.
+    MAX_FRAME_BYTES_C = 65562
+    ETH_HEADER_BYTES = 14
+    LOG_PAGE_SHIFT = 12
+    CHAIN_OK = -1
+
+# Reasons a chain or frame was refused. Order matches REASON_NAMES.
+cdef enum:
+    R_HEAD_OUT_OF_RANGE = 0
+    R_NEXT_OUT_OF_RANGE
+    R_CHAIN_LOOP
+    R_ADDRESS_UNMAPPED
+    R_ADDRESS_OVERFLOW
+    R_INDIRECT_NESTED
+    R_INDIRECT_BAD_LENGTH
+    R_INDIRECT_WITH_NEXT
+    R_WRONG_DIRECTION
+    R_TX_FRAME_TOO_SHORT
+    R_TX_FRAME_TOO_LONG
+    R_RX_BUFFER_TOO_SMALL
+    R_RX_TOO_FRAGMENTED
+    R_AVAIL_IDX_JUMP
+    R_NOTIFY_FAILED
+    N_REASONS
+
+REASON_NAMES = (
+    "head_out_of_range",
+    "next_out_of_range",
+    "chain_loop_or_too_long",
+    "address_unmapped",
+    "address_overflow",
+    "indirect_nested",
+    "indirect_bad_length",
+    "indirect_with_next",
+    "wrong_direction",
+    "tx_frame_too_short",
+    "tx_frame_too_long",
+    "rx_buffer_too_small",
+    "rx_too_fragmented",
+    "avail_idx_jump",
+    "notify_failed",
+)
+
+cdef enum:
+    S_TX_FRAMES = 0
+    S_TX_BYTES
+    S_RX_FRAMES
+    S_RX_BYTES
+    S_RX_BUFFERS
+    S_NOTIFICATIONS
+    N_STATS
+
+STAT_NAMES = ("tx_frames", "tx_bytes", "rx_frames", "rx_bytes", "rx_buffers", "notifications")
+
+MAX_FRAME_BYTES = MAX_FRAME_BYTES_C
+
+# rx_one() results
+cdef enum:
+    RX_DELIVERED = 0
+    RX_DROPPED
+    RX_NO_BUFFERS
+    RX_RETRY      # some chains were handed back; try the same frame again
+
+
+cdef struct Region:
+    uint64_t gpa
+    uint64_t uva
+    uint64_t size
+    uint8_t *host
+
+cdef struct Segment:
+    uint64_t gpa
+    uint32_t length
+
+cdef struct Desc:
+    uint64_t addr
+    uint32_t length
+    uint16_t flags
+    uint16_t next
+
+
+cdef class FrameBatch:
+    """Preallocated storage for up to ``capacity_frames`` Ethernet frames (no virtio-net header)."""
+
+    cdef object _storage
+    cdef object _offsets_store
+    cdef object _lengths_store
+    cdef uint8_t *data
+    cdef uint64_t *offsets
+    cdef uint32_t *lengths
+    cdef readonly Py_ssize_t capacity_frames
+    cdef readonly Py_ssize_t buffer_bytes
+    cdef Py_ssize_t n
+    cdef uint64_t fill
+
+    def __cinit__(self, Py_ssize_t capacity_frames=256, Py_ssize_t buffer_bytes=256 * 65562):
+        if capacity_frames <= 0 or buffer_bytes <= 0:
+            raise ValueError("FrameBatch needs a positive frame capacity and buffer size")
+        self._storage = np.empty(buffer_bytes, dtype=np.uint8)
+        self._offsets_store = np.zeros(capacity_frames, dtype=np.uint64)
+        self._lengths_store = np.zeros(capacity_frames, dtype=np.uint32)
+        cdef uint8_t[::1] storage = self._storage
+        cdef uint64_t[::1] offsets = self._offsets_store
+        cdef uint32_t[::1] lengths = self._lengths_store
+        self.data = &storage[0]
+        self.offsets = &offsets[0]
+        self.lengths = &lengths[0]
+        self.capacity_frames = capacity_frames
+        self.buffer_bytes = buffer_bytes
+        self.n = 0
+        self.fill = 0
+
+    cdef inline bint room_for(self, uint64_t length) noexcept nogil:
+        return self.n < self.capacity_frames and self.fill + length <= <uint64_t>self.buffer_bytes
+
+    cdef inline void commit(self, uint32_t length) noexcept nogil:
+        """Record a frame of ``length`` bytes already written at ``data + fill``."""
+        self.offsets[self.n] = self.fill
+        self.lengths[self.n] = length
+        self.fill += length
+        self.n += 1
+
+    def append(self, frame) -> bool:
+        """Copy ``frame`` in; False when the batch is full. Frames over 65562 bytes raise ValueError."""
+        cdef const uint8_t[::1] view = memoryview(frame).cast("B")
+        cdef Py_ssize_t length = view.shape[0]
+        if length > MAX_FRAME_BYTES_C:
+            raise ValueError(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES_C}-byte limit")
+        if not self.room_for(length):
+            return False
+        if length:
+            memcpy(self.data + self.fill, &view[0], length)
+        self.commit(<uint32_t>length)
+        return True
+
+    def frame(self, Py_ssize_t i) -> memoryview:
+        """Read-only view of frame ``i``; valid until ``clear()``."""
+        self._check_index(i)
+        start = self.offsets[i]
+        return memoryview(self._storage)[start:start + self.lengths[i]].toreadonly()
+
+    def length(self, Py_ssize_t i) -> int:
+        self._check_index(i)
+        return self.lengths[i]
+
+    cdef _check_index(self, Py_ssize_t i):
+        if i < 0 or i >= self.n:
+            raise IndexError(f"frame index {i} out of range (batch holds {self.n})")
+
+    @property
+    def count(self) -> int:
+        return self.n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def clear(self) -> None:
+        self.n = 0
+        self.fill = 0
+
+
+cdef class SplitQueue:
+    """One split virtqueue over a table of mapped regions. Not thread-safe: one caller at a time."""
+
+    cdef readonly uint16_t size
+    cdef uint32_t hdr_len
+    cdef readonly bint mrg_rxbuf
+    cdef readonly bint event_idx
+    cdef public int call_fd
+    cdef uint16_t last_avail
+    cdef uint16_t used_shadow       # next used slot to fill
+    cdef uint16_t used_published    # value last stored in used->idx
+    cdef uint16_t signalled_used    # used->idx at the last notify() decision
+    cdef bint _broken
+    cdef bint ready
+    cdef uint8_t *desc
+    cdef uint8_t *avail
+    cdef uint8_t *used
+    cdef Region *regions
+    cdef int nregions
+    cdef object region_refs         # keeps the mmaps behind `regions` alive
+    cdef Segment *segs
+    cdef int seg_cap
+    cdef uint16_t *chain_head
+    cdef int *chain_first_seg
+    cdef int *chain_nseg
+    cdef uint64_t *chain_capacity
+    cdef uint64_t counts[N_REASONS]
+    cdef uint64_t stats[N_STATS]
+    cdef bint reported[N_REASONS]
+    cdef readonly bint has_new_errors
+    cdef uint8_t *log
+    cdef uint64_t log_len
+    cdef object log_ref
+    cdef uint64_t log_guest_addr
+    cdef bint log_used
+
+    def __cinit__(self, int size, int hdr_len, bint mrg_rxbuf, bint event_idx, int call_fd, int base):
+        if size < 1 or size > MAX_QUEUE_SIZE or (size & (size - 1)) != 0:
+            raise ValueError(f"queue size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        if hdr_len not in (10, 12) or (mrg_rxbuf and hdr_len != 12):
+            raise ValueError(f"virtio-net header length {hdr_len} is not 10 or 12 (12 with MRG_RXBUF)")
+        if not 0 <= base <= 0xFFFF:
+            raise ValueError(f"base index {base} is not a 16-bit value")
+        self.size = size
+        self.hdr_len = hdr_len
+        self.mrg_rxbuf = mrg_rxbuf
+        self.event_idx = event_idx
+        self.call_fd = call_fd
+        self.last_avail = base
+        # Room for two worst-case chains: one chain always fits, and RX only walks
+        # another while a whole worst-case chain still fits.
+        self.seg_cap = 2 * (size + MAX_INDIRECT_ENTRIES)
+        self.segs = <Segment *>malloc(self.seg_cap * sizeof(Segment))
+        self.chain_head = <uint16_t *>malloc(size * sizeof(uint16_t))
+        self.chain_first_seg = <int *>malloc(size * sizeof(int))
+        self.chain_nseg = <int *>malloc(size * sizeof(int))
+        self.chain_capacity = <uint64_t *>malloc(size * sizeof(uint64_t))
+        if (self.segs == NULL or self.chain_head == NULL or self.chain_first_seg == NULL
+                or self.chain_nseg == NULL or self.chain_capacity == NULL):
+            raise MemoryError()
+        memset(self.counts, 0, sizeof(self.counts))
+        memset(self.stats, 0, sizeof(self.stats))
+        memset(self.reported, 0, sizeof(self.reported))
+        self.region_refs = ()
+
+    def __dealloc__(self):
+        free(self.segs)
+        free(self.chain_head)
+        free(self.chain_first_seg)
+        free(self.chain_nseg)
+        free(self.chain_capacity)
+        free(self.regions)
+
+    # ----------------------------------------------------------------- setup
+
+    def set_memory(self, regions, uint64_t desc_uva, uint64_t avail_uva, uint64_t used_uva) -> None:
+        """Install a region table: a sequence of (gpa, uva, size, uint8 ndarray of size bytes).
+
+        Raises LookupError if a ring is not inside one region, ValueError if misaligned.
+        On the first call the used index is read from the used ring (where the guest
+        and any earlier back-end left it).
+        """
+        cdef Py_ssize_t count = len(regions)
+        cdef Region *table = <Region *>malloc((count if count else 1) * sizeof(Region))
+        cdef uint8_t[::1] view
+        cdef Py_ssize_t i
+        if table == NULL:
+            raise MemoryError()
+        refs = []
+        try:
+            for i, (gpa, uva, size, array) in enumerate(regions):
+                view = array
+                if view.shape[0] != size or size == 0:
+                    raise ValueError("region array length does not match its size")
+                table[i].gpa = gpa
+                table[i].uva = uva
+                table[i].size = size
+                table[i].host = &view[0]
+                refs.append(array)
+        except BaseException:
+            free(table)
+            raise
+        free(self.regions)
+        self.regions = table
+        self.nregions = <int>count
+        self.region_refs = refs
+        self.ready = False
+        desc = self.uva_to_host(desc_uva, DESC_SIZE * <uint64_t>self.size)
+        avail = self.uva_to_host(avail_uva, 6 + 2 * <uint64_t>self.size)
+        used = self.uva_to_host(used_uva, 6 + 8 * <uint64_t>self.size)
+        if desc == NULL or avail == NULL or used == NULL:
+            raise LookupError("a ring address is not inside one mapped region")
+        if (<uintptr_t>desc) % 16 or (<uintptr_t>avail) % 2 or (<uintptr_t>used) % 4:
+            raise ValueError("ring addresses are not aligned as virtio requires (16/2/4)")
+        first_time = self.desc == NULL
+        self.desc = desc
+        self.avail = avail
+        self.used = used
+        if first_time:
+            self.used_published = vq_load_u16(self.used + 2)
+            self.used_shadow = self.used_published
+            self.signalled_used = self.used_published
+        self.ready = True
+
+    cdef uint8_t *uva_to_host(self, uint64_t uva, uint64_t length):
+        cdef int i
+        for i in range(self.nregions):
+            if (uva >= self.regions[i].uva and uva - self.regions[i].uva <= self.regions[i].size
+                    and length <= self.regions[i].size - (uva - self.regions[i].uva)):
+                return self.regions[i].host + (uva - self.regions[i].uva)
+        return NULL
+
+    def set_log(self, log_array, uint64_t log_guest_addr, bint log_used) -> None:
+        """Start (uint8 array) or stop (None) dirty-page logging. ``log_used``: the ring's LOG flag."""
+        cdef uint8_t[::1] view
+        if log_array is None:
+            self.log = NULL
+            self.log_len = 0
+            self.log_ref = None
+            return
+        view = log_array
+        self.log_ref = log_array
+        self.log_len = view.shape[0]
+        self.log = &view[0] if self.log_len else NULL
+        self.log_guest_addr = log_guest_addr
+        self.log_used = log_used
+
+    def mark_broken(self) -> None:
+        self._broken = True
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def broken(self) -> bool:
+        return self._broken
+
+    @property
+    def last_avail_idx(self) -> int:
+        return self.last_avail
+
+    @property
+    def used_idx(self) -> int:
+        return self.used_published
+
+    def counters(self) -> dict:
+        result = {name: self.stats[i] for i, name in enumerate(STAT_NAMES)}
+        result.update({name: self.counts[i] for i, name in enumerate(REASON_NAMES)})
+        return result
+
+    def take_new_errors(self) -> list:
+        """Names of error reasons seen for the first time since the last call."""
+        fresh = []
+        for i, name in enumerate(REASON_NAMES):
+            if self.counts[i] and not self.reported[i]:
+                self.reported[i] = True
+                fresh.append(name)
+        self.has_new_errors = False
+        return fresh
+
+    # --------------------------------------------------------- public kernel
+
+    def tx_drain(self, FrameBatch batch not None, int max_frames) -> int:
+        cdef int done
+        with nogil:
+            done = self._tx_drain(batch, max_frames)
+        return done
+
+    def rx_push(self, FrameBatch batch not None, Py_ssize_t start=0) -> int:
+        cdef Py_ssize_t done
+        if start < 0 or start > batch.n:
+            raise IndexError(f"start {start} outside the batch of {batch.n} frames")
+        with nogil:
+            done = self._rx_push(batch, start)
+        return done
+
+    def notify(self) -> bool:
+        cdef bint sent
+        with nogil:
+            sent = self._notify()
+        return sent
+
+    def enable_kick(self) -> bool:
+        cdef bint moved
+        with nogil:
+            moved = self._enable_kick()
+        return moved
+
+    def disable_kick(self) -> None:
+        with nogil:
+            self._disable_kick()
+
+    # ------------------------------------------------------- memory helpers
+
+    cdef inline void count_error(self, int reason) noexcept nogil:
+        if self.counts[reason] == 0:
+            self.has_new_errors = True
+        self.counts[reason] += 1
+
+    cdef inline uint8_t *gpa_to_host(self, uint64_t gpa, uint64_t *contiguous) noexcept nogil:
+        """Host pointer for ``gpa`` and how many bytes follow it in the same region."""
+        cdef int i
+        for i in range(self.nregions):
+            if gpa >= self.regions[i].gpa and gpa - self.regions[i].gpa < self.regions[i].size:
+                contiguous[0] = self.regions[i].size - (gpa - self.regions[i].gpa)
+                return self.regions[i].host + (gpa - self.regions[i].gpa)
+        return NULL
+
+    cdef int check_range(self, uint64_t gpa, uint64_t length) noexcept nogil:
+        """CHAIN_OK if [gpa, gpa+length) is mapped, possibly across adjacent regions."""
+        cdef uint64_t contiguous, piece
+        if length == 0:
+            return CHAIN_OK
+        if length - 1 > <uint64_t>0xFFFFFFFFFFFFFFFF - gpa:
+            return R_ADDRESS_OVERFLOW
+        while length:
+            if self.gpa_to_host(gpa, &contiguous) == NULL:
+                return R_ADDRESS_UNMAPPED
+            piece = contiguous if contiguous < length else length
+            gpa += piece
+            length -= piece
+        return CHAIN_OK
+
+    cdef bint copy_from_guest(self, uint8_t *dst, uint64_t gpa, uint64_t length) noexcept nogil:
+        cdef uint64_t contiguous, piece
+        cdef uint8_t *src
+        while length:
+            src = self.gpa_to_host(gpa, &contiguous)
+            if src == NULL:
+                return False
+            piece = contiguous if contiguous < length else length
+            memcpy(dst, src, piece)
+            dst += piece
+            gpa += piece
+            length -= piece
+        return True
+
+    cdef bint copy_to_guest(self, uint64_t gpa, const uint8_t *src, uint64_t length) noexcept nogil:
+        cdef uint64_t contiguous, piece
+        cdef uint8_t *dst
+        while length:
+            dst = self.gpa_to_host(gpa, &contiguous)
+            if dst == NULL:
+                return False
+            piece = contiguous if contiguous < length else length
+            memcpy(dst, src, piece)
+            self.log_write(gpa, piece)
+            src += piece
+            gpa += piece
+            length -= piece
+        return True
+
+    cdef void log_write(self, uint64_t gpa, uint64_t length) noexcept nogil:
+        """Mark the 4 KiB pages of a guest write dirty (migration); pages past the log are ignored."""
+        cdef uint64_t page, last
+        if self.log == NULL or length == 0 or length - 1 > <uint64_t>0xFFFFFFFFFFFFFFFF - gpa:
+            return
+        page = gpa >> LOG_PAGE_SHIFT
+        last = (gpa + length - 1) >> LOG_PAGE_SHIFT
+        while page <= last and (page >> 3) < self.log_len:
+            vq_log_or(self.log + (page >> 3), <uint8_t>(1 << (page & 7)))
+            page += 1
+
+    cdef inline void log_used_ring(self, uint64_t offset, uint64_t length) noexcept nogil:
+        if self.log_used:
+            self.log_write(self.log_guest_addr + offset, length)
+
+    # --------------------------------------------------------- ring helpers
+
+    cdef int pending(self) noexcept nogil:
+        """Chains the guest has made available and we have not taken; -1 if the ring is insane."""
+        cdef uint16_t avail_idx = vq_load_u16(self.avail + 2)
+        vq_fence_acquire()
+        cdef uint16_t waiting = avail_idx - self.last_avail
+        if waiting > self.size:
+            # The guest claims more new buffers than the ring holds: nothing in it can be trusted.
+            self._broken = True
+            self.count_error(R_AVAIL_IDX_JUMP)
+            return -1
+        return waiting
+
+    cdef inline uint16_t avail_head(self, uint16_t position) noexcept nogil:
+        return vq_load_u16(self.avail + 4 + 2 * (position & (self.size - 1)))
+
+    cdef inline void put_used(self, uint16_t head, uint32_t length) noexcept nogil:
+        cdef uint64_t offset = 4 + 8 * <uint64_t>(self.used_shadow & (self.size - 1))
+        vq_store_u32(self.used + offset, head)
+        vq_store_u32(self.used + offset + 4, length)
+        self.log_used_ring(offset, 8)
+        self.used_shadow += 1
+
+    cdef void publish_used(self) noexcept nogil:
+        if self.used_shadow == self.used_published:
+            return
+        vq_fence_release()  # entries must be visible before the index that exposes them
+        vq_store_u16(self.used + 2, self.used_shadow)
+        self.log_used_ring(2, 2)
+        self.used_published = self.used_shadow
+
+    cdef bint read_desc(self, bint indirect, uint64_t table_gpa, uint32_t index,
+                        Desc *out) noexcept nogil:
+        if indirect:
+            return self.copy_from_guest(<uint8_t *>out, table_gpa + DESC_SIZE * <uint64_t>index,
+                                        DESC_SIZE)
+        memcpy(out, self.desc + DESC_SIZE * <uint64_t>index, DESC_SIZE)
+        return True
+
+    cdef int walk_chain(self, uint16_t head, bint want_writable, Segment *out,
+                        int *nseg_out, uint64_t *total_out) noexcept nogil:
+        """Validate the chain at ``head`` and list its non-empty buffers in ``out``.
+
+        Returns CHAIN_OK or a reason. ``out`` must have room for size + MAX_INDIRECT_ENTRIES
+        segments: the direct part is at most ``size`` steps and an indirect table at most
+        MAX_INDIRECT_ENTRIES entries.
+        """
+        cdef Desc d
+        cdef uint32_t index = head
+        cdef uint32_t table_len = self.size
+        cdef uint64_t table_gpa = 0
+        cdef bint in_indirect = False
+        cdef uint32_t steps = 0
+        cdef int n = 0
+        cdef uint64_t total = 0
+        cdef int reason
+        if head >= self.size:
+            return R_HEAD_OUT_OF_RANGE
+        while True:
+            # More steps than the table has entries can only be a loop.
+            if steps >= table_len:
+                return R_CHAIN_LOOP
+            steps += 1
+            if not self.read_desc(in_indirect, table_gpa, index, &d):
+                return R_ADDRESS_UNMAPPED
+            if d.flags & DESC_F_INDIRECT:
+                if in_indirect:
+                    return R_INDIRECT_NESTED
+                if d.flags & DESC_F_NEXT:
+                    return R_INDIRECT_WITH_NEXT
+                if d.length == 0 or d.length % DESC_SIZE or d.length // DESC_SIZE > MAX_INDIRECT_ENTRIES:
+                    return R_INDIRECT_BAD_LENGTH
+                reason = self.check_range(d.addr, d.length)
+                if reason != CHAIN_OK:
+                    return reason
+                in_indirect = True
+                table_gpa = d.addr
+                table_len = d.length // DESC_SIZE
+                index = 0
+                steps = 0
+                continue
+            if d.length:
+                if ((d.flags & DESC_F_WRITE) != 0) != want_writable:
+                    return R_WRONG_DIRECTION
+                reason = self.check_range(d.addr, d.length)
+                if reason != CHAIN_OK:
+                    return reason
+                out[n].gpa = d.addr
+                out[n].length = d.length
+                n += 1
+                total += d.length
+            if not (d.flags & DESC_F_NEXT):
+                break
+            index = d.next
+            if index >= table_len:
+                return R_NEXT_OUT_OF_RANGE
+        nseg_out[0] = n
+        total_out[0] = total
+        return CHAIN_OK
+
+    # ------------------------------------------------------------------ TX
+
+    cdef int _tx_drain(self, FrameBatch batch, int max_frames) noexcept nogil:
+        cdef int frames = 0
+        cdef int chains_left = 2 * <int>self.size  # bounds the work one call does
+        cdef int waiting, nseg, reason
+        cdef uint64_t total, frame_len
+        cdef uint16_t head
+        if self._broken or not self.ready:
+            return 0
+        waiting = self.pending()
+        while frames < max_frames and chains_left > 0:
+            if waiting == 0:
+                waiting = self.pending()
+            if waiting <= 0:
+                break
+            head = self.avail_head(self.last_avail)
+            reason = self.walk_chain(head, False, self.segs, &nseg, &total)
+            frame_len = 0
+            if reason == CHAIN_OK:
+                if total < self.hdr_len + ETH_HEADER_BYTES:
+                    reason = R_TX_FRAME_TOO_SHORT
+                elif total - self.hdr_len > MAX_FRAME_BYTES_C:
+                    reason = R_TX_FRAME_TOO_LONG
+                else:
+                    frame_len = total - self.hdr_len
+                    if not batch.room_for(frame_len):
+                        break  # leave the chain in the ring for the next call
+                    if self.gather(nseg, self.hdr_len, batch.data + batch.fill):
+                        batch.commit(<uint32_t>frame_len)
+                        frames += 1
+                        self.stats[S_TX_FRAMES] += 1
+                        self.stats[S_TX_BYTES] += frame_len
+                    else:
+                        reason = R_ADDRESS_UNMAPPED
+            if reason != CHAIN_OK:
+                self.count_error(reason)
+            self.put_used(head, 0)
+            self.last_avail += 1
+            waiting -= 1
+            chains_left -= 1
+        self.publish_used()
+        return frames
+
+    cdef bint gather(self, int nseg, uint64_t skip, uint8_t *dst) noexcept nogil:
+        """Copy the readable bytes of self.segs[:nseg] after the first ``skip`` (the header)."""
+        cdef int i
+        cdef uint64_t length
+        for i in range(nseg):
+            length = self.segs[i].length
+            if skip >= length:
+                skip -= length
+                continue
+            if not self.copy_from_guest(dst, self.segs[i].gpa + skip, length - skip):
+                return False
+            dst += length - skip
+            skip = 0
+        return True
+
+    # ------------------------------------------------------------------ RX
+
+    cdef Py_ssize_t _rx_push(self, FrameBatch batch, Py_ssize_t start) noexcept nogil:
+        cdef Py_ssize_t i = start
+        cdef int result
+        cdef int retries_left = self.size  # each retry consumes a chain; bound the work anyway
+        if self._broken or not self.ready:
+            return 0
+        while i < batch.n and not self._broken:
+            result = self.rx_one(batch.data + batch.offsets[i], batch.lengths[i])
+            if result == RX_NO_BUFFERS:
+                break
+            if result == RX_RETRY:
+                retries_left -= 1
+                if retries_left <= 0:
+                    break
+                continue
+            i += 1
+        self.publish_used()
+        return i - start
+
+    cdef int rx_one(self, const uint8_t *frame, uint32_t frame_len) noexcept nogil:
+        """Deliver one frame into available buffers, drop it, or report that buffers are missing.
+
+        Phase 1 walks available chains, without taking them, until they can hold the
+        header plus the frame (one chain without MRG_RXBUF). Phase 2 writes and
+        completes them. A bad chain first in line is completed with length 0 at once;
+        a bad chain behind good ones ends the gathering, and if the good ones are too
+        small they are handed back empty so the bad one comes first next time.
+        """
+        cdef uint64_t needed = self.hdr_len + <uint64_t>frame_len
+        cdef uint64_t capacity = 0
+        cdef int chains = 0
+        cdef int seg_used = 0
+        cdef int nseg, reason, waiting, j
+        cdef uint64_t total, written, pos, piece
+        cdef uint16_t head
+        cdef uint8_t header[12]
+        cdef int max_chains = self.size if self.mrg_rxbuf else 1
+        cdef int bad_behind = False
+
+        waiting = self.pending()
+        if waiting < 0:
+            return RX_NO_BUFFERS
+        while capacity < needed and chains < max_chains:
+            if chains >= waiting:
+                break
+            if chains and self.seg_cap - seg_used < <int>self.size + MAX_INDIRECT_ENTRIES:
+                break
+            head = self.avail_head(self.last_avail + chains)
+            reason = self.walk_chain(head, True, self.segs + seg_used, &nseg, &total)
+            if reason != CHAIN_OK:
+                if chains == 0:
+                    self.count_error(reason)
+                    self.put_used(head, 0)
+                    self.last_avail += 1
+                    waiting -= 1
+                    continue
+                bad_behind = True
+                break
+            self.chain_head[chains] = head
+            self.chain_first_seg[chains] = seg_used
+            self.chain_nseg[chains] = nseg
+            self.chain_capacity[chains] = total
+            seg_used += nseg
+            capacity += total
+            chains += 1
+
+        if capacity < needed:
+            if bad_behind:
+                # Hand the good chains back empty so the bad one is first in line next time.
+                for j in range(chains):
+                    self.put_used(self.chain_head[j], 0)
+                self.last_avail += chains
+                return RX_RETRY
+            if chains == 0:
+                return RX_NO_BUFFERS
+            if not self.mrg_rxbuf:
+                # The chain stays in the ring for a smaller frame; this frame cannot fit one.
+                self.count_error(R_RX_BUFFER_TOO_SMALL)
+                return RX_DROPPED
+            if chains < waiting:
+                self.count_error(R_RX_TOO_FRAGMENTED)
+                return RX_DROPPED
+            if waiting == <int>self.size:
+                # Every buffer of a full ring together is still too small: it can never fit.
+                self.count_error(R_RX_BUFFER_TOO_SMALL)
+                return RX_DROPPED
+            return RX_NO_BUFFERS
+
+        memset(header, 0, sizeof(header))
+        header[10] = chains & 0xFF
+        header[11] = chains >> 8
+        pos = 0
+        for j in range(chains):
+            written = self.chain_capacity[j]
+            if written > needed - pos:
+                written = needed - pos
+            self.scatter(self.segs + self.chain_first_seg[j], self.chain_nseg[j],
+                         header, frame, pos, written)
+            self.put_used(self.chain_head[j], <uint32_t>written)
+            pos += written
+        self.last_avail += chains
+        self.stats[S_RX_FRAMES] += 1
+        self.stats[S_RX_BYTES] += frame_len
+        self.stats[S_RX_BUFFERS] += chains
+        return RX_DELIVERED
+
+    cdef void scatter(self, Segment *segs, int nseg, const uint8_t *header, const uint8_t *frame,
+                      uint64_t pos, uint64_t count) noexcept nogil:
+        """Write bytes [pos, pos+count) of the stream header ++ frame into the chain ``segs``."""
+        cdef int i
+        cdef uint64_t seg_off, room, piece
+        cdef const uint8_t *src
+        for i in range(nseg):
+            seg_off = 0
+            while seg_off < segs[i].length and count:
+                room = segs[i].length - seg_off
+                if pos < self.hdr_len:
+                    src = header + pos
+                    piece = self.hdr_len - pos
+                else:
+                    src = frame + (pos - self.hdr_len)
+                    piece = count
+                if piece > room:
+                    piece = room
+                if piece > count:
+                    piece = count
+                self.copy_to_guest(segs[i].gpa + seg_off, src, piece)
+                seg_off += piece
+                pos += piece
+                count -= piece
+            if not count:
+                return
+
+    # ------------------------------------------------------- notifications
+
+    cdef bint _notify(self) noexcept nogil:
+        cdef uint16_t new_idx = self.used_published
+        cdef uint16_t old_idx = self.signalled_used
+        cdef uint16_t used_event
+        cdef bint wanted
+        cdef uint64_t one = 1
+        if self._broken or not self.ready or new_idx == old_idx:
+            return False
+        vq_fence_full()  # our used->idx store must be ordered before reading the guest's wishes
+        if self.event_idx:
+            used_event = vq_load_u16(self.avail + 4 + 2 * <uint64_t>self.size)
+            # vring_need_event: did used->idx just step past used_event?
+            wanted = <uint16_t>(new_idx - used_event - 1) < <uint16_t>(new_idx - old_idx)
+        else:
+            wanted = (vq_load_u16(self.avail) & AVAIL_F_NO_INTERRUPT) == 0
+        self.signalled_used = new_idx
+        if not wanted or self.call_fd < 0:
+            return False
+        if c_write(self.call_fd, &one, 8) != 8:
+            self.count_error(R_NOTIFY_FAILED)
+            return False
+        self.stats[S_NOTIFICATIONS] += 1
+        return True
+
+    cdef bint _enable_kick(self) noexcept nogil:
+        cdef uint64_t offset
+        if self._broken or not self.ready:
+            return False
+        if self.event_idx:
+            offset = 4 + 8 * <uint64_t>self.size
+            vq_store_u16(self.used + offset, self.last_avail)
+            self.log_used_ring(offset, 2)
+        else:
+            vq_store_u16(self.used, vq_load_u16(self.used) & ~USED_F_NO_NOTIFY)
+            self.log_used_ring(0, 2)
+        # The guest reads our flag/avail_event after writing avail->idx; we read avail->idx
+        # after writing ours. The full fence makes sure one of us sees the other.
+        vq_fence_full()
+        return vq_load_u16(self.avail + 2) != self.last_avail
+
+    cdef void _disable_kick(self) noexcept nogil:
+        if self._broken or not self.ready or self.event_idx:
+            # With EVENT_IDX the guest kicks only when avail passes avail_event, which we
+            # simply stop advancing.
+            return
+        vq_store_u16(self.used, vq_load_u16(self.used) | USED_F_NO_NOTIFY)
+        self.log_used_ring(0, 2)

@@ -1,0 +1,7 @@
+"""Guest memory and split virtqueues (the Cython data path lives in ext/virtq.pyx)."""
+
+from vhostnet.virtqueue._virtq import FrameBatch
+from vhostnet.virtqueue.memory import AddressError, GuestMemory, MappedRegion
+from vhostnet.virtqueue.virtqueue import MAX_FRAME_BYTES, Virtqueue
+
+__all__ = ["AddressError", "FrameBatch", "GuestMemory", "MappedRegion", "MAX_FRAME_BYTES", "Virtqueue"]

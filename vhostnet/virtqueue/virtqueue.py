@@ -1,0 +1,161 @@
+"""The Python face of one split virtqueue: construction, memory changes, logging.
+
+The per-frame work happens in the Cython kernel (``_virtq.SplitQueue``, from
+ext/virtq.pyx) with the GIL released; this class only sets it up and turns its
+error counters into log lines, once per reason per queue, outside the kernel.
+
+Memory changes: the kernel keeps its own copy of the region table (with
+references that keep the mappings alive). After the ``GuestMemory`` table
+changes, call ``memory_changed()``; it rebuilds the kernel's table in place
+(ring positions are kept). If a ring is no longer mapped the queue becomes
+``broken`` and is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vhostnet.virtqueue import _virtq
+from vhostnet.virtqueue._virtq import FrameBatch
+from vhostnet.virtqueue.memory import AddressError, GuestMemory
+
+__all__ = ["MAX_FRAME_BYTES", "Virtqueue"]
+
+log = logging.getLogger(__name__)
+
+MAX_FRAME_BYTES: int = _virtq.MAX_FRAME_BYTES
+
+
+class Virtqueue:
+    """A started split virtqueue of a virtio-net device.
+
+    ``hdr_len`` is the virtio-net header length (12 with VERSION_1 or MRG_RXBUF, 10 for
+    legacy without it). ``base`` is the next avail index (SET_VRING_BASE). Raises
+    ``AddressError`` if a ring is not inside one mapped region, ``ValueError`` for a bad
+    size, header length or ring alignment.
+    """
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        size: int,
+        desc_uva: int,
+        avail_uva: int,
+        used_uva: int,
+        *,
+        base: int = 0,
+        hdr_len: int = 12,
+        mrg_rxbuf: bool = False,
+        event_idx: bool = False,
+        call_fd: int | None = None,
+        name: str = "vq",
+    ) -> None:
+        self.name = name
+        self._memory = memory
+        self._rings = (desc_uva, avail_uva, used_uva)
+        self._kernel = _virtq.SplitQueue(
+            size, hdr_len, mrg_rxbuf, event_idx, -1 if call_fd is None else call_fd, base
+        )
+        try:
+            self._install_memory()
+        except LookupError as error:
+            raise AddressError(
+                f"{name}: rings desc {desc_uva:#x} avail {avail_uva:#x} used {used_uva:#x} "
+                f"(size {size}) are not inside mapped memory"
+            ) from error
+        self._generation = memory.generation
+
+    def _install_memory(self) -> None:
+        table = [(r.gpa, r.uva, r.size, r.data) for r in self._memory.regions]
+        self._kernel.set_memory(table, *self._rings)
+
+    def memory_changed(self) -> None:
+        """Pick up a changed region table (cheap no-op if the generation did not move)."""
+        if self._memory.generation == self._generation:
+            return
+        self._generation = self._memory.generation
+        try:
+            self._install_memory()
+        except (LookupError, ValueError):
+            log.error("%s: rings are no longer in mapped memory; queue stopped", self.name)
+            self._kernel.mark_broken()
+
+    # The data path: each call releases the GIL inside.
+
+    def tx_drain(self, batch: FrameBatch, max_frames: int) -> int:
+        """Move up to ``max_frames`` guest TX frames into ``batch``; returns how many."""
+        done = self._kernel.tx_drain(batch, max_frames)
+        if self._kernel.has_new_errors:
+            self._log_new_errors()
+        return done
+
+    def rx_push(self, batch: FrameBatch, start: int = 0) -> int:
+        """Write frames ``start…`` of ``batch`` into guest RX buffers.
+
+        Returns how many frames were consumed: delivered, or dropped because they can never
+        fit (counted). The rest wait for the guest to post buffers.
+        """
+        done = self._kernel.rx_push(batch, start)
+        if self._kernel.has_new_errors:
+            self._log_new_errors()
+        return done
+
+    def notify(self) -> bool:
+        """Signal the call eventfd if the guest wants an interrupt for what was just used."""
+        sent = self._kernel.notify()
+        if self._kernel.has_new_errors:
+            self._log_new_errors()
+        return sent
+
+    def enable_kick(self) -> bool:
+        """Ask the guest for kicks again; True if buffers arrived meanwhile (drain again)."""
+        return self._kernel.enable_kick()
+
+    def disable_kick(self) -> None:
+        """Tell the guest kicks are not needed while we are draining anyway."""
+        self._kernel.disable_kick()
+
+    def set_log(self, log_array, log_guest_addr: int = 0, log_used: bool = False) -> None:
+        """Dirty-page logging: a writable uint8 buffer (the shared log) or None to stop."""
+        self._kernel.set_log(log_array, log_guest_addr, log_used)
+
+    @property
+    def call_fd(self) -> int | None:
+        fd = self._kernel.call_fd
+        return None if fd < 0 else fd
+
+    @call_fd.setter
+    def call_fd(self, fd: int | None) -> None:
+        self._kernel.call_fd = -1 if fd is None else fd
+
+    @property
+    def size(self) -> int:
+        return self._kernel.size
+
+    @property
+    def last_avail_idx(self) -> int:
+        return self._kernel.last_avail_idx
+
+    @property
+    def used_idx(self) -> int:
+        return self._kernel.used_idx
+
+    @property
+    def broken(self) -> bool:
+        return self._kernel.broken
+
+    def counters(self) -> dict[str, int]:
+        return self._kernel.counters()
+
+    def _log_new_errors(self) -> None:
+        counts = self._kernel.counters()
+        for reason in self._kernel.take_new_errors():
+            if reason == "avail_idx_jump":
+                log.error("%s: guest avail index jumped past the ring size; queue stopped", self.name)
+            else:
+                log.warning(
+                    "%s: refused a guest buffer (%s); further ones are only counted (%d so far)",
+                    self.name,
+                    reason,
+                    counts[reason],
+                )
