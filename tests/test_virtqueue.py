@@ -191,7 +191,9 @@ def test_rx_header_split_over_descriptors_in_one_chain(ram):
     driver = Driver(ram)
     queue = make_queue(ram, driver, hdr_len=12)
     buffers = [driver.alloc(n) for n in (7, 5, 2000)]
-    head = driver.add_chain([(gpa, n, DESC_F_WRITE) for gpa, n in zip(buffers, (7, 5, 2000), strict=True)])
+    head = driver.add_chain(
+        [(gpa, n, DESC_F_WRITE) for gpa, n in zip(buffers, (7, 5, 2000), strict=True)]
+    )
     driver.publish(head)
     batch = FrameBatch(8, 1 << 20)
     frame = ethernet_frame(1000)
@@ -215,9 +217,15 @@ def test_rx_mrg_rxbuf_spreads_frame_and_sets_num_buffers(ram):
     assert queue.rx_push(batch) == 2
     used = driver.take_used()
     # 12 + 2500 bytes over three 1000-byte buffers, then the small frame in the fourth.
-    assert used == [(chains[0][0], 1000), (chains[1][0], 1000), (chains[2][0], 512),
-                    (chains[3][0], HDR_LEN + 200)]
-    stream = b"".join(ram.read(gpa, length) for (_, (gpa,)), (_, length) in zip(chains[:3], used[:3], strict=True))
+    assert used == [
+        (chains[0][0], 1000),
+        (chains[1][0], 1000),
+        (chains[2][0], 512),
+        (chains[3][0], HDR_LEN + 200),
+    ]
+    stream = b"".join(
+        ram.read(gpa, length) for (_, (gpa,)), (_, length) in zip(chains[:3], used[:3], strict=True)
+    )
     assert struct.unpack("<H", stream[10:12])[0] == 3
     assert stream[HDR_LEN:] == big
     assert struct.unpack("<H", ram.read(chains[3][1][0] + 10, 2))[0] == 1
@@ -262,7 +270,9 @@ def call_fd():
 
 
 def complete_tx(driver: Driver, queue: Virtqueue, count: int) -> None:
-    driver.publish(*(driver.add_chain(tx_parts(driver, ethernet_frame(60), [])) for _ in range(count)))
+    driver.publish(
+        *(driver.add_chain(tx_parts(driver, ethernet_frame(60), [])) for _ in range(count))
+    )
     assert queue.tx_drain(FrameBatch(32, 1 << 20), 32) == count
 
 

@@ -101,8 +101,9 @@ class GuestRam:
 class Driver:
     """The guest driver of one split ring of ``size`` entries."""
 
-    def __init__(self, ram: GuestRam, size: int = 16, ring_gpa: int = 0x10000,
-                 buffer_gpa: int = 0x40000):
+    def __init__(
+        self, ram: GuestRam, size: int = 16, ring_gpa: int = 0x10000, buffer_gpa: int = 0x40000
+    ):
         self.ram = ram
         self.size = size
         self.desc_gpa = ring_gpa
@@ -119,7 +120,11 @@ class Driver:
 
     @property
     def ring_uvas(self) -> tuple[int, int, int]:
-        return self.ram.uva(self.desc_gpa), self.ram.uva(self.avail_gpa), self.ram.uva(self.used_gpa)
+        return (
+            self.ram.uva(self.desc_gpa),
+            self.ram.uva(self.avail_gpa),
+            self.ram.uva(self.used_gpa),
+        )
 
     def alloc(self, length: int, fill: bytes = b"") -> int:
         gpa = self.next_buffer
@@ -128,8 +133,15 @@ class Driver:
             self.ram.write(gpa, fill)
         return gpa
 
-    def write_desc(self, index: int, addr: int, length: int, flags: int, next_index: int = 0,
-                   table_gpa: int | None = None) -> None:
+    def write_desc(
+        self,
+        index: int,
+        addr: int,
+        length: int,
+        flags: int,
+        next_index: int = 0,
+        table_gpa: int | None = None,
+    ) -> None:
         base = self.desc_gpa if table_gpa is None else table_gpa
         self.ram.write(base + 16 * index, struct.pack("<QIHH", addr, length, flags, next_index))
 
@@ -139,9 +151,13 @@ class Driver:
         self.next_desc = (self.next_desc + len(parts)) % self.size
         for position, (addr, length, flags) in enumerate(parts):
             last = position == len(parts) - 1
-            self.write_desc(indices[position], addr, length,
-                            flags | (0 if last else DESC_F_NEXT),
-                            0 if last else indices[position + 1])
+            self.write_desc(
+                indices[position],
+                addr,
+                length,
+                flags | (0 if last else DESC_F_NEXT),
+                0 if last else indices[position + 1],
+            )
         return indices[0]
 
     def add_indirect(self, parts: list[tuple[int, int, int]]) -> int:
@@ -149,8 +165,14 @@ class Driver:
         table = self.alloc(16 * len(parts))
         for position, (addr, length, flags) in enumerate(parts):
             last = position == len(parts) - 1
-            self.write_desc(position, addr, length, flags | (0 if last else DESC_F_NEXT),
-                            0 if last else position + 1, table_gpa=table)
+            self.write_desc(
+                position,
+                addr,
+                length,
+                flags | (0 if last else DESC_F_NEXT),
+                0 if last else position + 1,
+                table_gpa=table,
+            )
         return self.add_chain([(table, 16 * len(parts), DESC_F_INDIRECT)])
 
     def publish(self, *heads: int) -> None:

@@ -4,4 +4,11 @@ from vhostnet.virtqueue._virtq import FrameBatch
 from vhostnet.virtqueue.memory import AddressError, GuestMemory, MappedRegion
 from vhostnet.virtqueue.virtqueue import MAX_FRAME_BYTES, Virtqueue
 
-__all__ = ["AddressError", "FrameBatch", "GuestMemory", "MappedRegion", "MAX_FRAME_BYTES", "Virtqueue"]
+__all__ = [
+    "AddressError",
+    "FrameBatch",
+    "GuestMemory",
+    "MappedRegion",
+    "MAX_FRAME_BYTES",
+    "Virtqueue",
+]

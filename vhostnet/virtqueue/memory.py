@@ -152,4 +152,6 @@ class GuestMemory:
             start = region.gpa if space == "gpa" else region.uva
             if start <= address and address + length <= start + region.size:
                 return index, address - start
-        raise AddressError(f"{space} range {address:#x}+{length:#x} is not inside one mapped region")
+        raise AddressError(
+            f"{space} range {address:#x}+{length:#x} is not inside one mapped region"
+        )

@@ -151,7 +151,9 @@ class Virtqueue:
         counts = self._kernel.counters()
         for reason in self._kernel.take_new_errors():
             if reason == "avail_idx_jump":
-                log.error("%s: guest avail index jumped past the ring size; queue stopped", self.name)
+                log.error(
+                    "%s: guest avail index jumped past the ring size; queue stopped", self.name
+                )
             else:
                 log.warning(
                     "%s: refused a guest buffer (%s); further ones are only counted (%d so far)",
