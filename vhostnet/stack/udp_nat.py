@@ -1,20 +1,215 @@
-"""UDP NAT (placeholder until the real one lands)."""
+"""UDP NAT: guest UDP flows translated onto host UDP sockets (sans-IO core).
+
+A flow is keyed by what the guest sees: (guest ip, guest port, remote ip,
+remote port). Outbound flows (the guest sent first) get their own connected
+host socket toward ``config.host_destination(remote)``; replies on it come back
+to the guest from the original remote address. Inbound flows come from the
+forwarded ports in ``config.udp_forwards``: a datagram from a host peer on a
+listening socket becomes a datagram to the guest's ``guest_port``, from the
+gateway address when the peer is on host loopback (as passt does) or from the
+peer's own address otherwise; the guest's replies go back to that peer.
+
+Commands for the glue (``UdpNat.commands``, executed by ``hostio.udp.UdpGlue.flush``):
+
+- ``UdpOpen(flow_id, host_addr, host_port)``: new connected socket for an outbound flow;
+- ``UdpBindPeer(flow_id, forward, peer_addr, peer_port)``: an inbound flow uses the
+  listening socket of ``forward`` and sends to the peer;
+- ``UdpSend(flow_id, payload)``: send on the flow;
+- ``UdpClose(flow_id)``: the flow expired; close its socket (or forget the peer).
+
+Events from the glue: ``on_host_datagram``, ``on_host_error``, ``on_forward_datagram``.
+"""
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .checksum import PROTO_ICMP
+from .config import PortForward, StackConfig, ip4
+from .counters import Counters
+from .icmp import emit_port_unreachable
+from .ipv4 import IPv4Packet
+from .udp import UdpDatagram
+
+SendIPv4 = Callable[..., None]
+SendUdp = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class UdpOpen:
+    flow_id: int
+    host_addr: str
+    host_port: int
+
+
+@dataclass(frozen=True)
+class UdpBindPeer:
+    flow_id: int
+    forward: PortForward
+    peer_addr: str
+    peer_port: int
+
+
+@dataclass(frozen=True)
+class UdpSend:
+    flow_id: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class UdpClose:
+    flow_id: int
+
+
+UdpCommand = UdpOpen | UdpBindPeer | UdpSend | UdpClose
+FlowKey = tuple[bytes, int, bytes, int]
+
+
+@dataclass
+class UdpFlow:
+    flow_id: int
+    guest_ip: bytes
+    guest_port: int
+    remote_ip: bytes  # as the guest sees it
+    remote_port: int
+    last_active: float
+    inbound: bool
+    # The guest's latest IP header + 8 bytes, quoted in ICMP port unreachable.
+    quote: tuple[bytes, bytes] | None = None
+
+    @property
+    def key(self) -> FlowKey:
+        return (self.guest_ip, self.guest_port, self.remote_ip, self.remote_port)
+
 
 class UdpNat:
-    def __init__(self, config, counters, send_ipv4, send_udp, guest_ip) -> None:
+    """The generic UDP engine behind the UDP services (DHCP, DNS, TFTP)."""
+
+    def __init__(self, config: StackConfig, counters: Counters, send_ipv4: SendIPv4,
+                 send_udp: SendUdp, guest_ip: Callable[[], bytes]) -> None:
+        self.config = config
         self.counters = counters
+        self._send_ipv4 = send_ipv4
+        self._send_udp = send_udp
+        self._guest_ip = guest_ip
+        self.commands: deque[UdpCommand] = deque()
+        self._by_key: dict[FlowKey, UdpFlow] = {}
+        # Ordered by last activity, oldest first: expiry only looks at the front.
+        self._flows: OrderedDict[int, UdpFlow] = OrderedDict()
+        self._next_flow_id = 1
 
-    def handle_datagram(self, packet, datagram, now) -> None:
-        self.counters.inc("udp.drop.no_nat_yet")
+    # --- guest side -------------------------------------------------------
 
-    def poll_timers(self, now: float) -> None:
-        pass
+    def handle_datagram(self, packet: IPv4Packet, datagram: UdpDatagram, now: float) -> None:
+        key = (packet.src, datagram.src_port, packet.dst, datagram.dst_port)
+        flow = self._by_key.get(key)
+        if flow is None:
+            destination = self.config.host_destination(packet.dst, datagram.dst_port)
+            if destination is None:
+                self.counters.inc("udp.drop.no_route")
+                return
+            flow = self._new_flow(key, now, inbound=False)
+            if flow is None:
+                return
+            self.commands.append(UdpOpen(flow.flow_id, destination[0], destination[1]))
+        self._touch(flow, now)
+        flow.quote = (packet.header, bytes(packet.payload[:8]))
+        self.counters.inc("udp.tx_host")
+        self.commands.append(UdpSend(flow.flow_id, bytes(datagram.payload)))
 
-    def next_timer(self) -> float | None:
-        return None
+    # --- host side (called by the glue) -----------------------------------
+
+    def on_host_datagram(self, flow_id: int, payload: bytes | memoryview, now: float) -> None:
+        flow = self._flows.get(flow_id)
+        if flow is None:
+            return
+        self._touch(flow, now)
+        self.counters.inc("udp.rx_host")
+        self._send_udp(flow.remote_ip, flow.remote_port, flow.guest_ip, flow.guest_port, payload)
+
+    def on_host_error(self, flow_id: int, error: int, now: float) -> None:
+        """A socket error on the flow; ECONNREFUSED becomes ICMP port unreachable."""
+        flow = self._flows.get(flow_id)
+        if flow is None:
+            return
+        if error == errno.ECONNREFUSED and flow.quote is not None:
+            self.counters.inc("udp.port_unreachable")
+            header, first_bytes = flow.quote
+            self._send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_ICMP,
+                            emit_port_unreachable(header, first_bytes))
+            return
+        self.counters.inc("udp.host_error")
+        self.counters.log_once(f"udp.host_error.{error}",
+                               f"UDP flow socket error: {errno.errorcode.get(error, error)}")
+
+    def on_forward_datagram(self, forward: PortForward, peer_addr: str, peer_port: int,
+                            payload: bytes | memoryview, now: float) -> None:
+        """A datagram arrived on the listening socket of ``forward`` from a host peer."""
+        try:
+            peer = ipaddress.ip_address(peer_addr)
+        except ValueError:
+            self.counters.inc("udp.drop.bad_peer")
+            return
+        if peer.is_loopback:
+            presented = self.config.gateway
+        elif isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+            presented = peer.ipv4_mapped.packed
+        elif isinstance(peer, ipaddress.IPv4Address):
+            presented = ip4(peer_addr)
+        else:
+            self.counters.inc("udp.drop.ipv6_peer")  # the guest side is IPv4 only for now
+            return
+        key = (self._guest_ip(), forward.guest_port, presented, peer_port)
+        flow = self._by_key.get(key)
+        if flow is None:
+            flow = self._new_flow(key, now, inbound=True)
+            if flow is None:
+                return
+            self.commands.append(UdpBindPeer(flow.flow_id, forward, peer_addr, peer_port))
+        self._touch(flow, now)
+        self.counters.inc("udp.rx_forward")
+        self._send_udp(flow.remote_ip, flow.remote_port, flow.guest_ip, flow.guest_port, payload)
+
+    # --- flows and timers -------------------------------------------------
+
+    def _new_flow(self, key: FlowKey, now: float, inbound: bool) -> UdpFlow | None:
+        if len(self._flows) >= self.config.flow_limit:
+            self.counters.drop("udp.drop.flow_limit",
+                               f"UDP flow limit ({self.config.flow_limit}) reached")
+            return None
+        flow = UdpFlow(self._next_flow_id, key[0], key[1], key[2], key[3], now, inbound)
+        self._next_flow_id += 1
+        self._by_key[key] = flow
+        self._flows[flow.flow_id] = flow
+        self.counters.inc("udp.flows_created")
+        return flow
+
+    def _touch(self, flow: UdpFlow, now: float) -> None:
+        flow.last_active = now
+        self._flows.move_to_end(flow.flow_id)
+
+    def flow(self, flow_id: int) -> UdpFlow | None:
+        return self._flows.get(flow_id)
 
     def flow_count(self) -> int:
-        return 0
+        return len(self._flows)
+
+    def poll_timers(self, now: float) -> None:
+        timeout = self.config.udp_idle_timeout
+        while self._flows:
+            flow = next(iter(self._flows.values()))
+            if now - flow.last_active < timeout:
+                break
+            del self._flows[flow.flow_id]
+            del self._by_key[flow.key]
+            self.counters.inc("udp.flows_expired")
+            self.commands.append(UdpClose(flow.flow_id))
+
+    def next_timer(self) -> float | None:
+        if not self._flows:
+            return None
+        return next(iter(self._flows.values())).last_active + self.config.udp_idle_timeout

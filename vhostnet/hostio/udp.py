@@ -1,0 +1,177 @@
+"""Host sockets for the UDP NAT engine (``vhostnet.stack.udp_nat.UdpNat``).
+
+``UdpGlue(engine, loop)``:
+
+- binds one listening socket per ``engine.config.udp_forwards`` entry at construction;
+- ``flush()`` executes the engine's queued commands (``UdpOpen``: a connected
+  non-blocking socket per outbound flow; ``UdpBindPeer``: an inbound flow answers
+  through its forward's listening socket; ``UdpSend``; ``UdpClose``). The
+  integrator calls it after every batch of guest frames and after ``poll_timers``;
+- socket readiness (``loop.add_reader``) drains datagrams in bounded batches and
+  reports them with ``engine.on_host_datagram`` / ``on_forward_datagram`` /
+  ``on_host_error``;
+- ``close()`` closes every socket.
+
+The data-moving part is ``receive_batch``/``receive_batch_from``, kept apart so
+it can move to Cython without touching the control logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+
+from vhostnet.stack.config import PortForward
+from vhostnet.stack.udp_nat import UdpBindPeer, UdpClose, UdpNat, UdpOpen, UdpSend
+
+log = logging.getLogger(__name__)
+
+MAX_DATAGRAM = 65535
+# Datagrams taken per readiness callback: enough to amortise the wakeup, small
+# enough that one busy flow cannot starve the rest of the event loop.
+BATCH_LIMIT = 64
+
+
+def receive_batch(sock: socket.socket, limit: int = BATCH_LIMIT) -> tuple[list[bytes], int | None]:
+    """Read up to ``limit`` datagrams until EAGAIN; returns (datagrams, errno or None)."""
+    datagrams: list[bytes] = []
+    for _ in range(limit):
+        try:
+            datagrams.append(sock.recv(MAX_DATAGRAM))
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError as error:
+            return datagrams, error.errno
+    return datagrams, None
+
+
+def receive_batch_from(sock: socket.socket, limit: int = BATCH_LIMIT
+                       ) -> tuple[list[tuple[bytes, tuple]], int | None]:
+    """Like ``receive_batch`` for unconnected sockets: (payload, peer address) pairs."""
+    datagrams: list[tuple[bytes, tuple]] = []
+    for _ in range(limit):
+        try:
+            datagrams.append(sock.recvfrom(MAX_DATAGRAM))
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError as error:
+            return datagrams, error.errno
+    return datagrams, None
+
+
+def family_of(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+class UdpGlue:
+    """Executes ``UdpNat`` commands on real sockets; see the module docstring."""
+
+    def __init__(self, engine: UdpNat, loop: asyncio.AbstractEventLoop,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.clock = clock
+        self._flow_sockets: dict[int, socket.socket] = {}
+        self._peers: dict[int, tuple[socket.socket, tuple[str, int]]] = {}
+        self._listeners: dict[PortForward, socket.socket] = {}
+        for forward in engine.config.udp_forwards:
+            self._listen(forward)
+
+    # --- forwarded ports ----------------------------------------------------
+
+    def _listen(self, forward: PortForward) -> None:
+        sock = socket.socket(family_of(forward.host_addr), socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((forward.host_addr, forward.host_port))
+        except OSError as error:
+            sock.close()
+            log.warning("cannot forward UDP %s:%d: %s", forward.host_addr, forward.host_port,
+                        error.strerror)
+            return
+        self._listeners[forward] = sock
+        self.loop.add_reader(sock.fileno(), self._on_listener_readable, forward, sock)
+
+    def _on_listener_readable(self, forward: PortForward, sock: socket.socket) -> None:
+        datagrams, _error = receive_batch_from(sock)
+        now = self.clock()
+        for payload, peer in datagrams:
+            self.engine.on_forward_datagram(forward, peer[0], peer[1], payload, now)
+        # Errors on an unconnected socket are stale ICMP for some peer: nothing to do.
+        self.flush()
+
+    # --- commands -------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Execute every queued command of the engine."""
+        commands = self.engine.commands
+        while commands:
+            command = commands.popleft()
+            if isinstance(command, UdpSend):
+                self._send(command)
+            elif isinstance(command, UdpOpen):
+                self._open(command)
+            elif isinstance(command, UdpBindPeer):
+                listener = self._listeners.get(command.forward)
+                if listener is not None:
+                    self._peers[command.flow_id] = (listener, (command.peer_addr, command.peer_port))
+            elif isinstance(command, UdpClose):
+                self._close_flow(command.flow_id)
+
+    def _open(self, command: UdpOpen) -> None:
+        sock = socket.socket(family_of(command.host_addr), socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect((command.host_addr, command.host_port))
+        except OSError as error:
+            sock.close()
+            self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
+            return
+        self._flow_sockets[command.flow_id] = sock
+        self.loop.add_reader(sock.fileno(), self._on_flow_readable, command.flow_id, sock)
+
+    def _send(self, command: UdpSend) -> None:
+        try:
+            sock = self._flow_sockets.get(command.flow_id)
+            if sock is not None:
+                sock.send(command.payload)
+                return
+            peer = self._peers.get(command.flow_id)
+            if peer is not None:
+                peer[0].sendto(command.payload, peer[1])
+        except (BlockingIOError, InterruptedError):
+            self.engine.counters.inc("udp.drop.host_busy")  # UDP may lose; do not block
+        except OSError as error:
+            self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
+
+    def _on_flow_readable(self, flow_id: int, sock: socket.socket) -> None:
+        datagrams, error = receive_batch(sock)
+        now = self.clock()
+        for payload in datagrams:
+            self.engine.on_host_datagram(flow_id, payload, now)
+        if error is not None:
+            self.engine.on_host_error(flow_id, error, now)
+
+    def _close_flow(self, flow_id: int) -> None:
+        self._peers.pop(flow_id, None)
+        sock = self._flow_sockets.pop(flow_id, None)
+        if sock is not None:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+
+    def close(self) -> None:
+        """Close every socket this glue opened."""
+        for flow_id in list(self._flow_sockets):
+            self._close_flow(flow_id)
+        self._peers.clear()
+        for sock in self._listeners.values():
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        self._listeners.clear()
+
+    @property
+    def open_sockets(self) -> int:
+        return len(self._flow_sockets) + len(self._listeners)
