@@ -19,7 +19,7 @@ from tests.test_tftp_harness import (
     send,
 )
 from vhostnet.stack.tftp import LINGER_SECONDS
-from vhostnet.stack.tftp_packets import Data, ErrorCode, Opcode, Request
+from vhostnet.stack.tftp_packets import Data, ErrorCode, Opcode, Request, TftpView
 
 CONTENT = bytes(range(256)) * 5 + b"tail"  # 1284 bytes: blocks of 512, 512, 260
 
@@ -328,3 +328,28 @@ def test_close_drops_everything(tmp_path: Path) -> None:
     server.close()
     assert files.open_handles == 0
     assert server.next_timer() is None
+
+
+def test_random_garbage_never_raises(tmp_path: Path) -> None:
+    # Seeded, bounded fuzzing of both kinds of port: whatever arrives, the
+    # server answers with well-formed packets or not at all.
+    import random
+
+    rng = random.Random(1350)
+    server, output, files = make_server(tmp_path, {"f": CONTENT})
+    [first] = request(server, output, rrq("f"))
+    for i in range(3000):
+        length = rng.randrange(0, 40)
+        junk = bytes([0, rng.randrange(0, 8)]) + rng.randbytes(length)
+        if i % 3 == 0:
+            junk = rng.randbytes(length)
+        target = 69 if i % 2 else first.sport
+        if server.accepts(GATEWAY, target):
+            server.handle_udp(GUEST, CLIENT_PORT + i % 5, GATEWAY, target, memoryview(junk), i * 0.01)
+        server.poll_timers(i * 0.01)
+    answers = output.take()
+    assert answers  # errors for the junk, and the transfer's own retransmissions
+    for sent in answers:
+        assert TftpView(sent.payload).opcode in (Opcode.DATA, Opcode.ERROR)
+    server.close()
+    assert files.open_handles == 0
