@@ -118,7 +118,10 @@ class TftpRoot:
 
     def _check_open_file(self, name: str, fd: int) -> int:
         """Re-check through the descriptor; returns the file size."""
-        info = os.fstat(fd)
+        try:
+            info = os.fstat(fd)
+        except OSError as exc:
+            raise TftpError(ErrorCode.NOT_DEFINED, f"cannot open: {exc.strerror}") from None
         if stat.S_ISDIR(info.st_mode):
             raise TftpError(ErrorCode.FILE_NOT_FOUND, "is a directory")
         if not stat.S_ISREG(info.st_mode):

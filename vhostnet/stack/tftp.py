@@ -299,8 +299,8 @@ class TftpServer:
         )
         self._transfers[port] = transfer
         self._counters.inc("tftp.transfers_started")
-        log.info("TFTP: sending %r (%d bytes) to port %d, options %s",
-                 request.filename, size, client_port, params.acknowledged or "none")
+        log.debug("TFTP: sending %r (%d bytes) to port %d, options %s",
+                  request.filename, size, client_port, params.acknowledged or "none")
         self._transmit(transfer, now)
 
     def _is_retransmitted_request(self, client_ip: bytes, client_port: int,
@@ -363,8 +363,8 @@ class TftpServer:
             error = Error.parse(view.data)
             reason = ("options_declined" if error.code == ErrorCode.OPTION_REFUSED
                       else "client_error")
-            log.info("TFTP: client ended transfer of %r: error %d %r",
-                     transfer.filename, error.code, error.message)
+            log.debug("TFTP: client ended transfer of %r: error %d %r",
+                      transfer.filename, error.code, error.message)
             self._end(transfer, reason, now)
         else:
             self._counters.log_once(
@@ -406,8 +406,8 @@ class TftpServer:
 
     def _on_timeout(self, transfer: _Transfer, now: float) -> None:
         if transfer.retransmits >= self._max_retransmits:
-            log.info("TFTP: transfer of %r to port %d timed out",
-                     transfer.filename, transfer.client_port)
+            log.debug("TFTP: transfer of %r to port %d timed out",
+                      transfer.filename, transfer.client_port)
             self._send_error(transfer.port, transfer.client_ip, transfer.client_port,
                              ErrorCode.NOT_DEFINED, "timed out")
             self._end(transfer, "timeout", now)
