@@ -201,3 +201,18 @@ def test_framer_take_fds_of_incomplete_message():
     assert framer.take_fds() == [r]
     os.close(r)
     os.close(w)
+
+
+def test_framer_wanted_stays_inside_one_message():
+    framer = Framer()
+    stream = _msg(Request.SET_FEATURES, U64(5).emit()) + _msg(Request.SET_OWNER)
+    reads = []
+    position = 0
+    while position < len(stream):
+        size = framer.wanted()
+        reads.append(size)
+        framer.feed(stream[position : position + size])
+        position += size
+        list(framer.messages())
+    # header, payload, header (SET_OWNER has no payload)
+    assert reads == [12, 8, 12]

@@ -424,11 +424,13 @@ class Framer:
     """Reassembles messages from a byte stream, sans-IO.
 
     Feed it what each recvmsg returned; fds are attached to the message that
-    contains the first byte of the chunk they arrived with (the kernel never
-    merges a chunk carrying fds with bytes of an earlier sendmsg, so that is
-    the message they were sent with). A header that fails ``Header.check``
-    raises ``CodecError``: framing is lost and the caller must close the
-    connection and the fds returned by ``take_fds()``.
+    contains the first byte of the chunk they arrived with. That is only
+    right if no read spans two messages: a UNIX stream recvmsg happily
+    returns the bytes of earlier sendmsg calls followed by the one that
+    carried fds. So read at most ``wanted()`` bytes at a time (the rest of the
+    current header, or of the current message). A header that fails
+    ``Header.check`` raises ``CodecError``: framing is lost and the caller
+    must close the connection and the fds returned by ``take_fds()``.
     """
 
     def __init__(self) -> None:
@@ -458,6 +460,14 @@ class Framer:
 
     def __iter__(self) -> Iterator[Message]:
         return self.messages()
+
+    def wanted(self) -> int:
+        """Bytes to read next so that the read stays inside the current message."""
+        if len(self._buffer) < HEADER_SIZE:
+            return HEADER_SIZE - len(self._buffer)
+        header = Header.parse(bytes(self._buffer[:HEADER_SIZE]))
+        header.check()
+        return max(1, HEADER_SIZE + header.size - len(self._buffer))
 
     @property
     def buffered(self) -> int:

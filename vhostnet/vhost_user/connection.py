@@ -20,7 +20,6 @@ from .protocol import HEADER_SIZE, VHOST_USER_MAX_FDS
 # nothing, but we would not know how many were lost).
 _ANCILLARY_FDS = VHOST_USER_MAX_FDS * 2
 _ANCILLARY_SIZE = socket.CMSG_SPACE(_ANCILLARY_FDS * array.array("i").itemsize)
-_READ_CHUNK = 65536
 
 
 def close_fds(fds: list[int]) -> None:
@@ -103,13 +102,16 @@ def recv_message(sock: socket.socket, timeout: float = 5.0) -> Message:
     return Message(header.request, header.flags, payload, fds)
 
 
-def read_available(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """One recvmsg on a non-blocking socket: (data, fds).
+def read_available(sock: socket.socket, max_bytes: int = HEADER_SIZE) -> tuple[bytes, list[int]]:
+    """One recvmsg of at most ``max_bytes`` on a non-blocking socket: (data, fds).
 
+    Pass ``framer.wanted()`` as ``max_bytes``: a larger read could return the
+    tail of one message together with the next message's fds, and the fds
+    would be attached to the wrong message (see ``Framer``).
     Returns ``(b"", [])`` at EOF; raises ``BlockingIOError`` if nothing is
     waiting. Fds beyond what a message may carry are closed here.
     """
-    data, ancdata, _flags, _addr = sock.recvmsg(_READ_CHUNK, _ANCILLARY_SIZE)
+    data, ancdata, _flags, _addr = sock.recvmsg(max_bytes, _ANCILLARY_SIZE)
     fds = _limit_fds(_fds_from_ancillary(ancdata))
     if not data and fds:
         # fds without data cannot belong to any message.

@@ -108,9 +108,14 @@ class ThreadedBackend:
             if conn not in readable:
                 continue
             try:
-                data, fds = read_available(conn)
+                data, fds = read_available(conn, framer.wanted())
             except BlockingIOError:
                 continue
+            except CodecError as error:  # the buffered header is already bad
+                log.warning("vhost-user framing error, closing: %s", error)
+                close_fds(framer.take_fds())
+                self.closed_by_handler = True
+                return
             if not data:
                 return  # EOF
             framer.feed(data, fds)
