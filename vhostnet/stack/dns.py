@@ -1,20 +1,179 @@
-"""DNS forwarder (placeholder until the real one lands)."""
+"""DNS forwarding (sans-IO): guest queries to the DNS address, port 53, go to the host's resolvers.
+
+Each guest query gets a fresh random 16-bit id for the upstream (so two guest
+queries with the same id cannot be confused, and off-path answers are hard to
+forge); the answer goes back to the guest from ``config.dns:53`` with the
+guest's own id. An upstream that stays silent for ``ATTEMPT_TIMEOUT`` seconds
+(or refuses) is replaced by the next one in ``config.dns_upstream``; when none
+is left, or ``OVERALL_TIMEOUT`` has passed, the guest gets a SERVFAIL built
+from its query. At most ``MAX_PENDING`` queries are outstanding.
+
+Commands (``DnsForwarder.commands``, executed by ``hostio.dns.DnsGlue.flush``):
+``DnsQuery(upstream_index, host, port, data)``: send ``data`` to upstream ``upstream_index``.
+Events: ``on_upstream_reply(upstream_index, data, now)``, ``on_upstream_error(upstream_index, now)``.
+"""
 
 from __future__ import annotations
 
+import secrets
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import DNS_PORT, StackConfig
+from .counters import Counters
+
+HEADER_LEN = 12
+ATTEMPT_TIMEOUT = 2.0
+OVERALL_TIMEOUT = 5.0
+MAX_PENDING = 256
+FLAG_QR = 0x8000
+OPCODE_MASK = 0x7800
+FLAG_RD = 0x0100
+FLAG_RA = 0x0080
+RCODE_SERVFAIL = 2
+
+SendUdp = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class DnsQuery:
+    upstream_index: int
+    host: str
+    port: int
+    data: bytes
+
+
+@dataclass
+class _PendingQuery:
+    upstream_id: int
+    guest_ip: bytes
+    guest_port: int
+    query: bytes  # as the guest sent it (guest id included)
+    upstream_index: int
+    attempt_deadline: float
+    overall_deadline: float
+
+
+def question_section(message: bytes) -> bytes | None:
+    """The bytes of a single uncompressed question after the header, or None if not parseable."""
+    offset = HEADER_LEN
+    for _ in range(128):  # a name has at most 127 labels
+        if offset >= len(message):
+            return None
+        length = message[offset]
+        if length == 0:
+            end = offset + 1 + 4  # root label, QTYPE, QCLASS
+            return message[HEADER_LEN:end] if end <= len(message) else None
+        if length > 63:
+            return None  # compression pointer or reserved label type: not in a plain query
+        offset += 1 + length
+    return None
+
+
+def servfail_for(query: bytes) -> bytes:
+    """A SERVFAIL answer to ``query``: same id, opcode and RD, the question echoed if it parses."""
+    query_id, flags, qdcount = struct.unpack_from("!HHH", query, 0)
+    question = question_section(query) if qdcount == 1 else None
+    reply_flags = FLAG_QR | (flags & (OPCODE_MASK | FLAG_RD)) | FLAG_RA | RCODE_SERVFAIL
+    header = struct.pack("!HHHHHH", query_id, reply_flags, 1 if question else 0, 0, 0, 0)
+    return header + (question or b"")
+
 
 class DnsForwarder:
-    def __init__(self, config, counters, send_udp) -> None:
-        self.commands = []
+    """UDP service for ``config.dns:53`` that relays to the upstream resolvers."""
+
+    def __init__(self, config: StackConfig, counters: Counters, send_udp: SendUdp) -> None:
+        self.config = config
+        self.counters = counters
+        self._send_udp = send_udp
+        self.commands: deque[DnsQuery] = deque()
+        self._pending: dict[int, _PendingQuery] = {}
 
     def accepts(self, dst_ip: bytes, dst_port: int) -> bool:
-        return False
+        return dst_ip == self.config.dns and dst_port == DNS_PORT
 
-    def handle_udp(self, src_ip, src_port, dst_ip, dst_port, payload, now) -> None:
-        pass
+    def handle_udp(self, src_ip: bytes, src_port: int, dst_ip: bytes, dst_port: int,
+                   payload: memoryview, now: float) -> None:
+        if len(payload) < HEADER_LEN:
+            self.counters.drop("dns.drop.short", "DNS query shorter than its header dropped")
+            return
+        query = bytes(payload)
+        if struct.unpack_from("!H", query, 2)[0] & FLAG_QR:
+            self.counters.drop("dns.drop.not_query", "DNS response sent by the guest dropped")
+            return
+        if len(self._pending) >= MAX_PENDING:
+            self.counters.drop("dns.drop.too_many_pending", "too many DNS queries outstanding")
+            return
+        self.counters.inc("dns.query")
+        pending = _PendingQuery(self._new_upstream_id(), src_ip, src_port, query, -1, now,
+                                now + OVERALL_TIMEOUT)
+        self._pending[pending.upstream_id] = pending
+        self._try_next_upstream(pending, now)
+
+    def _new_upstream_id(self) -> int:
+        # Random ids; with at most MAX_PENDING of 65536 taken a few draws always suffice,
+        # the scan below only guards the bound on the loop.
+        for _ in range(32):
+            candidate = secrets.randbelow(0x10000)
+            if candidate not in self._pending:
+                return candidate
+        return next(i for i in range(0x10000) if i not in self._pending)
+
+    def _try_next_upstream(self, pending: _PendingQuery, now: float) -> None:
+        pending.upstream_index += 1
+        if pending.upstream_index >= len(self.config.dns_upstream) or now >= pending.overall_deadline:
+            self._fail(pending)
+            return
+        host, port = self.config.dns_upstream[pending.upstream_index]
+        pending.attempt_deadline = min(now + ATTEMPT_TIMEOUT, pending.overall_deadline)
+        data = struct.pack("!H", pending.upstream_id) + pending.query[2:]
+        self.commands.append(DnsQuery(pending.upstream_index, host, port, data))
+
+    def _fail(self, pending: _PendingQuery) -> None:
+        del self._pending[pending.upstream_id]
+        self.counters.inc("dns.servfail")
+        self._send_udp(self.config.dns, DNS_PORT, pending.guest_ip, pending.guest_port,
+                       servfail_for(pending.query))
+
+    # --- host side (called by the glue) -----------------------------------
+
+    def on_upstream_reply(self, upstream_index: int, data: bytes, now: float) -> None:
+        if len(data) < HEADER_LEN or not struct.unpack_from("!H", data, 2)[0] & FLAG_QR:
+            self.counters.drop("dns.drop.bad_reply", "malformed answer from a DNS upstream")
+            return
+        pending = self._pending.get(struct.unpack_from("!H", data, 0)[0])
+        if pending is None or pending.upstream_index != upstream_index:
+            self.counters.inc("dns.drop.unexpected_reply")  # late, duplicate or forged
+            return
+        del self._pending[pending.upstream_id]
+        self.counters.inc("dns.answer")
+        self._send_udp(self.config.dns, DNS_PORT, pending.guest_ip, pending.guest_port,
+                       pending.query[:2] + data[2:])
+
+    def on_upstream_error(self, upstream_index: int, now: float) -> None:
+        """The upstream refused (ICMP unreachable): move its queries on at once."""
+        self.counters.inc("dns.upstream_error")
+        for pending in list(self._pending.values()):
+            if pending.upstream_index == upstream_index:
+                self._try_next_upstream(pending, now)
+
+    # --- timers -----------------------------------------------------------
 
     def poll_timers(self, now: float) -> None:
-        pass
+        for pending in list(self._pending.values()):
+            if now >= pending.overall_deadline:
+                self._fail(pending)
+            elif now >= pending.attempt_deadline:
+                self.counters.inc("dns.upstream_timeout")
+                self._try_next_upstream(pending, now)
 
     def next_timer(self) -> float | None:
-        return None
+        if not self._pending:
+            return None
+        return min(p.attempt_deadline for p in self._pending.values())
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
