@@ -259,3 +259,13 @@ def test_windowed_transfer_across_the_wrap(big_root: tuple[Path, bytes]) -> None
     server, output, _ = make_server(root, {})
     assert fetch(server, output, "big.img", windowsize=64) == content
     assert server.counters()["tftp.transfers_completed"] == 1
+
+
+def test_empty_file_with_options(tmp_path: Path) -> None:
+    server, output, _ = make_server(tmp_path, {"empty": b""})
+    [oack] = request(server, output, rrq("empty", tsize=0, blksize=1024))
+    assert oack.payload == b"\x00\x06tsize\x000\x00blksize\x001024\x00"
+    [only] = send(server, output, oack.sport, ack(0))
+    assert only.payload == b"\x00\x03\x00\x01"
+    assert send(server, output, oack.sport, ack(1)) == []
+    assert server.counters()["tftp.transfers_completed"] == 1

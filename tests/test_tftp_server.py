@@ -353,3 +353,21 @@ def test_random_garbage_never_raises(tmp_path: Path) -> None:
         assert TftpView(sent.payload).opcode in (Opcode.DATA, Opcode.ERROR)
     server.close()
     assert files.open_handles == 0
+
+
+def test_a_finished_transfer_port_is_not_handed_out_next(tmp_path: Path) -> None:
+    server, output, _ = make_server(tmp_path, {"e": b""}, port_range=(50000, 50003))
+
+    def one_transfer(now: float, client_port: int) -> int:
+        [sent] = request(server, output, rrq("e"), now=now, port=client_port)
+        assert send(server, output, sent.sport, ack(1), now=now, port=client_port) == []
+        return sent.sport
+
+    # Round-robin: a port just freed goes to the back of the line.
+    assert [one_transfer(float(i), 1000 + i) for i in range(4)] == [50000, 50001, 50002, 50003]
+    # All four linger now, so there is nothing to hand out...
+    [busy] = request(server, output, rrq("e"), now=4.0, port=2000)
+    assert "no free transfer port" in error_of(busy).message
+    # ...until the first one's linger ends (it finished at t=0).
+    server.poll_timers(LINGER_SECONDS)
+    assert one_transfer(LINGER_SECONDS, 2001) == 50000
