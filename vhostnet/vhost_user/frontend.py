@@ -211,7 +211,11 @@ class Frontend:
         """Connect and run QEMU 10.0's connection-time handshake (phase 1)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
-        sock.connect(self.socket_path)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
         self.sock = sock
         self.offered_features = self._u64_request(Request.GET_FEATURES)
         if not self.offered_features & VirtioFeature.F_PROTOCOL_FEATURES:
