@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.guestlib import GuestRun, VhostnetProcess, script_exit_code
+from tests.e2e.guestlib import GuestRun, VhostnetError, VhostnetProcess, script_exit_code
 from tools.guestkit import Kit, KitError, build_kit
 from tools.netns import in_private_netns, interfaces
 from tools.qemu import GuestError, QemuGuest
@@ -100,6 +100,7 @@ def e2e_tmp() -> Iterator[Path]:
 def vhostnet(request: pytest.FixtureRequest, e2e_tmp: Path,
              tmp_path: Path) -> Iterator[Callable[..., VhostnetProcess]]:
     started: list[VhostnetProcess] = []
+    failed_to_start: list[VhostnetProcess] = []
 
     def start(*args: str, socket_path: Path | None = None,
               timeout: float = 30.0) -> VhostnetProcess:
@@ -108,13 +109,18 @@ def vhostnet(request: pytest.FixtureRequest, e2e_tmp: Path,
                                   tmp_path / f"vhostnet{index}.log")
         started.append(process)
         _attach_log(request, f"vhostnet {index} log", process.log_text)
-        return process.start(timeout)
+        try:
+            return process.start(timeout)
+        except VhostnetError as error:
+            failed_to_start.append(process)  # reported here, not again at teardown
+            pytest.fail(str(error), pytrace=False)
 
     yield start
 
     crashed = []
     for index, process in enumerate(started):
-        if process.process is None:
+        if process.process is None or process in failed_to_start:
+            process.stop()
             continue
         exited_by_itself = not process.running() and not process.expected_exit
         code = process.stop()
