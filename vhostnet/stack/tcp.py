@@ -21,7 +21,7 @@ SO_SNDBUF minus the bytes queued, when the glue knows it):
     on_sent(flow_id, n, now, send_space=None)      on_writable(flow_id, now, send_space=None)
     on_peeked(flow_id, offset, data, now)          on_readable(flow_id, now)
     on_host_eof(flow_id, now)                      on_host_error(flow_id, errno, now)
-    on_accepted(peer_host, peer_port, guest_port, now) -> flow_id | None  (inbound forward)
+    on_accepted(peer_host, peer_port, guest_port, now, send_space=None) -> flow_id | None
 
 Data rules:
 - Outbound flows: the guest gets its SYN-ACK only after the host connect()
@@ -489,7 +489,12 @@ class TcpEngine:
         self._abort(flow, send_rst=True)
 
     def on_accepted(
-        self, peer_host: str, peer_port: int, guest_port: int, now: float
+        self,
+        peer_host: str,
+        peer_port: int,
+        guest_port: int,
+        now: float,
+        send_space: int | None = None,
     ) -> int | None:
         """A host peer connected to a forwarded port: start a flow and send the guest a SYN."""
         if len(self.flows) >= self.config.flow_limit:
@@ -515,6 +520,8 @@ class TcpEngine:
         flow.syn_at = now + self.timeouts.syn
         flow.idle_at = now + self.timeouts.idle
         flow.rcv_wscale = OUR_WSCALE
+        if send_space is not None:
+            flow.host_space = send_space
         self._send_syn(flow)
         self._schedule(flow)
         return flow.flow_id
