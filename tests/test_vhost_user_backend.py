@@ -2,6 +2,7 @@
 
 import os
 import random
+import socket
 import struct
 
 import pytest
@@ -102,7 +103,7 @@ def test_reply_ack_only_on_need_reply(session):
 
 def test_no_ack_before_reply_ack_is_negotiated(session):
     frontend, _device, _backend = session(connect=False)
-    frontend.sock = __import__("socket").socket(__import__("socket").AF_UNIX)
+    frontend.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     frontend.sock.settimeout(5)
     frontend.sock.connect(frontend.socket_path)
     frontend.request(Request.SET_OWNER, need_reply=True, expect_reply=False)
