@@ -1,0 +1,101 @@
+"""Host "ping sockets" for the ICMP echo engine (``vhostnet.stack.icmp.IcmpEngine``).
+
+Unprivileged ICMP echo uses ``socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)``: the
+kernel fills in the echo identifier (the socket's "port") and the checksum,
+and delivers only the replies to that identifier, without the IP header. The
+engine maps them back to the guest's identifier. When
+``net.ipv4.ping_group_range`` excludes us, socket creation fails: the glue tells
+the engine once (``on_host_echo_unavailable``) and only local echo answers remain.
+
+``IcmpGlue(engine, loop)``: ``flush()`` executes ``IcmpOpen`` / ``IcmpEchoSend`` /
+``IcmpClose``; replies are read in bounded batches; ``close()`` closes every socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+from vhostnet.hostio.udp import receive_batch
+from vhostnet.stack.icmp import TYPE_ECHO_REQUEST, IcmpClose, IcmpEchoSend, IcmpEngine, IcmpOpen
+
+
+def open_ping_socket(host_addr: str) -> socket.socket:
+    """A connected non-blocking ping socket; ``PermissionError`` when the host forbids them."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+    try:
+        sock.setblocking(False)
+        sock.connect((host_addr, 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class IcmpGlue:
+    def __init__(self, engine: IcmpEngine, loop: asyncio.AbstractEventLoop,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.clock = clock
+        self._sockets: dict[int, socket.socket] = {}
+
+    def flush(self) -> None:
+        commands = self.engine.commands
+        while commands:
+            command = commands.popleft()
+            if isinstance(command, IcmpEchoSend):
+                self._send(command)
+            elif isinstance(command, IcmpOpen):
+                self._open(command)
+            elif isinstance(command, IcmpClose):
+                self._close_flow(command.flow_id)
+
+    def _open(self, command: IcmpOpen) -> None:
+        try:
+            sock = open_ping_socket(command.host_addr)
+        except PermissionError as error:
+            commands_left = [c for c in self.engine.commands if not isinstance(c, IcmpEchoSend)]
+            self.engine.commands.clear()
+            self.engine.commands.extend(commands_left)
+            self.engine.on_host_echo_unavailable(
+                f"{error.strerror} (see sysctl net.ipv4.ping_group_range)")
+            return
+        except OSError as error:
+            self.engine.counters.inc("icmp.host_error")
+            self.engine.counters.log_once(f"icmp.open.{error.errno}",
+                                          f"cannot open ping socket: {error.strerror}")
+            return
+        self._sockets[command.flow_id] = sock
+        self.loop.add_reader(sock.fileno(), self._on_readable, command.flow_id, sock)
+
+    def _send(self, command: IcmpEchoSend) -> None:
+        sock = self._sockets.get(command.flow_id)
+        if sock is None:
+            self.engine.counters.inc("icmp.drop.no_socket")
+            return
+        # Identifier and checksum are left zero: the kernel fills both in.
+        request = struct.pack("!BBHHH", TYPE_ECHO_REQUEST, 0, 0, 0, command.seq) + command.payload
+        try:
+            sock.send(request)
+        except OSError:
+            self.engine.counters.inc("icmp.drop.host_send")
+
+    def _on_readable(self, flow_id: int, sock: socket.socket) -> None:
+        replies, _error = receive_batch(sock)
+        now = self.clock()
+        for reply in replies:
+            self.engine.on_echo_reply(flow_id, reply, now)
+
+    def _close_flow(self, flow_id: int) -> None:
+        sock = self._sockets.pop(flow_id, None)
+        if sock is not None:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+
+    def close(self) -> None:
+        for flow_id in list(self._sockets):
+            self._close_flow(flow_id)
