@@ -398,3 +398,17 @@ def test_handle_never_raises_on_random_messages():
     device.close()
     assert open_fd_count() == baseline
     assert sum(handler.counters.values()) > 0
+
+
+class _OlderDevice(RecordingDevice):
+    """A device without the optional device-state and ring-log methods."""
+
+    supports_device_state = None
+    ring_set_log = None
+
+
+def test_optional_device_methods_may_be_missing():
+    handler = BackendHandler(_OlderDevice(), offer_log=True)
+    assert not handler.offered_protocol_features() & PF.DEVICE_STATE
+    replies = handler.handle(Message(Request.GET_PROTOCOL_FEATURES, VERSION))
+    assert len(replies) == 1 and handler.counters["device_error"] == 0

@@ -180,7 +180,9 @@ class BackendHandler:
         features = DEFAULT_PROTOCOL_FEATURES
         if self.offer_log:
             features |= ProtocolFeature.LOG_SHMFD
-        if self.device.supports_device_state():
+        # Optional for devices written before these methods existed: no method, no bit 19.
+        supports_device_state = getattr(self.device, "supports_device_state", None)
+        if supports_device_state is not None and supports_device_state():
             features |= ProtocolFeature.DEVICE_STATE
         return int(features & ~NEVER_OFFERED_PROTOCOL_FEATURES)
 
@@ -510,7 +512,10 @@ class BackendHandler:
             if (addr.desc, addr.avail, addr.used) != (ring.desc_uva, ring.avail_uva, ring.used_uva):
                 raise _Reject("ring_busy", f"ring {addr.index} is running")
             ring.log, ring.log_guest_addr = log_on, addr.log_guest_addr
-            self.device.ring_set_log(addr.index, log_on, addr.log_guest_addr)
+            set_log = getattr(self.device, "ring_set_log", None)
+            if set_log is None:
+                raise _Reject("unsupported_request", "device cannot change logging of a running ring")
+            set_log(addr.index, log_on, addr.log_guest_addr)
             return None
         ring.desc_uva, ring.avail_uva, ring.used_uva = addr.desc, addr.avail, addr.used
         ring.log, ring.log_guest_addr = log_on, addr.log_guest_addr
