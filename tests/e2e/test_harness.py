@@ -6,10 +6,10 @@ import subprocess
 
 import pytest
 
-from tests.e2e.guestlib import GUEST_MARKERS
+from tests.e2e.guestlib import GUEST_MARKERS, GuestRun, script_exit_code
 from tools.guestkit import CpioWriter, script_archive
 from tools.netns import interfaces
-from tools.qemu import parse_results
+from tools.qemu import GuestError, parse_results
 
 pytestmark = pytest.mark.e2e
 
@@ -22,9 +22,14 @@ exit 3
 """
 
 
-def test_guest_boots(run_guest, kit, qemu_version):
+def test_guest_boots(guest, kit, qemu_version, e2e_tmp):
     """No network device: the markers, the script's RESULT lines and its exit code arrive."""
-    run = run_guest(qemu_version, BOOT_SCRIPT, timeout=120)
+    machine = guest(qemu_version, BOOT_SCRIPT, qmp_path=e2e_tmp / "qmp.sock")
+    # QMP is up long before the kernel reaches /init (seconds under TCG).
+    assert machine.qmp("query-status")["status"] == "running"
+    code = machine.wait_exit(timeout=120)
+    output = machine.output()
+    run = GuestRun(machine.results(), output, code, script_exit_code(output))
     run.check_completed()
     for marker in GUEST_MARKERS:
         assert marker in run.output
@@ -64,3 +69,13 @@ def test_cpio_writer_pads_every_entry_to_four_bytes():
     data = archive.finish()
     assert len(data) % 4 == 0
     assert data.count(b"070701") == 3
+
+
+def test_waits_are_bounded_and_show_the_console(guest):
+    machine = guest("7.2", "sleep 600\n")
+    with pytest.raises(GuestError, match="did not appear within 1 s"):
+        machine.wait_for("NEVER-PRINTED", timeout=1)
+    with pytest.raises(GuestError, match="still running"):
+        machine.wait_exit(timeout=1)
+    machine.kill()
+    assert not machine.running()
