@@ -1,0 +1,46 @@
+# vhostnet: `make run` boots a demo guest through vhostnet, `make test` runs
+# the whole suite. Both set up everything they need on a fresh Debian machine.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Every test, benchmark and demo runs inside a private network namespace with
+# only loopback, so nothing a guest sends can leave this machine.
+NETNS  := $(PY) -m tools.netns --
+
+.PHONY: run test bench lint setup system-packages build kit clean
+
+run: setup kit
+	$(NETNS) $(PY) -m tools.demo
+
+test: setup kit
+	$(PY) -m ruff check vhostnet tests tools
+	$(NETNS) $(PY) -m pytest -ra $(PYTEST_ARGS)
+
+bench: setup
+	$(NETNS) $(PY) -m vhostnet bench $(BENCH_ARGS)
+
+lint: setup
+	$(PY) -m ruff check vhostnet tests tools
+
+setup: system-packages $(STAMP) build
+
+system-packages:
+	@sh tools/system-packages.sh
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "setuptools>=68" wheel "Cython>=3.0" "numpy>=1.26" "uvloop>=0.19" "pytest>=8" ruff
+	touch $(STAMP)
+
+# The Cython kernels are built in place, so the source tree is the package.
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+kit: $(STAMP)
+	$(PY) -m tools.guestkit
+
+clean:
+	rm -rf build $(VENV) vhostnet/*/*.so vhostnet/*.so ext/*.c

@@ -1,0 +1,26 @@
+#!/bin/sh
+# Installs the Debian packages vhostnet's build, tests and demo need.
+# As root it runs apt-get; otherwise it prints the one command to run.
+set -eu
+
+PACKAGES="qemu-system-x86 busybox-static cpio ipxe-qemu iproute2 util-linux kmod gcc make python3-venv python3-dev"
+
+missing=""
+for pkg in $PACKAGES; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        missing="$missing $pkg"
+    fi
+done
+[ -z "$missing" ] && exit 0
+
+if [ "$(id -u)" = 0 ]; then
+    echo "installing Debian packages:$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # shellcheck disable=SC2086
+    apt-get install -y -qq --no-install-recommends $missing
+else
+    echo "vhostnet needs these Debian packages; run as root:" >&2
+    echo "  apt-get install -y$missing" >&2
+    exit 1
+fi

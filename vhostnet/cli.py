@@ -1,0 +1,265 @@
+"""Command line: ``vhostnet --socket PATH [options]``.
+
+Option names follow passt where passt has the same option, so that a user
+switching from passt keeps their command line. Every mistake is reported in
+one sentence on stderr with exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import sys
+
+from . import __version__
+
+log = logging.getLogger("vhostnet")
+
+DESCRIPTION = """\
+A user-mode network back-end for QEMU guests over vhost-user.
+
+vhostnet listens on a UNIX socket for QEMU's vhost-user net device and gives
+the guest a NATed network like QEMU's user networking or passt: DHCP, DNS
+forwarding, ICMP echo, UDP and TCP to the host and beyond, ports forwarded
+into the guest. No root, no tap device. Start QEMU with:
+
+  -object memory-backend-memfd,id=mem,size=<RAM>,share=on -numa node,memdev=mem
+  -chardev socket,id=c0,path=SOCKET,reconnect-ms=1000
+  -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0
+"""
+
+EPILOG = """\
+port forwarding specs (-t/-u), as in passt:
+  8080            host port 8080 to guest port 8080
+  2222:22         host port 2222 to guest port 22
+  8000-8010       a range, same ports in the guest
+  8000-8010:9000-9010   a range mapped onto another range
+  127.0.0.1/8080  only on this host address
+  ~8005           exclude a port (or range) from a list or from 'all'
+  all             every port below 32768 not excluded
+"""
+
+
+class UsageError(Exception):
+    """A command-line mistake; str() is the one sentence shown to the user."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vhostnet",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-s", "--socket", required=True, metavar="PATH",
+                   help="UNIX socket to listen on for QEMU's vhost-user connection (required)")
+    p.add_argument("-a", "--address", metavar="ADDR", default="10.0.2.15",
+                   help="IPv4 address given to the guest by DHCP (default 10.0.2.15)")
+    p.add_argument("-n", "--netmask", metavar="MASK", default="255.255.255.0",
+                   help="netmask, dotted or prefix length (default 255.255.255.0)")
+    p.add_argument("-g", "--gateway", metavar="ADDR", default="10.0.2.2",
+                   help="gateway address; traffic to it reaches the host's loopback (default 10.0.2.2)")
+    p.add_argument("-D", "--dns", metavar="ADDR", default="10.0.2.3",
+                   help="DNS forwarder address offered to the guest (default 10.0.2.3)")
+    p.add_argument("--dns-upstream", metavar="ADDR[:PORT]", action="append", default=None,
+                   help="resolver the DNS forwarder asks; repeatable "
+                        "(default: the nameservers of /etc/resolv.conf)")
+    p.add_argument("-m", "--mtu", metavar="MTU", type=int, default=1500,
+                   help="MTU given to the guest, 576 to 65520 (default 1500)")
+    p.add_argument("-M", "--mac-addr", metavar="MAC", default=None,
+                   help="MAC address vhostnet uses as the gateway's")
+    p.add_argument("-H", "--hostname", metavar="NAME", default=None,
+                   help="host name given to the guest by DHCP (option 12)")
+    p.add_argument("-S", "--search", metavar="DOMAIN", action="append", default=[],
+                   help="DNS search domain given by DHCP (options 15 and 119); repeatable")
+    p.add_argument("-t", "--tcp-ports", metavar="SPEC", action="append", default=[],
+                   help="forward host TCP ports into the guest (see below); repeatable")
+    p.add_argument("-u", "--udp-ports", metavar="SPEC", action="append", default=[],
+                   help="forward host UDP ports into the guest (see below); repeatable")
+    p.add_argument("--map-host-loopback", metavar="ADDR|none", default=None,
+                   help="guest address that reaches the host's 127.0.0.1 "
+                        "(default: the gateway); 'none' turns the mapping off")
+    p.add_argument("--no-dhcp", action="store_true", help="do not answer DHCP")
+    p.add_argument("--no-icmp", action="store_true", help="do not forward or answer ICMP echo")
+    p.add_argument("--no-tcp", action="store_true", help="do not translate TCP")
+    p.add_argument("--no-udp", action="store_true", help="do not translate UDP")
+    p.add_argument("--tftp", metavar="DIR", default=None,
+                   help="serve this folder read-only by TFTP on the gateway address")
+    p.add_argument("--bootfile", metavar="NAME", default=None,
+                   help="boot file offered by DHCP for PXE (needs --tftp)")
+    p.add_argument("--bootfile-ipxe", metavar="NAME", default=None,
+                   help="boot file offered instead when the DHCP client is iPXE")
+    p.add_argument("--flow-limit", metavar="N", type=int, default=65536,
+                   help="most TCP/UDP flows open at once (default 65536)")
+    p.add_argument("-d", "--debug", action="store_true", help="log every protocol message")
+    p.add_argument("-q", "--quiet", action="store_true", help="log only errors")
+    p.add_argument("--version", action="version", version=f"vhostnet {__version__}")
+    return p
+
+
+def _ipv4(text: str, what: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not an IPv4 address") from None
+
+
+def _netmask(text: str) -> str:
+    try:
+        if text.isdigit():
+            return str(ipaddress.IPv4Network(f"0.0.0.0/{text}").netmask)
+        return str(ipaddress.IPv4Network(f"0.0.0.0/{text}").netmask)
+    except ValueError:
+        raise UsageError(f"netmask {text!r} is neither a dotted mask nor a prefix length") from None
+
+
+def _upstream(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
+    host = host or text
+    try:
+        ipaddress.ip_address(host)
+        number = int(port) if port else 53
+    except ValueError:
+        raise UsageError(f"DNS upstream {text!r} is not ADDR or ADDR:PORT") from None
+    if not 0 < number < 65536:
+        raise UsageError(f"DNS upstream port in {text!r} is out of range")
+    return host, number
+
+
+def resolv_conf_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    """The host's resolvers, as QEMU's user networking and passt use them by default."""
+    found: list[tuple[str, int]] = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == "nameserver":
+                    try:
+                        ipaddress.ip_address(fields[1])
+                    except ValueError:
+                        continue
+                    found.append((fields[1], 53))
+    except OSError:
+        pass
+    return found
+
+
+def _mac(text: str) -> bytes:
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(x) == 2 for x in parts):
+        raise UsageError(f"MAC address {text!r} is not of the form 52:54:00:12:34:56")
+    try:
+        return bytes(int(x, 16) for x in parts)
+    except ValueError:
+        raise UsageError(f"MAC address {text!r} is not of the form 52:54:00:12:34:56") from None
+
+
+def config_from_args(args: argparse.Namespace):  # -> StackConfig
+    """Turn parsed options into the stack's configuration, checking each one."""
+    from .stack.config import StackConfig, ip4, parse_port_spec
+
+    if not 576 <= args.mtu <= 65520:
+        raise UsageError(f"MTU {args.mtu} is outside 576..65520")
+    if args.flow_limit < 1:
+        raise UsageError("--flow-limit must be at least 1")
+    if args.bootfile and not args.tftp:
+        raise UsageError("--bootfile needs --tftp DIR to serve the file from")
+    if args.tftp and not os.path.isdir(args.tftp):
+        raise UsageError(f"TFTP folder {args.tftp} does not exist or is not a folder")
+    if args.map_host_loopback is None:
+        map_loopback: str | None = "127.0.0.1"
+    elif args.map_host_loopback == "none":
+        map_loopback = None
+    else:
+        # passt's meaning: this guest-side address reaches the host's loopback.
+        map_loopback = "127.0.0.1"
+        _ipv4(args.map_host_loopback, "--map-host-loopback")
+    tcp_forwards = []
+    udp_forwards = []
+    try:
+        for spec in args.tcp_ports:
+            if spec != "none":
+                tcp_forwards.extend(parse_port_spec(spec))
+        for spec in args.udp_ports:
+            if spec != "none":
+                udp_forwards.extend(parse_port_spec(spec))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    upstream = [_upstream(x) for x in args.dns_upstream] if args.dns_upstream else resolv_conf_nameservers()
+    kwargs = dict(
+        guest_ipv4=ip4(_ipv4(args.address, "guest address")),
+        netmask=ip4(_netmask(args.netmask)),
+        gateway=ip4(_ipv4(args.gateway, "gateway")),
+        dns=ip4(_ipv4(args.dns, "DNS address")),
+        mtu=args.mtu,
+        map_host_loopback=map_loopback,
+        dhcp=not args.no_dhcp,
+        icmp=not args.no_icmp,
+        tcp=not args.no_tcp,
+        udp=not args.no_udp,
+        hostname=args.hostname,
+        search_domains=list(args.search),
+        dns_upstream=upstream,
+        tcp_forwards=tcp_forwards,
+        udp_forwards=udp_forwards,
+        tftp_root=os.path.abspath(args.tftp) if args.tftp else None,
+        bootfile=args.bootfile,
+        bootfile_ipxe=args.bootfile_ipxe,
+        flow_limit=args.flow_limit,
+    )
+    if args.mac_addr:
+        kwargs["gateway_mac"] = _mac(args.mac_addr)
+    try:
+        return StackConfig(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+async def _serve(args: argparse.Namespace, config) -> int:
+    from .network import Network
+    from .server import Server, SocketPathError, open_listening_socket
+
+    loop = asyncio.get_running_loop()
+    try:
+        listener = open_listening_socket(args.socket)
+    except SocketPathError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        network = Network(config, loop)
+    except OSError as exc:
+        listener.close()
+        os.unlink(args.socket)
+        raise UsageError(f"cannot set up the network: {exc.strerror or exc}") from None
+    server = Server(loop, listener, network)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, server.close)
+    log.info("vhostnet %s listening on %s", __version__, args.socket)
+    await server.closed.wait()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.ERROR if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="vhostnet: %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+        import uvloop
+
+        return uvloop.run(_serve(args, config))
+    except UsageError as exc:
+        print(f"vhostnet: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

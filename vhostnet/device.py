@@ -1,0 +1,276 @@
+"""NetDevice: the virtio-net device behind one vhost-user connection.
+
+The vhost-user handler (protocol state) calls the methods of this class when
+QEMU sets up memory and rings; this class owns what those messages create:
+the guest memory mappings, the kick/call eventfds, and the Cython virtqueues.
+It moves frames between the rings and the network, which outlives it (the NAT
+state survives a QEMU reconnect, as it does in passt).
+
+Ring indices: 0 is RX (device writes, guest reads), 1 is TX (guest writes).
+Only one queue pair is offered, so higher indices never reach us.
+
+File descriptors: region, log and device-state fds are handed over and closed
+here; kick and call eventfds stay owned by the handler and are only borrowed
+(the handler withdraws them with ``ring_kick_fd(i, None)`` before closing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+from .vhost_user import protocol as vu
+from .virtqueue import FrameBatch, GuestMemory, Virtqueue
+
+if TYPE_CHECKING:
+    from .network import Network
+    from .vhost_user.backend import BackendHandler, VringConfig
+    from .vhost_user.codec import MemoryRegion
+
+log = logging.getLogger(__name__)
+
+RX_QUEUE = 0
+TX_QUEUE = 1
+
+# Frames handled per pass before yielding to the event loop, so that one busy
+# guest cannot starve the vhost-user socket or host sockets.
+TX_BATCH = 256
+MAX_PASSES_PER_WAKEUP = 8
+
+# The virtio-net offer of the foundation: no checksum or segmentation
+# offloads yet, so every frame crosses the ring whole and checksummed.
+OFFERED_FEATURES = (
+    vu.VirtioFeature.VERSION_1
+    | vu.VirtioFeature.NET_F_MRG_RXBUF
+    | vu.VirtioFeature.RING_F_EVENT_IDX
+    | vu.VirtioFeature.RING_F_INDIRECT_DESC
+)
+
+
+class NetDevice:
+    """Implements ``BackendDevice`` for a virtio-net device with one queue pair."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, network: Network) -> None:
+        self.loop = loop
+        self.network = network
+        self.handler: BackendHandler | None = None  # set by the server after construction
+        self.memory = GuestMemory()
+        self.features = 0
+        self.mtu = network.config.mtu
+        self.queues: dict[int, Virtqueue] = {}
+        self.kick_fds: dict[int, int] = {}
+        self.call_fds: dict[int, int] = {}
+        self.enabled: dict[int, bool] = {}
+        self.tx_batch = FrameBatch(TX_BATCH)
+        self.rx_batch = FrameBatch(TX_BATCH)
+        self.counters = {"tx.frames": 0, "tx.discarded": 0, "rx.frames": 0}
+        self._closed = False
+        network.add_output_listener(self._schedule_rx)
+        self._rx_scheduled = False
+
+    # ---- BackendDevice: negotiation -----------------------------------------
+
+    def offered_features(self) -> int:
+        return int(OFFERED_FEATURES)
+
+    def features_set(self, features: int) -> None:
+        self.features = features
+
+    def set_status(self, status: int) -> None:
+        log.debug("device status 0x%x", status)
+
+    def set_mtu(self, mtu: int) -> bool:
+        if not 68 <= mtu <= 65535:
+            return False
+        self.mtu = mtu
+        return True
+
+    def send_rarp(self, mac: bytes) -> None:
+        # After a migration QEMU asks the back-end to announce the guest on
+        # the *network* side. Our network is the NAT stack, which only needs
+        # to learn the MAC; there is no switch to update.
+        self.network.learn_guest_mac(mac)
+
+    def set_log_base(self, fd: int, size: int, offset: int) -> None:
+        # Dirty logging is not offered yet (no LOG_ALL), so QEMU blocks
+        # migration instead of sending this; close the fd if it comes anyway.
+        os.close(fd)
+
+    # ---- BackendDevice: memory ------------------------------------------------
+
+    def region_added(self, region: MemoryRegion, fd: int) -> None:
+        try:
+            self.memory.add_region(
+                region.guest_phys_addr, region.memory_size, region.userspace_addr,
+                region.mmap_offset, fd,
+            )
+        finally:
+            os.close(fd)  # the mapping keeps the memory alive
+        self._memory_changed()
+
+    def region_removed(self, region: MemoryRegion) -> None:
+        self.memory.remove_region(region.guest_phys_addr, region.memory_size, region.userspace_addr)
+        self._memory_changed()
+
+    def _memory_changed(self) -> None:
+        for queue in self.queues.values():
+            queue.memory_changed()
+
+    # ---- BackendDevice: rings -------------------------------------------------
+
+    def ring_kick_fd(self, index: int, fd: int | None) -> None:
+        self._drop_kick(index)
+        if fd is None:
+            return  # NOFD: QEMU never does this for net; the ring would need polling
+        os.set_blocking(fd, False)
+        self.kick_fds[index] = fd
+        # The guest may have kicked before we got the fd (it kicks RX before
+        # DRIVER_OK), so the reader fires at once if the eventfd is readable.
+        self.loop.add_reader(fd, self._on_kick, index)
+
+    def ring_call_fd(self, index: int, fd: int | None) -> None:
+        self.call_fds.pop(index, None)
+        if fd is not None:
+            self.call_fds[index] = fd
+        queue = self.queues.get(index)
+        if queue is not None:
+            queue.call_fd = fd
+
+    def ring_enable(self, index: int, enabled: bool) -> None:
+        self.enabled[index] = enabled
+        if enabled and index == RX_QUEUE:
+            self._schedule_rx()
+
+    def ring_start(self, index: int, ring: VringConfig) -> None:
+        hdr_len = 12 if self.features & (vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.NET_F_MRG_RXBUF) else 10
+        self.queues[index] = Virtqueue(
+            self.memory, ring.num, ring.desc_uva, ring.avail_uva, ring.used_uva,
+            base=ring.base,
+            hdr_len=hdr_len,
+            mrg_rxbuf=bool(self.features & vu.VirtioFeature.NET_F_MRG_RXBUF),
+            event_idx=bool(self.features & vu.VirtioFeature.RING_F_EVENT_IDX),
+            call_fd=self.call_fds.get(index),
+            name=f"vq{index}",
+        )
+        self.enabled.setdefault(index, ring.enabled)
+        log.info("ring %d started (size %d, base %d)", index, ring.num, ring.base)
+        if index == RX_QUEUE:
+            self._schedule_rx()
+
+    def ring_stop(self, index: int) -> int:
+        queue = self.queues.pop(index, None)
+        self._drop_kick(index)
+        if queue is None:
+            return -1  # the handler answers with the base it knows
+        log.info("ring %d stopped at avail index %d", index, queue.last_avail_idx)
+        return queue.last_avail_idx
+
+    def reset(self) -> None:
+        # RESET_DEVICE: rings off, memory kept (QEMU does not resend it).
+        for index in list(self.queues):
+            self.ring_stop(index)
+        self.enabled.clear()
+
+    # ---- data path --------------------------------------------------------------
+
+    def _on_kick(self, index: int) -> None:
+        fd = self.kick_fds.get(index)
+        if fd is None:
+            return
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            log.warning("ring %d kick fd unusable (%s); ignoring it", index, exc)
+            self._drop_kick(index)
+            return
+        if index not in self.queues:
+            # First kick: the ring starts now (vhost-user "ring started" state),
+            # if QEMU has configured it completely; otherwise keep waiting.
+            if self.handler is None or not self.handler.start_ring(index):
+                return
+        if index == TX_QUEUE:
+            self._drain_tx()
+        elif index == RX_QUEUE:
+            self._flush_rx()
+
+    def _drain_tx(self) -> None:
+        queue = self.queues.get(TX_QUEUE)
+        if queue is None or queue.broken:
+            return
+        network = self.network
+        deliver = self.enabled.get(TX_QUEUE, False)
+        batch = self.tx_batch
+        for _ in range(MAX_PASSES_PER_WAKEUP):
+            batch.clear()
+            count = queue.tx_drain(batch, TX_BATCH)
+            if count:
+                queue.notify()
+                if deliver:
+                    network.receive_batch(batch, count, time.monotonic())
+                    self.counters["tx.frames"] += count
+                else:
+                    # Started but disabled: consume and discard (vhost-user spec).
+                    self.counters["tx.discarded"] += count
+            if count < TX_BATCH and not queue.enable_kick():
+                break
+        else:
+            # Still busy: come back after other callbacks had their turn.
+            self.loop.call_soon(self._drain_tx)
+        network.flush()
+        self._flush_rx()
+
+    def _schedule_rx(self) -> None:
+        if not self._rx_scheduled and not self._closed:
+            self._rx_scheduled = True
+            self.loop.call_soon(self._flush_rx)
+
+    def _flush_rx(self) -> None:
+        self._rx_scheduled = False
+        queue = self.queues.get(RX_QUEUE)
+        if queue is None or queue.broken or not self.enabled.get(RX_QUEUE, False):
+            return  # frames wait in the network's queue (bounded there)
+        pending = self.network.frames_to_guest
+        batch = self.rx_batch
+        while pending:
+            batch.clear()
+            taken = 0
+            while taken < len(pending) and batch.append(pending[taken]):
+                taken += 1
+            pushed = queue.rx_push(batch, 0)
+            for _ in range(pushed):
+                pending.popleft()
+            self.counters["rx.frames"] += pushed
+            if pushed:
+                queue.notify()
+            if pushed < taken:
+                # No more RX buffers: ask for a kick when the guest adds some,
+                # and retry at once if it already did (the enable/recheck race).
+                if queue.enable_kick():
+                    continue
+                break
+
+    def _drop_kick(self, index: int) -> None:
+        fd = self.kick_fds.pop(index, None)
+        if fd is not None:
+            self.loop.remove_reader(fd)
+
+    # ---- life cycle ----------------------------------------------------------------
+
+    def close(self) -> None:
+        """The connection is gone: stop everything and release every fd and mapping."""
+        if self._closed:
+            return
+        self._closed = True
+        self.network.remove_output_listener(self._schedule_rx)
+        for index in list(self.queues):
+            self.queues.pop(index)
+        for index in list(self.kick_fds):
+            self._drop_kick(index)
+        self.call_fds.clear()
+        self.memory.close()
+

@@ -1,0 +1,189 @@
+"""Network: the NAT stack, its protocol engines and their host-socket glue, wired together.
+
+This is the one place that knows every engine. The sans-IO stack
+(`stack.NetworkStack`) builds its own small engines (ARP, ICMP, DHCP, DNS,
+UDP NAT); here we add TCP and TFTP, attach each engine's I/O glue from
+`hostio/`, and drive the timers from the event loop.
+
+The device sees only: ``receive_batch`` (frames from the guest),
+``frames_to_guest`` (frames for the guest), ``flush`` (run queued host
+commands), and output listeners (told when frames for the guest appear, from
+whatever callback produced them, so RX is filled without polling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .hostio.dns import DnsGlue
+from .hostio.icmp import IcmpGlue
+from .hostio.tcp import TcpHost
+from .hostio.tftp_files import TftpRoot
+from .hostio.udp import UdpGlue
+from .stack.checksum import PROTO_TCP
+from .stack.config import StackConfig
+from .stack.stack import NetworkStack
+from .stack.tcp import TcpEngine
+from .stack.tftp import TftpServer
+
+if TYPE_CHECKING:
+    from .virtqueue import FrameBatch
+
+log = logging.getLogger(__name__)
+
+# Frames waiting for RX buffers. A guest that stops reading its RX ring must
+# not make us grow without bound; beyond this the oldest are dropped (TCP
+# retransmits, UDP is allowed to lose them).
+MAX_PENDING_FRAMES = 8192
+
+# Timer resolution bounds: fine enough for TCP's RTO and TFTP's retries,
+# coarse enough that an idle vhostnet costs nothing measurable.
+MIN_TICK = 0.01
+MAX_TICK = 1.0
+
+
+class GuestFrameQueue(deque):
+    """Frames for the guest; tells its listeners when it goes from empty to non-empty.
+
+    Engines append to it from any callback (guest frame, host socket, timer);
+    the device registers a listener and fills the RX ring on the next loop turn.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listeners: list[Callable[[], None]] = []
+        self.dropped = 0
+
+    def append(self, frame: bytes) -> None:  # type: ignore[override]
+        was_empty = not self
+        if len(self) >= MAX_PENDING_FRAMES:
+            self.popleft()
+            self.dropped += 1
+        super().append(frame)
+        if was_empty:
+            for listener in self.listeners:
+                listener()
+
+
+class Network:
+    """The guest's network: stack + engines + host glue + timers, for one vhostnet process."""
+
+    def __init__(self, config: StackConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.loop = loop
+        self.stack = NetworkStack(config)
+        self.frames_to_guest = GuestFrameQueue()
+        self.stack.frames_to_guest = self.frames_to_guest
+        self._timer_clients: list = [self.stack]
+        self._glue: list = []
+        try:
+            self._attach_engines()
+        except BaseException:
+            self.close()
+            raise
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._schedule_timer()
+
+    def _attach_engines(self) -> None:
+        stack, config, loop = self.stack, self.config, self.loop
+        self.tcp: TcpEngine | None = None
+        if config.tcp:
+            self.tcp = TcpEngine(config, stack)
+            stack.set_protocol_handler(PROTO_TCP, self.tcp)
+            self._timer_clients.append(self.tcp)
+            self._glue.append(TcpHost(self.tcp, loop, after_event=self._after_host_event))
+        self.tftp: TftpServer | None = None
+        if config.tftp_root:
+            self.tftp = TftpServer(config, stack, TftpRoot(config.tftp_root))
+            stack.add_udp_service(self.tftp)
+            self._timer_clients.append(self.tftp)
+        if stack.icmp is not None:
+            self._glue.append(IcmpGlue(stack.icmp, loop))
+        if stack.dns is not None:
+            self._glue.append(DnsGlue(stack.dns, loop))
+        if stack.udp_nat is not None:
+            self._glue.append(UdpGlue(stack.udp_nat, loop))
+
+    # ---- device side ---------------------------------------------------------
+
+    def receive_batch(self, batch: FrameBatch, count: int, now: float) -> None:
+        """Hand ``count`` guest frames of ``batch`` to the stack.
+
+        Each frame is copied out of the batch: engines may keep payloads in
+        their command queues, and the batch is reused by the next drain.
+        """
+        receive = self.stack.receive_frame
+        for index in range(count):
+            receive(bytes(batch.frame(index)), now)
+
+    def flush(self) -> None:
+        """Run the host-side commands the engines queued."""
+        for glue in self._glue:
+            glue.flush()
+
+    def _after_host_event(self) -> None:
+        # The TCP glue calls this after feeding a socket event to its engine;
+        # frames it produced already woke the device through frames_to_guest.
+        pass
+
+    def add_output_listener(self, listener: Callable[[], None]) -> None:
+        self.frames_to_guest.listeners.append(listener)
+        if self.frames_to_guest:
+            listener()
+
+    def remove_output_listener(self, listener: Callable[[], None]) -> None:
+        try:
+            self.frames_to_guest.listeners.remove(listener)
+        except ValueError:
+            pass
+
+    def learn_guest_mac(self, mac: bytes) -> None:
+        """SEND_RARP after a migration: the guest is at ``mac`` (its address stays as learned)."""
+        if len(mac) == 6 and not mac[0] & 1:
+            self.stack.guest_mac = bytes(mac)
+
+    # ---- timers ------------------------------------------------------------------
+
+    def _schedule_timer(self) -> None:
+        now = time.monotonic()
+        deadlines = [d for c in self._timer_clients if (d := c.next_timer()) is not None]
+        delay = min(deadlines) - now if deadlines else MAX_TICK
+        delay = max(MIN_TICK, min(MAX_TICK, delay))
+        self._timer = self.loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        if self._closed:
+            return
+        now = time.monotonic()
+        for client in self._timer_clients:
+            client.poll_timers(now)
+        self.flush()
+        self._schedule_timer()
+
+    # ---- statistics and life cycle -------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        merged = dict(self.stack.counters())
+        if self.tcp is not None:
+            merged.update(self.tcp.counters())
+        if self.tftp is not None:
+            merged.update(self.tftp.counters())
+        merged["guest.rx_backlog_dropped"] = self.frames_to_guest.dropped
+        return merged
+
+    def close(self) -> None:
+        self._closed = True
+        timer = getattr(self, "_timer", None)
+        if timer is not None:
+            timer.cancel()
+        for glue in self._glue:
+            glue.close()
+        self._glue.clear()
+        if getattr(self, "tftp", None) is not None:
+            self.tftp.close()

@@ -1,0 +1,181 @@
+"""The event loop glue: the vhost-user listening socket and its connections.
+
+One QEMU at a time is served. QEMU reconnects after either side restarts
+(`reconnect=`/`reconnect-ms=` on its chardev), so the socket keeps listening
+for the whole life of the process; while a front-end is active, a second one
+is refused with a log line. The network (NAT state, host sockets, forwards)
+belongs to the server and survives reconnects; everything tied to one
+connection (memory mappings, rings, eventfds) lives in its NetDevice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import stat
+
+from .device import NetDevice
+from .network import Network
+from .vhost_user.backend import CLOSE, BackendHandler
+from .vhost_user.codec import CodecError, Framer
+from .vhost_user.connection import close_fds, read_available, send_message
+
+log = logging.getLogger(__name__)
+
+MAX_READS_PER_WAKEUP = 64
+
+
+class SocketPathError(Exception):
+    """The socket path cannot be used; the message is one sentence for the user."""
+
+
+def open_listening_socket(path: str) -> socket.socket:
+    """Bind a UNIX stream socket at ``path``, replacing a stale socket file only.
+
+    A live socket (something accepts on it) or any non-socket file at the path
+    is an error, so that two vhostnet processes never steal each other's QEMU.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise SocketPathError(f"cannot use socket path {path}: {exc.strerror}") from None
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SocketPathError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody listens on it any more
+        else:
+            raise SocketPathError(f"socket {path} is already in use by another process")
+        finally:
+            probe.close()
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise SocketPathError(f"directory {directory} for the socket does not exist")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.ENAMETOOLONG or "too long" in str(exc):
+            raise SocketPathError(f"socket path {path} is too long for a UNIX socket") from None
+        raise SocketPathError(f"cannot create socket {path}: {exc.strerror or exc}") from None
+    sock.listen(4)
+    sock.setblocking(False)
+    return sock
+
+
+class Connection:
+    """One vhost-user front-end: bytes in, handler, replies out."""
+
+    def __init__(self, server: Server, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.framer = Framer()
+        self.device = NetDevice(server.loop, server.network)
+        self.handler = BackendHandler(self.device)
+        self.device.handler = self.handler
+        self.closed = False
+        server.loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        # Read at most what the framer wants, so that fds stay attached to the
+        # message they came with; a bounded number of reads per wakeup keeps
+        # one chatty front-end from starving the data path.
+        for _ in range(MAX_READS_PER_WAKEUP):
+            if self.closed:
+                return
+            try:
+                data, fds = read_available(self.sock, self.framer.wanted())
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.warning("vhost-user connection error: %s", exc)
+                self.close()
+                return
+            if not data:
+                log.info("front-end disconnected")
+                self.close()
+                return
+            try:
+                self.framer.feed(data, fds)
+                for message in self.framer.messages():
+                    replies = self.handler.handle(message)
+                    if replies is CLOSE:
+                        log.error("closing the vhost-user connection after a fatal protocol error")
+                        self.close()
+                        return
+                    for reply in replies:
+                        send_message(self.sock, reply)
+            except CodecError as exc:
+                log.error("malformed vhost-user stream (%s); closing the connection", exc)
+                self.close()
+                return
+            except OSError as exc:
+                log.warning("cannot reply to the front-end (%s); closing the connection", exc)
+                self.close()
+                return
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.server.loop.remove_reader(self.sock.fileno())
+        self.handler.close()  # stops rings, unmaps regions, closes kick/call/err fds
+        self.device.close()
+        close_fds(self.framer.take_fds())
+        self.sock.close()
+        self.server.connection_closed(self)
+
+
+class Server:
+    """Listens on the vhost-user socket and serves one front-end at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, listener: socket.socket, network: Network) -> None:
+        self.loop = loop
+        self.listener = listener
+        self.network = network
+        self.active: Connection | None = None
+        self.closed = asyncio.Event()
+        loop.add_reader(listener.fileno(), self._on_accept)
+
+    def _on_accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("accept failed: %s", exc)
+            return
+        if self.active is not None:
+            log.warning("refusing a second front-end: this socket already serves one guest")
+            sock.close()
+            return
+        sock.setblocking(False)
+        log.info("front-end connected")
+        self.active = Connection(self, sock)
+
+    def connection_closed(self, connection: Connection) -> None:
+        if self.active is connection:
+            self.active = None
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.listener.fileno())
+        if self.active is not None:
+            self.active.close()
+        path = self.listener.getsockname()
+        self.listener.close()
+        if isinstance(path, str) and path:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self.network.close()
+        self.closed.set()
