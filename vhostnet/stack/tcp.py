@@ -41,7 +41,6 @@ Data rules:
 
 from __future__ import annotations
 
-import heapq
 import logging
 import random
 from collections import deque
@@ -62,15 +61,15 @@ from vhostnet.stack.tcp_flow import (
     TcpCommand,
     TcpTimeouts,
 )
+from vhostnet.stack.tcp_output import GuestOutput, Ipv4Output
+from vhostnet.stack.tcp_timers import FlowTimers
 from vhostnet.stack.tcp_wire import (
     ACK,
     FIN,
-    PSH,
     RST,
     SYN,
     TcpSegmentView,
-    build_options,
-    emit_segment,
+    segment_payload,
 )
 
 log = logging.getLogger("vhostnet.stack.tcp")
@@ -92,42 +91,6 @@ class Ipv4Packet(Protocol):
     payload: memoryview
     ttl: int
     tos: int
-
-
-class Ipv4Output(Protocol):
-    def send_ipv4(self, src: bytes, dst: bytes, proto: int, payload: bytes) -> None: ...
-
-
-def build_data_segments(
-    flow: Flow, data: bytes | memoryview, window: int
-) -> list[tuple[int, bytes]]:
-    """Cut host data into guest segments starting at ``flow.snd_nxt``: [(length, segment)].
-
-    This is the hot path of host-to-guest traffic (the Cython data path will
-    replace it); it reads the flow but changes nothing.
-    """
-    view = memoryview(data)
-    segments = []
-    seq = flow.snd_nxt
-    ack = flow.recv_seq(flow.rcv_nxt)
-    for start in range(0, len(view), flow.mss):
-        chunk = view[start : start + flow.mss]
-        last = start + flow.mss >= len(view)
-        flags = ACK | PSH if last else ACK
-        segment = emit_segment(
-            flow.remote_ip,
-            flow.guest_ip,
-            flow.remote_port,
-            flow.guest_port,
-            flow.send_seq(seq),
-            ack,
-            flags,
-            window,
-            chunk,
-        )
-        segments.append((len(chunk), segment))
-        seq += len(chunk)
-    return segments
 
 
 class TcpEngine:
@@ -155,9 +118,10 @@ class TcpEngine:
         self.flows: dict[tuple[bytes, int, bytes, int], Flow] = {}
         self.flows_by_id: dict[int, Flow] = {}
         self._next_flow_id = 1
-        self._timer_heap: list[tuple[float, int]] = []
+        self._timers = FlowTimers(self.flows_by_id)
         self._last_limit_log = float("-inf")
         self._mss_to_guest_limit = config.mtu - 40
+        self.tx = GuestOutput(output, self.stats, self._mss_to_guest_limit)
 
     # ------------------------------------------------------------------ public
 
@@ -168,34 +132,12 @@ class TcpEngine:
 
     def next_timer(self) -> float | None:
         """The earliest time ``poll_timers`` has work to do, or None."""
-        heap = self._timer_heap
-        while heap:
-            deadline, flow_id = heap[0]
-            flow = self.flows_by_id.get(flow_id)
-            if flow is not None and flow.scheduled_at == deadline:
-                if flow.next_deadline() == deadline:
-                    return deadline
-                # The flow's timers moved later since this entry was pushed: requeue it.
-                heapq.heappop(heap)
-                flow.scheduled_at = None
-                self._schedule(flow)
-                continue
-            heapq.heappop(heap)  # stale: the flow is gone or was rescheduled
-        return None
+        return self._timers.next_deadline()
 
     def poll_timers(self, now: float) -> None:
-        heap = self._timer_heap
-        # Bounded: every entry is popped at most once, and flows reschedule only into the future.
-        for _ in range(len(heap)):
-            if not heap or heap[0][0] > now:
-                break
-            deadline, flow_id = heapq.heappop(heap)
-            flow = self.flows_by_id.get(flow_id)
-            if flow is None or flow.scheduled_at != deadline:
-                continue
-            flow.scheduled_at = None
+        for flow in self._timers.due(now):
             self._run_timers(flow, now)
-            self._schedule(flow)
+            self._timers.schedule(flow)
 
     # ------------------------------------------------------- guest segments
 
@@ -216,7 +158,7 @@ class TcpEngine:
             if seg.has(SYN) and not seg.has(ACK):
                 self._open_outbound(key, seg, now)
             else:
-                self._answer_stray(key, seg)
+                self.tx.answer_stray(key, seg)
             return
         flow.idle_at = now + self.timeouts.idle
         if flow.phase is Phase.CONNECTING:
@@ -227,25 +169,19 @@ class TcpEngine:
             self._segment_syn_rcvd(flow, seg, now)
         else:
             self._segment_established(flow, seg, now)
-        self._schedule(flow)
+        self._timers.schedule(flow)
 
     def _open_outbound(
         self, key: tuple[bytes, int, bytes, int], seg: TcpSegmentView, now: float
     ) -> None:
         guest_ip, guest_port, remote_ip, remote_port = key
-        if len(self.flows) >= self.config.flow_limit:
-            self.stats.inc("tcp.drop.flow_limit")
-            if now - self._last_limit_log >= FLOW_LIMIT_LOG_INTERVAL:
-                self._last_limit_log = now
-                log.warning(
-                    "TCP flow limit (%d) reached, refusing new connections", self.config.flow_limit
-                )
-            self._answer_stray(key, seg)
+        if self._at_flow_limit(now):
+            self.tx.answer_stray(key, seg)
             return
         destination = self.config.host_destination(remote_ip, remote_port)
         if destination is None:
             self.stats.inc("tcp.unreachable")
-            self._answer_stray(key, seg)
+            self.tx.answer_stray(key, seg)
             return
         flow = self._new_flow(key, inbound=False, phase=Phase.CONNECTING)
         flow.irs = seg.seq
@@ -254,7 +190,7 @@ class TcpEngine:
         flow.syn_at = now + self.timeouts.syn
         flow.idle_at = now + self.timeouts.idle
         self.commands.append(Connect(flow.flow_id, destination[0], destination[1]))
-        self._schedule(flow)
+        self._timers.schedule(flow)
 
     def _segment_connecting(self, flow: Flow, seg: TcpSegmentView) -> None:
         # The guest only retransmits its SYN while we wait for connect(); nothing to answer yet.
@@ -266,12 +202,12 @@ class TcpEngine:
             self._abort(flow, send_rst=False)
             return
         if seg.has(SYN):
-            self._send_syn(flow)  # our SYN-ACK was lost
+            self.tx.syn(flow)  # our SYN-ACK was lost
             return
         if not seg.has(ACK):
             return
         if flow.send_rel(seg.ack) != 1:
-            self._send_rst_for(flow, seg)
+            self.tx.rst_for(flow, seg)
             return
         self._establish(flow, seg, now)
         self._segment_established(flow, seg, now)
@@ -285,13 +221,13 @@ class TcpEngine:
         if not (seg.has(SYN) and seg.has(ACK)):
             return
         if not acceptable:
-            self._send_rst_for(flow, seg)
+            self.tx.rst_for(flow, seg)
             return
         flow.irs = seg.seq
         flow.rcv_nxt = flow.rcv_queued = 1
         self._take_syn_options(flow, seg)
         self._establish(flow, seg, now)
-        self._send_ack(flow)
+        self.tx.ack(flow)
         self._pump(flow, now)
         self._maybe_send_fin(flow, now)
 
@@ -308,13 +244,13 @@ class TcpEngine:
         if seg.has(RST):
             seq = flow.recv_rel(seg.seq)
             # RFC 5961: only a RST inside the window may kill the flow (blind-reset defence).
-            if flow.rcv_nxt <= seq <= flow.rcv_nxt + max(self._window_bytes(flow), 1):
+            if flow.rcv_nxt <= seq <= flow.rcv_nxt + max(self.tx.window_bytes(flow), 1):
                 self._abort(flow, send_rst=False)
             else:
                 self.stats.drop("tcp.drop.rst_out_of_window", "TCP RST outside the window")
             return
         if seg.has(SYN):
-            self._send_ack(flow)  # challenge ACK; a new SYN on a live 4-tuple is stale
+            self.tx.ack(flow)  # challenge ACK; a new SYN on a live 4-tuple is stale
             return
         if seg.has(ACK) and not self._process_ack(flow, seg, now):
             return
@@ -326,7 +262,7 @@ class TcpEngine:
         window = seg.window << flow.snd_wscale
         if ack > flow.snd_max:
             self.stats.drop("tcp.drop.ack_unsent", "guest acknowledged data never sent")
-            self._send_ack(flow)
+            self.tx.ack(flow)
             return False
         if ack > flow.snd_una:
             acked = ack - flow.snd_una
@@ -366,16 +302,16 @@ class TcpEngine:
         if not payload and not has_fin:
             return
         if flow.guest_fin:
-            self._send_ack(flow)  # a retransmission after the guest's FIN
+            self.tx.ack(flow)  # a retransmission after the guest's FIN
             return
         start = flow.recv_rel(seg.seq)
         end = start + len(payload)
         if start > flow.rcv_queued:
             self.stats.inc("tcp.out_of_order")
-            self._send_ack(flow)  # duplicate ACK: tells the guest where the hole is
+            self.tx.ack(flow)  # duplicate ACK: tells the guest where the hole is
             return
         if end < flow.rcv_queued or (end == flow.rcv_queued and not has_fin):
-            self._send_ack(flow)  # all old: the guest missed our ACK
+            self.tx.ack(flow)  # all old: the guest missed our ACK
             return
         fresh = payload[flow.rcv_queued - start :]
         if fresh:
@@ -403,8 +339,8 @@ class TcpEngine:
         flow.rto = self.timeouts.rto_initial
         flow.rto_at = now + flow.rto
         flow.idle_at = now + self.timeouts.idle
-        self._send_syn(flow)
-        self._schedule(flow)
+        self.tx.syn(flow)
+        self._timers.schedule(flow)
 
     def on_connect_failed(self, flow_id: int, errno: int, now: float) -> None:
         flow = self.flows_by_id.get(flow_id)
@@ -436,8 +372,8 @@ class TcpEngine:
                 flow.guest_fin = False
                 flow.fin_at = None
         if not self._maybe_shutdown(flow) and n > 0:
-            self._send_ack(flow)
-        self._schedule(flow)
+            self.tx.ack(flow)
+        self._timers.schedule(flow)
 
     def on_writable(self, flow_id: int, now: float, send_space: int | None = None) -> None:
         flow = self.flows_by_id.get(flow_id)
@@ -445,7 +381,7 @@ class TcpEngine:
             return
         if send_space is not None:
             flow.host_space = send_space
-        self._send_ack(flow)  # window update
+        self.tx.ack(flow)  # window update
 
     def on_readable(self, flow_id: int, now: float) -> None:
         flow = self.flows_by_id.get(flow_id)
@@ -454,7 +390,7 @@ class TcpEngine:
         flow.host_readable = True
         flow.idle_at = now + self.timeouts.idle
         self._pump(flow, now)
-        self._schedule(flow)
+        self._timers.schedule(flow)
 
     def on_peeked(self, flow_id: int, offset: int, data: bytes | memoryview, now: float) -> None:
         flow = self.flows_by_id.get(flow_id)
@@ -469,7 +405,7 @@ class TcpEngine:
         if data:
             self._send_host_data(flow, data, now)
         self._pump(flow, now)
-        self._schedule(flow)
+        self._timers.schedule(flow)
 
     def on_host_eof(self, flow_id: int, now: float) -> None:
         flow = self.flows_by_id.get(flow_id)
@@ -479,7 +415,7 @@ class TcpEngine:
         flow.host_readable = False
         flow.host_eof = True
         self._maybe_send_fin(flow, now)
-        self._schedule(flow)
+        self._timers.schedule(flow)
 
     def on_host_error(self, flow_id: int, errno: int, now: float) -> None:
         flow = self.flows_by_id.get(flow_id)
@@ -497,14 +433,7 @@ class TcpEngine:
         send_space: int | None = None,
     ) -> int | None:
         """A host peer connected to a forwarded port: start a flow and send the guest a SYN."""
-        if len(self.flows) >= self.config.flow_limit:
-            self.stats.inc("tcp.drop.flow_limit")
-            if now - self._last_limit_log >= FLOW_LIMIT_LOG_INTERVAL:
-                self._last_limit_log = now
-                log.warning(
-                    "TCP flow limit (%d) reached, refusing forwarded connections",
-                    self.config.flow_limit,
-                )
+        if self._at_flow_limit(now):
             return None
         remote_ip = self._guest_visible_address(peer_host)
         key = (bytes(self.config.guest_ipv4), guest_port, remote_ip, peer_port)
@@ -522,11 +451,21 @@ class TcpEngine:
         flow.rcv_wscale = OUR_WSCALE
         if send_space is not None:
             flow.host_space = send_space
-        self._send_syn(flow)
-        self._schedule(flow)
+        self.tx.syn(flow)
+        self._timers.schedule(flow)
         return flow.flow_id
 
     # ------------------------------------------------------------- internals
+
+    def _at_flow_limit(self, now: float) -> bool:
+        """True (counted, logged at most every few seconds) when no new flow may open."""
+        if len(self.flows) < self.config.flow_limit:
+            return False
+        self.stats.inc("tcp.drop.flow_limit")
+        if now - self._last_limit_log >= FLOW_LIMIT_LOG_INTERVAL:
+            self._last_limit_log = now
+            log.warning("TCP flow limit (%d) reached, refusing connections", self.config.flow_limit)
+        return True
 
     def _guest_visible_address(self, peer_host: str) -> bytes:
         # A loopback peer appears as the gateway, so the guest can answer it (as passt does).
@@ -556,9 +495,9 @@ class TcpEngine:
         if send_rst:
             if flow.phase is Phase.CONNECTING:
                 # We never sent a SYN: the RST acknowledges the guest's SYN (RFC 9293 3.10.7.1).
-                self._emit(flow, RST | ACK, seq=0, ack=flow.recv_seq(flow.rcv_nxt))
+                self.tx.emit(flow, RST | ACK, seq=0, ack=flow.recv_seq(flow.rcv_nxt))
             else:
-                self._emit(flow, RST | ACK, seq=flow.send_seq(flow.snd_nxt))
+                self.tx.emit(flow, RST | ACK, seq=flow.send_seq(flow.snd_nxt))
             self.stats.inc("tcp.rst_sent")
         self._remove(flow, abort=True)
 
@@ -572,72 +511,6 @@ class TcpEngine:
             # Scaling is used only when both SYNs carry the option (RFC 7323).
             flow.snd_wscale = flow.rcv_wscale = 0
         flow.snd_wnd = seg.window
-
-    def _window_bytes(self, flow: Flow) -> int:
-        return max(0, flow.host_space - len(flow.to_host))
-
-    def _advertised_window(self, flow: Flow, syn: bool = False) -> int:
-        shift = 0 if syn else flow.rcv_wscale
-        return min(self._window_bytes(flow) >> shift, 0xFFFF)
-
-    def _emit(
-        self,
-        flow: Flow,
-        flags: int,
-        seq: int,
-        ack: int | None = None,
-        payload: bytes = b"",
-        options: bytes = b"",
-    ) -> None:
-        if ack is None:
-            ack = flow.recv_seq(flow.rcv_nxt) if flags & ACK else 0
-        segment = emit_segment(
-            flow.remote_ip,
-            flow.guest_ip,
-            flow.remote_port,
-            flow.guest_port,
-            seq,
-            ack,
-            flags,
-            self._advertised_window(flow, syn=bool(flags & SYN)),
-            payload,
-            options,
-        )
-        self._output_segment(flow, segment)
-
-    def _output_segment(self, flow: Flow, segment: bytes) -> None:
-        self.output.send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment)
-        self.stats.inc("tcp.segments_out")
-
-    def _send_syn(self, flow: Flow) -> None:
-        """Our SYN (inbound forward) or SYN-ACK (outbound flow), with MSS and window scale."""
-        wscale = flow.rcv_wscale if flow.rcv_wscale else None
-        options = build_options(self._mss_to_guest_limit, wscale)
-        flags = SYN if flow.phase is Phase.SYN_SENT else SYN | ACK
-        self._emit(flow, flags, seq=flow.send_seq(0), options=options)
-
-    def _send_ack(self, flow: Flow) -> None:
-        self._emit(flow, ACK, seq=flow.send_seq(flow.snd_nxt))
-
-    def _send_rst_for(self, flow: Flow, seg: TcpSegmentView) -> None:
-        """Reset answering an unacceptable ACK, without touching the flow (RFC 9293)."""
-        self._emit(flow, RST, seq=seg.ack, ack=0)
-        self.stats.inc("tcp.rst_sent")
-
-    def _answer_stray(self, key: tuple[bytes, int, bytes, int], seg: TcpSegmentView) -> None:
-        """RST for a segment that belongs to no flow (never in answer to a RST)."""
-        if seg.has(RST):
-            self.stats.inc("tcp.drop.no_flow")
-            return
-        guest_ip, guest_port, remote_ip, remote_port = key
-        if seg.has(ACK):
-            seq, ack, flags = seg.ack, 0, RST
-        else:
-            seq, ack, flags = 0, (seg.seq + seg.segment_len) & 0xFFFFFFFF, RST | ACK
-        segment = emit_segment(remote_ip, guest_ip, remote_port, guest_port, seq, ack, flags, 0)
-        self.output.send_ipv4(remote_ip, guest_ip, PROTO_TCP, segment)
-        self.stats.inc("tcp.segments_out")
-        self.stats.inc("tcp.rst_sent")
 
     def _pump(self, flow: Flow, now: float) -> None:
         """Ask the glue for more host data if the guest's window has room."""
@@ -661,9 +534,20 @@ class TcpEngine:
     def _send_host_data(self, flow: Flow, data: bytes | memoryview, now: float) -> None:
         if flow.snd_nxt < flow.snd_max:
             self.stats.inc("tcp.retransmitted_bytes", min(len(data), flow.snd_max - flow.snd_nxt))
-        for length, segment in build_data_segments(flow, data, self._advertised_window(flow)):
-            self._output_segment(flow, segment)
-            flow.snd_nxt += length
+        segments = segment_payload(
+            flow.remote_ip,
+            flow.guest_ip,
+            flow.remote_port,
+            flow.guest_port,
+            flow.send_seq(flow.snd_nxt),
+            flow.recv_seq(flow.rcv_nxt),
+            self.tx.advertised_window(flow),
+            data,
+            flow.mss,
+        )
+        for segment in segments:
+            self.tx.segment(flow, segment)
+        flow.snd_nxt += len(data)
         flow.snd_max = max(flow.snd_max, flow.snd_nxt)
         self.stats.inc("tcp.bytes_to_guest", len(data))
         if flow.rto_at is None:
@@ -676,7 +560,7 @@ class TcpEngine:
         flow.snd_nxt = flow.snd_una
         flow.rto_at = now + flow.rto
         if flow.fin_sent and flow.snd_una == flow.snd_max - 1:
-            self._emit(flow, FIN | ACK, seq=flow.send_seq(flow.snd_una))
+            self.tx.emit(flow, FIN | ACK, seq=flow.send_seq(flow.snd_una))
             flow.snd_nxt = flow.snd_max
             return
         flow.host_readable = True
@@ -693,7 +577,7 @@ class TcpEngine:
             and flow.snd_una == flow.snd_max
         ):
             flow.snd_nxt = flow.snd_max
-            self._emit(flow, FIN | ACK, seq=flow.send_seq(flow.snd_nxt))
+            self.tx.emit(flow, FIN | ACK, seq=flow.send_seq(flow.snd_nxt))
             flow.fin_sent = True
             flow.snd_nxt += 1
             flow.snd_max = flow.snd_nxt
@@ -708,7 +592,7 @@ class TcpEngine:
         flow.rcv_nxt += 1
         flow.rcv_queued = flow.rcv_nxt
         self.commands.append(ShutdownWrite(flow.flow_id))
-        self._send_ack(flow)
+        self.tx.ack(flow)
         self._maybe_finish(flow)
         return True
 
@@ -736,7 +620,7 @@ class TcpEngine:
         if flow.snd_una == flow.snd_max and flow.phase is Phase.ESTABLISHED:
             # Nothing in flight: this is the persist timer of a zero guest window.
             if flow.snd_wnd == 0 and flow.host_readable:
-                self._emit(flow, ACK, seq=flow.send_seq(flow.snd_una - 1))
+                self.tx.emit(flow, ACK, seq=flow.send_seq(flow.snd_una - 1))
                 flow.rto_at = now + flow.rto
             else:
                 flow.rto_at = None
@@ -748,18 +632,7 @@ class TcpEngine:
             return
         if flow.phase is not Phase.ESTABLISHED:
             self.stats.inc("tcp.retransmits")
-            self._send_syn(flow)
+            self.tx.syn(flow)
             flow.rto_at = now + flow.rto
             return
         self._retransmit(flow, now)
-
-    def _schedule(self, flow: Flow) -> None:
-        """Make sure the timer heap holds the flow's earliest deadline (later ones wait their turn)."""
-        if flow.flow_id not in self.flows_by_id:
-            return
-        deadline = flow.next_deadline()
-        if deadline is None:
-            return
-        if flow.scheduled_at is None or deadline < flow.scheduled_at:
-            flow.scheduled_at = deadline
-            heapq.heappush(self._timer_heap, (deadline, flow.flow_id))

@@ -214,6 +214,33 @@ def emit_segment(
     return bytes(segment)
 
 
+def segment_payload(
+    src_ip: bytes,
+    dst_ip: bytes,
+    src_port: int,
+    dst_port: int,
+    seq: int,
+    ack: int,
+    window: int,
+    data: bytes | bytearray | memoryview,
+    mss: int,
+) -> list[bytes]:
+    """Cut ``data`` into ACK segments of at most ``mss`` bytes, the first at ``seq``; PSH on the last.
+
+    The hot path of host-to-guest traffic, kept free of engine state so the
+    Cython data path can replace it one for one.
+    """
+    view = memoryview(data)
+    segments = []
+    for start in range(0, len(view), mss):
+        chunk = view[start : start + mss]
+        flags = ACK | PSH if start + mss >= len(view) else ACK
+        segments.append(
+            emit_segment(src_ip, dst_ip, src_port, dst_port, seq + start, ack, flags, window, chunk)
+        )
+    return segments
+
+
 @dataclass
 class TcpSegment:
     """A parsed segment, convenient for tests and for the control path."""

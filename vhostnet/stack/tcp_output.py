@@ -1,0 +1,92 @@
+"""Segments from the translator to the guest: SYN/SYN-ACK, ACK, RST, and the window we advertise.
+
+``GuestOutput`` turns flow state into emitted segments and hands them to the
+stack (``output.send_ipv4``). It decides nothing about the connection itself;
+the engine in ``tcp.py`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from vhostnet.stack.checksum import PROTO_TCP
+from vhostnet.stack.counters import Counters
+from vhostnet.stack.tcp_flow import Flow, Phase
+from vhostnet.stack.tcp_wire import ACK, RST, SYN, TcpSegmentView, build_options, emit_segment
+
+
+class Ipv4Output(Protocol):
+    def send_ipv4(self, src: bytes, dst: bytes, proto: int, payload: bytes) -> None: ...
+
+
+class GuestOutput:
+    def __init__(self, output: Ipv4Output, stats: Counters, mss_limit: int) -> None:
+        self.output = output
+        self.stats = stats
+        self.mss_limit = mss_limit  # the MSS we advertise: guest MTU minus IPv4 and TCP headers
+
+    def window_bytes(self, flow: Flow) -> int:
+        return max(0, flow.host_space - len(flow.to_host))
+
+    def advertised_window(self, flow: Flow, syn: bool = False) -> int:
+        shift = 0 if syn else flow.rcv_wscale
+        return min(self.window_bytes(flow) >> shift, 0xFFFF)
+
+    def emit(
+        self,
+        flow: Flow,
+        flags: int,
+        seq: int,
+        ack: int | None = None,
+        payload: bytes = b"",
+        options: bytes = b"",
+    ) -> None:
+        if ack is None:
+            ack = flow.recv_seq(flow.rcv_nxt) if flags & ACK else 0
+        segment = emit_segment(
+            flow.remote_ip,
+            flow.guest_ip,
+            flow.remote_port,
+            flow.guest_port,
+            seq,
+            ack,
+            flags,
+            self.advertised_window(flow, syn=bool(flags & SYN)),
+            payload,
+            options,
+        )
+        self.segment(flow, segment)
+
+    def segment(self, flow: Flow, segment: bytes) -> None:
+        self.output.send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment)
+        self.stats.inc("tcp.segments_out")
+
+    def syn(self, flow: Flow) -> None:
+        """Our SYN (inbound forward) or SYN-ACK (outbound flow), with MSS and window scale."""
+        wscale = flow.rcv_wscale if flow.rcv_wscale else None
+        options = build_options(self.mss_limit, wscale)
+        flags = SYN if flow.phase is Phase.SYN_SENT else SYN | ACK
+        self.emit(flow, flags, seq=flow.send_seq(0), options=options)
+
+    def ack(self, flow: Flow) -> None:
+        self.emit(flow, ACK, seq=flow.send_seq(flow.snd_nxt))
+
+    def rst_for(self, flow: Flow, seg: TcpSegmentView) -> None:
+        """Reset answering an unacceptable ACK, without touching the flow (RFC 9293)."""
+        self.emit(flow, RST, seq=seg.ack, ack=0)
+        self.stats.inc("tcp.rst_sent")
+
+    def answer_stray(self, key: tuple[bytes, int, bytes, int], seg: TcpSegmentView) -> None:
+        """RST for a segment that belongs to no flow (never in answer to a RST)."""
+        if seg.has(RST):
+            self.stats.inc("tcp.drop.no_flow")
+            return
+        guest_ip, guest_port, remote_ip, remote_port = key
+        if seg.has(ACK):
+            seq, ack, flags = seg.ack, 0, RST
+        else:
+            seq, ack, flags = 0, (seg.seq + seg.segment_len) & 0xFFFFFFFF, RST | ACK
+        segment = emit_segment(remote_ip, guest_ip, remote_port, guest_port, seq, ack, flags, 0)
+        self.output.send_ipv4(remote_ip, guest_ip, PROTO_TCP, segment)
+        self.stats.inc("tcp.segments_out")
+        self.stats.inc("tcp.rst_sent")
