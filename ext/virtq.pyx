@@ -686,7 +686,7 @@ cdef class SplitQueue:
         cdef int chains = 0
         cdef int seg_used = 0
         cdef int nseg, reason, waiting, j
-        cdef uint64_t total, written, pos, piece
+        cdef uint64_t total, written, pos
         cdef uint16_t head
         cdef uint8_t header[12]
         cdef int max_chains = self.size if self.mrg_rxbuf else 1

@@ -337,3 +337,20 @@ def test_ring_outside_memory_is_refused(ram):
     driver = Driver(ram)
     with pytest.raises(ValueError):
         Virtqueue(ram.memory, 12, *driver.ring_uvas)  # not a power of two
+
+
+def test_indices_wrap_at_16_bits(ram):
+    driver = Driver(ram)
+    start = 0xFFFE
+    driver.avail_idx = start
+    driver.used_seen = start
+    driver.ram.write(driver.used_gpa + 2, struct.pack("<H", start))
+    queue = make_queue(ram, driver, base=start)
+    assert queue.used_idx == start  # read back from the used ring, where the guest left it
+    frames = [ethernet_frame(70, seed=s) for s in range(4)]
+    driver.publish(*(driver.add_chain(tx_parts(driver, f, [])) for f in frames))
+    batch = FrameBatch(8, 1 << 20)
+    assert queue.tx_drain(batch, 8) == 4
+    assert [bytes(batch.frame(i)) for i in range(4)] == frames
+    assert queue.last_avail_idx == 2 and queue.used_idx == 2
+    assert len(driver.take_used()) == 4

@@ -313,3 +313,71 @@ def test_rx_zero_length_descriptors_are_skipped(ram, driver, queue):
     assert queue.rx_push(batch) == 1
     assert ram.read(gpa + HDR_LEN, 100) == frame
     assert struct.unpack("<H", ram.read(gpa + 10, 2))[0] == 1
+
+
+# --------------------------------------------------------------------- fuzz
+
+ARENA = (0x40000, 0x20000)  # where the random descriptors may legitimately point
+
+
+def random_descriptor(rng, driver: Driver, index: int, table_gpa: int | None = None) -> None:
+    kind = rng.randrange(6)
+    if kind <= 2:
+        addr = ARENA[0] + rng.randrange(ARENA[1] - 0x1000)
+        length = rng.choice([0, 1, 11, 12, 60, 700, 0x1000])
+    elif kind == 3:
+        addr, length = HOLE_GPA + rng.randrange(0x20000), rng.randrange(1, 0x3000)
+    elif kind == 4:
+        addr, length = rng.getrandbits(64), rng.getrandbits(32)
+    else:  # an indirect table somewhere in the arena, maybe of a sane size
+        addr = ARENA[0] + 16 * rng.randrange(ARENA[1] // 16 - 64)
+        length = rng.choice([16, 48, 160, 17, 0, 16 * 1100])
+    flags = rng.getrandbits(3)
+    driver.write_desc(index, addr, length, flags, rng.randrange(40), table_gpa=table_gpa)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("mode", ["tx", "rx", "rx_mrg"])
+def test_random_rings_never_escape(ram, mode, seed):
+    import random
+
+    rng = random.Random(seed)
+    driver = Driver(ram, size=32)
+    queue = Virtqueue(ram.memory, driver.size, *driver.ring_uvas, mrg_rxbuf=mode == "rx_mrg")
+    # Random bytes in the arena double as data and as indirect tables.
+    ram.write(ARENA[0], rng.randbytes(ARENA[1]))
+    for slot in range(0, ARENA[1] // 16, 37):
+        random_descriptor(rng, driver, slot, table_gpa=ARENA[0])
+    batch = FrameBatch(64, 1 << 22)
+    before = ram.snapshot()
+    consumed = 0
+    for _ in range(60):
+        for index in rng.sample(range(driver.size), 6):
+            random_descriptor(rng, driver, index)
+        # A well-behaved index (the avail-jump test covers a bad one): never more than the ring.
+        room = driver.size - ((driver.avail_idx - queue.last_avail_idx) & 0xFFFF)
+        driver.publish(*(rng.randrange(36) for _ in range(min(room, rng.randrange(1, 8)))))
+        if mode == "tx":
+            batch.clear()
+            queue.tx_drain(batch, 64)
+        else:
+            batch.clear()
+            for length in (60, 1514, 9000):
+                batch.append(ethernet_frame(length))
+            queue.rx_push(batch)
+        consumed = queue.last_avail_idx
+        assert not queue.broken
+        assert driver.used_idx() == queue.used_idx == consumed  # every chain taken is completed
+    allowed = [used_ring_range(driver)]
+    if mode != "tx":
+        allowed.append(ARENA)
+    assert (
+        changed_outside(
+            ram,
+            before,
+            allowed
+            + [(driver.desc_gpa, 16 * driver.size), (driver.avail_gpa, 6 + 2 * driver.size)],
+        )
+        == []
+    )
+    assert consumed > 0
