@@ -217,6 +217,10 @@ cdef class SplitQueue:
     cdef uint16_t used_shadow       # next used slot to fill
     cdef uint16_t used_published    # value last stored in used->idx
     cdef uint16_t signalled_used    # used->idx at the last notify() decision
+    # Where the next kick should come from: last_avail normally; while RX is starved
+    # (buffers there, but too few for the next frame) the avail idx we saw, so that
+    # enable_kick() waits for *new* buffers instead of reporting the old ones forever.
+    cdef uint16_t kick_point
     cdef bint _broken
     cdef bint ready
     cdef uint8_t *desc
@@ -324,6 +328,7 @@ cdef class SplitQueue:
         self.avail = avail
         self.used = used
         if first_time:
+            self.kick_point = self.last_avail
             self.used_published = vq_load_u16(self.used + 2)
             self.used_shadow = self.used_published
             self.signalled_used = self.used_published
@@ -633,6 +638,7 @@ cdef class SplitQueue:
             self.last_avail += 1
             waiting -= 1
             chains_left -= 1
+        self.kick_point = self.last_avail
         self.publish_used()
         return frames
 
@@ -662,13 +668,16 @@ cdef class SplitQueue:
         while i < batch.n and not self._broken:
             result = self.rx_one(batch.data + batch.offsets[i], batch.lengths[i])
             if result == RX_NO_BUFFERS:
-                break
+                break  # rx_one() has set kick_point
             if result == RX_RETRY:
                 retries_left -= 1
                 if retries_left <= 0:
+                    self.kick_point = self.last_avail  # come back for the rest
                     break
                 continue
             i += 1
+        else:
+            self.kick_point = self.last_avail
         self.publish_used()
         return i - start
 
@@ -727,6 +736,7 @@ cdef class SplitQueue:
                 self.last_avail += chains
                 return RX_RETRY
             if chains == 0:
+                self.kick_point = self.last_avail
                 return RX_NO_BUFFERS
             if not self.mrg_rxbuf:
                 # The chain stays in the ring for a smaller frame; this frame cannot fit one.
@@ -739,6 +749,7 @@ cdef class SplitQueue:
                 # Every buffer of a full ring together is still too small: it can never fit.
                 self.count_error(R_RX_BUFFER_TOO_SMALL)
                 return RX_DROPPED
+            self.kick_point = self.last_avail + waiting
             return RX_NO_BUFFERS
 
         memset(header, 0, sizeof(header))
@@ -818,7 +829,7 @@ cdef class SplitQueue:
             return False
         if self.event_idx:
             offset = 4 + 8 * <uint64_t>self.size
-            vq_store_u16(self.used + offset, self.last_avail)
+            vq_store_u16(self.used + offset, self.kick_point)
             self.log_used_ring(offset, 2)
         else:
             vq_store_u16(self.used, vq_load_u16(self.used) & ~USED_F_NO_NOTIFY)
@@ -826,7 +837,7 @@ cdef class SplitQueue:
         # The guest reads our flag/avail_event after writing avail->idx; we read avail->idx
         # after writing ours. The full fence makes sure one of us sees the other.
         vq_fence_full()
-        return vq_load_u16(self.avail + 2) != self.last_avail
+        return vq_load_u16(self.avail + 2) != self.kick_point
 
     cdef void _disable_kick(self) noexcept nogil:
         if self._broken or not self.ready or self.event_idx:

@@ -354,3 +354,33 @@ def test_indices_wrap_at_16_bits(ram):
     assert [bytes(batch.frame(i)) for i in range(4)] == frames
     assert queue.last_avail_idx == 2 and queue.used_idx == 2
     assert len(driver.take_used()) == 4
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_starved_rx_waits_for_new_buffers_not_old_ones(ram, event_idx):
+    driver = Driver(ram)
+    queue = make_queue(ram, driver, mrg_rxbuf=True, event_idx=event_idx)
+    post_rx(driver, [1000])
+    batch = FrameBatch(8, 1 << 20)
+    batch.append(ethernet_frame(1500))
+    assert queue.rx_push(batch) == 0
+    # One buffer is waiting but cannot hold the frame: nothing new to retry with.
+    assert not queue.enable_kick()
+    if event_idx:
+        assert driver.avail_event() == 1  # kick me when buffer #1 (the next one) arrives
+    post_rx(driver, [1000])
+    assert queue.enable_kick()
+    assert queue.rx_push(batch) == 1
+    assert not queue.enable_kick()
+    if event_idx:
+        assert driver.avail_event() == 2
+
+
+def test_tx_chains_left_behind_are_reported_by_enable_kick(ram):
+    driver = Driver(ram)
+    queue = make_queue(ram, driver, event_idx=True)
+    driver.publish(*(driver.add_chain(tx_parts(driver, ethernet_frame(60), [])) for _ in range(3)))
+    assert queue.tx_drain(FrameBatch(8, 1 << 20), 2) == 2
+    assert queue.enable_kick()  # one chain still waits: drain again rather than sleep
+    assert queue.tx_drain(FrameBatch(8, 1 << 20), 2) == 1
+    assert not queue.enable_kick()
