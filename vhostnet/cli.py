@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="boot file offered instead when the DHCP client is iPXE")
     p.add_argument("--flow-limit", metavar="N", type=int, default=65536,
                    help="most TCP/UDP flows open at once (default 65536)")
+    p.add_argument("--control", metavar="PATH", default=None,
+                   help="UNIX socket for run-time control: JSON lines, e.g. {\"command\": \"stats\"}")
     p.add_argument("-d", "--debug", action="store_true", help="log every protocol message")
     p.add_argument("-q", "--quiet", action="store_true", help="log only errors")
     p.add_argument("--version", action="version", version=f"vhostnet {__version__}")
@@ -235,10 +237,24 @@ async def _serve(args: argparse.Namespace, config) -> int:
         os.unlink(args.socket)
         raise UsageError(f"cannot set up the network: {exc.strerror or exc}") from None
     server = Server(loop, listener, network)
+    control = None
+    if args.control:
+        from .control import ControlServer
+
+        try:
+            control_listener = open_listening_socket(args.control)
+        except SocketPathError as exc:
+            server.close()
+            raise UsageError(str(exc)) from None
+        control = ControlServer(args.control)
+        control.commands["stats"] = lambda _request: {"counters": server.counters()}
+        await control.start(control_listener)
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, server.close)
     log.info("vhostnet %s listening on %s", __version__, args.socket)
     await server.closed.wait()
+    if control is not None:
+        control.close()
     log.info("stopped")
     return 0
 

@@ -162,6 +162,19 @@ class Server:
         log.info("front-end connected")
         self.active = Connection(self, sock)
 
+    def counters(self) -> dict[str, int]:
+        """Every counter: the network's, and the active device's and rings' if a guest is attached."""
+        merged = self.network.counters()
+        if self.network.tcp is not None:
+            merged["tcp.flows_open"] = len(self.network.tcp.flows)
+        if self.active is not None:
+            device = self.active.device
+            merged.update({f"device.{k}": v for k, v in device.counters.items()})
+            for index, queue in device.queues.items():
+                merged.update({f"vq{index}.{k}": v for k, v in queue.counters().items()})
+            merged.update({f"vhost_user.{k}": v for k, v in self.active.handler.counters.items()})
+        return merged
+
     def connection_closed(self, connection: Connection) -> None:
         if self.active is connection:
             self.active = None
