@@ -1,0 +1,225 @@
+"""The real vhostnet process, driven by the project's front-end (QEMU's role, no VM).
+
+These tests start ``python -m vhostnet`` as QEMU would find it and talk to it
+over its socket: negotiation, the data path through the Cython rings and the
+stack, ring stop/restart positions, a second front-end refused, garbage on
+the socket, and the command line's one-sentence errors.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vhostnet.control import control_request
+from vhostnet.stack.checksum import internet_checksum
+from vhostnet.vhost_user.codec import U64, Message
+from vhostnet.vhost_user.frontend import Frontend
+from vhostnet.vhost_user.protocol import ProtocolFeature, Request, VirtioFeature
+
+REPO = Path(__file__).resolve().parent.parent
+GUEST_MAC = bytes.fromhex("525400123456")
+GUEST_IP = bytes([10, 0, 2, 15])
+GATEWAY_IP = bytes([10, 0, 2, 2])
+
+
+class VhostnetProcess:
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.socket_path = str(tmp / "vn.sock")
+        self.control_path = str(tmp / "vn.ctl")
+        self.log_path = tmp / "vn.log"
+        self.log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
+        # A dead upstream port keeps the DNS forwarder off the machine's resolver.
+        command = [sys.executable, "-m", "vhostnet", "--socket", self.socket_path,
+                   "--control", self.control_path, "--dns-upstream", "127.0.0.1:9", *args]
+        self.process = subprocess.Popen(command, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not (os.path.exists(self.socket_path) and os.path.exists(self.control_path)):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vhostnet did not start:\n{self.log_path.read_text()}")
+            time.sleep(0.05)
+
+    def stats(self) -> dict[str, int]:
+        return control_request(self.control_path, "stats")["counters"]
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+        code = self.process.wait(timeout=10)
+        self.log.close()
+        return code
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[VhostnetProcess]:
+    process = VhostnetProcess(tmp_path)
+    try:
+        yield process
+    finally:
+        alive = process.process.poll() is None
+        code = process.stop()
+        assert alive, f"vhostnet died during the test:\n{process.log_path.read_text()}"
+        assert code == 0, process.log_path.read_text()
+
+
+def arp_request(target: bytes) -> bytes:
+    return (b"\xff" * 6 + GUEST_MAC + b"\x08\x06" + bytes.fromhex("0001080006040001")
+            + GUEST_MAC + GUEST_IP + b"\x00" * 6 + target)
+
+
+def echo_request(dst_mac: bytes, payload: bytes, seq: int) -> bytes:
+    icmp = bytearray(struct.pack("!BBHHH", 8, 0, 0, 0x4242, seq) + payload)
+    icmp[2:4] = internet_checksum(icmp).to_bytes(2, "big")
+    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), seq, 0x4000, 64, 1,
+                                   0, GUEST_IP, GATEWAY_IP))
+    header[10:12] = internet_checksum(header).to_bytes(2, "big")
+    return dst_mac + GUEST_MAC + b"\x08\x00" + bytes(header) + bytes(icmp)
+
+
+def gateway_mac(frontend: Frontend) -> bytes:
+    frontend.send_frame(arp_request(GATEWAY_IP))
+    replies = frontend.receive_frames(timeout=5)
+    assert len(replies) == 1, replies
+    reply = replies[0]
+    assert reply[12:14] == b"\x08\x06" and reply[20:22] == b"\x00\x02"
+    assert reply[0:6] == GUEST_MAC
+    assert reply[28:32] == GATEWAY_IP
+    return reply[22:28]
+
+
+def test_negotiation_offers_what_the_foundation_promises(server: VhostnetProcess) -> None:
+    with Frontend(server.socket_path) as frontend:
+        frontend.connect()
+        offered = frontend.offered_features
+        for bit in (VirtioFeature.VERSION_1, VirtioFeature.NET_F_MRG_RXBUF,
+                    VirtioFeature.RING_F_EVENT_IDX, VirtioFeature.RING_F_INDIRECT_DESC,
+                    VirtioFeature.F_PROTOCOL_FEATURES):
+            assert offered & bit, hex(bit)
+        for bit in (ProtocolFeature.MQ, ProtocolFeature.REPLY_ACK,
+                    ProtocolFeature.CONFIGURE_MEM_SLOTS, ProtocolFeature.RESET_DEVICE):
+            assert frontend.protocol_features & bit, bit
+        assert not frontend.protocol_features & (ProtocolFeature.INBAND_NOTIFICATIONS
+                                                 | ProtocolFeature.XEN_MMAP)
+
+
+def test_frames_cross_the_rings_and_the_stack(server: VhostnetProcess) -> None:
+    with Frontend(server.socket_path) as frontend:
+        frontend.connect()
+        frontend.start()
+        mac = gateway_mac(frontend)
+        # Large echoes exercise merged RX buffers; many exercise ring wrap-around.
+        sizes = [8, 1000, 1472] * 100
+        answered = 0
+        for seq, size in enumerate(sizes, start=1):
+            payload = bytes((seq + i) & 0xFF for i in range(size))
+            frontend.send_frame(echo_request(mac, payload, seq))
+            replies = frontend.receive_frames(timeout=5)
+            assert len(replies) == 1
+            reply = replies[0]
+            assert reply[23] == 1 and reply[34] == 0  # ICMP, echo reply
+            assert reply[42:] == payload
+            answered += 1
+        assert answered == len(sizes)
+        stats = server.stats()
+        assert stats["device.tx.frames"] == len(sizes) + 1
+        assert stats["device.rx.frames"] == len(sizes) + 1
+        bases = frontend.stop()
+        # Every frame was completed: the ring positions are exactly what was sent.
+        assert bases[1] == (len(sizes) + 1) & 0xFFFF
+
+
+def test_rings_resume_from_returned_bases_after_reconnect(server: VhostnetProcess) -> None:
+    with Frontend(server.socket_path) as frontend:
+        frontend.connect()
+        frontend.start()
+        gateway_mac(frontend)
+        bases = frontend.stop()
+    assert bases == [1, 1] or bases[1] == 1
+    with Frontend(server.socket_path) as frontend:
+        frontend.connect()
+        frontend.start(bases=(bases[0], bases[1]))
+        mac = gateway_mac(frontend)
+        frontend.send_frame(echo_request(mac, b"again", 7))
+        assert frontend.receive_frames(timeout=5)[0][42:] == b"again"
+        assert frontend.stop()[1] == bases[1] + 2
+
+
+def test_second_front_end_is_refused_and_first_keeps_working(server: VhostnetProcess) -> None:
+    with Frontend(server.socket_path) as first:
+        first.connect()
+        first.start()
+        mac = gateway_mac(first)
+        second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        second.settimeout(5)
+        second.connect(server.socket_path)
+        try:
+            # vhostnet may already have closed it: then the write fails instead.
+            second.sendall(struct.pack("<III", Request.GET_FEATURES, 1, 0))
+            answer = second.recv(64)
+        except (BrokenPipeError, ConnectionResetError):
+            answer = b""
+        assert answer == b"", "a second front-end must be disconnected, not answered"
+        second.close()
+        first.send_frame(echo_request(mac, b"still here", 1))
+        assert first.receive_frames(timeout=5)[0][42:] == b"still here"
+    assert "refusing a second front-end" in server.log_path.read_text()
+
+
+def test_garbage_on_the_socket_closes_only_that_connection(server: VhostnetProcess) -> None:
+    bad = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bad.settimeout(5)
+    bad.connect(server.socket_path)
+    # Version 3 and a 1 GiB payload: framing is lost, the connection must go.
+    bad.sendall(struct.pack("<III", 1, 3, 1 << 30))
+    assert bad.recv(64) == b""
+    bad.close()
+    with Frontend(server.socket_path) as frontend:
+        frontend.connect()
+        # An unknown request with NEED_REPLY gets a failure, not a hang or a crash.
+        frontend.send(Message(200, 1 | 0x8, b"", []))
+        answer = frontend.recv()
+        assert answer.flags == 0x5 and U64.parse(answer.payload).value != 0
+        frontend.start()
+        gateway_mac(frontend)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vhostnet", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--socket", "/nonexistent-dir/x.sock"), "does not exist"),
+        (("--socket", "/tmp/x.sock", "--mtu", "99"), "MTU 99"),
+        (("--socket", "/tmp/x.sock", "-t", "99999"), "out of range"),
+        (("--socket", "/tmp/x.sock", "--address", "10.0.2.999"), "not an IPv4 address"),
+        (("--socket", "/tmp/x.sock", "--bootfile", "pxelinux.0"), "needs --tftp"),
+        (("--socket", "/tmp/x.sock", "--dns-upstream", "nonsense:53"), "DNS upstream"),
+    ],
+)
+def test_command_line_mistakes_get_one_sentence(args: tuple[str, ...], message: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_socket_in_use_and_non_socket_paths_are_refused(server: VhostnetProcess, tmp_path: Path) -> None:
+    result = run_cli("--socket", server.socket_path)
+    assert result.returncode == 2 and "already in use" in result.stderr
+    plain = tmp_path / "plain-file"
+    plain.write_text("keep me")
+    result = run_cli("--socket", str(plain))
+    assert result.returncode == 2 and "not a socket" in result.stderr
+    assert plain.read_text() == "keep me"
