@@ -56,7 +56,6 @@ BUSYBOX = Path("/bin/busybox")
 # binary, its loadable modules and its firmware/data files.
 QEMU10_SUITE = "bookworm-backports"
 QEMU10_PACKAGES = ("qemu-system-x86", "qemu-system-common", "qemu-system-data", "qemu-system-gui")
-DEBIAN_MIRROR = "(the machine apt archive)"
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
 INIT_SCRIPT = f"""#!/bin/sh
@@ -356,6 +355,41 @@ def _build_initramfs(modules: dict[str, Path]) -> bytes:
 # --- QEMU 10.0 ------------------------------------------------------------------
 
 
+def debian_archive_uri(release: str = "bookworm") -> str | None:
+    """The archive address the machine's own apt uses for ``release``.
+
+    bookworm-backports lives in the same archive as bookworm, so we reuse
+    whatever mirror the machine is configured with rather than naming one.
+    Reads deb822 ``*.sources`` files and the one-line ``sources.list``.
+    """
+    candidates = sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))
+    for path in candidates:
+        try:
+            stanzas = path.read_text(errors="replace").split("\n\n")
+        except OSError:
+            continue
+        for stanza in stanzas:
+            fields: dict[str, str] = {}
+            for line in stanza.splitlines():
+                key, sep, value = line.partition(":")
+                if sep and not line.startswith(("#", " ")):
+                    fields[key.strip().lower()] = value.strip()
+            if release in fields.get("suites", "").split() and "deb" in fields.get("types", ""):
+                uris = fields.get("uris", "").split()
+                if uris:
+                    return uris[0]
+    for path in [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*.list")]:
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            words = [w for w in line.split() if not w.startswith("[")]
+            if len(words) >= 3 and words[0] == "deb" and words[2] == release:
+                return words[1]
+    return None
+
+
 def _fetch_qemu10(cache_dir: Path) -> Qemu10:
     qemu = Qemu10(cache_dir / "qemu10")
     if qemu.binary.exists():
@@ -366,9 +400,13 @@ def _fetch_qemu10(cache_dir: Path) -> Qemu10:
     lists = apt_dir / "lists"
     (lists / "partial").mkdir(parents=True, exist_ok=True)
     (apt_dir / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    archive = debian_archive_uri()
+    if archive is None:
+        raise KitError("no bookworm entry in the machine's apt sources to take "
+                       "bookworm-backports from")
     sources = apt_dir / "sources.list"
     sources.write_text(
-        f"deb [signed-by={DEBIAN_KEYRING}] {DEBIAN_MIRROR} {QEMU10_SUITE} main\n")
+        f"deb [signed-by={DEBIAN_KEYRING}] {archive} {QEMU10_SUITE} main\n")
     options = [
         "-o", f"Dir::Etc::SourceList={sources}",
         "-o", "Dir::Etc::SourceParts=/dev/null",
