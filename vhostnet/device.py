@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import os
 import time
 from typing import TYPE_CHECKING
 
+import numpy as np
+
+from .migration.transfer import DeviceStateTransfer
 from .vhost_user import protocol as vu
 from .virtqueue import FrameBatch, GuestMemory, Virtqueue
 
@@ -67,6 +71,12 @@ class NetDevice:
         self.tx_batch = FrameBatch(TX_BATCH)
         self.rx_batch = FrameBatch(TX_BATCH)
         self.counters = {"tx.frames": 0, "tx.discarded": 0, "rx.frames": 0}
+        # Dirty-page logging (migration source): the shared log memfd, and
+        # per ring the LOG flag and used-ring GPA from SET_VRING_ADDR.
+        self.log_mapping: mmap.mmap | None = None
+        self.log_array: np.ndarray | None = None
+        self.ring_log: dict[int, tuple[bool, int]] = {}
+        self.device_state = DeviceStateTransfer(loop, network)
         self._closed = False
         network.add_output_listener(self._schedule_rx)
         self._rx_scheduled = False
@@ -77,7 +87,11 @@ class NetDevice:
         return int(OFFERED_FEATURES)
 
     def features_set(self, features: int) -> None:
+        was_logging = self._logging
         self.features = features
+        if self._logging != was_logging:
+            log.info("dirty-page logging %s", "on" if self._logging else "off")
+        self._apply_log()
 
     def set_status(self, status: int) -> None:
         log.debug("device status 0x%x", status)
@@ -95,9 +109,43 @@ class NetDevice:
         self.network.learn_guest_mac(mac)
 
     def set_log_base(self, fd: int, size: int, offset: int) -> None:
-        # Dirty logging is not offered yet (no LOG_ALL), so QEMU blocks
-        # migration instead of sending this; close the fd if it comes anyway.
-        os.close(fd)
+        # QEMU sends a new log (and drops the old one) whenever guest memory
+        # grows during migration; queues must switch before the old mapping goes.
+        try:
+            mapping = mmap.mmap(fd, offset + size, flags=mmap.MAP_SHARED,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.log_mapping = mapping
+        self.log_array = np.frombuffer(mapping, dtype=np.uint8, count=size, offset=offset)
+        log.info("dirty log mapped: %d bytes (%d pages)", size, size * 8)
+        self._apply_log()
+
+    def ring_set_log(self, index: int, log_used: bool, log_guest_addr: int) -> None:
+        self.ring_log[index] = (log_used, log_guest_addr)
+        self._apply_log()
+
+    @property
+    def _logging(self) -> bool:
+        return bool(self.features & vu.VirtioFeature.F_LOG_ALL)
+
+    def _apply_log(self) -> None:
+        """Point every running queue at the log, or stop logging, per current state."""
+        array = self.log_array if self._logging else None
+        for index, queue in self.queues.items():
+            log_used, guest_addr = self.ring_log.get(index, (False, 0))
+            queue.set_log(array, guest_addr, log_used)
+
+    # ---- BackendDevice: device state (migration) ---------------------------------
+
+    def supports_device_state(self) -> bool:
+        return True
+
+    def device_state_fd(self, direction: int, phase: int, fd: int) -> bool:
+        return self.device_state.begin(direction, phase, fd)
+
+    def check_device_state(self) -> bool:
+        return self.device_state.check()
 
     # ---- BackendDevice: memory ------------------------------------------------
 
@@ -156,6 +204,8 @@ class NetDevice:
             name=f"vq{index}",
         )
         self.enabled.setdefault(index, ring.enabled)
+        self.ring_log[index] = (ring.log, ring.log_guest_addr)
+        self._apply_log()
         log.info("ring %d started (size %d, base %d)", index, ring.num, ring.base)
         if index == RX_QUEUE:
             self._schedule_rx()
@@ -272,5 +322,8 @@ class NetDevice:
         for index in list(self.kick_fds):
             self._drop_kick(index)
         self.call_fds.clear()
+        self.device_state.close()
+        self.log_array = None
+        self.log_mapping = None  # unmapped once the last view is gone
         self.memory.close()
 

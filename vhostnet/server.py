@@ -80,7 +80,7 @@ class Connection:
         self.sock = sock
         self.framer = Framer()
         self.device = NetDevice(server.loop, server.network)
-        self.handler = BackendHandler(self.device)
+        self.handler = BackendHandler(self.device, offer_log=True)
         self.device.handler = self.handler
         self.closed = False
         server.loop.add_reader(sock.fileno(), self._on_readable)

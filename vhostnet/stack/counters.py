@@ -62,5 +62,11 @@ class Counters:
         self._logged.add(key)
         self._logger.exception("%s (further occurrences only counted)", message)
 
+    def restore(self, values: dict[str, int]) -> None:
+        """Take over counters from a migration source (added to our own)."""
+        for name, value in values.items():
+            if isinstance(name, str) and isinstance(value, int) and value >= 0:
+                self._values[name] += value
+
     def snapshot(self) -> dict[str, int]:
         return dict(self._values)

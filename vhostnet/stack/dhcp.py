@@ -279,6 +279,24 @@ class DhcpServer:
         self.lease_holder = request.chaddr
         self.lease_expiry = now + self.config.lease_time
 
+    def export_lease(self, now: float) -> dict[str, object] | None:
+        """The current lease (client hardware address, seconds left) for a migration."""
+        if self.lease_holder is None or self.lease_expiry is None:
+            return None
+        return {"holder": bytes(self.lease_holder).hex(), "remaining": max(0.0, self.lease_expiry - now)}
+
+    def import_lease(self, record: dict[str, object] | None, now: float) -> None:
+        """Restore an exported lease; ``ValueError`` for a malformed record."""
+        if record is None:
+            self.lease_holder = self.lease_expiry = None
+            return
+        holder = bytes.fromhex(str(record["holder"]))
+        remaining = float(record["remaining"])  # type: ignore[arg-type]
+        if len(holder) != 6 or not 0 <= remaining <= self.config.lease_time:
+            raise ValueError("bad DHCP lease record")
+        self.lease_holder = holder
+        self.lease_expiry = now + remaining
+
     def _release(self, request: DhcpMessage) -> None:
         if self.lease_holder == request.chaddr:
             self.lease_holder = None

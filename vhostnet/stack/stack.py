@@ -244,6 +244,10 @@ class NetworkStack:
         deadlines = [d for c in self._timer_clients if (d := c.next_timer()) is not None]
         return min(deadlines) if deadlines else None
 
+    def restore_counters(self, values: dict[str, int]) -> None:
+        """Carry counters over from a migration source (added to ours)."""
+        self._counters.restore(values)
+
     def counters(self) -> dict[str, int]:
         """A snapshot of every counter (flat dotted names) plus current flow gauges."""
         if self.udp_nat is not None:

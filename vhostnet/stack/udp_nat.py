@@ -198,6 +198,47 @@ class UdpNat:
     def flow_count(self) -> int:
         return len(self._flows)
 
+    # --- migration --------------------------------------------------------
+
+    def export_flows(self, now: float) -> list[dict[str, object]]:
+        """Outbound flows as plain records (guest-side 4-tuple, idle seconds).
+
+        Inbound flows belong to a forward's listener peer and are re-created
+        by the next datagram, so only outbound ones travel.
+        """
+        return [
+            {"guest_ip": str(ipaddress.IPv4Address(f.guest_ip)), "guest_port": f.guest_port,
+             "remote_ip": str(ipaddress.IPv4Address(f.remote_ip)), "remote_port": f.remote_port,
+             "idle": max(0.0, now - f.last_active)}
+            for f in self._flows.values() if not f.inbound
+        ]
+
+    def import_flows(self, records: list[dict[str, object]], now: float) -> int:
+        """Re-create exported flows (new host sockets via ``UdpOpen``); returns how many.
+
+        Every record is checked before any flow is created; a bad one raises
+        ``ValueError`` and nothing changes.
+        """
+        keys = []
+        for record in records:
+            key = (ip4(str(record["guest_ip"])), _port(record["guest_port"]),
+                   ip4(str(record["remote_ip"])), _port(record["remote_port"]))
+            idle = float(record.get("idle", 0.0))  # type: ignore[arg-type]
+            keys.append((key, min(max(idle, 0.0), self.config.udp_idle_timeout)))
+        created = 0
+        for key, idle in keys:
+            if key in self._by_key:
+                continue
+            destination = self.config.host_destination(key[2], key[3])
+            if destination is None:
+                continue
+            flow = self._new_flow(key, now - idle, inbound=False)
+            if flow is None:
+                break
+            self.commands.append(UdpOpen(flow.flow_id, destination[0], destination[1]))
+            created += 1
+        return created
+
     def poll_timers(self, now: float) -> None:
         timeout = self.config.udp_idle_timeout
         while self._flows:
@@ -213,3 +254,9 @@ class UdpNat:
         if not self._flows:
             return None
         return next(iter(self._flows.values())).last_active + self.config.udp_idle_timeout
+
+
+def _port(value: object) -> int:
+    if not isinstance(value, int) or not 0 < value < 65536:
+        raise ValueError(f"bad port {value!r}")
+    return value

@@ -1,0 +1,1 @@
+"""Live migration: the state blob format, network snapshots, and device-state transfer."""

@@ -1,0 +1,108 @@
+"""What of the network moves with the guest: export to sections, import from them.
+
+Export reads the engines; import checks every section first and then applies
+them, so a blob that fails validation leaves the destination as it was.
+TCP connections travel as records (4-tuple and sequence numbers); without
+TCP_REPAIR on the destination the guest gets an RST for each, so it notices
+at once instead of after its retransmission timeout.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import TYPE_CHECKING
+
+from .state import StateError, decode_state, encode_state
+from .tcp_state import export_connections, parse_records, reset_toward_guest
+
+if TYPE_CHECKING:
+    from ..network import Network
+
+log = logging.getLogger(__name__)
+
+
+def _mac_text(mac: bytes | None) -> str | None:
+    return None if mac is None else bytes(mac).hex(":")
+
+
+def export_network(network: Network, now: float) -> bytes:
+    """The network's migratable state as one blob."""
+    stack = network.stack
+    config = network.config
+    sections: dict[str, object] = {
+        "guest": {
+            "mac": _mac_text(stack.guest_mac),
+            "ipv4": None if stack.guest_ipv4 is None else str(ipaddress.IPv4Address(stack.guest_ipv4)),
+        },
+        "forwards": {
+            "tcp": sorted(str(f) for f in config.tcp_forwards),
+            "udp": sorted(str(f) for f in config.udp_forwards),
+        },
+        "counters": network.counters(),
+    }
+    if stack.dhcp is not None:
+        sections["dhcp"] = stack.dhcp.export_lease(now)
+    if stack.udp_nat is not None:
+        sections["udp"] = stack.udp_nat.export_flows(now)
+    if network.tcp is not None:
+        sections["tcp"] = export_connections(network.tcp)
+    return encode_state(sections)
+
+
+def import_network(network: Network, blob: bytes, now: float) -> dict[str, int]:
+    """Apply a blob from ``export_network``; raise ``StateError`` and change nothing if it is bad."""
+    sections = decode_state(blob)
+    stack = network.stack
+    try:
+        guest = sections["guest"]
+        if not isinstance(guest, dict):
+            raise ValueError("guest section is not an object")
+        mac = None if guest.get("mac") is None else bytes.fromhex(str(guest["mac"]).replace(":", ""))
+        if mac is not None and len(mac) != 6:
+            raise ValueError("guest MAC is not 6 bytes")
+        ipv4 = None if guest.get("ipv4") is None else ipaddress.IPv4Address(str(guest["ipv4"])).packed
+        counters = sections.get("counters", {})
+        if not isinstance(counters, dict):
+            raise ValueError("counters section is not an object")
+        udp = sections.get("udp", [])
+        tcp = sections.get("tcp", [])
+        if not isinstance(udp, list) or not isinstance(tcp, list):
+            raise ValueError("flow sections are not lists")
+        dhcp = sections.get("dhcp")
+        if dhcp is not None and not isinstance(dhcp, dict):
+            raise ValueError("dhcp section is not an object")
+        tcp_resets = parse_records(tcp)
+        # Engines validate their own records before changing anything.
+        if stack.dhcp is not None:
+            saved = (stack.dhcp.lease_holder, stack.dhcp.lease_expiry)
+            try:
+                stack.dhcp.import_lease(dhcp, now)
+            except (KeyError, TypeError, ValueError):
+                stack.dhcp.lease_holder, stack.dhcp.lease_expiry = saved
+                raise
+        udp_flows = stack.udp_nat.import_flows(udp, now) if stack.udp_nat is not None else 0
+    except StateError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise StateError(f"state content is invalid: {exc}") from None
+    stack.guest_mac = mac
+    stack.guest_ipv4 = ipv4
+    carried = {k: v for k, v in counters.items() if not k.endswith(("flows_open", ".flows"))}
+    stack.restore_counters({k: v for k, v in carried.items() if not k.startswith("tcp.")})
+    if network.tcp is not None:
+        network.tcp.stats.restore({k: v for k, v in carried.items() if k.startswith("tcp.")})
+    tcp_reset = 0
+    if network.tcp is not None and tcp:
+        tcp_reset = reset_toward_guest(network.tcp, tcp_resets)
+        log.warning("%d TCP connection(s) could not move with the guest; reset toward the guest",
+                    tcp_reset)
+    forwards = sections.get("forwards")
+    mine = {"tcp": sorted(str(f) for f in network.config.tcp_forwards),
+            "udp": sorted(str(f) for f in network.config.udp_forwards)}
+    if forwards != mine:
+        log.warning("port forwards differ from the migration source's (%s); keeping ours", forwards)
+    network.flush()
+    log.info("network state loaded: guest %s %s, %d UDP flow(s), %d TCP flow(s) reset",
+             _mac_text(mac), guest.get("ipv4"), udp_flows, tcp_reset)
+    return {"udp_flows": udp_flows, "tcp_reset": tcp_reset}
