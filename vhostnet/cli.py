@@ -248,6 +248,9 @@ async def _serve(args: argparse.Namespace, config) -> int:
             raise UsageError(str(exc)) from None
         control = ControlServer(args.control)
         control.commands["stats"] = lambda _request: {"counters": server.counters()}
+        from .migration.commands import register_state_commands
+
+        register_state_commands(control, network)
         await control.start(control_listener)
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, server.close)

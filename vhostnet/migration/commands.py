@@ -1,0 +1,53 @@
+"""Control-socket commands for migrations without DEVICE_STATE (QEMU 7.2).
+
+``save-state`` exports the network (to ``path`` if given, else base64 in the
+reply); ``load-state`` imports one (from ``path`` or ``state``). A refused
+blob answers ``ok: false`` with the reason and leaves the network unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from .snapshot import export_network, import_network
+from .state import MAX_BLOB_BYTES, StateError
+
+if TYPE_CHECKING:
+    from ..control import ControlServer
+    from ..network import Network
+
+log = logging.getLogger(__name__)
+
+
+def register_state_commands(control: ControlServer, network: Network) -> None:
+    """Add ``save-state`` and ``load-state`` to ``control``."""
+
+    def save_state(request: dict[str, Any]) -> dict[str, Any]:
+        blob = export_network(network, time.monotonic())
+        path = request.get("path")
+        if path is None:
+            return {"bytes": len(blob), "state": base64.b64encode(blob).decode()}
+        with open(str(path), "wb") as out:
+            out.write(blob)
+        log.info("network state saved to %s (%d bytes)", path, len(blob))
+        return {"bytes": len(blob), "path": path}
+
+    def load_state(request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            if request.get("path") is not None:
+                with open(str(request["path"]), "rb") as source:
+                    blob = source.read(MAX_BLOB_BYTES + 1)
+            else:
+                blob = base64.b64decode(str(request.get("state", "")), validate=True)
+            loaded = import_network(network, blob, time.monotonic())
+        except (OSError, binascii.Error, StateError) as exc:
+            log.error("load-state refused: %s", exc)
+            return {"ok": False, "error": f"state refused: {exc}"}
+        return {"loaded": loaded}
+
+    control.commands["save-state"] = save_state
+    control.commands["load-state"] = load_state
