@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most TCP/UDP flows open at once (default 65536)")
     p.add_argument("--control", metavar="PATH", default=None,
                    help="UNIX socket for run-time control: JSON lines, e.g. {\"command\": \"stats\"}")
+    p.add_argument("--discard-tx", action="store_true", help=argparse.SUPPRESS)  # for `vhostnet bench`
     p.add_argument("-d", "--debug", action="store_true", help="log every protocol message")
     p.add_argument("-q", "--quiet", action="store_true", help="log only errors")
     p.add_argument("--version", action="version", version=f"vhostnet {__version__}")
@@ -236,6 +237,7 @@ async def _serve(args: argparse.Namespace, config) -> int:
         listener.close()
         os.unlink(args.socket)
         raise UsageError(f"cannot set up the network: {exc.strerror or exc}") from None
+    network.discard_tx = args.discard_tx
     server = Server(loop, listener, network)
     control = None
     if args.control:
@@ -264,6 +266,10 @@ async def _serve(args: argparse.Namespace, config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else logging.ERROR if args.quiet else logging.INFO
