@@ -1,7 +1,7 @@
 """Control-socket commands for migrations without DEVICE_STATE (QEMU 7.2).
 
-``save-state`` exports the network (to ``path`` if given, else base64 in the
-reply); ``load-state`` imports one (from ``path`` or ``state``). A refused
+``save-state`` exports the network (to ``file`` if given, else base64 in the
+reply); ``load-state`` imports one (from ``file`` or ``state``). A refused
 blob answers ``ok: false`` with the reason and leaves the network unchanged.
 """
 
@@ -28,18 +28,18 @@ def register_state_commands(control: ControlServer, network: Network) -> None:
 
     def save_state(request: dict[str, Any]) -> dict[str, Any]:
         blob = export_network(network, time.monotonic())
-        path = request.get("path")
+        path = request.get("file")
         if path is None:
             return {"bytes": len(blob), "state": base64.b64encode(blob).decode()}
         with open(str(path), "wb") as out:
             out.write(blob)
         log.info("network state saved to %s (%d bytes)", path, len(blob))
-        return {"bytes": len(blob), "path": path}
+        return {"bytes": len(blob), "file": path}
 
     def load_state(request: dict[str, Any]) -> dict[str, Any]:
         try:
-            if request.get("path") is not None:
-                with open(str(request["path"]), "rb") as source:
+            if request.get("file") is not None:
+                with open(str(request["file"]), "rb") as source:
                     blob = source.read(MAX_BLOB_BYTES + 1)
             else:
                 blob = base64.b64decode(str(request.get("state", "")), validate=True)
