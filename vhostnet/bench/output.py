@@ -1,0 +1,136 @@
+"""Benchmark output: live progress, the results table, JSON and an optional plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+
+@dataclass
+class Row:
+    """One case's figures: the primary figure per round, a baseline from the same run, and extras."""
+
+    case: str
+    unit: str
+    rounds: list[float]
+    baseline: list[float] = field(default_factory=list)
+    baseline_unit: str = ""
+    # ratio = median / baseline median; for latencies > 1 means slower than the baseline.
+    extra: dict[str, Any] = field(default_factory=dict)
+    backend: str = "vhostnet"
+
+    @staticmethod
+    def _median(values: list[float]) -> float:
+        ordered = sorted(values)
+        n = len(ordered)
+        if not n:
+            return float("nan")
+        return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+    @property
+    def median(self) -> float:
+        return self._median(self.rounds)
+
+    @property
+    def baseline_median(self) -> float:
+        return self._median(self.baseline)
+
+    @property
+    def ratio(self) -> float | None:
+        base = self.baseline_median
+        if not self.baseline or not base or base != base:
+            return None
+        return self.median / base
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            min=min(self.rounds) if self.rounds else None,
+            median=self.median if self.rounds else None,
+            max=max(self.rounds) if self.rounds else None,
+            baseline_median=self.baseline_median if self.baseline else None,
+            ratio=self.ratio,
+        )
+        return data
+
+
+class Progress:
+    """One `\\r`-rewritten status line on a terminal, plain lines otherwise."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self._width = 0
+
+    def update(self, text: str) -> None:
+        if self.tty:
+            pad = max(0, self._width - len(text))
+            self.stream.write("\r" + text + " " * pad)
+            self._width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or value != value:
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+HEADER = f"{'case':<16} {'backend':<9} {'unit':<9} {'min':>10} {'median':>10} {'max':>10} {'baseline':>10} {'ratio':>7}  notes"
+
+
+def format_row(row: Row) -> str:
+    notes = "  ".join(f"{k}={_fmt(v) if isinstance(v, float) else v}" for k, v in row.extra.items())
+    ratio = "-" if row.ratio is None else f"{row.ratio:.3f}"
+    return (f"{row.case:<16} {row.backend:<9} {row.unit:<9} {_fmt(min(row.rounds) if row.rounds else None):>10} "
+            f"{_fmt(row.median if row.rounds else None):>10} {_fmt(max(row.rounds) if row.rounds else None):>10} "
+            f"{_fmt(row.baseline_median if row.baseline else None):>10} {ratio:>7}  {notes}")
+
+
+def write_json(path: str, rows: list[Row], meta: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"meta": meta, "results": [r.as_dict() for r in rows]}, handle, indent=2)
+        handle.write("\n")
+
+
+class PlotUnavailable(Exception):
+    """matplotlib is missing; the message is one sentence for the user."""
+
+
+def write_plot(path: str, rows: list[Row]) -> None:
+    """One bar per case: median as a fraction of its baseline, with min/max whiskers."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotUnavailable("--plot needs matplotlib, which is not installed (pip install matplotlib)") from None
+    shown = [r for r in rows if r.ratio is not None]
+    fig, ax = plt.subplots(figsize=(max(6, len(shown) * 0.8), 4))
+    labels = [f"{r.case}\n{r.backend}" for r in shown]
+    base = [r.baseline_median for r in shown]
+    med = [r.median / b for r, b in zip(shown, base, strict=True)]
+    low = [m - min(r.rounds) / b for r, m, b in zip(shown, med, base, strict=True)]
+    high = [max(r.rounds) / b - m for r, m, b in zip(shown, med, base, strict=True)]
+    ax.bar(range(len(shown)), med, yerr=[low, high], capsize=3)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(shown)), labels, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("median / baseline")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
