@@ -1,0 +1,155 @@
+"""The bench machinery is correct: exact bytes, counts that match vhostnet's counters, JSON fields.
+
+Tiny durations only, and no figure is compared with any speed: these tests
+check that the benchmark measures what it says. They start vhostnet and send
+traffic to 127.0.0.1 only, so they run inside the private namespace
+(``python3 -m tools.netns -- python3 -m pytest tests/test_bench.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tools.netns import in_private_netns
+from vhostnet.bench.cases import ALL_CASES, Settings
+from vhostnet.bench.hostside import TcpSender, TcpSink, UdpSink
+from vhostnet.bench.output import Row, format_row, write_json
+from vhostnet.bench.rings import need_event
+from vhostnet.bench.runner import (
+    GUEST_TCP_PORT,
+    HOST_TCP_FWD,
+    Backend,
+    guest_process,
+    vhostnet_template,
+)
+
+needs_netns = pytest.mark.skipif(not in_private_netns(), reason="sends traffic: run inside tools.netns")
+
+
+
+def test_need_event_matches_virtio_definition() -> None:
+    assert need_event(event=5, new=6, old=5)
+    assert not need_event(event=9, new=6, old=5)
+    assert need_event(event=0xFFFF, new=2, old=0xFFFE)  # across the 16-bit wrap
+
+
+def test_row_statistics_and_json(tmp_path) -> None:
+    row = Row("tcp-tx-mtu1500", "Gbit/s", [3.0, 1.0, 2.0], [4.0, 4.0], "loopback Gbit/s")
+    assert (min(row.rounds), row.median, max(row.rounds), row.ratio) == (1.0, 2.0, 3.0, 0.5)
+    assert "tcp-tx-mtu1500" in format_row(row)
+    path = tmp_path / "out.json"
+    write_json(str(path), [row], {"rounds": 3})
+    data = json.loads(path.read_text())
+    result = data["results"][0]
+    for key in ("case", "unit", "rounds", "min", "median", "max", "baseline", "baseline_median", "ratio"):
+        assert key in result
+    assert data["meta"]["rounds"] == 3
+
+
+@needs_netns
+def test_ring_frame_count_matches_vhostnet_counters() -> None:
+    backend = Backend(vhostnet_template(discard_tx=True), 1500, "vhostnet")
+    try:
+        guest = guest_process(backend.socket, 1500, arp=False)
+        try:
+            before = backend.counters().get("device.tx.discarded", 0)
+            reply = guest.request("ring", size=64, duration=0.1)
+            after = backend.counters()["device.tx.discarded"]
+        finally:
+            guest.close()
+    finally:
+        backend.close()
+    assert reply["frames"] > 0
+    assert reply["lost_in_ring"] == 0
+    assert after - before == reply["frames"]
+
+
+@needs_netns
+def test_udp_and_tcp_deliver_exact_counts_and_bytes() -> None:
+    backend = Backend(vhostnet_template(), 1500, "vhostnet")
+    sink, tcp_sink = UdpSink(), TcpSink()
+    sink.start()
+    tcp_sink.start()
+    try:
+        guest = guest_process(backend.socket, 1500)
+        try:
+            # UDP: every datagram the guest completed reached vhostnet and the host sink.
+            before = backend.counters().get("device.tx.frames", 0)
+            reply = guest.request("udp_tx", payload=64, port=sink.port, duration=0.1)
+            deadline = time.monotonic() + 2.0
+            while sink.packets < reply["frames"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            after = backend.counters()["device.tx.frames"]
+            assert after - before == reply["frames"]
+            assert sink.take() == (reply["frames"], reply["frames"] * 64)
+
+            # TCP guest -> host: a fixed number of bytes, same sha256 on both ends.
+            reply = guest.request("tcp_tx", port=tcp_sink.port, limit=300_001)
+            deadline = time.monotonic() + 5.0
+            while not tcp_sink.results and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert reply["bytes"] == 300_001
+            assert tcp_sink.results[0] == {"bytes": 300_001, "sha256": reply["sha256"]}
+
+            # TCP host -> guest through the -t forward: same bytes and sha256.
+            block = np.random.default_rng(3).integers(0, 256, 1000, dtype=np.uint8).tobytes()
+            guest.send("tcp_rx", port=GUEST_TCP_PORT)
+            sender = TcpSender(HOST_TCP_FWD, 0.2, block)
+            sender.start()
+            reply = guest.read(30.0)
+            sender.stop(10.0)
+            assert sender.error is None
+            assert reply["bytes"] == sender.sent > 0
+            assert reply["sha256"] == sender.digest.hexdigest()
+        finally:
+            guest.close()
+    finally:
+        sink.stop()
+        tcp_sink.stop()
+        backend.close()
+
+
+def test_repeated_block_digest_matches_hashlib() -> None:
+    from vhostnet.bench.guest import _repeated_digest
+
+    block = bytes(range(7))
+    assert _repeated_digest(block, 30) == hashlib.sha256((block * 5)[:30]).hexdigest()
+
+
+@needs_netns
+def test_tiny_bench_run_writes_json_with_every_field(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "vhostnet", "bench", "--cases", "ring,tcp-rr", "--rounds", "1",
+           "--duration", "0.1", "--json", str(out),
+           "--compare", vhostnet_template().replace("-m vhostnet", "-m vhostnet")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(out.read_text())
+    cases = {(r["case"], r["backend"]) for r in data["results"]}
+    assert {("ring-64B", "vhostnet"), ("ring-1500B", "vhostnet"), ("tcp-rr", "vhostnet"),
+            ("tcp-rr", "other")} <= cases
+    for result in data["results"]:
+        assert result["median"] > 0 and result["baseline_median"] > 0
+        assert result["ratio"] is not None
+    other_rr = next(r for r in data["results"] if r["case"] == "tcp-rr" and r["backend"] == "other")
+    assert "vs_vhostnet" in other_rr["extra"]
+    assert "ring-64B" in done.stdout
+
+
+def test_bench_refuses_outside_the_namespace_and_bad_options() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "VHOSTNET_NETNS"}
+    done = subprocess.run([sys.executable, "-m", "vhostnet", "bench", "--cases", "ring"],
+                          capture_output=True, text=True, timeout=30, env=env)
+    assert done.returncode == 2 and "namespace" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "vhostnet", "bench", "--cases", "nope"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "unknown case" in done.stderr
+    assert Settings().cases == ALL_CASES
