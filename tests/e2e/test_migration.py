@@ -1,0 +1,100 @@
+"""Live migration of a guest between two QEMUs, each on its own vhostnet.
+
+The guest pings the gateway the whole time; replies must continue on the
+destination with new sequence numbers. QEMU 10.0 carries vhostnet's network
+state itself (DEVICE_STATE); with QEMU 7.2 the state moves through the
+control sockets (save-state on the source, load-state on the destination)
+while the destination waits paused (-S) for `cont`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.guestlib import GATEWAY, PING_REPLY, ping_replies, static_ipv4
+from vhostnet.control import control_request
+
+pytestmark = pytest.mark.e2e
+
+PING_COUNT = 120
+PING_INTERVAL = 0.5
+REPLIES_BEFORE = 3
+MIGRATION_TIMEOUT = 120.0
+
+SCRIPT = static_ipv4() + (
+    f"ping -c {PING_COUNT} -i {PING_INTERVAL} -W 2 {GATEWAY}\n"
+    "echo RESULT ping_done=yes\n"
+)
+REPLY = re.compile(PING_REPLY.format(target=re.escape(GATEWAY)), re.MULTILINE)
+
+
+def wait_migrated(machine) -> None:
+    """Poll query-migrate on the source until it completes (bounded)."""
+    deadline = time.monotonic() + MIGRATION_TIMEOUT
+    while time.monotonic() < deadline:
+        status = machine.qmp("query-migrate").get("status")
+        if status == "completed":
+            return
+        assert status not in ("failed", "cancelled"), f"migration {status}\n{machine.log_tail()}"
+        time.sleep(0.2)
+    pytest.fail(f"migration did not complete within {MIGRATION_TIMEOUT} s")
+
+
+def boot_source(guest, version: str, socket_path: Path, tmp_path: Path):
+    source = guest(version, SCRIPT, socket_path=socket_path, qmp_path=tmp_path / "src.qmp")
+    offset = source.wait_for("VHOSTNET-TEST-BEGIN", timeout=120).end()
+    for _ in range(REPLIES_BEFORE):
+        offset = source.wait_for(REPLY, timeout=60, start=offset).end()
+    return source
+
+
+def check_ping_continued(source, destination) -> None:
+    destination.wait_for(REPLY, timeout=60)
+    destination.wait_exit(timeout=120)
+    before = ping_replies(source.output(), GATEWAY)
+    after = ping_replies(destination.output(), GATEWAY)
+    assert len(before) >= REPLIES_BEFORE
+    assert after, "no echo reply on the destination"
+    assert min(after) > max(before), "replies after migration must be new sequence numbers"
+    assert destination.results().get("ping_done") == "yes"
+
+
+def test_migration_with_device_state(vhostnet, guest, kit, tmp_path):
+    if kit.qemu10 is None:
+        pytest.fail(f"QEMU 10.0 is needed for DEVICE_STATE: {kit.qemu10_reason}")
+    src_net, dst_net = vhostnet(), vhostnet()
+    source = boot_source(guest, "10.0", src_net.socket_path, tmp_path)
+    destination = guest("10.0", SCRIPT, socket_path=dst_net.socket_path,
+                        qmp_path=tmp_path / "dst.qmp", extra_args=("-incoming", "defer"))
+    uri = f"unix:{tmp_path / 'migration.sock'}"
+    destination.qmp("migrate-incoming", uri=uri)
+    source.qmp("migrate", uri=uri)
+    wait_migrated(source)
+    check_ping_continued(source, destination)
+    assert "device state: saving" in src_net.log_text()
+    assert "network state loaded: guest 52:54:00" in dst_net.log_text()
+    assert src_net.running() and dst_net.running()
+
+
+def test_migration_with_control_sockets_qemu72(vhostnet, guest, tmp_path):
+    src_ctl, dst_ctl = tmp_path / "src.ctl", tmp_path / "dst.ctl"
+    src_net = vhostnet("--control", str(src_ctl))
+    dst_net = vhostnet("--control", str(dst_ctl))
+    source = boot_source(guest, "7.2", src_net.socket_path, tmp_path)
+    destination = guest("7.2", SCRIPT, socket_path=dst_net.socket_path,
+                        qmp_path=tmp_path / "dst.qmp", extra_args=("-S", "-incoming", "defer"))
+    uri = f"unix:{tmp_path / 'migration.sock'}"
+    destination.qmp("migrate-incoming", uri=uri)
+    source.qmp("migrate", uri=uri)
+    wait_migrated(source)
+    state = tmp_path / "state.bin"
+    assert control_request(str(src_ctl), "save-state", file=str(state))["ok"]
+    loaded = control_request(str(dst_ctl), "load-state", file=str(state))
+    assert loaded["ok"], loaded
+    destination.qmp("cont")
+    check_ping_continued(source, destination)
+    assert "network state loaded: guest 52:54:00" in dst_net.log_text()
