@@ -220,6 +220,7 @@ class GuestTcp:
         self.fin_sent = False
         self.reset = False
         self.ack_due = False
+        self.dup_acks = 0
         self.received = 0
         self.received_hash = hashlib.sha256()
         self.first_data_at = 0.0
@@ -302,6 +303,13 @@ class GuestTcp:
         if self.snd_una < rel_ack <= self.snd_nxt:
             self.snd_una = rel_ack
             self.last_progress = time.monotonic()
+            self.dup_acks = 0
+        elif rel_ack == self.snd_una < self.snd_nxt and not len(payload) and not flags & FIN:
+            # Fast retransmit (RFC 5681): a peer that dropped a segment repeats its ACK.
+            self.dup_acks += 1
+            if self.dup_acks == 3:
+                self.snd_nxt = self.snd_una
+                self.fin_sent = False
         self.snd_wnd = window << self.peer_wscale
         rel_seq = (seq - self.irs) & 0xFFFFFFFF
         if len(payload) or flags & FIN:
