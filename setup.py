@@ -17,6 +17,11 @@ extensions = [
         include_dirs=[numpy.get_include()],
         extra_compile_args=COMPILE_ARGS,
     ),
+    Extension(
+        "vhostnet.stack._csum",
+        ["ext/csum.pyx"],
+        extra_compile_args=COMPILE_ARGS,
+    ),
 ]
 
 setup(
