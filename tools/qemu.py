@@ -109,6 +109,7 @@ class QemuGuest:
     socket_path: the vhost-user socket (QEMU is the client); None means no
     network device at all (use extra_args to add another one).
     boot_args: replaces `-kernel/-initrd/-append` (e.g. `("-boot", "n")` for PXE).
+    nic_options: appended to the virtio-net-pci device (e.g. `romfile=...` for PXE).
     """
 
     def __init__(
@@ -125,6 +126,7 @@ class QemuGuest:
         boot_args: Sequence[str] | None = None,
         mac: str = DEFAULT_MAC,
         append: str = "",
+        nic_options: str = "",
     ) -> None:
         if version not in VERSIONS:
             raise ValueError(f"QEMU version must be one of {VERSIONS}, not {version!r}")
@@ -141,6 +143,7 @@ class QemuGuest:
         self.boot_args = tuple(boot_args) if boot_args is not None else None
         self.mac = mac
         self.append = append
+        self.nic_options = nic_options
         self._workdir = Path(tempfile.mkdtemp(prefix="vhostnet-guest-"))
         self.serial_log = Path(serial_log) if serial_log else self._workdir / "serial.log"
         self.qemu_log = self.serial_log.with_name(self.serial_log.name + ".qemu-stderr")
@@ -182,6 +185,8 @@ class QemuGuest:
             if self.version == "7.2":
                 # 7.2 under TCG crashes with vhost-user and MSI-X: use INTx.
                 device += ",vectors=0"
+            if self.nic_options:
+                device += f",{self.nic_options}"
             args += ["-chardev", chardev, "-netdev", "vhost-user,id=n0,chardev=c0",
                      "-device", device]
         if self.qmp_path is not None:
