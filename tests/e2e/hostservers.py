@@ -1,0 +1,371 @@
+"""Host-side servers for the NAT tests, all on 127.0.0.1 and all in threads.
+
+Every server binds an ephemeral port on loopback, runs in daemon threads with
+bounded socket timeouts, records what it saw, and is stopped by ``close()``
+(each is a context manager). Nothing here ever talks to another machine.
+
+* ``DnsServer``: answers A queries for a few names over UDP and TCP on the same port.
+* ``HttpFileServer``: serves one generated file over HTTP/1.0.
+* ``TcpSink``: reads each connection to EOF, records size, sha256 and duration,
+  answers with the sha256 in hex.
+* ``TcpSource``: sends a generated payload on each connection, then closes.
+* ``BarrierEchoServer``: reads one line per connection, holds every connection
+  open until ``expected`` of them are open at once, then echoes the lines back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+LOOPBACK = "127.0.0.1"
+IO_TIMEOUT = 120.0  # no single socket operation of a test may block longer
+ACCEPT_POLL = 0.2
+
+
+def generated_bytes(size: int, seed: int) -> bytes:
+    """Deterministic pseudo-random bytes, so two sides can agree without sending a key."""
+    return random.Random(seed).randbytes(size)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class _AcceptLoop:
+    """A listening TCP socket whose connections each get a daemon thread running ``handle``."""
+
+    def __init__(self, handle: Callable[[socket.socket], None], port: int = 0) -> None:
+        self._handle = handle
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((LOOPBACK, port))
+        self.listener.listen(512)
+        self.listener.settimeout(ACCEPT_POLL)
+        self.port = self.listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
+        self._acceptor.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _peer = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(IO_TIMEOUT)
+            worker = threading.Thread(target=self._run, args=(conn,), daemon=True)
+            self._threads.append(worker)
+            worker.start()
+
+    def _run(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self._handle(conn)
+            except OSError:
+                pass  # the test sees the missing result; the server stays up
+
+    def close(self) -> None:
+        self._stop.set()
+        self._acceptor.join(timeout=5)
+        self.listener.close()
+        for worker in self._threads:
+            worker.join(timeout=5)
+
+
+# --- DNS ------------------------------------------------------------------------
+
+
+def dns_query(name: str, query_id: int = 0x1234, qtype: int = 1) -> bytes:
+    """A standard recursive query for ``name`` (type A by default)."""
+    header = struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0)
+    labels = b"".join(bytes([len(part)]) + part.encode() for part in name.rstrip(".").split("."))
+    return header + labels + b"\0" + struct.pack("!HH", qtype, 1)
+
+
+def _question_end(message: bytes) -> int:
+    offset = 12
+    for _ in range(128):
+        length = message[offset]
+        offset += 1
+        if length == 0:
+            return offset + 4
+        offset += length
+    raise ValueError("name too long")
+
+
+def _question_name(message: bytes) -> str:
+    parts, offset = [], 12
+    for _ in range(128):
+        length = message[offset]
+        if length == 0:
+            break
+        parts.append(message[offset + 1 : offset + 1 + length].decode("ascii", "replace"))
+        offset += 1 + length
+    return ".".join(parts).lower()
+
+
+class DnsServer:
+    """A tiny authoritative server: A records from ``records``, NXDOMAIN for anything else."""
+
+    def __init__(self, records: dict[str, str]) -> None:
+        self.records = {name.lower().rstrip("."): address for name, address in records.items()}
+        self.udp_queries: list[str] = []
+        self.tcp_queries: list[str] = []
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.tcp: _AcceptLoop | None = None
+        # UDP and TCP must share a port number; a busy TCP port means pick again (bounded).
+        for _ in range(20):
+            self.udp.bind((LOOPBACK, 0))
+            try:
+                self.tcp = _AcceptLoop(self._serve_tcp, self.udp.getsockname()[1])
+                break
+            except OSError:
+                self.udp.close()
+                self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        if self.tcp is None:
+            raise OSError("no port free for both UDP and TCP")
+        self.port = self.udp.getsockname()[1]
+        self.udp.settimeout(ACCEPT_POLL)
+        self._stop = threading.Event()
+        self._udp_thread = threading.Thread(target=self._serve_udp, daemon=True)
+        self._udp_thread.start()
+
+    def answer(self, query: bytes) -> bytes | None:
+        """The response to ``query``, or None for something that is not a query."""
+        if len(query) < 17 or query[2] & 0x80:
+            return None
+        try:
+            end = _question_end(query)
+            name = _question_name(query)
+        except (IndexError, ValueError):
+            return None
+        (qtype,) = struct.unpack("!H", query[end - 4 : end - 2])
+        question = query[12:end]
+        address = self.records.get(name)
+        if address is None or qtype != 1:
+            rcode = 0 if address is not None else 3
+            header = struct.pack("!HHHHHH", *struct.unpack("!H", query[:2]), 0x8580 | rcode,
+                                 1, 0, 0, 0)
+            return header + question
+        header = struct.pack("!HHHHHH", *struct.unpack("!H", query[:2]), 0x8580, 1, 1, 0, 0)
+        record = struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(address)
+        return header + question + record
+
+    def _serve_udp(self) -> None:
+        while not self._stop.is_set():
+            try:
+                query, peer = self.udp.recvfrom(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            reply = self.answer(query)
+            if reply is not None:
+                self.udp_queries.append(_question_name(query))
+                self.udp.sendto(reply, peer)
+
+    def _serve_tcp(self, conn: socket.socket) -> None:
+        for _ in range(16):  # a client may send a few queries on one connection
+            length_bytes = _recv_exact(conn, 2)
+            if length_bytes is None:
+                return
+            query = _recv_exact(conn, struct.unpack("!H", length_bytes)[0])
+            if query is None:
+                return
+            reply = self.answer(query)
+            if reply is None:
+                return
+            self.tcp_queries.append(_question_name(query))
+            conn.sendall(struct.pack("!H", len(reply)) + reply)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._udp_thread.join(timeout=5)
+        self.udp.close()
+        assert self.tcp is not None
+        self.tcp.close()
+
+    def __enter__(self) -> DnsServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _recv_exact(conn: socket.socket, size: int) -> bytes | None:
+    chunks, got = [], 0
+    while got < size:
+        chunk = conn.recv(size - got)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+# --- bulk TCP -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Transfer:
+    """One connection's worth of bulk data, as the host saw it."""
+
+    size: int
+    sha256: str
+    seconds: float  # first byte to last byte (or connection to last byte when sending)
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.size / self.seconds if self.seconds > 0 else 0.0
+
+
+class TcpSink:
+    """Reads each connection to EOF; answers with the sha256 hex of what arrived."""
+
+    def __init__(self) -> None:
+        self.transfers: list[Transfer] = []
+        self.done = threading.Event()
+        self._loop = _AcceptLoop(self._serve)
+        self.port = self._loop.port
+
+    def _serve(self, conn: socket.socket) -> None:
+        digest, size, first = hashlib.sha256(), 0, None
+        while True:
+            chunk = conn.recv(1 << 20)
+            if not chunk:
+                break
+            if first is None:
+                first = time.monotonic()
+            digest.update(chunk)
+            size += len(chunk)
+        seconds = time.monotonic() - first if first is not None else 0.0
+        self.transfers.append(Transfer(size, digest.hexdigest(), seconds))
+        self.done.set()
+        conn.sendall(digest.hexdigest().encode() + b"\n")
+
+    def close(self) -> None:
+        self._loop.close()
+
+    def __enter__(self) -> TcpSink:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class HttpFileServer:
+    """HTTP/1.0: ``GET /<name>`` returns the generated file, anything else 404."""
+
+    def __init__(self, name: str, data: bytes) -> None:
+        self.name, self.data = name, data
+        self.transfers: list[Transfer] = []
+        self._loop = _AcceptLoop(self._serve)
+        self.port = self._loop.port
+
+    def _serve(self, conn: socket.socket) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request and len(request) < 8192:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            request += chunk
+        fields = request.split(b" ", 2)
+        if len(fields) < 2 or fields[0] != b"GET" or fields[1] != f"/{self.name}".encode():
+            conn.sendall(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            return
+        started = time.monotonic()
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(self.data))
+        conn.sendall(self.data)
+        conn.shutdown(socket.SHUT_WR)
+        # Wait for the client's close, so the duration covers delivery, not buffering.
+        while conn.recv(4096):
+            pass
+        self.transfers.append(Transfer(len(self.data), sha256_hex(self.data),
+                                       time.monotonic() - started))
+
+    def close(self) -> None:
+        self._loop.close()
+
+    def __enter__(self) -> HttpFileServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class BarrierEchoServer:
+    """Echoes one line per connection, but only once ``expected`` connections are open at once.
+
+    This proves that that many flows really were concurrent. ``peak`` is the
+    most connections seen open together; ``on_all_open`` (if given) runs once,
+    in a server thread, when the barrier is reached and before any reply.
+    """
+
+    def __init__(self, expected: int, wait_limit: float = 120.0,
+                 on_all_open: Callable[[], None] | None = None) -> None:
+        self.expected = expected
+        self.wait_limit = wait_limit
+        self.on_all_open = on_all_open
+        self.lines: list[bytes] = []
+        self.peak = 0
+        self._open = 0
+        self._lock = threading.Lock()
+        self._all_open = threading.Event()
+        self._loop = _AcceptLoop(self._serve)
+        self.port = self._loop.port
+
+    def _serve(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._open += 1
+            self.peak = max(self.peak, self._open)
+            reached = self._open >= self.expected and not self._all_open.is_set()
+        try:
+            line = b""
+            while not line.endswith(b"\n") and len(line) < 4096:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                line += chunk
+            if reached:
+                if self.on_all_open is not None:
+                    self.on_all_open()
+                self._all_open.set()
+            self._all_open.wait(self.wait_limit)
+            with self._lock:
+                self.lines.append(line)
+            conn.sendall(b"echo " + line)
+        finally:
+            with self._lock:
+                self._open -= 1
+
+    @property
+    def all_were_open(self) -> bool:
+        return self._all_open.is_set()
+
+    def close(self) -> None:
+        self._all_open.set()
+        self._loop.close()
+
+    def __enter__(self) -> BarrierEchoServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port on 127.0.0.1 that was free a moment ago (for forwards vhostnet must bind)."""
+    with socket.socket(socket.AF_INET, kind) as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
