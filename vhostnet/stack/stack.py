@@ -33,6 +33,10 @@ from .udp import UdpDatagram, emit_udp
 
 log = logging.getLogger(__name__)
 
+# Packets kept for a guest whose MAC is not known yet, and how often to ask for it by ARP.
+MAX_HELD_FOR_MAC = 64
+ARP_ASK_EVERY = 8
+
 
 class ProtocolHandler(Protocol):
     """An engine for one IPv4 protocol number (e.g. the TCP engine for 6)."""
@@ -65,6 +69,8 @@ class NetworkStack:
         # Learned from the guest's own frames; None until it has sent something.
         self.guest_mac: bytes | None = None
         self.guest_ipv4: bytes | None = None
+        # IPv4 packets (header included) for the guest sent before its MAC was known.
+        self._held_for_mac: deque[bytes] = deque()
         self._protocol_handlers: dict[int, ProtocolHandler] = {}
         self._udp_services: list[UdpService] = []
         self._timer_clients: list[TimerClient] = []
@@ -142,6 +148,10 @@ class NetworkStack:
 
     def _learn(self, mac: bytes, ip: bytes) -> None:
         self.guest_mac = mac
+        while self._held_for_mac:
+            self.frames_to_guest.append(ethernet.emit_ethernet(
+                mac, self.config.gateway_mac, ethernet.ETHERTYPE_IPV4, self._held_for_mac.popleft()))
+            self._counters.inc("ipv4.tx")
         if ip != bytes(4) and ip not in (self.config.gateway, self.config.dns) and ip[0] < 224:
             self.guest_ipv4 = ip
 
@@ -214,17 +224,33 @@ class NetworkStack:
         """Queue an IPv4 packet for the guest, from ``src`` (any address we impersonate).
 
         ``dst_mac`` defaults to the learned guest MAC; without one the packet is
-        dropped and counted ("ipv4.tx.drop.no_guest_mac"), since there is nobody to send to.
+        held (at most ``MAX_HELD_FOR_MAC``) and the guest is asked by ARP: a guest
+        configured statically may say nothing before a host peer reaches a forwarded
+        port. Beyond that limit packets are dropped and counted ("ipv4.tx.drop.no_guest_mac").
         """
         mac = dst_mac or self.guest_mac
-        if mac is None:
-            self._counters.drop("ipv4.tx.drop.no_guest_mac",
-                                "packet for the guest dropped: its MAC address is not known yet")
-            return
         header = emit_ipv4_header(src, dst, proto, len(payload), ttl=ttl)
+        if mac is None:
+            self._hold_for_mac(dst, header + bytes(payload))
+            return
         self.frames_to_guest.append(ethernet.emit_ethernet(
             mac, self.config.gateway_mac, ethernet.ETHERTYPE_IPV4, header + bytes(payload)))
         self._counters.inc("ipv4.tx")
+
+    def _hold_for_mac(self, dst: bytes, packet: bytes) -> None:
+        if len(self._held_for_mac) >= MAX_HELD_FOR_MAC:
+            self._counters.drop("ipv4.tx.drop.no_guest_mac",
+                                "packet for the guest dropped: its MAC address is not known yet")
+            return
+        # Ask again every few packets (no clock here): the guest may miss one request.
+        if len(self._held_for_mac) % ARP_ASK_EVERY == 0:
+            request = arp.emit_arp(arp.OP_REQUEST, self.config.gateway_mac, self.config.gateway,
+                                   bytes(6), dst)
+            self.frames_to_guest.append(ethernet.emit_ethernet(
+                ethernet.BROADCAST_MAC, self.config.gateway_mac, ethernet.ETHERTYPE_ARP, request))
+            self._counters.inc("arp.request_sent")
+        self._held_for_mac.append(packet)
+        self._counters.inc("ipv4.tx.held_for_mac")
 
     def send_udp(self, src: bytes, sport: int, dst: bytes, dport: int,
                  payload: bytes | bytearray | memoryview, dst_mac: bytes | None = None) -> None:
