@@ -20,6 +20,7 @@ import pytest
 
 from tests.e2e.guestlib import GATEWAY, static_ipv4
 from tests.e2e.hostservers import LOOPBACK, free_port, generated_bytes, sha256_hex
+from vhostnet.control import control_request
 
 pytestmark = pytest.mark.e2e
 
@@ -116,11 +117,12 @@ def udp_exchange(port: int, payload: bytes) -> tuple[bytes, tuple[str, int]]:
         return sock.recvfrom(4096)
 
 
-def test_tcp_and_udp_forwards(vhostnet, guest, qemu_version, tmp_path):
+def test_tcp_and_udp_forwards(vhostnet, guest, qemu_version, tmp_path, e2e_tmp):
     udpecho = build_udpecho(tmp_path)
     host_in, host_out = free_port(), free_port()
     host_udp = free_port(socket.SOCK_DGRAM)
-    server = vhostnet("-t", f"{host_in}:{GUEST_TCP_IN}", "-t", f"{host_out}:{GUEST_TCP_OUT}",
+    control = str(e2e_tmp / "control.sock")
+    server = vhostnet("--control", control, "-t", f"{host_in}:{GUEST_TCP_IN}", "-t", f"{host_out}:{GUEST_TCP_OUT}",
                       "-u", f"{host_udp}:{GUEST_UDP}")
     machine = guest(qemu_version, guest_script(udpecho), socket_path=server.socket_path,
                     memory_mb=GUEST_MEMORY_MB)
@@ -130,6 +132,7 @@ def test_tcp_and_udp_forwards(vhostnet, guest, qemu_version, tmp_path):
     upload = generated_bytes(BULK_BYTES, BULK_SEED)
     in_seconds = send_bulk(host_in, upload)
     received, out_seconds = receive_bulk(host_out, BULK_BYTES + 1)
+    stats = control_request(control, "stats")["counters"]
     machine.wait_exit(timeout=300)
     results = machine.results()
     output = machine.output()
@@ -148,5 +151,7 @@ def test_tcp_and_udp_forwards(vhostnet, guest, qemu_version, tmp_path):
     assert hashlib.sha256(received).hexdigest() == results["out_sha256"]
     assert results["out_rc"] == "0"
     print(f"\nQEMU {qemu_version}: forward host->guest {BULK_BYTES / in_seconds / 1e6:.2f} MB/s, "
-          f"guest->host {BULK_BYTES / out_seconds / 1e6:.2f} MB/s (gateway {GATEWAY} as peer)")
+          f"guest->host {BULK_BYTES / out_seconds / 1e6:.2f} MB/s (gateway {GATEWAY} as peer); "
+          + ", ".join(f"{k}={v}" for k, v in sorted(stats.items())
+                      if k.startswith("tcp.") and ("retrans" in k or "partial" in k or "order" in k)))
     assert server.running()
