@@ -153,5 +153,5 @@ def test_tcp_and_udp_forwards(vhostnet, guest, qemu_version, tmp_path, e2e_tmp):
     print(f"\nQEMU {qemu_version}: forward host->guest {BULK_BYTES / in_seconds / 1e6:.2f} MB/s, "
           f"guest->host {BULK_BYTES / out_seconds / 1e6:.2f} MB/s (gateway {GATEWAY} as peer); "
           + ", ".join(f"{k}={v}" for k, v in sorted(stats.items())
-                      if k.startswith("tcp.") and ("retrans" in k or "partial" in k or "order" in k)))
+                      if k.startswith("tcp.") and ("retrans" in k or "partial" in k or "order" in k or "segments" in k)))
     assert server.running()
