@@ -112,9 +112,8 @@ def _ipv4(text: str, what: str) -> str:
 
 
 def _netmask(text: str) -> str:
+    # ipaddress takes both forms after the slash: "24" and "255.255.255.0".
     try:
-        if text.isdigit():
-            return str(ipaddress.IPv4Network(f"0.0.0.0/{text}").netmask)
         return str(ipaddress.IPv4Network(f"0.0.0.0/{text}").netmask)
     except ValueError:
         raise UsageError(f"netmask {text!r} is neither a dotted mask nor a prefix length") from None

@@ -214,7 +214,10 @@ class NetDevice:
         queue = self.queues.pop(index, None)
         self._drop_kick(index)
         if queue is None:
-            return -1  # the handler answers with the base it knows
+            # The handler only stops rings it started, and ring_start always
+            # creates a queue; an answer here would be a made-up base, so let
+            # the handler refuse GET_VRING_BASE (logged and counted) instead.
+            raise LookupError(f"ring {index} is not running in the device")
         log.info("ring %d stopped at avail index %d", index, queue.last_avail_idx)
         return queue.last_avail_idx
 
@@ -318,8 +321,7 @@ class NetDevice:
             return
         self._closed = True
         self.network.remove_output_listener(self._schedule_rx)
-        for index in list(self.queues):
-            self.queues.pop(index)
+        self.queues.clear()
         for index in list(self.kick_fds):
             self._drop_kick(index)
         self.call_fds.clear()

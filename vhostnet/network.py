@@ -100,7 +100,9 @@ class Network:
             self.tcp = TcpEngine(config, stack)
             stack.set_protocol_handler(PROTO_TCP, self.tcp)
             self._timer_clients.append(self.tcp)
-            self._glue.append(TcpHost(self.tcp, loop, after_event=self._after_host_event))
+            # No after_event hook needed: frames the engine produces wake the
+            # device through frames_to_guest (GuestFrameQueue) by themselves.
+            self._glue.append(TcpHost(self.tcp, loop))
         self.tftp: TftpServer | None = None
         if config.tftp_root:
             self.tftp = TftpServer(config, stack, TftpRoot(config.tftp_root))
@@ -129,11 +131,6 @@ class Network:
         """Run the host-side commands the engines queued."""
         for glue in self._glue:
             glue.flush()
-
-    def _after_host_event(self) -> None:
-        # The TCP glue calls this after feeding a socket event to its engine;
-        # frames it produced already woke the device through frames_to_guest.
-        pass
 
     def add_output_listener(self, listener: Callable[[], None]) -> None:
         self.frames_to_guest.listeners.append(listener)
