@@ -50,6 +50,20 @@ def test_host_destination() -> None:
     no_loopback = StackConfig(map_host_loopback=None)
     assert no_loopback.host_destination(ip4("10.0.2.2"), 8080) is None
     assert no_loopback.host_destination(ip4("10.0.2.3"), 53) is None  # no upstream configured
+    assert no_loopback.loopback_peer_address == ip4("10.0.2.2")
+
+
+def test_map_host_loopback_to_another_address() -> None:
+    # passt's --map-host-loopback ADDR: ADDR reaches the host's loopback and the
+    # (virtual) gateway then leads nowhere; loopback peers appear as ADDR.
+    config = StackConfig(map_host_loopback="10.0.2.100")
+    assert config.host_destination(ip4("10.0.2.100"), 8080) == ("127.0.0.1", 8080)
+    assert config.host_destination(ip4("10.0.2.2"), 8080) is None
+    assert config.loopback_peer_address == ip4("10.0.2.100")
+    assert StackConfig(gateway="10.0.2.1").host_destination(ip4("10.0.2.1"), 80) == ("127.0.0.1", 80)
+    for clash in ("10.0.2.15", "10.0.2.3"):
+        with pytest.raises(ValueError, match="loopback"):
+            StackConfig(map_host_loopback=clash)
 
 
 def test_in_guest_subnet() -> None:

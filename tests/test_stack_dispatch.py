@@ -79,6 +79,18 @@ def test_ping_gateway_is_answered_locally(stack: NetworkStack) -> None:
     assert ip[20:] == icmp_echo(0, 0x77, 3, b"abcdefgh")
 
 
+def test_ping_to_the_mapped_loopback_address_is_answered_locally() -> None:
+    mapped = bytes([10, 0, 2, 100])
+    stack = NetworkStack(StackConfig(map_host_loopback=mapped))
+    stack.receive_frame(arp_request(mapped), now=0.0)
+    stack.receive_frame(guest_ipv4_frame(mapped, 1, icmp_echo(8, 0x78, 4, b"loop")), 1.0)
+    arp_reply, echo_reply = stack.frames_to_guest
+    assert arp_reply[28:32] == mapped
+    assert echo_reply[14 + 12:14 + 16] == mapped
+    assert echo_reply[14 + 20:] == icmp_echo(0, 0x78, 4, b"loop")
+    assert stack.counters()["icmp.echo.local"] == 1
+
+
 def test_ping_disabled_with_icmp_false() -> None:
     stack = NetworkStack(StackConfig(icmp=False))
     stack.receive_frame(guest_ipv4_frame(GATEWAY_IP, 1, icmp_echo(8, 1, 1, b"")), 0.0)

@@ -172,14 +172,13 @@ def config_from_args(args: argparse.Namespace):  # -> StackConfig
         raise UsageError("--bootfile needs --tftp DIR to serve the file from")
     if args.tftp and not os.path.isdir(args.tftp):
         raise UsageError(f"TFTP folder {args.tftp} does not exist or is not a folder")
+    # passt's meaning: this guest-side address reaches the host's loopback.
     if args.map_host_loopback is None:
-        map_loopback: str | None = "127.0.0.1"
+        map_loopback: str | None = "gateway"
     elif args.map_host_loopback == "none":
         map_loopback = None
     else:
-        # passt's meaning: this guest-side address reaches the host's loopback.
-        map_loopback = "127.0.0.1"
-        _ipv4(args.map_host_loopback, "--map-host-loopback")
+        map_loopback = _ipv4(args.map_host_loopback, "--map-host-loopback")
     tcp_forwards = []
     udp_forwards = []
     try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 MIN_MTU = 576
 MAX_MTU = 65520
 DNS_PORT = 53
+HOST_LOOPBACK = "127.0.0.1"
 
 
 def ip4(text: str) -> bytes:
@@ -66,8 +67,10 @@ class StackConfig:
     mtu: int = 1500
     # Locally administered (bit 1 of the first octet set), so it cannot clash with a real NIC.
     gateway_mac: bytes = bytes.fromhex("525600000002")
-    # Where guest traffic to the gateway address goes on the host; None disables it.
-    map_host_loopback: str | None = "127.0.0.1"
+    # The guest-side address whose traffic goes to the host's loopback (passt's
+    # --map-host-loopback); the default "gateway" means the gateway address, None
+    # maps nothing.
+    map_host_loopback: bytes | str | None = "gateway"
     dhcp: bool = True
     icmp: bool = True
     tcp: bool = True
@@ -89,6 +92,12 @@ class StackConfig:
         self.netmask = _as_ip4(self.netmask, "netmask")
         self.gateway = _as_ip4(self.gateway, "gateway")
         self.dns = _as_ip4(self.dns, "dns")
+        if self.map_host_loopback == "gateway":
+            self.map_host_loopback = self.gateway
+        elif self.map_host_loopback is not None:
+            self.map_host_loopback = _as_ip4(self.map_host_loopback, "map_host_loopback")
+            if self.map_host_loopback in (self.guest_ipv4, self.dns):
+                raise ValueError("the host loopback address must differ from the guest and DNS addresses")
         if isinstance(self.gateway_mac, str):
             self.gateway_mac = mac_bytes(self.gateway_mac)
         if len(self.gateway_mac) != 6 or self.gateway_mac[0] & 1:
@@ -109,6 +118,11 @@ class StackConfig:
             raise ValueError("udp_idle_timeout must be positive")
 
     @property
+    def loopback_peer_address(self) -> bytes:
+        """How a peer on the host's loopback appears to the guest (passt does the same)."""
+        return bytes(self.map_host_loopback or self.gateway)
+
+    @property
     def prefix_length(self) -> int:
         return bin(int.from_bytes(self.netmask, "big")).count("1")
 
@@ -127,17 +141,19 @@ class StackConfig:
     def host_destination(self, dst_ip: bytes, dst_port: int) -> tuple[str, int] | None:
         """Where a guest's outbound flow to ``dst_ip:dst_port`` goes on the host, or None.
 
-        - the gateway address -> ``map_host_loopback`` (None when that is disabled);
+        - the ``map_host_loopback`` address (by default the gateway) -> the host's 127.0.0.1;
+        - the gateway address, when it is not that address -> None: it is virtual,
+          like the DNS address, and nothing answers behind it;
         - the DNS address, port 53 -> the first upstream resolver (None without one);
           other ports of the DNS address lead nowhere, it is a virtual address;
         - broadcast, multicast, 0.0.0.0/8 and 127.0.0.0/8 -> None (never leave the guest link,
           and the guest must not reach host loopback except through the gateway mapping);
         - anything else -> itself.
         """
+        if dst_ip == self.map_host_loopback:
+            return (HOST_LOOPBACK, dst_port)
         if dst_ip == self.gateway:
-            if self.map_host_loopback is None:
-                return None
-            return (self.map_host_loopback, dst_port)
+            return None
         if dst_ip == self.dns:
             if dst_port == DNS_PORT and self.dns_upstream:
                 return self.dns_upstream[0]

@@ -1,8 +1,8 @@
 """ICMPv4 (RFC 792): checked view, message builders, and the echo engine.
 
-Echo requests to the gateway or DNS address are answered here. Echo requests
-to any other destination go out through unprivileged "ping sockets" on the
-host (see ``vhostnet.hostio.icmp``): the engine queues commands, the glue
+Echo requests to the gateway, the DNS address or the address mapped to the
+host's loopback are answered here. Echo requests to any other destination go
+out through unprivileged "ping sockets" on the host (see ``vhostnet.hostio.icmp``): the engine queues commands, the glue
 executes them and reports replies back with ``on_echo_reply``.
 
 Commands (``IcmpEngine.commands``):
@@ -133,7 +133,9 @@ class IcmpEngine:
         if message.type != TYPE_ECHO_REQUEST:
             self.counters.inc("icmp.drop.type")
             return
-        if packet.dst in (self.config.gateway, self.config.dns):
+        # The host's loopback always answers echo, so the address mapped to it is
+        # answered here too: no ping socket (and no ping_group_range) needed.
+        if packet.dst in (self.config.gateway, self.config.dns, self.config.map_host_loopback):
             self.counters.inc("icmp.echo.local")
             reply = emit_echo(TYPE_ECHO_REPLY, message.echo_ident, message.echo_seq, message.body)
             self._send_ipv4(packet.dst, packet.src, PROTO_ICMP, reply)

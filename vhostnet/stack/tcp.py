@@ -468,13 +468,14 @@ class TcpEngine:
         return True
 
     def _guest_visible_address(self, peer_host: str) -> bytes:
-        # A loopback peer appears as the gateway, so the guest can answer it (as passt does).
+        # A loopback peer appears as the mapped loopback address (by default the
+        # gateway), so the guest can answer it, as passt does.
         parts = peer_host.removeprefix("::ffff:").split(".")
         if len(parts) == 4 and all(p.isdigit() and int(p) < 256 for p in parts):
             address = bytes(int(p) for p in parts)
             if address[0] != 127:
                 return address
-        return bytes(self.config.gateway)
+        return self.config.loopback_peer_address
 
     def _new_flow(self, key: tuple[bytes, int, bytes, int], inbound: bool, phase: Phase) -> Flow:
         flow = Flow(self._next_flow_id, key[0], key[1], key[2], key[3], inbound, phase)

@@ -155,7 +155,7 @@ class UdpNat:
             self.counters.inc("udp.drop.bad_peer")
             return
         if peer.is_loopback:
-            presented = self.config.gateway
+            presented = self.config.loopback_peer_address
         elif isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
             presented = peer.ipv4_mapped.packed
         elif isinstance(peer, ipaddress.IPv4Address):
