@@ -206,6 +206,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (("--socket", "/tmp/x.sock", "--bootfile", "pxelinux.0"), "needs --tftp"),
         (("--socket", "/tmp/x.sock", "--dns-upstream", "nonsense:53"), "DNS upstream"),
         (("--socket", "/tmp/x.sock", "--map-host-loopback", "10.0.2.15"), "loopback address must differ"),
+        (("--socket", "/tmp/x.sock", "--lease-time", "5"), "--lease-time 5"),
     ],
 )
 def test_command_line_mistakes_get_one_sentence(args: tuple[str, ...], message: str) -> None:

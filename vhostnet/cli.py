@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="boot file offered by DHCP for PXE (needs --tftp)")
     p.add_argument("--bootfile-ipxe", metavar="NAME", default=None,
                    help="boot file offered instead when the DHCP client is iPXE")
+    p.add_argument("--lease-time", metavar="SECONDS", type=int, default=86400,
+                   help="DHCP lease time offered to the guest (default 86400, one day)")
     p.add_argument("--flow-limit", metavar="N", type=int, default=65536,
                    help="most TCP/UDP flows open at once (default 65536)")
     p.add_argument("--control", metavar="PATH", default=None,
@@ -166,6 +168,8 @@ def config_from_args(args: argparse.Namespace):  # -> StackConfig
 
     if not 576 <= args.mtu <= 65520:
         raise UsageError(f"MTU {args.mtu} is outside 576..65520")
+    if not 60 <= args.lease_time < 0xFFFFFFFF:
+        raise UsageError(f"--lease-time {args.lease_time} is outside 60..4294967294 seconds")
     if args.flow_limit < 1:
         raise UsageError("--flow-limit must be at least 1")
     if args.bootfile and not args.tftp:
@@ -211,6 +215,7 @@ def config_from_args(args: argparse.Namespace):  # -> StackConfig
         bootfile=args.bootfile,
         bootfile_ipxe=args.bootfile_ipxe,
         flow_limit=args.flow_limit,
+        lease_time=args.lease_time,
     )
     if args.mac_addr:
         kwargs["gateway_mac"] = _mac(args.mac_addr)
