@@ -23,7 +23,7 @@ import logging
 from collections import deque
 from typing import Protocol
 
-from . import arp, ethernet
+from . import arp, ethernet, ndp
 from .checksum import PROTO_ICMP, PROTO_UDP
 from .config import StackConfig
 from .counters import Counters, MalformedPacket
@@ -142,9 +142,23 @@ class NetworkStack:
         elif eth.ethertype == ethernet.ETHERTYPE_ARP:
             self._receive_arp(eth)
         elif eth.ethertype == ethernet.ETHERTYPE_IPV6:
-            self._counters.inc("eth.drop.ipv6")
+            self._receive_ipv6(eth)
         else:
             self._counters.inc("eth.drop.ethertype")
+
+    def _receive_ipv6(self, eth: ethernet.EthernetFrame) -> None:
+        # IPv4 only: the one answer is "no IPv6 router here" (see ndp.py).
+        try:
+            packet = ndp.IPv6Packet(eth.payload)
+        except MalformedPacket:
+            self._counters.inc("eth.drop.ipv6")
+            return
+        if not ndp.is_router_solicitation(packet):
+            self._counters.inc("eth.drop.ipv6")
+            return
+        self.frames_to_guest.append(
+            ndp.no_router_advertisement(packet, eth.src, self.config.gateway_mac))
+        self._counters.inc("ndp.router_advertisement")
 
     def _learn(self, mac: bytes, ip: bytes) -> None:
         self.guest_mac = mac
