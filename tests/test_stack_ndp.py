@@ -8,6 +8,7 @@ import struct
 import pytest
 
 from tests.test_stack_frames import GATEWAY_MAC, GUEST_MAC, eth
+from tests.test_stack_frames import checksum as plain_checksum
 from vhostnet.stack import ndp
 from vhostnet.stack.config import StackConfig
 from vhostnet.stack.stack import NetworkStack
@@ -15,16 +16,6 @@ from vhostnet.stack.stack import NetworkStack
 GUEST_LINK_LOCAL = ipaddress.IPv6Address("fe80::5054:ff:fe12:3456").packed
 ALL_ROUTERS = ipaddress.IPv6Address("ff02::2").packed
 ALL_ROUTERS_MAC = bytes.fromhex("333300000002")
-
-
-def plain_checksum(data: bytes) -> int:
-    """RFC 1071, written out independently of the stack's kernel."""
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def icmpv6(src: bytes, dst: bytes, message: bytes) -> bytes:
