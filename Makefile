@@ -41,6 +41,7 @@ build: $(STAMP)
 
 kit: $(STAMP)
 	$(PY) -m tools.guestkit
+	$(PY) -m tools.guestkit_iperf
 
 clean:
 	rm -rf build $(VENV) vhostnet/*/*.so vhostnet/*.so ext/*.c
