@@ -111,15 +111,26 @@ class PlotUnavailable(Exception):
     """matplotlib is missing; the message is one sentence for the user."""
 
 
-def write_plot(path: str, rows: list[Row]) -> None:
-    """One bar per case: median as a fraction of its baseline, with min/max whiskers."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise PlotUnavailable("--plot needs matplotlib, which is not installed (pip install matplotlib)") from None
+        raise PlotUnavailable("--plot needs matplotlib, which is not installed "
+                              "(pip install 'vhostnet[plot]' or pip install matplotlib)") from None
+    return plt
+
+
+def check_plot() -> None:
+    """PlotUnavailable now rather than after a run of several minutes."""
+    _pyplot()
+
+
+def write_plot(path: str, rows: list[Row]) -> None:
+    """One bar per case: median as a fraction of its baseline, with min/max whiskers."""
+    plt = _pyplot()
     shown = [r for r in rows if r.ratio is not None]
     fig, ax = plt.subplots(figsize=(max(6, len(shown) * 0.8), 4))
     labels = [f"{r.case}\n{r.backend}" for r in shown]
