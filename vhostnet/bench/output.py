@@ -128,20 +128,36 @@ def check_plot() -> None:
     _pyplot()
 
 
-def write_plot(path: str, rows: list[Row]) -> None:
-    """One bar per case: median as a fraction of its baseline, with min/max whiskers."""
+def write_plot(path: str, rows: list[Row]) -> list[str]:
+    """One bar per case: median as a fraction of its baseline, min/max whiskers; the bars' labels.
+
+    The axis is logarithmic: ratios run from a few hundredths (throughput far
+    below loopback) to tens (latencies, where above 1 means slower). Each bar
+    carries its median in the case's own unit; guest (iperf3) bars are orange.
+    """
     plt = _pyplot()
-    shown = [r for r in rows if r.ratio is not None]
-    fig, ax = plt.subplots(figsize=(max(6, len(shown) * 0.8), 4))
+    shown = [r for r in rows if r.ratio is not None and r.ratio > 0]
+    fig, ax = plt.subplots(figsize=(max(7, len(shown) * 0.75), 4.5))
     labels = [f"{r.case}\n{r.backend}" for r in shown]
     base = [r.baseline_median for r in shown]
     med = [r.median / b for r, b in zip(shown, base, strict=True)]
     low = [m - min(r.rounds) / b for r, m, b in zip(shown, med, base, strict=True)]
     high = [max(r.rounds) / b - m for r, m, b in zip(shown, med, base, strict=True)]
-    ax.bar(range(len(shown)), med, yerr=[low, high], capsize=3)
+    colors = ["tab:orange" if r.case.startswith("guest-") else "tab:blue" for r in shown]
+    ax.bar(range(len(shown)), med, yerr=[low, high], capsize=3, color=colors)
+    for x, (row, top) in enumerate(zip(shown, [m + h for m, h in zip(med, high, strict=True)],
+                                       strict=True)):
+        ax.annotate(f"{_fmt(row.median)} {row.unit}", (x, top), textcoords="offset points",
+                    xytext=(0, 3), ha="center", va="bottom", fontsize=6, rotation=90)
+    ax.set_yscale("log")
+    if shown:  # room above the tallest whisker for its label
+        ax.set_ylim(top=max(m + h for m, h in zip(med, high, strict=True)) * 6)
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(shown)), labels, rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("median / baseline")
+    ax.set_ylabel("median / baseline from the same run")
+    ax.set_title("vhostnet bench (whiskers: min and max round; orange: iperf3 in a TCG guest)",
+                 fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return labels
