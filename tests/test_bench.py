@@ -130,7 +130,7 @@ def test_repeated_block_digest_matches_hashlib() -> None:
 def test_tiny_bench_run_writes_json_with_every_field(tmp_path) -> None:
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "vhostnet", "bench", "--cases", "ring,tcp-rr", "--rounds", "1",
-           "--duration", "0.1", "--json", str(out),
+           "--duration", "0.1", "--json", str(out), "--markdown", str(tmp_path / "bench.md"),
            "--compare", vhostnet_template().replace("-m vhostnet", "-m vhostnet")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
@@ -144,6 +144,9 @@ def test_tiny_bench_run_writes_json_with_every_field(tmp_path) -> None:
     other_rr = next(r for r in data["results"] if r["case"] == "tcp-rr" and r["backend"] == "other")
     assert "vs_vhostnet" in other_rr["extra"]
     assert "ring-64B" in done.stdout
+    table = (tmp_path / "bench.md").read_text().splitlines()
+    assert len(table) == 2 + len(data["results"])
+    assert table[2].startswith("| ring-64B | vhostnet | Mpps |")
 
 
 def test_bench_refuses_outside_the_namespace_and_bad_options() -> None:

@@ -30,6 +30,7 @@ from .output import (
     Row,
     check_plot,
     format_row,
+    markdown_table,
     write_json,
     write_plot,
 )
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=1.0, help="seconds per round (default 1.0)")
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw median/baseline per case (needs matplotlib)")
+    p.add_argument("--markdown", metavar="FILE", help="write the table as Markdown (for the README)")
     p.add_argument("--compare", metavar="CMD",
                    help="also measure another vhost-user back-end started by CMD; placeholders "
                         "{socket} (required), {control}, {mtu}, {tcp_fwd} (40001:5001), {udp_fwd} (40002:5002)")
@@ -146,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                              "udp_rate": args.guest_udp_rate}
         if args.json:
             write_json(args.json, rows, meta)
+        if args.markdown:
+            with open(args.markdown, "w", encoding="utf-8") as handle:
+                handle.write(markdown_table(rows))
         if args.plot:
             write_plot(args.plot, rows)
         ok = True
