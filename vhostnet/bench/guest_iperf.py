@@ -238,7 +238,7 @@ def load_kits(qemu: str) -> GuestKits:
         kit = build_kit(want_qemu10=qemu == "10.0")
         iperf = build_iperf_kit()
     except (KitError, OSError, subprocess.SubprocessError) as error:
-        raise BenchError(f"the guest kit is not ready ({str(error).splitlines()[0]}); "
+        raise BenchError(f"the guest kit is not ready ({str(error).strip().splitlines()[-1]}); "
                          "run `make kit` outside the namespace first") from None
     if qemu == "10.0" and kit.qemu10 is None:
         raise BenchError(f"QEMU 10.0 is unavailable ({kit.qemu10_reason}); try --qemu 7.2")
