@@ -22,6 +22,7 @@ import json
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -346,8 +347,8 @@ def _row(direction: Direction, name: str, results: list[IperfResult],
         if direction.counter in after else None
     if direction.udp:
         row.extra.update(
-            loss_pct=Row._median([r.lost_percent or 0.0 for r in results]),
-            loopback_loss_pct=Row._median([r.lost_percent or 0.0 for r in base]),
+            loss_pct=statistics.median(r.lost_percent or 0.0 for r in results),
+            loopback_loss_pct=statistics.median(r.lost_percent or 0.0 for r in base),
             offered=s.udp_rate,
             iperf_datagrams=sum(r.datagrams or 0 for r in results),
             vhostnet_datagrams=counted)
