@@ -18,8 +18,18 @@ test: setup kit
 	$(PY) -m ruff check vhostnet tests tools
 	$(NETNS) $(PY) -m pytest -ra $(PYTEST_ARGS)
 
-bench: setup
+# --guest boots a TCG guest running iperf3 (about 2 minutes of the run); the
+# plot extra (matplotlib) is installed so `--plot` works, e.g.
+# make bench BENCH_ARGS="--guest --json docs/bench.json --plot docs/bench.png"
+BENCH_ARGS ?= --guest
+PLOT_STAMP := $(VENV)/.plot-installed
+
+bench: setup kit $(PLOT_STAMP)
 	$(NETNS) $(PY) -m vhostnet bench $(BENCH_ARGS)
+
+$(PLOT_STAMP): $(STAMP)
+	$(PY) -m pip install -q matplotlib
+	touch $(PLOT_STAMP)
 
 lint: setup
 	$(PY) -m ruff check vhostnet tests tools
@@ -41,6 +51,7 @@ build: $(STAMP)
 
 kit: $(STAMP)
 	$(PY) -m tools.guestkit
+	$(PY) -m tools.guestkit_iperf
 
 clean:
 	rm -rf build $(VENV) vhostnet/*/*.so vhostnet/*.so ext/*.c

@@ -20,13 +20,15 @@ import pytest
 
 from tools.netns import in_private_netns
 from vhostnet.bench.cases import ALL_CASES, Settings
+from vhostnet.bench.guest_iperf import parse_guest_output, parse_iperf_json
 from vhostnet.bench.hostside import TcpSender, TcpSink, UdpSink
-from vhostnet.bench.output import Row, format_row, write_json
+from vhostnet.bench.output import PlotUnavailable, Row, format_row, write_json, write_plot
 from vhostnet.bench.rings import need_event
 from vhostnet.bench.runner import (
     GUEST_TCP_PORT,
     HOST_TCP_FWD,
     Backend,
+    BenchError,
     guest_process,
     vhostnet_template,
 )
@@ -128,7 +130,7 @@ def test_repeated_block_digest_matches_hashlib() -> None:
 def test_tiny_bench_run_writes_json_with_every_field(tmp_path) -> None:
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "vhostnet", "bench", "--cases", "ring,tcp-rr", "--rounds", "1",
-           "--duration", "0.1", "--json", str(out),
+           "--duration", "0.1", "--json", str(out), "--markdown", str(tmp_path / "bench.md"),
            "--compare", vhostnet_template().replace("-m vhostnet", "-m vhostnet")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
@@ -142,6 +144,9 @@ def test_tiny_bench_run_writes_json_with_every_field(tmp_path) -> None:
     other_rr = next(r for r in data["results"] if r["case"] == "tcp-rr" and r["backend"] == "other")
     assert "vs_vhostnet" in other_rr["extra"]
     assert "ring-64B" in done.stdout
+    table = (tmp_path / "bench.md").read_text().splitlines()
+    assert len(table) == 2 + len(data["results"])
+    assert table[2].startswith("| ring-64B | vhostnet | Mpps |")
 
 
 def test_bench_refuses_outside_the_namespace_and_bad_options() -> None:
@@ -153,3 +158,62 @@ def test_bench_refuses_outside_the_namespace_and_bad_options() -> None:
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "unknown case" in done.stderr
     assert Settings().cases == ALL_CASES
+
+
+def _plot_rows() -> list[Row]:
+    return [Row("tcp-tx-mtu1500", "Gbit/s", [0.2, 0.3, 0.25], [3.0, 3.5], "loopback Gbit/s"),
+            Row("guest-udp-rx", "Mbit/s", [150.0], [970.0], "loopback Mbit/s"),
+            Row("tcp-rr", "p50 us", [500.0, 600.0], [16.0], "loopback p50 us"),
+            Row("no-baseline", "Mpps", [1.0])]
+
+
+def test_write_plot_draws_a_png_with_one_bar_per_compared_case(tmp_path) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        reason = "matplotlib is not installed (the optional 'plot' extra)"
+        print(reason)
+        pytest.skip(reason)
+    path = tmp_path / "bench.png"
+    labels = write_plot(str(path), _plot_rows())
+    assert labels == ["tcp-tx-mtu1500\nvhostnet", "guest-udp-rx\nvhostnet", "tcp-rr\nvhostnet"]
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_is_one_sentence(tmp_path, monkeypatch) -> None:
+    # None in sys.modules makes `import matplotlib` raise ImportError, installed or not.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(PlotUnavailable) as caught:
+        write_plot(str(tmp_path / "bench.png"), _plot_rows())
+    assert "matplotlib" in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "bench.png").exists()
+
+
+def test_guest_console_parsing_and_iperf3_reports() -> None:
+    udp = {"end": {"sum_received": {"bytes": 14000, "bits_per_second": 1.2e8, "packets": 12,
+                                    "lost_packets": 2, "lost_percent": 16.7}}}
+    console = ("[    2.1] some kernel line\nIPERF-BEGIN guest-udp-rx 2\n"
+               "IPERF-JSON-BEGIN guest-udp-rx 2 rc=0\n" + json.dumps(udp, indent=1) +
+               "\nIPERF-JSON-END\nIPERF-JSON-BEGIN guest-tcp-tx 1 rc=1\n"
+               '{"start": {}, "error": "unable to connect to server: Connection refused"}\n'
+               "IPERF-JSON-END\n")
+    runs = parse_guest_output(console)
+    assert set(runs) == {("guest-udp-rx", 2), ("guest-tcp-tx", 1)}
+    code, text = runs[("guest-udp-rx", 2)]
+    result = parse_iperf_json(text, udp=True)
+    assert (code, result.datagrams, result.bytes, result.mbit_s) == (0, 10, 14000, 120.0)
+    code, text = runs[("guest-tcp-tx", 1)]
+    with pytest.raises(BenchError, match="Connection refused"):
+        parse_iperf_json(text, udp=False)
+    with pytest.raises(BenchError, match="not JSON"):
+        parse_iperf_json("iperf3: error - the server is busy", udp=False)
+
+
+def test_bench_refuses_bad_guest_options() -> None:
+    for args, words in ((["--guest", "--qemu", "8.0"], "--qemu"),
+                        (["--guest", "--guest-udp-rate", "fast"], "--guest-udp-rate"),
+                        (["--guest", "--guest-seconds", "0"], "--guest-seconds")):
+        done = subprocess.run([sys.executable, "-m", "vhostnet", "bench", *args],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2 and words in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr

@@ -101,6 +101,24 @@ def format_row(row: Row) -> str:
             f"{_fmt(row.baseline_median if row.baseline else None):>10} {ratio:>7}  {notes}")
 
 
+# Extras worth a column in the README's table; the rest stay in the JSON.
+MARKDOWN_NOTES = ("p99_us", "loss_pct", "loopback_loss_pct")
+
+
+def markdown_table(rows: list[Row]) -> str:
+    """The table as Markdown, for the README."""
+    lines = ["| case | backend | unit | min | median | max | baseline (same run) | ratio | notes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        notes = ", ".join(f"{k} {_fmt(row.extra[k])}" for k in MARKDOWN_NOTES if k in row.extra)
+        ratio = "-" if row.ratio is None else f"{row.ratio:.3f}"
+        baseline = f"{_fmt(row.baseline_median)} {row.baseline_unit}" if row.baseline else "-"
+        figures = [_fmt(f(row.rounds)) if row.rounds else "-" for f in (min, Row._median, max)]
+        lines.append(f"| {row.case} | {row.backend} | {row.unit} | {' | '.join(figures)} | "
+                     f"{baseline} | {ratio} | {notes} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_json(path: str, rows: list[Row], meta: dict[str, Any]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump({"meta": meta, "results": [r.as_dict() for r in rows]}, handle, indent=2)
@@ -111,26 +129,53 @@ class PlotUnavailable(Exception):
     """matplotlib is missing; the message is one sentence for the user."""
 
 
-def write_plot(path: str, rows: list[Row]) -> None:
-    """One bar per case: median as a fraction of its baseline, with min/max whiskers."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise PlotUnavailable("--plot needs matplotlib, which is not installed (pip install matplotlib)") from None
-    shown = [r for r in rows if r.ratio is not None]
-    fig, ax = plt.subplots(figsize=(max(6, len(shown) * 0.8), 4))
+        raise PlotUnavailable("--plot needs matplotlib, which is not installed "
+                              "(pip install 'vhostnet[plot]' or pip install matplotlib)") from None
+    return plt
+
+
+def check_plot() -> None:
+    """PlotUnavailable now rather than after a run of several minutes."""
+    _pyplot()
+
+
+def write_plot(path: str, rows: list[Row]) -> list[str]:
+    """One bar per case: median as a fraction of its baseline, min/max whiskers; the bars' labels.
+
+    The axis is logarithmic: ratios run from a few hundredths (throughput far
+    below loopback) to tens (latencies, where above 1 means slower). Each bar
+    carries its median in the case's own unit; guest (iperf3) bars are orange.
+    """
+    plt = _pyplot()
+    shown = [r for r in rows if r.ratio is not None and r.ratio > 0]
+    fig, ax = plt.subplots(figsize=(max(7, len(shown) * 0.75), 4.5))
     labels = [f"{r.case}\n{r.backend}" for r in shown]
     base = [r.baseline_median for r in shown]
     med = [r.median / b for r, b in zip(shown, base, strict=True)]
     low = [m - min(r.rounds) / b for r, m, b in zip(shown, med, base, strict=True)]
     high = [max(r.rounds) / b - m for r, m, b in zip(shown, med, base, strict=True)]
-    ax.bar(range(len(shown)), med, yerr=[low, high], capsize=3)
+    colors = ["tab:orange" if r.case.startswith("guest-") else "tab:blue" for r in shown]
+    ax.bar(range(len(shown)), med, yerr=[low, high], capsize=3, color=colors)
+    for x, (row, top) in enumerate(zip(shown, [m + h for m, h in zip(med, high, strict=True)],
+                                       strict=True)):
+        ax.annotate(f"{_fmt(row.median)} {row.unit}", (x, top), textcoords="offset points",
+                    xytext=(0, 3), ha="center", va="bottom", fontsize=6, rotation=90)
+    ax.set_yscale("log")
+    if shown:  # room above the tallest whisker for its label
+        ax.set_ylim(top=max(m + h for m, h in zip(med, high, strict=True)) * 30)
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(shown)), labels, rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("median / baseline")
+    ax.set_ylabel("median / baseline from the same run")
+    ax.set_title("vhostnet bench (whiskers: min and max round; orange: iperf3 in a TCG guest)",
+                 fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return labels
