@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+PLOT_STAMP := $(VENV)/.plot-installed
 # Every test, benchmark and demo runs inside a private network namespace with
 # only loopback, so nothing a guest sends can leave this machine.
 NETNS  := $(PY) -m tools.netns --
@@ -23,8 +24,6 @@ test: setup kit $(PLOT_STAMP)
 # plot extra (matplotlib) is installed so `--plot` works, e.g.
 # make bench BENCH_ARGS="--guest --json docs/bench.json --plot docs/bench.png"
 BENCH_ARGS ?= --guest
-PLOT_STAMP := $(VENV)/.plot-installed
-
 bench: setup kit $(PLOT_STAMP)
 	$(NETNS) $(PY) -m vhostnet bench $(BENCH_ARGS)
 
