@@ -27,6 +27,7 @@ from .hostio.tftp_files import TftpRoot
 from .hostio.udp import UdpGlue
 from .stack.checksum import PROTO_TCP
 from .stack.config import StackConfig
+from .stack.offload import GuestOffloads
 from .stack.stack import NetworkStack
 from .stack.tcp import TcpEngine
 from .stack.tftp import TftpServer
@@ -49,6 +50,8 @@ MAX_TICK = 1.0
 
 class GuestFrameQueue(deque):
     """Frames for the guest; tells its listeners when it goes from empty to non-empty.
+
+    An entry is a frame (bytes), or ``(frame, vnet)`` for a frame with offload fields.
 
     Engines append to it from any callback (guest frame, host socket, timer);
     the device registers a listener and fills the RX ring on the next loop turn.
@@ -124,8 +127,9 @@ class Network:
         their command queues, and the batch is reused by the next drain.
         """
         receive = self.stack.receive_frame
+        frame, vnet = batch.frame, batch.vnet
         for index in range(count):
-            receive(bytes(batch.frame(index)), now)
+            receive(bytes(frame(index)), now, vnet(index))
 
     def flush(self) -> None:
         """Run the host-side commands the engines queued."""
@@ -142,6 +146,10 @@ class Network:
             self.frames_to_guest.listeners.remove(listener)
         except ValueError:
             pass
+
+    def set_guest_offloads(self, csum: bool, tso4: bool) -> None:
+        """What the guest's driver takes on receive (GUEST_CSUM, GUEST_TSO4), from the device."""
+        self.stack.guest_offloads = GuestOffloads(csum=csum, tso4=csum and tso4)
 
     def learn_guest_mac(self, mac: bytes) -> None:
         """SEND_RARP after a migration: the guest is at ``mac`` (its address stays as learned)."""

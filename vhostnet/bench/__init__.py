@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="CMD",
                    help="also measure another vhost-user back-end started by CMD; placeholders "
                         "{socket} (required), {control}, {mtu}, {tcp_fwd} (40001:5001), {udp_fwd} (40002:5002)")
+    p.add_argument("--no-offload", action="store_true",
+                   help="the benchmark guest negotiates no checksum/segmentation offloads")
     p.add_argument("--guest", action="store_true",
                    help="measure with a real TCG guest running iperf3 (not implemented yet)")
     return p
@@ -51,7 +53,7 @@ def run(settings: Settings, compare: str | None) -> list[Row]:
                     nat_cases &= {"tcp-tx", "tcp-rx"}
                 if nat_cases:
                     sub = Settings(tuple(sorted(nat_cases)), settings.rounds, settings.duration,
-                                   settings.progress)
+                                   settings.progress, settings.offload)
                     rows += _show(settings, nat_rows(template, name, mtu, sub, baselines))
     finally:
         client.close()
@@ -86,13 +88,14 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("VHOSTNET_NETNS") != "1":
             raise BenchError("run benchmarks inside the private namespace: "
                              "python3 -m tools.netns -- python3 -m vhostnet bench")
-        settings = Settings(cases, args.rounds, args.duration, Progress())
+        settings = Settings(cases, args.rounds, args.duration, Progress(), not args.no_offload)
         print(HEADER, flush=True)
         started = time.monotonic()
         rows = run(settings, args.compare)
         settings.progress.clear()
         meta = {"rounds": args.rounds, "duration": args.duration, "cases": list(cases),
                 "compare": args.compare, "elapsed_s": time.monotonic() - started,
+                "offload": not args.no_offload,
                 "cpus": os.cpu_count()}
         if args.json:
             write_json(args.json, rows, meta)
