@@ -22,6 +22,11 @@ extensions = [
         ["ext/csum.pyx"],
         extra_compile_args=COMPILE_ARGS,
     ),
+    Extension(
+        "vhostnet.hostio._udp_fast",
+        ["ext/udp_fast.pyx"],
+        extra_compile_args=COMPILE_ARGS,
+    ),
 ]
 
 setup(

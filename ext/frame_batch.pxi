@@ -75,6 +75,11 @@ cdef class FrameBatch:
         self._check_index(i)
         return self.vnets[i]
 
+    def arrays(self) -> tuple:
+        """The batch's own (storage uint8, offsets uint64, lengths uint32, vnet uint64) arrays,
+        for other C kernels to read frames in place; valid for the life of the batch."""
+        return (self._storage, self._offsets_store, self._lengths_store, self._vnet_store)
+
     def length(self, Py_ssize_t i) -> int:
         self._check_index(i)
         return self.lengths[i]

@@ -25,6 +25,7 @@ from .hostio.icmp import IcmpGlue
 from .hostio.tcp import TcpHost
 from .hostio.tftp_files import TftpRoot
 from .hostio.udp import UdpGlue
+from .hostio.udp_fast import UdpFastSender
 from .stack.checksum import PROTO_TCP
 from .stack.config import StackConfig
 from .stack.offload import GuestOffloads
@@ -115,20 +116,25 @@ class Network:
             self._glue.append(IcmpGlue(stack.icmp, loop))
         if stack.dns is not None:
             self._glue.append(DnsGlue(stack.dns, loop))
+        self.udp_fast: UdpFastSender | None = None
         if stack.udp_nat is not None:
-            self._glue.append(UdpGlue(stack.udp_nat, loop))
+            self.udp_fast = UdpFastSender(stack.udp_nat, stack)
+            self._glue.append(UdpGlue(stack.udp_nat, loop, fast_path=self.udp_fast))
 
     # ---- device side ---------------------------------------------------------
 
     def receive_batch(self, batch: FrameBatch, count: int, now: float) -> None:
         """Hand ``count`` guest frames of ``batch`` to the stack.
 
-        Each frame is copied out of the batch: engines may keep payloads in
-        their command queues, and the batch is reused by the next drain.
+        UDP datagrams of established outbound flows are sent by the C fast path
+        first; the stack sees the rest. Each of those is copied out of the batch:
+        engines may keep payloads in their command queues, and the batch is
+        reused by the next drain.
         """
         receive = self.stack.receive_frame
         frame, vnet = batch.frame, batch.vnet
-        for index in range(count):
+        left = self.udp_fast.send_batch(batch, count, now) if self.udp_fast is not None else None
+        for index in range(count) if left is None else left.tolist():
             receive(bytes(frame(index)), now, vnet(index))
 
     def flush(self) -> None:
