@@ -289,7 +289,8 @@ class TcpHost:
             if remaining <= 0:
                 break
             try:
-                got = entry.sock.recv_into(scratch, min(remaining, len(scratch)))
+                # MSG_TRUNC: TCP drops the bytes without copying them out (Linux).
+                got = entry.sock.recv_into(scratch, min(remaining, len(scratch)), socket.MSG_TRUNC)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as error:
