@@ -546,6 +546,33 @@ class TcpEngine:
             size, checksum = MAX_TSO_PAYLOAD // flow.mss * flow.mss, CSUM_PARTIAL
         else:
             size, checksum = flow.mss, CSUM_NONE if offloads.csum else CSUM_FULL
+        if self._send_data_frames(flow, data, size, checksum):
+            self.stats.inc("tcp.segments_out", (len(data) + size - 1) // size)
+            if checksum == CSUM_PARTIAL:
+                whole, rest = divmod(len(data), size)
+                large = (whole if size > flow.mss else 0) + (rest > flow.mss)
+                if large:
+                    self.stats.inc("tcp.gso_segments_out", large)
+        else:
+            self._send_data_segments(flow, data, size, checksum)
+        flow.snd_nxt += len(data)
+        flow.snd_max = max(flow.snd_max, flow.snd_nxt)
+        self.stats.inc("tcp.bytes_to_guest", len(data))
+        if flow.rto_at is None:
+            flow.rto_at = now + flow.rto
+
+    def _send_data_frames(self, flow: Flow, data: bytes | memoryview, size: int,
+                          checksum: int) -> bool:
+        """Whole frames built in C by the stack (``send_tcp_data``), when it can."""
+        send = getattr(self.output, "send_tcp_data", None)
+        if send is None:
+            return False
+        return send(flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port,
+                    flow.send_seq(flow.snd_nxt), flow.recv_seq(flow.rcv_nxt),
+                    self.tx.advertised_window(flow), data, size, checksum, flow.mss)
+
+    def _send_data_segments(self, flow: Flow, data: bytes | memoryview, size: int,
+                            checksum: int) -> None:
         segments = segment_payload(
             flow.remote_ip,
             flow.guest_ip,
@@ -566,11 +593,6 @@ class TcpEngine:
                     self.stats.inc("tcp.gso_segments_out")
             else:
                 self.tx.segment(flow, segment, DATA_VALID_WORD if checksum == CSUM_NONE else 0)
-        flow.snd_nxt += len(data)
-        flow.snd_max = max(flow.snd_max, flow.snd_nxt)
-        self.stats.inc("tcp.bytes_to_guest", len(data))
-        if flow.rto_at is None:
-            flow.rto_at = now + flow.rto
 
     def _retransmit(self, flow: Flow, now: float) -> None:
         """Go back to the first unacknowledged byte; the data is still in the host socket."""
