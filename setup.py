@@ -22,6 +22,16 @@ extensions = [
         ["ext/csum.pyx"],
         extra_compile_args=COMPILE_ARGS,
     ),
+    Extension(
+        "vhostnet.stack._tcp_frames",
+        ["ext/tcp_frames.pyx"],
+        extra_compile_args=COMPILE_ARGS,
+    ),
+    Extension(
+        "vhostnet.hostio._udp_fast",
+        ["ext/udp_fast.pyx"],
+        extra_compile_args=COMPILE_ARGS,
+    ),
 ]
 
 setup(

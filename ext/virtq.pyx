@@ -35,6 +35,7 @@ cdef extern from "virtq_atomic.h" nogil:
 
 
 include "virtq_defs.pxi"
+include "virtq_offload.pxi"
 include "frame_batch.pxi"
 
 
@@ -77,6 +78,7 @@ cdef class SplitQueue:
     cdef object log_ref
     cdef uint64_t log_guest_addr
     cdef bint log_used
+    cdef uint64_t features         # negotiated virtio feature bits: which header offloads are allowed
 
     def __cinit__(self, int size, int hdr_len, bint mrg_rxbuf, bint event_idx, int call_fd, int base):
         if size < 1 or size > MAX_QUEUE_SIZE or (size & (size - 1)) != 0:
@@ -193,6 +195,10 @@ cdef class SplitQueue:
     def mark_broken(self) -> None:
         self._broken = True
 
+    def set_features(self, uint64_t features) -> None:
+        """The negotiated feature bits: which virtio-net header offloads each direction may use."""
+        self.features = features
+
     # ------------------------------------------------------------ properties
 
     @property
@@ -227,7 +233,7 @@ cdef class SplitQueue:
     def tx_drain(self, FrameBatch batch not None, int max_frames) -> int:
         cdef int done
         with nogil:
-            done = self._tx_drain(batch, max_frames)
+            done = tx_drain_frames(self, batch, max_frames)
         return done
 
     def rx_push(self, FrameBatch batch not None, Py_ssize_t start=0) -> int:
@@ -235,7 +241,7 @@ cdef class SplitQueue:
         if start < 0 or start > batch.n:
             raise IndexError(f"start {start} outside the batch of {batch.n} frames")
         with nogil:
-            done = self._rx_push(batch, start)
+            done = rx_push_frames(self, batch, start)
         return done
 
     def notify(self) -> bool:
@@ -430,206 +436,6 @@ cdef class SplitQueue:
         total_out[0] = total
         return CHAIN_OK
 
-    # ------------------------------------------------------------------ TX
-
-    cdef int _tx_drain(self, FrameBatch batch, int max_frames) noexcept nogil:
-        cdef int frames = 0
-        cdef int chains_left = 2 * <int>self.size  # bounds the work one call does
-        cdef int waiting, nseg, reason
-        cdef uint64_t total, frame_len
-        cdef uint16_t head
-        if self._broken or not self.ready:
-            return 0
-        waiting = self.pending()
-        while frames < max_frames and chains_left > 0:
-            if waiting == 0:
-                waiting = self.pending()
-            if waiting <= 0:
-                break
-            head = self.avail_head(self.last_avail)
-            reason = self.walk_chain(head, False, self.segs, &nseg, &total)
-            frame_len = 0
-            if reason == CHAIN_OK:
-                if total < self.hdr_len + ETH_HEADER_BYTES:
-                    reason = R_TX_FRAME_TOO_SHORT
-                elif total - self.hdr_len > MAX_FRAME_BYTES_C:
-                    reason = R_TX_FRAME_TOO_LONG
-                else:
-                    frame_len = total - self.hdr_len
-                    if not batch.room_for(frame_len):
-                        break  # leave the chain in the ring for the next call
-                    if self.gather(nseg, self.hdr_len, batch.data + batch.fill):
-                        batch.commit(<uint32_t>frame_len)
-                        frames += 1
-                        self.stats[S_TX_FRAMES] += 1
-                        self.stats[S_TX_BYTES] += frame_len
-                    else:
-                        reason = R_ADDRESS_UNMAPPED
-            if reason != CHAIN_OK:
-                self.count_error(reason)
-            self.put_used(head, 0)
-            self.last_avail += 1
-            waiting -= 1
-            chains_left -= 1
-        self.kick_point = self.last_avail
-        self.publish_used()
-        return frames
-
-    cdef bint gather(self, int nseg, uint64_t skip, uint8_t *dst) noexcept nogil:
-        """Copy the readable bytes of self.segs[:nseg] after the first ``skip`` (the header)."""
-        cdef int i
-        cdef uint64_t length
-        for i in range(nseg):
-            length = self.segs[i].length
-            if skip >= length:
-                skip -= length
-                continue
-            if not self.copy_from_guest(dst, self.segs[i].gpa + skip, length - skip):
-                return False
-            dst += length - skip
-            skip = 0
-        return True
-
-    # ------------------------------------------------------------------ RX
-
-    cdef Py_ssize_t _rx_push(self, FrameBatch batch, Py_ssize_t start) noexcept nogil:
-        cdef Py_ssize_t i = start
-        cdef int result
-        cdef int retries_left = self.size  # each retry consumes a chain; bound the work anyway
-        if self._broken or not self.ready:
-            return 0
-        while i < batch.n and not self._broken:
-            result = self.rx_one(batch.data + batch.offsets[i], batch.lengths[i])
-            if result == RX_NO_BUFFERS:
-                break  # rx_one() has set kick_point
-            if result == RX_RETRY:
-                retries_left -= 1
-                if retries_left <= 0:
-                    self.kick_point = self.last_avail  # come back for the rest
-                    break
-                continue
-            i += 1
-        else:
-            self.kick_point = self.last_avail
-        self.publish_used()
-        return i - start
-
-    cdef int rx_one(self, const uint8_t *frame, uint32_t frame_len) noexcept nogil:
-        """Deliver one frame into available buffers, drop it, or report that buffers are missing.
-
-        Phase 1 walks available chains, without taking them, until they can hold the
-        header plus the frame (one chain without MRG_RXBUF). Phase 2 writes and
-        completes them. A bad chain first in line is completed with length 0 at once;
-        a bad chain behind good ones ends the gathering, and if the good ones are too
-        small they are handed back empty so the bad one comes first next time.
-        """
-        cdef uint64_t needed = self.hdr_len + <uint64_t>frame_len
-        cdef uint64_t capacity = 0
-        cdef int chains = 0
-        cdef int seg_used = 0
-        cdef int nseg, reason, waiting, j
-        cdef uint64_t total, written, pos
-        cdef uint16_t head
-        cdef uint8_t header[12]
-        cdef int max_chains = self.size if self.mrg_rxbuf else 1
-        cdef int bad_behind = False
-
-        waiting = self.pending()
-        if waiting < 0:
-            return RX_NO_BUFFERS
-        while capacity < needed and chains < max_chains:
-            if chains >= waiting:
-                break
-            if chains and self.seg_cap - seg_used < <int>self.size + MAX_INDIRECT_ENTRIES:
-                break
-            head = self.avail_head(self.last_avail + chains)
-            reason = self.walk_chain(head, True, self.segs + seg_used, &nseg, &total)
-            if reason != CHAIN_OK:
-                if chains == 0:
-                    self.count_error(reason)
-                    self.put_used(head, 0)
-                    self.last_avail += 1
-                    waiting -= 1
-                    continue
-                bad_behind = True
-                break
-            self.chain_head[chains] = head
-            self.chain_first_seg[chains] = seg_used
-            self.chain_nseg[chains] = nseg
-            self.chain_capacity[chains] = total
-            seg_used += nseg
-            capacity += total
-            chains += 1
-
-        if capacity < needed:
-            if bad_behind:
-                # Hand the good chains back empty so the bad one is first in line next time.
-                for j in range(chains):
-                    self.put_used(self.chain_head[j], 0)
-                self.last_avail += chains
-                return RX_RETRY
-            if chains == 0:
-                self.kick_point = self.last_avail
-                return RX_NO_BUFFERS
-            if not self.mrg_rxbuf:
-                # The chain stays in the ring for a smaller frame; this frame cannot fit one.
-                self.count_error(R_RX_BUFFER_TOO_SMALL)
-                return RX_DROPPED
-            if chains < waiting:
-                self.count_error(R_RX_TOO_FRAGMENTED)
-                return RX_DROPPED
-            if waiting == <int>self.size:
-                # Every buffer of a full ring together is still too small: it can never fit.
-                self.count_error(R_RX_BUFFER_TOO_SMALL)
-                return RX_DROPPED
-            self.kick_point = self.last_avail + waiting
-            return RX_NO_BUFFERS
-
-        memset(header, 0, sizeof(header))
-        header[10] = chains & 0xFF
-        header[11] = chains >> 8
-        pos = 0
-        for j in range(chains):
-            written = self.chain_capacity[j]
-            if written > needed - pos:
-                written = needed - pos
-            self.scatter(self.segs + self.chain_first_seg[j], self.chain_nseg[j],
-                         header, frame, pos, written)
-            self.put_used(self.chain_head[j], <uint32_t>written)
-            pos += written
-        self.last_avail += chains
-        self.stats[S_RX_FRAMES] += 1
-        self.stats[S_RX_BYTES] += frame_len
-        self.stats[S_RX_BUFFERS] += chains
-        return RX_DELIVERED
-
-    cdef void scatter(self, Segment *segs, int nseg, const uint8_t *header, const uint8_t *frame,
-                      uint64_t pos, uint64_t count) noexcept nogil:
-        """Write bytes [pos, pos+count) of the stream header ++ frame into the chain ``segs``."""
-        cdef int i
-        cdef uint64_t seg_off, room, piece
-        cdef const uint8_t *src
-        for i in range(nseg):
-            seg_off = 0
-            while seg_off < segs[i].length and count:
-                room = segs[i].length - seg_off
-                if pos < self.hdr_len:
-                    src = header + pos
-                    piece = self.hdr_len - pos
-                else:
-                    src = frame + (pos - self.hdr_len)
-                    piece = count
-                if piece > room:
-                    piece = room
-                if piece > count:
-                    piece = count
-                self.copy_to_guest(segs[i].gpa + seg_off, src, piece)
-                seg_off += piece
-                pos += piece
-                count -= piece
-            if not count:
-                return
-
     # ------------------------------------------------------- notifications
 
     cdef bint _notify(self) noexcept nogil:
@@ -679,3 +485,8 @@ cdef class SplitQueue:
             return
         vq_store_u16(self.used, vq_load_u16(self.used) | USED_F_NO_NOTIFY)
         self.log_used_ring(0, 2)
+
+
+# The two halves of the per-frame work, as functions over a SplitQueue (a class body cannot include files).
+include "virtq_tx.pxi"
+include "virtq_rx.pxi"

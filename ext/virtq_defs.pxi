@@ -33,6 +33,10 @@ cdef enum:
     R_RX_TOO_FRAGMENTED
     R_AVAIL_IDX_JUMP
     R_NOTIFY_FAILED
+    R_TX_OFFLOAD_NOT_NEGOTIATED
+    R_TX_BAD_CSUM_OFFSET
+    R_TX_BAD_GSO
+    R_RX_OFFLOAD_NOT_NEGOTIATED
     N_REASONS
 
 REASON_NAMES = (
@@ -51,6 +55,10 @@ REASON_NAMES = (
     "rx_too_fragmented",
     "avail_idx_jump",
     "notify_failed",
+    "tx_offload_not_negotiated",
+    "tx_bad_csum_offset",
+    "tx_bad_gso",
+    "rx_offload_not_negotiated",
 )
 
 cdef enum:
@@ -60,9 +68,12 @@ cdef enum:
     S_RX_BYTES
     S_RX_BUFFERS
     S_NOTIFICATIONS
+    S_TX_GSO_FRAMES
+    S_RX_GSO_FRAMES
     N_STATS
 
-STAT_NAMES = ("tx_frames", "tx_bytes", "rx_frames", "rx_bytes", "rx_buffers", "notifications")
+STAT_NAMES = ("tx_frames", "tx_bytes", "rx_frames", "rx_bytes", "rx_buffers", "notifications",
+              "tx_gso_frames", "rx_gso_frames")
 
 MAX_FRAME_BYTES = MAX_FRAME_BYTES_C
 

@@ -18,7 +18,8 @@ import pytest
 
 from tests.test_server import GATEWAY_IP, GUEST_IP, GUEST_MAC, VhostnetProcess, gateway_mac
 from tests.test_stack_frames import checksum, eth, ipv4, udp
-from vhostnet.vhost_user.frontend import Frontend
+from vhostnet.vhost_user.frontend import DRIVER_FEATURES, Frontend
+from vhostnet.vhost_user.protocol import VirtioFeature
 
 GUEST_PORT = 40123
 WAIT = 5.0  # seconds for any single expected answer
@@ -139,7 +140,9 @@ def setup(tmp_path: Path) -> Iterator[tuple[VhostnetProcess, Frontend, bytes, Ec
     process = VhostnetProcess(tmp_path)
     echo = EchoServer()
     try:
-        with Frontend(process.socket_path) as frontend:
+        # TX offloads negotiated, so that lying offload headers reach vhostnet's checks.
+        features = DRIVER_FEATURES | VirtioFeature.NET_F_CSUM | VirtioFeature.NET_F_HOST_TSO4
+        with Frontend(process.socket_path, features=features) as frontend:
             frontend.connect()
             frontend.start()
             yield process, frontend, gateway_mac(frontend), echo
@@ -215,6 +218,39 @@ def hostile_frames(mac: bytes, echo_port: int) -> list[tuple[str, str, bytes]]:
     ]
 
 
+def vnet_header(flags: int, gso_type: int, gso_size: int, csum_start: int,
+                csum_offset: int) -> bytes:
+    return struct.pack("<BBHHHHH", flags, gso_type, 0, gso_size, csum_start, csum_offset, 0)
+
+
+def hostile_headers(mac: bytes, echo_port: int) -> list[tuple[str, str, bytes, bytes]]:
+    """(what, counter that must grow, virtio-net header, frame): offload fields that lie."""
+    segment = tcp(GUEST_IP, GATEWAY_IP, 41100, echo_port, 1, 0, SYN)
+    frame = _guest_ipv4(mac, 6, segment)
+    needs_csum, tcpv4 = 1, 1
+    return [
+        ("checksum position past the frame", "vq1.tx_bad_csum_offset",
+         vnet_header(needs_csum, 0, 0, 34, len(frame)), frame),
+        ("checksum start inside the Ethernet header", "vq1.tx_bad_csum_offset",
+         vnet_header(needs_csum, 0, 0, 2, 16), frame),
+        ("TSO without a segment size", "vq1.tx_bad_gso", vnet_header(needs_csum, tcpv4, 0, 34, 16),
+         frame),
+        ("TSO without a partial checksum", "vq1.tx_bad_gso", vnet_header(0, tcpv4, 1448, 0, 0),
+         frame),
+        ("UDP fragmentation offload (never offered)", "vq1.tx_offload_not_negotiated",
+         vnet_header(needs_csum, 3, 1448, 34, 6), frame),
+        ("TSOv6 (not negotiated)", "vq1.tx_offload_not_negotiated",
+         vnet_header(needs_csum, 4, 1448, 34, 16), frame),
+        ("TSO header on a frame whose IPv4 length runs past it", "ipv4.drop.bad_length",
+         vnet_header(needs_csum, tcpv4, 1448, 34, 16),
+         _guest_ipv4(mac, 6, segment + bytes(3000), total_length=9000)),
+        ("partial checksum on a segment whose data offset lies", "tcp.drop.bad_data_offset",
+         vnet_header(needs_csum, 0, 0, 34, 16),
+         _guest_ipv4(mac, 6, tcp(GUEST_IP, GATEWAY_IP, 41101, echo_port, 1, 0, SYN,
+                                 data_offset=15))),
+    ]
+
+
 def stats_after_change(process: VhostnetProcess, name: str, before: int) -> int:
     """The counter ``name`` once it moved past ``before`` (bounded wait), else its value."""
     deadline = time.monotonic() + WAIT
@@ -239,6 +275,13 @@ def test_hostile_frames_are_dropped_counted_and_traffic_carries_on(setup) -> Non
         if after != before + 1:
             missed.append(f"{what}: {counter} went {before} -> {after}")
         # The connection still works between every two hostile frames.
+        assert connection.exchange(what.encode()) == what.encode(), what
+    for what, counter, header, frame in hostile_headers(mac, echo.port):
+        before = process.stats().get(counter, 0)
+        frontend.send_frame(frame, header)
+        after = stats_after_change(process, counter, before)
+        if after != before + 1:
+            missed.append(f"{what}: {counter} went {before} -> {after}")
         assert connection.exchange(what.encode()) == what.encode(), what
     assert not missed, "\n".join(missed)
 

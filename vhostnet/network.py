@@ -25,8 +25,10 @@ from .hostio.icmp import IcmpGlue
 from .hostio.tcp import TcpHost
 from .hostio.tftp_files import TftpRoot
 from .hostio.udp import UdpGlue
+from .hostio.udp_fast import UdpFastSender
 from .stack.checksum import PROTO_TCP
 from .stack.config import StackConfig
+from .stack.offload import GuestOffloads
 from .stack.stack import NetworkStack
 from .stack.tcp import TcpEngine
 from .stack.tftp import TftpServer
@@ -49,6 +51,8 @@ MAX_TICK = 1.0
 
 class GuestFrameQueue(deque):
     """Frames for the guest; tells its listeners when it goes from empty to non-empty.
+
+    An entry is a frame (bytes), or ``(frame, vnet)`` for a frame with offload fields.
 
     Engines append to it from any callback (guest frame, host socket, timer);
     the device registers a listener and fills the RX ring on the next loop turn.
@@ -112,20 +116,26 @@ class Network:
             self._glue.append(IcmpGlue(stack.icmp, loop))
         if stack.dns is not None:
             self._glue.append(DnsGlue(stack.dns, loop))
+        self.udp_fast: UdpFastSender | None = None
         if stack.udp_nat is not None:
-            self._glue.append(UdpGlue(stack.udp_nat, loop))
+            self.udp_fast = UdpFastSender(stack.udp_nat, stack)
+            self._glue.append(UdpGlue(stack.udp_nat, loop, fast_path=self.udp_fast))
 
     # ---- device side ---------------------------------------------------------
 
     def receive_batch(self, batch: FrameBatch, count: int, now: float) -> None:
         """Hand ``count`` guest frames of ``batch`` to the stack.
 
-        Each frame is copied out of the batch: engines may keep payloads in
-        their command queues, and the batch is reused by the next drain.
+        UDP datagrams of established outbound flows are sent by the C fast path
+        first; the stack sees the rest. Each of those is copied out of the batch:
+        engines may keep payloads in their command queues, and the batch is
+        reused by the next drain.
         """
         receive = self.stack.receive_frame
-        for index in range(count):
-            receive(bytes(batch.frame(index)), now)
+        frame, vnet = batch.frame, batch.vnet
+        left = self.udp_fast.send_batch(batch, count, now) if self.udp_fast is not None else None
+        for index in range(count) if left is None else left.tolist():
+            receive(bytes(frame(index)), now, vnet(index))
 
     def flush(self) -> None:
         """Run the host-side commands the engines queued."""
@@ -142,6 +152,10 @@ class Network:
             self.frames_to_guest.listeners.remove(listener)
         except ValueError:
             pass
+
+    def set_guest_offloads(self, csum: bool, tso4: bool) -> None:
+        """What the guest's driver takes on receive (GUEST_CSUM, GUEST_TSO4), from the device."""
+        self.stack.guest_offloads = GuestOffloads(csum=csum, tso4=csum and tso4)
 
     def learn_guest_mac(self, mac: bytes) -> None:
         """SEND_RARP after a migration: the guest is at ``mac`` (its address stays as learned)."""

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="CMD",
                    help="also measure another vhost-user back-end started by CMD; placeholders "
                         "{socket} (required), {control}, {mtu}, {tcp_fwd} (40001:5001), {udp_fwd} (40002:5002)")
+    p.add_argument("--no-offload", action="store_true",
+                   help="the benchmark guest negotiates no checksum/segmentation offloads")
     p.add_argument("--guest", action="store_true",
                    help="also measure iperf3 in a real TCG guest, TCP and UDP both ways "
                         "(needs `make kit`)")
@@ -83,7 +85,7 @@ def run(settings: Settings, compare: str | None, guest: GuestSettings,
                     nat_cases &= {"tcp-tx", "tcp-rx"}
                 if nat_cases:
                     sub = Settings(tuple(sorted(nat_cases)), settings.rounds, settings.duration,
-                                   settings.progress)
+                                   settings.progress, settings.offload)
                     rows += _show(settings, nat_rows(template, name, mtu, sub, baselines))
             if kits is not None:
                 rows += _show(settings, guest_rows(kits, template, name, guest, guest_baselines))
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("VHOSTNET_NETNS") != "1":
             raise BenchError("run benchmarks inside the private namespace: "
                              "python3 -m tools.netns -- python3 -m vhostnet bench")
-        settings = Settings(cases, args.rounds, args.duration, Progress())
+        settings = Settings(cases, args.rounds, args.duration, Progress(), not args.no_offload)
         guest = GuestSettings(args.rounds, args.guest_seconds, args.qemu, args.guest_udp_rate,
                               settings.progress)
         if GUEST_CASE in cases:
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.progress.clear()
         meta = {"rounds": args.rounds, "duration": args.duration, "cases": list(cases),
                 "compare": args.compare, "elapsed_s": time.monotonic() - started,
+                "offload": not args.no_offload,
                 "cpus": os.cpu_count()}
         if kits is not None:
             meta["guest"] = {"qemu": args.qemu, "seconds": args.guest_seconds,

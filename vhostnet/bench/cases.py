@@ -38,6 +38,7 @@ class Settings:
     rounds: int = 3
     duration: float = 1.0
     progress: Progress = field(default_factory=Progress)
+    offload: bool = True  # the guest negotiates checksum and segmentation offloads
 
 
 @dataclass
@@ -116,7 +117,7 @@ def nat_rows(template: str, name: str, mtu: int, s: Settings, baselines: Baselin
     rows: list[Row] = []
     workers = []
     try:
-        guest = guest_process(backend.socket, mtu)
+        guest = guest_process(backend.socket, mtu, offload=s.offload)
         try:
             if mtu == 1500:
                 if "udp-tx" in s.cases or "udp-rx" in s.cases:

@@ -30,6 +30,10 @@ WSCALE = 7
 RCV_WINDOW = 8 << 20
 STALL_RETRANSMIT = 0.2
 HEADERS_LEN = 14 + 20 + 20  # Ethernet + IPv4 + TCP without options
+# With segmentation offload: TCP payload per segment, a whole number of MSS within one IPv4 packet.
+MAX_TSO_PAYLOAD = 0xFFFF - 40
+VIRTIO_NEEDS_CSUM, VIRTIO_GSO_TCPV4 = 1, 1
+_VNET = struct.Struct("<BBHHHHH")
 
 _ETH = struct.Struct("!6s6sH")
 _IP = struct.Struct("!BBHHHBBH4s4s")
@@ -88,7 +92,7 @@ class GuestNet:
 
     def send_tcp(self, dst_ip: bytes, sport: int, dport: int, seq: int, ack: int, flags: int,
                  window: int, payload: np.ndarray | None = None, payload_sum: int | None = None,
-                 options: bytes = b"") -> None:
+                 options: bytes = b"", mss: int = 1460) -> None:
         """Write one TCP segment into the next TX buffer (published by ``flush``)."""
         plen = 0 if payload is None else len(payload)
         tcp_len = 20 + len(options) + plen
@@ -99,15 +103,24 @@ class GuestNet:
         header = bytearray(_TCP.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
                                      (20 + len(options)) // 4 << 4, flags, min(window, 0xFFFF), 0, 0))
         header += options
-        if plen and payload_sum is None:
-            payload_sum = ones_complement_sum(payload.data)
-        total = (sum(struct.unpack(f"!{len(header) // 2}H", header)) + (payload_sum or 0)
-                 + sum(struct.unpack("!4H", GUEST_IP + dst_ip)) + PROTO_TCP + tcp_len)
-        struct.pack_into("!H", header, 16, ~fold(total) & 0xFFFF)
+        pseudo = sum(struct.unpack("!4H", GUEST_IP + dst_ip)) + PROTO_TCP + tcp_len
+        offload = self.rings.tx_tso and plen > 0
+        if offload:
+            # What Linux does with checksum offload: only the pseudo-header sum, the "device"
+            # completes it; beyond one MSS the segment goes as TSO.
+            struct.pack_into("!H", header, 16, fold(pseudo))
+            vnet = _VNET.pack(VIRTIO_NEEDS_CSUM, VIRTIO_GSO_TCPV4 if plen > mss else 0,
+                              HEADERS_LEN, mss if plen > mss else 0, 34, 16, 0)
+        else:
+            if plen and payload_sum is None:
+                payload_sum = ones_complement_sum(payload.data)
+            total = sum(struct.unpack(f"!{len(header) // 2}H", header)) + (payload_sum or 0) + pseudo
+            struct.pack_into("!H", header, 16, ~fold(total) & 0xFFFF)
+            vnet = bytes(VIRTIO_NET_HDR_LEN)
         buf = self._tx_slot(time.monotonic() + 5.0)
         head = _ETH.pack(self.gateway_mac, GUEST_MAC, ETH_IPV4) + bytes(ip) + bytes(header)
         start = VIRTIO_NET_HDR_LEN
-        buf[:start] = 0
+        buf[:start] = np.frombuffer(vnet, np.uint8)
         buf[start : start + len(head)] = np.frombuffer(head, np.uint8)
         if plen:
             buf[start + len(head) : start + len(head) + plen] = payload
@@ -229,6 +242,7 @@ class GuestTcp:
         # Bulk source: the stream is `block` repeated; `limit` bytes in all (None = unbounded).
         self.block: np.ndarray | None = None
         self.block_sum = 0
+        self.period = 0
         self.send_limit: int | None = 0
         self.close_after_send = False
         net.connections[local_port] = self
@@ -249,8 +263,10 @@ class GuestTcp:
 
     def set_bulk(self, block: bytes, limit: int | None, close: bool) -> None:
         """Send ``block`` repeated (``limit`` bytes, None: until ``stop_bulk``), then FIN if ``close``."""
-        doubled = np.frombuffer(block * 2, dtype=np.uint8)
-        self.block = doubled
+        # Long enough that any segment (up to a TSO segment) is one slice of it.
+        repeats = 2 + MAX_TSO_PAYLOAD // len(block) if self.net.rings.tx_tso else 2
+        self.block = np.frombuffer(block * repeats, dtype=np.uint8)
+        self.period = len(block)
         self.block_sum = ones_complement_sum(block)
         self.send_limit = limit
         self.close_after_send = close
@@ -342,12 +358,16 @@ class GuestTcp:
             self.fin_sent = False
             self.last_progress = now
         mss = self.mss
-        period = len(self.block) // 2
+        period = self.period
+        # With TSO, a segment is as many whole MSS as the window allows, up to 64 KiB.
+        largest = MAX_TSO_PAYLOAD // mss * mss if self.net.rings.tx_tso else mss
         limit = self.snd_una + self.snd_wnd
         room = self.net.tx_room()
         while room > 1:
             end = self.send_limit + 1 if self.send_limit is not None else None
-            size = mss if end is None else min(mss, end - self.snd_nxt)
+            size = largest if end is None else min(largest, end - self.snd_nxt)
+            if size > mss:
+                size = max(mss, min(size, (limit - self.snd_nxt) // mss * mss))
             if size <= 0 or self.snd_nxt + size > limit:
                 break
             offset = (self.snd_nxt - 1) % period
@@ -367,7 +387,7 @@ class GuestTcp:
             flags |= ACK
         self.net.send_tcp(self.remote_ip, self.local_port, self.remote_port,
                           (self.iss + seq) & 0xFFFFFFFF, ack, flags, RCV_WINDOW >> WSCALE,
-                          payload, payload_sum, options)
+                          payload, payload_sum, options, self.mss)
         self.ack_due = False
 
     def forget(self) -> None:

@@ -21,10 +21,14 @@ import select
 import numpy as np
 
 from ..vhost_user.driver import RingLayout
-from ..vhost_user.frontend import Frontend
+from ..vhost_user.frontend import DRIVER_FEATURES, Frontend
+from ..vhost_user.protocol import VirtioFeature
 
 VIRTQ_DESC_F_WRITE = 2
 VIRTIO_NET_HDR_LEN = 12  # VERSION_1: the header always has num_buffers
+# What a Linux guest negotiates: checksum offload and TCPv4 segmentation both ways.
+OFFLOAD_FEATURES = (VirtioFeature.NET_F_CSUM | VirtioFeature.NET_F_GUEST_CSUM
+                    | VirtioFeature.NET_F_HOST_TSO4 | VirtioFeature.NET_F_GUEST_TSO4)
 DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
 
 
@@ -141,11 +145,15 @@ class GuestRings:
     """A connected front-end with numpy rings on RX and TX and one buffer per descriptor."""
 
     def __init__(self, socket_path: str, *, queue_size: int = 256, tx_buf: int = 2048,
-                 rx_buf: int = 2048, timeout: float = 5.0) -> None:
+                 rx_buf: int = 2048, timeout: float = 5.0, offload: bool = False) -> None:
         pool = queue_size * (tx_buf + rx_buf)
         memory_size = max(64 << 20, ((pool + (4 << 20)) + 0xFFFFF) & ~0xFFFFF)
+        features = DRIVER_FEATURES | (OFFLOAD_FEATURES if offload else 0)
         self.frontend = BenchFrontend(socket_path, memory_size=memory_size,
-                                      queue_size=queue_size, timeout=timeout)
+                                      queue_size=queue_size, timeout=timeout, features=features)
+        # Offloads as far as the back-end offered them: TSO both ways, checksums left partial.
+        self.tx_tso = False
+        self.rx_tso = False
         fe = self.frontend
         try:
             fe.connect()
@@ -156,6 +164,9 @@ class GuestRings:
             self.rx = NumpyRing(self.mem, rx_layout, base, rx_buf, True, fe.kick_fds[0], fe.call_fds[0])
             self.tx = NumpyRing(self.mem, tx_layout, base + queue_size * rx_buf, tx_buf, False,
                                 fe.kick_fds[1], fe.call_fds[1])
+            acked = fe.acked_features
+            self.tx_tso = bool(acked & VirtioFeature.NET_F_HOST_TSO4 and acked & VirtioFeature.NET_F_CSUM)
+            self.rx_tso = bool(acked & VirtioFeature.NET_F_GUEST_TSO4)
         except BaseException:
             self.close()
             raise

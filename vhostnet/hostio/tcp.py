@@ -44,6 +44,8 @@ MAX_COMMANDS_PER_FLUSH = 100_000
 MAX_ACCEPTS_PER_EVENT = 64
 LISTEN_BACKLOG = 128
 DISCARD_CHUNK = 256 * 1024
+# Below this much free send buffer, wait for the socket to drain and update the guest's window.
+LOW_SEND_SPACE = 128 * 1024
 
 
 @dataclass(eq=False)
@@ -216,10 +218,15 @@ class TcpHost:
         except OSError as error:
             self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
             return
-        if sent < len(command.data) and not entry.writing:
+        space = self._send_space(entry.sock)
+        # The window we advertise is this space. Once it is small the guest stops
+        # sending (it will not send less than a segment), and nothing else would
+        # tell it that the host peer has read: wait for room and send a window update.
+        low = space is not None and space < LOW_SEND_SPACE
+        if (sent < len(command.data) or low) and not entry.writing:
             entry.writing = True
             self.loop.add_writer(entry.sock.fileno(), self._on_writable, command.flow_id)
-        self.engine.on_sent(command.flow_id, sent, self.clock(), self._send_space(entry.sock))
+        self.engine.on_sent(command.flow_id, sent, self.clock(), space)
 
     def _on_writable(self, flow_id: int) -> None:
         entry = self._sockets.get(flow_id)
@@ -282,7 +289,8 @@ class TcpHost:
             if remaining <= 0:
                 break
             try:
-                got = entry.sock.recv_into(scratch, min(remaining, len(scratch)))
+                # MSG_TRUNC: TCP drops the bytes without copying them out (Linux).
+                got = entry.sock.recv_into(scratch, min(remaining, len(scratch)), socket.MSG_TRUNC)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as error:

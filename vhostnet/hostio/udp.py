@@ -23,9 +23,13 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from vhostnet.stack.config import PortForward
 from vhostnet.stack.udp_nat import UdpBindPeer, UdpClose, UdpNat, UdpOpen, UdpSend
+
+if TYPE_CHECKING:
+    from vhostnet.hostio.udp_fast import UdpFastSender
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +74,11 @@ class UdpGlue:
     """Executes ``UdpNat`` commands on real sockets; see the module docstring."""
 
     def __init__(self, engine: UdpNat, loop: asyncio.AbstractEventLoop,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 fast_path: UdpFastSender | None = None) -> None:
         self.engine = engine
+        # Outbound flows go to the C fast path once their socket is connected.
+        self.fast_path = fast_path
         self.loop = loop
         self.clock = clock
         self._flow_sockets: dict[int, socket.socket] = {}
@@ -132,6 +139,8 @@ class UdpGlue:
             return
         self._flow_sockets[command.flow_id] = sock
         self.loop.add_reader(sock.fileno(), self._on_flow_readable, command.flow_id, sock)
+        if self.fast_path is not None:
+            self.fast_path.register(command.flow_id, sock)
 
     def _send(self, command: UdpSend) -> None:
         try:
@@ -159,6 +168,8 @@ class UdpGlue:
         self._peers.pop(flow_id, None)
         sock = self._flow_sockets.pop(flow_id, None)
         if sock is not None:
+            if self.fast_path is not None:
+                self.fast_path.unregister(flow_id)  # before the fd number can be reused
             self.loop.remove_reader(sock.fileno())
             sock.close()
 

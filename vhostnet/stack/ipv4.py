@@ -26,11 +26,12 @@ class IPv4Packet:
 
     ``src``/``dst`` are 4-byte ``bytes``; ``header`` is a copy of the header
     (options included, for quoting in ICMP errors); ``payload`` is a memoryview
-    bounded by the total length field.
+    bounded by the total length field. ``checksum_partial`` is set by the stack when
+    the guest left the TCP/UDP checksum partial (virtio NEEDS_CSUM): not to be verified.
     """
 
     __slots__ = ("version", "header_len", "tos", "total_length", "ident", "flags_fragment",
-                 "ttl", "proto", "src", "dst", "header", "payload")
+                 "ttl", "proto", "src", "dst", "header", "payload", "checksum_partial")
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -56,6 +57,7 @@ class IPv4Packet:
         self.dst = bytes(view[16:20])
         self.header = bytes(view[: self.header_len])
         self.payload = view[self.header_len : self.total_length]
+        self.checksum_partial = False
 
 
 def emit_ipv4_header(

@@ -20,15 +20,25 @@ Engines that talk to host sockets keep a ``commands`` deque that their glue in
 from __future__ import annotations
 
 import logging
+import struct
 from collections import deque
 from typing import Protocol
 
 from . import arp, ethernet, ndp
-from .checksum import PROTO_ICMP, PROTO_UDP
+from ._tcp_frames import data_frames
+from .checksum import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from .config import StackConfig
 from .counters import Counters, MalformedPacket
 from .icmp import IcmpEngine
 from .ipv4 import IPv4Packet, emit_ipv4_header
+from .offload import (
+    DATA_VALID_WORD,
+    NO_OFFLOADS,
+    TCP_CHECKSUM_OFFSET,
+    UDP_CHECKSUM_OFFSET,
+    partial_l4_checksum,
+    tcp_data_word,
+)
 from .udp import UdpDatagram, emit_udp
 
 log = logging.getLogger(__name__)
@@ -69,6 +79,8 @@ class NetworkStack:
         # Learned from the guest's own frames; None until it has sent something.
         self.guest_mac: bytes | None = None
         self.guest_ipv4: bytes | None = None
+        # What the guest's virtio-net driver negotiated for frames it receives (set by the device).
+        self.guest_offloads = NO_OFFLOADS
         # IPv4 packets (header included) for the guest sent before its MAC was known.
         self._held_for_mac: deque[bytes] = deque()
         self._protocol_handlers: dict[int, ProtocolHandler] = {}
@@ -115,16 +127,20 @@ class NetworkStack:
 
     # --- guest -> stack ----------------------------------------------------
 
-    def receive_frame(self, frame: bytes | bytearray | memoryview, now: float) -> None:
-        """Handle one Ethernet frame from the guest. Never raises."""
+    def receive_frame(self, frame: bytes | bytearray | memoryview, now: float, vnet: int = 0) -> None:
+        """Handle one Ethernet frame from the guest. Never raises.
+
+        ``vnet`` is the frame's virtio-net offload word (``offload.vnet_word``): a partial
+        L4 checksum there is not verified.
+        """
         try:
-            self._receive_frame(frame, now)
+            self._receive_frame(frame, now, vnet)
         except Exception:  # a bug must cost one frame, not the whole back-end
             self._counters.inc("stack.drop.internal_error")
             self._counters.log_exception_once("stack.internal_error",
                                               "internal error handling a guest frame")
 
-    def _receive_frame(self, frame: bytes | bytearray | memoryview, now: float) -> None:
+    def _receive_frame(self, frame: bytes | bytearray | memoryview, now: float, vnet: int) -> None:
         try:
             eth = ethernet.EthernetFrame(frame)
         except MalformedPacket as error:
@@ -138,7 +154,7 @@ class NetworkStack:
             self._counters.inc("eth.drop.not_for_us")
             return
         if eth.ethertype == ethernet.ETHERTYPE_IPV4:
-            self._receive_ipv4(eth, now)
+            self._receive_ipv4(eth, now, vnet)
         elif eth.ethertype == ethernet.ETHERTYPE_ARP:
             self._receive_arp(eth)
         elif eth.ethertype == ethernet.ETHERTYPE_IPV6:
@@ -197,13 +213,19 @@ class NetworkStack:
         host_bits = int.from_bytes(target, "big") & ~int.from_bytes(config.netmask, "big")
         return host_bits not in (0, ~int.from_bytes(config.netmask, "big") & 0xFFFFFFFF)
 
-    def _receive_ipv4(self, eth: ethernet.EthernetFrame, now: float) -> None:
+    def _receive_ipv4(self, eth: ethernet.EthernetFrame, now: float, vnet: int = 0) -> None:
         try:
             packet = IPv4Packet(eth.payload)
         except MalformedPacket as error:
             self._counters.drop(f"ipv4.drop.{error.reason}", f"IPv4 packet dropped: {error}")
             return
         self._counters.inc("ipv4.rx")
+        if vnet:
+            l4_start = ethernet.HEADER_LEN + packet.header_len
+            if packet.proto == PROTO_TCP:
+                packet.checksum_partial = partial_l4_checksum(vnet, l4_start, TCP_CHECKSUM_OFFSET)
+            elif packet.proto == PROTO_UDP:
+                packet.checksum_partial = partial_l4_checksum(vnet, l4_start, UDP_CHECKSUM_OFFSET)
         self._learn(eth.src, packet.src)
         if packet.proto == PROTO_UDP:
             self._receive_udp(packet, now)
@@ -216,7 +238,8 @@ class NetworkStack:
 
     def _receive_udp(self, packet: IPv4Packet, now: float) -> None:
         try:
-            datagram = UdpDatagram(packet.src, packet.dst, packet.payload)
+            datagram = UdpDatagram(packet.src, packet.dst, packet.payload,
+                                   verify=not packet.checksum_partial)
         except MalformedPacket as error:
             self._counters.drop(f"udp.drop.{error.reason}", f"UDP datagram dropped: {error}")
             return
@@ -234,22 +257,61 @@ class NetworkStack:
     # --- stack -> guest (also used by the engines) -------------------------
 
     def send_ipv4(self, src: bytes, dst: bytes, proto: int, payload: bytes | bytearray | memoryview,
-                  ttl: int = 64, dst_mac: bytes | None = None) -> None:
+                  ttl: int = 64, dst_mac: bytes | None = None, offload: int = 0) -> None:
         """Queue an IPv4 packet for the guest, from ``src`` (any address we impersonate).
 
         ``dst_mac`` defaults to the learned guest MAC; without one the packet is
         held (at most ``MAX_HELD_FOR_MAC``) and the guest is asked by ARP: a guest
         configured statically may say nothing before a host peer reaches a forwarded
         port. Beyond that limit packets are dropped and counted ("ipv4.tx.drop.no_guest_mac").
+        ``offload`` is the frame's vnet word (``offload.py``) when its L4 checksum was left
+        partial or unset for the guest (only as ``guest_offloads`` allow); the queue then
+        holds ``(frame, offload)``.
         """
         mac = dst_mac or self.guest_mac
         header = emit_ipv4_header(src, dst, proto, len(payload), ttl=ttl)
         if mac is None:
+            if offload:
+                # A held packet leaves as a plain frame: without its header it must be whole.
+                self._counters.inc("ipv4.tx.drop.offload_held")
+                return
             self._hold_for_mac(dst, header + bytes(payload))
             return
-        self.frames_to_guest.append(ethernet.emit_ethernet(
-            mac, self.config.gateway_mac, ethernet.ETHERTYPE_IPV4, header + bytes(payload)))
+        frame = ethernet.emit_ethernet(mac, self.config.gateway_mac, ethernet.ETHERTYPE_IPV4,
+                                       header + bytes(payload))
+        self.frames_to_guest.append((frame, offload) if offload else frame)
         self._counters.inc("ipv4.tx")
+
+    def send_tcp_data(self, src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int,
+                      window: int, data: bytes | bytearray | memoryview, seg_size: int,
+                      checksum: int, mss: int) -> bool:
+        """Queue TCP data segments (ACK, PSH on the last) built whole in C; False if the guest
+        MAC is unknown (the caller then sends segment by segment, to be held).
+
+        ``checksum`` is tcp_wire's CSUM_FULL / CSUM_PARTIAL (GSO, ``seg_size`` up to 64 KiB,
+        ``mss`` the guest's) / CSUM_NONE (DATA_VALID).
+        """
+        mac = self.guest_mac
+        if mac is None:
+            return False
+        template = (mac + self.config.gateway_mac + b"\x08\x00"
+                    + struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0x4000, 64, 6, 0, src, dst)
+                    + struct.pack("!HHIIBBHHH", sport, dport, 0, ack & 0xFFFFFFFF, 5 << 4, 0x10,
+                                  min(window, 0xFFFF), 0, 0))
+        view = memoryview(data)
+        if view.format != "B" or not view.c_contiguous:
+            view = memoryview(bytes(view))
+        frames = data_frames(template, view, seq & 0xFFFFFFFF, seg_size, checksum)
+        append = self.frames_to_guest.append
+        for frame in frames:
+            if checksum == 1:
+                append((frame, tcp_data_word(len(frame) - 54, mss)))
+            elif checksum == 2:
+                append((frame, DATA_VALID_WORD))
+            else:
+                append(frame)
+        self._counters.inc("ipv4.tx", len(frames))
+        return True
 
     def _hold_for_mac(self, dst: bytes, packet: bytes) -> None:
         if len(self._held_for_mac) >= MAX_HELD_FOR_MAC:

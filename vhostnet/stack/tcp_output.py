@@ -57,8 +57,12 @@ class GuestOutput:
         )
         self.segment(flow, segment)
 
-    def segment(self, flow: Flow, segment: bytes) -> None:
-        self.output.send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment)
+    def segment(self, flow: Flow, segment: bytes, offload: int = 0) -> None:
+        """Hand one segment to the stack; ``offload`` is its vnet word when the guest takes offloads."""
+        if offload:
+            self.output.send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment, offload=offload)
+        else:
+            self.output.send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment)
         self.stats.inc("tcp.segments_out")
 
     def syn(self, flow: Flow) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from vhostnet.stack.checksum import PROTO_TCP, l4_checksum
+from vhostnet.stack.checksum import PROTO_TCP, l4_checksum, pseudo_header_sum
 from vhostnet.stack.counters import MalformedPacket
 
 FIN = 0x01
@@ -41,6 +41,11 @@ OPT_SACK_PERMITTED = 4
 MAX_WSCALE = 14
 
 _HEADER = struct.Struct("!HHIIBBHHH")
+
+# How emit_segment fills the checksum field (see offload.py for when each is allowed).
+CSUM_FULL = 0  # the real checksum
+CSUM_PARTIAL = 1  # the pseudo-header sum only; the guest completes it (virtio NEEDS_CSUM)
+CSUM_NONE = 2  # zero; the guest was told the data is valid (virtio DATA_VALID)
 
 
 def flags_problem(flags: int) -> str | None:
@@ -186,10 +191,12 @@ def emit_segment(
     window: int,
     payload: bytes | bytearray | memoryview = b"",
     options: bytes = b"",
+    checksum: int = CSUM_FULL,
 ) -> bytes:
     """One complete TCP segment with its checksum over the IPv4 pseudo-header.
 
     ``options`` must already be padded to a multiple of four (``build_options``).
+    ``checksum``: CSUM_FULL, or CSUM_PARTIAL / CSUM_NONE for a guest that takes offloads.
     """
     header_len = HEADER_LEN + len(options)
     segment = bytearray(header_len + len(payload))
@@ -208,9 +215,14 @@ def emit_segment(
     )
     segment[HEADER_LEN:header_len] = options
     segment[header_len:] = payload
-    checksum = l4_checksum(src_ip, dst_ip, PROTO_TCP, segment)
-    segment[16] = checksum >> 8
-    segment[17] = checksum & 0xFF
+    if checksum == CSUM_FULL:
+        value = l4_checksum(src_ip, dst_ip, PROTO_TCP, segment)
+    elif checksum == CSUM_PARTIAL:
+        value = pseudo_header_sum(src_ip, dst_ip, PROTO_TCP, len(segment))
+    else:
+        value = 0
+    segment[16] = value >> 8
+    segment[17] = value & 0xFF
     return bytes(segment)
 
 
@@ -224,11 +236,13 @@ def segment_payload(
     window: int,
     data: bytes | bytearray | memoryview,
     mss: int,
+    checksum: int = CSUM_FULL,
 ) -> list[bytes]:
     """Cut ``data`` into ACK segments of at most ``mss`` bytes, the first at ``seq``; PSH on the last.
 
     The hot path of host-to-guest traffic, kept free of engine state so the
-    Cython data path can replace it one for one.
+    Cython data path can replace it one for one. For a guest taking segmentation
+    offload, ``mss`` is the large size (up to ``offload.MAX_TSO_PAYLOAD``).
     """
     view = memoryview(data)
     segments = []
@@ -236,7 +250,8 @@ def segment_payload(
         chunk = view[start : start + mss]
         flags = ACK | PSH if start + mss >= len(view) else ACK
         segments.append(
-            emit_segment(src_ip, dst_ip, src_port, dst_port, seq + start, ack, flags, window, chunk)
+            emit_segment(src_ip, dst_ip, src_port, dst_port, seq + start, ack, flags, window, chunk,
+                         checksum=checksum)
         )
     return segments
 

@@ -18,19 +18,21 @@ class UdpDatagram:
 
     The length field must cover the header and fit in the IP payload (trailing
     bytes beyond it are ignored); the checksum is verified against the IPv4
-    pseudo-header unless the sender left it zero.
+    pseudo-header unless the sender left it zero or ``verify`` is False (a partial
+    checksum the guest's virtio driver left to the device).
     """
 
     __slots__ = ("src_port", "dst_port", "length", "payload")
 
-    def __init__(self, src_ip: bytes, dst_ip: bytes, data: bytes | bytearray | memoryview) -> None:
+    def __init__(self, src_ip: bytes, dst_ip: bytes, data: bytes | bytearray | memoryview,
+                 verify: bool = True) -> None:
         view = memoryview(data)
         if len(view) < HEADER_LEN:
             raise MalformedPacket("short", f"UDP datagram of {len(view)} bytes")
         self.src_port, self.dst_port, self.length = struct.unpack_from("!HHH", view, 0)
         if self.length < HEADER_LEN or self.length > len(view):
             raise MalformedPacket("bad_length", f"UDP length {self.length}")
-        if not l4_checksum_ok(src_ip, dst_ip, PROTO_UDP, view[: self.length]):
+        if verify and not l4_checksum_ok(src_ip, dst_ip, PROTO_UDP, view[: self.length]):
             raise MalformedPacket("bad_checksum", "UDP checksum")
         self.payload = view[HEADER_LEN : self.length]
 

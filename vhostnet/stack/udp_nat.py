@@ -192,6 +192,12 @@ class UdpNat:
         flow.last_active = now
         self._flows.move_to_end(flow.flow_id)
 
+    def touch(self, flow_id: int, now: float) -> None:
+        """The flow was active (datagrams sent by the fast path): push its expiry back."""
+        flow = self._flows.get(flow_id)
+        if flow is not None:
+            self._touch(flow, now)
+
     def flow(self, flow_id: int) -> UdpFlow | None:
         return self._flows.get(flow_id)
 

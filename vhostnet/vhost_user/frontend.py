@@ -338,8 +338,11 @@ class Frontend:
             for gpa in token:  # type: ignore[union-attr]
                 self.slots.free(gpa)
 
-    def send_frame(self, frame: bytes) -> None:
-        """Queue one Ethernet frame on TX (header in its own descriptor) and kick."""
+    def send_frame(self, frame: bytes, header: bytes | None = None) -> None:
+        """Queue one Ethernet frame on TX (header in its own descriptor) and kick.
+
+        ``header`` is the virtio-net header to send (default: all zero, no offloads).
+        """
         if self.tx is None:
             raise RuntimeError("start() first")
         pieces = [frame[i : i + SLOT_SIZE] for i in range(0, len(frame), SLOT_SIZE)] or [b""]
@@ -353,7 +356,7 @@ class Frontend:
             self._wait_call(TX_RING, 0.01)
         header_gpa = self.slots.alloc()
         assert header_gpa is not None
-        self.memory.write(header_gpa, bytes(VIRTIO_NET_HDR_SIZE))
+        self.memory.write(header_gpa, bytes(VIRTIO_NET_HDR_SIZE) if header is None else header)
         chain = [(header_gpa, VIRTIO_NET_HDR_SIZE, False)]
         used_slots = [header_gpa]
         for piece in pieces:

@@ -32,7 +32,9 @@ class Virtqueue:
     ``hdr_len`` is the virtio-net header length (12 with VERSION_1 or MRG_RXBUF, 10 for
     legacy without it). ``base`` is the next avail index (SET_VRING_BASE). Raises
     ``AddressError`` if a ring is not inside one mapped region, ``ValueError`` for a bad
-    size, header length or ring alignment.
+    size, header length or ring alignment. ``features`` are the negotiated virtio bits: TX
+    headers asking for an offload not negotiated are refused (counted), RX frames carry
+    offload fields (``FrameBatch.append(frame, vnet)``) only when negotiated.
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class Virtqueue:
         event_idx: bool = False,
         call_fd: int | None = None,
         name: str = "vq",
+        features: int = 0,
     ) -> None:
         self.name = name
         self._memory = memory
@@ -56,6 +59,8 @@ class Virtqueue:
         self._kernel = _virtq.SplitQueue(
             size, hdr_len, mrg_rxbuf, event_idx, -1 if call_fd is None else call_fd, base
         )
+        # Header offloads (checksum, segmentation) are honoured only as far as negotiated.
+        self._kernel.set_features(features)
         try:
             self._install_memory()
         except LookupError as error:
@@ -114,6 +119,10 @@ class Virtqueue:
     def disable_kick(self) -> None:
         """Tell the guest kicks are not needed while we are draining anyway."""
         self._kernel.disable_kick()
+
+    def set_features(self, features: int) -> None:
+        """The negotiated feature bits changed (SET_FEATURES on a running ring)."""
+        self._kernel.set_features(features)
 
     def set_log(self, log_array, log_guest_addr: int = 0, log_used: bool = False) -> None:
         """Dirty-page logging: a writable uint8 buffer (the shared log) or None to stop."""

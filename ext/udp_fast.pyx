@@ -1,0 +1,339 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Guest -> host UDP for established outbound flows, in C with the GIL released.
+
+``UdpNat`` (Python) stays the authority: it creates every flow from the flow's
+first datagram, the glue opens the connected host socket and then registers
+the flow here (``add``), and expiry removes it (``remove``). For a TX batch,
+``send_batch`` picks out the frames that are plain IPv4 UDP datagrams of a
+registered flow (headers and checksums verified, or the UDP checksum left
+partial by the guest's driver), and sends their payloads with sendmmsg(2)
+straight from the batch buffer: no Python object, no copy, no allocation per
+datagram. Everything else (a new flow, options, fragments, a bad checksum,
+other protocols) is left to the Python stack, which counts and drops what is
+bad. What Python must learn afterwards comes back per flow, not per frame:
+which flows were active and which send errors happened.
+
+The Python face is ``vhostnet.hostio.udp_fast``; use that.
+"""
+
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcmp, memcpy, memset
+from libc.errno cimport EAGAIN, EINTR, errno
+
+cdef extern from "<sys/socket.h>" nogil:
+    cdef struct iovec:
+        void *iov_base
+        size_t iov_len
+    cdef struct msghdr:
+        void *msg_name
+        unsigned int msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    cdef struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+    int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
+    int MSG_DONTWAIT
+
+cdef enum:
+    TABLE_SLOTS = 131072         # power of two; at most half used (the flow limit is 65536)
+    MAX_BATCH = 1024             # datagrams per sendmmsg round
+    MAX_ERRORS = 64
+    MAX_TOUCHED = 4096           # flows active between two take_activity() calls, beyond: scan all
+    ETH_LEN = 14
+    IP_LEN = 20
+    UDP_LEN = 8
+
+cdef struct FlowSlot:
+    uint32_t guest_ip        # network byte order, as in the frame
+    uint32_t remote_ip
+    uint16_t guest_port      # network byte order
+    uint16_t remote_port
+    int fd
+    int64_t flow_id          # 0: empty; -1: removed (tombstone)
+    uint64_t datagrams       # since the last take_activity()
+    uint64_t bytes
+
+
+cdef inline uint16_t be16(const uint8_t *p) noexcept nogil:
+    return (<uint16_t>p[0] << 8) | p[1]
+
+
+cdef inline uint64_t sum16(const uint8_t *p, Py_ssize_t n) noexcept nogil:
+    cdef uint64_t total = 0
+    cdef Py_ssize_t i = 0
+    while i + 1 < n:
+        total += (<uint64_t>p[i] << 8) | p[i + 1]
+        i += 2
+    if i < n:
+        total += <uint64_t>p[i] << 8
+    return total
+
+
+cdef inline uint16_t fold(uint64_t total) noexcept nogil:
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return <uint16_t>total
+
+
+cdef inline uint32_t slot_hash(uint32_t gip, uint16_t gport, uint32_t rip, uint16_t rport) noexcept nogil:
+    cdef uint64_t h = (<uint64_t>gip * 0x9E3779B1ULL) ^ (<uint64_t>rip * 0x85EBCA77ULL)
+    h ^= (<uint64_t>gport << 16 | rport) * 0xC2B2AE3DULL
+    h ^= h >> 29
+    return <uint32_t>h & (TABLE_SLOTS - 1)
+
+
+cdef class UdpFastPath:
+    """Registered outbound UDP flows and the batch sender; see the module docstring."""
+
+    cdef FlowSlot *slots
+    cdef int nflows
+    cdef mmsghdr msgs[MAX_BATCH]
+    cdef iovec iovs[MAX_BATCH]
+    cdef int msg_slot[MAX_BATCH]
+    cdef int64_t err_flow[MAX_ERRORS]
+    cdef int err_code[MAX_ERRORS]
+    cdef int nerrors
+    cdef int touched[MAX_TOUCHED]
+    cdef int ntouched
+    cdef bint touched_overflow
+    cdef readonly uint64_t datagrams_sent
+    cdef readonly uint64_t host_busy
+    cdef uint8_t gateway_mac[6]
+    cdef uint8_t guest_mac[6]
+    cdef bint have_guest_mac
+    cdef dict slot_of_flow
+
+    def __cinit__(self):
+        self.slots = <FlowSlot *>calloc(TABLE_SLOTS, sizeof(FlowSlot))
+        if self.slots == NULL:
+            raise MemoryError()
+        self.slot_of_flow = {}
+
+    def __dealloc__(self):
+        free(self.slots)
+
+    @property
+    def flows(self) -> int:
+        return self.nflows
+
+    def set_macs(self, bytes gateway_mac, guest_mac) -> None:
+        """The frames to take: from ``guest_mac`` (None: take none) to ``gateway_mac``."""
+        memcpy(self.gateway_mac, <const char *>gateway_mac, 6)
+        self.have_guest_mac = guest_mac is not None
+        if self.have_guest_mac:
+            memcpy(self.guest_mac, <const char *><bytes>guest_mac, 6)
+
+    def add(self, int64_t flow_id, bytes guest_ip, int guest_port, bytes remote_ip,
+            int remote_port, int fd) -> bool:
+        """Register a flow whose connected host socket is ``fd``; False if the table is full."""
+        cdef uint32_t gip, rip, index
+        cdef uint16_t gport = ((guest_port & 0xFF) << 8) | (guest_port >> 8)
+        cdef uint16_t rport = ((remote_port & 0xFF) << 8) | (remote_port >> 8)
+        cdef int probes
+        if flow_id <= 0 or len(guest_ip) != 4 or len(remote_ip) != 4 or fd < 0:
+            raise ValueError("bad UDP fast-path flow")
+        if flow_id in self.slot_of_flow or self.nflows >= TABLE_SLOTS // 2:
+            return False
+        memcpy(&gip, <const char *>guest_ip, 4)
+        memcpy(&rip, <const char *>remote_ip, 4)
+        index = slot_hash(gip, gport, rip, rport)
+        for probes in range(TABLE_SLOTS):
+            if self.slots[index].flow_id <= 0:
+                break
+            index = (index + 1) & (TABLE_SLOTS - 1)
+        self.slots[index].guest_ip = gip
+        self.slots[index].remote_ip = rip
+        self.slots[index].guest_port = gport
+        self.slots[index].remote_port = rport
+        self.slots[index].fd = fd
+        self.slots[index].flow_id = flow_id
+        self.slots[index].datagrams = 0
+        self.slots[index].bytes = 0
+        self.slot_of_flow[flow_id] = index
+        self.nflows += 1
+        return True
+
+    def remove(self, int64_t flow_id) -> tuple:
+        """Forget a flow (its socket is about to close); its unreported (datagrams, bytes)."""
+        index = self.slot_of_flow.pop(flow_id, None)
+        if index is None:
+            return (0, 0)
+        cdef FlowSlot *slot = &self.slots[<int>index]
+        result = (slot.datagrams, slot.bytes)
+        memset(slot, 0, sizeof(FlowSlot))
+        slot.flow_id = -1  # tombstone: lookups probe past it
+        self.nflows -= 1
+        return result
+
+    def take_activity(self) -> list:
+        """(flow_id, datagrams, bytes) of every flow that sent since the last call."""
+        active = []
+        cdef FlowSlot *slot
+        cdef int i
+        if self.touched_overflow:
+            indices = list(self.slot_of_flow.values())
+        else:
+            indices = [self.touched[i] for i in range(self.ntouched)]
+        self.ntouched = 0
+        self.touched_overflow = False
+        for index in indices:
+            slot = &self.slots[<int>index]
+            if slot.flow_id > 0 and slot.datagrams:
+                active.append((slot.flow_id, slot.datagrams, slot.bytes))
+                slot.datagrams = 0
+                slot.bytes = 0
+        return active
+
+    def take_errors(self) -> list:
+        """(flow_id, errno) of send errors since the last call (at most 64 kept)."""
+        errors = [(self.err_flow[i], self.err_code[i]) for i in range(self.nerrors)]
+        self.nerrors = 0
+        return errors
+
+    def send_batch(self, const uint8_t[::1] data, const uint64_t[::1] offsets,
+                   const uint32_t[::1] lengths, const uint64_t[::1] vnets, uint8_t[::1] handled,
+                   Py_ssize_t count) -> int:
+        """Send the datagrams of registered flows among the first ``count`` frames.
+
+        ``handled[i]`` is set to 1 for each frame taken (sent, or dropped because the host
+        socket was busy), 0 for frames the Python stack must handle. Returns how many
+        were taken.
+        """
+        cdef Py_ssize_t taken
+        if count > offsets.shape[0] or count > lengths.shape[0] or count > vnets.shape[0] \
+                or count > handled.shape[0]:
+            raise ValueError("count exceeds the batch arrays")
+        if count <= 0 or self.nflows == 0 or not self.have_guest_mac:
+            if count > 0:
+                memset(&handled[0], 0, count)
+            return 0
+        with nogil:
+            taken = self._send_batch(&data[0], data.shape[0], &offsets[0], &lengths[0], &vnets[0],
+                                     &handled[0], count)
+        return taken
+
+    cdef int lookup(self, const uint8_t *ip, const uint8_t *udp) noexcept nogil:
+        cdef uint32_t gip, rip, index
+        cdef uint16_t gport, rport
+        cdef int probes
+        memcpy(&gip, ip + 12, 4)
+        memcpy(&rip, ip + 16, 4)
+        memcpy(&gport, udp, 2)
+        memcpy(&rport, udp + 2, 2)
+        index = slot_hash(gip, gport, rip, rport)
+        for probes in range(TABLE_SLOTS):
+            if self.slots[index].flow_id == 0:
+                return -1
+            if (self.slots[index].flow_id > 0 and self.slots[index].guest_ip == gip
+                    and self.slots[index].remote_ip == rip and self.slots[index].guest_port == gport
+                    and self.slots[index].remote_port == rport):
+                return <int>index
+            index = (index + 1) & (TABLE_SLOTS - 1)
+        return -1
+
+    cdef Py_ssize_t _send_batch(self, const uint8_t *data, Py_ssize_t size, const uint64_t *offsets,
+                                const uint32_t *lengths, const uint64_t *vnets, uint8_t *handled,
+                                Py_ssize_t count) noexcept nogil:
+        cdef Py_ssize_t i, taken = 0
+        cdef int n = 0, slot
+        cdef const uint8_t *frame
+        cdef const uint8_t *ip
+        cdef const uint8_t *udp
+        cdef uint64_t length, total, udp_len
+        for i in range(count):
+            handled[i] = 0
+            length = lengths[i]
+            if offsets[i] > <uint64_t>size or length > <uint64_t>size - offsets[i]:
+                continue
+            frame = data + offsets[i]
+            if length < ETH_LEN + IP_LEN + UDP_LEN:
+                continue
+            if (memcmp(frame, self.gateway_mac, 6) != 0 or memcmp(frame + 6, self.guest_mac, 6) != 0
+                    or frame[12] != 0x08 or frame[13] != 0x00):
+                continue
+            ip = frame + ETH_LEN
+            # Plain IPv4 only: no options, no fragment, UDP, a header that verifies.
+            if ip[0] != 0x45 or ip[9] != 17 or (be16(ip + 6) & 0x3FFF) != 0:
+                continue
+            total = be16(ip + 2)
+            if total < IP_LEN + UDP_LEN or total > length - ETH_LEN:
+                continue
+            if fold(sum16(ip, IP_LEN)) != 0xFFFF:
+                continue
+            udp = ip + IP_LEN
+            udp_len = be16(udp + 4)
+            if udp_len < UDP_LEN or udp_len > total - IP_LEN:
+                continue
+            slot = self.lookup(ip, udp)
+            if slot < 0:
+                continue
+            if not self.checksum_acceptable(ip, udp, udp_len, vnets[i]):
+                continue  # the Python stack counts and drops it
+            if n == MAX_BATCH:
+                self.flush(n)
+                n = 0
+            self.iovs[n].iov_base = <void *>(udp + UDP_LEN)
+            self.iovs[n].iov_len = udp_len - UDP_LEN
+            memset(&self.msgs[n], 0, sizeof(mmsghdr))
+            self.msgs[n].msg_hdr.msg_iov = &self.iovs[n]
+            self.msgs[n].msg_hdr.msg_iovlen = 1
+            self.msg_slot[n] = slot
+            n += 1
+            handled[i] = 1
+            taken += 1
+        if n:
+            self.flush(n)
+        return taken
+
+    cdef bint checksum_acceptable(self, const uint8_t *ip, const uint8_t *udp, uint64_t udp_len,
+                                  uint64_t vnet) noexcept nogil:
+        cdef uint64_t total
+        if udp[6] == 0 and udp[7] == 0:
+            return True  # the sender computed none (IPv4 allows it)
+        # A partial checksum at the UDP header (virtio NEEDS_CSUM) is the guest's driver
+        # leaving the sum to the device: nothing to verify.
+        if (vnet & 1) and ((vnet >> 32) & 0xFFFF) == ETH_LEN + IP_LEN and ((vnet >> 48) & 0xFFFF) == 6:
+            return True
+        total = sum16(ip + 12, 8) + 17 + udp_len + sum16(udp, udp_len)
+        return fold(total) == 0xFFFF
+
+    cdef void flush(self, int n) noexcept nogil:
+        """Send msgs[0:n], one sendmmsg per run of the same socket; record errors per flow."""
+        cdef int start = 0, end, sent, fd, slot
+        cdef int rounds = 0
+        while start < n and rounds < 2 * MAX_BATCH:
+            rounds += 1
+            fd = self.slots[self.msg_slot[start]].fd
+            end = start + 1
+            while end < n and self.slots[self.msg_slot[end]].fd == fd:
+                end += 1
+            sent = sendmmsg(fd, &self.msgs[start], end - start, MSG_DONTWAIT)
+            if sent < 0:
+                if errno == EINTR:
+                    continue
+                slot = self.msg_slot[start]
+                if errno == EAGAIN:
+                    self.host_busy += 1  # UDP may lose; never block the data path
+                elif self.nerrors < MAX_ERRORS:
+                    self.err_flow[self.nerrors] = self.slots[slot].flow_id
+                    self.err_code[self.nerrors] = errno
+                    self.nerrors += 1
+                start += 1  # that datagram is lost; carry on with the next
+                continue
+            for end in range(start, start + sent):
+                slot = self.msg_slot[end]
+                if self.slots[slot].datagrams == 0:
+                    if self.ntouched < MAX_TOUCHED:
+                        self.touched[self.ntouched] = slot
+                        self.ntouched += 1
+                    else:
+                        self.touched_overflow = True
+                self.slots[slot].datagrams += 1
+                self.slots[slot].bytes += self.iovs[end].iov_len
+            self.datagrams_sent += sent
+            start += sent

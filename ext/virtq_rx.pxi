@@ -1,0 +1,149 @@
+# RX: FrameBatch -> guest buffers (included by virtq.pyx; functions over a SplitQueue).
+
+
+cdef Py_ssize_t rx_push_frames(SplitQueue q, FrameBatch batch, Py_ssize_t start) noexcept nogil:
+    """Write frames ``start…`` of ``batch`` into RX buffers; returns how many were consumed."""
+    cdef Py_ssize_t i = start
+    cdef int result
+    cdef int retries_left = q.size  # each retry consumes a chain; bound the work anyway
+    if q._broken or not q.ready:
+        return 0
+    while i < batch.n and not q._broken:
+        result = rx_one(q, batch.data + batch.offsets[i], batch.lengths[i], batch.vnets[i])
+        if result == RX_NO_BUFFERS:
+            break  # rx_one() has set kick_point
+        if result == RX_RETRY:
+            retries_left -= 1
+            if retries_left <= 0:
+                q.kick_point = q.last_avail  # come back for the rest
+                break
+            continue
+        i += 1
+    else:
+        q.kick_point = q.last_avail
+    q.publish_used()
+    return i - start
+
+cdef int rx_one(SplitQueue q, const uint8_t *frame, uint32_t frame_len, uint64_t vnet) noexcept nogil:
+    """Deliver one frame into available buffers, drop it, or report that buffers are missing.
+
+    Phase 1 walks available chains, without taking them, until they can hold the
+    header plus the frame (one chain without MRG_RXBUF). Phase 2 writes and
+    completes them. A bad chain first in line is completed with length 0 at once;
+    a bad chain behind good ones ends the gathering, and if the good ones are too
+    small they are handed back empty so the bad one comes first next time.
+    """
+    cdef uint64_t needed = q.hdr_len + <uint64_t>frame_len
+    cdef uint64_t capacity = 0
+    cdef int chains = 0
+    cdef int seg_used = 0
+    cdef int nseg, reason, waiting, j
+    cdef uint64_t total, written, pos
+    cdef uint16_t head
+    cdef uint8_t header[12]
+    cdef int max_chains = q.size if q.mrg_rxbuf else 1
+    cdef int bad_behind = False
+
+    # Offload fields first: a frame the guest cannot take is dropped before any buffer is touched.
+    reason = fill_rx_header(header, vnet, frame, frame_len, q.features)
+    if reason != CHAIN_OK:
+        q.count_error(reason)
+        return RX_DROPPED
+    header[10] = 0
+    header[11] = 0
+    waiting = q.pending()
+    if waiting < 0:
+        return RX_NO_BUFFERS
+    while capacity < needed and chains < max_chains:
+        if chains >= waiting:
+            break
+        if chains and q.seg_cap - seg_used < <int>q.size + MAX_INDIRECT_ENTRIES:
+            break
+        head = q.avail_head(q.last_avail + chains)
+        reason = q.walk_chain(head, True, q.segs + seg_used, &nseg, &total)
+        if reason != CHAIN_OK:
+            if chains == 0:
+                q.count_error(reason)
+                q.put_used(head, 0)
+                q.last_avail += 1
+                waiting -= 1
+                continue
+            bad_behind = True
+            break
+        q.chain_head[chains] = head
+        q.chain_first_seg[chains] = seg_used
+        q.chain_nseg[chains] = nseg
+        q.chain_capacity[chains] = total
+        seg_used += nseg
+        capacity += total
+        chains += 1
+
+    if capacity < needed:
+        if bad_behind:
+            # Hand the good chains back empty so the bad one is first in line next time.
+            for j in range(chains):
+                q.put_used(q.chain_head[j], 0)
+            q.last_avail += chains
+            return RX_RETRY
+        if chains == 0:
+            q.kick_point = q.last_avail
+            return RX_NO_BUFFERS
+        if not q.mrg_rxbuf:
+            # The chain stays in the ring for a smaller frame; this frame cannot fit one.
+            q.count_error(R_RX_BUFFER_TOO_SMALL)
+            return RX_DROPPED
+        if chains < waiting:
+            q.count_error(R_RX_TOO_FRAGMENTED)
+            return RX_DROPPED
+        if waiting == <int>q.size:
+            # Every buffer of a full ring together is still too small: it can never fit.
+            q.count_error(R_RX_BUFFER_TOO_SMALL)
+            return RX_DROPPED
+        q.kick_point = q.last_avail + waiting
+        return RX_NO_BUFFERS
+
+    header[10] = chains & 0xFF
+    header[11] = chains >> 8
+    pos = 0
+    for j in range(chains):
+        written = q.chain_capacity[j]
+        if written > needed - pos:
+            written = needed - pos
+        scatter(q, q.segs + q.chain_first_seg[j], q.chain_nseg[j],
+                     header, frame, pos, written)
+        q.put_used(q.chain_head[j], <uint32_t>written)
+        pos += written
+    q.last_avail += chains
+    q.stats[S_RX_FRAMES] += 1
+    q.stats[S_RX_BYTES] += frame_len
+    q.stats[S_RX_BUFFERS] += chains
+    if header[1]:
+        q.stats[S_RX_GSO_FRAMES] += 1
+    return RX_DELIVERED
+
+cdef void scatter(SplitQueue q, Segment *segs, int nseg, const uint8_t *header, const uint8_t *frame,
+                  uint64_t pos, uint64_t count) noexcept nogil:
+    """Write bytes [pos, pos+count) of the stream header ++ frame into the chain ``segs``."""
+    cdef int i
+    cdef uint64_t seg_off, room, piece
+    cdef const uint8_t *src
+    for i in range(nseg):
+        seg_off = 0
+        while seg_off < segs[i].length and count:
+            room = segs[i].length - seg_off
+            if pos < q.hdr_len:
+                src = header + pos
+                piece = q.hdr_len - pos
+            else:
+                src = frame + (pos - q.hdr_len)
+                piece = count
+            if piece > room:
+                piece = room
+            if piece > count:
+                piece = count
+            q.copy_to_guest(segs[i].gpa + seg_off, src, piece)
+            seg_off += piece
+            pos += piece
+            count -= piece
+        if not count:
+            return

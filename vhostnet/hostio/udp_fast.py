@@ -1,0 +1,85 @@
+"""The Python face of the UDP fast path (``ext/udp_fast.pyx``): guest datagrams of established
+outbound flows go to their host sockets by sendmmsg(2) from the TX batch, GIL released.
+
+``UdpNat`` stays the authority. A flow enters the fast path once its connected
+host socket exists (``register``, called by ``UdpGlue``) and leaves it before
+the socket closes (``unregister``). ``send_batch`` runs before the Python stack
+sees a TX batch; the frames it took are skipped by the stack, and their effect
+on Python state is applied once per batch, per flow: the stack's counters, the
+flow's idle timer (``UdpNat.touch``) and send errors (``UdpNat.on_host_error``).
+What the fast path does not keep per datagram: the quote for an ICMP port
+unreachable stays the one of the flow's first datagram (same addresses and ports).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+
+from vhostnet.hostio._udp_fast import UdpFastPath
+from vhostnet.stack.stack import NetworkStack
+from vhostnet.stack.udp_nat import UdpNat
+
+
+class UdpFastSender:
+    """Registered flows plus the per-batch bookkeeping around the C sender."""
+
+    def __init__(self, engine: UdpNat, stack: NetworkStack) -> None:
+        self.engine = engine
+        self.stack = stack
+        self.kernel = UdpFastPath()
+        self._arrays: tuple | None = None
+        self._arrays_of: object = None
+        self._handled = np.zeros(0, dtype=np.uint8)
+        self._busy_seen = 0
+
+    @property
+    def flows(self) -> int:
+        return self.kernel.flows
+
+    def register(self, flow_id: int, sock: socket.socket) -> bool:
+        """Take ``flow_id``'s datagrams on the fast path from now on (outbound, connected ``sock``)."""
+        flow = self.engine.flow(flow_id)
+        if flow is None or flow.inbound:
+            return False
+        return self.kernel.add(flow_id, flow.guest_ip, flow.guest_port, flow.remote_ip,
+                               flow.remote_port, sock.fileno())
+
+    def unregister(self, flow_id: int) -> None:
+        """Before the flow's socket closes: no datagram may be sent on its fd any more."""
+        self.kernel.remove(flow_id)
+
+    def send_batch(self, batch, count: int, now: float) -> np.ndarray | None:
+        """Send what the fast path can among ``batch``'s first ``count`` frames.
+
+        Returns the indices of the frames left for the Python stack, or None when the
+        fast path took nothing (the stack then sees every frame).
+        """
+        if count <= 0 or not self.kernel.flows or self.stack.guest_mac is None:
+            return None
+        if self._arrays_of is not batch:
+            self._arrays = batch.arrays()
+            self._arrays_of = batch
+            self._handled = np.zeros(len(self._arrays[1]), dtype=np.uint8)
+        self.kernel.set_macs(self.stack.config.gateway_mac, self.stack.guest_mac)
+        storage, offsets, lengths, vnets = self._arrays
+        taken = self.kernel.send_batch(storage, offsets, lengths, vnets, self._handled, count)
+        if not taken:
+            return None
+        self._account(taken, now)
+        return np.flatnonzero(self._handled[:count] == 0)
+
+    def _account(self, taken: int, now: float) -> None:
+        counters = self.engine.counters
+        for name in ("eth.rx", "ipv4.rx", "udp.rx", "udp.tx_host"):
+            counters.inc(name, taken)
+        counters.inc("udp.fast_path", taken)
+        busy = self.kernel.host_busy
+        if busy != self._busy_seen:
+            counters.inc("udp.drop.host_busy", busy - self._busy_seen)
+            self._busy_seen = busy
+        for flow_id, _datagrams, _bytes in self.kernel.take_activity():
+            self.engine.touch(flow_id, now)
+        for flow_id, error in self.kernel.take_errors():
+            self.engine.on_host_error(flow_id, error, now)

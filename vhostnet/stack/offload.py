@@ -1,0 +1,78 @@
+"""Checksum and segmentation offloads, as the stack sees the virtio-net header (virtio 1.x 5.1.6).
+
+The device keeps each frame's header as one integer, the *vnet word*:
+``flags | gso_type << 8 | gso_size << 16 | csum_start << 32 | csum_offset << 48``
+(the Cython kernel validates guest headers into that form and writes RX headers
+from it). This module builds and reads those words, so the stack needs no
+knowledge of the header's byte layout.
+
+Guest -> stack: a frame with ``NEEDS_CSUM`` carries a partial L4 checksum (only
+the pseudo-header sum), so its TCP/UDP checksum is not verified; GSO frames
+(up to 64 KiB) need nothing else, because vhostnet ends every TCP connection
+itself and writes the payload to a host socket whole.
+
+Stack -> guest: with GUEST_CSUM only, data segments skip the L4 checksum and
+say ``DATA_VALID``; with GUEST_TSO4 as well, TCP data goes out in segments of up
+to 64 KiB with ``gso_type`` TCPV4, ``gso_size`` the flow's MSS and a partial
+checksum (``NEEDS_CSUM`` at the TCP header, pseudo-header sum in the field), as
+Linux's own tap and GRO produce them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NEEDS_CSUM = 1
+DATA_VALID = 2
+GSO_NONE = 0
+GSO_TCPV4 = 1
+
+ETH_HEADER_LEN = 14
+IPV4_HEADER_LEN = 20  # what the stack emits: no options
+TCP_CHECKSUM_OFFSET = 16
+UDP_CHECKSUM_OFFSET = 6
+# The largest TCP payload in one IPv4 packet with 20-byte IP and TCP headers.
+MAX_TSO_PAYLOAD = 0xFFFF - IPV4_HEADER_LEN - 20
+
+
+@dataclass(frozen=True)
+class GuestOffloads:
+    """What the guest negotiated for frames it receives."""
+
+    csum: bool = False  # VIRTIO_NET_F_GUEST_CSUM: unverified / partial L4 checksums are fine
+    tso4: bool = False  # VIRTIO_NET_F_GUEST_TSO4 (needs csum): TCPv4 segments beyond the MSS
+
+
+NO_OFFLOADS = GuestOffloads()
+
+
+def vnet_word(flags: int, gso_type: int = GSO_NONE, gso_size: int = 0, csum_start: int = 0,
+              csum_offset: int = 0) -> int:
+    """Pack header fields into the vnet word the device and the Cython kernel exchange."""
+    return flags | gso_type << 8 | gso_size << 16 | csum_start << 32 | csum_offset << 48
+
+
+def vnet_fields(word: int) -> tuple[int, int, int, int, int]:
+    """(flags, gso_type, gso_size, csum_start, csum_offset) of a vnet word."""
+    return (word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFFFF, (word >> 32) & 0xFFFF,
+            (word >> 48) & 0xFFFF)
+
+
+def partial_l4_checksum(word: int, l4_start: int, checksum_offset: int) -> bool:
+    """True when the guest left the L4 checksum at ``l4_start`` partial (not to be verified).
+
+    Only a partial checksum exactly at the L4 header's checksum field counts; one
+    pointing elsewhere leaves the L4 checksum to be verified as usual.
+    """
+    return (word & NEEDS_CSUM != 0 and (word >> 32) & 0xFFFF == l4_start
+            and (word >> 48) & 0xFFFF == checksum_offset)
+
+
+def tcp_data_word(payload_len: int, mss: int) -> int:
+    """The vnet word of a TCP data segment with a partial checksum (segmented by the guest if large)."""
+    gso = GSO_TCPV4 if payload_len > mss else GSO_NONE
+    return vnet_word(NEEDS_CSUM, gso, mss if gso else 0, ETH_HEADER_LEN + IPV4_HEADER_LEN,
+                     TCP_CHECKSUM_OFFSET)
+
+
+DATA_VALID_WORD = vnet_word(DATA_VALID)
