@@ -281,6 +281,42 @@ def test_guest_fin_after_data_then_host_eof_closes_cleanly() -> None:
     seg(engine, seq=GUEST_ISN + 5, ack=OUR_ISN + 2)
     assert drain(engine) == [Close(flow.flow_id, False)]
     assert engine.flows == {}
+    # The guest did not see our last ACK in time and sends its FIN again: it
+    # gets the final ACK, not a reset, while the closed connection is remembered.
+    seg(engine, 1.0, seq=GUEST_ISN + 4, ack=OUR_ISN + 2, flags=ACK | FIN)
+    (again,) = output.take()
+    assert again.flags == ACK and again.seq == OUR_ISN + 2 and again.ack == GUEST_ISN + 5
+    assert engine.counters().get("tcp.rst_sent", 0) == 0
+    assert engine.counters()["tcp.closed_straggler_acked"] == 1
+    # Long after (TIME_WAIT is over), the same straggler is a stranger: reset.
+    seg(engine, 100.0, seq=GUEST_ISN + 4, ack=OUR_ISN + 2, flags=ACK | FIN)
+    (reset,) = output.take()
+    assert reset.flags & RST and engine.counters()["tcp.rst_stray"] == 1
+
+
+def test_new_syn_takes_over_a_recently_closed_tuple() -> None:
+    engine, output = make_engine()
+    flow = open_flow(engine, output)
+    engine.recently_closed.remember(flow.key, OUR_ISN + 2, GUEST_ISN + 5, 0.0)
+    engine.flows.clear()
+    engine.flows_by_id.clear()
+    drain(engine)
+    seg(engine, 1.0, flags=SYN, seq=GUEST_ISN + 100000, mss=1460, window=64000)
+    (connect,) = drain(engine)
+    assert isinstance(connect, Connect)
+    assert len(engine.recently_closed) == 0
+
+
+def test_recently_closed_is_bounded() -> None:
+    from vhostnet.stack.tcp_closed import RecentlyClosed
+
+    closed = RecentlyClosed(linger=10.0, limit=3)
+    for port in range(5):
+        closed.remember((b"a", port, b"b", 80), port, port, float(port))
+    assert len(closed) == 3
+    assert closed.final_numbers((b"a", 0, b"b", 80), 4.0) is None  # evicted, oldest first
+    assert closed.final_numbers((b"a", 4, b"b", 80), 4.0) == (4, 4)
+    assert closed.final_numbers((b"a", 4, b"b", 80), 14.5) is None  # expired
 
 
 def test_host_eof_fin_waits_for_data_ack_then_half_close_keeps_upload_open() -> None:

@@ -50,6 +50,7 @@ from typing import Any, Protocol
 from vhostnet.stack.checksum import PROTO_TCP, l4_checksum_ok
 from vhostnet.stack.counters import Counters, MalformedPacket
 from vhostnet.stack.offload import DATA_VALID_WORD, MAX_TSO_PAYLOAD, NO_OFFLOADS, tcp_data_word
+from vhostnet.stack.tcp_closed import RecentlyClosed
 from vhostnet.stack.tcp_flow import (
     Close,
     Connect,
@@ -126,6 +127,8 @@ class TcpEngine:
         self._last_limit_log = float("-inf")
         self._mss_to_guest_limit = config.mtu - 40
         self.tx = GuestOutput(output, self.stats, self._mss_to_guest_limit)
+        self.recently_closed = RecentlyClosed()
+        self._now = 0.0  # the latest time an event brought; closed flows linger from it
 
     # ------------------------------------------------------------------ public
 
@@ -139,6 +142,7 @@ class TcpEngine:
         return self._timers.next_deadline()
 
     def poll_timers(self, now: float) -> None:
+        self._now = now
         for flow in self._timers.due(now):
             self._run_timers(flow, now)
             self._timers.schedule(flow)
@@ -159,10 +163,16 @@ class TcpEngine:
             self.stats.drop(f"tcp.drop.{error.reason}", f"malformed TCP segment: {error}")
             return
         key = (bytes(packet.src), seg.src_port, bytes(packet.dst), seg.dst_port)
+        self._now = now
         flow = self.flows.get(key)
         if flow is None:
             if seg.has(SYN) and not seg.has(ACK):
+                self.recently_closed.forget(key)
                 self._open_outbound(key, seg, now)
+                return
+            final = self.recently_closed.final_numbers(key, now)
+            if final is not None and not seg.has(RST | SYN):
+                self.tx.ack_closed(key, *final)  # a straggler of a clean close
             else:
                 self.tx.answer_stray(key, seg)
             return
@@ -641,6 +651,8 @@ class TcpEngine:
     def _maybe_finish(self, flow: Flow) -> None:
         if flow.host_shut and flow.fin_acked and flow.flow_id in self.flows_by_id:
             self.stats.inc("tcp.closed")
+            self.recently_closed.remember(flow.key, flow.send_seq(flow.snd_nxt),
+                                          flow.recv_seq(flow.rcv_nxt), self._now)
             self._remove(flow, abort=False)
 
     def _run_timers(self, flow: Flow, now: float) -> None:

@@ -80,6 +80,14 @@ class GuestOutput:
         self.emit(flow, RST, seq=seg.ack, ack=0)
         self.stats.inc("tcp.rst_sent")
 
+    def ack_closed(self, key: tuple[bytes, int, bytes, int], seq: int, ack: int) -> None:
+        """The final ACK again, for a retransmission of a connection that closed cleanly."""
+        guest_ip, guest_port, remote_ip, remote_port = key
+        segment = emit_segment(remote_ip, guest_ip, remote_port, guest_port, seq, ack, ACK, 0)
+        self.output.send_ipv4(remote_ip, guest_ip, PROTO_TCP, segment)
+        self.stats.inc("tcp.segments_out")
+        self.stats.inc("tcp.closed_straggler_acked")
+
     def answer_stray(self, key: tuple[bytes, int, bytes, int], seg: TcpSegmentView) -> None:
         """RST for a segment that belongs to no flow (never in answer to a RST)."""
         if seg.has(RST):
@@ -94,3 +102,4 @@ class GuestOutput:
         self.output.send_ipv4(remote_ip, guest_ip, PROTO_TCP, segment)
         self.stats.inc("tcp.segments_out")
         self.stats.inc("tcp.rst_sent")
+        self.stats.inc("tcp.rst_stray")
