@@ -126,6 +126,9 @@ class TcpEngine:
         self._last_limit_log = float("-inf")
         self._mss_to_guest_limit = config.mtu - 40
         self.tx = GuestOutput(output, self.stats, self._mss_to_guest_limit)
+        # Set by a fast path that mirrors flows (hostio/tcp_fast.py): the ids of flows whose
+        # guest-side state may have changed, for it to look at before it takes frames again.
+        self.changed: set[int] | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -166,6 +169,8 @@ class TcpEngine:
             else:
                 self.tx.answer_stray(key, seg)
             return
+        if self.changed is not None:
+            self.changed.add(flow.flow_id)
         flow.idle_at = now + self.timeouts.idle
         if flow.phase is Phase.CONNECTING:
             self._segment_connecting(flow, seg)
@@ -359,6 +364,8 @@ class TcpEngine:
         flow = self.flows_by_id.get(flow_id)
         if flow is None:
             return
+        if self.changed is not None:
+            self.changed.add(flow_id)
         flow.send_queued = False
         if send_space is not None:
             flow.host_space = send_space
@@ -417,6 +424,8 @@ class TcpEngine:
         flow = self.flows_by_id.get(flow_id)
         if flow is None:
             return
+        if self.changed is not None:
+            self.changed.add(flow_id)
         flow.peek_pending = False
         flow.host_readable = False
         flow.host_eof = True
@@ -495,6 +504,8 @@ class TcpEngine:
     def _remove(self, flow: Flow, abort: bool) -> None:
         self.flows.pop(flow.key, None)
         self.flows_by_id.pop(flow.flow_id, None)
+        if self.changed is not None:
+            self.changed.add(flow.flow_id)
         self.stats.set("tcp.flows_open", len(self.flows))
         self.commands.append(Close(flow.flow_id, abort))
 
