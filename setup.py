@@ -32,6 +32,11 @@ extensions = [
         ["ext/udp_fast.pyx"],
         extra_compile_args=COMPILE_ARGS,
     ),
+    Extension(
+        "vhostnet.hostio._tcp_fast",
+        ["ext/tcp_fast.pyx"],
+        extra_compile_args=COMPILE_ARGS,
+    ),
 ]
 
 setup(

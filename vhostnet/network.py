@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from .hostio.dns import DnsGlue
 from .hostio.icmp import IcmpGlue
 from .hostio.tcp import TcpHost
+from .hostio.tcp_fast import TcpFastPath
 from .hostio.tftp_files import TftpRoot
 from .hostio.udp import UdpGlue
 from .hostio.udp_fast import UdpFastSender
@@ -100,13 +101,16 @@ class Network:
     def _attach_engines(self) -> None:
         stack, config, loop = self.stack, self.config, self.loop
         self.tcp: TcpEngine | None = None
+        self.tcp_fast: TcpFastPath | None = None
         if config.tcp:
             self.tcp = TcpEngine(config, stack)
             stack.set_protocol_handler(PROTO_TCP, self.tcp)
             self._timer_clients.append(self.tcp)
             # No after_event hook needed: frames the engine produces wake the
             # device through frames_to_guest (GuestFrameQueue) by themselves.
-            self._glue.append(TcpHost(self.tcp, loop))
+            tcp_host = TcpHost(self.tcp, loop)
+            self._glue.append(tcp_host)
+            self.tcp_fast = TcpFastPath(self.tcp, tcp_host, stack)
         self.tftp: TftpServer | None = None
         if config.tftp_root:
             self.tftp = TftpServer(config, stack, TftpRoot(config.tftp_root))
@@ -126,14 +130,18 @@ class Network:
     def receive_batch(self, batch: FrameBatch, count: int, now: float) -> None:
         """Hand ``count`` guest frames of ``batch`` to the stack.
 
-        UDP datagrams of established outbound flows are sent by the C fast path
-        first; the stack sees the rest. Each of those is copied out of the batch:
+        UDP datagrams of established outbound flows and in-order data of
+        established TCP flows are sent by the C fast paths first (the TCP one
+        brings the engine's flows up to date before it returns); the stack sees
+        the rest, in their original order. Each of those is copied out of the batch:
         engines may keep payloads in their command queues, and the batch is
         reused by the next drain.
         """
         receive = self.stack.receive_frame
         frame, vnet = batch.frame, batch.vnet
         left = self.udp_fast.send_batch(batch, count, now) if self.udp_fast is not None else None
+        if self.tcp_fast is not None:
+            left = self.tcp_fast.send_batch(batch, count, now, left)
         for index in range(count) if left is None else left.tolist():
             receive(bytes(frame(index)), now, vnet(index))
 
@@ -186,6 +194,8 @@ class Network:
         merged = dict(self.stack.counters())
         if self.tcp is not None:
             merged.update(self.tcp.counters())
+        if self.tcp_fast is not None:
+            merged.update(self.tcp_fast.counters())
         if self.tftp is not None:
             merged.update(self.tftp.counters())
         merged["guest.rx_backlog_dropped"] = self.frames_to_guest.dropped

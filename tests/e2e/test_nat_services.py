@@ -163,12 +163,17 @@ def test_dhcp_dns_bulk_tcp_refused_ping(vhostnet, run_guest, qemu_version, e2e_t
     assert [t.size for t in sink.transfers] == [BULK_BYTES]
     assert sink.transfers[0].sha256 == results["upload_sha256"]
     assert results["upload_reply"] == results["upload_sha256"]
+    # In-order upload data of the established flow is written by the C fast path.
+    assert stats.get("tcp.fast_segments", 0) > 0, stats
+    assert stats.get("tcp.fast_bytes", 0) > 0
     down_rate = BULK_BYTES / float(results["download_seconds"])
     up_rate = BULK_BYTES / float(results["upload_seconds"])
     print(f"\nQEMU {qemu_version}: guest download {down_rate / 1e6:.2f} MB/s "
           f"({results['download_seconds']} s), upload {up_rate / 1e6:.2f} MB/s "
           f"({results['upload_seconds']} s); host sink saw "
-          f"{sink.transfers[0].bytes_per_second / 1e6:.2f} MB/s")
+          f"{sink.transfers[0].bytes_per_second / 1e6:.2f} MB/s; fast path "
+          f"{stats.get('tcp.fast_bytes', 0) / 1e6:.1f} MB in {stats.get('tcp.fast_segments', 0)} "
+          f"segments")
 
     # 4. refused at once: the guest's SYN is answered with RST, no timeout
     assert results["refused_rc"] != "0"

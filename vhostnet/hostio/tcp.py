@@ -78,6 +78,8 @@ class TcpHost:
         self._scratch = bytearray(DISCARD_CHUNK)
         self._peek_off: bool | None = None  # learnt from the first socket
         self._closed = False
+        # Called with a flow id before its socket closes (the TCP fast path forgets the fd).
+        self.before_close: Callable[[int], None] | None = None
         for forward in engine.config.tcp_forwards:
             self._listen(forward)
 
@@ -89,6 +91,23 @@ class TcpHost:
 
     def listening_addresses(self) -> list[tuple[str, int]]:
         return [sock.getsockname()[:2] for sock in self._listeners]
+
+    def connected_fd(self, flow_id: int) -> int | None:
+        """The flow's host socket once connected (for the fast path), else None."""
+        entry = self._sockets.get(flow_id)
+        if entry is None or entry.connecting:
+            return None
+        return entry.sock.fileno()
+
+    def written_elsewhere(self, flow_id: int, host_full: bool) -> int | None:
+        """Someone else (the fast path) wrote to the flow's socket: the send space now, and
+        the same watch for room as after ``Send`` when the socket is full or nearly so."""
+        entry = self._sockets.get(flow_id)
+        if entry is None:
+            return None
+        space = self._send_space(entry.sock)
+        self._watch_for_room(flow_id, entry, host_full, space)
+        return space
 
     def flush(self) -> None:
         """Execute the engine's queued commands (including those they cause)."""
@@ -219,14 +238,18 @@ class TcpHost:
             self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
             return
         space = self._send_space(entry.sock)
-        # The window we advertise is this space. Once it is small the guest stops
+        self._watch_for_room(command.flow_id, entry, sent < len(command.data), space)
+        self.engine.on_sent(command.flow_id, sent, self.clock(), space)
+
+    def _watch_for_room(self, flow_id: int, entry: _HostSocket, full: bool,
+                        space: int | None) -> None:
+        # The window we advertise is the send space. Once it is small the guest stops
         # sending (it will not send less than a segment), and nothing else would
         # tell it that the host peer has read: wait for room and send a window update.
         low = space is not None and space < LOW_SEND_SPACE
-        if (sent < len(command.data) or low) and not entry.writing:
+        if (full or low) and not entry.writing:
             entry.writing = True
-            self.loop.add_writer(entry.sock.fileno(), self._on_writable, command.flow_id)
-        self.engine.on_sent(command.flow_id, sent, self.clock(), space)
+            self.loop.add_writer(entry.sock.fileno(), self._on_writable, flow_id)
 
     def _on_writable(self, flow_id: int) -> None:
         entry = self._sockets.get(flow_id)
@@ -321,6 +344,8 @@ class TcpHost:
         entry = self._sockets.pop(flow_id, None)
         if entry is None:
             return
+        if self.before_close is not None:
+            self.before_close(flow_id)
         self._stop_reading(entry)
         self._stop_writing(entry)
         if abort:

@@ -46,6 +46,8 @@ def export_network(network: Network, now: float) -> bytes:
     if stack.udp_nat is not None:
         sections["udp"] = stack.udp_nat.export_flows(now)
     if network.tcp is not None:
+        if network.tcp_fast is not None:
+            network.tcp_fast.sync_all(now)  # Flow fields must include what the C path wrote
         sections["tcp"] = export_connections(network.tcp)
     return encode_state(sections)
 

@@ -129,6 +129,9 @@ class TcpEngine:
         self.tx = GuestOutput(output, self.stats, self._mss_to_guest_limit)
         self.recently_closed = RecentlyClosed()
         self._now = 0.0  # the latest time an event brought; closed flows linger from it
+        # Set by a fast path that mirrors flows (hostio/tcp_fast.py): the ids of flows whose
+        # guest-side state may have changed, for it to look at before it takes frames again.
+        self.changed: set[int] | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -176,6 +179,8 @@ class TcpEngine:
             else:
                 self.tx.answer_stray(key, seg)
             return
+        if self.changed is not None:
+            self.changed.add(flow.flow_id)
         flow.idle_at = now + self.timeouts.idle
         if flow.phase is Phase.CONNECTING:
             self._segment_connecting(flow, seg)
@@ -369,6 +374,8 @@ class TcpEngine:
         flow = self.flows_by_id.get(flow_id)
         if flow is None:
             return
+        if self.changed is not None:
+            self.changed.add(flow_id)
         flow.send_queued = False
         if send_space is not None:
             flow.host_space = send_space
@@ -427,6 +434,8 @@ class TcpEngine:
         flow = self.flows_by_id.get(flow_id)
         if flow is None:
             return
+        if self.changed is not None:
+            self.changed.add(flow_id)
         flow.peek_pending = False
         flow.host_readable = False
         flow.host_eof = True
@@ -505,6 +514,8 @@ class TcpEngine:
     def _remove(self, flow: Flow, abort: bool) -> None:
         self.flows.pop(flow.key, None)
         self.flows_by_id.pop(flow.flow_id, None)
+        if self.changed is not None:
+            self.changed.add(flow.flow_id)
         self.stats.set("tcp.flows_open", len(self.flows))
         self.commands.append(Close(flow.flow_id, abort))
 

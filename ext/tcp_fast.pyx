@@ -1,0 +1,473 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Guest -> host TCP payload of established flows, in C with the GIL released.
+
+``TcpEngine`` (Python) stays the authority. The Python face
+(``vhostnet.hostio.tcp_fast``) registers a flow here only while it is in the
+simple state (established, nothing buffered for the host, no FIN either way),
+with the wire values a segment must carry to change nothing in the engine but
+``rcv_nxt``: the next expected sequence number, the acknowledgement number and
+the raw window the engine last took from the guest.
+
+For a TX batch, ``take_batch`` walks the frames once. A frame is taken only if
+it is a plain IPv4 TCP segment of a registered flow, flags ACK or ACK|PSH, with
+payload, starting exactly at the expected sequence number, with the expected
+ack and window, and a checksum that verifies (or was left partial by the
+guest's driver, virtio NEEDS_CSUM). Consecutive taken frames of one flow are
+written with one sendmsg(2) straight from the batch buffer. What the kernel
+does not take is not acknowledged: the guest sends it again, as after a partial
+write on the Python path. A frame not taken, and every later frame of the same
+flow in that batch (to keep the byte order), is left to the Python stack.
+
+What Python must learn comes back per flow, not per frame (``take_activity``):
+bytes and segments written, and whether the host socket filled up.
+
+The Python face is ``vhostnet.hostio.tcp_fast``; use that.
+"""
+
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcmp, memcpy, memset
+from libc.errno cimport EINTR, errno
+
+cdef extern from "<sys/socket.h>" nogil:
+    cdef struct iovec:
+        void *iov_base
+        size_t iov_len
+    cdef struct msghdr:
+        void *msg_name
+        unsigned int msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
+    int MSG_DONTWAIT
+    int MSG_NOSIGNAL
+
+cdef extern from "<arpa/inet.h>" nogil:
+    uint16_t htons(uint16_t value)
+
+cdef enum:
+    TABLE_SLOTS = 131072         # power of two; at most half used (the flow limit is 65536)
+    MAX_IOV = 1024               # IOV_MAX on Linux
+    MAX_TOUCHED = 4096           # flows active between two take_activity() calls, beyond: scan all
+    ETH_LEN = 14
+    IP_LEN = 20
+    TCP_LEN = 20
+    FLAG_FIN = 0x01
+    FLAG_SYN = 0x02
+    FLAG_RST = 0x04
+    FLAG_PSH = 0x08
+    FLAG_ACK = 0x10
+
+# Why a guest TCP frame went to the Python stack (index into TcpFastPath.fallback).
+cdef enum:
+    FB_NOT_PLAIN = 0     # IPv4 options, fragment, bad IP header, bad TCP header or options
+    FB_NOT_REGISTERED
+    FB_FLAGS             # anything but ACK or ACK|PSH
+    FB_NO_PAYLOAD
+    FB_OUT_OF_ORDER
+    FB_ACK_OR_WINDOW     # the engine would learn a new ack or window from it
+    FB_CHECKSUM
+    FB_AFTER_FALLBACK    # an earlier frame of the flow in this batch went to Python
+    FB_HOST_BUSY         # the host socket took nothing (EAGAIN) or failed
+    FB_COUNT
+
+FALLBACK_NAMES = ("not_plain", "not_registered", "flags", "no_payload", "out_of_order",
+                  "ack_or_window", "checksum", "after_fallback", "host_busy")
+
+cdef struct FlowSlot:
+    uint32_t guest_ip        # network byte order, as in the frame
+    uint32_t remote_ip
+    uint16_t guest_port      # network byte order
+    uint16_t remote_port
+    int fd
+    int64_t flow_id          # 0: empty; -1: removed (tombstone)
+    uint32_t seq_next        # host byte order: the guest sequence number the engine expects
+    uint32_t ack             # host byte order: the ack number the engine last took
+    uint16_t window          # the raw (unscaled) window the engine last took
+    uint32_t stopped_in      # batch number in which the flow fell back to Python
+    uint64_t bytes           # since the last take_activity()
+    uint64_t segments
+    bint host_full           # a write was partial since the last take_activity()
+
+
+cdef inline uint16_t be16(const uint8_t *p) noexcept nogil:
+    return (<uint16_t>p[0] << 8) | p[1]
+
+
+cdef inline uint32_t be32(const uint8_t *p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline uint64_t sum_native(const uint8_t *p, size_t n) noexcept nogil:
+    """One's complement sum of ``n`` bytes read as native 16-bit words (fold, compare to 0xFFFF:
+    the sum of byte-swapped words is the byte-swapped sum, and 0xFFFF is its own swap)."""
+    cdef uint64_t total = 0
+    cdef uint32_t word32
+    cdef uint16_t word16 = 0
+    while n >= 4:
+        memcpy(&word32, p, 4)
+        total += word32
+        p += 4
+        n -= 4
+    if n >= 2:
+        memcpy(&word16, p, 2)
+        total += word16
+        p += 2
+        n -= 2
+    if n:
+        word16 = 0
+        (<uint8_t *>&word16)[0] = p[0]  # the odd byte is the high half of a network word
+        total += word16
+    return total
+
+
+cdef inline uint16_t fold(uint64_t total) noexcept nogil:
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return <uint16_t>total
+
+
+cdef inline uint32_t slot_hash(uint32_t gip, uint16_t gport, uint32_t rip, uint16_t rport) noexcept nogil:
+    cdef uint64_t h = (<uint64_t>gip * 0x9E3779B1ULL) ^ (<uint64_t>rip * 0x85EBCA77ULL)
+    h ^= (<uint64_t>gport << 16 | rport) * 0xC2B2AE3DULL
+    h ^= h >> 29
+    return <uint32_t>h & (TABLE_SLOTS - 1)
+
+
+cdef inline bint options_valid(const uint8_t *opt, size_t end) noexcept nogil:
+    """The rules of ``tcp_wire.parse_options``: what it refuses, the engine drops."""
+    cdef size_t index = 0, length
+    cdef uint8_t kind
+    while index < end:
+        kind = opt[index]
+        if kind == 0:
+            return True
+        if kind == 1:
+            index += 1
+            continue
+        if index + 1 >= end:
+            return False
+        length = opt[index + 1]
+        if length < 2 or index + length > end:
+            return False
+        if (kind == 2 and length != 4) or (kind == 3 and length != 3) or (kind == 4 and length != 2):
+            return False
+        index += length
+    return True
+
+
+cdef class TcpFastPath:
+    """Registered established TCP flows and the batch writer; see the module docstring."""
+
+    cdef FlowSlot *slots
+    cdef int nflows
+    cdef uint32_t batch_no
+    # The run of taken frames of one flow not yet written: iovecs plus their frame indices.
+    cdef iovec iovs[MAX_IOV]
+    cdef Py_ssize_t iov_frame[MAX_IOV]
+    cdef int niov
+    cdef int pending_slot
+    cdef uint32_t pending_seq      # seq_next of the pending flow before the run
+    cdef Py_ssize_t taken          # frames taken in the current batch
+    cdef int touched[MAX_TOUCHED]
+    cdef int ntouched
+    cdef bint touched_overflow
+    cdef uint64_t fallback_counts[FB_COUNT]
+    cdef readonly uint64_t partial_writes
+    cdef uint8_t gateway_mac[6]
+    cdef uint8_t guest_mac[6]
+    cdef bint have_guest_mac
+    cdef dict slot_of_flow
+
+    def __cinit__(self):
+        self.slots = <FlowSlot *>calloc(TABLE_SLOTS, sizeof(FlowSlot))
+        if self.slots == NULL:
+            raise MemoryError()
+        self.slot_of_flow = {}
+        self.pending_slot = -1
+
+    def __dealloc__(self):
+        free(self.slots)
+
+    @property
+    def flows(self) -> int:
+        return self.nflows
+
+    def fallbacks(self) -> dict:
+        """Frames left to Python since the start, by reason (``FALLBACK_NAMES``)."""
+        return {FALLBACK_NAMES[i]: self.fallback_counts[i] for i in range(FB_COUNT)}
+
+    def set_macs(self, bytes gateway_mac, guest_mac) -> None:
+        """The frames to take: from ``guest_mac`` (None: take none) to ``gateway_mac``."""
+        memcpy(self.gateway_mac, <const char *>gateway_mac, 6)
+        self.have_guest_mac = guest_mac is not None
+        if self.have_guest_mac:
+            memcpy(self.guest_mac, <const char *><bytes>guest_mac, 6)
+
+    def contains(self, int64_t flow_id) -> bool:
+        return flow_id in self.slot_of_flow
+
+    def set(self, int64_t flow_id, bytes guest_ip, int guest_port, bytes remote_ip,
+            int remote_port, int fd, uint32_t seq_next, uint32_t ack, int window) -> bool:
+        """Register a flow, or update a registered one; False if the table is full.
+
+        ``seq_next``, ``ack`` and ``window`` (raw, unscaled) are wire values, host byte order.
+        """
+        cdef uint32_t gip, rip, index
+        cdef uint16_t gport = htons(<uint16_t>guest_port)
+        cdef uint16_t rport = htons(<uint16_t>remote_port)
+        cdef int probes
+        if (flow_id <= 0 or len(guest_ip) != 4 or len(remote_ip) != 4 or fd < 0
+                or not 0 <= window <= 0xFFFF or not 0 <= guest_port <= 0xFFFF
+                or not 0 <= remote_port <= 0xFFFF):
+            raise ValueError("bad TCP fast-path flow")
+        found = self.slot_of_flow.get(flow_id)
+        if found is not None:
+            index = <uint32_t>found
+        else:
+            if self.nflows >= TABLE_SLOTS // 2:
+                return False
+            memcpy(&gip, <const char *>guest_ip, 4)
+            memcpy(&rip, <const char *>remote_ip, 4)
+            index = slot_hash(gip, gport, rip, rport)
+            for probes in range(TABLE_SLOTS):
+                if self.slots[index].flow_id <= 0:
+                    break
+                index = (index + 1) & (TABLE_SLOTS - 1)
+            memset(&self.slots[index], 0, sizeof(FlowSlot))
+            self.slots[index].guest_ip = gip
+            self.slots[index].remote_ip = rip
+            self.slots[index].guest_port = gport
+            self.slots[index].remote_port = rport
+            self.slots[index].flow_id = flow_id
+            self.slot_of_flow[flow_id] = index
+            self.nflows += 1
+        self.slots[index].fd = fd
+        self.slots[index].seq_next = seq_next
+        self.slots[index].ack = ack
+        self.slots[index].window = <uint16_t>window
+        return True
+
+    def remove(self, int64_t flow_id) -> tuple:
+        """Forget a flow (before its socket closes); its unreported (bytes, segments)."""
+        index = self.slot_of_flow.pop(flow_id, None)
+        if index is None:
+            return (0, 0)
+        cdef FlowSlot *slot = &self.slots[<int>index]
+        result = (slot.bytes, slot.segments)
+        memset(slot, 0, sizeof(FlowSlot))
+        slot.flow_id = -1  # tombstone: lookups probe past it
+        self.nflows -= 1
+        return result
+
+    def take_activity(self) -> list:
+        """(flow_id, bytes, segments, host_full) of every flow that wrote since the last call."""
+        active = []
+        cdef FlowSlot *slot
+        cdef int i
+        if self.touched_overflow:
+            indices = list(self.slot_of_flow.values())
+        else:
+            indices = [self.touched[i] for i in range(self.ntouched)]
+        self.ntouched = 0
+        self.touched_overflow = False
+        for index in indices:
+            slot = &self.slots[<int>index]
+            if slot.flow_id > 0 and slot.segments:
+                active.append((slot.flow_id, slot.bytes, slot.segments, bool(slot.host_full)))
+                slot.bytes = 0
+                slot.segments = 0
+                slot.host_full = False
+        return active
+
+    def take_batch(self, const uint8_t[::1] data, const uint64_t[::1] offsets,
+                   const uint32_t[::1] lengths, const uint64_t[::1] vnets, uint8_t[::1] handled,
+                   Py_ssize_t count) -> int:
+        """Write the payload of in-order segments of registered flows among the first ``count`` frames.
+
+        Frames with ``handled[i]`` already non-zero are skipped (another fast path took them);
+        ``handled[i]`` is set to 1 for each frame taken. Returns how many were taken.
+        """
+        cdef Py_ssize_t taken_frames
+        if count > offsets.shape[0] or count > lengths.shape[0] or count > vnets.shape[0] \
+                or count > handled.shape[0]:
+            raise ValueError("count exceeds the batch arrays")
+        if count <= 0 or self.nflows == 0 or not self.have_guest_mac or data.shape[0] == 0:
+            return 0
+        with nogil:
+            taken_frames = self._take_batch(&data[0], data.shape[0], &offsets[0], &lengths[0],
+                                            &vnets[0], &handled[0], count)
+        return taken_frames
+
+    cdef int lookup(self, const uint8_t *ip, const uint8_t *tcp) noexcept nogil:
+        cdef uint32_t gip, rip, index
+        cdef uint16_t gport, rport
+        cdef int probes
+        memcpy(&gip, ip + 12, 4)
+        memcpy(&rip, ip + 16, 4)
+        memcpy(&gport, tcp, 2)
+        memcpy(&rport, tcp + 2, 2)
+        index = slot_hash(gip, gport, rip, rport)
+        for probes in range(TABLE_SLOTS):
+            if self.slots[index].flow_id == 0:
+                return -1
+            if (self.slots[index].flow_id > 0 and self.slots[index].guest_ip == gip
+                    and self.slots[index].remote_ip == rip and self.slots[index].guest_port == gport
+                    and self.slots[index].remote_port == rport):
+                return <int>index
+            index = (index + 1) & (TABLE_SLOTS - 1)
+        return -1
+
+    cdef Py_ssize_t _take_batch(self, const uint8_t *data, Py_ssize_t size, const uint64_t *offsets,
+                                const uint32_t *lengths, const uint64_t *vnets, uint8_t *handled,
+                                Py_ssize_t count) noexcept nogil:
+        cdef Py_ssize_t i
+        cdef int slot
+        cdef const uint8_t *frame
+        cdef const uint8_t *ip
+        cdef const uint8_t *tcp
+        cdef uint64_t length, total, tcp_len, header_len, payload_len
+        cdef FlowSlot *flow
+        self.batch_no += 1
+        self.taken = 0
+        self.niov = 0
+        self.pending_slot = -1
+        for i in range(count):
+            if handled[i]:
+                continue
+            length = lengths[i]
+            if offsets[i] > <uint64_t>size or length > <uint64_t>size - offsets[i]:
+                continue
+            frame = data + offsets[i]
+            # Lengths first: every field read below lies inside these bounds.
+            if length < ETH_LEN + IP_LEN + TCP_LEN:
+                continue
+            if (memcmp(frame, self.gateway_mac, 6) != 0 or memcmp(frame + 6, self.guest_mac, 6) != 0
+                    or frame[12] != 0x08 or frame[13] != 0x00):
+                continue
+            ip = frame + ETH_LEN
+            if ip[9] != 6:
+                continue
+            # Plain IPv4 only: no options, no fragment, a header that verifies.
+            total = be16(ip + 2)
+            if (ip[0] != 0x45 or (be16(ip + 6) & 0x3FFF) != 0 or total < IP_LEN + TCP_LEN
+                    or total > length - ETH_LEN or fold(sum_native(ip, IP_LEN)) != 0xFFFF):
+                self.fallback_counts[FB_NOT_PLAIN] += 1
+                continue
+            tcp = ip + IP_LEN
+            tcp_len = total - IP_LEN
+            header_len = (tcp[12] >> 4) * 4
+            if header_len < TCP_LEN or header_len > tcp_len \
+                    or not options_valid(tcp + TCP_LEN, header_len - TCP_LEN):
+                self.fallback_counts[FB_NOT_PLAIN] += 1
+                continue
+            slot = self.lookup(ip, tcp)
+            if slot < 0:
+                self.fallback_counts[FB_NOT_REGISTERED] += 1
+                continue
+            flow = &self.slots[slot]
+            if flow.stopped_in == self.batch_no:
+                self.fallback_counts[FB_AFTER_FALLBACK] += 1
+                continue
+            if not self.acceptable(flow, ip, tcp, tcp_len, header_len, vnets[i]):
+                flow.stopped_in = self.batch_no
+                if slot == self.pending_slot:
+                    self.write_pending(handled)
+                continue
+            payload_len = tcp_len - header_len
+            if slot != self.pending_slot or self.niov == MAX_IOV:
+                self.write_pending(handled)
+                self.pending_slot = slot
+                self.pending_seq = flow.seq_next
+            self.iovs[self.niov].iov_base = <void *>(tcp + header_len)
+            self.iovs[self.niov].iov_len = payload_len
+            self.iov_frame[self.niov] = i
+            self.niov += 1
+            flow.seq_next += <uint32_t>payload_len  # the next frame must follow this one
+            handled[i] = 1
+        self.write_pending(handled)
+        return self.taken
+
+    cdef bint acceptable(self, FlowSlot *flow, const uint8_t *ip, const uint8_t *tcp,
+                         uint64_t tcp_len, uint64_t header_len, uint64_t vnet) noexcept nogil:
+        """True if the engine would only append the payload and advance rcv_nxt (counted if not)."""
+        cdef uint8_t flags = tcp[13]
+        if flags != FLAG_ACK and flags != (FLAG_ACK | FLAG_PSH):
+            self.fallback_counts[FB_FLAGS] += 1
+            return False
+        if tcp_len == header_len:
+            self.fallback_counts[FB_NO_PAYLOAD] += 1
+            return False
+        if be32(tcp + 4) != flow.seq_next:
+            self.fallback_counts[FB_OUT_OF_ORDER] += 1
+            return False
+        if be32(tcp + 8) != flow.ack or be16(tcp + 14) != flow.window:
+            self.fallback_counts[FB_ACK_OR_WINDOW] += 1
+            return False
+        if not self.checksum_acceptable(ip, tcp, tcp_len, vnet):
+            self.fallback_counts[FB_CHECKSUM] += 1
+            return False
+        return True
+
+    cdef bint checksum_acceptable(self, const uint8_t *ip, const uint8_t *tcp, uint64_t tcp_len,
+                                  uint64_t vnet) noexcept nogil:
+        cdef uint64_t total
+        # A partial checksum at the TCP header (virtio NEEDS_CSUM) is the guest's driver
+        # leaving the sum to the device: nothing to verify (TSO frames always come so).
+        if (vnet & 1) and ((vnet >> 32) & 0xFFFF) == ETH_LEN + IP_LEN and ((vnet >> 48) & 0xFFFF) == 16:
+            return True
+        total = sum_native(ip + 12, 8) + htons(6) + htons(<uint16_t>tcp_len) + sum_native(tcp, tcp_len)
+        return fold(total) == 0xFFFF
+
+    cdef void write_pending(self, uint8_t *handled) noexcept nogil:
+        """Write the pending run of one flow with sendmsg; settle which of its frames were taken."""
+        cdef msghdr msg
+        cdef ssize_t written = -1
+        cdef uint64_t left, want = 0
+        cdef int k, attempts
+        cdef FlowSlot *flow
+        if self.niov == 0:
+            return
+        flow = &self.slots[self.pending_slot]
+        for k in range(self.niov):
+            want += self.iovs[k].iov_len
+        memset(&msg, 0, sizeof(msghdr))
+        msg.msg_iov = self.iovs
+        msg.msg_iovlen = self.niov
+        for attempts in range(4):
+            written = sendmsg(flow.fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL)
+            if written >= 0 or errno != EINTR:
+                break
+        if written <= 0:
+            # EAGAIN or an error: the Python path sends these frames again and learns why
+            # (partial-write accounting, or on_host_error).
+            written = 0
+        if <uint64_t>written < want:
+            flow.stopped_in = self.batch_no
+            if written > 0:
+                flow.host_full = True
+                self.partial_writes += 1
+        flow.seq_next = self.pending_seq + <uint32_t>written
+        left = <uint64_t>written
+        for k in range(self.niov):
+            if left > 0:
+                # Taken, whole or in part; an unwritten tail is not acknowledged, the guest resends.
+                left -= left if left < self.iovs[k].iov_len else self.iovs[k].iov_len
+                flow.segments += 1
+                self.taken += 1
+            else:
+                handled[self.iov_frame[k]] = 0
+                self.fallback_counts[FB_HOST_BUSY] += 1
+        if written > 0:
+            if flow.bytes == 0 and flow.segments:
+                if self.ntouched < MAX_TOUCHED:
+                    self.touched[self.ntouched] = self.pending_slot
+                    self.ntouched += 1
+                else:
+                    self.touched_overflow = True
+            flow.bytes += <uint64_t>written
+        self.niov = 0
+        self.pending_slot = -1
