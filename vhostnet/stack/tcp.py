@@ -49,7 +49,6 @@ from typing import Any, Protocol
 
 from vhostnet.stack.checksum import PROTO_TCP, l4_checksum_ok
 from vhostnet.stack.counters import Counters, MalformedPacket
-from vhostnet.stack.offload import DATA_VALID_WORD, MAX_TSO_PAYLOAD, NO_OFFLOADS, tcp_data_word
 from vhostnet.stack.tcp_closed import RecentlyClosed
 from vhostnet.stack.tcp_flow import (
     Close,
@@ -67,14 +66,10 @@ from vhostnet.stack.tcp_output import GuestOutput, Ipv4Output
 from vhostnet.stack.tcp_timers import FlowTimers
 from vhostnet.stack.tcp_wire import (
     ACK,
-    CSUM_FULL,
-    CSUM_NONE,
-    CSUM_PARTIAL,
     FIN,
     RST,
     SYN,
     TcpSegmentView,
-    segment_payload,
 )
 
 log = logging.getLogger("vhostnet.stack.tcp")
@@ -562,59 +557,12 @@ class TcpEngine:
     def _send_host_data(self, flow: Flow, data: bytes | memoryview, now: float) -> None:
         if flow.snd_nxt < flow.snd_max:
             self.stats.inc("tcp.retransmitted_bytes", min(len(data), flow.snd_max - flow.snd_nxt))
-        # Offloads the guest took: large segments it cuts itself, or no L4 checksum to compute.
-        offloads = getattr(self.output, "guest_offloads", NO_OFFLOADS)
-        if offloads.tso4:
-            size, checksum = MAX_TSO_PAYLOAD // flow.mss * flow.mss, CSUM_PARTIAL
-        else:
-            size, checksum = flow.mss, CSUM_NONE if offloads.csum else CSUM_FULL
-        if self._send_data_frames(flow, data, size, checksum):
-            self.stats.inc("tcp.segments_out", (len(data) + size - 1) // size)
-            if checksum == CSUM_PARTIAL:
-                whole, rest = divmod(len(data), size)
-                large = (whole if size > flow.mss else 0) + (rest > flow.mss)
-                if large:
-                    self.stats.inc("tcp.gso_segments_out", large)
-        else:
-            self._send_data_segments(flow, data, size, checksum)
+        self.tx.data(flow, data)
         flow.snd_nxt += len(data)
         flow.snd_max = max(flow.snd_max, flow.snd_nxt)
         self.stats.inc("tcp.bytes_to_guest", len(data))
         if flow.rto_at is None:
             flow.rto_at = now + flow.rto
-
-    def _send_data_frames(self, flow: Flow, data: bytes | memoryview, size: int,
-                          checksum: int) -> bool:
-        """Whole frames built in C by the stack (``send_tcp_data``), when it can."""
-        send = getattr(self.output, "send_tcp_data", None)
-        if send is None:
-            return False
-        return send(flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port,
-                    flow.send_seq(flow.snd_nxt), flow.recv_seq(flow.rcv_nxt),
-                    self.tx.advertised_window(flow), data, size, checksum, flow.mss)
-
-    def _send_data_segments(self, flow: Flow, data: bytes | memoryview, size: int,
-                            checksum: int) -> None:
-        segments = segment_payload(
-            flow.remote_ip,
-            flow.guest_ip,
-            flow.remote_port,
-            flow.guest_port,
-            flow.send_seq(flow.snd_nxt),
-            flow.recv_seq(flow.rcv_nxt),
-            self.tx.advertised_window(flow),
-            data,
-            size,
-            checksum,
-        )
-        for segment in segments:
-            if checksum == CSUM_PARTIAL:
-                payload_len = len(segment) - 20
-                self.tx.segment(flow, segment, tcp_data_word(payload_len, flow.mss))
-                if payload_len > flow.mss:
-                    self.stats.inc("tcp.gso_segments_out")
-            else:
-                self.tx.segment(flow, segment, DATA_VALID_WORD if checksum == CSUM_NONE else 0)
 
     def _retransmit(self, flow: Flow, now: float) -> None:
         """Go back to the first unacknowledged byte; the data is still in the host socket."""

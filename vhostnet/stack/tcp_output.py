@@ -1,4 +1,4 @@
-"""Segments from the translator to the guest: SYN/SYN-ACK, ACK, RST, and the window we advertise.
+"""Segments from the translator to the guest: SYN/SYN-ACK, data, ACK, RST, and our window.
 
 ``GuestOutput`` turns flow state into emitted segments and hands them to the
 stack (``output.send_ipv4``). It decides nothing about the connection itself;
@@ -11,8 +11,20 @@ from typing import Protocol
 
 from vhostnet.stack.checksum import PROTO_TCP
 from vhostnet.stack.counters import Counters
+from vhostnet.stack.offload import DATA_VALID_WORD, MAX_TSO_PAYLOAD, NO_OFFLOADS, tcp_data_word
 from vhostnet.stack.tcp_flow import Flow, Phase
-from vhostnet.stack.tcp_wire import ACK, RST, SYN, TcpSegmentView, build_options, emit_segment
+from vhostnet.stack.tcp_wire import (
+    ACK,
+    CSUM_FULL,
+    CSUM_NONE,
+    CSUM_PARTIAL,
+    RST,
+    SYN,
+    TcpSegmentView,
+    build_options,
+    emit_segment,
+    segment_payload,
+)
 
 
 class Ipv4Output(Protocol):
@@ -71,6 +83,55 @@ class GuestOutput:
         options = build_options(self.mss_limit, wscale)
         flags = SYN if flow.phase is Phase.SYN_SENT else SYN | ACK
         self.emit(flow, flags, seq=flow.send_seq(0), options=options)
+
+    def data(self, flow: Flow, data: bytes | memoryview) -> None:
+        """Host bytes to the guest starting at ``snd_nxt``, cut as the guest's offloads allow."""
+        # Offloads the guest took: large segments it cuts itself, or no L4 checksum to compute.
+        offloads = getattr(self.output, "guest_offloads", NO_OFFLOADS)
+        if offloads.tso4:
+            size, checksum = MAX_TSO_PAYLOAD // flow.mss * flow.mss, CSUM_PARTIAL
+        else:
+            size, checksum = flow.mss, CSUM_NONE if offloads.csum else CSUM_FULL
+        if self._data_frames(flow, data, size, checksum):
+            self.stats.inc("tcp.segments_out", (len(data) + size - 1) // size)
+            if checksum == CSUM_PARTIAL:
+                whole, rest = divmod(len(data), size)
+                large = (whole if size > flow.mss else 0) + (rest > flow.mss)
+                if large:
+                    self.stats.inc("tcp.gso_segments_out", large)
+        else:
+            self._data_segments(flow, data, size, checksum)
+
+    def _data_frames(self, flow: Flow, data: bytes | memoryview, size: int, checksum: int) -> bool:
+        """Whole frames built in C by the stack (``send_tcp_data``), when it can."""
+        send = getattr(self.output, "send_tcp_data", None)
+        if send is None:
+            return False
+        return send(flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port,
+                    flow.send_seq(flow.snd_nxt), flow.recv_seq(flow.rcv_nxt),
+                    self.advertised_window(flow), data, size, checksum, flow.mss)
+
+    def _data_segments(self, flow: Flow, data: bytes | memoryview, size: int, checksum: int) -> None:
+        segments = segment_payload(
+            flow.remote_ip,
+            flow.guest_ip,
+            flow.remote_port,
+            flow.guest_port,
+            flow.send_seq(flow.snd_nxt),
+            flow.recv_seq(flow.rcv_nxt),
+            self.advertised_window(flow),
+            data,
+            size,
+            checksum,
+        )
+        for segment in segments:
+            if checksum == CSUM_PARTIAL:
+                payload_len = len(segment) - 20
+                self.segment(flow, segment, tcp_data_word(payload_len, flow.mss))
+                if payload_len > flow.mss:
+                    self.stats.inc("tcp.gso_segments_out")
+            else:
+                self.segment(flow, segment, DATA_VALID_WORD if checksum == CSUM_NONE else 0)
 
     def ack(self, flow: Flow) -> None:
         self.emit(flow, ACK, seq=flow.send_seq(flow.snd_nxt))
