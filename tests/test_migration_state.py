@@ -53,8 +53,8 @@ def with_crc(body: bytes) -> bytes:
 def test_foreign_and_future_blobs_are_refused_with_a_reason() -> None:
     with pytest.raises(StateError, match="magic"):
         decode_state(with_crc(struct.pack("<8sHHI", b"QEVMSTAT", 1, 0, 0)))
-    with pytest.raises(StateError, match="version 2"):
-        decode_state(with_crc(struct.pack("<8sHHI", MAGIC, 2, 0, 0)))
+    with pytest.raises(StateError, match="version 3"):
+        decode_state(with_crc(struct.pack("<8sHHI", MAGIC, 3, 0, 0)))
     # Checksum right, but a section length pointing past the end.
     section = b"\x01g" + struct.pack("<I", 100) + b"{}"
     with pytest.raises(StateError, match="past the end"):

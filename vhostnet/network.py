@@ -25,6 +25,7 @@ from .hostio.icmp import IcmpGlue
 from .hostio.tcp import TcpHost
 from .hostio.tftp_files import TftpRoot
 from .hostio.udp import UdpGlue
+from .migration.tcp_migrate import TcpMigration
 from .stack.checksum import PROTO_TCP
 from .stack.config import StackConfig
 from .stack.stack import NetworkStack
@@ -73,9 +74,13 @@ class GuestFrameQueue(deque):
 class Network:
     """The guest's network: stack + engines + host glue + timers, for one vhostnet process."""
 
-    def __init__(self, config: StackConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, config: StackConfig, loop: asyncio.AbstractEventLoop, *,
+                 listen_retry: float = 0.0) -> None:
         self.config = config
         self.loop = loop
+        # Seconds to keep retrying forwarded ports another process (a migration
+        # source on this host) still holds; 0: fail at once.
+        self.listen_retry = listen_retry
         self.stack = NetworkStack(config)
         self.frames_to_guest = GuestFrameQueue()
         self.stack.frames_to_guest = self.frames_to_guest
@@ -88,6 +93,8 @@ class Network:
             raise
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        # Its repair access (TCP_REPAIR directly or through the helper) is set by the CLI.
+        self.tcp_migration = TcpMigration(self)
         # Hidden --discard-tx: the device drops guest frames instead of handing
         # them over, so `vhostnet bench ring` times the TX ring alone.
         self.discard_tx = False
@@ -96,13 +103,15 @@ class Network:
     def _attach_engines(self) -> None:
         stack, config, loop = self.stack, self.config, self.loop
         self.tcp: TcpEngine | None = None
+        self.tcp_host: TcpHost | None = None
         if config.tcp:
             self.tcp = TcpEngine(config, stack)
             stack.set_protocol_handler(PROTO_TCP, self.tcp)
             self._timer_clients.append(self.tcp)
             # No after_event hook needed: frames the engine produces wake the
             # device through frames_to_guest (GuestFrameQueue) by themselves.
-            self._glue.append(TcpHost(self.tcp, loop))
+            self.tcp_host = TcpHost(self.tcp, loop, listen_retry=self.listen_retry)
+            self._glue.append(self.tcp_host)
         self.tftp: TftpServer | None = None
         if config.tftp_root:
             self.tftp = TftpServer(config, stack, TftpRoot(config.tftp_root))
