@@ -14,7 +14,6 @@ import time
 
 import pytest
 
-from tools.netns import in_private_netns
 from vhostnet.migration import tcp_repair
 from vhostnet.migration.tcp_repair import (
     REPAIR_OFF,
@@ -27,8 +26,6 @@ from vhostnet.migration.tcp_repair import (
     restore_in_repair,
     set_repair_direct,
 )
-
-pytestmark = pytest.mark.skipif(not in_private_netns(), reason="needs the private netns (make test)")
 
 IO_SECONDS = 10.0
 TCP_STATE_ESTABLISHED = 1

@@ -194,5 +194,7 @@ class Network:
         for glue in self._glue:
             glue.close()
         self._glue.clear()
+        if getattr(self, "tcp_migration", None) is not None:
+            self.tcp_migration.close_catchers()
         if getattr(self, "tftp", None) is not None:
             self.tftp.close()

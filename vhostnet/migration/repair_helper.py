@@ -12,6 +12,8 @@ number (1 on, 0 off, -1 off without a window probe), sent with a batch of
 socket descriptors (SCM_RIGHTS, at most ``MAX_FDS_PER_REQUEST``). The helper
 sets the option on every descriptor, closes its copies, and answers with the
 same byte, or ``REPLY_FAILED`` if any descriptor refused (the others were set).
+Switching repair on also attaches the drop-all filter that freezes a socket,
+and switching it off removes it (``tcp_repair.switch_repair``).
 All other repair steps need no capability, so vhostnet does them itself.
 """
 
@@ -34,7 +36,7 @@ from .tcp_repair import (
     REPAIR_ON,
     RepairError,
     can_repair_directly,
-    set_repair_direct,
+    switch_repair,
 )
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ class DirectRepair:
         failed = 0
         for sock in socks:
             try:
-                set_repair_direct(sock, mode)
+                switch_repair(sock, mode)
             except OSError:
                 failed += 1
         if failed:
@@ -140,6 +142,8 @@ class HelperLink:
             self.conn = None
 
     def close(self) -> None:
+        if self.listener.fileno() < 0:
+            return  # closed already
         self.loop.remove_reader(self.listener.fileno())
         self.listener.close()
         if self.conn is not None:
@@ -191,7 +195,7 @@ def _apply(fds: list[int], mode: int) -> bool:
     for fd in fds:
         try:
             with socket.socket(fileno=fd) as sock:
-                set_repair_direct(sock, mode)
+                switch_repair(sock, mode)
         except OSError as error:
             print(f"vhostnet repair: TCP_REPAIR {mode} on a socket failed: {error}", file=sys.stderr)
             ok = False

@@ -12,6 +12,15 @@ Source, in three steps:
    which sends nothing (no FIN, no RST), so a destination on the same host
    can take the same 4-tuples; the other connections are closed with RST;
    listeners close so the destination can bind the forwarded ports.
+   Until the destination has re-created a connection, a segment the peer
+   retransmits would find no socket and the kernel would answer with RST,
+   killing it. So before closing, each frozen socket's local address gets a
+   *catcher*: a listening socket (bound in repair mode, which ignores the
+   address being in use) with the drop-all filter, which swallows those
+   segments. A restored connected socket takes precedence over a listener,
+   so catchers do not disturb the destination; they close after
+   ``CATCH_SECONDS`` (a forwarded port is free for the destination's
+   listener only then).
 3. or ``thaw`` instead (the device is started again, i.e. QEMU resumed the
    guest here; a SAVE that failed; the ``resume`` command): filter off,
    repair off, sockets back to the glue, data flows again. The peer's
@@ -46,8 +55,6 @@ from .tcp_repair import (
     REPAIR_OFF,
     REPAIR_ON,
     RepairError,
-    attach_drop_filter,
-    detach_drop_filter,
     dump_socket,
     new_restore_socket,
     restore_in_repair,
@@ -61,6 +68,9 @@ log = logging.getLogger(__name__)
 
 # How long the destination waits for the source to release a 4-tuple.
 RELEASE_WAIT_SECONDS = 5.0
+# How long the source swallows segments for released connections (see above):
+# the destination must have restored them by then.
+CATCH_SECONDS = 60.0
 
 
 def _abort_close(sock: socket.socket) -> None:
@@ -79,6 +89,7 @@ class TcpMigration:
         self.repair = repair
         self.frozen: dict[int, socket.socket] = {}
         self.handed_over = 0  # connections released to a destination, lost if QEMU resumes here
+        self.catchers: list[socket.socket] = []
 
     def _switch(self) -> RepairSwitch | None:
         if self.repair is None:
@@ -110,16 +121,8 @@ class TcpMigration:
         socks: dict[int, socket.socket] = {}
         for flow_id in flow_ids:
             sock = host.detach(flow_id)
-            if sock is None:
-                continue
-            try:
-                attach_drop_filter(sock)
-            except OSError as error:
-                log.warning("TCP flow %d: cannot freeze its socket (%s); it will be reset",
-                            flow_id, error)
-                host.adopt(flow_id, sock)
-                continue
-            socks[flow_id] = sock
+            if sock is not None:
+                socks[flow_id] = sock
         try:
             switch.set_repair(list(socks.values()), REPAIR_ON)
         except RepairError as error:
@@ -151,6 +154,7 @@ class TcpMigration:
         if engine is None or host is None:
             return 0
         released = len(self.frozen)
+        self._open_catchers([sock.getsockname()[:2] for sock in self.frozen.values()])
         for sock in self.frozen.values():
             sock.close()  # repair mode: neither FIN nor RST
         self.frozen.clear()
@@ -169,6 +173,36 @@ class TcpMigration:
                  "forwarded ports closed", released, others)
         return released
 
+    def _open_catchers(self, addresses: list[tuple[str, int]]) -> None:
+        switch = self._switch()
+        catchers = {address: socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    for address in set(addresses)}
+        if not catchers or switch is None:
+            return
+        try:
+            switch.set_repair(list(catchers.values()), REPAIR_ON)  # and the drop filter
+        except RepairError as error:
+            log.warning("cannot set up catchers (%s): a peer retransmitting before the "
+                        "destination restored its connection gets RST", error)
+            for catcher in catchers.values():
+                catcher.close()
+            return
+        for address, catcher in catchers.items():
+            try:
+                catcher.bind(address)
+                catcher.listen(1)
+            except OSError as error:
+                log.warning("cannot catch segments for %s:%d: %s", *address, error)
+                catcher.close()
+                continue
+            self.catchers.append(catcher)
+        self.network.loop.call_later(CATCH_SECONDS, self.close_catchers)
+
+    def close_catchers(self) -> None:
+        for catcher in self.catchers:
+            catcher.close()
+        self.catchers.clear()
+
     def thaw(self, reason: str, now: float) -> int:
         """The migration is abandoned: frozen connections carry on here."""
         if not self.frozen:
@@ -183,11 +217,6 @@ class TcpMigration:
                    now: float) -> int:
         engine, host = self.network.tcp, self.network.tcp_host
         assert engine is not None and host is not None
-        for sock in socks.values():
-            try:
-                detach_drop_filter(sock)
-            except OSError as error:
-                log.error("cannot remove the freeze filter: %s", error)
         stuck: set[int] = set()
         try:
             if switch is None:

@@ -112,6 +112,21 @@ def set_repair_direct(sock: socket.socket, mode: int) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, mode)
 
 
+def switch_repair(sock: socket.socket, mode: int) -> None:
+    """Freeze (drop filter, then repair on) or thaw (filter off, then repair off).
+
+    The filter goes with repair mode because a frozen socket must not take
+    segments, and because on some hosts attaching a socket filter needs
+    CAP_NET_ADMIN too, so whoever holds the capability does both.
+    """
+    if mode == REPAIR_ON:
+        attach_drop_filter(sock)
+        set_repair_direct(sock, mode)
+    else:
+        detach_drop_filter(sock)  # first, so the peer's answer to the window probe gets in
+        set_repair_direct(sock, mode)
+
+
 def can_repair_directly() -> bool:
     """Try TCP_REPAIR on a throwaway socket: True if this process may use it."""
     try:
