@@ -144,6 +144,12 @@ class Scenario:
         self.source.qmp("migrate", uri=uri)
         return forward
 
+    def report_figures(self) -> None:
+        info = self.source.qmp("query-migrate")
+        state = re.findall(r"device state: saving (\d+) bytes", self.source_net.log_text())
+        print(f"QEMU {self.version}: migration total {info.get('total-time')} ms, downtime "
+              f"{info.get('downtime')} ms, vhostnet state {state or 'via control socket'} bytes")
+
     def after_migration(self, forward: socket.socket) -> dict[str, int]:
         assert self.server.sent < DOWNLOAD_BYTES, "the download ended before the migration"
         self.server.release()
@@ -189,6 +195,7 @@ def scenario_factory(vhostnet, guest, tmp_path):
 def migrate_qemu10(scenario: Scenario) -> dict[str, int]:
     forward = scenario.before_migration()
     wait_migrated(scenario.source)
+    scenario.report_figures()
     return scenario.after_migration(forward)
 
 
@@ -208,6 +215,8 @@ def test_tcp_connections_survive_qemu72_migration_with_control_sockets(scenario_
     state = scenario.tmp_path / "state.bin"
     saved = control_request(source_ctl, "save-state", file=str(state), timeout=30)
     assert saved["ok"], saved
+    scenario.report_figures()
+    print(f"state file: {saved['bytes']} bytes")
     released = control_request(source_ctl, "release")
     assert released == {"ok": True, "released": 2}, released
     loaded = control_request(dest_ctl, "load-state", file=str(state), timeout=30)
@@ -232,3 +241,27 @@ def test_tcp_connections_survive_through_the_repair_helper(scenario_factory, kit
                    "the repair helper to connect")
         assert "no CAP_NET_ADMIN" in net.log_text()
     migrate_qemu10(scenario)
+
+
+def test_abandoned_migration_leaves_the_connections_on_the_source_qemu72(scenario_factory):
+    """save-state froze the connections; the migration is given up: resume, cont, all goes on."""
+    scenario = scenario_factory("7.2")
+    forward = scenario.before_migration()
+    wait_migrated(scenario.source)
+    source_ctl = str(scenario.controls[0])
+    saved = control_request(source_ctl, "save-state", file=str(scenario.tmp_path / "s.bin"))
+    assert saved["ok"], saved
+    assert control_request(source_ctl, "resume") == {"ok": True, "resumed": 2}
+    assert scenario.destination is not None
+    scenario.destination.kill()
+    scenario.source.qmp("cont")
+    scenario.server.release()
+    assert echo_line(forward, b"after abandoning\n") == b"after abandoning\n"
+    forward.close()
+    scenario.source.wait_exit(GUEST_DONE_SECONDS)
+    results = scenario.source.results()
+    assert results.get("download_sha256") == sha256_hex(scenario.data), "download corrupted"
+    assert scenario.server.requests == 1
+    counters = control_request(source_ctl, "stats")["counters"]
+    assert counters.get("tcp.migration_thawed") == 2, counters
+    assert counters.get("tcp.migration_released", 0) == 0, counters
