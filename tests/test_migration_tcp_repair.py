@@ -25,6 +25,7 @@ from vhostnet.migration.tcp_repair import (
     new_restore_socket,
     restore_in_repair,
     set_repair_direct,
+    switch_repair,
 )
 
 IO_SECONDS = 10.0
@@ -199,3 +200,46 @@ def test_bad_socket_records_are_refused(change: dict) -> None:
 
 def test_repair_probe_matches_the_capability() -> None:
     assert tcp_repair.can_repair_directly() == (os.geteuid() == 0 or tcp_repair.can_repair_directly())
+
+
+def test_a_catcher_swallows_retransmissions_between_release_and_restore() -> None:
+    """Without a socket for its 4-tuple, the peer's retransmission would be answered with RST."""
+    data = random.Random(3).randbytes(6 * 1024 * 1024)
+    listener, peer, ours = connected_pair()
+    errors: list[OSError] = []
+
+    def paced_sender() -> None:
+        try:
+            for offset in range(0, len(data), 65536):
+                peer.sendall(data[offset:offset + 65536])
+                time.sleep(0.01)
+            peer.shutdown(socket.SHUT_WR)
+        except OSError as error:
+            errors.append(error)
+
+    sender = threading.Thread(target=paced_sender, daemon=True)
+    sender.start()
+    try:
+        received = bytearray(recv_exactly(ours, 1024 * 1024))
+        switch_repair(ours, REPAIR_ON)
+        dump = dump_socket(ours)
+        catcher = socket.socket()
+        switch_repair(catcher, REPAIR_ON)  # the drop filter, and repair mode to bind a used address
+        catcher.bind(dump.local)
+        catcher.listen(1)
+        ours.close()
+        time.sleep(1.0)  # the peer keeps sending and retransmitting meanwhile
+        restored = new_restore_socket()
+        switch_repair(restored, REPAIR_ON)
+        restore_in_repair(restored, dump, wait_for_tuple=1.0)
+        switch_repair(restored, REPAIR_OFF)
+        catcher.close()
+        restored.settimeout(IO_SECONDS)
+        received += recv_exactly(restored, len(data) - len(received))
+        sender.join(IO_SECONDS)
+        assert not errors, f"the peer saw {errors}"
+        assert bytes(received) == data
+        restored.close()
+    finally:
+        for sock in (listener, peer, ours):
+            sock.close()
