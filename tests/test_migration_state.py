@@ -183,8 +183,11 @@ def test_control_socket_save_and_load(pair, tmp_path: Path) -> None:
         frontend.start()
         gateway_mac(frontend)
     path = tmp_path / "state.bin"
+    refused = control_request(source.control_path, "release")
+    assert not refused["ok"] and "nothing to release" in refused["error"]
     saved = control_request(source.control_path, "save-state", file=str(path))
     assert saved["ok"] and saved["bytes"] == path.stat().st_size
+    assert control_request(source.control_path, "resume") == {"ok": True, "resumed": 0}
     assert control_request(destination.control_path, "load-state", file=str(path))["ok"]
     path.write_bytes(b"not a state")
     refused = control_request(destination.control_path, "load-state", file=str(path))

@@ -73,6 +73,27 @@ RELEASE_WAIT_SECONDS = 5.0
 CATCH_SECONDS = 60.0
 
 
+def _switch_off(socks: dict[int, socket.socket], switch: RepairSwitch | None) -> set[int]:
+    """Repair mode off for all; the flow ids of sockets that refused."""
+    if switch is None:
+        log.error("TCP_REPAIR cannot be switched any more: %d frozen connection(s) reset",
+                  len(socks))
+        return set(socks)
+    try:
+        switch.set_repair(list(socks.values()), REPAIR_OFF)
+        return set()
+    except RepairError:
+        pass
+    stuck = set()
+    for flow_id, sock in socks.items():  # one by one, to find which ones refused
+        try:
+            switch.set_repair([sock], REPAIR_OFF)
+        except RepairError as error:
+            log.error("TCP flow %d: repair mode stuck on (%s); resetting it", flow_id, error)
+            stuck.add(flow_id)
+    return stuck
+
+
 def _abort_close(sock: socket.socket) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -88,6 +109,7 @@ class TcpMigration:
         self.network = network
         self.repair = repair
         self.frozen: dict[int, socket.socket] = {}
+        self.exported = False  # a state was saved since the last release or thaw
         self.handed_over = 0  # connections released to a destination, lost if QEMU resumes here
         self.catchers: list[socket.socket] = []
 
@@ -104,6 +126,7 @@ class TcpMigration:
             return []
         if self.frozen:
             self.thaw("a new state export started", now)
+        self.exported = True
         self.network.flush()  # acknowledged bytes leave the sockets before the dump
         dumps: dict[int, dict[str, object]] = {}
         movable = [f.flow_id for f in engine.flows_by_id.values() if migratable(f)]
@@ -153,6 +176,12 @@ class TcpMigration:
         engine, host = self.network.tcp, self.network.tcp_host
         if engine is None or host is None:
             return 0
+        if not self.exported:
+            # Closing every connection and listener without a saved state would
+            # only break this side.
+            raise RuntimeError("no state was saved since the last release or resume: "
+                               "nothing to release")
+        self.exported = False
         released = len(self.frozen)
         self._open_catchers([sock.getsockname()[:2] for sock in self.frozen.values()])
         for sock in self.frozen.values():
@@ -205,6 +234,7 @@ class TcpMigration:
 
     def thaw(self, reason: str, now: float) -> int:
         """The migration is abandoned: frozen connections carry on here."""
+        self.exported = False
         if not self.frozen:
             return 0
         frozen, self.frozen = self.frozen, {}
@@ -217,31 +247,17 @@ class TcpMigration:
                    now: float) -> int:
         engine, host = self.network.tcp, self.network.tcp_host
         assert engine is not None and host is not None
-        stuck: set[int] = set()
-        try:
-            if switch is None:
-                raise RepairError(0, "no way to switch TCP_REPAIR any more")
-            switch.set_repair(list(socks.values()), REPAIR_OFF)
-        except RepairError:
-            for flow_id, sock in socks.items():  # find which ones refused
-                try:
-                    if switch is None:
-                        raise RepairError(0, "no repair switch")
-                    switch.set_repair([sock], REPAIR_OFF)
-                except RepairError as error:
-                    log.error("TCP flow %d: repair mode stuck on (%s); resetting it", flow_id, error)
-                    stuck.add(flow_id)
+        stuck = _switch_off(socks, switch)
         resumed = 0
         for flow_id, sock in socks.items():
             flow = engine.flows_by_id.get(flow_id)
-            if flow is None or flow_id in stuck:
-                if flow is None:
-                    _abort_close(sock)
-                else:
-                    host.adopt(flow_id, sock)
-                    engine.on_host_error(flow_id, 0, now)
+            if flow is None:  # the engine gave up on it meanwhile
+                _abort_close(sock)
                 continue
             host.adopt(flow_id, sock)
+            if flow_id in stuck:
+                engine.on_host_error(flow_id, 0, now)  # RST to the guest; the socket goes
+                continue
             # Commands issued while the socket was away were dropped: start over.
             flow.peek_pending = False
             flow.peek_seq = -1
