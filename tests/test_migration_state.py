@@ -53,8 +53,8 @@ def with_crc(body: bytes) -> bytes:
 def test_foreign_and_future_blobs_are_refused_with_a_reason() -> None:
     with pytest.raises(StateError, match="magic"):
         decode_state(with_crc(struct.pack("<8sHHI", b"QEVMSTAT", 1, 0, 0)))
-    with pytest.raises(StateError, match="version 2"):
-        decode_state(with_crc(struct.pack("<8sHHI", MAGIC, 2, 0, 0)))
+    with pytest.raises(StateError, match="version 3"):
+        decode_state(with_crc(struct.pack("<8sHHI", MAGIC, 3, 0, 0)))
     # Checksum right, but a section length pointing past the end.
     section = b"\x01g" + struct.pack("<I", 100) + b"{}"
     with pytest.raises(StateError, match="past the end"):
@@ -183,8 +183,11 @@ def test_control_socket_save_and_load(pair, tmp_path: Path) -> None:
         frontend.start()
         gateway_mac(frontend)
     path = tmp_path / "state.bin"
+    refused = control_request(source.control_path, "release")
+    assert not refused["ok"] and "nothing to release" in refused["error"]
     saved = control_request(source.control_path, "save-state", file=str(path))
     assert saved["ok"] and saved["bytes"] == path.stat().st_size
+    assert control_request(source.control_path, "resume") == {"ok": True, "resumed": 0}
     assert control_request(destination.control_path, "load-state", file=str(path))["ok"]
     path.write_bytes(b"not a state")
     refused = control_request(destination.control_path, "load-state", file=str(path))

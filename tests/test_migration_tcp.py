@@ -1,10 +1,16 @@
-"""TCP connections at a migration: exported with their numbers, reset toward the guest."""
+"""TCP connections at a migration: records with their numbers (and host sockets), checked on load."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from vhostnet.migration.snapshot import import_network
+from vhostnet.migration.state import StateError, decode_state, encode_state
+from vhostnet.migration.tcp_repair import SocketDump
 from vhostnet.migration.tcp_state import export_connections, parse_records, reset_toward_guest
+from vhostnet.network import Network
 from vhostnet.stack import ethernet
 from vhostnet.stack.checksum import PROTO_TCP
 from vhostnet.stack.config import StackConfig
@@ -59,3 +65,58 @@ def test_bad_records_are_refused(bad: dict) -> None:
               "snd_nxt": 1, "rcv_nxt": 2, **bad}
     with pytest.raises((ValueError, KeyError, TypeError)):
         parse_records([record])
+
+
+# ---- records that carry a frozen host socket (TCP_REPAIR) -------------------------
+
+
+def repaired_record(**changes: object) -> dict:
+    host = SocketDump(("127.0.0.1", 40000), ("127.0.0.1", 8080), 7, 9, b"to peer", 3,
+                      b"to guest", 65483, 7, 7, 7, 1234, (9, 100, 200, 300, 9)).to_record()
+    record = {"guest_ip": "10.0.2.15", "guest_port": 40000, "remote_ip": "10.0.2.2",
+              "remote_port": 8080, "inbound": False, "phase": "ESTABLISHED",
+              "snd_una": 4294967290, "snd_nxt": 4294967295, "snd_max": 10, "rcv_nxt": 77,
+              "snd_wnd": 65535, "snd_wscale": 7, "rcv_wscale": 7, "mss": 1460,
+              "to_host": b"pending".hex(), "host": host}
+    record.update(changes)
+    return record
+
+
+def test_a_record_with_a_host_socket_survives_the_blob() -> None:
+    blob = encode_state({"tcp": [repaired_record()]})
+    (parsed,) = parse_records(decode_state(blob)["tcp"])
+    assert parsed.host is not None and parsed.host.recv_queue == b"to guest"
+    assert (parsed.snd_una, parsed.snd_nxt, parsed.snd_max) == (4294967290, 4294967295, 10)
+    assert parsed.to_host == b"pending" and parsed.key[1] == 40000
+
+
+@pytest.mark.parametrize("change", [
+    {"snd_max": 4294967200},  # snd_max before snd_una
+    {"snd_nxt": 11},  # beyond snd_max
+    {"to_host": "zz"}, {"mss": 5}, {"snd_wscale": 15}, {"inbound": "no"},
+    {"phase": "SYN_SENT"}, {"host": {"local": ["127.0.0.1", 1]}}, {"host": "socket"},
+    {"snd_una": None},
+])
+def test_corrupt_tcp_records_are_refused(change: dict) -> None:
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        parse_records([repaired_record(**change)])
+
+
+def test_two_records_for_one_connection_are_refused() -> None:
+    with pytest.raises(ValueError, match="same connection"):
+        parse_records([repaired_record(), repaired_record()])
+
+
+def test_a_blob_with_a_corrupt_tcp_record_changes_nothing() -> None:
+    loop = asyncio.new_event_loop()
+    network = Network(StackConfig(tcp_forwards=[]), loop)
+    try:
+        blob = encode_state({"guest": {"mac": "52:54:00:12:34:56", "ipv4": "10.0.2.15"},
+                             "tcp": [repaired_record(), repaired_record(mss="big")]})
+        with pytest.raises(StateError, match="invalid"):
+            import_network(network, blob, 0.0)
+        assert network.stack.guest_mac is None and not network.tcp.flows
+        assert network.tcp_host is not None and network.tcp_host.open_sockets == 0
+    finally:
+        network.close()
+        loop.close()

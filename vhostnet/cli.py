@@ -19,6 +19,9 @@ from . import __version__
 
 log = logging.getLogger("vhostnet")
 
+# --incoming: how long to wait for the migration source to free forwarded ports.
+INCOMING_LISTEN_SECONDS = 600.0
+
 DESCRIPTION = """\
 A user-mode network back-end for QEMU guests over vhost-user.
 
@@ -99,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most TCP/UDP flows open at once (default 65536)")
     p.add_argument("--control", metavar="PATH", default=None,
                    help="UNIX socket for run-time control: JSON lines, e.g. {\"command\": \"stats\"}")
+    p.add_argument("--repair-path", metavar="PATH", default=None,
+                   help="UNIX socket where `vhostnet repair PATH` (run with CAP_NET_ADMIN) connects "
+                        "to set TCP_REPAIR for us, so TCP connections survive a live migration "
+                        "when vhostnet itself lacks CAP_NET_ADMIN")
+    p.add_argument("--incoming", action="store_true",
+                   help="migration destination on the same host: forwarded ports the source "
+                        "still holds are bound as soon as it releases them")
     p.add_argument("--discard-tx", action="store_true", help=argparse.SUPPRESS)  # for `vhostnet bench`
     p.add_argument("-d", "--debug", action="store_true", help="log every protocol message")
     p.add_argument("-q", "--quiet", action="store_true", help="log only errors")
@@ -235,12 +245,27 @@ async def _serve(args: argparse.Namespace, config) -> int:
     except SocketPathError as exc:
         raise UsageError(str(exc)) from None
     try:
-        network = Network(config, loop)
+        network = Network(config, loop, listen_retry=INCOMING_LISTEN_SECONDS if args.incoming else 0.0)
     except OSError as exc:
         listener.close()
         os.unlink(args.socket)
         raise UsageError(f"cannot set up the network: {exc.strerror or exc}") from None
     network.discard_tx = args.discard_tx
+    from .migration.repair_helper import HelperLink, RepairAccess
+
+    helper = None
+    if args.repair_path:
+        try:
+            helper = HelperLink(args.repair_path, loop)
+        except OSError as exc:
+            network.close()
+            listener.close()
+            os.unlink(args.socket)
+            raise UsageError(f"cannot listen on --repair-path {args.repair_path}: "
+                             f"{exc.strerror or exc}") from None
+    repair = RepairAccess.probe(helper)
+    network.tcp_migration.repair = repair
+    log.info("%s", repair.describe())
     server = Server(loop, listener, network)
     control = None
     if args.control:
@@ -263,6 +288,7 @@ async def _serve(args: argparse.Namespace, config) -> int:
     await server.closed.wait()
     if control is not None:
         control.close()
+    repair.close()
     log.info("stopped")
     return 0
 
@@ -273,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["repair"]:
+        from .migration.repair_helper import main as repair_main
+
+        return repair_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else logging.ERROR if args.quiet else logging.INFO

@@ -222,6 +222,8 @@ class NetDevice:
         self.ring_log[index] = (ring.log, ring.log_guest_addr)
         self._apply_log()
         log.info("ring %d started (size %d, base %d)", index, ring.num, ring.base)
+        # The guest runs here again: connections frozen for a migration carry on.
+        self.network.tcp_migration.device_started(time.monotonic())
         if index == RX_QUEUE:
             self._schedule_rx()
 

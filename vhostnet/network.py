@@ -27,6 +27,7 @@ from .hostio.tcp_fast import TcpFastPath
 from .hostio.tftp_files import TftpRoot
 from .hostio.udp import UdpGlue
 from .hostio.udp_fast import UdpFastSender
+from .migration.tcp_migrate import TcpMigration
 from .stack.checksum import PROTO_TCP
 from .stack.config import StackConfig
 from .stack.offload import GuestOffloads
@@ -78,9 +79,13 @@ class GuestFrameQueue(deque):
 class Network:
     """The guest's network: stack + engines + host glue + timers, for one vhostnet process."""
 
-    def __init__(self, config: StackConfig, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, config: StackConfig, loop: asyncio.AbstractEventLoop, *,
+                 listen_retry: float = 0.0) -> None:
         self.config = config
         self.loop = loop
+        # Seconds to keep retrying forwarded ports another process (a migration
+        # source on this host) still holds; 0: fail at once.
+        self.listen_retry = listen_retry
         self.stack = NetworkStack(config)
         self.frames_to_guest = GuestFrameQueue()
         self.stack.frames_to_guest = self.frames_to_guest
@@ -93,6 +98,8 @@ class Network:
             raise
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        # Its repair access (TCP_REPAIR directly or through the helper) is set by the CLI.
+        self.tcp_migration = TcpMigration(self)
         # Hidden --discard-tx: the device drops guest frames instead of handing
         # them over, so `vhostnet bench ring` times the TX ring alone.
         self.discard_tx = False
@@ -102,15 +109,16 @@ class Network:
         stack, config, loop = self.stack, self.config, self.loop
         self.tcp: TcpEngine | None = None
         self.tcp_fast: TcpFastPath | None = None
+        self.tcp_host: TcpHost | None = None
         if config.tcp:
             self.tcp = TcpEngine(config, stack)
             stack.set_protocol_handler(PROTO_TCP, self.tcp)
             self._timer_clients.append(self.tcp)
             # No after_event hook needed: frames the engine produces wake the
             # device through frames_to_guest (GuestFrameQueue) by themselves.
-            tcp_host = TcpHost(self.tcp, loop)
-            self._glue.append(tcp_host)
-            self.tcp_fast = TcpFastPath(self.tcp, tcp_host, stack)
+            self.tcp_host = TcpHost(self.tcp, loop, listen_retry=self.listen_retry)
+            self._glue.append(self.tcp_host)
+            self.tcp_fast = TcpFastPath(self.tcp, self.tcp_host, stack)
         self.tftp: TftpServer | None = None
         if config.tftp_root:
             self.tftp = TftpServer(config, stack, TftpRoot(config.tftp_root))
@@ -209,5 +217,7 @@ class Network:
         for glue in self._glue:
             glue.close()
         self._glue.clear()
+        if getattr(self, "tcp_migration", None) is not None:
+            self.tcp_migration.close_catchers()
         if getattr(self, "tftp", None) is not None:
             self.tftp.close()

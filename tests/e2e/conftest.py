@@ -4,7 +4,7 @@ Fixtures:
   kit            session: the guest kit (kernel, initramfs, QEMU 10.0 if any)
   qemu_version   "7.2" and "10.0" (10.0 skipped, with the reason, if it could not be had)
   e2e_tmp        a short temporary folder (UNIX socket paths must stay < 108 bytes)
-  vhostnet       factory: vhostnet(*args, socket_path=None) -> VhostnetProcess, started,
+  vhostnet       factory: vhostnet(*args, socket_path=None, wrapper=()) -> VhostnetProcess, started,
                  socket present; stopped at teardown; the test fails if it crashed
   guest          factory: guest(version, script, socket_path=None, **QemuGuest kwargs)
                  -> QemuGuest, started; killed at teardown
@@ -102,11 +102,11 @@ def vhostnet(request: pytest.FixtureRequest, e2e_tmp: Path,
     started: list[VhostnetProcess] = []
     failed_to_start: list[VhostnetProcess] = []
 
-    def start(*args: str, socket_path: Path | None = None,
-              timeout: float = 30.0) -> VhostnetProcess:
+    def start(*args: str, socket_path: Path | None = None, timeout: float = 30.0,
+              wrapper: tuple[str, ...] = ()) -> VhostnetProcess:
         index = len(started)
         process = VhostnetProcess(socket_path or e2e_tmp / f"vhost{index}.sock", args,
-                                  tmp_path / f"vhostnet{index}.log")
+                                  tmp_path / f"vhostnet{index}.log", wrapper)
         started.append(process)
         _attach_log(request, f"vhostnet {index} log", process.log_text)
         try:

@@ -44,16 +44,18 @@ class VhostnetProcess:
     fixture can tell a crash from a deliberate kill.
     """
 
-    def __init__(self, socket_path: Path, extra_args: tuple[str, ...], log_path: Path) -> None:
+    def __init__(self, socket_path: Path, extra_args: tuple[str, ...], log_path: Path,
+                 wrapper: tuple[str, ...] = ()) -> None:
         self.socket_path = Path(socket_path)
         self.extra_args = extra_args
+        self.wrapper = wrapper  # e.g. setpriv ... --, to run vhostnet with fewer capabilities
         self.log_path = Path(log_path)
         self.process: subprocess.Popen[bytes] | None = None
         self.expected_exit = False
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "vhostnet", "--socket", str(self.socket_path),
-                *self.extra_args]
+        return [*self.wrapper, sys.executable, "-m", "vhostnet", "--socket",
+                str(self.socket_path), *self.extra_args]
 
     def start(self, timeout: float = 30.0) -> VhostnetProcess:
         """Start it and wait until the socket exists; raise VhostnetError otherwise."""

@@ -9,6 +9,8 @@ bounded socket timeouts, records what it saw, and is stopped by ``close()``
 * ``TcpSink``: reads each connection to EOF, records size, sha256 and duration,
   answers with the sha256 in hex.
 * ``TcpSource``: sends a generated payload on each connection, then closes.
+* ``PacedHttpServer``: like ``HttpFileServer``, but paced, and held at a
+  point until released (a download that spans a migration).
 * ``BarrierEchoServer``: reads one line per connection, holds every connection
   open until ``expected`` of them are open at once, then echoes the lines back.
 """
@@ -298,6 +300,67 @@ class HttpFileServer:
         self._loop.close()
 
     def __enter__(self) -> HttpFileServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class PacedHttpServer:
+    """HTTP/1.0 ``GET /<name>``, the body paced to last ``seconds`` and held at ``hold_at``.
+
+    ``sent`` is how far the body got; past ``hold_at`` bytes nothing more goes
+    out until ``release()`` (or IO_TIMEOUT), so a transfer can be made to span
+    an event of unknown duration such as a live migration.
+    """
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, name: str, data: bytes, seconds: float, hold_at: int) -> None:
+        self.name, self.data, self.seconds, self.hold_at = name, data, seconds, hold_at
+        self.sent = 0
+        self.requests = 0
+        self.finished = threading.Event()
+        self._gate = threading.Event()
+        self._loop = _AcceptLoop(self._serve)
+        self.port = self._loop.port
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def _serve(self, conn: socket.socket) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request and len(request) < 8192:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            request += chunk
+        self.requests += 1
+        fields = request.split(b" ", 2)
+        if len(fields) < 2 or fields[0] != b"GET" or fields[1] != f"/{self.name}".encode():
+            conn.sendall(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            return
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(self.data))
+        started, total = time.monotonic(), len(self.data)
+        for offset in range(0, total, self.CHUNK):
+            if offset >= self.hold_at:
+                self._gate.wait(IO_TIMEOUT)
+            delay = started + self.seconds * offset / total - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            conn.sendall(self.data[offset:offset + self.CHUNK])
+            self.sent = min(total, offset + self.CHUNK)
+        conn.shutdown(socket.SHUT_WR)
+        while conn.recv(4096):
+            pass
+        self.finished.set()
+
+    def close(self) -> None:
+        self._gate.set()
+        self._loop.close()
+
+    def __enter__(self) -> PacedHttpServer:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

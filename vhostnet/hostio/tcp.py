@@ -46,6 +46,7 @@ LISTEN_BACKLOG = 128
 DISCARD_CHUNK = 256 * 1024
 # Below this much free send buffer, wait for the socket to drain and update the guest's window.
 LOW_SEND_SPACE = 128 * 1024
+LISTEN_RETRY_INTERVAL = 0.1
 
 
 @dataclass(eq=False)
@@ -68,6 +69,7 @@ class TcpHost:
         *,
         clock: Callable[[], float] = time.monotonic,
         after_event: Callable[[], None] | None = None,
+        listen_retry: float = 0.0,
     ) -> None:
         self.engine = engine
         self.loop = loop
@@ -81,6 +83,8 @@ class TcpHost:
         # Called with a flow id before its socket closes (the TCP fast path forgets the fd).
         self.before_close: Callable[[int], None] | None = None
         for forward in engine.config.tcp_forwards:
+            if listen_retry > 0 and self._listen_or_wait(forward, self.clock() + listen_retry):
+                continue
             self._listen(forward)
 
     # ---------------------------------------------------------------- public
@@ -131,9 +135,61 @@ class TcpHost:
         for flow_id in list(self._sockets):
             self._close_socket(flow_id, abort=True)
 
+    # --------------------------------------- migration (vhostnet.migration)
+
+    def detach(self, flow_id: int) -> socket.socket | None:
+        """Take a flow's socket out of this glue without closing it (events stop)."""
+        entry = self._sockets.pop(flow_id, None)
+        if entry is None:
+            return None
+        if self.before_close is not None:
+            self.before_close(flow_id)  # nothing else may write to it now (it may be frozen)
+        self._stop_reading(entry)
+        self._stop_writing(entry)
+        return entry.sock
+
+    def adopt(self, flow_id: int, sock: socket.socket) -> None:
+        """Serve an established socket (restored or given back) for ``flow_id``."""
+        sock.setblocking(False)
+        self._tune(sock)
+        self._sockets[flow_id] = _HostSocket(sock)
+        self._arm_reader(flow_id, 0)
+
+    def close_listeners(self) -> None:
+        """Stop accepting on forwarded ports (a migration destination takes them over)."""
+        for listener in self._listeners:
+            self.loop.remove_reader(listener.fileno())
+            listener.close()
+        self._listeners.clear()
+
+    def _listen_or_wait(self, forward, deadline: float) -> bool:
+        """Bind now, or keep retrying while the port is busy until ``deadline``.
+
+        A migration destination on the same host starts while the source still
+        listens on the forwarded ports; it takes them when the source lets go.
+        False: not busy but failing, or out of time (the caller reports it).
+        """
+        if self._closed:
+            return True
+        try:
+            self._listen(forward, close_on_error=False)
+            return True
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or self.clock() >= deadline:
+                return False
+        self.loop.call_later(LISTEN_RETRY_INTERVAL, self._retry_listen, forward, deadline)
+        return True
+
+    def _retry_listen(self, forward, deadline: float) -> None:
+        if not self._listen_or_wait(forward, deadline):
+            log.error("cannot listen on %s port %d; that forward stays off",
+                      forward.host_addr, forward.host_port)
+        elif any(sock.getsockname()[1] == forward.host_port for sock in self._listeners):
+            log.info("listening on %s port %d now", forward.host_addr, forward.host_port)
+
     # ------------------------------------------------------------- listeners
 
-    def _listen(self, forward) -> None:
+    def _listen(self, forward, close_on_error: bool = True) -> None:
         family = socket.AF_INET6 if ":" in forward.host_addr else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -143,7 +199,8 @@ class TcpHost:
             listener.setblocking(False)
         except OSError as error:
             listener.close()
-            self.close()
+            if close_on_error:
+                self.close()
             raise OSError(
                 error.errno,
                 f"cannot listen on {forward.host_addr} port {forward.host_port}: {error.strerror}",

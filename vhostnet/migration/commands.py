@@ -1,8 +1,12 @@
 """Control-socket commands for migrations without DEVICE_STATE (QEMU 7.2).
 
 ``save-state`` exports the network (to ``file`` if given, else base64 in the
-reply); ``load-state`` imports one (from ``file`` or ``state``). A refused
-blob answers ``ok: false`` with the reason and leaves the network unchanged.
+reply) and freezes the TCP connections that can move; ``release`` then hands
+them over (their sockets close silently, so a destination on the same host
+can take the 4-tuples), or ``resume`` lets them carry on here if the migration
+is abandoned (starting the guest here again does the same). ``load-state``
+imports a state (from ``file`` or ``state``). A refused blob answers
+``ok: false`` with the reason and leaves the network unchanged.
 """
 
 from __future__ import annotations
@@ -49,5 +53,13 @@ def register_state_commands(control: ControlServer, network: Network) -> None:
             return {"ok": False, "error": f"state refused: {exc}"}
         return {"loaded": loaded}
 
+    def release(_request: dict[str, Any]) -> dict[str, Any]:
+        return {"released": network.tcp_migration.release()}
+
+    def resume(_request: dict[str, Any]) -> dict[str, Any]:
+        return {"resumed": network.tcp_migration.thaw("resume command", time.monotonic())}
+
     control.commands["save-state"] = save_state
     control.commands["load-state"] = load_state
+    control.commands["release"] = release
+    control.commands["resume"] = resume

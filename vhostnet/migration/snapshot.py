@@ -2,9 +2,9 @@
 
 Export reads the engines; import checks every section first and then applies
 them, so a blob that fails validation leaves the destination as it was.
-TCP connections travel as records (4-tuple and sequence numbers); without
-TCP_REPAIR on the destination the guest gets an RST for each, so it notices
-at once instead of after its retransmission timeout.
+TCP connections travel as records with their frozen host sockets
+(``tcp_migrate``); one that cannot be re-created is reset toward the guest,
+so it notices at once instead of after its retransmission timeout.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from .state import StateError, decode_state, encode_state
-from .tcp_state import export_connections, parse_records, reset_toward_guest
+from .tcp_state import parse_records
 
 if TYPE_CHECKING:
     from ..network import Network
@@ -48,7 +48,9 @@ def export_network(network: Network, now: float) -> bytes:
     if network.tcp is not None:
         if network.tcp_fast is not None:
             network.tcp_fast.sync_all(now)  # Flow fields must include what the C path wrote
-        sections["tcp"] = export_connections(network.tcp)
+        # Freezes the connections that can move (tcp_migrate): the caller must
+        # later release them (the state was handed over) or thaw them (abandoned).
+        sections["tcp"] = network.tcp_migration.export_records(now)
     return encode_state(sections)
 
 
@@ -74,7 +76,7 @@ def import_network(network: Network, blob: bytes, now: float) -> dict[str, int]:
         dhcp = sections.get("dhcp")
         if dhcp is not None and not isinstance(dhcp, dict):
             raise ValueError("dhcp section is not an object")
-        tcp_resets = parse_records(tcp)
+        tcp_records = parse_records(tcp)
         # Engines validate their own records before changing anything.
         if stack.dhcp is not None:
             saved = (stack.dhcp.lease_holder, stack.dhcp.lease_expiry)
@@ -94,17 +96,16 @@ def import_network(network: Network, blob: bytes, now: float) -> dict[str, int]:
     stack.restore_counters({k: v for k, v in carried.items() if not k.startswith("tcp.")})
     if network.tcp is not None:
         network.tcp.stats.restore({k: v for k, v in carried.items() if k.startswith("tcp.")})
-    tcp_reset = 0
-    if network.tcp is not None and tcp:
-        tcp_reset = reset_toward_guest(network.tcp, tcp_resets)
-        log.warning("%d TCP connection(s) could not move with the guest; reset toward the guest",
-                    tcp_reset)
+    tcp_restored = tcp_reset = 0
+    if network.tcp is not None and tcp_records:
+        tcp_restored, tcp_reset = network.tcp_migration.restore(tcp_records, now)
     forwards = sections.get("forwards")
     mine = {"tcp": sorted(str(f) for f in network.config.tcp_forwards),
             "udp": sorted(str(f) for f in network.config.udp_forwards)}
     if forwards != mine:
         log.warning("port forwards differ from the migration source's (%s); keeping ours", forwards)
     network.flush()
-    log.info("network state loaded: guest %s %s, %d UDP flow(s), %d TCP flow(s) reset",
-             _mac_text(mac), guest.get("ipv4"), udp_flows, tcp_reset)
-    return {"udp_flows": udp_flows, "tcp_reset": tcp_reset}
+    log.info("network state loaded: guest %s %s, %d UDP flow(s), %d TCP connection(s) "
+             "restored, %d reset", _mac_text(mac), guest.get("ipv4"), udp_flows, tcp_restored,
+             tcp_reset)
+    return {"udp_flows": udp_flows, "tcp_restored": tcp_restored, "tcp_reset": tcp_reset}

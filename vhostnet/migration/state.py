@@ -17,7 +17,8 @@ import struct
 import zlib
 
 MAGIC = b"VHNETSTA"
-VERSION = 1
+VERSION = 2  # 2: TCP records may carry a frozen host socket ("host"); 1 is still read
+READABLE_VERSIONS = (1, 2)
 MAX_BLOB_BYTES = 64 * 1024 * 1024
 MAX_SECTIONS = 256
 
@@ -55,8 +56,9 @@ def decode_state(blob: bytes | bytearray | memoryview) -> dict[str, object]:
     magic, version, count, body_length = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise StateError("not a vhostnet state blob (bad magic)")
-    if version != VERSION:
-        raise StateError(f"state version {version} is not supported (this vhostnet reads {VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise StateError(f"state version {version} is not supported "
+                         f"(this vhostnet reads {', '.join(map(str, READABLE_VERSIONS))})")
     expected = _HEADER.size + body_length + _CRC.size
     if len(data) != expected:
         raise StateError(f"state blob length {len(data)} does not match its header ({expected})")

@@ -1,27 +1,45 @@
-"""TCP connections across a migration: records out of the engine, resets into the guest.
+"""TCP connections across a migration: records out of the engine, parsed and checked on the way in.
 
-A record carries what a repaired socket and the guest side need: the
-4-tuple, absolute sequence numbers both ways, windows, MSS, window scales and
-the bytes queued toward the host. Without a repaired host socket on the
-destination the connection cannot continue, so the guest gets an RST with
-the right sequence numbers and learns that at once.
+A record carries what the guest side of a connection needs (4-tuple, wire
+sequence numbers both ways, windows, MSS, window scales, the guest's bytes
+not yet written to the host) and, under ``host``, the dump of its host
+socket (``tcp_repair.SocketDump``) when the source could freeze it with
+TCP_REPAIR. A record without ``host`` cannot continue: the destination sends
+the guest an RST with the connection's own numbers, so it notices at once.
+
+Which connections move: established ones with nothing closing. A
+half-closed connection (a FIN seen or sent in either direction) is reset on
+purpose: its host socket would have to be restored in a closing state, and
+such connections are about to end anyway.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 
 from ..stack.checksum import PROTO_TCP
 from ..stack.config import ip4
 from ..stack.tcp import TcpEngine
-from ..stack.tcp_flow import Phase
+from ..stack.tcp_flow import HALF_SEQ, Flow, Phase, seq_diff
 from ..stack.tcp_wire import ACK, RST, emit_segment
+from .tcp_repair import SocketDump
 
 MAX_RECORDS = 65536
+MAX_TO_HOST_BYTES = 4 * 1024 * 1024
+MAX_WINDOW = 1 << 30
 
 
-def export_connections(engine: TcpEngine) -> list[dict[str, object]]:
+def migratable(flow: Flow) -> bool:
+    """Established with both directions open (see the module docstring)."""
+    return (flow.phase is Phase.ESTABLISHED and not flow.guest_fin and not flow.host_shut
+            and not flow.host_eof and not flow.fin_sent)
+
+
+def export_connections(engine: TcpEngine,
+                       host_dumps: dict[int, dict[str, object]] | None = None) -> list[dict[str, object]]:
     """Records of the engine's connections that are past the handshake."""
+    host_dumps = host_dumps or {}
     records = []
     for flow in engine.flows.values():
         if flow.phase in (Phase.CONNECTING, Phase.SYN_SENT, Phase.SYN_RCVD):
@@ -31,44 +49,110 @@ def export_connections(engine: TcpEngine) -> list[dict[str, object]]:
             "remote_ip": str(ipaddress.IPv4Address(flow.remote_ip)), "remote_port": flow.remote_port,
             "inbound": flow.inbound, "phase": flow.phase.name,
             "snd_una": flow.send_seq(flow.snd_una), "snd_nxt": flow.send_seq(flow.snd_nxt),
-            "rcv_nxt": flow.recv_seq(flow.rcv_nxt),
+            "snd_max": flow.send_seq(flow.snd_max), "rcv_nxt": flow.recv_seq(flow.rcv_nxt),
             "snd_wnd": flow.snd_wnd, "snd_wscale": flow.snd_wscale,
             "rcv_wscale": flow.rcv_wscale, "mss": flow.mss,
             "to_host": bytes(flow.to_host).hex(),
+            "host": host_dumps.get(flow.flow_id),
         })
     return records
 
 
 def _u32(value: object) -> int:
-    if not isinstance(value, int) or not 0 <= value < 1 << 32:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 32:
         raise ValueError(f"bad sequence number {value!r}")
     return value
 
 
 def _port(value: object) -> int:
-    if not isinstance(value, int) or not 0 < value < 65536:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
         raise ValueError(f"bad port {value!r}")
     return value
 
 
-ResetTarget = tuple[bytes, int, bytes, int, int, int]
+def _bounded(value: object, what: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"bad {what} {value!r}")
+    return value
 
 
-def parse_records(records: list[dict[str, object]]) -> list[ResetTarget]:
+@dataclass(frozen=True)
+class TcpRecord:
+    """One checked record; wire sequence numbers."""
+
+    guest_ip: bytes
+    guest_port: int
+    remote_ip: bytes
+    remote_port: int
+    snd_nxt: int
+    rcv_nxt: int
+    inbound: bool = False
+    snd_una: int = 0
+    snd_max: int = 0
+    snd_wnd: int = 0
+    snd_wscale: int = 0
+    rcv_wscale: int = 0
+    mss: int = 536
+    to_host: bytes = b""
+    host: SocketDump | None = None
+
+    @property
+    def key(self) -> tuple[bytes, int, bytes, int]:
+        return (self.guest_ip, self.guest_port, self.remote_ip, self.remote_port)
+
+
+def _parse_one(record: object) -> TcpRecord:
+    if not isinstance(record, dict):
+        raise ValueError("TCP record is not an object")
+    base = dict(guest_ip=ip4(str(record["guest_ip"])), guest_port=_port(record["guest_port"]),
+                remote_ip=ip4(str(record["remote_ip"])), remote_port=_port(record["remote_port"]),
+                snd_nxt=_u32(record["snd_nxt"]), rcv_nxt=_u32(record["rcv_nxt"]))
+    if record.get("host") is None:
+        return TcpRecord(**base)  # type: ignore[arg-type]
+    # A connection that is to continue: everything must be there and consistent.
+    host = SocketDump.from_record(record["host"])
+    snd_una, snd_max = _u32(record["snd_una"]), _u32(record["snd_max"])
+    in_flight = seq_diff(snd_max, snd_una)
+    if not 0 <= in_flight < HALF_SEQ or not 0 <= seq_diff(base["snd_nxt"], snd_una) <= in_flight:
+        raise ValueError("send sequence numbers are inconsistent")
+    to_host = record["to_host"]
+    if not isinstance(to_host, str) or len(to_host) > 2 * MAX_TO_HOST_BYTES:
+        raise ValueError("to_host is not a hex string of a bounded size")
+    inbound = record["inbound"]
+    if not isinstance(inbound, bool):
+        raise ValueError("inbound is not a boolean")
+    if record["phase"] != Phase.ESTABLISHED.name:
+        raise ValueError("only established connections carry a host socket")
+    return TcpRecord(
+        **base,  # type: ignore[arg-type]
+        inbound=inbound, snd_una=snd_una, snd_max=snd_max,
+        snd_wnd=_bounded(record["snd_wnd"], "window", 0, MAX_WINDOW),
+        snd_wscale=_bounded(record["snd_wscale"], "window scale", 0, 14),
+        rcv_wscale=_bounded(record["rcv_wscale"], "window scale", 0, 14),
+        mss=_bounded(record["mss"], "MSS", 64, 65535),
+        to_host=bytes.fromhex(to_host), host=host,
+    )
+
+
+def parse_records(records: object) -> list[TcpRecord]:
     """Check exported records; ``ValueError``/``KeyError``/``TypeError`` on a bad one."""
+    if not isinstance(records, list):
+        raise ValueError("TCP records are not a list")
     if len(records) > MAX_RECORDS:
         raise ValueError("too many TCP records")
-    return [(ip4(str(record["guest_ip"])), _port(record["guest_port"]),
-             ip4(str(record["remote_ip"])), _port(record["remote_port"]),
-             _u32(record["snd_nxt"]), _u32(record["rcv_nxt"])) for record in records]
+    parsed = [_parse_one(record) for record in records]
+    if len({record.key for record in parsed}) != len(parsed):
+        raise ValueError("two TCP records for the same connection")
+    return parsed
 
 
-def reset_toward_guest(engine: TcpEngine, resets: list[ResetTarget]) -> int:
+def reset_toward_guest(engine: TcpEngine, resets: list[TcpRecord]) -> int:
     """Send the guest one RST (with the connection's own numbers) per parsed record."""
-    for guest_ip, guest_port, remote_ip, remote_port, seq, ack in resets:
-        segment = emit_segment(remote_ip, guest_ip, remote_port, guest_port, seq, ack,
+    for record in resets:
+        segment = emit_segment(record.remote_ip, record.guest_ip, record.remote_port,
+                               record.guest_port, record.snd_nxt, record.rcv_nxt,
                                RST | ACK, 0, b"", b"")
-        engine.output.send_ipv4(remote_ip, guest_ip, PROTO_TCP, segment)
+        engine.output.send_ipv4(record.remote_ip, record.guest_ip, PROTO_TCP, segment)
         engine.stats.inc("tcp.rst_sent")
         engine.stats.inc("tcp.migration_reset")
     return len(resets)

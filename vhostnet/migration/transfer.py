@@ -144,6 +144,14 @@ class DeviceStateTransfer:
         if not ok:
             log.error("device state check failed: this side keeps its own state")
         self.result = None
+        if self.direction == SAVE:
+            # The state is out: the last moment QEMU tells us about before the
+            # destination needs the 4-tuples (see tcp_migrate's docstring).
+            migration = self.network.tcp_migration
+            if ok:
+                migration.release()
+            else:
+                migration.thaw("the state transfer failed", time.monotonic())
         return ok
 
     def close(self) -> None:

@@ -1,0 +1,267 @@
+"""TCP connections that live through a live migration (TCP_REPAIR), two QEMUs, two vhostnets.
+
+The guest pings the gateway, downloads 50 MB over one HTTP connection from a
+paced host server (held part-way until the migration completed, so the
+connection certainly spans it), and holds an inbound forwarded connection
+(`-t` to `nc -l -e cat` in the guest: an echo). After the migration the ping
+goes on, the download's sha256 matches, the forwarded connection still
+echoes, and the destination's counters say the connections were restored,
+not reset. QEMU 10.0 moves vhostnet's state with DEVICE_STATE, QEMU 7.2
+through the control sockets (save-state, release, load-state). One variant
+runs both vhostnets without CAP_NET_ADMIN and `vhostnet repair` helpers.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.guestlib import GATEWAY, PING_REPLY, REPO_ROOT, ping_replies, static_ipv4
+from tests.e2e.hostservers import LOOPBACK, PacedHttpServer, free_port, generated_bytes, sha256_hex
+from tests.e2e.test_migration import wait_migrated
+from vhostnet.control import control_request
+
+pytestmark = pytest.mark.e2e
+
+DOWNLOAD_BYTES = 50 * 1024 * 1024
+DOWNLOAD_SECONDS = 20.0
+HOLD_FRACTION = 0.7  # the server waits here until the migration is over
+MIGRATE_AFTER_BYTES = 8 * 1024 * 1024
+GUEST_ECHO_PORT = 5001
+PING_COUNT = 400
+GUEST_MEMORY_MB = 384
+IO_SECONDS = 60.0
+GUEST_DONE_SECONDS = 600.0
+REPLY = re.compile(PING_REPLY.format(target=re.escape(GATEWAY)), re.MULTILINE)
+
+
+def guest_script(http_port: int) -> str:
+    return static_ipv4() + f"""
+ping -c {PING_COUNT} -i 0.5 -W 2 {GATEWAY} > /dev/console 2>&1 &
+ping_pid=$!
+timeout 900 nc -l -p {GUEST_ECHO_PORT} -e cat &
+nc_pid=$!
+sleep 1
+echo FORWARD-READY
+wget -q -O - http://{GATEWAY}:{http_port}/big | sha256sum > /tmp/sum
+echo "RESULT download_sha256=$(cut -d' ' -f1 /tmp/sum)"
+wait $nc_pid
+echo "RESULT nc_rc=$?"
+kill $ping_pid
+echo RESULT done=yes
+"""
+
+
+def echo_line(conn: socket.socket, line: bytes) -> bytes:
+    conn.sendall(line)
+    got = b""
+    deadline = time.monotonic() + IO_SECONDS
+    while not got.endswith(b"\n") and time.monotonic() < deadline:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def open_forward(port: int) -> socket.socket:
+    """Connect to the forwarded port; the guest's nc may need a moment (bounded retries)."""
+    for _ in range(30):
+        conn = socket.create_connection((LOOPBACK, port), timeout=IO_SECONDS)
+        try:
+            if echo_line(conn, b"before migration\n") == b"before migration\n":
+                return conn
+        except OSError:
+            pass
+        conn.close()
+        time.sleep(1)
+    pytest.fail("the forwarded connection into the guest never echoed")
+
+
+def wait_until(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+class Scenario:
+    """Everything one migration test needs; the steps differ only in how the state moves."""
+
+    def __init__(self, vhostnet, guest, tmp_path: Path, version: str,
+                 wrapper: tuple[str, ...] = (), helpers: bool = False) -> None:
+        self.tmp_path, self.version = tmp_path, version
+        self.data = generated_bytes(DOWNLOAD_BYTES, seed=2026)
+        self.server = PacedHttpServer("big", self.data, DOWNLOAD_SECONDS,
+                                      int(DOWNLOAD_BYTES * HOLD_FRACTION))
+        self.forward_port = free_port()
+        self.controls = (tmp_path / "src.ctl", tmp_path / "dst.ctl")
+        self.helper_processes: list[subprocess.Popen[bytes]] = []
+        common = ("-t", f"{LOOPBACK}/{self.forward_port}:{GUEST_ECHO_PORT}")
+        source_args = ("--control", str(self.controls[0]), *common)
+        dest_args = ("--control", str(self.controls[1]), "--incoming", *common)
+        if helpers:
+            source_args += ("--repair-path", str(tmp_path / "src.repair"))
+            dest_args += ("--repair-path", str(tmp_path / "dst.repair"))
+        self.source_net = vhostnet(*source_args, wrapper=wrapper)
+        self.dest_net = vhostnet(*dest_args, wrapper=wrapper)
+        if helpers:
+            for path in ("src.repair", "dst.repair"):
+                self.start_helper(tmp_path / path)
+        self.guest, self.script = guest, guest_script(self.server.port)
+        extra = ("-incoming", "defer") if version == "10.0" else ("-S", "-incoming", "defer")
+        self.source = guest(version, self.script, socket_path=self.source_net.socket_path,
+                            qmp_path=tmp_path / "src.qmp", memory_mb=GUEST_MEMORY_MB)
+        self.dest_extra = extra
+        self.destination = None
+
+    def start_helper(self, path: Path) -> None:
+        log = open(self.tmp_path / f"{path.name}.log", "wb")
+        self.helper_processes.append(subprocess.Popen(
+            [sys.executable, "-m", "vhostnet", "repair", str(path)], cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True))
+
+    def before_migration(self) -> socket.socket:
+        offset = self.source.wait_for("FORWARD-READY", timeout=180).end()
+        for _ in range(3):
+            offset = self.source.wait_for(REPLY, timeout=60, start=offset).end()
+        forward = open_forward(self.forward_port)
+        wait_until(lambda: self.server.sent >= MIGRATE_AFTER_BYTES, 300, "the download to start")
+        self.destination = self.guest(self.version, self.script,
+                                      socket_path=self.dest_net.socket_path,
+                                      qmp_path=self.tmp_path / "dst.qmp",
+                                      memory_mb=GUEST_MEMORY_MB, extra_args=self.dest_extra)
+        uri = f"unix:{self.tmp_path / 'migration.sock'}"
+        self.destination.qmp("migrate-incoming", uri=uri)
+        self.source.qmp("migrate", uri=uri)
+        return forward
+
+    def report_figures(self) -> None:
+        info = self.source.qmp("query-migrate")
+        state = re.findall(r"device state: saving (\d+) bytes", self.source_net.log_text())
+        print(f"QEMU {self.version}: migration total {info.get('total-time')} ms, downtime "
+              f"{info.get('downtime')} ms, vhostnet state {state or 'via control socket'} bytes")
+
+    def after_migration(self, forward: socket.socket) -> dict[str, int]:
+        assert self.server.sent < DOWNLOAD_BYTES, "the download ended before the migration"
+        self.server.release()
+        assert echo_line(forward, b"after migration\n") == b"after migration\n"
+        forward.close()
+        assert self.destination is not None
+        self.destination.wait_exit(GUEST_DONE_SECONDS)
+        results = self.destination.results()
+        counters = control_request(str(self.controls[1]), "stats")["counters"]
+        print("destination TCP counters:", {k: v for k, v in counters.items() if k.startswith("tcp.")})
+        assert results.get("done") == "yes", results
+        assert results.get("download_sha256") == sha256_hex(self.data), "download corrupted"
+        assert self.server.requests == 1, "the download did not stay on one connection"
+        before = ping_replies(self.source.output(), GATEWAY)
+        after = ping_replies(self.destination.output(), GATEWAY)
+        assert before and after and min(after) > max(before), "the ping did not continue"
+        assert counters.get("tcp.migration_restored") == 2, counters
+        assert counters.get("tcp.migration_reset", 0) == 0, counters
+        assert "released 2 frozen TCP connection(s)" in self.source_net.log_text()
+        return counters
+
+    def close(self) -> None:
+        self.server.close()
+        for process in self.helper_processes:
+            if process.poll() is None:
+                process.terminate()
+            process.wait(timeout=10)
+
+
+@pytest.fixture
+def scenario_factory(vhostnet, guest, tmp_path):
+    made: list[Scenario] = []
+
+    def make(version: str, **kwargs) -> Scenario:
+        made.append(Scenario(vhostnet, guest, tmp_path, version, **kwargs))
+        return made[-1]
+
+    yield make
+    for scenario in made:
+        scenario.close()
+
+
+def migrate_qemu10(scenario: Scenario) -> dict[str, int]:
+    forward = scenario.before_migration()
+    wait_migrated(scenario.source)
+    scenario.report_figures()
+    return scenario.after_migration(forward)
+
+
+def test_tcp_connections_survive_qemu10_migration(scenario_factory, kit):
+    if kit.qemu10 is None:
+        pytest.fail(f"QEMU 10.0 is needed for DEVICE_STATE: {kit.qemu10_reason}")
+    scenario = scenario_factory("10.0")
+    migrate_qemu10(scenario)
+    assert "TCP_REPAIR available" in scenario.dest_net.log_text()
+
+
+def test_tcp_connections_survive_qemu72_migration_with_control_sockets(scenario_factory):
+    scenario = scenario_factory("7.2")
+    forward = scenario.before_migration()
+    wait_migrated(scenario.source)
+    source_ctl, dest_ctl = (str(path) for path in scenario.controls)
+    state = scenario.tmp_path / "state.bin"
+    saved = control_request(source_ctl, "save-state", file=str(state), timeout=30)
+    assert saved["ok"], saved
+    scenario.report_figures()
+    print(f"state file: {saved['bytes']} bytes")
+    released = control_request(source_ctl, "release")
+    assert released == {"ok": True, "released": 2}, released
+    loaded = control_request(dest_ctl, "load-state", file=str(state), timeout=30)
+    assert loaded["ok"] and loaded["loaded"]["tcp_restored"] == 2, loaded
+    assert scenario.destination is not None
+    scenario.destination.qmp("cont")
+    scenario.after_migration(forward)
+
+
+def test_tcp_connections_survive_through_the_repair_helper(scenario_factory, kit):
+    if kit.qemu10 is None:
+        pytest.fail(f"QEMU 10.0 is needed for DEVICE_STATE: {kit.qemu10_reason}")
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        reason = "setpriv (util-linux) is needed to start vhostnet without CAP_NET_ADMIN"
+        print(reason)
+        pytest.skip(reason)
+    wrapper = (setpriv, "--bounding-set=-net_admin", "--inh-caps=-net_admin", "--")
+    scenario = scenario_factory("10.0", wrapper=wrapper, helpers=True)
+    for net in (scenario.source_net, scenario.dest_net):
+        wait_until(lambda net=net: "repair helper connected" in net.log_text(), 30,
+                   "the repair helper to connect")
+        assert "no CAP_NET_ADMIN" in net.log_text()
+    migrate_qemu10(scenario)
+
+
+def test_abandoned_migration_leaves_the_connections_on_the_source_qemu72(scenario_factory):
+    """save-state froze the connections; the migration is given up: resume, cont, all goes on."""
+    scenario = scenario_factory("7.2")
+    forward = scenario.before_migration()
+    wait_migrated(scenario.source)
+    source_ctl = str(scenario.controls[0])
+    saved = control_request(source_ctl, "save-state", file=str(scenario.tmp_path / "s.bin"))
+    assert saved["ok"], saved
+    assert control_request(source_ctl, "resume") == {"ok": True, "resumed": 2}
+    assert scenario.destination is not None
+    scenario.destination.kill()
+    scenario.source.qmp("cont")
+    scenario.server.release()
+    assert echo_line(forward, b"after abandoning\n") == b"after abandoning\n"
+    forward.close()
+    scenario.source.wait_exit(GUEST_DONE_SECONDS)
+    results = scenario.source.results()
+    assert results.get("download_sha256") == sha256_hex(scenario.data), "download corrupted"
+    assert scenario.server.requests == 1
+    counters = control_request(source_ctl, "stats")["counters"]
+    assert counters.get("tcp.migration_thawed") == 2, counters
+    assert counters.get("tcp.migration_released", 0) == 0, counters

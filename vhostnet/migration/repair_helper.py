@@ -1,0 +1,266 @@
+"""Switching TCP_REPAIR: directly, or through ``vhostnet repair SOCKET`` (the passt-repair model).
+
+TCP_REPAIR needs CAP_NET_ADMIN. vhostnet uses it directly when it has the
+capability (probed once at start-up on a throwaway socket); otherwise it
+listens on ``--repair-path PATH`` for a helper started with the capability:
+
+    vhostnet repair PATH
+
+The helper connects to PATH and serves requests until vhostnet closes the
+connection. A request is one byte, the TCP_REPAIR value as a signed 8-bit
+number (1 on, 0 off, -1 off without a window probe), sent with a batch of
+socket descriptors (SCM_RIGHTS, at most ``MAX_FDS_PER_REQUEST``). The helper
+sets the option on every descriptor, closes its copies, and answers with the
+same byte, or ``REPLY_FAILED`` if any descriptor refused (the others were set).
+Switching repair on also attaches the drop-all filter that freezes a socket,
+and switching it off removes it (``tcp_repair.switch_repair``).
+All other repair steps need no capability, so vhostnet does them itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from .tcp_repair import (
+    REPAIR_OFF,
+    REPAIR_OFF_NO_WINDOW_PROBE,
+    REPAIR_ON,
+    RepairError,
+    can_repair_directly,
+    switch_repair,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_FDS_PER_REQUEST = 253  # SCM_MAX_FD
+REPLY_FAILED = 0x7F
+REQUEST_TIMEOUT = 5.0
+CONNECT_WAIT = 10.0
+MODES = (REPAIR_ON, REPAIR_OFF, REPAIR_OFF_NO_WINDOW_PROBE)
+
+
+def _mode_byte(mode: int) -> bytes:
+    return (mode & 0xFF).to_bytes(1, "little")
+
+
+def _mode_of(byte: int) -> int:
+    return byte - 256 if byte >= 128 else byte
+
+
+class RepairSwitch(Protocol):
+    """Sets TCP_REPAIR on sockets; raises ``RepairError`` if any refused."""
+
+    def set_repair(self, socks: Sequence[socket.socket], mode: int) -> None: ...
+
+
+class DirectRepair:
+    """This process has CAP_NET_ADMIN."""
+
+    def set_repair(self, socks: Sequence[socket.socket], mode: int) -> None:
+        failed = 0
+        for sock in socks:
+            try:
+                switch_repair(sock, mode)
+            except OSError:
+                failed += 1
+        if failed:
+            raise RepairError(0, f"TCP_REPAIR {mode} refused for {failed} of {len(socks)} sockets")
+
+
+class HelperLink:
+    """vhostnet's end of ``--repair-path``: listens, keeps the one connected helper."""
+
+    def __init__(self, path: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.path = path
+        self.loop = loop
+        self.conn: socket.socket | None = None
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.listener.bind(path)
+            self.listener.listen(1)
+        except OSError:
+            self.listener.close()
+            raise
+        self.listener.setblocking(False)
+        loop.add_reader(self.listener.fileno(), self._on_accept)
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None
+
+    def _on_accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            log.warning("repair helper: accept failed: %s", error)
+            return
+        if self.conn is not None:
+            self.conn.close()  # a new helper replaces the old one
+        conn.setblocking(True)
+        conn.settimeout(REQUEST_TIMEOUT)
+        self.conn = conn
+        log.info("repair helper connected on %s: TCP connections can move with the guest",
+                 self.path)
+
+    def set_repair(self, socks: Sequence[socket.socket], mode: int) -> None:
+        if self.conn is None:
+            raise RepairError(0, "no repair helper connected")
+        request = _mode_byte(mode)
+        for start in range(0, len(socks), MAX_FDS_PER_REQUEST):
+            fds = array.array("i", (s.fileno() for s in socks[start:start + MAX_FDS_PER_REQUEST]))
+            try:
+                self.conn.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                reply = self.conn.recv(1)
+            except OSError as error:
+                self._lost(f"request failed ({error})")
+                raise RepairError(error.errno or 0, f"repair helper: {error}") from None
+            if not reply:
+                self._lost("it closed the connection")
+                raise RepairError(0, "repair helper went away")
+            if reply != request:
+                raise RepairError(0, f"repair helper could not set TCP_REPAIR {mode} on every socket")
+
+    def _lost(self, why: str) -> None:
+        log.error("repair helper lost: %s", why)
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def close(self) -> None:
+        if self.listener.fileno() < 0:
+            return  # closed already
+        self.loop.remove_reader(self.listener.fileno())
+        self.listener.close()
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+class RepairAccess:
+    """How this vhostnet switches TCP_REPAIR: itself, through the helper, or not at all."""
+
+    def __init__(self, direct: bool, helper: HelperLink | None = None) -> None:
+        self.direct = direct
+        self.helper = helper
+
+    @classmethod
+    def probe(cls, helper: HelperLink | None = None) -> RepairAccess:
+        return cls(can_repair_directly(), helper)
+
+    def switch(self) -> RepairSwitch | None:
+        if self.direct:
+            return DirectRepair()
+        if self.helper is not None and self.helper.connected:
+            return self.helper
+        return None
+
+    def describe(self) -> str:
+        if self.direct:
+            return "TCP_REPAIR available (CAP_NET_ADMIN): TCP connections move with the guest"
+        if self.helper is not None:
+            return (f"no CAP_NET_ADMIN: TCP connections move with the guest once "
+                    f"`vhostnet repair {self.helper.path}` is connected")
+        return ("TCP_REPAIR unavailable (no CAP_NET_ADMIN, no --repair-path): TCP connections "
+                "are reset toward the guest when it migrates")
+
+    def close(self) -> None:
+        if self.helper is not None:
+            self.helper.close()
+
+
+# ---- the helper process ------------------------------------------------------------
+
+
+def _apply(fds: list[int], mode: int) -> bool:
+    ok = True
+    for fd in fds:
+        try:
+            with socket.socket(fileno=fd) as sock:
+                switch_repair(sock, mode)
+        except OSError as error:
+            print(f"vhostnet repair: TCP_REPAIR {mode} on a socket failed: {error}", file=sys.stderr)
+            ok = False
+    return ok
+
+
+def serve(conn: socket.socket) -> int:
+    """Answer requests on ``conn`` until vhostnet closes it."""
+    fd_space = socket.CMSG_SPACE(MAX_FDS_PER_REQUEST * array.array("i").itemsize)
+    while True:
+        try:
+            data, ancillary, _flags, _addr = conn.recvmsg(1, fd_space)
+        except OSError as error:
+            print(f"vhostnet repair: connection failed: {error}", file=sys.stderr)
+            return 1
+        fds: list[int] = []
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
+                fds.extend(received)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            return 0
+        mode = _mode_of(data[0])
+        if mode not in MODES:
+            for fd in fds:
+                os.close(fd)
+            conn.sendall(bytes([REPLY_FAILED]))
+            continue
+        conn.sendall(data if _apply(fds, mode) else bytes([REPLY_FAILED]))
+
+
+def run(path: str, connect_wait: float = CONNECT_WAIT) -> int:
+    if not can_repair_directly():
+        print("vhostnet repair: TCP_REPAIR is not permitted here; run this helper with "
+              "CAP_NET_ADMIN (e.g. as root)", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + connect_wait
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    while True:  # bounded by the deadline
+        try:
+            conn.connect(path)
+            break
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                print(f"vhostnet repair: cannot connect to {path}: {error.strerror or error}",
+                      file=sys.stderr)
+                conn.close()
+                return 1
+        time.sleep(0.1)
+    with conn:
+        print(f"vhostnet repair: serving TCP_REPAIR requests on {path}", file=sys.stderr)
+        return serve(conn)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vhostnet repair",
+        description="Switch TCP_REPAIR on vhostnet's sockets for it (run with CAP_NET_ADMIN), "
+                    "so that TCP connections survive a live migration. Connects to the "
+                    "--repair-path socket of a running vhostnet and serves it until it closes.")
+    parser.add_argument("socket", metavar="SOCKET", help="vhostnet's --repair-path")
+    parser.add_argument("--wait", type=float, default=CONNECT_WAIT, metavar="SECONDS",
+                        help=f"how long to retry connecting (default {CONNECT_WAIT:g})")
+    args = parser.parse_args(argv)
+    return run(args.socket, max(0.0, args.wait))

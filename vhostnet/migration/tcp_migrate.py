@@ -1,0 +1,379 @@
+"""Moving established TCP connections with their host sockets (TCP_REPAIR), both ends.
+
+Source, in three steps:
+
+1. ``export_records`` (QEMU 10: SET_DEVICE_STATE_FD SAVE; QEMU 7.2:
+   ``save-state``): pending socket work is flushed, each movable connection's
+   socket is taken from the glue, *frozen* (a drop-all socket filter, then
+   repair mode) and dumped. The guest is stopped at this point, so nothing
+   changes the engine's side meanwhile.
+2. ``release`` (QEMU 10: CHECK_DEVICE_STATE after a complete SAVE; QEMU 7.2:
+   the ``release`` command): the frozen sockets are closed in repair mode,
+   which sends nothing (no FIN, no RST), so a destination on the same host
+   can take the same 4-tuples; the other connections are closed with RST;
+   listeners close so the destination can bind the forwarded ports.
+   Until the destination has re-created a connection, a segment the peer
+   retransmits would find no socket and the kernel would answer with RST,
+   killing it. So before closing, each frozen socket's local address gets a
+   *catcher*: a listening socket (bound in repair mode, which ignores the
+   address being in use) with the drop-all filter, which swallows those
+   segments. A restored connected socket takes precedence over a listener,
+   so catchers do not disturb the destination; they close after
+   ``CATCH_SECONDS`` (a forwarded port is free for the destination's
+   listener only then).
+3. or ``thaw`` instead (the device is started again, i.e. QEMU resumed the
+   guest here; a SAVE that failed; the ``resume`` command): filter off,
+   repair off, sockets back to the glue, data flows again. The peer's
+   segments dropped meanwhile come back with its retransmissions.
+
+QEMU 10 does not tell the source back-end that the destination succeeded; the
+last point it hears from before the destination needs the 4-tuples is the
+CHECK_DEVICE_STATE of its SAVE. A migration that fails after that leaves
+the source without its connections (logged); one that fails before keeps them.
+
+Destination, ``restore``: each record with a host socket gets a new socket,
+repair on, bind/sequence numbers/connect (waiting a bounded time for the
+source's release)/queues/options/window, repair off, adopted by the glue; the
+engine's flow is re-created with the same wire sequence numbers. Data that was
+in flight to the guest is sent again (the guest drops duplicates); its
+unacknowledged bytes are still in the restored receive queue. A connection
+that fails to restore is reset toward the guest; the others carry on.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import time
+from typing import TYPE_CHECKING
+
+from ..hostio.tcp import TcpHost
+from ..stack.tcp_flow import SEQ_MOD, Phase, Send, seq_diff
+from .repair_helper import RepairAccess, RepairSwitch
+from .tcp_repair import (
+    REPAIR_OFF,
+    REPAIR_ON,
+    RepairError,
+    dump_socket,
+    new_restore_socket,
+    restore_in_repair,
+)
+from .tcp_state import TcpRecord, export_connections, migratable, reset_toward_guest
+
+if TYPE_CHECKING:
+    from ..network import Network
+
+log = logging.getLogger(__name__)
+
+# How long the destination waits for the source to release a 4-tuple.
+RELEASE_WAIT_SECONDS = 5.0
+# How long the source swallows segments for released connections (see above):
+# the destination must have restored them by then.
+CATCH_SECONDS = 60.0
+
+
+def _switch_off(socks: dict[int, socket.socket], switch: RepairSwitch | None) -> set[int]:
+    """Repair mode off for all; the flow ids of sockets that refused."""
+    if switch is None:
+        log.error("TCP_REPAIR cannot be switched any more: %d frozen connection(s) reset",
+                  len(socks))
+        return set(socks)
+    try:
+        switch.set_repair(list(socks.values()), REPAIR_OFF)
+        return set()
+    except RepairError:
+        pass
+    stuck = set()
+    for flow_id, sock in socks.items():  # one by one, to find which ones refused
+        try:
+            switch.set_repair([sock], REPAIR_OFF)
+        except RepairError as error:
+            log.error("TCP flow %d: repair mode stuck on (%s); resetting it", flow_id, error)
+            stuck.add(flow_id)
+    return stuck
+
+
+def _abort_close(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+class TcpMigration:
+    """The TCP part of a migration for one ``Network`` (see the module docstring)."""
+
+    def __init__(self, network: Network, repair: RepairAccess | None = None) -> None:
+        self.network = network
+        self.repair = repair
+        self.frozen: dict[int, socket.socket] = {}
+        self.exported = False  # a state was saved since the last release or thaw
+        self.handed_over = 0  # connections released to a destination, lost if QEMU resumes here
+        self.catchers: list[socket.socket] = []
+
+    def _switch(self) -> RepairSwitch | None:
+        if self.repair is None:
+            self.repair = RepairAccess.probe()
+        return self.repair.switch()
+
+    # ---- source ---------------------------------------------------------------------
+
+    def export_records(self, now: float) -> list[dict[str, object]]:
+        engine, host = self.network.tcp, self.network.tcp_host
+        if engine is None:
+            return []
+        if self.frozen:
+            self.thaw("a new state export started", now)
+        self.exported = True
+        self.network.flush()  # acknowledged bytes leave the sockets before the dump
+        dumps: dict[int, dict[str, object]] = {}
+        movable = [f.flow_id for f in engine.flows_by_id.values() if migratable(f)]
+        switch = self._switch()
+        if movable and (switch is None or host is None):
+            log.warning("TCP_REPAIR unavailable: %d TCP connection(s) will be reset toward the "
+                        "guest after the migration", len(movable))
+        elif movable:
+            dumps = self._freeze(movable, switch, host)
+        return export_connections(engine, dumps)
+
+    def _freeze(self, flow_ids: list[int], switch: RepairSwitch,
+                host: TcpHost) -> dict[int, dict[str, object]]:
+        stats = self.network.tcp.stats
+        socks: dict[int, socket.socket] = {}
+        for flow_id in flow_ids:
+            sock = host.detach(flow_id)
+            if sock is not None:
+                socks[flow_id] = sock
+        try:
+            switch.set_repair(list(socks.values()), REPAIR_ON)
+        except RepairError as error:
+            log.error("TCP_REPAIR on failed (%s): %d connection(s) will be reset after the "
+                      "migration", error, len(socks))
+            self.frozen = socks
+            self.thaw("repair mode could not be switched on", time.monotonic())
+            return {}
+        self.frozen = socks
+        dumps: dict[int, dict[str, object]] = {}
+        queued = 0
+        for flow_id, sock in list(socks.items()):
+            try:
+                dump = dump_socket(sock)
+            except RepairError as error:
+                log.warning("TCP flow %d: dump failed (%s); it will be reset", flow_id, error)
+                stats.inc("tcp.migration_dump_failed")
+                self._thaw_some({flow_id: self.frozen.pop(flow_id)}, switch, time.monotonic())
+                continue
+            dumps[flow_id] = dump.to_record()
+            queued += dump.queued_bytes
+        stats.inc("tcp.migration_frozen", len(dumps))
+        log.info("froze %d TCP connection(s) for migration (%d queued bytes)", len(dumps), queued)
+        return dumps
+
+    def release(self) -> int:
+        """The state is out: close frozen sockets silently, everything else with RST."""
+        engine, host = self.network.tcp, self.network.tcp_host
+        if engine is None or host is None:
+            return 0
+        if not self.exported:
+            # Closing every connection and listener without a saved state would
+            # only break this side.
+            raise RuntimeError("no state was saved since the last release or resume: "
+                               "nothing to release")
+        self.exported = False
+        released = len(self.frozen)
+        self._open_catchers([sock.getsockname()[:2] for sock in self.frozen.values()])
+        for sock in self.frozen.values():
+            sock.close()  # repair mode: neither FIN nor RST
+        self.frozen.clear()
+        others = 0
+        for flow in list(engine.flows_by_id.values()):
+            engine.flows.pop(flow.key, None)
+            engine.flows_by_id.pop(flow.flow_id, None)
+            sock = host.detach(flow.flow_id)
+            if sock is not None:
+                _abort_close(sock)
+                others += 1
+        host.close_listeners()
+        self.handed_over = released
+        engine.stats.inc("tcp.migration_released", released)
+        log.info("migration: released %d frozen TCP connection(s) silently, closed %d other(s); "
+                 "forwarded ports closed", released, others)
+        return released
+
+    def _open_catchers(self, addresses: list[tuple[str, int]]) -> None:
+        switch = self._switch()
+        catchers = {address: socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    for address in set(addresses)}
+        if not catchers or switch is None:
+            return
+        try:
+            switch.set_repair(list(catchers.values()), REPAIR_ON)  # and the drop filter
+        except RepairError as error:
+            log.warning("cannot set up catchers (%s): a peer retransmitting before the "
+                        "destination restored its connection gets RST", error)
+            for catcher in catchers.values():
+                catcher.close()
+            return
+        for address, catcher in catchers.items():
+            try:
+                catcher.bind(address)
+                catcher.listen(1)
+            except OSError as error:
+                log.warning("cannot catch segments for %s:%d: %s", *address, error)
+                catcher.close()
+                continue
+            self.catchers.append(catcher)
+        self.network.loop.call_later(CATCH_SECONDS, self.close_catchers)
+
+    def close_catchers(self) -> None:
+        for catcher in self.catchers:
+            catcher.close()
+        self.catchers.clear()
+
+    def thaw(self, reason: str, now: float) -> int:
+        """The migration is abandoned: frozen connections carry on here."""
+        self.exported = False
+        if not self.frozen:
+            return 0
+        frozen, self.frozen = self.frozen, {}
+        switch = self._switch()
+        resumed = self._thaw_some(frozen, switch, now)
+        log.warning("migration abandoned (%s): %d TCP connection(s) resumed here", reason, resumed)
+        return resumed
+
+    def _thaw_some(self, socks: dict[int, socket.socket], switch: RepairSwitch | None,
+                   now: float) -> int:
+        engine, host = self.network.tcp, self.network.tcp_host
+        assert engine is not None and host is not None
+        stuck = _switch_off(socks, switch)
+        resumed = 0
+        for flow_id, sock in socks.items():
+            flow = engine.flows_by_id.get(flow_id)
+            if flow is None:  # the engine gave up on it meanwhile
+                _abort_close(sock)
+                continue
+            host.adopt(flow_id, sock)
+            if flow_id in stuck:
+                engine.on_host_error(flow_id, 0, now)  # RST to the guest; the socket goes
+                continue
+            # Commands issued while the socket was away were dropped: start over.
+            flow.peek_pending = False
+            flow.peek_seq = -1
+            if flow.to_host:
+                flow.send_queued = True
+                engine.commands.append(Send(flow_id, flow.to_host))
+            else:
+                flow.send_queued = False
+            engine.on_readable(flow_id, now)
+            resumed += 1
+        engine.stats.inc("tcp.migration_thawed", resumed)
+        self.network.flush()
+        return resumed
+
+    def device_started(self, now: float) -> None:
+        """The device runs again on this side: a migration did not complete."""
+        if self.frozen:
+            self.thaw("the guest was resumed on this side", now)
+        elif self.handed_over:
+            log.error("the guest was resumed here after its %d TCP connection(s) were handed to "
+                      "the migration destination: they are gone here", self.handed_over)
+            self.handed_over = 0
+
+    # ---- destination --------------------------------------------------------------
+
+    def restore(self, records: list[TcpRecord], now: float) -> tuple[int, int]:
+        """Re-create connections from checked records; (restored, reset toward the guest)."""
+        engine, host = self.network.tcp, self.network.tcp_host
+        if engine is None:
+            return 0, 0
+        resets = [r for r in records if r.host is None or r.key in engine.flows]
+        movable = [r for r in records if r.host is not None and r.key not in engine.flows]
+        switch = self._switch()
+        if movable and (switch is None or host is None):
+            log.warning("TCP_REPAIR unavailable here: %d TCP connection(s) reset toward the guest",
+                        len(movable))
+            resets += movable
+            movable = []
+        restored: list[tuple[TcpRecord, socket.socket]] = []
+        if movable:
+            assert switch is not None
+            restored, failed = self._restore_sockets(movable, switch)
+            resets += failed
+        for record, sock in restored:
+            self._recreate_flow(record, sock, now)
+        reset = reset_toward_guest(engine, resets) if resets else 0
+        if restored:
+            engine.stats.inc("tcp.migration_restored", len(restored))
+            log.info("restored %d TCP connection(s) from the migration source", len(restored))
+        if reset:
+            log.warning("%d TCP connection(s) could not move with the guest; reset toward the "
+                        "guest", reset)
+        self.network.flush()
+        return len(restored), reset
+
+    def _restore_sockets(self, records: list[TcpRecord], switch: RepairSwitch
+                         ) -> tuple[list[tuple[TcpRecord, socket.socket]], list[TcpRecord]]:
+        stats = self.network.tcp.stats
+        pairs = [(record, new_restore_socket()) for record in records]
+        try:
+            switch.set_repair([sock for _, sock in pairs], REPAIR_ON)
+        except RepairError as error:
+            log.error("TCP_REPAIR on failed on the destination (%s)", error)
+            for _, sock in pairs:
+                sock.close()
+            return [], records
+        deadline = time.monotonic() + RELEASE_WAIT_SECONDS
+        done, failed = [], []
+        for record, sock in pairs:
+            assert record.host is not None
+            try:
+                restore_in_repair(sock, record.host,
+                                  wait_for_tuple=max(0.0, deadline - time.monotonic()))
+                done.append((record, sock))
+            except RepairError as error:
+                log.warning("TCP connection %s:%d -> %s:%d not restored: %s",
+                            *record.host.local, *record.host.peer, error)
+                stats.inc("tcp.migration_restore_failed")
+                sock.close()  # still in repair mode: nothing reaches the peer
+                failed.append(record)
+        try:
+            switch.set_repair([sock for _, sock in done], REPAIR_OFF)
+        except RepairError as error:
+            log.error("TCP_REPAIR off failed on the destination (%s)", error)
+            for _, sock in done:
+                sock.close()
+            return [], failed + [record for record, _ in done]
+        return done, failed
+
+    def _recreate_flow(self, record: TcpRecord, sock: socket.socket, now: float) -> None:
+        engine, host = self.network.tcp, self.network.tcp_host
+        assert engine is not None and host is not None
+        # The engine has no public way to insert a flow; this is the one place that
+        # reaches in, so stack/tcp.py stays as it is.
+        flow = engine._new_flow(record.key, inbound=record.inbound, phase=Phase.ESTABLISHED)
+        # Relative numbers start afresh at 1 with the same wire values.
+        flow.iss = (record.snd_una - 1) % SEQ_MOD
+        flow.snd_una = flow.snd_nxt = 1  # in-flight data goes again from the socket
+        flow.snd_max = 1 + seq_diff(record.snd_max, record.snd_una)
+        flow.irs = (record.rcv_nxt - 1) % SEQ_MOD
+        flow.rcv_nxt = 1
+        flow.to_host = bytearray(record.to_host)
+        flow.rcv_queued = 1 + len(flow.to_host)
+        flow.snd_wnd, flow.snd_wscale, flow.rcv_wscale = (record.snd_wnd, record.snd_wscale,
+                                                          record.rcv_wscale)
+        flow.mss = min(record.mss, engine.config.mtu - 40)
+        flow.rto = engine.timeouts.rto_initial
+        flow.idle_at = now + engine.timeouts.idle
+        if flow.snd_max > flow.snd_una:
+            flow.rto_at = now + flow.rto
+        engine._timers.schedule(flow)
+        host.adopt(flow.flow_id, sock)
+        space = TcpHost._send_space(sock)
+        if space is not None:
+            flow.host_space = space
+        if flow.to_host:
+            flow.send_queued = True
+            engine.commands.append(Send(flow.flow_id, flow.to_host))
+        engine.on_readable(flow.flow_id, now)
