@@ -29,6 +29,8 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp, memcpy, memset
 from libc.errno cimport EINTR, errno
 
+include "net_inline.pxi"
+
 cdef extern from "<sys/socket.h>" nogil:
     cdef struct iovec:
         void *iov_base
@@ -49,7 +51,6 @@ cdef extern from "<arpa/inet.h>" nogil:
     uint16_t htons(uint16_t value)
 
 cdef enum:
-    TABLE_SLOTS = 131072         # power of two; at most half used (the flow limit is 65536)
     MAX_IOV = 1024               # IOV_MAX on Linux
     MAX_TOUCHED = 4096           # flows active between two take_activity() calls, beyond: scan all
     ETH_LEN = 14
@@ -93,14 +94,6 @@ cdef struct FlowSlot:
     bint host_full           # a write was partial since the last take_activity()
 
 
-cdef inline uint16_t be16(const uint8_t *p) noexcept nogil:
-    return (<uint16_t>p[0] << 8) | p[1]
-
-
-cdef inline uint32_t be32(const uint8_t *p) noexcept nogil:
-    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
-
-
 cdef inline uint64_t sum_native(const uint8_t *p, size_t n) noexcept nogil:
     """One's complement sum of ``n`` bytes read as native 16-bit words (fold, compare to 0xFFFF:
     the sum of byte-swapped words is the byte-swapped sum, and 0xFFFF is its own swap)."""
@@ -122,19 +115,6 @@ cdef inline uint64_t sum_native(const uint8_t *p, size_t n) noexcept nogil:
         (<uint8_t *>&word16)[0] = p[0]  # the odd byte is the high half of a network word
         total += word16
     return total
-
-
-cdef inline uint16_t fold(uint64_t total) noexcept nogil:
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return <uint16_t>total
-
-
-cdef inline uint32_t slot_hash(uint32_t gip, uint16_t gport, uint32_t rip, uint16_t rport) noexcept nogil:
-    cdef uint64_t h = (<uint64_t>gip * 0x9E3779B1ULL) ^ (<uint64_t>rip * 0x85EBCA77ULL)
-    h ^= (<uint64_t>gport << 16 | rport) * 0xC2B2AE3DULL
-    h ^= h >> 29
-    return <uint32_t>h & (TABLE_SLOTS - 1)
 
 
 cdef inline bint options_valid(const uint8_t *opt, size_t end) noexcept nogil:

@@ -14,48 +14,14 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-cdef extern from "<endian.h>" nogil:
-    unsigned int be32toh(unsigned int)
+include "net_inline.pxi"
+
 
 cdef enum:
     HEADERS = 54          # Ethernet 14 + IPv4 20 + TCP 20
     CSUM_FULL = 0
     CSUM_PARTIAL = 1
     CSUM_NONE = 2
-
-
-cdef inline uint64_t sum_bytes(const uint8_t *data, Py_ssize_t length) noexcept nogil:
-    cdef uint64_t total = 0
-    cdef Py_ssize_t i = 0
-    cdef unsigned int word
-    while i + 4 <= length:
-        memcpy(&word, data + i, 4)
-        total += be32toh(word)
-        i += 4
-    if i + 2 <= length:
-        total += (<uint64_t>data[i] << 8) | data[i + 1]
-        i += 2
-    if i < length:
-        total += <uint64_t>data[i] << 8
-    return total
-
-
-cdef inline uint64_t fold(uint64_t total) noexcept nogil:
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
-
-cdef inline void put16(uint8_t *p, uint64_t v) noexcept nogil:
-    p[0] = (v >> 8) & 0xFF
-    p[1] = v & 0xFF
-
-
-cdef inline void put32(uint8_t *p, uint64_t v) noexcept nogil:
-    p[0] = (v >> 24) & 0xFF
-    p[1] = (v >> 16) & 0xFF
-    p[2] = (v >> 8) & 0xFF
-    p[3] = v & 0xFF
 
 
 cdef void fill_frame(uint8_t *out, const uint8_t *template, const uint8_t *payload, Py_ssize_t n,

@@ -21,6 +21,8 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp, memcpy, memset
 from libc.errno cimport EAGAIN, EINTR, errno
 
+include "net_inline.pxi"
+
 cdef extern from "<sys/socket.h>" nogil:
     cdef struct iovec:
         void *iov_base
@@ -40,7 +42,6 @@ cdef extern from "<sys/socket.h>" nogil:
     int MSG_DONTWAIT
 
 cdef enum:
-    TABLE_SLOTS = 131072         # power of two; at most half used (the flow limit is 65536)
     MAX_BATCH = 1024             # datagrams per sendmmsg round
     MAX_ERRORS = 64
     MAX_TOUCHED = 4096           # flows active between two take_activity() calls, beyond: scan all
@@ -57,34 +58,6 @@ cdef struct FlowSlot:
     int64_t flow_id          # 0: empty; -1: removed (tombstone)
     uint64_t datagrams       # since the last take_activity()
     uint64_t bytes
-
-
-cdef inline uint16_t be16(const uint8_t *p) noexcept nogil:
-    return (<uint16_t>p[0] << 8) | p[1]
-
-
-cdef inline uint64_t sum16(const uint8_t *p, Py_ssize_t n) noexcept nogil:
-    cdef uint64_t total = 0
-    cdef Py_ssize_t i = 0
-    while i + 1 < n:
-        total += (<uint64_t>p[i] << 8) | p[i + 1]
-        i += 2
-    if i < n:
-        total += <uint64_t>p[i] << 8
-    return total
-
-
-cdef inline uint16_t fold(uint64_t total) noexcept nogil:
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return <uint16_t>total
-
-
-cdef inline uint32_t slot_hash(uint32_t gip, uint16_t gport, uint32_t rip, uint16_t rport) noexcept nogil:
-    cdef uint64_t h = (<uint64_t>gip * 0x9E3779B1ULL) ^ (<uint64_t>rip * 0x85EBCA77ULL)
-    h ^= (<uint64_t>gport << 16 | rport) * 0xC2B2AE3DULL
-    h ^= h >> 29
-    return <uint32_t>h & (TABLE_SLOTS - 1)
 
 
 cdef class UdpFastPath:
@@ -263,7 +236,7 @@ cdef class UdpFastPath:
             total = be16(ip + 2)
             if total < IP_LEN + UDP_LEN or total > length - ETH_LEN:
                 continue
-            if fold(sum16(ip, IP_LEN)) != 0xFFFF:
+            if fold(sum_bytes(ip, IP_LEN)) != 0xFFFF:
                 continue
             udp = ip + IP_LEN
             udp_len = be16(udp + 4)
@@ -299,7 +272,7 @@ cdef class UdpFastPath:
         # leaving the sum to the device: nothing to verify.
         if (vnet & 1) and ((vnet >> 32) & 0xFFFF) == ETH_LEN + IP_LEN and ((vnet >> 48) & 0xFFFF) == 6:
             return True
-        total = sum16(ip + 12, 8) + 17 + udp_len + sum16(udp, udp_len)
+        total = sum_bytes(ip + 12, 8) + 17 + udp_len + sum_bytes(udp, udp_len)
         return fold(total) == 0xFFFF
 
     cdef void flush(self, int n) noexcept nogil:
