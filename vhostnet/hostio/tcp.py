@@ -223,7 +223,7 @@ class TcpHost:
                 peer[0], peer[1], guest_port, self.clock(), self._send_space(conn)
             )
             if flow_id is None:
-                _abort_close(conn)
+                abort_close(conn)
                 continue
             self._sockets[flow_id] = _HostSocket(conn)
             self._arm_reader(flow_id, 0)
@@ -406,7 +406,7 @@ class TcpHost:
         self._stop_reading(entry)
         self._stop_writing(entry)
         if abort:
-            _abort_close(entry.sock)
+            abort_close(entry.sock)
         else:
             entry.sock.close()
 
@@ -484,7 +484,7 @@ def _set_lowat(sock: socket.socket, value: int) -> None:
         pass  # only an optimisation: without it the reader fires early, never late
 
 
-def _abort_close(sock: socket.socket) -> None:
+def abort_close(sock: socket.socket) -> None:
     """Close with SO_LINGER 0 so the peer gets a RST, as the guest's RST asked."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

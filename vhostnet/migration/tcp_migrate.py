@@ -44,11 +44,10 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 import time
 from typing import TYPE_CHECKING
 
-from ..hostio.tcp import TcpHost
+from ..hostio.tcp import TcpHost, abort_close
 from ..stack.tcp_flow import SEQ_MOD, Phase, Send, seq_diff
 from .repair_helper import RepairAccess, RepairSwitch
 from .tcp_repair import (
@@ -92,14 +91,6 @@ def _switch_off(socks: dict[int, socket.socket], switch: RepairSwitch | None) ->
             log.error("TCP flow %d: repair mode stuck on (%s); resetting it", flow_id, error)
             stuck.add(flow_id)
     return stuck
-
-
-def _abort_close(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()
 
 
 class TcpMigration:
@@ -193,7 +184,7 @@ class TcpMigration:
             engine.flows_by_id.pop(flow.flow_id, None)
             sock = host.detach(flow.flow_id)
             if sock is not None:
-                _abort_close(sock)
+                abort_close(sock)
                 others += 1
         host.close_listeners()
         self.handed_over = released
@@ -252,7 +243,7 @@ class TcpMigration:
         for flow_id, sock in socks.items():
             flow = engine.flows_by_id.get(flow_id)
             if flow is None:  # the engine gave up on it meanwhile
-                _abort_close(sock)
+                abort_close(sock)
                 continue
             host.adopt(flow_id, sock)
             if flow_id in stuck:
