@@ -78,13 +78,8 @@ cdef enum:
 FALLBACK_NAMES = ("not_plain", "not_registered", "flags", "no_payload", "out_of_order",
                   "ack_or_window", "checksum", "after_fallback", "host_busy")
 
-cdef struct FlowSlot:
-    uint32_t guest_ip        # network byte order, as in the frame
-    uint32_t remote_ip
-    uint16_t guest_port      # network byte order
-    uint16_t remote_port
+cdef struct FlowSlot:          # beside FlowKey keys[i] (net_inline.pxi)
     int fd
-    int64_t flow_id          # 0: empty; -1: removed (tombstone)
     uint32_t seq_next        # host byte order: the guest sequence number the engine expects
     uint32_t ack             # host byte order: the ack number the engine last took
     uint16_t window          # the raw (unscaled) window the engine last took
@@ -142,6 +137,7 @@ cdef inline bint options_valid(const uint8_t *opt, size_t end) noexcept nogil:
 cdef class TcpFastPath:
     """Registered established TCP flows and the batch writer; see the module docstring."""
 
+    cdef FlowKey *keys
     cdef FlowSlot *slots
     cdef int nflows
     cdef uint32_t batch_no
@@ -163,13 +159,15 @@ cdef class TcpFastPath:
     cdef dict slot_of_flow
 
     def __cinit__(self):
+        self.keys = <FlowKey *>calloc(TABLE_SLOTS, sizeof(FlowKey))
         self.slots = <FlowSlot *>calloc(TABLE_SLOTS, sizeof(FlowSlot))
-        if self.slots == NULL:
+        if self.keys == NULL or self.slots == NULL:
             raise MemoryError()
         self.slot_of_flow = {}
         self.pending_slot = -1
 
     def __dealloc__(self):
+        free(self.keys)
         free(self.slots)
 
     @property
@@ -199,7 +197,6 @@ cdef class TcpFastPath:
         cdef uint32_t gip, rip, index
         cdef uint16_t gport = htons(<uint16_t>guest_port)
         cdef uint16_t rport = htons(<uint16_t>remote_port)
-        cdef int probes
         if (flow_id <= 0 or len(guest_ip) != 4 or len(remote_ip) != 4 or fd < 0
                 or not 0 <= window <= 0xFFFF or not 0 <= guest_port <= 0xFFFF
                 or not 0 <= remote_port <= 0xFFFF):
@@ -212,17 +209,8 @@ cdef class TcpFastPath:
                 return False
             memcpy(&gip, <const char *>guest_ip, 4)
             memcpy(&rip, <const char *>remote_ip, 4)
-            index = slot_hash(gip, gport, rip, rport)
-            for probes in range(TABLE_SLOTS):
-                if self.slots[index].flow_id <= 0:
-                    break
-                index = (index + 1) & (TABLE_SLOTS - 1)
+            index = flow_key_insert(self.keys, flow_id, gip, gport, rip, rport)
             memset(&self.slots[index], 0, sizeof(FlowSlot))
-            self.slots[index].guest_ip = gip
-            self.slots[index].remote_ip = rip
-            self.slots[index].guest_port = gport
-            self.slots[index].remote_port = rport
-            self.slots[index].flow_id = flow_id
             self.slot_of_flow[flow_id] = index
             self.nflows += 1
         self.slots[index].fd = fd
@@ -239,7 +227,7 @@ cdef class TcpFastPath:
         cdef FlowSlot *slot = &self.slots[<int>index]
         result = (slot.bytes, slot.segments)
         memset(slot, 0, sizeof(FlowSlot))
-        slot.flow_id = -1  # tombstone: lookups probe past it
+        flow_key_remove(self.keys, <uint32_t>index)
         self.nflows -= 1
         return result
 
@@ -256,8 +244,9 @@ cdef class TcpFastPath:
         self.touched_overflow = False
         for index in indices:
             slot = &self.slots[<int>index]
-            if slot.flow_id > 0 and slot.segments:
-                active.append((slot.flow_id, slot.bytes, slot.segments, bool(slot.host_full)))
+            if self.keys[<int>index].flow_id > 0 and slot.segments:
+                active.append((self.keys[<int>index].flow_id, slot.bytes, slot.segments,
+                               bool(slot.host_full)))
                 slot.bytes = 0
                 slot.segments = 0
                 slot.host_full = False
@@ -283,23 +272,7 @@ cdef class TcpFastPath:
         return taken_frames
 
     cdef int lookup(self, const uint8_t *ip, const uint8_t *tcp) noexcept nogil:
-        cdef uint32_t gip, rip, index
-        cdef uint16_t gport, rport
-        cdef int probes
-        memcpy(&gip, ip + 12, 4)
-        memcpy(&rip, ip + 16, 4)
-        memcpy(&gport, tcp, 2)
-        memcpy(&rport, tcp + 2, 2)
-        index = slot_hash(gip, gport, rip, rport)
-        for probes in range(TABLE_SLOTS):
-            if self.slots[index].flow_id == 0:
-                return -1
-            if (self.slots[index].flow_id > 0 and self.slots[index].guest_ip == gip
-                    and self.slots[index].remote_ip == rip and self.slots[index].guest_port == gport
-                    and self.slots[index].remote_port == rport):
-                return <int>index
-            index = (index + 1) & (TABLE_SLOTS - 1)
-        return -1
+        return flow_key_find(self.keys, ip, tcp)
 
     cdef Py_ssize_t _take_batch(self, const uint8_t *data, Py_ssize_t size, const uint64_t *offsets,
                                 const uint32_t *lengths, const uint64_t *vnets, uint8_t *handled,

@@ -49,13 +49,8 @@ cdef enum:
     IP_LEN = 20
     UDP_LEN = 8
 
-cdef struct FlowSlot:
-    uint32_t guest_ip        # network byte order, as in the frame
-    uint32_t remote_ip
-    uint16_t guest_port      # network byte order
-    uint16_t remote_port
+cdef struct FlowSlot:          # beside FlowKey keys[i] (net_inline.pxi)
     int fd
-    int64_t flow_id          # 0: empty; -1: removed (tombstone)
     uint64_t datagrams       # since the last take_activity()
     uint64_t bytes
 
@@ -63,6 +58,7 @@ cdef struct FlowSlot:
 cdef class UdpFastPath:
     """Registered outbound UDP flows and the batch sender; see the module docstring."""
 
+    cdef FlowKey *keys
     cdef FlowSlot *slots
     cdef int nflows
     cdef mmsghdr msgs[MAX_BATCH]
@@ -82,12 +78,14 @@ cdef class UdpFastPath:
     cdef dict slot_of_flow
 
     def __cinit__(self):
+        self.keys = <FlowKey *>calloc(TABLE_SLOTS, sizeof(FlowKey))
         self.slots = <FlowSlot *>calloc(TABLE_SLOTS, sizeof(FlowSlot))
-        if self.slots == NULL:
+        if self.keys == NULL or self.slots == NULL:
             raise MemoryError()
         self.slot_of_flow = {}
 
     def __dealloc__(self):
+        free(self.keys)
         free(self.slots)
 
     @property
@@ -107,24 +105,14 @@ cdef class UdpFastPath:
         cdef uint32_t gip, rip, index
         cdef uint16_t gport = ((guest_port & 0xFF) << 8) | (guest_port >> 8)
         cdef uint16_t rport = ((remote_port & 0xFF) << 8) | (remote_port >> 8)
-        cdef int probes
         if flow_id <= 0 or len(guest_ip) != 4 or len(remote_ip) != 4 or fd < 0:
             raise ValueError("bad UDP fast-path flow")
         if flow_id in self.slot_of_flow or self.nflows >= TABLE_SLOTS // 2:
             return False
         memcpy(&gip, <const char *>guest_ip, 4)
         memcpy(&rip, <const char *>remote_ip, 4)
-        index = slot_hash(gip, gport, rip, rport)
-        for probes in range(TABLE_SLOTS):
-            if self.slots[index].flow_id <= 0:
-                break
-            index = (index + 1) & (TABLE_SLOTS - 1)
-        self.slots[index].guest_ip = gip
-        self.slots[index].remote_ip = rip
-        self.slots[index].guest_port = gport
-        self.slots[index].remote_port = rport
+        index = flow_key_insert(self.keys, flow_id, gip, gport, rip, rport)
         self.slots[index].fd = fd
-        self.slots[index].flow_id = flow_id
         self.slots[index].datagrams = 0
         self.slots[index].bytes = 0
         self.slot_of_flow[flow_id] = index
@@ -139,7 +127,7 @@ cdef class UdpFastPath:
         cdef FlowSlot *slot = &self.slots[<int>index]
         result = (slot.datagrams, slot.bytes)
         memset(slot, 0, sizeof(FlowSlot))
-        slot.flow_id = -1  # tombstone: lookups probe past it
+        flow_key_remove(self.keys, <uint32_t>index)
         self.nflows -= 1
         return result
 
@@ -156,8 +144,8 @@ cdef class UdpFastPath:
         self.touched_overflow = False
         for index in indices:
             slot = &self.slots[<int>index]
-            if slot.flow_id > 0 and slot.datagrams:
-                active.append((slot.flow_id, slot.datagrams, slot.bytes))
+            if self.keys[<int>index].flow_id > 0 and slot.datagrams:
+                active.append((self.keys[<int>index].flow_id, slot.datagrams, slot.bytes))
                 slot.datagrams = 0
                 slot.bytes = 0
         return active
@@ -191,23 +179,7 @@ cdef class UdpFastPath:
         return taken
 
     cdef int lookup(self, const uint8_t *ip, const uint8_t *udp) noexcept nogil:
-        cdef uint32_t gip, rip, index
-        cdef uint16_t gport, rport
-        cdef int probes
-        memcpy(&gip, ip + 12, 4)
-        memcpy(&rip, ip + 16, 4)
-        memcpy(&gport, udp, 2)
-        memcpy(&rport, udp + 2, 2)
-        index = slot_hash(gip, gport, rip, rport)
-        for probes in range(TABLE_SLOTS):
-            if self.slots[index].flow_id == 0:
-                return -1
-            if (self.slots[index].flow_id > 0 and self.slots[index].guest_ip == gip
-                    and self.slots[index].remote_ip == rip and self.slots[index].guest_port == gport
-                    and self.slots[index].remote_port == rport):
-                return <int>index
-            index = (index + 1) & (TABLE_SLOTS - 1)
-        return -1
+        return flow_key_find(self.keys, ip, udp)
 
     cdef Py_ssize_t _send_batch(self, const uint8_t *data, Py_ssize_t size, const uint64_t *offsets,
                                 const uint32_t *lengths, const uint64_t *vnets, uint8_t *handled,
@@ -293,7 +265,7 @@ cdef class UdpFastPath:
                 if errno == EAGAIN:
                     self.host_busy += 1  # UDP may lose; never block the data path
                 elif self.nerrors < MAX_ERRORS:
-                    self.err_flow[self.nerrors] = self.slots[slot].flow_id
+                    self.err_flow[self.nerrors] = self.keys[slot].flow_id
                     self.err_code[self.nerrors] = errno
                     self.nerrors += 1
                 start += 1  # that datagram is lost; carry on with the next
