@@ -25,6 +25,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import Self
 
 LOOPBACK = "127.0.0.1"
 IO_TIMEOUT = 120.0  # no single socket operation of a test may block longer
@@ -114,6 +115,21 @@ def _question_name(message: bytes) -> str:
         parts.append(message[offset + 1 : offset + 1 + length].decode("ascii", "replace"))
         offset += 1 + length
     return ".".join(parts).lower()
+
+
+class _AcceptLoopServer:
+    """A test server running on one ``_AcceptLoop``: ``close()`` ends it, ``with`` closes it."""
+
+    _loop: _AcceptLoop
+
+    def close(self) -> None:
+        self._loop.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class DnsServer:
@@ -231,7 +247,7 @@ class Transfer:
         return self.size / self.seconds if self.seconds > 0 else 0.0
 
 
-class TcpSink:
+class TcpSink(_AcceptLoopServer):
     """Reads each connection to EOF; answers with the sha256 hex of what arrived."""
 
     def __init__(self) -> None:
@@ -255,17 +271,8 @@ class TcpSink:
         self.done.set()
         conn.sendall(digest.hexdigest().encode() + b"\n")
 
-    def close(self) -> None:
-        self._loop.close()
 
-    def __enter__(self) -> TcpSink:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-class HttpFileServer:
+class HttpFileServer(_AcceptLoopServer):
     """HTTP/1.0: ``GET /<name>`` returns the generated file, anything else 404."""
 
     def __init__(self, name: str, data: bytes) -> None:
@@ -296,17 +303,8 @@ class HttpFileServer:
         self.transfers.append(Transfer(len(self.data), sha256_hex(self.data),
                                        time.monotonic() - started))
 
-    def close(self) -> None:
-        self._loop.close()
 
-    def __enter__(self) -> HttpFileServer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-class PacedHttpServer:
+class PacedHttpServer(_AcceptLoopServer):
     """HTTP/1.0 ``GET /<name>``, the body paced to last ``seconds`` and held at ``hold_at``.
 
     ``sent`` is how far the body got; past ``hold_at`` bytes nothing more goes
@@ -358,16 +356,10 @@ class PacedHttpServer:
 
     def close(self) -> None:
         self._gate.set()
-        self._loop.close()
-
-    def __enter__(self) -> PacedHttpServer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        super().close()
 
 
-class BarrierEchoServer:
+class BarrierEchoServer(_AcceptLoopServer):
     """Echoes one line per connection, but only once ``expected`` connections are open at once.
 
     This proves that that many flows really were concurrent. ``peak`` is the
@@ -418,13 +410,7 @@ class BarrierEchoServer:
 
     def close(self) -> None:
         self._all_open.set()
-        self._loop.close()
-
-    def __enter__(self) -> BarrierEchoServer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        super().close()
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .output import Progress, Row
-from .runner import Backend, BenchError
+from .runner import Backend, BenchError, stop_process
 
 GUEST_CASE = "guest"
 QEMU_VERSIONS = ("10.0", "7.2")
@@ -173,13 +173,7 @@ class HostIperf:
         return parse_iperf_json(done.stdout, direction.udp)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 # --- the guest -------------------------------------------------------------------

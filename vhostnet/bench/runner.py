@@ -100,6 +100,17 @@ def loopback_process() -> LineProcess:
     return LineProcess([sys.executable, "-m", "vhostnet.bench.loopback"], "the loopback client")
 
 
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it is still there after 5 s; nothing if it already ended."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 class Backend:
     """One back-end process on a fresh socket in a private temporary folder."""
 
@@ -131,13 +142,7 @@ class Backend:
             return {}
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         for path in (self.socket, self.control):
             if os.path.exists(path):
                 os.unlink(path)
