@@ -213,6 +213,18 @@ cdef class SplitQueue:
     def used_idx(self) -> int:
         return self.used_published
 
+    def positions(self) -> dict:
+        """Where the ring stands, ours and the guest's (for stats: a stalled ring shows here)."""
+        result = {"last_avail": self.last_avail, "used": self.used_published,
+                  "kick_point": self.kick_point}
+        if self.ready and not self._broken:
+            result["guest_avail"] = vq_load_u16(self.avail + 2)
+            result["guest_avail_flags"] = vq_load_u16(self.avail)
+            result["guest_used_event"] = vq_load_u16(self.avail + 4 + 2 * <uint64_t>self.size)
+            result["used_flags"] = vq_load_u16(self.used)
+            result["avail_event"] = vq_load_u16(self.used + 4 + 8 * <uint64_t>self.size)
+        return result
+
     def counters(self) -> dict:
         result = {name: self.stats[i] for i, name in enumerate(STAT_NAMES)}
         result.update({name: self.counts[i] for i, name in enumerate(REASON_NAMES)})
@@ -249,6 +261,26 @@ cdef class SplitQueue:
         with nogil:
             sent = self._notify()
         return sent
+
+    def signal_restart(self) -> bool:
+        """Interrupt the guest once, unconditionally: the ring (re)started here.
+
+        An interrupt the previous back-end raised just before the guest was
+        stopped (migration, reconnect) can be lost with the old QEMU; the guest
+        then waits for one while its event index already lies behind ``used``,
+        so no later notification would ever be "needed" (Linux vhost's first
+        signal after a start is unconditional for the same reason). A spurious
+        interrupt costs the guest one look at the ring.
+        """
+        cdef uint64_t one = 1
+        if self._broken or not self.ready or self.call_fd < 0:
+            return False
+        self.signalled_used = self.used_published
+        if c_write(self.call_fd, &one, 8) != 8:
+            self.count_error(R_NOTIFY_FAILED)
+            return False
+        self.stats[S_NOTIFICATIONS] += 1
+        return True
 
     def enable_kick(self) -> bool:
         cdef bint moved

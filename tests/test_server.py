@@ -9,6 +9,7 @@ the socket, and the command line's one-sentence errors.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -150,6 +151,22 @@ def test_rings_resume_from_returned_bases_after_reconnect(server: VhostnetProces
         frontend.send_frame(echo_request(mac, b"again", 7))
         assert frontend.receive_frames(timeout=5)[0][42:] == b"again"
         assert frontend.stop()[1] == bases[1] + 2
+
+
+def test_call_fd_replaced_on_a_running_ring_gets_one_interrupt(server: VhostnetProcess) -> None:
+    """QEMU swaps its masked notifier for the guest's while starting; a ring may already run."""
+    with Frontend(server.socket_path) as frontend:
+        frontend.connect()
+        frontend.start()
+        gateway_mac(frontend)  # both rings run now
+        fresh = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            frontend.request(Request.SET_VRING_CALL, U64(0).emit(), [fresh])
+            ready, _, _ = select.select([fresh], [], [], 5)
+            assert ready, "no interrupt on the new call fd"
+            assert os.eventfd_read(fresh) == 1
+        finally:
+            os.close(fresh)
 
 
 def test_second_front_end_is_refused_and_first_keeps_working(server: VhostnetProcess) -> None:

@@ -308,6 +308,22 @@ def test_notify_with_event_idx(ram, call_fd):
     assert read_call(call_fd) == 1
 
 
+def test_restart_wakes_a_guest_whose_interrupt_was_lost(ram, call_fd):
+    """Migration: the old back-end used entries 0..2 and its interrupt never reached the guest."""
+    driver = Driver(ram)
+    driver.set_used_event(0)  # the guest last asked for an interrupt when used->idx passes 0
+    old = make_queue(ram, driver, event_idx=True, call_fd=call_fd)
+    complete_tx(driver, old, 3)
+    assert old.notify()
+    assert read_call(call_fd) == 1  # ...and this call is what the stopped QEMU drops
+    restarted = make_queue(ram, driver, event_idx=True, call_fd=call_fd, base=3)
+    complete_tx(driver, restarted, 1)  # used 3 -> 4; used_event 0 lies behind: nothing is due
+    assert not restarted.notify()
+    assert read_call(call_fd) is None  # the guest would wait forever
+    assert restarted.signal_restart()
+    assert read_call(call_fd) == 1
+
+
 def test_kick_suppression_without_event_idx(ram):
     driver = Driver(ram)
     queue = make_queue(ram, driver)

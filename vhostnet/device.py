@@ -200,6 +200,12 @@ class NetDevice:
         queue = self.queues.get(index)
         if queue is not None:
             queue.call_fd = fd
+            # The ring started (on a kick) before the front-end wired its interrupt:
+            # QEMU first points the call fd at a "masked" notifier it never reads
+            # and swaps in the guest's one while starting the device. An interrupt
+            # raised meanwhile, the restart one included, went nowhere, and a
+            # guest whose used_event lies behind waits forever: signal again.
+            queue.signal_restart()
 
     def ring_enable(self, index: int, enabled: bool) -> None:
         self.enabled[index] = enabled
@@ -222,6 +228,10 @@ class NetDevice:
         self.ring_log[index] = (ring.log, ring.log_guest_addr)
         self._apply_log()
         log.info("ring %d started (size %d, base %d)", index, ring.num, ring.base)
+        # After a migration or reconnect the guest may wait for an interrupt the
+        # old back-end raised too late; its event index then lags behind used->idx
+        # and no later notification would be due. One unconditional call wakes it.
+        self.queues[index].signal_restart()
         # The guest runs here again: connections frozen for a migration carry on.
         self.network.tcp_migration.device_started(time.monotonic())
         if index == RX_QUEUE:

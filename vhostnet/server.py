@@ -172,6 +172,7 @@ class Server:
             merged.update({f"device.{k}": v for k, v in device.counters.items()})
             for index, queue in device.queues.items():
                 merged.update({f"vq{index}.{k}": v for k, v in queue.counters().items()})
+                merged.update({f"vq{index}.at.{k}": v for k, v in queue.positions().items()})
             merged.update({f"vhost_user.{k}": v for k, v in self.active.handler.counters.items()})
         return merged
 

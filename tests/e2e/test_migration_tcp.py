@@ -64,7 +64,10 @@ def echo_line(conn: socket.socket, line: bytes) -> bytes:
     got = b""
     deadline = time.monotonic() + IO_SECONDS
     while not got.endswith(b"\n") and time.monotonic() < deadline:
-        chunk = conn.recv(4096)
+        try:
+            chunk = conn.recv(4096)
+        except TimeoutError:
+            break  # the caller compares what arrived
         if not chunk:
             break
         got += chunk
@@ -153,7 +156,8 @@ class Scenario:
     def after_migration(self, forward: socket.socket) -> dict[str, int]:
         assert self.server.sent < DOWNLOAD_BYTES, "the download ended before the migration"
         self.server.release()
-        assert echo_line(forward, b"after migration\n") == b"after migration\n"
+        echoed = echo_line(forward, b"after migration\n")
+        assert echoed == b"after migration\n", self.diagnosis(echoed)
         forward.close()
         assert self.destination is not None
         self.destination.wait_exit(GUEST_DONE_SECONDS)
@@ -170,6 +174,21 @@ class Scenario:
         assert counters.get("tcp.migration_reset", 0) == 0, counters
         assert "released 2 frozen TCP connection(s)" in self.source_net.log_text()
         return counters
+
+    def diagnosis(self, echoed: bytes) -> str:
+        """What the destination looked like when the forwarded connection went quiet."""
+        lines = [f"the forwarded connection answered {echoed!r} after the migration"]
+        if self.destination is not None:
+            try:
+                lines.append(f"destination QEMU: {self.destination.qmp('query-status')}")
+            except Exception as error:  # noqa: BLE001 (a diagnosis must not hide the failure)
+                lines.append(f"destination QEMU did not answer query-status: {error!r}")
+        try:
+            counters = control_request(str(self.controls[1]), "stats")["counters"]
+            lines.append(f"destination vhostnet counters: {counters}")
+        except Exception as error:  # noqa: BLE001
+            lines.append(f"destination vhostnet did not answer stats: {error!r}")
+        return "\n".join(lines)
 
     def close(self) -> None:
         self.server.close()

@@ -112,6 +112,13 @@ class Virtqueue:
             self._log_new_errors()
         return sent
 
+    def signal_restart(self) -> bool:
+        """Interrupt the guest once at a ring start: an interrupt may have been lost meanwhile."""
+        sent = self._kernel.signal_restart()
+        if self._kernel.has_new_errors:
+            self._log_new_errors()
+        return sent
+
     def enable_kick(self) -> bool:
         """Ask the guest for kicks again; True if buffers arrived meanwhile (drain again)."""
         return self._kernel.enable_kick()
@@ -155,6 +162,10 @@ class Virtqueue:
 
     def counters(self) -> dict[str, int]:
         return self._kernel.counters()
+
+    def positions(self) -> dict[str, int]:
+        """Ring indices, ours and the guest's (avail, used, event indices, flags)."""
+        return self._kernel.positions()
 
     def _log_new_errors(self) -> None:
         counts = self._kernel.counters()
