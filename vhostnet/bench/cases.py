@@ -89,18 +89,26 @@ def ring_rows(template: str, name: str, s: Settings, baselines: Baselines) -> li
         try:
             for size in RING_SIZES:
                 row = Row(f"ring-{size}B", "Mpps", [], backend=name, baseline_unit="memcpy Mpps")
-                ns, frames, counted = [], 0, 0
+                ns, cpu_ns, frames, counted = [], [], 0, 0
                 for i in range(s.rounds):
                     s.progress.update(f"ring {size}B [{name}] round {i + 1}/{s.rounds}")
                     before = backend.counters()
+                    cpu_before = backend.cpu_seconds()
                     r = guest.request("ring", size=size, duration=s.duration)
+                    cpu_after = backend.cpu_seconds()
                     after = backend.counters()
+                    if cpu_before is not None and cpu_after is not None:
+                        # The back-end's own CPU per frame, apart from the time it
+                        # sleeps waiting for the guest's kicks.
+                        cpu_ns.append(1e9 * (cpu_after - cpu_before) / max(1, r["frames"]))
                     row.rounds.append(r["frames"] / r["seconds"] / 1e6)
                     ns.append(1e9 * r["seconds"] / max(1, r["frames"]))
                     frames += r["frames"]
                     counted += _delta(after, before, "device.tx.discarded") or 0
                 row.baseline = baselines.get(f"memcpy-{size}B", lambda n=size: memcpy_mpps(n, s.duration))
                 row.extra["ns_per_frame"] = float(np.median(ns))
+                if cpu_ns:
+                    row.extra["cpu_ns_per_frame"] = float(np.median(cpu_ns))
                 row.extra["guest_frames"] = frames
                 row.extra["vhostnet_frames"] = counted
                 rows.append(row)

@@ -111,6 +111,18 @@ def stop_process(proc: subprocess.Popen) -> None:
             proc.wait(5)
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of ``pid`` from /proc/PID/stat; None where that is unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # The command name (field 2) may hold spaces: count fields after its ')'.
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # fields 14 and 15 of the whole line
+
+
 class Backend:
     """One back-end process on a fresh socket in a private temporary folder."""
 
@@ -140,6 +152,10 @@ class Backend:
             return control_request(self.control, "stats").get("counters", {})
         except OSError:
             return {}
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time the back-end process has used so far (Linux /proc)."""
+        return process_cpu_seconds(self.proc.pid)
 
     def close(self) -> None:
         stop_process(self.proc)
