@@ -30,6 +30,7 @@ from vhostnet.bench.runner import (
     Backend,
     BenchError,
     guest_process,
+    process_cpu_seconds,
     vhostnet_template,
 )
 
@@ -80,6 +81,17 @@ def test_ring_frame_count_matches_vhostnet_counters() -> None:
     assert reply["frames"] > 0
     assert reply["lost_in_ring"] == 0
     assert after - before == reply["frames"]
+
+
+def test_process_cpu_seconds_counts_this_process_burning_cpu() -> None:
+    before = process_cpu_seconds(os.getpid())
+    assert before is not None and before >= 0
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:
+        pass
+    after = process_cpu_seconds(os.getpid())
+    assert after is not None and 0.1 <= after - before < 5
+    assert process_cpu_seconds(-1) is None
 
 
 @needs_netns
