@@ -272,6 +272,26 @@ class TcpSink(_AcceptLoopServer):
         conn.sendall(digest.hexdigest().encode() + b"\n")
 
 
+def _read_http_request(conn: socket.socket) -> bytes | None:
+    """The request head (bounded to 8 KiB); None if the client closed first."""
+    request = b""
+    while b"\r\n\r\n" not in request and len(request) < 8192:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return None
+        request += chunk
+    return request
+
+
+def _answer_get_of(conn: socket.socket, request: bytes, name: str) -> bool:
+    """True for ``GET /<name>``; anything else is answered 404 here."""
+    fields = request.split(b" ", 2)
+    if len(fields) < 2 or fields[0] != b"GET" or fields[1] != f"/{name}".encode():
+        conn.sendall(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        return False
+    return True
+
+
 class HttpFileServer(_AcceptLoopServer):
     """HTTP/1.0: ``GET /<name>`` returns the generated file, anything else 404."""
 
@@ -282,15 +302,8 @@ class HttpFileServer(_AcceptLoopServer):
         self.port = self._loop.port
 
     def _serve(self, conn: socket.socket) -> None:
-        request = b""
-        while b"\r\n\r\n" not in request and len(request) < 8192:
-            chunk = conn.recv(4096)
-            if not chunk:
-                return
-            request += chunk
-        fields = request.split(b" ", 2)
-        if len(fields) < 2 or fields[0] != b"GET" or fields[1] != f"/{self.name}".encode():
-            conn.sendall(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        request = _read_http_request(conn)
+        if request is None or not _answer_get_of(conn, request, self.name):
             return
         started = time.monotonic()
         conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\n"
@@ -327,16 +340,11 @@ class PacedHttpServer(_AcceptLoopServer):
         self._gate.set()
 
     def _serve(self, conn: socket.socket) -> None:
-        request = b""
-        while b"\r\n\r\n" not in request and len(request) < 8192:
-            chunk = conn.recv(4096)
-            if not chunk:
-                return
-            request += chunk
+        request = _read_http_request(conn)
+        if request is None:
+            return
         self.requests += 1
-        fields = request.split(b" ", 2)
-        if len(fields) < 2 or fields[0] != b"GET" or fields[1] != f"/{self.name}".encode():
-            conn.sendall(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        if not _answer_get_of(conn, request, self.name):
             return
         conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(self.data))
