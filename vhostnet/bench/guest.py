@@ -9,7 +9,6 @@ QEMU's vCPU threads would load it. Every loop ends by count or by time.
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 import sys
 import time
@@ -19,6 +18,7 @@ import numpy as np
 
 from .guest_net import ETH_IPV4, GATEWAY_IP, GUEST_IP, GUEST_MAC, GuestNet, GuestTcp, Listener
 from .rings import GuestRings
+from .runner import serve_json_lines
 
 # An ethertype no stack handles (IEEE local experimental): if a back-end
 # without a discarding sink gets the ring case, its stack drops these cheaply.
@@ -196,7 +196,6 @@ class Guest:
 
 def serve(argv: list[str]) -> int:
     socket_path, queue_size, buf_bytes, mss = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
-    out = sys.stdout
     offload = argv[5:6] == ["offload"]
     with GuestRings(socket_path, queue_size=queue_size, tx_buf=buf_bytes, rx_buf=buf_bytes,
                     offload=offload) as rings:
@@ -205,20 +204,16 @@ def serve(argv: list[str]) -> int:
             guest.net.resolve_gateway()
         else:
             guest.net.gateway_mac = b"\xff" * 6
-        out.write(json.dumps({"ready": True}) + "\n")
-        out.flush()
-        for line in sys.stdin:
-            request = json.loads(line)
-            op = request.pop("op")
-            if op == "quit":
-                break
+
+        def call(op: str, arguments: dict[str, Any]) -> dict[str, Any]:
             try:
-                reply = getattr(guest, f"op_{op}")(**request)
+                reply = getattr(guest, f"op_{op}")(**arguments)
             except (TimeoutError, RuntimeError) as exc:
                 reply = {"error": str(exc)}
-            reply["tx_kicks"] = rings.tx.kicks
-            out.write(json.dumps(reply) + "\n")
-            out.flush()
+            reply["tx_kicks"] = rings.tx.kicks  # error replies carry it too
+            return reply
+
+        serve_json_lines(call)
     return 0
 
 

@@ -8,13 +8,14 @@ other end differs.
 from __future__ import annotations
 
 import hashlib
-import json
 import socket
 import sys
 import time
 from typing import Any
 
 import numpy as np
+
+from .runner import serve_json_lines
 
 
 def op_udp_tx(payload: int, port: int, duration: float) -> dict[str, Any]:
@@ -94,19 +95,7 @@ def op_tcp_crr(port: int, duration: float, max_count: int = 1_000_000) -> dict[s
 
 
 def serve() -> int:
-    sys.stdout.write(json.dumps({"ready": True}) + "\n")
-    sys.stdout.flush()
-    for line in sys.stdin:
-        request = json.loads(line)
-        op = request.pop("op")
-        if op == "quit":
-            break
-        try:
-            reply = globals()[f"op_{op}"](**request)
-        except (OSError, KeyError) as exc:
-            reply = {"error": str(exc)}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
+    serve_json_lines(lambda op, arguments: globals()[f"op_{op}"](**arguments), (OSError, KeyError))
     return 0
 
 

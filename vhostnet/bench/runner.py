@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 # Host ports forwarded into the guest: TCP 40001 -> guest 5001, UDP 40002 -> guest 5002.
@@ -109,6 +110,29 @@ def stop_process(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def serve_json_lines(call: Callable[[str, dict[str, Any]], dict[str, Any]],
+                     errors: tuple[type[Exception], ...] = ()) -> None:
+    """The child's side of a ``LineProcess``: say ready, then answer one request per line.
+
+    ``call(op, arguments)`` answers a request; an exception of a type in
+    ``errors`` becomes ``{"error": ...}``. Ends at ``quit`` or end of input.
+    """
+    out = sys.stdout
+    out.write(json.dumps({"ready": True}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request.pop("op")
+        if op == "quit":
+            break
+        try:
+            reply = call(op, request)
+        except errors as exc:
+            reply = {"error": str(exc)}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
 
 
 def process_cpu_seconds(pid: int) -> float | None:
