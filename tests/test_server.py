@@ -143,6 +143,10 @@ def test_rings_resume_from_returned_bases_after_reconnect(server: VhostnetProces
         frontend.start()
         gateway_mac(frontend)
         bases = frontend.stop()
+        # A stopped ring's counts stay: a guest that just powered off still shows its traffic.
+        stopped = server.stats()
+        assert stopped["vq1.tx_frames"] == 1 and stopped["vq0.rx_frames"] == 1
+        assert not any(".at." in name for name in stopped), "positions are for running rings only"
     assert bases == [1, 1] or bases[1] == 1
     with Frontend(server.socket_path) as frontend:
         frontend.connect()
@@ -150,7 +154,14 @@ def test_rings_resume_from_returned_bases_after_reconnect(server: VhostnetProces
         mac = gateway_mac(frontend)
         frontend.send_frame(echo_request(mac, b"again", 7))
         assert frontend.receive_frames(timeout=5)[0][42:] == b"again"
+        running = server.stats()
+        assert running["vq1.tx_frames"] == 3 and running["device.tx.frames"] == 3
+        assert running["vq1.at.last_avail"] == bases[1] + 2
         assert frontend.stop()[1] == bases[1] + 2
+    # Both connections are closed: the counts are since vhostnet started.
+    closed = server.stats()
+    assert closed["vq1.tx_frames"] == 3 and closed["vq0.rx_frames"] == 3
+    assert closed["device.tx.frames"] == 3 and closed["device.rx.frames"] == 3
 
 
 def test_call_fd_replaced_on_a_running_ring_gets_one_interrupt(server: VhostnetProcess) -> None:

@@ -79,6 +79,9 @@ class NetDevice:
         self.tx_batch = FrameBatch(TX_BATCH)
         self.rx_batch = FrameBatch(TX_BATCH)
         self.counters = {"tx.frames": 0, "tx.discarded": 0, "rx.frames": 0}
+        # Counts of rings already stopped, by "vqN.name": a ring restarted by a guest
+        # reboot or a device reset starts from zero, and its totals must not vanish.
+        self._stopped_ring_counters: dict[str, int] = {}
         # Dirty-page logging (migration source): the shared log memfd, and
         # per ring the LOG flag and used-ring GPA from SET_VRING_ADDR.
         self.log_mapping: mmap.mmap | None = None
@@ -245,6 +248,7 @@ class NetDevice:
             # creates a queue; an answer here would be a made-up base, so let
             # the handler refuse GET_VRING_BASE (logged and counted) instead.
             raise LookupError(f"ring {index} is not running in the device")
+        self._keep_ring_counters(index, queue)
         log.info("ring %d stopped at avail index %d", index, queue.last_avail_idx)
         return queue.last_avail_idx
 
@@ -253,6 +257,30 @@ class NetDevice:
         for index in list(self.queues):
             self.ring_stop(index)
         self.enabled.clear()
+
+    # ---- counters ---------------------------------------------------------------
+
+    def all_counters(self) -> dict[str, int]:
+        """``device.*`` and ``vqN.*`` counts, stopped rings included (ring positions are not)."""
+        merged = {f"device.{name}": value for name, value in self.counters.items()}
+        merged.update(self._stopped_ring_counters)
+        for index, queue in self.queues.items():
+            for name, value in queue.counters().items():
+                key = f"vq{index}.{name}"
+                merged[key] = merged.get(key, 0) + value
+        return merged
+
+    def ring_positions(self) -> dict[str, int]:
+        """Where each running ring stands, ours and the guest's: ``vqN.at.*``."""
+        return {f"vq{index}.at.{name}": value
+                for index, queue in self.queues.items()
+                for name, value in queue.positions().items()}
+
+    def _keep_ring_counters(self, index: int, queue: Virtqueue) -> None:
+        kept = self._stopped_ring_counters
+        for name, value in queue.counters().items():
+            key = f"vq{index}.{name}"
+            kept[key] = kept.get(key, 0) + value
 
     # ---- data path --------------------------------------------------------------
 
@@ -352,6 +380,8 @@ class NetDevice:
             return
         self._closed = True
         self.network.remove_output_listener(self._schedule_rx)
+        for index, queue in self.queues.items():
+            self._keep_ring_counters(index, queue)
         self.queues.clear()
         for index in list(self.kick_fds):
             self._drop_kick(index)

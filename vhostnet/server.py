@@ -123,6 +123,12 @@ class Connection:
                 self.close()
                 return
 
+    def counters(self) -> dict[str, int]:
+        """This connection's device, ring and vhost-user counts."""
+        merged = self.device.all_counters()
+        merged.update({f"vhost_user.{k}": v for k, v in self.handler.counters.items()})
+        return merged
+
     def close(self) -> None:
         if self.closed:
             return
@@ -143,6 +149,9 @@ class Server:
         self.listener = listener
         self.network = network
         self.active: Connection | None = None
+        # Device, ring and protocol counts of connections already closed: ``stats``
+        # counts since vhostnet started, across guest reboots and QEMU restarts.
+        self._closed_connection_counters: dict[str, int] = {}
         self.closed = asyncio.Event()
         loop.add_reader(listener.fileno(), self._on_accept)
 
@@ -163,20 +172,18 @@ class Server:
         self.active = Connection(self, sock)
 
     def counters(self) -> dict[str, int]:
-        """Every counter: the network's, and the active device's and rings' if a guest is attached."""
+        """Every counter since vhostnet started; ``vqN.at.*``: positions of the running rings."""
         merged = self.network.counters()
         if self.network.tcp is not None:
             merged["tcp.flows_open"] = len(self.network.tcp.flows)
+        merged.update(self._closed_connection_counters)
         if self.active is not None:
-            device = self.active.device
-            merged.update({f"device.{k}": v for k, v in device.counters.items()})
-            for index, queue in device.queues.items():
-                merged.update({f"vq{index}.{k}": v for k, v in queue.counters().items()})
-                merged.update({f"vq{index}.at.{k}": v for k, v in queue.positions().items()})
-            merged.update({f"vhost_user.{k}": v for k, v in self.active.handler.counters.items()})
+            _add_counts(merged, self.active.counters())
+            merged.update(self.active.device.ring_positions())
         return merged
 
     def connection_closed(self, connection: Connection) -> None:
+        _add_counts(self._closed_connection_counters, connection.counters())
         if self.active is connection:
             self.active = None
 
@@ -193,3 +200,8 @@ class Server:
                 pass
         self.network.close()
         self.closed.set()
+
+
+def _add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
+    for name, value in counts.items():
+        total[name] = total.get(name, 0) + value
