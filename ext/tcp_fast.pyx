@@ -30,6 +30,7 @@ from libc.string cimport memcmp, memcpy, memset
 from libc.errno cimport EINTR, errno
 
 include "net_inline.pxi"
+include "flow_table.pxi"
 
 cdef extern from "<sys/socket.h>" nogil:
     cdef struct iovec:
@@ -47,12 +48,8 @@ cdef extern from "<sys/socket.h>" nogil:
     int MSG_DONTWAIT
     int MSG_NOSIGNAL
 
-cdef extern from "<arpa/inet.h>" nogil:
-    uint16_t htons(uint16_t value)
-
 cdef enum:
     MAX_IOV = 1024               # IOV_MAX on Linux
-    MAX_TOUCHED = 4096           # flows active between two take_activity() calls, beyond: scan all
     ETH_LEN = 14
     IP_LEN = 20
     TCP_LEN = 20
@@ -78,7 +75,7 @@ cdef enum:
 FALLBACK_NAMES = ("not_plain", "not_registered", "flags", "no_payload", "out_of_order",
                   "ack_or_window", "checksum", "after_fallback", "host_busy")
 
-cdef struct FlowSlot:          # beside FlowKey keys[i] (net_inline.pxi)
+cdef struct FlowSlot:          # the flow in slot i of the FlowIndex (flow_table.pxi)
     int fd
     uint32_t seq_next        # host byte order: the guest sequence number the engine expects
     uint32_t ack             # host byte order: the ack number the engine last took
@@ -137,9 +134,8 @@ cdef inline bint options_valid(const uint8_t *opt, size_t end) noexcept nogil:
 cdef class TcpFastPath:
     """Registered established TCP flows and the batch writer; see the module docstring."""
 
-    cdef FlowKey *keys
+    cdef FlowIndex index
     cdef FlowSlot *slots
-    cdef int nflows
     cdef uint32_t batch_no
     # The run of taken frames of one flow not yet written: iovecs plus their frame indices.
     cdef iovec iovs[MAX_IOV]
@@ -148,31 +144,25 @@ cdef class TcpFastPath:
     cdef int pending_slot
     cdef uint32_t pending_seq      # seq_next of the pending flow before the run
     cdef Py_ssize_t taken          # frames taken in the current batch
-    cdef int touched[MAX_TOUCHED]
-    cdef int ntouched
-    cdef bint touched_overflow
     cdef uint64_t fallback_counts[FB_COUNT]
     cdef readonly uint64_t partial_writes
     cdef uint8_t gateway_mac[6]
     cdef uint8_t guest_mac[6]
     cdef bint have_guest_mac
-    cdef dict slot_of_flow
 
     def __cinit__(self):
-        self.keys = <FlowKey *>calloc(TABLE_SLOTS, sizeof(FlowKey))
+        self.index = FlowIndex()
         self.slots = <FlowSlot *>calloc(TABLE_SLOTS, sizeof(FlowSlot))
-        if self.keys == NULL or self.slots == NULL:
+        if self.slots == NULL:
             raise MemoryError()
-        self.slot_of_flow = {}
         self.pending_slot = -1
 
     def __dealloc__(self):
-        free(self.keys)
         free(self.slots)
 
     @property
     def flows(self) -> int:
-        return self.nflows
+        return self.index.count
 
     def fallbacks(self) -> dict:
         """Frames left to Python since the start, by reason (``FALLBACK_NAMES``)."""
@@ -186,7 +176,7 @@ cdef class TcpFastPath:
             memcpy(self.guest_mac, <const char *><bytes>guest_mac, 6)
 
     def contains(self, int64_t flow_id) -> bool:
-        return flow_id in self.slot_of_flow
+        return self.index.slot_of(flow_id) >= 0
 
     def set(self, int64_t flow_id, bytes guest_ip, int guest_port, bytes remote_ip,
             int remote_port, int fd, uint32_t seq_next, uint32_t ack, int window) -> bool:
@@ -194,25 +184,14 @@ cdef class TcpFastPath:
 
         ``seq_next``, ``ack`` and ``window`` (raw, unscaled) are wire values, host byte order.
         """
-        cdef uint32_t gip, rip, index
-        cdef uint16_t gport = htons(<uint16_t>guest_port)
-        cdef uint16_t rport = htons(<uint16_t>remote_port)
-        if (flow_id <= 0 or len(guest_ip) != 4 or len(remote_ip) != 4 or fd < 0
-                or not 0 <= window <= 0xFFFF or not 0 <= guest_port <= 0xFFFF
-                or not 0 <= remote_port <= 0xFFFF):
+        if fd < 0 or not 0 <= window <= 0xFFFF:
             raise ValueError("bad TCP fast-path flow")
-        found = self.slot_of_flow.get(flow_id)
-        if found is not None:
-            index = <uint32_t>found
-        else:
-            if self.nflows >= TABLE_SLOTS // 2:
+        cdef int index = self.index.slot_of(flow_id)
+        if index < 0:
+            index = self.index.add(flow_id, guest_ip, guest_port, remote_ip, remote_port)
+            if index < 0:
                 return False
-            memcpy(&gip, <const char *>guest_ip, 4)
-            memcpy(&rip, <const char *>remote_ip, 4)
-            index = flow_key_insert(self.keys, flow_id, gip, gport, rip, rport)
             memset(&self.slots[index], 0, sizeof(FlowSlot))
-            self.slot_of_flow[flow_id] = index
-            self.nflows += 1
         self.slots[index].fd = fd
         self.slots[index].seq_next = seq_next
         self.slots[index].ack = ack
@@ -221,31 +200,23 @@ cdef class TcpFastPath:
 
     def remove(self, int64_t flow_id) -> tuple:
         """Forget a flow (before its socket closes); its unreported (bytes, segments)."""
-        index = self.slot_of_flow.pop(flow_id, None)
-        if index is None:
+        cdef int index = self.index.discard(flow_id)
+        if index < 0:
             return (0, 0)
-        cdef FlowSlot *slot = &self.slots[<int>index]
+        cdef FlowSlot *slot = &self.slots[index]
         result = (slot.bytes, slot.segments)
         memset(slot, 0, sizeof(FlowSlot))
-        flow_key_remove(self.keys, <uint32_t>index)
-        self.nflows -= 1
         return result
 
     def take_activity(self) -> list:
         """(flow_id, bytes, segments, host_full) of every flow that wrote since the last call."""
         active = []
         cdef FlowSlot *slot
-        cdef int i
-        if self.touched_overflow:
-            indices = list(self.slot_of_flow.values())
-        else:
-            indices = [self.touched[i] for i in range(self.ntouched)]
-        self.ntouched = 0
-        self.touched_overflow = False
-        for index in indices:
-            slot = &self.slots[<int>index]
-            if self.keys[<int>index].flow_id > 0 and slot.segments:
-                active.append((self.keys[<int>index].flow_id, slot.bytes, slot.segments,
+        cdef int index
+        for index in self.index.take_touched():
+            slot = &self.slots[index]
+            if self.index.flow_id(index) > 0 and slot.segments:
+                active.append((self.index.flow_id(index), slot.bytes, slot.segments,
                                bool(slot.host_full)))
                 slot.bytes = 0
                 slot.segments = 0
@@ -264,15 +235,12 @@ cdef class TcpFastPath:
         if count > offsets.shape[0] or count > lengths.shape[0] or count > vnets.shape[0] \
                 or count > handled.shape[0]:
             raise ValueError("count exceeds the batch arrays")
-        if count <= 0 or self.nflows == 0 or not self.have_guest_mac or data.shape[0] == 0:
+        if count <= 0 or self.index.count == 0 or not self.have_guest_mac or data.shape[0] == 0:
             return 0
         with nogil:
             taken_frames = self._take_batch(&data[0], data.shape[0], &offsets[0], &lengths[0],
                                             &vnets[0], &handled[0], count)
         return taken_frames
-
-    cdef int lookup(self, const uint8_t *ip, const uint8_t *tcp) noexcept nogil:
-        return flow_key_find(self.keys, ip, tcp)
 
     cdef Py_ssize_t _take_batch(self, const uint8_t *data, Py_ssize_t size, const uint64_t *offsets,
                                 const uint32_t *lengths, const uint64_t *vnets, uint8_t *handled,
@@ -317,7 +285,7 @@ cdef class TcpFastPath:
                     or not options_valid(tcp + TCP_LEN, header_len - TCP_LEN):
                 self.fallback_counts[FB_NOT_PLAIN] += 1
                 continue
-            slot = self.lookup(ip, tcp)
+            slot = self.index.find(ip, tcp)
             if slot < 0:
                 self.fallback_counts[FB_NOT_REGISTERED] += 1
                 continue
@@ -416,11 +384,7 @@ cdef class TcpFastPath:
                 self.fallback_counts[FB_HOST_BUSY] += 1
         if written > 0:
             if flow.bytes == 0 and flow.segments:
-                if self.ntouched < MAX_TOUCHED:
-                    self.touched[self.ntouched] = self.pending_slot
-                    self.ntouched += 1
-                else:
-                    self.touched_overflow = True
+                self.index.touch(self.pending_slot)
             flow.bytes += <uint64_t>written
         self.niov = 0
         self.pending_slot = -1

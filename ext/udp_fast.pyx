@@ -22,6 +22,7 @@ from libc.string cimport memcmp, memcpy, memset
 from libc.errno cimport EAGAIN, EINTR, errno
 
 include "net_inline.pxi"
+include "flow_table.pxi"
 
 cdef extern from "<sys/socket.h>" nogil:
     cdef struct iovec:
@@ -44,12 +45,11 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef enum:
     MAX_BATCH = 1024             # datagrams per sendmmsg round
     MAX_ERRORS = 64
-    MAX_TOUCHED = 4096           # flows active between two take_activity() calls, beyond: scan all
     ETH_LEN = 14
     IP_LEN = 20
     UDP_LEN = 8
 
-cdef struct FlowSlot:          # beside FlowKey keys[i] (net_inline.pxi)
+cdef struct FlowSlot:          # the flow in slot i of the FlowIndex (flow_table.pxi)
     int fd
     uint64_t datagrams       # since the last take_activity()
     uint64_t bytes
@@ -58,39 +58,32 @@ cdef struct FlowSlot:          # beside FlowKey keys[i] (net_inline.pxi)
 cdef class UdpFastPath:
     """Registered outbound UDP flows and the batch sender; see the module docstring."""
 
-    cdef FlowKey *keys
+    cdef FlowIndex index
     cdef FlowSlot *slots
-    cdef int nflows
     cdef mmsghdr msgs[MAX_BATCH]
     cdef iovec iovs[MAX_BATCH]
     cdef int msg_slot[MAX_BATCH]
     cdef int64_t err_flow[MAX_ERRORS]
     cdef int err_code[MAX_ERRORS]
     cdef int nerrors
-    cdef int touched[MAX_TOUCHED]
-    cdef int ntouched
-    cdef bint touched_overflow
     cdef readonly uint64_t datagrams_sent
     cdef readonly uint64_t host_busy
     cdef uint8_t gateway_mac[6]
     cdef uint8_t guest_mac[6]
     cdef bint have_guest_mac
-    cdef dict slot_of_flow
 
     def __cinit__(self):
-        self.keys = <FlowKey *>calloc(TABLE_SLOTS, sizeof(FlowKey))
+        self.index = FlowIndex()
         self.slots = <FlowSlot *>calloc(TABLE_SLOTS, sizeof(FlowSlot))
-        if self.keys == NULL or self.slots == NULL:
+        if self.slots == NULL:
             raise MemoryError()
-        self.slot_of_flow = {}
 
     def __dealloc__(self):
-        free(self.keys)
         free(self.slots)
 
     @property
     def flows(self) -> int:
-        return self.nflows
+        return self.index.count
 
     def set_macs(self, bytes gateway_mac, guest_mac) -> None:
         """The frames to take: from ``guest_mac`` (None: take none) to ``gateway_mac``."""
@@ -102,50 +95,37 @@ cdef class UdpFastPath:
     def add(self, int64_t flow_id, bytes guest_ip, int guest_port, bytes remote_ip,
             int remote_port, int fd) -> bool:
         """Register a flow whose connected host socket is ``fd``; False if the table is full."""
-        cdef uint32_t gip, rip, index
-        cdef uint16_t gport = ((guest_port & 0xFF) << 8) | (guest_port >> 8)
-        cdef uint16_t rport = ((remote_port & 0xFF) << 8) | (remote_port >> 8)
-        if flow_id <= 0 or len(guest_ip) != 4 or len(remote_ip) != 4 or fd < 0:
+        if fd < 0:
             raise ValueError("bad UDP fast-path flow")
-        if flow_id in self.slot_of_flow or self.nflows >= TABLE_SLOTS // 2:
+        if self.index.slot_of(flow_id) >= 0:
             return False
-        memcpy(&gip, <const char *>guest_ip, 4)
-        memcpy(&rip, <const char *>remote_ip, 4)
-        index = flow_key_insert(self.keys, flow_id, gip, gport, rip, rport)
+        cdef int index = self.index.add(flow_id, guest_ip, guest_port, remote_ip, remote_port)
+        if index < 0:
+            return False
         self.slots[index].fd = fd
         self.slots[index].datagrams = 0
         self.slots[index].bytes = 0
-        self.slot_of_flow[flow_id] = index
-        self.nflows += 1
         return True
 
     def remove(self, int64_t flow_id) -> tuple:
         """Forget a flow (its socket is about to close); its unreported (datagrams, bytes)."""
-        index = self.slot_of_flow.pop(flow_id, None)
-        if index is None:
+        cdef int index = self.index.discard(flow_id)
+        if index < 0:
             return (0, 0)
-        cdef FlowSlot *slot = &self.slots[<int>index]
+        cdef FlowSlot *slot = &self.slots[index]
         result = (slot.datagrams, slot.bytes)
         memset(slot, 0, sizeof(FlowSlot))
-        flow_key_remove(self.keys, <uint32_t>index)
-        self.nflows -= 1
         return result
 
     def take_activity(self) -> list:
         """(flow_id, datagrams, bytes) of every flow that sent since the last call."""
         active = []
         cdef FlowSlot *slot
-        cdef int i
-        if self.touched_overflow:
-            indices = list(self.slot_of_flow.values())
-        else:
-            indices = [self.touched[i] for i in range(self.ntouched)]
-        self.ntouched = 0
-        self.touched_overflow = False
-        for index in indices:
-            slot = &self.slots[<int>index]
-            if self.keys[<int>index].flow_id > 0 and slot.datagrams:
-                active.append((self.keys[<int>index].flow_id, slot.datagrams, slot.bytes))
+        cdef int index
+        for index in self.index.take_touched():
+            slot = &self.slots[index]
+            if self.index.flow_id(index) > 0 and slot.datagrams:
+                active.append((self.index.flow_id(index), slot.datagrams, slot.bytes))
                 slot.datagrams = 0
                 slot.bytes = 0
         return active
@@ -169,7 +149,7 @@ cdef class UdpFastPath:
         if count > offsets.shape[0] or count > lengths.shape[0] or count > vnets.shape[0] \
                 or count > handled.shape[0]:
             raise ValueError("count exceeds the batch arrays")
-        if count <= 0 or self.nflows == 0 or not self.have_guest_mac:
+        if count <= 0 or self.index.count == 0 or not self.have_guest_mac:
             if count > 0:
                 memset(&handled[0], 0, count)
             return 0
@@ -177,9 +157,6 @@ cdef class UdpFastPath:
             taken = self._send_batch(&data[0], data.shape[0], &offsets[0], &lengths[0], &vnets[0],
                                      &handled[0], count)
         return taken
-
-    cdef int lookup(self, const uint8_t *ip, const uint8_t *udp) noexcept nogil:
-        return flow_key_find(self.keys, ip, udp)
 
     cdef Py_ssize_t _send_batch(self, const uint8_t *data, Py_ssize_t size, const uint64_t *offsets,
                                 const uint32_t *lengths, const uint64_t *vnets, uint8_t *handled,
@@ -214,7 +191,7 @@ cdef class UdpFastPath:
             udp_len = be16(udp + 4)
             if udp_len < UDP_LEN or udp_len > total - IP_LEN:
                 continue
-            slot = self.lookup(ip, udp)
+            slot = self.index.find(ip, udp)
             if slot < 0:
                 continue
             if not self.checksum_acceptable(ip, udp, udp_len, vnets[i]):
@@ -265,7 +242,7 @@ cdef class UdpFastPath:
                 if errno == EAGAIN:
                     self.host_busy += 1  # UDP may lose; never block the data path
                 elif self.nerrors < MAX_ERRORS:
-                    self.err_flow[self.nerrors] = self.keys[slot].flow_id
+                    self.err_flow[self.nerrors] = self.index.flow_id(slot)
                     self.err_code[self.nerrors] = errno
                     self.nerrors += 1
                 start += 1  # that datagram is lost; carry on with the next
@@ -273,11 +250,7 @@ cdef class UdpFastPath:
             for end in range(start, start + sent):
                 slot = self.msg_slot[end]
                 if self.slots[slot].datagrams == 0:
-                    if self.ntouched < MAX_TOUCHED:
-                        self.touched[self.ntouched] = slot
-                        self.ntouched += 1
-                    else:
-                        self.touched_overflow = True
+                    self.index.touch(slot)
                 self.slots[slot].datagrams += 1
                 self.slots[slot].bytes += self.iovs[end].iov_len
             self.datagrams_sent += sent
