@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.test_stack_frames import GATEWAY_IP, GATEWAY_MAC, GUEST_IP, GUEST_MAC, guest_udp_frame
-from vhostnet.hostio._udp_fast import UdpFastPath
+from vhostnet.hostio.udp_fast import UdpFastPath  # the C kernel itself
 from vhostnet.virtqueue import FrameBatch
 
 TABLE_FLOWS = 65536  # half of the table's slots
