@@ -12,6 +12,9 @@ cdef enum:
     MAX_QUEUE_SIZE = 32768
     # 64 KiB IP packet + Ethernet header + VLAN tag + slack, the largest frame either side may carry.
     MAX_FRAME_BYTES_C = 65562
+    # A long TX drain hands chains back (used->idx, and an interrupt if the guest asks)
+    # every this many, so the guest refills the ring while we go on (vhost-net: 64).
+    TX_USED_PUBLISH_EVERY = 64
     ETH_HEADER_BYTES = 14
     LOG_PAGE_SHIFT = 12
     CHAIN_OK = -1

@@ -50,6 +50,10 @@ cdef int tx_drain_frames(SplitQueue q, FrameBatch batch, int max_frames) noexcep
         q.last_avail += 1
         waiting -= 1
         chains_left -= 1
+        if <uint16_t>(q.used_shadow - q.used_published) >= TX_USED_PUBLISH_EVERY:
+            # The frames are copied out already: the guest may reuse these buffers now.
+            q.publish_used()
+            q._notify()
     q.kick_point = q.last_avail
     q.publish_used()
     return frames

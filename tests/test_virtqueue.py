@@ -308,6 +308,18 @@ def test_notify_with_event_idx(ram, call_fd):
     assert read_call(call_fd) == 1
 
 
+def test_a_long_tx_drain_hands_buffers_back_every_64_chains(ram, call_fd):
+    """The guest refills the ring while the drain goes on, instead of waiting for its end."""
+    driver = Driver(ram, size=256)
+    queue = make_queue(ram, driver, call_fd=call_fd)  # no EVENT_IDX: every publish may interrupt
+    driver.publish(*(driver.add_chain(tx_parts(driver, ethernet_frame(60), [])) for _ in range(200)))
+    assert queue.tx_drain(FrameBatch(256, 1 << 20), 256) == 200
+    assert driver.used_idx() == 200
+    assert read_call(call_fd) == 3, "one interrupt at each of 64, 128 and 192 used chains"
+    assert queue.notify()  # the last 8
+    assert read_call(call_fd) == 1
+
+
 def test_restart_wakes_a_guest_whose_interrupt_was_lost(ram, call_fd):
     """Migration: the old back-end used entries 0..2 and its interrupt never reached the guest."""
     driver = Driver(ram)
