@@ -58,7 +58,7 @@ class Guest:
             if free:
                 tx.publish(free)
             else:
-                tx.wait(0.01)
+                tx.wait_for_room(0.01)
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while tx.in_flight and time.monotonic() < deadline:
             tx.wait(0.01)

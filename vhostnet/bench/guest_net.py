@@ -68,7 +68,7 @@ class GuestNet:
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError("TX ring stayed full")
-            tx.wait(0.02)
+            tx.wait_for_room(0.02)
         return tx.buffers[tx.slot(tx.avail_idx + self.pending)]
 
     def tx_room(self) -> int:
