@@ -20,7 +20,13 @@ import pytest
 
 from tools.netns import in_private_netns
 from vhostnet.bench.cases import ALL_CASES, Settings
-from vhostnet.bench.guest_iperf import parse_guest_output, parse_iperf_json
+from vhostnet.bench.guest_iperf import (
+    DIRECTIONS,
+    GuestSettings,
+    HostIperf,
+    parse_guest_output,
+    parse_iperf_json,
+)
 from vhostnet.bench.hostside import TcpSender, TcpSink, UdpSink
 from vhostnet.bench.output import PlotUnavailable, Row, format_row, write_json, write_plot
 from vhostnet.bench.rings import need_event
@@ -235,6 +241,48 @@ def test_guest_console_parsing_and_iperf3_reports() -> None:
         parse_iperf_json(text, udp=False)
     with pytest.raises(BenchError, match="not JSON"):
         parse_iperf_json("iperf3: error - the server is busy", udp=False)
+
+
+# A stand-in for iperf3: "-s" listens on the port; each "-c" run is refused while the
+# count file says so (as iperf3 is between two tests), then reports 1 MB received.
+FAKE_IPERF = """
+import json, socket, sys, time
+args = sys.argv[1:]
+if "-s" in args:
+    server = socket.socket()
+    server.bind(("127.0.0.1", int(args[args.index("-p") + 1])))
+    server.listen()
+    time.sleep(60)
+    sys.exit(0)
+count_file = sys.argv[1]
+left = int(open(count_file).read())
+open(count_file, "w").write(str(left - 1))
+if left > 0:
+    print(json.dumps({"start": {}, "end": {}, "error": "unable to connect to server: Connection refused"}))
+else:
+    print(json.dumps({"end": {"sum_received": {"bits_per_second": 8e6, "bytes": 1000000}}}))
+"""
+
+
+@pytest.mark.parametrize("refusals, attempts", [(2, 3), (3, 3)])
+def test_loopback_iperf_run_tries_again_after_a_refusal(tmp_path, refusals: int, attempts: int) -> None:
+    script = tmp_path / "fake_iperf3.py"
+    script.write_text(FAKE_IPERF)
+    count_file = tmp_path / "refusals"
+    count_file.write_text(str(refusals))
+    server = HostIperf([sys.executable, str(script), str(count_file)], tmp_path / "server.log")
+    try:
+        tcp_tx = next(d for d in DIRECTIONS if not d.udp and not d.reverse)
+        settings = GuestSettings(rounds=1, seconds=1)
+        if refusals < attempts:
+            assert server.loopback(tcp_tx, settings).bytes == 1000000
+        else:
+            with pytest.raises(BenchError, match="unable to connect"):
+                server.loopback(tcp_tx, settings)
+        runs = refusals - int(count_file.read_text())
+        assert runs == min(refusals + 1, attempts), "refused runs are tried again, a bounded number of times"
+    finally:
+        server.close()
 
 
 def test_bench_refuses_bad_guest_options() -> None:

@@ -41,8 +41,14 @@ GUEST_MTU = 1500
 UDP_LENGTH = 1400  # one datagram per 1500-byte frame, on loopback too, so the baseline compares
 UDP_RATE_PATTERN = re.compile(r"^\d+(\.\d+)?[KMG]?$")
 BOOT_TIMEOUT = 180.0  # TCG boot is ~10 s; a loaded 2-core machine needs far more room
+REFUSED_MESSAGE = "unable to connect to server"
 RUN_SLACK = 45.0  # per iperf3 run beyond its -t: connection setup and teardown under TCG
 SERVER_START_TIMEOUT = 10.0
+# iperf3's server closes its listening socket after each test and opens it again
+# (iperf_run_server), so a client that follows another at once may be refused.
+# Such a run is tried again, a bounded number of times.
+CONNECT_ATTEMPTS = 3
+REFUSED_PAUSE = 1.0
 POLL_INTERVAL = 0.25
 
 RUN_BEGIN = re.compile(r"^IPERF-BEGIN (\S+) (\d+)$", re.MULTILINE)
@@ -140,6 +146,11 @@ def _listening(port: int) -> bool:
     return any(line.split()[1] == wanted and line.split()[3] == "0A" for line in lines)
 
 
+def _refused(iperf_output: str) -> bool:
+    """iperf3 -J reported that the server refused the connection (see CONNECT_ATTEMPTS)."""
+    return REFUSED_MESSAGE in iperf_output
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -166,11 +177,25 @@ class HostIperf:
     def loopback(self, direction: Direction, s: GuestSettings) -> IperfResult:
         argv = [*self.command, "-c", "127.0.0.1", "-p", str(self.port),
                 *iperf_client_args(direction, s.seconds, s.udp_rate)]
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=s.seconds + RUN_SLACK)
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"the loopback iperf3 run {direction.case} did not end") from None
+        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+            self._wait_listening()
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True,
+                                      timeout=s.seconds + RUN_SLACK)
+            except subprocess.TimeoutExpired:
+                raise BenchError(f"the loopback iperf3 run {direction.case} did not end") from None
+            if attempt == CONNECT_ATTEMPTS or not _refused(done.stdout):
+                break
+            time.sleep(REFUSED_PAUSE)
         return parse_iperf_json(done.stdout, direction.udp)
+
+    def _wait_listening(self) -> None:
+        """Until the server listens again after the previous test (bounded)."""
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while not _listening(self.port) and time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"the host iperf3 server exited (log: {self.log_path})")
+            time.sleep(0.05)
 
     def close(self) -> None:
         stop_process(self.proc)
@@ -192,10 +217,15 @@ def guest_script(port: int, s: GuestSettings) -> str:
             tag = f"{direction.case} {index}"
             lines += [
                 f"echo 'IPERF-BEGIN {tag}'",
-                # timeout: a run that hangs must not hold the guest forever.
-                f"timeout {s.seconds + int(RUN_SLACK)} iperf3 -c {GATEWAY} -p {port} "
+                # timeout: a run that hangs must not hold the guest forever; a refused
+                # one (the server between two tests) is tried again (CONNECT_ATTEMPTS).
+                f"for attempt in {' '.join(str(n) for n in range(1, CONNECT_ATTEMPTS + 1))}; do",
+                f"  timeout {s.seconds + int(RUN_SLACK)} iperf3 -c {GATEWAY} -p {port} "
                 f"--connect-timeout 10000 {args} > /tmp/iperf.json 2> /tmp/iperf.err",
-                "rc=$?",
+                "  rc=$?",
+                f"  grep -q '{REFUSED_MESSAGE}' /tmp/iperf.json || break",
+                f"  sleep {int(REFUSED_PAUSE)}",
+                "done",
                 f"echo \"IPERF-JSON-BEGIN {tag} rc=$rc\"",
                 "cat /tmp/iperf.json /tmp/iperf.err",
                 "echo IPERF-JSON-END",
