@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .migration.transfer import DeviceStateTransfer
+from .stack.counters import add_counts
 from .vhost_user import protocol as vu
 from .virtqueue import FrameBatch, GuestMemory, Virtqueue
 
@@ -265,9 +266,7 @@ class NetDevice:
         merged = {f"device.{name}": value for name, value in self.counters.items()}
         merged.update(self._stopped_ring_counters)
         for index, queue in self.queues.items():
-            for name, value in queue.counters().items():
-                key = f"vq{index}.{name}"
-                merged[key] = merged.get(key, 0) + value
+            add_counts(merged, _ring_counts(index, queue))
         return merged
 
     def ring_positions(self) -> dict[str, int]:
@@ -277,10 +276,7 @@ class NetDevice:
                 for name, value in queue.positions().items()}
 
     def _keep_ring_counters(self, index: int, queue: Virtqueue) -> None:
-        kept = self._stopped_ring_counters
-        for name, value in queue.counters().items():
-            key = f"vq{index}.{name}"
-            kept[key] = kept.get(key, 0) + value
+        add_counts(self._stopped_ring_counters, _ring_counts(index, queue))
 
     # ---- data path --------------------------------------------------------------
 
@@ -391,3 +387,6 @@ class NetDevice:
         self.log_mapping = None  # unmapped once the last view is gone
         self.memory.close()
 
+
+def _ring_counts(index: int, queue: Virtqueue) -> dict[str, int]:
+    return {f"vq{index}.{name}": value for name, value in queue.counters().items()}

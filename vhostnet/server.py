@@ -19,6 +19,7 @@ import stat
 
 from .device import NetDevice
 from .network import Network
+from .stack.counters import add_counts
 from .vhost_user.backend import CLOSE, BackendHandler
 from .vhost_user.codec import CodecError, Framer
 from .vhost_user.connection import close_fds, read_available, send_message
@@ -178,12 +179,12 @@ class Server:
             merged["tcp.flows_open"] = len(self.network.tcp.flows)
         merged.update(self._closed_connection_counters)
         if self.active is not None:
-            _add_counts(merged, self.active.counters())
+            add_counts(merged, self.active.counters())
             merged.update(self.active.device.ring_positions())
         return merged
 
     def connection_closed(self, connection: Connection) -> None:
-        _add_counts(self._closed_connection_counters, connection.counters())
+        add_counts(self._closed_connection_counters, connection.counters())
         if self.active is connection:
             self.active = None
 
@@ -200,8 +201,3 @@ class Server:
                 pass
         self.network.close()
         self.closed.set()
-
-
-def _add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
-    for name, value in counts.items():
-        total[name] = total.get(name, 0) + value

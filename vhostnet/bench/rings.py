@@ -140,7 +140,6 @@ class NumpyRing:
         self.quiet()
         return self.used_idx() != self.used_seen
 
-
     def wait_for_room(self, timeout: float) -> bool:
         """``wait`` on a full TX ring: interrupt when 3/4 of the chains in flight are used."""
         return self.wait(timeout, batch=self.in_flight * 3 // 4)

@@ -14,6 +14,12 @@ import logging
 from collections import Counter
 
 
+def add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
+    """Add ``counts`` into ``total``, name by name."""
+    for name, value in counts.items():
+        total[name] = total.get(name, 0) + value
+
+
 class MalformedPacket(ValueError):
     """Raised by a wire view when the bytes cannot be what they claim to be."""
 
