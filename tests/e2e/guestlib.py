@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -190,3 +191,21 @@ def ping_replies(output: str, target: str) -> list[int]:
     """Sequence numbers of the echo replies busybox ping printed."""
     pattern = re.compile(PING_REPLY.format(target=re.escape(target)), re.MULTILINE)
     return [int(seq) for seq in pattern.findall(output)]
+
+
+def destination_diagnosis(destination: Any, control: Path | str) -> str:
+    """What a migration destination looks like: QEMU's run state and vhostnet's counters
+    (ring positions included), for the message of a test that found it silent."""
+    from vhostnet.control import control_request
+
+    lines = []
+    try:
+        lines.append(f"destination QEMU: {destination.qmp('query-status')}")
+    except Exception as error:  # noqa: BLE001 (a diagnosis must not hide the failure)
+        lines.append(f"destination QEMU did not answer query-status: {error!r}")
+    try:
+        counters = control_request(str(control), "stats")["counters"]
+        lines.append(f"destination vhostnet counters: {counters}")
+    except Exception as error:  # noqa: BLE001
+        lines.append(f"destination vhostnet did not answer stats: {error!r}")
+    return "\n".join(lines)

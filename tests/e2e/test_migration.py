@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.guestlib import GATEWAY, PING_REPLY, ping_replies, static_ipv4
+from tests.e2e.guestlib import GATEWAY, PING_REPLY, destination_diagnosis, ping_replies, static_ipv4
+from tools.qemu import GuestError
 from vhostnet.control import control_request
 
 pytestmark = pytest.mark.e2e
@@ -52,8 +53,11 @@ def boot_source(guest, version: str, socket_path: Path, tmp_path: Path):
     return source
 
 
-def check_ping_continued(source, destination) -> None:
-    destination.wait_for(REPLY, timeout=60)
+def check_ping_continued(source, destination, destination_control: Path) -> None:
+    try:
+        destination.wait_for(REPLY, timeout=60)
+    except GuestError as error:
+        pytest.fail(f"{error}\n{destination_diagnosis(destination, destination_control)}")
     destination.wait_exit(timeout=120)
     before = ping_replies(source.output(), GATEWAY)
     after = ping_replies(destination.output(), GATEWAY)
@@ -66,7 +70,8 @@ def check_ping_continued(source, destination) -> None:
 def test_migration_with_device_state(vhostnet, guest, kit, tmp_path):
     if kit.qemu10 is None:
         pytest.fail(f"QEMU 10.0 is needed for DEVICE_STATE: {kit.qemu10_reason}")
-    src_net, dst_net = vhostnet(), vhostnet()
+    dst_ctl = tmp_path / "dst.ctl"
+    src_net, dst_net = vhostnet(), vhostnet("--control", str(dst_ctl))
     source = boot_source(guest, "10.0", src_net.socket_path, tmp_path)
     destination = guest("10.0", SCRIPT, socket_path=dst_net.socket_path,
                         qmp_path=tmp_path / "dst.qmp", extra_args=("-incoming", "defer"))
@@ -74,7 +79,7 @@ def test_migration_with_device_state(vhostnet, guest, kit, tmp_path):
     destination.qmp("migrate-incoming", uri=uri)
     source.qmp("migrate", uri=uri)
     wait_migrated(source)
-    check_ping_continued(source, destination)
+    check_ping_continued(source, destination, dst_ctl)
     assert "device state: saving" in src_net.log_text()
     assert "network state loaded: guest 52:54:00" in dst_net.log_text()
     assert src_net.running() and dst_net.running()
@@ -96,5 +101,5 @@ def test_migration_with_control_sockets_qemu72(vhostnet, guest, tmp_path):
     loaded = control_request(str(dst_ctl), "load-state", file=str(state))
     assert loaded["ok"], loaded
     destination.qmp("cont")
-    check_ping_continued(source, destination)
+    check_ping_continued(source, destination, dst_ctl)
     assert "network state loaded: guest 52:54:00" in dst_net.log_text()

@@ -23,7 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.guestlib import GATEWAY, PING_REPLY, REPO_ROOT, ping_replies, static_ipv4
+from tests.e2e.guestlib import (
+    GATEWAY,
+    PING_REPLY,
+    REPO_ROOT,
+    destination_diagnosis,
+    ping_replies,
+    static_ipv4,
+)
 from tests.e2e.hostservers import LOOPBACK, PacedHttpServer, free_port, generated_bytes, sha256_hex
 from tests.e2e.test_migration import wait_migrated
 from vhostnet.control import control_request
@@ -179,15 +186,7 @@ class Scenario:
         """What the destination looked like when the forwarded connection went quiet."""
         lines = [f"the forwarded connection answered {echoed!r} after the migration"]
         if self.destination is not None:
-            try:
-                lines.append(f"destination QEMU: {self.destination.qmp('query-status')}")
-            except Exception as error:  # noqa: BLE001 (a diagnosis must not hide the failure)
-                lines.append(f"destination QEMU did not answer query-status: {error!r}")
-        try:
-            counters = control_request(str(self.controls[1]), "stats")["counters"]
-            lines.append(f"destination vhostnet counters: {counters}")
-        except Exception as error:  # noqa: BLE001
-            lines.append(f"destination vhostnet did not answer stats: {error!r}")
+            lines.append(destination_diagnosis(self.destination, self.controls[1]))
         return "\n".join(lines)
 
     def close(self) -> None:
