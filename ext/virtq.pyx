@@ -272,15 +272,13 @@ cdef class SplitQueue:
         signal after a start is unconditional for the same reason). A spurious
         interrupt costs the guest one look at the ring.
         """
-        cdef uint64_t one = 1
-        if self._broken or not self.ready or self.call_fd < 0:
+        cdef bint sent
+        if self._broken or not self.ready:
             return False
         self.signalled_used = self.used_published
-        if c_write(self.call_fd, &one, 8) != 8:
-            self.count_error(R_NOTIFY_FAILED)
-            return False
-        self.stats[S_NOTIFICATIONS] += 1
-        return True
+        with nogil:
+            sent = self._signal()
+        return sent
 
     def enable_kick(self) -> bool:
         cdef bint moved
@@ -475,7 +473,6 @@ cdef class SplitQueue:
         cdef uint16_t old_idx = self.signalled_used
         cdef uint16_t used_event
         cdef bint wanted
-        cdef uint64_t one = 1
         if self._broken or not self.ready or new_idx == old_idx:
             return False
         vq_fence_full()  # our used->idx store must be ordered before reading the guest's wishes
@@ -486,7 +483,14 @@ cdef class SplitQueue:
         else:
             wanted = (vq_load_u16(self.avail) & AVAIL_F_NO_INTERRUPT) == 0
         self.signalled_used = new_idx
-        if not wanted or self.call_fd < 0:
+        if not wanted:
+            return False
+        return self._signal()
+
+    cdef bint _signal(self) noexcept nogil:
+        """Write the call eventfd (if there is one) and count the interrupt."""
+        cdef uint64_t one = 1
+        if self.call_fd < 0:
             return False
         if c_write(self.call_fd, &one, 8) != 8:
             self.count_error(R_NOTIFY_FAILED)
