@@ -2,11 +2,12 @@
 # that read and write packets (included textually: `include "net_inline.pxi"`).
 # Everything here is inline and GIL-free.
 
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 cdef extern from "<endian.h>" nogil:
     unsigned int be32toh(unsigned int)
+
 
 cdef inline uint16_t be16(const uint8_t *p) noexcept nogil:
     return (<uint16_t>p[0] << 8) | p[1]
