@@ -14,6 +14,7 @@ changes, call ``memory_changed()``; it rebuilds the kernel's table in place
 from __future__ import annotations
 
 import logging
+from typing import TypeVar
 
 from vhostnet.virtqueue import _virtq
 from vhostnet.virtqueue._virtq import FrameBatch
@@ -22,6 +23,8 @@ from vhostnet.virtqueue.memory import AddressError, GuestMemory
 __all__ = ["MAX_FRAME_BYTES", "Virtqueue"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 MAX_FRAME_BYTES: int = _virtq.MAX_FRAME_BYTES
 
@@ -89,10 +92,7 @@ class Virtqueue:
 
     def tx_drain(self, batch: FrameBatch, max_frames: int) -> int:
         """Move up to ``max_frames`` guest TX frames into ``batch``; returns how many."""
-        done = self._kernel.tx_drain(batch, max_frames)
-        if self._kernel.has_new_errors:
-            self._log_new_errors()
-        return done
+        return self._reported(self._kernel.tx_drain(batch, max_frames))
 
     def rx_push(self, batch: FrameBatch, start: int = 0) -> int:
         """Write frames ``start…`` of ``batch`` into guest RX buffers.
@@ -100,24 +100,15 @@ class Virtqueue:
         Returns how many frames were consumed: delivered, or dropped because they can never
         fit (counted). The rest wait for the guest to post buffers.
         """
-        done = self._kernel.rx_push(batch, start)
-        if self._kernel.has_new_errors:
-            self._log_new_errors()
-        return done
+        return self._reported(self._kernel.rx_push(batch, start))
 
     def notify(self) -> bool:
         """Signal the call eventfd if the guest wants an interrupt for what was just used."""
-        sent = self._kernel.notify()
-        if self._kernel.has_new_errors:
-            self._log_new_errors()
-        return sent
+        return self._reported(self._kernel.notify())
 
     def signal_restart(self) -> bool:
         """Interrupt the guest once at a ring start: an interrupt may have been lost meanwhile."""
-        sent = self._kernel.signal_restart()
-        if self._kernel.has_new_errors:
-            self._log_new_errors()
-        return sent
+        return self._reported(self._kernel.signal_restart())
 
     def enable_kick(self) -> bool:
         """Ask the guest for kicks again; True if buffers arrived meanwhile (drain again)."""
@@ -166,6 +157,12 @@ class Virtqueue:
     def positions(self) -> dict[str, int]:
         """Ring indices, ours and the guest's (avail, used, event indices, flags)."""
         return self._kernel.positions()
+
+    def _reported(self, result: _T) -> _T:
+        """``result``, after logging the kinds of bad guest input the kernel met for the first time."""
+        if self._kernel.has_new_errors:
+            self._log_new_errors()
+        return result
 
     def _log_new_errors(self) -> None:
         counts = self._kernel.counters()
