@@ -18,11 +18,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from ..stack.checksum import PROTO_TCP
 from ..stack.config import ip4
 from ..stack.tcp import TcpEngine
 from ..stack.tcp_flow import HALF_SEQ, Flow, Phase, seq_diff
-from ..stack.tcp_wire import ACK, RST, emit_segment
+from ..stack.tcp_wire import ACK, RST
 from .tcp_repair import SocketDump
 
 MAX_RECORDS = 65536
@@ -149,10 +148,7 @@ def parse_records(records: object) -> list[TcpRecord]:
 def reset_toward_guest(engine: TcpEngine, resets: list[TcpRecord]) -> int:
     """Send the guest one RST (with the connection's own numbers) per parsed record."""
     for record in resets:
-        segment = emit_segment(record.remote_ip, record.guest_ip, record.remote_port,
-                               record.guest_port, record.snd_nxt, record.rcv_nxt,
-                               RST | ACK, 0, b"", b"")
-        engine.output.send_ipv4(record.remote_ip, record.guest_ip, PROTO_TCP, segment)
+        engine.tx.emit_without_flow(record.key, record.snd_nxt, record.rcv_nxt, RST | ACK)
         engine.stats.inc("tcp.rst_sent")
         engine.stats.inc("tcp.migration_reset")
     return len(resets)

@@ -143,10 +143,7 @@ class GuestOutput:
 
     def ack_closed(self, key: tuple[bytes, int, bytes, int], seq: int, ack: int) -> None:
         """The final ACK again, for a retransmission of a connection that closed cleanly."""
-        guest_ip, guest_port, remote_ip, remote_port = key
-        segment = emit_segment(remote_ip, guest_ip, remote_port, guest_port, seq, ack, ACK, 0)
-        self.output.send_ipv4(remote_ip, guest_ip, PROTO_TCP, segment)
-        self.stats.inc("tcp.segments_out")
+        self.emit_without_flow(key, seq, ack, ACK)
         self.stats.inc("tcp.closed_straggler_acked")
 
     def answer_stray(self, key: tuple[bytes, int, bytes, int], seg: TcpSegmentView) -> None:
@@ -154,13 +151,17 @@ class GuestOutput:
         if seg.has(RST):
             self.stats.inc("tcp.drop.no_flow")
             return
-        guest_ip, guest_port, remote_ip, remote_port = key
         if seg.has(ACK):
-            seq, ack, flags = seg.ack, 0, RST
+            self.emit_without_flow(key, seg.ack, 0, RST)
         else:
-            seq, ack, flags = 0, (seg.seq + seg.segment_len) & 0xFFFFFFFF, RST | ACK
+            self.emit_without_flow(key, 0, (seg.seq + seg.segment_len) & 0xFFFFFFFF, RST | ACK)
+        self.stats.inc("tcp.rst_sent")
+        self.stats.inc("tcp.rst_stray")
+
+    def emit_without_flow(self, key: tuple[bytes, int, bytes, int], seq: int, ack: int,
+                           flags: int) -> None:
+        """A segment to the guest for a 4-tuple the engine keeps no flow for (window 0)."""
+        guest_ip, guest_port, remote_ip, remote_port = key
         segment = emit_segment(remote_ip, guest_ip, remote_port, guest_port, seq, ack, flags, 0)
         self.output.send_ipv4(remote_ip, guest_ip, PROTO_TCP, segment)
         self.stats.inc("tcp.segments_out")
-        self.stats.inc("tcp.rst_sent")
-        self.stats.inc("tcp.rst_stray")
