@@ -27,7 +27,7 @@ from vhostnet.hostio._tcp_fast import TcpFastPath as _Kernel
 from vhostnet.hostio.tcp import TcpHost
 from vhostnet.stack.stack import NetworkStack
 from vhostnet.stack.tcp import TcpEngine
-from vhostnet.stack.tcp_flow import Flow, Phase
+from vhostnet.stack.tcp_flow import Flow
 
 MAX_RAW_WINDOW = 0xFFFF
 
@@ -129,14 +129,10 @@ class TcpFastPath:
 def _simple(flow: Flow) -> bool:
     """In-order data is all that can happen: established, nothing buffered, no FIN either way."""
     return (
-        flow.phase is Phase.ESTABLISHED
+        flow.open_both_ways
         and not flow.to_host
         and not flow.send_queued
         and flow.rcv_queued == flow.rcv_nxt
-        and not flow.guest_fin
-        and not flow.host_shut
-        and not flow.host_eof
-        and not flow.fin_sent
     )
 
 

@@ -31,8 +31,7 @@ MAX_WINDOW = 1 << 30
 
 def migratable(flow: Flow) -> bool:
     """Established with both directions open (see the module docstring)."""
-    return (flow.phase is Phase.ESTABLISHED and not flow.guest_fin and not flow.host_shut
-            and not flow.host_eof and not flow.fin_sent)
+    return flow.open_both_ways
 
 
 def export_connections(engine: TcpEngine,

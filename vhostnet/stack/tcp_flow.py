@@ -168,6 +168,12 @@ class Flow:
         """Relative receive-side number of a wire sequence value, taken near rcv_nxt."""
         return self.rcv_nxt + seq_diff(wire, self.recv_seq(self.rcv_nxt))
 
+    @property
+    def open_both_ways(self) -> bool:
+        """Established, and no FIN seen or sent, nor the host side shut or at EOF."""
+        return (self.phase is Phase.ESTABLISHED and not self.guest_fin and not self.host_shut
+                and not self.host_eof and not self.fin_sent)
+
     def next_deadline(self) -> float | None:
         times = [t for t in (self.rto_at, self.syn_at, self.fin_at, self.idle_at) if t is not None]
         return min(times) if times else None
