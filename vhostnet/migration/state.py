@@ -31,6 +31,13 @@ class StateError(ValueError):
     """The blob is not a vhostnet state we can load; the message says why."""
 
 
+def checked_int(value: object, what: str, low: int, high: int) -> int:
+    """``value`` from a record if it is an integer (not a bool) in ``low..high``, else ValueError."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{what} {value!r} is not an integer in {low}..{high}")
+    return value
+
+
 def encode_state(sections: dict[str, object]) -> bytes:
     """Serialise ``sections`` (name -> JSON-compatible value) into one blob."""
     if len(sections) > MAX_SECTIONS:

@@ -35,6 +35,8 @@ import termios
 import time
 from dataclasses import dataclass
 
+from .state import checked_int
+
 TCP_REPAIR = 19
 TCP_REPAIR_QUEUE = 20
 TCP_QUEUE_SEQ = 21
@@ -141,25 +143,18 @@ def can_repair_directly() -> bool:
 
 
 def _u32(value: object, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 32:
-        raise ValueError(f"{what} {value!r} is not a 32-bit unsigned number")
-    return value
+    return checked_int(value, what, 0, 0xFFFFFFFF)
 
 
 def _small(value: object, what: str, limit: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
-        raise ValueError(f"{what} {value!r} is outside 0..{limit}")
-    return value
+    return checked_int(value, what, 0, limit)
 
 
 def _endpoint(value: object, what: str) -> tuple[str, int]:
     if not isinstance(value, list) or len(value) != 2:
         raise ValueError(f"{what} is not [address, port]")
     address = str(ipaddress.IPv4Address(str(value[0])))
-    port = value[1]
-    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-        raise ValueError(f"{what} port {port!r} is out of range")
-    return address, port
+    return address, checked_int(value[1], f"{what} port", 1, 65535)
 
 
 def _queue(value: object, what: str) -> bytes:

@@ -22,6 +22,7 @@ from ..stack.config import ip4
 from ..stack.tcp import TcpEngine
 from ..stack.tcp_flow import HALF_SEQ, Flow, Phase, seq_diff
 from ..stack.tcp_wire import ACK, RST
+from .state import checked_int
 from .tcp_repair import SocketDump
 
 MAX_RECORDS = 65536
@@ -57,21 +58,11 @@ def export_connections(engine: TcpEngine,
 
 
 def _u32(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 32:
-        raise ValueError(f"bad sequence number {value!r}")
-    return value
+    return checked_int(value, "sequence number", 0, 0xFFFFFFFF)
 
 
 def _port(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
-        raise ValueError(f"bad port {value!r}")
-    return value
-
-
-def _bounded(value: object, what: str, low: int, high: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"bad {what} {value!r}")
-    return value
+    return checked_int(value, "port", 1, 65535)
 
 
 @dataclass(frozen=True)
@@ -124,10 +115,10 @@ def _parse_one(record: object) -> TcpRecord:
     return TcpRecord(
         **base,  # type: ignore[arg-type]
         inbound=inbound, snd_una=snd_una, snd_max=snd_max,
-        snd_wnd=_bounded(record["snd_wnd"], "window", 0, MAX_WINDOW),
-        snd_wscale=_bounded(record["snd_wscale"], "window scale", 0, 14),
-        rcv_wscale=_bounded(record["rcv_wscale"], "window scale", 0, 14),
-        mss=_bounded(record["mss"], "MSS", 64, 65535),
+        snd_wnd=checked_int(record["snd_wnd"], "window", 0, MAX_WINDOW),
+        snd_wscale=checked_int(record["snd_wscale"], "window scale", 0, 14),
+        rcv_wscale=checked_int(record["rcv_wscale"], "window scale", 0, 14),
+        mss=checked_int(record["mss"], "MSS", 64, 65535),
         to_host=bytes.fromhex(to_host), host=host,
     )
 
