@@ -3,10 +3,12 @@
 The guest pings the gateway, downloads 50 MB over one HTTP connection from a
 paced host server (held part-way until the migration completed, so the
 connection certainly spans it), and holds an inbound forwarded connection
-(`-t` to `nc -l -e cat` in the guest: an echo). After the migration the ping
-goes on, the download's sha256 matches, the forwarded connection still
-echoes, and the destination's counters say the connections were restored,
-not reset. QEMU 10.0 moves vhostnet's state with DEVICE_STATE, QEMU 7.2
+(`-t` to `nc -l -e cat` in the guest: an echo). Before the migration the test
+pushes 1 MB through the echo and reads none of it back, so the echoed bytes
+back up into vhostnet's host socket, never sent. After the migration the ping
+goes on, the download's sha256 matches, the whole 1 MB comes back, the
+forwarded connection still echoes, and the destination's counters say the
+connections were restored, not reset, with unsent bytes in a send queue. QEMU 10.0 moves vhostnet's state with DEVICE_STATE, QEMU 7.2
 through the control sockets (save-state, release, load-state). One variant
 runs both vhostnets without CAP_NET_ADMIN and `vhostnet repair` helpers.
 """
@@ -18,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +45,7 @@ DOWNLOAD_SECONDS = 20.0
 HOLD_FRACTION = 0.7  # the server waits here until the migration is over
 MIGRATE_AFTER_BYTES = 8 * 1024 * 1024
 GUEST_ECHO_PORT = 5001
+ECHO_BACKLOG_BYTES = 1024 * 1024
 PING_COUNT = 400
 GUEST_MEMORY_MB = 384
 IO_SECONDS = 60.0
@@ -95,6 +99,20 @@ def open_forward(port: int) -> socket.socket:
     pytest.fail("the forwarded connection into the guest never echoed")
 
 
+def read_exactly(conn: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    deadline = time.monotonic() + IO_SECONDS
+    while len(data) < size and time.monotonic() < deadline:
+        try:
+            chunk = conn.recv(size - len(data))
+        except TimeoutError:
+            break  # the caller compares what arrived
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
 def wait_until(condition, seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -113,6 +131,8 @@ class Scenario:
         self.server = PacedHttpServer("big", self.data, DOWNLOAD_SECONDS,
                                       int(DOWNLOAD_BYTES * HOLD_FRACTION))
         self.forward_port = free_port()
+        self.backlog = generated_bytes(ECHO_BACKLOG_BYTES, seed=7)
+        self.backlog_pusher: threading.Thread | None = None
         self.controls = (tmp_path / "src.ctl", tmp_path / "dst.ctl")
         self.helper_processes: list[subprocess.Popen[bytes]] = []
         common = ("-t", f"{LOOPBACK}/{self.forward_port}:{GUEST_ECHO_PORT}")
@@ -144,6 +164,12 @@ class Scenario:
         for _ in range(3):
             offset = self.source.wait_for(REPLY, timeout=60, start=offset).end()
         forward = open_forward(self.forward_port)
+        # Pushed from a thread: with nothing read back, the echo may stop taking
+        # bytes before all are in (sendall would then wait for the read after the
+        # migration).
+        self.backlog_pusher = threading.Thread(target=forward.sendall, args=(self.backlog,),
+                                               daemon=True)
+        self.backlog_pusher.start()
         wait_until(lambda: self.server.sent >= MIGRATE_AFTER_BYTES, 300, "the download to start")
         self.destination = self.guest(self.version, self.script,
                                       socket_path=self.dest_net.socket_path,
@@ -160,9 +186,17 @@ class Scenario:
         print(f"QEMU {self.version}: migration total {info.get('total-time')} ms, downtime "
               f"{info.get('downtime')} ms, vhostnet state {state or 'via control socket'} bytes")
 
+    def read_backlog(self, forward: socket.socket) -> None:
+        echoed = read_exactly(forward, len(self.backlog))
+        assert self.backlog_pusher is not None
+        self.backlog_pusher.join(IO_SECONDS)
+        assert echoed == self.backlog, (f"{len(echoed)} of the {len(self.backlog)} pushed bytes "
+                                        f"came back, equal: {echoed == self.backlog[:len(echoed)]}")
+
     def after_migration(self, forward: socket.socket) -> dict[str, int]:
         assert self.server.sent < DOWNLOAD_BYTES, "the download ended before the migration"
         self.server.release()
+        self.read_backlog(forward)
         echoed = echo_line(forward, b"after migration\n")
         assert echoed == b"after migration\n", self.diagnosis(echoed)
         forward.close()
@@ -179,6 +213,7 @@ class Scenario:
         assert before and after and min(after) > max(before), "the ping did not continue"
         assert counters.get("tcp.migration_restored") == 2, counters
         assert counters.get("tcp.migration_reset", 0) == 0, counters
+        assert counters.get("tcp.migration_unsent_bytes", 0) > 0, counters
         assert "released 2 frozen TCP connection(s)" in self.source_net.log_text()
         return counters
 
@@ -274,6 +309,7 @@ def test_abandoned_migration_leaves_the_connections_on_the_source_qemu72(scenari
     scenario.destination.kill()
     scenario.source.qmp("cont")
     scenario.server.release()
+    scenario.read_backlog(forward)
     assert echo_line(forward, b"after abandoning\n") == b"after abandoning\n"
     forward.close()
     scenario.source.wait_exit(GUEST_DONE_SECONDS)

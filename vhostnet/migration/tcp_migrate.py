@@ -33,7 +33,9 @@ the source without its connections (logged); one that fails before keeps them.
 
 Destination, ``restore``: each record with a host socket gets a new socket,
 repair on, bind/sequence numbers/connect (waiting a bounded time for the
-source's release)/queues/options/window, repair off, adopted by the glue; the
+source's release)/queues (the send queue's sent part)/options/window, repair
+off, the never-sent tail of the send queue written normally (so it leaves
+without waiting for a retransmission timeout), adopted by the glue; the
 engine's flow is re-created with the same wire sequence numbers. Data that was
 in flight to the guest is sent again (the guest drops duplicates); its
 unacknowledged bytes are still in the restored receive queue. A connection
@@ -57,6 +59,7 @@ from .tcp_repair import (
     dump_socket,
     new_restore_socket,
     restore_in_repair,
+    send_unsent,
 )
 from .tcp_state import TcpRecord, export_connections, migratable, reset_toward_guest
 
@@ -336,7 +339,20 @@ class TcpMigration:
             for _, sock in done:
                 sock.close()
             return [], failed + [record for record, _ in done]
-        return done, failed
+        restored = []
+        for record, sock in done:
+            assert record.host is not None
+            try:
+                send_unsent(sock, record.host)
+                stats.inc("tcp.migration_unsent_bytes", record.host.unsent)
+                restored.append((record, sock))
+            except RepairError as error:
+                log.warning("TCP connection %s:%d -> %s:%d not restored: %s",
+                            *record.host.local, *record.host.peer, error)
+                stats.inc("tcp.migration_restore_failed")
+                abort_close(sock)  # live again: the peer must learn the stream broke
+                failed.append(record)
+        return restored, failed
 
     def _recreate_flow(self, record: TcpRecord, sock: socket.socket, now: float) -> None:
         engine, host = self.network.tcp, self.network.tcp_host

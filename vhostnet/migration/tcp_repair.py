@@ -175,7 +175,7 @@ class SocketDump:
     send_seq: int  # sequence number of the first byte of ``send_queue`` (snd_una)
     recv_seq: int  # sequence number of the first byte of ``recv_queue``
     send_queue: bytes  # written by us, not yet acknowledged by the peer
-    unsent: int  # how many bytes at the end of ``send_queue`` never left (for the logs)
+    unsent: int  # how many bytes at the end of ``send_queue`` never left (see send_unsent)
     recv_queue: bytes  # received, not yet consumed by us
     mss: int
     snd_wscale: int
@@ -240,10 +240,16 @@ def _select_queue(sock: socket.socket, queue: int) -> None:
 def _peek_queue(sock: socket.socket, length: int) -> bytes:
     if length == 0:
         return b""
+    # Python waits for POLLIN before reading a socket that has a timeout, and
+    # POLLIN follows the receive queue even while the send queue is selected.
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
     try:
-        data = sock.recv(length, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        data = sock.recv(length, socket.MSG_PEEK)
     except BlockingIOError:
         data = b""
+    finally:
+        sock.settimeout(timeout)
     if len(data) != length:
         raise RepairError(errno.ENXIO, f"queue read {len(data)} of {length} bytes")
     return data
@@ -359,13 +365,16 @@ def restore_in_repair(sock: socket.socket, dump: SocketDump, *, wait_for_tuple: 
         _connect_when_free(sock, dump.peer, wait_for_tuple)
         step = "writing the receive queue"
         _write_queue(sock, dump.recv_queue)
-        # The whole send queue goes back in repair mode, the never-sent tail
-        # included: it then counts as in flight and the kernel's retransmission
-        # timer sends it, where a normal write could block on a full buffer.
+        # Only the bytes that were sent go back in repair mode: they count as in
+        # flight, and the peer's answer to the window probe (or the retransmission
+        # timer) settles them. The never-sent tail must not join them, or it too
+        # would wait for the retransmission timer (one to several seconds with
+        # backoff) instead of leaving as soon as the window allows: ``send_unsent``
+        # writes it normally once repair mode is off. The buffer is sized for both.
         step = "writing the send queue"
         _make_room_for_send_queue(sock, len(dump.send_queue))
         _select_queue(sock, TCP_SEND_QUEUE)
-        _write_queue(sock, dump.send_queue)
+        _write_queue(sock, dump.send_queue[:len(dump.send_queue) - dump.unsent])
         _select_queue(sock, TCP_NO_QUEUE)
         step = "setting the repair options"
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_OPTIONS, _repair_options(dump))
@@ -375,6 +384,25 @@ def restore_in_repair(sock: socket.socket, dump: SocketDump, *, wait_for_tuple: 
         raise
     except OSError as error:
         raise _step(step, error) from None
+
+
+def send_unsent(sock: socket.socket, dump: SocketDump) -> None:
+    """Queue the never-sent tail of ``dump``'s send queue on ``sock``, restored by
+    ``restore_in_repair`` and out of repair mode; ``RepairError`` if it does not all fit
+    (the buffer was sized for the whole queue, so it does unless memory ran out)."""
+    tail = memoryview(dump.send_queue)[len(dump.send_queue) - dump.unsent:]
+    # Bounded: every round writes at least one byte or ends the loop.
+    for _ in range(len(tail) // MIN_RESTORE_CHUNK + 64):
+        if not tail:
+            return
+        try:
+            tail = tail[sock.send(tail[:RESTORE_CHUNK], socket.MSG_DONTWAIT):]
+        except BlockingIOError:
+            break
+        except OSError as error:
+            raise _step("writing the unsent bytes", error) from None
+    if tail:
+        raise RepairError(errno.ENOBUFS, f"{len(tail)} unsent bytes did not fit in the send buffer")
 
 
 def _connect_when_free(sock: socket.socket, peer: tuple[str, int], wait: float) -> None:
