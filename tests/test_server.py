@@ -164,6 +164,22 @@ def test_rings_resume_from_returned_bases_after_reconnect(server: VhostnetProces
     assert closed["device.tx.frames"] == 3 and closed["device.rx.frames"] == 3
 
 
+def test_frames_queued_before_the_kick_fd_go_out_without_a_kick(server: VhostnetProcess) -> None:
+    """After a migration the guest's last TX kick went to the source's back-end; with
+    EVENT_IDX it will not kick again for the frames already queued."""
+    with Frontend(server.socket_path) as frontend:
+        frontend.connect()
+        frontend.start()
+        mac = gateway_mac(frontend)
+        bases = frontend.stop()
+    with Frontend(server.socket_path) as frontend:
+        frontend.connect()
+        frontend.start(bases=(bases[0], bases[1]),
+                       unkicked_tx=(echo_request(mac, b"queued before the kick fd", 3),))
+        replies = frontend.receive_frames(timeout=5)
+        assert replies and replies[0][42:] == b"queued before the kick fd"
+
+
 def test_call_fd_replaced_on_a_running_ring_gets_one_interrupt(server: VhostnetProcess) -> None:
     """QEMU swaps its masked notifier for the guest's while starting; a ring may already run."""
     with Frontend(server.socket_path) as frontend:

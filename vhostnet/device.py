@@ -196,6 +196,13 @@ class NetDevice:
         # The guest may have kicked before we got the fd (it kicks RX before
         # DRIVER_OK), so the reader fires at once if the eventfd is readable.
         self.loop.add_reader(fd, self._on_kick, index)
+        # It may also never kick: a kick that went to the back-end before (the
+        # source of a migration, or this one just before a stop) is lost, and with
+        # EVENT_IDX the guest kicks again only once it passes the avail_event that
+        # back-end left, so frames queued meanwhile would wait forever. Look at
+        # the ring now, as if kicked: it starts here if it is configured (passt
+        # and libvhost-user start a ring on SET_VRING_KICK too).
+        self.loop.call_soon(self._on_kick, index)
 
     def ring_call_fd(self, index: int, fd: int | None) -> None:
         self.call_fds.pop(index, None)
@@ -231,7 +238,8 @@ class NetDevice:
         self.enabled.setdefault(index, ring.enabled)
         self.ring_log[index] = (ring.log, ring.log_guest_addr)
         self._apply_log()
-        log.info("ring %d started (size %d, base %d)", index, ring.num, ring.base)
+        log.info("ring %d started (size %d, base %d, guest avail index %s)", index, ring.num,
+                 ring.base, self.queues[index].positions().get("guest_avail", "unreadable"))
         # After a migration or reconnect the guest may wait for an interrupt the
         # old back-end raised too late; its event index then lags behind used->idx
         # and no later notification would be due. One unconditional call wakes it.

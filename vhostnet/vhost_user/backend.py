@@ -223,7 +223,8 @@ class BackendHandler:
         return self._replies(msg, body, ok)
 
     def start_ring(self, index: int) -> bool:
-        """Called by the device on the first kick: start the ring if it is ready.
+        """Called by the device on the first kick (or a look at the ring when the
+        kick fd arrives, see the device): start the ring if it is ready.
 
         Returns False (and changes nothing) if the ring is unknown, already
         started, or still lacks num, addr or kick; the device keeps polling.

@@ -78,6 +78,11 @@ _ALWAYS_REPLY = {
 _VIRTIO_NET_HDR = struct.Struct("<BBHHHHH")  # flags, gso_type, hdr_len, gso_size, csum x2, num_buffers
 
 
+def _pieces(frame: bytes) -> list[bytes]:
+    """A frame cut into slot-sized pieces, one descriptor each."""
+    return [frame[i : i + SLOT_SIZE] for i in range(0, len(frame), SLOT_SIZE)] or [b""]
+
+
 class ProtocolError(RuntimeError):
     """The back-end answered something QEMU would reject."""
 
@@ -254,8 +259,13 @@ class Frontend:
             table = MemoryTable(tuple(regions))
             self._acked(Request.SET_MEM_TABLE, table.emit(), [fd] * len(regions))
 
-    def start(self, bases: tuple[int, int] = (0, 0)) -> None:
-        """The DRIVER_OK sequence: features, memory, rings, status 0xf."""
+    def start(self, bases: tuple[int, int] = (0, 0), unkicked_tx: tuple[bytes, ...] = ()) -> None:
+        """The DRIVER_OK sequence: features, memory, rings, status 0xf.
+
+        ``unkicked_tx``: frames already on the TX ring when the back-end gets it,
+        never kicked, like a guest whose kick went to the back-end before (the
+        source of a migration) and which, with EVENT_IDX, will not kick again.
+        """
         self.acked_features = self._features_to_ack()
         self.request(Request.SET_FEATURES, U64(self.acked_features).emit())
         status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
@@ -272,6 +282,8 @@ class Frontend:
         # Like Linux, fill RX and kick before the back-end even has the kick fd.
         self._refill_rx()
         self._kick(RX_RING)
+        for frame in unkicked_tx:
+            self._queue_tx(frame, None)
         for ring, layout in enumerate(self.layouts):
             self.request(Request.SET_VRING_NUM, VringState(ring, layout.size).emit())
             self.request(Request.SET_VRING_BASE, VringState(ring, bases[ring]).emit())
@@ -345,7 +357,7 @@ class Frontend:
         """
         if self.tx is None:
             raise RuntimeError("start() first")
-        pieces = [frame[i : i + SLOT_SIZE] for i in range(0, len(frame), SLOT_SIZE)] or [b""]
+        pieces = _pieces(frame)
         deadline = time.monotonic() + self.timeout
         while True:
             self._reclaim_tx()
@@ -354,19 +366,24 @@ class Frontend:
             if time.monotonic() >= deadline:
                 raise TimeoutError("TX ring stayed full")
             self._wait_call(TX_RING, 0.01)
+        self._queue_tx(frame, header)
+        self._kick(TX_RING)
+
+    def _queue_tx(self, frame: bytes, header: bytes | None) -> None:
+        """Put one frame on TX without kicking; the caller made sure it fits."""
+        assert self.tx is not None
         header_gpa = self.slots.alloc()
         assert header_gpa is not None
         self.memory.write(header_gpa, bytes(VIRTIO_NET_HDR_SIZE) if header is None else header)
         chain = [(header_gpa, VIRTIO_NET_HDR_SIZE, False)]
         used_slots = [header_gpa]
-        for piece in pieces:
+        for piece in _pieces(frame):
             gpa = self.slots.alloc()
             assert gpa is not None
             self.memory.write(gpa, piece)
             chain.append((gpa, len(piece), False))
             used_slots.append(gpa)
         self.tx.add_chain(chain, used_slots)
-        self._kick(TX_RING)
 
     def tx_pending(self) -> int:
         """TX chains the back-end has not completed yet."""
