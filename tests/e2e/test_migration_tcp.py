@@ -46,6 +46,8 @@ HOLD_FRACTION = 0.7  # the server waits here until the migration is over
 MIGRATE_AFTER_BYTES = 8 * 1024 * 1024
 GUEST_ECHO_PORT = 5001
 ECHO_BACKLOG_BYTES = 1024 * 1024
+# More than the test's own receive window takes, so some must wait in vhostnet.
+BACKLOG_IN_SOCKET = 512 * 1024
 PING_COUNT = 400
 GUEST_MEMORY_MB = 384
 IO_SECONDS = 60.0
@@ -171,6 +173,9 @@ class Scenario:
                                                daemon=True)
         self.backlog_pusher.start()
         wait_until(lambda: self.server.sent >= MIGRATE_AFTER_BYTES, 300, "the download to start")
+        # Part of the echo must sit in vhostnet's host socket, unsent, when it freezes.
+        wait_until(lambda: self.source_counter("tcp.bytes_to_host") >= BACKLOG_IN_SOCKET, 120,
+                   "the echoed bytes to reach vhostnet's host socket")
         self.destination = self.guest(self.version, self.script,
                                       socket_path=self.dest_net.socket_path,
                                       qmp_path=self.tmp_path / "dst.qmp",
@@ -179,6 +184,9 @@ class Scenario:
         self.destination.qmp("migrate-incoming", uri=uri)
         self.source.qmp("migrate", uri=uri)
         return forward
+
+    def source_counter(self, name: str) -> int:
+        return control_request(str(self.controls[0]), "stats")["counters"].get(name, 0)
 
     def report_figures(self) -> None:
         info = self.source.qmp("query-migrate")
