@@ -301,8 +301,9 @@ class NetDevice:
             self._drop_kick(index)
             return
         if index not in self.queues:
-            # First kick: the ring starts now (vhost-user "ring started" state),
-            # if QEMU has configured it completely; otherwise keep waiting.
+            # The ring starts now (vhost-user "ring started" state), on the look
+            # taken when the kick fd arrived or on a kick, if QEMU has configured
+            # it completely; otherwise keep waiting.
             if self.handler is None or not self.handler.start_ring(index):
                 return
         if index == TX_QUEUE:
