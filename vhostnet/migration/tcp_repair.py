@@ -390,19 +390,12 @@ def send_unsent(sock: socket.socket, dump: SocketDump) -> None:
     """Queue the never-sent tail of ``dump``'s send queue on ``sock``, restored by
     ``restore_in_repair`` and out of repair mode; ``RepairError`` if it does not all fit
     (the buffer was sized for the whole queue, so it does unless memory ran out)."""
-    tail = memoryview(dump.send_queue)[len(dump.send_queue) - dump.unsent:]
-    # Bounded: every round writes at least one byte or ends the loop.
-    for _ in range(len(tail) // MIN_RESTORE_CHUNK + 64):
-        if not tail:
-            return
-        try:
-            tail = tail[sock.send(tail[:RESTORE_CHUNK], socket.MSG_DONTWAIT):]
-        except BlockingIOError:
-            break
-        except OSError as error:
-            raise _step("writing the unsent bytes", error) from None
-    if tail:
-        raise RepairError(errno.ENOBUFS, f"{len(tail)} unsent bytes did not fit in the send buffer")
+    try:
+        _write_queue(sock, dump.send_queue[len(dump.send_queue) - dump.unsent:])
+    except RepairError:
+        raise
+    except OSError as error:
+        raise _step("writing the unsent bytes", error) from None
 
 
 def _connect_when_free(sock: socket.socket, peer: tuple[str, int], wait: float) -> None:
