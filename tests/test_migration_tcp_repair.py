@@ -66,19 +66,19 @@ def tcp_state(sock: socket.socket) -> int:
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
 
 
-def unacked_bytes(sock: socket.socket) -> int:
+def send_queue_ioctl(sock: socket.socket, request: int) -> int:
     import fcntl
     import struct
-    import termios
 
-    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
+
+
+def unacked_bytes(sock: socket.socket) -> int:
+    return send_queue_ioctl(sock, tcp_repair.SIOCOUTQ)
 
 
 def not_yet_sent_bytes(sock: socket.socket) -> int:
-    import fcntl
-    import struct
-
-    return struct.unpack("i", fcntl.ioctl(sock.fileno(), tcp_repair.SIOCOUTQNSD, b"\0" * 4))[0]
+    return send_queue_ioctl(sock, tcp_repair.SIOCOUTQNSD)
 
 
 def assert_same_stream(got: bytes, expected: bytes, what: str) -> None:

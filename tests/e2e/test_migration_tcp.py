@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -72,19 +73,29 @@ echo RESULT done=yes
 """
 
 
-def echo_line(conn: socket.socket, line: bytes) -> bytes:
-    conn.sendall(line)
-    got = b""
+def receive(conn: socket.socket, still_wanted: Callable[[bytearray], int]) -> bytes:
+    """Read while ``still_wanted(data)`` (bytes to ask for, 0: done) asks for more, until
+    EOF or IO_SECONDS; the caller compares what arrived."""
+    data = bytearray()
     deadline = time.monotonic() + IO_SECONDS
-    while not got.endswith(b"\n") and time.monotonic() < deadline:
+    while (wanted := still_wanted(data)) > 0 and time.monotonic() < deadline:
         try:
-            chunk = conn.recv(4096)
+            chunk = conn.recv(wanted)
         except TimeoutError:
-            break  # the caller compares what arrived
+            break
         if not chunk:
             break
-        got += chunk
-    return got
+        data += chunk
+    return bytes(data)
+
+
+def echo_line(conn: socket.socket, line: bytes) -> bytes:
+    conn.sendall(line)
+    return receive(conn, lambda data: 0 if data.endswith(b"\n") else 4096)
+
+
+def read_exactly(conn: socket.socket, size: int) -> bytes:
+    return receive(conn, lambda data: size - len(data))
 
 
 def open_forward(port: int) -> socket.socket:
@@ -99,20 +110,6 @@ def open_forward(port: int) -> socket.socket:
         conn.close()
         time.sleep(1)
     pytest.fail("the forwarded connection into the guest never echoed")
-
-
-def read_exactly(conn: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    deadline = time.monotonic() + IO_SECONDS
-    while len(data) < size and time.monotonic() < deadline:
-        try:
-            chunk = conn.recv(size - len(data))
-        except TimeoutError:
-            break  # the caller compares what arrived
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
 
 
 def wait_until(condition, seconds: float, what: str) -> None:
