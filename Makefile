@@ -17,7 +17,7 @@ run: setup kit
 
 # The plot extra is installed for the tests too, so the plot test runs in CI.
 test: setup kit $(PLOT_STAMP)
-	$(PY) -m ruff check vhostnet tests tools
+	$(PY) -m ruff check vhostnet tests tools bench testkit
 	$(NETNS) $(PY) -m pytest -ra $(PYTEST_ARGS)
 
 # --guest boots a TCG guest running iperf3 (about 2 minutes of the run); the
@@ -25,14 +25,14 @@ test: setup kit $(PLOT_STAMP)
 # make bench BENCH_ARGS="--guest --json docs/bench.json --plot docs/bench.png"
 BENCH_ARGS ?= --guest
 bench: setup kit $(PLOT_STAMP)
-	$(NETNS) $(PY) -m vhostnet bench $(BENCH_ARGS)
+	$(NETNS) $(PY) -m bench $(BENCH_ARGS)
 
 $(PLOT_STAMP): $(STAMP)
 	$(PY) -m pip install -q matplotlib
 	touch $(PLOT_STAMP)
 
 lint: setup
-	$(PY) -m ruff check vhostnet tests tools
+	$(PY) -m ruff check vhostnet tests tools bench testkit
 
 setup: system-packages $(STAMP) build
 

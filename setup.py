@@ -18,12 +18,12 @@ extensions = [
         extra_compile_args=COMPILE_ARGS,
     ),
     Extension(
-        "vhostnet.stack._csum",
+        "vhostnet.wire._csum",
         ["ext/csum.pyx"],
         extra_compile_args=COMPILE_ARGS,
     ),
     Extension(
-        "vhostnet.stack._tcp_frames",
+        "vhostnet.tcp._frames",
         ["ext/tcp_frames.pyx"],
         extra_compile_args=COMPILE_ARGS,
     ),
@@ -33,7 +33,7 @@ extensions = [
         extra_compile_args=COMPILE_ARGS,
     ),
     Extension(
-        "vhostnet.hostio._tcp_fast",
+        "vhostnet.tcp._fast",
         ["ext/tcp_fast.pyx"],
         extra_compile_args=COMPILE_ARGS,
     ),

@@ -14,86 +14,14 @@ import socket
 import struct
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from vhostnet.control import control_request
-from vhostnet.stack.checksum import internet_checksum
+from testkit.frontend import Frontend
+from tests.support.daemon import REPO, VhostnetProcess, echo_request, gateway_mac
 from vhostnet.vhost_user.codec import U64, Message
-from vhostnet.vhost_user.frontend import Frontend
 from vhostnet.vhost_user.protocol import ProtocolFeature, Request, VirtioFeature
-
-REPO = Path(__file__).resolve().parent.parent
-GUEST_MAC = bytes.fromhex("525400123456")
-GUEST_IP = bytes([10, 0, 2, 15])
-GATEWAY_IP = bytes([10, 0, 2, 2])
-
-
-class VhostnetProcess:
-    def __init__(self, tmp: Path, *args: str) -> None:
-        self.socket_path = str(tmp / "vn.sock")
-        self.control_path = str(tmp / "vn.ctl")
-        self.log_path = tmp / "vn.log"
-        self.log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
-        # A dead upstream port keeps the DNS forwarder off the machine's resolver.
-        command = [sys.executable, "-m", "vhostnet", "--socket", self.socket_path,
-                   "--control", self.control_path, "--dns-upstream", "127.0.0.1:9", *args]
-        self.process = subprocess.Popen(command, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while not (os.path.exists(self.socket_path) and os.path.exists(self.control_path)):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"vhostnet did not start:\n{self.log_path.read_text()}")
-            time.sleep(0.05)
-
-    def stats(self) -> dict[str, int]:
-        return control_request(self.control_path, "stats")["counters"]
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-        code = self.process.wait(timeout=10)
-        self.log.close()
-        return code
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[VhostnetProcess]:
-    process = VhostnetProcess(tmp_path)
-    try:
-        yield process
-    finally:
-        alive = process.process.poll() is None
-        code = process.stop()
-        assert alive, f"vhostnet died during the test:\n{process.log_path.read_text()}"
-        assert code == 0, process.log_path.read_text()
-
-
-def arp_request(target: bytes) -> bytes:
-    return (b"\xff" * 6 + GUEST_MAC + b"\x08\x06" + bytes.fromhex("0001080006040001")
-            + GUEST_MAC + GUEST_IP + b"\x00" * 6 + target)
-
-
-def echo_request(dst_mac: bytes, payload: bytes, seq: int) -> bytes:
-    icmp = bytearray(struct.pack("!BBHHH", 8, 0, 0, 0x4242, seq) + payload)
-    icmp[2:4] = internet_checksum(icmp).to_bytes(2, "big")
-    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), seq, 0x4000, 64, 1,
-                                   0, GUEST_IP, GATEWAY_IP))
-    header[10:12] = internet_checksum(header).to_bytes(2, "big")
-    return dst_mac + GUEST_MAC + b"\x08\x00" + bytes(header) + bytes(icmp)
-
-
-def gateway_mac(frontend: Frontend) -> bytes:
-    frontend.send_frame(arp_request(GATEWAY_IP))
-    replies = frontend.receive_frames(timeout=5)
-    assert len(replies) == 1, replies
-    reply = replies[0]
-    assert reply[12:14] == b"\x08\x06" and reply[20:22] == b"\x00\x02"
-    assert reply[0:6] == GUEST_MAC
-    assert reply[28:32] == GATEWAY_IP
-    return reply[22:28]
 
 
 def test_negotiation_offers_what_the_foundation_promises(server: VhostnetProcess) -> None:

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 
-from . import __version__
+from vhostnet import __version__
 
 log = logging.getLogger("vhostnet")
 
@@ -174,7 +174,7 @@ def _mac(text: str) -> bytes:
 
 def config_from_args(args: argparse.Namespace):  # -> StackConfig
     """Turn parsed options into the stack's configuration, checking each one."""
-    from .stack.config import StackConfig, ip4, parse_port_spec
+    from vhostnet.stack.config import StackConfig, ip4, parse_port_spec
 
     if not 576 <= args.mtu <= 65520:
         raise UsageError(f"MTU {args.mtu} is outside 576..65520")
@@ -236,8 +236,8 @@ def config_from_args(args: argparse.Namespace):  # -> StackConfig
 
 
 async def _serve(args: argparse.Namespace, config) -> int:
-    from .network import Network
-    from .server import Server, SocketPathError, open_listening_socket
+    from vhostnet.network import Network
+    from vhostnet.server import Server, SocketPathError, open_listening_socket
 
     loop = asyncio.get_running_loop()
     try:
@@ -251,7 +251,7 @@ async def _serve(args: argparse.Namespace, config) -> int:
         os.unlink(args.socket)
         raise UsageError(f"cannot set up the network: {exc.strerror or exc}") from None
     network.discard_tx = args.discard_tx
-    from .migration.repair_helper import HelperLink, RepairAccess
+    from vhostnet.migration.repair_helper import HelperLink, RepairAccess
 
     helper = None
     if args.repair_path:
@@ -269,7 +269,7 @@ async def _serve(args: argparse.Namespace, config) -> int:
     server = Server(loop, listener, network)
     control = None
     if args.control:
-        from .control import ControlServer
+        from vhostnet.control import ControlServer
 
         try:
             control_listener = open_listening_socket(args.control)
@@ -278,7 +278,7 @@ async def _serve(args: argparse.Namespace, config) -> int:
             raise UsageError(str(exc)) from None
         control = ControlServer(args.control)
         control.commands["stats"] = lambda _request: {"counters": server.counters()}
-        from .migration.commands import register_state_commands
+        from vhostnet.migration.commands import register_state_commands
 
         register_state_commands(control, network)
         await control.start(control_listener)
@@ -295,12 +295,8 @@ async def _serve(args: argparse.Namespace, config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        from .bench import main as bench_main
-
-        return bench_main(argv[1:])
     if argv[:1] == ["repair"]:
-        from .migration.repair_helper import main as repair_main
+        from vhostnet.migration.repair_helper import main as repair_main
 
         return repair_main(argv[1:])
     parser = build_parser()

@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .migration.transfer import DeviceStateTransfer
-from .stack.counters import add_counts
-from .vhost_user import protocol as vu
-from .virtqueue import FrameBatch, GuestMemory, Virtqueue
+from vhostnet.migration.transfer import DeviceStateTransfer
+from vhostnet.stack.counters import add_counts
+from vhostnet.vhost_user import protocol as vu
+from vhostnet.virtqueue import FrameBatch, GuestMemory, Virtqueue
 
 if TYPE_CHECKING:
-    from .network import Network
-    from .vhost_user.backend import BackendHandler, VringConfig
-    from .vhost_user.codec import MemoryRegion
+    from vhostnet.network import Network
+    from vhostnet.vhost_user.backend import BackendHandler, VringConfig
+    from vhostnet.vhost_user.codec import MemoryRegion
 
 log = logging.getLogger(__name__)
 

@@ -20,23 +20,23 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .hostio.dns import DnsGlue
-from .hostio.icmp import IcmpGlue
-from .hostio.tcp import TcpHost
-from .hostio.tcp_fast import TcpFastPath
-from .hostio.tftp_files import TftpRoot
-from .hostio.udp import UdpGlue
-from .hostio.udp_fast import UdpFastSender
-from .migration.tcp_migrate import TcpMigration
-from .stack.checksum import PROTO_TCP
-from .stack.config import StackConfig
-from .stack.offload import GuestOffloads
-from .stack.stack import NetworkStack
-from .stack.tcp import TcpEngine
-from .stack.tftp import TftpServer
+from vhostnet.hostio.dns import DnsGlue
+from vhostnet.hostio.icmp import IcmpGlue
+from vhostnet.hostio.tftp_files import TftpRoot
+from vhostnet.hostio.udp import UdpGlue
+from vhostnet.hostio.udp_fast import UdpFastSender
+from vhostnet.migration.tcp_migrate import TcpMigration
+from vhostnet.stack.config import StackConfig
+from vhostnet.stack.stack import NetworkStack
+from vhostnet.stack.tftp import TftpServer
+from vhostnet.tcp.engine import TcpEngine
+from vhostnet.tcp.fast import TcpFastPath
+from vhostnet.tcp.host import TcpHost
+from vhostnet.wire.checksum import PROTO_TCP
+from vhostnet.wire.offload import GuestOffloads
 
 if TYPE_CHECKING:
-    from .virtqueue import FrameBatch
+    from vhostnet.virtqueue import FrameBatch
 
 log = logging.getLogger(__name__)
 

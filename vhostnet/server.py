@@ -17,12 +17,12 @@ import os
 import socket
 import stat
 
-from .device import NetDevice
-from .network import Network
-from .stack.counters import add_counts
-from .vhost_user.backend import CLOSE, BackendHandler
-from .vhost_user.codec import CodecError, Framer
-from .vhost_user.connection import close_fds, read_available, send_message
+from vhostnet.device import NetDevice
+from vhostnet.network import Network
+from vhostnet.stack.counters import add_counts
+from vhostnet.vhost_user.backend import CLOSE, BackendHandler
+from vhostnet.vhost_user.codec import CodecError, Framer
+from vhostnet.vhost_user.connection import close_fds, read_available, send_message
 
 log = logging.getLogger(__name__)
 

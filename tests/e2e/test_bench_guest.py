@@ -1,4 +1,4 @@
-"""`vhostnet bench --guest` measures what it says: iperf3 in a real guest moves bytes both ways.
+"""`python -m bench --guest` measures what it says: iperf3 in a real guest moves bytes both ways.
 
 One short boot (one 1-second round per direction): every direction must
 report data moved, and vhostnet's own counters must have seen at least as
@@ -12,16 +12,16 @@ import io
 
 import pytest
 
-from tools.guestkit import Kit
-from vhostnet.bench.guest_iperf import (
+from bench.guest_iperf import (
     DIRECTIONS,
     GuestBaselines,
     GuestSettings,
     guest_rows,
     load_kits,
 )
-from vhostnet.bench.output import Progress
-from vhostnet.bench.runner import BenchError, vhostnet_template
+from bench.output import Progress
+from bench.runner import BenchError, vhostnet_template
+from tools.guestkit import Kit
 
 pytestmark = pytest.mark.e2e
 

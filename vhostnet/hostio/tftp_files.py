@@ -30,7 +30,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from vhostnet.stack.tftp_packets import ErrorCode, TftpError
+from vhostnet.wire.tftp import ErrorCode, TftpError
 
 log = logging.getLogger("vhostnet.tftp")
 

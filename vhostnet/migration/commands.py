@@ -17,12 +17,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from .snapshot import export_network, import_network
-from .state import MAX_BLOB_BYTES, StateError
+from vhostnet.migration.snapshot import export_network, import_network
+from vhostnet.migration.state import MAX_BLOB_BYTES, StateError
 
 if TYPE_CHECKING:
-    from ..control import ControlServer
-    from ..network import Network
+    from vhostnet.control import ControlServer
+    from vhostnet.network import Network
 
 log = logging.getLogger(__name__)
 

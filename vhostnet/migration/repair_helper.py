@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from .tcp_repair import (
+from vhostnet.migration.tcp_repair import (
     REPAIR_OFF,
     REPAIR_OFF_NO_WINDOW_PROBE,
     REPAIR_ON,

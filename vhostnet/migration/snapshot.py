@@ -13,11 +13,11 @@ import ipaddress
 import logging
 from typing import TYPE_CHECKING
 
-from .state import StateError, decode_state, encode_state
-from .tcp_state import parse_records
+from vhostnet.migration.state import StateError, decode_state, encode_state
+from vhostnet.migration.tcp_state import parse_records
 
 if TYPE_CHECKING:
-    from ..network import Network
+    from vhostnet.network import Network
 
 log = logging.getLogger(__name__)
 

@@ -49,10 +49,8 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from ..hostio.tcp import TcpHost, abort_close
-from ..stack.tcp_flow import SEQ_MOD, Phase, Send, seq_diff
-from .repair_helper import RepairAccess, RepairSwitch
-from .tcp_repair import (
+from vhostnet.migration.repair_helper import RepairAccess, RepairSwitch
+from vhostnet.migration.tcp_repair import (
     REPAIR_OFF,
     REPAIR_ON,
     RepairError,
@@ -61,10 +59,17 @@ from .tcp_repair import (
     restore_in_repair,
     send_unsent,
 )
-from .tcp_state import TcpRecord, export_connections, migratable, reset_toward_guest
+from vhostnet.migration.tcp_state import (
+    TcpRecord,
+    export_connections,
+    migratable,
+    reset_toward_guest,
+)
+from vhostnet.tcp.flow import SEQ_MOD, Phase, Send, seq_diff
+from vhostnet.tcp.host import TcpHost, abort_close
 
 if TYPE_CHECKING:
-    from ..network import Network
+    from vhostnet.network import Network
 
 log = logging.getLogger(__name__)
 

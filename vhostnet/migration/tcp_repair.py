@@ -35,7 +35,7 @@ import termios
 import time
 from dataclasses import dataclass
 
-from .state import checked_int
+from vhostnet.migration.state import checked_int
 
 TCP_REPAIR = 19
 TCP_REPAIR_QUEUE = 20

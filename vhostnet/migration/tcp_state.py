@@ -18,12 +18,12 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from ..stack.config import ip4
-from ..stack.tcp import TcpEngine
-from ..stack.tcp_flow import HALF_SEQ, Flow, Phase, seq_diff
-from ..stack.tcp_wire import ACK, RST
-from .state import checked_int
-from .tcp_repair import SocketDump
+from vhostnet.migration.state import checked_int
+from vhostnet.migration.tcp_repair import SocketDump
+from vhostnet.stack.config import ip4
+from vhostnet.tcp.engine import TcpEngine
+from vhostnet.tcp.flow import HALF_SEQ, Flow, Phase, seq_diff
+from vhostnet.wire.tcp import ACK, RST
 
 MAX_RECORDS = 65536
 MAX_TO_HOST_BYTES = 4 * 1024 * 1024

@@ -16,11 +16,11 @@ import select
 import time
 from typing import TYPE_CHECKING
 
-from .snapshot import export_network, import_network
-from .state import MAX_BLOB_BYTES, StateError
+from vhostnet.migration.snapshot import export_network, import_network
+from vhostnet.migration.state import MAX_BLOB_BYTES, StateError
 
 if TYPE_CHECKING:
-    from ..network import Network
+    from vhostnet.network import Network
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,6 @@
 
 Counters are plain dotted names ("ipv4.rx", "ipv4.drop.bad_checksum") so the
 integrator can print or export them without knowing each engine's structure.
-
-``MalformedPacket`` is what the checked wire views raise: its ``reason`` is a
-short identifier that becomes the last part of a drop counter name, so every
-kind of bad input is counted separately and logged only once.
 """
 
 from __future__ import annotations
@@ -18,14 +14,6 @@ def add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
     """Add ``counts`` into ``total``, name by name."""
     for name, value in counts.items():
         total[name] = total.get(name, 0) + value
-
-
-class MalformedPacket(ValueError):
-    """Raised by a wire view when the bytes cannot be what they claim to be."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 class Counters:

@@ -22,10 +22,11 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .config import StackConfig, ip4_str
-from .counters import Counters, MalformedPacket
-from .ethernet import BROADCAST_MAC
-from .ipv4 import BROADCAST
+from vhostnet.stack.config import StackConfig, ip4_str
+from vhostnet.stack.counters import Counters
+from vhostnet.wire.errors import MalformedPacket
+from vhostnet.wire.ethernet import BROADCAST_MAC
+from vhostnet.wire.ipv4 import BROADCAST
 
 SERVER_PORT = 67
 CLIENT_PORT = 68

@@ -21,8 +21,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import DNS_PORT, StackConfig
-from .counters import Counters
+from vhostnet.stack.config import DNS_PORT, StackConfig
+from vhostnet.stack.counters import Counters
 
 HEADER_LEN = 12
 ATTEMPT_TIMEOUT = 2.0

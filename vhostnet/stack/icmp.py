@@ -20,10 +20,11 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .checksum import PROTO_ICMP, internet_checksum, ones_complement_sum
-from .config import StackConfig
-from .counters import Counters, MalformedPacket
-from .ipv4 import IPv4Packet
+from vhostnet.stack.config import StackConfig
+from vhostnet.stack.counters import Counters
+from vhostnet.wire.checksum import PROTO_ICMP, internet_checksum, ones_complement_sum
+from vhostnet.wire.errors import MalformedPacket
+from vhostnet.wire.ipv4 import IPv4Packet
 
 TYPE_ECHO_REPLY = 0
 TYPE_DEST_UNREACHABLE = 3

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import struct
 
-from .checksum import internet_checksum
-from .counters import MalformedPacket
-from .ethernet import ETHERTYPE_IPV6, emit_ethernet
+from vhostnet.wire.checksum import internet_checksum
+from vhostnet.wire.errors import MalformedPacket
+from vhostnet.wire.ethernet import ETHERTYPE_IPV6, emit_ethernet
 
 IPV6_HEADER_LEN = 40
 NEXT_HEADER_ICMPV6 = 58

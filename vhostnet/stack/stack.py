@@ -24,14 +24,16 @@ import struct
 from collections import deque
 from typing import Protocol
 
-from . import arp, ethernet, ndp
-from ._tcp_frames import data_frames
-from .checksum import PROTO_ICMP, PROTO_TCP, PROTO_UDP
-from .config import StackConfig
-from .counters import Counters, MalformedPacket
-from .icmp import IcmpEngine
-from .ipv4 import IPv4Packet, emit_ipv4_header
-from .offload import (
+from vhostnet.stack import ndp
+from vhostnet.stack.config import StackConfig
+from vhostnet.stack.counters import Counters
+from vhostnet.stack.icmp import IcmpEngine
+from vhostnet.tcp._frames import data_frames
+from vhostnet.wire import arp, ethernet
+from vhostnet.wire.checksum import PROTO_ICMP, PROTO_TCP, PROTO_UDP
+from vhostnet.wire.errors import MalformedPacket
+from vhostnet.wire.ipv4 import IPv4Packet, emit_ipv4_header
+from vhostnet.wire.offload import (
     DATA_VALID_WORD,
     NO_OFFLOADS,
     TCP_CHECKSUM_OFFSET,
@@ -39,7 +41,7 @@ from .offload import (
     partial_l4_checksum,
     tcp_data_word,
 )
-from .udp import UdpDatagram, emit_udp
+from vhostnet.wire.udp import UdpDatagram, emit_udp
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +99,9 @@ class NetworkStack:
     def _setup_udp_engines(self) -> None:
         # Imported here so this module stays readable on its own; these engines
         # only need the two send functions and the counters.
-        from .dhcp import DhcpServer
-        from .dns import DnsForwarder
-        from .udp_nat import UdpNat
+        from vhostnet.stack.dhcp import DhcpServer
+        from vhostnet.stack.dns import DnsForwarder
+        from vhostnet.stack.udp_nat import UdpNat
 
         self.dhcp: DhcpServer | None = None
         if self.config.dhcp:

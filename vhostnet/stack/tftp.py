@@ -38,8 +38,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from vhostnet.stack.counters import Counters, MalformedPacket
-from vhostnet.stack.tftp_packets import (
+from vhostnet.stack.counters import Counters
+from vhostnet.wire.errors import MalformedPacket
+from vhostnet.wire.tftp import (
     DEFAULT_BLOCK_SIZE,
     TFTP_PORT,
     Data,

@@ -28,12 +28,12 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .checksum import PROTO_ICMP
-from .config import PortForward, StackConfig, ip4
-from .counters import Counters
-from .icmp import emit_port_unreachable
-from .ipv4 import IPv4Packet
-from .udp import UdpDatagram
+from vhostnet.stack.config import PortForward, StackConfig, ip4
+from vhostnet.stack.counters import Counters
+from vhostnet.stack.icmp import emit_port_unreachable
+from vhostnet.wire.checksum import PROTO_ICMP
+from vhostnet.wire.ipv4 import IPv4Packet
+from vhostnet.wire.udp import UdpDatagram
 
 SendIPv4 = Callable[..., None]
 SendUdp = Callable[..., None]

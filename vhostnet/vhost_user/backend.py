@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Literal
 
-from .codec import (
+from vhostnet.vhost_user.codec import (
     U64,
     CodecError,
     DeviceStateParams,
@@ -39,8 +39,8 @@ from .codec import (
     VringState,
     reply,
 )
-from .device_api import CLOSE, BackendDevice, Close, VringConfig
-from .protocol import (
+from vhostnet.vhost_user.device_api import CLOSE, BackendDevice, Close, VringConfig
+from vhostnet.vhost_user.protocol import (
     DEVICE_STATE_NOFD,
     NEVER_OFFERED_PROTOCOL_FEATURES,
     VRING_F_LOG,
@@ -48,7 +48,7 @@ from .protocol import (
     Request,
     VirtioFeature,
 )
-from .regions import AddResult, RegionTable, table_is_consistent
+from vhostnet.vhost_user.regions import AddResult, RegionTable, table_is_consistent
 
 __all__ = ["CLOSE", "BackendDevice", "BackendHandler", "Close", "VringConfig"]
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Self
 
-from .protocol import (
+from vhostnet.vhost_user.protocol import (
     CONFIG_SPACE_MAX,
     HEADER_SIZE,
     NEED_REPLY,

@@ -12,8 +12,8 @@ import os
 import socket
 import time
 
-from .codec import CodecError, Header, Message
-from .protocol import HEADER_SIZE, VHOST_USER_MAX_FDS
+from vhostnet.vhost_user.codec import CodecError, Header, Message
+from vhostnet.vhost_user.protocol import HEADER_SIZE, VHOST_USER_MAX_FDS
 
 # Room for a few more fds than allowed, so that excess fds arrive (and get
 # closed) instead of being silently truncated by the kernel (MSG_CTRUNC leaks

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from .codec import MemoryRegion
+from vhostnet.vhost_user.codec import MemoryRegion
 
 
 class Close(Enum):

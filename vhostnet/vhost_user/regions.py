@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from .codec import MemoryRegion
+from vhostnet.vhost_user.codec import MemoryRegion
 
 
 class AddResult(Enum):

@@ -1,0 +1,230 @@
+"""The benchmark guest: a separate process that plays QEMU plus a guest against a back-end.
+
+Run as ``python -m bench.guest SOCKET QUEUE_SIZE BUF_BYTES MSS``. It
+reads one JSON command per line on stdin and answers each with one JSON line
+on stdout, so the runner measures the back-end from outside its process, as
+QEMU's vCPU threads would load it. Every loop ends by count or by time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from bench.guest_net import ETH_IPV4, GATEWAY_IP, GUEST_IP, GUEST_MAC, GuestNet, GuestTcp, Listener
+from bench.rings import GuestRings
+from bench.runner import serve_json_lines
+
+# An ethertype no stack handles (IEEE local experimental): if a back-end
+# without a discarding sink gets the ring case, its stack drops these cheaply.
+ETH_EXPERIMENTAL = 0x88B5
+DRAIN_TIMEOUT = 2.0
+GUEST_UDP_PORT = 33000
+
+
+class Guest:
+    def __init__(self, rings: GuestRings, mss: int) -> None:
+        self.rings = rings
+        self.net = GuestNet(rings)
+        self.mss = mss
+        self.next_port = 20000
+
+    def _port(self) -> int:
+        self.next_port = 20000 + (self.next_port - 19999) % 40000
+        return self.next_port
+
+    # ---- frame blasting (ring, udp-tx) ------------------------------------------
+
+    def _blast(self, frame: bytes, duration: float) -> dict[str, Any]:
+        """Keep the TX ring full of ``frame`` for ``duration`` seconds; count completions."""
+        net, tx = self.net, self.rings.tx
+        net.flush()
+        self.rings.reclaim_tx()
+        self.rings.fill_tx_all(frame)
+        done = 0
+        start = time.monotonic()
+        stop = start + duration
+        while True:
+            _, count = tx.take_used()
+            done += count
+            if time.monotonic() >= stop:
+                break
+            free = tx.free
+            if free:
+                tx.publish(free)
+            else:
+                tx.wait_for_room(0.01)
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while tx.in_flight and time.monotonic() < deadline:
+            tx.wait(0.01)
+            done += tx.take_used()[1]
+        elapsed = time.monotonic() - start
+        return {"frames": done, "seconds": elapsed, "lost_in_ring": tx.in_flight}
+
+    def op_ring(self, size: int, duration: float) -> dict[str, Any]:
+        frame = struct.pack("!6s6sH", self.net.gateway_mac, GUEST_MAC, ETH_EXPERIMENTAL)
+        frame += bytes(range(256)) * (size // 256 + 1)
+        return self._blast(frame[:size], duration)
+
+    def op_udp_tx(self, payload: int, port: int, duration: float) -> dict[str, Any]:
+        from vhostnet.wire.ipv4 import emit_ipv4_header
+        from vhostnet.wire.udp import emit_udp
+
+        data = bytes(i & 0xFF for i in range(payload))
+        udp = emit_udp(GUEST_IP, GUEST_UDP_PORT, GATEWAY_IP, port, data)
+        frame = (struct.pack("!6s6sH", self.net.gateway_mac, GUEST_MAC, ETH_IPV4)
+                 + emit_ipv4_header(GUEST_IP, GATEWAY_IP, 17, len(udp)) + udp)
+        return self._blast(frame, duration)
+
+    def op_udp_rx(self, duration: float, wait: float = 5.0) -> dict[str, Any]:
+        """Count frames arriving on RX for ``duration`` seconds from the first one."""
+        frames = total = 0
+        first = 0.0
+        deadline = time.monotonic() + wait
+        rx = self.rings.rx
+        while True:
+            count, size = self.rings.receive_counts()
+            now = time.monotonic()
+            if count:
+                if not first:
+                    first = now
+                frames += count
+                total += size
+            if first and now - first >= duration:
+                break
+            if not first and now > deadline:
+                break
+            if not count:
+                rx.wait(0.01)
+        return {"frames": frames, "bytes": total, "seconds": (time.monotonic() - first) if first else 0.0}
+
+    # ---- TCP -----------------------------------------------------------------------
+
+    def _run_until(self, predicate, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                return False
+            self.net.poll(0.005)
+        return True
+
+    def _connect(self, port: int, timeout: float = 3.0) -> GuestTcp:
+        conn = GuestTcp(self.net, self._port(), GATEWAY_IP, port, self.mss)
+        conn.connect()
+        self.net.flush()
+        if not self._run_until(lambda: conn.established or conn.reset, timeout) or conn.reset:
+            conn.forget()
+            raise TimeoutError(f"TCP connect to the gateway port {port} failed")
+        return conn
+
+    def op_tcp_tx(self, port: int, duration: float | None = None, limit: int | None = None,
+                  seed: int = 1) -> dict[str, Any]:
+        """Bulk send to the host for ``duration`` seconds (or ``limit`` bytes), then close."""
+        block = np.random.default_rng(seed).integers(0, 256, self.mss, dtype=np.uint8).tobytes()
+        conn = self._connect(port)
+        start = time.monotonic()
+        conn.set_bulk(block, limit, close=limit is not None)
+        stop = start + duration if duration else start + 60.0
+        self._run_until(lambda: conn.fin_sent or time.monotonic() >= stop, 120.0)
+        if not conn.fin_sent:
+            conn.stop_bulk()
+        ok = self._run_until(lambda: conn.done, 10.0)
+        elapsed = time.monotonic() - start
+        sent = conn.snd_una - 2 if conn.fin_sent and conn.snd_una == conn.snd_nxt else conn.snd_una - 1
+        conn.forget()
+        digest = _repeated_digest(block, sent)
+        return {"bytes": sent, "seconds": elapsed, "sha256": digest, "clean_close": ok}
+
+    def op_tcp_rx(self, port: int, wait: float = 60.0) -> dict[str, Any]:
+        """Accept one connection on ``port`` and take everything until the peer's FIN."""
+        listener = Listener(self.net, port, self.mss)
+        ok = self._run_until(lambda: port in self.net.connections, 5.0)
+        if not ok:
+            del self.net.listening[port]
+            raise TimeoutError("no connection arrived for tcp-rx")
+        conn = self.net.connections[port]
+        self._run_until(lambda: conn.peer_fin or conn.reset, wait)
+        conn.close()
+        clean = self._run_until(lambda: conn.done, 5.0)
+        conn.forget()
+        del self.net.listening[listener.port]
+        seconds = conn.last_data_at - conn.first_data_at
+        return {"bytes": conn.received, "seconds": seconds, "sha256": conn.received_hash.hexdigest(),
+                "clean_close": clean}
+
+    def _transact(self, conn: GuestTcp, timeout: float = 2.0) -> float:
+        before = conn.received
+        start = time.perf_counter()
+        conn.send_bytes(b"x")
+        self.net.flush()
+        if not self._run_until(lambda: conn.received > before or conn.reset, timeout) or conn.reset:
+            raise TimeoutError("no response to a 1-byte request")
+        return time.perf_counter() - start
+
+    def op_tcp_rr(self, port: int, duration: float, max_count: int = 1_000_000) -> dict[str, Any]:
+        conn = self._connect(port)
+        latencies = []
+        stop = time.monotonic() + duration
+        while time.monotonic() < stop and len(latencies) < max_count:
+            latencies.append(self._transact(conn))
+        conn.close()
+        self._run_until(lambda: conn.done, 2.0)
+        conn.forget()
+        lat = np.array(latencies) * 1e6
+        return {"count": len(latencies), "seconds": duration,
+                "p50_us": float(np.percentile(lat, 50)), "p99_us": float(np.percentile(lat, 99))}
+
+    def op_tcp_crr(self, port: int, duration: float, max_count: int = 1_000_000) -> dict[str, Any]:
+        done = 0
+        start = time.monotonic()
+        stop = start + duration
+        while time.monotonic() < stop and done < max_count:
+            conn = self._connect(port)
+            self._transact(conn)
+            conn.close()
+            self.net.flush()
+            self._run_until(lambda c=conn: c.done, 2.0)
+            conn.forget()
+            done += 1
+        return {"count": done, "seconds": time.monotonic() - start}
+
+
+def serve(argv: list[str]) -> int:
+    socket_path, queue_size, buf_bytes, mss = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
+    offload = argv[5:6] == ["offload"]
+    with GuestRings(socket_path, queue_size=queue_size, tx_buf=buf_bytes, rx_buf=buf_bytes,
+                    offload=offload) as rings:
+        guest = Guest(rings, mss)
+        if argv[4:5] != ["noarp"]:  # the ring case's back-end discards everything, ARP included
+            guest.net.resolve_gateway()
+        else:
+            guest.net.gateway_mac = b"\xff" * 6
+
+        def call(op: str, arguments: dict[str, Any]) -> dict[str, Any]:
+            try:
+                reply = getattr(guest, f"op_{op}")(**arguments)
+            except (TimeoutError, RuntimeError) as exc:
+                reply = {"error": str(exc)}
+            reply["tx_kicks"] = rings.tx.kicks  # error replies carry it too
+            return reply
+
+        serve_json_lines(call)
+    return 0
+
+
+def _repeated_digest(block: bytes, length: int) -> str:
+    digest = hashlib.sha256()
+    whole, rest = divmod(length, len(block))
+    for _ in range(whole):
+        digest.update(block)
+    digest.update(block[:rest])
+    return digest.hexdigest()
+
+
+if __name__ == "__main__":
+    sys.exit(serve(sys.argv[1:]))

@@ -1,0 +1,382 @@
+"""``python -m bench --guest``: iperf3 in a real TCG guest through vhostnet, against iperf3 over loopback.
+
+One iperf3 server runs on the host's 127.0.0.1 (the kit's own iperf3, run
+through its own loader, so both ends and the baseline use the same binary).
+The baseline is that iperf3 as a client over host loopback; then a QEMU
+guest booted with the kit's kernel and the iperf3 archive reaches the same
+server through vhostnet at the gateway address (vhostnet maps it to the
+host's 127.0.0.1) and runs, every round of every direction in one boot:
+TCP guest->host, TCP host->guest (``-R``), UDP both ways at a fixed offered
+rate. Figures come from iperf3's JSON (``-J``) printed on the serial console
+between marker lines; vhostnet's counters are recorded beside them as a
+cross-check (every byte iperf3 moved must have passed through vhostnet).
+
+The guest kit (kernel, QEMU 10.0, iperf3) must already be in the cache:
+``make kit`` builds it outside the private namespace, where downloads work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.output import Progress, Row
+from bench.runner import Backend, BenchError, stop_process
+
+GUEST_CASE = "guest"
+QEMU_VERSIONS = ("10.0", "7.2")
+GUEST_ADDRESS = "10.0.2.15/24"
+GATEWAY = "10.0.2.2"  # vhostnet maps it to the host's 127.0.0.1
+GUEST_MTU = 1500
+UDP_LENGTH = 1400  # one datagram per 1500-byte frame, on loopback too, so the baseline compares
+UDP_RATE_PATTERN = re.compile(r"^\d+(\.\d+)?[KMG]?$")
+BOOT_TIMEOUT = 180.0  # TCG boot is ~10 s; a loaded 2-core machine needs far more room
+REFUSED_MESSAGE = "unable to connect to server"
+RUN_SLACK = 45.0  # per iperf3 run beyond its -t: connection setup and teardown under TCG
+SERVER_START_TIMEOUT = 10.0
+# iperf3's server closes its listening socket after each test and opens it again
+# (iperf_run_server), so a client that follows another at once may be refused.
+# Such a run is tried again, a bounded number of times.
+CONNECT_ATTEMPTS = 3
+REFUSED_PAUSE = 1.0
+POLL_INTERVAL = 0.25
+
+RUN_BEGIN = re.compile(r"^IPERF-BEGIN (\S+) (\d+)$", re.MULTILINE)
+RUN_JSON = re.compile(r"^IPERF-JSON-BEGIN (\S+) (\d+) rc=(\d+)\n(.*?)^IPERF-JSON-END$",
+                      re.MULTILINE | re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Direction:
+    """One iperf3 test: the table's case name, which way data flows, the counter that sees it."""
+
+    case: str
+    udp: bool
+    reverse: bool  # -R: the host sends, the guest receives
+    counter: str  # vhostnet counter of the data direction (bytes for TCP, datagrams for UDP)
+
+
+DIRECTIONS = (
+    Direction("guest-tcp-tx", udp=False, reverse=False, counter="tcp.bytes_to_host"),
+    Direction("guest-tcp-rx", udp=False, reverse=True, counter="tcp.bytes_to_guest"),
+    Direction("guest-udp-tx", udp=True, reverse=False, counter="udp.tx_host"),
+    Direction("guest-udp-rx", udp=True, reverse=True, counter="udp.rx_host"),
+)
+
+
+@dataclass
+class GuestSettings:
+    rounds: int = 3
+    seconds: int = 3  # iperf3 -t takes whole seconds
+    qemu: str = "10.0"
+    udp_rate: str = "1G"
+    progress: Progress = field(default_factory=Progress)
+
+
+@dataclass(frozen=True)
+class IperfResult:
+    """What the receiving end of one iperf3 run saw."""
+
+    bits_per_second: float
+    bytes: int
+    datagrams: int | None = None  # UDP: datagrams that arrived
+    lost_percent: float | None = None  # UDP
+
+    @property
+    def mbit_s(self) -> float:
+        return self.bits_per_second / 1e6
+
+
+def check_udp_rate(rate: str) -> str:
+    """The rate as iperf3's -b takes it (e.g. 500M); BenchError otherwise."""
+    if not UDP_RATE_PATTERN.match(rate):
+        raise BenchError(f"--guest-udp-rate {rate!r} is not a rate like 200M or 1G")
+    return rate
+
+
+def iperf_client_args(direction: Direction, seconds: int, udp_rate: str) -> list[str]:
+    """iperf3 client options after ``-c HOST -p PORT`` for one run of ``direction``."""
+    args = ["-t", str(seconds), "-J", "-i", "0", "-4"]
+    if direction.udp:
+        args += ["-u", "-b", udp_rate, "-l", str(UDP_LENGTH)]
+    if direction.reverse:
+        args.append("-R")
+    return args
+
+
+def parse_iperf_json(text: str, udp: bool) -> IperfResult:
+    """The receiver's figures from iperf3 ``-J`` output; BenchError for an error report."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise BenchError(f"iperf3 printed something that is not JSON: {text[:120]!r}") from None
+    if data.get("error"):
+        raise BenchError(f"iperf3 failed: {data['error']}")
+    try:
+        received = data["end"]["sum_received"]
+        if udp:
+            arrived = int(received["packets"]) - int(received["lost_packets"])
+            return IperfResult(float(received["bits_per_second"]), int(received["bytes"]),
+                               arrived, float(received["lost_percent"]))
+        return IperfResult(float(received["bits_per_second"]), int(received["bytes"]))
+    except (KeyError, TypeError, ValueError):
+        raise BenchError("iperf3's JSON has no end.sum_received figures") from None
+
+
+# --- the host side ---------------------------------------------------------------
+
+
+def _listening(port: int) -> bool:
+    """True once a TCP socket listens on 127.0.0.1:port in this namespace (/proc/net/tcp)."""
+    wanted = f"0100007F:{port:04X}"
+    try:
+        lines = Path("/proc/self/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    return any(line.split()[1] == wanted and line.split()[3] == "0A" for line in lines)
+
+
+def _refused(iperf_output: str) -> bool:
+    """iperf3 -J reported that the server refused the connection (see CONNECT_ATTEMPTS)."""
+    return REFUSED_MESSAGE in iperf_output
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class HostIperf:
+    """An iperf3 server on 127.0.0.1 (one test at a time, as iperf3 serves) and loopback clients."""
+
+    def __init__(self, command: list[str], log_path: Path) -> None:
+        self.command = command
+        self.port = _free_port()
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen([*command, "-s", "-B", "127.0.0.1", "-p", str(self.port)],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while not _listening(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise BenchError(f"the host iperf3 server did not start (log: {log_path})")
+            time.sleep(0.05)
+
+    def loopback(self, direction: Direction, s: GuestSettings) -> IperfResult:
+        argv = [*self.command, "-c", "127.0.0.1", "-p", str(self.port),
+                *iperf_client_args(direction, s.seconds, s.udp_rate)]
+        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+            self._wait_listening()
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True,
+                                      timeout=s.seconds + RUN_SLACK)
+            except subprocess.TimeoutExpired:
+                raise BenchError(f"the loopback iperf3 run {direction.case} did not end") from None
+            if attempt == CONNECT_ATTEMPTS or not _refused(done.stdout):
+                break
+            time.sleep(REFUSED_PAUSE)
+        return parse_iperf_json(done.stdout, direction.udp)
+
+    def _wait_listening(self) -> None:
+        """Until the server listens again after the previous test (bounded)."""
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while not _listening(self.port) and time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"the host iperf3 server exited (log: {self.log_path})")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        stop_process(self.proc)
+
+
+# --- the guest -------------------------------------------------------------------
+
+
+def guest_script(port: int, s: GuestSettings) -> str:
+    """/test.sh: a static address, then every round of every direction, JSON between markers."""
+    lines = [
+        "ip link set eth0 up",
+        f"ip addr add {GUEST_ADDRESS} dev eth0",
+        f"ip route add default via {GATEWAY} dev eth0",
+    ]
+    for direction in DIRECTIONS:
+        args = " ".join(iperf_client_args(direction, s.seconds, s.udp_rate))
+        for index in range(1, s.rounds + 1):
+            tag = f"{direction.case} {index}"
+            lines += [
+                f"echo 'IPERF-BEGIN {tag}'",
+                # timeout: a run that hangs must not hold the guest forever; a refused
+                # one (the server between two tests) is tried again (CONNECT_ATTEMPTS).
+                f"for attempt in {' '.join(str(n) for n in range(1, CONNECT_ATTEMPTS + 1))}; do",
+                f"  timeout {s.seconds + int(RUN_SLACK)} iperf3 -c {GATEWAY} -p {port} "
+                f"--connect-timeout 10000 {args} > /tmp/iperf.json 2> /tmp/iperf.err",
+                "  rc=$?",
+                f"  grep -q '{REFUSED_MESSAGE}' /tmp/iperf.json || break",
+                f"  sleep {int(REFUSED_PAUSE)}",
+                "done",
+                f"echo \"IPERF-JSON-BEGIN {tag} rc=$rc\"",
+                "cat /tmp/iperf.json /tmp/iperf.err",
+                "echo IPERF-JSON-END",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_guest_output(text: str) -> dict[tuple[str, int], tuple[int, str]]:
+    """(case, round) -> (iperf3 exit status, its output) for every run the console shows."""
+    return {(m.group(1), int(m.group(2))): (int(m.group(3)), m.group(4))
+            for m in RUN_JSON.finditer(text)}
+
+
+@dataclass
+class GuestKits:
+    """The kernel/QEMU kit with the iperf3 archive appended to its initrd, and the host iperf3 argv."""
+
+    kit: Any  # tools.guestkit.Kit, initramfs replaced by base + iperf3 archive
+    host_iperf: list[str]
+    workdir: Path
+
+    def close(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def load_kits(qemu: str) -> GuestKits:
+    """The cached guest kit plus iperf3; BenchError with what to run when it is not there."""
+    try:
+        from tools.guestkit import KitError, build_kit
+        from tools.guestkit_iperf import build_iperf_kit
+    except ImportError:
+        raise BenchError("--guest needs the tools/ folder of a vhostnet source tree: "
+                         "run it from the clone's top folder") from None
+    try:
+        kit = build_kit(want_qemu10=qemu == "10.0")
+        iperf = build_iperf_kit()
+    except (KitError, OSError, subprocess.SubprocessError) as error:
+        raise BenchError(f"the guest kit is not ready ({str(error).strip().splitlines()[-1]}); "
+                         "run `make kit` outside the namespace first") from None
+    if qemu == "10.0" and kit.qemu10 is None:
+        raise BenchError(f"QEMU 10.0 is unavailable ({kit.qemu10_reason}); try --qemu 7.2")
+    workdir = Path(tempfile.mkdtemp(prefix="vhn-iperf-", dir="/tmp"))
+    initrd = workdir / "initrd-iperf3.cpio"
+    initrd.write_bytes(kit.initramfs.read_bytes() + iperf.archive.read_bytes())
+    return GuestKits(dataclasses.replace(kit, initramfs=initrd), iperf.host_command(), workdir)
+
+
+@dataclass
+class GuestBaselines:
+    """Loopback figures per direction, measured once per run and shared by every back-end."""
+
+    results: dict[str, list[IperfResult]] = field(default_factory=dict)
+
+    def measure(self, server: HostIperf, s: GuestSettings) -> None:
+        for direction in DIRECTIONS:
+            if direction.case in self.results:
+                continue
+            found = []
+            for index in range(1, s.rounds + 1):
+                s.progress.update(f"baseline iperf3 {direction.case}: round {index}/{s.rounds}")
+                found.append(server.loopback(direction, s))
+            self.results[direction.case] = found
+
+
+def _watch(guest: Any, s: GuestSettings, name: str) -> None:
+    """Show which run the guest is in until it powers off; bounded by a deadline."""
+    from tools.qemu import GuestError
+
+    limit = BOOT_TIMEOUT + len(DIRECTIONS) * s.rounds * (s.seconds + RUN_SLACK)
+    deadline = time.monotonic() + limit
+    shown = ""
+    while guest.running():
+        begins = RUN_BEGIN.findall(guest.output())
+        if begins:
+            case, index = begins[-1]
+            text = f"{case} [{name}, QEMU {s.qemu}] round {index}/{s.rounds}"
+        else:
+            text = f"guest [{name}]: booting QEMU {s.qemu} (TCG)"
+        if text != shown:
+            s.progress.update(text)
+            shown = text
+        if time.monotonic() > deadline:
+            raise BenchError(f"the iperf3 guest did not finish within {limit:.0f} s "
+                             f"(console: {guest.serial_log})")
+        time.sleep(POLL_INTERVAL)
+    try:
+        guest.wait_exit(10)
+    except GuestError:
+        raise BenchError(f"QEMU did not exit (console: {guest.serial_log})") from None
+
+
+def guest_rows(kits: GuestKits, template: str, name: str, s: GuestSettings,
+               baselines: GuestBaselines) -> list[Row]:
+    """The four guest rows for one back-end: iperf3 in a TCG guest, loopback baselines beside."""
+    from tools.qemu import QemuGuest
+
+    server = HostIperf(kits.host_iperf, kits.workdir / f"iperf3-server-{name}.log")
+    try:
+        baselines.measure(server, s)
+        backend = Backend(template, GUEST_MTU, name)
+        try:
+            before = backend.counters()
+            guest = QemuGuest(kits.kit, s.qemu, socket_path=backend.socket,
+                              script=guest_script(server.port, s),
+                              serial_log=kits.workdir / f"guest-{name}.serial")
+            started = time.monotonic()
+            with guest:
+                _watch(guest, s, name)
+            elapsed = time.monotonic() - started
+            after = backend.counters()
+            output = guest.output()
+        finally:
+            backend.close()
+    finally:
+        server.close()
+    runs = parse_guest_output(output)
+    rows = []
+    for direction in DIRECTIONS:
+        results = []
+        for index in range(1, s.rounds + 1):
+            if (direction.case, index) not in runs:
+                raise BenchError(f"the guest printed no result for {direction.case} round {index} "
+                                 f"(console: {kits.workdir / f'guest-{name}.serial'})")
+            code, text = runs[(direction.case, index)]
+            try:
+                results.append(parse_iperf_json(text, direction.udp))
+            except BenchError as error:
+                raise BenchError(f"{direction.case} round {index} in the guest (exit {code}): "
+                                 f"{error}") from None
+        rows.append(_row(direction, name, results, baselines.results[direction.case],
+                         before, after, s, elapsed))
+    return rows
+
+
+def _row(direction: Direction, name: str, results: list[IperfResult],
+         base: list[IperfResult], before: dict[str, int], after: dict[str, int],
+         s: GuestSettings, elapsed: float) -> Row:
+    row = Row(direction.case, "Mbit/s", [r.mbit_s for r in results], [r.mbit_s for r in base],
+              "loopback Mbit/s", backend=name)
+    # The counters cover the whole boot (iperf3's control connections too), so they can
+    # only be larger than what iperf3 reports for the data direction.
+    counted = after[direction.counter] - before.get(direction.counter, 0) \
+        if direction.counter in after else None
+    if direction.udp:
+        row.extra.update(
+            loss_pct=statistics.median(r.lost_percent or 0.0 for r in results),
+            loopback_loss_pct=statistics.median(r.lost_percent or 0.0 for r in base),
+            offered=s.udp_rate,
+            iperf_datagrams=sum(r.datagrams or 0 for r in results),
+            vhostnet_datagrams=counted)
+    else:
+        row.extra.update(iperf_bytes=sum(r.bytes for r in results), vhostnet_bytes=counted)
+    row.extra.update(qemu=s.qemu, guest_s=round(elapsed, 1))
+    return row

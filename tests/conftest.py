@@ -1,0 +1,22 @@
+"""Fixtures shared by the tests; helpers live in tests/support/."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import VhostnetProcess
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[VhostnetProcess]:
+    process = VhostnetProcess(tmp_path)
+    try:
+        yield process
+    finally:
+        alive = process.process.poll() is None
+        code = process.stop()
+        assert alive, f"vhostnet died during the test:\n{process.log_path.read_text()}"
+        assert code == 0, process.log_path.read_text()

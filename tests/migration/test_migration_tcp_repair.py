@@ -1,0 +1,285 @@
+"""TCP_REPAIR on real loopback connections: freeze, dump, silent close, restore, continue.
+
+Runs inside the private network namespace (``make test``); needs TCP_REPAIR,
+i.e. CAP_NET_ADMIN in that namespace (root, or the namespace's mapped root).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.support.daemon import REPO as REPO_ROOT
+from vhostnet.migration import tcp_repair
+from vhostnet.migration.tcp_repair import (
+    REPAIR_OFF,
+    REPAIR_ON,
+    SocketDump,
+    attach_drop_filter,
+    detach_drop_filter,
+    dump_socket,
+    new_restore_socket,
+    restore_in_repair,
+    send_unsent,
+    set_repair_direct,
+    switch_repair,
+)
+
+IO_SECONDS = 10.0
+TCP_STATE_ESTABLISHED = 1
+
+
+def connected_pair(peer_rcvbuf: int | None = None) -> tuple[socket.socket, socket.socket, socket.socket]:
+    """(listener, peer, ours): ``ours`` plays a vhostnet host socket (accepted side)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    peer = socket.socket()
+    if peer_rcvbuf is not None:
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, peer_rcvbuf)
+    peer.connect(listener.getsockname())
+    ours, _ = listener.accept()
+    peer.settimeout(IO_SECONDS)
+    ours.settimeout(IO_SECONDS)
+    return listener, peer, ours
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    deadline = time.monotonic() + IO_SECONDS
+    while len(data) < size and time.monotonic() < deadline:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def tcp_state(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+def send_queue_ioctl(sock: socket.socket, request: int) -> int:
+    import fcntl
+    import struct
+
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
+
+
+def unacked_bytes(sock: socket.socket) -> int:
+    return send_queue_ioctl(sock, tcp_repair.SIOCOUTQ)
+
+
+def not_yet_sent_bytes(sock: socket.socket) -> int:
+    return send_queue_ioctl(sock, tcp_repair.SIOCOUTQNSD)
+
+
+def assert_same_stream(got: bytes, expected: bytes, what: str) -> None:
+    """Equality without a multi-megabyte diff in the failure."""
+    if got != expected:
+        common = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),
+                      min(len(got), len(expected)))
+        raise AssertionError(f"{what}: got {len(got)} of {len(expected)} bytes, "
+                             f"equal for the first {common}")
+
+
+def send_what_fits(sock: socket.socket, data: bytes) -> int:
+    sock.setblocking(False)
+    sent = 0
+    for _ in range(1000):
+        try:
+            sent += sock.send(data[sent:sent + 65536])
+        except BlockingIOError:
+            break
+    sock.settimeout(IO_SECONDS)
+    return sent
+
+
+def test_connection_moves_to_a_new_socket_with_data_in_flight_both_ways() -> None:
+    rng = random.Random(7)
+    to_peer = rng.randbytes(3 * 1024 * 1024)
+    to_us = rng.randbytes(12 * 1024 * 1024)
+    listener, peer, ours = connected_pair(peer_rcvbuf=4096)
+    try:
+        # Both ways more than the other side takes: our receive queue fills up
+        # unread, our send queue holds unacknowledged and never-sent bytes.
+        from_peer = send_what_fits(peer, to_us)
+        sent = send_what_fits(ours, to_peer)
+        assert sent < len(to_peer) and from_peer < len(to_us)
+        time.sleep(0.2)
+
+        attach_drop_filter(ours)
+        set_repair_direct(ours, REPAIR_ON)
+        # Sent while frozen: must stay unacknowledged in the peer, not vanish in our kernel.
+        in_peer_before = unacked_bytes(peer)
+        extra = send_what_fits(peer, to_us[from_peer:from_peer + 10_000])
+        time.sleep(0.2)
+        assert unacked_bytes(peer) == in_peer_before + extra
+        dump = dump_socket(ours)
+        queued_in_us = from_peer - in_peer_before
+        assert len(dump.recv_queue) == queued_in_us > 0
+        assert dump.recv_queue == to_us[:queued_in_us]
+        assert 0 < len(dump.send_queue) and dump.send_queue == to_peer[sent - len(dump.send_queue):sent]
+        record = dump.to_record()
+        assert SocketDump.from_record(record) == dump
+        local = ours.getsockname()
+        ours.close()  # in repair mode: nothing goes out
+        time.sleep(0.1)
+        assert tcp_state(peer) == TCP_STATE_ESTABLISHED, "the peer saw FIN or RST"
+
+        restored = new_restore_socket()
+        set_repair_direct(restored, REPAIR_ON)
+        restore_in_repair(restored, dump, wait_for_tuple=1.0)
+        set_repair_direct(restored, REPAIR_OFF)
+        send_unsent(restored, dump)
+        assert restored.getsockname() == local
+        # The never-sent tail waits for the peer's window, not for a retransmission
+        # timeout: the kernel counts it as not sent (it would count as in flight if it
+        # had gone back in repair mode). The peer reads nothing yet, so its window is
+        # closed and the tail stays where it is.
+        assert dump.unsent > 0 and not_yet_sent_bytes(restored) == dump.unsent
+        restored.settimeout(IO_SECONDS)
+
+        # Both byte streams continue exactly where they were.
+        writers = [threading.Thread(target=restored.sendall, args=(to_peer[sent:],), daemon=True),
+                   threading.Thread(target=peer.sendall, args=(to_us[from_peer + extra:],),
+                                    daemon=True)]
+        for writer in writers:
+            writer.start()
+        received_by_us: list[bytes] = []
+        reader = threading.Thread(target=lambda: received_by_us.append(
+            recv_exactly(restored, len(to_us))), daemon=True)
+        reader.start()
+        assert_same_stream(recv_exactly(peer, len(to_peer)), to_peer, "the peer")
+        reader.join(IO_SECONDS)
+        for writer in writers:
+            writer.join(IO_SECONDS)
+        assert len(received_by_us) == 1
+        assert_same_stream(received_by_us[0], to_us, "the restored socket")
+        assert tcp_state(peer) == TCP_STATE_ESTABLISHED
+        restored.close()
+    finally:
+        for sock in (listener, peer, ours):
+            sock.close()
+
+
+def test_thawed_socket_carries_on_as_before() -> None:
+    listener, peer, ours = connected_pair()
+    try:
+        peer.sendall(b"before")
+        time.sleep(0.1)
+        attach_drop_filter(ours)
+        set_repair_direct(ours, REPAIR_ON)
+        peer.sendall(b" during")
+        dump_socket(ours)
+        detach_drop_filter(ours)
+        set_repair_direct(ours, REPAIR_OFF)
+        # The segment dropped while frozen comes again with the peer's retransmission.
+        assert recv_exactly(ours, len(b"before during")) == b"before during"
+        ours.sendall(b"reply")
+        assert recv_exactly(peer, 5) == b"reply"
+    finally:
+        for sock in (listener, peer, ours):
+            sock.close()
+
+
+def test_restore_waits_for_the_tuple_then_gives_up() -> None:
+    listener, peer, ours = connected_pair()
+    try:
+        attach_drop_filter(ours)
+        set_repair_direct(ours, REPAIR_ON)
+        dump = dump_socket(ours)
+        clone = new_restore_socket()
+        set_repair_direct(clone, REPAIR_ON)
+        started = time.monotonic()
+        with pytest.raises(tcp_repair.RepairError, match="connecting"):
+            restore_in_repair(clone, dump, wait_for_tuple=0.2)  # the original still holds it
+        assert time.monotonic() - started >= 0.2
+        clone.close()
+    finally:
+        for sock in (listener, peer, ours):
+            sock.close()
+
+
+@pytest.mark.parametrize("change", [
+    {"send_seq": -1}, {"send_seq": 1 << 32}, {"unsent": 10**9}, {"mss": 0},
+    {"snd_wscale": 15}, {"local": ["10.0.2.2", 0]}, {"peer": ["not an address", 1]},
+    {"recv_queue": "%%%"}, {"window": [1, 2, 3]}, {"timestamp": "1"}, {"options": True},
+])
+def test_bad_socket_records_are_refused(change: dict) -> None:
+    good = SocketDump(("127.0.0.1", 1000), ("127.0.0.1", 2000), 5, 6, b"abc", 1, b"de", 1460,
+                      7, 7, 7, 0, (1, 2, 3, 4, 5)).to_record()
+    assert SocketDump.from_record(good).send_queue == b"abc"
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        SocketDump.from_record({**good, **change})
+    missing = dict(good)
+    del missing["recv_seq"]
+    with pytest.raises(KeyError):
+        SocketDump.from_record(missing)
+
+
+def test_repair_probe_tells_whether_the_capability_is_there() -> None:
+    # make test runs as (namespace) root: CAP_NET_ADMIN, so TCP_REPAIR works here ...
+    assert tcp_repair.can_repair_directly()
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        reason = "setpriv (util-linux) is needed to probe without CAP_NET_ADMIN"
+        print(reason)
+        pytest.skip(reason)
+    # ... and not in a process that lost it.
+    probe = subprocess.run(
+        [setpriv, "--bounding-set=-net_admin", "--inh-caps=-net_admin", "--", sys.executable,
+         "-c", "from vhostnet.migration.tcp_repair import can_repair_directly as c; print(c())"],
+        capture_output=True, text=True, timeout=60, check=True, cwd=REPO_ROOT)
+    assert probe.stdout.strip() == "False"
+
+
+def test_a_catcher_swallows_retransmissions_between_release_and_restore() -> None:
+    """Without a socket for its 4-tuple, the peer's retransmission would be answered with RST."""
+    data = random.Random(3).randbytes(6 * 1024 * 1024)
+    listener, peer, ours = connected_pair()
+    errors: list[OSError] = []
+
+    def paced_sender() -> None:
+        try:
+            for offset in range(0, len(data), 65536):
+                peer.sendall(data[offset:offset + 65536])
+                time.sleep(0.01)
+            peer.shutdown(socket.SHUT_WR)
+        except OSError as error:
+            errors.append(error)
+
+    sender = threading.Thread(target=paced_sender, daemon=True)
+    sender.start()
+    try:
+        received = bytearray(recv_exactly(ours, 1024 * 1024))
+        switch_repair(ours, REPAIR_ON)
+        dump = dump_socket(ours)
+        catcher = socket.socket()
+        switch_repair(catcher, REPAIR_ON)  # the drop filter, and repair mode to bind a used address
+        catcher.bind(dump.local)
+        catcher.listen(1)
+        ours.close()
+        time.sleep(1.0)  # the peer keeps sending and retransmitting meanwhile
+        restored = new_restore_socket()
+        switch_repair(restored, REPAIR_ON)
+        restore_in_repair(restored, dump, wait_for_tuple=1.0)
+        switch_repair(restored, REPAIR_OFF)
+        send_unsent(restored, dump)
+        catcher.close()
+        restored.settimeout(IO_SECONDS)
+        received += recv_exactly(restored, len(data) - len(received))
+        sender.join(IO_SECONDS)
+        assert not errors, f"the peer saw {errors}"
+        assert_same_stream(bytes(received), data, "the restored socket")
+        restored.close()
+    finally:
+        for sock in (listener, peer, ours):
+            sock.close()

@@ -1,0 +1,89 @@
+"""Hand-built guest frames shared by the tests.
+
+The builders here are written independently of the stack's emitters (plain
+struct packing and a local checksum), so the tests do not trust the code under test.
+"""
+
+from __future__ import annotations
+
+import struct
+
+GUEST_MAC = bytes.fromhex("525400123456")
+GATEWAY_MAC = bytes.fromhex("525600000002")
+GUEST_IP = bytes([10, 0, 2, 15])
+GATEWAY_IP = bytes([10, 0, 2, 2])
+DNS_IP = bytes([10, 0, 2, 3])
+
+
+def checksum(data: bytes) -> int:
+    """RFC 1071, written out plainly."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def eth(dst: bytes, src: bytes, ethertype: int, payload: bytes) -> bytes:
+    return dst + src + struct.pack("!H", ethertype) + payload
+
+
+def ipv4(src: bytes, dst: bytes, proto: int, payload: bytes, *, ttl: int = 64,
+         flags_fragment: int = 0x4000, ihl: int = 5, options: bytes = b"",
+         total_length: int | None = None, bad_checksum: bool = False) -> bytes:
+    header_len = ihl * 4
+    total = total_length if total_length is not None else header_len + len(payload)
+    header = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total, 0x1234, flags_fragment, ttl,
+                         proto, 0, src, dst) + options
+    value = checksum(header[:header_len]) ^ (0x5555 if bad_checksum else 0)
+    header = header[:10] + struct.pack("!H", value) + header[12:]
+    return header + payload
+
+
+def udp(src: bytes, sport: int, dst: bytes, dport: int, payload: bytes) -> bytes:
+    length = 8 + len(payload)
+    pseudo = src + dst + struct.pack("!BBH", 0, 17, length)
+    segment = struct.pack("!HHHH", sport, dport, length, 0) + payload
+    value = checksum(pseudo + segment) or 0xFFFF
+    return segment[:6] + struct.pack("!H", value) + segment[8:]
+
+
+def guest_ipv4_frame(dst_ip: bytes, proto: int, payload: bytes, **kwargs) -> bytes:
+    return eth(GATEWAY_MAC, GUEST_MAC, 0x0800, ipv4(GUEST_IP, dst_ip, proto, payload, **kwargs))
+
+
+def guest_udp_frame(sport: int, dst_ip: bytes, dport: int, payload: bytes,
+                    src_ip: bytes = GUEST_IP, dst_mac: bytes = GATEWAY_MAC) -> bytes:
+    return eth(dst_mac, GUEST_MAC, 0x0800,
+               ipv4(src_ip, dst_ip, 17, udp(src_ip, sport, dst_ip, dport, payload)))
+
+
+def icmp_echo(icmp_type: int, ident: int, seq: int, payload: bytes) -> bytes:
+    body = struct.pack("!BBHHH", icmp_type, 0, 0, ident, seq) + payload
+    return body[:2] + struct.pack("!H", checksum(body)) + body[4:]
+
+
+def parse_udp_frame(frame: bytes) -> tuple[bytes, int, bytes, int, bytes]:
+    """(src_ip, sport, dst_ip, dport, payload) of a frame sent to the guest, checksums verified."""
+    assert frame[12:14] == b"\x08\x00"
+    ip = frame[14:]
+    assert checksum(ip[:20]) == 0
+    assert ip[9] == 17
+    src, dst = ip[12:16], ip[16:20]
+    total = struct.unpack("!H", ip[2:4])[0]
+    segment = ip[20:total]
+    pseudo = src + dst + struct.pack("!BBH", 0, 17, len(segment))
+    assert checksum(pseudo + segment) == 0
+    sport, dport, length = struct.unpack("!HHH", segment[:6])
+    assert length == len(segment)
+    return src, sport, dst, dport, segment[8:]
+
+
+BROADCAST = b"\xff" * 6
+
+
+def arp_request(target_ip: bytes, sender_ip: bytes = GUEST_IP) -> bytes:
+    body = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, GUEST_MAC, sender_ip,
+                       b"\0" * 6, target_ip)
+    return eth(BROADCAST, GUEST_MAC, 0x0806, body)

@@ -1,0 +1,84 @@
+"""Shared helpers for the TCP tests: a stand-in for the stack and a scripted guest.
+
+(No tests here; the module name only matches the files this part owns.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vhostnet.stack.config import PortForward, StackConfig
+from vhostnet.tcp.engine import TcpEngine
+from vhostnet.tcp.flow import TcpTimeouts
+from vhostnet.wire.checksum import PROTO_TCP
+from vhostnet.wire.tcp import ACK, TcpSegment
+
+GUEST_IP = bytes([10, 0, 2, 15])
+GATEWAY = bytes([10, 0, 2, 2])
+REMOTE_IP = bytes([93, 184, 216, 34])  # never contacted: the glue is not involved in unit tests
+
+
+@dataclass
+class FakePacket:
+    """The duck type NetworkStack hands to protocol handlers."""
+
+    src: bytes
+    dst: bytes
+    payload: memoryview
+    ttl: int = 64
+    tos: int = 0
+
+
+class RecordingOutput:
+    """Stands in for NetworkStack.send_ipv4 and keeps what the engine sent to the guest."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, bytes, TcpSegment]] = []
+
+    def send_ipv4(self, src: bytes, dst: bytes, proto: int, payload: bytes) -> None:
+        assert proto == PROTO_TCP
+        self.sent.append((src, dst, TcpSegment.parse(payload)))
+
+    def take(self) -> list[TcpSegment]:
+        segments = [segment for _, _, segment in self.sent]
+        self.sent.clear()
+        return segments
+
+
+def make_config(
+    flow_limit: int = 65536, forwards: list[PortForward] | None = None, mtu: int = 1500
+) -> StackConfig:
+    return StackConfig(flow_limit=flow_limit, tcp_forwards=forwards or [], mtu=mtu)
+
+
+def make_engine(**kwargs) -> tuple[TcpEngine, RecordingOutput]:
+    output = RecordingOutput()
+    timeouts = kwargs.pop("timeouts", TcpTimeouts())
+    engine = TcpEngine(make_config(**kwargs), output, timeouts=timeouts, isn_source=lambda: 5000)
+    return engine, output
+
+
+def guest_segment(
+    engine: TcpEngine,
+    now: float,
+    *,
+    src_port: int,
+    dst_port: int,
+    seq: int,
+    ack: int = 0,
+    flags: int = ACK,
+    window: int = 65535,
+    payload: bytes = b"",
+    mss: int | None = None,
+    wscale: int | None = None,
+    src: bytes = GUEST_IP,
+    dst: bytes = REMOTE_IP,
+    corrupt: bool = False,
+) -> None:
+    """Build a guest segment with a correct checksum (unless ``corrupt``) and feed it in."""
+    raw = bytearray(
+        TcpSegment(src_port, dst_port, seq, ack, flags, window, payload, mss, wscale).emit(src, dst)
+    )
+    if corrupt:
+        raw[-1] ^= 0xFF
+    engine.handle_ipv4(FakePacket(src, dst, memoryview(bytes(raw))), now)

@@ -1,0 +1,73 @@
+"""The Internet checksum against a plain reference implementation of RFC 1071."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from vhostnet.wire.checksum import (
+    PROTO_TCP,
+    PROTO_UDP,
+    internet_checksum,
+    l4_checksum,
+    l4_checksum_ok,
+    ones_complement_sum,
+    pseudo_header_sum,
+)
+
+
+def reference_sum(data: bytes, initial: int = 0) -> int:
+    padded = data + b"\x00" if len(data) % 2 else data
+    total = initial
+    for i in range(0, len(padded), 2):
+        total += padded[i] << 8 | padded[i + 1]
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+@pytest.mark.parametrize("length", [0, 1, 2, 3, 4, 5, 19, 20, 21, 1499, 1500, 4095, 4096, 65535])
+def test_sum_matches_reference_for_every_tail_length(length: int) -> None:
+    rng = random.Random(length)
+    data = bytes(rng.getrandbits(8) for _ in range(length))
+    for initial in (0, 0xFFFF, 0x1234):
+        assert ones_complement_sum(data, initial) == reference_sum(data, initial)
+
+
+def test_accepts_every_buffer_kind() -> None:
+    data = bytes(range(256)) * 3
+    expected = reference_sum(data)
+    assert ones_complement_sum(bytearray(data)) == expected
+    assert ones_complement_sum(memoryview(data)[0:]) == expected
+    assert ones_complement_sum(memoryview(data)[::2]) == reference_sum(data[::2])
+    assert ones_complement_sum(memoryview(bytearray(data)).cast("H")) == expected
+
+
+def test_rfc1071_style_ipv4_header() -> None:
+    header = bytes.fromhex("450000730000400040110000c0a80001c0a800c7")
+    assert internet_checksum(header) == 0xB861
+
+
+def test_pseudo_header_and_l4_round_trip() -> None:
+    src, dst = bytes([10, 0, 2, 15]), bytes([10, 0, 2, 2])
+    pseudo = src + dst + bytes((0, PROTO_TCP)) + (40).to_bytes(2, "big")
+    assert pseudo_header_sum(src, dst, PROTO_TCP, 40) == reference_sum(pseudo)
+    segment = bytearray(random.Random(1).getrandbits(8) for _ in range(40))
+    segment[16:18] = b"\x00\x00"
+    segment[16:18] = l4_checksum(src, dst, PROTO_TCP, segment).to_bytes(2, "big")
+    assert l4_checksum_ok(src, dst, PROTO_TCP, segment)
+    segment[30] ^= 0x01
+    assert not l4_checksum_ok(src, dst, PROTO_TCP, segment)
+
+
+def test_udp_zero_checksum_is_sent_as_ffff_and_accepted_as_absent() -> None:
+    src, dst = bytes([10, 0, 2, 15]), bytes([10, 0, 2, 2])
+    # Find a payload whose checksum computes to zero, so the 0xFFFF rule is exercised.
+    for value in range(0x10000):
+        datagram = bytearray(b"\x00\x35\x00\x35\x00\x0a\x00\x00") + value.to_bytes(2, "big")
+        if internet_checksum(datagram, pseudo_header_sum(src, dst, PROTO_UDP, 10)) == 0:
+            assert l4_checksum(src, dst, PROTO_UDP, datagram) == 0xFFFF
+            break
+    else:
+        pytest.fail("no zero-checksum payload found")
+    assert l4_checksum_ok(src, dst, PROTO_UDP, b"\x00\x35\x00\x35\x00\x08\x00\x00")

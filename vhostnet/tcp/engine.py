@@ -1,0 +1,652 @@
+"""Sans-IO TCP translator: guest TCP connections become ordinary host sockets (the passt model).
+
+The engine terminates the guest's TCP connection itself and describes what the
+host socket should do as *commands*; the glue (``vhostnet.tcp.host``) runs
+them and feeds socket *events* back. Nothing here touches a socket or a clock.
+
+Guest segments come in through ``handle_ipv4(packet, now)``; segments for the
+guest go out through ``output.send_ipv4(src, dst, 6, segment)``.
+
+Commands (``engine.commands``, a deque; see ``tcp_flow``):
+    Connect(flow_id, host, port)   open a non-blocking connection
+    Send(flow_id, data)            write; report ``on_sent``
+    Peek(flow_id, offset, length)  read without consuming; report ``on_peeked`` or ``on_host_eof``
+    Discard(flow_id, length)       consume bytes the guest acknowledged
+    ShutdownWrite(flow_id)         shutdown(SHUT_WR)
+    Close(flow_id, abort)          close (abort: SO_LINGER 0, i.e. send RST); the flow is gone
+
+Events the glue reports (``send_space`` = what the host socket can take now,
+SO_SNDBUF minus the bytes queued, when the glue knows it):
+    on_connected(flow_id, now, send_space=None)    on_connect_failed(flow_id, errno, now)
+    on_sent(flow_id, n, now, send_space=None)      on_writable(flow_id, now, send_space=None)
+    on_peeked(flow_id, offset, data, now)          on_readable(flow_id, now)
+    on_host_eof(flow_id, now)                      on_host_error(flow_id, errno, now)
+    on_accepted(peer_host, peer_port, guest_port, now, send_space=None) -> flow_id | None
+
+Data rules:
+- Outbound flows: the guest gets its SYN-ACK only after the host connect()
+  succeeded; failure or the SYN timer answers with RST, so the guest's
+  connect() fails at once instead of timing out.
+- Guest -> host: only in-order data is taken; out-of-order segments get a
+  duplicate ACK and are not buffered. Data is acknowledged once the host socket
+  accepted it; after a partial write the rest is dropped and the guest resends.
+- Host -> guest: data stays in the host socket's receive queue until the guest
+  acknowledges it; the engine peeks from ``snd_nxt - snd_una`` and discards on
+  ACK, so retransmission (RTO with backoff, or three duplicate ACKs) is just a
+  rewind of ``snd_nxt`` to ``snd_una`` and a new peek.
+- FIN to the guest once the host reached EOF and the guest acknowledged all
+  data; the guest's FIN becomes shutdown(SHUT_WR) after its data was written.
+  There is no TIME_WAIT: the flow ends when both FINs are through.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from vhostnet.stack.counters import Counters
+from vhostnet.tcp.closed import RecentlyClosed
+from vhostnet.tcp.flow import (
+    Close,
+    Connect,
+    Discard,
+    Flow,
+    Peek,
+    Phase,
+    Send,
+    ShutdownWrite,
+    TcpCommand,
+    TcpTimeouts,
+)
+from vhostnet.tcp.output import GuestOutput, Ipv4Output
+from vhostnet.tcp.timers import FlowTimers
+from vhostnet.wire.checksum import PROTO_TCP, l4_checksum_ok
+from vhostnet.wire.errors import MalformedPacket
+from vhostnet.wire.tcp import (
+    ACK,
+    FIN,
+    RST,
+    SYN,
+    TcpSegmentView,
+)
+
+log = logging.getLogger("vhostnet.tcp.engine")
+
+# Our window scale shift: 2^7 * 65535 ~ 8 MiB, enough for any host socket buffer.
+OUR_WSCALE = 7
+# Upper bound of one Peek, so a huge guest window does not mean one huge read.
+PEEK_BUDGET = 256 * 1024
+# The MSS to assume when the guest's SYN carries none (RFC 9293).
+DEFAULT_MSS = 536
+FLOW_LIMIT_LOG_INTERVAL = 10.0
+
+
+class Ipv4Packet(Protocol):
+    """What the stack hands us: an IPv4 packet whose payload is a TCP segment."""
+
+    src: bytes
+    dst: bytes
+    payload: memoryview
+    ttl: int
+    tos: int
+
+
+class TcpEngine:
+    """All TCP flows between the guest and the host. See the module docstring for the contract."""
+
+    def __init__(
+        self,
+        config: Any,
+        output: Ipv4Output,
+        *,
+        timeouts: TcpTimeouts | None = None,
+        counters: Counters | None = None,
+        isn_source: Callable[[], int] | None = None,
+    ) -> None:
+        self.config = config
+        self.output = output
+        self.timeouts = timeouts or TcpTimeouts()
+        self.stats = counters or Counters(log)
+        if isn_source is None:
+            # Initial sequence numbers need only be unpredictable to the guest, not secret.
+            rng = random.Random()
+            isn_source = lambda: rng.getrandbits(32)  # noqa: E731
+        self._isn = isn_source
+        self.commands: deque[TcpCommand] = deque()
+        self.flows: dict[tuple[bytes, int, bytes, int], Flow] = {}
+        self.flows_by_id: dict[int, Flow] = {}
+        self._next_flow_id = 1
+        self._timers = FlowTimers(self.flows_by_id)
+        self._last_limit_log = float("-inf")
+        self._mss_to_guest_limit = config.mtu - 40
+        self.tx = GuestOutput(output, self.stats, self._mss_to_guest_limit)
+        self.recently_closed = RecentlyClosed()
+        self._now = 0.0  # the latest time an event brought; closed flows linger from it
+        # Set by a fast path that mirrors flows (hostio/tcp_fast.py): the ids of flows whose
+        # guest-side state may have changed, for it to look at before it takes frames again.
+        self.changed: set[int] | None = None
+
+    # ------------------------------------------------------------------ public
+
+    def counters(self) -> dict[str, int]:
+        """Flat "tcp.*" counters: segments, bytes, flows, drops by reason, resets, retransmits."""
+        self.stats.set("tcp.flows_open", len(self.flows))
+        return self.stats.snapshot()
+
+    def next_timer(self) -> float | None:
+        """The earliest time ``poll_timers`` has work to do, or None."""
+        return self._timers.next_deadline()
+
+    def poll_timers(self, now: float) -> None:
+        self._now = now
+        for flow in self._timers.due(now):
+            self._run_timers(flow, now)
+            self._timers.schedule(flow)
+
+    # ------------------------------------------------------- guest segments
+
+    def handle_ipv4(self, packet: Ipv4Packet, now: float) -> None:
+        self.stats.inc("tcp.segments_in")
+        data = packet.payload
+        # A partial checksum (virtio NEEDS_CSUM) is the guest handing the sum to the "device".
+        partial = getattr(packet, "checksum_partial", False)
+        if not partial and not l4_checksum_ok(packet.src, packet.dst, PROTO_TCP, data):
+            self.stats.drop("tcp.drop.bad_checksum", "TCP segment with a bad checksum")
+            return
+        try:
+            seg = TcpSegmentView(data)
+        except MalformedPacket as error:
+            self.stats.drop(f"tcp.drop.{error.reason}", f"malformed TCP segment: {error}")
+            return
+        key = (bytes(packet.src), seg.src_port, bytes(packet.dst), seg.dst_port)
+        self._now = now
+        flow = self.flows.get(key)
+        if flow is None:
+            if seg.has(SYN) and not seg.has(ACK):
+                self.recently_closed.forget(key)
+                self._open_outbound(key, seg, now)
+                return
+            final = self.recently_closed.final_numbers(key, now)
+            if final is not None and not seg.has(RST | SYN):
+                self.tx.ack_closed(key, *final)  # a straggler of a clean close
+            else:
+                self.tx.answer_stray(key, seg)
+            return
+        if self.changed is not None:
+            self.changed.add(flow.flow_id)
+        flow.idle_at = now + self.timeouts.idle
+        if flow.phase is Phase.CONNECTING:
+            self._segment_connecting(flow, seg)
+        elif flow.phase is Phase.SYN_SENT:
+            self._segment_syn_sent(flow, seg, now)
+        elif flow.phase is Phase.SYN_RCVD:
+            self._segment_syn_rcvd(flow, seg, now)
+        else:
+            self._segment_established(flow, seg, now)
+        self._timers.schedule(flow)
+
+    def _open_outbound(
+        self, key: tuple[bytes, int, bytes, int], seg: TcpSegmentView, now: float
+    ) -> None:
+        guest_ip, guest_port, remote_ip, remote_port = key
+        if self._at_flow_limit(now):
+            self.tx.answer_stray(key, seg)
+            return
+        destination = self.config.host_destination(remote_ip, remote_port)
+        if destination is None:
+            self.stats.inc("tcp.unreachable")
+            self.tx.answer_stray(key, seg)
+            return
+        flow = self._new_flow(key, inbound=False, phase=Phase.CONNECTING)
+        flow.irs = seg.seq
+        flow.rcv_nxt = flow.rcv_queued = 1
+        self._take_syn_options(flow, seg)
+        flow.syn_at = now + self.timeouts.syn
+        flow.idle_at = now + self.timeouts.idle
+        self.commands.append(Connect(flow.flow_id, destination[0], destination[1]))
+        self._timers.schedule(flow)
+
+    def _segment_connecting(self, flow: Flow, seg: TcpSegmentView) -> None:
+        # The guest only retransmits its SYN while we wait for connect(); nothing to answer yet.
+        if seg.has(RST):
+            self._abort(flow, send_rst=False)
+
+    def _segment_syn_rcvd(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
+        if seg.has(RST):
+            self._abort(flow, send_rst=False)
+            return
+        if seg.has(SYN):
+            self.tx.syn(flow)  # our SYN-ACK was lost
+            return
+        if not seg.has(ACK):
+            return
+        if flow.send_rel(seg.ack) != 1:
+            self.tx.rst_for(flow, seg)
+            return
+        self._establish(flow, seg, now)
+        self._segment_established(flow, seg, now)
+
+    def _segment_syn_sent(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
+        acceptable = seg.has(ACK) and flow.send_rel(seg.ack) == 1
+        if seg.has(RST):
+            if acceptable:
+                self._abort(flow, send_rst=False)
+            return
+        if not (seg.has(SYN) and seg.has(ACK)):
+            return
+        if not acceptable:
+            self.tx.rst_for(flow, seg)
+            return
+        flow.irs = seg.seq
+        flow.rcv_nxt = flow.rcv_queued = 1
+        self._take_syn_options(flow, seg)
+        self._establish(flow, seg, now)
+        self.tx.ack(flow)
+        self._pump(flow, now)
+        self._maybe_send_fin(flow, now)
+
+    def _establish(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
+        flow.phase = Phase.ESTABLISHED
+        flow.snd_una = 1
+        flow.snd_wnd = seg.window << flow.snd_wscale if not seg.has(SYN) else seg.window
+        flow.rto_at = flow.syn_at = None
+        flow.retries = 0
+        flow.rto = self.timeouts.rto_initial
+        self.stats.inc("tcp.established")
+
+    def _segment_established(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
+        if seg.has(RST):
+            seq = flow.recv_rel(seg.seq)
+            # RFC 5961: only a RST inside the window may kill the flow (blind-reset defence).
+            if flow.rcv_nxt <= seq <= flow.rcv_nxt + max(self.tx.window_bytes(flow), 1):
+                self._abort(flow, send_rst=False)
+            else:
+                self.stats.drop("tcp.drop.rst_out_of_window", "TCP RST outside the window")
+            return
+        if seg.has(SYN):
+            self.tx.ack(flow)  # challenge ACK; a new SYN on a live 4-tuple is stale
+            return
+        if seg.has(ACK) and not self._process_ack(flow, seg, now):
+            return
+        if flow.flow_id in self.flows_by_id:
+            self._process_data(flow, seg, now)
+
+    def _process_ack(self, flow: Flow, seg: TcpSegmentView, now: float) -> bool:
+        ack = flow.send_rel(seg.ack)
+        window = seg.window << flow.snd_wscale
+        if ack > flow.snd_max:
+            self.stats.drop("tcp.drop.ack_unsent", "guest acknowledged data never sent")
+            self.tx.ack(flow)
+            return False
+        if ack > flow.snd_una:
+            acked = ack - flow.snd_una
+            if flow.fin_sent and ack == flow.snd_max:
+                flow.fin_acked = True
+                acked -= 1
+            if acked > 0:
+                self.commands.append(Discard(flow.flow_id, acked))
+            flow.snd_una = ack
+            flow.snd_nxt = max(flow.snd_nxt, ack)
+            flow.dup_acks = 0
+            flow.retries = 0
+            flow.rto = self.timeouts.rto_initial
+            flow.rto_at = now + flow.rto if flow.snd_una < flow.snd_max else None
+            if flow.fin_at is not None:
+                flow.fin_at = now + self.timeouts.fin  # still closing, but making progress
+        elif (
+            ack == flow.snd_una
+            and flow.snd_una < flow.snd_max
+            and len(seg.payload) == 0
+            and not seg.has(FIN)
+            and window == flow.snd_wnd
+        ):
+            flow.dup_acks += 1
+            if flow.dup_acks == 3:
+                self.stats.inc("tcp.fast_retransmits")
+                self._retransmit(flow, now)
+        flow.snd_wnd = window
+        self._pump(flow, now)
+        self._maybe_send_fin(flow, now)
+        self._maybe_finish(flow)
+        return flow.flow_id in self.flows_by_id
+
+    def _process_data(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
+        payload = seg.payload
+        has_fin = seg.has(FIN)
+        if not payload and not has_fin:
+            return
+        if flow.guest_fin:
+            self.tx.ack(flow)  # a retransmission after the guest's FIN
+            return
+        start = flow.recv_rel(seg.seq)
+        end = start + len(payload)
+        if start > flow.rcv_queued:
+            self.stats.inc("tcp.out_of_order")
+            self.tx.ack(flow)  # duplicate ACK: tells the guest where the hole is
+            return
+        if end < flow.rcv_queued or (end == flow.rcv_queued and not has_fin):
+            self.tx.ack(flow)  # all old: the guest missed our ACK
+            return
+        fresh = payload[flow.rcv_queued - start :]
+        if fresh:
+            flow.to_host += fresh
+            flow.rcv_queued += len(fresh)
+            if not flow.send_queued:
+                flow.send_queued = True
+                self.commands.append(Send(flow.flow_id, flow.to_host))
+        if has_fin:
+            flow.guest_fin = True
+            flow.fin_at = now + self.timeouts.fin
+        self._maybe_shutdown(flow)
+
+    # ------------------------------------------------------------ host events
+
+    def on_connected(self, flow_id: int, now: float, send_space: int | None = None) -> None:
+        flow = self.flows_by_id.get(flow_id)
+        if flow is None or flow.phase is not Phase.CONNECTING:
+            return
+        if send_space is not None:
+            flow.host_space = send_space
+        flow.phase = Phase.SYN_RCVD
+        flow.iss = self._isn() & 0xFFFFFFFF
+        flow.snd_nxt = flow.snd_max = 1
+        flow.rto = self.timeouts.rto_initial
+        flow.rto_at = now + flow.rto
+        flow.idle_at = now + self.timeouts.idle
+        self.tx.syn(flow)
+        self._timers.schedule(flow)
+
+    def on_connect_failed(self, flow_id: int, errno: int, now: float) -> None:
+        flow = self.flows_by_id.get(flow_id)
+        if flow is None:
+            return
+        self.stats.inc("tcp.connect_failed")
+        self._abort(flow, send_rst=True)
+
+    def on_sent(self, flow_id: int, n: int, now: float, send_space: int | None = None) -> None:
+        flow = self.flows_by_id.get(flow_id)
+        if flow is None:
+            return
+        if self.changed is not None:
+            self.changed.add(flow_id)
+        flow.send_queued = False
+        if send_space is not None:
+            flow.host_space = send_space
+        if n > 0:
+            del flow.to_host[:n]
+            flow.rcv_nxt += n
+            self.stats.inc("tcp.bytes_to_host", n)
+            flow.idle_at = now + self.timeouts.idle
+            if flow.fin_at is not None:
+                flow.fin_at = now + self.timeouts.fin
+        if flow.to_host:
+            # The host socket is full: forget the rest, the guest will send it again.
+            self.stats.inc("tcp.partial_writes")
+            flow.to_host.clear()
+            flow.rcv_queued = flow.rcv_nxt
+            if flow.guest_fin:
+                flow.guest_fin = False
+                flow.fin_at = None
+        if not self._maybe_shutdown(flow) and n > 0:
+            self.tx.ack(flow)
+        self._timers.schedule(flow)
+
+    def on_writable(self, flow_id: int, now: float, send_space: int | None = None) -> None:
+        flow = self.flows_by_id.get(flow_id)
+        if flow is None or flow.phase is not Phase.ESTABLISHED:
+            return
+        if send_space is not None:
+            flow.host_space = send_space
+        self.tx.ack(flow)  # window update
+
+    def on_readable(self, flow_id: int, now: float) -> None:
+        flow = self.flows_by_id.get(flow_id)
+        if flow is None:
+            return
+        flow.host_readable = True
+        flow.idle_at = now + self.timeouts.idle
+        self._pump(flow, now)
+        self._timers.schedule(flow)
+
+    def on_peeked(self, flow_id: int, offset: int, data: bytes | memoryview, now: float) -> None:
+        flow = self.flows_by_id.get(flow_id)
+        if flow is None:
+            return
+        flow.peek_pending = False
+        if flow.peek_seq != flow.snd_nxt or offset != flow.snd_nxt - flow.snd_una:
+            self._pump(flow, now)  # a rewind happened meanwhile: peek again
+            return
+        if len(data) < flow.peek_len:
+            flow.host_readable = False  # everything queued is now in flight
+        if data:
+            self._send_host_data(flow, data, now)
+        self._pump(flow, now)
+        self._timers.schedule(flow)
+
+    def on_host_eof(self, flow_id: int, now: float) -> None:
+        flow = self.flows_by_id.get(flow_id)
+        if flow is None:
+            return
+        if self.changed is not None:
+            self.changed.add(flow_id)
+        flow.peek_pending = False
+        flow.host_readable = False
+        flow.host_eof = True
+        self._maybe_send_fin(flow, now)
+        self._timers.schedule(flow)
+
+    def on_host_error(self, flow_id: int, errno: int, now: float) -> None:
+        flow = self.flows_by_id.get(flow_id)
+        if flow is None:
+            return
+        self.stats.inc("tcp.host_errors")
+        self._abort(flow, send_rst=True)
+
+    def on_accepted(
+        self,
+        peer_host: str,
+        peer_port: int,
+        guest_port: int,
+        now: float,
+        send_space: int | None = None,
+    ) -> int | None:
+        """A host peer connected to a forwarded port: start a flow and send the guest a SYN."""
+        if self._at_flow_limit(now):
+            return None
+        remote_ip = self._guest_visible_address(peer_host)
+        key = (bytes(self.config.guest_ipv4), guest_port, remote_ip, peer_port)
+        if key in self.flows:
+            self.stats.inc("tcp.drop.forward_tuple_busy")
+            return None
+        flow = self._new_flow(key, inbound=True, phase=Phase.SYN_SENT)
+        flow.mss = self._mss_to_guest_limit
+        flow.iss = self._isn() & 0xFFFFFFFF
+        flow.snd_nxt = flow.snd_max = 1
+        flow.rto = self.timeouts.rto_initial
+        flow.rto_at = now + flow.rto
+        flow.syn_at = now + self.timeouts.syn
+        flow.idle_at = now + self.timeouts.idle
+        flow.rcv_wscale = OUR_WSCALE
+        if send_space is not None:
+            flow.host_space = send_space
+        self.tx.syn(flow)
+        self._timers.schedule(flow)
+        return flow.flow_id
+
+    # ------------------------------------------------------------- internals
+
+    def _at_flow_limit(self, now: float) -> bool:
+        """True (counted, logged at most every few seconds) when no new flow may open."""
+        if len(self.flows) < self.config.flow_limit:
+            return False
+        self.stats.inc("tcp.drop.flow_limit")
+        if now - self._last_limit_log >= FLOW_LIMIT_LOG_INTERVAL:
+            self._last_limit_log = now
+            log.warning("TCP flow limit (%d) reached, refusing connections", self.config.flow_limit)
+        return True
+
+    def _guest_visible_address(self, peer_host: str) -> bytes:
+        # A loopback peer appears as the mapped loopback address (by default the
+        # gateway), so the guest can answer it, as passt does.
+        parts = peer_host.removeprefix("::ffff:").split(".")
+        if len(parts) == 4 and all(p.isdigit() and int(p) < 256 for p in parts):
+            address = bytes(int(p) for p in parts)
+            if address[0] != 127:
+                return address
+        return self.config.loopback_peer_address
+
+    def _new_flow(self, key: tuple[bytes, int, bytes, int], inbound: bool, phase: Phase) -> Flow:
+        flow = Flow(self._next_flow_id, key[0], key[1], key[2], key[3], inbound, phase)
+        self._next_flow_id += 1
+        self.flows[key] = flow
+        self.flows_by_id[flow.flow_id] = flow
+        self.stats.inc("tcp.flows_total")
+        self.stats.set("tcp.flows_open", len(self.flows))
+        return flow
+
+    def _remove(self, flow: Flow, abort: bool) -> None:
+        self.flows.pop(flow.key, None)
+        self.flows_by_id.pop(flow.flow_id, None)
+        if self.changed is not None:
+            self.changed.add(flow.flow_id)
+        self.stats.set("tcp.flows_open", len(self.flows))
+        self.commands.append(Close(flow.flow_id, abort))
+
+    def _abort(self, flow: Flow, send_rst: bool) -> None:
+        if send_rst:
+            if flow.phase is Phase.CONNECTING:
+                # We never sent a SYN: the RST acknowledges the guest's SYN (RFC 9293 3.10.7.1).
+                self.tx.emit(flow, RST | ACK, seq=0, ack=flow.recv_seq(flow.rcv_nxt))
+            else:
+                self.tx.emit(flow, RST | ACK, seq=flow.send_seq(flow.snd_nxt))
+            self.stats.inc("tcp.rst_sent")
+        self._remove(flow, abort=True)
+
+    def _take_syn_options(self, flow: Flow, seg: TcpSegmentView) -> None:
+        options = seg.options
+        flow.mss = min(options.mss or DEFAULT_MSS, self._mss_to_guest_limit)
+        if options.wscale is not None:
+            flow.snd_wscale = options.wscale
+            flow.rcv_wscale = OUR_WSCALE
+        else:
+            # Scaling is used only when both SYNs carry the option (RFC 7323).
+            flow.snd_wscale = flow.rcv_wscale = 0
+        flow.snd_wnd = seg.window
+
+    def _pump(self, flow: Flow, now: float) -> None:
+        """Ask the glue for more host data if the guest's window has room."""
+        if (
+            flow.phase is not Phase.ESTABLISHED
+            or flow.fin_sent
+            or flow.peek_pending
+            or not flow.host_readable
+        ):
+            return
+        room = flow.snd_una + flow.snd_wnd - flow.snd_nxt
+        if room <= 0:
+            if flow.snd_nxt == flow.snd_una and flow.rto_at is None:
+                flow.rto_at = now + flow.rto  # persist timer: probe the zero window
+            return
+        flow.peek_pending = True
+        flow.peek_seq = flow.snd_nxt
+        flow.peek_len = min(room, PEEK_BUDGET)
+        self.commands.append(Peek(flow.flow_id, flow.snd_nxt - flow.snd_una, flow.peek_len))
+
+    def _send_host_data(self, flow: Flow, data: bytes | memoryview, now: float) -> None:
+        if flow.snd_nxt < flow.snd_max:
+            self.stats.inc("tcp.retransmitted_bytes", min(len(data), flow.snd_max - flow.snd_nxt))
+        self.tx.data(flow, data)
+        flow.snd_nxt += len(data)
+        flow.snd_max = max(flow.snd_max, flow.snd_nxt)
+        self.stats.inc("tcp.bytes_to_guest", len(data))
+        if flow.rto_at is None:
+            flow.rto_at = now + flow.rto
+
+    def _retransmit(self, flow: Flow, now: float) -> None:
+        """Go back to the first unacknowledged byte; the data is still in the host socket."""
+        self.stats.inc("tcp.retransmits")
+        flow.dup_acks = 0
+        flow.snd_nxt = flow.snd_una
+        flow.rto_at = now + flow.rto
+        if flow.fin_sent and flow.snd_una == flow.snd_max - 1:
+            self.tx.emit(flow, FIN | ACK, seq=flow.send_seq(flow.snd_una))
+            flow.snd_nxt = flow.snd_max
+            return
+        flow.host_readable = True
+        if flow.peek_pending:
+            flow.peek_seq = -1  # its answer would be for the old position
+        else:
+            self._pump(flow, now)
+
+    def _maybe_send_fin(self, flow: Flow, now: float) -> None:
+        if (
+            flow.host_eof
+            and not flow.fin_sent
+            and flow.phase is Phase.ESTABLISHED
+            and flow.snd_una == flow.snd_max
+        ):
+            flow.snd_nxt = flow.snd_max
+            self.tx.emit(flow, FIN | ACK, seq=flow.send_seq(flow.snd_nxt))
+            flow.fin_sent = True
+            flow.snd_nxt += 1
+            flow.snd_max = flow.snd_nxt
+            flow.rto_at = now + flow.rto
+            flow.fin_at = now + self.timeouts.fin
+
+    def _maybe_shutdown(self, flow: Flow) -> bool:
+        """After the guest's FIN and all its data reached the host: SHUT_WR and ACK the FIN."""
+        if not flow.guest_fin or flow.host_shut or flow.to_host or flow.send_queued:
+            return False
+        flow.host_shut = True
+        flow.rcv_nxt += 1
+        flow.rcv_queued = flow.rcv_nxt
+        self.commands.append(ShutdownWrite(flow.flow_id))
+        self.tx.ack(flow)
+        self._maybe_finish(flow)
+        return True
+
+    def _maybe_finish(self, flow: Flow) -> None:
+        if flow.host_shut and flow.fin_acked and flow.flow_id in self.flows_by_id:
+            self.stats.inc("tcp.closed")
+            self.recently_closed.remember(flow.key, flow.send_seq(flow.snd_nxt),
+                                          flow.recv_seq(flow.rcv_nxt), self._now)
+            self._remove(flow, abort=False)
+
+    def _run_timers(self, flow: Flow, now: float) -> None:
+        timeouts = self.timeouts
+        if flow.syn_at is not None and flow.syn_at <= now:
+            self.stats.inc("tcp.syn_timeouts")
+            self._abort(flow, send_rst=True)
+        elif flow.fin_at is not None and flow.fin_at <= now:
+            self.stats.inc("tcp.fin_timeouts")
+            self._abort(flow, send_rst=True)
+        elif flow.idle_at is not None and flow.idle_at <= now:
+            self.stats.inc("tcp.idle_timeouts")
+            self._abort(flow, send_rst=True)
+        elif flow.rto_at is not None and flow.rto_at <= now:
+            self._retransmission_timeout(flow, now, timeouts)
+
+    def _retransmission_timeout(self, flow: Flow, now: float, timeouts: TcpTimeouts) -> None:
+        flow.rto = min(flow.rto * 2, timeouts.rto_max)
+        if flow.snd_una == flow.snd_max and flow.phase is Phase.ESTABLISHED:
+            # Nothing in flight: this is the persist timer of a zero guest window.
+            if flow.snd_wnd == 0 and flow.host_readable:
+                self.tx.emit(flow, ACK, seq=flow.send_seq(flow.snd_una - 1))
+                flow.rto_at = now + flow.rto
+            else:
+                flow.rto_at = None
+            return
+        flow.retries += 1
+        if flow.retries > timeouts.max_retries:
+            self.stats.inc("tcp.retransmit_giveups")
+            self._abort(flow, send_rst=True)
+            return
+        if flow.phase is not Phase.ESTABLISHED:
+            self.stats.inc("tcp.retransmits")
+            self.tx.syn(flow)
+            flow.rto_at = now + flow.rto
+            return
+        self._retransmit(flow, now)

@@ -1,0 +1,493 @@
+"""Host-socket glue for the TCP translator: runs ``TcpEngine`` commands, reports socket events.
+
+``TcpHost(engine, loop)`` owns one non-blocking socket per flow plus one
+listening socket per forwarded port. ``flush()`` executes the engine's queued
+commands; the integrator calls it after every batch of guest frames, and the
+socket callbacks here call it themselves, then ``after_event`` (if given) so
+the integrator can push the resulting frames to the guest.
+
+Host -> guest data stays in the socket until the guest acknowledged it (see
+``vhostnet.tcp.engine``). Peeking at an offset uses SO_PEEK_OFF where the kernel
+supports it for TCP (Linux 6.9 and later); otherwise the glue peeks the whole
+prefix and slices, which costs a copy of the unacknowledged bytes per peek.
+
+Readiness: a socket whose queued bytes have all been peeked is still
+"readable" in the level-triggered sense, so the reader is armed only after a
+peek came back short, with SO_RCVLOWAT set one byte above what is already
+queued: it fires when new data (or EOF) arrives, not because of old data.
+
+Every socket is closed exactly once: by a ``Close`` command or by ``close()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import socket
+import struct
+import termios
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vhostnet.tcp.engine import TcpEngine
+from vhostnet.tcp.flow import Close, Connect, Discard, Peek, Send, ShutdownWrite
+
+log = logging.getLogger("vhostnet.tcp.host")
+
+SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)  # Linux value; Python does not export it
+# tcpi_state values meaning "the peer sent its FIN" (linux/tcp_states.h).
+PEER_CLOSED_STATES = {6, 7, 8, 9, 11}  # TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING
+MAX_COMMANDS_PER_FLUSH = 100_000
+MAX_ACCEPTS_PER_EVENT = 64
+LISTEN_BACKLOG = 128
+DISCARD_CHUNK = 256 * 1024
+# Below this much free send buffer, wait for the socket to drain and update the guest's window.
+LOW_SEND_SPACE = 128 * 1024
+LISTEN_RETRY_INTERVAL = 0.1
+
+
+@dataclass(eq=False)
+class _HostSocket:
+    sock: socket.socket
+    reading: bool = False
+    writing: bool = False
+    connecting: bool = False
+    rearm_on_discard: bool = False
+    peeked_until: int = 0  # bytes at the head of the queue already peeked (for SO_RCVLOWAT)
+
+
+class TcpHost:
+    """The I/O side of ``TcpEngine``: sockets, readiness callbacks, command execution."""
+
+    def __init__(
+        self,
+        engine: TcpEngine,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        after_event: Callable[[], None] | None = None,
+        listen_retry: float = 0.0,
+    ) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.clock = clock
+        self.after_event = after_event
+        self._sockets: dict[int, _HostSocket] = {}
+        self._listeners: list[socket.socket] = []
+        self._scratch = bytearray(DISCARD_CHUNK)
+        self._peek_off: bool | None = None  # learnt from the first socket
+        self._closed = False
+        # Called with a flow id before its socket closes (the TCP fast path forgets the fd).
+        self.before_close: Callable[[int], None] | None = None
+        for forward in engine.config.tcp_forwards:
+            if listen_retry > 0 and self._listen_or_wait(forward, self.clock() + listen_retry):
+                continue
+            self._listen(forward)
+
+    # ---------------------------------------------------------------- public
+
+    @property
+    def open_sockets(self) -> int:
+        return len(self._sockets)
+
+    def listening_addresses(self) -> list[tuple[str, int]]:
+        return [sock.getsockname()[:2] for sock in self._listeners]
+
+    def connected_fd(self, flow_id: int) -> int | None:
+        """The flow's host socket once connected (for the fast path), else None."""
+        entry = self._sockets.get(flow_id)
+        if entry is None or entry.connecting:
+            return None
+        return entry.sock.fileno()
+
+    def written_elsewhere(self, flow_id: int, host_full: bool) -> int | None:
+        """Someone else (the fast path) wrote to the flow's socket: the send space now, and
+        the same watch for room as after ``Send`` when the socket is full or nearly so."""
+        entry = self._sockets.get(flow_id)
+        if entry is None:
+            return None
+        space = self._send_space(entry.sock)
+        self._watch_for_room(flow_id, entry, host_full, space)
+        return space
+
+    def flush(self) -> None:
+        """Execute the engine's queued commands (including those they cause)."""
+        commands = self.engine.commands
+        for _ in range(MAX_COMMANDS_PER_FLUSH):
+            if not commands:
+                return
+            self._execute(commands.popleft())
+        if commands:
+            self.loop.call_soon(self._event_done)  # finish later, let other work in
+
+    def close(self) -> None:
+        """Close every socket this glue owns; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for listener in self._listeners:
+            self.loop.remove_reader(listener.fileno())
+            listener.close()
+        self._listeners.clear()
+        for flow_id in list(self._sockets):
+            self._close_socket(flow_id, abort=True)
+
+    # --------------------------------------- migration (vhostnet.migration)
+
+    def detach(self, flow_id: int) -> socket.socket | None:
+        """Take a flow's socket out of this glue without closing it (events stop)."""
+        entry = self._sockets.pop(flow_id, None)
+        if entry is None:
+            return None
+        if self.before_close is not None:
+            self.before_close(flow_id)  # nothing else may write to it now (it may be frozen)
+        self._stop_reading(entry)
+        self._stop_writing(entry)
+        return entry.sock
+
+    def adopt(self, flow_id: int, sock: socket.socket) -> None:
+        """Serve an established socket (restored or given back) for ``flow_id``."""
+        sock.setblocking(False)
+        self._tune(sock)
+        self._sockets[flow_id] = _HostSocket(sock)
+        self._arm_reader(flow_id, 0)
+
+    def close_listeners(self) -> None:
+        """Stop accepting on forwarded ports (a migration destination takes them over)."""
+        for listener in self._listeners:
+            self.loop.remove_reader(listener.fileno())
+            listener.close()
+        self._listeners.clear()
+
+    def _listen_or_wait(self, forward, deadline: float) -> bool:
+        """Bind now, or keep retrying while the port is busy until ``deadline``.
+
+        A migration destination on the same host starts while the source still
+        listens on the forwarded ports; it takes them when the source lets go.
+        False: not busy but failing, or out of time (the caller reports it).
+        """
+        if self._closed:
+            return True
+        try:
+            self._listen(forward, close_on_error=False)
+            return True
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or self.clock() >= deadline:
+                return False
+        self.loop.call_later(LISTEN_RETRY_INTERVAL, self._retry_listen, forward, deadline)
+        return True
+
+    def _retry_listen(self, forward, deadline: float) -> None:
+        if not self._listen_or_wait(forward, deadline):
+            log.error("cannot listen on %s port %d; that forward stays off",
+                      forward.host_addr, forward.host_port)
+        elif any(sock.getsockname()[1] == forward.host_port for sock in self._listeners):
+            log.info("listening on %s port %d now", forward.host_addr, forward.host_port)
+
+    # ------------------------------------------------------------- listeners
+
+    def _listen(self, forward, close_on_error: bool = True) -> None:
+        family = socket.AF_INET6 if ":" in forward.host_addr else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((forward.host_addr, forward.host_port))
+            listener.listen(LISTEN_BACKLOG)
+            listener.setblocking(False)
+        except OSError as error:
+            listener.close()
+            if close_on_error:
+                self.close()
+            raise OSError(
+                error.errno,
+                f"cannot listen on {forward.host_addr} port {forward.host_port}: {error.strerror}",
+            ) from None
+        self._listeners.append(listener)
+        self.loop.add_reader(listener.fileno(), self._on_accept_ready, listener, forward.guest_port)
+
+    def _on_accept_ready(self, listener: socket.socket, guest_port: int) -> None:
+        for _ in range(MAX_ACCEPTS_PER_EVENT):
+            try:
+                conn, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as error:  # EMFILE and friends: the peer waits in the backlog
+                log.warning("accept on forwarded port failed: %s", error)
+                break
+            conn.setblocking(False)
+            self._tune(conn)
+            flow_id = self.engine.on_accepted(
+                peer[0], peer[1], guest_port, self.clock(), self._send_space(conn)
+            )
+            if flow_id is None:
+                abort_close(conn)
+                continue
+            self._sockets[flow_id] = _HostSocket(conn)
+            self._arm_reader(flow_id, 0)
+        self._event_done()
+
+    # -------------------------------------------------------------- commands
+
+    def _execute(self, command) -> None:
+        if isinstance(command, Peek):
+            self._peek(command)
+        elif isinstance(command, Discard):
+            self._discard(command)
+        elif isinstance(command, Send):
+            self._send(command)
+        elif isinstance(command, Connect):
+            self._connect(command)
+        elif isinstance(command, ShutdownWrite):
+            self._shutdown_write(command.flow_id)
+        elif isinstance(command, Close):
+            self._close_socket(command.flow_id, command.abort)
+        else:
+            log.error("unknown TCP command %r", command)
+
+    def _connect(self, command: Connect) -> None:
+        family = socket.AF_INET6 if ":" in command.host else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as error:
+            self.engine.on_connect_failed(command.flow_id, error.errno or 0, self.clock())
+            return
+        sock.setblocking(False)
+        self._tune(sock)
+        entry = _HostSocket(sock, connecting=True)
+        self._sockets[command.flow_id] = entry
+        try:
+            code = sock.connect_ex((command.host, command.port))
+        except OSError as error:  # e.g. an address the family cannot take
+            code = error.errno or errno.EINVAL
+        if code not in (0, errno.EINPROGRESS):
+            self.engine.on_connect_failed(command.flow_id, code, self.clock())
+            return
+        entry.writing = True
+        self.loop.add_writer(sock.fileno(), self._on_connect_ready, command.flow_id)
+
+    def _on_connect_ready(self, flow_id: int) -> None:
+        entry = self._sockets.get(flow_id)
+        if entry is None:
+            return
+        self._stop_writing(entry)
+        entry.connecting = False
+        code = entry.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        now = self.clock()
+        if code:
+            self.engine.on_connect_failed(flow_id, code, now)
+        else:
+            self.engine.on_connected(flow_id, now, self._send_space(entry.sock))
+            self._arm_reader(flow_id, 0)
+        self._event_done()
+
+    def _send(self, command: Send) -> None:
+        entry = self._sockets.get(command.flow_id)
+        if entry is None:
+            return
+        try:
+            sent = entry.sock.send(command.data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as error:
+            self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
+            return
+        space = self._send_space(entry.sock)
+        self._watch_for_room(command.flow_id, entry, sent < len(command.data), space)
+        self.engine.on_sent(command.flow_id, sent, self.clock(), space)
+
+    def _watch_for_room(self, flow_id: int, entry: _HostSocket, full: bool,
+                        space: int | None) -> None:
+        # The window we advertise is the send space. Once it is small the guest stops
+        # sending (it will not send less than a segment), and nothing else would
+        # tell it that the host peer has read: wait for room and send a window update.
+        low = space is not None and space < LOW_SEND_SPACE
+        if (full or low) and not entry.writing:
+            entry.writing = True
+            self.loop.add_writer(entry.sock.fileno(), self._on_writable, flow_id)
+
+    def _on_writable(self, flow_id: int) -> None:
+        entry = self._sockets.get(flow_id)
+        if entry is None:
+            return
+        self._stop_writing(entry)
+        self.engine.on_writable(flow_id, self.clock(), self._send_space(entry.sock))
+        self._event_done()
+
+    def _peek(self, command: Peek) -> None:
+        entry = self._sockets.get(command.flow_id)
+        if entry is None:
+            return
+        flow_id, offset, now = command.flow_id, command.offset, self.clock()
+        try:
+            data, eof = self._peek_at(entry.sock, offset, command.length)
+        except OSError as error:
+            self.engine.on_host_error(flow_id, error.errno or 0, now)
+            return
+        if eof:
+            self.engine.on_host_eof(flow_id, now)
+            return
+        entry.peeked_until = offset + len(data)
+        if len(data) < command.length:
+            if data or offset == 0:
+                self._arm_reader(flow_id, entry.peeked_until)
+            else:
+                # Woken with nothing new (memory pressure keeps the socket readable):
+                # wait until the guest's ACK frees queue space instead of spinning.
+                entry.rearm_on_discard = True
+        self.engine.on_peeked(flow_id, offset, data, now)
+
+    def _peek_at(self, sock: socket.socket, offset: int, length: int) -> tuple[bytes, bool]:
+        """(data, eof): ``length`` bytes at ``offset`` into the receive queue, without consuming."""
+        if self._peek_off is None:
+            self._peek_off = _probe_peek_off(sock)
+        try:
+            if self._peek_off:
+                sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, offset)
+                data = sock.recv(length, socket.MSG_PEEK)
+                return data, data == b""
+            prefix = sock.recv(offset + length, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return b"", False
+        if prefix == b"":
+            return b"", True
+        if len(prefix) > offset:
+            return prefix[offset:], False
+        # All queued bytes were peeked already; only the TCP state tells whether a FIN came.
+        return b"", _peer_closed(sock)
+
+    def _discard(self, command: Discard) -> None:
+        entry = self._sockets.get(command.flow_id)
+        if entry is None:
+            return
+        remaining = command.length
+        scratch = self._scratch
+        # Bounded: each round consumes at least one byte or stops.
+        for _ in range(command.length // len(scratch) + 2):
+            if remaining <= 0:
+                break
+            try:
+                # MSG_TRUNC: TCP drops the bytes without copying them out (Linux).
+                got = entry.sock.recv_into(scratch, min(remaining, len(scratch)), socket.MSG_TRUNC)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as error:
+                self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
+                return
+            if got == 0:
+                break
+            remaining -= got
+        if remaining:
+            log.error("TCP flow %d: %d acknowledged bytes missing", command.flow_id, remaining)
+        entry.peeked_until = max(0, entry.peeked_until - command.length)
+        if entry.rearm_on_discard:
+            entry.rearm_on_discard = False
+            self._arm_reader(command.flow_id, entry.peeked_until)
+        elif entry.reading:
+            _set_lowat(entry.sock, entry.peeked_until + 1)
+
+    def _shutdown_write(self, flow_id: int) -> None:
+        entry = self._sockets.get(flow_id)
+        if entry is None:
+            return
+        try:
+            entry.sock.shutdown(socket.SHUT_WR)
+        except OSError as error:
+            self.engine.on_host_error(flow_id, error.errno or 0, self.clock())
+
+    def _close_socket(self, flow_id: int, abort: bool) -> None:
+        entry = self._sockets.pop(flow_id, None)
+        if entry is None:
+            return
+        if self.before_close is not None:
+            self.before_close(flow_id)
+        self._stop_reading(entry)
+        self._stop_writing(entry)
+        if abort:
+            abort_close(entry.sock)
+        else:
+            entry.sock.close()
+
+    # ------------------------------------------------------------- readiness
+
+    def _arm_reader(self, flow_id: int, already_peeked: int) -> None:
+        entry = self._sockets[flow_id]
+        _set_lowat(entry.sock, already_peeked + 1)
+        if not entry.reading:
+            entry.reading = True
+            self.loop.add_reader(entry.sock.fileno(), self._on_readable, flow_id)
+
+    def _on_readable(self, flow_id: int) -> None:
+        entry = self._sockets.get(flow_id)
+        if entry is None:
+            return
+        self._stop_reading(entry)  # re-armed after a short peek
+        self.engine.on_readable(flow_id, self.clock())
+        self._event_done()
+
+    def _stop_reading(self, entry: _HostSocket) -> None:
+        if entry.reading:
+            entry.reading = False
+            self.loop.remove_reader(entry.sock.fileno())
+
+    def _stop_writing(self, entry: _HostSocket) -> None:
+        if entry.writing:
+            entry.writing = False
+            self.loop.remove_writer(entry.sock.fileno())
+
+    def _event_done(self) -> None:
+        self.flush()
+        if self.after_event is not None:
+            self.after_event()
+
+    # ---------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _tune(sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @staticmethod
+    def _send_space(sock: socket.socket) -> int | None:
+        """Bytes the socket can take now: SO_SNDBUF minus what is queued (SIOCOUTQ)."""
+        try:
+            buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        except OSError:
+            return None
+        return max(0, buffer - queued)
+
+
+def _probe_peek_off(sock: socket.socket) -> bool:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    except OSError:
+        log.info("SO_PEEK_OFF not supported for TCP: peeking whole prefixes")
+        return False
+    return True
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return False
+    return state in PEER_CLOSED_STATES
+
+
+def _set_lowat(sock: socket.socket, value: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(1, min(value, 1 << 30)))
+    except OSError:
+        pass  # only an optimisation: without it the reader fires early, never late
+
+
+def abort_close(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0 so the peer gets a RST, as the guest's RST asked."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()

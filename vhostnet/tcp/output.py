@@ -1,0 +1,167 @@
+"""Segments from the translator to the guest: SYN/SYN-ACK, data, ACK, RST, and our window.
+
+``GuestOutput`` turns flow state into emitted segments and hands them to the
+stack (``output.send_ipv4``). It decides nothing about the connection itself;
+the engine in ``tcp.py`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from vhostnet.stack.counters import Counters
+from vhostnet.tcp.flow import Flow, Phase
+from vhostnet.wire.checksum import PROTO_TCP
+from vhostnet.wire.offload import DATA_VALID_WORD, MAX_TSO_PAYLOAD, NO_OFFLOADS, tcp_data_word
+from vhostnet.wire.tcp import (
+    ACK,
+    CSUM_FULL,
+    CSUM_NONE,
+    CSUM_PARTIAL,
+    RST,
+    SYN,
+    TcpSegmentView,
+    build_options,
+    emit_segment,
+    segment_payload,
+)
+
+
+class Ipv4Output(Protocol):
+    def send_ipv4(self, src: bytes, dst: bytes, proto: int, payload: bytes) -> None: ...
+
+
+class GuestOutput:
+    def __init__(self, output: Ipv4Output, stats: Counters, mss_limit: int) -> None:
+        self.output = output
+        self.stats = stats
+        self.mss_limit = mss_limit  # the MSS we advertise: guest MTU minus IPv4 and TCP headers
+
+    def window_bytes(self, flow: Flow) -> int:
+        return max(0, flow.host_space - len(flow.to_host))
+
+    def advertised_window(self, flow: Flow, syn: bool = False) -> int:
+        shift = 0 if syn else flow.rcv_wscale
+        return min(self.window_bytes(flow) >> shift, 0xFFFF)
+
+    def emit(
+        self,
+        flow: Flow,
+        flags: int,
+        seq: int,
+        ack: int | None = None,
+        payload: bytes = b"",
+        options: bytes = b"",
+    ) -> None:
+        if ack is None:
+            ack = flow.recv_seq(flow.rcv_nxt) if flags & ACK else 0
+        segment = emit_segment(
+            flow.remote_ip,
+            flow.guest_ip,
+            flow.remote_port,
+            flow.guest_port,
+            seq,
+            ack,
+            flags,
+            self.advertised_window(flow, syn=bool(flags & SYN)),
+            payload,
+            options,
+        )
+        self.segment(flow, segment)
+
+    def segment(self, flow: Flow, segment: bytes, offload: int = 0) -> None:
+        """Hand one segment to the stack; ``offload`` is its vnet word when the guest takes offloads."""
+        if offload:
+            self.output.send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment, offload=offload)
+        else:
+            self.output.send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment)
+        self.stats.inc("tcp.segments_out")
+
+    def syn(self, flow: Flow) -> None:
+        """Our SYN (inbound forward) or SYN-ACK (outbound flow), with MSS and window scale."""
+        wscale = flow.rcv_wscale if flow.rcv_wscale else None
+        options = build_options(self.mss_limit, wscale)
+        flags = SYN if flow.phase is Phase.SYN_SENT else SYN | ACK
+        self.emit(flow, flags, seq=flow.send_seq(0), options=options)
+
+    def data(self, flow: Flow, data: bytes | memoryview) -> None:
+        """Host bytes to the guest starting at ``snd_nxt``, cut as the guest's offloads allow."""
+        # Offloads the guest took: large segments it cuts itself, or no L4 checksum to compute.
+        offloads = getattr(self.output, "guest_offloads", NO_OFFLOADS)
+        if offloads.tso4:
+            size, checksum = MAX_TSO_PAYLOAD // flow.mss * flow.mss, CSUM_PARTIAL
+        else:
+            size, checksum = flow.mss, CSUM_NONE if offloads.csum else CSUM_FULL
+        if self._data_frames(flow, data, size, checksum):
+            self.stats.inc("tcp.segments_out", (len(data) + size - 1) // size)
+            if checksum == CSUM_PARTIAL:
+                whole, rest = divmod(len(data), size)
+                large = (whole if size > flow.mss else 0) + (rest > flow.mss)
+                if large:
+                    self.stats.inc("tcp.gso_segments_out", large)
+        else:
+            self._data_segments(flow, data, size, checksum)
+
+    def _data_frames(self, flow: Flow, data: bytes | memoryview, size: int, checksum: int) -> bool:
+        """Whole frames built in C by the stack (``send_tcp_data``), when it can."""
+        send = getattr(self.output, "send_tcp_data", None)
+        if send is None:
+            return False
+        return send(flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port,
+                    flow.send_seq(flow.snd_nxt), flow.recv_seq(flow.rcv_nxt),
+                    self.advertised_window(flow), data, size, checksum, flow.mss)
+
+    def _data_segments(self, flow: Flow, data: bytes | memoryview, size: int, checksum: int) -> None:
+        segments = segment_payload(
+            flow.remote_ip,
+            flow.guest_ip,
+            flow.remote_port,
+            flow.guest_port,
+            flow.send_seq(flow.snd_nxt),
+            flow.recv_seq(flow.rcv_nxt),
+            self.advertised_window(flow),
+            data,
+            size,
+            checksum,
+        )
+        for segment in segments:
+            if checksum == CSUM_PARTIAL:
+                payload_len = len(segment) - 20
+                self.segment(flow, segment, tcp_data_word(payload_len, flow.mss))
+                if payload_len > flow.mss:
+                    self.stats.inc("tcp.gso_segments_out")
+            else:
+                self.segment(flow, segment, DATA_VALID_WORD if checksum == CSUM_NONE else 0)
+
+    def ack(self, flow: Flow) -> None:
+        self.emit(flow, ACK, seq=flow.send_seq(flow.snd_nxt))
+
+    def rst_for(self, flow: Flow, seg: TcpSegmentView) -> None:
+        """Reset answering an unacceptable ACK, without touching the flow (RFC 9293)."""
+        self.emit(flow, RST, seq=seg.ack, ack=0)
+        self.stats.inc("tcp.rst_sent")
+
+    def ack_closed(self, key: tuple[bytes, int, bytes, int], seq: int, ack: int) -> None:
+        """The final ACK again, for a retransmission of a connection that closed cleanly."""
+        self.emit_without_flow(key, seq, ack, ACK)
+        self.stats.inc("tcp.closed_straggler_acked")
+
+    def answer_stray(self, key: tuple[bytes, int, bytes, int], seg: TcpSegmentView) -> None:
+        """RST for a segment that belongs to no flow (never in answer to a RST)."""
+        if seg.has(RST):
+            self.stats.inc("tcp.drop.no_flow")
+            return
+        if seg.has(ACK):
+            self.emit_without_flow(key, seg.ack, 0, RST)
+        else:
+            self.emit_without_flow(key, 0, (seg.seq + seg.segment_len) & 0xFFFFFFFF, RST | ACK)
+        self.stats.inc("tcp.rst_sent")
+        self.stats.inc("tcp.rst_stray")
+
+    def emit_without_flow(self, key: tuple[bytes, int, bytes, int], seq: int, ack: int,
+                           flags: int) -> None:
+        """A segment to the guest for a 4-tuple the engine keeps no flow for (window 0)."""
+        guest_ip, guest_port, remote_ip, remote_port = key
+        segment = emit_segment(remote_ip, guest_ip, remote_port, guest_port, seq, ack, flags, 0)
+        self.output.send_ipv4(remote_ip, guest_ip, PROTO_TCP, segment)
+        self.stats.inc("tcp.segments_out")

@@ -1,0 +1,58 @@
+"""The Internet checksum (RFC 1071) and the IPv4 pseudo-header sums TCP and UDP use.
+
+The summing itself is a small C kernel (``ext/csum.pyx``): called for every
+frame, a Python or numpy loop cost about 9 µs per call, mostly overhead on
+20-byte headers; the kernel costs well under one.
+"""
+
+from __future__ import annotations
+
+from vhostnet.wire._csum import ones_complement_sum as _kernel_sum
+
+PROTO_ICMP = 1
+PROTO_TCP = 6
+PROTO_UDP = 17
+
+
+def ones_complement_sum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """Folded 16-bit one's complement sum of ``data`` (odd length padded with a zero byte)."""
+    view = memoryview(data)
+    if view.format != "B" or not view.c_contiguous:
+        view = memoryview(bytes(view))
+    return _kernel_sum(view, initial)
+
+
+def internet_checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """The checksum field value: the complement of the folded sum."""
+    return ~ones_complement_sum(data, initial) & 0xFFFF
+
+
+def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """Sum of the IPv4 pseudo-header (RFC 793 / RFC 768) for an L4 segment of ``length`` bytes."""
+    # Plain integer arithmetic: six 16-bit words are not worth a buffer.
+    total = ((src[0] << 8 | src[1]) + (src[2] << 8 | src[3]) + (dst[0] << 8 | dst[1])
+             + (dst[2] << 8 | dst[3]) + proto + length)
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def l4_checksum(src: bytes, dst: bytes, proto: int, segment: bytes | bytearray | memoryview) -> int:
+    """Checksum for a TCP or UDP segment whose checksum field is zero.
+
+    UDP transmits a computed 0 as 0xFFFF (RFC 768), since 0 means "no checksum".
+    """
+    value = internet_checksum(segment, pseudo_header_sum(src, dst, proto, len(segment)))
+    if proto == PROTO_UDP and value == 0:
+        return 0xFFFF
+    return value
+
+
+def l4_checksum_ok(src: bytes, dst: bytes, proto: int, segment: bytes | bytearray | memoryview) -> bool:
+    """True when a received TCP/UDP segment (checksum field included) verifies.
+
+    A UDP checksum of zero means the sender did not compute one, which IPv4 allows.
+    """
+    if proto == PROTO_UDP and len(segment) >= 8 and segment[6] == 0 and segment[7] == 0:
+        return True
+    return ones_complement_sum(segment, pseudo_header_sum(src, dst, proto, len(segment))) == 0xFFFF
