@@ -28,7 +28,8 @@ import numpy as np
 from .migration.transfer import DeviceStateTransfer
 from .stack.counters import add_counts
 from .vhost_user import protocol as vu
-from .virtqueue import FrameBatch, GuestMemory, Virtqueue
+from .vhost_user.device_api import DeviceRefused
+from .virtqueue import AddressError, FrameBatch, GuestMemory, Virtqueue
 
 if TYPE_CHECKING:
     from .network import Network
@@ -173,6 +174,8 @@ class NetDevice:
                 region.guest_phys_addr, region.memory_size, region.userspace_addr,
                 region.mmap_offset, fd,
             )
+        except AddressError as error:
+            raise DeviceRefused("bad_memory_region", str(error)) from None
         finally:
             os.close(fd)  # the mapping keeps the memory alive
         self._memory_changed()

@@ -39,7 +39,7 @@ from .codec import (
     VringState,
     reply,
 )
-from .device_api import CLOSE, BackendDevice, Close, VringConfig
+from .device_api import CLOSE, BackendDevice, Close, DeviceRefused, VringConfig
 from .protocol import (
     DEVICE_STATE_NOFD,
     NEVER_OFFERED_PROTOCOL_FEATURES,
@@ -50,7 +50,7 @@ from .protocol import (
 )
 from .regions import AddResult, RegionTable, table_is_consistent
 
-__all__ = ["CLOSE", "BackendDevice", "BackendHandler", "Close", "VringConfig"]
+__all__ = ["CLOSE", "BackendDevice", "BackendHandler", "Close", "DeviceRefused", "VringConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class BackendHandler:
                 body = self._unsupported(msg)
         except CodecError as error:
             ok = self._refuse(msg, "malformed_payload", str(error))
-        except _Reject as error:
+        except (_Reject, DeviceRefused) as error:
             ok = self._refuse(msg, error.kind, str(error))
         except _CloseConnection as error:
             self._complain(error.kind, f"{_name(msg.request)}: {error}; closing connection")
@@ -426,13 +426,15 @@ class BackendHandler:
             if old not in table.regions:
                 self.regions.remove(old)
                 self.device.region_removed(old)
-        new_fds = list(fds)
-        fds.clear()
-        for region, fd in zip(table.regions, new_fds, strict=True):
-            if self.regions.add(region) is AddResult.ADDED:
-                self.device.region_added(region, fd)
-            else:
+        # Each fd stays in ``fds`` until the device takes it, so whatever fails
+        # (this region or an earlier one), handle() closes every fd not taken.
+        for region in table.regions:
+            fd = fds.pop(0)
+            if self.regions.check_add(region) is not AddResult.ADDED:
                 self._close_fds([fd])
+                continue
+            self.device.region_added(region, fd)  # owns fd now, even when it raises
+            self.regions.add(region)
         return None
 
     def _get_max_mem_slots(self, msg: Message, fds: list[int]) -> _Result:
@@ -451,8 +453,8 @@ class BackendHandler:
         if result is AddResult.DUPLICATE:
             self._close_fds([fd])  # the region is already mapped
             return None
+        self.device.region_added(region, fd)  # owns fd now, even when it raises
         self.regions.add(region)
-        self.device.region_added(region, fd)
         return None
 
     def _rem_mem_reg(self, msg: Message, fds: list[int]) -> _Result:
