@@ -194,11 +194,10 @@ class NetDevice:
         self._drop_kick(index)
         if fd is None:
             return  # NOFD: QEMU never does this for net; the ring would need polling
-        os.set_blocking(fd, False)
-        self.kick_fds[index] = fd
         # The guest may have kicked before we got the fd (it kicks RX before
         # DRIVER_OK), so the reader fires at once if the eventfd is readable.
         self.loop.add_reader(fd, self._on_kick, index)
+        self.kick_fds[index] = fd  # only once the loop watches it: _drop_kick unregisters
         # It may also never kick: a kick that went to the back-end before (the
         # source of a migration, or this one just before a stop) is lost, and with
         # EVENT_IDX the guest kicks again only once it passes the avail_event that

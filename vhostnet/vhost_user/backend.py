@@ -11,7 +11,9 @@ Who closes which fd:
   * memory-region fds (SET_MEM_TABLE, ADD_MEM_REG) and the log fd
     (SET_LOG_BASE) and the device-state fd (SET_DEVICE_STATE_FD) are handed
     to the device, which owns and closes them;
-  * kick, call and err fds stay owned by the handler. The device only borrows
+  * kick and call fds must be eventfds (anything else is refused before the
+    device sees it: a file or pipe would spin or block the event loop) and are
+    made non-blocking; they stay owned by the handler. The device only borrows
     kick/call fds: when one is replaced, the handler first tells the device
     the new one (or None), then closes the old one. ``close()`` closes all;
   * every other fd (duplicates, unexpected fds, fds of rejected messages) is
@@ -39,6 +41,7 @@ from .codec import (
     VringState,
     reply,
 )
+from .connection import is_eventfd
 from .device_api import CLOSE, BackendDevice, Close, DeviceRefused, VringConfig
 from .protocol import (
     DEVICE_STATE_NOFD,
@@ -537,34 +540,49 @@ class BackendHandler:
         self._forget_kick(state.index, ring)
         return VringState(state.index, ring.base).emit()
 
-    def _vring_fd(self, msg: Message, fds: list[int]) -> tuple[int, VringConfig, int | None]:
-        """Common part of SET_VRING_KICK/CALL/ERR: (index, ring, fd or None for NOFD)."""
+    def _vring_fd(self, msg: Message, fds: list[int], *, eventfd: bool = True
+                  ) -> tuple[int, VringConfig, int | None]:
+        """Common part of SET_VRING_KICK/CALL/ERR: (index, ring, fd or None for NOFD).
+
+        With ``eventfd`` the fd must be an eventfd; it is made non-blocking (an
+        interrupt must never stall the event loop) before the handler takes it.
+        """
         value = U64.parse(msg.payload)
         ring = self._ring(value.vring_index)
         if value.vring_nofd:
             return value.vring_index, ring, None  # a stray fd is closed by handle()
+        if eventfd and fds:
+            if not is_eventfd(fds[0]):
+                raise _Reject("bad_vring_fd", f"ring {value.vring_index}: the fd is not an eventfd")
+            os.set_blocking(fds[0], False)
         return value.vring_index, ring, self._take_one_fd(fds, _name(msg.request))
 
     def _set_vring_kick(self, msg: Message, fds: list[int]) -> _Result:
         index, ring, fd = self._vring_fd(msg, fds)
         old = ring.kick_fd
         ring.kick_fd, ring.kick_set = fd, True
-        self.device.ring_kick_fd(index, fd)
-        if old is not None:
-            self._close_fds([old])
+        try:
+            self.device.ring_kick_fd(index, fd)
+        finally:
+            # The device dropped the old fd first, whatever it then made of the new one.
+            if old is not None:
+                self._close_fds([old])
         return None
 
     def _set_vring_call(self, msg: Message, fds: list[int]) -> _Result:
         index, ring, fd = self._vring_fd(msg, fds)
         old = ring.call_fd
         ring.call_fd = fd
-        self.device.ring_call_fd(index, fd)
-        if old is not None:
-            self._close_fds([old])
+        try:
+            self.device.ring_call_fd(index, fd)
+        finally:
+            if old is not None:
+                self._close_fds([old])
         return None
 
     def _set_vring_err(self, msg: Message, fds: list[int]) -> _Result:
-        _index, ring, fd = self._vring_fd(msg, fds)
+        # Never written by us: any fd will do.
+        _index, ring, fd = self._vring_fd(msg, fds, eventfd=False)
         if ring.err_fd is not None:
             self._close_fds([ring.err_fd])
         ring.err_fd = fd
