@@ -8,8 +8,11 @@ connections) and keeps answering.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
+import resource
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,8 +20,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_dns import query
 from tests.test_server import VhostnetProcess
+from tests.test_stack_frames import DNS_IP, GATEWAY_IP, guest_udp_frame, parse_udp_frame
+from vhostnet import cli
 from vhostnet.control import control_request
+from vhostnet.network import MAX_TICK, Network
+from vhostnet.stack import dns
+from vhostnet.stack.config import StackConfig
 from vhostnet.vhost_user.codec import U64, MemoryTable
 from vhostnet.vhost_user.frontend import Frontend
 from vhostnet.vhost_user.protocol import Request
@@ -144,3 +153,50 @@ def test_full_blocking_call_fd_does_not_block_the_process(server: VhostnetProces
             assert status(frontend.request(Request.GET_STATUS)) & 0x4
         finally:
             os.close(full)
+
+
+def test_timers_survive_running_out_of_fds(tmp_path: Path) -> None:
+    """EMFILE while opening UDP flows inside the timer's flush must not end the timer:
+    a DNS query to a silent upstream still gets its SERVFAIL afterwards."""
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))  # takes queries, never answers
+
+    async def scenario(loop: asyncio.AbstractEventLoop) -> None:
+        network = Network(StackConfig(dns_upstream=[silent.getsockname()]), loop)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+            try:
+                for port in range(40000, 40040):  # 40 flows, room for 8 sockets
+                    network.stack.receive_frame(guest_udp_frame(5000, GATEWAY_IP, port, b"x"),
+                                                 time.monotonic())
+                await asyncio.sleep(3 * MAX_TICK)  # the timer's flush meets EMFILE
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            network.frames_to_guest.clear()
+            network.stack.receive_frame(guest_udp_frame(5353, DNS_IP, 53, query()), time.monotonic())
+            deadline = time.monotonic() + dns.OVERALL_TIMEOUT + 3
+            while time.monotonic() < deadline:
+                frames = [f if isinstance(f, bytes) else f[0] for f in network.frames_to_guest]
+                if any(parse_udp_frame(f)[1] == 53 for f in frames if f[12:14] == b"\x08\x00" and f[23] == 17):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("no SERVFAIL for the DNS query: the network timer stopped")
+            assert network.counters()["udp.host_error"] > 0  # the flows that met EMFILE failed
+        finally:
+            network.close()
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(scenario(loop))
+    finally:
+        loop.close()
+        silent.close()
+
+
+def test_default_flow_limit_follows_the_fd_limit() -> None:
+    assert cli.flow_limit_for(20000) < 20000 // 2
+    assert cli.flow_limit_for(1 << 20) == 65536
+    args = cli.build_parser().parse_args(["--socket", "/tmp/x.sock", "--dns-upstream", "127.0.0.1"])
+    assert cli.config_from_args(args, fd_limit=4096).flow_limit == cli.flow_limit_for(4096)
