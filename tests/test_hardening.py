@@ -25,12 +25,13 @@ from tests.test_server import VhostnetProcess
 from tests.test_stack_frames import DNS_IP, GATEWAY_IP, guest_udp_frame, parse_udp_frame
 from vhostnet import cli
 from vhostnet.control import control_request
+from vhostnet.migration.transfer import LOAD
 from vhostnet.network import MAX_TICK, Network
 from vhostnet.stack import dns
 from vhostnet.stack.config import StackConfig
 from vhostnet.vhost_user.codec import U64, MemoryTable
 from vhostnet.vhost_user.frontend import Frontend
-from vhostnet.vhost_user.protocol import Request
+from vhostnet.vhost_user.protocol import ProtocolFeature, Request
 
 CONNECTIONS = 20
 
@@ -200,3 +201,19 @@ def test_default_flow_limit_follows_the_fd_limit() -> None:
     assert cli.flow_limit_for(1 << 20) == 65536
     args = cli.build_parser().parse_args(["--socket", "/tmp/x.sock", "--dns-upstream", "127.0.0.1"])
     assert cli.config_from_args(args, fd_limit=4096).flow_limit == cli.flow_limit_for(4096)
+
+
+def test_check_device_state_with_a_silent_open_pipe_does_not_stall(server: VhostnetProcess) -> None:
+    with Frontend(server.socket_path, timeout=2.0) as frontend:
+        frontend.connect()
+        assert frontend.has(ProtocolFeature.DEVICE_STATE)
+        for _ in range(4):
+            read_end, write_end = os.pipe()  # the writer stays open and says nothing
+            try:
+                frontend.set_device_state_fd(LOAD, read_end)
+                os.close(read_end)
+                # Answered (a failure) within the front-end's 2 s timeout, not after a 5 s wait.
+                assert status(frontend.request(Request.CHECK_DEVICE_STATE)) != 0
+            finally:
+                os.close(write_end)
+        assert "counters" in control_stats(server)
