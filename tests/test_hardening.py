@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import os
 import resource
 import socket
 import subprocess
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from vhostnet import cli
 from vhostnet.control import control_request
 from vhostnet.migration.transfer import LOAD
 from vhostnet.network import MAX_TICK, Network
+from vhostnet.server import Server, open_listening_socket
 from vhostnet.stack import dns
 from vhostnet.stack.config import StackConfig
 from vhostnet.vhost_user.codec import U64, MemoryTable
@@ -217,3 +221,34 @@ def test_check_device_state_with_a_silent_open_pipe_does_not_stall(server: Vhost
             finally:
                 os.close(write_end)
         assert "counters" in control_stats(server)
+
+
+def test_closed_connection_is_freed_without_the_garbage_collector(tmp_path: Path) -> None:
+    path = str(tmp_path / "vn.sock")
+    loop = asyncio.new_event_loop()
+    network = Network(StackConfig(dns_upstream=[]), loop)
+    server = Server(loop, open_listening_socket(path), network)
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    gc.disable()  # only reference counting: a cycle would keep everything alive
+    try:
+        refs = []
+        for _ in range(3):
+            with Frontend(path) as frontend:
+                frontend.connect()
+                frontend.start()
+                connection = server.active
+                assert connection is not None
+                refs += [weakref.ref(connection), weakref.ref(connection.device),
+                         weakref.ref(connection.handler), weakref.ref(connection.device.memory)]
+                del connection
+        deadline = time.monotonic() + 5
+        while any(ref() is not None for ref in refs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [ref() for ref in refs if ref() is not None] == []
+    finally:
+        gc.enable()
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()

@@ -137,6 +137,9 @@ class Connection:
         self.server.loop.remove_reader(self.sock.fileno())
         self.handler.close()  # stops rings, unmaps regions, closes kick/call/err fds
         self.device.close()
+        # The device and the handler refer to each other: break the cycle so
+        # their memory (frame batches, mappings) goes now, not at the next full gc.
+        self.device.handler = None
         close_fds(self.framer.take_fds())
         self.sock.close()
         self.server.connection_closed(self)

@@ -138,37 +138,6 @@ class BackendHandler:
         self.backend_req_fd: int | None = None
         self.counters: Counter[str] = Counter()
         self._logged_kinds: set[str] = set()
-        self._handlers: dict[int, Callable[[Message, list[int]], _Result]] = {
-            Request.GET_FEATURES: self._get_features,
-            Request.SET_FEATURES: self._set_features,
-            Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
-            Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
-            Request.SET_OWNER: self._set_owner,
-            Request.RESET_OWNER: self._reset_owner,
-            Request.RESET_DEVICE: self._reset_device,
-            Request.SET_MEM_TABLE: self._set_mem_table,
-            Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
-            Request.ADD_MEM_REG: self._add_mem_reg,
-            Request.REM_MEM_REG: self._rem_mem_reg,
-            Request.SET_VRING_NUM: self._set_vring_num,
-            Request.SET_VRING_BASE: self._set_vring_base,
-            Request.SET_VRING_ADDR: self._set_vring_addr,
-            Request.GET_VRING_BASE: self._get_vring_base,
-            Request.SET_VRING_KICK: self._set_vring_kick,
-            Request.SET_VRING_CALL: self._set_vring_call,
-            Request.SET_VRING_ERR: self._set_vring_err,
-            Request.SET_VRING_ENABLE: self._set_vring_enable,
-            Request.GET_QUEUE_NUM: self._get_queue_num,
-            Request.SET_LOG_BASE: self._set_log_base,
-            Request.SET_LOG_FD: self._set_log_fd,
-            Request.SEND_RARP: self._send_rarp,
-            Request.NET_SET_MTU: self._net_set_mtu,
-            Request.SET_STATUS: self._set_status,
-            Request.GET_STATUS: self._get_status,
-            Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
-            Request.SET_DEVICE_STATE_FD: self._set_device_state_fd,
-            Request.CHECK_DEVICE_STATE: self._check_device_state,
-        }
 
     # ------------------------------------------------------------------
     # Offers
@@ -201,9 +170,9 @@ class BackendHandler:
         body: _Result = None
         ok = True
         try:
-            method = self._handlers.get(msg.request)
+            method = self._HANDLERS.get(msg.request)
             if method is not None:
-                body = method(msg, fds)
+                body = method(self, msg, fds)
             else:
                 body = self._unsupported(msg)
         except CodecError as error:
@@ -633,6 +602,40 @@ class BackendHandler:
             raise _CloseConnection("unsupported_request", "its feature was never offered")
         kind = "unsupported_request" if msg.request in Request._value2member_map_ else "unknown_request"
         raise _Reject(kind, "not supported")
+
+    # By request id; plain functions, not bound methods, so that a handler is
+    # not a reference cycle of its own (it must die with its connection).
+    _HANDLERS: dict[int, Callable[[BackendHandler, Message, list[int]], _Result]] = {
+        Request.GET_FEATURES: _get_features,
+        Request.SET_FEATURES: _set_features,
+        Request.GET_PROTOCOL_FEATURES: _get_protocol_features,
+        Request.SET_PROTOCOL_FEATURES: _set_protocol_features,
+        Request.SET_OWNER: _set_owner,
+        Request.RESET_OWNER: _reset_owner,
+        Request.RESET_DEVICE: _reset_device,
+        Request.SET_MEM_TABLE: _set_mem_table,
+        Request.GET_MAX_MEM_SLOTS: _get_max_mem_slots,
+        Request.ADD_MEM_REG: _add_mem_reg,
+        Request.REM_MEM_REG: _rem_mem_reg,
+        Request.SET_VRING_NUM: _set_vring_num,
+        Request.SET_VRING_BASE: _set_vring_base,
+        Request.SET_VRING_ADDR: _set_vring_addr,
+        Request.GET_VRING_BASE: _get_vring_base,
+        Request.SET_VRING_KICK: _set_vring_kick,
+        Request.SET_VRING_CALL: _set_vring_call,
+        Request.SET_VRING_ERR: _set_vring_err,
+        Request.SET_VRING_ENABLE: _set_vring_enable,
+        Request.GET_QUEUE_NUM: _get_queue_num,
+        Request.SET_LOG_BASE: _set_log_base,
+        Request.SET_LOG_FD: _set_log_fd,
+        Request.SEND_RARP: _send_rarp,
+        Request.NET_SET_MTU: _net_set_mtu,
+        Request.SET_STATUS: _set_status,
+        Request.GET_STATUS: _get_status,
+        Request.SET_BACKEND_REQ_FD: _set_backend_req_fd,
+        Request.SET_DEVICE_STATE_FD: _set_device_state_fd,
+        Request.CHECK_DEVICE_STATE: _check_device_state,
+    }
 
 
 def _name(request: int) -> str:
