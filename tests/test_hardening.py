@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_dns import query
-from tests.test_server import VhostnetProcess
+from tests.test_server import VhostnetProcess, gateway_mac
 from tests.test_stack_frames import DNS_IP, GATEWAY_IP, guest_udp_frame, parse_udp_frame
 from vhostnet import cli
 from vhostnet.control import control_request
@@ -252,3 +252,27 @@ def test_closed_connection_is_freed_without_the_garbage_collector(tmp_path: Path
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+
+
+def test_guest_memory_shrunk_under_vhostnet_ends_only_that_connection(server: VhostnetProcess) -> None:
+    frontend = Frontend(server.socket_path)
+    try:
+        frontend.connect()
+        frontend.start()
+        gateway_mac(frontend)  # the data path works
+        # The memfd is not sealed: cut it to nothing under vhostnet's mapping. From
+        # here on this process must not touch its own mapping either.
+        os.ftruncate(frontend.memory.fd, 0)
+        os.eventfd_write(frontend.kick_fds[1], 1)
+        assert frontend.sock is not None
+        frontend.sock.settimeout(5)
+        assert frontend.sock.recv(1) == b""  # vhostnet closed this connection
+    finally:
+        frontend.close()
+    with Frontend(server.socket_path) as second:
+        second.connect()
+        second.start()
+        gateway_mac(second)
+    log = server.log_path.read_text()
+    assert log.count("guest memory vanished") == 1, log
+    assert server.stats()["vq1.guest_memory_fault"] == 1

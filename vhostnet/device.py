@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -71,6 +72,9 @@ class NetDevice:
         self.loop = loop
         self.network = network
         self.handler: BackendHandler | None = None  # set by the server after construction
+        # Called (once, on a later loop turn) when guest memory faulted under a
+        # queue: the connection must end. Set by the server; cleared at close.
+        self.on_memory_fault: Callable[[], None] | None = None
         self.memory = GuestMemory()
         self.features = 0
         self.mtu = network.config.mtu
@@ -246,6 +250,7 @@ class NetDevice:
         # old back-end raised too late; its event index then lags behind used->idx
         # and no later notification would be due. One unconditional call wakes it.
         self.queues[index].signal_restart()
+        self._check_memory_fault()
         # The guest runs here again: connections frozen for a migration carry on.
         self.network.tcp_migration.device_started(time.monotonic())
         if index == RX_QUEUE:
@@ -312,6 +317,7 @@ class NetDevice:
             self._drain_tx()
         elif index == RX_QUEUE:
             self._flush_rx()
+        self._check_memory_fault()
 
     def _drain_tx(self) -> None:
         queue = self.queues.get(TX_QUEUE)
@@ -362,6 +368,9 @@ class NetDevice:
                     break
                 taken += 1
             pushed = queue.rx_push(batch, 0)
+            if queue.broken:
+                self._check_memory_fault()
+                return
             for _ in range(pushed):
                 pending.popleft()
             self.counters["rx.frames"] += pushed
@@ -373,6 +382,16 @@ class NetDevice:
                 if queue.enable_kick():
                     continue
                 break
+
+    def _check_memory_fault(self) -> None:
+        """A queue caught SIGBUS (guest memory shrank): stop everything, end the connection."""
+        if self._closed or not any(queue.faulted for queue in self.queues.values()):
+            return
+        for index in list(self.kick_fds):
+            self._drop_kick(index)  # no more kicks into a broken device
+        if self.on_memory_fault is not None:
+            self.loop.call_soon(self.on_memory_fault)
+            self.on_memory_fault = None
 
     def _drop_kick(self, index: int) -> None:
         fd = self.kick_fds.pop(index, None)
