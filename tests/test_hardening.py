@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import logging
 import os
 import resource
 import socket
@@ -26,16 +27,19 @@ import pytest
 from tests.test_dns import query
 from tests.test_server import VhostnetProcess, gateway_mac
 from tests.test_stack_frames import DNS_IP, GATEWAY_IP, guest_udp_frame, parse_udp_frame
+from tests.test_vhost_user_support import RecordingDevice
 from vhostnet import cli
 from vhostnet.control import control_request
 from vhostnet.migration.transfer import LOAD
 from vhostnet.network import MAX_TICK, Network
+from vhostnet.ratelimit import limiter
 from vhostnet.server import Server, open_listening_socket
 from vhostnet.stack import dns
 from vhostnet.stack.config import StackConfig
-from vhostnet.vhost_user.codec import U64, MemoryTable
+from vhostnet.vhost_user.backend import CLOSE, BackendHandler
+from vhostnet.vhost_user.codec import U64, MemoryTable, Message
 from vhostnet.vhost_user.frontend import Frontend
-from vhostnet.vhost_user.protocol import ProtocolFeature, Request
+from vhostnet.vhost_user.protocol import NEED_REPLY, VERSION, ProtocolFeature, Request
 
 CONNECTIONS = 20
 
@@ -276,3 +280,25 @@ def test_guest_memory_shrunk_under_vhostnet_ends_only_that_connection(server: Vh
     log = server.log_path.read_text()
     assert log.count("guest memory vanished") == 1, log
     assert server.stats()["vq1.guest_memory_fault"] == 1
+
+
+class FailingDevice(RecordingDevice):
+    """A device with a bug: every SET_FEATURES raises."""
+
+    def features_set(self, features: int) -> None:
+        raise RuntimeError("device bug")
+
+
+def test_device_errors_are_logged_once_without_traceback_across_connections(caplog) -> None:
+    caplog.set_level(logging.INFO)
+    limiter.reset()
+    for _ in range(5):  # five connections, each hitting the bug twice
+        handler = BackendHandler(FailingDevice())
+        for _ in range(2):
+            replies = handler.handle(Message(Request.SET_FEATURES, VERSION | NEED_REPLY, U64(0).emit(), []))
+            assert replies != CLOSE
+        assert handler.counters["device_error"] == 2
+        handler.close()
+    failures = [r for r in caplog.records if "device bug" in r.getMessage()]
+    assert len(failures) == 1
+    assert failures[0].exc_info is None

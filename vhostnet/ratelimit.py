@@ -53,6 +53,10 @@ class RateLimiter:
         logger.log(level, message, *args, exc_info=exc_info)
         return True
 
+    def reset(self) -> None:
+        """Forget every reason (tests start from a clean slate)."""
+        self._reasons.clear()
+
     def summarise(self) -> None:
         """Write "N more" for every reason whose interval has passed with lines held back."""
         now = self.clock()

@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Literal
 
+from ..ratelimit import limiter, log_failure
 from .codec import (
     U64,
     CodecError,
@@ -137,7 +138,6 @@ class BackendHandler:
         self.rings = [VringConfig() for _ in range(2 * max_queue_pairs)]
         self.backend_req_fd: int | None = None
         self.counters: Counter[str] = Counter()
-        self._logged_kinds: set[str] = set()
 
     # ------------------------------------------------------------------
     # Offers
@@ -184,8 +184,9 @@ class BackendHandler:
             self._close_fds(fds)
             return CLOSE
         except Exception as error:  # a device bug must not kill the connection loop
-            log.exception("device failed on %s", _name(msg.request))
-            ok = self._refuse(msg, "device_error", repr(error))
+            self.counters["device_error"] += 1
+            log_failure(log, "vhost-user.device_error", "device failed on %s", _name(msg.request), error=error)
+            ok = False
         if fds:
             # Fds of a refused message are expected casualties; extra fds on
             # an accepted one are the front-end's mistake and worth counting.
@@ -209,8 +210,8 @@ class BackendHandler:
         ring.started = True
         try:
             self.device.ring_start(index, dataclasses.replace(ring))
-        except Exception:
-            log.exception("device failed to start ring %d", index)
+        except Exception as error:
+            log_failure(log, "vhost-user.device_error", "device failed to start ring %d", index, error=error)
             self.counters["device_error"] += 1
             ring.started = False
             return False
@@ -227,16 +228,17 @@ class BackendHandler:
                     self.device.ring_kick_fd(index, None)
                 if ring.call_fd is not None:
                     self.device.ring_call_fd(index, None)
-            except Exception:
-                log.exception("device failed while closing ring %d", index)
+            except Exception as error:
+                log_failure(log, "vhost-user.device_error", "device failed while closing ring %d", index,
+                            error=error)
             self._close_fds([fd for fd in (ring.kick_fd, ring.call_fd, ring.err_fd) if fd is not None])
             ring.kick_fd = ring.call_fd = ring.err_fd = None
             ring.kick_set = False
         for region in self.regions.clear():
             try:
                 self.device.region_removed(region)
-            except Exception:
-                log.exception("device failed to remove a region")
+            except Exception as error:
+                log_failure(log, "vhost-user.device_error", "device failed to remove a region", error=error)
         if self.backend_req_fd is not None:
             self._close_fds([self.backend_req_fd])
             self.backend_req_fd = None
@@ -264,10 +266,9 @@ class BackendHandler:
         return False
 
     def _complain(self, kind: str, text: str) -> None:
+        # Rate-limited per kind across all connections: a reconnecting fuzzer must not fill the log.
         self.counters[kind] += 1
-        if kind not in self._logged_kinds:
-            self._logged_kinds.add(kind)
-            log.warning("vhost-user: %s (further '%s' problems are only counted)", text, kind)
+        limiter.log(log, logging.WARNING, f"vhost-user.{kind}", "vhost-user: %s", text)
 
     @staticmethod
     def _close_fds(fds: list[int]) -> None:
