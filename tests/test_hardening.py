@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import json
 import logging
 import os
 import resource
@@ -25,10 +26,10 @@ from pathlib import Path
 import pytest
 
 from tests.test_dns import query
-from tests.test_server import VhostnetProcess, gateway_mac
+from tests.test_server import VhostnetProcess, gateway_mac, run_cli
 from tests.test_stack_frames import DNS_IP, GATEWAY_IP, guest_udp_frame, parse_udp_frame
 from tests.test_vhost_user_support import RecordingDevice
-from vhostnet import cli
+from vhostnet import cli, control
 from vhostnet.control import control_request
 from vhostnet.migration.transfer import LOAD
 from vhostnet.network import MAX_TICK, Network
@@ -302,3 +303,42 @@ def test_device_errors_are_logged_once_without_traceback_across_connections(capl
     failures = [r for r in caplog.records if "device bug" in r.getMessage()]
     assert len(failures) == 1
     assert failures[0].exc_info is None
+
+
+def control_line(sock: socket.socket, data: bytes) -> dict:
+    sock.sendall(data + b"\n")
+    reply = b""
+    while not reply.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        assert chunk, "control socket closed the connection"
+        reply += chunk
+    return json.loads(reply)
+
+
+def test_control_socket_refuses_deep_nesting_and_keeps_the_client(server: VhostnetProcess) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2)
+        sock.connect(server.control_path)
+        reply = control_line(sock, b"[" * 20000 + b"]" * 20000)
+        assert reply["ok"] is False and "nested" in reply["error"]
+        assert control_line(sock, b'{"command": "stats"}')["ok"] is True
+
+
+def test_idle_control_clients_do_not_lock_stats_out(server: VhostnetProcess) -> None:
+    idle = []
+    try:
+        for _ in range(control.MAX_CLIENTS + 2):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(server.control_path)
+            idle.append(sock)
+        time.sleep(0.2)  # all accepted and waiting
+        assert control_stats(server)["ok"] is True
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_empty_socket_path_is_refused() -> None:
+    result = run_cli("--socket", "")
+    assert result.returncode == 2
+    assert "--socket needs a path" in result.stderr

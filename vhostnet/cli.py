@@ -203,6 +203,8 @@ def config_from_args(args: argparse.Namespace, fd_limit: int | None = None):  # 
     """
     from .stack.config import StackConfig, ip4, parse_port_spec
 
+    if not args.socket:
+        raise UsageError("--socket needs a path (an empty one is an unreachable abstract address)")
     if fd_limit is None:
         fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     fitting = flow_limit_for(fd_limit)
