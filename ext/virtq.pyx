@@ -34,6 +34,18 @@ cdef extern from "virtq_atomic.h" nogil:
     void vq_log_or(uint8_t *p, uint8_t bits)
 
 
+cdef extern from "virtq_guard.h" nogil:
+    ctypedef long (*vq_guarded_fn)(void *queue, void *arg, long n) noexcept nogil
+    long vq_guarded_call(vq_guarded_fn fn, void *queue, void *arg, long n, int *faulted)
+    int vq_guard_install()
+
+# Every kernel entry point that touches guest memory runs under the SIGBUS guard
+# (see virtq_guard.h): a front-end that shrinks its memory file breaks the queue,
+# not the process.
+if vq_guard_install() != 0:
+    raise OSError("cannot install the SIGBUS handler that guards guest-memory copies")
+
+
 include "virtq_defs.pxi"
 include "virtq_offload.pxi"
 include "frame_batch.pxi"
@@ -130,6 +142,7 @@ cdef class SplitQueue:
         cdef Region *table = <Region *>malloc((count if count else 1) * sizeof(Region))
         cdef uint8_t[::1] view
         cdef Py_ssize_t i
+        cdef int faulted = 0
         if table == NULL:
             raise MemoryError()
         refs = []
@@ -164,7 +177,11 @@ cdef class SplitQueue:
         self.used = used
         if first_time:
             self.kick_point = self.last_avail
-            self.used_published = vq_load_u16(self.used + 2)
+            with nogil:
+                self.used_published = <uint16_t>vq_guarded_call(guarded_used_idx, <void *>self, NULL, 0, &faulted)
+            if faulted:
+                self.memory_fault()
+                raise LookupError("the used ring is not backed by the front-end's memory file any more")
             self.used_shadow = self.used_published
             self.signalled_used = self.used_published
         self.ready = True
@@ -195,6 +212,16 @@ cdef class SplitQueue:
     def mark_broken(self) -> None:
         self._broken = True
 
+    cdef void memory_fault(self):
+        """A guest-memory access raised SIGBUS (the file shrank): this queue is done."""
+        self._broken = True
+        self.count_error(R_GUEST_MEMORY_FAULT)
+
+    @property
+    def faulted(self) -> bool:
+        """True once guest memory vanished under a copy: the connection must close."""
+        return self.counts[R_GUEST_MEMORY_FAULT] != 0
+
     def set_features(self, uint64_t features) -> None:
         """The negotiated feature bits: which virtio-net header offloads each direction may use."""
         self.features = features
@@ -217,12 +244,19 @@ cdef class SplitQueue:
         """Where the ring stands, ours and the guest's (for stats: a stalled ring shows here)."""
         result = {"last_avail": self.last_avail, "used": self.used_published,
                   "kick_point": self.kick_point}
+        cdef uint16_t seen[5]
+        cdef int faulted = 0
         if self.ready and not self._broken:
-            result["guest_avail"] = vq_load_u16(self.avail + 2)
-            result["guest_avail_flags"] = vq_load_u16(self.avail)
-            result["guest_used_event"] = vq_load_u16(self.avail + 4 + 2 * <uint64_t>self.size)
-            result["used_flags"] = vq_load_u16(self.used)
-            result["avail_event"] = vq_load_u16(self.used + 4 + 8 * <uint64_t>self.size)
+            with nogil:
+                vq_guarded_call(guarded_positions, <void *>self, <void *>seen, 0, &faulted)
+            if faulted:
+                self.memory_fault()
+                return result
+            result["guest_avail"] = seen[0]
+            result["guest_avail_flags"] = seen[1]
+            result["guest_used_event"] = seen[2]
+            result["used_flags"] = seen[3]
+            result["avail_event"] = seen[4]
         return result
 
     def counters(self) -> dict:
@@ -243,24 +277,15 @@ cdef class SplitQueue:
     # --------------------------------------------------------- public kernel
 
     def tx_drain(self, FrameBatch batch not None, int max_frames) -> int:
-        cdef int done
-        with nogil:
-            done = tx_drain_frames(self, batch, max_frames)
-        return done
+        return self.guarded(guarded_tx_drain, <void *>batch, max_frames)
 
     def rx_push(self, FrameBatch batch not None, Py_ssize_t start=0) -> int:
-        cdef Py_ssize_t done
         if start < 0 or start > batch.n:
             raise IndexError(f"start {start} outside the batch of {batch.n} frames")
-        with nogil:
-            done = rx_push_frames(self, batch, start)
-        return done
+        return self.guarded(guarded_rx_push, <void *>batch, start)
 
     def notify(self) -> bool:
-        cdef bint sent
-        with nogil:
-            sent = self._notify()
-        return sent
+        return bool(self.guarded(guarded_notify, NULL, 0))
 
     def signal_restart(self) -> bool:
         """Interrupt the guest once, unconditionally: the ring (re)started here.
@@ -272,23 +297,34 @@ cdef class SplitQueue:
         signal after a start is unconditional for the same reason). A spurious
         interrupt costs the guest one look at the ring.
         """
-        cdef bint sent
         if self._broken or not self.ready:
             return False
         self.signalled_used = self.used_published
-        with nogil:
-            sent = self._signal()
-        return sent
+        return bool(self.guarded(guarded_signal, NULL, 0))
 
     def enable_kick(self) -> bool:
-        cdef bint moved
-        with nogil:
-            moved = self._enable_kick()
-        return moved
+        return bool(self.guarded(guarded_enable_kick, NULL, 0))
 
     def disable_kick(self) -> None:
+        self.guarded(guarded_disable_kick, NULL, 0)
+
+    cdef void read_positions(self, uint16_t *seen) noexcept nogil:
+        """The guest's avail idx, flags, used_event; our used flags and avail_event."""
+        seen[0] = vq_load_u16(self.avail + 2)
+        seen[1] = vq_load_u16(self.avail)
+        seen[2] = vq_load_u16(self.avail + 4 + 2 * <uint64_t>self.size)
+        seen[3] = vq_load_u16(self.used)
+        seen[4] = vq_load_u16(self.used + 4 + 8 * <uint64_t>self.size)
+
+    cdef long guarded(self, vq_guarded_fn fn, void *arg, long n):
+        """``fn(self, arg, n)`` without the GIL, under the SIGBUS guard; 0 if guest memory faulted."""
+        cdef long result
+        cdef int faulted = 0
         with nogil:
-            self._disable_kick()
+            result = vq_guarded_call(fn, <void *>self, arg, n, &faulted)
+        if faulted:
+            self.memory_fault()
+        return result
 
     # ------------------------------------------------------- memory helpers
 
@@ -526,3 +562,38 @@ cdef class SplitQueue:
 # The two halves of the per-frame work, as functions over a SplitQueue (a class body cannot include files).
 include "virtq_tx.pxi"
 include "virtq_rx.pxi"
+
+
+# Kernel entry points in the shape vq_guarded_call takes: (queue, argument, number).
+cdef long guarded_tx_drain(void *queue, void *batch, long max_frames) noexcept nogil:
+    return tx_drain_frames(<SplitQueue>queue, <FrameBatch>batch, <int>max_frames)
+
+
+cdef long guarded_rx_push(void *queue, void *batch, long start) noexcept nogil:
+    return rx_push_frames(<SplitQueue>queue, <FrameBatch>batch, start)
+
+
+cdef long guarded_notify(void *queue, void *unused, long n) noexcept nogil:
+    return (<SplitQueue>queue)._notify()
+
+
+cdef long guarded_signal(void *queue, void *unused, long n) noexcept nogil:
+    return (<SplitQueue>queue)._signal()
+
+
+cdef long guarded_enable_kick(void *queue, void *unused, long n) noexcept nogil:
+    return (<SplitQueue>queue)._enable_kick()
+
+
+cdef long guarded_disable_kick(void *queue, void *unused, long n) noexcept nogil:
+    (<SplitQueue>queue)._disable_kick()
+    return 0
+
+
+cdef long guarded_used_idx(void *queue, void *unused, long n) noexcept nogil:
+    return vq_load_u16((<SplitQueue>queue).used + 2)
+
+
+cdef long guarded_positions(void *queue, void *out, long n) noexcept nogil:
+    (<SplitQueue>queue).read_positions(<uint16_t *>out)
+    return 0

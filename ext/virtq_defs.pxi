@@ -40,6 +40,7 @@ cdef enum:
     R_TX_BAD_CSUM_OFFSET
     R_TX_BAD_GSO
     R_RX_OFFLOAD_NOT_NEGOTIATED
+    R_GUEST_MEMORY_FAULT
     N_REASONS
 
 REASON_NAMES = (
@@ -62,6 +63,7 @@ REASON_NAMES = (
     "tx_bad_csum_offset",
     "tx_bad_gso",
     "rx_offload_not_negotiated",
+    "guest_memory_fault",
 )
 
 cdef enum:

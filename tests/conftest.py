@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,11 @@ def server(tmp_path: Path) -> Iterator[VhostnetProcess]:
         yield process
     finally:
         alive = process.process.poll() is None
-        code = process.stop()
+        try:
+            code = process.stop()
+        except subprocess.TimeoutExpired:  # stuck (in a blocking write): not a clean exit
+            process.process.kill()
+            process.process.wait(timeout=10)
+            raise
         assert alive, f"vhostnet died during the test:\n{process.log_path.read_text()}"
         assert code == 0, process.log_path.read_text()

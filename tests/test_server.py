@@ -12,14 +12,12 @@ import os
 import select
 import socket
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from testkit.frontend import Frontend
-from tests.support.daemon import REPO, VhostnetProcess, echo_request, gateway_mac
+from tests.support.daemon import VhostnetProcess, echo_request, gateway_mac, run_cli
 from vhostnet.vhost_user.codec import U64, Message
 from vhostnet.vhost_user.protocol import ProtocolFeature, Request, VirtioFeature
 
@@ -162,10 +160,6 @@ def test_garbage_on_the_socket_closes_only_that_connection(server: VhostnetProce
         frontend.start()
         gateway_mac(frontend)
 
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vhostnet", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=30)
 
 
 @pytest.mark.parametrize(

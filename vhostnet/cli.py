@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import resource
 import signal
 import sys
 
@@ -21,6 +22,28 @@ log = logging.getLogger("vhostnet")
 
 # --incoming: how long to wait for the migration source to free forwarded ports.
 INCOMING_LISTEN_SECONDS = 600.0
+# Fds kept out of the flow budget: the vhost-user and control sockets and their
+# clients, memory regions, kick/call eventfds, forwarded-port listeners, logs.
+FD_RESERVE = 256
+MAX_FLOW_LIMIT = 65536
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft fd limit to the hard one (as passt does); return the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass
+    return soft
+
+
+def flow_limit_for(fd_limit: int) -> int:
+    """Flows per engine that the fd limit can hold: UDP and ICMP flows each take one
+    socket and are limited separately, TCP connections take one each too."""
+    return max(1, min(MAX_FLOW_LIMIT, (fd_limit - FD_RESERVE) // 2))
 
 DESCRIPTION = """\
 A user-mode network back-end for QEMU guests over vhost-user.
@@ -98,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="boot file offered instead when the DHCP client is iPXE")
     p.add_argument("--lease-time", metavar="SECONDS", type=int, default=86400,
                    help="DHCP lease time offered to the guest (default 86400, one day)")
-    p.add_argument("--flow-limit", metavar="N", type=int, default=65536,
-                   help="most TCP/UDP flows open at once (default 65536)")
+    p.add_argument("--flow-limit", metavar="N", type=int, default=None,
+                   help="most UDP (and ICMP) flows open at once (default: what the fd limit, "
+                        "raised to its hard value at start, can hold; at most 65536)")
     p.add_argument("--control", metavar="PATH", default=None,
                    help="UNIX socket for run-time control: JSON lines, e.g. {\"command\": \"stats\"}")
     p.add_argument("--repair-path", metavar="PATH", default=None,
@@ -172,9 +196,23 @@ def _mac(text: str) -> bytes:
         raise UsageError(f"MAC address {text!r} is not of the form 52:54:00:12:34:56") from None
 
 
-def config_from_args(args: argparse.Namespace):  # -> StackConfig
-    """Turn parsed options into the stack's configuration, checking each one."""
+def config_from_args(args: argparse.Namespace, fd_limit: int | None = None):  # -> StackConfig
+    """Turn parsed options into the stack's configuration, checking each one.
+
+    ``fd_limit``: the fd limit in force (default: as it is now); the default flow limit follows it.
+    """
     from vhostnet.stack.config import StackConfig, ip4, parse_port_spec
+
+    if not args.socket:
+        raise UsageError("--socket needs a path (an empty one is an unreachable abstract address)")
+    if fd_limit is None:
+        fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    fitting = flow_limit_for(fd_limit)
+    if args.flow_limit is None:
+        args.flow_limit = fitting
+    elif args.flow_limit > fitting:
+        log.warning("--flow-limit %d is more than the fd limit (%d) can hold; flows beyond about %d "
+                    "will fail to open", args.flow_limit, fd_limit, fitting)
 
     if not 576 <= args.mtu <= 65520:
         raise UsageError(f"MTU {args.mtu} is outside 576..65520")
@@ -304,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.debug else logging.ERROR if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="vhostnet: %(levelname)s %(name)s: %(message)s")
     try:
-        config = config_from_args(args)
+        config = config_from_args(args, raise_fd_limit())
         import uvloop
 
         return uvloop.run(_serve(args, config))

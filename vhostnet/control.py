@@ -23,8 +23,13 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-MAX_LINE = 1 << 20
+MAX_LINE = 64 << 10
 MAX_CLIENTS = 8
+# Requests are flat objects; deeper nesting is refused before json recurses.
+MAX_NESTING = 32
+# A client silent this long is closed; when all slots are taken, the one idle
+# longest makes room for a new client, so idle clients never lock `stats` out.
+IDLE_SECONDS = 60.0
 
 CommandHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]] | dict[str, Any]]
 
@@ -36,34 +41,52 @@ class ControlServer:
         self.path = path
         self.commands: dict[str, CommandHandler] = {}
         self._server: asyncio.AbstractServer | None = None
-        self._clients = 0
+        # Each client's writer -> when it last finished a command (None: running one).
+        self._clients: dict[asyncio.StreamWriter, float | None] = {}
 
     async def start(self, listener: socket.socket) -> None:
         self._server = await asyncio.start_unix_server(self._serve, sock=listener, limit=MAX_LINE)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._clients >= MAX_CLIENTS:
+        if len(self._clients) >= MAX_CLIENTS and not self._evict_idle_client():
             writer.close()
             return
-        self._clients += 1
+        loop = asyncio.get_running_loop()
+        self._clients[writer] = loop.time()
         try:
             while True:
                 try:
-                    line = await reader.readline()
+                    line = await asyncio.wait_for(reader.readline(), IDLE_SECONDS)
                 except (ValueError, asyncio.LimitOverrunError):
                     await self._send(writer, {"ok": False, "error": "line too long"})
                     break
+                except TimeoutError:
+                    break
                 if not line:
                     break
+                self._clients[writer] = None
                 await self._send(writer, await self._dispatch(line))
+                self._clients[writer] = loop.time()
         except ConnectionError:
             pass
         finally:
-            self._clients -= 1
+            self._clients.pop(writer, None)
             writer.close()
+
+    def _evict_idle_client(self) -> bool:
+        """Close the client idle longest (not one running a command); False if none is idle."""
+        idle = [(since, writer) for writer, since in self._clients.items() if since is not None]
+        if not idle:
+            return False
+        _since, writer = min(idle, key=lambda pair: pair[0])
+        self._clients.pop(writer)
+        writer.close()
+        return True
 
     async def _dispatch(self, line: bytes) -> dict[str, Any]:
         try:
+            if _nesting(line) > MAX_NESTING:
+                raise ValueError(f"nested deeper than {MAX_NESTING} levels")
             request = json.loads(line)
             if not isinstance(request, dict) or not isinstance(request.get("command"), str):
                 raise ValueError("expected an object with a 'command' string")
@@ -94,6 +117,28 @@ class ControlServer:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def _nesting(line: bytes) -> int:
+    """Deepest bracket nesting of a JSON text, strings skipped (an upper bound is enough)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in line:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
 
 
 def control_request(path: str, command: str, timeout: float = 5.0, **args: Any) -> dict[str, Any]:

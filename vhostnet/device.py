@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,7 +29,8 @@ import numpy as np
 from vhostnet.migration.transfer import DeviceStateTransfer
 from vhostnet.stack.counters import add_counts
 from vhostnet.vhost_user import protocol as vu
-from vhostnet.virtqueue import FrameBatch, GuestMemory, Virtqueue
+from vhostnet.vhost_user.device_api import DeviceRefused
+from vhostnet.virtqueue import AddressError, FrameBatch, GuestMemory, Virtqueue
 
 if TYPE_CHECKING:
     from vhostnet.network import Network
@@ -70,6 +72,9 @@ class NetDevice:
         self.loop = loop
         self.network = network
         self.handler: BackendHandler | None = None  # set by the server after construction
+        # Called (once, on a later loop turn) when guest memory faulted under a
+        # queue: the connection must end. Set by the server; cleared at close.
+        self.on_memory_fault: Callable[[], None] | None = None
         self.memory = GuestMemory()
         self.features = 0
         self.mtu = network.config.mtu
@@ -173,6 +178,8 @@ class NetDevice:
                 region.guest_phys_addr, region.memory_size, region.userspace_addr,
                 region.mmap_offset, fd,
             )
+        except AddressError as error:
+            raise DeviceRefused("bad_memory_region", str(error)) from None
         finally:
             os.close(fd)  # the mapping keeps the memory alive
         self._memory_changed()
@@ -191,11 +198,10 @@ class NetDevice:
         self._drop_kick(index)
         if fd is None:
             return  # NOFD: QEMU never does this for net; the ring would need polling
-        os.set_blocking(fd, False)
-        self.kick_fds[index] = fd
         # The guest may have kicked before we got the fd (it kicks RX before
         # DRIVER_OK), so the reader fires at once if the eventfd is readable.
         self.loop.add_reader(fd, self._on_kick, index)
+        self.kick_fds[index] = fd  # only once the loop watches it: _drop_kick unregisters
         # It may also never kick: a kick that went to the back-end before (the
         # source of a migration, or this one just before a stop) is lost, and with
         # EVENT_IDX the guest kicks again only once it passes the avail_event that
@@ -244,6 +250,7 @@ class NetDevice:
         # old back-end raised too late; its event index then lags behind used->idx
         # and no later notification would be due. One unconditional call wakes it.
         self.queues[index].signal_restart()
+        self._check_memory_fault()
         # The guest runs here again: connections frozen for a migration carry on.
         self.network.tcp_migration.device_started(time.monotonic())
         if index == RX_QUEUE:
@@ -310,6 +317,7 @@ class NetDevice:
             self._drain_tx()
         elif index == RX_QUEUE:
             self._flush_rx()
+        self._check_memory_fault()
 
     def _drain_tx(self) -> None:
         queue = self.queues.get(TX_QUEUE)
@@ -360,6 +368,9 @@ class NetDevice:
                     break
                 taken += 1
             pushed = queue.rx_push(batch, 0)
+            if queue.broken:
+                self._check_memory_fault()
+                return
             for _ in range(pushed):
                 pending.popleft()
             self.counters["rx.frames"] += pushed
@@ -371,6 +382,16 @@ class NetDevice:
                 if queue.enable_kick():
                     continue
                 break
+
+    def _check_memory_fault(self) -> None:
+        """A queue caught SIGBUS (guest memory shrank): stop everything, end the connection."""
+        if self._closed or not any(queue.faulted for queue in self.queues.values()):
+            return
+        for index in list(self.kick_fds):
+            self._drop_kick(index)  # no more kicks into a broken device
+        if self.on_memory_fault is not None:
+            self.loop.call_soon(self.on_memory_fault)
+            self.on_memory_fault = None
 
     def _drop_kick(self, index: int) -> None:
         fd = self.kick_fds.pop(index, None)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -32,6 +32,7 @@ from vhostnet.stack.tftp import TftpServer
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.fast import TcpFastPath
 from vhostnet.tcp.host import TcpHost
+from vhostnet.vhost_user.ratelimit import limiter, run_guarded
 from vhostnet.wire.checksum import PROTO_TCP
 from vhostnet.wire.offload import GuestOffloads
 
@@ -90,6 +91,8 @@ class Network:
         self.frames_to_guest = GuestFrameQueue()
         self.stack.frames_to_guest = self.frames_to_guest
         self._timer_clients: list = [self.stack]
+        # Exceptions timers and glue survived, by reason (``errors.*`` in stats).
+        self.errors: Counter[str] = Counter()
         self._glue: list = []
         try:
             self._attach_engines()
@@ -154,9 +157,9 @@ class Network:
             receive(bytes(frame(index)), now, vnet(index))
 
     def flush(self) -> None:
-        """Run the host-side commands the engines queued."""
+        """Run the host-side commands the engines queued (a failing glue does not stop the others)."""
         for glue in self._glue:
-            glue.flush()
+            run_guarded(self.errors, "glue_flush", log, glue.flush)
 
     def add_output_listener(self, listener: Callable[[], None]) -> None:
         self.frames_to_guest.listeners.append(listener)
@@ -190,11 +193,16 @@ class Network:
     def _on_timer(self) -> None:
         if self._closed:
             return
-        now = time.monotonic()
-        for client in self._timer_clients:
-            client.poll_timers(now)
-        self.flush()
-        self._schedule_timer()
+        # Whatever a client raises (a bug, fds exhausted), the timer comes back:
+        # without it no flow expires and no DNS query ever times out.
+        try:
+            now = time.monotonic()
+            for client in self._timer_clients:
+                run_guarded(self.errors, "timer", log, client.poll_timers, now)
+            self.flush()
+            limiter.summarise()
+        finally:
+            self._schedule_timer()
 
     # ---- statistics and life cycle -------------------------------------------------
 
@@ -207,6 +215,7 @@ class Network:
         if self.tftp is not None:
             merged.update(self.tftp.counters())
         merged["guest.rx_backlog_dropped"] = self.frames_to_guest.dropped
+        merged.update({f"errors.{reason}": count for reason, count in self.errors.items()})
         return merged
 
     def close(self) -> None:

@@ -83,6 +83,7 @@ class Connection:
         self.device = NetDevice(server.loop, server.network)
         self.handler = BackendHandler(self.device, offer_log=True)
         self.device.handler = self.handler
+        self.device.on_memory_fault = self._on_memory_fault
         self.closed = False
         server.loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -124,6 +125,10 @@ class Connection:
                 self.close()
                 return
 
+    def _on_memory_fault(self) -> None:
+        # The queue logged the one line saying why.
+        self.close()
+
     def counters(self) -> dict[str, int]:
         """This connection's device, ring and vhost-user counts."""
         merged = self.device.all_counters()
@@ -137,6 +142,10 @@ class Connection:
         self.server.loop.remove_reader(self.sock.fileno())
         self.handler.close()  # stops rings, unmaps regions, closes kick/call/err fds
         self.device.close()
+        # The device and the handler refer to each other: break the cycle so
+        # their memory (frame batches, mappings) goes now, not at the next full gc.
+        self.device.handler = None
+        self.device.on_memory_fault = None
         close_fds(self.framer.take_fds())
         self.sock.close()
         self.server.connection_closed(self)

@@ -61,3 +61,7 @@ def gateway_mac(frontend: Frontend) -> bytes:
     assert reply[0:6] == GUEST_MAC
     assert reply[28:32] == GATEWAY_IP
     return reply[22:28]
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vhostnet", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=30)

@@ -129,12 +129,15 @@ class UdpGlue:
                 self._close_flow(command.flow_id)
 
     def _open(self, command: UdpOpen) -> None:
-        sock = socket.socket(family_of(command.host_addr), socket.SOCK_DGRAM)
+        sock = None
         try:
+            # socket() itself fails with EMFILE when fds run out: the flow fails, not the flush.
+            sock = socket.socket(family_of(command.host_addr), socket.SOCK_DGRAM)
             sock.setblocking(False)
             sock.connect((command.host_addr, command.host_port))
         except OSError as error:
-            sock.close()
+            if sock is not None:
+                sock.close()
             self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
             return
         self._flow_sockets[command.flow_id] = sock

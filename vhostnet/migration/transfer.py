@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import select
 import time
 from typing import TYPE_CHECKING
 
@@ -28,8 +27,10 @@ SAVE, LOAD = 0, 1
 PHASE_STOPPED = 0
 READ_CHUNK = 65536
 # CHECK_DEVICE_STATE follows QEMU closing its end, so the rest of a LOAD is
-# already in the pipe; this only bounds a misbehaving front-end.
-CHECK_DRAIN_SECONDS = 5.0
+# already in the pipe (or the writer blocked until we read it): check() reads
+# it without waiting, in at most this many reads. A front-end that keeps the
+# pipe open and silent gets a failure at once instead of stalling the loop.
+MAX_CHECK_READS = MAX_BLOB_BYTES // READ_CHUNK + 2
 
 
 class DeviceStateTransfer:
@@ -80,13 +81,14 @@ class DeviceStateTransfer:
     def _on_readable(self) -> None:
         self._read_some()
 
-    def _read_some(self) -> bool:
-        """Read what is there; True when the transfer ended (EOF or error)."""
+    def _read_some(self) -> bool | None:
+        """Read what is there: True when the transfer ended (EOF or error), False after
+        reading some, None when the pipe is empty but still open."""
         assert self.fd is not None
         try:
             chunk = os.read(self.fd, READ_CHUNK)
         except BlockingIOError:
-            return False
+            return None
         except OSError as exc:
             log.error("device state: reading the state failed (%s)", exc)
             self._done(False)
@@ -128,15 +130,9 @@ class DeviceStateTransfer:
     def check(self) -> bool:
         """CHECK_DEVICE_STATE: finish a LOAD still in the pipe, then report success."""
         if self.fd is not None and self.direction == LOAD:
-            deadline = time.monotonic() + CHECK_DRAIN_SECONDS
-            while self.fd is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    log.error("device state: the source's state did not end in time")
-                    self._done(False)
+            for _ in range(MAX_CHECK_READS):
+                if self._read_some() is not False:
                     break
-                select.select([self.fd], [], [], remaining)
-                self._read_some()
         if self.fd is not None:
             log.error("device state: CHECK_DEVICE_STATE before the state was written")
             self._done(False)

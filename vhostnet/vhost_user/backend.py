@@ -11,7 +11,9 @@ Who closes which fd:
   * memory-region fds (SET_MEM_TABLE, ADD_MEM_REG) and the log fd
     (SET_LOG_BASE) and the device-state fd (SET_DEVICE_STATE_FD) are handed
     to the device, which owns and closes them;
-  * kick, call and err fds stay owned by the handler. The device only borrows
+  * kick and call fds must be eventfds (anything else is refused before the
+    device sees it: a file or pipe would spin or block the event loop) and are
+    made non-blocking; they stay owned by the handler. The device only borrows
     kick/call fds: when one is replaced, the handler first tells the device
     the new one (or None), then closes the old one. ``close()`` closes all;
   * every other fd (duplicates, unexpected fds, fds of rejected messages) is
@@ -39,7 +41,8 @@ from vhostnet.vhost_user.codec import (
     VringState,
     reply,
 )
-from vhostnet.vhost_user.device_api import CLOSE, BackendDevice, Close, VringConfig
+from vhostnet.vhost_user.connection import is_eventfd
+from vhostnet.vhost_user.device_api import CLOSE, BackendDevice, Close, DeviceRefused, VringConfig
 from vhostnet.vhost_user.protocol import (
     DEVICE_STATE_NOFD,
     NEVER_OFFERED_PROTOCOL_FEATURES,
@@ -48,9 +51,10 @@ from vhostnet.vhost_user.protocol import (
     Request,
     VirtioFeature,
 )
+from vhostnet.vhost_user.ratelimit import limiter, log_failure
 from vhostnet.vhost_user.regions import AddResult, RegionTable, table_is_consistent
 
-__all__ = ["CLOSE", "BackendDevice", "BackendHandler", "Close", "VringConfig"]
+__all__ = ["CLOSE", "BackendDevice", "BackendHandler", "Close", "DeviceRefused", "VringConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -134,38 +138,6 @@ class BackendHandler:
         self.rings = [VringConfig() for _ in range(2 * max_queue_pairs)]
         self.backend_req_fd: int | None = None
         self.counters: Counter[str] = Counter()
-        self._logged_kinds: set[str] = set()
-        self._handlers: dict[int, Callable[[Message, list[int]], _Result]] = {
-            Request.GET_FEATURES: self._get_features,
-            Request.SET_FEATURES: self._set_features,
-            Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
-            Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
-            Request.SET_OWNER: self._set_owner,
-            Request.RESET_OWNER: self._reset_owner,
-            Request.RESET_DEVICE: self._reset_device,
-            Request.SET_MEM_TABLE: self._set_mem_table,
-            Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
-            Request.ADD_MEM_REG: self._add_mem_reg,
-            Request.REM_MEM_REG: self._rem_mem_reg,
-            Request.SET_VRING_NUM: self._set_vring_num,
-            Request.SET_VRING_BASE: self._set_vring_base,
-            Request.SET_VRING_ADDR: self._set_vring_addr,
-            Request.GET_VRING_BASE: self._get_vring_base,
-            Request.SET_VRING_KICK: self._set_vring_kick,
-            Request.SET_VRING_CALL: self._set_vring_call,
-            Request.SET_VRING_ERR: self._set_vring_err,
-            Request.SET_VRING_ENABLE: self._set_vring_enable,
-            Request.GET_QUEUE_NUM: self._get_queue_num,
-            Request.SET_LOG_BASE: self._set_log_base,
-            Request.SET_LOG_FD: self._set_log_fd,
-            Request.SEND_RARP: self._send_rarp,
-            Request.NET_SET_MTU: self._net_set_mtu,
-            Request.SET_STATUS: self._set_status,
-            Request.GET_STATUS: self._get_status,
-            Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
-            Request.SET_DEVICE_STATE_FD: self._set_device_state_fd,
-            Request.CHECK_DEVICE_STATE: self._check_device_state,
-        }
 
     # ------------------------------------------------------------------
     # Offers
@@ -198,22 +170,23 @@ class BackendHandler:
         body: _Result = None
         ok = True
         try:
-            method = self._handlers.get(msg.request)
+            method = self._HANDLERS.get(msg.request)
             if method is not None:
-                body = method(msg, fds)
+                body = method(self, msg, fds)
             else:
                 body = self._unsupported(msg)
         except CodecError as error:
             ok = self._refuse(msg, "malformed_payload", str(error))
-        except _Reject as error:
+        except (_Reject, DeviceRefused) as error:
             ok = self._refuse(msg, error.kind, str(error))
         except _CloseConnection as error:
             self._complain(error.kind, f"{_name(msg.request)}: {error}; closing connection")
             self._close_fds(fds)
             return CLOSE
         except Exception as error:  # a device bug must not kill the connection loop
-            log.exception("device failed on %s", _name(msg.request))
-            ok = self._refuse(msg, "device_error", repr(error))
+            self.counters["device_error"] += 1
+            log_failure(log, "vhost-user.device_error", "device failed on %s", _name(msg.request), error=error)
+            ok = False
         if fds:
             # Fds of a refused message are expected casualties; extra fds on
             # an accepted one are the front-end's mistake and worth counting.
@@ -237,8 +210,8 @@ class BackendHandler:
         ring.started = True
         try:
             self.device.ring_start(index, dataclasses.replace(ring))
-        except Exception:
-            log.exception("device failed to start ring %d", index)
+        except Exception as error:
+            log_failure(log, "vhost-user.device_error", "device failed to start ring %d", index, error=error)
             self.counters["device_error"] += 1
             ring.started = False
             return False
@@ -255,16 +228,17 @@ class BackendHandler:
                     self.device.ring_kick_fd(index, None)
                 if ring.call_fd is not None:
                     self.device.ring_call_fd(index, None)
-            except Exception:
-                log.exception("device failed while closing ring %d", index)
+            except Exception as error:
+                log_failure(log, "vhost-user.device_error", "device failed while closing ring %d", index,
+                            error=error)
             self._close_fds([fd for fd in (ring.kick_fd, ring.call_fd, ring.err_fd) if fd is not None])
             ring.kick_fd = ring.call_fd = ring.err_fd = None
             ring.kick_set = False
         for region in self.regions.clear():
             try:
                 self.device.region_removed(region)
-            except Exception:
-                log.exception("device failed to remove a region")
+            except Exception as error:
+                log_failure(log, "vhost-user.device_error", "device failed to remove a region", error=error)
         if self.backend_req_fd is not None:
             self._close_fds([self.backend_req_fd])
             self.backend_req_fd = None
@@ -292,10 +266,9 @@ class BackendHandler:
         return False
 
     def _complain(self, kind: str, text: str) -> None:
+        # Rate-limited per kind across all connections: a reconnecting fuzzer must not fill the log.
         self.counters[kind] += 1
-        if kind not in self._logged_kinds:
-            self._logged_kinds.add(kind)
-            log.warning("vhost-user: %s (further '%s' problems are only counted)", text, kind)
+        limiter.log(log, logging.WARNING, f"vhost-user.{kind}", "vhost-user: %s", text)
 
     @staticmethod
     def _close_fds(fds: list[int]) -> None:
@@ -426,13 +399,15 @@ class BackendHandler:
             if old not in table.regions:
                 self.regions.remove(old)
                 self.device.region_removed(old)
-        new_fds = list(fds)
-        fds.clear()
-        for region, fd in zip(table.regions, new_fds, strict=True):
-            if self.regions.add(region) is AddResult.ADDED:
-                self.device.region_added(region, fd)
-            else:
+        # Each fd stays in ``fds`` until the device takes it, so whatever fails
+        # (this region or an earlier one), handle() closes every fd not taken.
+        for region in table.regions:
+            fd = fds.pop(0)
+            if self.regions.check_add(region) is not AddResult.ADDED:
                 self._close_fds([fd])
+                continue
+            self.device.region_added(region, fd)  # owns fd now, even when it raises
+            self.regions.add(region)
         return None
 
     def _get_max_mem_slots(self, msg: Message, fds: list[int]) -> _Result:
@@ -451,8 +426,8 @@ class BackendHandler:
         if result is AddResult.DUPLICATE:
             self._close_fds([fd])  # the region is already mapped
             return None
+        self.device.region_added(region, fd)  # owns fd now, even when it raises
         self.regions.add(region)
-        self.device.region_added(region, fd)
         return None
 
     def _rem_mem_reg(self, msg: Message, fds: list[int]) -> _Result:
@@ -535,34 +510,49 @@ class BackendHandler:
         self._forget_kick(state.index, ring)
         return VringState(state.index, ring.base).emit()
 
-    def _vring_fd(self, msg: Message, fds: list[int]) -> tuple[int, VringConfig, int | None]:
-        """Common part of SET_VRING_KICK/CALL/ERR: (index, ring, fd or None for NOFD)."""
+    def _vring_fd(self, msg: Message, fds: list[int], *, eventfd: bool = True
+                  ) -> tuple[int, VringConfig, int | None]:
+        """Common part of SET_VRING_KICK/CALL/ERR: (index, ring, fd or None for NOFD).
+
+        With ``eventfd`` the fd must be an eventfd; it is made non-blocking (an
+        interrupt must never stall the event loop) before the handler takes it.
+        """
         value = U64.parse(msg.payload)
         ring = self._ring(value.vring_index)
         if value.vring_nofd:
             return value.vring_index, ring, None  # a stray fd is closed by handle()
+        if eventfd and fds:
+            if not is_eventfd(fds[0]):
+                raise _Reject("bad_vring_fd", f"ring {value.vring_index}: the fd is not an eventfd")
+            os.set_blocking(fds[0], False)
         return value.vring_index, ring, self._take_one_fd(fds, _name(msg.request))
 
     def _set_vring_kick(self, msg: Message, fds: list[int]) -> _Result:
         index, ring, fd = self._vring_fd(msg, fds)
         old = ring.kick_fd
         ring.kick_fd, ring.kick_set = fd, True
-        self.device.ring_kick_fd(index, fd)
-        if old is not None:
-            self._close_fds([old])
+        try:
+            self.device.ring_kick_fd(index, fd)
+        finally:
+            # The device dropped the old fd first, whatever it then made of the new one.
+            if old is not None:
+                self._close_fds([old])
         return None
 
     def _set_vring_call(self, msg: Message, fds: list[int]) -> _Result:
         index, ring, fd = self._vring_fd(msg, fds)
         old = ring.call_fd
         ring.call_fd = fd
-        self.device.ring_call_fd(index, fd)
-        if old is not None:
-            self._close_fds([old])
+        try:
+            self.device.ring_call_fd(index, fd)
+        finally:
+            if old is not None:
+                self._close_fds([old])
         return None
 
     def _set_vring_err(self, msg: Message, fds: list[int]) -> _Result:
-        _index, ring, fd = self._vring_fd(msg, fds)
+        # Never written by us: any fd will do.
+        _index, ring, fd = self._vring_fd(msg, fds, eventfd=False)
         if ring.err_fd is not None:
             self._close_fds([ring.err_fd])
         ring.err_fd = fd
@@ -613,6 +603,40 @@ class BackendHandler:
             raise _CloseConnection("unsupported_request", "its feature was never offered")
         kind = "unsupported_request" if msg.request in Request._value2member_map_ else "unknown_request"
         raise _Reject(kind, "not supported")
+
+    # By request id; plain functions, not bound methods, so that a handler is
+    # not a reference cycle of its own (it must die with its connection).
+    _HANDLERS: dict[int, Callable[[BackendHandler, Message, list[int]], _Result]] = {
+        Request.GET_FEATURES: _get_features,
+        Request.SET_FEATURES: _set_features,
+        Request.GET_PROTOCOL_FEATURES: _get_protocol_features,
+        Request.SET_PROTOCOL_FEATURES: _set_protocol_features,
+        Request.SET_OWNER: _set_owner,
+        Request.RESET_OWNER: _reset_owner,
+        Request.RESET_DEVICE: _reset_device,
+        Request.SET_MEM_TABLE: _set_mem_table,
+        Request.GET_MAX_MEM_SLOTS: _get_max_mem_slots,
+        Request.ADD_MEM_REG: _add_mem_reg,
+        Request.REM_MEM_REG: _rem_mem_reg,
+        Request.SET_VRING_NUM: _set_vring_num,
+        Request.SET_VRING_BASE: _set_vring_base,
+        Request.SET_VRING_ADDR: _set_vring_addr,
+        Request.GET_VRING_BASE: _get_vring_base,
+        Request.SET_VRING_KICK: _set_vring_kick,
+        Request.SET_VRING_CALL: _set_vring_call,
+        Request.SET_VRING_ERR: _set_vring_err,
+        Request.SET_VRING_ENABLE: _set_vring_enable,
+        Request.GET_QUEUE_NUM: _get_queue_num,
+        Request.SET_LOG_BASE: _set_log_base,
+        Request.SET_LOG_FD: _set_log_fd,
+        Request.SEND_RARP: _send_rarp,
+        Request.NET_SET_MTU: _net_set_mtu,
+        Request.SET_STATUS: _set_status,
+        Request.GET_STATUS: _get_status,
+        Request.SET_BACKEND_REQ_FD: _set_backend_req_fd,
+        Request.SET_DEVICE_STATE_FD: _set_device_state_fd,
+        Request.CHECK_DEVICE_STATE: _check_device_state,
+    }
 
 
 def _name(request: int) -> str:

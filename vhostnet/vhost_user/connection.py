@@ -31,6 +31,14 @@ def close_fds(fds: list[int]) -> None:
             pass
 
 
+def is_eventfd(fd: int) -> bool:
+    """True if ``fd`` is an eventfd (Linux names its anonymous inode in /proc)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
 def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds = array.array("i")
     for level, kind, data in ancdata:

@@ -22,6 +22,16 @@ CLOSE = Close.CLOSE
 """Returned by ``handle()`` when the server must close the connection."""
 
 
+class DeviceRefused(Exception):
+    """Raised by a device callback for front-end input it cannot use (a region its
+    file cannot back, a kick fd that is no eventfd): the handler refuses the
+    request (logged once, counted under ``kind``), unlike a device bug."""
+
+    def __init__(self, kind: str, text: str) -> None:
+        super().__init__(text)
+        self.kind = kind
+
+
 @dataclass
 class VringConfig:
     """Everything the front-end told us about one ring.

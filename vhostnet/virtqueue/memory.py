@@ -20,7 +20,10 @@ running queue; the queue drops the old views on ``Virtqueue.memory_changed()``.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
+import os
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +44,10 @@ class MappedRegion:
     uva: int
     mmap_offset: int
     data: np.ndarray
+    # False: the front-end may still shrink the file under the mapping; a copy that
+    # then touches the lost pages takes SIGBUS, which the kernel's guard turns
+    # into a broken queue (ext/virtq_guard.h).
+    shrink_sealed: bool = False
 
     def same_layout(self, gpa: int, size: int, uva: int, mmap_offset: int) -> bool:
         return (self.gpa, self.size, self.uva, self.mmap_offset) == (gpa, size, uva, mmap_offset)
@@ -51,6 +58,29 @@ def _overlaps(start_a: int, size_a: int, start_b: int, size_b: int) -> bool:
 
 
 _U64_LIMIT = 1 << 64
+
+
+def _check_backing_file(fd: int, needed: int, gpa: int) -> bool:
+    """Refuse a region its file cannot back; return whether the file is sealed against shrinking.
+
+    Mapping past the end of a file succeeds, but touching those pages raises
+    SIGBUS, so the file must already hold ``mmap_offset + size`` bytes.
+    """
+    try:
+        info = os.fstat(fd)
+    except OSError as error:
+        raise AddressError(f"region at gpa {gpa:#x}: fd unusable ({error.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise AddressError(f"region at gpa {gpa:#x}: fd is not a memory file (memfd, shm or hugetlbfs)")
+    if info.st_size < needed:
+        raise AddressError(
+            f"region at gpa {gpa:#x} needs {needed:#x} bytes of its file, which has {info.st_size:#x}"
+        )
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return False  # not a memfd (shm or hugetlbfs file): cannot be sealed
+    return bool(seals & fcntl.F_SEAL_SHRINK)
 
 
 class GuestMemory:
@@ -96,6 +126,7 @@ class GuestMemory:
                     f"region gpa {gpa:#x} size {size:#x} uva {uva:#x} overlaps the mapped "
                     f"region gpa {region.gpa:#x} size {region.size:#x} uva {region.uva:#x}"
                 )
+        shrink_sealed = _check_backing_file(fd, mmap_offset + size, gpa)
         try:
             mapping = mmap.mmap(
                 fd,
@@ -108,7 +139,7 @@ class GuestMemory:
                 f"cannot map region gpa {gpa:#x} size {size:#x} offset {mmap_offset:#x}: {error}"
             ) from error
         data = np.frombuffer(mapping, dtype=np.uint8, count=size, offset=mmap_offset)
-        self._regions.append(MappedRegion(gpa, size, uva, mmap_offset, data))
+        self._regions.append(MappedRegion(gpa, size, uva, mmap_offset, data, shrink_sealed))
         self._regions.sort(key=lambda region: region.gpa)
         self._generation += 1
 

@@ -151,6 +151,11 @@ class Virtqueue:
     def broken(self) -> bool:
         return self._kernel.broken
 
+    @property
+    def faulted(self) -> bool:
+        """Guest memory vanished under a copy (SIGBUS caught): the connection must close."""
+        return self._kernel.faulted
+
     def counters(self) -> dict[str, int]:
         return self._kernel.counters()
 
@@ -167,7 +172,12 @@ class Virtqueue:
     def _log_new_errors(self) -> None:
         counts = self._kernel.counters()
         for reason in self._kernel.take_new_errors():
-            if reason == "avail_idx_jump":
+            if reason == "guest_memory_fault":
+                log.error(
+                    "%s: guest memory vanished under a copy (SIGBUS: the front-end shrank its "
+                    "memory file); closing the connection", self.name
+                )
+            elif reason == "avail_idx_jump":
                 log.error(
                     "%s: guest avail index jumped past the ring size; queue stopped", self.name
                 )
