@@ -14,6 +14,7 @@ otherwise the reply is unicast to ciaddr at the client's hardware address.
 
 Malformed messages (short, wrong op/hardware type, truncated options, option
 lengths that do not fit the option's meaning) are counted, logged once, dropped.
+The message format itself (parse, options, emit) is ``vhostnet.wire.dhcp``.
 """
 
 from __future__ import annotations

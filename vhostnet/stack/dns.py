@@ -11,6 +11,7 @@ from its query. At most ``MAX_PENDING`` queries are outstanding.
 Commands (``DnsForwarder.commands``, executed by ``hostio.dns.DnsGlue.flush``):
 ``DnsQuery(upstream_index, host, port, data)``: send ``data`` to upstream ``upstream_index``.
 Events: ``on_upstream_reply(upstream_index, data, now)``, ``on_upstream_error(upstream_index, now)``.
+The header flags and the SERVFAIL builder are in ``vhostnet.wire.dns``.
 """
 
 from __future__ import annotations
