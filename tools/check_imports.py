@@ -276,7 +276,7 @@ class Checker:
             return
         third_party = THIRD_PARTY.get(importer)
         if (third_party is not None and top not in sys.stdlib_module_names
-                and top not in third_party and top not in NOT_SHIPPED and top != "__future__"):
+                and top not in third_party and top != "__future__"):
             self.report(module, imported.line,
                         f"layer {importer} ({module.name}) may use only the standard library"
                         f" and {', '.join(third_party)}, not {top}")

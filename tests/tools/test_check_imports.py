@@ -65,6 +65,8 @@ def test_a_tree_following_the_rules_passes(tmp_path: Path, capsys) -> None:
      "testkit/bad.py:1: layer testkit (testkit.bad) must not import layer stack"),
     ({"vhostnet/wire/bad.py": "\nimport uvloop\n"},
      "vhostnet/wire/bad.py:2: layer wire (vhostnet.wire.bad) may use only the standard library"),
+    ({"testkit/bad.py": "import tools.netns\n"},
+     "testkit/bad.py:1: layer testkit (testkit.bad) may use only the standard library"),
     # (c) vhostnet importing what is not shipped
     ({"vhostnet/cli.py": "from testkit import frontend\n"},
      "vhostnet/cli.py:1: vhostnet must not import testkit (not shipped)"),
