@@ -18,6 +18,7 @@ run: setup kit
 # The plot extra is installed for the tests too, so the plot test runs in CI.
 test: setup kit $(PLOT_STAMP)
 	$(PY) -m ruff check vhostnet tests tools bench testkit
+	$(PY) -m tools.check_imports
 	$(NETNS) $(PY) -m pytest -ra $(PYTEST_ARGS)
 
 # --guest boots a TCG guest running iperf3 (about 2 minutes of the run); the

@@ -9,9 +9,9 @@ import pytest
 
 from tests.support.frames import GATEWAY_MAC, GUEST_MAC, eth
 from tests.support.frames import checksum as plain_checksum
-from vhostnet.stack import ndp
 from vhostnet.stack.config import StackConfig
 from vhostnet.stack.stack import NetworkStack
+from vhostnet.wire.ipv6 import link_local_address
 
 GUEST_LINK_LOCAL = ipaddress.IPv6Address("fe80::5054:ff:fe12:3456").packed
 ALL_ROUTERS = ipaddress.IPv6Address("ff02::2").packed
@@ -38,7 +38,7 @@ def solicitation(src: bytes = GUEST_LINK_LOCAL) -> bytes:
 
 
 def test_link_local_address_is_modified_eui64() -> None:
-    address = ndp.link_local_address(bytes.fromhex("525600000002"))
+    address = link_local_address(bytes.fromhex("525600000002"))
     assert ipaddress.IPv6Address(address) == ipaddress.IPv6Address("fe80::5056:ff:fe00:2")
 
 
@@ -49,7 +49,7 @@ def test_router_solicitation_gets_a_no_router_advertisement() -> None:
     assert frame[:12] == GUEST_MAC + GATEWAY_MAC and frame[12:14] == b"\x86\xdd"
     first_word, length, next_header, hop_limit, src, dst = struct.unpack_from("!IHBB16s16s", frame, 14)
     assert first_word >> 28 == 6 and next_header == 58 and hop_limit == 255
-    assert src == ndp.link_local_address(GATEWAY_MAC) and dst == GUEST_LINK_LOCAL
+    assert src == link_local_address(GATEWAY_MAC) and dst == GUEST_LINK_LOCAL
     message = frame[54:]
     assert len(message) == length == 16 + 8
     pseudo = src + dst + struct.pack("!I3xB", length, 58)

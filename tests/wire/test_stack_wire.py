@@ -7,8 +7,7 @@ import struct
 import pytest
 
 from tests.support.frames import GATEWAY_IP, GUEST_IP, checksum, icmp_echo, ipv4, udp
-from vhostnet.stack import icmp
-from vhostnet.wire import arp, ethernet
+from vhostnet.wire import arp, ethernet, icmp
 from vhostnet.wire.errors import MalformedPacket
 from vhostnet.wire.ipv4 import IPv4Packet, emit_ipv4_header
 from vhostnet.wire.udp import UdpDatagram, emit_udp

@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable
 
 from vhostnet.hostio.udp import receive_batch
-from vhostnet.stack.icmp import TYPE_ECHO_REQUEST, IcmpClose, IcmpEchoSend, IcmpEngine, IcmpOpen
+from vhostnet.stack.icmp import IcmpClose, IcmpEchoSend, IcmpEngine, IcmpOpen
+from vhostnet.wire.icmp import TYPE_ECHO_REQUEST
 
 
 def open_ping_socket(host_addr: str) -> socket.socket:

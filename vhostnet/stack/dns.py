@@ -11,6 +11,7 @@ from its query. At most ``MAX_PENDING`` queries are outstanding.
 Commands (``DnsForwarder.commands``, executed by ``hostio.dns.DnsGlue.flush``):
 ``DnsQuery(upstream_index, host, port, data)``: send ``data`` to upstream ``upstream_index``.
 Events: ``on_upstream_reply(upstream_index, data, now)``, ``on_upstream_error(upstream_index, now)``.
+The header flags and the SERVFAIL builder are in ``vhostnet.wire.dns``.
 """
 
 from __future__ import annotations
@@ -23,16 +24,11 @@ from dataclasses import dataclass
 
 from vhostnet.stack.config import DNS_PORT, StackConfig
 from vhostnet.stack.counters import Counters
+from vhostnet.wire.dns import FLAG_QR, HEADER_LEN, servfail_for
 
-HEADER_LEN = 12
 ATTEMPT_TIMEOUT = 2.0
 OVERALL_TIMEOUT = 5.0
 MAX_PENDING = 256
-FLAG_QR = 0x8000
-OPCODE_MASK = 0x7800
-FLAG_RD = 0x0100
-FLAG_RA = 0x0080
-RCODE_SERVFAIL = 2
 
 SendUdp = Callable[..., None]
 
@@ -54,31 +50,6 @@ class _PendingQuery:
     upstream_index: int
     attempt_deadline: float
     overall_deadline: float
-
-
-def question_section(message: bytes) -> bytes | None:
-    """The bytes of a single uncompressed question after the header, or None if not parseable."""
-    offset = HEADER_LEN
-    for _ in range(128):  # a name has at most 127 labels
-        if offset >= len(message):
-            return None
-        length = message[offset]
-        if length == 0:
-            end = offset + 1 + 4  # root label, QTYPE, QCLASS
-            return message[HEADER_LEN:end] if end <= len(message) else None
-        if length > 63:
-            return None  # compression pointer or reserved label type: not in a plain query
-        offset += 1 + length
-    return None
-
-
-def servfail_for(query: bytes) -> bytes:
-    """A SERVFAIL answer to ``query``: same id, opcode and RD, the question echoed if it parses."""
-    query_id, flags, qdcount = struct.unpack_from("!HHH", query, 0)
-    question = question_section(query) if qdcount == 1 else None
-    reply_flags = FLAG_QR | (flags & (OPCODE_MASK | FLAG_RD)) | FLAG_RA | RCODE_SERVFAIL
-    header = struct.pack("!HHHHHH", query_id, reply_flags, 1 if question else 0, 0, 0, 0)
-    return header + (question or b"")
 
 
 class DnsForwarder:

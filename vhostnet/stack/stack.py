@@ -33,6 +33,7 @@ from vhostnet.wire import arp, ethernet
 from vhostnet.wire.checksum import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from vhostnet.wire.errors import MalformedPacket
 from vhostnet.wire.ipv4 import IPv4Packet, emit_ipv4_header
+from vhostnet.wire.ipv6 import IPv6Packet
 from vhostnet.wire.offload import (
     DATA_VALID_WORD,
     NO_OFFLOADS,
@@ -172,7 +173,7 @@ class NetworkStack:
     def _receive_ipv6(self, eth: ethernet.EthernetFrame) -> None:
         # IPv4 only: the one answer is "no IPv6 router here" (see ndp.py).
         try:
-            packet = ndp.IPv6Packet(eth.payload)
+            packet = IPv6Packet(eth.payload)
         except MalformedPacket:
             self._counters.inc("eth.drop.ipv6")
             return

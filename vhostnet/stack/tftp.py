@@ -39,8 +39,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from vhostnet.stack.counters import Counters
+from vhostnet.wire import ipv4, udp
 from vhostnet.wire.errors import MalformedPacket
 from vhostnet.wire.tftp import (
+    DATA_HEADER_LEN,
     DEFAULT_BLOCK_SIZE,
     TFTP_PORT,
     Data,
@@ -56,10 +58,6 @@ from vhostnet.wire.tftp import (
 __all__ = ["ErrorCode", "TftpError", "TftpFiles", "TftpServer", "UdpOutput", "negotiate"]
 
 log = logging.getLogger("vhostnet.tftp")
-
-IPV4_HEADER = 20
-UDP_HEADER = 8
-TFTP_DATA_HEADER = 4
 
 MIN_BLOCK_SIZE = 8  # RFC 2348
 MAX_BLOCK_SIZE = 65464  # RFC 2348
@@ -123,7 +121,7 @@ def negotiate(options: dict[str, str], file_size: int, mtu: int, window_limit: i
     RFC 2349 does not for timeout, so an out-of-range timeout is ignored).
     """
     # A DATA packet must fit one IP datagram on the guest link: no fragments.
-    largest_fitting_block = mtu - IPV4_HEADER - UDP_HEADER - TFTP_DATA_HEADER
+    largest_fitting_block = mtu - ipv4.MIN_HEADER_LEN - udp.HEADER_LEN - DATA_HEADER_LEN
     result = Negotiated(DEFAULT_BLOCK_SIZE, 1, default_timeout, {})
     for name, text in options.items():
         value = int(text) if text.isdigit() else None

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 from vhostnet.stack.config import PortForward, StackConfig, ip4
 from vhostnet.stack.counters import Counters
-from vhostnet.stack.icmp import emit_port_unreachable
 from vhostnet.wire.checksum import PROTO_ICMP
+from vhostnet.wire.icmp import emit_port_unreachable
 from vhostnet.wire.ipv4 import IPv4Packet
 from vhostnet.wire.udp import UdpDatagram
 

@@ -56,3 +56,15 @@ def l4_checksum_ok(src: bytes, dst: bytes, proto: int, segment: bytes | bytearra
     if proto == PROTO_UDP and len(segment) >= 8 and segment[6] == 0 and segment[7] == 0:
         return True
     return ones_complement_sum(segment, pseudo_header_sum(src, dst, proto, len(segment))) == 0xFFFF
+
+
+def pseudo_header_sum_ipv6(src: bytes, dst: bytes, next_header: int, length: int) -> int:
+    """Sum of the IPv6 pseudo-header (RFC 8200 section 8.1) for an upper-layer packet.
+
+    The addresses, the 32-bit upper-layer length, three zero bytes and the next
+    header value; ``next_header`` is the upper-layer protocol (e.g. 58 for ICMPv6),
+    not the first extension header. Pass the result as ``initial`` to the sums above.
+    """
+    # Adding the 32-bit length whole is the same as adding its two 16-bit words:
+    # folding is arithmetic modulo 0xFFFF.
+    return ones_complement_sum(src + dst, length + next_header)

@@ -21,6 +21,7 @@ from vhostnet.wire.errors import MalformedPacket
 
 TFTP_PORT = 69
 DEFAULT_BLOCK_SIZE = 512
+DATA_HEADER_LEN = 4  # opcode and block number before a DATA packet's bytes
 
 
 class Opcode(IntEnum):
@@ -62,7 +63,7 @@ _OPCODE_AND_NUMBER = struct.Struct("!HH")
 _MIN_LENGTH = {
     Opcode.RRQ: 2,
     Opcode.WRQ: 2,
-    Opcode.DATA: 4,
+    Opcode.DATA: DATA_HEADER_LEN,
     Opcode.ACK: 4,
     Opcode.ERROR: 4,
     Opcode.OACK: 2,

@@ -1,0 +1,139 @@
+"""IPv6 (RFC 8200): a checked packet view, extension headers walked, and a header emitter.
+
+The view checks, in order: length of the fixed header, version, payload length
+(fits the buffer; Ethernet padding beyond it is ignored), then walks the
+extension headers this module knows (hop-by-hop options, routing, fragment,
+destination options), each bounded by the payload, with hop-by-hop allowed
+only first (RFC 8200 section 4.1). Walking stops at the first other next
+header value: the upper-layer protocol (TCP, UDP, ICMPv6, "no next header")
+or a header whose length is counted differently (AH, ESP): that value is
+``upper_protocol`` and what follows is ``upper_payload``.
+
+A fragment is reported (``fragment``), not reassembled; walking stops after
+the fragment header of a fragment that is not the first, since what follows is
+the middle of the original payload.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from vhostnet.wire.errors import MalformedPacket
+
+HEADER_LEN = 40
+VERSION = 6
+NEXT_HEADER_HOP_BY_HOP = 0
+NEXT_HEADER_TCP = 6
+NEXT_HEADER_UDP = 17
+NEXT_HEADER_ROUTING = 43
+NEXT_HEADER_FRAGMENT = 44
+NEXT_HEADER_ICMPV6 = 58
+NEXT_HEADER_NONE = 59
+NEXT_HEADER_DESTINATION_OPTIONS = 60
+ADDRESS_LEN = 16
+UNSPECIFIED = bytes(ADDRESS_LEN)
+
+# Extension headers whose length is (Hdr Ext Len + 1) * 8 bytes (RFC 8200 section 4);
+# the fragment header is always 8 bytes and has no length field.
+_EIGHT_OCTET_UNITS = (NEXT_HEADER_HOP_BY_HOP, NEXT_HEADER_ROUTING,
+                      NEXT_HEADER_DESTINATION_OPTIONS)
+_MIN_EXTENSION_LEN = 8
+_FIXED = struct.Struct("!IHBB16s16s")
+_FRAGMENT = struct.Struct("!BxHI")
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """The fragment header's fields: ``offset`` in bytes, M flag, identification."""
+
+    offset: int
+    more: bool
+    ident: int
+
+
+class IPv6Packet:
+    """Checked view of an IPv6 packet.
+
+    ``next_header`` is the fixed header's field (the first extension header if
+    there is one); ``upper_protocol``/``upper_payload`` are what the extension
+    headers lead to; ``extensions`` lists ``(type, offset, length)`` of each
+    walked extension header, offsets counted from the start of ``payload``.
+    ``src``/``dst`` are 16-byte ``bytes``; ``payload`` is a memoryview bounded by
+    the payload length field.
+    """
+
+    __slots__ = ("traffic_class", "flow_label", "payload_length", "next_header", "hop_limit",
+                 "src", "dst", "payload", "extensions", "fragment", "upper_protocol",
+                 "upper_payload")
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        if len(view) < HEADER_LEN:
+            raise MalformedPacket("short", f"{len(view)} bytes is shorter than an IPv6 header")
+        first_word, payload_length, next_header, hop_limit, src, dst = _FIXED.unpack_from(view, 0)
+        if first_word >> 28 != VERSION:
+            raise MalformedPacket("bad_version", f"IP version {first_word >> 28} in an IPv6 packet")
+        if HEADER_LEN + payload_length > len(view):
+            raise MalformedPacket("bad_length", f"payload length {payload_length} exceeds the frame")
+        self.traffic_class: int = (first_word >> 20) & 0xFF
+        self.flow_label: int = first_word & 0xFFFFF
+        self.payload_length: int = payload_length
+        self.next_header: int = next_header
+        self.hop_limit: int = hop_limit
+        self.src: bytes = src
+        self.dst: bytes = dst
+        self.payload = view[HEADER_LEN : HEADER_LEN + payload_length]
+        self.fragment: Fragment | None = None
+        self._walk_extensions()
+
+    def _walk_extensions(self) -> None:
+        payload = self.payload
+        extensions: list[tuple[int, int, int]] = []
+        kind = self.next_header
+        offset = 0
+        while kind in _EIGHT_OCTET_UNITS or kind == NEXT_HEADER_FRAGMENT:
+            if kind == NEXT_HEADER_HOP_BY_HOP and extensions:
+                raise MalformedPacket("misplaced_hop_by_hop",
+                                      "hop-by-hop options header not right after the IPv6 header")
+            if offset + _MIN_EXTENSION_LEN > len(payload):
+                raise MalformedPacket("truncated_extension",
+                                      f"extension header {kind} runs past the payload")
+            following = payload[offset]
+            if kind == NEXT_HEADER_FRAGMENT:
+                if self.fragment is not None:
+                    raise MalformedPacket("repeated_fragment", "two fragment headers")
+                length = _MIN_EXTENSION_LEN
+                _, offset_flags, ident = _FRAGMENT.unpack_from(payload, offset)
+                self.fragment = Fragment(offset_flags & 0xFFF8, bool(offset_flags & 1), ident)
+            else:
+                length = (payload[offset + 1] + 1) * 8
+                if offset + length > len(payload):
+                    raise MalformedPacket("truncated_extension",
+                                          f"extension header {kind} of {length} bytes runs past "
+                                          "the payload")
+            extensions.append((kind, offset, length))
+            offset += length
+            kind = following
+            if self.fragment is not None and self.fragment.offset:
+                break  # a later fragment: no headers follow, only payload bytes
+        self.extensions: tuple[tuple[int, int, int], ...] = tuple(extensions)
+        self.upper_protocol: int = kind
+        self.upper_payload = payload[offset:]
+
+
+def emit_ipv6_header(src: bytes, dst: bytes, next_header: int, payload_len: int,
+                     hop_limit: int = 64, traffic_class: int = 0, flow_label: int = 0) -> bytes:
+    """The 40-byte fixed header (no extension headers: ``next_header`` is the upper layer's)."""
+    if len(src) != ADDRESS_LEN or len(dst) != ADDRESS_LEN:
+        raise ValueError("IPv6 addresses are 16 bytes")
+    if not 0 <= payload_len <= 0xFFFF:
+        raise ValueError(f"IPv6 payload of {payload_len} bytes does not fit the length field")
+    first_word = VERSION << 28 | (traffic_class & 0xFF) << 20 | (flow_label & 0xFFFFF)
+    return _FIXED.pack(first_word, payload_len, next_header, hop_limit, src, dst)
+
+
+def link_local_address(mac: bytes) -> bytes:
+    """fe80::/64 with the modified EUI-64 interface identifier of ``mac`` (RFC 4291 appendix A)."""
+    identifier = bytes((mac[0] ^ 0x02,)) + mac[1:3] + b"\xff\xfe" + mac[3:6]
+    return bytes.fromhex("fe80000000000000") + identifier
