@@ -50,19 +50,19 @@ class Guest:
         start = time.monotonic()
         stop = start + duration
         while True:
-            _, count = tx.take_used()
+            _, count = tx.consume_used()
             done += count
             if time.monotonic() >= stop:
                 break
             free = tx.free
             if free:
-                tx.publish(free)
+                tx.expose(free)
             else:
                 tx.wait_for_room(0.01)
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while tx.in_flight and time.monotonic() < deadline:
             tx.wait(0.01)
-            done += tx.take_used()[1]
+            done += tx.consume_used()[1]
         elapsed = time.monotonic() - start
         return {"frames": done, "seconds": elapsed, "lost_in_ring": tx.in_flight}
 

@@ -76,7 +76,7 @@ class GuestNet:
         return self.rings.tx.free - self.pending
 
     def flush(self) -> None:
-        self.rings.tx.publish(self.pending)
+        self.rings.tx.expose(self.pending)
         self.pending = 0
 
     def _commit(self, length: int) -> None:

@@ -14,14 +14,8 @@ import socket
 import struct
 import time
 
-from testkit.driver import (
-    HIGH_RAM_START,
-    LOW_RAM_END,
-    GuestMemoryImage,
-    RingLayout,
-    SlotAllocator,
-    SplitRingDriver,
-)
+from testkit.guest_memory import HIGH_RAM_START, LOW_RAM_END, GuestMemoryImage, SlotAllocator
+from testkit.guest_ring import VIRTQ_DESC_F_WRITE, RingLayout, SplitRing
 from vhostnet.vhost_user.codec import (
     U64,
     DeviceStateParams,
@@ -123,8 +117,8 @@ class Frontend:
         pool_start = (rx_layout.end + 0xFFFF) & ~0xFFFF
         pool_end = min(memory_size, pool_start + 8 * queue_size * SLOT_SIZE)
         self.slots = SlotAllocator([(0x20000, LOW_RAM_END), (pool_start, pool_end)], SLOT_SIZE)
-        self.rx: SplitRingDriver | None = None
-        self.tx: SplitRingDriver | None = None
+        self.rx: SplitRing | None = None
+        self.tx: SplitRing | None = None
         self.started = False
 
     # ------------------------------------------------------------------
@@ -140,6 +134,7 @@ class Frontend:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        self.rx = self.tx = None  # their views of guest memory go with them
         close_fds(self.kick_fds + self.call_fds + self.err_fds)
         self.kick_fds, self.call_fds, self.err_fds = [], [], []
         if self.memory is not None:
@@ -273,28 +268,21 @@ class Frontend:
             self._u64_request(Request.GET_STATUS)
             self.request(Request.SET_STATUS, U64(status).emit())
         self.send_memory_table()
-        self.rx = SplitRingDriver(self.memory, self.layouts[RX_RING])
-        self.tx = SplitRingDriver(self.memory, self.layouts[TX_RING])
+        self.rx = SplitRing(self.memory, self.layouts[RX_RING])
+        self.tx = SplitRing(self.memory, self.layouts[TX_RING])
         for driver, base in ((self.rx, bases[0]), (self.tx, bases[1])):
-            driver.avail_idx = driver.last_used_idx = base & 0xFFFF
-            driver.memory.write_u16(driver.layout.avail_gpa + 2, driver.avail_idx)
-            driver.memory.write_u16(driver.layout.used_gpa + 2, driver.last_used_idx)
+            driver.start_at(base)
         # Like Linux, fill RX and kick before the back-end even has the kick fd.
         self._refill_rx()
         self._kick(RX_RING)
         for frame in unkicked_tx:
             self._queue_tx(frame, None)
-        for ring, layout in enumerate(self.layouts):
+        for ring, driver in enumerate((self.rx, self.tx)):
+            layout = driver.layout
             self.request(Request.SET_VRING_NUM, VringState(ring, layout.size).emit())
             self.request(Request.SET_VRING_BASE, VringState(ring, bases[ring]).emit())
-            addr = VringAddr(
-                ring,
-                0,
-                self.memory.uva(layout.desc_gpa),
-                self.memory.uva(layout.used_gpa),
-                self.memory.uva(layout.avail_gpa),
-                layout.used_gpa,
-            )
+            desc_uva, avail_uva, used_uva = driver.ring_uvas
+            addr = VringAddr(ring, 0, desc_uva, used_uva, avail_uva, layout.used_gpa)
             self.request(Request.SET_VRING_ADDR, addr.emit())
             self.request(Request.SET_VRING_KICK, U64(ring).emit(), [self.kick_fds[ring]])
             self.request(Request.SET_VRING_CALL, U64(ring).emit(), [self.call_fds[ring]])
@@ -340,7 +328,7 @@ class Frontend:
             gpa = self.slots.alloc()
             if gpa is None:
                 break
-            self.rx.add_chain([(gpa, SLOT_SIZE, True)], gpa)
+            self.rx.queue_chain([(gpa, SLOT_SIZE, VIRTQ_DESC_F_WRITE)], gpa)
             posted += 1
         return posted
 
@@ -375,15 +363,15 @@ class Frontend:
         header_gpa = self.slots.alloc()
         assert header_gpa is not None
         self.memory.write(header_gpa, bytes(VIRTIO_NET_HDR_SIZE) if header is None else header)
-        chain = [(header_gpa, VIRTIO_NET_HDR_SIZE, False)]
+        chain = [(header_gpa, VIRTIO_NET_HDR_SIZE, 0)]
         used_slots = [header_gpa]
         for piece in _pieces(frame):
             gpa = self.slots.alloc()
             assert gpa is not None
             self.memory.write(gpa, piece)
-            chain.append((gpa, len(piece), False))
+            chain.append((gpa, len(piece), 0))
             used_slots.append(gpa)
-        self.tx.add_chain(chain, used_slots)
+        self.tx.queue_chain(chain, used_slots)
 
     def tx_pending(self) -> int:
         """TX chains the back-end has not completed yet."""

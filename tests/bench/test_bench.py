@@ -28,7 +28,6 @@ from bench.guest_iperf import (
 )
 from bench.hostside import TcpSender, TcpSink, UdpSink
 from bench.output import PlotUnavailable, Row, format_row, write_json, write_plot
-from bench.rings import need_event
 from bench.runner import (
     GUEST_TCP_PORT,
     HOST_TCP_FWD,
@@ -50,12 +49,6 @@ def udp_receive_buffer_errors() -> int:
 
 needs_netns = pytest.mark.skipif(not in_private_netns(), reason="sends traffic: run inside tools.netns")
 
-
-
-def test_need_event_matches_virtio_definition() -> None:
-    assert need_event(event=5, new=6, old=5)
-    assert not need_event(event=9, new=6, old=5)
-    assert need_event(event=0xFFFF, new=2, old=0xFFFE)  # across the 16-bit wrap
 
 
 def test_row_statistics_and_json(tmp_path) -> None:

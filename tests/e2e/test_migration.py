@@ -10,12 +10,12 @@ while the destination waits paused (-S) for `cont`.
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.guestlib import GATEWAY, PING_REPLY, destination_diagnosis, ping_replies, static_ipv4
+from tests.support.qmp import wait_migrated
 from tools.qemu import GuestError
 from vhostnet.control import control_request
 
@@ -24,25 +24,12 @@ pytestmark = pytest.mark.e2e
 PING_COUNT = 120
 PING_INTERVAL = 0.5
 REPLIES_BEFORE = 3
-MIGRATION_TIMEOUT = 120.0
 
 SCRIPT = static_ipv4() + (
     f"ping -c {PING_COUNT} -i {PING_INTERVAL} -W 2 {GATEWAY}\n"
     "echo RESULT ping_done=yes\n"
 )
 REPLY = re.compile(PING_REPLY.format(target=re.escape(GATEWAY)), re.MULTILINE)
-
-
-def wait_migrated(machine) -> None:
-    """Poll query-migrate on the source until it completes (bounded)."""
-    deadline = time.monotonic() + MIGRATION_TIMEOUT
-    while time.monotonic() < deadline:
-        status = machine.qmp("query-migrate").get("status")
-        if status == "completed":
-            return
-        assert status not in ("failed", "cancelled"), f"migration {status}\n{machine.log_tail()}"
-        time.sleep(0.2)
-    pytest.fail(f"migration did not complete within {MIGRATION_TIMEOUT} s")
 
 
 def boot_source(guest, version: str, socket_path: Path, tmp_path: Path):

@@ -36,7 +36,7 @@ from tests.e2e.guestlib import (
     static_ipv4,
 )
 from tests.e2e.hostservers import LOOPBACK, PacedHttpServer, free_port, generated_bytes, sha256_hex
-from tests.e2e.test_migration import wait_migrated
+from tests.support.qmp import wait_migrated
 from vhostnet.control import control_request
 
 pytestmark = pytest.mark.e2e

@@ -11,8 +11,8 @@ import struct
 
 import pytest
 
-from testkit.driver import HIGH_RAM_START, LOW_RAM_END
 from testkit.frontend import Frontend
+from testkit.guest_memory import HIGH_RAM_START, LOW_RAM_END
 from testkit.loopback import ThreadedBackend
 from tests.support.vhost_user import RecordingDevice, open_fd_count, wait_until
 from vhostnet.vhost_user.backend import BackendHandler

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.support.virtqueue_driver import (
+from tests.support.guest_ram import (
     DESC_F_WRITE,
     HDR_LEN,
     PC_LAYOUT,

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from tests.support.virtqueue_driver import (
+from tests.support.guest_ram import (
     AVAIL_F_NO_INTERRUPT,
     DESC_F_WRITE,
     HDR_LEN,

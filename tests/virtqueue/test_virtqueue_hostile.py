@@ -13,7 +13,7 @@ import struct
 import numpy as np
 import pytest
 
-from tests.support.virtqueue_driver import (
+from tests.support.guest_ram import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
@@ -52,7 +52,7 @@ def changed_outside(ram: GuestRam, before: bytes, allowed: list[tuple[int, int]]
     after = np.frombuffer(ram.snapshot(), dtype=np.uint8).copy()
     old = np.frombuffer(before, dtype=np.uint8).copy()
     for gpa, length in allowed:
-        start = ram._offset(gpa, length)
+        start = ram.offset(gpa, length)
         after[start : start + length] = 0
         old[start : start + length] = 0
     return list(np.nonzero(after != old)[0][:10])

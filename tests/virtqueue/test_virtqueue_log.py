@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.support.virtqueue_driver import (
+from tests.support.guest_ram import (
     DESC_F_WRITE,
     HDR_LEN,
     RAM_BYTES,

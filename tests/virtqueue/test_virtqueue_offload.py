@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from tests.support.virtqueue_driver import DESC_F_WRITE, HDR_LEN, Driver, GuestRam, ethernet_frame
+from tests.support.guest_ram import DESC_F_WRITE, HDR_LEN, Driver, GuestRam, ethernet_frame
 from vhostnet.vhost_user.protocol import VirtioFeature as F
 from vhostnet.virtqueue import FrameBatch, Virtqueue
 from vhostnet.wire.offload import (
