@@ -130,6 +130,15 @@ def test_connection_moves_to_a_new_socket_with_data_in_flight_both_ways() -> Non
         record = dump.to_record()
         assert SocketDump.from_record(record) == dump
         local = ours.getsockname()
+        # As the product does between release and restore: a catcher on the local
+        # address swallows the peer's retransmissions of what it sent while we were
+        # frozen. Without it a retransmission that comes after the close (the peer's
+        # timer runs on a loaded machine too) meets no socket and is answered with RST.
+        catcher = socket.socket()
+        attach_drop_filter(catcher)
+        set_repair_direct(catcher, REPAIR_ON)
+        catcher.bind(local)
+        catcher.listen(1)
         ours.close()  # in repair mode: nothing goes out
         time.sleep(0.1)
         assert tcp_state(peer) == TCP_STATE_ESTABLISHED, "the peer saw FIN or RST"
@@ -137,6 +146,7 @@ def test_connection_moves_to_a_new_socket_with_data_in_flight_both_ways() -> Non
         restored = new_restore_socket()
         set_repair_direct(restored, REPAIR_ON)
         restore_in_repair(restored, dump, wait_for_tuple=1.0)
+        catcher.close()
         set_repair_direct(restored, REPAIR_OFF)
         send_unsent(restored, dump)
         assert restored.getsockname() == local
