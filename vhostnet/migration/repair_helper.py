@@ -1,20 +1,23 @@
-"""Switching TCP_REPAIR: directly, or through ``vhostnet repair SOCKET`` (the passt-repair model).
+"""Switching TCP_REPAIR: directly, or through a helper (passt-repair's protocol).
 
 TCP_REPAIR needs CAP_NET_ADMIN. vhostnet uses it directly when it has the
-capability (probed once at start-up on a throwaway socket); otherwise it
-listens on ``--repair-path PATH`` for a helper started with the capability:
+capability (probed once at start-up on a throwaway socket). It also listens on
+a repair socket, ``SOCKET.repair`` by default as passt does in vhost-user mode
+(``--repair-path PATH`` moves it, ``none`` turns it off), for a helper started
+with the capability: passt's ``passt-repair PATH`` or ``vhostnet repair PATH``.
 
-    vhostnet repair PATH
-
-The helper connects to PATH and serves requests until vhostnet closes the
-connection. A request is one byte, the TCP_REPAIR value as a signed 8-bit
-number (1 on, 0 off, -1 off without a window probe), sent with a batch of
-socket descriptors (SCM_RIGHTS, at most ``MAX_FDS_PER_REQUEST``). The helper
-sets the option on every descriptor, closes its copies, and answers with the
-same byte, or ``REPLY_FAILED`` if any descriptor refused (the others were set).
-Switching repair on also attaches the drop-all filter that freezes a socket,
-and switching it off removes it (``tcp_repair.switch_repair``).
-All other repair steps need no capability, so vhostnet does them itself.
+The helper connects and serves requests until vhostnet closes the connection,
+which vhostnet does when its side of a migration is over, as passt does: a
+helper serves one migration (KubeVirt starts passt-repair for each). A request
+is one byte, the TCP_REPAIR value as a signed 8-bit number (1 on, 0 off, -1 off
+without a window probe), sent with a batch of socket descriptors (SCM_RIGHTS,
+at most ``MAX_FDS_PER_REQUEST``, never none: passt-repair exits on a request
+without descriptors). The helper sets the option on every descriptor, closes
+its copies, and answers with the same byte; ``vhostnet repair`` answers
+``REPLY_FAILED`` if any descriptor refused (the others were set), passt-repair
+exits instead. The helper does nothing else: the drop-all filter that freezes a
+socket, and every other repair step, need no capability and are vhostnet's own
+(``tcp_repair.attach_drop_filters``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from .tcp_repair import (
     REPAIR_ON,
     RepairError,
     can_repair_directly,
-    switch_repair,
+    set_repair_direct,
 )
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,10 @@ class RepairSwitch(Protocol):
     def set_repair(self, socks: Sequence[socket.socket], mode: int) -> None: ...
 
 
+class HelperGone(RepairError):
+    """The helper is not connected, or went away during a request."""
+
+
 class DirectRepair:
     """This process has CAP_NET_ADMIN."""
 
@@ -69,7 +76,7 @@ class DirectRepair:
         failed = 0
         for sock in socks:
             try:
-                switch_repair(sock, mode)
+                set_repair_direct(sock, mode)
             except OSError:
                 failed += 1
         if failed:
@@ -109,17 +116,35 @@ class HelperLink:
         except OSError as error:
             log.warning("repair helper: accept failed: %s", error)
             return
-        if self.conn is not None:
-            self.conn.close()  # a new helper replaces the old one
+        self._drop()  # a new helper replaces the old one
         conn.setblocking(True)
         conn.settimeout(REQUEST_TIMEOUT)
         self.conn = conn
+        # Between requests the helper says nothing: readable means it went away.
+        self.loop.add_reader(conn.fileno(), self._on_idle_event)
         log.info("repair helper connected on %s: TCP connections can move with the guest",
                  self.path)
 
-    def set_repair(self, socks: Sequence[socket.socket], mode: int) -> None:
+    def _on_idle_event(self) -> None:
         if self.conn is None:
-            raise RepairError(0, "no repair helper connected")
+            return
+        try:
+            data = self.conn.recv(1, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            data, why = b"", str(error)
+        else:
+            why = "it sent a byte nobody asked for" if data else "it closed the connection"
+        self._drop()
+        log.warning("repair helper on %s disconnected (%s); a new one may connect before the "
+                    "next migration", self.path, why)
+
+    def set_repair(self, socks: Sequence[socket.socket], mode: int) -> None:
+        """``HelperGone`` if there is no helper or it went away (not logged here: the
+        caller says in one line what that costs), ``RepairError`` if it refused."""
+        if self.conn is None:
+            raise HelperGone(0, "no repair helper connected")
         request = _mode_byte(mode)
         for start in range(0, len(socks), MAX_FDS_PER_REQUEST):
             fds = array.array("i", (s.fileno() for s in socks[start:start + MAX_FDS_PER_REQUEST]))
@@ -127,17 +152,26 @@ class HelperLink:
                 self.conn.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
                 reply = self.conn.recv(1)
             except OSError as error:
-                self._lost(f"request failed ({error})")
-                raise RepairError(error.errno or 0, f"repair helper: {error}") from None
+                self._drop()
+                raise HelperGone(error.errno or 0,
+                                 f"the repair helper failed: {error.strerror or error}") from None
             if not reply:
-                self._lost("it closed the connection")
-                raise RepairError(0, "repair helper went away")
+                self._drop()  # passt-repair exits when a socket refuses
+                raise HelperGone(0, "the repair helper disconnected")
             if reply != request:
                 raise RepairError(0, f"repair helper could not set TCP_REPAIR {mode} on every socket")
 
-    def _lost(self, why: str) -> None:
-        log.error("repair helper lost: %s", why)
+    def release(self) -> None:
+        """This side's migration is over: let the helper go (passt-repair then exits), as
+        passt does; the next migration needs a new one."""
         if self.conn is not None:
+            self._drop()
+            log.info("migration over: repair helper released (start one again for the next "
+                     "migration)")
+
+    def _drop(self) -> None:
+        if self.conn is not None:
+            self.loop.remove_reader(self.conn.fileno())
             self.conn.close()
             self.conn = None
 
@@ -146,9 +180,7 @@ class HelperLink:
             return  # closed already
         self.loop.remove_reader(self.listener.fileno())
         self.listener.close()
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        self._drop()
         try:
             os.unlink(self.path)
         except OSError:
@@ -177,10 +209,15 @@ class RepairAccess:
         if self.direct:
             return "TCP_REPAIR available (CAP_NET_ADMIN): TCP connections move with the guest"
         if self.helper is not None:
-            return (f"no CAP_NET_ADMIN: TCP connections move with the guest once "
-                    f"`vhostnet repair {self.helper.path}` is connected")
-        return ("TCP_REPAIR unavailable (no CAP_NET_ADMIN, no --repair-path): TCP connections "
+            return (f"no CAP_NET_ADMIN: TCP connections move with the guest if a repair helper "
+                    f"(passt-repair or `vhostnet repair`) is connected to {self.helper.path} "
+                    f"for the migration")
+        return ("TCP_REPAIR unavailable (no CAP_NET_ADMIN, no repair socket): TCP connections "
                 "are reset toward the guest when it migrates")
+
+    def migration_over(self) -> None:
+        if self.helper is not None:
+            self.helper.release()
 
     def close(self) -> None:
         if self.helper is not None:
@@ -195,7 +232,7 @@ def _apply(fds: list[int], mode: int) -> bool:
     for fd in fds:
         try:
             with socket.socket(fileno=fd) as sock:
-                switch_repair(sock, mode)
+                set_repair_direct(sock, mode)
         except OSError as error:
             print(f"vhostnet repair: TCP_REPAIR {mode} on a socket failed: {error}", file=sys.stderr)
             ok = False
