@@ -30,14 +30,16 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from .tcp_repair import (
     REPAIR_OFF,
     REPAIR_OFF_NO_WINDOW_PROBE,
     REPAIR_ON,
+    K,
     RepairError,
+    attach_drop_filters,
     can_repair_directly,
     set_repair_direct,
 )
@@ -185,6 +187,18 @@ class HelperLink:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def freeze_sockets(socks: Mapping[K, socket.socket], switch: RepairSwitch
+                   ) -> dict[K, socket.socket]:
+    """Freeze: our own drop-all filter (no capability needed, so never the helper's
+    job: passt-repair does not do it), then TCP_REPAIR on through ``switch``, the one
+    step that needs CAP_NET_ADMIN. Returns the sockets that took the filter, all in
+    repair mode; ``RepairError`` from the switch (the caller thaws)."""
+    filtered = attach_drop_filters(socks)
+    if filtered:  # a helper must never get a request without descriptors
+        switch.set_repair(list(filtered.values()), REPAIR_ON)
+    return filtered
 
 
 class RepairAccess:

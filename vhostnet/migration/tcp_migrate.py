@@ -51,13 +51,11 @@ from typing import TYPE_CHECKING
 
 from ..hostio.tcp import TcpHost, abort_close
 from ..stack.tcp_flow import SEQ_MOD, Phase, Send, seq_diff
-from .repair_helper import HelperGone, RepairAccess, RepairSwitch
+from .repair_helper import HelperGone, RepairAccess, RepairSwitch, freeze_sockets
 from .tcp_repair import (
     REPAIR_OFF,
-    REPAIR_ON,
     K,
     RepairError,
-    attach_drop_filters,
     detach_drop_filters,
     dump_socket,
     in_repair,
@@ -113,20 +111,16 @@ def _switch_off(socks: dict[int, socket.socket], switch: RepairSwitch | None) ->
 
 def _freeze_new_sockets(socks: dict[K, socket.socket], switch: RepairSwitch
                         ) -> dict[K, socket.socket]:
-    """Our drop filter, then the switch's TCP_REPAIR on, for sockets of our own making
-    (catchers, restores); those that took both. The others are closed; on
-    ``RepairError`` all are."""
-    filtered = attach_drop_filters(socks)
+    """``freeze_sockets`` for sockets of our own making (catchers, restores): those that
+    froze; the others are closed, all of them on ``RepairError``."""
+    frozen: dict[K, socket.socket] = {}
     try:
-        switch.set_repair(list(filtered.values()), REPAIR_ON)
-    except RepairError:
-        filtered = {}
-        raise
+        frozen = freeze_sockets(socks, switch)
     finally:
         for key, sock in socks.items():
-            if key not in filtered:
+            if key not in frozen:
                 sock.close()
-    return filtered
+    return frozen
 
 
 class TcpMigration:
@@ -173,23 +167,19 @@ class TcpMigration:
             sock = host.detach(flow_id)
             if sock is not None:
                 socks[flow_id] = sock
-        filtered = attach_drop_filters(socks)
-        if len(filtered) < len(socks):
-            unfrozen = {k: s for k, s in socks.items() if k not in filtered}
-            stats.inc("tcp.migration_freeze_failed", len(unfrozen))
-            self._thaw_some(unfrozen, switch, time.monotonic())  # carry on until released
-            socks = filtered
         try:
-            switch.set_repair(list(socks.values()), REPAIR_ON)
+            frozen = freeze_sockets(socks, switch)
         except RepairError as error:
             # One line for a helper that went away: what it costs.
             log.error("TCP_REPAIR on failed (%s): %d connection(s) could not be frozen and will "
                       "be reset toward the guest after the migration", error.strerror or error,
                       len(socks))
-            stats.inc("tcp.migration_freeze_failed", len(socks))
-            self._thaw_some(socks, switch, time.monotonic())
-            return {}
-        self.frozen = socks
+            frozen = {}
+        if len(frozen) < len(socks):
+            unfrozen = {k: s for k, s in socks.items() if k not in frozen}
+            stats.inc("tcp.migration_freeze_failed", len(unfrozen))
+            self._thaw_some(unfrozen, switch, time.monotonic())  # carry on until released
+        socks = self.frozen = frozen
         dumps: dict[int, dict[str, object]] = {}
         queued = 0
         for flow_id, sock in list(socks.items()):
