@@ -15,9 +15,13 @@ at most ``MAX_FDS_PER_REQUEST``, never none: passt-repair exits on a request
 without descriptors). The helper sets the option on every descriptor, closes
 its copies, and answers with the same byte; ``vhostnet repair`` answers
 ``REPLY_FAILED`` if any descriptor refused (the others were set), passt-repair
-exits instead. The helper does nothing else: the drop-all filter that freezes a
-socket, and every other repair step, need no capability and are vhostnet's own
-(``tcp_repair.attach_drop_filters``).
+exits instead. vhostnet asks for nothing else: the drop-all filter that
+freezes a socket, and every other repair step, are its own
+(``tcp_repair.attach_drop_filters``). Where the host reserves socket filters to
+CAP_NET_ADMIN, vhostnet cannot attach it: ``vhostnet repair`` then does (it
+attaches the filter with repair on and removes it before repair off),
+passt-repair does not, and vhostnet checks after the reply which sockets carry
+a filter (``freeze_sockets``); the others are not frozen.
 """
 
 from __future__ import annotations
@@ -39,8 +43,11 @@ from .tcp_repair import (
     REPAIR_ON,
     K,
     RepairError,
+    attach_drop_filter,
     attach_drop_filters,
     can_repair_directly,
+    detach_drop_filter,
+    has_drop_filter,
     set_repair_direct,
 )
 
@@ -191,14 +198,22 @@ class HelperLink:
 
 def freeze_sockets(socks: Mapping[K, socket.socket], switch: RepairSwitch
                    ) -> dict[K, socket.socket]:
-    """Freeze: our own drop-all filter (no capability needed, so never the helper's
-    job: passt-repair does not do it), then TCP_REPAIR on through ``switch``, the one
-    step that needs CAP_NET_ADMIN. Returns the sockets that took the filter, all in
-    repair mode; ``RepairError`` from the switch (the caller thaws)."""
+    """Freeze: our own drop-all filter (passt-repair does not attach one), then
+    TCP_REPAIR on through ``switch``, the step that needs CAP_NET_ADMIN. Returns the
+    frozen sockets (filtered, in repair mode); the others are live again, for the
+    caller to reset. ``RepairError`` from the switch: the caller thaws them all."""
     filtered = attach_drop_filters(socks)
-    if filtered:  # a helper must never get a request without descriptors
-        switch.set_repair(list(filtered.values()), REPAIR_ON)
-    return filtered
+    if not socks:
+        return filtered
+    # All go to the switch: where we could not attach the filter (a host that reserves
+    # it to CAP_NET_ADMIN) the helper may have (`vhostnet repair` does).
+    switch.set_repair(list(socks.values()), REPAIR_ON)
+    frozen = {key: sock for key, sock in socks.items()
+              if key in filtered or has_drop_filter(sock)}
+    unfrozen = [sock for key, sock in socks.items() if key not in frozen]
+    if unfrozen:  # in repair mode but not frozen: back to live, the caller resets them
+        switch.set_repair(unfrozen, REPAIR_OFF)
+    return frozen
 
 
 class RepairAccess:
@@ -246,11 +261,26 @@ def _apply(fds: list[int], mode: int) -> bool:
     for fd in fds:
         try:
             with socket.socket(fileno=fd) as sock:
+                # Beyond passt-repair: the freezing filter too, for hosts that reserve
+                # socket filters to CAP_NET_ADMIN (vhostnet attaches it itself where it
+                # can; attaching it again is harmless). Removed before repair off, so
+                # the answer to the window probe gets in.
+                if mode == REPAIR_ON:
+                    _try(attach_drop_filter, sock)
+                else:
+                    _try(detach_drop_filter, sock)
                 set_repair_direct(sock, mode)
         except OSError as error:
             print(f"vhostnet repair: TCP_REPAIR {mode} on a socket failed: {error}", file=sys.stderr)
             ok = False
     return ok
+
+
+def _try(step, sock: socket.socket) -> None:
+    try:
+        step(sock)
+    except OSError as error:
+        print(f"vhostnet repair: {step.__name__} failed: {error}", file=sys.stderr)
 
 
 def serve(conn: socket.socket) -> int:

@@ -76,6 +76,7 @@ SIOCOUTQNSD = 0x894B
 
 SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
 SO_ATTACH_FILTER = 26
+SO_GET_FILTER = SO_ATTACH_FILTER
 SO_DETACH_FILTER = 27
 SO_SNDBUFFORCE = 32
 
@@ -133,15 +134,23 @@ def in_repair(sock: socket.socket) -> bool:
 _filter_failure_logged = False
 
 
+def has_drop_filter(sock: socket.socket) -> bool:
+    """Whether a socket filter is attached (reading it needs no capability). The
+    length asked for counts filter blocks; 64 leaves room for ours (one block)."""
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, SO_GET_FILTER, 64))
+    except OSError:
+        return False
+
+
 def attach_drop_filters(socks: Mapping[K, socket.socket]) -> dict[K, socket.socket]:
     """Attach the drop-all filter to each socket; those that took it.
 
-    vhostnet does this itself, never the TCP_REPAIR helper: passt-repair (and any
-    helper of its protocol) only switches TCP_REPAIR, and a socket in repair mode
-    without the filter keeps taking and acknowledging the peer's segments after its
-    state was dumped, which loses them. A socket that refuses the filter is
-    therefore not frozen; the first refusal in this process is logged with what
-    follows, later ones only counted by the caller.
+    vhostnet does this itself: passt-repair (and any helper of its protocol) only
+    switches TCP_REPAIR, and a socket in repair mode without the filter keeps
+    taking and acknowledging the peer's segments after its state was dumped,
+    which loses them. Some hosts reserve socket filters to CAP_NET_ADMIN (EPERM);
+    the first refusal in this process is logged with what follows.
     """
     global _filter_failure_logged
     filtered: dict[K, socket.socket] = {}
@@ -152,10 +161,12 @@ def attach_drop_filters(socks: Mapping[K, socket.socket]) -> dict[K, socket.sock
             if not _filter_failure_logged:
                 _filter_failure_logged = True
                 log.error("cannot attach the socket filter that freezes a TCP connection for "
-                          "migration (%s): such connections are reset toward the guest when it "
-                          "migrates instead of moving, because without the filter a socket in "
-                          "repair mode keeps taking the peer's data after its state was saved "
-                          "(logged once)", error.strerror or error)
+                          "migration (%s; this host may reserve socket filters to "
+                          "CAP_NET_ADMIN): the repair helper must attach it (`vhostnet repair` "
+                          "does, passt-repair does not); connections left without it are reset "
+                          "toward the guest when it migrates instead of moving, because in "
+                          "repair mode without the filter a socket keeps taking the peer's data "
+                          "after its state was saved (logged once)", error.strerror or error)
             continue
         filtered[key] = sock
     return filtered
