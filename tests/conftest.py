@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import VhostnetProcess
+from tools.guestkit import KitError, PasstRepair, fetch_passt_repair
 
 
 @pytest.fixture
@@ -26,3 +27,16 @@ def server(tmp_path: Path) -> Iterator[VhostnetProcess]:
             raise
         assert alive, f"vhostnet died during the test:\n{process.log_path.read_text()}"
         assert code == 0, process.log_path.read_text()
+
+
+@pytest.fixture(scope="session")
+def passt_repair() -> PasstRepair:
+    """passt's own passt-repair (Debian trixie, run through trixie's loader), from the
+    kit cache; skipped, with the reason printed, when trixie's packages cannot be had
+    (an optional tool)."""
+    try:
+        return fetch_passt_repair()
+    except (KitError, OSError) as error:
+        reason = f"passt-repair from Debian trixie unavailable: {error}"
+        print(reason)
+        pytest.skip(reason)

@@ -28,7 +28,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,6 +57,9 @@ BUSYBOX = Path("/bin/busybox")
 QEMU10_SUITE = "bookworm-backports"
 QEMU10_PACKAGES = ("qemu-system-x86", "qemu-system-common", "qemu-system-data", "qemu-system-gui")
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+# passt's passt-repair, and the C library it needs, come from trixie.
+PASST_SUITE = "trixie"
+PASST_PACKAGES = ("passt", "libc6")
 
 INIT_SCRIPT = f"""#!/bin/sh
 # PID 1 of the test guest. It must never exit: the kernel would panic. It
@@ -390,23 +393,19 @@ def debian_archive_uri(release: str = "bookworm") -> str | None:
     return None
 
 
-def _fetch_qemu10(cache_dir: Path) -> Qemu10:
-    qemu = Qemu10(cache_dir / "qemu10")
-    if qemu.binary.exists():
-        return qemu
-    # A private apt state: our own sources list, lists and caches, so the
-    # machine's apt configuration is left untouched.
-    apt_dir = cache_dir / "apt-backports"
+def _private_apt(cache_dir: Path, suite: str, state_name: str) -> list[str]:
+    """apt-get options for ``suite`` with a private apt state (our own sources list,
+    lists and caches under ``cache_dir/state_name``), so the machine's apt
+    configuration is left untouched; the suite's lists are fetched once."""
+    apt_dir = cache_dir / state_name
     lists = apt_dir / "lists"
     (lists / "partial").mkdir(parents=True, exist_ok=True)
     (apt_dir / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
     archive = debian_archive_uri()
     if archive is None:
-        raise KitError("no bookworm entry in the machine's apt sources to take "
-                       "bookworm-backports from")
+        raise KitError(f"no bookworm entry in the machine's apt sources to take {suite} from")
     sources = apt_dir / "sources.list"
-    sources.write_text(
-        f"deb [signed-by={DEBIAN_KEYRING}] {archive} {QEMU10_SUITE} main\n")
+    sources.write_text(f"deb [signed-by={DEBIAN_KEYRING}] {archive} {suite} main\n")
     options = [
         "-o", f"Dir::Etc::SourceList={sources}",
         "-o", "Dir::Etc::SourceParts=/dev/null",
@@ -418,26 +417,91 @@ def _fetch_qemu10(cache_dir: Path) -> Qemu10:
     if not any(lists.glob("*_Packages*")):
         result = _run(["apt-get", *options, "update"])
         if result.returncode != 0 or not any(lists.glob("*_Packages*")):
-            raise KitError(f"apt-get update for {QEMU10_SUITE} failed: "
+            raise KitError(f"apt-get update for {suite} failed: "
                            f"{(result.stderr or result.stdout).strip()[-500:]}")
-    debs = cache_dir / "debs-qemu10"
-    staging = Path(tempfile.mkdtemp(prefix="qemu10-", dir=cache_dir))
+    return options
+
+
+def _unpack_from_suite(cache_dir: Path, suite: str, state_name: str, packages: tuple[str, ...],
+                       debs: Path, target: Path, check: Callable[[Path], None]) -> None:
+    """Download ``packages`` from ``suite``, unpack them together and move the result to
+    ``target`` once ``check(unpacked)`` passed (it raises ``KitError`` otherwise)."""
+    options = _private_apt(cache_dir, suite, state_name)
+    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}-", dir=cache_dir))
     try:
-        for package in QEMU10_PACKAGES:
-            _unpack_deb(_apt_download(f"{package}/{QEMU10_SUITE}", debs, options), staging)
-        unpacked = Qemu10(staging)
-        if not unpacked.binary.exists():
-            raise KitError(f"the {QEMU10_SUITE} packages hold no qemu-system-x86_64")
-        version = _run([str(unpacked.binary), "--version"])
-        if version.returncode != 0:
-            raise KitError(f"the downloaded QEMU does not run: {version.stderr.strip()[-300:]}")
-        if qemu.root.exists():
-            shutil.rmtree(qemu.root)
-        staging.rename(qemu.root)
+        for package in packages:
+            _unpack_deb(_apt_download(f"{package}/{suite}", debs, options), staging)
+        check(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def _fetch_qemu10(cache_dir: Path) -> Qemu10:
+    qemu = Qemu10(cache_dir / "qemu10")
+    if qemu.binary.exists():
+        return qemu
+
+    def check(unpacked: Path) -> None:
+        binary = Qemu10(unpacked).binary
+        if not binary.exists():
+            raise KitError(f"the {QEMU10_SUITE} packages hold no qemu-system-x86_64")
+        version = _run([str(binary), "--version"])
+        if version.returncode != 0:
+            raise KitError(f"the downloaded QEMU does not run: {version.stderr.strip()[-300:]}")
+
+    _unpack_from_suite(cache_dir, QEMU10_SUITE, "apt-backports", QEMU10_PACKAGES,
+                       cache_dir / "debs-qemu10", qemu.root, check)
     return qemu
+
+
+# --- passt-repair (Debian trixie) ---------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PasstRepair:
+    """passt's own TCP_REPAIR helper from Debian trixie, run through trixie's loader
+    (it needs glibc 2.38; bookworm has 2.36), nothing installed."""
+
+    root: Path
+
+    @property
+    def binary(self) -> Path:
+        return self.root / "usr/bin/passt-repair"
+
+    @property
+    def libdir(self) -> Path:
+        return self.root / "usr/lib/x86_64-linux-gnu"
+
+    def command(self, *args: str) -> list[str]:
+        return [str(self.libdir / "ld-linux-x86-64.so.2"), "--library-path", str(self.libdir),
+                str(self.binary), *args]
+
+
+def fetch_passt_repair(cache_dir: Path = DEFAULT_CACHE_DIR) -> PasstRepair:
+    """trixie's passt-repair in the kit cache, downloaded once; ``KitError`` if it cannot be had."""
+    cache_dir = Path(cache_dir).resolve()
+    passt = PasstRepair(cache_dir / "passt-trixie")
+    with _locked(cache_dir):
+        if passt.binary.exists():
+            return passt
+
+        def check(unpacked: Path) -> None:
+            candidate = PasstRepair(unpacked)
+            if not candidate.binary.exists():
+                raise KitError(f"trixie's {' and '.join(PASST_PACKAGES)} hold no passt-repair")
+            # Without arguments it prints its usage and exits 2: proof that it runs.
+            usage = _run(candidate.command())
+            if "Usage" not in usage.stdout + usage.stderr:
+                raise KitError(f"trixie's passt-repair does not run here: "
+                               f"{(usage.stderr or usage.stdout).strip()[-300:]}")
+
+        _unpack_from_suite(cache_dir, PASST_SUITE, "apt-trixie", PASST_PACKAGES,
+                           cache_dir / "debs-trixie", passt.root, check)
+    return passt
 
 
 # --- putting it together --------------------------------------------------------

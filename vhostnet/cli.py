@@ -126,10 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "raised to its hard value at start, can hold; at most 65536)")
     p.add_argument("--control", metavar="PATH", default=None,
                    help="UNIX socket for run-time control: JSON lines, e.g. {\"command\": \"stats\"}")
-    p.add_argument("--repair-path", metavar="PATH", default=None,
-                   help="UNIX socket where `vhostnet repair PATH` (run with CAP_NET_ADMIN) connects "
-                        "to set TCP_REPAIR for us, so TCP connections survive a live migration "
-                        "when vhostnet itself lacks CAP_NET_ADMIN")
+    p.add_argument("--repair-path", metavar="PATH|none", default=None,
+                   help="UNIX socket where a TCP_REPAIR helper run with CAP_NET_ADMIN "
+                        "(passt-repair PATH, or vhostnet repair PATH) connects for a migration, "
+                        "so TCP connections move with the guest when vhostnet itself lacks "
+                        "CAP_NET_ADMIN (default: SOCKET.repair, as passt; 'none': no such socket)")
     p.add_argument("--incoming", action="store_true",
                    help="migration destination on the same host: forwarded ports the source "
                         "still holds are bound as soon as it releases them")
@@ -273,6 +274,18 @@ def config_from_args(args: argparse.Namespace, fd_limit: int | None = None):  # 
         raise UsageError(str(exc)) from None
 
 
+def repair_socket_path(args: argparse.Namespace) -> str | None:
+    """Where a TCP_REPAIR helper connects: SOCKET.repair unless --repair-path says
+    otherwise (passt's default in vhost-user mode); None for --repair-path none."""
+    if args.repair_path is None:
+        return f"{args.socket}.repair"
+    if args.repair_path == "none":
+        return None
+    if not args.repair_path:
+        raise UsageError("--repair-path needs a path, or 'none'")
+    return args.repair_path
+
+
 async def _serve(args: argparse.Namespace, config) -> int:
     from vhostnet.network import Network
     from vhostnet.server import Server, SocketPathError, open_listening_socket
@@ -291,16 +304,24 @@ async def _serve(args: argparse.Namespace, config) -> int:
     network.discard_tx = args.discard_tx
     from vhostnet.migration.repair_helper import HelperLink, RepairAccess
 
+    # Created whether or not we have CAP_NET_ADMIN, as passt does: whoever starts
+    # passt-repair for a migration (KubeVirt's virt-handler, a script written for
+    # passt) does not know our privileges, and passt-repair fails on a missing path.
     helper = None
-    if args.repair_path:
+    repair_path = repair_socket_path(args)
+    if repair_path is not None:
         try:
-            helper = HelperLink(args.repair_path, loop)
+            helper = HelperLink(repair_path, loop)
         except OSError as exc:
-            network.close()
-            listener.close()
-            os.unlink(args.socket)
-            raise UsageError(f"cannot listen on --repair-path {args.repair_path}: "
-                             f"{exc.strerror or exc}") from None
+            if args.repair_path is None:  # not asked for: TCP_REPAIR may still be ours
+                log.warning("cannot listen on the repair socket %s (%s): no helper can connect",
+                            repair_path, exc.strerror or exc)
+            else:
+                network.close()
+                listener.close()
+                os.unlink(args.socket)
+                raise UsageError(f"cannot listen on --repair-path {repair_path}: "
+                                 f"{exc.strerror or exc}") from None
     repair = RepairAccess.probe(helper)
     network.tcp_migration.repair = repair
     log.info("%s", repair.describe())
@@ -343,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="vhostnet: %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args, raise_fd_limit())
+        repair_socket_path(args)  # a mistake in it is reported before anything is opened
         import uvloop
 
         return uvloop.run(_serve(args, config))

@@ -9,8 +9,10 @@ back up into vhostnet's host socket, never sent. After the migration the ping
 goes on, the download's sha256 matches, the whole 1 MB comes back, the
 forwarded connection still echoes, and the destination's counters say the
 connections were restored, not reset, with unsent bytes in a send queue. QEMU 10.0 moves vhostnet's state with DEVICE_STATE, QEMU 7.2
-through the control sockets (save-state, release, load-state). One variant
-runs both vhostnets without CAP_NET_ADMIN and `vhostnet repair` helpers.
+through the control sockets (save-state, release, load-state). Two variants
+run both vhostnets without CAP_NET_ADMIN, with a TCP_REPAIR helper on each
+vhostnet's default repair socket (SOCKET.repair): `vhostnet repair`, and passt's
+own passt-repair (Debian trixie) as KubeVirt and libvirt use it.
 """
 
 from __future__ import annotations
@@ -124,7 +126,10 @@ class Scenario:
     """Everything one migration test needs; the steps differ only in how the state moves."""
 
     def __init__(self, vhostnet, guest, tmp_path: Path, version: str,
-                 wrapper: tuple[str, ...] = (), helpers: bool = False) -> None:
+                 wrapper: tuple[str, ...] = (),
+                 helper: Callable[[Path], list[str]] | None = None) -> None:
+        """``helper(repair_socket)``: the command of a TCP_REPAIR helper to start for
+        each vhostnet, on its default repair socket."""
         self.tmp_path, self.version = tmp_path, version
         self.data = generated_bytes(DOWNLOAD_BYTES, seed=2026)
         self.server = PacedHttpServer("big", self.data, DOWNLOAD_SECONDS,
@@ -137,14 +142,11 @@ class Scenario:
         common = ("-t", f"{LOOPBACK}/{self.forward_port}:{GUEST_ECHO_PORT}")
         source_args = ("--control", str(self.controls[0]), *common)
         dest_args = ("--control", str(self.controls[1]), "--incoming", *common)
-        if helpers:
-            source_args += ("--repair-path", str(tmp_path / "src.repair"))
-            dest_args += ("--repair-path", str(tmp_path / "dst.repair"))
         self.source_net = vhostnet(*source_args, wrapper=wrapper)
         self.dest_net = vhostnet(*dest_args, wrapper=wrapper)
-        if helpers:
-            for path in ("src.repair", "dst.repair"):
-                self.start_helper(tmp_path / path)
+        if helper is not None:
+            for net in (self.source_net, self.dest_net):
+                self.start_helper(helper, Path(f"{net.socket_path}.repair"))
         self.guest, self.script = guest, guest_script(self.server.port)
         extra = ("-incoming", "defer") if version == "10.0" else ("-S", "-incoming", "defer")
         self.source = guest(version, self.script, socket_path=self.source_net.socket_path,
@@ -152,11 +154,13 @@ class Scenario:
         self.dest_extra = extra
         self.destination = None
 
-    def start_helper(self, path: Path) -> None:
+    def start_helper(self, helper: Callable[[Path], list[str]], path: Path) -> None:
+        # passt-repair gives up at once on a path that does not exist yet.
+        wait_until(path.exists, 30, f"vhostnet to create {path}")
         log = open(self.tmp_path / f"{path.name}.log", "wb")
         self.helper_processes.append(subprocess.Popen(
-            [sys.executable, "-m", "vhostnet", "repair", str(path)], cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True))
+            helper(path), cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            start_new_session=True))
 
     def before_migration(self) -> socket.socket:
         offset = self.source.wait_for("FORWARD-READY", timeout=180).end()
@@ -284,7 +288,13 @@ def test_tcp_connections_survive_qemu72_migration_with_control_sockets(scenario_
     scenario.after_migration(forward)
 
 
-def test_tcp_connections_survive_through_the_repair_helper(scenario_factory, kit):
+def vhostnet_repair(path: Path) -> list[str]:
+    return [sys.executable, "-m", "vhostnet", "repair", str(path)]
+
+
+@pytest.mark.parametrize("helper_name", ["vhostnet repair", "passt-repair"])
+def test_tcp_connections_survive_through_the_repair_helper(scenario_factory, kit, request,
+                                                           helper_name: str):
     if kit.qemu10 is None:
         pytest.fail(f"QEMU 10.0 is needed for DEVICE_STATE: {kit.qemu10_reason}")
     setpriv = shutil.which("setpriv")
@@ -292,13 +302,20 @@ def test_tcp_connections_survive_through_the_repair_helper(scenario_factory, kit
         reason = "setpriv (util-linux) is needed to start vhostnet without CAP_NET_ADMIN"
         print(reason)
         pytest.skip(reason)
+    helper = (request.getfixturevalue("passt_repair").command if helper_name == "passt-repair"
+              else vhostnet_repair)
     wrapper = (setpriv, "--bounding-set=-net_admin", "--inh-caps=-net_admin", "--")
-    scenario = scenario_factory("10.0", wrapper=wrapper, helpers=True)
+    scenario = scenario_factory("10.0", wrapper=wrapper,
+                                helper=lambda path: list(map(str, helper(path))))
     for net in (scenario.source_net, scenario.dest_net):
         wait_until(lambda net=net: "repair helper connected" in net.log_text(), 30,
                    "the repair helper to connect")
         assert "no CAP_NET_ADMIN" in net.log_text()
     migrate_qemu10(scenario)
+    # Each side lets its helper go once its part is over, as passt does: passt-repair
+    # (which KubeVirt starts for every migration) ends.
+    for process in scenario.helper_processes:
+        assert process.wait(timeout=30) == 0, f"{helper_name} did not end after the migration"
 
 
 def test_abandoned_migration_leaves_the_connections_on_the_source_qemu72(scenario_factory):

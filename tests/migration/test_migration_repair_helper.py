@@ -1,4 +1,5 @@
-"""The TCP_REPAIR helper (`vhostnet repair SOCKET`) against vhostnet's end, HelperLink.
+"""TCP_REPAIR helpers against vhostnet's end, HelperLink: `vhostnet repair SOCKET`
+and passt's own passt-repair (Debian trixie), which speak the same protocol.
 
 The helper is a real subprocess; the sockets it switches are real loopback
 connections of this process, passed over the UNIX socket as descriptors.
@@ -7,7 +8,10 @@ connections of this process, passed over the UNIX socket as descriptors.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import logging
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -17,12 +21,15 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import REPO as REPO_ROOT
-from vhostnet.migration.repair_helper import HelperLink, RepairAccess
+from tests.support.daemon import VhostnetProcess
+from vhostnet.migration.repair_helper import HelperGone, HelperLink, RepairAccess, freeze_sockets
 from vhostnet.migration.tcp_repair import (
     REPAIR_OFF,
     REPAIR_ON,
+    SIOCOUTQ,
     TCP_REPAIR,
     RepairError,
+    detach_drop_filters,
     dump_socket,
 )
 
@@ -33,25 +40,48 @@ def repair_mode(sock: socket.socket) -> int:
     return sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR)
 
 
-@pytest.fixture
-def linked(tmp_path: Path) -> Iterator[tuple[HelperLink, subprocess.Popen[bytes], asyncio.AbstractEventLoop]]:
+def helper_command(request: pytest.FixtureRequest, path: str) -> list[str]:
+    if request.param == "passt-repair":
+        return request.getfixturevalue("passt_repair").command(path)
+    return [sys.executable, "-m", "vhostnet", "repair", path]
+
+
+def start_helper(command: list[str], link: HelperLink,
+                 loop: asyncio.AbstractEventLoop) -> subprocess.Popen[bytes]:
+    helper = subprocess.Popen(command, cwd=REPO_ROOT, stderr=subprocess.PIPE)
+    run_loop_until(loop, lambda: link.connected)
+    assert link.connected, "the helper did not connect"
+    return helper
+
+
+def run_loop_until(loop: asyncio.AbstractEventLoop, condition) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not condition() and time.monotonic() < deadline:
+        loop.run_until_complete(asyncio.sleep(0.05))
+
+
+def stop(helper: subprocess.Popen[bytes]) -> None:
+    try:
+        helper.wait(timeout=WAIT_SECONDS)
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait()
+
+
+@pytest.fixture(params=["vhostnet repair", "passt-repair"])
+def linked(request: pytest.FixtureRequest, tmp_path: Path
+           ) -> Iterator[tuple[HelperLink, subprocess.Popen[bytes], asyncio.AbstractEventLoop]]:
     loop = asyncio.new_event_loop()
     link = HelperLink(str(tmp_path / "repair.sock"), loop)
-    helper = subprocess.Popen([sys.executable, "-m", "vhostnet", "repair", link.path],
-                              cwd=REPO_ROOT, stderr=subprocess.PIPE)
+    helper = None
     try:
-        deadline = time.monotonic() + WAIT_SECONDS
-        while not link.connected and time.monotonic() < deadline:
-            loop.run_until_complete(asyncio.sleep(0.05))
-        assert link.connected, "the helper did not connect"
+        helper = start_helper(helper_command(request, link.path), link, loop)
         yield link, helper, loop
     finally:
         link.close()
-        try:
-            helper.wait(timeout=WAIT_SECONDS)
-        finally:
-            if helper.poll() is None:
-                helper.kill()
+        if helper is not None:
+            stop(helper)
         loop.close()
 
 
@@ -85,16 +115,82 @@ def test_helper_switches_repair_mode_on_our_sockets(linked) -> None:
 
 
 def test_a_refused_socket_is_reported(linked) -> None:
-    link, _, _ = linked
+    link, helper, _ = linked
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()  # TCP_REPAIR is refused on a listening socket
     try:
+        if "passt-repair" in " ".join(map(str, helper.args)):
+            # passt-repair dies on a refusal: vhostnet loses the helper, and says so.
+            with pytest.raises(HelperGone):
+                link.set_repair([listener], REPAIR_ON)
+            assert not link.connected
+            return
         with pytest.raises(RepairError, match="could not set"):
             link.set_repair([listener], REPAIR_ON)
         assert link.connected, "one refusal must not cost the helper"
     finally:
         listener.close()
+
+
+def peer_unacknowledged(peer: socket.socket) -> int:
+    return struct.unpack("i", fcntl.ioctl(peer.fileno(), SIOCOUTQ, b"\0" * 4))[0]
+
+
+def test_a_socket_frozen_through_the_helper_takes_no_segments(linked) -> None:
+    """passt-repair only switches TCP_REPAIR: the drop filter must be vhostnet's own,
+    or the peer's data is taken (and acknowledged) after the state was dumped."""
+    link, _, _ = linked
+    listener, peer, ours = loopback_pair()
+    try:
+        frozen = freeze_sockets({0: ours}, link)
+        assert list(frozen) == [0] and repair_mode(ours) == 1
+        before = dump_socket(ours)
+        peer.sendall(b"x" * 1000)
+        time.sleep(0.5)  # loopback delivers (and would acknowledge) within microseconds
+        assert peer_unacknowledged(peer) == 1000, "the frozen socket took the peer's segment"
+        assert dump_socket(ours).recv_seq == before.recv_seq
+        detach_drop_filters([ours])
+        link.set_repair([ours], REPAIR_OFF)
+        ours.settimeout(WAIT_SECONDS)
+        assert ours.recv(1000) == b"x" * 1000  # retransmitted once thawed
+    finally:
+        for sock in (listener, peer, ours):
+            sock.close()
+
+
+def test_the_helper_is_let_go_after_a_migration_and_a_new_one_may_connect(
+        request: pytest.FixtureRequest, linked) -> None:
+    link, helper, loop = linked
+    RepairAccess(direct=False, helper=link).migration_over()
+    assert not link.connected
+    assert helper.wait(timeout=WAIT_SECONDS) == 0, "the helper must end when let go"
+    again = start_helper(list(map(str, helper.args)), link, loop)
+    try:
+        listener, peer, ours = loopback_pair()
+        with listener, peer, ours:
+            link.set_repair([ours], REPAIR_ON)
+            assert repair_mode(ours) == 1
+    finally:
+        link.close()
+        stop(again)
+
+
+def test_a_helper_that_dies_is_one_log_line_and_no_request_goes_to_it(
+        linked, caplog: pytest.LogCaptureFixture) -> None:
+    link, helper, loop = linked
+    caplog.set_level(logging.INFO, logger="vhostnet.migration.repair_helper")
+    helper.kill()
+    helper.wait()
+    run_loop_until(loop, lambda: not link.connected)
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and "disconnected" in lines[0].getMessage(), lines
+    listener, peer, ours = loopback_pair()
+    with listener, peer, ours:
+        with pytest.raises(HelperGone):
+            freeze_sockets({0: ours}, link)
+        detach_drop_filters([ours])
+        assert repair_mode(ours) == 0
 
 
 def test_without_capability_or_helper_there_is_no_switch(tmp_path: Path) -> None:
@@ -110,3 +206,49 @@ def test_without_capability_or_helper_there_is_no_switch(tmp_path: Path) -> None
     finally:
         link.close()
         loop.close()
+
+
+# ---- where vhostnet listens for the helper -------------------------------------------
+
+
+def test_the_repair_socket_is_socket_dot_repair_by_default_as_in_passt(tmp_path: Path,
+                                                                         passt_repair) -> None:
+    """Created even with CAP_NET_ADMIN (these tests run as root): whoever starts
+    passt-repair for a migration does not know vhostnet's privileges."""
+    vhostnet = VhostnetProcess(tmp_path)
+    try:
+        path = Path(vhostnet.socket_path + ".repair")
+        assert path.is_socket(), vhostnet.log_path.read_text()
+        helper = subprocess.Popen(passt_repair.command(str(path)), stderr=subprocess.PIPE)
+        deadline = time.monotonic() + WAIT_SECONDS
+        while "repair helper connected" not in vhostnet.log_path.read_text():
+            assert time.monotonic() < deadline, vhostnet.log_path.read_text()
+            time.sleep(0.05)
+    finally:
+        assert vhostnet.stop() == 0
+    stop(helper)  # vhostnet closed the connection: passt-repair ends
+    assert helper.returncode == 0
+    assert not path.exists(), "the repair socket must go with vhostnet"
+
+
+def test_repair_path_moves_or_turns_off_the_repair_socket(tmp_path: Path) -> None:
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "off").mkdir()
+    elsewhere = tmp_path / "moved" / "helper.sock"
+    moved = VhostnetProcess(tmp_path / "moved", "--repair-path", str(elsewhere))
+    off = VhostnetProcess(tmp_path / "off", "--repair-path", "none")
+    try:
+        assert elsewhere.is_socket()
+        assert not Path(moved.socket_path + ".repair").exists()
+        assert not Path(off.socket_path + ".repair").exists()
+    finally:
+        assert moved.stop() == 0 and off.stop() == 0
+
+
+def test_an_empty_repair_path_is_one_sentence(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "vhostnet", "--socket", str(tmp_path / "s"),
+                             "--repair-path", ""], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "vhostnet: --repair-path needs a path, or 'none'"
+    assert not (tmp_path / "s").exists()

@@ -29,7 +29,6 @@ from vhostnet.migration.tcp_repair import (
     restore_in_repair,
     send_unsent,
     set_repair_direct,
-    switch_repair,
 )
 
 IO_SECONDS = 10.0
@@ -49,6 +48,17 @@ def connected_pair(peer_rcvbuf: int | None = None) -> tuple[socket.socket, socke
     peer.settimeout(IO_SECONDS)
     ours.settimeout(IO_SECONDS)
     return listener, peer, ours
+
+
+def freeze(sock: socket.socket) -> None:
+    """What vhostnet does to freeze: its own drop filter, then repair mode."""
+    attach_drop_filter(sock)
+    set_repair_direct(sock, REPAIR_ON)
+
+
+def thaw(sock: socket.socket) -> None:
+    detach_drop_filter(sock)
+    set_repair_direct(sock, REPAIR_OFF)
 
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:
@@ -115,8 +125,7 @@ def test_connection_moves_to_a_new_socket_with_data_in_flight_both_ways() -> Non
         assert sent < len(to_peer) and from_peer < len(to_us)
         time.sleep(0.2)
 
-        attach_drop_filter(ours)
-        set_repair_direct(ours, REPAIR_ON)
+        freeze(ours)
         # Sent while frozen: must stay unacknowledged in the peer, not vanish in our kernel.
         in_peer_before = unacked_bytes(peer)
         extra = send_what_fits(peer, to_us[from_peer:from_peer + 10_000])
@@ -185,12 +194,10 @@ def test_thawed_socket_carries_on_as_before() -> None:
     try:
         peer.sendall(b"before")
         time.sleep(0.1)
-        attach_drop_filter(ours)
-        set_repair_direct(ours, REPAIR_ON)
+        freeze(ours)
         peer.sendall(b" during")
         dump_socket(ours)
-        detach_drop_filter(ours)
-        set_repair_direct(ours, REPAIR_OFF)
+        thaw(ours)
         # The segment dropped while frozen comes again with the peer's retransmission.
         assert recv_exactly(ours, len(b"before during")) == b"before during"
         ours.sendall(b"reply")
@@ -203,8 +210,7 @@ def test_thawed_socket_carries_on_as_before() -> None:
 def test_restore_waits_for_the_tuple_then_gives_up() -> None:
     listener, peer, ours = connected_pair()
     try:
-        attach_drop_filter(ours)
-        set_repair_direct(ours, REPAIR_ON)
+        freeze(ours)
         dump = dump_socket(ours)
         clone = new_restore_socket()
         set_repair_direct(clone, REPAIR_ON)
@@ -270,18 +276,18 @@ def test_a_catcher_swallows_retransmissions_between_release_and_restore() -> Non
     sender.start()
     try:
         received = bytearray(recv_exactly(ours, 1024 * 1024))
-        switch_repair(ours, REPAIR_ON)
+        freeze(ours)
         dump = dump_socket(ours)
         catcher = socket.socket()
-        switch_repair(catcher, REPAIR_ON)  # the drop filter, and repair mode to bind a used address
+        freeze(catcher)  # the drop filter, and repair mode to bind a used address
         catcher.bind(dump.local)
         catcher.listen(1)
         ours.close()
         time.sleep(1.0)  # the peer keeps sending and retransmitting meanwhile
         restored = new_restore_socket()
-        switch_repair(restored, REPAIR_ON)
+        freeze(restored)
         restore_in_repair(restored, dump, wait_for_tuple=1.0)
-        switch_repair(restored, REPAIR_OFF)
+        thaw(restored)
         send_unsent(restored, dump)
         catcher.close()
         restored.settimeout(IO_SECONDS)

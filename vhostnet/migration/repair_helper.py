@@ -1,20 +1,27 @@
-"""Switching TCP_REPAIR: directly, or through ``vhostnet repair SOCKET`` (the passt-repair model).
+"""Switching TCP_REPAIR: directly, or through a helper (passt-repair's protocol).
 
 TCP_REPAIR needs CAP_NET_ADMIN. vhostnet uses it directly when it has the
-capability (probed once at start-up on a throwaway socket); otherwise it
-listens on ``--repair-path PATH`` for a helper started with the capability:
+capability (probed once at start-up on a throwaway socket). It also listens on
+a repair socket, ``SOCKET.repair`` by default as passt does in vhost-user mode
+(``--repair-path PATH`` moves it, ``none`` turns it off), for a helper started
+with the capability: passt's ``passt-repair PATH`` or ``vhostnet repair PATH``.
 
-    vhostnet repair PATH
-
-The helper connects to PATH and serves requests until vhostnet closes the
-connection. A request is one byte, the TCP_REPAIR value as a signed 8-bit
-number (1 on, 0 off, -1 off without a window probe), sent with a batch of
-socket descriptors (SCM_RIGHTS, at most ``MAX_FDS_PER_REQUEST``). The helper
-sets the option on every descriptor, closes its copies, and answers with the
-same byte, or ``REPLY_FAILED`` if any descriptor refused (the others were set).
-Switching repair on also attaches the drop-all filter that freezes a socket,
-and switching it off removes it (``tcp_repair.switch_repair``).
-All other repair steps need no capability, so vhostnet does them itself.
+The helper connects and serves requests until vhostnet closes the connection,
+which vhostnet does when its side of a migration is over, as passt does: a
+helper serves one migration (KubeVirt starts passt-repair for each). A request
+is one byte, the TCP_REPAIR value as a signed 8-bit number (1 on, 0 off, -1 off
+without a window probe), sent with a batch of socket descriptors (SCM_RIGHTS,
+at most ``MAX_FDS_PER_REQUEST``, never none: passt-repair exits on a request
+without descriptors). The helper sets the option on every descriptor, closes
+its copies, and answers with the same byte; ``vhostnet repair`` answers
+``REPLY_FAILED`` if any descriptor refused (the others were set), passt-repair
+exits instead. vhostnet asks for nothing else: the drop-all filter that
+freezes a socket, and every other repair step, are its own
+(``tcp_repair.attach_drop_filters``). Where the host reserves socket filters to
+CAP_NET_ADMIN, vhostnet cannot attach it: ``vhostnet repair`` then does (it
+attaches the filter with repair on and removes it before repair off),
+passt-repair does not, and vhostnet checks after the reply which sockets carry
+a filter (``freeze_sockets``); the others are not frozen.
 """
 
 from __future__ import annotations
@@ -27,16 +34,21 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from vhostnet.migration.tcp_repair import (
     REPAIR_OFF,
     REPAIR_OFF_NO_WINDOW_PROBE,
     REPAIR_ON,
+    K,
     RepairError,
+    attach_drop_filter,
+    attach_drop_filters,
     can_repair_directly,
-    switch_repair,
+    detach_drop_filter,
+    has_drop_filter,
+    set_repair_direct,
 )
 
 log = logging.getLogger(__name__)
@@ -62,6 +74,10 @@ class RepairSwitch(Protocol):
     def set_repair(self, socks: Sequence[socket.socket], mode: int) -> None: ...
 
 
+class HelperGone(RepairError):
+    """The helper is not connected, or went away during a request."""
+
+
 class DirectRepair:
     """This process has CAP_NET_ADMIN."""
 
@@ -69,7 +85,7 @@ class DirectRepair:
         failed = 0
         for sock in socks:
             try:
-                switch_repair(sock, mode)
+                set_repair_direct(sock, mode)
             except OSError:
                 failed += 1
         if failed:
@@ -109,17 +125,35 @@ class HelperLink:
         except OSError as error:
             log.warning("repair helper: accept failed: %s", error)
             return
-        if self.conn is not None:
-            self.conn.close()  # a new helper replaces the old one
+        self._drop()  # a new helper replaces the old one
         conn.setblocking(True)
         conn.settimeout(REQUEST_TIMEOUT)
         self.conn = conn
+        # Between requests the helper says nothing: readable means it went away.
+        self.loop.add_reader(conn.fileno(), self._on_idle_event)
         log.info("repair helper connected on %s: TCP connections can move with the guest",
                  self.path)
 
-    def set_repair(self, socks: Sequence[socket.socket], mode: int) -> None:
+    def _on_idle_event(self) -> None:
         if self.conn is None:
-            raise RepairError(0, "no repair helper connected")
+            return
+        try:
+            data = self.conn.recv(1, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            data, why = b"", str(error)
+        else:
+            why = "it sent a byte nobody asked for" if data else "it closed the connection"
+        self._drop()
+        log.warning("repair helper on %s disconnected (%s); a new one may connect before the "
+                    "next migration", self.path, why)
+
+    def set_repair(self, socks: Sequence[socket.socket], mode: int) -> None:
+        """``HelperGone`` if there is no helper or it went away (not logged here: the
+        caller says in one line what that costs), ``RepairError`` if it refused."""
+        if self.conn is None:
+            raise HelperGone(0, "no repair helper connected")
         request = _mode_byte(mode)
         for start in range(0, len(socks), MAX_FDS_PER_REQUEST):
             fds = array.array("i", (s.fileno() for s in socks[start:start + MAX_FDS_PER_REQUEST]))
@@ -127,17 +161,26 @@ class HelperLink:
                 self.conn.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
                 reply = self.conn.recv(1)
             except OSError as error:
-                self._lost(f"request failed ({error})")
-                raise RepairError(error.errno or 0, f"repair helper: {error}") from None
+                self._drop()
+                raise HelperGone(error.errno or 0,
+                                 f"the repair helper failed: {error.strerror or error}") from None
             if not reply:
-                self._lost("it closed the connection")
-                raise RepairError(0, "repair helper went away")
+                self._drop()  # passt-repair exits when a socket refuses
+                raise HelperGone(0, "the repair helper disconnected")
             if reply != request:
                 raise RepairError(0, f"repair helper could not set TCP_REPAIR {mode} on every socket")
 
-    def _lost(self, why: str) -> None:
-        log.error("repair helper lost: %s", why)
+    def release(self) -> None:
+        """This side's migration is over: let the helper go (passt-repair then exits), as
+        passt does; the next migration needs a new one."""
         if self.conn is not None:
+            self._drop()
+            log.info("migration over: repair helper released (start one again for the next "
+                     "migration)")
+
+    def _drop(self) -> None:
+        if self.conn is not None:
+            self.loop.remove_reader(self.conn.fileno())
             self.conn.close()
             self.conn = None
 
@@ -146,13 +189,31 @@ class HelperLink:
             return  # closed already
         self.loop.remove_reader(self.listener.fileno())
         self.listener.close()
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        self._drop()
         try:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def freeze_sockets(socks: Mapping[K, socket.socket], switch: RepairSwitch
+                   ) -> dict[K, socket.socket]:
+    """Freeze: our own drop-all filter (passt-repair does not attach one), then
+    TCP_REPAIR on through ``switch``, the step that needs CAP_NET_ADMIN. Returns the
+    frozen sockets (filtered, in repair mode); the others are live again, for the
+    caller to reset. ``RepairError`` from the switch: the caller thaws them all."""
+    filtered = attach_drop_filters(socks)
+    if not socks:
+        return filtered
+    # All go to the switch: where we could not attach the filter (a host that reserves
+    # it to CAP_NET_ADMIN) the helper may have (`vhostnet repair` does).
+    switch.set_repair(list(socks.values()), REPAIR_ON)
+    frozen = {key: sock for key, sock in socks.items()
+              if key in filtered or has_drop_filter(sock)}
+    unfrozen = [sock for key, sock in socks.items() if key not in frozen]
+    if unfrozen:  # in repair mode but not frozen: back to live, the caller resets them
+        switch.set_repair(unfrozen, REPAIR_OFF)
+    return frozen
 
 
 class RepairAccess:
@@ -177,10 +238,15 @@ class RepairAccess:
         if self.direct:
             return "TCP_REPAIR available (CAP_NET_ADMIN): TCP connections move with the guest"
         if self.helper is not None:
-            return (f"no CAP_NET_ADMIN: TCP connections move with the guest once "
-                    f"`vhostnet repair {self.helper.path}` is connected")
-        return ("TCP_REPAIR unavailable (no CAP_NET_ADMIN, no --repair-path): TCP connections "
+            return (f"no CAP_NET_ADMIN: TCP connections move with the guest if a repair helper "
+                    f"(passt-repair or `vhostnet repair`) is connected to {self.helper.path} "
+                    f"for the migration")
+        return ("TCP_REPAIR unavailable (no CAP_NET_ADMIN, no repair socket): TCP connections "
                 "are reset toward the guest when it migrates")
+
+    def migration_over(self) -> None:
+        if self.helper is not None:
+            self.helper.release()
 
     def close(self) -> None:
         if self.helper is not None:
@@ -195,11 +261,26 @@ def _apply(fds: list[int], mode: int) -> bool:
     for fd in fds:
         try:
             with socket.socket(fileno=fd) as sock:
-                switch_repair(sock, mode)
+                # Beyond passt-repair: the freezing filter too, for hosts that reserve
+                # socket filters to CAP_NET_ADMIN (vhostnet attaches it itself where it
+                # can; attaching it again is harmless). Removed before repair off, so
+                # the answer to the window probe gets in.
+                if mode == REPAIR_ON:
+                    _try(attach_drop_filter, sock)
+                else:
+                    _try(detach_drop_filter, sock)
+                set_repair_direct(sock, mode)
         except OSError as error:
             print(f"vhostnet repair: TCP_REPAIR {mode} on a socket failed: {error}", file=sys.stderr)
             ok = False
     return ok
+
+
+def _try(step, sock: socket.socket) -> None:
+    try:
+        step(sock)
+    except OSError as error:
+        print(f"vhostnet repair: {step.__name__} failed: {error}", file=sys.stderr)
 
 
 def serve(conn: socket.socket) -> int:

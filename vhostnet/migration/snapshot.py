@@ -99,6 +99,7 @@ def import_network(network: Network, blob: bytes, now: float) -> dict[str, int]:
     tcp_restored = tcp_reset = 0
     if network.tcp is not None and tcp_records:
         tcp_restored, tcp_reset = network.tcp_migration.restore(tcp_records, now)
+    network.tcp_migration.migration_over()  # a repair helper is let go, as passt does
     forwards = sections.get("forwards")
     mine = {"tcp": sorted(str(f) for f in network.config.tcp_forwards),
             "udp": sorted(str(f) for f in network.config.udp_forwards)}

@@ -49,12 +49,14 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from vhostnet.migration.repair_helper import RepairAccess, RepairSwitch
+from vhostnet.migration.repair_helper import HelperGone, RepairAccess, RepairSwitch, freeze_sockets
 from vhostnet.migration.tcp_repair import (
     REPAIR_OFF,
-    REPAIR_ON,
+    K,
     RepairError,
+    detach_drop_filters,
     dump_socket,
+    in_repair,
     new_restore_socket,
     restore_in_repair,
     send_unsent,
@@ -81,7 +83,14 @@ CATCH_SECONDS = 60.0
 
 
 def _switch_off(socks: dict[int, socket.socket], switch: RepairSwitch | None) -> set[int]:
-    """Repair mode off for all; the flow ids of sockets that refused."""
+    """Repair mode off for all; the flow ids of sockets left in repair mode.
+
+    Only sockets actually in repair mode are asked about: after a helper died
+    during "repair on", some or all may never have been switched.
+    """
+    socks = {flow_id: sock for flow_id, sock in socks.items() if in_repair(sock)}
+    if not socks:
+        return set()
     if switch is None:
         log.error("TCP_REPAIR cannot be switched any more: %d frozen connection(s) reset",
                   len(socks))
@@ -89,6 +98,10 @@ def _switch_off(socks: dict[int, socket.socket], switch: RepairSwitch | None) ->
     try:
         switch.set_repair(list(socks.values()), REPAIR_OFF)
         return set()
+    except HelperGone as error:
+        log.error("%s: %d connection(s) left in repair mode are reset toward the guest",
+                  error.strerror, len(socks))
+        return set(socks)
     except RepairError:
         pass
     stuck = set()
@@ -99,6 +112,20 @@ def _switch_off(socks: dict[int, socket.socket], switch: RepairSwitch | None) ->
             log.error("TCP flow %d: repair mode stuck on (%s); resetting it", flow_id, error)
             stuck.add(flow_id)
     return stuck
+
+
+def _freeze_new_sockets(socks: dict[K, socket.socket], switch: RepairSwitch
+                        ) -> dict[K, socket.socket]:
+    """``freeze_sockets`` for sockets of our own making (catchers, restores): those that
+    froze; the others are closed, all of them on ``RepairError``."""
+    frozen: dict[K, socket.socket] = {}
+    try:
+        frozen = freeze_sockets(socks, switch)
+    finally:
+        for key, sock in socks.items():
+            if key not in frozen:
+                sock.close()
+    return frozen
 
 
 class TcpMigration:
@@ -124,7 +151,7 @@ class TcpMigration:
         if engine is None:
             return []
         if self.frozen:
-            self.thaw("a new state export started", now)
+            self._thaw_frozen("a new state export started", now)
         self.exported = True
         self.network.flush()  # acknowledged bytes leave the sockets before the dump
         dumps: dict[int, dict[str, object]] = {}
@@ -146,14 +173,18 @@ class TcpMigration:
             if sock is not None:
                 socks[flow_id] = sock
         try:
-            switch.set_repair(list(socks.values()), REPAIR_ON)
+            frozen = freeze_sockets(socks, switch)
         except RepairError as error:
-            log.error("TCP_REPAIR on failed (%s): %d connection(s) will be reset after the "
-                      "migration", error, len(socks))
-            self.frozen = socks
-            self.thaw("repair mode could not be switched on", time.monotonic())
-            return {}
-        self.frozen = socks
+            # One line for a helper that went away: what it costs.
+            log.error("TCP_REPAIR on failed (%s): %d connection(s) could not be frozen and will "
+                      "be reset toward the guest after the migration", error.strerror or error,
+                      len(socks))
+            frozen = {}
+        if len(frozen) < len(socks):
+            unfrozen = {k: s for k, s in socks.items() if k not in frozen}
+            stats.inc("tcp.migration_freeze_failed", len(unfrozen))
+            self._thaw_some(unfrozen, switch, time.monotonic())  # carry on until released
+        socks = self.frozen = frozen
         dumps: dict[int, dict[str, object]] = {}
         queued = 0
         for flow_id, sock in list(socks.items()):
@@ -174,6 +205,7 @@ class TcpMigration:
         """The state is out: close frozen sockets silently, everything else with RST."""
         engine, host = self.network.tcp, self.network.tcp_host
         if engine is None or host is None:
+            self.migration_over()
             return 0
         if not self.exported:
             # Closing every connection and listener without a saved state would
@@ -183,6 +215,7 @@ class TcpMigration:
         self.exported = False
         released = len(self.frozen)
         self._open_catchers([sock.getsockname()[:2] for sock in self.frozen.values()])
+        self.migration_over()  # after the catchers: they need repair mode too
         for sock in self.frozen.values():
             sock.close()  # repair mode: neither FIN nor RST
         self.frozen.clear()
@@ -208,12 +241,10 @@ class TcpMigration:
         if not catchers or switch is None:
             return
         try:
-            switch.set_repair(list(catchers.values()), REPAIR_ON)  # and the drop filter
+            catchers = _freeze_new_sockets(catchers, switch)  # repair mode binds a used address
         except RepairError as error:
             log.warning("cannot set up catchers (%s): a peer retransmitting before the "
                         "destination restored its connection gets RST", error)
-            for catcher in catchers.values():
-                catcher.close()
             return
         for address, catcher in catchers.items():
             try:
@@ -233,6 +264,11 @@ class TcpMigration:
 
     def thaw(self, reason: str, now: float) -> int:
         """The migration is abandoned: frozen connections carry on here."""
+        resumed = self._thaw_frozen(reason, now)
+        self.migration_over()
+        return resumed
+
+    def _thaw_frozen(self, reason: str, now: float) -> int:
         self.exported = False
         if not self.frozen:
             return 0
@@ -242,10 +278,16 @@ class TcpMigration:
         log.warning("migration abandoned (%s): %d TCP connection(s) resumed here", reason, resumed)
         return resumed
 
+    def migration_over(self) -> None:
+        """This side's part is done: a helper is let go, as passt does with passt-repair."""
+        if self.repair is not None:
+            self.repair.migration_over()
+
     def _thaw_some(self, socks: dict[int, socket.socket], switch: RepairSwitch | None,
                    now: float) -> int:
         engine, host = self.network.tcp, self.network.tcp_host
         assert engine is not None and host is not None
+        detach_drop_filters(socks.values())  # first: the window probe's answer must get in
         stuck = _switch_off(socks, switch)
         resumed = 0
         for flow_id, sock in socks.items():
@@ -315,16 +357,19 @@ class TcpMigration:
     def _restore_sockets(self, records: list[TcpRecord], switch: RepairSwitch
                          ) -> tuple[list[tuple[TcpRecord, socket.socket]], list[TcpRecord]]:
         stats = self.network.tcp.stats
-        pairs = [(record, new_restore_socket()) for record in records]
+        fresh = {index: new_restore_socket() for index in range(len(records))}
         try:
-            switch.set_repair([sock for _, sock in pairs], REPAIR_ON)
+            # Filtered too: nothing the peer sends may meet a half-restored socket.
+            filtered = _freeze_new_sockets(fresh, switch)
         except RepairError as error:
-            log.error("TCP_REPAIR on failed on the destination (%s)", error)
-            for _, sock in pairs:
-                sock.close()
+            log.error("TCP_REPAIR on failed on the destination (%s): %d connection(s) reset "
+                      "toward the guest", error.strerror or error, len(records))
             return [], records
+        pairs = [(records[index], sock) for index, sock in filtered.items()]
+        unfiltered = [records[index] for index in fresh if index not in filtered]
         deadline = time.monotonic() + RELEASE_WAIT_SECONDS
-        done, failed = [], []
+        done: list[tuple[TcpRecord, socket.socket]] = []
+        failed = unfiltered
         for record, sock in pairs:
             assert record.host is not None
             try:
@@ -338,6 +383,7 @@ class TcpMigration:
                 sock.close()  # still in repair mode: nothing reaches the peer
                 failed.append(record)
         try:
+            detach_drop_filters(sock for _, sock in done)
             switch.set_repair([sock for _, sock in done], REPAIR_OFF)
         except RepairError as error:
             log.error("TCP_REPAIR off failed on the destination (%s)", error)

@@ -5,12 +5,14 @@ Facts this relies on (linux/tcp.h and the kernel's TCP code):
 - ``TCP_REPAIR`` needs CAP_NET_ADMIN; every other repair option only needs
   the socket to be in repair mode, so a helper process may switch the mode
   on our file descriptor (see ``repair_helper``) and we do the rest here.
+  Attaching a socket filter needs no capability either: vhostnet does it
+  itself, so a helper that only switches TCP_REPAIR (passt-repair) suffices.
 - In repair mode ``recv(MSG_PEEK)`` reads the queue chosen with
   ``TCP_REPAIR_QUEUE`` (the send queue too), ``TCP_QUEUE_SEQ`` reads the
   sequence number at the *end* of that queue, ``connect()`` sends no SYN,
   ``send()`` appends to the chosen queue without transmitting, and ``close()``
   sends neither FIN nor RST. Repair mode does *not* stop the kernel from
-  accepting (and acknowledging) segments from the peer, so ``freeze`` also
+  accepting (and acknowledging) segments from the peer, so freezing also
   attaches a socket filter that drops every incoming segment: the peer's
   data then stays unacknowledged in the peer and is retransmitted to
   whichever socket holds the 4-tuple next. Detaching the filter undoes it.
@@ -29,13 +31,19 @@ import ctypes
 import errno
 import fcntl
 import ipaddress
+import logging
 import socket
 import struct
 import termios
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from vhostnet.migration.state import checked_int
+
+log = logging.getLogger(__name__)
+K = TypeVar("K")
 
 TCP_REPAIR = 19
 TCP_REPAIR_QUEUE = 20
@@ -68,6 +76,7 @@ SIOCOUTQNSD = 0x894B
 
 SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
 SO_ATTACH_FILTER = 26
+SO_GET_FILTER = SO_ATTACH_FILTER
 SO_DETACH_FILTER = 27
 SO_SNDBUFFORCE = 32
 
@@ -114,19 +123,64 @@ def set_repair_direct(sock: socket.socket, mode: int) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, mode)
 
 
-def switch_repair(sock: socket.socket, mode: int) -> None:
-    """Freeze (drop filter, then repair on) or thaw (filter off, then repair off).
+def in_repair(sock: socket.socket) -> bool:
+    """Whether ``sock`` is in repair mode (reading it needs no capability)."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR) != 0
+    except OSError:
+        return False
 
-    The filter goes with repair mode because a frozen socket must not take
-    segments, and because on some hosts attaching a socket filter needs
-    CAP_NET_ADMIN too, so whoever holds the capability does both.
+
+_filter_failure_logged = False
+
+
+def has_drop_filter(sock: socket.socket) -> bool:
+    """Whether a socket filter is attached (reading it needs no capability). The
+    length asked for counts filter blocks; 64 leaves room for ours (one block)."""
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, SO_GET_FILTER, 64))
+    except OSError:
+        return False
+
+
+def attach_drop_filters(socks: Mapping[K, socket.socket]) -> dict[K, socket.socket]:
+    """Attach the drop-all filter to each socket; those that took it.
+
+    vhostnet does this itself: passt-repair (and any helper of its protocol) only
+    switches TCP_REPAIR, and a socket in repair mode without the filter keeps
+    taking and acknowledging the peer's segments after its state was dumped,
+    which loses them. Some hosts reserve socket filters to CAP_NET_ADMIN (EPERM);
+    the first refusal in this process is logged with what follows.
     """
-    if mode == REPAIR_ON:
-        attach_drop_filter(sock)
-        set_repair_direct(sock, mode)
-    else:
-        detach_drop_filter(sock)  # first, so the peer's answer to the window probe gets in
-        set_repair_direct(sock, mode)
+    global _filter_failure_logged
+    filtered: dict[K, socket.socket] = {}
+    for key, sock in socks.items():
+        try:
+            attach_drop_filter(sock)
+        except OSError as error:
+            if not _filter_failure_logged:
+                _filter_failure_logged = True
+                log.error("cannot attach the socket filter that freezes a TCP connection for "
+                          "migration (%s; this host may reserve socket filters to "
+                          "CAP_NET_ADMIN): the repair helper must attach it (`vhostnet repair` "
+                          "does, passt-repair does not); connections left without it are reset "
+                          "toward the guest when it migrates instead of moving, because in "
+                          "repair mode without the filter a socket keeps taking the peer's data "
+                          "after its state was saved (logged once)", error.strerror or error)
+            continue
+        filtered[key] = sock
+    return filtered
+
+
+def detach_drop_filters(socks: Iterable[socket.socket]) -> None:
+    """Undo ``attach_drop_filters`` (first, when thawing: the peer's answer to the window
+    probe sent at repair off must get in). A socket that cannot is left as it is: it
+    then fails its next step and is reset like any broken connection."""
+    for sock in socks:
+        try:
+            detach_drop_filter(sock)
+        except OSError:
+            pass
 
 
 def can_repair_directly() -> bool:
