@@ -62,7 +62,7 @@ from vhostnet.tcp.flow import (
     TcpTimeouts,
 )
 from vhostnet.tcp.output import GuestOutput, Ipv4Output
-from vhostnet.tcp.timers import FlowTimers
+from vhostnet.tcp.table import FlowTable
 from vhostnet.wire.checksum import PROTO_TCP, l4_checksum_ok
 from vhostnet.wire.errors import MalformedPacket
 from vhostnet.wire.tcp import (
@@ -81,7 +81,6 @@ OUR_WSCALE = 7
 PEEK_BUDGET = 256 * 1024
 # The MSS to assume when the guest's SYN carries none (RFC 9293).
 DEFAULT_MSS = 536
-FLOW_LIMIT_LOG_INTERVAL = 10.0
 
 
 class Ipv4Packet(Protocol):
@@ -92,6 +91,7 @@ class Ipv4Packet(Protocol):
     payload: memoryview
     ttl: int
     tos: int
+    checksum_partial: bool  # virtio NEEDS_CSUM: the guest left the checksum to the "device"
 
 
 class TcpEngine:
@@ -116,18 +116,14 @@ class TcpEngine:
             isn_source = lambda: rng.getrandbits(32)  # noqa: E731
         self._isn = isn_source
         self.commands: deque[TcpCommand] = deque()
-        self.flows: dict[tuple[bytes, int, bytes, int], Flow] = {}
-        self.flows_by_id: dict[int, Flow] = {}
-        self._next_flow_id = 1
-        self._timers = FlowTimers(self.flows_by_id)
-        self._last_limit_log = float("-inf")
+        self.table = FlowTable(self.stats, config.flow_limit)
+        self.flows = self.table.by_key  # read-only for everyone but the engine
+        self.flows_by_id = self.table.by_id
+        self._timers = self.table.timers
         self._mss_to_guest_limit = config.mtu - 40
         self.tx = GuestOutput(output, self.stats, self._mss_to_guest_limit)
         self.recently_closed = RecentlyClosed()
         self._now = 0.0  # the latest time an event brought; closed flows linger from it
-        # Set by a fast path that mirrors flows (hostio/tcp_fast.py): the ids of flows whose
-        # guest-side state may have changed, for it to look at before it takes frames again.
-        self.changed: set[int] | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -151,9 +147,7 @@ class TcpEngine:
     def handle_ipv4(self, packet: Ipv4Packet, now: float) -> None:
         self.stats.inc("tcp.segments_in")
         data = packet.payload
-        # A partial checksum (virtio NEEDS_CSUM) is the guest handing the sum to the "device".
-        partial = getattr(packet, "checksum_partial", False)
-        if not partial and not l4_checksum_ok(packet.src, packet.dst, PROTO_TCP, data):
+        if not packet.checksum_partial and not l4_checksum_ok(packet.src, packet.dst, PROTO_TCP, data):
             self.stats.drop("tcp.drop.bad_checksum", "TCP segment with a bad checksum")
             return
         try:
@@ -175,8 +169,7 @@ class TcpEngine:
             else:
                 self.tx.answer_stray(key, seg)
             return
-        if self.changed is not None:
-            self.changed.add(flow.flow_id)
+        self.table.touch(flow.flow_id)
         flow.idle_at = now + self.timeouts.idle
         if flow.phase is Phase.CONNECTING:
             self._segment_connecting(flow, seg)
@@ -192,7 +185,7 @@ class TcpEngine:
         self, key: tuple[bytes, int, bytes, int], seg: TcpSegmentView, now: float
     ) -> None:
         guest_ip, guest_port, remote_ip, remote_port = key
-        if self._at_flow_limit(now):
+        if self.table.at_limit(now):
             self.tx.answer_stray(key, seg)
             return
         destination = self.config.host_destination(remote_ip, remote_port)
@@ -200,7 +193,7 @@ class TcpEngine:
             self.stats.inc("tcp.unreachable")
             self.tx.answer_stray(key, seg)
             return
-        flow = self._new_flow(key, inbound=False, phase=Phase.CONNECTING)
+        flow = self.add_flow(key, inbound=False, phase=Phase.CONNECTING)
         flow.irs = seg.seq
         flow.rcv_nxt = flow.rcv_queued = 1
         self._take_syn_options(flow, seg)
@@ -370,8 +363,7 @@ class TcpEngine:
         flow = self.flows_by_id.get(flow_id)
         if flow is None:
             return
-        if self.changed is not None:
-            self.changed.add(flow_id)
+        self.table.touch(flow_id)
         flow.send_queued = False
         if send_space is not None:
             flow.host_space = send_space
@@ -393,6 +385,16 @@ class TcpEngine:
         if not self._maybe_shutdown(flow) and n > 0:
             self.tx.ack(flow)
         self._timers.schedule(flow)
+
+    def on_written_elsewhere(self, flow_id: int, n: int, now: float,
+                             send_space: int | None = None) -> None:
+        """``n`` in-order guest bytes reached the host socket without a ``Send`` (the fast path
+        wrote them): as if they had gone through ``to_host`` and one ``Send``."""
+        flow = self.flows_by_id.get(flow_id)
+        if flow is None:
+            return
+        flow.rcv_queued += n
+        self.on_sent(flow_id, n, now, send_space)
 
     def on_writable(self, flow_id: int, now: float, send_space: int | None = None) -> None:
         flow = self.flows_by_id.get(flow_id)
@@ -430,8 +432,7 @@ class TcpEngine:
         flow = self.flows_by_id.get(flow_id)
         if flow is None:
             return
-        if self.changed is not None:
-            self.changed.add(flow_id)
+        self.table.touch(flow_id)
         flow.peek_pending = False
         flow.host_readable = False
         flow.host_eof = True
@@ -454,14 +455,14 @@ class TcpEngine:
         send_space: int | None = None,
     ) -> int | None:
         """A host peer connected to a forwarded port: start a flow and send the guest a SYN."""
-        if self._at_flow_limit(now):
+        if self.table.at_limit(now):
             return None
         remote_ip = self._guest_visible_address(peer_host)
         key = (bytes(self.config.guest_ipv4), guest_port, remote_ip, peer_port)
         if key in self.flows:
             self.stats.inc("tcp.drop.forward_tuple_busy")
             return None
-        flow = self._new_flow(key, inbound=True, phase=Phase.SYN_SENT)
+        flow = self.add_flow(key, inbound=True, phase=Phase.SYN_SENT)
         flow.mss = self._mss_to_guest_limit
         flow.iss = self._isn() & 0xFFFFFFFF
         flow.snd_nxt = flow.snd_max = 1
@@ -478,16 +479,6 @@ class TcpEngine:
 
     # ------------------------------------------------------------- internals
 
-    def _at_flow_limit(self, now: float) -> bool:
-        """True (counted, logged at most every few seconds) when no new flow may open."""
-        if len(self.flows) < self.config.flow_limit:
-            return False
-        self.stats.inc("tcp.drop.flow_limit")
-        if now - self._last_limit_log >= FLOW_LIMIT_LOG_INTERVAL:
-            self._last_limit_log = now
-            log.warning("TCP flow limit (%d) reached, refusing connections", self.config.flow_limit)
-        return True
-
     def _guest_visible_address(self, peer_host: str) -> bytes:
         # A loopback peer appears as the mapped loopback address (by default the
         # gateway), so the guest can answer it, as passt does.
@@ -498,21 +489,16 @@ class TcpEngine:
                 return address
         return self.config.loopback_peer_address
 
-    def _new_flow(self, key: tuple[bytes, int, bytes, int], inbound: bool, phase: Phase) -> Flow:
-        flow = Flow(self._next_flow_id, key[0], key[1], key[2], key[3], inbound, phase)
-        self._next_flow_id += 1
-        self.flows[key] = flow
-        self.flows_by_id[flow.flow_id] = flow
-        self.stats.inc("tcp.flows_total")
-        self.stats.set("tcp.flows_open", len(self.flows))
-        return flow
+    def add_flow(self, key: tuple[bytes, int, bytes, int], inbound: bool, phase: Phase) -> Flow:
+        """A new flow in ``phase``; the caller sets its numbers and timers (``schedule``)."""
+        return self.table.add(key, inbound, phase)
+
+    def schedule(self, flow: Flow) -> None:
+        """Put the flow's earliest deadline in the timer queue (after its timers changed)."""
+        self._timers.schedule(flow)
 
     def _remove(self, flow: Flow, abort: bool) -> None:
-        self.flows.pop(flow.key, None)
-        self.flows_by_id.pop(flow.flow_id, None)
-        if self.changed is not None:
-            self.changed.add(flow.flow_id)
-        self.stats.set("tcp.flows_open", len(self.flows))
+        self.table.remove(flow)
         self.commands.append(Close(flow.flow_id, abort))
 
     def _abort(self, flow: Flow, send_rst: bool) -> None:
