@@ -54,7 +54,6 @@ from vhostnet.tcp.flow import (
     Connect,
     Discard,
     Flow,
-    Peek,
     Phase,
     Send,
     ShutdownWrite,
@@ -62,6 +61,7 @@ from vhostnet.tcp.flow import (
     TcpTimeouts,
 )
 from vhostnet.tcp.output import GuestOutput, Ipv4Output
+from vhostnet.tcp.sender import GuestSender
 from vhostnet.tcp.table import FlowTable
 from vhostnet.wire.checksum import PROTO_TCP, l4_checksum_ok
 from vhostnet.wire.errors import MalformedPacket
@@ -77,8 +77,6 @@ log = logging.getLogger("vhostnet.tcp.engine")
 
 # Our window scale shift: 2^7 * 65535 ~ 8 MiB, enough for any host socket buffer.
 OUR_WSCALE = 7
-# Upper bound of one Peek, so a huge guest window does not mean one huge read.
-PEEK_BUDGET = 256 * 1024
 # The MSS to assume when the guest's SYN carries none (RFC 9293).
 DEFAULT_MSS = 536
 
@@ -122,6 +120,7 @@ class TcpEngine:
         self._timers = self.table.timers
         self._mss_to_guest_limit = config.mtu - 40
         self.tx = GuestOutput(output, self.stats, self._mss_to_guest_limit)
+        self.sender = GuestSender(self.tx, self.stats, self.timeouts, self.commands)
         self.recently_closed = RecentlyClosed()
         self._now = 0.0  # the latest time an event brought; closed flows linger from it
 
@@ -238,8 +237,8 @@ class TcpEngine:
         self._take_syn_options(flow, seg)
         self._establish(flow, seg, now)
         self.tx.ack(flow)
-        self._pump(flow, now)
-        self._maybe_send_fin(flow, now)
+        self.sender.pump(flow, now)
+        self.sender.maybe_send_fin(flow, now)
 
     def _establish(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
         flow.phase = Phase.ESTABLISHED
@@ -299,10 +298,10 @@ class TcpEngine:
             flow.dup_acks += 1
             if flow.dup_acks == 3:
                 self.stats.inc("tcp.fast_retransmits")
-                self._retransmit(flow, now)
+                self.sender.retransmit(flow, now)
         flow.snd_wnd = window
-        self._pump(flow, now)
-        self._maybe_send_fin(flow, now)
+        self.sender.pump(flow, now)
+        self.sender.maybe_send_fin(flow, now)
         self._maybe_finish(flow)
         return flow.flow_id in self.flows_by_id
 
@@ -410,7 +409,7 @@ class TcpEngine:
             return
         flow.host_readable = True
         flow.idle_at = now + self.timeouts.idle
-        self._pump(flow, now)
+        self.sender.pump(flow, now)
         self._timers.schedule(flow)
 
     def on_peeked(self, flow_id: int, offset: int, data: bytes | memoryview, now: float) -> None:
@@ -419,13 +418,13 @@ class TcpEngine:
             return
         flow.peek_pending = False
         if flow.peek_seq != flow.snd_nxt or offset != flow.snd_nxt - flow.snd_una:
-            self._pump(flow, now)  # a rewind happened meanwhile: peek again
+            self.sender.pump(flow, now)  # a rewind happened meanwhile: peek again
             return
         if len(data) < flow.peek_len:
             flow.host_readable = False  # everything queued is now in flight
         if data:
-            self._send_host_data(flow, data, now)
-        self._pump(flow, now)
+            self.sender.send_host_data(flow, data, now)
+        self.sender.pump(flow, now)
         self._timers.schedule(flow)
 
     def on_host_eof(self, flow_id: int, now: float) -> None:
@@ -436,7 +435,7 @@ class TcpEngine:
         flow.peek_pending = False
         flow.host_readable = False
         flow.host_eof = True
-        self._maybe_send_fin(flow, now)
+        self.sender.maybe_send_fin(flow, now)
         self._timers.schedule(flow)
 
     def on_host_error(self, flow_id: int, errno: int, now: float) -> None:
@@ -522,66 +521,6 @@ class TcpEngine:
             flow.snd_wscale = flow.rcv_wscale = 0
         flow.snd_wnd = seg.window
 
-    def _pump(self, flow: Flow, now: float) -> None:
-        """Ask the glue for more host data if the guest's window has room."""
-        if (
-            flow.phase is not Phase.ESTABLISHED
-            or flow.fin_sent
-            or flow.peek_pending
-            or not flow.host_readable
-        ):
-            return
-        room = flow.snd_una + flow.snd_wnd - flow.snd_nxt
-        if room <= 0:
-            if flow.snd_nxt == flow.snd_una and flow.rto_at is None:
-                flow.rto_at = now + flow.rto  # persist timer: probe the zero window
-            return
-        flow.peek_pending = True
-        flow.peek_seq = flow.snd_nxt
-        flow.peek_len = min(room, PEEK_BUDGET)
-        self.commands.append(Peek(flow.flow_id, flow.snd_nxt - flow.snd_una, flow.peek_len))
-
-    def _send_host_data(self, flow: Flow, data: bytes | memoryview, now: float) -> None:
-        if flow.snd_nxt < flow.snd_max:
-            self.stats.inc("tcp.retransmitted_bytes", min(len(data), flow.snd_max - flow.snd_nxt))
-        self.tx.data(flow, data)
-        flow.snd_nxt += len(data)
-        flow.snd_max = max(flow.snd_max, flow.snd_nxt)
-        self.stats.inc("tcp.bytes_to_guest", len(data))
-        if flow.rto_at is None:
-            flow.rto_at = now + flow.rto
-
-    def _retransmit(self, flow: Flow, now: float) -> None:
-        """Go back to the first unacknowledged byte; the data is still in the host socket."""
-        self.stats.inc("tcp.retransmits")
-        flow.dup_acks = 0
-        flow.snd_nxt = flow.snd_una
-        flow.rto_at = now + flow.rto
-        if flow.fin_sent and flow.snd_una == flow.snd_max - 1:
-            self.tx.emit(flow, FIN | ACK, seq=flow.send_seq(flow.snd_una))
-            flow.snd_nxt = flow.snd_max
-            return
-        flow.host_readable = True
-        if flow.peek_pending:
-            flow.peek_seq = -1  # its answer would be for the old position
-        else:
-            self._pump(flow, now)
-
-    def _maybe_send_fin(self, flow: Flow, now: float) -> None:
-        if (
-            flow.host_eof
-            and not flow.fin_sent
-            and flow.phase is Phase.ESTABLISHED
-            and flow.snd_una == flow.snd_max
-        ):
-            flow.snd_nxt = flow.snd_max
-            self.tx.emit(flow, FIN | ACK, seq=flow.send_seq(flow.snd_nxt))
-            flow.fin_sent = True
-            flow.snd_nxt += 1
-            flow.snd_max = flow.snd_nxt
-            flow.rto_at = now + flow.rto
-            flow.fin_at = now + self.timeouts.fin
-
     def _maybe_shutdown(self, flow: Flow) -> bool:
         """After the guest's FIN and all its data reached the host: SHUT_WR and ACK the FIN."""
         if not flow.guest_fin or flow.host_shut or flow.to_host or flow.send_queued:
@@ -602,7 +541,6 @@ class TcpEngine:
             self._remove(flow, abort=False)
 
     def _run_timers(self, flow: Flow, now: float) -> None:
-        timeouts = self.timeouts
         if flow.syn_at is not None and flow.syn_at <= now:
             self.stats.inc("tcp.syn_timeouts")
             self._abort(flow, send_rst=True)
@@ -613,26 +551,6 @@ class TcpEngine:
             self.stats.inc("tcp.idle_timeouts")
             self._abort(flow, send_rst=True)
         elif flow.rto_at is not None and flow.rto_at <= now:
-            self._retransmission_timeout(flow, now, timeouts)
-
-    def _retransmission_timeout(self, flow: Flow, now: float, timeouts: TcpTimeouts) -> None:
-        flow.rto = min(flow.rto * 2, timeouts.rto_max)
-        if flow.snd_una == flow.snd_max and flow.phase is Phase.ESTABLISHED:
-            # Nothing in flight: this is the persist timer of a zero guest window.
-            if flow.snd_wnd == 0 and flow.host_readable:
-                self.tx.emit(flow, ACK, seq=flow.send_seq(flow.snd_una - 1))
-                flow.rto_at = now + flow.rto
-            else:
-                flow.rto_at = None
-            return
-        flow.retries += 1
-        if flow.retries > timeouts.max_retries:
-            self.stats.inc("tcp.retransmit_giveups")
-            self._abort(flow, send_rst=True)
-            return
-        if flow.phase is not Phase.ESTABLISHED:
-            self.stats.inc("tcp.retransmits")
-            self.tx.syn(flow)
-            flow.rto_at = now + flow.rto
-            return
-        self._retransmit(flow, now)
+            if not self.sender.retransmission_timeout(flow, now):
+                self.stats.inc("tcp.retransmit_giveups")
+                self._abort(flow, send_rst=True)
