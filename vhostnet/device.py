@@ -9,6 +9,10 @@ state survives a QEMU reconnect, as it does in passt).
 Ring indices: 0 is RX (device writes, guest reads), 1 is TX (guest writes).
 Only one queue pair is offered, so higher indices never reach us.
 
+Device state (vhost-user SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE, for live
+migration) goes to the ``DeviceStateHandler`` the device is given; without one
+the feature is not offered.
+
 File descriptors: region, log and device-state fds are handed over and closed
 here; kick and call eventfds stay owned by the handler and are only borrowed
 (the handler withdraws them with ``ring_kick_fd(i, None)`` before closing).
@@ -21,11 +25,10 @@ import logging
 import mmap
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from vhostnet.migration.transfer import DeviceStateTransfer
 from vhostnet.stack.counters import add_counts
 from vhostnet.vhost_user import protocol as vu
 from vhostnet.virtqueue import FrameBatch, GuestMemory, Virtqueue
@@ -63,10 +66,28 @@ OFFERED_FEATURES = (
 )
 
 
+class DeviceStateHandler(Protocol):
+    """Moves the device's state (the network's) in and out through a pipe from the front-end."""
+
+    def begin(self, direction: int, phase: int, fd: int) -> bool:
+        """SET_DEVICE_STATE_FD: take ``fd`` (always closed by the handler), start the transfer
+        on a later loop turn (the front-end reads the reply first); False refuses it."""
+        ...
+
+    def check(self) -> bool:
+        """CHECK_DEVICE_STATE: did the last transfer succeed?"""
+        ...
+
+    def close(self) -> None:
+        """The connection is gone: stop any transfer and close its fd."""
+        ...
+
+
 class NetDevice:
     """Implements ``BackendDevice`` for a virtio-net device with one queue pair."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, network: Network) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, network: Network,
+                 device_state: DeviceStateHandler | None = None) -> None:
         self.loop = loop
         self.network = network
         self.handler: BackendHandler | None = None  # set by the server after construction
@@ -88,7 +109,7 @@ class NetDevice:
         self.log_mapping: mmap.mmap | None = None
         self.log_array: np.ndarray | None = None
         self.ring_log: dict[int, tuple[bool, int]] = {}
-        self.device_state = DeviceStateTransfer(loop, network)
+        self.device_state = device_state
         self._closed = False
         network.add_output_listener(self._schedule_rx)
         self._rx_scheduled = False
@@ -157,13 +178,16 @@ class NetDevice:
     # ---- BackendDevice: device state (migration) ---------------------------------
 
     def supports_device_state(self) -> bool:
-        return True
+        return self.device_state is not None
 
     def device_state_fd(self, direction: int, phase: int, fd: int) -> bool:
+        if self.device_state is None:  # never offered: the handler refuses it before this
+            os.close(fd)
+            return False
         return self.device_state.begin(direction, phase, fd)
 
     def check_device_state(self) -> bool:
-        return self.device_state.check()
+        return self.device_state is not None and self.device_state.check()
 
     # ---- BackendDevice: memory ------------------------------------------------
 
@@ -244,8 +268,8 @@ class NetDevice:
         # old back-end raised too late; its event index then lags behind used->idx
         # and no later notification would be due. One unconditional call wakes it.
         self.queues[index].signal_restart()
-        # The guest runs here again: connections frozen for a migration carry on.
-        self.network.tcp_migration.device_started(time.monotonic())
+        # The guest runs here again (connections frozen for a migration carry on).
+        self.network.device_started(time.monotonic())
         if index == RX_QUEUE:
             self._schedule_rx()
 
@@ -316,8 +340,7 @@ class NetDevice:
         if queue is None or queue.broken:
             return
         network = self.network
-        # discard_tx (benchmarks only) measures descriptor processing alone.
-        deliver = self.enabled.get(TX_QUEUE, False) and not network.discard_tx
+        deliver = self.enabled.get(TX_QUEUE, False)
         batch = self.tx_batch
         for _ in range(MAX_PASSES_PER_WAKEUP):
             batch.clear()
@@ -391,7 +414,8 @@ class NetDevice:
         for index in list(self.kick_fds):
             self._drop_kick(index)
         self.call_fds.clear()
-        self.device_state.close()
+        if self.device_state is not None:
+            self.device_state.close()
         self.log_array = None
         self.log_mapping = None  # unmapped once the last view is gone
         self.memory.close()

@@ -112,6 +112,15 @@ class TcpMigration:
         self.handed_over = 0  # connections released to a destination, lost if QEMU resumes here
         self.catchers: list[socket.socket] = []
 
+    @classmethod
+    def attach(cls, network: Network, repair: RepairAccess | None = None) -> TcpMigration:
+        """The migration of ``network``, hooked in: a device start thaws frozen connections,
+        closing the network closes the catchers."""
+        migration = cls(network, repair)
+        network.add_device_started_hook(migration.device_started)
+        network.add_close_hook(migration.close_catchers)
+        return migration
+
     def _switch(self) -> RepairSwitch | None:
         if self.repair is None:
             self.repair = RepairAccess.probe()
