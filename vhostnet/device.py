@@ -35,7 +35,7 @@ from vhostnet.virtqueue import FrameBatch, GuestMemory, Virtqueue
 
 if TYPE_CHECKING:
     from vhostnet.network import Network
-    from vhostnet.vhost_user.backend import BackendHandler, VringConfig
+    from vhostnet.vhost_user.backend import VringConfig
     from vhostnet.vhost_user.codec import MemoryRegion
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,6 @@ class NetDevice:
                  device_state: DeviceStateHandler | None = None) -> None:
         self.loop = loop
         self.network = network
-        self.handler: BackendHandler | None = None  # set by the server after construction
         self.memory = GuestMemory()
         self.features = 0
         self.mtu = network.config.mtu
@@ -224,8 +223,8 @@ class NetDevice:
         # source of a migration, or this one just before a stop) is lost, and with
         # EVENT_IDX the guest kicks again only once it passes the avail_event that
         # back-end left, so frames queued meanwhile would wait forever. Look at
-        # the ring now, as if kicked: it starts here if it is configured (passt
-        # and libvhost-user start a ring on SET_VRING_KICK too).
+        # the ring now, as if kicked (the handler starts a configured ring right
+        # after this call, as passt and libvhost-user do on SET_VRING_KICK).
         self.loop.call_soon(self._on_kick, index)
 
     def ring_call_fd(self, index: int, fd: int | None) -> None:
@@ -324,12 +323,6 @@ class NetDevice:
             log.warning("ring %d kick fd unusable (%s); ignoring it", index, exc)
             self._drop_kick(index)
             return
-        if index not in self.queues:
-            # The ring starts now (vhost-user "ring started" state), on the look
-            # taken when the kick fd arrived or on a kick, if QEMU has configured
-            # it completely; otherwise keep waiting.
-            if self.handler is None or not self.handler.start_ring(index):
-                return
         if index == TX_QUEUE:
             self._drain_tx()
         elif index == RX_QUEUE:

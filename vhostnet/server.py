@@ -84,7 +84,6 @@ class Connection:
         device_state = server.device_state() if server.device_state is not None else None
         self.device = NetDevice(server.loop, server.network, device_state)
         self.handler = BackendHandler(self.device, offer_log=True)
-        self.device.handler = self.handler
         self.closed = False
         server.loop.add_reader(sock.fileno(), self._on_readable)
 
