@@ -25,7 +25,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from vhostnet.hostio.dns import DnsGlue
 from vhostnet.hostio.icmp import IcmpGlue
@@ -44,9 +44,6 @@ from vhostnet.tcp.fast import TcpFastPath
 from vhostnet.tcp.host import TcpHost
 from vhostnet.wire.checksum import PROTO_ICMP, PROTO_TCP
 from vhostnet.wire.offload import GuestOffloads
-
-if TYPE_CHECKING:
-    from vhostnet.virtqueue import FrameBatch
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +83,17 @@ class GuestFrameQueue(deque):
                 listener()
 
 
-TxSink = Callable[["FrameBatch", int, float], None]
+class FrameBatch(Protocol):
+    """Guest frames drained from the TX ring (``vhostnet.virtqueue.FrameBatch``), by index."""
+
+    def frame(self, index: int) -> memoryview: ...
+
+    def vnet(self, index: int) -> int: ...
+
+    def arrays(self) -> tuple: ...  # the C fast paths read the batch's storage directly
+
+
+TxSink = Callable[[FrameBatch, int, float], None]
 """Takes ``count`` guest frames of a TX batch at ``now`` in place of the stack."""
 
 

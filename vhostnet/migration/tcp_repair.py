@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 
 from vhostnet.migration.state import checked_int
+from vhostnet.tcp.host import SO_PEEK_OFF
 
 TCP_REPAIR = 19
 TCP_REPAIR_QUEUE = 20
@@ -66,7 +67,6 @@ SIOCINQ = termios.FIONREAD
 SIOCOUTQ = termios.TIOCOUTQ
 SIOCOUTQNSD = 0x894B
 
-SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
 SO_ATTACH_FILTER = 26
 SO_DETACH_FILTER = 27
 SO_SNDBUFFORCE = 32
