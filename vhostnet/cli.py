@@ -286,7 +286,7 @@ async def _serve(args: argparse.Namespace, config) -> int:
         control.commands["stats"] = lambda _request: {"counters": server.counters()}
         from vhostnet.migration.commands import register_state_commands
 
-        register_state_commands(control, network, migration)
+        register_state_commands(control.commands, network, migration)
         await control.start(control_listener)
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, server.close)

@@ -25,11 +25,11 @@ import logging
 import mmap
 import os
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from vhostnet.stack.counters import add_counts
 from vhostnet.vhost_user import protocol as vu
 from vhostnet.virtqueue import FrameBatch, GuestMemory, Virtqueue
 
@@ -102,7 +102,7 @@ class NetDevice:
         self.counters = {"tx.frames": 0, "tx.discarded": 0, "rx.frames": 0}
         # Counts of rings already stopped, by "vqN.name": a ring restarted by a guest
         # reboot or a device reset starts from zero, and its totals must not vanish.
-        self._stopped_ring_counters: dict[str, int] = {}
+        self._stopped_ring_counters: Counter[str] = Counter()
         # Dirty-page logging (migration source): the shared log memfd, and
         # per ring the LOG flag and used-ring GPA from SET_VRING_ADDR.
         self.log_mapping: mmap.mmap | None = None
@@ -294,11 +294,11 @@ class NetDevice:
 
     def all_counters(self) -> dict[str, int]:
         """``device.*`` and ``vqN.*`` counts, stopped rings included (ring positions are not)."""
-        merged = {f"device.{name}": value for name, value in self.counters.items()}
-        merged.update(self._stopped_ring_counters)
+        merged = Counter({f"device.{name}": value for name, value in self.counters.items()})
+        merged.update(self._stopped_ring_counters)  # Counter.update adds
         for index, queue in self.queues.items():
-            add_counts(merged, _ring_counts(index, queue))
-        return merged
+            merged.update(_ring_counts(index, queue))
+        return dict(merged)
 
     def ring_positions(self) -> dict[str, int]:
         """Where each running ring stands, ours and the guest's: ``vqN.at.*``."""
@@ -307,7 +307,7 @@ class NetDevice:
                 for name, value in queue.positions().items()}
 
     def _keep_ring_counters(self, index: int, queue: Virtqueue) -> None:
-        add_counts(self._stopped_ring_counters, _ring_counts(index, queue))
+        self._stopped_ring_counters.update(_ring_counts(index, queue))
 
     # ---- data path --------------------------------------------------------------
 

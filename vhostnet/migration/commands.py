@@ -15,22 +15,26 @@ import base64
 import binascii
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vhostnet.migration.snapshot import export_network, import_network
 from vhostnet.migration.state import MAX_BLOB_BYTES, StateError
 
 if TYPE_CHECKING:
-    from vhostnet.control import ControlServer
     from vhostnet.migration.tcp_migrate import TcpMigration
     from vhostnet.network import Network
 
 log = logging.getLogger(__name__)
 
 
-def register_state_commands(control: ControlServer, network: Network,
+Command = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def register_state_commands(commands: dict[str, Command], network: Network,
                             migration: TcpMigration) -> None:
-    """Add ``save-state`` and ``load-state`` to ``control``."""
+    """Add ``save-state``, ``load-state``, ``release`` and ``resume`` to ``commands`` (a
+    control server's command table)."""
 
     def save_state(request: dict[str, Any]) -> dict[str, Any]:
         blob = export_network(network, migration, time.monotonic())
@@ -61,7 +65,7 @@ def register_state_commands(control: ControlServer, network: Network,
     def resume(_request: dict[str, Any]) -> dict[str, Any]:
         return {"resumed": migration.thaw("resume command", time.monotonic())}
 
-    control.commands["save-state"] = save_state
-    control.commands["load-state"] = load_state
-    control.commands["release"] = release
-    control.commands["resume"] = resume
+    commands["save-state"] = save_state
+    commands["load-state"] = load_state
+    commands["release"] = release
+    commands["resume"] = resume
