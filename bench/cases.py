@@ -104,7 +104,7 @@ def ring_rows(template: str, name: str, s: Settings, baselines: Baselines) -> li
                     row.rounds.append(r["frames"] / r["seconds"] / 1e6)
                     ns.append(1e9 * r["seconds"] / max(1, r["frames"]))
                     frames += r["frames"]
-                    counted += _delta(after, before, "device.tx.discarded") or 0
+                    counted += _delta(after, before, "guest.tx_to_sink") or 0
                 row.baseline = baselines.get(f"memcpy-{size}B", lambda n=size: memcpy_mpps(n, s.duration))
                 row.extra["ns_per_frame"] = float(np.median(ns))
                 if cpu_ns:

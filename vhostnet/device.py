@@ -9,6 +9,10 @@ state survives a QEMU reconnect, as it does in passt).
 Ring indices: 0 is RX (device writes, guest reads), 1 is TX (guest writes).
 Only one queue pair is offered, so higher indices never reach us.
 
+Device state (vhost-user SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE, for live
+migration) goes to the ``DeviceStateHandler`` the device is given; without one
+the feature is not offered.
+
 File descriptors: region, log and device-state fds are handed over and closed
 here; kick and call eventfds stay owned by the handler and are only borrowed
 (the handler withdraws them with ``ring_kick_fd(i, None)`` before closing).
@@ -21,20 +25,19 @@ import logging
 import mmap
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from vhostnet.migration.transfer import DeviceStateTransfer
-from vhostnet.stack.counters import add_counts
 from vhostnet.vhost_user import protocol as vu
 from vhostnet.vhost_user.device_api import DeviceRefused
 from vhostnet.virtqueue import AddressError, FrameBatch, GuestMemory, Virtqueue
 
 if TYPE_CHECKING:
     from vhostnet.network import Network
-    from vhostnet.vhost_user.backend import BackendHandler, VringConfig
+    from vhostnet.vhost_user.backend import VringConfig
     from vhostnet.vhost_user.codec import MemoryRegion
 
 log = logging.getLogger(__name__)
@@ -65,13 +68,30 @@ OFFERED_FEATURES = (
 )
 
 
+class DeviceStateHandler(Protocol):
+    """Moves the device's state (the network's) in and out through a pipe from the front-end."""
+
+    def begin(self, direction: int, phase: int, fd: int) -> bool:
+        """SET_DEVICE_STATE_FD: take ``fd`` (always closed by the handler), start the transfer
+        on a later loop turn (the front-end reads the reply first); False refuses it."""
+        ...
+
+    def check(self) -> bool:
+        """CHECK_DEVICE_STATE: did the last transfer succeed?"""
+        ...
+
+    def close(self) -> None:
+        """The connection is gone: stop any transfer and close its fd."""
+        ...
+
+
 class NetDevice:
     """Implements ``BackendDevice`` for a virtio-net device with one queue pair."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, network: Network) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, network: Network,
+                 device_state: DeviceStateHandler | None = None) -> None:
         self.loop = loop
         self.network = network
-        self.handler: BackendHandler | None = None  # set by the server after construction
         # Called (once, on a later loop turn) when guest memory faulted under a
         # queue: the connection must end. Set by the server; cleared at close.
         self.on_memory_fault: Callable[[], None] | None = None
@@ -87,13 +107,13 @@ class NetDevice:
         self.counters = {"tx.frames": 0, "tx.discarded": 0, "rx.frames": 0}
         # Counts of rings already stopped, by "vqN.name": a ring restarted by a guest
         # reboot or a device reset starts from zero, and its totals must not vanish.
-        self._stopped_ring_counters: dict[str, int] = {}
+        self._stopped_ring_counters: Counter[str] = Counter()
         # Dirty-page logging (migration source): the shared log memfd, and
         # per ring the LOG flag and used-ring GPA from SET_VRING_ADDR.
         self.log_mapping: mmap.mmap | None = None
         self.log_array: np.ndarray | None = None
         self.ring_log: dict[int, tuple[bool, int]] = {}
-        self.device_state = DeviceStateTransfer(loop, network)
+        self.device_state = device_state
         self._closed = False
         network.add_output_listener(self._schedule_rx)
         self._rx_scheduled = False
@@ -162,13 +182,16 @@ class NetDevice:
     # ---- BackendDevice: device state (migration) ---------------------------------
 
     def supports_device_state(self) -> bool:
-        return True
+        return self.device_state is not None
 
     def device_state_fd(self, direction: int, phase: int, fd: int) -> bool:
+        if self.device_state is None:  # never offered: the handler refuses it before this
+            os.close(fd)
+            return False
         return self.device_state.begin(direction, phase, fd)
 
     def check_device_state(self) -> bool:
-        return self.device_state.check()
+        return self.device_state is not None and self.device_state.check()
 
     # ---- BackendDevice: memory ------------------------------------------------
 
@@ -206,8 +229,8 @@ class NetDevice:
         # source of a migration, or this one just before a stop) is lost, and with
         # EVENT_IDX the guest kicks again only once it passes the avail_event that
         # back-end left, so frames queued meanwhile would wait forever. Look at
-        # the ring now, as if kicked: it starts here if it is configured (passt
-        # and libvhost-user start a ring on SET_VRING_KICK too).
+        # the ring now, as if kicked (the handler starts a configured ring right
+        # after this call, as passt and libvhost-user do on SET_VRING_KICK).
         self.loop.call_soon(self._on_kick, index)
 
     def ring_call_fd(self, index: int, fd: int | None) -> None:
@@ -251,8 +274,8 @@ class NetDevice:
         # and no later notification would be due. One unconditional call wakes it.
         self.queues[index].signal_restart()
         self._check_memory_fault()
-        # The guest runs here again: connections frozen for a migration carry on.
-        self.network.tcp_migration.device_started(time.monotonic())
+        # The guest runs here again (connections frozen for a migration carry on).
+        self.network.device_started(time.monotonic())
         if index == RX_QUEUE:
             self._schedule_rx()
 
@@ -278,11 +301,11 @@ class NetDevice:
 
     def all_counters(self) -> dict[str, int]:
         """``device.*`` and ``vqN.*`` counts, stopped rings included (ring positions are not)."""
-        merged = {f"device.{name}": value for name, value in self.counters.items()}
-        merged.update(self._stopped_ring_counters)
+        merged = Counter({f"device.{name}": value for name, value in self.counters.items()})
+        merged.update(self._stopped_ring_counters)  # Counter.update adds
         for index, queue in self.queues.items():
-            add_counts(merged, _ring_counts(index, queue))
-        return merged
+            merged.update(_ring_counts(index, queue))
+        return dict(merged)
 
     def ring_positions(self) -> dict[str, int]:
         """Where each running ring stands, ours and the guest's: ``vqN.at.*``."""
@@ -291,7 +314,7 @@ class NetDevice:
                 for name, value in queue.positions().items()}
 
     def _keep_ring_counters(self, index: int, queue: Virtqueue) -> None:
-        add_counts(self._stopped_ring_counters, _ring_counts(index, queue))
+        self._stopped_ring_counters.update(_ring_counts(index, queue))
 
     # ---- data path --------------------------------------------------------------
 
@@ -307,12 +330,6 @@ class NetDevice:
             log.warning("ring %d kick fd unusable (%s); ignoring it", index, exc)
             self._drop_kick(index)
             return
-        if index not in self.queues:
-            # The ring starts now (vhost-user "ring started" state), on the look
-            # taken when the kick fd arrived or on a kick, if QEMU has configured
-            # it completely; otherwise keep waiting.
-            if self.handler is None or not self.handler.start_ring(index):
-                return
         if index == TX_QUEUE:
             self._drain_tx()
         elif index == RX_QUEUE:
@@ -324,8 +341,7 @@ class NetDevice:
         if queue is None or queue.broken:
             return
         network = self.network
-        # discard_tx (benchmarks only) measures descriptor processing alone.
-        deliver = self.enabled.get(TX_QUEUE, False) and not network.discard_tx
+        deliver = self.enabled.get(TX_QUEUE, False)
         batch = self.tx_batch
         for _ in range(MAX_PASSES_PER_WAKEUP):
             batch.clear()
@@ -412,7 +428,8 @@ class NetDevice:
         for index in list(self.kick_fds):
             self._drop_kick(index)
         self.call_fds.clear()
-        self.device_state.close()
+        if self.device_state is not None:
+            self.device_state.close()
         self.log_array = None
         self.log_mapping = None  # unmapped once the last view is gone
         self.memory.close()

@@ -1,14 +1,21 @@
 """Network: the NAT stack, its protocol engines and their host-socket glue, wired together.
 
-This is the one place that knows every engine. The sans-IO stack
-(`stack.NetworkStack`) builds its own small engines (ARP, ICMP, DHCP, DNS,
-UDP NAT); here we add TCP and TFTP, attach each engine's I/O glue from
-`hostio/`, and drive the timers from the event loop.
+This is the one place that knows every engine. ``build_stack`` attaches the
+sans-IO engines (ICMP, DHCP, DNS, UDP NAT) to the dispatcher
+(`stack.NetworkStack`, which answers ARP and NDP itself); ``Network`` adds TCP
+and TFTP, attaches each engine's I/O glue from `hostio/`, drives every
+engine's timers from one list and merges every engine's counters.
 
 The device sees only: ``receive_batch`` (frames from the guest),
 ``frames_to_guest`` (frames for the guest), ``flush`` (run queued host
-commands), and output listeners (told when frames for the guest appear, from
-whatever callback produced them, so RX is filled without polling).
+commands), output listeners (told when frames for the guest appear, from
+whatever callback produced them, so RX is filled without polling), and
+``device_started`` (a ring started: the guest runs here).
+
+Parts above this layer plug in through hooks, never the other way round:
+``add_device_started_hook`` and ``add_close_hook`` (live migration, wired by
+the CLI) and ``set_tx_sink`` (where guest TX batches go instead of the stack;
+the benchmark's ring case discards them).
 """
 
 from __future__ import annotations
@@ -18,26 +25,26 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from vhostnet.hostio.dns import DnsGlue
 from vhostnet.hostio.icmp import IcmpGlue
 from vhostnet.hostio.tftp_files import TftpRoot
 from vhostnet.hostio.udp import UdpGlue
 from vhostnet.hostio.udp_fast import UdpFastSender
-from vhostnet.migration.tcp_migrate import TcpMigration
 from vhostnet.stack.config import StackConfig
+from vhostnet.stack.dhcp import DhcpServer
+from vhostnet.stack.dns import DnsForwarder
+from vhostnet.stack.icmp import IcmpEngine
 from vhostnet.stack.stack import NetworkStack
 from vhostnet.stack.tftp import TftpServer
+from vhostnet.stack.udp_nat import UdpNat
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.fast import TcpFastPath
 from vhostnet.tcp.host import TcpHost
 from vhostnet.vhost_user.ratelimit import limiter, run_guarded
-from vhostnet.wire.checksum import PROTO_TCP
+from vhostnet.wire.checksum import PROTO_ICMP, PROTO_TCP
 from vhostnet.wire.offload import GuestOffloads
-
-if TYPE_CHECKING:
-    from vhostnet.virtqueue import FrameBatch
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +84,54 @@ class GuestFrameQueue(deque):
                 listener()
 
 
+class FrameBatch(Protocol):
+    """Guest frames drained from the TX ring (``vhostnet.virtqueue.FrameBatch``), by index."""
+
+    def frame(self, index: int) -> memoryview: ...
+
+    def vnet(self, index: int) -> int: ...
+
+    def arrays(self) -> tuple: ...  # the C fast paths read the batch's storage directly
+
+
+TxSink = Callable[[FrameBatch, int, float], None]
+"""Takes ``count`` guest frames of a TX batch at ``now`` in place of the stack."""
+
+
+def build_stack(config: StackConfig) -> NetworkStack:
+    """The sans-IO stack with the engines ``config`` turns on attached: ICMP, DHCP, DNS
+    forwarder, UDP NAT (no I/O: ``Network`` adds TCP, TFTP and the host glue)."""
+    stack = NetworkStack(config)
+    if config.icmp:
+        stack.icmp = IcmpEngine(config, stack.stats, stack.send_ipv4)
+        stack.set_protocol_handler(PROTO_ICMP, stack.icmp)
+    if config.dhcp:
+        stack.dhcp = DhcpServer(config, stack.stats, stack.send_udp)
+        stack.add_udp_service(stack.dhcp)
+    if config.udp:
+        stack.dns = DnsForwarder(config, stack.stats, stack.send_udp)
+        stack.add_udp_service(stack.dns)
+        stack.udp_nat = UdpNat(config, stack.stats, stack.send_ipv4, stack.send_udp,
+                               lambda: stack.guest_ipv4 or config.guest_ipv4)
+    return stack
+
+
+class TimerClient(Protocol):
+    """An engine with timers: ``Network`` asks them all, in one list."""
+
+    def poll_timers(self, now: float) -> None: ...
+
+    def next_timer(self) -> float | None: ...
+
+
+class Glue(Protocol):
+    """An engine's host-socket side (``vhostnet.hostio``, ``TcpHost``)."""
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Network:
     """The guest's network: stack + engines + host glue + timers, for one vhostnet process."""
 
@@ -87,59 +142,81 @@ class Network:
         # Seconds to keep retrying forwarded ports another process (a migration
         # source on this host) still holds; 0: fail at once.
         self.listen_retry = listen_retry
-        self.stack = NetworkStack(config)
         self.frames_to_guest = GuestFrameQueue()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._device_started_hooks: list[Callable[[float], None]] = []
+        self._close_hooks: list[Callable[[], None]] = []
+        self._tx_sink: TxSink | None = None
+        self._frames_to_sink = 0
+        self._glue: list[Glue] = []
+        self.tcp: TcpEngine | None = None
+        self.tcp_fast: TcpFastPath | None = None
+        self.tcp_host: TcpHost | None = None
+        self.tftp: TftpServer | None = None
+        self.udp_fast: UdpFastSender | None = None
+        self.stack = build_stack(config)
         self.stack.frames_to_guest = self.frames_to_guest
-        self._timer_clients: list = [self.stack]
         # Exceptions timers and glue survived, by reason (``errors.*`` in stats).
         self.errors: Counter[str] = Counter()
-        self._glue: list = []
         try:
             self._attach_engines()
         except BaseException:
             self.close()
             raise
-        self._timer: asyncio.TimerHandle | None = None
-        self._closed = False
-        # Its repair access (TCP_REPAIR directly or through the helper) is set by the CLI.
-        self.tcp_migration = TcpMigration(self)
-        # Hidden --discard-tx: the device drops guest frames instead of handing
-        # them over, so `vhostnet bench ring` times the TX ring alone.
-        self.discard_tx = False
+        # Every engine with timers, in one list (the stack's own engines included).
+        self._timer_clients: list[TimerClient] = [
+            engine for engine in (self.stack.icmp, self.stack.dns, self.stack.udp_nat, self.tcp,
+                                  self.tftp) if engine is not None]
         self._schedule_timer()
 
     def _attach_engines(self) -> None:
         stack, config, loop = self.stack, self.config, self.loop
-        self.tcp: TcpEngine | None = None
-        self.tcp_fast: TcpFastPath | None = None
-        self.tcp_host: TcpHost | None = None
         if config.tcp:
             self.tcp = TcpEngine(config, stack)
             stack.set_protocol_handler(PROTO_TCP, self.tcp)
-            self._timer_clients.append(self.tcp)
             # No after_event hook needed: frames the engine produces wake the
             # device through frames_to_guest (GuestFrameQueue) by themselves.
             self.tcp_host = TcpHost(self.tcp, loop, listen_retry=self.listen_retry)
             self._glue.append(self.tcp_host)
             self.tcp_fast = TcpFastPath(self.tcp, self.tcp_host, stack)
-        self.tftp: TftpServer | None = None
         if config.tftp_root:
             self.tftp = TftpServer(config, stack, TftpRoot(config.tftp_root))
             stack.add_udp_service(self.tftp)
-            self._timer_clients.append(self.tftp)
         if stack.icmp is not None:
             self._glue.append(IcmpGlue(stack.icmp, loop))
         if stack.dns is not None:
             self._glue.append(DnsGlue(stack.dns, loop))
-        self.udp_fast: UdpFastSender | None = None
         if stack.udp_nat is not None:
             self.udp_fast = UdpFastSender(stack.udp_nat, stack)
             self._glue.append(UdpGlue(stack.udp_nat, loop, fast_path=self.udp_fast))
 
+    # ---- hooks for the layers above -------------------------------------------
+
+    def add_device_started_hook(self, hook: Callable[[float], None]) -> None:
+        """Call ``hook(now)`` whenever the device starts a ring (the guest runs here)."""
+        self._device_started_hooks.append(hook)
+
+    def add_close_hook(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` when the network closes, after its host sockets."""
+        self._close_hooks.append(hook)
+
+    def set_tx_sink(self, sink: TxSink | None) -> None:
+        """Send guest TX batches to ``sink`` instead of the stack (None: the stack again).
+
+        Frames handed to a sink are counted as ``guest.tx_to_sink``.
+        """
+        self._tx_sink = sink
+
     # ---- device side ---------------------------------------------------------
 
+    def device_started(self, now: float) -> None:
+        """The device started a ring: tell the hooks (a migration may be abandoned)."""
+        for hook in self._device_started_hooks:
+            hook(now)
+
     def receive_batch(self, batch: FrameBatch, count: int, now: float) -> None:
-        """Hand ``count`` guest frames of ``batch`` to the stack.
+        """Hand ``count`` guest frames of ``batch`` to the stack (or to the TX sink).
 
         UDP datagrams of established outbound flows and in-order data of
         established TCP flows are sent by the C fast paths first (the TCP one
@@ -148,6 +225,10 @@ class Network:
         engines may keep payloads in their command queues, and the batch is
         reused by the next drain.
         """
+        if self._tx_sink is not None:
+            self._frames_to_sink += count
+            self._tx_sink(batch, count, now)
+            return
         receive = self.stack.receive_frame
         frame, vnet = batch.frame, batch.vnet
         left = self.udp_fast.send_batch(batch, count, now) if self.udp_fast is not None else None
@@ -183,10 +264,19 @@ class Network:
 
     # ---- timers ------------------------------------------------------------------
 
-    def _schedule_timer(self) -> None:
-        now = time.monotonic()
+    def next_timer(self) -> float | None:
+        """The earliest deadline of any engine, or None."""
         deadlines = [d for c in self._timer_clients if (d := c.next_timer()) is not None]
-        delay = min(deadlines) - now if deadlines else MAX_TICK
+        return min(deadlines) if deadlines else None
+
+    def poll_timers(self, now: float) -> None:
+        """Run every engine's timers due at ``now`` (no flush: the caller's, or the loop's)."""
+        for client in self._timer_clients:
+            run_guarded(self.errors, "timer", log, client.poll_timers, now)
+
+    def _schedule_timer(self) -> None:
+        deadline = self.next_timer()
+        delay = deadline - time.monotonic() if deadline is not None else MAX_TICK
         delay = max(MIN_TICK, min(MAX_TICK, delay))
         self._timer = self.loop.call_later(delay, self._on_timer)
 
@@ -196,9 +286,7 @@ class Network:
         # Whatever a client raises (a bug, fds exhausted), the timer comes back:
         # without it no flow expires and no DNS query ever times out.
         try:
-            now = time.monotonic()
-            for client in self._timer_clients:
-                run_guarded(self.errors, "timer", log, client.poll_timers, now)
+            self.poll_timers(time.monotonic())
             self.flush()
             limiter.summarise()
         finally:
@@ -207,6 +295,8 @@ class Network:
     # ---- statistics and life cycle -------------------------------------------------
 
     def counters(self) -> dict[str, int]:
+        """Every counter of the stack, its engines, the fast paths and the guest queue, with the
+        current flow gauges (the one place they are merged; the server adds the device's)."""
         merged = dict(self.stack.counters())
         if self.tcp is not None:
             merged.update(self.tcp.counters())
@@ -216,17 +306,18 @@ class Network:
             merged.update(self.tftp.counters())
         merged["guest.rx_backlog_dropped"] = self.frames_to_guest.dropped
         merged.update({f"errors.{reason}": count for reason, count in self.errors.items()})
+        if self._tx_sink is not None:
+            merged["guest.tx_to_sink"] = self._frames_to_sink
         return merged
 
     def close(self) -> None:
         self._closed = True
-        timer = getattr(self, "_timer", None)
-        if timer is not None:
-            timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         for glue in self._glue:
             glue.close()
         self._glue.clear()
-        if getattr(self, "tcp_migration", None) is not None:
-            self.tcp_migration.close_catchers()
-        if getattr(self, "tftp", None) is not None:
+        for hook in self._close_hooks:
+            hook()
+        if self.tftp is not None:
             self.tftp.close()

@@ -16,8 +16,9 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Callable
 
-from vhostnet.device import NetDevice
+from vhostnet.device import DeviceStateHandler, NetDevice
 from vhostnet.network import Network
 from vhostnet.stack.counters import add_counts
 from vhostnet.vhost_user.backend import CLOSE, BackendHandler
@@ -80,9 +81,9 @@ class Connection:
         self.server = server
         self.sock = sock
         self.framer = Framer()
-        self.device = NetDevice(server.loop, server.network)
+        device_state = server.device_state() if server.device_state is not None else None
+        self.device = NetDevice(server.loop, server.network, device_state)
         self.handler = BackendHandler(self.device, offer_log=True)
-        self.device.handler = self.handler
         self.device.on_memory_fault = self._on_memory_fault
         self.closed = False
         server.loop.add_reader(sock.fileno(), self._on_readable)
@@ -142,9 +143,9 @@ class Connection:
         self.server.loop.remove_reader(self.sock.fileno())
         self.handler.close()  # stops rings, unmaps regions, closes kick/call/err fds
         self.device.close()
-        # The device and the handler refer to each other: break the cycle so
-        # their memory (frame batches, mappings) goes now, not at the next full gc.
-        self.device.handler = None
+        # The device's fault callback refers back to this connection: break the
+        # cycle so its memory (frame batches, mappings) goes now, not at the next
+        # full gc.
         self.device.on_memory_fault = None
         close_fds(self.framer.take_fds())
         self.sock.close()
@@ -154,10 +155,13 @@ class Connection:
 class Server:
     """Listens on the vhost-user socket and serves one front-end at a time."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, listener: socket.socket, network: Network) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, listener: socket.socket, network: Network,
+                 *, device_state: Callable[[], DeviceStateHandler] | None = None) -> None:
         self.loop = loop
         self.listener = listener
         self.network = network
+        # Makes each connection's device-state handler (migration); None: not offered.
+        self.device_state = device_state
         self.active: Connection | None = None
         # Device, ring and protocol counts of connections already closed: ``stats``
         # counts since vhostnet started, across guest reboots and QEMU restarts.
@@ -183,9 +187,7 @@ class Server:
 
     def counters(self) -> dict[str, int]:
         """Every counter since vhostnet started; ``vqN.at.*``: positions of the running rings."""
-        merged = self.network.counters()
-        if self.network.tcp is not None:
-            merged["tcp.flows_open"] = len(self.network.tcp.flows)
+        merged = self.network.counters()  # tcp.flows_open included
         merged.update(self._closed_connection_counters)
         if self.active is not None:
             add_counts(merged, self.active.counters())

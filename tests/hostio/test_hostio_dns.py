@@ -17,8 +17,8 @@ from tests.support.frames import (
 )
 from tests.support.hostio import free_udp_port, wait_for_frames
 from vhostnet.hostio.dns import DnsGlue
+from vhostnet.network import build_stack
 from vhostnet.stack.config import StackConfig
-from vhostnet.stack.stack import NetworkStack
 
 
 async def serve_one_answer(sock: socket.socket) -> None:
@@ -34,7 +34,7 @@ def test_query_answered_by_local_server_after_dead_first_upstream() -> None:
         server.bind(("127.0.0.1", 0))
         server.setblocking(False)
         dead = ("127.0.0.1", free_udp_port())  # nobody listens: the kernel refuses
-        stack = NetworkStack(StackConfig(dns_upstream=[dead, server.getsockname()]))
+        stack = build_stack(StackConfig(dns_upstream=[dead, server.getsockname()]))
         glue = DnsGlue(stack.dns, loop)
         try:
             serving = asyncio.ensure_future(serve_one_answer(server))

@@ -20,6 +20,7 @@ from tests.support.daemon import REPO
 from tests.support.frames import GATEWAY_IP, GUEST_IP, arp_request, guest_ipv4_frame, icmp_echo
 from tests.support.hostio import wait_for_frames
 from vhostnet.hostio.icmp import IcmpGlue
+from vhostnet.network import build_stack
 from vhostnet.stack.config import StackConfig
 from vhostnet.stack.stack import NetworkStack
 
@@ -37,7 +38,7 @@ def ping_sockets_allowed() -> bool:
 def ping_through_glue(destination: bytes) -> tuple[NetworkStack, list[bytes]]:
     async def scenario() -> tuple[NetworkStack, list[bytes]]:
         loop = asyncio.get_running_loop()
-        stack = NetworkStack(StackConfig())
+        stack = build_stack(StackConfig())
         glue = IcmpGlue(stack.icmp, loop)
         try:
             stack.receive_frame(arp_request(GATEWAY_IP), loop.time())
@@ -91,7 +92,7 @@ def test_forbidden_ping_sockets_leave_only_local_echo() -> None:
 
     async def scenario() -> NetworkStack:
         loop = asyncio.get_running_loop()
-        stack = NetworkStack(StackConfig())
+        stack = build_stack(StackConfig())
         glue = IcmpGlue(stack.icmp, loop)
         try:
             stack.receive_frame(arp_request(GATEWAY_IP), loop.time())

@@ -7,9 +7,10 @@ import socket
 
 from tests.support.frames import GATEWAY_IP, GUEST_IP, arp_request, guest_udp_frame, parse_udp_frame
 from tests.support.hostio import free_udp_port, wait_for_frames
+from tests.support.stack import poll_timers
 from vhostnet.hostio.udp import UdpGlue, receive_batch
+from vhostnet.network import build_stack
 from vhostnet.stack.config import PortForward, StackConfig
-from vhostnet.stack.stack import NetworkStack
 
 
 async def echo_server(sock: socket.socket, count: int) -> None:
@@ -26,7 +27,7 @@ def test_guest_to_host_echo_through_gateway() -> None:
         server.bind(("127.0.0.1", 0))
         server.setblocking(False)
         port = server.getsockname()[1]
-        stack = NetworkStack(StackConfig())
+        stack = build_stack(StackConfig())
         glue = UdpGlue(stack.udp_nat, loop)
         try:
             serving = asyncio.ensure_future(echo_server(server, 2))
@@ -40,7 +41,7 @@ def test_guest_to_host_echo_through_gateway() -> None:
                 (GATEWAY_IP, port, GUEST_IP, 4000, b"echo:again"),
             ]
             assert glue.open_sockets == 1
-            stack.poll_timers(loop.time() + 1000)
+            poll_timers(stack, loop.time() + 1000)
             glue.flush()
             assert glue.open_sockets == 0
         finally:
@@ -54,7 +55,7 @@ def test_closed_port_gives_icmp_port_unreachable() -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         port = free_udp_port()
-        stack = NetworkStack(StackConfig())
+        stack = build_stack(StackConfig())
         glue = UdpGlue(stack.udp_nat, loop)
         try:
             stack.receive_frame(guest_udp_frame(4000, GATEWAY_IP, port, b"anyone?"), loop.time())
@@ -74,7 +75,7 @@ def test_inbound_forward_round_trip() -> None:
         loop = asyncio.get_running_loop()
         host_port = free_udp_port()
         forward = PortForward("127.0.0.1", host_port, 5000)
-        stack = NetworkStack(StackConfig(udp_forwards=[forward]))
+        stack = build_stack(StackConfig(udp_forwards=[forward]))
         glue = UdpGlue(stack.udp_nat, loop)
         client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         client.bind(("127.0.0.1", 0))

@@ -125,7 +125,7 @@ def test_expired_flow_leaves_the_fast_path() -> None:
                                   1, 0.0)
             network.flush()
             assert network.udp_fast.flows == 1
-            network.stack.poll_timers(10_000.0)
+            network.poll_timers(10_000.0)
             network.flush()
             assert network.udp_fast.flows == 0
         finally:

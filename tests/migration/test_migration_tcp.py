@@ -8,9 +8,10 @@ import pytest
 
 from vhostnet.migration.snapshot import import_network
 from vhostnet.migration.state import StateError, decode_state, encode_state
+from vhostnet.migration.tcp_migrate import TcpMigration
 from vhostnet.migration.tcp_repair import SocketDump
 from vhostnet.migration.tcp_state import export_connections, parse_records, reset_toward_guest
-from vhostnet.network import Network
+from vhostnet.network import Network, build_stack
 from vhostnet.stack.config import StackConfig
 from vhostnet.stack.stack import NetworkStack
 from vhostnet.tcp.engine import TcpEngine
@@ -24,7 +25,7 @@ GUEST_MAC = bytes.fromhex("525400123456")
 
 def engine_with_stack() -> tuple[NetworkStack, TcpEngine, StackConfig]:
     config = StackConfig()
-    stack = NetworkStack(config)
+    stack = build_stack(config)
     engine = TcpEngine(config, stack, isn_source=lambda: 5000)
     stack.set_protocol_handler(PROTO_TCP, engine)
     return stack, engine, config
@@ -114,7 +115,7 @@ def test_a_blob_with_a_corrupt_tcp_record_changes_nothing() -> None:
         blob = encode_state({"guest": {"mac": "52:54:00:12:34:56", "ipv4": "10.0.2.15"},
                              "tcp": [repaired_record(), repaired_record(mss="big")]})
         with pytest.raises(StateError, match="invalid"):
-            import_network(network, blob, 0.0)
+            import_network(network, TcpMigration(network), blob, 0.0)
         assert network.stack.guest_mac is None and not network.tcp.flows
         assert network.tcp_host is not None and network.tcp_host.open_sockets == 0
     finally:

@@ -7,6 +7,7 @@ import struct
 import pytest
 
 from tests.support.frames import GUEST_MAC, guest_udp_frame, parse_udp_frame
+from vhostnet.network import build_stack
 from vhostnet.stack.config import StackConfig
 from vhostnet.stack.stack import NetworkStack
 
@@ -65,7 +66,7 @@ def exchange(stack: NetworkStack, message: bytes, src_ip: bytes = ZERO,
 
 @pytest.fixture
 def stack() -> NetworkStack:
-    return NetworkStack(StackConfig(hostname="guest1", search_domains=["example.test", "lab"]))
+    return build_stack(StackConfig(hostname="guest1", search_domains=["example.test", "lab"]))
 
 
 def test_discover_gets_offer_with_every_option(stack: NetworkStack) -> None:
@@ -166,7 +167,7 @@ def test_rapid_commit(stack: NetworkStack) -> None:
 
 
 def test_bootfile_and_ipxe() -> None:
-    stack = NetworkStack(StackConfig(bootfile="pxelinux.0", bootfile_ipxe="boot.ipxe"))
+    stack = build_stack(StackConfig(bootfile="pxelinux.0", bootfile_ipxe="boot.ipxe"))
     ((_, _, fixed, options),) = exchange(stack, dhcp_request(msg_type(1)))
     assert fixed[20:24] == bytes([10, 0, 2, 2])  # siaddr: the TFTP server
     assert fixed[108:236].rstrip(b"\0") == b"pxelinux.0"
@@ -178,14 +179,14 @@ def test_bootfile_and_ipxe() -> None:
 def test_classless_routes_when_gateway_outside_subnet() -> None:
     config = StackConfig(guest_ipv4="10.0.2.15", netmask="255.255.255.255", gateway="10.0.2.2",
                          mtu=9000)
-    ((_, _, _, options),) = exchange(NetworkStack(config), dhcp_request(msg_type(1)))
+    ((_, _, _, options),) = exchange(build_stack(config), dhcp_request(msg_type(1)))
     assert options[121] == bytes([32, 10, 0, 2, 2, 0, 0, 0, 0, 0, 10, 0, 2, 2])
     assert options[26] == struct.pack("!H", 9000)
 
 
 def test_long_search_list_is_split_into_pieces() -> None:
     domains = [f"d{i:02d}.example-with-a-long-label.test" for i in range(12)]
-    stack = NetworkStack(StackConfig(search_domains=domains))
+    stack = build_stack(StackConfig(search_domains=domains))
     stack.receive_frame(guest_udp_frame(68, BROADCAST, 67, dhcp_request(msg_type(1)),
                                         src_ip=ZERO, dst_mac=b"\xff" * 6), 0.0)
     _, _, _, _, payload = parse_udp_frame(stack.frames_to_guest.popleft())
@@ -214,6 +215,6 @@ def test_garbage_is_dropped_and_counted(stack: NetworkStack, message: bytes, cou
 
 
 def test_dhcp_disabled() -> None:
-    stack = NetworkStack(StackConfig(dhcp=False, udp=False))
+    stack = build_stack(StackConfig(dhcp=False, udp=False))
     assert exchange(stack, dhcp_request(msg_type(1))) == []
     assert stack.counters()["udp.drop.disabled"] == 1

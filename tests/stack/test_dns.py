@@ -8,6 +8,8 @@ import pytest
 
 from tests.support.dns import QUESTION, answer_to, query
 from tests.support.frames import DNS_IP, GUEST_IP, guest_udp_frame, parse_udp_frame
+from tests.support.stack import next_timer, poll_timers
+from vhostnet.network import build_stack
 from vhostnet.stack import dns
 from vhostnet.stack.config import StackConfig
 from vhostnet.stack.dns import DnsQuery
@@ -17,7 +19,7 @@ UPSTREAMS = [("127.0.0.1", 5301), ("127.0.0.2", 5302)]
 
 
 def make_stack(upstreams=UPSTREAMS) -> tuple[NetworkStack, dns.DnsForwarder]:
-    stack = NetworkStack(StackConfig(dns_upstream=list(upstreams)))
+    stack = build_stack(StackConfig(dns_upstream=list(upstreams)))
     assert stack.dns is not None
     return stack, stack.dns
 
@@ -33,7 +35,7 @@ def test_query_forwarded_with_new_id_and_answer_restored() -> None:
     src, sport, dst, dport, payload = parse_udp_frame(frame)
     assert (src, sport, dst, dport) == (DNS_IP, 53, GUEST_IP, 33000)
     assert payload == b"\x12\x34" + answer_to(command.data)[2:]
-    assert forwarder.pending_count == 0 and stack.next_timer() is None
+    assert forwarder.pending_count == 0 and next_timer(stack) is None
 
 
 def test_two_guest_queries_with_same_id_get_distinct_upstream_ids() -> None:
@@ -51,16 +53,16 @@ def test_timeout_tries_next_upstream_then_servfail() -> None:
     stack, forwarder = make_stack()
     stack.receive_frame(guest_udp_frame(33000, DNS_IP, 53, query(0xABCD)), now=0.0)
     first = forwarder.commands.popleft()
-    assert stack.next_timer() == pytest.approx(2.0)
-    stack.poll_timers(1.9)
+    assert next_timer(stack) == pytest.approx(2.0)
+    poll_timers(stack, 1.9)
     assert not forwarder.commands
-    stack.poll_timers(2.0)
+    poll_timers(stack, 2.0)
     second = forwarder.commands.popleft()
     assert second == DnsQuery(1, "127.0.0.2", 5302, first.data)
     # A late answer from the first upstream is no longer accepted.
     forwarder.on_upstream_reply(0, answer_to(first.data), now=2.5)
     assert not stack.frames_to_guest
-    stack.poll_timers(4.0)
+    poll_timers(stack, 4.0)
     (frame,) = stack.frames_to_guest
     payload = parse_udp_frame(frame)[4]
     query_id, flags, qdcount, ancount = struct.unpack("!HHHH", payload[:8])
@@ -74,7 +76,7 @@ def test_overall_deadline_caps_retries() -> None:
     stack, forwarder = make_stack(UPSTREAMS + [("127.0.0.3", 53)] * 3)
     stack.receive_frame(guest_udp_frame(33000, DNS_IP, 53, query()), now=0.0)
     for now in (2.0, 4.0, 5.0):
-        stack.poll_timers(now)
+        poll_timers(stack, now)
     assert len(forwarder.commands) == 3  # first try plus two retries before the 5 s cap
     assert len(stack.frames_to_guest) == 1  # SERVFAIL
 

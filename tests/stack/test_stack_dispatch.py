@@ -19,6 +19,8 @@ from tests.support.frames import (
     guest_ipv4_frame,
     icmp_echo,
 )
+from tests.support.stack import poll_timers
+from vhostnet.network import build_stack
 from vhostnet.stack.config import StackConfig
 from vhostnet.stack.stack import NetworkStack
 from vhostnet.wire.ipv4 import IPv4Packet
@@ -26,7 +28,7 @@ from vhostnet.wire.ipv4 import IPv4Packet
 
 @pytest.fixture
 def stack() -> NetworkStack:
-    return NetworkStack(StackConfig())
+    return build_stack(StackConfig())
 
 
 def test_arp_request_for_gateway_gets_exact_reply(stack: NetworkStack) -> None:
@@ -75,7 +77,7 @@ def test_ping_gateway_is_answered_locally(stack: NetworkStack) -> None:
 
 def test_ping_to_the_mapped_loopback_address_is_answered_locally() -> None:
     mapped = bytes([10, 0, 2, 100])
-    stack = NetworkStack(StackConfig(map_host_loopback=mapped))
+    stack = build_stack(StackConfig(map_host_loopback=mapped))
     stack.receive_frame(arp_request(mapped), now=0.0)
     stack.receive_frame(guest_ipv4_frame(mapped, 1, icmp_echo(8, 0x78, 4, b"loop")), 1.0)
     arp_reply, echo_reply = stack.frames_to_guest
@@ -86,7 +88,7 @@ def test_ping_to_the_mapped_loopback_address_is_answered_locally() -> None:
 
 
 def test_ping_disabled_with_icmp_false() -> None:
-    stack = NetworkStack(StackConfig(icmp=False))
+    stack = build_stack(StackConfig(icmp=False))
     stack.receive_frame(guest_ipv4_frame(GATEWAY_IP, 1, icmp_echo(8, 1, 1, b"")), 0.0)
     assert not stack.frames_to_guest
     assert stack.counters()["ipv4.drop.proto"] == 1
@@ -106,7 +108,7 @@ def test_ping_beyond_gateway_queues_host_commands(stack: NetworkStack) -> None:
     (reply,) = stack.frames_to_guest
     assert reply[14 + 12:14 + 16] == bytes([192, 0, 2, 1])
     assert reply[14 + 20:] == icmp_echo(0, 5, 2, b"y")
-    stack.poll_timers(1000.0)
+    poll_timers(stack, 1000.0)
     assert stack.icmp.flow_count() == 0
 
 

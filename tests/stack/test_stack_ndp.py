@@ -9,8 +9,8 @@ import pytest
 
 from tests.support.frames import GATEWAY_MAC, GUEST_MAC, eth
 from tests.support.frames import checksum as plain_checksum
+from vhostnet.network import build_stack
 from vhostnet.stack.config import StackConfig
-from vhostnet.stack.stack import NetworkStack
 from vhostnet.wire.ipv6 import link_local_address
 
 GUEST_LINK_LOCAL = ipaddress.IPv6Address("fe80::5054:ff:fe12:3456").packed
@@ -43,7 +43,7 @@ def test_link_local_address_is_modified_eui64() -> None:
 
 
 def test_router_solicitation_gets_a_no_router_advertisement() -> None:
-    stack = NetworkStack(StackConfig())
+    stack = build_stack(StackConfig())
     stack.receive_frame(ipv6_frame(GUEST_LINK_LOCAL, ALL_ROUTERS, solicitation()), now=0.0)
     (frame,) = stack.frames_to_guest
     assert frame[:12] == GUEST_MAC + GATEWAY_MAC and frame[12:14] == b"\x86\xdd"
@@ -61,7 +61,7 @@ def test_router_solicitation_gets_a_no_router_advertisement() -> None:
 
 
 def test_solicitation_from_the_unspecified_address_is_answered_to_all_nodes() -> None:
-    stack = NetworkStack(StackConfig())
+    stack = build_stack(StackConfig())
     stack.receive_frame(ipv6_frame(bytes(16), ALL_ROUTERS, solicitation(bytes(16))), now=0.0)
     (frame,) = stack.frames_to_guest
     assert frame[:6] == bytes.fromhex("333300000001")
@@ -78,7 +78,7 @@ def test_solicitation_from_the_unspecified_address_is_answered_to_all_nodes() ->
     eth(ALL_ROUTERS_MAC, GUEST_MAC, 0x86DD, b"\x45" + bytes(60)),  # IPv4 inside an IPv6 frame
 ])
 def test_other_ipv6_is_dropped_and_counted(frame: bytes) -> None:
-    stack = NetworkStack(StackConfig())
+    stack = build_stack(StackConfig())
     stack.receive_frame(frame, now=0.0)
     assert not stack.frames_to_guest
     assert stack.counters()["eth.drop.ipv6"] == 1

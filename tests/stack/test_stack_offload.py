@@ -6,6 +6,7 @@ import struct
 
 import pytest
 
+from vhostnet.network import build_stack
 from vhostnet.stack.config import StackConfig
 from vhostnet.stack.stack import NetworkStack
 from vhostnet.tcp.engine import TcpEngine
@@ -33,7 +34,7 @@ PARTIAL_AT_TCP = vnet_word(NEEDS_CSUM, 0, 0, 34, 16)
 
 def make() -> tuple[StackConfig, NetworkStack, TcpEngine]:
     config = StackConfig()
-    stack = NetworkStack(config)
+    stack = build_stack(config)
     engine = TcpEngine(config, stack, isn_source=lambda: OUR_ISN)
     stack.set_protocol_handler(PROTO_TCP, engine)
     return config, stack, engine

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 
 from tests.support.frames import GATEWAY_IP, GUEST_IP, checksum, guest_udp_frame, parse_udp_frame
+from tests.support.stack import next_timer, poll_timers
+from vhostnet.network import build_stack
 from vhostnet.stack.config import PortForward, StackConfig
 from vhostnet.stack.stack import NetworkStack
 from vhostnet.stack.udp_nat import UdpBindPeer, UdpClose, UdpOpen, UdpSend
@@ -13,7 +15,7 @@ REMOTE = bytes([192, 0, 2, 10])
 
 
 def make_stack(**kwargs) -> NetworkStack:
-    return NetworkStack(StackConfig(udp_idle_timeout=30.0, **kwargs))
+    return build_stack(StackConfig(udp_idle_timeout=30.0, **kwargs))
 
 
 def test_flow_created_then_reused_then_expired() -> None:
@@ -24,13 +26,13 @@ def test_flow_created_then_reused_then_expired() -> None:
     assert list(nat.commands) == [UdpOpen(1, "192.0.2.10", 9), UdpSend(1, b"one"), UdpSend(1, b"two")]
     nat.commands.clear()
     assert stack.counters()["udp.flows"] == 1
-    assert stack.next_timer() == 40.0
-    stack.poll_timers(39.9)
+    assert next_timer(stack) == 40.0
+    poll_timers(stack, 39.9)
     assert nat.flow_count() == 1
-    stack.poll_timers(40.0)
+    poll_timers(stack, 40.0)
     assert list(nat.commands) == [UdpClose(1)]
     assert stack.counters()["udp.flows"] == 0
-    assert stack.next_timer() is None
+    assert next_timer(stack) is None
     nat.commands.clear()
     stack.receive_frame(guest_udp_frame(4000, REMOTE, 9, b"three"), now=50.0)
     assert nat.commands[0] == UdpOpen(2, "192.0.2.10", 9)

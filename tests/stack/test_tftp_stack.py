@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vhostnet.hostio.tftp_files import TftpRoot
+from vhostnet.network import build_stack
 from vhostnet.stack.config import StackConfig
 from vhostnet.stack.stack import NetworkStack
 from vhostnet.stack.tftp import TftpServer
@@ -43,7 +44,7 @@ def test_transfer_through_the_stack(tmp_path: Path) -> None:
     content = bytes(range(256)) * 12  # 3072 bytes: 3 blocks of 1024, then an empty one
     (tmp_path / "pxelinux.0").write_bytes(content)
     config = StackConfig(tftp_root=str(tmp_path))
-    stack = NetworkStack(config)
+    stack = build_stack(config)
     server = TftpServer(config, stack, TftpRoot(tmp_path))
     stack.add_udp_service(server)
 

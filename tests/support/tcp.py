@@ -11,6 +11,7 @@ from vhostnet.stack.config import PortForward, StackConfig
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import TcpTimeouts
 from vhostnet.wire.checksum import PROTO_TCP
+from vhostnet.wire.offload import NO_OFFLOADS
 from vhostnet.wire.tcp import ACK, TcpSegment
 
 GUEST_IP = bytes([10, 0, 2, 15])
@@ -27,16 +28,20 @@ class FakePacket:
     payload: memoryview
     ttl: int = 64
     tos: int = 0
+    checksum_partial: bool = False
 
 
 class RecordingOutput:
     """Stands in for NetworkStack.send_ipv4 and keeps what the engine sent to the guest."""
 
+    guest_offloads = NO_OFFLOADS
+
     def __init__(self) -> None:
         self.sent: list[tuple[bytes, bytes, TcpSegment]] = []
 
-    def send_ipv4(self, src: bytes, dst: bytes, proto: int, payload: bytes) -> None:
-        assert proto == PROTO_TCP
+    def send_ipv4(self, src: bytes, dst: bytes, proto: int, payload: bytes, *,
+                  offload: int = 0) -> None:
+        assert proto == PROTO_TCP and not offload
         self.sent.append((src, dst, TcpSegment.parse(payload)))
 
     def take(self) -> list[TcpSegment]:

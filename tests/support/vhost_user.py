@@ -1,8 +1,7 @@
 """Support for the vhost-user tests: a BackendDevice that records every callback.
 
 It does no packet work: it only keeps the fds it is given (closing what it
-owns), polls kick eventfds and starts rings through the handler on the first
-kick, like the real device must.
+owns) and counts kicks on the kick eventfds; the handler starts its rings.
 """
 
 from __future__ import annotations
@@ -132,8 +131,6 @@ class RecordingDevice:
         except (BlockingIOError, KeyError):
             return
         self.kicks[index] = self.kicks.get(index, 0) + 1
-        if index not in self.started and self.handler is not None:
-            self.handler.start_ring(index)
 
     def close(self) -> None:
         for fd in self.regions.values():

@@ -23,6 +23,7 @@ from vhostnet.tcp import host as hostio_tcp
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.host import TcpHost
 from vhostnet.wire.checksum import PROTO_TCP
+from vhostnet.wire.offload import NO_OFFLOADS
 from vhostnet.wire.tcp import ACK, FIN, RST, SYN, TcpSegment
 
 GUEST_IP = bytes([10, 0, 2, 15])
@@ -162,8 +163,11 @@ class GuestNet:
         self.to_engine: deque[tuple[bytes, bytes]] = deque()
         self.listening: dict[int, list[GuestTcp]] = {}
 
-    def send_ipv4(self, src: bytes, dst: bytes, proto: int, payload: bytes) -> None:
-        assert proto == PROTO_TCP and dst == GUEST_IP
+    guest_offloads = NO_OFFLOADS
+
+    def send_ipv4(self, src: bytes, dst: bytes, proto: int, payload: bytes, *,
+                  offload: int = 0) -> None:
+        assert proto == PROTO_TCP and dst == GUEST_IP and not offload
         self.from_engine.append((src, payload))
 
     def deliver(self, engine: TcpEngine, now: float) -> bool:

@@ -283,7 +283,7 @@ def test_rst_unregisters_before_the_socket_closes() -> None:
                 os.fstat(fd)  # raises once the socket is closed
                 seen.append((closing, fast.kernel.contains(closing)))
                 fast.unregister(closing)
-            fast.host.before_close = before_close
+            fast.host.set_before_close(before_close)
             guest.send([guest.data_frame(0, 1000), guest.frame(RST | ACK, 1000)])
             assert counter(network, "tcp.fast_segments") == 1
             assert seen == [(flow_id, True)]  # told while the socket was still open and registered

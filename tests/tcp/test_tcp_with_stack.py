@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from vhostnet.network import build_stack
 from vhostnet.stack.config import StackConfig
-from vhostnet.stack.stack import NetworkStack
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import Connect
 from vhostnet.wire import ethernet
@@ -16,7 +16,7 @@ GUEST_MAC = bytes.fromhex("525400123456")
 
 def test_guest_syn_frame_reaches_engine_and_syn_ack_frame_comes_back() -> None:
     config = StackConfig()
-    stack = NetworkStack(config)
+    stack = build_stack(config)
     engine = TcpEngine(config, stack)
     stack.set_protocol_handler(PROTO_TCP, engine)
     syn = TcpSegment(40000, 8080, 111, 0, SYN, 64240, b"", 1460, 7).emit(

@@ -196,11 +196,11 @@ def test_reset_device_keeps_memory_and_stops_rings(session):
     assert not ring.started and not ring.enabled and not ring.kick_set
 
 
-def test_ring_starts_on_first_kick_with_its_config(session):
+def test_ring_starts_when_its_kick_fd_arrives_with_its_config(session):
     frontend, device, backend = session()
     frontend.start(bases=(5, 9))
-    # RX was kicked before its kick fd even arrived: it starts right away.
-    assert wait_until(lambda: 0 in device.started)
+    # Each ring starts on SET_VRING_KICK, kicked or not (RX was, before its fd arrived).
+    assert wait_until(lambda: 0 in device.started and 1 in device.started)
     rx = device.started[0]
     layout = frontend.layouts[0]
     assert rx.num == 64 and rx.base == 5 and rx.enabled
@@ -208,20 +208,45 @@ def test_ring_starts_on_first_kick_with_its_config(session):
     assert rx.avail_uva == frontend.memory.uva(layout.avail_gpa)
     assert rx.used_uva == frontend.memory.uva(layout.used_gpa)
     assert rx.log_guest_addr == layout.used_gpa
-    # TX has not been kicked: not started.
-    assert 1 not in device.started
-    frontend.send_frame(b"\xff" * 60)
-    assert wait_until(lambda: 1 in device.started)
     assert device.started[1].base == 9
+    names = device.names()
+    assert names.index("ring_start") > names.index("ring_kick_fd")  # the fd first
+    # TX had not been kicked when it started; its kicks reach the device's fd.
+    assert 1 not in device.kicks
+    frontend.send_frame(b"\xff" * 60)
+    assert wait_until(lambda: device.kicks.get(1, 0) >= 1)
+
+
+def test_get_vring_base_of_a_ring_never_started_is_the_base_set():
+    device = RecordingDevice()
+    handler = BackendHandler(device)
+    handler.handle(Message(Request.SET_VRING_BASE, VERSION, VringState(1, 9).emit()))
+    (answer,) = handler.handle(Message(Request.GET_VRING_BASE, VERSION, VringState(1, 0).emit()))
+    assert VringState.parse(answer.payload) == VringState(1, 9)
+    assert "ring_stop" not in device.names()
+
+
+def test_ring_configured_after_its_kick_fd_starts_then():
+    device = RecordingDevice()
+    handler = BackendHandler(device)
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    handler.handle(Message(Request.SET_VRING_NUM, VERSION, VringState(0, 64).emit()))
+    handler.handle(Message(Request.SET_VRING_KICK, VERSION, U64(0).emit(), fds=[kick]))
+    assert 0 not in device.started  # no ring addresses yet
+    handler.handle(Message(Request.SET_VRING_ADDR, VERSION,
+                           VringAddr(0, 0, 0x1000, 0x3000, 0x2000, 0).emit()))
+    assert device.started[0].num == 64 and device.started[0].desc_uva == 0x1000
+    handler.close()
 
 
 def test_get_vring_base_values(session):
     frontend, device, backend = session()
     frontend.start(bases=(5, 9))
     assert wait_until(lambda: 0 in device.started)
+    assert wait_until(lambda: 1 in device.started)
     bases = frontend.stop()
-    # RX was running: the device's next avail index. TX never started: the base set.
-    assert bases == [5 + device.stop_advance, 9]
+    # Both rings ran (each started on its kick fd): the device's next avail index.
+    assert bases == [5 + device.stop_advance, 9 + device.stop_advance]
     assert not device.started
     # Stopped means stopped: a stale kick must not restart the ring.
     os.eventfd_write(frontend.kick_fds[0], 1)
@@ -400,15 +425,8 @@ def test_handle_never_raises_on_random_messages():
     assert sum(handler.counters.values()) > 0
 
 
-class _OlderDevice(RecordingDevice):
-    """A device without the optional device-state and ring-log methods."""
-
-    supports_device_state = None
-    ring_set_log = None
-
-
-def test_optional_device_methods_may_be_missing():
-    handler = BackendHandler(_OlderDevice(), offer_log=True)
+def test_a_device_without_device_state_is_not_offered_it():
+    handler = BackendHandler(RecordingDevice(device_state=False), offer_log=True)
     assert not handler.offered_protocol_features() & PF.DEVICE_STATE
     replies = handler.handle(Message(Request.GET_PROTOCOL_FEATURES, VERSION))
     assert len(replies) == 1 and handler.counters["device_error"] == 0

@@ -15,23 +15,29 @@ import base64
 import binascii
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vhostnet.migration.snapshot import export_network, import_network
 from vhostnet.migration.state import MAX_BLOB_BYTES, StateError
 
 if TYPE_CHECKING:
-    from vhostnet.control import ControlServer
+    from vhostnet.migration.tcp_migrate import TcpMigration
     from vhostnet.network import Network
 
 log = logging.getLogger(__name__)
 
 
-def register_state_commands(control: ControlServer, network: Network) -> None:
-    """Add ``save-state`` and ``load-state`` to ``control``."""
+Command = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def register_state_commands(commands: dict[str, Command], network: Network,
+                            migration: TcpMigration) -> None:
+    """Add ``save-state``, ``load-state``, ``release`` and ``resume`` to ``commands`` (a
+    control server's command table)."""
 
     def save_state(request: dict[str, Any]) -> dict[str, Any]:
-        blob = export_network(network, time.monotonic())
+        blob = export_network(network, migration, time.monotonic())
         path = request.get("file")
         if path is None:
             return {"bytes": len(blob), "state": base64.b64encode(blob).decode()}
@@ -47,19 +53,19 @@ def register_state_commands(control: ControlServer, network: Network) -> None:
                     blob = source.read(MAX_BLOB_BYTES + 1)
             else:
                 blob = base64.b64decode(str(request.get("state", "")), validate=True)
-            loaded = import_network(network, blob, time.monotonic())
+            loaded = import_network(network, migration, blob, time.monotonic())
         except (OSError, binascii.Error, StateError) as exc:
             log.error("load-state refused: %s", exc)
             return {"ok": False, "error": f"state refused: {exc}"}
         return {"loaded": loaded}
 
     def release(_request: dict[str, Any]) -> dict[str, Any]:
-        return {"released": network.tcp_migration.release()}
+        return {"released": migration.release()}
 
     def resume(_request: dict[str, Any]) -> dict[str, Any]:
-        return {"resumed": network.tcp_migration.thaw("resume command", time.monotonic())}
+        return {"resumed": migration.thaw("resume command", time.monotonic())}
 
-    control.commands["save-state"] = save_state
-    control.commands["load-state"] = load_state
-    control.commands["release"] = release
-    control.commands["resume"] = resume
+    commands["save-state"] = save_state
+    commands["load-state"] = load_state
+    commands["release"] = release
+    commands["resume"] = resume

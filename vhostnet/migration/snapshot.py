@@ -17,6 +17,7 @@ from vhostnet.migration.state import StateError, decode_state, encode_state
 from vhostnet.migration.tcp_state import parse_records
 
 if TYPE_CHECKING:
+    from vhostnet.migration.tcp_migrate import TcpMigration
     from vhostnet.network import Network
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def _mac_text(mac: bytes | None) -> str | None:
     return None if mac is None else bytes(mac).hex(":")
 
 
-def export_network(network: Network, now: float) -> bytes:
+def export_network(network: Network, migration: TcpMigration, now: float) -> bytes:
     """The network's migratable state as one blob."""
     stack = network.stack
     config = network.config
@@ -50,11 +51,12 @@ def export_network(network: Network, now: float) -> bytes:
             network.tcp_fast.sync_all(now)  # Flow fields must include what the C path wrote
         # Freezes the connections that can move (tcp_migrate): the caller must
         # later release them (the state was handed over) or thaw them (abandoned).
-        sections["tcp"] = network.tcp_migration.export_records(now)
+        sections["tcp"] = migration.export_records(now)
     return encode_state(sections)
 
 
-def import_network(network: Network, blob: bytes, now: float) -> dict[str, int]:
+def import_network(network: Network, migration: TcpMigration, blob: bytes,
+                   now: float) -> dict[str, int]:
     """Apply a blob from ``export_network``; raise ``StateError`` and change nothing if it is bad."""
     sections = decode_state(blob)
     stack = network.stack
@@ -98,8 +100,8 @@ def import_network(network: Network, blob: bytes, now: float) -> dict[str, int]:
         network.tcp.stats.restore({k: v for k, v in carried.items() if k.startswith("tcp.")})
     tcp_restored = tcp_reset = 0
     if network.tcp is not None and tcp_records:
-        tcp_restored, tcp_reset = network.tcp_migration.restore(tcp_records, now)
-    network.tcp_migration.migration_over()  # a repair helper is let go, as passt does
+        tcp_restored, tcp_reset = migration.restore(tcp_records, now)
+    migration.migration_over()  # a repair helper is let go, as passt does
     forwards = sections.get("forwards")
     mine = {"tcp": sorted(str(f) for f in network.config.tcp_forwards),
             "udp": sorted(str(f) for f in network.config.udp_forwards)}

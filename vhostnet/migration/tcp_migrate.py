@@ -67,8 +67,8 @@ from vhostnet.migration.tcp_state import (
     migratable,
     reset_toward_guest,
 )
-from vhostnet.tcp.flow import SEQ_MOD, Phase, Send, seq_diff
-from vhostnet.tcp.host import TcpHost, abort_close
+from vhostnet.tcp.handover import restore_flow, resume_host_io
+from vhostnet.tcp.host import TcpHost, abort_close, send_space
 
 if TYPE_CHECKING:
     from vhostnet.network import Network
@@ -138,6 +138,15 @@ class TcpMigration:
         self.exported = False  # a state was saved since the last release or thaw
         self.handed_over = 0  # connections released to a destination, lost if QEMU resumes here
         self.catchers: list[socket.socket] = []
+
+    @classmethod
+    def attach(cls, network: Network, repair: RepairAccess | None = None) -> TcpMigration:
+        """The migration of ``network``, hooked in: a device start thaws frozen connections,
+        closing the network closes the catchers."""
+        migration = cls(network, repair)
+        network.add_device_started_hook(migration.device_started)
+        network.add_close_hook(migration.close_catchers)
+        return migration
 
     def _switch(self) -> RepairSwitch | None:
         if self.repair is None:
@@ -221,8 +230,7 @@ class TcpMigration:
         self.frozen.clear()
         others = 0
         for flow in list(engine.flows_by_id.values()):
-            engine.flows.pop(flow.key, None)
-            engine.flows_by_id.pop(flow.flow_id, None)
+            engine.table.remove(flow)  # no segment, no command: the socket goes below
             sock = host.detach(flow.flow_id)
             if sock is not None:
                 abort_close(sock)
@@ -299,15 +307,7 @@ class TcpMigration:
             if flow_id in stuck:
                 engine.on_host_error(flow_id, 0, now)  # RST to the guest; the socket goes
                 continue
-            # Commands issued while the socket was away were dropped: start over.
-            flow.peek_pending = False
-            flow.peek_seq = -1
-            if flow.to_host:
-                flow.send_queued = True
-                engine.commands.append(Send(flow_id, flow.to_host))
-            else:
-                flow.send_queued = False
-            engine.on_readable(flow_id, now)
+            resume_host_io(engine, flow_id, now)
             resumed += 1
         engine.stats.inc("tcp.migration_thawed", resumed)
         self.network.flush()
@@ -408,30 +408,10 @@ class TcpMigration:
     def _recreate_flow(self, record: TcpRecord, sock: socket.socket, now: float) -> None:
         engine, host = self.network.tcp, self.network.tcp_host
         assert engine is not None and host is not None
-        # The engine has no public way to insert a flow; this is the one place that
-        # reaches in, so stack/tcp.py stays as it is.
-        flow = engine._new_flow(record.key, inbound=record.inbound, phase=Phase.ESTABLISHED)
-        # Relative numbers start afresh at 1 with the same wire values.
-        flow.iss = (record.snd_una - 1) % SEQ_MOD
-        flow.snd_una = flow.snd_nxt = 1  # in-flight data goes again from the socket
-        flow.snd_max = 1 + seq_diff(record.snd_max, record.snd_una)
-        flow.irs = (record.rcv_nxt - 1) % SEQ_MOD
-        flow.rcv_nxt = 1
-        flow.to_host = bytearray(record.to_host)
-        flow.rcv_queued = 1 + len(flow.to_host)
-        flow.snd_wnd, flow.snd_wscale, flow.rcv_wscale = (record.snd_wnd, record.snd_wscale,
-                                                          record.rcv_wscale)
-        flow.mss = min(record.mss, engine.config.mtu - 40)
-        flow.rto = engine.timeouts.rto_initial
-        flow.idle_at = now + engine.timeouts.idle
-        if flow.snd_max > flow.snd_una:
-            flow.rto_at = now + flow.rto
-        engine._timers.schedule(flow)
+        flow = restore_flow(
+            engine, record.key, inbound=record.inbound, snd_una=record.snd_una,
+            snd_max=record.snd_max, rcv_nxt=record.rcv_nxt, snd_wnd=record.snd_wnd,
+            snd_wscale=record.snd_wscale, rcv_wscale=record.rcv_wscale, mss=record.mss,
+            to_host=record.to_host, host_space=send_space(sock), now=now)
         host.adopt(flow.flow_id, sock)
-        space = TcpHost._send_space(sock)
-        if space is not None:
-            flow.host_space = space
-        if flow.to_host:
-            flow.send_queued = True
-            engine.commands.append(Send(flow.flow_id, flow.to_host))
-        engine.on_readable(flow.flow_id, now)
+        resume_host_io(engine, flow.flow_id, now)

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from vhostnet.migration.state import checked_int
+from vhostnet.tcp.host import SO_PEEK_OFF
 
 log = logging.getLogger(__name__)
 K = TypeVar("K")
@@ -74,7 +75,6 @@ SIOCINQ = termios.FIONREAD
 SIOCOUTQ = termios.TIOCOUTQ
 SIOCOUTQNSD = 0x894B
 
-SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
 SO_ATTACH_FILTER = 26
 SO_GET_FILTER = SO_ATTACH_FILTER
 SO_DETACH_FILTER = 27

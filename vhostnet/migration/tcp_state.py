@@ -15,7 +15,6 @@ such connections are about to end anyway.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 from vhostnet.migration.state import checked_int
@@ -23,6 +22,7 @@ from vhostnet.migration.tcp_repair import SocketDump
 from vhostnet.stack.config import ip4
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import HALF_SEQ, Flow, Phase, seq_diff
+from vhostnet.tcp.handover import dump_flow
 from vhostnet.wire.tcp import ACK, RST
 
 MAX_RECORDS = 65536
@@ -43,17 +43,7 @@ def export_connections(engine: TcpEngine,
     for flow in engine.flows.values():
         if flow.phase in (Phase.CONNECTING, Phase.SYN_SENT, Phase.SYN_RCVD):
             continue
-        records.append({
-            "guest_ip": str(ipaddress.IPv4Address(flow.guest_ip)), "guest_port": flow.guest_port,
-            "remote_ip": str(ipaddress.IPv4Address(flow.remote_ip)), "remote_port": flow.remote_port,
-            "inbound": flow.inbound, "phase": flow.phase.name,
-            "snd_una": flow.send_seq(flow.snd_una), "snd_nxt": flow.send_seq(flow.snd_nxt),
-            "snd_max": flow.send_seq(flow.snd_max), "rcv_nxt": flow.recv_seq(flow.rcv_nxt),
-            "snd_wnd": flow.snd_wnd, "snd_wscale": flow.snd_wscale,
-            "rcv_wscale": flow.rcv_wscale, "mss": flow.mss,
-            "to_host": bytes(flow.to_host).hex(),
-            "host": host_dumps.get(flow.flow_id),
-        })
+        records.append({**dump_flow(flow), "host": host_dumps.get(flow.flow_id)})
     return records
 
 

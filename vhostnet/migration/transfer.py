@@ -19,6 +19,7 @@ from vhostnet.migration.snapshot import export_network, import_network
 from vhostnet.migration.state import MAX_BLOB_BYTES, StateError
 
 if TYPE_CHECKING:
+    from vhostnet.migration.tcp_migrate import TcpMigration
     from vhostnet.network import Network
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,13 @@ MAX_CHECK_READS = MAX_BLOB_BYTES // READ_CHUNK + 2
 
 
 class DeviceStateTransfer:
-    """One device's state transfers, driven by the event loop."""
+    """One device's state transfers, driven by the event loop (a ``device.DeviceStateHandler``)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, network: Network) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, network: Network,
+                 migration: TcpMigration) -> None:
         self.loop = loop
         self.network = network
+        self.migration = migration
         self.fd: int | None = None
         self.direction: int | None = None
         self.buffer = bytearray()
@@ -58,7 +61,7 @@ class DeviceStateTransfer:
         self.buffer = bytearray()
         self.written = 0
         if direction == SAVE:
-            self.buffer += export_network(self.network, time.monotonic())
+            self.buffer += export_network(self.network, self.migration, time.monotonic())
             log.info("device state: saving %d bytes", len(self.buffer))
             self.loop.add_writer(fd, self._on_writable)
         else:
@@ -105,7 +108,8 @@ class DeviceStateTransfer:
 
     def _apply_loaded(self) -> None:
         try:
-            self.loaded = import_network(self.network, bytes(self.buffer), time.monotonic())
+            self.loaded = import_network(self.network, self.migration, bytes(self.buffer),
+                                         time.monotonic())
         except StateError as exc:
             log.error("device state from the migration source refused: %s", exc)
             self._done(False)
@@ -143,7 +147,7 @@ class DeviceStateTransfer:
         if self.direction == SAVE:
             # The state is out: the last moment QEMU tells us about before the
             # destination needs the 4-tuples (see tcp_migrate's docstring).
-            migration = self.network.tcp_migration
+            migration = self.migration
             if ok:
                 migration.release()
             else:

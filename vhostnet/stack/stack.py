@@ -8,12 +8,13 @@ Per-protocol work is delegated:
 
 - ARP is answered here (it is a few lines): every address in the guest's subnet
   except the guest's own, plus the gateway and DNS addresses, is "at" the gateway MAC;
-- IPv4 protocol handlers: ICMP (``icmp.IcmpEngine``, when ``config.icmp``) and
-  whatever ``set_protocol_handler`` registers (the integrator adds TCP for 6);
+- IPv4 protocol handlers: whatever ``set_protocol_handler`` registers (ICMP, TCP);
 - UDP: services first (``add_udp_service``: DHCP, DNS, TFTP), then the generic
-  NAT (``udp_nat.UdpNat``, when ``config.udp``).
+  NAT (``udp_nat``), if one is set.
 
-Engines that talk to host sockets keep a ``commands`` deque that their glue in
+The engines are built and attached by the assembler (``vhostnet.network``),
+which also runs their timers; they count into ``stack.stats``. Engines that
+talk to host sockets keep a ``commands`` deque that their glue in
 ``vhostnet.hostio`` executes: ``stack.icmp``, ``stack.udp_nat``, ``stack.dns``.
 """
 
@@ -27,10 +28,13 @@ from typing import Protocol
 from vhostnet.stack import ndp
 from vhostnet.stack.config import StackConfig
 from vhostnet.stack.counters import Counters
+from vhostnet.stack.dhcp import DhcpServer
+from vhostnet.stack.dns import DnsForwarder
 from vhostnet.stack.icmp import IcmpEngine
+from vhostnet.stack.udp_nat import UdpNat
 from vhostnet.tcp._frames import data_frames
 from vhostnet.wire import arp, ethernet
-from vhostnet.wire.checksum import PROTO_ICMP, PROTO_TCP, PROTO_UDP
+from vhostnet.wire.checksum import PROTO_TCP, PROTO_UDP
 from vhostnet.wire.errors import MalformedPacket
 from vhostnet.wire.ipv4 import IPv4Packet, emit_ipv4_header
 from vhostnet.wire.ipv6 import IPv6Packet
@@ -66,18 +70,13 @@ class UdpService(Protocol):
                    payload: memoryview, now: float) -> None: ...
 
 
-class TimerClient(Protocol):
-    def poll_timers(self, now: float) -> None: ...
-
-    def next_timer(self) -> float | None: ...
-
-
 class NetworkStack:
     """The sans-IO user-mode network: guest frames in, guest frames and host commands out."""
 
     def __init__(self, config: StackConfig) -> None:
         self.config = config
-        self._counters = Counters(log)
+        # Shared by the stack and its engines (ICMP, DHCP, DNS, UDP NAT count here too).
+        self.stats = self._counters = Counters(log)
         self.frames_to_guest: deque[bytes] = deque()
         # Learned from the guest's own frames; None until it has sent something.
         self.guest_mac: bytes | None = None
@@ -88,35 +87,11 @@ class NetworkStack:
         self._held_for_mac: deque[bytes] = deque()
         self._protocol_handlers: dict[int, ProtocolHandler] = {}
         self._udp_services: list[UdpService] = []
-        self._timer_clients: list[TimerClient] = []
-
+        # The engines the assembler attached (None: that protocol is off).
         self.icmp: IcmpEngine | None = None
-        if config.icmp:
-            self.icmp = IcmpEngine(config, self._counters, self.send_ipv4)
-            self.set_protocol_handler(PROTO_ICMP, self.icmp)
-            self._timer_clients.append(self.icmp)
-        self._setup_udp_engines()
-
-    def _setup_udp_engines(self) -> None:
-        # Imported here so this module stays readable on its own; these engines
-        # only need the two send functions and the counters.
-        from vhostnet.stack.dhcp import DhcpServer
-        from vhostnet.stack.dns import DnsForwarder
-        from vhostnet.stack.udp_nat import UdpNat
-
         self.dhcp: DhcpServer | None = None
-        if self.config.dhcp:
-            self.dhcp = DhcpServer(self.config, self._counters, self.send_udp)
-            self.add_udp_service(self.dhcp)
         self.dns: DnsForwarder | None = None
-        self.udp_nat: UdpNat | None = None
-        if self.config.udp:
-            self.dns = DnsForwarder(self.config, self._counters, self.send_udp)
-            self.add_udp_service(self.dns)
-            self._timer_clients.append(self.dns)
-            self.udp_nat = UdpNat(self.config, self._counters, self.send_ipv4, self.send_udp,
-                                  lambda: self.guest_ipv4 or self.config.guest_ipv4)
-            self._timer_clients.append(self.udp_nat)
+        self.udp_nat: UdpNat | None = None  # UDP no service accepts; None: dropped
 
     # --- registration -----------------------------------------------------
 
@@ -344,22 +319,13 @@ class NetworkStack:
 
     # --- timers and statistics ----------------------------------------------
 
-    def poll_timers(self, now: float) -> None:
-        """Run every timer due at ``now`` (flow expiry, DNS retries)."""
-        for client in self._timer_clients:
-            client.poll_timers(now)
-
-    def next_timer(self) -> float | None:
-        """The earliest time ``poll_timers`` has work to do, or None."""
-        deadlines = [d for c in self._timer_clients if (d := c.next_timer()) is not None]
-        return min(deadlines) if deadlines else None
-
     def restore_counters(self, values: dict[str, int]) -> None:
         """Carry counters over from a migration source (added to ours)."""
         self._counters.restore(values)
 
     def counters(self) -> dict[str, int]:
-        """A snapshot of every counter (flat dotted names) plus current flow gauges."""
+        """A snapshot of the counters of the stack and its engines (flat dotted names), with
+        the flow gauges of the engines attached to it."""
         if self.udp_nat is not None:
             self._counters.set("udp.flows", self.udp_nat.flow_count())
         if self.icmp is not None:

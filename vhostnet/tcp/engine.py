@@ -54,7 +54,6 @@ from vhostnet.tcp.flow import (
     Connect,
     Discard,
     Flow,
-    Peek,
     Phase,
     Send,
     ShutdownWrite,
@@ -62,7 +61,8 @@ from vhostnet.tcp.flow import (
     TcpTimeouts,
 )
 from vhostnet.tcp.output import GuestOutput, Ipv4Output
-from vhostnet.tcp.timers import FlowTimers
+from vhostnet.tcp.sender import GuestSender
+from vhostnet.tcp.table import FlowTable
 from vhostnet.wire.checksum import PROTO_TCP, l4_checksum_ok
 from vhostnet.wire.errors import MalformedPacket
 from vhostnet.wire.tcp import (
@@ -77,11 +77,8 @@ log = logging.getLogger("vhostnet.tcp.engine")
 
 # Our window scale shift: 2^7 * 65535 ~ 8 MiB, enough for any host socket buffer.
 OUR_WSCALE = 7
-# Upper bound of one Peek, so a huge guest window does not mean one huge read.
-PEEK_BUDGET = 256 * 1024
 # The MSS to assume when the guest's SYN carries none (RFC 9293).
 DEFAULT_MSS = 536
-FLOW_LIMIT_LOG_INTERVAL = 10.0
 
 
 class Ipv4Packet(Protocol):
@@ -92,6 +89,7 @@ class Ipv4Packet(Protocol):
     payload: memoryview
     ttl: int
     tos: int
+    checksum_partial: bool  # virtio NEEDS_CSUM: the guest left the checksum to the "device"
 
 
 class TcpEngine:
@@ -116,18 +114,15 @@ class TcpEngine:
             isn_source = lambda: rng.getrandbits(32)  # noqa: E731
         self._isn = isn_source
         self.commands: deque[TcpCommand] = deque()
-        self.flows: dict[tuple[bytes, int, bytes, int], Flow] = {}
-        self.flows_by_id: dict[int, Flow] = {}
-        self._next_flow_id = 1
-        self._timers = FlowTimers(self.flows_by_id)
-        self._last_limit_log = float("-inf")
+        self.table = FlowTable(self.stats, config.flow_limit)
+        self.flows = self.table.by_key  # read-only for everyone but the engine
+        self.flows_by_id = self.table.by_id
+        self._timers = self.table.timers
         self._mss_to_guest_limit = config.mtu - 40
         self.tx = GuestOutput(output, self.stats, self._mss_to_guest_limit)
+        self.sender = GuestSender(self.tx, self.stats, self.timeouts, self.commands)
         self.recently_closed = RecentlyClosed()
         self._now = 0.0  # the latest time an event brought; closed flows linger from it
-        # Set by a fast path that mirrors flows (hostio/tcp_fast.py): the ids of flows whose
-        # guest-side state may have changed, for it to look at before it takes frames again.
-        self.changed: set[int] | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -151,9 +146,7 @@ class TcpEngine:
     def handle_ipv4(self, packet: Ipv4Packet, now: float) -> None:
         self.stats.inc("tcp.segments_in")
         data = packet.payload
-        # A partial checksum (virtio NEEDS_CSUM) is the guest handing the sum to the "device".
-        partial = getattr(packet, "checksum_partial", False)
-        if not partial and not l4_checksum_ok(packet.src, packet.dst, PROTO_TCP, data):
+        if not packet.checksum_partial and not l4_checksum_ok(packet.src, packet.dst, PROTO_TCP, data):
             self.stats.drop("tcp.drop.bad_checksum", "TCP segment with a bad checksum")
             return
         try:
@@ -175,8 +168,7 @@ class TcpEngine:
             else:
                 self.tx.answer_stray(key, seg)
             return
-        if self.changed is not None:
-            self.changed.add(flow.flow_id)
+        self.table.touch(flow.flow_id)
         flow.idle_at = now + self.timeouts.idle
         if flow.phase is Phase.CONNECTING:
             self._segment_connecting(flow, seg)
@@ -192,7 +184,7 @@ class TcpEngine:
         self, key: tuple[bytes, int, bytes, int], seg: TcpSegmentView, now: float
     ) -> None:
         guest_ip, guest_port, remote_ip, remote_port = key
-        if self._at_flow_limit(now):
+        if self.table.at_limit(now):
             self.tx.answer_stray(key, seg)
             return
         destination = self.config.host_destination(remote_ip, remote_port)
@@ -200,7 +192,7 @@ class TcpEngine:
             self.stats.inc("tcp.unreachable")
             self.tx.answer_stray(key, seg)
             return
-        flow = self._new_flow(key, inbound=False, phase=Phase.CONNECTING)
+        flow = self.add_flow(key, inbound=False, phase=Phase.CONNECTING)
         flow.irs = seg.seq
         flow.rcv_nxt = flow.rcv_queued = 1
         self._take_syn_options(flow, seg)
@@ -245,8 +237,8 @@ class TcpEngine:
         self._take_syn_options(flow, seg)
         self._establish(flow, seg, now)
         self.tx.ack(flow)
-        self._pump(flow, now)
-        self._maybe_send_fin(flow, now)
+        self.sender.pump(flow, now)
+        self.sender.maybe_send_fin(flow, now)
 
     def _establish(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
         flow.phase = Phase.ESTABLISHED
@@ -306,10 +298,10 @@ class TcpEngine:
             flow.dup_acks += 1
             if flow.dup_acks == 3:
                 self.stats.inc("tcp.fast_retransmits")
-                self._retransmit(flow, now)
+                self.sender.retransmit(flow, now)
         flow.snd_wnd = window
-        self._pump(flow, now)
-        self._maybe_send_fin(flow, now)
+        self.sender.pump(flow, now)
+        self.sender.maybe_send_fin(flow, now)
         self._maybe_finish(flow)
         return flow.flow_id in self.flows_by_id
 
@@ -370,8 +362,7 @@ class TcpEngine:
         flow = self.flows_by_id.get(flow_id)
         if flow is None:
             return
-        if self.changed is not None:
-            self.changed.add(flow_id)
+        self.table.touch(flow_id)
         flow.send_queued = False
         if send_space is not None:
             flow.host_space = send_space
@@ -394,6 +385,16 @@ class TcpEngine:
             self.tx.ack(flow)
         self._timers.schedule(flow)
 
+    def on_written_elsewhere(self, flow_id: int, n: int, now: float,
+                             send_space: int | None = None) -> None:
+        """``n`` in-order guest bytes reached the host socket without a ``Send`` (the fast path
+        wrote them): as if they had gone through ``to_host`` and one ``Send``."""
+        flow = self.flows_by_id.get(flow_id)
+        if flow is None:
+            return
+        flow.rcv_queued += n
+        self.on_sent(flow_id, n, now, send_space)
+
     def on_writable(self, flow_id: int, now: float, send_space: int | None = None) -> None:
         flow = self.flows_by_id.get(flow_id)
         if flow is None or flow.phase is not Phase.ESTABLISHED:
@@ -408,7 +409,7 @@ class TcpEngine:
             return
         flow.host_readable = True
         flow.idle_at = now + self.timeouts.idle
-        self._pump(flow, now)
+        self.sender.pump(flow, now)
         self._timers.schedule(flow)
 
     def on_peeked(self, flow_id: int, offset: int, data: bytes | memoryview, now: float) -> None:
@@ -417,25 +418,24 @@ class TcpEngine:
             return
         flow.peek_pending = False
         if flow.peek_seq != flow.snd_nxt or offset != flow.snd_nxt - flow.snd_una:
-            self._pump(flow, now)  # a rewind happened meanwhile: peek again
+            self.sender.pump(flow, now)  # a rewind happened meanwhile: peek again
             return
         if len(data) < flow.peek_len:
             flow.host_readable = False  # everything queued is now in flight
         if data:
-            self._send_host_data(flow, data, now)
-        self._pump(flow, now)
+            self.sender.send_host_data(flow, data, now)
+        self.sender.pump(flow, now)
         self._timers.schedule(flow)
 
     def on_host_eof(self, flow_id: int, now: float) -> None:
         flow = self.flows_by_id.get(flow_id)
         if flow is None:
             return
-        if self.changed is not None:
-            self.changed.add(flow_id)
+        self.table.touch(flow_id)
         flow.peek_pending = False
         flow.host_readable = False
         flow.host_eof = True
-        self._maybe_send_fin(flow, now)
+        self.sender.maybe_send_fin(flow, now)
         self._timers.schedule(flow)
 
     def on_host_error(self, flow_id: int, errno: int, now: float) -> None:
@@ -454,14 +454,14 @@ class TcpEngine:
         send_space: int | None = None,
     ) -> int | None:
         """A host peer connected to a forwarded port: start a flow and send the guest a SYN."""
-        if self._at_flow_limit(now):
+        if self.table.at_limit(now):
             return None
         remote_ip = self._guest_visible_address(peer_host)
         key = (bytes(self.config.guest_ipv4), guest_port, remote_ip, peer_port)
         if key in self.flows:
             self.stats.inc("tcp.drop.forward_tuple_busy")
             return None
-        flow = self._new_flow(key, inbound=True, phase=Phase.SYN_SENT)
+        flow = self.add_flow(key, inbound=True, phase=Phase.SYN_SENT)
         flow.mss = self._mss_to_guest_limit
         flow.iss = self._isn() & 0xFFFFFFFF
         flow.snd_nxt = flow.snd_max = 1
@@ -478,16 +478,6 @@ class TcpEngine:
 
     # ------------------------------------------------------------- internals
 
-    def _at_flow_limit(self, now: float) -> bool:
-        """True (counted, logged at most every few seconds) when no new flow may open."""
-        if len(self.flows) < self.config.flow_limit:
-            return False
-        self.stats.inc("tcp.drop.flow_limit")
-        if now - self._last_limit_log >= FLOW_LIMIT_LOG_INTERVAL:
-            self._last_limit_log = now
-            log.warning("TCP flow limit (%d) reached, refusing connections", self.config.flow_limit)
-        return True
-
     def _guest_visible_address(self, peer_host: str) -> bytes:
         # A loopback peer appears as the mapped loopback address (by default the
         # gateway), so the guest can answer it, as passt does.
@@ -498,21 +488,16 @@ class TcpEngine:
                 return address
         return self.config.loopback_peer_address
 
-    def _new_flow(self, key: tuple[bytes, int, bytes, int], inbound: bool, phase: Phase) -> Flow:
-        flow = Flow(self._next_flow_id, key[0], key[1], key[2], key[3], inbound, phase)
-        self._next_flow_id += 1
-        self.flows[key] = flow
-        self.flows_by_id[flow.flow_id] = flow
-        self.stats.inc("tcp.flows_total")
-        self.stats.set("tcp.flows_open", len(self.flows))
-        return flow
+    def add_flow(self, key: tuple[bytes, int, bytes, int], inbound: bool, phase: Phase) -> Flow:
+        """A new flow in ``phase``; the caller sets its numbers and timers (``schedule``)."""
+        return self.table.add(key, inbound, phase)
+
+    def schedule(self, flow: Flow) -> None:
+        """Put the flow's earliest deadline in the timer queue (after its timers changed)."""
+        self._timers.schedule(flow)
 
     def _remove(self, flow: Flow, abort: bool) -> None:
-        self.flows.pop(flow.key, None)
-        self.flows_by_id.pop(flow.flow_id, None)
-        if self.changed is not None:
-            self.changed.add(flow.flow_id)
-        self.stats.set("tcp.flows_open", len(self.flows))
+        self.table.remove(flow)
         self.commands.append(Close(flow.flow_id, abort))
 
     def _abort(self, flow: Flow, send_rst: bool) -> None:
@@ -536,66 +521,6 @@ class TcpEngine:
             flow.snd_wscale = flow.rcv_wscale = 0
         flow.snd_wnd = seg.window
 
-    def _pump(self, flow: Flow, now: float) -> None:
-        """Ask the glue for more host data if the guest's window has room."""
-        if (
-            flow.phase is not Phase.ESTABLISHED
-            or flow.fin_sent
-            or flow.peek_pending
-            or not flow.host_readable
-        ):
-            return
-        room = flow.snd_una + flow.snd_wnd - flow.snd_nxt
-        if room <= 0:
-            if flow.snd_nxt == flow.snd_una and flow.rto_at is None:
-                flow.rto_at = now + flow.rto  # persist timer: probe the zero window
-            return
-        flow.peek_pending = True
-        flow.peek_seq = flow.snd_nxt
-        flow.peek_len = min(room, PEEK_BUDGET)
-        self.commands.append(Peek(flow.flow_id, flow.snd_nxt - flow.snd_una, flow.peek_len))
-
-    def _send_host_data(self, flow: Flow, data: bytes | memoryview, now: float) -> None:
-        if flow.snd_nxt < flow.snd_max:
-            self.stats.inc("tcp.retransmitted_bytes", min(len(data), flow.snd_max - flow.snd_nxt))
-        self.tx.data(flow, data)
-        flow.snd_nxt += len(data)
-        flow.snd_max = max(flow.snd_max, flow.snd_nxt)
-        self.stats.inc("tcp.bytes_to_guest", len(data))
-        if flow.rto_at is None:
-            flow.rto_at = now + flow.rto
-
-    def _retransmit(self, flow: Flow, now: float) -> None:
-        """Go back to the first unacknowledged byte; the data is still in the host socket."""
-        self.stats.inc("tcp.retransmits")
-        flow.dup_acks = 0
-        flow.snd_nxt = flow.snd_una
-        flow.rto_at = now + flow.rto
-        if flow.fin_sent and flow.snd_una == flow.snd_max - 1:
-            self.tx.emit(flow, FIN | ACK, seq=flow.send_seq(flow.snd_una))
-            flow.snd_nxt = flow.snd_max
-            return
-        flow.host_readable = True
-        if flow.peek_pending:
-            flow.peek_seq = -1  # its answer would be for the old position
-        else:
-            self._pump(flow, now)
-
-    def _maybe_send_fin(self, flow: Flow, now: float) -> None:
-        if (
-            flow.host_eof
-            and not flow.fin_sent
-            and flow.phase is Phase.ESTABLISHED
-            and flow.snd_una == flow.snd_max
-        ):
-            flow.snd_nxt = flow.snd_max
-            self.tx.emit(flow, FIN | ACK, seq=flow.send_seq(flow.snd_nxt))
-            flow.fin_sent = True
-            flow.snd_nxt += 1
-            flow.snd_max = flow.snd_nxt
-            flow.rto_at = now + flow.rto
-            flow.fin_at = now + self.timeouts.fin
-
     def _maybe_shutdown(self, flow: Flow) -> bool:
         """After the guest's FIN and all its data reached the host: SHUT_WR and ACK the FIN."""
         if not flow.guest_fin or flow.host_shut or flow.to_host or flow.send_queued:
@@ -616,7 +541,6 @@ class TcpEngine:
             self._remove(flow, abort=False)
 
     def _run_timers(self, flow: Flow, now: float) -> None:
-        timeouts = self.timeouts
         if flow.syn_at is not None and flow.syn_at <= now:
             self.stats.inc("tcp.syn_timeouts")
             self._abort(flow, send_rst=True)
@@ -627,26 +551,6 @@ class TcpEngine:
             self.stats.inc("tcp.idle_timeouts")
             self._abort(flow, send_rst=True)
         elif flow.rto_at is not None and flow.rto_at <= now:
-            self._retransmission_timeout(flow, now, timeouts)
-
-    def _retransmission_timeout(self, flow: Flow, now: float, timeouts: TcpTimeouts) -> None:
-        flow.rto = min(flow.rto * 2, timeouts.rto_max)
-        if flow.snd_una == flow.snd_max and flow.phase is Phase.ESTABLISHED:
-            # Nothing in flight: this is the persist timer of a zero guest window.
-            if flow.snd_wnd == 0 and flow.host_readable:
-                self.tx.emit(flow, ACK, seq=flow.send_seq(flow.snd_una - 1))
-                flow.rto_at = now + flow.rto
-            else:
-                flow.rto_at = None
-            return
-        flow.retries += 1
-        if flow.retries > timeouts.max_retries:
-            self.stats.inc("tcp.retransmit_giveups")
-            self._abort(flow, send_rst=True)
-            return
-        if flow.phase is not Phase.ESTABLISHED:
-            self.stats.inc("tcp.retransmits")
-            self.tx.syn(flow)
-            flow.rto_at = now + flow.rto
-            return
-        self._retransmit(flow, now)
+            if not self.sender.retransmission_timeout(flow, now):
+                self.stats.inc("tcp.retransmit_giveups")
+                self._abort(flow, send_rst=True)

@@ -3,17 +3,18 @@ flows goes to the host socket by sendmsg(2) from the TX batch, GIL released.
 
 ``TcpEngine`` stays the authority; the C table only mirrors flows in the simple
 state, with the wire values a segment must carry to teach the engine nothing
-but "more data" (next sequence number, ack, raw window). The engine records in
-``engine.changed`` the flows whose state may have moved (every guest segment it
-handles, every write result, host EOF, removal); ``send_batch`` brings those
-entries up to date before the C pass, so the mirror is exact whenever frames are
-taken. The glue's ``before_close`` hook drops an entry before its socket closes,
-so the C side never writes to a reused fd.
+but "more data" (next sequence number, ack, raw window). The engine's flow table
+records the flows whose state may have moved (every guest segment it handles,
+every write result, host EOF, removal; ``engine.table.take_changed``);
+``send_batch`` brings those entries up to date before the C pass, so the mirror
+is exact whenever frames are taken. The glue's before-close hook
+(``TcpHost.set_before_close``) drops an entry before its socket closes, so the C
+side never writes to a reused fd.
 
 After the pass the per-flow results are applied once per batch, before the
 Python stack sees any frame of that batch: ``rcv_queued``/``rcv_nxt`` advance
-through ``TcpEngine.on_sent`` (counters, idle timer, one ACK per flow with the
-window computed as for any write), and the glue watches a full socket for room
+through ``TcpEngine.on_written_elsewhere`` (counters, idle timer, one ACK per
+flow with the window computed as for any write), and the glue watches a full socket for room
 as it does after its own writes. Flow state is therefore exact between batches;
 ``sync_all`` is the explicit hook for code that reads Flow fields (migration
 export calls it first).
@@ -44,9 +45,8 @@ class TcpFastPath:
         self._arrays_of: object = None
         self._handled = np.zeros(0, dtype=np.uint8)
         self._partial_seen = 0
-        self.changed: set[int] = set()
-        engine.changed = self.changed
-        host.before_close = self.unregister
+        engine.table.track_changes()
+        host.set_before_close(self.unregister)
 
     @property
     def flows(self) -> int:
@@ -59,7 +59,7 @@ class TcpFastPath:
     def refresh(self) -> None:
         """Bring the C entries of changed flows up to date: register, update or drop them."""
         flows_by_id = self.engine.flows_by_id
-        changed = self.changed
+        changed = self.engine.table.take_changed()
         while changed:
             flow_id = changed.pop()
             flow = flows_by_id.get(flow_id)
@@ -78,8 +78,7 @@ class TcpFastPath:
         ``left``: the indices other fast paths left for the stack (None: all). Returns the
         indices left after this one, or ``left`` itself when it took nothing.
         """
-        if self.changed:
-            self.refresh()
+        self.refresh()
         if count <= 0 or not self.kernel.flows or self.stack.guest_mac is None:
             return left
         if self._arrays_of is not batch:
@@ -115,10 +114,9 @@ class TcpFastPath:
             if host_full:
                 stats.inc("tcp.partial_writes")
             space = self.host.written_elsewhere(flow_id, host_full)
-            # As if the bytes had gone through to_host and one Send: on_sent moves
-            # rcv_nxt up to rcv_queued, restarts the idle timer and acknowledges.
-            flow.rcv_queued += written
-            engine.on_sent(flow_id, written, now, space)
+            # As if the bytes had gone through to_host and one Send: rcv_nxt moves up,
+            # the idle timer restarts and the guest gets its ACK.
+            engine.on_written_elsewhere(flow_id, written, now, space)
 
     def counters(self) -> dict[str, int]:
         """Guest TCP frames left to the Python path, by reason (only reasons seen)."""

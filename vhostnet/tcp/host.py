@@ -80,8 +80,7 @@ class TcpHost:
         self._scratch = bytearray(DISCARD_CHUNK)
         self._peek_off: bool | None = None  # learnt from the first socket
         self._closed = False
-        # Called with a flow id before its socket closes (the TCP fast path forgets the fd).
-        self.before_close: Callable[[int], None] | None = None
+        self._before_close: Callable[[int], None] | None = None
         for forward in engine.config.tcp_forwards:
             if listen_retry > 0 and self._listen_or_wait(forward, self.clock() + listen_retry):
                 continue
@@ -109,9 +108,14 @@ class TcpHost:
         entry = self._sockets.get(flow_id)
         if entry is None:
             return None
-        space = self._send_space(entry.sock)
+        space = send_space(entry.sock)
         self._watch_for_room(flow_id, entry, host_full, space)
         return space
+
+    def set_before_close(self, hook: Callable[[int], None] | None) -> None:
+        """Call ``hook(flow_id)`` before a flow's socket closes or leaves this glue (the TCP
+        fast path forgets the fd then, so it never writes to a reused one); None: no hook."""
+        self._before_close = hook
 
     def flush(self) -> None:
         """Execute the engine's queued commands (including those they cause)."""
@@ -142,8 +146,8 @@ class TcpHost:
         entry = self._sockets.pop(flow_id, None)
         if entry is None:
             return None
-        if self.before_close is not None:
-            self.before_close(flow_id)  # nothing else may write to it now (it may be frozen)
+        if self._before_close is not None:
+            self._before_close(flow_id)  # nothing else may write to it now (it may be frozen)
         self._stop_reading(entry)
         self._stop_writing(entry)
         return entry.sock
@@ -220,7 +224,7 @@ class TcpHost:
             conn.setblocking(False)
             self._tune(conn)
             flow_id = self.engine.on_accepted(
-                peer[0], peer[1], guest_port, self.clock(), self._send_space(conn)
+                peer[0], peer[1], guest_port, self.clock(), send_space(conn)
             )
             if flow_id is None:
                 abort_close(conn)
@@ -279,7 +283,7 @@ class TcpHost:
         if code:
             self.engine.on_connect_failed(flow_id, code, now)
         else:
-            self.engine.on_connected(flow_id, now, self._send_space(entry.sock))
+            self.engine.on_connected(flow_id, now, send_space(entry.sock))
             self._arm_reader(flow_id, 0)
         self._event_done()
 
@@ -294,7 +298,7 @@ class TcpHost:
         except OSError as error:
             self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
             return
-        space = self._send_space(entry.sock)
+        space = send_space(entry.sock)
         self._watch_for_room(command.flow_id, entry, sent < len(command.data), space)
         self.engine.on_sent(command.flow_id, sent, self.clock(), space)
 
@@ -313,7 +317,7 @@ class TcpHost:
         if entry is None:
             return
         self._stop_writing(entry)
-        self.engine.on_writable(flow_id, self.clock(), self._send_space(entry.sock))
+        self.engine.on_writable(flow_id, self.clock(), send_space(entry.sock))
         self._event_done()
 
     def _peek(self, command: Peek) -> None:
@@ -401,8 +405,8 @@ class TcpHost:
         entry = self._sockets.pop(flow_id, None)
         if entry is None:
             return
-        if self.before_close is not None:
-            self.before_close(flow_id)
+        if self._before_close is not None:
+            self._before_close(flow_id)
         self._stop_reading(entry)
         self._stop_writing(entry)
         if abort:
@@ -449,15 +453,16 @@ class TcpHost:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    @staticmethod
-    def _send_space(sock: socket.socket) -> int | None:
-        """Bytes the socket can take now: SO_SNDBUF minus what is queued (SIOCOUTQ)."""
-        try:
-            buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-            queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
-        except OSError:
-            return None
-        return max(0, buffer - queued)
+
+
+def send_space(sock: socket.socket) -> int | None:
+    """Bytes the socket can take now: SO_SNDBUF minus what is queued (SIOCOUTQ)."""
+    try:
+        buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        return None
+    return max(0, buffer - queued)
 
 
 def _probe_peek_off(sock: socket.socket) -> bool:

@@ -12,7 +12,7 @@ from typing import Protocol
 from vhostnet.stack.counters import Counters
 from vhostnet.tcp.flow import Flow, Phase
 from vhostnet.wire.checksum import PROTO_TCP
-from vhostnet.wire.offload import DATA_VALID_WORD, MAX_TSO_PAYLOAD, NO_OFFLOADS, tcp_data_word
+from vhostnet.wire.offload import DATA_VALID_WORD, MAX_TSO_PAYLOAD, GuestOffloads, tcp_data_word
 from vhostnet.wire.tcp import (
     ACK,
     CSUM_FULL,
@@ -28,7 +28,12 @@ from vhostnet.wire.tcp import (
 
 
 class Ipv4Output(Protocol):
-    def send_ipv4(self, src: bytes, dst: bytes, proto: int, payload: bytes) -> None: ...
+    """Where segments go (the stack): IPv4 to the guest, and what the guest's driver takes."""
+
+    guest_offloads: GuestOffloads  # checksum/TSO offloads the guest accepts on receive
+
+    def send_ipv4(self, src: bytes, dst: bytes, proto: int, payload: bytes, *,
+                  offload: int = 0) -> None: ...
 
 
 class GuestOutput:
@@ -71,10 +76,7 @@ class GuestOutput:
 
     def segment(self, flow: Flow, segment: bytes, offload: int = 0) -> None:
         """Hand one segment to the stack; ``offload`` is its vnet word when the guest takes offloads."""
-        if offload:
-            self.output.send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment, offload=offload)
-        else:
-            self.output.send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment)
+        self.output.send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment, offload=offload)
         self.stats.inc("tcp.segments_out")
 
     def syn(self, flow: Flow) -> None:
@@ -87,7 +89,7 @@ class GuestOutput:
     def data(self, flow: Flow, data: bytes | memoryview) -> None:
         """Host bytes to the guest starting at ``snd_nxt``, cut as the guest's offloads allow."""
         # Offloads the guest took: large segments it cuts itself, or no L4 checksum to compute.
-        offloads = getattr(self.output, "guest_offloads", NO_OFFLOADS)
+        offloads = self.output.guest_offloads
         if offloads.tso4:
             size, checksum = MAX_TSO_PAYLOAD // flow.mss * flow.mss, CSUM_PARTIAL
         else:

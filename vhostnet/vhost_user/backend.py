@@ -152,9 +152,7 @@ class BackendHandler:
         features = DEFAULT_PROTOCOL_FEATURES
         if self.offer_log:
             features |= ProtocolFeature.LOG_SHMFD
-        # Optional for devices written before these methods existed: no method, no bit 19.
-        supports_device_state = getattr(self.device, "supports_device_state", None)
-        if supports_device_state is not None and supports_device_state():
+        if self.device.supports_device_state():
             features |= ProtocolFeature.DEVICE_STATE
         return int(features & ~NEVER_OFFERED_PROTOCOL_FEATURES)
 
@@ -195,18 +193,16 @@ class BackendHandler:
             self._close_fds(fds)
         return self._replies(msg, body, ok)
 
-    def start_ring(self, index: int) -> bool:
-        """Called by the device on the first kick (or a look at the ring when the
-        kick fd arrives, see the device): start the ring if it is ready.
+    def _start_if_ready(self, index: int, ring: VringConfig) -> None:
+        """Start the ring once it has num, addr and its kick fd (as passt and libvhost-user
+        do on SET_VRING_KICK): the device gets ``ring_start`` with a copy of its config.
 
-        Returns False (and changes nothing) if the ring is unknown, already
-        started, or still lacks num, addr or kick; the device keeps polling.
+        A kick that reached the back-end before (a migration source, or this one
+        before a stop) is lost, and the guest may never kick again (EVENT_IDX), so
+        waiting for a kick could leave frames queued forever.
         """
-        if not 0 <= index < len(self.rings):
-            return False
-        ring = self.rings[index]
         if not ring.startable:
-            return False
+            return
         ring.started = True
         try:
             self.device.ring_start(index, dataclasses.replace(ring))
@@ -214,8 +210,6 @@ class BackendHandler:
             log_failure(log, "vhost-user.device_error", "device failed to start ring %d", index, error=error)
             self.counters["device_error"] += 1
             ring.started = False
-            return False
-        return True
 
     def close(self) -> None:
         """The connection ended: stop rings, drop memory, close our fds."""
@@ -466,6 +460,7 @@ class BackendHandler:
         if not 0 < num <= MAX_SPLIT_RING_SIZE or num & (num - 1):
             raise _Reject("bad_ring_size", f"ring size {num} is not a power of two <= 32768")
         ring.num = num
+        self._start_if_ready(state.index, ring)
         return None
 
     def _set_vring_base(self, msg: Message, fds: list[int]) -> _Result:
@@ -488,14 +483,12 @@ class BackendHandler:
             if (addr.desc, addr.avail, addr.used) != (ring.desc_uva, ring.avail_uva, ring.used_uva):
                 raise _Reject("ring_busy", f"ring {addr.index} is running")
             ring.log, ring.log_guest_addr = log_on, addr.log_guest_addr
-            set_log = getattr(self.device, "ring_set_log", None)
-            if set_log is None:
-                raise _Reject("unsupported_request", "device cannot change logging of a running ring")
-            set_log(addr.index, log_on, addr.log_guest_addr)
+            self.device.ring_set_log(addr.index, log_on, addr.log_guest_addr)
             return None
         ring.desc_uva, ring.avail_uva, ring.used_uva = addr.desc, addr.avail, addr.used
         ring.log, ring.log_guest_addr = log_on, addr.log_guest_addr
         ring.addr_set = True
+        self._start_if_ready(addr.index, ring)
         return None
 
     def _get_vring_base(self, msg: Message, fds: list[int]) -> _Result:
@@ -537,6 +530,7 @@ class BackendHandler:
             # The device dropped the old fd first, whatever it then made of the new one.
             if old is not None:
                 self._close_fds([old])
+        self._start_if_ready(index, ring)
         return None
 
     def _set_vring_call(self, msg: Message, fds: list[int]) -> _Result:

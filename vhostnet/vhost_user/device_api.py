@@ -70,7 +70,8 @@ class BackendDevice(Protocol):
     def region_removed(self, region: MemoryRegion) -> None: ...
     def ring_kick_fd(self, index: int, fd: int | None) -> None: ...  # borrowed; poll it
     def ring_call_fd(self, index: int, fd: int | None) -> None: ...  # borrowed
-    def ring_start(self, index: int, ring: VringConfig) -> None: ...  # via handler.start_ring
+    # The ring has num, addr and its kick fd (told just before): the device runs it now.
+    def ring_start(self, index: int, ring: VringConfig) -> None: ...
     def ring_stop(self, index: int) -> int: ...  # GET_VRING_BASE: stop, return next avail idx
     def ring_enable(self, index: int, enabled: bool) -> None: ...
     # SET_VRING_ADDR on a started ring (migration turns used-ring logging on/off).
