@@ -20,7 +20,6 @@ Engines that talk to host sockets keep a ``commands`` deque that their glue in
 from __future__ import annotations
 
 import logging
-import struct
 from collections import deque
 from typing import Protocol
 
@@ -28,18 +27,15 @@ from vhostnet.stack import ndp
 from vhostnet.stack.config import StackConfig
 from vhostnet.stack.counters import Counters
 from vhostnet.stack.icmp import IcmpEngine
-from vhostnet.tcp._frames import data_frames
 from vhostnet.wire import arp, ethernet
 from vhostnet.wire.checksum import PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from vhostnet.wire.errors import MalformedPacket
 from vhostnet.wire.ipv4 import IPv4Packet, emit_ipv4_header
 from vhostnet.wire.offload import (
-    DATA_VALID_WORD,
     NO_OFFLOADS,
     TCP_CHECKSUM_OFFSET,
     UDP_CHECKSUM_OFFSET,
     partial_l4_checksum,
-    tcp_data_word,
 )
 from vhostnet.wire.udp import UdpDatagram, emit_udp
 
@@ -289,36 +285,14 @@ class NetworkStack:
         self.frames_to_guest.append((frame, offload) if offload else frame)
         self._counters.inc("ipv4.tx")
 
-    def send_tcp_data(self, src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int,
-                      window: int, data: bytes | bytearray | memoryview, seg_size: int,
-                      checksum: int, mss: int) -> bool:
-        """Queue TCP data segments (ACK, PSH on the last) built whole in C; False if the guest
-        MAC is unknown (the caller then sends segment by segment, to be held).
-
-        ``checksum`` is tcp_wire's CSUM_FULL / CSUM_PARTIAL (GSO, ``seg_size`` up to 64 KiB,
-        ``mss`` the guest's) / CSUM_NONE (DATA_VALID).
-        """
-        mac = self.guest_mac
-        if mac is None:
-            return False
-        template = (mac + self.config.gateway_mac + b"\x08\x00"
-                    + struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0x4000, 64, 6, 0, src, dst)
-                    + struct.pack("!HHIIBBHHH", sport, dport, 0, ack & 0xFFFFFFFF, 5 << 4, 0x10,
-                                  min(window, 0xFFFF), 0, 0))
-        view = memoryview(data)
-        if view.format != "B" or not view.c_contiguous:
-            view = memoryview(bytes(view))
-        frames = data_frames(template, view, seq & 0xFFFFFFFF, seg_size, checksum)
-        append = self.frames_to_guest.append
+    def send_ipv4_frames(self, frames: list[bytes | tuple[bytes, int]]) -> None:
+        """Queue whole Ethernet frames carrying IPv4 for the guest, built by an engine for the
+        learned ``guest_mac`` (e.g. TCP data, ``vhostnet.tcp.frames``); each entry is a frame
+        or ``(frame, vnet word)``, as in ``frames_to_guest``."""
+        append = self.frames_to_guest.append  # one by one: the device's queue watches append
         for frame in frames:
-            if checksum == 1:
-                append((frame, tcp_data_word(len(frame) - 54, mss)))
-            elif checksum == 2:
-                append((frame, DATA_VALID_WORD))
-            else:
-                append(frame)
+            append(frame)
         self._counters.inc("ipv4.tx", len(frames))
-        return True
 
     def _hold_for_mac(self, dst: bytes, packet: bytes) -> None:
         if len(self._held_for_mac) >= MAX_HELD_FOR_MAC:

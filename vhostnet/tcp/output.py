@@ -11,6 +11,7 @@ from typing import Protocol
 
 from vhostnet.stack.counters import Counters
 from vhostnet.tcp.flow import Flow, Phase
+from vhostnet.tcp.frames import L4Checksum, data_frames
 from vhostnet.wire.checksum import PROTO_TCP
 from vhostnet.wire.offload import DATA_VALID_WORD, MAX_TSO_PAYLOAD, NO_OFFLOADS, tcp_data_word
 from vhostnet.wire.tcp import (
@@ -103,13 +104,18 @@ class GuestOutput:
             self._data_segments(flow, data, size, checksum)
 
     def _data_frames(self, flow: Flow, data: bytes | memoryview, size: int, checksum: int) -> bool:
-        """Whole frames built in C by the stack (``send_tcp_data``), when it can."""
-        send = getattr(self.output, "send_tcp_data", None)
-        if send is None:
+        """Whole frames built in C (``frames.data_frames``), when the output takes frames and
+        knows the guest's MAC (else the caller sends segment by segment, to be held)."""
+        send = getattr(self.output, "send_ipv4_frames", None)
+        guest_mac = getattr(self.output, "guest_mac", None)
+        if send is None or guest_mac is None:
             return False
-        return send(flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port,
-                    flow.send_seq(flow.snd_nxt), flow.recv_seq(flow.rcv_nxt),
-                    self.advertised_window(flow), data, size, checksum, flow.mss)
+        send(data_frames(dst_mac=guest_mac, src_mac=self.output.config.gateway_mac,
+                         src_ip=flow.remote_ip, dst_ip=flow.guest_ip, src_port=flow.remote_port,
+                         dst_port=flow.guest_port, seq=flow.send_seq(flow.snd_nxt),
+                         ack=flow.recv_seq(flow.rcv_nxt), window=self.advertised_window(flow),
+                         data=data, seg_size=size, checksum=L4Checksum(checksum), mss=flow.mss))
+        return True
 
     def _data_segments(self, flow: Flow, data: bytes | memoryview, size: int, checksum: int) -> None:
         segments = segment_payload(
