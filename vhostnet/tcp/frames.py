@@ -12,18 +12,18 @@ from enum import IntEnum
 
 from vhostnet.tcp import _frames
 from vhostnet.wire.offload import DATA_VALID_WORD, tcp_data_word
-from vhostnet.wire.tcp import CSUM_FULL, CSUM_NONE, CSUM_PARTIAL
 
 # Ethernet, IPv4 and TCP headers of every frame ``data_frames`` builds (no options).
 HEADERS_LEN: int = _frames.HEADERS_LEN
 
 
 class L4Checksum(IntEnum):
-    """How a segment's TCP checksum is left (equal to ``vhostnet.wire.tcp``'s CSUM_* values)."""
+    """How a segment's TCP checksum is left (the kernel's values, equal to ``vhostnet.wire.tcp``'s
+    CSUM_* that the Python segment builder takes)."""
 
-    FULL = CSUM_FULL  # computed
-    PARTIAL = CSUM_PARTIAL  # the pseudo-header sum only: the guest completes it (NEEDS_CSUM)
-    NONE = CSUM_NONE  # zero: the guest was told the data is valid (DATA_VALID)
+    FULL = _frames.CHECKSUM_FULL  # computed
+    PARTIAL = _frames.CHECKSUM_PARTIAL  # the pseudo-header sum only: the guest completes it
+    NONE = _frames.CHECKSUM_NONE  # zero: the guest was told the data is valid (DATA_VALID)
 
 
 def data_frames(*, dst_mac: bytes, src_mac: bytes, src_ip: bytes, dst_ip: bytes, src_port: int,
