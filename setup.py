@@ -2,13 +2,26 @@
 
 Everything else about the package lives in pyproject.toml; setuptools still
 needs this file to declare compiled extensions.
+
+The C contracts the kernels share are declared, not copied:
+
+- ext/netbytes.pxd (byte order, the one Internet checksum), ext/vnet.pxd (the vnet
+  word) and ext/frame_batch.pxd (the FrameBatch layout) are inline only, cimported
+  by plain name (Cython finds them next to the .pyx files);
+- vhostnet/wire/_flow_table.pxd declares the FlowIndex class of the extension
+  ``vhostnet.wire._flow_table`` (ext/flow_table.pyx), compiled once; the fast paths
+  cimport it by that dotted name, so the project root is on the include path, and
+  the module is imported at run time under that name.
 """
+
+import os
 
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 COMPILE_ARGS = ["-O2", "-fno-strict-aliasing"]
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 extensions = [
     Extension(
@@ -20,6 +33,11 @@ extensions = [
     Extension(
         "vhostnet.wire._csum",
         ["ext/csum.pyx"],
+        extra_compile_args=COMPILE_ARGS,
+    ),
+    Extension(
+        "vhostnet.wire._flow_table",
+        ["ext/flow_table.pyx"],
         extra_compile_args=COMPILE_ARGS,
     ),
     Extension(
@@ -43,6 +61,7 @@ setup(
     ext_modules=cythonize(
         extensions,
         language_level=3,
+        include_path=[ROOT],
         compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
     ),
 )

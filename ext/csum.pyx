@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""The Internet checksum's one's complement sum, in C.
+"""The Internet checksum's one's complement sum, in C: Python's door to ext/netbytes.pxd.
 
 Called for every frame's IPv4 header and TCP/UDP segment; a Python or numpy
 loop costs microseconds per call, this costs nanoseconds. The GIL is released
@@ -8,7 +8,7 @@ for large buffers only: for a 20-byte header the release costs more than the sum
 
 from libc.stdint cimport uint8_t, uint64_t
 
-include "net_inline.pxi"
+from netbytes cimport fold, sum_bytes
 
 
 def ones_complement_sum(const uint8_t[::1] data not None, uint64_t initial=0):

@@ -29,8 +29,10 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp, memcpy, memset
 from libc.errno cimport EINTR, errno
 
-include "net_inline.pxi"
-include "flow_table.pxi"
+from frame_batch cimport FrameArrays, frame_at
+from netbytes cimport be16, be32, pseudo_header_sum, sum_bytes, sum_verifies
+from vhostnet.wire._flow_table cimport TABLE_SLOTS, FlowIndex
+from vnet cimport vnet_partial_csum_at
 
 cdef extern from "<sys/socket.h>" nogil:
     cdef struct iovec:
@@ -53,6 +55,8 @@ cdef enum:
     ETH_LEN = 14
     IP_LEN = 20
     TCP_LEN = 20
+    PROTO_TCP = 6
+    TCP_CHECKSUM_OFFSET = 16
     FLAG_FIN = 0x01
     FLAG_SYN = 0x02
     FLAG_RST = 0x04
@@ -75,7 +79,7 @@ cdef enum:
 FALLBACK_NAMES = ("not_plain", "not_registered", "flags", "no_payload", "out_of_order",
                   "ack_or_window", "checksum", "after_fallback", "host_busy")
 
-cdef struct FlowSlot:          # the flow in slot i of the FlowIndex (flow_table.pxi)
+cdef struct FlowSlot:          # the flow in slot i of the FlowIndex (vhostnet/wire/_flow_table.pxd)
     int fd
     uint32_t seq_next        # host byte order: the guest sequence number the engine expects
     uint32_t ack             # host byte order: the ack number the engine last took
@@ -84,29 +88,6 @@ cdef struct FlowSlot:          # the flow in slot i of the FlowIndex (flow_table
     uint64_t bytes           # since the last take_activity()
     uint64_t segments
     bint host_full           # a write was partial since the last take_activity()
-
-
-cdef inline uint64_t sum_native(const uint8_t *p, size_t n) noexcept nogil:
-    """One's complement sum of ``n`` bytes read as native 16-bit words (fold, compare to 0xFFFF:
-    the sum of byte-swapped words is the byte-swapped sum, and 0xFFFF is its own swap)."""
-    cdef uint64_t total = 0
-    cdef uint32_t word32
-    cdef uint16_t word16 = 0
-    while n >= 4:
-        memcpy(&word32, p, 4)
-        total += word32
-        p += 4
-        n -= 4
-    if n >= 2:
-        memcpy(&word16, p, 2)
-        total += word16
-        p += 2
-        n -= 2
-    if n:
-        word16 = 0
-        (<uint8_t *>&word16)[0] = p[0]  # the odd byte is the high half of a network word
-        total += word16
-    return total
 
 
 cdef inline bint options_valid(const uint8_t *opt, size_t end) noexcept nogil:
@@ -232,18 +213,22 @@ cdef class TcpFastPath:
         ``handled[i]`` is set to 1 for each frame taken. Returns how many were taken.
         """
         cdef Py_ssize_t taken_frames
+        cdef FrameArrays batch
         if count > offsets.shape[0] or count > lengths.shape[0] or count > vnets.shape[0] \
                 or count > handled.shape[0]:
             raise ValueError("count exceeds the batch arrays")
         if count <= 0 or self.index.count == 0 or not self.have_guest_mac or data.shape[0] == 0:
             return 0
+        batch.data = &data[0]
+        batch.size = data.shape[0]
+        batch.offsets = &offsets[0]
+        batch.lengths = &lengths[0]
+        batch.vnets = &vnets[0]
         with nogil:
-            taken_frames = self._take_batch(&data[0], data.shape[0], &offsets[0], &lengths[0],
-                                            &vnets[0], &handled[0], count)
+            taken_frames = self._take_batch(&batch, &handled[0], count)
         return taken_frames
 
-    cdef Py_ssize_t _take_batch(self, const uint8_t *data, Py_ssize_t size, const uint64_t *offsets,
-                                const uint32_t *lengths, const uint64_t *vnets, uint8_t *handled,
+    cdef Py_ssize_t _take_batch(self, const FrameArrays *batch, uint8_t *handled,
                                 Py_ssize_t count) noexcept nogil:
         cdef Py_ssize_t i
         cdef int slot
@@ -259,10 +244,9 @@ cdef class TcpFastPath:
         for i in range(count):
             if handled[i]:
                 continue
-            length = lengths[i]
-            if offsets[i] > <uint64_t>size or length > <uint64_t>size - offsets[i]:
+            frame = frame_at(batch, i, &length)
+            if frame == NULL:
                 continue
-            frame = data + offsets[i]
             # Lengths first: every field read below lies inside these bounds.
             if length < ETH_LEN + IP_LEN + TCP_LEN:
                 continue
@@ -270,12 +254,12 @@ cdef class TcpFastPath:
                     or frame[12] != 0x08 or frame[13] != 0x00):
                 continue
             ip = frame + ETH_LEN
-            if ip[9] != 6:
+            if ip[9] != PROTO_TCP:
                 continue
             # Plain IPv4 only: no options, no fragment, a header that verifies.
             total = be16(ip + 2)
             if (ip[0] != 0x45 or (be16(ip + 6) & 0x3FFF) != 0 or total < IP_LEN + TCP_LEN
-                    or total > length - ETH_LEN or fold(sum_native(ip, IP_LEN)) != 0xFFFF):
+                    or total > length - ETH_LEN or not sum_verifies(sum_bytes(ip, IP_LEN))):
                 self.fallback_counts[FB_NOT_PLAIN] += 1
                 continue
             tcp = ip + IP_LEN
@@ -293,7 +277,7 @@ cdef class TcpFastPath:
             if flow.stopped_in == self.batch_no:
                 self.fallback_counts[FB_AFTER_FALLBACK] += 1
                 continue
-            if not self.acceptable(flow, ip, tcp, tcp_len, header_len, vnets[i]):
+            if not self.acceptable(flow, ip, tcp, tcp_len, header_len, batch.vnets[i]):
                 flow.stopped_in = self.batch_no
                 if slot == self.pending_slot:
                     self.write_pending(handled)
@@ -335,13 +319,11 @@ cdef class TcpFastPath:
 
     cdef bint checksum_acceptable(self, const uint8_t *ip, const uint8_t *tcp, uint64_t tcp_len,
                                   uint64_t vnet) noexcept nogil:
-        cdef uint64_t total
         # A partial checksum at the TCP header (virtio NEEDS_CSUM) is the guest's driver
         # leaving the sum to the device: nothing to verify (TSO frames always come so).
-        if (vnet & 1) and ((vnet >> 32) & 0xFFFF) == ETH_LEN + IP_LEN and ((vnet >> 48) & 0xFFFF) == 16:
+        if vnet_partial_csum_at(vnet, ETH_LEN + IP_LEN, TCP_CHECKSUM_OFFSET):
             return True
-        total = sum_native(ip + 12, 8) + htons(6) + htons(<uint16_t>tcp_len) + sum_native(tcp, tcp_len)
-        return fold(total) == 0xFFFF
+        return sum_verifies(pseudo_header_sum(ip, PROTO_TCP, tcp_len) + sum_bytes(tcp, tcp_len))
 
     cdef void write_pending(self, uint8_t *handled) noexcept nogil:
         """Write the pending run of one flow with sendmsg; settle which of its frames were taken."""

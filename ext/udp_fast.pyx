@@ -21,8 +21,10 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp, memcpy, memset
 from libc.errno cimport EAGAIN, EINTR, errno
 
-include "net_inline.pxi"
-include "flow_table.pxi"
+from frame_batch cimport FrameArrays, frame_at
+from netbytes cimport be16, pseudo_header_sum, sum_bytes, sum_verifies
+from vhostnet.wire._flow_table cimport TABLE_SLOTS, FlowIndex
+from vnet cimport vnet_partial_csum_at
 
 cdef extern from "<sys/socket.h>" nogil:
     cdef struct iovec:
@@ -48,8 +50,10 @@ cdef enum:
     ETH_LEN = 14
     IP_LEN = 20
     UDP_LEN = 8
+    PROTO_UDP = 17
+    UDP_CHECKSUM_OFFSET = 6
 
-cdef struct FlowSlot:          # the flow in slot i of the FlowIndex (flow_table.pxi)
+cdef struct FlowSlot:          # the flow in slot i of the FlowIndex (vhostnet/wire/_flow_table.pxd)
     int fd
     uint64_t datagrams       # since the last take_activity()
     uint64_t bytes
@@ -146,6 +150,7 @@ cdef class UdpFastPath:
         were taken.
         """
         cdef Py_ssize_t taken
+        cdef FrameArrays batch
         if count > offsets.shape[0] or count > lengths.shape[0] or count > vnets.shape[0] \
                 or count > handled.shape[0]:
             raise ValueError("count exceeds the batch arrays")
@@ -153,13 +158,16 @@ cdef class UdpFastPath:
             if count > 0:
                 memset(&handled[0], 0, count)
             return 0
+        batch.data = &data[0]
+        batch.size = data.shape[0]
+        batch.offsets = &offsets[0]
+        batch.lengths = &lengths[0]
+        batch.vnets = &vnets[0]
         with nogil:
-            taken = self._send_batch(&data[0], data.shape[0], &offsets[0], &lengths[0], &vnets[0],
-                                     &handled[0], count)
+            taken = self._send_batch(&batch, &handled[0], count)
         return taken
 
-    cdef Py_ssize_t _send_batch(self, const uint8_t *data, Py_ssize_t size, const uint64_t *offsets,
-                                const uint32_t *lengths, const uint64_t *vnets, uint8_t *handled,
+    cdef Py_ssize_t _send_batch(self, const FrameArrays *batch, uint8_t *handled,
                                 Py_ssize_t count) noexcept nogil:
         cdef Py_ssize_t i, taken = 0
         cdef int n = 0, slot
@@ -169,10 +177,9 @@ cdef class UdpFastPath:
         cdef uint64_t length, total, udp_len
         for i in range(count):
             handled[i] = 0
-            length = lengths[i]
-            if offsets[i] > <uint64_t>size or length > <uint64_t>size - offsets[i]:
+            frame = frame_at(batch, i, &length)
+            if frame == NULL:
                 continue
-            frame = data + offsets[i]
             if length < ETH_LEN + IP_LEN + UDP_LEN:
                 continue
             if (memcmp(frame, self.gateway_mac, 6) != 0 or memcmp(frame + 6, self.guest_mac, 6) != 0
@@ -180,12 +187,12 @@ cdef class UdpFastPath:
                 continue
             ip = frame + ETH_LEN
             # Plain IPv4 only: no options, no fragment, UDP, a header that verifies.
-            if ip[0] != 0x45 or ip[9] != 17 or (be16(ip + 6) & 0x3FFF) != 0:
+            if ip[0] != 0x45 or ip[9] != PROTO_UDP or (be16(ip + 6) & 0x3FFF) != 0:
                 continue
             total = be16(ip + 2)
             if total < IP_LEN + UDP_LEN or total > length - ETH_LEN:
                 continue
-            if fold(sum_bytes(ip, IP_LEN)) != 0xFFFF:
+            if not sum_verifies(sum_bytes(ip, IP_LEN)):
                 continue
             udp = ip + IP_LEN
             udp_len = be16(udp + 4)
@@ -194,7 +201,7 @@ cdef class UdpFastPath:
             slot = self.index.find(ip, udp)
             if slot < 0:
                 continue
-            if not self.checksum_acceptable(ip, udp, udp_len, vnets[i]):
+            if not self.checksum_acceptable(ip, udp, udp_len, batch.vnets[i]):
                 continue  # the Python stack counts and drops it
             if n == MAX_BATCH:
                 self.flush(n)
@@ -214,15 +221,13 @@ cdef class UdpFastPath:
 
     cdef bint checksum_acceptable(self, const uint8_t *ip, const uint8_t *udp, uint64_t udp_len,
                                   uint64_t vnet) noexcept nogil:
-        cdef uint64_t total
         if udp[6] == 0 and udp[7] == 0:
             return True  # the sender computed none (IPv4 allows it)
         # A partial checksum at the UDP header (virtio NEEDS_CSUM) is the guest's driver
         # leaving the sum to the device: nothing to verify.
-        if (vnet & 1) and ((vnet >> 32) & 0xFFFF) == ETH_LEN + IP_LEN and ((vnet >> 48) & 0xFFFF) == 6:
+        if vnet_partial_csum_at(vnet, ETH_LEN + IP_LEN, UDP_CHECKSUM_OFFSET):
             return True
-        total = sum_bytes(ip + 12, 8) + 17 + udp_len + sum_bytes(udp, udp_len)
-        return fold(total) == 0xFFFF
+        return sum_verifies(pseudo_header_sum(ip, PROTO_UDP, udp_len) + sum_bytes(udp, udp_len))
 
     cdef void flush(self, int n) noexcept nogil:
         """Send msgs[0:n], one sendmmsg per run of the same socket; record errors per flow."""

@@ -3,17 +3,15 @@
 #   struct virtio_net_hdr { u8 flags; u8 gso_type; le16 hdr_len; le16 gso_size;
 #                           le16 csum_start; le16 csum_offset; [le16 num_buffers] }
 #
-# A frame's header travels through a FrameBatch as one 64-bit "vnet" word (layout
-# below), so the rest of vhostnet sees small integers, never a header struct.
+# A frame's header travels through a FrameBatch as one 64-bit "vnet" word (ext/vnet.pxd),
+# so the rest of vhostnet sees small integers, never a header struct.
+
+from netbytes cimport le16, put_le16
+from vnet cimport (VNET_F_DATA_VALID, VNET_F_NEEDS_CSUM, VNET_GSO_ECN, VNET_GSO_NONE,
+                  VNET_GSO_TCPV4, VNET_GSO_TCPV6, VnetFields, vnet_decode, vnet_encode,
+                  vnet_gso_type)
 
 cdef enum:
-    VNET_F_NEEDS_CSUM = 1     # partial L4 checksum: csum_start/csum_offset say where
-    VNET_F_DATA_VALID = 2     # device -> driver: checksums already verified
-    VNET_GSO_NONE = 0
-    VNET_GSO_TCPV4 = 1
-    VNET_GSO_UDP = 3
-    VNET_GSO_TCPV6 = 4
-    VNET_GSO_ECN = 0x80
     # Feature bits that allow header fields (device feature numbers).
     FEAT_CSUM = 1 << 0
     FEAT_GUEST_CSUM = 1 << 1
@@ -24,17 +22,13 @@ cdef enum:
     FEAT_HOST_TSO6 = 1 << 12
     FEAT_HOST_ECN = 1 << 13
     VNET_HEADER_FIELDS = 10   # the header without num_buffers
-
-# vnet word: flags | gso_type << 8 | gso_size << 16 | csum_start << 32 | csum_offset << 48
-VNET_FLAGS_SHIFT = 0
-VNET_GSO_TYPE_SHIFT = 8
-VNET_GSO_SIZE_SHIFT = 16
-VNET_CSUM_START_SHIFT = 32
-VNET_CSUM_OFFSET_SHIFT = 48
-
-
-cdef inline uint16_t le16(const uint8_t *p) noexcept nogil:
-    return p[0] | (<uint16_t>p[1] << 8)
+    # Where the fields lie in the header (little-endian 16-bit values from hdr_len on).
+    HDR_FLAGS = 0
+    HDR_GSO_TYPE = 1
+    HDR_HDR_LEN = 2
+    HDR_GSO_SIZE = 4
+    HDR_CSUM_START = 6
+    HDR_CSUM_OFFSET = 8
 
 
 cdef int check_tx_header(const uint8_t *hdr, uint64_t frame_len, uint64_t features,
@@ -46,11 +40,11 @@ cdef int check_tx_header(const uint8_t *hdr, uint64_t frame_len, uint64_t featur
     the guest asked for offloads it negotiated and that the checksum position lies
     inside the frame; the frame's own IPv4/TCP lengths are checked by the stack.
     """
-    cdef uint8_t flags = hdr[0]
-    cdef uint8_t gso_type = hdr[1]
-    cdef uint64_t gso_size = le16(hdr + 4)
-    cdef uint64_t csum_start = le16(hdr + 6)
-    cdef uint64_t csum_offset = le16(hdr + 8)
+    cdef uint8_t flags = hdr[HDR_FLAGS]
+    cdef uint8_t gso_type = hdr[HDR_GSO_TYPE]
+    cdef uint64_t gso_size = le16(hdr + HDR_GSO_SIZE)
+    cdef uint64_t csum_start = le16(hdr + HDR_CSUM_START)
+    cdef uint64_t csum_offset = le16(hdr + HDR_CSUM_OFFSET)
     cdef uint8_t gso = gso_type & ~VNET_GSO_ECN
     if flags & VNET_F_NEEDS_CSUM:
         if not features & FEAT_CSUM:
@@ -75,8 +69,8 @@ cdef int check_tx_header(const uint8_t *hdr, uint64_t frame_len, uint64_t featur
             return R_TX_BAD_GSO
     else:
         gso_size = 0
-    vnet_out[0] = ((flags & VNET_F_NEEDS_CSUM) | (<uint64_t>gso_type << 8) | (gso_size << 16)
-                   | (csum_start << 32) | (csum_offset << 48))
+    vnet_out[0] = vnet_encode(flags & VNET_F_NEEDS_CSUM, gso_type, <uint16_t>gso_size,
+                              <uint16_t>csum_start, <uint16_t>csum_offset)
     return CHAIN_OK
 
 
@@ -87,11 +81,12 @@ cdef int fill_rx_header(uint8_t *hdr, uint64_t vnet, const uint8_t *frame, uint3
     The stack only sets offloads the guest negotiated, but a reconnect can renegotiate
     while frames wait, so the features are checked once more here.
     """
-    cdef uint8_t flags = vnet & 0xFF
-    cdef uint8_t gso_type = (vnet >> 8) & 0xFF
-    cdef uint16_t gso_size = (vnet >> 16) & 0xFFFF
-    cdef uint16_t csum_start = (vnet >> 32) & 0xFFFF
-    cdef uint16_t csum_offset = (vnet >> 48) & 0xFFFF
+    cdef VnetFields fields = vnet_decode(vnet)
+    cdef uint8_t flags = fields.flags
+    cdef uint8_t gso_type = fields.gso_type
+    cdef uint16_t gso_size = fields.gso_size
+    cdef uint16_t csum_start = fields.csum_start
+    cdef uint16_t csum_offset = fields.csum_offset
     cdef uint16_t hdr_len = 0
     cdef uint8_t gso = gso_type & ~VNET_GSO_ECN
     memset(hdr, 0, VNET_HEADER_FIELDS)
@@ -111,14 +106,10 @@ cdef int fill_rx_header(uint8_t *hdr, uint64_t vnet, const uint8_t *frame, uint3
         # hdr_len is a hint: Ethernet, IP and TCP headers (TCP's data offset at csum_start + 12).
         if <uint32_t>csum_start + 13 <= frame_len:
             hdr_len = csum_start + ((frame[csum_start + 12] >> 4) << 2)
-    hdr[0] = flags
-    hdr[1] = gso_type
-    hdr[2] = hdr_len & 0xFF
-    hdr[3] = hdr_len >> 8
-    hdr[4] = gso_size & 0xFF
-    hdr[5] = gso_size >> 8
-    hdr[6] = csum_start & 0xFF
-    hdr[7] = csum_start >> 8
-    hdr[8] = csum_offset & 0xFF
-    hdr[9] = csum_offset >> 8
+    hdr[HDR_FLAGS] = flags
+    hdr[HDR_GSO_TYPE] = gso_type
+    put_le16(hdr + HDR_HDR_LEN, hdr_len)
+    put_le16(hdr + HDR_GSO_SIZE, gso_size)
+    put_le16(hdr + HDR_CSUM_START, csum_start)
+    put_le16(hdr + HDR_CSUM_OFFSET, csum_offset)
     return CHAIN_OK

@@ -117,7 +117,7 @@ cdef int rx_one(SplitQueue q, const uint8_t *frame, uint32_t frame_len, uint64_t
     q.stats[S_RX_FRAMES] += 1
     q.stats[S_RX_BYTES] += frame_len
     q.stats[S_RX_BUFFERS] += chains
-    if header[1]:
+    if header[HDR_GSO_TYPE]:
         q.stats[S_RX_GSO_FRAMES] += 1
     return RX_DELIVERED
 

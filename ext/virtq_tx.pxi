@@ -40,7 +40,7 @@ cdef int tx_drain_frames(SplitQueue q, FrameBatch batch, int max_frames) noexcep
                         frames += 1
                         q.stats[S_TX_FRAMES] += 1
                         q.stats[S_TX_BYTES] += frame_len
-                        if (vnet >> 8) & 0xFF:
+                        if vnet_gso_type(vnet) != VNET_GSO_NONE:
                             q.stats[S_TX_GSO_FRAMES] += 1
                     else:
                         reason = R_ADDRESS_UNMAPPED

@@ -31,10 +31,20 @@ class FakePacket:
     checksum_partial: bool = False
 
 
-class RecordingOutput:
-    """Stands in for NetworkStack.send_ipv4 and keeps what the engine sent to the guest."""
+class SegmentOutput:
+    """The stack's side of ``tcp.output.Ipv4Output`` for tests that take segments one by one:
+    no offloads and no guest MAC learned, so TCP data is never built into whole frames."""
 
     guest_offloads = NO_OFFLOADS
+    guest_mac = None
+    gateway_mac = bytes.fromhex("525600000002")
+
+    def send_ipv4_frames(self, frames: list[bytes | tuple[bytes, int]]) -> None:
+        raise AssertionError("whole frames need the guest's MAC, which this output never has")
+
+
+class RecordingOutput(SegmentOutput):
+    """Stands in for NetworkStack.send_ipv4 and keeps what the engine sent to the guest."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[bytes, bytes, TcpSegment]] = []

@@ -1,4 +1,4 @@
-"""The fast paths' shared flow table (ext/flow_table.pxi), driven through the UDP kernel.
+"""The fast paths' shared flow table (ext/flow_table.pyx), driven through the UDP kernel.
 
 The table is open addressing with tombstones, capped at half its slots; the
 activity report remembers up to 4096 active slots and scans every flow beyond
@@ -101,3 +101,13 @@ def test_activity_beyond_the_report_slots_is_found_by_a_full_scan() -> None:
     finally:
         near.close()
         far.close()
+
+
+def test_both_fast_paths_use_the_one_compiled_flow_table() -> None:
+    import sys
+
+    import vhostnet.hostio.udp_fast
+    import vhostnet.tcp.fast  # noqa: F401
+
+    # The kernels cimport FlowIndex: importing them loads its one module.
+    assert "vhostnet.wire._flow_table" in sys.modules

@@ -17,13 +17,12 @@ from collections import deque
 
 import pytest
 
-from tests.support.tcp import FakePacket
+from tests.support.tcp import FakePacket, SegmentOutput
 from vhostnet.stack.config import PortForward, StackConfig
 from vhostnet.tcp import host as hostio_tcp
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.host import TcpHost
 from vhostnet.wire.checksum import PROTO_TCP
-from vhostnet.wire.offload import NO_OFFLOADS
 from vhostnet.wire.tcp import ACK, FIN, RST, SYN, TcpSegment
 
 GUEST_IP = bytes([10, 0, 2, 15])
@@ -154,7 +153,7 @@ class GuestTcp:
         self.net.to_engine.append((self.remote_ip, segment.emit(GUEST_IP, self.remote_ip)))
 
 
-class GuestNet:
+class GuestNet(SegmentOutput):
     """The guest's side of the wire: engine output lands here, guest segments queue for the engine."""
 
     def __init__(self) -> None:
@@ -162,8 +161,6 @@ class GuestNet:
         self.from_engine: deque[bytes] = deque()
         self.to_engine: deque[tuple[bytes, bytes]] = deque()
         self.listening: dict[int, list[GuestTcp]] = {}
-
-    guest_offloads = NO_OFFLOADS
 
     def send_ipv4(self, src: bytes, dst: bytes, proto: int, payload: bytes, *,
                   offload: int = 0) -> None:

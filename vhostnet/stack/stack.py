@@ -21,7 +21,6 @@ talk to host sockets keep a ``commands`` deque that their glue in
 from __future__ import annotations
 
 import logging
-import struct
 from collections import deque
 from typing import Protocol
 
@@ -32,19 +31,16 @@ from vhostnet.stack.dhcp import DhcpServer
 from vhostnet.stack.dns import DnsForwarder
 from vhostnet.stack.icmp import IcmpEngine
 from vhostnet.stack.udp_nat import UdpNat
-from vhostnet.tcp._frames import data_frames
 from vhostnet.wire import arp, ethernet
 from vhostnet.wire.checksum import PROTO_TCP, PROTO_UDP
 from vhostnet.wire.errors import MalformedPacket
 from vhostnet.wire.ipv4 import IPv4Packet, emit_ipv4_header
 from vhostnet.wire.ipv6 import IPv6Packet
 from vhostnet.wire.offload import (
-    DATA_VALID_WORD,
     NO_OFFLOADS,
     TCP_CHECKSUM_OFFSET,
     UDP_CHECKSUM_OFFSET,
     partial_l4_checksum,
-    tcp_data_word,
 )
 from vhostnet.wire.udp import UdpDatagram, emit_udp
 
@@ -76,7 +72,7 @@ class NetworkStack:
     def __init__(self, config: StackConfig) -> None:
         self.config = config
         # Shared by the stack and its engines (ICMP, DHCP, DNS, UDP NAT count here too).
-        self.stats = self._counters = Counters(log)
+        self.stats = Counters(log)
         self.frames_to_guest: deque[bytes] = deque()
         # Learned from the guest's own frames; None until it has sent something.
         self.guest_mac: bytes | None = None
@@ -114,27 +110,27 @@ class NetworkStack:
         try:
             self._receive_frame(frame, now, vnet)
         except Exception:  # a bug must cost one frame, not the whole back-end
-            self._counters.inc("stack.drop.internal_error")
-            self._counters.log_exception_once("stack.internal_error",
+            self.stats.inc("stack.drop.internal_error")
+            self.stats.log_exception_once("stack.internal_error",
                                               "internal error handling a guest frame")
 
     def count_frames_taken(self, frames: int) -> None:
         """IPv4 frames a C fast path handled in place of ``receive_frame``: count them the same."""
-        self._counters.inc("eth.rx", frames)
-        self._counters.inc("ipv4.rx", frames)
+        self.stats.inc("eth.rx", frames)
+        self.stats.inc("ipv4.rx", frames)
 
     def _receive_frame(self, frame: bytes | bytearray | memoryview, now: float, vnet: int) -> None:
         try:
             eth = ethernet.EthernetFrame(frame)
         except MalformedPacket as error:
-            self._counters.drop(f"eth.drop.{error.reason}", f"Ethernet frame dropped: {error}")
+            self.stats.drop(f"eth.drop.{error.reason}", f"Ethernet frame dropped: {error}")
             return
-        self._counters.inc("eth.rx")
+        self.stats.inc("eth.rx")
         if ethernet.is_multicast(eth.src):
-            self._counters.drop("eth.drop.bad_src", "frame with a multicast source MAC")
+            self.stats.drop("eth.drop.bad_src", "frame with a multicast source MAC")
             return
         if not ethernet.is_multicast(eth.dst) and eth.dst != self.config.gateway_mac:
-            self._counters.inc("eth.drop.not_for_us")
+            self.stats.inc("eth.drop.not_for_us")
             return
         if eth.ethertype == ethernet.ETHERTYPE_IPV4:
             self._receive_ipv4(eth, now, vnet)
@@ -143,28 +139,28 @@ class NetworkStack:
         elif eth.ethertype == ethernet.ETHERTYPE_IPV6:
             self._receive_ipv6(eth)
         else:
-            self._counters.inc("eth.drop.ethertype")
+            self.stats.inc("eth.drop.ethertype")
 
     def _receive_ipv6(self, eth: ethernet.EthernetFrame) -> None:
         # IPv4 only: the one answer is "no IPv6 router here" (see ndp.py).
         try:
             packet = IPv6Packet(eth.payload)
         except MalformedPacket:
-            self._counters.inc("eth.drop.ipv6")
+            self.stats.inc("eth.drop.ipv6")
             return
         if not ndp.is_router_solicitation(packet):
-            self._counters.inc("eth.drop.ipv6")
+            self.stats.inc("eth.drop.ipv6")
             return
         self.frames_to_guest.append(
             ndp.no_router_advertisement(packet, eth.src, self.config.gateway_mac))
-        self._counters.inc("ndp.router_advertisement")
+        self.stats.inc("ndp.router_advertisement")
 
     def _learn(self, mac: bytes, ip: bytes) -> None:
         self.guest_mac = mac
         while self._held_for_mac:
             self.frames_to_guest.append(ethernet.emit_ethernet(
                 mac, self.config.gateway_mac, ethernet.ETHERTYPE_IPV4, self._held_for_mac.popleft()))
-            self._counters.inc("ipv4.tx")
+            self.stats.inc("ipv4.tx")
         if ip != bytes(4) and ip not in (self.config.gateway, self.config.dns) and ip[0] < 224:
             self.guest_ipv4 = ip
 
@@ -172,18 +168,18 @@ class NetworkStack:
         try:
             packet = arp.ArpPacket(eth.payload)
         except MalformedPacket as error:
-            self._counters.drop(f"arp.drop.{error.reason}", f"ARP dropped: {error}")
+            self.stats.drop(f"arp.drop.{error.reason}", f"ARP dropped: {error}")
             return
-        self._counters.inc("arp.rx")
+        self.stats.inc("arp.rx")
         self._learn(eth.src, packet.sender_ip)
         if packet.op != arp.OP_REQUEST:
-            self._counters.inc("arp.learned")
+            self.stats.inc("arp.learned")
             return
         if self._answers_arp_for(packet.target_ip):
             self.frames_to_guest.append(arp.arp_reply_frame(packet, self.config.gateway_mac))
-            self._counters.inc("arp.reply")
+            self.stats.inc("arp.reply")
         else:
-            self._counters.inc("arp.ignored")
+            self.stats.inc("arp.ignored")
 
     def _answers_arp_for(self, target: bytes) -> bool:
         config = self.config
@@ -200,9 +196,9 @@ class NetworkStack:
         try:
             packet = IPv4Packet(eth.payload)
         except MalformedPacket as error:
-            self._counters.drop(f"ipv4.drop.{error.reason}", f"IPv4 packet dropped: {error}")
+            self.stats.drop(f"ipv4.drop.{error.reason}", f"IPv4 packet dropped: {error}")
             return
-        self._counters.inc("ipv4.rx")
+        self.stats.inc("ipv4.rx")
         if vnet:
             l4_start = ethernet.HEADER_LEN + packet.header_len
             if packet.proto == PROTO_TCP:
@@ -215,7 +211,7 @@ class NetworkStack:
             return
         handler = self._protocol_handlers.get(packet.proto)
         if handler is None:
-            self._counters.inc("ipv4.drop.proto")
+            self.stats.inc("ipv4.drop.proto")
             return
         handler.handle_ipv4(packet, now)
 
@@ -224,16 +220,16 @@ class NetworkStack:
             datagram = UdpDatagram(packet.src, packet.dst, packet.payload,
                                    verify=not packet.checksum_partial)
         except MalformedPacket as error:
-            self._counters.drop(f"udp.drop.{error.reason}", f"UDP datagram dropped: {error}")
+            self.stats.drop(f"udp.drop.{error.reason}", f"UDP datagram dropped: {error}")
             return
-        self._counters.inc("udp.rx")
+        self.stats.inc("udp.rx")
         for service in self._udp_services:
             if service.accepts(packet.dst, datagram.dst_port):
                 service.handle_udp(packet.src, datagram.src_port, packet.dst, datagram.dst_port,
                                    datagram.payload, now)
                 return
         if self.udp_nat is None:
-            self._counters.inc("udp.drop.disabled")
+            self.stats.inc("udp.drop.disabled")
             return
         self.udp_nat.handle_datagram(packet, datagram, now)
 
@@ -256,49 +252,32 @@ class NetworkStack:
         if mac is None:
             if offload:
                 # A held packet leaves as a plain frame: without its header it must be whole.
-                self._counters.inc("ipv4.tx.drop.offload_held")
+                self.stats.inc("ipv4.tx.drop.offload_held")
                 return
             self._hold_for_mac(dst, header + bytes(payload))
             return
         frame = ethernet.emit_ethernet(mac, self.config.gateway_mac, ethernet.ETHERTYPE_IPV4,
                                        header + bytes(payload))
         self.frames_to_guest.append((frame, offload) if offload else frame)
-        self._counters.inc("ipv4.tx")
+        self.stats.inc("ipv4.tx")
 
-    def send_tcp_data(self, src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int,
-                      window: int, data: bytes | bytearray | memoryview, seg_size: int,
-                      checksum: int, mss: int) -> bool:
-        """Queue TCP data segments (ACK, PSH on the last) built whole in C; False if the guest
-        MAC is unknown (the caller then sends segment by segment, to be held).
+    @property
+    def gateway_mac(self) -> bytes:
+        """Our own MAC on the guest link: the source of every frame we send."""
+        return self.config.gateway_mac
 
-        ``checksum`` is tcp_wire's CSUM_FULL / CSUM_PARTIAL (GSO, ``seg_size`` up to 64 KiB,
-        ``mss`` the guest's) / CSUM_NONE (DATA_VALID).
-        """
-        mac = self.guest_mac
-        if mac is None:
-            return False
-        template = (mac + self.config.gateway_mac + b"\x08\x00"
-                    + struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0x4000, 64, 6, 0, src, dst)
-                    + struct.pack("!HHIIBBHHH", sport, dport, 0, ack & 0xFFFFFFFF, 5 << 4, 0x10,
-                                  min(window, 0xFFFF), 0, 0))
-        view = memoryview(data)
-        if view.format != "B" or not view.c_contiguous:
-            view = memoryview(bytes(view))
-        frames = data_frames(template, view, seq & 0xFFFFFFFF, seg_size, checksum)
-        append = self.frames_to_guest.append
+    def send_ipv4_frames(self, frames: list[bytes | tuple[bytes, int]]) -> None:
+        """Queue whole Ethernet frames carrying IPv4 for the guest, built by an engine for the
+        learned ``guest_mac`` (e.g. TCP data, ``vhostnet.tcp.frames``); each entry is a frame
+        or ``(frame, vnet word)``, as in ``frames_to_guest``."""
+        append = self.frames_to_guest.append  # one by one: the device's queue watches append
         for frame in frames:
-            if checksum == 1:
-                append((frame, tcp_data_word(len(frame) - 54, mss)))
-            elif checksum == 2:
-                append((frame, DATA_VALID_WORD))
-            else:
-                append(frame)
-        self._counters.inc("ipv4.tx", len(frames))
-        return True
+            append(frame)
+        self.stats.inc("ipv4.tx", len(frames))
 
     def _hold_for_mac(self, dst: bytes, packet: bytes) -> None:
         if len(self._held_for_mac) >= MAX_HELD_FOR_MAC:
-            self._counters.drop("ipv4.tx.drop.no_guest_mac",
+            self.stats.drop("ipv4.tx.drop.no_guest_mac",
                                 "packet for the guest dropped: its MAC address is not known yet")
             return
         # Ask again every few packets (no clock here): the guest may miss one request.
@@ -307,9 +286,9 @@ class NetworkStack:
                                    bytes(6), dst)
             self.frames_to_guest.append(ethernet.emit_ethernet(
                 ethernet.BROADCAST_MAC, self.config.gateway_mac, ethernet.ETHERTYPE_ARP, request))
-            self._counters.inc("arp.request_sent")
+            self.stats.inc("arp.request_sent")
         self._held_for_mac.append(packet)
-        self._counters.inc("ipv4.tx.held_for_mac")
+        self.stats.inc("ipv4.tx.held_for_mac")
 
     def send_udp(self, src: bytes, sport: int, dst: bytes, dport: int,
                  payload: bytes | bytearray | memoryview, dst_mac: bytes | None = None) -> None:
@@ -321,13 +300,13 @@ class NetworkStack:
 
     def restore_counters(self, values: dict[str, int]) -> None:
         """Carry counters over from a migration source (added to ours)."""
-        self._counters.restore(values)
+        self.stats.restore(values)
 
     def counters(self) -> dict[str, int]:
         """A snapshot of the counters of the stack and its engines (flat dotted names), with
         the flow gauges of the engines attached to it."""
         if self.udp_nat is not None:
-            self._counters.set("udp.flows", self.udp_nat.flow_count())
+            self.stats.set("udp.flows", self.udp_nat.flow_count())
         if self.icmp is not None:
-            self._counters.set("icmp.flows", self.icmp.flow_count())
-        return self._counters.snapshot()
+            self.stats.set("icmp.flows", self.icmp.flow_count())
+        return self.stats.snapshot()

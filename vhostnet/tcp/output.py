@@ -11,6 +11,7 @@ from typing import Protocol
 
 from vhostnet.stack.counters import Counters
 from vhostnet.tcp.flow import Flow, Phase
+from vhostnet.tcp.frames import L4Checksum, data_frames
 from vhostnet.wire.checksum import PROTO_TCP
 from vhostnet.wire.offload import DATA_VALID_WORD, MAX_TSO_PAYLOAD, GuestOffloads, tcp_data_word
 from vhostnet.wire.tcp import (
@@ -31,9 +32,16 @@ class Ipv4Output(Protocol):
     """Where segments go (the stack): IPv4 to the guest, and what the guest's driver takes."""
 
     guest_offloads: GuestOffloads  # checksum/TSO offloads the guest accepts on receive
+    # The guest's MAC once learned; until then data goes segment by segment
+    # through send_ipv4, which holds packets for the guest's MAC.
+    guest_mac: bytes | None
+    gateway_mac: bytes  # our own MAC, the source of whole frames
 
     def send_ipv4(self, src: bytes, dst: bytes, proto: int, payload: bytes, *,
                   offload: int = 0) -> None: ...
+
+    def send_ipv4_frames(self, frames: list[bytes | tuple[bytes, int]]) -> None:
+        """Whole Ethernet frames for ``guest_mac``, each one or ``(frame, vnet word)``."""
 
 
 class GuestOutput:
@@ -105,13 +113,17 @@ class GuestOutput:
             self._data_segments(flow, data, size, checksum)
 
     def _data_frames(self, flow: Flow, data: bytes | memoryview, size: int, checksum: int) -> bool:
-        """Whole frames built in C by the stack (``send_tcp_data``), when it can."""
-        send = getattr(self.output, "send_tcp_data", None)
-        if send is None:
+        """Whole frames built in C (``frames.data_frames``) once the guest's MAC is known
+        (else the caller sends segment by segment, to be held until it is)."""
+        guest_mac = self.output.guest_mac
+        if guest_mac is None:
             return False
-        return send(flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port,
-                    flow.send_seq(flow.snd_nxt), flow.recv_seq(flow.rcv_nxt),
-                    self.advertised_window(flow), data, size, checksum, flow.mss)
+        self.output.send_ipv4_frames(data_frames(dst_mac=guest_mac, src_mac=self.output.gateway_mac,
+                         src_ip=flow.remote_ip, dst_ip=flow.guest_ip, src_port=flow.remote_port,
+                         dst_port=flow.guest_port, seq=flow.send_seq(flow.snd_nxt),
+                         ack=flow.recv_seq(flow.rcv_nxt), window=self.advertised_window(flow),
+                         data=data, seg_size=size, checksum=L4Checksum(checksum), mss=flow.mss))
+        return True
 
     def _data_segments(self, flow: Flow, data: bytes | memoryview, size: int, checksum: int) -> None:
         segments = segment_payload(

@@ -21,6 +21,7 @@ Linux's own tap and GRO produce them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 NEEDS_CSUM = 1
 DATA_VALID = 2
@@ -46,16 +47,44 @@ class GuestOffloads:
 NO_OFFLOADS = GuestOffloads()
 
 
+# The vnet word's layout (as in ext/vnet.pxd): where each field starts, and its mask.
+FLAGS_SHIFT, FLAGS_MASK = 0, 0xFF
+GSO_TYPE_SHIFT, GSO_TYPE_MASK = 8, 0xFF
+GSO_SIZE_SHIFT, GSO_SIZE_MASK = 16, 0xFFFF
+CSUM_START_SHIFT, CSUM_START_MASK = 32, 0xFFFF
+CSUM_OFFSET_SHIFT, CSUM_OFFSET_MASK = 48, 0xFFFF
+
+
+class VnetFields(NamedTuple):
+    """The virtio-net header offload fields a vnet word carries."""
+
+    flags: int
+    gso_type: int
+    gso_size: int
+    csum_start: int
+    csum_offset: int
+
+
 def vnet_word(flags: int, gso_type: int = GSO_NONE, gso_size: int = 0, csum_start: int = 0,
               csum_offset: int = 0) -> int:
-    """Pack header fields into the vnet word the device and the Cython kernel exchange."""
-    return flags | gso_type << 8 | gso_size << 16 | csum_start << 32 | csum_offset << 48
+    """Pack header fields into the vnet word the device and the Cython kernel exchange.
+
+    Raises ValueError for a field that does not fit its width.
+    """
+    if (flags & ~FLAGS_MASK or gso_type & ~GSO_TYPE_MASK or gso_size & ~GSO_SIZE_MASK
+            or csum_start & ~CSUM_START_MASK or csum_offset & ~CSUM_OFFSET_MASK):
+        raise ValueError("a vnet field does not fit its width")
+    return (flags << FLAGS_SHIFT | gso_type << GSO_TYPE_SHIFT | gso_size << GSO_SIZE_SHIFT
+            | csum_start << CSUM_START_SHIFT | csum_offset << CSUM_OFFSET_SHIFT)
 
 
-def vnet_fields(word: int) -> tuple[int, int, int, int, int]:
-    """(flags, gso_type, gso_size, csum_start, csum_offset) of a vnet word."""
-    return (word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFFFF, (word >> 32) & 0xFFFF,
-            (word >> 48) & 0xFFFF)
+def vnet_fields(word: int) -> VnetFields:
+    """The header fields of a vnet word (a tuple: flags, gso_type, gso_size, csum_start,
+    csum_offset)."""
+    return VnetFields((word >> FLAGS_SHIFT) & FLAGS_MASK, (word >> GSO_TYPE_SHIFT) & GSO_TYPE_MASK,
+                      (word >> GSO_SIZE_SHIFT) & GSO_SIZE_MASK,
+                      (word >> CSUM_START_SHIFT) & CSUM_START_MASK,
+                      (word >> CSUM_OFFSET_SHIFT) & CSUM_OFFSET_MASK)
 
 
 def partial_l4_checksum(word: int, l4_start: int, checksum_offset: int) -> bool:
@@ -64,8 +93,9 @@ def partial_l4_checksum(word: int, l4_start: int, checksum_offset: int) -> bool:
     Only a partial checksum exactly at the L4 header's checksum field counts; one
     pointing elsewhere leaves the L4 checksum to be verified as usual.
     """
-    return (word & NEEDS_CSUM != 0 and (word >> 32) & 0xFFFF == l4_start
-            and (word >> 48) & 0xFFFF == checksum_offset)
+    return (word >> FLAGS_SHIFT & NEEDS_CSUM != 0
+            and (word >> CSUM_START_SHIFT) & CSUM_START_MASK == l4_start
+            and (word >> CSUM_OFFSET_SHIFT) & CSUM_OFFSET_MASK == checksum_offset)
 
 
 def tcp_data_word(payload_len: int, mss: int) -> int:
