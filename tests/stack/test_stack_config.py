@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from vhostnet.stack.config import DEFAULT_EPHEMERAL, PortForward, StackConfig, ip4, ip4_str, parse_port_spec
+from vhostnet.stack.config import (
+    DEFAULT_EPHEMERAL,
+    PortForward,
+    StackConfig,
+    ip4,
+    ip4_str,
+    parse_port_spec,
+)
 
 
 def test_defaults_match_qemu_user_networking() -> None:

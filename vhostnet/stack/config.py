@@ -56,6 +56,10 @@ class PortForward:
     optional: bool = False
 
 
+# Linux's IP_FREEBIND (socket module constant from Python 3.12 only).
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+
+
 def listener_options(forward: PortForward, freebind: bool) -> list[tuple[int, int, int | bytes]]:
     """The setsockopt() calls a forwarded port's listener needs before bind (data only):
     SO_BINDTODEVICE for ``%IF``, IP_FREEBIND for --freebind."""
@@ -63,7 +67,7 @@ def listener_options(forward: PortForward, freebind: bool) -> list[tuple[int, in
     if forward.host_if:
         options.append((socket.SOL_SOCKET, socket.SO_BINDTODEVICE, forward.host_if.encode()))
     if freebind:
-        options.append((socket.SOL_IP, socket.IP_FREEBIND, 1))
+        options.append((socket.SOL_IP, IP_FREEBIND, 1))
     return options
 
 
