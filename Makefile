@@ -35,7 +35,7 @@ $(PLOT_STAMP): $(STAMP)
 lint: setup
 	$(PY) -m ruff check vhostnet tests tools bench testkit
 
-setup: system-packages $(STAMP) build
+setup: system-packages $(STAMP) build $(VENV)/bin/vhostnet
 
 system-packages:
 	@sh tools/system-packages.sh
@@ -43,8 +43,14 @@ system-packages:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "setuptools>=68" wheel "Cython>=3.0" "numpy>=1.26" "uvloop>=0.19" "pytest>=8" ruff
+	$(PY) -m pip install -q "setuptools>=77" wheel build "Cython>=3.0" "numpy>=1.26" "uvloop>=0.19" "pytest>=8" ruff
 	touch $(STAMP)
+
+# The `vhostnet` command in the venv: an editable install of this tree (the Cython
+# kernels are built once here; `build` keeps them current), redone when pyproject changes.
+$(VENV)/bin/vhostnet: pyproject.toml $(STAMP)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
 
 # The Cython kernels are built in place, so the source tree is the package.
 build: $(STAMP)

@@ -28,7 +28,7 @@ REPLY_TIMEOUT = 120.0
 
 def vhostnet_template(discard_tx: bool = False) -> str:
     """The command that starts vhostnet itself for a case."""
-    cmd = (f"{shlex.quote(sys.executable)} -m vhostnet --socket {{socket}} --control {{control}} "
+    cmd = (f"{shlex.quote(sys.executable)} -m vhostnet -f --socket {{socket}} --control {{control}} "
            "-m {mtu} -t {tcp_fwd} -u {udp_fwd} --dns-upstream 127.0.0.1 -q")
     return cmd + (" --discard-tx" if discard_tx else "")
 

@@ -168,7 +168,7 @@ def test_garbage_on_the_socket_closes_only_that_connection(server: VhostnetProce
         (("--socket", "/nonexistent-dir/x.sock"), "does not exist"),
         (("--socket", "/tmp/x.sock", "--mtu", "99"), "MTU 99"),
         (("--socket", "/tmp/x.sock", "-t", "99999"), "out of range"),
-        (("--socket", "/tmp/x.sock", "--address", "10.0.2.999"), "not an IPv4 address"),
+        (("--socket", "/tmp/x.sock", "--address", "10.0.2.999"), "not an IPv4 or IPv6 address"),
         (("--socket", "/tmp/x.sock", "--bootfile", "pxelinux.0"), "needs --tftp"),
         (("--socket", "/tmp/x.sock", "--dns-upstream", "nonsense:53"), "DNS upstream"),
         (("--socket", "/tmp/x.sock", "--map-host-loopback", "10.0.2.15"), "loopback address must differ"),

@@ -75,6 +75,8 @@ LAYER_OF_PREFIX: tuple[tuple[str, str], ...] = (
     ("vhostnet.server", "server"),
     ("vhostnet.control", "control"),
     ("vhostnet.cli", "cli"),
+    ("vhostnet.options", "cli"),
+    ("vhostnet.daemon", "cli"),
     ("vhostnet.__main__", "cli"),
     ("testkit", "testkit"),
     ("bench", "bench"),

@@ -90,7 +90,7 @@ def main() -> int:
 
     print(f"demo: starting vhostnet on {socket_path}")
     vhostnet = subprocess.Popen(
-        [sys.executable, "-m", "vhostnet", "--socket", str(socket_path),
+        [sys.executable, "-m", "vhostnet", "-f", "--socket", str(socket_path),
          "--dns-upstream", f"127.0.0.1:{DNS_PORT}"],
         cwd=REPO,
     )

@@ -153,13 +153,20 @@ class Connection:
 
 
 class Server:
-    """Listens on the vhost-user socket and serves one front-end at a time."""
+    """Listens on the vhost-user socket and serves one front-end at a time.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, listener: socket.socket, network: Network,
-                 *, device_state: Callable[[], DeviceStateHandler] | None = None) -> None:
+    ``listener`` None: no listening socket; ``serve_connected`` gives the one
+    front-end (passt's --fd). ``one_off``: the server closes when its first
+    front-end goes away (passt's --one-off).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, listener: socket.socket | None,
+                 network: Network, *, device_state: Callable[[], DeviceStateHandler] | None = None,
+                 one_off: bool = False) -> None:
         self.loop = loop
         self.listener = listener
         self.network = network
+        self.one_off = one_off
         # Makes each connection's device-state handler (migration); None: not offered.
         self.device_state = device_state
         self.active: Connection | None = None
@@ -167,7 +174,8 @@ class Server:
         # counts since vhostnet started, across guest reboots and QEMU restarts.
         self._closed_connection_counters: dict[str, int] = {}
         self.closed = asyncio.Event()
-        loop.add_reader(listener.fileno(), self._on_accept)
+        if listener is not None:
+            loop.add_reader(listener.fileno(), self._on_accept)
 
     def _on_accept(self) -> None:
         try:
@@ -181,6 +189,10 @@ class Server:
             log.warning("refusing a second front-end: this socket already serves one guest")
             sock.close()
             return
+        self.serve_connected(sock)
+
+    def serve_connected(self, sock: socket.socket) -> None:
+        """Serve a front-end on an already connected socket (accepted, or passt's --fd)."""
         sock.setblocking(False)
         log.info("front-end connected")
         self.active = Connection(self, sock)
@@ -198,17 +210,23 @@ class Server:
         add_counts(self._closed_connection_counters, connection.counters())
         if self.active is connection:
             self.active = None
+            if self.one_off:
+                log.info("the front-end went away: stopping (--one-off)")
+                self.loop.call_soon(self.close)
 
     def close(self) -> None:
-        self.loop.remove_reader(self.listener.fileno())
+        if self.closed.is_set():
+            return
         if self.active is not None:
             self.active.close()
-        path = self.listener.getsockname()
-        self.listener.close()
-        if isinstance(path, str) and path:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        if self.listener is not None:
+            self.loop.remove_reader(self.listener.fileno())
+            path = self.listener.getsockname()
+            self.listener.close()
+            if isinstance(path, str) and path:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
         self.network.close()
         self.closed.set()

@@ -55,7 +55,7 @@ class VhostnetProcess:
         self.expected_exit = False
 
     def command(self) -> list[str]:
-        return [*self.wrapper, sys.executable, "-m", "vhostnet", "--socket",
+        return [*self.wrapper, sys.executable, "-m", "vhostnet", "-f", "--socket",
                 str(self.socket_path), *self.extra_args]
 
     def start(self, timeout: float = 30.0) -> VhostnetProcess:

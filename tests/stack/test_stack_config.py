@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from vhostnet.stack.config import PortForward, StackConfig, ip4, ip4_str, parse_port_spec
+from vhostnet.stack.config import (
+    DEFAULT_EPHEMERAL,
+    PortForward,
+    StackConfig,
+    ip4,
+    ip4_str,
+    parse_port_spec,
+)
 
 
 def test_defaults_match_qemu_user_networking() -> None:
@@ -95,17 +102,32 @@ def test_port_spec_address() -> None:
 
 def test_port_spec_exclusions_and_all() -> None:
     assert [p[1] for p in pairs("1000-1005,~1002-1003")] == [1000, 1001, 1004, 1005]
+    # passt's `all`: every port outside the ephemeral range, skipped where in use.
+    outside = 65535 - len(DEFAULT_EPHEMERAL)
     everything_but = pairs("~22")
-    assert len(everything_but) == 65534 and ("0.0.0.0", 22, 22) not in everything_but
-    assert len(pairs("all")) == 65535
-    assert len(pairs("all,~1-1023")) == 65535 - 1023
+    assert len(everything_but) == outside - 1 and ("0.0.0.0", 22, 22) not in everything_but
+    assert len(pairs("all")) == outside
+    assert all(f.optional for f in parse_port_spec("all"))
+    assert 32768 not in {p[1] for p in pairs("all")}
+    assert len(pairs("all,~1-1023")) == outside - 1023
+    assert len(parse_port_spec("all", ephemeral=range(0))) == 65535
     assert parse_port_spec("none") == []
+
+
+def test_port_spec_interface_and_guest_address() -> None:
+    assert parse_port_spec("%lo/22") == [PortForward("0.0.0.0", 22, 22, host_if="lo")]
+    assert parse_port_spec("127.0.0.1%lo/22") == [PortForward("127.0.0.1", 22, 22, host_if="lo")]
+    assert parse_port_spec("8080:10.0.2.15/80") == [
+        PortForward("0.0.0.0", 8080, 80, guest_addr="10.0.2.15")]
+    assert {f.guest_addr for f in parse_port_spec("all:10.0.2.15")} == {"10.0.2.15"}
+    # Named ports must bind; ports from `all` may be taken by the host.
+    assert {f.host_port: f.optional for f in parse_port_spec("80,all")}[80] is False
 
 
 @pytest.mark.parametrize(
     "spec",
     ["", "0", "65536", "abc", "22-", "30-20", "1000-1002:2000-2005", "999.1.1.1/22", "22,,23",
-     "80:81,80:82", "~", "22:"],
+     "80:81,80:82", "~", "22:", "%/22", "all:nothing"],
 )
 def test_port_spec_errors_are_one_sentence(spec: str) -> None:
     with pytest.raises(ValueError) as info:

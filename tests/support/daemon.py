@@ -24,7 +24,7 @@ class VhostnetProcess:
         self.log_path = tmp / "vn.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
         # A dead upstream port keeps the DNS forwarder off the machine's resolver.
-        command = [sys.executable, "-m", "vhostnet", "--socket", self.socket_path,
+        command = [sys.executable, "-m", "vhostnet", "-f", "--socket", self.socket_path,
                    "--control", self.control_path, "--dns-upstream", "127.0.0.1:9", *args]
         self.process = subprocess.Popen(command, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20

@@ -19,13 +19,14 @@ it can move to Cython without touching the control logic.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from vhostnet.stack.config import PortForward
+from vhostnet.stack.config import PortForward, listener_options
 from vhostnet.stack.udp_nat import UdpBindPeer, UdpClose, UdpNat, UdpOpen, UdpSend
 
 if TYPE_CHECKING:
@@ -93,9 +94,13 @@ class UdpGlue:
         sock = socket.socket(family_of(forward.host_addr), socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
+            for option in listener_options(forward, self.engine.config.freebind):
+                sock.setsockopt(*option)
             sock.bind((forward.host_addr, forward.host_port))
         except OSError as error:
             sock.close()
+            if forward.optional and error.errno == errno.EADDRINUSE:
+                return  # `all`: the ports the host already uses are not forwarded (passt)
             log.warning("cannot forward UDP %s:%d: %s", forward.host_addr, forward.host_port,
                         error.strerror)
             return

@@ -9,6 +9,7 @@ Port forwarding specs follow passt's ``-t``/``-u`` syntax (see ``parse_port_spec
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass, field
 
 MIN_MTU = 576
@@ -46,6 +47,50 @@ class PortForward:
     host_addr: str
     host_port: int
     guest_port: int
+    # Bound on this host interface only (passt's ``ADDR%IF/``): SO_BINDTODEVICE.
+    host_if: str | None = None
+    # The guest-side address the connection goes to (passt's ``:toaddr/``); None: the guest's.
+    guest_addr: str | None = None
+    # From ``all`` (or a spec of exclusions only): a port the host already uses is skipped,
+    # as passt forwards "all unbound ports"; a port named explicitly must bind.
+    optional: bool = False
+
+
+# Linux's IP_FREEBIND (socket module constant from Python 3.12 only).
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+
+
+def listener_options(forward: PortForward, freebind: bool) -> list[tuple[int, int, int | bytes]]:
+    """The setsockopt() calls a forwarded port's listener needs before bind (data only):
+    SO_BINDTODEVICE for ``%IF``, IP_FREEBIND for --freebind."""
+    options: list[tuple[int, int, int | bytes]] = []
+    if forward.host_if:
+        options.append((socket.SOL_SOCKET, socket.SO_BINDTODEVICE, forward.host_if.encode()))
+    if freebind:
+        options.append((socket.SOL_IP, IP_FREEBIND, 1))
+    return options
+
+
+@dataclass
+class Ipv6Settings:
+    """The command line's IPv6 options, checked and kept until the stack speaks IPv6.
+
+    Nothing reads them yet; addresses are canonical strings.
+    """
+
+    address: str | None = None
+    prefix_length: int | None = None
+    gateway: str | None = None
+    dns: list[str] = field(default_factory=list)
+    dns_forward: str | None = None
+    dns_host: str | None = None
+    outbound: str | None = None
+    outbound_if: str | None = None
+    map_host_loopback: str | None = None
+    map_guest_addr: str | None = None
+    ndp: bool = True
+    dhcpv6: bool = True
+    router_advertisements: bool = True
 
 
 def _as_ip4(value: bytes | str, name: str) -> bytes:
@@ -86,6 +131,24 @@ class StackConfig:
     lease_time: int = 86400
     flow_limit: int = 65536
     udp_idle_timeout: float = 180.0
+    # DNS servers offered by DHCP (passt's -D); None: the DNS forwarder address ``dns``.
+    dhcp_dns: list[bytes] | None = None
+    # False for passt's ``-m 0``: DHCP does not tell the guest an MTU.
+    assign_mtu: bool = True
+    # DHCP option 81 (client FQDN), passt's --fqdn.
+    fqdn: str | None = None
+    # passt's --map-guest-addr: guest traffic to this address goes to the guest's own
+    # address on the host side.
+    map_guest_addr: bytes | None = None
+    # passt's -o/--outbound, --outbound-if4, -i, --freebind: kept (see README's table).
+    outbound_ipv4: bytes | None = None
+    outbound_if4: str | None = None
+    interface: str | None = None
+    freebind: bool = False
+    # Address families in use (passt's -4/-6); IPv6 settings wait for the IPv6 stack.
+    ipv4: bool = True
+    ipv6: bool = True
+    ipv6_settings: Ipv6Settings = field(default_factory=Ipv6Settings)
 
     def __post_init__(self) -> None:
         self.guest_ipv4 = _as_ip4(self.guest_ipv4, "guest_ipv4")
@@ -116,6 +179,15 @@ class StackConfig:
             raise ValueError("flow_limit must be positive")
         if self.udp_idle_timeout <= 0:
             raise ValueError("udp_idle_timeout must be positive")
+        if self.dhcp_dns is not None:
+            self.dhcp_dns = [_as_ip4(x, "dhcp_dns") for x in self.dhcp_dns]
+        if self.map_guest_addr is not None:
+            self.map_guest_addr = _as_ip4(self.map_guest_addr, "map_guest_addr")
+
+    @property
+    def offered_dns(self) -> list[bytes]:
+        """The DNS servers DHCP offers: passt's -D list, or the forwarder address."""
+        return [self.dns] if self.dhcp_dns is None else list(self.dhcp_dns)
 
     @property
     def loopback_peer_address(self) -> bytes:
@@ -142,6 +214,7 @@ class StackConfig:
         """Where a guest's outbound flow to ``dst_ip:dst_port`` goes on the host, or None.
 
         - the ``map_host_loopback`` address (by default the gateway) -> the host's 127.0.0.1;
+        - the ``map_guest_addr`` address -> the guest's own address, on the host;
         - the gateway address, when it is not that address -> None: it is virtual,
           like the DNS address, and nothing answers behind it;
         - the DNS address, port 53 -> the first upstream resolver (None without one);
@@ -152,6 +225,8 @@ class StackConfig:
         """
         if dst_ip == self.map_host_loopback:
             return (HOST_LOOPBACK, dst_port)
+        if dst_ip == self.map_guest_addr:
+            return (ip4_str(self.guest_ipv4), dst_port)
         if dst_ip == self.gateway:
             return None
         if dst_ip == self.dns:
@@ -167,6 +242,9 @@ class StackConfig:
 # --- passt-style port specs -------------------------------------------------
 
 ALL_PORTS = range(1, 65536)
+# Linux's default ip_local_port_range: the ports ``all`` leaves alone (passt forwards
+# "all unbound, non-ephemeral ports"); the command line passes the host's own range.
+DEFAULT_EPHEMERAL = range(32768, 61000)
 DEFAULT_BIND_ADDRESS = "0.0.0.0"
 
 
@@ -188,60 +266,96 @@ def _parse_range(text: str, spec: str) -> range:
     return range(start, end + 1)
 
 
-def parse_port_spec(spec: str) -> list[PortForward]:
+def _parse_address(text: str, what: str, spec: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"bad {what} {text!r} in port spec {spec!r}") from None
+
+
+def _split_bind(text: str, spec: str) -> tuple[str, str | None, str]:
+    """``[ADDR][%IF]/PORTS`` -> (address, interface, ports). The bind part is what precedes
+    the first slash when it is an address or starts with '%'; otherwise that slash
+    belongs to a ``:toaddr/`` inside PORTS."""
+    head, slash, rest = text.partition("/")
+    address, percent, interface = head.partition("%")
+    if not slash or not (percent or _is_address(address)):
+        return DEFAULT_BIND_ADDRESS, None, text
+    if percent and not interface:
+        raise ValueError(f"empty interface name after '%' in port spec {spec!r}")
+    address = _parse_address(address, "bind address", spec) if address else DEFAULT_BIND_ADDRESS
+    return address, interface or None, rest
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_port_spec(spec: str, ephemeral: range = DEFAULT_EPHEMERAL) -> list[PortForward]:
     """Parse a passt ``-t``/``-u`` port spec into forwards, in ascending host-port order.
 
-    Syntax (comma-separated items, optionally prefixed once by ``ADDR/``):
+    Syntax (comma-separated items, optionally prefixed once by ``[ADDR][%IF]/``):
 
-    - ``none``: no forwards.  ``all``: every port 1-65535 to the same guest port
-      (items after it may only be exclusions, e.g. ``all,~22``);
+    - ``none``: no forwards.  ``all[:toaddr]``: every port outside ``ephemeral`` to the
+      same guest port, skipped where the host already binds it (``optional``);
     - ``P`` or ``A-B``: the same port numbers on host and guest;
-    - ``P:Q`` or ``A-B:C-D``: host ports to other guest ports (ranges of equal length);
+    - ``P:Q``, ``A-B:C-D``, ``P:toaddr/Q``: host ports to other guest ports (ranges of
+      equal length), optionally at another guest-side address;
     - ``~P`` or ``~A-B``: exclude host ports; a spec made only of exclusions means
-      "all ports except these" (as in passt);
-    - ``ADDR/...``: bind on ADDR (IPv4 or IPv6 literal) instead of 0.0.0.0.
+      "all (non-ephemeral) ports except these" (as in passt);
+    - ``ADDR/...``, ``%IF/...``, ``ADDR%IF/...``: bind on ADDR (IPv4 or IPv6), on
+      interface IF only, instead of every address.
     """
     text = spec.strip()
     if not text:
         raise ValueError("empty port spec")
     if text == "none":
         return []
-    address = DEFAULT_BIND_ADDRESS
-    if "/" in text:
-        address, _, text = text.rpartition("/")
-        try:
-            ipaddress.ip_address(address)
-        except ValueError:
-            raise ValueError(f"bad bind address {address!r} in port spec {spec!r}") from None
-    mapping: dict[int, int] = {}
+    address, interface, text = _split_bind(text, spec)
+    everything = [port for port in ALL_PORTS if port not in ephemeral]
+    mapping: dict[int, tuple[int, str | None, bool]] = {}
     excluded: set[int] = set()
     has_positive = False
+    all_to: str | None = None
     for item in text.split(","):
         item = item.strip()
         if not item:
             raise ValueError(f"empty item in port spec {spec!r}")
-        if item == "all":
+        if item == "all" or item.startswith("all:"):
             has_positive = True
-            for port in ALL_PORTS:
-                mapping.setdefault(port, port)
+            all_to = _parse_address(item[4:], "guest address", spec) if item[3:] else None
+            for port in everything:
+                mapping.setdefault(port, (port, all_to, True))
             continue
         if item.startswith("~"):
             excluded.update(_parse_range(item[1:], spec))
             continue
         has_positive = True
         host_text, colon, guest_text = item.partition(":")
+        to_address = None
+        if "/" in guest_text:
+            to_text, _, guest_text = guest_text.rpartition("/")
+            to_address = _parse_address(to_text, "guest address", spec)
         host_ports = _parse_range(host_text, spec)
-        guest_ports = _parse_range(guest_text, spec) if colon else host_ports
+        guest_ports = _parse_range(guest_text, spec) if colon and guest_text else host_ports
+        if colon and not guest_text and to_address is None:
+            raise ValueError(f"missing guest port after ':' in {item!r} of {spec!r}")
         if len(guest_ports) != len(host_ports):
             raise ValueError(f"host and guest ranges differ in length in {item!r} of {spec!r}")
         for host_port, guest_port in zip(host_ports, guest_ports, strict=True):
-            if mapping.get(host_port, guest_port) != guest_port:
+            target = (guest_port, to_address, False)
+            previous = mapping.get(host_port)
+            if previous is not None and not previous[2] and previous != target:
                 raise ValueError(f"host port {host_port} forwarded twice in port spec {spec!r}")
-            mapping[host_port] = guest_port
+            mapping[host_port] = target
     if not has_positive:
-        mapping = {port: port for port in ALL_PORTS}
+        mapping = {port: (port, None, True) for port in everything}
     return [
-        PortForward(address, host_port, guest_port)
-        for host_port, guest_port in sorted(mapping.items())
+        PortForward(address, host_port, guest_port, interface, to_address, optional)
+        for host_port, (guest_port, to_address, optional) in sorted(mapping.items())
         if host_port not in excluded
     ]

@@ -65,6 +65,11 @@ from vhostnet.wire.errors import MalformedPacket
 from vhostnet.wire.ethernet import BROADCAST_MAC
 from vhostnet.wire.ipv4 import BROADCAST
 
+# RFC 4702 client FQDN (passt's --fqdn): flags with E set (the name in wire encoding),
+# both RCODEs 255 as the RFC asks of a server.
+OPT_CLIENT_FQDN = 81
+FQDN_FLAGS_E = 0x04
+
 SendUdp = Callable[..., None]
 
 
@@ -83,6 +88,16 @@ class DhcpServer:
         self.lease_holder: bytes | None = None
         self.lease_expiry: float | None = None
         self._search_list = self._encode_search_list()
+        self._fqdn = self._encode_fqdn()
+
+    def _encode_fqdn(self) -> bytes:
+        if not self.config.fqdn:
+            return b""
+        try:
+            return encode_dns_name(self.config.fqdn)
+        except (ValueError, UnicodeError) as error:
+            self.counters.log_once("dhcp.bad_fqdn", f"DHCP: not sending the FQDN: {error}")
+            return b""
 
     def _encode_search_list(self) -> bytes:
         encoded = bytearray()
@@ -213,10 +228,14 @@ class DhcpServer:
             options[OPT_REBINDING_TIME] = struct.pack("!I", config.lease_time * 7 // 8)
         options[OPT_SUBNET_MASK] = config.netmask
         options[OPT_ROUTER] = config.gateway
-        options[OPT_DNS] = config.dns
-        options[OPT_MTU] = struct.pack("!H", config.mtu)
+        if config.offered_dns:
+            options[OPT_DNS] = b"".join(config.offered_dns)
+        if config.assign_mtu:
+            options[OPT_MTU] = struct.pack("!H", config.mtu)
         if config.hostname:
             options[OPT_HOSTNAME] = config.hostname.encode("utf-8")
+        if self._fqdn:
+            options[OPT_CLIENT_FQDN] = bytes((FQDN_FLAGS_E, 255, 255)) + self._fqdn
         if config.search_domains:
             options[OPT_DOMAIN_NAME] = config.search_domains[0].rstrip(".").encode("utf-8")
         if self._search_list:

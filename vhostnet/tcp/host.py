@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vhostnet.stack.config import listener_options
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import Close, Connect, Discard, Peek, Send, ShutdownWrite
 
@@ -198,11 +199,15 @@ class TcpHost:
         listener = socket.socket(family, socket.SOCK_STREAM)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            for option in listener_options(forward, self.engine.config.freebind):
+                listener.setsockopt(*option)
             listener.bind((forward.host_addr, forward.host_port))
             listener.listen(LISTEN_BACKLOG)
             listener.setblocking(False)
         except OSError as error:
             listener.close()
+            if forward.optional and error.errno == errno.EADDRINUSE:
+                return  # `all`: the ports the host already uses are not forwarded (passt)
             if close_on_error:
                 self.close()
             raise OSError(
