@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--incoming", action="store_true",
                    help="migration destination on the same host: forwarded ports the source "
                         "still holds are bound as soon as it releases them")
+    p.add_argument("--vhost-user", action="store_true",
+                   help="serve vhost-user only (default: vhost-user or -netdev stream)")
+    p.add_argument("-p", "--pcap", metavar="FILE", default=None,
+                   help="capture every frame both ways to FILE (pcap)")
+    p.add_argument("--pcap-size", metavar="BYTES", type=int, default=32 * 1024 * 1024,
+                   help="stop the capture once FILE reaches BYTES (default 32 MiB)")
     p.add_argument("--discard-tx", action="store_true", help=argparse.SUPPRESS)  # for `vhostnet bench`
     p.add_argument("-d", "--debug", action="store_true", help="log every protocol message")
     p.add_argument("-q", "--quiet", action="store_true", help="log only errors")
@@ -287,10 +293,17 @@ def repair_socket_path(args: argparse.Namespace) -> str | None:
 
 
 async def _serve(args: argparse.Namespace, config) -> int:
+    from vhostnet.capture import Capture
     from vhostnet.network import Network
     from vhostnet.server import Server, SocketPathError, open_listening_socket
 
     loop = asyncio.get_running_loop()
+    if args.pcap and args.pcap_size < 4096:
+        raise UsageError("--pcap-size must be at least 4096 bytes")
+    try:
+        capture = Capture(args.pcap, loop, args.pcap_size) if args.pcap else None
+    except OSError as exc:
+        raise UsageError(f"cannot open capture file {args.pcap}: {exc.strerror}") from None
     try:
         listener = open_listening_socket(args.socket)
     except SocketPathError as exc:
@@ -331,7 +344,8 @@ async def _serve(args: argparse.Namespace, config) -> int:
     migration = TcpMigration.attach(network, repair)
     log.info("%s", repair.describe())
     server = Server(loop, listener, network,
-                    device_state=lambda: DeviceStateTransfer(loop, network, migration))
+                    device_state=lambda: DeviceStateTransfer(loop, network, migration),
+                    vhost_user_only=args.vhost_user, capture=capture)
     control = None
     if args.control:
         from vhostnet.control import ControlServer
