@@ -13,7 +13,7 @@ import pytest
 from testkit.frontend import Frontend
 from tests.support.daemon import VhostnetProcess, echo_request, gateway_mac
 from tests.support.frames import GATEWAY_IP, GUEST_MAC, arp_request
-from tests.test_capture import read_pcap
+from tests.support.pcap import read_pcap
 from vhostnet.stream import (
     MAX_FRAME,
     StreamError,
