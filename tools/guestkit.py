@@ -549,14 +549,15 @@ def _cached_initramfs(cache_dir: Path, modules: dict[str, Path]) -> Path:
         info = source.stat()
         fingerprint.update(f"{source}:{info.st_size}:{info.st_mtime_ns}".encode())
     digest = fingerprint.hexdigest()[:16]
-    target = cache_dir / "initramfs.cpio"
-    stamp = cache_dir / "initramfs.stamp"
-    if target.exists() and stamp.exists() and stamp.read_text() == digest:
+    # One file per fingerprint: work trees that share the cache but differ in this
+    # file (another module list) must not replace each other's archive under a
+    # guest about to boot it.
+    target = cache_dir / f"initramfs-{digest}.cpio"
+    if target.exists():
         return target
     temporary = target.with_suffix(".tmp")
     temporary.write_bytes(_build_initramfs(modules))
     temporary.replace(target)
-    stamp.write_text(digest)
     return target
 
 

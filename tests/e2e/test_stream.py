@@ -26,7 +26,7 @@ PINGS = 3
 def guest_script(http_port: int) -> str:
     return """
 if ip link show eth0 >/dev/null 2>&1; then echo RESULT link=up; else echo RESULT link=missing; fi
-echo "RESULT driver=$(basename $(readlink /sys/class/net/eth0/device/driver))"
+echo "RESULT driver=$(readlink /sys/class/net/eth0/device/driver | sed "s,.*/,,")"
 ip link set eth0 up
 timeout 60 udhcpc -i eth0 -n -q -t 10 -T 2
 echo "RESULT dhcp_ip=$(ip -4 -o addr show eth0 | sed -n 's/.* inet \\([0-9.]*\\)\\/.*/\\1/p')"
