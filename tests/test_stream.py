@@ -3,6 +3,7 @@ vhostnet process serving a stream peer on its one socket."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import time
@@ -14,8 +15,11 @@ from testkit.frontend import Frontend
 from tests.support.daemon import VhostnetProcess, echo_request, gateway_mac
 from tests.support.frames import GATEWAY_IP, GUEST_MAC, arp_request
 from tests.support.pcap import read_pcap
+from vhostnet.network import Network
+from vhostnet.stack.config import StackConfig
 from vhostnet.stream import (
     MAX_FRAME,
+    StreamDevice,
     StreamError,
     StreamFramer,
     encode_frames,
@@ -222,3 +226,53 @@ def test_vhost_user_only_refuses_a_stream_peer(tmp_path: Path) -> None:
             gateway_mac(frontend)
     finally:
         assert process.stop() == 0, process.log_path.read_text()
+
+
+# ---- the device in-process: the peer that stops reading ----------------------------------
+
+
+def _run_until(loop: asyncio.AbstractEventLoop, done, limit: float = 5.0) -> None:
+    deadline = time.monotonic() + limit
+    while not done():
+        assert time.monotonic() < deadline
+        loop.run_until_complete(asyncio.sleep(0.01))
+
+
+def test_a_peer_that_stops_reading_leaves_frames_queued_then_gets_them_all() -> None:
+    loop = asyncio.new_event_loop()
+    network = Network(StackConfig(), loop)
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    device = StreamDevice(loop, network, ours)
+    try:
+        frames = [bytes(12) + b"\x88\xb5" + n.to_bytes(4, "big") * 350 for n in range(2000)]
+        network.frames_to_guest.append((frames[0], 1))  # a vhost-user guest's leftover
+        for frame in frames:
+            network.frames_to_guest.append(frame)
+        _run_until(loop, lambda: device.counters["rx.send_waits"] > 0)
+        assert network.frames_to_guest, "the socket is full: the rest waits in the network"
+        reader = StreamFramer()
+        batch = FrameBatch(256)
+        got: list[bytes] = []
+        peer.setblocking(False)
+
+        def read_some() -> bool:
+            try:
+                reader.feed(peer.recv(65536))
+            except BlockingIOError:
+                pass
+            batch.clear()
+            got.extend(_frames(batch, reader.fill_batch(batch)))
+            return len(got) == len(frames)
+
+        _run_until(loop, read_some)
+        assert got == frames
+        assert device.counters["rx.dropped_offloaded"] == 1
+        assert device.counters["rx.frames"] == len(frames)
+    finally:
+        device.close()
+        ours.close()
+        peer.close()
+        network.close()
+        loop.close()

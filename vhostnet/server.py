@@ -35,6 +35,7 @@ from vhostnet.stream import LENGTH_BYTES, StreamDevice, looks_like_vhost_user
 from vhostnet.vhost_user.backend import CLOSE, BackendHandler
 from vhostnet.vhost_user.codec import CodecError, Framer
 from vhostnet.vhost_user.connection import close_fds, read_available, send_message
+from vhostnet.vhost_user.ratelimit import limiter
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +238,9 @@ class Undecided:
         else:
             close_fds(self.fds)
             if server.vhost_user_only:
-                log.error("refusing a stream front-end (-netdev stream): --vhost-user "
-                          "allows vhost-user only")
+                # QEMU reconnects every few seconds: one line per interval.
+                limiter.log(log, logging.ERROR, "stream_refused", "refusing a stream front-end "
+                            "(-netdev stream): --vhost-user allows vhost-user only")
                 server.counts["refused_stream"] += 1
                 sock.close()
                 server.connection_closed(self)
