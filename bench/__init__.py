@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds per iperf3 run with --guest (default 3)")
     p.add_argument("--guest-udp-rate", default="1G", metavar="RATE",
                    help="offered UDP rate (iperf3 -b) with --guest (default 1G)")
+    p.add_argument("--guest-stream", action="store_true",
+                   help="with --guest, also boot the guest with -netdev stream (rows NAME-stream)")
     return p
 
 
@@ -89,6 +91,9 @@ def run(settings: Settings, compare: str | None, guest: GuestSettings,
                     rows += _show(settings, nat_rows(template, name, mtu, sub, baselines))
             if kits is not None:
                 rows += _show(settings, guest_rows(kits, template, name, guest, guest_baselines))
+                if guest.stream:
+                    rows += _show(settings, guest_rows(kits, template, name, guest,
+                                                       guest_baselines, stream=True))
     finally:
         client.close()
     if compare:
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                              "python3 -m tools.netns -- python3 -m bench")
         settings = Settings(cases, args.rounds, args.duration, Progress(), not args.no_offload)
         guest = GuestSettings(args.rounds, args.guest_seconds, args.qemu, args.guest_udp_rate,
-                              settings.progress)
+                              settings.progress, stream=args.guest_stream)
         if GUEST_CASE in cases:
             # Before any other case, so a missing kit is reported at once.
             kits = load_kits(args.qemu)

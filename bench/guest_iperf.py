@@ -81,6 +81,9 @@ class GuestSettings:
     qemu: str = "10.0"
     udp_rate: str = "1G"
     progress: Progress = field(default_factory=Progress)
+    # Also boot the guest with -netdev stream (virtio-net, no offloads) on the same
+    # back-end socket: rows named "<back-end>-stream".
+    stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -318,9 +321,15 @@ def _watch(guest: Any, s: GuestSettings, name: str) -> None:
 
 
 def guest_rows(kits: GuestKits, template: str, name: str, s: GuestSettings,
-               baselines: GuestBaselines) -> list[Row]:
-    """The four guest rows for one back-end: iperf3 in a TCG guest, loopback baselines beside."""
+               baselines: GuestBaselines, stream: bool = False) -> list[Row]:
+    """The four guest rows for one back-end: iperf3 in a TCG guest, loopback baselines beside.
+
+    ``stream``: QEMU's -netdev stream instead of vhost-user (rows named ``NAME-stream``).
+    """
     from tools.qemu import QemuGuest
+
+    if stream:
+        name = f"{name}-stream"
 
     server = HostIperf(kits.host_iperf, kits.workdir / f"iperf3-server-{name}.log")
     try:
@@ -330,7 +339,8 @@ def guest_rows(kits: GuestKits, template: str, name: str, s: GuestSettings,
             before = backend.counters()
             guest = QemuGuest(kits.kit, s.qemu, socket_path=backend.socket,
                               script=guest_script(server.port, s),
-                              serial_log=kits.workdir / f"guest-{name}.serial")
+                              serial_log=kits.workdir / f"guest-{name}.serial",
+                              stream=stream)
             started = time.monotonic()
             with guest:
                 _watch(guest, s, name)

@@ -70,9 +70,9 @@ def test_every_passt_option_is_accepted_or_refused_as_the_table_says(
         assert result.stderr.strip().endswith("for the socket does not exist"), result.stderr
 
 
-def test_the_refusals_are_only_pasta_options_conf_path_and_capture_for_now() -> None:
+def test_the_refusals_are_only_pasta_options_and_conf_path() -> None:
     refused = {name for names in options.REFUSED for name in names}
-    assert refused == set(PASTA_OPTIONS) | {"-c", "--conf-path", "-p", "--pcap", "--pcap-size"}
+    assert refused == set(PASTA_OPTIONS) | {"-c", "--conf-path"}
     for option in PASTA_OPTIONS:
         result = run_cli(option, *(["x"] if option in options.REFUSED_WITH_VALUE else []))
         assert result.returncode == 2

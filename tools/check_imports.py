@@ -43,10 +43,14 @@ LAYER_IMPORTS: dict[str, tuple[str, ...]] = {
     "hostio": ("stack", "wire"),
     # The network takes guest frames as the rings' FrameBatch (virtqueue).
     "network": ("stack", "tcp", "hostio", "wire", "virtqueue"),
-    "device": ("virtqueue", "vhost_user", "wire", "stack", "network"),
+    # Packet capture (-p/--pcap): a file writer, fed by the devices.
+    "capture": (),
+    "device": ("virtqueue", "vhost_user", "wire", "stack", "network", "capture"),
+    # Stream mode (-netdev stream): the stream counterpart of device.
+    "stream": ("virtqueue", "vhost_user", "wire", "network", "capture"),
     # Migration registers its control-socket commands (control).
     "migration": ("network", "tcp", "stack", "hostio", "wire", "vhost_user", "control"),
-    "server": ("device", "network", "vhost_user", "stack", "virtqueue"),
+    "server": ("device", "stream", "capture", "network", "vhost_user", "stack", "virtqueue"),
     "control": ("device", "network", "vhost_user", "stack", "virtqueue"),
     "cli": ("*",),
     "root": (),  # vhostnet/__init__.py
@@ -70,7 +74,9 @@ LAYER_OF_PREFIX: tuple[tuple[str, str], ...] = (
     ("vhostnet.tcp", "tcp"),
     ("vhostnet.hostio", "hostio"),
     ("vhostnet.network", "network"),
+    ("vhostnet.capture", "capture"),
     ("vhostnet.device", "device"),
+    ("vhostnet.stream", "stream"),
     ("vhostnet.migration", "migration"),
     ("vhostnet.server", "server"),
     ("vhostnet.control", "control"),

@@ -49,6 +49,8 @@ VIRTIO_MODULES = (
     "net_failover",
     "virtio_net",
 )
+# Other NIC models, for QEMU's -netdev stream (it works with any model).
+NIC_MODULES = ("e1000",)
 
 BUSYBOX = Path("/bin/busybox")
 
@@ -70,7 +72,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /tmp /run /var/run /etc
 echo "VHOSTNET-GUEST-UP kernel=$(uname -r)"
-for module in {" ".join(VIRTIO_MODULES)}; do
+for module in {" ".join(VIRTIO_MODULES + NIC_MODULES)}; do
     # A module missing from the kernel image is reported, not fatal: the test
     # that needs the network will fail with a clear line in the log.
     insmod /lib/modules/$module.ko 2>/dev/null || echo "VHOSTNET-MODULE-FAILED $module"
@@ -310,7 +312,7 @@ def _find_kernel(root: Path) -> tuple[Path, str, Path] | None:
 
 def _module_files(modules_dir: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
-    for name in VIRTIO_MODULES:
+    for name in VIRTIO_MODULES + NIC_MODULES:
         matches = sorted(modules_dir.glob(f"kernel/**/{name}.ko"))
         if not matches:
             raise KitError(f"module {name}.ko not found under {modules_dir} "
@@ -547,14 +549,15 @@ def _cached_initramfs(cache_dir: Path, modules: dict[str, Path]) -> Path:
         info = source.stat()
         fingerprint.update(f"{source}:{info.st_size}:{info.st_mtime_ns}".encode())
     digest = fingerprint.hexdigest()[:16]
-    target = cache_dir / "initramfs.cpio"
-    stamp = cache_dir / "initramfs.stamp"
-    if target.exists() and stamp.exists() and stamp.read_text() == digest:
+    # One file per fingerprint: work trees that share the cache but differ in this
+    # file (another module list) must not replace each other's archive under a
+    # guest about to boot it.
+    target = cache_dir / f"initramfs-{digest}.cpio"
+    if target.exists():
         return target
     temporary = target.with_suffix(".tmp")
     temporary.write_bytes(_build_initramfs(modules))
     temporary.replace(target)
-    stamp.write_text(digest)
     return target
 
 

@@ -110,6 +110,8 @@ class QemuGuest:
     network device at all (use extra_args to add another one).
     boot_args: replaces `-kernel/-initrd/-append` (e.g. `("-boot", "n")` for PXE).
     nic_options: appended to the virtio-net-pci device (e.g. `romfile=...` for PXE).
+    stream: QEMU's `-netdev stream` on socket_path (as libvirt 9.0 to 11.0 starts passt)
+    instead of vhost-user; nic_model: the guest's NIC (any model works with stream).
     """
 
     def __init__(
@@ -127,6 +129,8 @@ class QemuGuest:
         mac: str = DEFAULT_MAC,
         append: str = "",
         nic_options: str = "",
+        stream: bool = False,
+        nic_model: str = "virtio-net-pci",
     ) -> None:
         if version not in VERSIONS:
             raise ValueError(f"QEMU version must be one of {VERSIONS}, not {version!r}")
@@ -144,6 +148,8 @@ class QemuGuest:
         self.mac = mac
         self.append = append
         self.nic_options = nic_options
+        self.stream = stream
+        self.nic_model = nic_model
         self._workdir = Path(tempfile.mkdtemp(prefix="vhostnet-guest-"))
         self.serial_log = Path(serial_log) if serial_log else self._workdir / "serial.log"
         self.qemu_log = self.serial_log.with_name(self.serial_log.name + ".qemu-stderr")
@@ -177,7 +183,11 @@ class QemuGuest:
             # -nodefaults: no default NIC, VGA or monitor we did not ask for.
             "-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot",
         ]
-        if self.socket_path is not None:
+        if self.socket_path is not None and self.stream:
+            args += ["-netdev", self._stream_netdev(),
+                     "-device", f"{self.nic_model},netdev=n0,mac={self.mac}"
+                     + (f",{self.nic_options}" if self.nic_options else "")]
+        elif self.socket_path is not None:
             chardev = f"socket,id=c0,path={self.socket_path}"
             if self.reconnect:
                 chardev += ",reconnect=1" if self.version == "7.2" else ",reconnect-ms=1000"
@@ -199,6 +209,13 @@ class QemuGuest:
                      "-append", cmdline]
         args += list(self.extra_args)
         return args
+
+    def _stream_netdev(self) -> str:
+        """libvirt's `-netdev stream` for passt; 7.2 has no reconnect option (8.0 added it)."""
+        netdev = f"stream,id=n0,addr.type=unix,addr.path={self.socket_path},server=off"
+        if self.reconnect and self.version != "7.2":
+            netdev += ",reconnect-ms=1000"
+        return netdev
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)

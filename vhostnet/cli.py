@@ -82,14 +82,18 @@ def default_socket_path() -> str:
                      "give a path with --socket")
 
 
-def frontend_options(args: argparse.Namespace) -> dict[str, object]:
-    """What the command line tells the connections about their front-end, for ``Server``.
+def frontend_options(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
+                     ) -> dict[str, object]:
+    """What the command line tells the connections about their front-end, for ``Server``:
+    ``--vhost-user`` (vhost-user only, no stream framing) and the capture (-p/--pcap,
+    --pcap-size)."""
+    from vhostnet.capture import Capture
 
-    The one place for the stream and capture work: ``--vhost-user`` (args.vhost_user:
-    vhost-user only, no stream framing) and, once the capture lands, -p/--pcap with
-    --pcap-size (refused in ``options.REFUSED`` until then). vhost-user is all there is yet.
-    """
-    return {}
+    try:
+        capture = Capture(args.pcap, loop, args.pcap_size) if args.pcap else None
+    except OSError as exc:
+        raise UsageError(f"cannot open capture file {args.pcap}: {exc.strerror}") from None
+    return {"vhost_user_only": args.vhost_user, "capture": capture}
 
 
 async def _serve(args: argparse.Namespace, config, runner: daemon.Daemon,
@@ -153,7 +157,7 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
     log.info("%s", repair.describe())
     server = Server(loop, listener, network, one_off=args.one_off,
                     device_state=lambda: DeviceStateTransfer(loop, network, migration),
-                    **frontend_options(args))
+                    **frontend_options(args, loop))
     cleanup.callback(server.close)
     if args.control:
         from vhostnet.control import ControlServer

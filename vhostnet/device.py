@@ -36,6 +36,7 @@ from vhostnet.vhost_user.device_api import DeviceRefused
 from vhostnet.virtqueue import AddressError, FrameBatch, GuestMemory, Virtqueue
 
 if TYPE_CHECKING:
+    from vhostnet.capture import Capture
     from vhostnet.network import Network
     from vhostnet.vhost_user.backend import VringConfig
     from vhostnet.vhost_user.codec import MemoryRegion
@@ -114,6 +115,8 @@ class NetDevice:
         self.log_array: np.ndarray | None = None
         self.ring_log: dict[int, tuple[bool, int]] = {}
         self.device_state = device_state
+        # -p/--pcap: frames both ways, per batch (nothing per frame when None).
+        self.capture: Capture | None = None
         self._closed = False
         network.add_output_listener(self._schedule_rx)
         self._rx_scheduled = False
@@ -348,6 +351,8 @@ class NetDevice:
             count = queue.tx_drain(batch, TX_BATCH)
             if count:
                 queue.notify()
+                if self.capture is not None:
+                    self.capture.add_batch(batch, count)
                 if deliver:
                     network.receive_batch(batch, count, time.monotonic())
                     self.counters["tx.frames"] += count
@@ -387,6 +392,8 @@ class NetDevice:
             if queue.broken:
                 self._check_memory_fault()
                 return
+            if self.capture is not None:
+                self.capture.add_batch(batch, pushed)
             for _ in range(pushed):
                 pending.popleft()
             self.counters["rx.frames"] += pushed

@@ -66,18 +66,16 @@ REFUSED: dict[tuple[str, ...], str] = {
     ("--host-lo-to-ns-lo",): PASTA_ONLY,
     ("-c", "--conf-path"): ("{option} is passt's configuration socket for pesto, which vhostnet "
                             "does not speak: use vhostnet's --control PATH (JSON lines)"),
-    # Hand-over to the capture work (branch `stream`): until it lands, one sentence.
-    ("-p", "--pcap"): "{option}: packet capture is not in vhostnet yet",
-    ("--pcap-size",): "{option}: packet capture is not in vhostnet yet",
 }
 # Refused options that take a value (so `-T 8080` is refused as a whole).
 REFUSED_WITH_VALUE = {"--userns", "--netns", "-I", "--ns-ifname", "--ns-mac-addr", "-T",
-                      "--tcp-ns", "-U", "--udp-ns", "-c", "--conf-path", "-p", "--pcap",
-                      "--pcap-size"}
+                      "--tcp-ns", "-U", "--udp-ns", "-c", "--conf-path"}
 
 CAPABILITIES = '{\n  "type": "net"\n}'
 DEFAULT_LOG_SIZE = 1 << 20
 MIN_LOG_SIZE = 4096
+DEFAULT_PCAP_SIZE = 32 << 20
+MIN_PCAP_SIZE = 4096
 
 
 class UsageError(Exception):
@@ -138,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--log-size", metavar="SIZE", default=None,
                        help="log file size limit in bytes, K/M/G suffixes allowed (default 1M); "
                             "when full, the oldest 30%% of the file is dropped, as passt does")
+    group.add_argument("-p", "--pcap", metavar="FILE", default=None,
+                       help="capture every frame both ways to FILE (pcap, nanosecond "
+                            "timestamps), without ever holding up the data path")
+    group.add_argument("--pcap-size", metavar="SIZE", default=None,
+                       help="stop the capture once FILE reaches SIZE bytes, K/M/G suffixes "
+                            "allowed (default 32M); the file keeps the start of the session")
     group.add_argument("-q", "--quiet", action="store_true", help="log only errors")
     group.add_argument("-d", "--debug", action="store_true", help="log every protocol message")
     group.add_argument("--trace", action="store_true", help="the same as --debug")
@@ -315,14 +319,15 @@ def interface(name: str | None, what: str) -> str | None:
     return name
 
 
-def log_size(text: str | None) -> int:
+def byte_size(text: str | None, option: str, default: int, minimum: int) -> int:
+    """A size in bytes, with an optional k, m or g suffix (powers of 1024)."""
     if text is None:
-        return DEFAULT_LOG_SIZE
+        return default
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     scale = units.get(text[-1:].lower(), 1)
     digits = text[:-1] if scale > 1 else text
-    if not digits.isdigit() or int(digits) * scale < MIN_LOG_SIZE:
-        raise UsageError(f"--log-size {text!r} is not a size of at least {MIN_LOG_SIZE} bytes")
+    if not digits.isdigit() or int(digits) * scale < minimum:
+        raise UsageError(f"{option} {text!r} is not a size of at least {minimum} bytes")
     return int(digits) * scale
 
 
@@ -438,7 +443,8 @@ def config_from_args(args: argparse.Namespace, fd_limit: int, reserve: int,
         raise UsageError(f"TFTP folder {args.tftp} does not exist or is not a folder")
     if args.stats is not None and args.stats < 1:
         raise UsageError("--stats needs a delay of at least 1 second")
-    args.log_size = log_size(args.log_size)
+    args.log_size = byte_size(args.log_size, "--log-size", DEFAULT_LOG_SIZE, MIN_LOG_SIZE)
+    args.pcap_size = byte_size(args.pcap_size, "--pcap-size", DEFAULT_PCAP_SIZE, MIN_PCAP_SIZE)
 
     address4 = address6 = None
     prefix4 = prefix6 = None

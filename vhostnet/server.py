@@ -6,6 +6,14 @@ for the whole life of the process; while a front-end is active, a second one
 is refused with a log line. The network (NAT state, host sockets, forwards)
 belongs to the server and survives reconnects; everything tied to one
 connection (memory mappings, rings, eventfds) lives in its NetDevice.
+
+The same socket serves QEMU's ``-netdev stream`` (stream.py). An accepted
+front-end is ``Undecided`` until its first 4 bytes arrive: a vhost-user
+front-end speaks first, and its header read as a big-endian frame length is
+impossible; anything else is a stream peer, which may stay silent until its
+guest sends (frames for the guest wait in the network meanwhile, as they do
+until the guest's MAC is known). ``vhost_user_only`` (``--vhost-user``) refuses
+stream peers.
 """
 
 from __future__ import annotations
@@ -16,14 +24,18 @@ import logging
 import os
 import socket
 import stat
+from collections import Counter
 from collections.abc import Callable
 
+from vhostnet.capture import Capture
 from vhostnet.device import DeviceStateHandler, NetDevice
 from vhostnet.network import Network
 from vhostnet.stack.counters import add_counts
+from vhostnet.stream import LENGTH_BYTES, StreamDevice, looks_like_vhost_user
 from vhostnet.vhost_user.backend import CLOSE, BackendHandler
 from vhostnet.vhost_user.codec import CodecError, Framer
 from vhostnet.vhost_user.connection import close_fds, read_available, send_message
+from vhostnet.vhost_user.ratelimit import limiter
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +89,16 @@ def open_listening_socket(path: str) -> socket.socket:
 class Connection:
     """One vhost-user front-end: bytes in, handler, replies out."""
 
-    def __init__(self, server: Server, sock: socket.socket) -> None:
+    def __init__(self, server: Server, sock: socket.socket, first_bytes: bytes = b"",
+                 first_fds: list[int] | None = None) -> None:
         self.server = server
         self.sock = sock
         self.framer = Framer()
+        # What detection read (the start of the first header, with its fds).
+        self.framer.feed(first_bytes, first_fds)
         device_state = server.device_state() if server.device_state is not None else None
         self.device = NetDevice(server.loop, server.network, device_state)
+        self.device.capture = server.capture
         self.handler = BackendHandler(self.device, offer_log=True)
         self.device.on_memory_fault = self._on_memory_fault
         self.closed = False
@@ -136,6 +152,9 @@ class Connection:
         merged.update({f"vhost_user.{k}": v for k, v in self.handler.counters.items()})
         return merged
 
+    def ring_positions(self) -> dict[str, int]:
+        return self.device.ring_positions()
+
     def close(self) -> None:
         if self.closed:
             return
@@ -152,8 +171,105 @@ class Connection:
         self.server.connection_closed(self)
 
 
+class StreamConnection:
+    """One ``-netdev stream`` front-end: its StreamDevice and socket."""
+
+    def __init__(self, server: Server, sock: socket.socket, first_bytes: bytes) -> None:
+        self.server = server
+        self.sock = sock
+        self.closed = False
+        self.device = StreamDevice(server.loop, server.network, sock, first_bytes, server.capture)
+        self.device.on_closed = self.close
+
+    def counters(self) -> dict[str, int]:
+        return self.device.all_counters()
+
+    def ring_positions(self) -> dict[str, int]:
+        return {}
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.device.on_closed = None  # no cycle left for the gc
+        self.device.close()
+        self.sock.close()
+        self.server.connection_closed(self)
+
+
+class Undecided:
+    """An accepted front-end that has not sent its first 4 bytes yet (see the module doc)."""
+
+    def __init__(self, server: Server, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.first = b""
+        self.fds: list[int] = []  # SCM_RIGHTS fds that came with the first bytes (vhost-user)
+        self.closed = False
+        server.loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            # recvmsg, so that fds sent with the first message are kept for it.
+            data, fds = read_available(self.sock, LENGTH_BYTES - len(self.first))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.warning("front-end connection error: %s", exc)
+            self.close()
+            return
+        self.fds += fds
+        if not data:
+            log.info("front-end disconnected before sending anything")
+            self.close()
+            return
+        self.first += data
+        if len(self.first) == LENGTH_BYTES:
+            self._decide()
+
+    def _decide(self) -> None:
+        server, sock = self.server, self.sock
+        server.loop.remove_reader(sock.fileno())
+        self.closed = True  # this object is done; the socket goes to the real connection
+        connection: Connection | StreamConnection
+        if looks_like_vhost_user(self.first):
+            log.info("vhost-user front-end")
+            connection = Connection(server, sock, self.first, self.fds)
+        else:
+            close_fds(self.fds)
+            if server.vhost_user_only:
+                # QEMU reconnects every few seconds: one line per interval.
+                limiter.log(log, logging.ERROR, "stream_refused", "refusing a stream front-end "
+                            "(-netdev stream): --vhost-user allows vhost-user only")
+                server.counts["refused_stream"] += 1
+                sock.close()
+                server.connection_closed(self)
+                return
+            log.info("stream front-end (-netdev stream)")
+            connection = StreamConnection(server, sock, self.first)
+        server.connection_decided(self, connection)
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+    def ring_positions(self) -> dict[str, int]:
+        return {}
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.server.loop.remove_reader(self.sock.fileno())
+        close_fds(self.fds)
+        self.sock.close()
+        self.server.connection_closed(self)
+
+
+FrontEnd = Connection | StreamConnection | Undecided
+
+
 class Server:
-    """Listens on the vhost-user socket and serves one front-end at a time.
+    """Listens on the socket and serves one front-end at a time, vhost-user or stream.
 
     ``listener`` None: no listening socket; ``serve_connected`` gives the one
     front-end (passt's --fd). ``one_off``: the server closes when its first
@@ -162,14 +278,18 @@ class Server:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, listener: socket.socket | None,
                  network: Network, *, device_state: Callable[[], DeviceStateHandler] | None = None,
-                 one_off: bool = False) -> None:
+                 one_off: bool = False, vhost_user_only: bool = False,
+                 capture: Capture | None = None) -> None:
         self.loop = loop
         self.listener = listener
         self.network = network
         self.one_off = one_off
         # Makes each connection's device-state handler (migration); None: not offered.
         self.device_state = device_state
-        self.active: Connection | None = None
+        self.vhost_user_only = vhost_user_only
+        self.capture = capture  # -p/--pcap: every frame both ways, either mode
+        self.counts: Counter[str] = Counter()
+        self.active: FrontEnd | None = None
         # Device, ring and protocol counts of connections already closed: ``stats``
         # counts since vhostnet started, across guest reboots and QEMU restarts.
         self._closed_connection_counters: dict[str, int] = {}
@@ -195,18 +315,27 @@ class Server:
         """Serve a front-end on an already connected socket (accepted, or passt's --fd)."""
         sock.setblocking(False)
         log.info("front-end connected")
-        self.active = Connection(self, sock)
+        self.active = Undecided(self, sock)
 
     def counters(self) -> dict[str, int]:
         """Every counter since vhostnet started; ``vqN.at.*``: positions of the running rings."""
         merged = self.network.counters()  # tcp.flows_open included
         merged.update(self._closed_connection_counters)
+        merged.update({f"server.{name}": count for name, count in self.counts.items()})
+        if self.capture is not None:
+            merged.update({f"capture.{name}": n for name, n in self.capture.counters.items()})
         if self.active is not None:
             add_counts(merged, self.active.counters())
-            merged.update(self.active.device.ring_positions())
+            merged.update(self.active.ring_positions())
         return merged
 
-    def connection_closed(self, connection: Connection) -> None:
+    def connection_decided(self, undecided: Undecided, connection: Connection | StreamConnection,
+                           ) -> None:
+        """``undecided``'s first bytes chose its protocol: ``connection`` serves it now."""
+        if self.active is undecided:
+            self.active = connection
+
+    def connection_closed(self, connection: FrontEnd) -> None:
         add_counts(self._closed_connection_counters, connection.counters())
         if self.active is connection:
             self.active = None
@@ -229,4 +358,6 @@ class Server:
                 except OSError:
                     pass
         self.network.close()
+        if self.capture is not None:
+            self.capture.close()
         self.closed.set()

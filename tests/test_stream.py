@@ -1,0 +1,278 @@
+"""Stream mode (QEMU's ``-netdev stream``): the framer, protocol detection, and the real
+vhostnet process serving a stream peer on its one socket."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from testkit.frontend import Frontend
+from tests.support.daemon import VhostnetProcess, echo_request, gateway_mac
+from tests.support.frames import GATEWAY_IP, GUEST_MAC, arp_request
+from tests.support.pcap import read_pcap
+from vhostnet.network import Network
+from vhostnet.stack.config import StackConfig
+from vhostnet.stream import (
+    MAX_FRAME,
+    StreamDevice,
+    StreamError,
+    StreamFramer,
+    encode_frames,
+    looks_like_vhost_user,
+)
+from vhostnet.vhost_user.protocol import Request
+from vhostnet.virtqueue import FrameBatch
+from vhostnet.wire.checksum import internet_checksum
+
+
+def _frames(batch: FrameBatch, count: int) -> list[bytes]:
+    return [bytes(batch.frame(i)) for i in range(count)]
+
+
+def test_framer_joins_frames_split_across_reads() -> None:
+    frames = [bytes([n]) * size for n, size in enumerate((14, 60, 1514, 9000, 65549))]
+    wire = encode_frames(frames)
+    framer = StreamFramer()
+    batch = FrameBatch(16)
+    got: list[bytes] = []
+    for start in range(0, len(wire), 7):  # 7-byte reads: lengths and frames cut anywhere
+        framer.feed(wire[start:start + 7])
+        batch.clear()
+        got += _frames(batch, framer.fill_batch(batch))
+    assert got == frames
+    assert framer.buffered == 0
+
+
+def test_framer_takes_many_frames_per_read_and_stops_at_a_full_batch() -> None:
+    frames = [struct.pack("!H", n) * 30 for n in range(300)]
+    framer = StreamFramer()
+    framer.feed(encode_frames(frames))
+    batch = FrameBatch(256)
+    first = framer.fill_batch(batch)
+    assert first == 256 and _frames(batch, first) == frames[:256]
+    batch.clear()
+    assert _frames(batch, framer.fill_batch(batch)) == frames[256:]
+
+
+def test_framer_reads_into_its_own_buffer_in_bounded_memory() -> None:
+    framer = StreamFramer(chunk=4096)
+    frame = bytes(range(256)) * 5 + b"\x01" * 120  # 1400 bytes
+    wire = encode_frames([frame]) * 200
+    batch = FrameBatch(256)
+    count = 0
+    position = 0
+    while position < len(wire):
+        space = framer.space()
+        assert len(space) <= 4096 + 4 + MAX_FRAME
+        taken = min(len(space), len(wire) - position)
+        space[:taken] = wire[position:position + taken]
+        framer.filled(taken)
+        position += taken
+        batch.clear()
+        added = framer.fill_batch(batch)
+        assert all(bytes(batch.frame(i)) == frame for i in range(added))
+        count += added
+    assert count == 200
+
+
+@pytest.mark.parametrize("length", [0, 13, MAX_FRAME + 1, 1 << 20])
+def test_framer_refuses_lengths_no_frame_has(length: int) -> None:
+    framer = StreamFramer()
+    framer.feed(encode_frames([b"\x00" * 60]) + struct.pack("!I", length) + b"\x00" * 64)
+    batch = FrameBatch(8)
+    with pytest.raises(StreamError):
+        framer.fill_batch(batch)
+    assert batch.count == 1  # the good frame before it was delivered
+
+
+def test_detection_tells_vhost_user_from_a_frame_length() -> None:
+    for request in (Request.GET_FEATURES, Request.SET_OWNER, Request.GET_PROTOCOL_FEATURES):
+        assert looks_like_vhost_user(struct.pack("<I", request))
+    assert not looks_like_vhost_user(struct.pack("!I", 42))
+    assert not looks_like_vhost_user(struct.pack("!I", MAX_FRAME))
+
+
+# ---- the real process ------------------------------------------------------------------
+
+
+class StreamPeer:
+    """QEMU's ``-netdev stream`` side, in a test: length-prefixed frames over the socket."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(5)
+        self.sock.connect(path)
+        self.framer = StreamFramer()
+        self.batch = FrameBatch(64)
+
+    def send(self, *frames: bytes) -> None:
+        self.sock.sendall(encode_frames(list(frames)))
+
+    def receive(self, count: int, timeout: float = 5.0) -> list[bytes]:
+        frames: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        while len(frames) < count:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = self.sock.recv(65536)
+            assert data, "vhostnet closed the stream"
+            self.framer.feed(data)
+            self.batch.clear()
+            frames += _frames(self.batch, self.framer.fill_batch(self.batch))
+        return frames
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _closed_by_vhostnet(sock: socket.socket) -> bool:
+    """True once vhostnet closed the connection (a reset if it left our bytes unread)."""
+    try:
+        return sock.recv(64) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _stream_gateway_mac(peer: StreamPeer) -> bytes:
+    peer.send(arp_request(GATEWAY_IP))
+    reply = peer.receive(1)[0]
+    assert reply[12:14] == b"\x08\x06" and reply[0:6] == GUEST_MAC
+    return reply[22:28]
+
+
+@pytest.fixture
+def capturing_server(tmp_path: Path):
+    process = VhostnetProcess(tmp_path, "--pcap", str(tmp_path / "vn.pcap"))
+    try:
+        yield process
+    finally:
+        assert process.stop() == 0, process.log_path.read_text()
+
+
+def test_a_stream_peer_gets_arp_and_ping_answers_and_a_capture(
+        capturing_server: VhostnetProcess, tmp_path: Path) -> None:
+    peer = StreamPeer(capturing_server.socket_path)
+    time.sleep(0.3)  # silent first: nothing may wait for it to speak
+    mac = _stream_gateway_mac(peer)
+    payloads = [bytes((seq + i) & 0xFF for i in range(size)) for seq, size in
+                enumerate([8, 1000, 1472] * 20)]
+    # All at once: many frames per read, many replies per send.
+    peer.send(*(echo_request(mac, payload, seq) for seq, payload in enumerate(payloads, 1)))
+    replies = peer.receive(len(payloads))
+    assert [reply[42:] for reply in replies] == payloads
+    for reply in replies:  # no offloads in stream mode: full, correct ICMP checksums
+        assert internet_checksum(reply[34:]) == 0
+    stats = capturing_server.stats()
+    assert stats["stream.tx.frames"] == len(payloads) + 1
+    assert stats["stream.rx.frames"] == len(payloads) + 1
+    peer.close()
+    assert capturing_server.stop() == 0
+    records = read_pcap(tmp_path / "vn.pcap")
+    sent = [arp_request(GATEWAY_IP)] + [echo_request(mac, p, s) for s, p in enumerate(payloads, 1)]
+    captured = [frame for _, frame in records]
+    assert [frame for frame in captured if frame[6:12] == GUEST_MAC] == sent
+    to_guest = [frame for frame in captured if frame[0:6] == GUEST_MAC]
+    assert to_guest[0][12:14] == b"\x08\x06" and to_guest[1:] == replies
+    times = [when for when, _ in records]
+    assert times == sorted(times) and abs(times[0] - time.time()) < 60
+
+def test_a_bad_length_closes_that_stream_only(server: VhostnetProcess) -> None:
+    bad = StreamPeer(server.socket_path)
+    bad.sock.sendall(struct.pack("!I", 5) + b"short")
+    assert _closed_by_vhostnet(bad.sock)
+    bad.close()
+    assert server.stats()["stream.protocol_errors"] == 1
+    assert "malformed stream" in server.log_path.read_text()
+    peer = StreamPeer(server.socket_path)
+    _stream_gateway_mac(peer)
+    peer.close()
+
+
+def test_a_silent_peer_holds_the_socket_and_vhost_user_follows_it(server: VhostnetProcess) -> None:
+    silent = StreamPeer(server.socket_path)
+    time.sleep(0.3)
+    second = StreamPeer(server.socket_path)
+    assert _closed_by_vhostnet(second.sock), "one front-end at a time, even an undecided one"
+    second.close()
+    silent.close()
+    deadline = time.monotonic() + 5
+    while "before sending anything" not in server.log_path.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with Frontend(server.socket_path) as frontend:
+        frontend.connect()
+        frontend.start()
+        mac = gateway_mac(frontend)
+        frontend.send_frame(echo_request(mac, b"vhost-user after a stream", 1))
+        assert frontend.receive_frames(timeout=5)[0][42:] == b"vhost-user after a stream"
+
+
+def test_vhost_user_only_refuses_a_stream_peer(tmp_path: Path) -> None:
+    process = VhostnetProcess(tmp_path, "--vhost-user")
+    try:
+        peer = StreamPeer(process.socket_path)
+        peer.send(arp_request(GATEWAY_IP))
+        assert _closed_by_vhostnet(peer.sock)
+        peer.close()
+        assert process.stats()["server.refused_stream"] == 1
+        assert "--vhost-user allows vhost-user only" in process.log_path.read_text()
+        with Frontend(process.socket_path) as frontend:
+            frontend.connect()
+            frontend.start()
+            gateway_mac(frontend)
+    finally:
+        assert process.stop() == 0, process.log_path.read_text()
+
+
+# ---- the device in-process: the peer that stops reading ----------------------------------
+
+
+def _run_until(loop: asyncio.AbstractEventLoop, done, limit: float = 5.0) -> None:
+    deadline = time.monotonic() + limit
+    while not done():
+        assert time.monotonic() < deadline
+        loop.run_until_complete(asyncio.sleep(0.01))
+
+
+def test_a_peer_that_stops_reading_leaves_frames_queued_then_gets_them_all() -> None:
+    loop = asyncio.new_event_loop()
+    network = Network(StackConfig(), loop)
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    device = StreamDevice(loop, network, ours)
+    try:
+        frames = [bytes(12) + b"\x88\xb5" + n.to_bytes(4, "big") * 350 for n in range(2000)]
+        network.frames_to_guest.append((frames[0], 1))  # a vhost-user guest's leftover
+        for frame in frames:
+            network.frames_to_guest.append(frame)
+        _run_until(loop, lambda: device.counters["rx.send_waits"] > 0)
+        assert network.frames_to_guest, "the socket is full: the rest waits in the network"
+        reader = StreamFramer()
+        batch = FrameBatch(256)
+        got: list[bytes] = []
+        peer.setblocking(False)
+
+        def read_some() -> bool:
+            try:
+                reader.feed(peer.recv(65536))
+            except BlockingIOError:
+                pass
+            batch.clear()
+            got.extend(_frames(batch, reader.fill_batch(batch)))
+            return len(got) == len(frames)
+
+        _run_until(loop, read_some)
+        assert got == frames
+        assert device.counters["rx.dropped_offloaded"] == 1
+        assert device.counters["rx.frames"] == len(frames)
+    finally:
+        device.close()
+        ours.close()
+        peer.close()
+        network.close()
+        loop.close()
