@@ -27,6 +27,7 @@ from vhostnet.migration.tcp_freeze import (
     dump_frozen,
     has_drop_filter,
     read_window,
+    shut_out_peer,
     unfreeze_sockets,
 )
 from vhostnet.migration.tcp_repair import (
@@ -266,7 +267,14 @@ def test_repair_probe_tells_whether_the_capability_is_there() -> None:
     assert probe.stdout.strip() == "False"
 
 
-def test_a_catcher_swallows_retransmissions_between_release_and_restore() -> None:
+def shut_out_by_ttl(sock: socket.socket) -> None:
+    """A catcher as vhostnet makes one where no filter can be attached."""
+    set_repair_direct(sock, REPAIR_ON)
+    shut_out_peer(sock)
+
+
+@pytest.mark.parametrize("by_filter", [True, False], ids=["filter", "minimum TTL"])
+def test_a_catcher_swallows_retransmissions_between_release_and_restore(by_filter: bool) -> None:
     """Without a socket for its 4-tuple, the peer's retransmission would be answered with RST."""
     data = random.Random(3).randbytes(6 * 1024 * 1024)
     listener, peer, ours = connected_pair()
@@ -285,18 +293,22 @@ def test_a_catcher_swallows_retransmissions_between_release_and_restore() -> Non
     sender.start()
     try:
         received = bytearray(recv_exactly(ours, 1024 * 1024))
-        freeze(ours)
-        dump = dump_socket(ours)
+        if by_filter:
+            freeze(ours)
+        else:
+            freeze_without_filter(ours)
+        dump = dump_frozen(ours)
         catcher = socket.socket()
-        freeze(catcher)  # the drop filter, and repair mode to bind a used address
+        (freeze if by_filter else shut_out_by_ttl)(catcher)  # repair mode binds a used address
         catcher.bind(dump.local)
         catcher.listen(1)
         ours.close()
         time.sleep(1.0)  # the peer keeps sending and retransmitting meanwhile
         restored = new_restore_socket()
-        freeze(restored)
+        (freeze if by_filter else shut_out_by_ttl)(restored)
         restore_in_repair(restored, dump, wait_for_tuple=1.0)
-        thaw(restored)
+        unfreeze_sockets([restored])
+        set_repair_direct(restored, REPAIR_OFF)
         send_unsent(restored, dump)
         catcher.close()
         restored.settimeout(IO_SECONDS)
@@ -391,6 +403,30 @@ def test_a_socket_frozen_without_a_filter_takes_no_byte_and_moves_intact() -> No
         assert_same_stream(received_by_us[0], to_us[greeting:], "the restored socket")
         assert tcp_state(peer) == TCP_STATE_ESTABLISHED
         restored.close()
+    finally:
+        for sock in (listener, peer, ours):
+            sock.close()
+
+
+def test_the_closed_window_holds_against_a_peer_that_sends_with_ttl_255() -> None:
+    """Such a peer passes the minimum TTL: the zero window and the minimal buffer must
+    hold on their own (for a non-empty queue, see tcp_freeze); either alone does not."""
+    listener, peer, ours = connected_pair()
+    try:
+        peer.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 255)
+        peer.sendall(b"q" * 100_000)  # left unread: the queue is not empty
+        time.sleep(0.2)
+        freeze_without_filter(ours)
+        frozen_at = rcv_nxt(ours)
+        pushed = 0
+        deadline = time.monotonic() + 2.0
+        for _ in range(200):
+            if time.monotonic() >= deadline:
+                break
+            pushed += send_what_fits(peer, b"r" * 256 * 1024)
+            time.sleep(0.01)
+        moved = (rcv_nxt(ours) - frozen_at) % (1 << 32)
+        assert moved == 0, f"the frozen socket took {moved} of {pushed} bytes from the peer"
     finally:
         for sock in (listener, peer, ours):
             sock.close()
