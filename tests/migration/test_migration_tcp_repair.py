@@ -343,9 +343,8 @@ def rcv_nxt(sock: socket.socket) -> int:
 
 
 def test_a_socket_frozen_without_a_filter_takes_no_byte_and_moves_intact() -> None:
-    """Zero window and minimal buffer, both needed: the zero window alone is re-opened
-    by the next ACK from the free buffer space, the minimal buffer alone still takes
-    tens of KB into an empty queue (which ours is here)."""
+    """Our queue is empty at the freeze: there the kernel always offers some window, so
+    the zero window and minimal buffer let 2 KB in; the minimum TTL must hold."""
     rng = random.Random(11)
     to_peer = rng.randbytes(2 * 1024 * 1024)
     to_us = rng.randbytes(6 * 1024 * 1024)
@@ -410,7 +409,9 @@ def test_a_socket_frozen_without_a_filter_takes_no_byte_and_moves_intact() -> No
 
 def test_the_closed_window_holds_against_a_peer_that_sends_with_ttl_255() -> None:
     """Such a peer passes the minimum TTL: the zero window and the minimal buffer must
-    hold on their own (for a non-empty queue, see tcp_freeze); either alone does not."""
+    hold on their own, for a non-empty queue (see tcp_freeze). Without both, 28 KB got
+    in here; on loopback either one alone holds (the tiny buffer drops for lack of
+    memory, the zero window stays shut for a 64 KB MSS), so this proves the pair."""
     listener, peer, ours = connected_pair()
     try:
         peer.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 255)
