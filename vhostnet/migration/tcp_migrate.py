@@ -6,8 +6,9 @@ Source, in three steps:
    ``save-state``): pending socket work is flushed, each movable connection's
    socket is taken from the glue, *frozen* (repair mode, a minimum TTL of 255
    and a closed receive window, plus a drop-all socket filter where the host
-   allows it; see ``tcp_freeze``) and dumped with its window as it was before. The guest is
-   stopped at this point, so nothing changes the engine's side meanwhile.
+   allows it; see ``tcp_freeze``) and dumped with its window as it was
+   before. The guest is stopped at this point, so nothing changes the
+   engine's side meanwhile.
 2. ``release`` (QEMU 10: CHECK_DEVICE_STATE after a complete SAVE; QEMU 7.2:
    the ``release`` command): the frozen sockets are closed in repair mode,
    which sends nothing (no FIN, no RST), so a destination on the same host
