@@ -167,7 +167,7 @@ class Network:
         # Every engine with timers, in one list (the stack's own engines included).
         self._timer_clients: list[TimerClient] = [
             engine for engine in (self.stack.icmp, self.stack.dns, self.stack.udp_nat, self.tcp,
-                                  self.tftp) if engine is not None]
+                                  self.tftp, self.stack.fragments) if engine is not None]
         self._schedule_timer()
 
     def _attach_engines(self) -> None:

@@ -122,7 +122,7 @@ def test_ping_beyond_gateway_queues_host_commands(stack: NetworkStack) -> None:
         (eth(bytes.fromhex("020000000099"), GUEST_MAC, 0x0800, b""), "eth.drop.not_for_us"),
         (guest_ipv4_frame(GATEWAY_IP, 1, b"12345678", bad_checksum=True), "ipv4.drop.bad_checksum"),
         (guest_ipv4_frame(GATEWAY_IP, 1, b"12345678", ihl=4), "ipv4.drop.bad_ihl"),
-        (guest_ipv4_frame(GATEWAY_IP, 1, b"12345678", flags_fragment=0x2000), "ipv4.drop.fragment"),
+        (guest_ipv4_frame(GATEWAY_IP, 1, b"1234567", flags_fragment=0x2001), "frag.drop.bad_length"),
         (guest_ipv4_frame(GATEWAY_IP, 1, b"1234", total_length=60), "ipv4.drop.bad_length"),
         (eth(GATEWAY_MAC, GUEST_MAC, 0x0800, b"\x45\0\0"), "ipv4.drop.short"),
         (guest_ipv4_frame(GATEWAY_IP, 47, b"gre"), "ipv4.drop.proto"),

@@ -31,10 +31,11 @@ def eth(dst: bytes, src: bytes, ethertype: int, payload: bytes) -> bytes:
 
 def ipv4(src: bytes, dst: bytes, proto: int, payload: bytes, *, ttl: int = 64,
          flags_fragment: int = 0x4000, ihl: int = 5, options: bytes = b"",
-         total_length: int | None = None, bad_checksum: bool = False) -> bytes:
+         total_length: int | None = None, bad_checksum: bool = False,
+         ident: int = 0x1234) -> bytes:
     header_len = ihl * 4
     total = total_length if total_length is not None else header_len + len(payload)
-    header = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total, 0x1234, flags_fragment, ttl,
+    header = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total, ident, flags_fragment, ttl,
                          proto, 0, src, dst) + options
     value = checksum(header[:header_len]) ^ (0x5555 if bad_checksum else 0)
     header = header[:10] + struct.pack("!H", value) + header[12:]

@@ -10,7 +10,10 @@ Per-protocol work is delegated:
   except the guest's own, plus the gateway and DNS addresses, is "at" the gateway MAC;
 - IPv4 protocol handlers: whatever ``set_protocol_handler`` registers (ICMP, TCP);
 - UDP: services first (``add_udp_service``: DHCP, DNS, TFTP), then the generic
-  NAT (``udp_nat``), if one is set.
+  NAT (``udp_nat``), if one is set;
+- IPv4 fragments: reassembled (``stack.fragments``, see ``fragments.py``), then
+  dispatched as above as if they had come whole. Toward the guest, ``send_ipv4``
+  fragments what does not fit the guest's MTU.
 
 The engines are built and attached by the assembler (``vhostnet.network``),
 which also runs their timers; they count into ``stack.stats``. Engines that
@@ -21,6 +24,7 @@ talk to host sockets keep a ``commands`` deque that their glue in
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from typing import Protocol
 
@@ -29,12 +33,18 @@ from vhostnet.stack.config import StackConfig
 from vhostnet.stack.counters import Counters
 from vhostnet.stack.dhcp import DhcpServer
 from vhostnet.stack.dns import DnsForwarder
+from vhostnet.stack.fragments import Reassembler
 from vhostnet.stack.icmp import IcmpEngine
 from vhostnet.stack.udp_nat import UdpNat
 from vhostnet.wire import arp, ethernet
 from vhostnet.wire.checksum import PROTO_TCP, PROTO_UDP
 from vhostnet.wire.errors import MalformedPacket
-from vhostnet.wire.ipv4 import IPv4Packet, emit_ipv4_header
+from vhostnet.wire.ipv4 import (
+    MIN_HEADER_LEN,
+    IPv4Packet,
+    emit_ipv4_fragments,
+    emit_ipv4_header,
+)
 from vhostnet.wire.ipv6 import IPv6Packet
 from vhostnet.wire.offload import (
     NO_OFFLOADS,
@@ -88,6 +98,11 @@ class NetworkStack:
         self.dhcp: DhcpServer | None = None
         self.dns: DnsForwarder | None = None
         self.udp_nat: UdpNat | None = None  # UDP no service accepts; None: dropped
+        # The guest's fragments (both families); its timers run on the network's list.
+        self.fragments = Reassembler(self.stats)
+        # Identification of the datagrams we fragment: a counter from a random start, so a
+        # restarted or migrated back-end does not reuse the last one's (RFC 6864).
+        self._fragment_ident = int.from_bytes(os.urandom(4), "big")
 
     # --- registration -----------------------------------------------------
 
@@ -194,11 +209,17 @@ class NetworkStack:
 
     def _receive_ipv4(self, eth: ethernet.EthernetFrame, now: float, vnet: int = 0) -> None:
         try:
-            packet = IPv4Packet(eth.payload)
+            packet = IPv4Packet(eth.payload, allow_fragments=True)
         except MalformedPacket as error:
             self.stats.drop(f"ipv4.drop.{error.reason}", f"IPv4 packet dropped: {error}")
             return
         self.stats.inc("ipv4.rx")
+        if packet.is_fragment:
+            self._learn(eth.src, packet.src)
+            whole = self.fragments.add_ipv4(packet, now)
+            if whole is not None:
+                self._dispatch_reassembled(whole, now)
+            return
         if vnet:
             l4_start = ethernet.HEADER_LEN + packet.header_len
             if packet.proto == PROTO_TCP:
@@ -206,6 +227,17 @@ class NetworkStack:
             elif packet.proto == PROTO_UDP:
                 packet.checksum_partial = partial_l4_checksum(vnet, l4_start, UDP_CHECKSUM_OFFSET)
         self._learn(eth.src, packet.src)
+        self._dispatch_ipv4(packet, now)
+
+    def _dispatch_reassembled(self, whole: bytes, now: float) -> None:
+        try:
+            packet = IPv4Packet(whole)
+        except MalformedPacket as error:  # a bad first header: checked only now
+            self.stats.drop(f"ipv4.drop.{error.reason}", f"IPv4 packet dropped: {error}")
+            return
+        self._dispatch_ipv4(packet, now)
+
+    def _dispatch_ipv4(self, packet: IPv4Packet, now: float) -> None:
         if packet.proto == PROTO_UDP:
             self._receive_udp(packet, now)
             return
@@ -246,20 +278,40 @@ class NetworkStack:
         ``offload`` is the frame's vnet word (``offload.py``) when its L4 checksum was left
         partial or unset for the guest (only as ``guest_offloads`` allow); the queue then
         holds ``(frame, offload)``.
+
+        A packet without offload that does not fit the guest's MTU leaves as fragments
+        (DF clear: we are its sender); one with offload is a GSO frame the guest segments.
         """
         mac = dst_mac or self.guest_mac
-        header = emit_ipv4_header(src, dst, proto, len(payload), ttl=ttl)
+        if MIN_HEADER_LEN + len(payload) > 0xFFFF:
+            self.stats.drop("ipv4.tx.drop.too_big", "datagram for the guest over 65535 bytes")
+            return
+        if offload or MIN_HEADER_LEN + len(payload) <= self.config.mtu:
+            packets = [emit_ipv4_header(src, dst, proto, len(payload), ttl=ttl) + bytes(payload)]
+        else:
+            packets = emit_ipv4_fragments(src, dst, proto, payload, self.config.mtu,
+                                          self.next_fragment_ident(), ttl=ttl)
+            self.stats.inc("frag.tx_datagrams")
+            self.stats.inc("frag.tx_fragments", len(packets))
         if mac is None:
             if offload:
                 # A held packet leaves as a plain frame: without its header it must be whole.
                 self.stats.inc("ipv4.tx.drop.offload_held")
                 return
-            self._hold_for_mac(dst, header + bytes(payload))
+            for packet in packets:
+                self._hold_for_mac(dst, packet)
             return
-        frame = ethernet.emit_ethernet(mac, self.config.gateway_mac, ethernet.ETHERTYPE_IPV4,
-                                       header + bytes(payload))
-        self.frames_to_guest.append((frame, offload) if offload else frame)
-        self.stats.inc("ipv4.tx")
+        for packet in packets:
+            frame = ethernet.emit_ethernet(mac, self.config.gateway_mac,
+                                           ethernet.ETHERTYPE_IPV4, packet)
+            self.frames_to_guest.append((frame, offload) if offload else frame)
+        self.stats.inc("ipv4.tx", len(packets))
+
+    def next_fragment_ident(self) -> int:
+        """A fresh 32-bit identification for a datagram we fragment (IPv4 uses its low 16
+        bits; ``wire.ipv6.emit_ipv6_fragments`` all 32)."""
+        self._fragment_ident = (self._fragment_ident + 1) & 0xFFFFFFFF
+        return self._fragment_ident
 
     @property
     def gateway_mac(self) -> bytes:

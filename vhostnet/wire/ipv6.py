@@ -137,3 +137,48 @@ def link_local_address(mac: bytes) -> bytes:
     """fe80::/64 with the modified EUI-64 interface identifier of ``mac`` (RFC 4291 appendix A)."""
     identifier = bytes((mac[0] ^ 0x02,)) + mac[1:3] + b"\xff\xfe" + mac[3:6]
     return bytes.fromhex("fe80000000000000") + identifier
+
+
+# --- fragments (RFC 8200 section 4.5) ----------------------------------------------
+
+FRAGMENT_HEADER_LEN = 8
+MAX_PAYLOAD = 0xFFFF  # no jumbograms
+
+
+def emit_fragment_header(next_header: int, offset: int, more: bool, ident: int) -> bytes:
+    """The 8-byte fragment header; ``offset`` in bytes (a multiple of 8), M flag, identification."""
+    if offset % 8 or not 0 <= offset <= 0xFFF8:
+        raise ValueError(f"fragment offset {offset} is not a multiple of 8 below 65536")
+    return _FRAGMENT.pack(next_header, offset | int(more), ident & 0xFFFFFFFF)
+
+
+def emit_ipv6_fragments(src: bytes, dst: bytes, next_header: int,
+                        payload: bytes | bytearray | memoryview, mtu: int, ident: int,
+                        hop_limit: int = 64, traffic_class: int = 0, flow_label: int = 0
+                        ) -> list[bytes]:
+    """``payload`` (the upper layer's: no extension headers) as whole IPv6 packets of at most
+    ``mtu`` bytes each: one plain packet if it fits, else fragments, each with a fragment
+    header of identification ``ident`` and 8-byte aligned offsets, M set on all but the last.
+
+    The source fragments here because nothing can send it a Packet Too Big: the datagrams
+    come from host sockets, and the guest's link MTU is known.
+    """
+    if HEADER_LEN + len(payload) <= mtu:
+        return [emit_ipv6_header(src, dst, next_header, len(payload), hop_limit, traffic_class,
+                                 flow_label) + bytes(payload)]
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"IPv6 payload of {len(payload)} bytes is too long")
+    step = (mtu - HEADER_LEN - FRAGMENT_HEADER_LEN) & ~7
+    if step <= 0:
+        raise ValueError(f"an MTU of {mtu} bytes holds no fragment")
+    view = memoryview(payload)
+    packets = []
+    for start in range(0, len(view), step):
+        piece = view[start : start + step]
+        more = start + step < len(view)
+        header = emit_ipv6_header(src, dst, NEXT_HEADER_FRAGMENT,
+                                  FRAGMENT_HEADER_LEN + len(piece), hop_limit, traffic_class,
+                                  flow_label)
+        packets.append(header + emit_fragment_header(next_header, start, more, ident)
+                       + bytes(piece))
+    return packets
