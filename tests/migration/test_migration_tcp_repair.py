@@ -97,6 +97,19 @@ def unacked_bytes(sock: socket.socket) -> int:
     return send_queue_ioctl(sock, tcp_repair.SIOCOUTQ)
 
 
+def settled_unacked_bytes(sock: socket.socket, *, tries: int = 50, pause: float = 0.05) -> int:
+    """The peer's unacknowledged bytes once no more ACKs are arriving: after a freeze, ACKs our
+    kernel sent just before it can still be on their way (a loaded machine delays softirqs)."""
+    last = unacked_bytes(sock)
+    for _ in range(tries):
+        time.sleep(pause)
+        now = unacked_bytes(sock)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the peer's unacknowledged count kept moving ({last})")
+
+
 def not_yet_sent_bytes(sock: socket.socket) -> int:
     return send_queue_ioctl(sock, tcp_repair.SIOCOUTQNSD)
 
@@ -137,7 +150,7 @@ def test_connection_moves_to_a_new_socket_with_data_in_flight_both_ways() -> Non
 
         freeze(ours)
         # Sent while frozen: must stay unacknowledged in the peer, not vanish in our kernel.
-        in_peer_before = unacked_bytes(peer)
+        in_peer_before = settled_unacked_bytes(peer)
         extra = send_what_fits(peer, to_us[from_peer:from_peer + 10_000])
         time.sleep(0.2)
         assert unacked_bytes(peer) == in_peer_before + extra
