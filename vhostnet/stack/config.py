@@ -1,7 +1,8 @@
 """Configuration of the user-mode network, with QEMU user-networking defaults.
 
-Addresses inside the stack are 4-byte ``bytes``; ``StackConfig`` also accepts
-dotted strings for convenience and converts them once, in ``__post_init__``.
+Addresses inside the stack are 4-byte (IPv4) or 16-byte (IPv6) ``bytes``;
+``StackConfig`` also accepts their text forms for convenience and converts them
+once, in ``__post_init__``.
 
 Port forwarding specs follow passt's ``-t``/``-u`` syntax (see ``parse_port_spec``).
 """
@@ -11,10 +12,13 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from vhostnet.wire.ipv6 import in_prefix
+
 MIN_MTU = 576
 MAX_MTU = 65520
 DNS_PORT = 53
 HOST_LOOPBACK = "127.0.0.1"
+HOST_LOOPBACK6 = "::1"
 
 
 def ip4(text: str) -> bytes:
@@ -46,6 +50,23 @@ class PortForward:
     host_addr: str
     host_port: int
     guest_port: int
+
+
+def ip6(text: str) -> bytes:
+    """IPv6 text -> 16 bytes; ``ValueError`` for anything else."""
+    return ipaddress.IPv6Address(text).packed
+
+
+def ip6_str(address: bytes) -> str:
+    return str(ipaddress.IPv6Address(bytes(address)))
+
+
+def _as_ip6(value: bytes | str, name: str) -> bytes:
+    if isinstance(value, str):
+        return ip6(value)
+    if len(value) != 16:
+        raise ValueError(f"{name} must be 16 bytes or an IPv6 address")
+    return bytes(value)
 
 
 def _as_ip4(value: bytes | str, name: str) -> bytes:
@@ -86,8 +107,30 @@ class StackConfig:
     lease_time: int = 86400
     flow_limit: int = 65536
     udp_idle_timeout: float = 180.0
+    # --- IPv6, and which families are on (QEMU user-networking defaults) -----------
+    # ipv4 / ipv6: False drops every frame of that family (ARP and DHCPv4 with IPv4;
+    # NDP, RA and DHCPv6 with IPv6), counted as eth.drop.ipv4 / eth.drop.ipv6.
+    ipv4: bool = True
+    ipv6: bool = True
+    # The guest's address: None, SLAAC (the guest picks it in prefix6); an address is
+    # also given by DHCPv6 (IA_NA).
+    guest_ipv6: bytes | str | None = None
+    # The on-link prefix advertised by RA (autonomous flag set only for a /64).
+    prefix6: bytes | str = "fec0::"
+    prefix6_len: int = 64
+    gateway6: bytes | str = "fec0::2"
+    dns6: bytes | str = "fec0::3"
+    # The guest-side IPv6 address that reaches the host's ::1; "gateway" (the default)
+    # means gateway6, None maps nothing.
+    map_host_loopback6: bytes | str | None = "gateway"
+    ndp: bool = True  # answer Neighbour Solicitations (and learn from NDP)
+    ra: bool = True  # answer Router Solicitations and advertise every ra_interval seconds
+    dhcpv6: bool = True
+    ra_interval: float = 60.0
+    ra_router_lifetime: int = 1800  # seconds; also the RDNSS/DNSSL and prefix lifetimes' base
 
     def __post_init__(self) -> None:
+        self._check_ipv6()
         self.guest_ipv4 = _as_ip4(self.guest_ipv4, "guest_ipv4")
         self.netmask = _as_ip4(self.netmask, "netmask")
         self.gateway = _as_ip4(self.gateway, "gateway")
@@ -116,6 +159,53 @@ class StackConfig:
             raise ValueError("flow_limit must be positive")
         if self.udp_idle_timeout <= 0:
             raise ValueError("udp_idle_timeout must be positive")
+
+    def _check_ipv6(self) -> None:
+        if self.guest_ipv6 is not None:
+            self.guest_ipv6 = _as_ip6(self.guest_ipv6, "guest_ipv6")
+        self.prefix6 = _as_ip6(self.prefix6, "prefix6")
+        self.gateway6 = _as_ip6(self.gateway6, "gateway6")
+        self.dns6 = _as_ip6(self.dns6, "dns6")
+        if not 1 <= self.prefix6_len <= 128:
+            raise ValueError(f"IPv6 prefix length {self.prefix6_len} is outside 1..128")
+        # Host bits of the prefix are cleared: "2001:db8::15/64" advertises 2001:db8::/64.
+        shift = 128 - self.prefix6_len
+        self.prefix6 = ((int.from_bytes(self.prefix6, "big") >> shift) << shift).to_bytes(16, "big")
+        if self.map_host_loopback6 == "gateway":
+            self.map_host_loopback6 = self.gateway6
+        elif self.map_host_loopback6 is not None:
+            self.map_host_loopback6 = _as_ip6(self.map_host_loopback6, "map_host_loopback6")
+            if self.map_host_loopback6 in (self.guest_ipv6, self.dns6):
+                raise ValueError("the IPv6 host loopback address must differ from the guest "
+                                 "and DNS addresses")
+        if self.gateway6 == self.guest_ipv6:
+            raise ValueError("the IPv6 gateway address must differ from the guest address")
+        if self.ra_interval <= 0 or not 0 < self.ra_router_lifetime <= 9000:
+            raise ValueError("ra_interval must be positive, ra_router_lifetime 1..9000 s")
+        if not (self.ipv4 or self.ipv6):
+            raise ValueError("IPv4 and IPv6 cannot both be off")
+
+    def in_prefix6(self, address: bytes) -> bool:
+        """True for an address of the advertised on-link prefix."""
+        return in_prefix(address, self.prefix6, self.prefix6_len)  # type: ignore[arg-type]
+
+    def host_destination6(self, dst_ip: bytes, dst_port: int) -> tuple[str, int] | None:
+        """Where a guest's flow to IPv6 ``dst_ip:dst_port`` goes on the host, or None
+        (``host_destination``'s rules for IPv6): the mapped address -> ::1; the gateway and
+        the DNS address are virtual (DNS port 53 -> the first IPv6 upstream); multicast,
+        link-local, loopback, unspecified and the guest's own prefix never leave the link."""
+        if dst_ip == self.map_host_loopback6:
+            return (HOST_LOOPBACK6, dst_port)
+        if dst_ip == self.gateway6:
+            return None
+        if dst_ip == self.dns6:
+            upstream = [u for u in self.dns_upstream if ":" in u[0]]
+            return upstream[0] if dst_port == DNS_PORT and upstream else None
+        address = ipaddress.IPv6Address(dst_ip)
+        if (address.is_multicast or address.is_link_local or address.is_loopback
+                or address.is_unspecified or self.in_prefix6(dst_ip)):
+            return None
+        return (str(address), dst_port)
 
     @property
     def loopback_peer_address(self) -> bytes:
