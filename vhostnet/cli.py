@@ -83,14 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-s", "--socket", required=True, metavar="PATH",
                    help="UNIX socket to listen on for QEMU's vhost-user connection (required)")
-    p.add_argument("-a", "--address", metavar="ADDR", default="10.0.2.15",
-                   help="IPv4 address given to the guest by DHCP (default 10.0.2.15)")
+    p.add_argument("-a", "--address", metavar="ADDR[/PREFIX]", action="append", default=None,
+                   help="guest address, once per family: IPv4 given by DHCP (default 10.0.2.15), "
+                        "IPv6 given by DHCPv6 (default: SLAAC in fec0::/64)")
     p.add_argument("-n", "--netmask", metavar="MASK", default="255.255.255.0",
                    help="netmask, dotted or prefix length (default 255.255.255.0)")
-    p.add_argument("-g", "--gateway", metavar="ADDR", default="10.0.2.2",
-                   help="gateway address; traffic to it reaches the host's loopback (default 10.0.2.2)")
-    p.add_argument("-D", "--dns", metavar="ADDR", default="10.0.2.3",
-                   help="DNS forwarder address offered to the guest (default 10.0.2.3)")
+    p.add_argument("-g", "--gateway", metavar="ADDR", action="append", default=None,
+                   help="gateway address, once per family; traffic to it reaches the host's "
+                        "loopback (default 10.0.2.2 and fec0::2)")
+    p.add_argument("-D", "--dns", metavar="ADDR", action="append", default=None,
+                   help="DNS forwarder address offered to the guest, once per family "
+                        "(default 10.0.2.3 and fec0::3)")
     p.add_argument("--dns-upstream", metavar="ADDR[:PORT]", action="append", default=None,
                    help="resolver the DNS forwarder asks; repeatable "
                         "(default: the nameservers of /etc/resolv.conf)")
@@ -106,9 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forward host TCP ports into the guest (see below); repeatable")
     p.add_argument("-u", "--udp-ports", metavar="SPEC", action="append", default=[],
                    help="forward host UDP ports into the guest (see below); repeatable")
-    p.add_argument("--map-host-loopback", metavar="ADDR|none", default=None,
-                   help="guest address that reaches the host's 127.0.0.1 "
-                        "(default: the gateway); 'none' turns the mapping off")
+    p.add_argument("--map-host-loopback", metavar="ADDR|none", action="append", default=None,
+                   help="guest address that reaches the host's 127.0.0.1 (an IPv6 one: ::1), "
+                        "once per family (default: the gateway); 'none' turns the mapping off")
+    p.add_argument("-4", "--ipv4-only", action="store_true", help="IPv4 only: drop all IPv6")
+    p.add_argument("-6", "--ipv6-only", action="store_true",
+                   help="IPv6 only: drop all IPv4 and ARP, no DHCP")
+    p.add_argument("--no-ndp", action="store_true", help="do not answer IPv6 neighbour discovery")
+    p.add_argument("--no-ra", action="store_true", help="send no IPv6 Router Advertisements")
+    p.add_argument("--no-dhcpv6", action="store_true", help="do not answer DHCPv6")
     p.add_argument("--no-dhcp", action="store_true", help="do not answer DHCP")
     p.add_argument("--no-icmp", action="store_true", help="do not forward or answer ICMP echo")
     p.add_argument("--no-tcp", action="store_true", help="do not translate TCP")
@@ -141,19 +150,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ipv4(text: str, what: str) -> str:
-    try:
-        return str(ipaddress.IPv4Address(text))
-    except ValueError:
-        raise UsageError(f"{what} {text!r} is not an IPv4 address") from None
-
-
 def _netmask(text: str) -> str:
     # ipaddress takes both forms after the slash: "24" and "255.255.255.0".
     try:
         return str(ipaddress.IPv4Network(f"0.0.0.0/{text}").netmask)
     except ValueError:
         raise UsageError(f"netmask {text!r} is neither a dotted mask nor a prefix length") from None
+
+
+def _per_family(values: list[str] | None, what: str,
+                with_prefix: bool = False) -> dict[int, tuple[str, int | None]]:
+    """Options given once per family -> {4 or 6: (address, prefix length or None)}."""
+    found: dict[int, tuple[str, int | None]] = {}
+    for text in values or []:
+        address, slash, prefix = text.partition("/")
+        try:
+            parsed = ipaddress.ip_address(address)
+            length = int(prefix) if slash else None
+        except ValueError:
+            raise UsageError(f"{what} {text!r} is not an IPv4 or IPv6 address") from None
+        if slash and not with_prefix:
+            raise UsageError(f"{what} {text!r} takes no prefix length")
+        if length is not None and not 1 <= length <= parsed.max_prefixlen:
+            raise UsageError(f"prefix length in {what} {text!r} is out of range")
+        if parsed.version in found:
+            raise UsageError(f"{what} given twice for IPv{parsed.version}")
+        found[parsed.version] = (str(parsed), length)
+    return found
 
 
 def _upstream(text: str) -> tuple[str, int]:
@@ -225,13 +248,30 @@ def config_from_args(args: argparse.Namespace, fd_limit: int | None = None):  # 
         raise UsageError("--bootfile needs --tftp DIR to serve the file from")
     if args.tftp and not os.path.isdir(args.tftp):
         raise UsageError(f"TFTP folder {args.tftp} does not exist or is not a folder")
+    if args.ipv4_only and args.ipv6_only:
+        raise UsageError("-4 and -6 exclude each other")
+    addresses = _per_family(args.address, "-a/--address", with_prefix=True)
+    gateways = _per_family(args.gateway, "-g/--gateway")
+    dns_addresses = _per_family(args.dns, "-D/--dns")
     # passt's meaning: this guest-side address reaches the host's loopback.
-    if args.map_host_loopback is None:
-        map_loopback: str | None = "gateway"
-    elif args.map_host_loopback == "none":
-        map_loopback = None
-    else:
-        map_loopback = _ipv4(args.map_host_loopback, "--map-host-loopback")
+    loopback_given = [x for x in args.map_host_loopback or [] if x != "none"]
+    maps = _per_family(loopback_given, "--map-host-loopback")
+    map_off = "none" in (args.map_host_loopback or [])
+    map_loopback: str | None = None if map_off else maps.get(4, ("gateway",))[0]
+    map_loopback6: str | None = None if map_off else maps.get(6, ("gateway",))[0]
+    address4, prefix4 = addresses.get(4, ("10.0.2.15", None))
+    netmask = _netmask(str(prefix4) if prefix4 is not None else args.netmask)
+    ipv6_kwargs: dict[str, object] = dict(
+        ipv4=not args.ipv6_only, ipv6=not args.ipv4_only, ndp=not args.no_ndp,
+        ra=not args.no_ra, dhcpv6=not args.no_dhcpv6, map_host_loopback6=map_loopback6)
+    if 6 in addresses:
+        address6, prefix6 = addresses[6]
+        ipv6_kwargs.update(guest_ipv6=address6, prefix6=address6,
+                           prefix6_len=64 if prefix6 is None else prefix6)
+    if 6 in gateways:
+        ipv6_kwargs["gateway6"] = gateways[6][0]
+    if 6 in dns_addresses:
+        ipv6_kwargs["dns6"] = dns_addresses[6][0]
     tcp_forwards = []
     udp_forwards = []
     try:
@@ -245,10 +285,10 @@ def config_from_args(args: argparse.Namespace, fd_limit: int | None = None):  # 
         raise UsageError(str(exc)) from None
     upstream = [_upstream(x) for x in args.dns_upstream] if args.dns_upstream else resolv_conf_nameservers()
     kwargs = dict(
-        guest_ipv4=ip4(_ipv4(args.address, "guest address")),
-        netmask=ip4(_netmask(args.netmask)),
-        gateway=ip4(_ipv4(args.gateway, "gateway")),
-        dns=ip4(_ipv4(args.dns, "DNS address")),
+        guest_ipv4=ip4(address4),
+        netmask=ip4(netmask),
+        gateway=ip4(gateways.get(4, ("10.0.2.2",))[0]),
+        dns=ip4(dns_addresses.get(4, ("10.0.2.3",))[0]),
         mtu=args.mtu,
         map_host_loopback=map_loopback,
         dhcp=not args.no_dhcp,
@@ -265,6 +305,7 @@ def config_from_args(args: argparse.Namespace, fd_limit: int | None = None):  # 
         bootfile_ipxe=args.bootfile_ipxe,
         flow_limit=args.flow_limit,
         lease_time=args.lease_time,
+        **ipv6_kwargs,
     )
     if args.mac_addr:
         kwargs["gateway_mac"] = _mac(args.mac_addr)
