@@ -168,7 +168,7 @@ def _per_family(values: list[str] | None, what: str,
             parsed = ipaddress.ip_address(address)
             length = int(prefix) if slash else None
         except ValueError:
-            raise UsageError(f"{what} {text!r} is not an IPv4 or IPv6 address") from None
+            raise UsageError(f"{what} {text!r} is not an IPv4 address, nor an IPv6 one") from None
         if slash and not with_prefix:
             raise UsageError(f"{what} {text!r} takes no prefix length")
         if length is not None and not 1 <= length <= parsed.max_prefixlen:
