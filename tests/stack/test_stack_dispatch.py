@@ -116,7 +116,7 @@ def test_ping_beyond_gateway_queues_host_commands(stack: NetworkStack) -> None:
     ("frame", "counter"),
     [
         (b"\x00" * 10, "eth.drop.short"),
-        (eth(GATEWAY_MAC, GUEST_MAC, 0x86DD, b"\x60" + b"\0" * 39), "eth.drop.ipv6"),
+        (eth(GATEWAY_MAC, GUEST_MAC, 0x86DD, b"\x60" + b"\0" * 39), "ipv6.drop.truncated_extension"),
         (eth(BROADCAST, GUEST_MAC, 0x88CC, b"lldp"), "eth.drop.ethertype"),
         (eth(BROADCAST, BROADCAST, 0x0800, b""), "eth.drop.bad_src"),
         (eth(bytes.fromhex("020000000099"), GUEST_MAC, 0x0800, b""), "eth.drop.not_for_us"),

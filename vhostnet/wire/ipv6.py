@@ -59,12 +59,12 @@ class IPv6Packet:
     there is one); ``upper_protocol``/``upper_payload`` are what the extension
     headers lead to; ``extensions`` lists ``(type, offset, length)`` of each
     walked extension header, offsets counted from the start of ``payload``.
-    ``src``/``dst`` are 16-byte ``bytes``; ``payload`` is a memoryview bounded by
-    the payload length field.
+    ``src``/``dst`` are 16-byte ``bytes``; ``header`` is a memoryview of the fixed header
+    and ``payload`` one bounded by the payload length field.
     """
 
     __slots__ = ("traffic_class", "flow_label", "payload_length", "next_header", "hop_limit",
-                 "src", "dst", "payload", "extensions", "fragment", "upper_protocol",
+                 "src", "dst", "header", "payload", "extensions", "fragment", "upper_protocol",
                  "upper_payload")
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
@@ -83,6 +83,7 @@ class IPv6Packet:
         self.hop_limit: int = hop_limit
         self.src: bytes = src
         self.dst: bytes = dst
+        self.header = view[:HEADER_LEN]  # for quoting in ICMPv6 errors
         self.payload = view[HEADER_LEN : HEADER_LEN + payload_length]
         self.fragment: Fragment | None = None
         self._walk_extensions()
@@ -137,6 +138,32 @@ def link_local_address(mac: bytes) -> bytes:
     """fe80::/64 with the modified EUI-64 interface identifier of ``mac`` (RFC 4291 appendix A)."""
     identifier = bytes((mac[0] ^ 0x02,)) + mac[1:3] + b"\xff\xfe" + mac[3:6]
     return bytes.fromhex("fe80000000000000") + identifier
+
+
+def is_multicast(address: bytes) -> bool:
+    """ff00::/8."""
+    return address[0] == 0xFF
+
+
+def is_link_local(address: bytes) -> bool:
+    """fe80::/10."""
+    return address[0] == 0xFE and address[1] & 0xC0 == 0x80
+
+
+def solicited_node_address(address: bytes) -> bytes:
+    """ff02::1:ffXX:XXXX, where Neighbour Solicitations for ``address`` go (RFC 4291 2.7.1)."""
+    return bytes.fromhex("ff0200000000000000000001ff") + address[13:16]
+
+
+def multicast_mac(address: bytes) -> bytes:
+    """33:33 and the group's last 32 bits (RFC 2464 section 7)."""
+    return b"\x33\x33" + address[12:16]
+
+
+def in_prefix(address: bytes, prefix: bytes, length: int) -> bool:
+    """True when the first ``length`` bits of ``address`` are those of ``prefix``."""
+    shift = 128 - length
+    return int.from_bytes(address, "big") >> shift == int.from_bytes(prefix, "big") >> shift
 
 
 # --- fragments (RFC 8200 section 4.5) ----------------------------------------------
