@@ -241,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--incoming", action="store_true",
                        help="migration destination on the same host: forwarded ports the source "
                             "still holds are bound as soon as it releases them")
+    group.add_argument("--state-file", metavar="PATH", default=None,
+                       help="on SIGTERM, freeze the TCP connections and save the whole network "
+                            "state here; started again with it, restore it and carry on "
+                            "(the guest reconnects through QEMU's reconnect-ms)")
     add("--discard-tx", action="store_true", help=argparse.SUPPRESS)  # for `vhostnet bench`
 
     for names, sentence in REFUSED.items():
