@@ -102,3 +102,13 @@ def test_the_daemon_saves_at_sigterm_and_restores_at_start(tmp_path: Path) -> No
     finally:
         second.process.kill()
         second.stop()
+
+
+def test_a_front_end_arriving_after_a_restore_finds_frames_waiting(loop) -> None:
+    from vhostnet.device import NetDevice
+
+    network, _ = network_on(loop)
+    network.frames_to_guest.append(bytes(60))  # what restored connections queued
+    device = NetDevice(loop, network)  # listens at once: the queue is not empty
+    device.close()
+    network.close()
