@@ -103,7 +103,9 @@ def soak_rows(soak: SoakSettings, progress=None) -> list[Row]:
     return [
         Row("soak-rss", "MiB", [end[0]],
             extra={"start": start[0], "peak": max(rss, default=start[0]), "end": end[0],
-                   **common}),
+                   **common,
+                   # Growth with the flow count (a leak) or a plateau (allocator high water).
+                   "rss_every_minute": [round(v, 1) for v in rss[::60]]}),
         Row("soak-fds", "fds", [end[1]],
             extra={"start": start[1], "peak": max(fds, default=start[1]), "end": end[1]}),
     ]
