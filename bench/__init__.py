@@ -3,6 +3,7 @@
 Run it inside the private network namespace (``make bench`` does):
 ``python3 -m tools.netns -- python3 -m bench [--cases ring,tcp-rr] [--json F]``.
 ``--guest`` (or the case ``guest``) adds iperf3 in a real TCG guest (see guest_iperf.py).
+The endurance cases ``soak`` and ``churn`` (bench/soak.py) run only when named.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from bench.output import (
     write_plot,
 )
 from bench.runner import BenchError, loopback_process, vhostnet_template
+from bench.soak import SOAK_CASES, SoakSettings, churn_rows, soak_rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,12 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offered UDP rate (iperf3 -b) with --guest (default 1G)")
     p.add_argument("--guest-stream", action="store_true",
                    help="with --guest, also boot the guest with -netdev stream (rows NAME-stream)")
+    p.add_argument("--soak-seconds", type=float, default=600.0, metavar="N",
+                   help="how long the soak case spreads its flows over (default 600)")
+    p.add_argument("--soak-tcp", type=int, default=10_000, metavar="N",
+                   help="TCP connections the soak case opens and closes (default 10000)")
+    p.add_argument("--soak-udp", type=int, default=20_000, metavar="N",
+                   help="UDP flows the soak case opens, closed by expiry (default 20000)")
+    p.add_argument("--churn-cycles", type=int, default=10_000, metavar="N",
+                   help="front-end connect/negotiate/disconnect cycles of the churn case "
+                        "(default 10000)")
     return p
 
 
 def run(settings: Settings, compare: str | None, guest: GuestSettings,
-        kits: GuestKits | None) -> list[Row]:
+        kits: GuestKits | None, soak: SoakSettings | None = None) -> list[Row]:
     rows: list[Row] = []
+    soak = soak or SoakSettings()
+    if "soak" in settings.cases:
+        rows += _show(settings, soak_rows(soak, settings.progress))
+    if "churn" in settings.cases:
+        rows += _show(settings, churn_rows(soak, settings.progress))
+    if not set(settings.cases) - set(SOAK_CASES):
+        return rows
     guest_baselines = GuestBaselines()
     client = loopback_process()
     try:
@@ -82,7 +100,7 @@ def run(settings: Settings, compare: str | None, guest: GuestSettings,
             if "ring" in settings.cases:
                 rows += _show(settings, ring_rows(ring_template, name, settings, baselines))
             for mtu in TCP_MTUS:
-                nat_cases = set(settings.cases) - {"ring", GUEST_CASE}
+                nat_cases = set(settings.cases) - {"ring", GUEST_CASE, *SOAK_CASES}
                 if mtu != TCP_MTUS[0]:
                     nat_cases &= {"tcp-tx", "tcp-rx"}
                 if nat_cases:
@@ -116,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
     if args.guest and GUEST_CASE not in cases:
         cases += (GUEST_CASE,)
-    known = (*ALL_CASES, GUEST_CASE)
+    known = (*ALL_CASES, GUEST_CASE, *SOAK_CASES)
     unknown = [c for c in cases if c not in known]
     kits: GuestKits | None = None
     ok = False
@@ -145,7 +163,13 @@ def main(argv: list[str] | None = None) -> int:
             kits = load_kits(args.qemu)
         print(HEADER, flush=True)
         started = time.monotonic()
-        rows = run(settings, args.compare, guest, kits)
+        if not (1 <= args.soak_seconds <= 86400 and 0 <= args.soak_tcp <= 1_000_000
+                and 0 <= args.soak_udp <= 1_000_000 and 1 <= args.churn_cycles <= 1_000_000):
+            raise BenchError("--soak-seconds must be 1..86400 and the soak and churn counts "
+                             "0..1000000 (churn at least 1)")
+        soak = SoakSettings(args.soak_seconds, args.soak_tcp, args.soak_udp,
+                            churn_cycles=args.churn_cycles)
+        rows = run(settings, args.compare, guest, kits, soak)
         settings.progress.clear()
         meta = {"rounds": args.rounds, "duration": args.duration, "cases": list(cases),
                 "compare": args.compare, "elapsed_s": time.monotonic() - started,

@@ -105,6 +105,7 @@ async def _serve(args: argparse.Namespace, config, runner: daemon.Daemon,
 async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.Daemon,
                               runas: tuple[int, int] | None, cleanup: contextlib.ExitStack) -> int:
     from vhostnet.migration.repair_helper import HelperLink, RepairAccess
+    from vhostnet.migration.restart import restore_at_start, save_on_exit, state_pending
     from vhostnet.migration.tcp_migrate import TcpMigration
     from vhostnet.migration.transfer import DeviceStateTransfer
     from vhostnet.network import Network
@@ -127,7 +128,9 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
     except OSError as exc:
         raise UsageError(f"cannot write the pid file {args.pid}: {exc.strerror or exc}") from None
     try:
-        network = Network(config, loop, listen_retry=INCOMING_LISTEN_SECONDS if args.incoming else 0.0)
+        # A restart's forwarded ports stay caught until its state is restored.
+        held = args.incoming or state_pending(args.state_file)
+        network = Network(config, loop, listen_retry=INCOMING_LISTEN_SECONDS if held else 0.0)
     except OSError as exc:
         raise UsageError(f"cannot set up the network: {exc.strerror or exc}") from None
     cleanup.callback(network.close)
@@ -155,6 +158,9 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
     cleanup.callback(repair.close)
     migration = TcpMigration.attach(network, repair)
     log.info("%s", repair.describe())
+    if args.state_file:
+        # Before the front-end is served: the guest's segments must find their flows.
+        await restore_at_start(network, migration, args.state_file)
     server = Server(loop, listener, network, one_off=args.one_off,
                     device_state=lambda: DeviceStateTransfer(loop, network, migration),
                     **frontend_options(args, loop))
@@ -174,8 +180,15 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
         await control.start(control_listener)
     if connected is not None:
         server.serve_connected(connected)
+    def terminate() -> None:
+        if args.state_file and not server.closed.is_set():
+            if server.active is not None:
+                server.active.close()  # the device stops first, as before a migration's save
+            save_on_exit(network, migration, args.state_file)
+        server.close()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, server.close)
+        loop.add_signal_handler(signum, terminate)
     if args.stats:
         _log_stats_every(loop, args.stats, server)
     if runas is not None:

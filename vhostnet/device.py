@@ -118,8 +118,10 @@ class NetDevice:
         # -p/--pcap: frames both ways, per batch (nothing per frame when None).
         self.capture: Capture | None = None
         self._closed = False
-        network.add_output_listener(self._schedule_rx)
         self._rx_scheduled = False
+        # Last: frames already waiting (connections restored before a front-end came)
+        # call the listener at once.
+        network.add_output_listener(self._schedule_rx)
 
     # ---- BackendDevice: negotiation -----------------------------------------
 

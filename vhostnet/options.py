@@ -242,7 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--incoming", action="store_true",
                        help="migration destination on the same host: forwarded ports the source "
                             "still holds are bound as soon as it releases them")
+    group.add_argument("--state-file", metavar="PATH", default=None,
+                       help="on SIGTERM, freeze the TCP connections and save the whole network "
+                            "state here; started again with it, restore it and carry on "
+                            "(the guest reconnects through QEMU's reconnect-ms)")
     add("--discard-tx", action="store_true", help=argparse.SUPPRESS)  # for `vhostnet bench`
+    # For the soak benchmark: UDP flows expire after this many idle seconds (default 180).
+    add("--udp-idle-timeout", metavar="SECONDS", type=float, default=None, help=argparse.SUPPRESS)
 
     for names, sentence in REFUSED.items():
         action = p.add_argument(*names, action=_Refuse, help=argparse.SUPPRESS,
@@ -570,6 +576,8 @@ def config_from_args(args: argparse.Namespace, fd_limit: int, reserve: int,
         kwargs["dns6"] = ip6(forward6)
     if args.mac_addr:
         kwargs["gateway_mac"] = mac(args.mac_addr)
+    if args.udp_idle_timeout is not None:
+        kwargs["udp_idle_timeout"] = args.udp_idle_timeout
     try:
         return StackConfig(**kwargs), warnings
     except (TypeError, ValueError) as exc:

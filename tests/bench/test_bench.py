@@ -286,3 +286,29 @@ def test_bench_refuses_bad_guest_options() -> None:
                               capture_output=True, text=True, timeout=30)
         assert done.returncode == 2 and words in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+
+
+# ---- endurance cases: the machinery counts right (tiny counts, no figure judged) ----
+
+
+@needs_netns
+def test_soak_opens_and_closes_the_flows_it_says() -> None:
+    from bench.soak import SoakSettings, soak_rows
+
+    rss, fds = soak_rows(SoakSettings(seconds=3, tcp_flows=50, udp_flows=50,
+                                      udp_idle_timeout=1.0))
+    assert rss.extra["tcp_flows"] == 50 and rss.extra["tcp_failed"] == 0, rss.extra
+    assert rss.extra["udp_flows"] == 50 and rss.extra["udp_replies"] == 50, rss.extra
+    assert rss.extra["peak_udp_open"] > 0, rss.extra
+    assert rss.extra["end_tcp_open"] == rss.extra["end_udp_open"] == 0, rss.extra
+    assert rss.extra["start"] <= rss.extra["peak"] and fds.extra["start"] <= fds.extra["peak"]
+    assert rss.rounds == [rss.extra["end"]] and fds.rounds == [fds.extra["end"]]
+
+
+@needs_netns
+def test_churn_runs_every_cycle() -> None:
+    from bench.soak import SoakSettings, churn_rows
+
+    (row,) = churn_rows(SoakSettings(churn_cycles=20))
+    assert row.extra["cycles"] == 20 and row.rounds == [row.extra["end"]]
+    assert row.extra["fds_end"] <= row.extra["fds_start"] + 1, row.extra
