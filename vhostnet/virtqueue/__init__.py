@@ -1,4 +1,4 @@
-"""Guest memory and split virtqueues (the Cython data path lives in ext/virtq.pyx)."""
+"""Guest memory and virtqueues, split and packed (the Cython data path lives in ext/virtq.pyx)."""
 
 from vhostnet.virtqueue._virtq import FrameBatch
 from vhostnet.virtqueue.memory import AddressError, GuestMemory, MappedRegion
