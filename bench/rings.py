@@ -93,7 +93,7 @@ class GuestRings:
         """Put the same frame (with a zero virtio-net header) in every TX buffer."""
         data = np.frombuffer(bytes(VIRTIO_NET_HDR_LEN) + frame, dtype=np.uint8)
         self.tx.buffers[:, : len(data)] = data
-        self.tx.desc["len"] = len(data)
+        self.tx.set_buffer_length(slice(None), len(data))
 
     def reclaim_tx(self) -> int:
         start, count = self.tx.consume_used()
@@ -106,7 +106,7 @@ class GuestRings:
         buf = self.tx.buffers[slot]
         buf[:VIRTIO_NET_HDR_LEN] = 0
         buf[VIRTIO_NET_HDR_LEN:length] = np.frombuffer(frame, dtype=np.uint8)
-        self.tx.desc["len"][slot] = length
+        self.tx.set_buffer_length(slot, length)
 
     def send_frames(self, frames: list[bytes], timeout: float = 5.0) -> None:
         """Queue frames on TX (waiting for room, bounded) and publish them."""
