@@ -103,6 +103,12 @@ class PackedRing(GuestRing):
         """Both counts where a packed base puts them (low half: avail, high half: used)."""
         self.avail_idx = self.next_desc = self.count_at(base & 0xFFFF)
         self.used_seen = self.count_at(base >> 16)
+        # Every descriptor as the device left it: used in this lap before used_seen's slot,
+        # in the previous lap from there on (a zeroed ring would read as used in odd laps).
+        slots = np.arange(self.size)
+        lap_wrap = np.where(slots < (self.used_seen & self.mask), self.wrap(self.used_seen),
+                            1 - self.wrap(self.used_seen))
+        self.desc["flags"] = np.where(lap_wrap == 1, PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED, 0)
 
     @property
     def base(self) -> int:

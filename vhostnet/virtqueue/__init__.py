@@ -2,7 +2,12 @@
 
 from vhostnet.virtqueue._virtq import FrameBatch
 from vhostnet.virtqueue.memory import AddressError, GuestMemory, MappedRegion
-from vhostnet.virtqueue.virtqueue import MAX_FRAME_BYTES, Virtqueue
+from vhostnet.virtqueue.virtqueue import (
+    MAX_FRAME_BYTES,
+    PACKED_FRESH_BASE,
+    VIRTIO_F_RING_PACKED,
+    Virtqueue,
+)
 
 __all__ = [
     "AddressError",
@@ -10,5 +15,7 @@ __all__ = [
     "GuestMemory",
     "MappedRegion",
     "MAX_FRAME_BYTES",
+    "PACKED_FRESH_BASE",
+    "VIRTIO_F_RING_PACKED",
     "Virtqueue",
 ]
