@@ -145,7 +145,7 @@ def test_rx_without_and_with_mrg_rxbuf(ram):
     assert queue2.rx_push(batch) == 1
     used = driver2.take_used()
     assert [length for _, length in used] == [600, 600, HDR_LEN + 1500 - 1200]
-    data = b"".join(ram.read(gpa, length) for (_, gpa), (_, length) in zip(chains, used))
+    data = b"".join(ram.read(gpa, length) for (_, gpa), (_, length) in zip(chains, used, strict=True))
     assert struct.unpack_from("<H", data, 10)[0] == 3  # num_buffers
     assert data[HDR_LEN:] == big
 
