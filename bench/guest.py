@@ -229,8 +229,9 @@ class Guest:
 def serve(argv: list[str]) -> int:
     socket_path, queue_size, buf_bytes, mss = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
     offload = argv[5:6] == ["offload"]
+    packed = argv[6:7] == ["packed"]
     with GuestRings(socket_path, queue_size=queue_size, tx_buf=buf_bytes, rx_buf=buf_bytes,
-                    offload=offload) as rings:
+                    offload=offload, packed=packed) as rings:
         guest = Guest(rings, mss)
         if argv[4:5] != ["noarp"]:  # the ring case's back-end discards everything, ARP included
             guest.net.resolve_gateway()

@@ -82,7 +82,7 @@ class GuestNet:
 
     def _commit(self, length: int) -> None:
         tx = self.rings.tx
-        tx.desc["len"][tx.slot(tx.avail_idx + self.pending)] = VIRTIO_NET_HDR_LEN + length
+        tx.set_buffer_length(tx.slot(tx.avail_idx + self.pending), VIRTIO_NET_HDR_LEN + length)
         self.pending += 1
 
     def send_frame(self, frame: bytes) -> None:

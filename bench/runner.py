@@ -85,15 +85,17 @@ class LineProcess:
                 self.proc.wait(5)
 
 
-def guest_process(socket_path: str, mtu: int, arp: bool = True, offload: bool = False) -> LineProcess:
+def guest_process(socket_path: str, mtu: int, arp: bool = True, offload: bool = False,
+                  ring_format: str = "split") -> LineProcess:
     """The benchmark guest for a back-end at ``socket_path`` (buffers sized for ``mtu``).
 
     With ``offload`` it negotiates checksum and TCP segmentation offloads, as a Linux
-    guest does, and its buffers take 64 KiB segments whatever the MTU.
+    guest does, and its buffers take 64 KiB segments whatever the MTU. ``ring_format``:
+    "split" or "packed" virtqueues (packed needs a back-end offering RING_PACKED).
     """
     buf = 2048 if mtu <= 1500 and not offload else 67584
     argv = [sys.executable, "-m", "bench.guest", socket_path, "256", str(buf), str(mtu - 40),
-            "arp" if arp else "noarp", "offload" if offload else "plain"]
+            "arp" if arp else "noarp", "offload" if offload else "plain", ring_format]
     return LineProcess(argv, "the benchmark guest")
 
 

@@ -163,17 +163,18 @@ def test_tiny_bench_run_writes_json_with_every_field(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     data = json.loads(out.read_text())
     cases = {(r["case"], r["backend"]) for r in data["results"]}
-    assert {("ring-64B", "vhostnet"), ("ring-1500B", "vhostnet"), ("tcp-rr", "vhostnet"),
-            ("tcp-rr", "other")} <= cases
+    assert {("ring-split-64B", "vhostnet"), ("ring-split-1500B", "vhostnet"),
+            ("ring-packed-64B", "vhostnet"), ("ring-packed-1500B", "vhostnet"),
+            ("tcp-rr", "vhostnet"), ("tcp-rr", "other")} <= cases
     for result in data["results"]:
         assert result["median"] > 0 and result["baseline_median"] > 0
         assert result["ratio"] is not None
     other_rr = next(r for r in data["results"] if r["case"] == "tcp-rr" and r["backend"] == "other")
     assert "vs_vhostnet" in other_rr["extra"]
-    assert "ring-64B" in done.stdout
+    assert "ring-split-64B" in done.stdout and "ring-packed-64B" in done.stdout
     table = (tmp_path / "bench.md").read_text().splitlines()
     assert len(table) == 2 + len(data["results"])
-    assert table[2].startswith("| ring-64B | vhostnet | Mpps |")
+    assert table[2].startswith("| ring-split-64B | vhostnet | Mpps |")
 
 
 def test_bench_refuses_outside_the_namespace_and_bad_options() -> None:
