@@ -8,6 +8,8 @@ resumes from them.
 
 from __future__ import annotations
 
+import pytest
+
 from testkit.frontend import Frontend
 from testkit.packed_ring import FRESH_BASE
 from tests.support.daemon import VhostnetProcess, echo_request, gateway_mac
@@ -23,6 +25,9 @@ def echo(frontend: Frontend, mac: bytes, payload: bytes, seq: int) -> None:
     assert replies[0][42:] == payload
 
 
+# An MTU above the largest echo: its reply must come whole (not fragmented) to take two
+# merged RX buffers.
+@pytest.mark.parametrize("server", [("-m", "9000")], indirect=True)
 def test_packed_rings_carry_frames_both_ways_around_the_ring(server: VhostnetProcess) -> None:
     with Frontend(server.socket_path, queue_size=QUEUE_SIZE, packed=True) as frontend:
         frontend.connect()
