@@ -118,8 +118,10 @@ class NetDevice:
         # -p/--pcap: frames both ways, per batch (nothing per frame when None).
         self.capture: Capture | None = None
         self._closed = False
-        network.add_output_listener(self._schedule_rx)
         self._rx_scheduled = False
+        # Last: the listener runs at once when frames already wait (e.g. sent to the
+        # broadcast address while no front-end was connected).
+        network.add_output_listener(self._schedule_rx)
 
     # ---- BackendDevice: negotiation -----------------------------------------
 
