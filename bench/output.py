@@ -283,6 +283,7 @@ def write_plot(path: str, rows: list[Row], compare: tuple[str, str] | None = Non
             vx.annotate(f"{q:.2f}", (x, q), textcoords="offset points", xytext=(0, 2),
                         ha="center", va="bottom", fontsize=6)
         vx.axhline(1.0, color="grey", linewidth=0.8)
+        vx.set_yscale("log")  # 0.5 and 2 the same distance from parity
         vx.set_xticks(range(len(versus)), [f"{r.case} ({r.unit})" for r in versus],
                       rotation=45, ha="right", fontsize=7)
         vx.set_ylabel(f"{ours} median / {other} median")
