@@ -121,8 +121,8 @@ class NetDevice:
         self.capture: Capture | None = None
         self._closed = False
         self._rx_scheduled = False
-        # Last: frames already waiting (connections restored before a front-end came)
-        # call the listener at once.
+        # Last: the listener runs at once when frames already wait (connections restored
+        # before a front-end came, or frames sent to the broadcast address meanwhile).
         network.add_output_listener(self._schedule_rx)
 
     # ---- BackendDevice: negotiation -----------------------------------------

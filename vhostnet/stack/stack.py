@@ -84,9 +84,15 @@ from vhostnet.wire.udp import UdpDatagram, emit_udp
 
 log = logging.getLogger(__name__)
 
-# Packets kept for a guest whose MAC is not known yet, and how often to ask for it by ARP.
-MAX_HELD_FOR_MAC = 64
+# Until the guest's MAC is known, frames for it go to the broadcast address (as passt
+# does); every ARP_ASK_EVERY-th such frame is preceded by an ARP request for the guest's
+# address, so a guest that stays silent still tells us its MAC: Linux drops TCP segments
+# that arrive with a broadcast destination MAC.
 ARP_ASK_EVERY = 8
+# IPv6 packets for a guest whose MAC is unknown wait (Linux takes no TCP, and no
+# neighbour discovery answer, from a frame to the broadcast address): at most this many,
+# with a Neighbour Solicitation every ARP_ASK_EVERY of them.
+MAX_HELD_FOR_MAC = 64
 # Guest IPv6 addresses remembered (link-local, SLAAC, temporary ones...), newest last.
 MAX_GUEST_IPV6_ADDRESSES = 16
 
@@ -125,8 +131,8 @@ class NetworkStack:
         self.guest_ipv4: bytes | None = None
         # What the guest's virtio-net driver negotiated for frames it receives (set by the device).
         self.guest_offloads = NO_OFFLOADS
-        # IPv4 packets (header included) for the guest sent before its MAC was known.
-        self._held_for_mac: deque[bytes] = deque()
+        # Frames sent to the broadcast address because the guest's MAC was not known yet.
+        self._broadcast_sent = 0
         self._protocol_handlers: dict[int, ProtocolHandler] = {}
         self._udp_services: list[UdpService] = []
         # The engines the assembler attached (None: that protocol is off).
@@ -222,10 +228,6 @@ class NetworkStack:
 
     def _learn_mac(self, mac: bytes) -> None:
         self.guest_mac = mac
-        while self._held_for_mac:
-            self.frames_to_guest.append(ethernet.emit_ethernet(
-                mac, self.config.gateway_mac, ethernet.ETHERTYPE_IPV4, self._held_for_mac.popleft()))
-            self.stats.inc("ipv4.tx")
         while self._held6_for_mac:
             self.frames_to_guest.append(ethernet.emit_ethernet(
                 mac, self.config.gateway_mac, ethernet.ETHERTYPE_IPV6,
@@ -481,10 +483,10 @@ class NetworkStack:
                   ttl: int = 64, dst_mac: bytes | None = None, offload: int = 0) -> None:
         """Queue an IPv4 packet for the guest, from ``src`` (any address we impersonate).
 
-        ``dst_mac`` defaults to the learned guest MAC; without one the packet is
-        held (at most ``MAX_HELD_FOR_MAC``) and the guest is asked by ARP: a guest
-        configured statically may say nothing before a host peer reaches a forwarded
-        port. Beyond that limit packets are dropped and counted ("ipv4.tx.drop.no_guest_mac").
+        ``dst_mac`` defaults to the learned guest MAC; until there is one the frame goes
+        to the broadcast address at once, as passt sends it (a guest configured statically
+        may say nothing before a host peer reaches a forwarded port), and the guest is asked
+        by ARP every ``ARP_ASK_EVERY`` such frames ("ipv4.tx.broadcast", "arp.request_sent").
         ``offload`` is the frame's vnet word (``offload.py``) when its L4 checksum was left
         partial or unset for the guest (only as ``guest_offloads`` allow); the queue then
         holds ``(frame, offload)``.
@@ -503,13 +505,7 @@ class NetworkStack:
                                           self.next_fragment_ident(), ttl=ttl)
             self._count_fragments(packets)
         if mac is None:
-            if offload:
-                # A held packet leaves as a plain frame: without its header it must be whole.
-                self.stats.inc("ipv4.tx.drop.offload_held")
-                return
-            for packet in packets:
-                self._hold_for_mac(dst, packet)
-            return
+            mac = self._broadcast_until_learned(dst)
         for packet in packets:
             frame = ethernet.emit_ethernet(mac, self.config.gateway_mac,
                                            ethernet.ETHERTYPE_IPV4, packet)
@@ -540,20 +536,18 @@ class NetworkStack:
             append(frame)
         self.stats.inc("ipv4.tx", len(frames))
 
-    def _hold_for_mac(self, dst: bytes, packet: bytes) -> None:
-        if len(self._held_for_mac) >= MAX_HELD_FOR_MAC:
-            self.stats.drop("ipv4.tx.drop.no_guest_mac",
-                                "packet for the guest dropped: its MAC address is not known yet")
-            return
-        # Ask again every few packets (no clock here): the guest may miss one request.
-        if len(self._held_for_mac) % ARP_ASK_EVERY == 0:
+    def _broadcast_until_learned(self, dst: bytes) -> bytes:
+        """The destination MAC for a frame to a guest whose MAC is unknown: broadcast, with an
+        ARP request for ``dst`` before every ``ARP_ASK_EVERY``-th such frame (no clock here)."""
+        if self._broadcast_sent % ARP_ASK_EVERY == 0:
             request = arp.emit_arp(arp.OP_REQUEST, self.config.gateway_mac, self.config.gateway,
                                    bytes(6), dst)
             self.frames_to_guest.append(ethernet.emit_ethernet(
                 ethernet.BROADCAST_MAC, self.config.gateway_mac, ethernet.ETHERTYPE_ARP, request))
             self.stats.inc("arp.request_sent")
-        self._held_for_mac.append(packet)
-        self.stats.inc("ipv4.tx.held_for_mac")
+        self._broadcast_sent += 1
+        self.stats.inc("ipv4.tx.broadcast")
+        return ethernet.BROADCAST_MAC
 
     def send_udp(self, src: bytes, sport: int, dst: bytes, dport: int,
                  payload: bytes | bytearray | memoryview, dst_mac: bytes | None = None) -> None:
