@@ -196,3 +196,30 @@ def test_config_maps_ipv6_loopback_peers_to_the_gateway() -> None:
     assert StackConfig().loopback_peer_address6 == GATEWAY6
     assert StackConfig(map_host_loopback6="fec0::9").loopback_peer_address6 == bytes.fromhex(
         "fec00000000000000000000000000009")
+
+
+def test_an_ipv6_half_closed_flow_is_recorded_and_restored() -> None:
+    from vhostnet.migration.tcp_state import export_connections, migratable, parse_records
+    from vhostnet.tcp.handover import restore_flow
+
+    engine, output = make_engine()
+    seg(engine, flags=SYN, seq=GUEST_ISN, mss=1440)
+    (connect,) = engine.commands
+    engine.commands.clear()
+    engine.on_connected(connect.flow_id, 0.0, send_space=100_000)
+    seg(engine, seq=GUEST_ISN + 1, ack=OUR_ISN + 1)
+    seg(engine, seq=GUEST_ISN + 1, ack=OUR_ISN + 1, flags=FIN | ACK)  # the guest shuts writing
+    flow = engine.flows_by_id[connect.flow_id]
+    assert flow.guest_fin and flow.host_shut and migratable(flow)
+    (record,) = export_connections(engine, {flow.flow_id: None})
+    assert record["guest_ip"] == "fec0::5054:ff:fe12:3456" and record["half_close"]["guest_fin"]
+    (parsed,) = parse_records([record])
+    assert parsed.key == flow.key
+    other, _ = make_engine()
+    moved = restore_flow(other, parsed.key, inbound=False, snd_una=OUR_ISN + 1,
+                         snd_max=OUR_ISN + 1, rcv_nxt=GUEST_ISN + 2, snd_wnd=65535, snd_wscale=0,
+                         rcv_wscale=0, mss=1440, to_host=b"", host_space=None, now=0.0,
+                         half_close={"guest_fin": True, "host_shut": True})
+    assert moved.guest_fin and moved.host_shut and not moved.host_eof and moved.fin_at is not None
+    flow.host_eof = True  # closed both ways on the host: waits only for final ACKs
+    assert not migratable(flow)
