@@ -138,6 +138,7 @@ class NetDevice:
         self.network.set_guest_offloads(
             csum=bool(features & vu.VirtioFeature.NET_F_GUEST_CSUM),
             tso4=bool(features & vu.VirtioFeature.NET_F_GUEST_TSO4),
+            tso6=bool(features & vu.VirtioFeature.NET_F_GUEST_TSO6),
         )
         for queue in self.queues.values():
             queue.set_features(features)

@@ -185,6 +185,7 @@ class Network:
         if config.tcp:
             self.tcp = TcpEngine(config, stack)
             stack.set_protocol_handler(PROTO_TCP, self.tcp)
+            stack.set_ipv6_protocol_handler(PROTO_TCP, self.tcp)
             # No after_event hook needed: frames the engine produces wake the
             # device through frames_to_guest (GuestFrameQueue) by themselves.
             self.tcp_host = TcpHost(self.tcp, loop, listen_retry=self.listen_retry)
@@ -263,9 +264,11 @@ class Network:
         except ValueError:
             pass
 
-    def set_guest_offloads(self, csum: bool, tso4: bool) -> None:
-        """What the guest's driver takes on receive (GUEST_CSUM, GUEST_TSO4), from the device."""
-        self.stack.guest_offloads = GuestOffloads(csum=csum, tso4=csum and tso4)
+    def set_guest_offloads(self, csum: bool, tso4: bool, tso6: bool = False) -> None:
+        """What the guest's driver takes on receive (GUEST_CSUM, GUEST_TSO4, GUEST_TSO6), from
+        the device."""
+        self.stack.guest_offloads = GuestOffloads(csum=csum, tso4=csum and tso4,
+                                                  tso6=csum and tso6)
 
     def learn_guest_mac(self, mac: bytes) -> None:
         """SEND_RARP after a migration: the guest is at ``mac`` (its address stays as learned)."""

@@ -1,4 +1,5 @@
-"""Host-side servers for the NAT tests, all on 127.0.0.1 and all in threads.
+"""Host-side servers for the NAT tests, all on loopback (127.0.0.1, or ::1 where a
+server is given ``host=LOOPBACK6``) and all in threads.
 
 Every server binds an ephemeral port on loopback, runs in daemon threads with
 bounded socket timeouts, records what it saw, and is stopped by ``close()``
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from typing import Self
 
 LOOPBACK = "127.0.0.1"
+LOOPBACK6 = "::1"
 IO_TIMEOUT = 120.0  # no single socket operation of a test may block longer
 ACCEPT_POLL = 0.2
 
@@ -44,11 +46,13 @@ def sha256_hex(data: bytes) -> str:
 class _AcceptLoop:
     """A listening TCP socket whose connections each get a daemon thread running ``handle``."""
 
-    def __init__(self, handle: Callable[[socket.socket], None], port: int = 0) -> None:
+    def __init__(self, handle: Callable[[socket.socket], None], port: int = 0,
+                 host: str = LOOPBACK) -> None:
         self._handle = handle
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((LOOPBACK, port))
+        self.listener.bind((host, port))
         self.listener.listen(512)
         self.listener.settimeout(ACCEPT_POLL)
         self.port = self.listener.getsockname()[1]
@@ -250,10 +254,10 @@ class Transfer:
 class TcpSink(_AcceptLoopServer):
     """Reads each connection to EOF; answers with the sha256 hex of what arrived."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = LOOPBACK) -> None:
         self.transfers: list[Transfer] = []
         self.done = threading.Event()
-        self._loop = _AcceptLoop(self._serve)
+        self._loop = _AcceptLoop(self._serve, host=host)
         self.port = self._loop.port
 
     def _serve(self, conn: socket.socket) -> None:
@@ -295,10 +299,10 @@ def _answer_get_of(conn: socket.socket, request: bytes, name: str) -> bool:
 class HttpFileServer(_AcceptLoopServer):
     """HTTP/1.0: ``GET /<name>`` returns the generated file, anything else 404."""
 
-    def __init__(self, name: str, data: bytes) -> None:
+    def __init__(self, name: str, data: bytes, host: str = LOOPBACK) -> None:
         self.name, self.data = name, data
         self.transfers: list[Transfer] = []
-        self._loop = _AcceptLoop(self._serve)
+        self._loop = _AcceptLoop(self._serve, host=host)
         self.port = self._loop.port
 
     def _serve(self, conn: socket.socket) -> None:
@@ -327,13 +331,14 @@ class PacedHttpServer(_AcceptLoopServer):
 
     CHUNK = 64 * 1024
 
-    def __init__(self, name: str, data: bytes, seconds: float, hold_at: int) -> None:
+    def __init__(self, name: str, data: bytes, seconds: float, hold_at: int,
+                 host: str = LOOPBACK) -> None:
         self.name, self.data, self.seconds, self.hold_at = name, data, seconds, hold_at
         self.sent = 0
         self.requests = 0
         self.finished = threading.Event()
         self._gate = threading.Event()
-        self._loop = _AcceptLoop(self._serve)
+        self._loop = _AcceptLoop(self._serve, host=host)
         self.port = self._loop.port
 
     def release(self) -> None:

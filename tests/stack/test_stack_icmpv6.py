@@ -113,7 +113,7 @@ class Recorder:
     def __init__(self) -> None:
         self.packets: list[IPv6Packet] = []
 
-    def handle_ipv6(self, packet: IPv6Packet, now: float) -> None:
+    def handle_ipv6(self, packet: IPv6Packet, now: float, checksum_partial: bool = False) -> None:
         self.packets.append(packet)
 
 
