@@ -4,7 +4,8 @@ A target drives the code under test and asserts its contract; any exception it l
 out is a crash (``fuzz.run`` saves the input to fuzz/crashes/). Seeds are in
 fuzz/corpus/<name>/ (``python -m fuzz.make_corpus``), inputs that once crashed in
 fuzz/regressions/<name>/; tests/fuzz replays both. A new target is one entry here
-(plus its seeds in make_corpus.py). Targets that hold state (an event loop, guest
+(plus its seeds in make_corpus.py); a checked view needs no function of its own:
+``"dhcpv6": wire.parser(dhcpv6.Dhcpv6Message.parse),``. Targets that hold state (an event loop, guest
 memory) are built once per process, on first use.
 """
 

@@ -7,6 +7,7 @@ lazy field that would fail later fails here.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from vhostnet.wire import arp, dhcp, dns, ethernet, icmp, icmpv6, ipv4, ipv6, tcp, tftp, udp
 from vhostnet.wire.checksum import internet_checksum
@@ -24,6 +25,11 @@ def parses_or_refuses(parse, data: bytes):
     except MalformedPacket as error:
         assert error.reason, "MalformedPacket without a reason"
         return None
+
+
+def parser(parse) -> Callable[[bytes], None]:
+    """A target for any checked view: ``parse(data)`` returns or raises ``MalformedPacket``."""
+    return lambda data: parses_or_refuses(parse, data)
 
 
 def with_ipv4_checksum(data: bytes) -> bytes:

@@ -46,3 +46,18 @@ def test_replay_reports_a_crashing_input(tmp_path: Path, monkeypatch) -> None:
     assert replay("broken", [sample]) == 1
     monkeypatch.setitem(TARGETS, "broken", lambda data: None)
     assert replay("broken", [sample]) == 0
+
+
+def test_a_view_target_refuses_quietly_and_lets_other_errors_out() -> None:
+    from fuzz.wire_targets import parser
+    from vhostnet.wire.arp import ArpPacket
+    from vhostnet.wire.errors import MalformedPacket
+
+    parser(ArpPacket)(b"short")  # MalformedPacket: the contract, not a crash
+
+    def buggy(data: bytes) -> None:
+        raise (MalformedPacket("short") if data else KeyError("bug"))
+
+    parser(buggy)(b"x")
+    with pytest.raises(KeyError):
+        parser(buggy)(b"")
