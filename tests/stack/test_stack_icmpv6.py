@@ -118,7 +118,7 @@ class Recorder:
 
 
 def test_udp_and_tcp_over_ipv6_reach_registered_handlers() -> None:
-    stack = build_stack(StackConfig(udp=False)  # no UDP NAT: nothing handles UDP over IPv6)
+    stack = build_stack(StackConfig(udp=False))  # no UDP NAT: nothing handles UDP over IPv6
     udp_frame = ipv6_frame(GUEST, REMOTE, udp6(GUEST, 4000, REMOTE, 9, b"x"), hop_limit=64,
                            next_header=17, dst_mac=GATEWAY_MAC)
     tcp_frame = ipv6_frame(GUEST, REMOTE, bytes(20), hop_limit=64, next_header=6,
