@@ -22,6 +22,7 @@ from tests.support.frames import (
     parse_udp_frame,
 )
 from vhostnet.network import build_stack
+from vhostnet.options import UsageError, upstream
 from vhostnet.stack.config import PortForward, StackConfig, parse_port_spec
 from vhostnet.stack.dns import DnsQuery
 from vhostnet.stack.stack import NetworkStack
@@ -170,3 +171,17 @@ def test_dns_servfail_over_ipv6_without_upstreams() -> None:
 def test_port_specs_bind_addresses(spec: str, address: str, both: bool) -> None:
     (forward,) = parse_port_spec(spec)
     assert (forward.host_addr, forward.host_port, forward.both_families) == (address, 5353, both)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("::1", ("::1", 53)), ("[::1]:5353", ("::1", 5353)), ("[2001:db8::53]", ("2001:db8::53", 53)),
+    ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+])
+def test_dns_upstreams_of_either_family(text: str, expected: tuple[str, int]) -> None:
+    assert upstream(text) == expected
+
+
+@pytest.mark.parametrize("text", ["[::1]x", "[::1]:", "[::1]:0", "[fec0::zz]:53"])
+def test_bad_ipv6_dns_upstreams(text: str) -> None:
+    with pytest.raises(UsageError):
+        upstream(text)
