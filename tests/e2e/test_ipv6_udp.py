@@ -1,5 +1,5 @@
 """UDP and DNS over IPv6 with a real guest (SLAAC from our RA, static IPv4 beside it) at
-MTU 1500, in one boot (QEMU 10.0):
+MTU 1500, in one boot (QEMU 7.2 and 10.0):
 
   1. a UDP echo over IPv6: the guest's client to a host echo server on ::1 through the
      mapped gateway address fec0::2, a small datagram and a 4000-byte one (fragments each
@@ -77,7 +77,7 @@ awk '/^Ip6(ReasmOKs|ReasmFails|FragOKs|FragCreates) /{print "RESULT " $1 "=" $2}
 """
 
 
-@pytest.mark.parametrize("qemu_version", ["10.0"], indirect=True)
+@pytest.mark.parametrize("qemu_version", ["7.2", "10.0"], indirect=True)
 def test_udp_dns_fragments_over_ipv6_and_dual_stack(vhostnet, guest, qemu_version, tmp_path,
                                                      e2e_tmp):
     udpecho = compile_guest_tool(Path(__file__).with_name("udpecho.c"),
