@@ -46,6 +46,7 @@ from vhostnet.tcp.fast import TcpFastPath
 from vhostnet.tcp.host import TcpHost
 from vhostnet.vhost_user.ratelimit import limiter, run_guarded
 from vhostnet.wire.checksum import PROTO_ICMP, PROTO_TCP
+from vhostnet.wire.ipv6 import NEXT_HEADER_UDP
 from vhostnet.wire.offload import GuestOffloads
 
 log = logging.getLogger(__name__)
@@ -118,10 +119,15 @@ def build_stack(config: StackConfig) -> NetworkStack:
         stack.dhcp = DhcpServer(config, stack.stats, stack.send_udp)
         stack.add_udp_service(stack.dhcp)
     if config.udp:
-        stack.dns = DnsForwarder(config, stack.stats, stack.send_udp)
+        stack.dns = DnsForwarder(config, stack.stats, stack.send_udp, stack.send_udp6)
         stack.add_udp_service(stack.dns)
+        stack.add_udp6_service(stack.dns)
         stack.udp_nat = UdpNat(config, stack.stats, stack.send_ipv4, stack.send_udp,
-                               lambda: stack.guest_ipv4 or config.guest_ipv4)
+                               lambda: stack.guest_ipv4 or config.guest_ipv4,
+                               send_udp6=stack.send_udp6,
+                               send_icmpv6_error=stack.send_icmpv6_error,
+                               guest_ipv6=lambda: stack.guest_ipv6 or config.guest_ipv6)
+        stack.set_ipv6_protocol_handler(NEXT_HEADER_UDP, stack.udp_nat)
     return stack
 
 

@@ -294,7 +294,12 @@ def netmask(text: str) -> str:
 
 
 def upstream(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
+    """``ADDR``, ``IPv4:PORT`` or ``[IPv6]:PORT`` (an IPv6 address with a port in brackets)."""
+    if text.startswith("[") and "]" in text:
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") and rest[1:] else ("x" if rest else "")
+    else:
+        host, _, port = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
     host = host or text
     try:
         ipaddress.ip_address(host)

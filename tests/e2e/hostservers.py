@@ -5,7 +5,7 @@ Every server binds an ephemeral port on loopback, runs in daemon threads with
 bounded socket timeouts, records what it saw, and is stopped by ``close()``
 (each is a context manager). Nothing here ever talks to another machine.
 
-* ``DnsServer``: answers A queries for a few names over UDP and TCP on the same port.
+* ``DnsServer``: answers A and AAAA queries for a few names over UDP and TCP on the same port.
 * ``HttpFileServer``: serves one generated file over HTTP/1.0.
 * ``TcpSink``: reads each connection to EOF, records size, sha256 and duration,
   answers with the sha256 in hex.
@@ -137,23 +137,28 @@ class _AcceptLoopServer:
 
 
 class DnsServer:
-    """A tiny authoritative server: A records from ``records``, NXDOMAIN for anything else."""
+    """A tiny authoritative server: A and AAAA records from ``records`` (a name's addresses,
+    one or a list; IPv4 ones answer A queries, IPv6 ones AAAA), NXDOMAIN for unknown names.
+    It listens on ``host`` (127.0.0.1, or ::1 for an upstream on IPv6)."""
 
-    def __init__(self, records: dict[str, str]) -> None:
-        self.records = {name.lower().rstrip("."): address for name, address in records.items()}
+    def __init__(self, records: dict[str, str | list[str]], host: str = LOOPBACK) -> None:
+        self.records = {name.lower().rstrip("."): [address] if isinstance(address, str)
+                        else list(address) for name, address in records.items()}
         self.udp_queries: list[str] = []
         self.tcp_queries: list[str] = []
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.query_types: list[int] = []
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.udp = socket.socket(family, socket.SOCK_DGRAM)
         self.tcp: _AcceptLoop | None = None
         # UDP and TCP must share a port number; a busy TCP port means pick again (bounded).
         for _ in range(20):
-            self.udp.bind((LOOPBACK, 0))
+            self.udp.bind((host, 0))
             try:
-                self.tcp = _AcceptLoop(self._serve_tcp, self.udp.getsockname()[1])
+                self.tcp = _AcceptLoop(self._serve_tcp, self.udp.getsockname()[1], host)
                 break
             except OSError:
                 self.udp.close()
-                self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                self.udp = socket.socket(family, socket.SOCK_DGRAM)
         if self.tcp is None:
             raise OSError("no port free for both UDP and TCP")
         self.port = self.udp.getsockname()[1]
@@ -172,16 +177,18 @@ class DnsServer:
         except (IndexError, ValueError):
             return None
         (qtype,) = struct.unpack("!H", query[end - 4 : end - 2])
+        self.query_types.append(qtype)
         question = query[12:end]
-        address = self.records.get(name)
-        if address is None or qtype != 1:
-            rcode = 0 if address is not None else 3
-            header = struct.pack("!HHHHHH", *struct.unpack("!H", query[:2]), 0x8580 | rcode,
-                                 1, 0, 0, 0)
-            return header + question
-        header = struct.pack("!HHHHHH", *struct.unpack("!H", query[:2]), 0x8580, 1, 1, 0, 0)
-        record = struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(address)
-        return header + question + record
+        addresses = self.records.get(name)
+        family = {1: socket.AF_INET, 28: socket.AF_INET6}.get(qtype)
+        records = [socket.inet_pton(family, address) for address in addresses or []
+                   if family is not None and (":" in address) == (family == socket.AF_INET6)]
+        rcode = 0 if addresses is not None else 3
+        header = struct.pack("!HHHHHH", *struct.unpack("!H", query[:2]), 0x8580 | rcode,
+                             1, len(records), 0, 0)
+        return header + question + b"".join(
+            struct.pack("!HHHIH", 0xC00C, qtype, 1, 60, len(packed)) + packed
+            for packed in records)
 
     def _serve_udp(self) -> None:
         while not self._stop.is_set():

@@ -471,7 +471,7 @@ def test_ipv6_upload_and_download_through_a_server_on_ipv6_loopback() -> None:
     assert open_fds() == fds_before
 
 
-def test_forward_without_address_takes_both_families() -> None:
+def test_forward_without_address_takes_dual_stack() -> None:
     """``-t PORT``: one listener on [::] (IPv6 and v4-mapped IPv4 peers), each peer reaching
     the guest's address of its own family, seen as the mapped gateway of that family."""
     port = free_loopback_port()

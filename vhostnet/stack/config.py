@@ -58,9 +58,10 @@ class PortForward:
     # From ``all`` (or a spec of exclusions only): a port the host already uses is skipped,
     # as passt forwards "all unbound ports"; a port named explicitly must bind.
     optional: bool = False
-    # No bind address given: every address of both families, as passt binds by default
-    # (host_addr is then the IPv4 wildcard, for glue that serves IPv4 only).
-    dual_stack: bool = False
+    # The spec named no bind address: the port is forwarded on every address of both
+    # families, as passt binds by default (one dual-stack ``[::]`` socket); ``host_addr``
+    # then holds the IPv4 wildcard. Not part of equality: a forward compares by where it binds.
+    dual_stack: bool = field(default=False, compare=False)
 
 
 # Linux's IP_FREEBIND (socket module constant from Python 3.12 only).
