@@ -333,17 +333,21 @@ class PacedHttpServer(_AcceptLoopServer):
 
     ``sent`` is how far the body got; past ``hold_at`` bytes nothing more goes
     out until ``release()`` (or IO_TIMEOUT), so a transfer can be made to span
-    an event of unknown duration such as a live migration.
+    an event of unknown duration such as a live migration. ``half_closed``: the
+    answer waits for the client's FIN after the request (``client_closed`` is set
+    then), so the whole body travels over a half-closed connection.
     """
 
     CHUNK = 64 * 1024
 
     def __init__(self, name: str, data: bytes, seconds: float, hold_at: int,
-                 host: str = LOOPBACK) -> None:
+                 host: str = LOOPBACK, half_closed: bool = False) -> None:
         self.name, self.data, self.seconds, self.hold_at = name, data, seconds, hold_at
+        self.half_closed = half_closed
         self.sent = 0
         self.requests = 0
         self.finished = threading.Event()
+        self.client_closed = threading.Event()
         self._gate = threading.Event()
         self._loop = _AcceptLoop(self._serve, host=host)
         self.port = self._loop.port
@@ -356,6 +360,10 @@ class PacedHttpServer(_AcceptLoopServer):
         if request is None:
             return
         self.requests += 1
+        if self.half_closed:
+            if conn.recv(4096):
+                return  # more than one request: not the client this server waits for
+            self.client_closed.set()
         if not _answer_get_of(conn, request, self.name):
             return
         conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\n"
