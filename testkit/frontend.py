@@ -310,7 +310,7 @@ class Frontend:
         bases = tuple(bases or ()) + (fresh,) * (len(self.layouts) - len(bases or ()))
         self.rings = [ring_class(self.memory, layout) for layout in self.layouts]
         self.rx, self.tx = self.rings[RX_RING], self.rings[TX_RING]
-        for driver, base in zip(self.rings, bases):
+        for driver, base in zip(self.rings, bases, strict=True):
             driver.start_at(base)
         # Like Linux, fill RX and kick before the back-end even has the kick fd.
         for pair in range(self.queues):

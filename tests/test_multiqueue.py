@@ -24,8 +24,8 @@ from tests.support.frames import (
     parse_udp_frame,
     udp6,
 )
-from vhostnet.virtqueue import FlowSteering, FrameBatch
 from vhostnet.vhost_user.protocol import ProtocolFeature, VirtioFeature
+from vhostnet.virtqueue import FlowSteering, FrameBatch
 
 TWO_PAIRS = pytest.mark.parametrize("server", [("--queues", "2")], indirect=True)
 REMOTE = bytes([192, 0, 2, 7])
