@@ -100,6 +100,8 @@ class Contender:
     # The ring case (vhostnet discards guest frames, --discard-tx); None: not measured
     # (passt has no such mode and the ring guest's frames mean nothing to it).
     ring_template: str | None
+    # The guest on -netdev stream (--guest-stream); None: ``template`` serves both.
+    stream_template: str | None = None
 
 
 def run(settings: Settings, contenders: list[Contender], guest: GuestSettings,
@@ -172,8 +174,8 @@ def _groups(c: Contender, settings: Settings, one: Settings, one_guest: GuestSet
                                                       guest_baselines)))
         if one_guest.stream:
             groups.append((f"{GUEST_CASE}-stream",
-                           lambda: guest_rows(kits, c.template, c.name, one_guest,
-                                              guest_baselines, stream=True)))
+                           lambda: guest_rows(kits, c.stream_template or c.template, c.name,
+                                              one_guest, guest_baselines, stream=True)))
     return groups
 
 
@@ -220,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_passt:
             try:
                 passt = passt_template()
-                contenders.append(Contender(PASST, passt, None))
+                contenders.append(Contender(PASST, passt, None,
+                                            passt_template(vhost_user=False)))
             except BenchError as error:
                 print(f"bench: {error}: the passt rows are skipped", flush=True)
         if args.compare:
