@@ -146,6 +146,8 @@ def run(settings: Settings, contenders: list[Contender], guest: GuestSettings,
     rows = merge_rounds(rows)
     for other in contenders[1:]:
         compare_backends(rows, contenders[0].name, other.name)
+        if guest.stream:
+            compare_backends(rows, f"{contenders[0].name}-stream", f"{other.name}-stream")
     return _show(settings, rows)
 
 
@@ -244,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         settings.progress.clear()
         if len(contenders) > 1:
             print(comparison_table(rows, contenders[0].name, contenders[1].name), flush=True)
+            if guest.stream and kits is not None:
+                print(comparison_table(rows, f"{contenders[0].name}-stream",
+                                       f"{contenders[1].name}-stream"), flush=True)
         meta = {"rounds": args.rounds, "duration": args.duration, "cases": list(cases),
                 "compare": args.compare, "backends": [c.name for c in contenders],
                 "passt_command": contenders[1].template if len(contenders) > 1
