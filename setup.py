@@ -51,6 +51,11 @@ extensions = [
         extra_compile_args=COMPILE_ARGS,
     ),
     Extension(
+        "vhostnet._stream",
+        ["ext/stream.pyx"],
+        extra_compile_args=COMPILE_ARGS,
+    ),
+    Extension(
         "vhostnet.tcp._fast",
         ["ext/tcp_fast.pyx"],
         extra_compile_args=COMPILE_ARGS,

@@ -101,6 +101,8 @@ class Contender:
     # The ring case (vhostnet discards guest frames, --discard-tx); None: not measured
     # (passt has no such mode and the ring guest's frames mean nothing to it).
     ring_template: str | None
+    # The guest on -netdev stream (--guest-stream); None: ``template`` serves both.
+    stream_template: str | None = None
 
 
 def run(settings: Settings, contenders: list[Contender], guest: GuestSettings,
@@ -146,6 +148,8 @@ def run(settings: Settings, contenders: list[Contender], guest: GuestSettings,
     compare_families(rows)
     for other in contenders[1:]:
         compare_backends(rows, contenders[0].name, other.name)
+        if guest.stream:
+            compare_backends(rows, f"{contenders[0].name}-stream", f"{other.name}-stream")
     return _show(settings, rows)
 
 
@@ -174,8 +178,8 @@ def _groups(c: Contender, settings: Settings, one: Settings, one_guest: GuestSet
                                                       guest_baselines)))
         if one_guest.stream:
             groups.append((f"{GUEST_CASE}-stream",
-                           lambda: guest_rows(kits, c.template, c.name, one_guest,
-                                              guest_baselines, stream=True)))
+                           lambda: guest_rows(kits, c.stream_template or c.template, c.name,
+                                              one_guest, guest_baselines, stream=True)))
     return groups
 
 
@@ -222,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_passt:
             try:
                 passt = passt_template()
-                contenders.append(Contender(PASST, passt, None))
+                contenders.append(Contender(PASST, passt, None,
+                                            passt_template(vhost_user=False)))
             except BenchError as error:
                 print(f"bench: {error}: the passt rows are skipped", flush=True)
         if args.compare:
@@ -243,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         settings.progress.clear()
         if len(contenders) > 1:
             print(comparison_table(rows, contenders[0].name, contenders[1].name), flush=True)
+            if guest.stream and kits is not None:
+                print(comparison_table(rows, f"{contenders[0].name}-stream",
+                                       f"{contenders[1].name}-stream"), flush=True)
         meta = {"rounds": args.rounds, "duration": args.duration, "cases": list(cases),
                 "compare": args.compare, "backends": [c.name for c in contenders],
                 "passt_command": contenders[1].template if len(contenders) > 1

@@ -1,6 +1,7 @@
 """passt as the reference back-end: Debian trixie's build, run through trixie's loader.
 
-The command gives the guest the same network as vhostnet: vhost-user mode, MTU
+The command gives the guest the same network as vhostnet: vhost-user mode (or socket
+mode for the guest on ``-netdev stream``), MTU
 ``{mtu}``, vhostnet's gateway MAC (``-M``; passt's own default is
 9a:55:9a:55:9a:55), the host's loopback reached at the gateway address
 (``--map-host-loopback 10.0.2.2``, as vhostnet maps it), the same forwarded
@@ -29,9 +30,12 @@ def gateway_mac_text() -> str:
     return StackConfig().gateway_mac.hex(":")
 
 
-def passt_template() -> str:
+def passt_template(vhost_user: bool = True) -> str:
     """The command template (bench.runner.Backend) that starts trixie's passt; BenchError
-    with the reason when it cannot be had (downloaded into the kit cache by ``make kit``)."""
+    with the reason when it cannot be had (downloaded into the kit cache by ``make kit``).
+
+    ``vhost_user=False``: passt's socket mode, for a guest on ``-netdev stream``.
+    """
     try:
         from tools.guestkit import KitError, fetch_passt_repair
     except ImportError:
@@ -42,8 +46,9 @@ def passt_template() -> str:
     except (KitError, OSError, subprocess.SubprocessError) as error:
         raise BenchError(f"trixie's passt is not available "
                          f"({str(error).strip().splitlines()[-1]})") from None
+    mode = ("--vhost-user",) if vhost_user else ()
     argv = package.passt_command(
-        "--vhost-user", "-f", "-q", "-a", "10.0.2.15", "-n", "24", "-g", "10.0.2.2",
+        *mode, "-f", "-q", "-a", "10.0.2.15", "-n", "24", "-g", "10.0.2.2",
         "-a", "fec0::15", "--map-host-loopback", "10.0.2.2", "--map-host-loopback", "fec0::2",
         "-M", gateway_mac_text(), "--dns", "10.0.2.3", "--no-dhcpv6")
     return " ".join(shlex.quote(a) for a in argv) + \

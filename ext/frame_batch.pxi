@@ -80,6 +80,24 @@ cdef class FrameBatch:
         for other C kernels to read frames in place; valid for the life of the batch."""
         return (self._storage, self._offsets_store, self._lengths_store, self._vnet_store)
 
+    def take_written(self, Py_ssize_t count) -> None:
+        """Make the first ``count`` entries of ``arrays()``, written there in place by another
+        kernel (the stream framer), the batch's frames; ValueError if one lies outside the
+        storage or exceeds the frame limit."""
+        cdef Py_ssize_t i
+        cdef uint64_t end, fill = 0
+        if count < 0 or count > self.capacity_frames:
+            raise ValueError(f"{count} frames outside a batch of {self.capacity_frames}")
+        for i in range(count):
+            end = self.offsets[i] + self.lengths[i]
+            if (self.lengths[i] > MAX_FRAME_BYTES_C or self.offsets[i] > <uint64_t>self.buffer_bytes
+                    or end > <uint64_t>self.buffer_bytes):
+                raise ValueError(f"frame {i} lies outside the batch storage")
+            if end > fill:
+                fill = end
+        self.n = count
+        self.fill = fill
+
     def length(self, Py_ssize_t i) -> int:
         self._check_index(i)
         return self.lengths[i]

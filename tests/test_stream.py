@@ -90,6 +90,68 @@ def test_framer_refuses_lengths_no_frame_has(length: int) -> None:
     assert batch.count == 1  # the good frame before it was delivered
 
 
+def test_framer_stops_where_the_batch_storage_ends() -> None:
+    frames = [bytes([n]) * 1000 for n in range(10)]
+    framer = StreamFramer()
+    framer.feed(encode_frames(frames))
+    batch = FrameBatch(64, 3500)  # room for three frames' bytes
+    assert _frames(batch, framer.fill_batch(batch)) == frames[:3]
+    assert framer.buffered == 7 * 1004
+    got = []
+    for _ in range(3):
+        got += _frames(batch, framer.fill_batch(batch))
+    assert got == frames[3:] and framer.buffered == 0
+
+
+def test_a_batch_takes_only_frames_written_inside_its_storage() -> None:
+    batch = FrameBatch(4, 1000)
+    storage, offsets, lengths, _vnets = batch.arrays()
+    storage[:100] = 7
+    offsets[:2] = (0, 50)
+    lengths[:2] = (50, 50)
+    batch.take_written(2)
+    assert batch.count == 2 and bytes(batch.frame(1)) == b"\x07" * 50
+    assert batch.append(b"\x01" * 14)  # appended after the taken frames
+    assert batch.frame(2).tobytes() == b"\x01" * 14
+    offsets[0] = 990
+    with pytest.raises(ValueError):
+        batch.take_written(1)
+    with pytest.raises(ValueError):
+        batch.take_written(5)
+
+
+def test_the_send_side_joins_frames_and_drops_what_a_stream_cannot_carry() -> None:
+    loop = asyncio.new_event_loop()
+    network = Network(StackConfig(), loop)
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    device = StreamDevice(loop, network, ours)
+    try:
+        good = [bytes(12) + b"\x88\xb5" + bytes([n]) * 60 for n in range(5)]
+        queue = network.frames_to_guest
+        queue.append(good[0])
+        queue.append(b"\x00" * 13)  # shorter than an Ethernet header
+        queue.append((good[1], 1))  # offload fields a stream guest cannot take
+        queue.append(bytearray(good[2]))  # not bytes: taken through the buffer protocol
+        queue.append(memoryview(good[3]))
+        queue.append(good[4])
+        _run_until(loop, lambda: device.counters["rx.frames"] == 4)
+        wire = b""
+        peer.settimeout(5)
+        while len(wire) < 4 * (4 + 74):
+            wire += peer.recv(65536)
+        assert wire == encode_frames([good[0], good[2], good[3], good[4]])
+        assert device.counters["rx.dropped_unsendable"] == 1
+        assert device.counters["rx.dropped_offloaded"] == 1
+        assert not queue
+    finally:
+        device.close()
+        ours.close()
+        peer.close()
+        network.close()
+        loop.close()
+
+
 def test_detection_tells_vhost_user_from_a_frame_length() -> None:
     for request in (Request.GET_FEATURES, Request.SET_OWNER, Request.GET_PROTOCOL_FEATURES):
         assert looks_like_vhost_user(struct.pack("<I", request))

@@ -79,6 +79,7 @@ LAYER_OF_PREFIX: tuple[tuple[str, str], ...] = (
     ("vhostnet.capture", "capture"),
     ("vhostnet.device", "device"),
     ("vhostnet.stream", "stream"),
+    ("vhostnet._stream", "stream"),  # its kernel (ext/stream.pyx)
     ("vhostnet.migration", "migration"),
     ("vhostnet.server", "server"),
     ("vhostnet.control", "control"),

@@ -22,9 +22,12 @@ import asyncio
 import logging
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from vhostnet._stream import LARGEST_FRAME, LENGTH_PREFIX, SMALLEST_FRAME, parse_frames
+from vhostnet._stream import encode_frames as encode_queue
 from vhostnet.vhost_user.ratelimit import limiter
 from vhostnet.virtqueue import FrameBatch
 
@@ -34,9 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LENGTH_BYTES = 4
-MIN_FRAME = 14  # an Ethernet header
-MAX_FRAME = 65535 + 14  # the largest IP packet in an Ethernet frame
+LENGTH_BYTES = LENGTH_PREFIX  # the kernel's (ext/stream.pyx) framing
+MIN_FRAME = SMALLEST_FRAME  # an Ethernet header
+MAX_FRAME = LARGEST_FRAME  # the largest IP packet in an Ethernet frame
 VHOST_USER_THRESHOLD = 1 << 24  # first 4 bytes at least this, as a big-endian length
 
 READ_CHUNK = 256 * 1024
@@ -45,6 +48,7 @@ BATCH_FRAMES = 256
 # Frames for the guest joined into one send, and the bytes one send may carry.
 SEND_FRAMES = 512
 SEND_BYTES = 1024 * 1024
+SEND_BUFFER = SEND_BYTES + LENGTH_BYTES + MAX_FRAME  # the last frame may start before the limit
 
 
 def looks_like_vhost_user(first: bytes) -> bool:
@@ -61,8 +65,8 @@ class StreamFramer:
 
     Bytes go into a buffer of ``READ_CHUNK`` plus one largest frame: read into
     ``space()`` and report with ``filled(n)``, or ``feed(data)``. ``fill_batch``
-    copies the whole frames buffered into a ``FrameBatch``; a partial frame stays
-    for the next read.
+    copies the whole frames buffered into a ``FrameBatch`` in one kernel call
+    (ext/stream.pyx, no GIL); a partial frame stays for the next read.
     """
 
     def __init__(self, chunk: int = READ_CHUNK) -> None:
@@ -104,28 +108,28 @@ class StreamFramer:
             view = view[taken:]
 
     def fill_batch(self, batch: FrameBatch) -> int:
-        """Append whole buffered frames to ``batch`` until it is full; returns how many.
+        """Replace ``batch``'s frames with the whole buffered frames it has room for; returns
+        how many.
 
-        Raises ``StreamError`` for a length outside [14, 65549].
+        Raises ``StreamError`` for a length outside [14, 65549] (the frames before it are
+        in ``batch``).
         """
-        buffer, view = self._buffer, self._view
-        position, end = self._start, self._end
-        added = 0
-        try:
-            while end - position >= LENGTH_BYTES:
-                length = int.from_bytes(buffer[position:position + LENGTH_BYTES], "big")
-                if not MIN_FRAME <= length <= MAX_FRAME:
-                    raise StreamError(f"frame length {length} outside {MIN_FRAME}..{MAX_FRAME}")
-                frame_end = position + LENGTH_BYTES + length
-                if frame_end > end:
-                    break
-                if not batch.append(view[position + LENGTH_BYTES:frame_end]):
-                    break
-                added += 1
-                position = frame_end
-        finally:
-            self._start = position
-        return added
+        self._start, count, bad = frames_into_batch(self._buffer, self._start, self._end,
+                                                    batch)
+        if bad >= 0:
+            raise StreamError(f"frame length {bad} outside {MIN_FRAME}..{MAX_FRAME}")
+        return count
+
+
+def frames_into_batch(buffer: bytearray, start: int, end: int,
+                      batch: FrameBatch) -> tuple[int, int, int]:
+    """The whole frames of ``buffer[start:end]`` into ``batch`` (cleared first): (position after
+    them, how many, the bad length that stopped the cut or -1)."""
+    storage, offsets, lengths, vnets = batch.arrays()
+    position, count, _used, bad = parse_frames(buffer, start, end, storage, offsets, lengths,
+                                               vnets)
+    batch.take_written(count)
+    return position, count, bad
 
 
 def frame_header(length: int) -> bytes:
@@ -135,11 +139,10 @@ def frame_header(length: int) -> bytes:
 
 def encode_frames(frames: list[bytes]) -> bytes:
     """Frames as they go on the stream, each after its length."""
-    parts: list[bytes] = []
-    for frame in frames:
-        parts.append(frame_header(len(frame)))
-        parts.append(frame)
-    return b"".join(parts)
+    out = bytearray(sum(LENGTH_BYTES + len(frame) for frame in frames))
+    used, _count, _offloaded, _unsendable = encode_queue(deque(frames), out, len(frames),
+                                                         len(out))
+    return bytes(out[:used])
 
 
 class StreamDevice:
@@ -155,13 +158,18 @@ class StreamDevice:
         self.on_closed: Callable[[], None] | None = None
         self.framer = StreamFramer()
         self.batch = FrameBatch(BATCH_FRAMES)
-        self._out = b""  # the rest of a send the peer did not take yet
+        # Frames for the guest, joined by the kernel; _out is the part of the send not taken yet.
+        self._send_buffer = bytearray(SEND_BUFFER)
+        self._send_view = memoryview(self._send_buffer)
+        self._out: memoryview | bytes = b""
         self._out_offset = 0
+        self._capture_batch: FrameBatch | None = None
         self._writing = False
         self._rx_scheduled = False
         self._closed = False
         self.counters = {"tx.frames": 0, "rx.frames": 0, "rx.bytes": 0, "tx.bytes": 0,
-                         "rx.send_waits": 0, "rx.dropped_offloaded": 0, "protocol_errors": 0}
+                         "rx.send_waits": 0, "rx.dropped_offloaded": 0, "rx.dropped_unsendable": 0,
+                         "protocol_errors": 0}
         # No virtio-net header: the guest takes no checksum or segmentation offload.
         network.set_guest_offloads(csum=False, tso4=False)
         self.framer.feed(first_bytes)
@@ -239,7 +247,7 @@ class StreamDevice:
                     break
                 self._take(pending)
             try:
-                sent = self.sock.send(memoryview(self._out)[self._out_offset:])
+                sent = self.sock.send(self._out[self._out_offset:])
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
@@ -254,24 +262,31 @@ class StreamDevice:
         self._stop_waiting()
 
     def _take(self, pending: GuestFrameQueue) -> None:
-        """Join up to ``SEND_FRAMES`` frames (``SEND_BYTES``) of the queue into one send."""
-        frames: list[bytes] = []
-        size = 0
-        popleft = pending.popleft
-        while pending and len(frames) < SEND_FRAMES and size < SEND_BYTES:
-            frame = popleft()
-            if type(frame) is tuple:
-                # (frame, vnet): a partial or absent checksum left for a vhost-user guest
-                # that negotiated offloads, queued before it went; unusable here.
-                self.counters["rx.dropped_offloaded"] += 1
-                continue
-            frames.append(frame)
-            size += len(frame) + LENGTH_BYTES
-        if self.capture is not None:
-            self.capture.add(frames)
-        self.counters["rx.frames"] += len(frames)
-        self._out = encode_frames(frames)
+        """Join up to ``SEND_FRAMES`` frames (``SEND_BYTES``) of the queue into one send, in one
+        kernel call."""
+        used, count, offloaded, unsendable = encode_queue(pending, self._send_buffer,
+                                                          SEND_FRAMES, SEND_BYTES)
+        # (frame, vnet) entries: a partial or absent checksum left for a vhost-user guest
+        # that negotiated offloads, queued before it went; unusable here.
+        self.counters["rx.dropped_offloaded"] += offloaded
+        self.counters["rx.dropped_unsendable"] += unsendable
+        self.counters["rx.frames"] += count
+        self._out = self._send_view[:used]
         self._out_offset = 0
+        if self.capture is not None and count:
+            self._capture_sent(used)
+
+    def _capture_sent(self, used: int) -> None:
+        """Record the frames of the send buffer (cut again by the framer's kernel)."""
+        if self._capture_batch is None:
+            self._capture_batch = FrameBatch(SEND_FRAMES, SEND_BUFFER)
+        position = 0
+        while position < used:
+            position, count, _bad = frames_into_batch(self._send_buffer, position, used,
+                                                      self._capture_batch)
+            if not count:
+                break
+            self.capture.add_batch(self._capture_batch, count)
 
     def _wait_writable(self) -> None:
         if not self._writing:
