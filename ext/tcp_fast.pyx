@@ -13,11 +13,12 @@ it is a plain TCP segment of a registered flow (IPv4 without options or fragment
 or IPv6 without extension headers: TCP right after the fixed header), flags ACK or
 ACK|PSH, with payload, starting exactly at the expected sequence number, with the
 expected ack and window, and a checksum that verifies over the pseudo-header of its
-family (or was left partial by the guest's driver, virtio NEEDS_CSUM). Consecutive taken frames of one flow are
-written with one sendmsg(2) straight from the batch buffer. What the kernel
-does not take is not acknowledged: the guest sends it again, as after a partial
-write on the Python path. A frame not taken, and every later frame of the same
-flow in that batch (to keep the byte order), is left to the Python stack.
+family (or was left partial by the guest's driver, virtio NEEDS_CSUM). Consecutive
+taken frames of one flow are written with one sendmsg(2) straight from the batch
+buffer. What the kernel does not take is not acknowledged: the guest sends it
+again, as after a partial write on the Python path. A frame not taken, and every
+later frame of the same flow in that batch (to keep the byte order), is left to
+the Python stack.
 
 What Python must learn comes back per flow, not per frame (``take_activity``):
 bytes and segments written, and whether the host socket filled up.
@@ -167,7 +168,8 @@ cdef class TcpFastPath:
             int remote_port, int fd, uint32_t seq_next, uint32_t ack, int window) -> bool:
         """Register a flow, or update a registered one; False if the table is full.
 
-        Addresses: 4 bytes each (IPv4) or 16 (IPv6). ``seq_next``, ``ack`` and ``window`` (raw, unscaled) are wire values, host byte order.
+        Addresses: 4 bytes each (IPv4) or 16 (IPv6). ``seq_next``, ``ack`` and ``window``
+        (raw, unscaled) are wire values, host byte order.
         """
         if fd < 0 or not 0 <= window <= 0xFFFF:
             raise ValueError("bad TCP fast-path flow")
