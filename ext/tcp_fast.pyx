@@ -2,26 +2,28 @@
 """Guest -> host TCP payload of established flows, in C with the GIL released.
 
 ``TcpEngine`` (Python) stays the authority. The Python face
-(``vhostnet.hostio.tcp_fast``) registers a flow here only while it is in the
+(``vhostnet.tcp.fast``) registers a flow here only while it is in the
 simple state (established, nothing buffered for the host, no FIN either way),
 with the wire values a segment must carry to change nothing in the engine but
 ``rcv_nxt``: the next expected sequence number, the acknowledgement number and
 the raw window the engine last took from the guest.
 
 For a TX batch, ``take_batch`` walks the frames once. A frame is taken only if
-it is a plain IPv4 TCP segment of a registered flow, flags ACK or ACK|PSH, with
-payload, starting exactly at the expected sequence number, with the expected
-ack and window, and a checksum that verifies (or was left partial by the
-guest's driver, virtio NEEDS_CSUM). Consecutive taken frames of one flow are
-written with one sendmsg(2) straight from the batch buffer. What the kernel
-does not take is not acknowledged: the guest sends it again, as after a partial
-write on the Python path. A frame not taken, and every later frame of the same
-flow in that batch (to keep the byte order), is left to the Python stack.
+it is a plain TCP segment of a registered flow (IPv4 without options or fragments,
+or IPv6 without extension headers: TCP right after the fixed header), flags ACK or
+ACK|PSH, with payload, starting exactly at the expected sequence number, with the
+expected ack and window, and a checksum that verifies over the pseudo-header of its
+family (or was left partial by the guest's driver, virtio NEEDS_CSUM). Consecutive
+taken frames of one flow are written with one sendmsg(2) straight from the batch
+buffer. What the kernel does not take is not acknowledged: the guest sends it
+again, as after a partial write on the Python path. A frame not taken, and every
+later frame of the same flow in that batch (to keep the byte order), is left to
+the Python stack.
 
 What Python must learn comes back per flow, not per frame (``take_activity``):
 bytes and segments written, and whether the host socket filled up.
 
-The Python face is ``vhostnet.hostio.tcp_fast``; use that.
+The Python face is ``vhostnet.tcp.fast``; use that.
 """
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -30,7 +32,7 @@ from libc.string cimport memcmp, memcpy, memset
 from libc.errno cimport EINTR, errno
 
 from frame_batch cimport FrameArrays, frame_at
-from netbytes cimport be16, be32, pseudo_header_sum, sum_bytes, sum_verifies
+from netbytes cimport be16, be32, pseudo_header_sum, pseudo_header_sum6, sum_bytes, sum_verifies
 from vhostnet.wire._flow_table cimport TABLE_SLOTS, FlowIndex
 from vnet cimport vnet_partial_csum_at
 
@@ -54,6 +56,7 @@ cdef enum:
     MAX_IOV = 1024               # IOV_MAX on Linux
     ETH_LEN = 14
     IP_LEN = 20
+    IP6_LEN = 40
     TCP_LEN = 20
     PROTO_TCP = 6
     TCP_CHECKSUM_OFFSET = 16
@@ -65,7 +68,7 @@ cdef enum:
 
 # Why a guest TCP frame went to the Python stack (index into TcpFastPath.fallback).
 cdef enum:
-    FB_NOT_PLAIN = 0     # IPv4 options, fragment, bad IP header, bad TCP header or options
+    FB_NOT_PLAIN = 0     # IPv4 options or fragment, bad IP header, bad TCP header or options
     FB_NOT_REGISTERED
     FB_FLAGS             # anything but ACK or ACK|PSH
     FB_NO_PAYLOAD
@@ -84,6 +87,7 @@ cdef struct FlowSlot:          # the flow in slot i of the FlowIndex (vhostnet/w
     uint32_t seq_next        # host byte order: the guest sequence number the engine expects
     uint32_t ack             # host byte order: the ack number the engine last took
     uint16_t window          # the raw (unscaled) window the engine last took
+    bint ipv6                # the flow's family (its frames count as IPv6 ones)
     uint32_t stopped_in      # batch number in which the flow fell back to Python
     uint64_t bytes           # since the last take_activity()
     uint64_t segments
@@ -125,6 +129,7 @@ cdef class TcpFastPath:
     cdef int pending_slot
     cdef uint32_t pending_seq      # seq_next of the pending flow before the run
     cdef Py_ssize_t taken          # frames taken in the current batch
+    cdef readonly Py_ssize_t last_taken6    # of the last take_batch's frames, those on IPv6
     cdef uint64_t fallback_counts[FB_COUNT]
     cdef readonly uint64_t partial_writes
     cdef uint8_t gateway_mac[6]
@@ -163,7 +168,8 @@ cdef class TcpFastPath:
             int remote_port, int fd, uint32_t seq_next, uint32_t ack, int window) -> bool:
         """Register a flow, or update a registered one; False if the table is full.
 
-        ``seq_next``, ``ack`` and ``window`` (raw, unscaled) are wire values, host byte order.
+        Addresses: 4 bytes each (IPv4) or 16 (IPv6). ``seq_next``, ``ack`` and ``window``
+        (raw, unscaled) are wire values, host byte order.
         """
         if fd < 0 or not 0 <= window <= 0xFFFF:
             raise ValueError("bad TCP fast-path flow")
@@ -173,6 +179,7 @@ cdef class TcpFastPath:
             if index < 0:
                 return False
             memset(&self.slots[index], 0, sizeof(FlowSlot))
+            self.slots[index].ipv6 = len(guest_ip) == 16
         self.slots[index].fd = fd
         self.slots[index].seq_next = seq_next
         self.slots[index].ack = ack
@@ -217,6 +224,7 @@ cdef class TcpFastPath:
         if count > offsets.shape[0] or count > lengths.shape[0] or count > vnets.shape[0] \
                 or count > handled.shape[0]:
             raise ValueError("count exceeds the batch arrays")
+        self.last_taken6 = 0
         if count <= 0 or self.index.count == 0 or not self.have_guest_mac or data.shape[0] == 0:
             return 0
         batch.data = &data[0]
@@ -236,6 +244,7 @@ cdef class TcpFastPath:
         cdef const uint8_t *ip
         cdef const uint8_t *tcp
         cdef uint64_t length, total, tcp_len, header_len, payload_len
+        cdef bint ipv6
         cdef FlowSlot *flow
         self.batch_no += 1
         self.taken = 0
@@ -250,26 +259,39 @@ cdef class TcpFastPath:
             # Lengths first: every field read below lies inside these bounds.
             if length < ETH_LEN + IP_LEN + TCP_LEN:
                 continue
-            if (memcmp(frame, self.gateway_mac, 6) != 0 or memcmp(frame + 6, self.guest_mac, 6) != 0
-                    or frame[12] != 0x08 or frame[13] != 0x00):
+            if memcmp(frame, self.gateway_mac, 6) != 0 or memcmp(frame + 6, self.guest_mac, 6) != 0:
                 continue
             ip = frame + ETH_LEN
-            if ip[9] != PROTO_TCP:
+            if frame[12] == 0x08 and frame[13] == 0x00:
+                if ip[9] != PROTO_TCP:
+                    continue
+                # Plain IPv4 only: no options, no fragment, a header that verifies.
+                total = be16(ip + 2)
+                if (ip[0] != 0x45 or (be16(ip + 6) & 0x3FFF) != 0 or total < IP_LEN + TCP_LEN
+                        or total > length - ETH_LEN or not sum_verifies(sum_bytes(ip, IP_LEN))):
+                    self.fallback_counts[FB_NOT_PLAIN] += 1
+                    continue
+                ipv6 = False
+                tcp = ip + IP_LEN
+                tcp_len = total - IP_LEN
+            elif frame[12] == 0x86 and frame[13] == 0xDD:
+                # Plain IPv6 only: TCP right after the fixed header (no extension headers).
+                if length < ETH_LEN + IP6_LEN + TCP_LEN or ip[6] != PROTO_TCP:
+                    continue
+                tcp_len = be16(ip + 4)  # the payload length: all of it is the segment
+                if ip[0] >> 4 != 6 or tcp_len < TCP_LEN or tcp_len > length - ETH_LEN - IP6_LEN:
+                    self.fallback_counts[FB_NOT_PLAIN] += 1
+                    continue
+                ipv6 = True
+                tcp = ip + IP6_LEN
+            else:
                 continue
-            # Plain IPv4 only: no options, no fragment, a header that verifies.
-            total = be16(ip + 2)
-            if (ip[0] != 0x45 or (be16(ip + 6) & 0x3FFF) != 0 or total < IP_LEN + TCP_LEN
-                    or total > length - ETH_LEN or not sum_verifies(sum_bytes(ip, IP_LEN))):
-                self.fallback_counts[FB_NOT_PLAIN] += 1
-                continue
-            tcp = ip + IP_LEN
-            tcp_len = total - IP_LEN
             header_len = (tcp[12] >> 4) * 4
             if header_len < TCP_LEN or header_len > tcp_len \
                     or not options_valid(tcp + TCP_LEN, header_len - TCP_LEN):
                 self.fallback_counts[FB_NOT_PLAIN] += 1
                 continue
-            slot = self.index.find(ip, tcp)
+            slot = self.index.find6(ip, tcp) if ipv6 else self.index.find(ip, tcp)
             if slot < 0:
                 self.fallback_counts[FB_NOT_REGISTERED] += 1
                 continue
@@ -277,7 +299,7 @@ cdef class TcpFastPath:
             if flow.stopped_in == self.batch_no:
                 self.fallback_counts[FB_AFTER_FALLBACK] += 1
                 continue
-            if not self.acceptable(flow, ip, tcp, tcp_len, header_len, batch.vnets[i]):
+            if not self.acceptable(flow, ip, tcp, tcp_len, header_len, batch.vnets[i], ipv6):
                 flow.stopped_in = self.batch_no
                 if slot == self.pending_slot:
                     self.write_pending(handled)
@@ -297,7 +319,8 @@ cdef class TcpFastPath:
         return self.taken
 
     cdef bint acceptable(self, FlowSlot *flow, const uint8_t *ip, const uint8_t *tcp,
-                         uint64_t tcp_len, uint64_t header_len, uint64_t vnet) noexcept nogil:
+                         uint64_t tcp_len, uint64_t header_len, uint64_t vnet,
+                         bint ipv6) noexcept nogil:
         """True if the engine would only append the payload and advance rcv_nxt (counted if not)."""
         cdef uint8_t flags = tcp[13]
         if flags != FLAG_ACK and flags != (FLAG_ACK | FLAG_PSH):
@@ -312,15 +335,20 @@ cdef class TcpFastPath:
         if be32(tcp + 8) != flow.ack or be16(tcp + 14) != flow.window:
             self.fallback_counts[FB_ACK_OR_WINDOW] += 1
             return False
-        if not self.checksum_acceptable(ip, tcp, tcp_len, vnet):
+        if not self.checksum_acceptable(ip, tcp, tcp_len, vnet, ipv6):
             self.fallback_counts[FB_CHECKSUM] += 1
             return False
         return True
 
     cdef bint checksum_acceptable(self, const uint8_t *ip, const uint8_t *tcp, uint64_t tcp_len,
-                                  uint64_t vnet) noexcept nogil:
+                                  uint64_t vnet, bint ipv6) noexcept nogil:
         # A partial checksum at the TCP header (virtio NEEDS_CSUM) is the guest's driver
         # leaving the sum to the device: nothing to verify (TSO frames always come so).
+        if ipv6:
+            if vnet_partial_csum_at(vnet, ETH_LEN + IP6_LEN, TCP_CHECKSUM_OFFSET):
+                return True
+            return sum_verifies(pseudo_header_sum6(ip, PROTO_TCP, tcp_len)
+                                + sum_bytes(tcp, tcp_len))
         if vnet_partial_csum_at(vnet, ETH_LEN + IP_LEN, TCP_CHECKSUM_OFFSET):
             return True
         return sum_verifies(pseudo_header_sum(ip, PROTO_TCP, tcp_len) + sum_bytes(tcp, tcp_len))
@@ -361,6 +389,8 @@ cdef class TcpFastPath:
                 left -= left if left < self.iovs[k].iov_len else self.iovs[k].iov_len
                 flow.segments += 1
                 self.taken += 1
+                if flow.ipv6:
+                    self.last_taken6 += 1
             else:
                 handled[self.iov_frame[k]] = 0
                 self.fallback_counts[FB_HOST_BUSY] += 1

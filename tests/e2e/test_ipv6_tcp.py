@@ -2,7 +2,8 @@
 and reaches the host's ::1 through the gateway fec0::2.
 
 One boot: a 20 MiB download from an HTTP server bound on ::1 (busybox wget with an IPv6
-URL), a 20 MiB upload to a sink on ::1 (nc), both sha256-checked; an IPv4 and an IPv6
+URL), a 20 MiB upload to a sink on ::1 (nc), both sha256-checked, the upload's data
+segments written by the C fast path (``tcp6.fast_segments``); an IPv4 and an IPv6
 download at once (dual stack); then ``-t`` forwards (no address: both families) that a
 host client on ::1 uses both ways, and that an IPv4 client on 127.0.0.1 uses too.
 """
@@ -25,6 +26,7 @@ from tests.e2e.hostservers import (
     sha256_hex,
 )
 from tests.e2e.test_ipv6 import WAIT_FOR_SLAAC
+from vhostnet.control import control_request
 
 pytestmark = pytest.mark.e2e
 
@@ -117,7 +119,7 @@ def receive_bulk(address: str, port: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def test_ipv6_download_upload_dual_stack_and_forward(vhostnet, guest, kit):
+def test_ipv6_download_upload_dual_stack_and_forward(vhostnet, guest, kit, e2e_tmp):
     if kit.qemu10 is None:
         pytest.skip("QEMU 10.0 is not installed (tools/guestkit sets it up)")
     download = generated_bytes(BULK_BYTES, 61)
@@ -125,11 +127,15 @@ def test_ipv6_download_upload_dual_stack_and_forward(vhostnet, guest, kit):
     with (HttpFileServer("bulk.bin", download, host=LOOPBACK6) as http6,
           HttpFileServer("bulk.bin", download) as http4,
           TcpSink(host=LOOPBACK6) as sink6):
-        server = vhostnet("-t", f"{host_in}:{GUEST_IN}", "-t", f"{host_out}:{GUEST_OUT}",
-                          "-t", f"{host_in4}:{GUEST_IN4}")
+        control = str(e2e_tmp / "control.sock")
+        server = vhostnet("--control", control, "-t", f"{host_in}:{GUEST_IN}",
+                          "-t", f"{host_out}:{GUEST_OUT}", "-t", f"{host_in4}:{GUEST_IN4}")
         machine = guest("10.0", guest_script(http6.port, http4.port, sink6.port),
                         socket_path=server.socket_path, memory_mb=GUEST_MEMORY_MB)
         machine.wait_for("FORWARDS-READY", timeout=900)
+        # Before the forwards: the guest's only IPv6 data so far are the upload and two
+        # HTTP requests (one segment each).
+        stats = control_request(control, "stats")["counters"]
         upload = generated_bytes(FORWARD_BYTES, 62)
         send_bulk(LOOPBACK6, host_in, upload)
         received = receive_bulk(LOOPBACK6, host_out, FORWARD_BYTES + 1)
@@ -146,6 +152,12 @@ def test_ipv6_download_upload_dual_stack_and_forward(vhostnet, guest, kit):
     assert results["upload6_rc"] == "0"
     assert [t.size for t in sink6.transfers] == [BULK_BYTES]
     assert sink6.transfers[0].sha256 == results["upload6_sha256"] == results["upload6_reply"]
+    fast = {name: stats.get(name, 0) for name in ("tcp.fast_segments", "tcp6.fast_segments",
+                                                  "tcp.fast_bytes")}
+    print("\nTCP fast path before the forwards:", fast)
+    assert fast["tcp6.fast_segments"] > 2, stats  # the upload went through the C fast path
+    assert fast["tcp.fast_segments"] >= fast["tcp6.fast_segments"]
+    assert fast["tcp.fast_bytes"] > BULK_BYTES // 2, stats  # most of it, not a stray segment
 
     assert results["parallel4_rc"] == results["parallel6_rc"] == "0"
     assert results["parallel4_sha256"] == results["parallel6_sha256"] == sha256_hex(download)

@@ -1,5 +1,5 @@
 """The Python face of the TCP fast path (``ext/tcp_fast.pyx``): in-order guest data of established
-flows goes to the host socket by sendmsg(2) from the TX batch, GIL released.
+flows, IPv4 and IPv6, goes to the host socket by sendmsg(2) from the TX batch, GIL released.
 
 ``TcpEngine`` stays the authority; the C table only mirrors flows in the simple
 state, with the wire values a segment must carry to teach the engine nothing
@@ -96,9 +96,18 @@ class TcpFastPath:
         taken = self.kernel.take_batch(storage, offsets, lengths, vnets, handled, count)
         if not taken:
             return left
-        self.stack.count_frames_taken(taken)
+        self._count_frames(taken, self.kernel.last_taken6)
         self.sync_all(now)
         return np.flatnonzero(handled[:count] == 0)
+
+    def _count_frames(self, taken: int, taken6: int) -> None:
+        """Count the frames taken as the stack counts those it receives, per family."""
+        if taken > taken6:
+            self.stack.count_frames_taken(taken - taken6)
+        if taken6:
+            self.stack.stats.inc("eth.rx", taken6)
+            self.stack.stats.inc("ipv6.rx", taken6)
+            self.engine.stats.inc("tcp6.fast_segments", taken6)  # of tcp.fast_segments
 
     def sync_all(self, now: float) -> None:
         """Apply everything the C side wrote to the engine's flows (exact Flow state after it)."""
@@ -125,11 +134,9 @@ class TcpFastPath:
 
 
 def _simple(flow: Flow) -> bool:
-    """In-order data is all that can happen: established, nothing buffered, no FIN either way.
-    IPv4 only: the C table is keyed by IPv4 4-tuples, IPv6 flows stay on the Python path."""
+    """In-order data is all that can happen: established, nothing buffered, no FIN either way."""
     return (
-        len(flow.guest_ip) == 4
-        and flow.open_both_ways
+        flow.open_both_ways
         and not flow.to_host
         and not flow.send_queued
         and flow.rcv_queued == flow.rcv_nxt
