@@ -102,11 +102,8 @@ class TcpFastPath:
 
     def _count_frames(self, taken: int, taken6: int) -> None:
         """Count the frames taken as the stack counts those it receives, per family."""
-        if taken > taken6:
-            self.stack.count_frames_taken(taken - taken6)
+        self.stack.count_frames_taken(taken - taken6, taken6)
         if taken6:
-            self.stack.stats.inc("eth.rx", taken6)
-            self.stack.stats.inc("ipv6.rx", taken6)
             self.engine.stats.inc("tcp6.fast_segments", taken6)  # of tcp.fast_segments
 
     def sync_all(self, now: float) -> None:
