@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.hostservers import free_port
 from tests.stack.test_dhcp import dhcp_request, msg_type, opt
 from tests.support.daemon import VhostnetProcess, run_cli
 from tests.support.frames import GUEST_IP, GUEST_MAC, guest_udp_frame
@@ -20,12 +21,6 @@ from vhostnet.server import open_listening_socket
 from vhostnet.stack.config import StackConfig, parse_port_spec
 
 REMOTE = bytes([192, 0, 2, 10])
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET6, kind) as sock:
-        sock.bind(("::", 0))
-        return sock.getsockname()[1]
 
 
 def port_is_free(port: int, kind: int = socket.SOCK_STREAM) -> bool:
