@@ -100,7 +100,7 @@ class UdpGlue:
             self._open_listener(forward)
         except OSError as error:
             if not (forward.optional and error.errno == errno.EADDRINUSE):
-                log.warning("cannot forward UDP: %s", error.strerror)
+                log.warning("%s; that forward stays off", error.strerror)
             # `all`: the ports the host already uses are not forwarded (passt)
 
     def _open_listener(self, forward: PortForward) -> None:
