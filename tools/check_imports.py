@@ -84,6 +84,7 @@ LAYER_OF_PREFIX: tuple[tuple[str, str], ...] = (
     ("vhostnet.server", "server"),
     ("vhostnet.control", "control"),
     ("vhostnet.cli", "cli"),
+    ("vhostnet.ctl", "cli"),
     ("vhostnet.options", "cli"),
     ("vhostnet.daemon", "cli"),
     ("vhostnet.__main__", "cli"),

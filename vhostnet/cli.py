@@ -166,7 +166,7 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
                     **frontend_options(args, loop))
     cleanup.callback(server.close)
     if args.control:
-        from vhostnet.control import ControlServer
+        from vhostnet.control import ControlServer, register_network_commands
         from vhostnet.migration.commands import register_state_commands
 
         try:
@@ -177,6 +177,8 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
         cleanup.callback(control.close)
         control.commands["stats"] = lambda _request: {"counters": server.counters()}
         register_state_commands(control.commands, network, migration)
+        register_network_commands(control.commands, network, server.counters,
+                                  options.ephemeral_ports())
         await control.start(control_listener)
     if connected is not None:
         server.serve_connected(connected)
@@ -232,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         from vhostnet.migration.repair_helper import main as repair_main
 
         return repair_main(argv[1:])
+    if argv[:1] == ["ctl"]:
+        from vhostnet.ctl import main as ctl_main
+
+        return ctl_main(argv[1:])
     args = build_parser().parse_args(argv)
     debug = args.debug or args.trace
     level = logging.DEBUG if debug else logging.ERROR if args.quiet else logging.INFO

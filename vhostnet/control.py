@@ -8,7 +8,13 @@ One JSON object per line in each direction, so it can be driven with
 
 Unknown commands and malformed lines get ``{"ok": false, "error": "..."}``;
 the connection stays open. Commands are looked up in ``ControlServer.commands``
-so that other parts (migration) can add theirs.
+so that other parts (migration) can add theirs. A command refusing its request
+raises ``CommandError``: the sentence is the answer, nothing is logged.
+
+``register_network_commands`` adds the network's: ``forwards``, ``forward-add``,
+``forward-remove`` (``{"protocol": "tcp"|"udp", "spec": "<passt -t/-u spec>"}``),
+``leases`` and ``guests``. Every list is of one guest today; entries carry the
+guest's MAC so that a guest argument can select among several later.
 """
 
 from __future__ import annotations
@@ -18,8 +24,21 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from vhostnet.stack.config import (
+    DEFAULT_EPHEMERAL,
+    PortForward,
+    ip4_str,
+    ip6_str,
+    mac_str,
+    parse_port_spec,
+)
+
+if TYPE_CHECKING:  # the ctl client imports this module: it must not load the network
+    from vhostnet.network import ForwardState, Network
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +50,14 @@ MAX_NESTING = 32
 # longest makes room for a new client, so idle clients never lock `stats` out.
 IDLE_SECONDS = 60.0
 
+# A port spec longer than this is not a mistake worth parsing.
+MAX_SPEC = 4096
+
 CommandHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]] | dict[str, Any]]
+
+
+class CommandError(Exception):
+    """A command refused its request: ``str()`` is the one-sentence answer."""
 
 
 class ControlServer:
@@ -100,6 +126,8 @@ class ControlServer:
             result = handler(request)
             if asyncio.iscoroutine(result):
                 result = await result
+        except CommandError as exc:
+            return {"ok": False, "error": str(exc)}
         except Exception as exc:  # a failing command must not take the socket down
             log.exception("control command %s failed", request["command"])
             return {"ok": False, "error": str(exc) or type(exc).__name__}
@@ -117,6 +145,78 @@ class ControlServer:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def register_network_commands(commands: dict[str, CommandHandler], network: Network,
+                              counters: Callable[[], dict[str, int]],
+                              ephemeral: range = DEFAULT_EPHEMERAL) -> None:
+    """Add the network's commands to ``commands``; ``counters`` gives every counter (the
+    server's), ``ephemeral`` is the port range a spec's ``all`` leaves out."""
+
+    def forwards(_request: dict[str, Any]) -> dict[str, Any]:
+        return {"forwards": [forward_record(state) for state in network.forwards()]}
+
+    def change(request: dict[str, Any], adding: bool) -> dict[str, Any]:
+        protocol, parsed = _forward_request(request, ephemeral)
+        try:
+            if adding:
+                network.add_forwards(protocol, parsed)
+            else:
+                network.remove_forwards(protocol, parsed)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        return forwards(request)
+
+    def leases(_request: dict[str, Any]) -> dict[str, Any]:
+        stack = network.stack
+        now = time.monotonic()
+        dhcp = stack.dhcp.describe_lease(now) if stack.dhcp is not None else None
+        dhcpv6 = stack.dhcpv6.describe_binding() if stack.dhcpv6 is not None else None
+        return {"dhcp": [] if dhcp is None else [dhcp], "dhcpv6": dhcpv6}
+
+    def guests(_request: dict[str, Any]) -> dict[str, Any]:
+        stack = network.stack
+        if stack.guest_mac is None:
+            return {"guests": []}  # not heard from yet
+        counts = counters()
+        return {"guests": [{
+            "mac": mac_str(stack.guest_mac),
+            "ipv4": None if stack.guest_ipv4 is None else ip4_str(stack.guest_ipv4),
+            "ipv6": [ip6_str(address) for address in stack.guest_ipv6_addresses],
+            "frames_from_guest": counts.get("device.tx.frames", 0),
+            "frames_to_guest": counts.get("device.rx.frames", 0),
+            "tcp_flows": counts.get("tcp.flows_open", 0),
+            "udp_flows": counts.get("udp.flows", 0),
+        }]}
+
+    commands["forwards"] = forwards
+    commands["forward-add"] = lambda request: change(request, adding=True)
+    commands["forward-remove"] = lambda request: change(request, adding=False)
+    commands["leases"] = leases
+    commands["guests"] = guests
+
+
+def forward_record(state: ForwardState) -> dict[str, Any]:
+    """One forwarded port as the ``forwards`` command lists it."""
+    forward = state.forward
+    return {"protocol": state.protocol,
+            "bind": "*" if forward.dual_stack else forward.host_addr,
+            "interface": forward.host_if, "host_port": forward.host_port,
+            "guest_address": forward.guest_addr, "guest_port": forward.guest_port,
+            "source": state.source, "listening": state.listening}
+
+
+def _forward_request(request: dict[str, Any], ephemeral: range
+                     ) -> tuple[Any, list[PortForward]]:
+    protocol, spec = request.get("protocol"), request.get("spec")
+    if protocol not in ("tcp", "udp"):
+        raise CommandError("'protocol' must be \"tcp\" or \"udp\"")
+    if not isinstance(spec, str) or not spec or len(spec) > MAX_SPEC:
+        raise CommandError(f"'spec' must be a port spec (a string of 1 to {MAX_SPEC} characters)")
+    try:
+        return protocol, parse_port_spec(spec, ephemeral)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _nesting(line: bytes) -> int:

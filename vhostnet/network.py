@@ -12,6 +12,9 @@ commands), output listeners (told when frames for the guest appear, from
 whatever callback produced them, so RX is filled without polling), and
 ``device_started`` (a ring started: the guest runs here).
 
+Forwarded ports change at run time through ``add_forwards``/``remove_forwards`` (the
+control socket's commands); ``forwards()`` lists them with where they came from.
+
 Parts above this layer plug in through hooks, never the other way round:
 ``add_device_started_hook`` and ``add_close_hook`` (live migration, wired by
 the CLI) and ``set_tx_sink`` (where guest TX batches go instead of the stack;
@@ -25,14 +28,15 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 from vhostnet.hostio.dns import DnsGlue
 from vhostnet.hostio.icmp import IcmpGlue
 from vhostnet.hostio.tftp_files import TftpRoot
 from vhostnet.hostio.udp import UdpGlue
 from vhostnet.hostio.udp_fast import UdpFastSender
-from vhostnet.stack.config import StackConfig
+from vhostnet.stack.config import PortForward, StackConfig
 from vhostnet.stack.dhcp import DhcpServer
 from vhostnet.stack.dhcpv6 import Dhcpv6Server
 from vhostnet.stack.dns import DnsForwarder
@@ -147,6 +151,36 @@ class Glue(Protocol):
     def close(self) -> None: ...
 
 
+ForwardProtocol = Literal["tcp", "udp"]
+FROM_COMMAND_LINE = "command line"
+FROM_RUN_TIME = "run time"
+
+
+@dataclass(frozen=True)
+class ForwardState:
+    """A forwarded port as ``Network.forwards`` lists it."""
+
+    protocol: ForwardProtocol
+    forward: PortForward
+    source: str  # FROM_COMMAND_LINE or FROM_RUN_TIME
+    listening: bool
+
+
+class ForwardGlue(Protocol):
+    """The host side of forwarded ports (``TcpHost``, ``UdpGlue``)."""
+
+    def add_forwards(self, forwards: list[PortForward]) -> None: ...
+
+    def remove_forwards(self, forwards: list[PortForward]) -> None: ...
+
+    def is_listening(self, forward: PortForward) -> bool: ...
+
+
+def _bind_key(forward: PortForward) -> tuple:
+    """Where a forward listens: two forwards with the same key cannot both be bound."""
+    return forward.host_addr, forward.host_port, forward.host_if, forward.dual_stack
+
+
 class Network:
     """The guest's network: stack + engines + host glue + timers, for one vhostnet process."""
 
@@ -170,6 +204,12 @@ class Network:
         self.tcp_host: TcpHost | None = None
         self.tftp: TftpServer | None = None
         self.udp_fast: UdpFastSender | None = None
+        self.udp_glue: UdpGlue | None = None
+        # Forwarded ports by protocol and bind key -> (forward, where it came from).
+        self._forwards: dict[str, dict[tuple, tuple[PortForward, str]]] = {
+            protocol: {_bind_key(f): (f, FROM_COMMAND_LINE) for f in forwards}
+            for protocol, forwards in (("tcp", config.tcp_forwards),
+                                       ("udp", config.udp_forwards))}
         self.stack = build_stack(config)
         self.stack.frames_to_guest = self.frames_to_guest
         # Exceptions timers and glue survived, by reason (``errors.*`` in stats).
@@ -206,7 +246,8 @@ class Network:
             self._glue.append(DnsGlue(stack.dns, loop))
         if stack.udp_nat is not None:
             self.udp_fast = UdpFastSender(stack.udp_nat, stack)
-            self._glue.append(UdpGlue(stack.udp_nat, loop, fast_path=self.udp_fast))
+            self.udp_glue = UdpGlue(stack.udp_nat, loop, fast_path=self.udp_fast)
+            self._glue.append(self.udp_glue)
 
     # ---- hooks for the layers above -------------------------------------------
 
@@ -280,6 +321,71 @@ class Network:
         """SEND_RARP after a migration: the guest is at ``mac`` (its address stays as learned)."""
         if len(mac) == 6 and not mac[0] & 1:
             self.stack.guest_mac = bytes(mac)
+
+    # ---- forwarded ports ---------------------------------------------------------
+
+    def forwards(self) -> list[ForwardState]:
+        """Every forwarded port, TCP then UDP, by host port (``all``'s ports the host
+        already used are left out: they were never bound)."""
+        states = []
+        for protocol, table in self._forwards.items():
+            glue = self._forward_glue(protocol, required=False)
+            for forward, source in sorted(table.values(), key=lambda e: e[0].host_port):
+                listening = glue is not None and glue.is_listening(forward)
+                if listening or not forward.optional:
+                    states.append(ForwardState(protocol, forward, source, listening))  # type: ignore[arg-type]
+        return states
+
+    def add_forwards(self, protocol: ForwardProtocol, forwards: list[PortForward]) -> None:
+        """Forward ``forwards`` from now on, all or none: ``ValueError`` (one sentence) for a
+        port already forwarded or one that cannot be bound, and nothing changes."""
+        glue = self._forward_glue(protocol)
+        table = self._forwards[protocol]
+        new = []
+        for forward in forwards:
+            if _bind_key(forward) not in table:
+                new.append(forward)
+            elif not forward.optional:
+                raise ValueError(f"{protocol} port {forward.host_port} is already forwarded")
+        if not new:
+            raise ValueError("no port to add")
+        try:
+            glue.add_forwards(new)
+        except OSError as error:
+            raise ValueError(error.strerror or str(error)) from None
+        for forward in new:
+            if glue.is_listening(forward):
+                table[_bind_key(forward)] = (forward, FROM_RUN_TIME)
+                log.info("forwarding %s port %d to guest port %d", protocol, forward.host_port,
+                         forward.guest_port)
+
+    def remove_forwards(self, protocol: ForwardProtocol, forwards: list[PortForward]) -> None:
+        """Stop forwarding ``forwards`` (matched by where they listen; the guest side of the
+        spec is not compared): their listeners close, connections they brought stay.
+        ``ValueError`` for a port not forwarded, and nothing changes."""
+        glue = self._forward_glue(protocol)
+        table = self._forwards[protocol]
+        found = []
+        for forward in forwards:
+            entry = table.get(_bind_key(forward))
+            if entry is not None:
+                found.append(entry[0])
+            elif not forward.optional:
+                raise ValueError(f"{protocol} port {forward.host_port} is not forwarded")
+        if not found:
+            raise ValueError("no forwarded port to remove")
+        glue.remove_forwards(found)
+        for forward in found:
+            del table[_bind_key(forward)]
+            log.info("stopped forwarding %s port %d", protocol, forward.host_port)
+
+    def _forward_glue(self, protocol: str, required: bool = True) -> ForwardGlue | None:
+        glue = {"tcp": self.tcp_host, "udp": self.udp_glue}.get(protocol)
+        if glue is None and required:
+            if protocol not in self._forwards:
+                raise ValueError(f"unknown protocol {protocol!r} (tcp or udp)")
+            raise ValueError(f"{protocol.upper()} is off in this vhostnet")
+        return glue
 
     # ---- timers ------------------------------------------------------------------
 

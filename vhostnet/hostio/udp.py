@@ -95,25 +95,28 @@ class UdpGlue:
     # --- forwarded ports ----------------------------------------------------
 
     def _listen(self, forward: PortForward) -> None:
+        """Bind ``forward`` at start: a failure is logged and that forward stays off."""
+        try:
+            self._open_listener(forward)
+        except OSError as error:
+            if not (forward.optional and error.errno == errno.EADDRINUSE):
+                log.warning("%s; that forward stays off", error.strerror)
+            # `all`: the ports the host already uses are not forwarded (passt)
+
+    def _open_listener(self, forward: PortForward) -> None:
+        """Bind and serve ``forward``; ``OSError`` with a sentence in ``strerror`` if it cannot."""
         address = "::" if forward.dual_stack else forward.host_addr
         try:
             sock = self._bind_listener(forward, address)
         except OSError as error:
-            if address == "::" and error.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
-                self._listen_ipv4_only(forward, error)
-                return
-            self._bind_failed(forward, address, error)
-            return
-        self._listening(forward, sock)
-
-    def _listen_ipv4_only(self, forward: PortForward, error: OSError) -> None:
-        log.info("no IPv6 on the host (%s): UDP port %d forwarded on IPv4 only",
-                 error.strerror, forward.host_port)
-        try:
-            sock = self._bind_listener(forward, forward.host_addr)
-        except OSError as error4:
-            self._bind_failed(forward, forward.host_addr, error4)
-            return
+            if address != "::" or error.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise _bind_error(forward, address, error) from None
+            log.info("no IPv6 on the host (%s): UDP port %d forwarded on IPv4 only",
+                     error.strerror, forward.host_port)
+            try:
+                sock = self._bind_listener(forward, forward.host_addr)
+            except OSError as error4:
+                raise _bind_error(forward, forward.host_addr, error4) from None
         self._listening(forward, sock)
 
     def _bind_listener(self, forward: PortForward, address: str) -> socket.socket:
@@ -130,12 +133,40 @@ class UdpGlue:
             raise
         return sock
 
-    @staticmethod
-    def _bind_failed(forward: PortForward, address: str, error: OSError) -> None:
-        if forward.optional and error.errno == errno.EADDRINUSE:
-            return  # `all`: the ports the host already uses are not forwarded (passt)
-        log.warning("cannot forward UDP %s port %d: %s", address, forward.host_port,
-                    error.strerror)
+    def is_listening(self, forward: PortForward) -> bool:
+        """Whether ``forward``'s socket is bound (not: skipped by ``all``, or failed at start)."""
+        return forward in self._listeners
+
+    def add_forwards(self, forwards: list[PortForward]) -> None:
+        """Bind ``forwards`` now, all or none: on a bind error, the sockets this call opened
+        close again and ``OSError`` (one sentence in ``strerror``) is raised. A forward from
+        ``all`` whose port the host already uses is skipped, as at start."""
+        opened: list[PortForward] = []
+        try:
+            for forward in forwards:
+                try:
+                    self._open_listener(forward)
+                except OSError as error:
+                    if not (forward.optional and error.errno == errno.EADDRINUSE):
+                        raise
+                    continue
+                opened.append(forward)
+        except OSError:
+            self.remove_forwards(opened)
+            raise
+
+    def remove_forwards(self, forwards: list[PortForward]) -> None:
+        """Close the sockets of ``forwards``. Inbound flows that answered through one lose
+        their way back: their replies are dropped until the flow expires."""
+        for forward in forwards:
+            sock = self._listeners.pop(forward, None)
+            if sock is None:
+                continue
+            for flow_id, (listener, _peer) in list(self._peers.items()):
+                if listener is sock:
+                    del self._peers[flow_id]
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
 
     def _listening(self, forward: PortForward, sock: socket.socket) -> None:
         self._listeners[forward] = sock
@@ -220,11 +251,13 @@ class UdpGlue:
         for flow_id in list(self._flow_sockets):
             self._close_flow(flow_id)
         self._peers.clear()
-        for sock in self._listeners.values():
-            self.loop.remove_reader(sock.fileno())
-            sock.close()
-        self._listeners.clear()
+        self.remove_forwards(list(self._listeners))
 
     @property
     def open_sockets(self) -> int:
         return len(self._flow_sockets) + len(self._listeners)
+
+
+def _bind_error(forward: PortForward, address: str, error: OSError) -> OSError:
+    return OSError(error.errno, f"cannot listen on UDP {address} port {forward.host_port}: "
+                                f"{error.strerror}")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from vhostnet.stack.config import StackConfig, ip4_str
+from vhostnet.stack.config import StackConfig, ip4_str, mac_str
 from vhostnet.stack.counters import Counters
 from vhostnet.wire.dhcp import (
     ACK,
@@ -68,6 +68,7 @@ from vhostnet.wire.ipv4 import BROADCAST
 # RFC 4702 client FQDN (passt's --fqdn): flags with E set (the name in wire encoding),
 # both RCODEs 255 as the RFC asks of a server.
 OPT_CLIENT_FQDN = 81
+MAX_HOSTNAME = 255  # a Host Name option holds at most this much
 FQDN_FLAGS_E = 0x04
 
 SendUdp = Callable[..., None]
@@ -87,6 +88,7 @@ class DhcpServer:
         # the address is the guest's whatever happens, but tests and logs use it).
         self.lease_holder: bytes | None = None
         self.lease_expiry: float | None = None
+        self.lease_hostname: str | None = None  # the client's Host Name option, for people
         self._search_list = self._encode_search_list()
         self._fqdn = self._encode_fqdn()
 
@@ -183,6 +185,17 @@ class DhcpServer:
     def _grant(self, request: DhcpMessage, now: float) -> None:
         self.lease_holder = request.chaddr
         self.lease_expiry = now + self.config.lease_time
+        name = request.options.get(OPT_HOSTNAME)
+        self.lease_hostname = name[:MAX_HOSTNAME].decode("ascii", "replace") if name else None
+
+    def describe_lease(self, now: float) -> dict[str, object] | None:
+        """The lease for people and tools (control socket): MAC, address, host name,
+        seconds left; None without one."""
+        if self.lease_holder is None or self.lease_expiry is None:
+            return None
+        return {"mac": mac_str(self.lease_holder), "address": ip4_str(self.config.guest_ipv4),
+                "hostname": self.lease_hostname,
+                "expires_in": round(max(0.0, self.lease_expiry - now))}
 
     def export_lease(self, now: float) -> dict[str, object] | None:
         """The current lease (client hardware address, seconds left) for a migration."""

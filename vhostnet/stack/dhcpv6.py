@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from vhostnet.stack.config import StackConfig
+from vhostnet.stack.config import StackConfig, ip6_str
 from vhostnet.stack.counters import Counters
 from vhostnet.wire.dhcpv6 import (
     ADVERTISE,
@@ -169,6 +169,13 @@ class Dhcpv6Server:
             answers.append((OPT_IA_NA, ia_na_value(ia.iaid, lifetime // 2, lifetime * 4 // 5,
                                                    inner)))
         return answers
+
+    def describe_binding(self) -> dict[str, object]:
+        """What DHCPv6 hands out (control socket): stateless, every client gets the guest's
+        address (None: SLAAC only) with this lifetime; no client is remembered."""
+        address = self.config.guest_ipv6
+        return {"address": None if address is None else ip6_str(address),
+                "lifetime": self.config.lease_time, "server_duid": self.duid.hex()}
 
     def _confirm(self, request: Dhcpv6Message) -> tuple[int, bytes] | None:
         addresses = [a for ia in request.ia_nas() for a in ia.addresses]

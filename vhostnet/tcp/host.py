@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vhostnet.stack.config import listener_options
+from vhostnet.stack.config import PortForward, listener_options
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import Close, Connect, Discard, Peek, Send, ShutdownWrite
 
@@ -77,7 +77,7 @@ class TcpHost:
         self.clock = clock
         self.after_event = after_event
         self._sockets: dict[int, _HostSocket] = {}
-        self._listeners: list[socket.socket] = []
+        self._listeners: dict[PortForward, socket.socket] = {}
         self._scratch = bytearray(DISCARD_CHUNK)
         self._peek_off: bool | None = None  # learnt from the first socket
         self._closed = False
@@ -94,7 +94,33 @@ class TcpHost:
         return len(self._sockets)
 
     def listening_addresses(self) -> list[tuple[str, int]]:
-        return [sock.getsockname()[:2] for sock in self._listeners]
+        return [sock.getsockname()[:2] for sock in self._listeners.values()]
+
+    def is_listening(self, forward: PortForward) -> bool:
+        """Whether ``forward``'s listener is bound (not: skipped by ``all``, or still waiting)."""
+        return forward in self._listeners
+
+    def add_forwards(self, forwards: list[PortForward]) -> None:
+        """Listen on ``forwards`` now, all or none: on a bind error, the listeners this call
+        opened close again and ``OSError`` (one sentence in ``strerror``) is raised.
+        A forward from ``all`` whose port the host already uses is skipped, as at start."""
+        opened: list[PortForward] = []
+        try:
+            for forward in forwards:
+                self._listen(forward, close_on_error=False)
+                if forward in self._listeners:
+                    opened.append(forward)
+        except OSError:
+            self.remove_forwards(opened)
+            raise
+
+    def remove_forwards(self, forwards: list[PortForward]) -> None:
+        """Stop listening on ``forwards``; connections they accepted stay as they are."""
+        for forward in forwards:
+            listener = self._listeners.pop(forward, None)
+            if listener is not None:
+                self.loop.remove_reader(listener.fileno())
+                listener.close()
 
     def connected_fd(self, flow_id: int) -> int | None:
         """The flow's host socket once connected (for the fast path), else None."""
@@ -133,10 +159,7 @@ class TcpHost:
         if self._closed:
             return
         self._closed = True
-        for listener in self._listeners:
-            self.loop.remove_reader(listener.fileno())
-            listener.close()
-        self._listeners.clear()
+        self.close_listeners()
         for flow_id in list(self._sockets):
             self._close_socket(flow_id, abort=True)
 
@@ -162,10 +185,7 @@ class TcpHost:
 
     def close_listeners(self) -> None:
         """Stop accepting on forwarded ports (a migration destination takes them over)."""
-        for listener in self._listeners:
-            self.loop.remove_reader(listener.fileno())
-            listener.close()
-        self._listeners.clear()
+        self.remove_forwards(list(self._listeners))
 
     def _listen_or_wait(self, forward, deadline: float) -> bool:
         """Bind now, or keep retrying while the port is busy until ``deadline``.
@@ -189,7 +209,7 @@ class TcpHost:
         if not self._listen_or_wait(forward, deadline):
             log.error("cannot listen on %s port %d; that forward stays off",
                       forward.host_addr, forward.host_port)
-        elif any(sock.getsockname()[1] == forward.host_port for sock in self._listeners):
+        elif forward in self._listeners:
             log.info("listening on %s port %d now", forward.host_addr, forward.host_port)
 
     # ------------------------------------------------------------- listeners
@@ -231,7 +251,7 @@ class TcpHost:
                 error.errno,
                 f"cannot listen on {address} port {forward.host_port}: {error.strerror}",
             ) from None
-        self._listeners.append(listener)
+        self._listeners[forward] = listener
         self.loop.add_reader(listener.fileno(), self._on_accept_ready, listener, forward.guest_port)
 
     def _on_accept_ready(self, listener: socket.socket, guest_port: int) -> None:
