@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.hostservers import free_port
-from tests.stack.test_dhcp import dhcp_request, msg_type, opt
 from tests.support.daemon import VhostnetProcess, run_cli
+from tests.support.dhcp import dhcp_request, msg_type, opt
 from tests.support.frames import GUEST_IP, GUEST_MAC, guest_udp_frame
 from vhostnet.control import ControlServer, control_request, register_network_commands
 from vhostnet.network import Network

@@ -6,18 +6,11 @@ import asyncio
 import socket
 
 from tests.support.frames import GATEWAY_IP, GUEST_IP, arp_request, guest_udp_frame, parse_udp_frame
-from tests.support.hostio import free_udp_port, wait_for_frames
+from tests.support.hostio import echo_server, free_udp_port, wait_for_frames
 from tests.support.stack import poll_timers
 from vhostnet.hostio.udp import UdpGlue, receive_batch
 from vhostnet.network import build_stack
 from vhostnet.stack.config import PortForward, StackConfig
-
-
-async def echo_server(sock: socket.socket, count: int) -> None:
-    loop = asyncio.get_running_loop()
-    for _ in range(count):
-        data, peer = await asyncio.wait_for(loop.sock_recvfrom(sock, 65535), 3.0)
-        await loop.sock_sendto(sock, b"echo:" + data, peer)
 
 
 def test_guest_to_host_echo_through_gateway() -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from tests.hostio.test_hostio_udp import echo_server
 from tests.support.frames import (
     GATEWAY_IP,
     GUEST_IP,
@@ -18,7 +17,7 @@ from tests.support.frames import (
     parse_udp6_frame,
     parse_udp_frame,
 )
-from tests.support.hostio import wait_for_frames
+from tests.support.hostio import echo_server, wait_for_frames
 from vhostnet.hostio.udp import UdpGlue
 from vhostnet.network import build_stack
 from vhostnet.stack.config import StackConfig, ip6, parse_port_spec

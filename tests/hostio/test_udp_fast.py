@@ -15,35 +15,10 @@ import struct
 
 from tests.support.frames import GATEWAY_IP, GUEST_IP, GUEST_MAC, eth, guest_udp_frame, ipv4, udp
 from tests.support.hostio import free_udp_port
+from tests.support.udp_fast import batch_of, receive_all, run
 from vhostnet.network import Network
 from vhostnet.stack.config import StackConfig
-from vhostnet.virtqueue import FrameBatch
 from vhostnet.wire.offload import NEEDS_CSUM, vnet_word
-
-
-def run(scenario) -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(scenario(loop))
-    finally:
-        loop.close()
-
-
-def batch_of(frames: list[tuple[bytes, int]]) -> FrameBatch:
-    batch = FrameBatch(64, 1 << 20)
-    for frame, vnet in frames:
-        assert batch.append(frame, vnet)
-    return batch
-
-
-def receive_all(sock: socket.socket, limit: int = 100) -> list[bytes]:
-    got = []
-    for _ in range(limit):
-        try:
-            got.append(sock.recv(65535))
-        except BlockingIOError:
-            break
-    return got
 
 
 def test_established_flow_goes_fast_and_odd_frames_go_to_the_stack() -> None:

@@ -13,7 +13,6 @@ import asyncio
 import socket
 import struct
 
-from tests.hostio.test_udp_fast import batch_of, receive_all, run
 from tests.support.frames import (
     GATEWAY_IP,
     GATEWAY_MAC,
@@ -23,6 +22,7 @@ from tests.support.frames import (
     guest_udp6_frame,
     guest_udp_frame,
 )
+from tests.support.udp_fast import batch_of, receive_all, run
 from vhostnet.network import Network
 from vhostnet.stack.config import StackConfig, ip6
 from vhostnet.wire.offload import NEEDS_CSUM, vnet_word

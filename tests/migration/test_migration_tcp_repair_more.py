@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import time
 
-from tests.migration.test_migration_tcp_repair import (
+from tests.support.tcp_repair import (
     IO_SECONDS,
     TCP_STATE_ESTABLISHED,
     connected_pair,

@@ -6,31 +6,13 @@ import struct
 
 import pytest
 
+from tests.support.dhcp import COOKIE, XID, ZERO, dhcp_request, msg_type, opt
 from tests.support.frames import GUEST_MAC, guest_udp_frame, parse_udp_frame
 from vhostnet.network import build_stack
 from vhostnet.stack.config import StackConfig
 from vhostnet.stack.stack import NetworkStack
 
-ZERO = bytes(4)
 BROADCAST = b"\xff" * 4
-COOKIE = b"\x63\x82\x53\x63"
-XID = 0xDEADBEEF
-
-
-def dhcp_request(options: bytes, *, ciaddr: bytes = ZERO, flags: int = 0, op: int = 1,
-                 htype: int = 1, cookie: bytes = COOKIE, end: bool = True) -> bytes:
-    """A client message, built field by field (RFC 2131 figure 1)."""
-    fixed = struct.pack("!BBBBIHH4s4s4s4s16s64s128s", op, htype, 6, 0, XID, 0, flags, ciaddr,
-                        ZERO, ZERO, ZERO, GUEST_MAC + bytes(10), b"", b"")
-    return fixed + cookie + options + (b"\xff" if end else b"")
-
-
-def opt(code: int, value: bytes) -> bytes:
-    return bytes((code, len(value))) + value
-
-
-def msg_type(kind: int) -> bytes:
-    return opt(53, bytes((kind,)))
 
 
 def parse_reply(payload: bytes) -> tuple[bytes, dict[int, bytes], list[int]]:

@@ -22,3 +22,10 @@ def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+async def echo_server(sock: socket.socket, count: int) -> None:
+    loop = asyncio.get_running_loop()
+    for _ in range(count):
+        data, peer = await asyncio.wait_for(loop.sock_recvfrom(sock, 65535), 3.0)
+        await loop.sock_sendto(sock, b"echo:" + data, peer)

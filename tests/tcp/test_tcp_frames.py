@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from tests.wire.test_checksum import reference_sum
+from tests.support.checksum import reference_sum
 from vhostnet.tcp.frames import HEADERS_LEN, L4Checksum, data_frames
 from vhostnet.wire.checksum import PROTO_TCP, ones_complement_sum, pseudo_header_sum
 from vhostnet.wire.ethernet import ETHERTYPE_IPV4, emit_ethernet

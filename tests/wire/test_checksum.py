@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from tests.support.checksum import reference_sum
 from vhostnet.wire.checksum import (
     PROTO_TCP,
     PROTO_UDP,
@@ -15,15 +16,6 @@ from vhostnet.wire.checksum import (
     ones_complement_sum,
     pseudo_header_sum,
 )
-
-
-def reference_sum(data: bytes, initial: int = 0) -> int:
-    padded = data + b"\x00" if len(data) % 2 else data
-    total = initial
-    for i in range(0, len(padded), 2):
-        total += padded[i] << 8 | padded[i + 1]
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
 
 
 @pytest.mark.parametrize("length", [0, 1, 2, 3, 4, 5, 19, 20, 21, 1499, 1500, 4095, 4096, 65535])

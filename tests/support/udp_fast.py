@@ -1,0 +1,33 @@
+"""Driving the UDP fast path with hand-made batches."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from vhostnet.virtqueue import FrameBatch
+
+
+def run(scenario) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(scenario(loop))
+    finally:
+        loop.close()
+
+
+def batch_of(frames: list[tuple[bytes, int]]) -> FrameBatch:
+    batch = FrameBatch(64, 1 << 20)
+    for frame, vnet in frames:
+        assert batch.append(frame, vnet)
+    return batch
+
+
+def receive_all(sock: socket.socket, limit: int = 100) -> list[bytes]:
+    got = []
+    for _ in range(limit):
+        try:
+            got.append(sock.recv(65535))
+        except BlockingIOError:
+            break
+    return got
