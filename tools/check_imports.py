@@ -83,6 +83,7 @@ LAYER_OF_PREFIX: tuple[tuple[str, str], ...] = (
     ("vhostnet.cli", "cli"),
     ("vhostnet.options", "cli"),
     ("vhostnet.daemon", "cli"),
+    ("vhostnet.sandbox", "cli"),
     ("vhostnet.__main__", "cli"),
     ("testkit", "testkit"),
     ("bench", "bench"),

@@ -3,7 +3,7 @@
 # As root it runs apt-get; otherwise it prints the one command to run.
 set -eu
 
-PACKAGES="qemu-system-x86 busybox-static cpio ipxe-qemu iproute2 util-linux kmod gcc make python3-venv python3-dev tshark"
+PACKAGES="qemu-system-x86 busybox-static cpio ipxe-qemu iproute2 util-linux kmod gcc make python3-venv python3-dev tshark libseccomp2"
 
 missing=""
 for pkg in $PACKAGES; do

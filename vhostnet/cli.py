@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 
-from vhostnet import __version__, daemon, options
+from vhostnet import __version__, daemon, options, sandbox
 from vhostnet.options import UsageError, build_parser  # noqa: F401 (the command line's API)
 
 log = logging.getLogger("vhostnet")
@@ -151,17 +151,10 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
             # Not asked for: TCP_REPAIR may still be ours.
             log.warning("cannot listen on the repair socket %s (%s): no helper can connect",
                         repair_path, exc.strerror or exc)
-    repair = RepairAccess.probe(helper)
-    cleanup.callback(repair.close)
-    migration = TcpMigration.attach(network, repair)
-    log.info("%s", repair.describe())
-    server = Server(loop, listener, network, one_off=args.one_off,
-                    device_state=lambda: DeviceStateTransfer(loop, network, migration),
-                    **frontend_options(args, loop))
-    cleanup.callback(server.close)
+    frontend = frontend_options(args, loop)  # the capture file is opened here
+    control = None
     if args.control:
         from vhostnet.control import ControlServer
-        from vhostnet.migration.commands import register_state_commands
 
         try:
             control_listener = open_listening_socket(args.control)
@@ -169,6 +162,19 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
             raise UsageError(str(exc)) from None
         control = ControlServer(args.control)
         cleanup.callback(control.close)
+    # Everything that needs root is open: drop it, then learn what is left.
+    _drop_privileges(args, runas)
+    repair = RepairAccess.probe(helper)
+    cleanup.callback(repair.close)
+    migration = TcpMigration.attach(network, repair)
+    log.info("%s", repair.describe())
+    server = Server(loop, listener, network, one_off=args.one_off,
+                    device_state=lambda: DeviceStateTransfer(loop, network, migration),
+                    **frontend)
+    cleanup.callback(server.close)
+    if control is not None:
+        from vhostnet.migration.commands import register_state_commands
+
         control.commands["stats"] = lambda _request: {"counters": server.counters()}
         register_state_commands(control.commands, network, migration)
         await control.start(control_listener)
@@ -178,14 +184,32 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
         loop.add_signal_handler(signum, server.close)
     if args.stats:
         _log_stats_every(loop, args.stats, server)
-    if runas is not None:
-        daemon.switch_user(*runas)
+    try:
+        count = sandbox.install_seccomp()
+    except sandbox.SandboxError as exc:
+        raise UsageError(str(exc)) from None
+    log.info("seccomp filter: %d system calls allowed, any other is refused (EPERM)", count)
     log.info("vhostnet %s serving %s", __version__,
              args.socket if args.fd is None else f"fd {args.fd}")
     runner.ready()
     await server.closed.wait()
     log.info("stopped")
     return 0
+
+
+def _drop_privileges(args: argparse.Namespace, runas: tuple[int, int] | None) -> None:
+    """Switch to nobody (or --runas) with no capability but those asked for; say what
+    that leaves out."""
+    keep = (sandbox.CAP_NET_ADMIN,) if args.keep_cap_net_admin else ()
+    try:
+        sandbox.drop_privileges(runas, keep)
+    except sandbox.SandboxError as exc:
+        raise UsageError(str(exc)) from None
+    if runas is not None:
+        log.info("running as uid %d gid %d", *runas)
+    if not args.no_icmp and not sandbox.ping_sockets_allowed():
+        log.warning("ICMP echo beyond vhostnet's own addresses needs group %d in sysctl "
+                    "net.ipv4.ping_group_range", os.getegid())
 
 
 def _remove_socket(listener: socket.socket, path: str) -> None:
@@ -220,13 +244,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return repair_main(argv[1:])
     args = build_parser().parse_args(argv)
+    try:
+        sandbox.harden_early()  # before any file is created, before the event loop
+    except sandbox.SandboxError as exc:
+        print(f"vhostnet: {exc}", file=sys.stderr)
+        return 2
     debug = args.debug or args.trace
     level = logging.DEBUG if debug else logging.ERROR if args.quiet else logging.INFO
     try:
         fd_limit = raise_fd_limit()
         config, warnings = options.config_from_args(args, fd_limit, FD_RESERVE, flow_limit_for)
         repair_socket_path(args)  # a mistake in it is reported before anything is opened
-        runas = daemon.parse_runas(args.runas) if args.runas else None
+        runas = sandbox.user_to_run_as(args.runas)
         if args.fd is None and args.socket is None:
             args.socket = default_socket_path()
             print(f"vhostnet: UNIX domain socket at {args.socket}", file=sys.stderr)
