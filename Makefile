@@ -21,11 +21,14 @@ test: setup kit $(PLOT_STAMP)
 	$(PY) -m tools.check_imports
 	$(NETNS) $(PY) -m pytest -ra $(PYTEST_ARGS)
 
+# Every case runs against Debian trixie's passt too, interleaved (--no-passt: not),
+# and dpdk-testpmd (installed here) plays a VM-less front-end (case testpmd).
 # --guest boots a TCG guest running iperf3 (about 2 minutes of the run); the
 # plot extra (matplotlib) is installed so `--plot` works, e.g.
 # make bench BENCH_ARGS="--guest --json docs/bench.json --plot docs/bench.png"
 BENCH_ARGS ?= --guest
 bench: setup kit $(PLOT_STAMP)
+	@sh tools/system-packages.sh bench
 	$(NETNS) $(PY) -m bench $(BENCH_ARGS)
 
 $(PLOT_STAMP): $(STAMP)

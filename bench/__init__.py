@@ -3,14 +3,18 @@
 Run it inside the private network namespace (``make bench`` does):
 ``python3 -m tools.netns -- python3 -m bench [--cases ring,tcp-rr] [--json F]``.
 ``--guest`` (or the case ``guest``) adds iperf3 in a real TCG guest (see guest_iperf.py).
+The endurance cases ``soak`` and ``churn`` (bench/soak.py) run only when named.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from bench.cases import ALL_CASES, TCP_MTUS, Baselines, Settings, nat_rows, ring_rows
 from bench.guest_iperf import (
@@ -29,21 +33,28 @@ from bench.output import (
     Progress,
     Row,
     check_plot,
+    compare_backends,
+    comparison_table,
     format_row,
     markdown_table,
+    merge_rounds,
     write_json,
     write_plot,
 )
+from bench.passt import PASST, gateway_mac_text, passt_template
 from bench.runner import BenchError, loopback_process, vhostnet_template
+from bench.soak import SOAK_CASES, SoakSettings, churn_rows, soak_rows
+from bench.testpmd import TESTPMD_CASE, testpmd_missing, testpmd_rows
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench",
                                 description="Measure vhostnet (and optionally another back-end) "
                                             "against host-to-host baselines from the same run.")
-    p.add_argument("--cases", default=",".join(ALL_CASES),
-                   help=f"comma-separated cases (default: {','.join(ALL_CASES)}; "
-                        f"also {GUEST_CASE!r}, the same as --guest)")
+    p.add_argument("--cases", default=",".join((*ALL_CASES, TESTPMD_CASE)),
+                   help=f"comma-separated cases (default: {','.join((*ALL_CASES, TESTPMD_CASE))}; "
+                        f"also {GUEST_CASE!r}, the same as --guest; {TESTPMD_CASE!r}: "
+                        "dpdk-testpmd as a VM-less front-end, txonly and rxonly, 64 and 1500 B)")
     p.add_argument("--rounds", type=int, default=3, help="rounds per case (min/median/max; default 3)")
     p.add_argument("--duration", type=float, default=1.0, help="seconds per round (default 1.0)")
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
@@ -52,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="CMD",
                    help="also measure another vhost-user back-end started by CMD; placeholders "
                         "{socket} (required), {control}, {mtu}, {tcp_fwd} (40001:5001), {udp_fwd} (40002:5002)")
+    p.add_argument("--no-passt", action="store_true",
+                   help="measure vhostnet alone; by default Debian trixie's passt (fetched by "
+                        "`make kit`) runs every case too, interleaved round by round")
     p.add_argument("--no-offload", action="store_true",
                    help="the benchmark guest negotiates no checksum/segmentation offloads")
     p.add_argument("--guest", action="store_true",
@@ -65,43 +79,102 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offered UDP rate (iperf3 -b) with --guest (default 1G)")
     p.add_argument("--guest-stream", action="store_true",
                    help="with --guest, also boot the guest with -netdev stream (rows NAME-stream)")
+    p.add_argument("--soak-seconds", type=float, default=600.0, metavar="N",
+                   help="how long the soak case spreads its flows over (default 600)")
+    p.add_argument("--soak-tcp", type=int, default=10_000, metavar="N",
+                   help="TCP connections the soak case opens and closes (default 10000)")
+    p.add_argument("--soak-udp", type=int, default=20_000, metavar="N",
+                   help="UDP flows the soak case opens, closed by expiry (default 20000)")
+    p.add_argument("--churn-cycles", type=int, default=10_000, metavar="N",
+                   help="front-end connect/negotiate/disconnect cycles of the churn case "
+                        "(default 10000)")
     return p
 
 
-def run(settings: Settings, compare: str | None, guest: GuestSettings,
-        kits: GuestKits | None) -> list[Row]:
+@dataclass(frozen=True)
+class Contender:
+    """A back-end measured in the run: its name and the command templates (runner.Backend)."""
+
+    name: str
+    template: str
+    # The ring case (vhostnet discards guest frames, --discard-tx); None: not measured
+    # (passt has no such mode and the ring guest's frames mean nothing to it).
+    ring_template: str | None
+
+
+def run(settings: Settings, contenders: list[Contender], guest: GuestSettings,
+        kits: GuestKits | None, testpmd: bool, soak: SoakSettings | None = None) -> list[Row]:
+    """Every case, a round at a time, the back-ends interleaved within each round
+    (A B A B A B): a load that comes and goes on the machine touches both alike.
+    The endurance cases (soak, churn) run first, once, on vhostnet alone."""
     rows: list[Row] = []
-    guest_baselines = GuestBaselines()
+    soak = soak or SoakSettings()
+    if "soak" in settings.cases:
+        rows += soak_rows(soak, settings.progress)
+    if "churn" in settings.cases:
+        rows += churn_rows(soak, settings.progress)
+    if not set(settings.cases) - set(SOAK_CASES):
+        return _show(settings, rows)
+    guest_baselines = GuestBaselines(rounds=settings.rounds)
+    one = dataclasses.replace(settings, rounds=1)
+    one_guest = dataclasses.replace(guest, rounds=1)
     client = loopback_process()
     try:
-        baselines = Baselines(client, settings)
-        backends = [("vhostnet", vhostnet_template(), vhostnet_template(discard_tx=True))]
-        if compare:
-            backends.append(("other", compare, compare))
-        for name, template, ring_template in backends:
-            if "ring" in settings.cases:
-                rows += _show(settings, ring_rows(ring_template, name, settings, baselines))
-            for mtu in TCP_MTUS:
-                nat_cases = set(settings.cases) - {"ring", GUEST_CASE}
-                if mtu != TCP_MTUS[0]:
-                    nat_cases &= {"tcp-tx", "tcp-rx"}
-                if nat_cases:
-                    sub = Settings(tuple(sorted(nat_cases)), settings.rounds, settings.duration,
-                                   settings.progress, settings.offload)
-                    rows += _show(settings, nat_rows(template, name, mtu, sub, baselines))
-            if kits is not None:
-                rows += _show(settings, guest_rows(kits, template, name, guest, guest_baselines))
-                if guest.stream:
-                    rows += _show(settings, guest_rows(kits, template, name, guest,
-                                                       guest_baselines, stream=True))
+        baselines = Baselines(client, settings)  # every round of the baselines at first use
+        failed: dict[tuple[str, str], str] = {}  # (back-end, group) -> why it is skipped
+        for index in range(settings.rounds):
+            for c in contenders:
+                settings.progress.update(f"round {index + 1}/{settings.rounds}: {c.name}")
+                for group, measure in _groups(c, settings, one, one_guest, baselines,
+                                              guest_baselines, kits, testpmd):
+                    if (c.name, group) in failed:
+                        continue
+                    try:
+                        rows += measure()
+                    except BenchError as error:
+                        if c is contenders[0]:
+                            raise
+                        # Another back-end may not serve what a case needs (e.g. the
+                        # VM-less benchmark guest): its rows are skipped, with the reason.
+                        failed[(c.name, group)] = str(error)
+                        settings.progress.clear()
+                        print(f"bench: {c.name}: {group} skipped: {error}", flush=True)
     finally:
         client.close()
-    if compare:
-        ours = {r.case: r for r in rows if r.backend == "vhostnet"}
-        for row in rows:
-            if row.backend == "other" and row.case in ours and ours[row.case].median:
-                row.extra["vs_vhostnet"] = row.median / ours[row.case].median
-    return rows
+    rows = merge_rounds(rows)
+    for other in contenders[1:]:
+        compare_backends(rows, contenders[0].name, other.name)
+    return _show(settings, rows)
+
+
+def _groups(c: Contender, settings: Settings, one: Settings, one_guest: GuestSettings,
+            baselines: Baselines, guest_baselines: GuestBaselines, kits: GuestKits | None,
+            testpmd: bool) -> list[tuple[str, Callable[[], list[Row]]]]:
+    """One round of every case for back-end ``c``, as (group name, measure) pairs."""
+    groups: list[tuple[str, Callable[[], list[Row]]]] = []
+    if "ring" in settings.cases and c.ring_template is not None:
+        ring = c.ring_template
+        groups.append(("ring", lambda: ring_rows(ring, c.name, one, baselines)))
+    for mtu in TCP_MTUS:
+        nat_cases = set(settings.cases) - {"ring", GUEST_CASE, TESTPMD_CASE, *SOAK_CASES}
+        if mtu != TCP_MTUS[0]:
+            nat_cases &= {"tcp-tx", "tcp-rx"}
+        if nat_cases:
+            sub = dataclasses.replace(one, cases=tuple(sorted(nat_cases)))
+            groups.append((f"VM-less cases at MTU {mtu}",
+                           lambda sub=sub, mtu=mtu: nat_rows(c.template, c.name, mtu, sub,
+                                                             baselines)))
+    if testpmd:
+        groups.append((TESTPMD_CASE, lambda: testpmd_rows(c.template, c.name, gateway_mac_text(),
+                                                          settings.duration)))
+    if kits is not None:
+        groups.append((GUEST_CASE, lambda: guest_rows(kits, c.template, c.name, one_guest,
+                                                      guest_baselines)))
+        if one_guest.stream:
+            groups.append((f"{GUEST_CASE}-stream",
+                           lambda: guest_rows(kits, c.template, c.name, one_guest,
+                                              guest_baselines, stream=True)))
+    return groups
 
 
 def _show(settings: Settings, rows: list[Row]) -> list[Row]:
@@ -116,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
     if args.guest and GUEST_CASE not in cases:
         cases += (GUEST_CASE,)
-    known = (*ALL_CASES, GUEST_CASE)
+    known = (*ALL_CASES, GUEST_CASE, TESTPMD_CASE, *SOAK_CASES)
     unknown = [c for c in cases if c not in known]
     kits: GuestKits | None = None
     ok = False
@@ -143,12 +216,36 @@ def main(argv: list[str] | None = None) -> int:
         if GUEST_CASE in cases:
             # Before any other case, so a missing kit is reported at once.
             kits = load_kits(args.qemu)
+        contenders = [Contender("vhostnet", vhostnet_template(), vhostnet_template(True))]
+        if not args.no_passt:
+            try:
+                passt = passt_template()
+                contenders.append(Contender(PASST, passt, None))
+            except BenchError as error:
+                print(f"bench: {error}: the passt rows are skipped", flush=True)
+        if args.compare:
+            contenders.append(Contender("other", args.compare, args.compare))
+        testpmd = TESTPMD_CASE in cases
+        if testpmd and (reason := testpmd_missing()):
+            print(f"bench: skipped {TESTPMD_CASE}: {reason}", flush=True)
+            testpmd = False
         print(HEADER, flush=True)
         started = time.monotonic()
-        rows = run(settings, args.compare, guest, kits)
+        if not (1 <= args.soak_seconds <= 86400 and 0 <= args.soak_tcp <= 1_000_000
+                and 0 <= args.soak_udp <= 1_000_000 and 1 <= args.churn_cycles <= 1_000_000):
+            raise BenchError("--soak-seconds must be 1..86400 and the soak and churn counts "
+                             "0..1000000 (churn at least 1)")
+        soak = SoakSettings(args.soak_seconds, args.soak_tcp, args.soak_udp,
+                            churn_cycles=args.churn_cycles)
+        rows = run(settings, contenders, guest, kits, testpmd, soak)
         settings.progress.clear()
+        if len(contenders) > 1:
+            print(comparison_table(rows, contenders[0].name, contenders[1].name), flush=True)
         meta = {"rounds": args.rounds, "duration": args.duration, "cases": list(cases),
-                "compare": args.compare, "elapsed_s": time.monotonic() - started,
+                "compare": args.compare, "backends": [c.name for c in contenders],
+                "passt_command": contenders[1].template if len(contenders) > 1
+                and contenders[1].name == PASST else None,
+                "elapsed_s": time.monotonic() - started,
                 "offload": not args.no_offload,
                 "cpus": os.cpu_count()}
         if kits is not None:
@@ -159,8 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.markdown:
             with open(args.markdown, "w", encoding="utf-8") as handle:
                 handle.write(markdown_table(rows))
+                if len(contenders) > 1:
+                    handle.write("\n" + comparison_table(rows, contenders[0].name,
+                                                          contenders[1].name))
         if args.plot:
-            write_plot(args.plot, rows)
+            pair = (contenders[0].name, contenders[1].name) if len(contenders) > 1 else None
+            write_plot(args.plot, rows, pair)
         ok = True
     except (BenchError, PlotUnavailable) as exc:
         print(f"bench: {exc}", file=sys.stderr)

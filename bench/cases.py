@@ -27,6 +27,8 @@ from bench.runner import (
 
 ALL_CASES = ("ring", "udp-tx", "udp-rx", "tcp-tx", "tcp-rx", "tcp-rr", "tcp-crr")
 RING_SIZES = (64, 1500)
+# Both virtqueue formats; a back-end without packed rings (passt) gets split rows only.
+RING_FORMATS = ("split", "packed")
 UDP_SIZES = (64, 1400)
 TCP_MTUS = (1500, 65520)
 SETTLE = 0.1  # after a round, for datagrams still in flight to land
@@ -82,40 +84,53 @@ def _delta(after: dict[str, int], before: dict[str, int], key: str) -> int | Non
 
 
 def ring_rows(template: str, name: str, s: Settings, baselines: Baselines) -> list[Row]:
-    backend = Backend(template, 1500, name)
     rows = []
-    try:
-        guest = guest_process(backend.socket, 1500, arp=False)
+    for ring_format in RING_FORMATS:
+        backend = Backend(template, 1500, name)
         try:
-            for size in RING_SIZES:
-                row = Row(f"ring-{size}B", "Mpps", [], backend=name, baseline_unit="memcpy Mpps")
-                ns, cpu_ns, frames, counted = [], [], 0, 0
-                for i in range(s.rounds):
-                    s.progress.update(f"ring {size}B [{name}] round {i + 1}/{s.rounds}")
-                    before = backend.counters()
-                    cpu_before = backend.cpu_seconds()
-                    r = guest.request("ring", size=size, duration=s.duration)
-                    cpu_after = backend.cpu_seconds()
-                    after = backend.counters()
-                    if cpu_before is not None and cpu_after is not None:
-                        # The back-end's own CPU per frame, apart from the time it
-                        # sleeps waiting for the guest's kicks.
-                        cpu_ns.append(1e9 * (cpu_after - cpu_before) / max(1, r["frames"]))
-                    row.rounds.append(r["frames"] / r["seconds"] / 1e6)
-                    ns.append(1e9 * r["seconds"] / max(1, r["frames"]))
-                    frames += r["frames"]
-                    counted += _delta(after, before, "guest.tx_to_sink") or 0
-                row.baseline = baselines.get(f"memcpy-{size}B", lambda n=size: memcpy_mpps(n, s.duration))
-                row.extra["ns_per_frame"] = float(np.median(ns))
-                if cpu_ns:
-                    row.extra["cpu_ns_per_frame"] = float(np.median(cpu_ns))
-                row.extra["guest_frames"] = frames
-                row.extra["vhostnet_frames"] = counted
-                rows.append(row)
+            try:
+                guest = guest_process(backend.socket, 1500, arp=False, ring_format=ring_format)
+            except BenchError as error:  # reported; the other format still runs
+                s.progress.update(f"ring [{name}]: no {ring_format} rings ({error})")
+                continue
+            try:
+                rows += _ring_format_rows(guest, backend, ring_format, name, s, baselines)
+            finally:
+                guest.close()
         finally:
-            guest.close()
-    finally:
-        backend.close()
+            backend.close()
+    return rows
+
+
+def _ring_format_rows(guest: LineProcess, backend: Backend, ring_format: str, name: str,
+                      s: Settings, baselines: Baselines) -> list[Row]:
+    rows = []
+    for size in RING_SIZES:
+        row = Row(f"ring-{ring_format}-{size}B", "Mpps", [], backend=name,
+                  baseline_unit="memcpy Mpps")
+        ns, cpu_ns, frames, counted = [], [], 0, 0
+        for i in range(s.rounds):
+            s.progress.update(f"ring {ring_format} {size}B [{name}] round {i + 1}/{s.rounds}")
+            before = backend.counters()
+            cpu_before = backend.cpu_seconds()
+            r = guest.request("ring", size=size, duration=s.duration)
+            cpu_after = backend.cpu_seconds()
+            after = backend.counters()
+            if cpu_before is not None and cpu_after is not None:
+                # The back-end's own CPU per frame, apart from the time it
+                # sleeps waiting for the guest's kicks.
+                cpu_ns.append(1e9 * (cpu_after - cpu_before) / max(1, r["frames"]))
+            row.rounds.append(r["frames"] / r["seconds"] / 1e6)
+            ns.append(1e9 * r["seconds"] / max(1, r["frames"]))
+            frames += r["frames"]
+            counted += _delta(after, before, "guest.tx_to_sink") or 0
+        row.baseline = baselines.get(f"memcpy-{size}B", lambda n=size: memcpy_mpps(n, s.duration))
+        row.extra["ns_per_frame"] = float(np.median(ns))
+        if cpu_ns:
+            row.extra["cpu_ns_per_frame"] = float(np.median(cpu_ns))
+        row.extra["guest_frames"] = frames
+        row.extra["vhostnet_frames"] = counted
+        rows.append(row)
     return rows
 
 

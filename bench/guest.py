@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.guest_net import ETH_IPV4, GATEWAY_IP, GUEST_IP, GUEST_MAC, GuestNet, GuestTcp, Listener
+from bench.guest_net import GATEWAY_IP, GUEST_MAC, GuestNet, GuestTcp, Listener
 from bench.rings import GuestRings
 from bench.runner import serve_json_lines
 
@@ -33,6 +33,7 @@ class Guest:
         self.net = GuestNet(rings)
         self.mss = mss
         self.next_port = 20000
+        self.next_udp_port = 1023
 
     def _port(self) -> int:
         self.next_port = 20000 + (self.next_port - 19999) % 40000
@@ -72,14 +73,8 @@ class Guest:
         return self._blast(frame[:size], duration)
 
     def op_udp_tx(self, payload: int, port: int, duration: float) -> dict[str, Any]:
-        from vhostnet.wire.ipv4 import emit_ipv4_header
-        from vhostnet.wire.udp import emit_udp
-
         data = bytes(i & 0xFF for i in range(payload))
-        udp = emit_udp(GUEST_IP, GUEST_UDP_PORT, GATEWAY_IP, port, data)
-        frame = (struct.pack("!6s6sH", self.net.gateway_mac, GUEST_MAC, ETH_IPV4)
-                 + emit_ipv4_header(GUEST_IP, GATEWAY_IP, 17, len(udp)) + udp)
-        return self._blast(frame, duration)
+        return self._blast(self.net.udp_frame(GATEWAY_IP, GUEST_UDP_PORT, port, data), duration)
 
     def op_udp_rx(self, duration: float, wait: float = 5.0) -> dict[str, Any]:
         """Count frames arriving on RX for ``duration`` seconds from the first one."""
@@ -179,26 +174,64 @@ class Guest:
         return {"count": len(latencies), "seconds": duration,
                 "p50_us": float(np.percentile(lat, 50)), "p99_us": float(np.percentile(lat, 99))}
 
+    def _connect_request_close(self, port: int) -> None:
+        conn = self._connect(port)
+        self._transact(conn)
+        conn.close()
+        self.net.flush()
+        self._run_until(lambda: conn.done, 2.0)
+        conn.forget()
+
     def op_tcp_crr(self, port: int, duration: float, max_count: int = 1_000_000) -> dict[str, Any]:
         done = 0
         start = time.monotonic()
         stop = start + duration
         while time.monotonic() < stop and done < max_count:
-            conn = self._connect(port)
-            self._transact(conn)
-            conn.close()
-            self.net.flush()
-            self._run_until(lambda c=conn: c.done, 2.0)
-            conn.forget()
+            self._connect_request_close(port)
             done += 1
         return {"count": done, "seconds": time.monotonic() - start}
+
+    # ---- soak: many short flows ------------------------------------------------------
+
+    def op_soak(self, tcp_port: int, tcp_count: int, udp_port: int, udp_count: int,
+                duration: float) -> dict[str, Any]:
+        """Open and close ``tcp_count`` TCP connections (connect, 1-byte request and
+        answer, close) and send one datagram from each of ``udp_count`` new UDP source
+        ports (flows the back-end expires), spread over ``duration`` seconds; what was done
+        by then."""
+        start = time.monotonic()
+        stop = start + duration
+        tcp = udp = failed = 0
+        replies = self.net.udp_received
+        while (tcp < tcp_count or udp < udp_count) and time.monotonic() < stop:
+            # Keep pace: each kind at its share of the slice.
+            due = min(1.0, (time.monotonic() - start) / duration)
+            while udp < udp_count and udp <= due * udp_count:
+                self.next_udp_port = 1024 + (self.next_udp_port - 1023) % 60000
+                self.net.send_frame(self.net.udp_frame(GATEWAY_IP, self.next_udp_port,
+                                                       udp_port, b"soak"))
+                udp += 1
+            self.net.flush()
+            if tcp < tcp_count and tcp <= due * tcp_count:
+                try:
+                    self._connect_request_close(tcp_port)
+                except TimeoutError:
+                    failed += 1
+                tcp += 1
+            else:
+                self.net.poll(0.005)
+        self._run_until(lambda: self.net.udp_received - replies >= udp, 1.0)
+        return {"tcp": tcp, "tcp_failed": failed, "udp": udp,
+                "udp_replies": self.net.udp_received - replies,
+                "seconds": time.monotonic() - start}
 
 
 def serve(argv: list[str]) -> int:
     socket_path, queue_size, buf_bytes, mss = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
     offload = argv[5:6] == ["offload"]
+    packed = argv[6:7] == ["packed"]
     with GuestRings(socket_path, queue_size=queue_size, tx_buf=buf_bytes, rx_buf=buf_bytes,
-                    offload=offload) as rings:
+                    offload=offload, packed=packed) as rings:
         guest = Guest(rings, mss)
         if argv[4:5] != ["noarp"]:  # the ring case's back-end discards everything, ARP included
             guest.net.resolve_gateway()

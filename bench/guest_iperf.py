@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.output import Progress, Row
-from bench.runner import Backend, BenchError, stop_process
+from bench.runner import Backend, BenchError, Usage, stop_process
 
 GUEST_CASE = "guest"
 QEMU_VERSIONS = ("10.0", "7.2")
@@ -281,27 +281,39 @@ class GuestBaselines:
     """Loopback figures per direction, measured once per run and shared by every back-end."""
 
     results: dict[str, list[IperfResult]] = field(default_factory=dict)
+    # 0: as many as the guest's rounds (a comparison boots the guest once per round)
+    rounds: int = 0
 
     def measure(self, server: HostIperf, s: GuestSettings) -> None:
+        rounds = self.rounds or s.rounds
         for direction in DIRECTIONS:
             if direction.case in self.results:
                 continue
             found = []
-            for index in range(1, s.rounds + 1):
-                s.progress.update(f"baseline iperf3 {direction.case}: round {index}/{s.rounds}")
+            for index in range(1, rounds + 1):
+                s.progress.update(f"baseline iperf3 {direction.case}: round {index}/{rounds}")
                 found.append(server.loopback(direction, s))
             self.results[direction.case] = found
 
 
-def _watch(guest: Any, s: GuestSettings, name: str) -> None:
-    """Show which run the guest is in until it powers off; bounded by a deadline."""
+def _watch(guest: Any, s: GuestSettings, name: str, backend: Backend) -> dict[str, Usage]:
+    """Show which run the guest is in until it powers off; bounded by a deadline.
+
+    The back-end's usage is noted as each run begins and when the guest ends: run ``tag``
+    ("case round") is ``usage[tag]`` to the next note (polled: a quarter second late at most).
+    """
     from tools.qemu import GuestError
+
+    usage: dict[str, Usage] = {}
 
     limit = BOOT_TIMEOUT + len(DIRECTIONS) * s.rounds * (s.seconds + RUN_SLACK)
     deadline = time.monotonic() + limit
     shown = ""
     while guest.running():
         begins = RUN_BEGIN.findall(guest.output())
+        for case, index in begins[len(usage):]:
+            if (now := backend.usage()) is not None:
+                usage[f"{case} {index}"] = now
         if begins:
             case, index = begins[-1]
             text = f"{case} [{name}, QEMU {s.qemu}] round {index}/{s.rounds}"
@@ -318,6 +330,9 @@ def _watch(guest: Any, s: GuestSettings, name: str) -> None:
         guest.wait_exit(10)
     except GuestError:
         raise BenchError(f"QEMU did not exit (console: {guest.serial_log})") from None
+    if (now := backend.usage()) is not None:
+        usage["end"] = now
+    return usage
 
 
 def guest_rows(kits: GuestKits, template: str, name: str, s: GuestSettings,
@@ -343,7 +358,7 @@ def guest_rows(kits: GuestKits, template: str, name: str, s: GuestSettings,
                               stream=stream)
             started = time.monotonic()
             with guest:
-                _watch(guest, s, name)
+                usage = _watch(guest, s, name, backend)
             elapsed = time.monotonic() - started
             after = backend.counters()
             output = guest.output()
@@ -365,9 +380,30 @@ def guest_rows(kits: GuestKits, template: str, name: str, s: GuestSettings,
             except BenchError as error:
                 raise BenchError(f"{direction.case} round {index} in the guest (exit {code}): "
                                  f"{error}") from None
-        rows.append(_row(direction, name, results, baselines.results[direction.case],
-                         before, after, s, elapsed))
+        row = _row(direction, name, results, baselines.results[direction.case],
+                   before, after, s, elapsed)
+        row.extra.update(_cost(direction, results, usage))
+        rows.append(row)
     return rows
+
+
+def _cost(direction: Direction, results: list[IperfResult],
+          usage: dict[str, Usage]) -> dict[str, float]:
+    """The back-end's CPU and wake-ups per MB (TCP) or per datagram (UDP) over ``direction``'s
+    runs, from the usage noted as each run began to the next note; {} without notes."""
+    notes = list(usage.items())
+    cpu, wakeups, units = 0.0, 0, 0.0
+    for index, result in enumerate(results, 1):
+        tags = [tag for tag, _ in notes]
+        tag = f"{direction.case} {index}"
+        if tag not in tags or tags.index(tag) + 1 >= len(notes):
+            return {}
+        start, end = notes[tags.index(tag)][1], notes[tags.index(tag) + 1][1]
+        cpu += end.cpu_s - start.cpu_s
+        wakeups += end.wakeups - start.wakeups
+        units += (result.datagrams or 0) if direction.udp else result.bytes / 1e6
+    unit = "pkt" if direction.udp else "MB"
+    return Usage(0.0, 0).per_unit(Usage(cpu, wakeups), units, unit)
 
 
 def _row(direction: Direction, name: str, results: list[IperfResult],

@@ -24,7 +24,7 @@ GUEST_MAC = bytes.fromhex("525400123456")
 GUEST_IP = bytes((10, 0, 2, 15))
 GATEWAY_IP = bytes((10, 0, 2, 2))
 ETH_IPV4, ETH_ARP = 0x0800, 0x0806
-PROTO_TCP = 6
+PROTO_TCP, PROTO_UDP = 6, 17
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 WSCALE = 7
 RCV_WINDOW = 8 << 20
@@ -56,6 +56,7 @@ class GuestNet:
         self.listening: dict[int, Listener] = {}
         self.pending = 0  # frames written to TX but not yet published
         self.ip_id = 0
+        self.udp_received = 0  # datagrams to the guest (the soak's UDP flows count replies)
 
     # ---- output ----------------------------------------------------------------
 
@@ -81,7 +82,7 @@ class GuestNet:
 
     def _commit(self, length: int) -> None:
         tx = self.rings.tx
-        tx.desc["len"][tx.slot(tx.avail_idx + self.pending)] = VIRTIO_NET_HDR_LEN + length
+        tx.set_buffer_length(tx.slot(tx.avail_idx + self.pending), VIRTIO_NET_HDR_LEN + length)
         self.pending += 1
 
     def send_frame(self, frame: bytes) -> None:
@@ -126,6 +127,15 @@ class GuestNet:
             buf[start + len(head) : start + len(head) + plen] = payload
         self._commit(len(head) + plen)
 
+    def udp_frame(self, dst_ip: bytes, sport: int, dport: int, payload: bytes) -> bytes:
+        """A UDP datagram from the guest, as one Ethernet frame."""
+        from vhostnet.wire.ipv4 import emit_ipv4_header
+        from vhostnet.wire.udp import emit_udp
+
+        udp = emit_udp(GUEST_IP, sport, dst_ip, dport, payload)
+        return (_ETH.pack(self.gateway_mac, GUEST_MAC, ETH_IPV4)
+                + emit_ipv4_header(GUEST_IP, dst_ip, PROTO_UDP, len(udp)) + udp)
+
     # ---- input -----------------------------------------------------------------
 
     def resolve_gateway(self, timeout: float = 2.0) -> None:
@@ -166,6 +176,9 @@ class GuestNet:
                 self.send_frame(_ETH.pack(src_mac, GUEST_MAC, ETH_ARP)
                                 + struct.pack("!HHBBH6s4s6s4s", 1, ETH_IPV4, 6, 4, 2,
                                               GUEST_MAC, GUEST_IP, sha, spa))
+            return
+        if ethertype == ETH_IPV4 and len(frame) >= 42 and frame[23] == PROTO_UDP:
+            self.udp_received += 1
             return
         if ethertype != ETH_IPV4 or len(frame) < 34 or frame[23] != PROTO_TCP:
             return

@@ -42,10 +42,11 @@ class _Worker:
 
 
 class UdpSink(_Worker):
-    """Counts datagrams arriving on a UDP port."""
+    """Counts datagrams arriving on a UDP port; ``echo``: sends each one back."""
 
-    def __init__(self) -> None:
+    def __init__(self, echo: bool = False) -> None:
         super().__init__()
+        self.echo = echo
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
         self.sock.bind(("127.0.0.1", 0))
@@ -61,13 +62,15 @@ class UdpSink(_Worker):
         return packets, size
 
     def run(self) -> None:
-        recv_into = self.sock.recv_into
+        recvfrom_into = self.sock.recvfrom_into
         buf = bytearray(65536)
         while not self.stop_event.is_set():
             try:
-                n = recv_into(buf)
+                n, sender = recvfrom_into(buf)
             except TimeoutError:
                 continue
+            if self.echo:
+                self.sock.sendto(memoryview(buf)[:n], sender)
             self.packets += 1
             self.bytes += n
         self.sock.close()

@@ -56,6 +56,94 @@ class Row:
         return data
 
 
+def merge_rounds(rows: list[Row]) -> list[Row]:
+    """Rows of the same case and back-end measured in separate rounds (interleaved with
+    another back-end's), as one row each, in first-seen order: rounds and baselines joined
+    (a baseline shared by the rounds is kept once), extras combined per round: counts
+    summed, figures (floats) by their median, flags all true, anything else the first."""
+    merged: dict[tuple[str, str], Row] = {}
+    extras: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        key = (row.case, row.backend)
+        if key not in merged:
+            merged[key] = Row(row.case, row.unit, [], list(row.baseline), row.baseline_unit,
+                              backend=row.backend)
+            extras[key] = []
+        elif row.baseline != merged[key].baseline:
+            merged[key].baseline += row.baseline
+        merged[key].rounds += row.rounds
+        extras[key].append(row.extra)
+    for key, row in merged.items():
+        for name in dict.fromkeys(k for extra in extras[key] for k in extra):
+            values = [e[name] for e in extras[key] if name in e]
+            if all(isinstance(v, bool) for v in values):
+                row.extra[name] = all(values)
+            elif all(isinstance(v, int) for v in values):
+                row.extra[name] = sum(values)
+            elif all(isinstance(v, (int, float)) for v in values):
+                row.extra[name] = Row._median([float(v) for v in values])
+            else:
+                row.extra[name] = values[0]
+    return list(merged.values())
+
+
+# Cases where a smaller figure is better (latencies): "faster" flips for them.
+def lower_is_better(row: Row) -> bool:
+    return row.unit.endswith(" us")
+
+
+def compare_backends(rows: list[Row], ours: str, other: str) -> None:
+    """Note on each of ``ours``'s rows ``vs_<other>``: its median over the other's for the same
+    case, and on the other's row ``vs_<ours>``, the inverse (> 1: a larger figure; for
+    latencies, slower)."""
+    theirs = {r.case: r for r in rows if r.backend == other}
+    for row in rows:
+        peer = theirs.get(row.case)
+        if row.backend != ours or peer is None or not peer.rounds or not row.rounds:
+            continue
+        if peer.median and row.median:
+            row.extra[f"vs_{other}"] = row.median / peer.median
+            peer.extra[f"vs_{ours}"] = peer.median / row.median
+
+
+# Extras of the back-end's own cost, shown beside the figures in the comparison table.
+COST_NOTES = ("cpu_us_per_pkt", "cpu_us_per_MB", "cpu_us_per_txn",
+              "wakeups_per_pkt", "wakeups_per_MB", "wakeups_per_txn")
+
+
+def comparison_table(rows: list[Row], ours: str, other: str) -> str:
+    """Markdown: per case both back-ends' median (min-max) and the ratio ours/other, with
+    each one's CPU and wake-ups per unit where measured."""
+    theirs = {r.case: r for r in rows if r.backend == other}
+    lines = [f"| case | unit | {ours} median (min-max) | {other} median (min-max) | "
+             f"{ours}/{other} | better | {ours} cost | {other} cost |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def figures(row: Row | None) -> str:
+        if row is None or not row.rounds:
+            return "-"
+        return f"{_fmt(row.median)} ({_fmt(min(row.rounds))}-{_fmt(max(row.rounds))})"
+
+    def cost(row: Row | None) -> str:
+        if row is None:
+            return "-"
+        return ", ".join(f"{k.replace('_per_', '/')} {_fmt(row.extra[k])}"
+                         for k in COST_NOTES if k in row.extra) or "-"
+
+    for row in rows:
+        if row.backend != ours:
+            continue
+        peer = theirs.get(row.case)
+        ratio = row.extra.get(f"vs_{other}")
+        better = "-"
+        if ratio is not None:
+            better = ours if (ratio < 1) == lower_is_better(row) else other
+        lines.append(f"| {row.case} | {row.unit} | {figures(row)} | {figures(peer)} | "
+                     f"{'-' if ratio is None else f'{ratio:.2f}'} | {better} | {cost(row)} | "
+                     f"{cost(peer)} |")
+    return "\n".join(lines) + "\n"
+
+
 class Progress:
     """One `\\r`-rewritten status line on a terminal, plain lines otherwise."""
 
@@ -146,16 +234,25 @@ def check_plot() -> None:
     _pyplot()
 
 
-def write_plot(path: str, rows: list[Row]) -> list[str]:
+def write_plot(path: str, rows: list[Row], compare: tuple[str, str] | None = None) -> list[str]:
     """One bar per case: median as a fraction of its baseline, min/max whiskers; the bars' labels.
 
     The axis is logarithmic: ratios run from a few hundredths (throughput far
     below loopback) to tens (latencies, where above 1 means slower). Each bar
     carries its median in the case's own unit; guest (iperf3) bars are orange.
+    With ``compare`` (ours, other) a second panel shows ours/other per case
+    (``compare_backends``), green where ours is better.
     """
     plt = _pyplot()
     shown = [r for r in rows if r.ratio is not None and r.ratio > 0]
-    fig, ax = plt.subplots(figsize=(max(7, len(shown) * 0.75), 4.5))
+    versus = []
+    if compare:
+        key = f"vs_{compare[1]}"
+        versus = [r for r in rows if r.backend == compare[0] and r.extra.get(key)]
+    width = max(7, len(shown) * 0.75, len(versus) * 0.75)
+    fig, axes = plt.subplots(2 if versus else 1, 1, figsize=(width, 9 if versus else 4.5),
+                             squeeze=False)
+    ax = axes[0][0]
     labels = [f"{r.case}\n{r.backend}" for r in shown]
     base = [r.baseline_median for r in shown]
     med = [r.median / b for r, b in zip(shown, base, strict=True)]
@@ -175,6 +272,23 @@ def write_plot(path: str, rows: list[Row]) -> list[str]:
     ax.set_ylabel("median / baseline from the same run")
     ax.set_title("vhostnet bench (whiskers: min and max round; orange: iperf3 in a TCG guest)",
                  fontsize=8)
+    if versus and compare:
+        ours, other = compare
+        vx = axes[1][0]
+        ratios = [r.extra[f"vs_{other}"] for r in versus]
+        good = ["tab:green" if (q < 1) == lower_is_better(r) else "tab:red"
+                for r, q in zip(versus, ratios, strict=True)]
+        vx.bar(range(len(versus)), ratios, color=good)
+        for x, q in enumerate(ratios):
+            vx.annotate(f"{q:.2f}", (x, q), textcoords="offset points", xytext=(0, 2),
+                        ha="center", va="bottom", fontsize=6)
+        vx.axhline(1.0, color="grey", linewidth=0.8)
+        vx.set_yscale("log")  # 0.5 and 2 the same distance from parity
+        vx.set_xticks(range(len(versus)), [f"{r.case} ({r.unit})" for r in versus],
+                      rotation=45, ha="right", fontsize=7)
+        vx.set_ylabel(f"{ours} median / {other} median")
+        vx.set_title(f"{ours} against {other} in the same run, interleaved "
+                     f"(green: {ours} better; for latencies lower is better)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

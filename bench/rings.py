@@ -1,4 +1,4 @@
-"""The benchmark guest's rings: the test kit's ``SplitRing`` with fixed buffers.
+"""The benchmark guest's rings: the test kit's ``SplitRing`` or ``PackedRing`` with fixed buffers.
 
 The test front-end posts buffers chain by chain, which is fine for tests but
 would measure itself rather than the back-end. Here every descriptor owns one
@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from testkit.frontend import DRIVER_FEATURES, RX_RING, TX_RING, Frontend
-from testkit.guest_ring import SplitRing
+from testkit.guest_ring import GuestRing
 from vhostnet.vhost_user.protocol import VirtioFeature
 
 VIRTIO_NET_HDR_LEN = 12  # VERSION_1: the header always has num_buffers
@@ -39,12 +39,14 @@ class GuestRings:
     """A connected front-end with numpy rings on RX and TX and one buffer per descriptor."""
 
     def __init__(self, socket_path: str, *, queue_size: int = 256, tx_buf: int = 2048,
-                 rx_buf: int = 2048, timeout: float = 5.0, offload: bool = False) -> None:
+                 rx_buf: int = 2048, timeout: float = 5.0, offload: bool = False,
+                 packed: bool = False) -> None:
         pool = queue_size * (tx_buf + rx_buf)
         memory_size = max(64 << 20, ((pool + (4 << 20)) + 0xFFFFF) & ~0xFFFFF)
         features = DRIVER_FEATURES | (OFFLOAD_FEATURES if offload else 0)
         self.frontend = BenchFrontend(socket_path, memory_size=memory_size,
-                                      queue_size=queue_size, timeout=timeout, features=features)
+                                      queue_size=queue_size, timeout=timeout, features=features,
+                                      packed=packed)
         # Offloads as far as the back-end offered them: TSO both ways, checksums left partial.
         self.tx_tso = False
         self.rx_tso = False
@@ -65,7 +67,7 @@ class GuestRings:
         self.rx.expose(self.rx.size)
         os.eventfd_write(fe.kick_fds[RX_RING], 1)
 
-    def _ring(self, ring: int, buf_gpa: int, buf_size: int, writable: bool) -> SplitRing:
+    def _ring(self, ring: int, buf_gpa: int, buf_size: int, writable: bool) -> GuestRing:
         """The front-end's started ring, with its eventfds and one buffer per descriptor."""
         fe = self.frontend
         driver = fe.rx if ring == RX_RING else fe.tx
@@ -93,7 +95,7 @@ class GuestRings:
         """Put the same frame (with a zero virtio-net header) in every TX buffer."""
         data = np.frombuffer(bytes(VIRTIO_NET_HDR_LEN) + frame, dtype=np.uint8)
         self.tx.buffers[:, : len(data)] = data
-        self.tx.desc["len"] = len(data)
+        self.tx.set_buffer_length(slice(None), len(data))
 
     def reclaim_tx(self) -> int:
         start, count = self.tx.consume_used()
@@ -106,7 +108,7 @@ class GuestRings:
         buf = self.tx.buffers[slot]
         buf[:VIRTIO_NET_HDR_LEN] = 0
         buf[VIRTIO_NET_HDR_LEN:length] = np.frombuffer(frame, dtype=np.uint8)
-        self.tx.desc["len"][slot] = length
+        self.tx.set_buffer_length(slot, length)
 
     def send_frames(self, frames: list[bytes], timeout: float = 5.0) -> None:
         """Queue frames on TX (waiting for room, bounded) and publish them."""

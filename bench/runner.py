@@ -12,11 +12,13 @@ import json
 import os
 import select
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 # Host ports forwarded into the guest: TCP 40001 -> guest 5001, UDP 40002 -> guest 5002.
@@ -85,15 +87,17 @@ class LineProcess:
                 self.proc.wait(5)
 
 
-def guest_process(socket_path: str, mtu: int, arp: bool = True, offload: bool = False) -> LineProcess:
+def guest_process(socket_path: str, mtu: int, arp: bool = True, offload: bool = False,
+                  ring_format: str = "split") -> LineProcess:
     """The benchmark guest for a back-end at ``socket_path`` (buffers sized for ``mtu``).
 
     With ``offload`` it negotiates checksum and TCP segmentation offloads, as a Linux
-    guest does, and its buffers take 64 KiB segments whatever the MTU.
+    guest does, and its buffers take 64 KiB segments whatever the MTU. ``ring_format``:
+    "split" or "packed" virtqueues (packed needs a back-end offering RING_PACKED).
     """
     buf = 2048 if mtu <= 1500 and not offload else 67584
     argv = [sys.executable, "-m", "bench.guest", socket_path, "256", str(buf), str(mtu - 40),
-            "arp" if arp else "noarp", "offload" if offload else "plain"]
+            "arp" if arp else "noarp", "offload" if offload else "plain", ring_format]
     return LineProcess(argv, "the benchmark guest")
 
 
@@ -147,6 +151,43 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / ticks  # fields 14 and 15 of the whole line
 
 
+def process_wakeups(pid: int) -> int | None:
+    """Voluntary + involuntary context switches of every thread of ``pid`` so far: how often
+    it slept and was woken (or was preempted); None where /proc is unreadable."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/status") as status:
+                for line in status:
+                    key, _, value = line.partition(":")
+                    if key in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
+                        total += int(value)
+    except (OSError, ValueError):
+        return None
+    return total
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A back-end process's CPU time (user + system) and wake-ups (context switches) so far."""
+
+    cpu_s: float
+    wakeups: int
+
+    @classmethod
+    def of(cls, pid: int) -> Usage | None:
+        cpu, wakeups = process_cpu_seconds(pid), process_wakeups(pid)
+        return None if cpu is None or wakeups is None else cls(cpu, wakeups)
+
+    def per_unit(self, later: Usage, units: float, unit: str) -> dict[str, float]:
+        """The back-end's cost from this snapshot to ``later`` per ``unit`` (e.g. ``pkt``, ``MB``):
+        ``cpu_us_per_<unit>`` and ``wakeups_per_<unit>``, for the row's extras."""
+        if units <= 0:
+            return {}
+        return {f"cpu_us_per_{unit}": 1e6 * (later.cpu_s - self.cpu_s) / units,
+                f"wakeups_per_{unit}": (later.wakeups - self.wakeups) / units}
+
+
 class Backend:
     """One back-end process on a fresh socket in a private temporary folder."""
 
@@ -181,9 +222,9 @@ class Backend:
         """User + system CPU time the back-end process has used so far (Linux /proc)."""
         return process_cpu_seconds(self.proc.pid)
 
+    def usage(self) -> Usage | None:
+        return Usage.of(self.proc.pid)
+
     def close(self) -> None:
         stop_process(self.proc)
-        for path in (self.socket, self.control):
-            if os.path.exists(path):
-                os.unlink(path)
-        os.rmdir(self.dir)
+        shutil.rmtree(self.dir, ignore_errors=True)  # passt leaves SOCKET.repair beside it

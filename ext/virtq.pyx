@@ -1,11 +1,14 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The split-virtqueue kernel: moves virtio-net frames between guest rings and a FrameBatch.
+"""The virtqueue kernel: moves virtio-net frames between guest rings and a FrameBatch.
 
-Virtio 1.x split rings, little-endian, laid out by the guest driver:
-
-    descriptor table  16 * size bytes   {u64 addr, u32 len, u16 flags, u16 next}
-    avail ring        6 + 2 * size      {u16 flags, u16 idx, u16 ring[size], u16 used_event}
-    used ring         6 + 8 * size      {u16 flags, u16 idx, {u32 id, u32 len}[size], u16 avail_event}
+Both virtio 1.x ring formats, little-endian, laid out by the guest driver: split
+rings (SplitQueue, virtq_split.pxi) and packed rings (PackedQueue, virtq_packed.pxi).
+They share everything but the ring itself (RingQueue, below): the region table and
+the checked copies in and out of guest memory, the validation of each buffer and
+indirect table, the per-frame TX and RX work (virtq_tx.pxi, virtq_rx.pxi), offloads,
+dirty logging, counters and the SIGBUS guard. A format supplies how chains are found
+(``walk``), completed (``complete``, ``advance``, ``publish_used``) and how the two
+sides tell each other about new work (``_notify``, ``_enable_kick``, ``_disable_kick``).
 
 Everything the guest wrote is hostile until checked. Each descriptor is copied
 into a local struct once and validated there (so the guest cannot change it
@@ -50,9 +53,18 @@ include "virtq_defs.pxi"
 include "virtq_offload.pxi"
 include "frame_batch.pxi"
 
+# walk() results besides CHAIN_OK and a refusal reason.
+cdef enum:
+    NO_CHAIN = -2       # nothing (more) available
+    RING_BROKEN = -3    # the ring cannot be trusted any more (queue marked broken, counted)
 
-cdef class SplitQueue:
-    """One split virtqueue over a table of mapped regions. Not thread-safe: one caller at a time."""
+
+cdef class RingQueue:
+    """What both ring formats share. Not thread-safe: one caller at a time.
+
+    Ring positions are 16-bit values: a split ring's free-running indices, or a packed
+    ring's ``position | wrap counter << 15`` (the vhost-user encoding of its base).
+    """
 
     cdef readonly uint16_t size
     cdef uint32_t hdr_len
@@ -61,23 +73,27 @@ cdef class SplitQueue:
     cdef public int call_fd
     cdef uint16_t last_avail
     cdef uint16_t used_shadow       # next used slot to fill
-    cdef uint16_t used_published    # value last stored in used->idx
-    cdef uint16_t signalled_used    # used->idx at the last notify() decision
+    cdef uint16_t used_published    # used position the guest has been shown
+    cdef uint16_t signalled_used    # used position at the last notify() decision
+    cdef int unpublished            # chains completed since the last publish_used()
     # Where the next kick should come from: last_avail normally; while RX is starved
-    # (buffers there, but too few for the next frame) the avail idx we saw, so that
-    # enable_kick() waits for *new* buffers instead of reporting the old ones forever.
+    # (buffers there, but too few for the next frame) the position after the last
+    # available chain, so that enable_kick() waits for *new* buffers instead of
+    # reporting the old ones forever.
     cdef uint16_t kick_point
+    cdef uint16_t peek              # after walk() found no chain: where that chain would start
     cdef bint _broken
     cdef bint ready
     cdef uint8_t *desc
-    cdef uint8_t *avail
-    cdef uint8_t *used
+    cdef uint8_t *avail             # split: avail ring; packed: driver event suppression
+    cdef uint8_t *used              # split: used ring; packed: device event suppression
     cdef Region *regions
     cdef int nregions
     cdef object region_refs         # keeps the mmaps behind `regions` alive
     cdef Segment *segs
     cdef int seg_cap
-    cdef uint16_t *chain_head
+    cdef uint16_t *chain_head       # per chain walked: head (split) or buffer id (packed)
+    cdef uint16_t *chain_ndesc      # per chain walked: ring slots it takes
     cdef int *chain_first_seg
     cdef int *chain_nseg
     cdef uint64_t *chain_capacity
@@ -92,29 +108,31 @@ cdef class SplitQueue:
     cdef bint log_used
     cdef uint64_t features         # negotiated virtio feature bits: which header offloads are allowed
 
-    def __cinit__(self, int size, int hdr_len, bint mrg_rxbuf, bint event_idx, int call_fd, int base):
+    def __cinit__(self, int size, int hdr_len, bint mrg_rxbuf, bint event_idx, int call_fd,
+                  long long base):
         if size < 1 or size > MAX_QUEUE_SIZE or (size & (size - 1)) != 0:
             raise ValueError(f"queue size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}")
         if hdr_len not in (10, 12) or (mrg_rxbuf and hdr_len != 12):
             raise ValueError(f"virtio-net header length {hdr_len} is not 10 or 12 (12 with MRG_RXBUF)")
-        if not 0 <= base <= 0xFFFF:
-            raise ValueError(f"base index {base} is not a 16-bit value")
+        if not 0 <= base <= 0xFFFFFFFF:
+            raise ValueError(f"base {base} is not a 32-bit value")
         self.size = size
         self.hdr_len = hdr_len
         self.mrg_rxbuf = mrg_rxbuf
         self.event_idx = event_idx
         self.call_fd = call_fd
-        self.last_avail = base
         # Room for two worst-case chains: one chain always fits, and RX only walks
         # another while a whole worst-case chain still fits.
         self.seg_cap = 2 * (size + MAX_INDIRECT_ENTRIES)
         self.segs = <Segment *>malloc(self.seg_cap * sizeof(Segment))
         self.chain_head = <uint16_t *>malloc(size * sizeof(uint16_t))
+        self.chain_ndesc = <uint16_t *>malloc(size * sizeof(uint16_t))
         self.chain_first_seg = <int *>malloc(size * sizeof(int))
         self.chain_nseg = <int *>malloc(size * sizeof(int))
         self.chain_capacity = <uint64_t *>malloc(size * sizeof(uint64_t))
         if (self.segs == NULL or self.chain_head == NULL or self.chain_first_seg == NULL
-                or self.chain_nseg == NULL or self.chain_capacity == NULL):
+                or self.chain_nseg == NULL or self.chain_capacity == NULL
+                or self.chain_ndesc == NULL):
             raise MemoryError()
         memset(self.counts, 0, sizeof(self.counts))
         memset(self.stats, 0, sizeof(self.stats))
@@ -124,6 +142,7 @@ cdef class SplitQueue:
     def __dealloc__(self):
         free(self.segs)
         free(self.chain_head)
+        free(self.chain_ndesc)
         free(self.chain_first_seg)
         free(self.chain_nseg)
         free(self.chain_capacity)
@@ -134,15 +153,15 @@ cdef class SplitQueue:
     def set_memory(self, regions, uint64_t desc_uva, uint64_t avail_uva, uint64_t used_uva) -> None:
         """Install a region table: a sequence of (gpa, uva, size, uint8 ndarray of size bytes).
 
-        Raises LookupError if a ring is not inside one region, ValueError if misaligned.
-        On the first call the used index is read from the used ring (where the guest
-        and any earlier back-end left it).
+        ``avail_uva``/``used_uva`` are the driver and device areas (split: avail and used
+        rings; packed: the event suppression structures). Raises LookupError if a ring is
+        not inside one region, ValueError if misaligned. On the first call the ring format
+        reads where the guest and any earlier back-end left it (``start_positions``).
         """
         cdef Py_ssize_t count = len(regions)
         cdef Region *table = <Region *>malloc((count if count else 1) * sizeof(Region))
         cdef uint8_t[::1] view
         cdef Py_ssize_t i
-        cdef int faulted = 0
         if table == NULL:
             raise MemoryError()
         refs = []
@@ -165,26 +184,37 @@ cdef class SplitQueue:
         self.region_refs = refs
         self.ready = False
         desc = self.uva_to_host(desc_uva, DESC_SIZE * <uint64_t>self.size)
-        avail = self.uva_to_host(avail_uva, 6 + 2 * <uint64_t>self.size)
-        used = self.uva_to_host(used_uva, 6 + 8 * <uint64_t>self.size)
+        avail = self.uva_to_host(avail_uva, self.driver_area_bytes())
+        used = self.uva_to_host(used_uva, self.device_area_bytes())
         if desc == NULL or avail == NULL or used == NULL:
             raise LookupError("a ring address is not inside one mapped region")
-        if (<uintptr_t>desc) % 16 or (<uintptr_t>avail) % 2 or (<uintptr_t>used) % 4:
-            raise ValueError("ring addresses are not aligned as virtio requires (16/2/4)")
+        if (<uintptr_t>desc) % 16 or (<uintptr_t>avail) % self.driver_area_align() or (<uintptr_t>used) % 4:
+            raise ValueError("ring addresses are not aligned as virtio requires")
         first_time = self.desc == NULL
         self.desc = desc
         self.avail = avail
         self.used = used
+        self.rings_installed(desc_uva)
         if first_time:
             self.kick_point = self.last_avail
-            with nogil:
-                self.used_published = <uint16_t>vq_guarded_call(guarded_used_idx, <void *>self, NULL, 0, &faulted)
-            if faulted:
-                self.memory_fault()
-                raise LookupError("the used ring is not backed by the front-end's memory file any more")
-            self.used_shadow = self.used_published
+            self.start_positions()
             self.signalled_used = self.used_published
         self.ready = True
+
+    cdef uint64_t driver_area_bytes(self):
+        return 0
+
+    cdef uint64_t device_area_bytes(self):
+        return 0
+
+    cdef int driver_area_align(self):
+        return 4
+
+    cdef rings_installed(self, uint64_t desc_uva):
+        """The ring pointers moved (a new region table)."""
+
+    cdef start_positions(self):
+        """First installation: settle used_shadow/used_published (may raise LookupError)."""
 
     cdef uint8_t *uva_to_host(self, uint64_t uva, uint64_t length):
         cdef int i
@@ -193,6 +223,13 @@ cdef class SplitQueue:
                     and length <= self.regions[i].size - (uva - self.regions[i].uva)):
                 return self.regions[i].host + (uva - self.regions[i].uva)
         return NULL
+
+    cdef uint64_t uva_to_gpa(self, uint64_t uva):
+        cdef int i
+        for i in range(self.nregions):
+            if uva >= self.regions[i].uva and uva - self.regions[i].uva < self.regions[i].size:
+                return self.regions[i].gpa + (uva - self.regions[i].uva)
+        return 0
 
     def set_log(self, log_array, uint64_t log_guest_addr, bint log_used) -> None:
         """Start (uint8 array) or stop (None) dirty-page logging. ``log_used``: the ring's LOG flag."""
@@ -240,6 +277,11 @@ cdef class SplitQueue:
     def used_idx(self) -> int:
         return self.used_published
 
+    @property
+    def base(self) -> int:
+        """What GET_VRING_BASE hands back: where the guest's next buffers start."""
+        return self.last_avail
+
     def positions(self) -> dict:
         """Where the ring stands, ours and the guest's (for stats: a stalled ring shows here)."""
         result = {"last_avail": self.last_avail, "used": self.used_published,
@@ -252,12 +294,11 @@ cdef class SplitQueue:
             if faulted:
                 self.memory_fault()
                 return result
-            result["guest_avail"] = seen[0]
-            result["guest_avail_flags"] = seen[1]
-            result["guest_used_event"] = seen[2]
-            result["used_flags"] = seen[3]
-            result["avail_event"] = seen[4]
+            result.update(zip(self.position_names(), seen))
         return result
+
+    cdef tuple position_names(self):
+        return ()
 
     def counters(self) -> dict:
         result = {name: self.stats[i] for i, name in enumerate(STAT_NAMES)}
@@ -308,14 +349,6 @@ cdef class SplitQueue:
     def disable_kick(self) -> None:
         self.guarded(guarded_disable_kick, NULL, 0)
 
-    cdef void read_positions(self, uint16_t *seen) noexcept nogil:
-        """The guest's avail idx, flags, used_event; our used flags and avail_event."""
-        seen[0] = vq_load_u16(self.avail + 2)
-        seen[1] = vq_load_u16(self.avail)
-        seen[2] = vq_load_u16(self.avail + 4 + 2 * <uint64_t>self.size)
-        seen[3] = vq_load_u16(self.used)
-        seen[4] = vq_load_u16(self.used + 4 + 8 * <uint64_t>self.size)
-
     cdef long guarded(self, vq_guarded_fn fn, void *arg, long n):
         """``fn(self, arg, n)`` without the GIL, under the SIGBUS guard; 0 if guest memory faulted."""
         cdef long result
@@ -332,6 +365,11 @@ cdef class SplitQueue:
         if self.counts[reason] == 0:
             self.has_new_errors = True
         self.counts[reason] += 1
+
+    cdef void break_ring(self, int reason) noexcept nogil:
+        """Nothing in this ring can be trusted any more: stop it, counted under ``reason``."""
+        self._broken = True
+        self.count_error(reason)
 
     cdef inline uint8_t *gpa_to_host(self, uint64_t gpa, uint64_t *contiguous) noexcept nogil:
         """Host pointer for ``gpa`` and how many bytes follow it in the same region."""
@@ -401,127 +439,62 @@ cdef class SplitQueue:
         if self.log_used:
             self.log_write(self.log_guest_addr + offset, length)
 
-    # --------------------------------------------------------- ring helpers
+    # ------------------------------------------- descriptors (both formats)
 
-    cdef int pending(self) noexcept nogil:
-        """Chains the guest has made available and we have not taken; -1 if the ring is insane."""
-        cdef uint16_t avail_idx = vq_load_u16(self.avail + 2)
-        vq_fence_acquire()
-        cdef uint16_t waiting = avail_idx - self.last_avail
-        if waiting > self.size:
-            # The guest claims more new buffers than the ring holds: nothing in it can be trusted.
-            self._broken = True
-            self.count_error(R_AVAIL_IDX_JUMP)
-            return -1
-        return waiting
-
-    cdef inline uint16_t avail_head(self, uint16_t position) noexcept nogil:
-        return vq_load_u16(self.avail + 4 + 2 * (position & (self.size - 1)))
-
-    cdef inline void put_used(self, uint16_t head, uint32_t length) noexcept nogil:
-        cdef uint64_t offset = 4 + 8 * <uint64_t>(self.used_shadow & (self.size - 1))
-        vq_store_u32(self.used + offset, head)
-        vq_store_u32(self.used + offset + 4, length)
-        self.log_used_ring(offset, 8)
-        self.used_shadow += 1
-
-    cdef void publish_used(self) noexcept nogil:
-        if self.used_shadow == self.used_published:
-            return
-        vq_fence_release()  # entries must be visible before the index that exposes them
-        vq_store_u16(self.used + 2, self.used_shadow)
-        self.log_used_ring(2, 2)
-        self.used_published = self.used_shadow
-
-    cdef bint read_desc(self, bint indirect, uint64_t table_gpa, uint32_t index,
-                        Desc *out) noexcept nogil:
-        if indirect:
-            return self.copy_from_guest(<uint8_t *>out, table_gpa + DESC_SIZE * <uint64_t>index,
-                                        DESC_SIZE)
-        memcpy(out, self.desc + DESC_SIZE * <uint64_t>index, DESC_SIZE)
-        return True
-
-    cdef int walk_chain(self, uint16_t head, bint want_writable, Segment *out,
-                        int *nseg_out, uint64_t *total_out) noexcept nogil:
-        """Validate the chain at ``head`` and list its non-empty buffers in ``out``.
-
-        Returns CHAIN_OK or a reason. ``out`` must have room for size + MAX_INDIRECT_ENTRIES
-        segments: the direct part is at most ``size`` steps and an indirect table at most
-        MAX_INDIRECT_ENTRIES entries.
-        """
-        cdef Desc d
-        cdef uint32_t index = head
-        cdef uint32_t table_len = self.size
-        cdef uint64_t table_gpa = 0
-        cdef bint in_indirect = False
-        cdef uint32_t steps = 0
-        cdef int n = 0
-        cdef uint64_t total = 0
+    cdef int add_buffer(self, uint64_t addr, uint32_t length, uint16_t flags, bint want_writable,
+                        Segment *out, int *n, uint64_t *total) noexcept nogil:
+        """Check one buffer descriptor (direction, mapping) and list it in ``out`` if non-empty."""
         cdef int reason
-        if head >= self.size:
-            return R_HEAD_OUT_OF_RANGE
-        while True:
-            # More steps than the table has entries can only be a loop.
-            if steps >= table_len:
-                return R_CHAIN_LOOP
-            steps += 1
-            if not self.read_desc(in_indirect, table_gpa, index, &d):
-                return R_ADDRESS_UNMAPPED
-            if d.flags & DESC_F_INDIRECT:
-                if in_indirect:
-                    return R_INDIRECT_NESTED
-                if d.flags & DESC_F_NEXT:
-                    return R_INDIRECT_WITH_NEXT
-                if d.length == 0 or d.length % DESC_SIZE or d.length // DESC_SIZE > MAX_INDIRECT_ENTRIES:
-                    return R_INDIRECT_BAD_LENGTH
-                reason = self.check_range(d.addr, d.length)
-                if reason != CHAIN_OK:
-                    return reason
-                in_indirect = True
-                table_gpa = d.addr
-                table_len = d.length // DESC_SIZE
-                index = 0
-                steps = 0
-                continue
-            if d.length:
-                if ((d.flags & DESC_F_WRITE) != 0) != want_writable:
-                    return R_WRONG_DIRECTION
-                reason = self.check_range(d.addr, d.length)
-                if reason != CHAIN_OK:
-                    return reason
-                out[n].gpa = d.addr
-                out[n].length = d.length
-                n += 1
-                total += d.length
-            if not (d.flags & DESC_F_NEXT):
-                break
-            index = d.next
-            if index >= table_len:
-                return R_NEXT_OUT_OF_RANGE
-        nseg_out[0] = n
-        total_out[0] = total
+        if length == 0:
+            return CHAIN_OK
+        if ((flags & DESC_F_WRITE) != 0) != want_writable:
+            return R_WRONG_DIRECTION
+        reason = self.check_range(addr, length)
+        if reason != CHAIN_OK:
+            return reason
+        out[n[0]].gpa = addr
+        out[n[0]].length = length
+        n[0] += 1
+        total[0] += length
         return CHAIN_OK
 
-    # ------------------------------------------------------- notifications
+    cdef int check_indirect(self, uint64_t addr, uint32_t length, uint16_t flags,
+                            bint nested) noexcept nogil:
+        """Check a descriptor pointing at an indirect table (CHAIN_OK: ``length // 16`` entries)."""
+        if nested:
+            return R_INDIRECT_NESTED
+        if flags & DESC_F_NEXT:
+            return R_INDIRECT_WITH_NEXT
+        if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT_ENTRIES:
+            return R_INDIRECT_BAD_LENGTH
+        return self.check_range(addr, length)
+
+    # ------------------------------------------- the ring format's part
+
+    cdef int walk(self, int k, bint want_writable, Segment *out, int *nseg,
+                  uint64_t *total) noexcept nogil:
+        """Validate the ``k``-th available chain from last_avail and list its buffers.
+
+        Chains are walked in order (k = 0, 1, ... since the last ``advance``); records
+        chain_head[k] and chain_ndesc[k]. Returns CHAIN_OK, a refusal reason (the chain
+        must still be completed), NO_CHAIN (``peek`` says where it would start) or
+        RING_BROKEN. ``out`` must have room for size + MAX_INDIRECT_ENTRIES segments.
+        """
+        return RING_BROKEN
+
+    cdef void complete(self, int k, uint32_t length) noexcept nogil:
+        """Hand chain ``k`` back to the guest as used, ``length`` bytes written."""
+
+    cdef void advance(self, int count) noexcept nogil:
+        """Move last_avail past chains 0..count-1 (walked and completed)."""
+
+    cdef void publish_used(self) noexcept nogil:
+        """Make completed chains visible to the guest."""
+        self.used_published = self.used_shadow
+        self.unpublished = 0
 
     cdef bint _notify(self) noexcept nogil:
-        cdef uint16_t new_idx = self.used_published
-        cdef uint16_t old_idx = self.signalled_used
-        cdef uint16_t used_event
-        cdef bint wanted
-        if self._broken or not self.ready or new_idx == old_idx:
-            return False
-        vq_fence_full()  # our used->idx store must be ordered before reading the guest's wishes
-        if self.event_idx:
-            used_event = vq_load_u16(self.avail + 4 + 2 * <uint64_t>self.size)
-            # vring_need_event: did used->idx just step past used_event?
-            wanted = <uint16_t>(new_idx - used_event - 1) < <uint16_t>(new_idx - old_idx)
-        else:
-            wanted = (vq_load_u16(self.avail) & AVAIL_F_NO_INTERRUPT) == 0
-        self.signalled_used = new_idx
-        if not wanted:
-            return False
-        return self._signal()
+        return False
 
     cdef bint _signal(self) noexcept nogil:
         """Write the call eventfd (if there is one) and count the interrupt."""
@@ -535,65 +508,50 @@ cdef class SplitQueue:
         return True
 
     cdef bint _enable_kick(self) noexcept nogil:
-        cdef uint64_t offset
-        if self._broken or not self.ready:
-            return False
-        if self.event_idx:
-            offset = 4 + 8 * <uint64_t>self.size
-            vq_store_u16(self.used + offset, self.kick_point)
-            self.log_used_ring(offset, 2)
-        else:
-            vq_store_u16(self.used, vq_load_u16(self.used) & ~USED_F_NO_NOTIFY)
-            self.log_used_ring(0, 2)
-        # The guest reads our flag/avail_event after writing avail->idx; we read avail->idx
-        # after writing ours. The full fence makes sure one of us sees the other.
-        vq_fence_full()
-        return vq_load_u16(self.avail + 2) != self.kick_point
+        return False
 
     cdef void _disable_kick(self) noexcept nogil:
-        if self._broken or not self.ready or self.event_idx:
-            # With EVENT_IDX the guest kicks only when avail passes avail_event, which we
-            # simply stop advancing.
-            return
-        vq_store_u16(self.used, vq_load_u16(self.used) | USED_F_NO_NOTIFY)
-        self.log_used_ring(0, 2)
+        pass
+
+    cdef void read_positions(self, uint16_t *seen) noexcept nogil:
+        """The guest's and our ring fields named by position_names()."""
 
 
-# The two halves of the per-frame work, as functions over a SplitQueue (a class body cannot include files).
+include "virtq_split.pxi"
+include "virtq_packed.pxi"
+
+
+# The two halves of the per-frame work, as functions over a RingQueue (a class body cannot include files).
 include "virtq_tx.pxi"
 include "virtq_rx.pxi"
 
 
 # Kernel entry points in the shape vq_guarded_call takes: (queue, argument, number).
 cdef long guarded_tx_drain(void *queue, void *batch, long max_frames) noexcept nogil:
-    return tx_drain_frames(<SplitQueue>queue, <FrameBatch>batch, <int>max_frames)
+    return tx_drain_frames(<RingQueue>queue, <FrameBatch>batch, <int>max_frames)
 
 
 cdef long guarded_rx_push(void *queue, void *batch, long start) noexcept nogil:
-    return rx_push_frames(<SplitQueue>queue, <FrameBatch>batch, start)
+    return rx_push_frames(<RingQueue>queue, <FrameBatch>batch, start)
 
 
 cdef long guarded_notify(void *queue, void *unused, long n) noexcept nogil:
-    return (<SplitQueue>queue)._notify()
+    return (<RingQueue>queue)._notify()
 
 
 cdef long guarded_signal(void *queue, void *unused, long n) noexcept nogil:
-    return (<SplitQueue>queue)._signal()
+    return (<RingQueue>queue)._signal()
 
 
 cdef long guarded_enable_kick(void *queue, void *unused, long n) noexcept nogil:
-    return (<SplitQueue>queue)._enable_kick()
+    return (<RingQueue>queue)._enable_kick()
 
 
 cdef long guarded_disable_kick(void *queue, void *unused, long n) noexcept nogil:
-    (<SplitQueue>queue)._disable_kick()
+    (<RingQueue>queue)._disable_kick()
     return 0
 
 
-cdef long guarded_used_idx(void *queue, void *unused, long n) noexcept nogil:
-    return vq_load_u16((<SplitQueue>queue).used + 2)
-
-
 cdef long guarded_positions(void *queue, void *out, long n) noexcept nogil:
-    (<SplitQueue>queue).read_positions(<uint16_t *>out)
+    (<RingQueue>queue).read_positions(<uint16_t *>out)
     return 0

@@ -1,4 +1,4 @@
-# Constants, refusal reasons and the C structs of the split-ring kernel (included by virtq.pyx).
+# Constants, refusal reasons and the C structs of the ring kernel (included by virtq.pyx).
 
 cdef enum:
     DESC_F_NEXT = 1
@@ -41,6 +41,7 @@ cdef enum:
     R_TX_BAD_GSO
     R_RX_OFFLOAD_NOT_NEGOTIATED
     R_GUEST_MEMORY_FAULT
+    R_PACKED_CHAIN_NOT_AVAILABLE
     N_REASONS
 
 REASON_NAMES = (
@@ -64,6 +65,7 @@ REASON_NAMES = (
     "tx_bad_gso",
     "rx_offload_not_negotiated",
     "guest_memory_fault",
+    "packed_chain_not_available",
 )
 
 cdef enum:

@@ -1,7 +1,7 @@
-# RX: FrameBatch -> guest buffers (included by virtq.pyx; functions over a SplitQueue).
+# RX: FrameBatch -> guest buffers (included by virtq.pyx; functions over a RingQueue of either format).
 
 
-cdef Py_ssize_t rx_push_frames(SplitQueue q, FrameBatch batch, Py_ssize_t start) noexcept nogil:
+cdef Py_ssize_t rx_push_frames(RingQueue q, FrameBatch batch, Py_ssize_t start) noexcept nogil:
     """Write frames ``start…`` of ``batch`` into RX buffers; returns how many were consumed."""
     cdef Py_ssize_t i = start
     cdef int result
@@ -24,7 +24,7 @@ cdef Py_ssize_t rx_push_frames(SplitQueue q, FrameBatch batch, Py_ssize_t start)
     q.publish_used()
     return i - start
 
-cdef int rx_one(SplitQueue q, const uint8_t *frame, uint32_t frame_len, uint64_t vnet) noexcept nogil:
+cdef int rx_one(RingQueue q, const uint8_t *frame, uint32_t frame_len, uint64_t vnet) noexcept nogil:
     """Deliver one frame into available buffers, drop it, or report that buffers are missing.
 
     Phase 1 walks available chains, without taking them, until they can hold the
@@ -37,12 +37,13 @@ cdef int rx_one(SplitQueue q, const uint8_t *frame, uint32_t frame_len, uint64_t
     cdef uint64_t capacity = 0
     cdef int chains = 0
     cdef int seg_used = 0
-    cdef int nseg, reason, waiting, j
+    cdef int slots = 0          # ring slots the walked chains take
+    cdef int nseg, reason, j
     cdef uint64_t total, written, pos
-    cdef uint16_t head
     cdef uint8_t header[12]
     cdef int max_chains = q.size if q.mrg_rxbuf else 1
-    cdef int bad_behind = False
+    cdef bint bad_behind = False
+    cdef bint fragmented = False
 
     # Offload fields first: a frame the guest cannot take is dropped before any buffer is touched.
     reason = fill_rx_header(header, vnet, frame, frame_len, q.features)
@@ -51,55 +52,53 @@ cdef int rx_one(SplitQueue q, const uint8_t *frame, uint32_t frame_len, uint64_t
         return RX_DROPPED
     header[10] = 0
     header[11] = 0
-    waiting = q.pending()
-    if waiting < 0:
-        return RX_NO_BUFFERS
     while capacity < needed and chains < max_chains:
-        if chains >= waiting:
-            break
         if chains and q.seg_cap - seg_used < <int>q.size + MAX_INDIRECT_ENTRIES:
+            fragmented = True
             break
-        head = q.avail_head(q.last_avail + chains)
-        reason = q.walk_chain(head, True, q.segs + seg_used, &nseg, &total)
+        reason = q.walk(chains, True, q.segs + seg_used, &nseg, &total)
+        if reason == NO_CHAIN:
+            break
+        if reason == RING_BROKEN:
+            return RX_NO_BUFFERS
         if reason != CHAIN_OK:
             if chains == 0:
                 q.count_error(reason)
-                q.put_used(head, 0)
-                q.last_avail += 1
-                waiting -= 1
+                q.complete(0, 0)
+                q.advance(1)
                 continue
             bad_behind = True
             break
-        q.chain_head[chains] = head
         q.chain_first_seg[chains] = seg_used
         q.chain_nseg[chains] = nseg
         q.chain_capacity[chains] = total
         seg_used += nseg
         capacity += total
+        slots += q.chain_ndesc[chains]
         chains += 1
 
     if capacity < needed:
         if bad_behind:
             # Hand the good chains back empty so the bad one is first in line next time.
             for j in range(chains):
-                q.put_used(q.chain_head[j], 0)
-            q.last_avail += chains
+                q.complete(j, 0)
+            q.advance(chains)
             return RX_RETRY
         if chains == 0:
-            q.kick_point = q.last_avail
+            q.kick_point = q.peek
             return RX_NO_BUFFERS
         if not q.mrg_rxbuf:
             # The chain stays in the ring for a smaller frame; this frame cannot fit one.
             q.count_error(R_RX_BUFFER_TOO_SMALL)
             return RX_DROPPED
-        if chains < waiting:
+        if fragmented:
             q.count_error(R_RX_TOO_FRAGMENTED)
             return RX_DROPPED
-        if waiting == <int>q.size:
+        if slots >= <int>q.size:
             # Every buffer of a full ring together is still too small: it can never fit.
             q.count_error(R_RX_BUFFER_TOO_SMALL)
             return RX_DROPPED
-        q.kick_point = q.last_avail + waiting
+        q.kick_point = q.peek
         return RX_NO_BUFFERS
 
     header[10] = chains & 0xFF
@@ -111,9 +110,9 @@ cdef int rx_one(SplitQueue q, const uint8_t *frame, uint32_t frame_len, uint64_t
             written = needed - pos
         scatter(q, q.segs + q.chain_first_seg[j], q.chain_nseg[j],
                      header, frame, pos, written)
-        q.put_used(q.chain_head[j], <uint32_t>written)
+        q.complete(j, <uint32_t>written)
         pos += written
-    q.last_avail += chains
+    q.advance(chains)
     q.stats[S_RX_FRAMES] += 1
     q.stats[S_RX_BYTES] += frame_len
     q.stats[S_RX_BUFFERS] += chains
@@ -121,7 +120,7 @@ cdef int rx_one(SplitQueue q, const uint8_t *frame, uint32_t frame_len, uint64_t
         q.stats[S_RX_GSO_FRAMES] += 1
     return RX_DELIVERED
 
-cdef void scatter(SplitQueue q, Segment *segs, int nseg, const uint8_t *header, const uint8_t *frame,
+cdef void scatter(RingQueue q, Segment *segs, int nseg, const uint8_t *header, const uint8_t *frame,
                   uint64_t pos, uint64_t count) noexcept nogil:
     """Write bytes [pos, pos+count) of the stream header ++ frame into the chain ``segs``."""
     cdef int i

@@ -1,24 +1,19 @@
-# TX: guest chains -> FrameBatch (included by virtq.pyx; functions over a SplitQueue).
+# TX: guest chains -> FrameBatch (included by virtq.pyx; functions over a RingQueue of either format).
 
 
-cdef int tx_drain_frames(SplitQueue q, FrameBatch batch, int max_frames) noexcept nogil:
+cdef int tx_drain_frames(RingQueue q, FrameBatch batch, int max_frames) noexcept nogil:
     """Pop available TX chains into ``batch`` (header stripped, offload fields kept); frames taken."""
     cdef int frames = 0
     cdef int chains_left = 2 * <int>q.size  # bounds the work one call does
-    cdef int waiting, nseg, reason
+    cdef int nseg, reason
     cdef uint64_t total, frame_len, vnet
-    cdef uint16_t head
     cdef uint8_t header[12]
     if q._broken or not q.ready:
         return 0
-    waiting = q.pending()
     while frames < max_frames and chains_left > 0:
-        if waiting == 0:
-            waiting = q.pending()
-        if waiting <= 0:
+        reason = q.walk(0, False, q.segs, &nseg, &total)
+        if reason == NO_CHAIN or reason == RING_BROKEN:
             break
-        head = q.avail_head(q.last_avail)
-        reason = q.walk_chain(head, False, q.segs, &nseg, &total)
         frame_len = 0
         if reason == CHAIN_OK:
             if total < q.hdr_len + ETH_HEADER_BYTES:
@@ -46,11 +41,10 @@ cdef int tx_drain_frames(SplitQueue q, FrameBatch batch, int max_frames) noexcep
                         reason = R_ADDRESS_UNMAPPED
         if reason != CHAIN_OK:
             q.count_error(reason)
-        q.put_used(head, 0)
-        q.last_avail += 1
-        waiting -= 1
+        q.complete(0, 0)
+        q.advance(1)
         chains_left -= 1
-        if <uint16_t>(q.used_shadow - q.used_published) >= TX_USED_PUBLISH_EVERY:
+        if q.unpublished >= TX_USED_PUBLISH_EVERY:
             # The frames are copied out already: the guest may reuse these buffers now.
             q.publish_used()
             q._notify()
@@ -59,7 +53,7 @@ cdef int tx_drain_frames(SplitQueue q, FrameBatch batch, int max_frames) noexcep
     return frames
 
 
-cdef bint gather(SplitQueue q, int nseg, uint64_t skip, uint64_t count, uint8_t *dst) noexcept nogil:
+cdef bint gather(RingQueue q, int nseg, uint64_t skip, uint64_t count, uint8_t *dst) noexcept nogil:
     """Copy ``count`` readable bytes of q.segs[:nseg], starting ``skip`` bytes in."""
     cdef int i
     cdef uint64_t length, piece

@@ -15,7 +15,8 @@ import struct
 import time
 
 from testkit.guest_memory import HIGH_RAM_START, LOW_RAM_END, GuestMemoryImage, SlotAllocator
-from testkit.guest_ring import VIRTQ_DESC_F_WRITE, RingLayout, SplitRing
+from testkit.guest_ring import VIRTQ_DESC_F_WRITE, GuestRing, RingLayout, SplitRing
+from testkit.packed_ring import FRESH_BASE, PackedRing
 from vhostnet.vhost_user.codec import (
     U64,
     DeviceStateParams,
@@ -92,9 +93,13 @@ class Frontend:
         features: int | None = None,
         use_mem_slots: bool = True,
         timeout: float = 5.0,
+        packed: bool = False,
     ) -> None:
         self.socket_path = socket_path
         self.queue_size = queue_size
+        # packed: the driver asks for VIRTIO_F_RING_PACKED (as QEMU's packed=on) and runs
+        # packed rings if the back-end offers it.
+        self.packed_wanted = packed
         self.wanted_features = features
         self.use_mem_slots = use_mem_slots
         self.timeout = timeout
@@ -109,16 +114,17 @@ class Frontend:
         self.call_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
         self.err_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
         # RX ring in the high region, TX ring in the low region; both regions hold buffers.
-        rx_layout = RingLayout.at(HIGH_RAM_START + 0x40000, queue_size)
-        tx_layout = RingLayout.at(0x10000, queue_size)
+        layout = RingLayout.packed_at if packed else RingLayout.at
+        rx_layout = layout(HIGH_RAM_START + 0x40000, queue_size)
+        tx_layout = layout(0x10000, queue_size)
         if tx_layout.end > 0x20000:
             raise ValueError("queue_size too large for the low-memory TX ring")
         self.layouts = [rx_layout, tx_layout]
         pool_start = (rx_layout.end + 0xFFFF) & ~0xFFFF
         pool_end = min(memory_size, pool_start + 8 * queue_size * SLOT_SIZE)
         self.slots = SlotAllocator([(0x20000, LOW_RAM_END), (pool_start, pool_end)], SLOT_SIZE)
-        self.rx: SplitRing | None = None
-        self.tx: SplitRing | None = None
+        self.rx: GuestRing | None = None
+        self.tx: GuestRing | None = None
         self.started = False
 
     # ------------------------------------------------------------------
@@ -242,7 +248,14 @@ class Frontend:
 
     def _features_to_ack(self) -> int:
         wanted = DRIVER_FEATURES if self.wanted_features is None else self.wanted_features
+        if self.packed_wanted:
+            wanted |= VirtioFeature.F_RING_PACKED
         return (wanted & self.offered_features) | VirtioFeature.F_PROTOCOL_FEATURES
+
+    @property
+    def packed(self) -> bool:
+        """The rings are packed (negotiated)."""
+        return bool(self.acked_features & VirtioFeature.F_RING_PACKED)
 
     def send_memory_table(self) -> None:
         regions = self.memory.memory_regions()
@@ -254,8 +267,11 @@ class Frontend:
             table = MemoryTable(tuple(regions))
             self._acked(Request.SET_MEM_TABLE, table.emit(), [fd] * len(regions))
 
-    def start(self, bases: tuple[int, int] = (0, 0), unkicked_tx: tuple[bytes, ...] = ()) -> None:
+    def start(self, bases: tuple[int, int] | None = None,
+              unkicked_tx: tuple[bytes, ...] = ()) -> None:
         """The DRIVER_OK sequence: features, memory, rings, status 0xf.
+
+        ``bases``: SET_VRING_BASE per ring (default: a fresh ring of the negotiated format).
 
         ``unkicked_tx``: frames already on the TX ring when the back-end gets it,
         never kicked, like a guest whose kick went to the back-end before (the
@@ -268,8 +284,13 @@ class Frontend:
             self._u64_request(Request.GET_STATUS)
             self.request(Request.SET_STATUS, U64(status).emit())
         self.send_memory_table()
-        self.rx = SplitRing(self.memory, self.layouts[RX_RING])
-        self.tx = SplitRing(self.memory, self.layouts[TX_RING])
+        if self.packed_wanted and not self.packed:
+            raise ProtocolError("the back-end did not offer VIRTIO_F_RING_PACKED")
+        ring_class = PackedRing if self.packed else SplitRing
+        if bases is None:
+            bases = (FRESH_BASE, FRESH_BASE) if self.packed else (0, 0)
+        self.rx = ring_class(self.memory, self.layouts[RX_RING])
+        self.tx = ring_class(self.memory, self.layouts[TX_RING])
         for driver, base in ((self.rx, bases[0]), (self.tx, bases[1])):
             driver.start_at(base)
         # Like Linux, fill RX and kick before the back-end even has the kick fd.

@@ -1,9 +1,10 @@
-"""The guest side of a split virtqueue: the one ring driver of the test kit.
+"""The guest side of a virtqueue, split or packed: the one ring driver of the test kit.
 
-``SplitRing`` plays a guest's virtio driver for one ring through numpy views
-of the descriptor table, the avail ring and the used ring in guest memory, so
-that what a back-end sees is what a guest would have written. Its users need
-different things, all from the same class:
+``SplitRing`` plays a guest's virtio driver for one split ring through numpy
+views of the descriptor table, the avail ring and the used ring in guest
+memory, so that what a back-end sees is what a guest would have written;
+``PackedRing`` (testkit/packed_ring.py) does the same for a packed ring with
+the same methods. Their users need different things, all from the same class:
 
 - the virtqueue kernel tests write raw (also hostile) descriptors, chain them
   at the next descriptors in ring order (``add_chain``), publish heads, move
@@ -53,8 +54,9 @@ class RingLayout:
 
     size: int
     desc_gpa: int
-    avail_gpa: int
-    used_gpa: int
+    avail_gpa: int  # packed: the driver event suppression area
+    used_gpa: int  # packed: the device event suppression area
+    packed: bool = False
 
     @classmethod
     def at(cls, gpa: int, size: int, used_align: int = 4) -> RingLayout:
@@ -67,9 +69,14 @@ class RingLayout:
         used = (avail + 6 + 2 * size + used_align - 1) & ~(used_align - 1)
         return cls(size, desc, avail, used)
 
+    @classmethod
+    def packed_at(cls, gpa: int, size: int) -> RingLayout:
+        """A packed ring from ``gpa``: descriptors, then the driver and device event areas."""
+        return cls(size, gpa, gpa + 16 * size, gpa + 16 * size + 4, packed=True)
+
     @property
     def end(self) -> int:
-        return self.used_gpa + 6 + 8 * self.size
+        return self.used_gpa + (4 if self.packed else 6 + 8 * self.size)
 
 
 class RingMemory(Protocol):
@@ -82,7 +89,94 @@ class RingMemory(Protocol):
     def uva(self, gpa: int) -> int: ...
 
 
-class SplitRing:
+class GuestRing:
+    """What both ring formats' drivers share: addresses, in-flight counts, waiting.
+
+    ``avail_idx`` and ``used_seen`` are free-running 16-bit counts (split: chains;
+    packed: descriptors, so that slot = count & mask either way).
+    """
+
+    layout: RingLayout
+    memory: RingMemory
+    size: int
+    mask: int
+    avail_idx: int
+    used_seen: int
+    call_fd: int | None
+
+    @property
+    def desc_gpa(self) -> int:
+        return self.layout.desc_gpa
+
+    @property
+    def avail_gpa(self) -> int:
+        return self.layout.avail_gpa
+
+    @property
+    def used_gpa(self) -> int:
+        return self.layout.used_gpa
+
+    @property
+    def ring_uvas(self) -> tuple[int, int, int]:
+        """Front-end virtual addresses of the descriptors and the driver and device areas."""
+        uva = self.memory.uva
+        return uva(self.layout.desc_gpa), uva(self.layout.avail_gpa), uva(self.layout.used_gpa)
+
+    @property
+    def in_flight(self) -> int:
+        """Chains (packed: descriptors) published and not yet seen used."""
+        return (self.avail_idx - self.used_seen) & 0xFFFF
+
+    @property
+    def free(self) -> int:
+        return self.size - self.in_flight
+
+    def has_used(self) -> bool:
+        raise NotImplementedError
+
+    def set_used_event(self, value: int) -> None:
+        raise NotImplementedError
+
+    def quiet(self) -> None:
+        raise NotImplementedError
+
+    def slot(self, position: int) -> int:
+        """The descriptor (and buffer) of the chain at avail position ``position``."""
+        return position & self.mask
+
+    def wait(self, timeout: float, batch: int = 1) -> bool:
+        """Sleep on the call fd until the device completes something (or ``timeout``).
+
+        True if it did. The interrupt is asked for once ``batch`` more chains are
+        used; progress seen before sleeping returns at once.
+        """
+        if self.has_used():
+            return True
+        self.set_used_event(self.used_seen + max(batch, 1) - 1)
+        if self.has_used():  # it may have come before the arm
+            self.quiet()
+            return True
+        if self.call_fd is None:
+            raise RuntimeError("this ring has no call fd to wait on")
+        ready, _, _ = select.select([self.call_fd], [], [], timeout)
+        if ready:
+            try:
+                os.eventfd_read(self.call_fd)
+            except BlockingIOError:
+                pass
+        self.quiet()
+        return self.has_used()
+
+    def wait_for_room(self, timeout: float) -> bool:
+        """``wait`` on a full TX ring: interrupt when 3/4 of the chains in flight are used.
+
+        That is what Linux's virtio-net asks for when its queue is full
+        (``virtqueue_enable_cb_delayed``), not an interrupt at the first used chain.
+        """
+        return self.wait(timeout, batch=self.in_flight * 3 // 4)
+
+
+class SplitRing(GuestRing):
     """The driver's half of one split virtqueue of ``layout.size`` entries.
 
     The ring is zeroed: a fresh device sees flags 0, idx 0 everywhere. A ring
@@ -124,34 +218,7 @@ class SplitRing:
         self._free_descs = list(range(n - 1, -1, -1))  # queue_chain; pop() gives 0, 1, ...
         self._tokens: dict[int, tuple[object, int]] = {}  # head -> (token, chain length)
 
-    # ---- addresses and indices ---------------------------------------------------
-
-    @property
-    def desc_gpa(self) -> int:
-        return self.layout.desc_gpa
-
-    @property
-    def avail_gpa(self) -> int:
-        return self.layout.avail_gpa
-
-    @property
-    def used_gpa(self) -> int:
-        return self.layout.used_gpa
-
-    @property
-    def ring_uvas(self) -> tuple[int, int, int]:
-        """Front-end virtual addresses of the descriptor table, avail ring and used ring."""
-        uva = self.memory.uva
-        return uva(self.layout.desc_gpa), uva(self.layout.avail_gpa), uva(self.layout.used_gpa)
-
-    @property
-    def in_flight(self) -> int:
-        """Chains published and not yet seen used."""
-        return (self.avail_idx - self.used_seen) & 0xFFFF
-
-    @property
-    def free(self) -> int:
-        return self.size - self.in_flight
+    # ---- indices ----------------------------------------------------------------
 
     def start_at(self, base: int) -> None:
         """Both indices at ``base``, in memory too, as after a migration."""
@@ -313,9 +380,9 @@ class SplitRing:
         self.avail[2 : 2 + n] = np.arange(n, dtype=np.uint16)
         self.quiet()
 
-    def slot(self, position: int) -> int:
-        """The descriptor (and buffer) of the chain at avail position ``position``."""
-        return position & self.mask
+    def set_buffer_length(self, slots: slice | int, length: int) -> None:
+        """How many bytes of buffer ``slots`` the chains offer (from now on)."""
+        self.desc["len"][slots] = length
 
     def used_lengths(self, start: int, count: int) -> np.ndarray:
         idx = (start + np.arange(count)) & self.mask
@@ -331,34 +398,3 @@ class SplitRing:
     def quiet(self) -> None:
         """No interrupts while we poll: put used_event half a ring-index space away."""
         self.set_used_event(self.used_seen + 0x7FFF)
-
-    def wait(self, timeout: float, batch: int = 1) -> bool:
-        """Sleep on the call fd until the device completes something (or ``timeout``).
-
-        True if it did. The interrupt is asked for once ``batch`` more chains are
-        used; progress seen before sleeping returns at once.
-        """
-        if self.used_idx() != self.used_seen:
-            return True
-        self.set_used_event(self.used_seen + max(batch, 1) - 1)
-        if self.used_idx() != self.used_seen:  # it may have come before the arm
-            self.quiet()
-            return True
-        if self.call_fd is None:
-            raise RuntimeError("this ring has no call fd to wait on")
-        ready, _, _ = select.select([self.call_fd], [], [], timeout)
-        if ready:
-            try:
-                os.eventfd_read(self.call_fd)
-            except BlockingIOError:
-                pass
-        self.quiet()
-        return self.used_idx() != self.used_seen
-
-    def wait_for_room(self, timeout: float) -> bool:
-        """``wait`` on a full TX ring: interrupt when 3/4 of the chains in flight are used.
-
-        That is what Linux's virtio-net asks for when its queue is full
-        (``virtqueue_enable_cb_delayed``), not an interrupt at the first used chain.
-        """
-        return self.wait(timeout, batch=self.in_flight * 3 // 4)

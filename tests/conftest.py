@@ -13,8 +13,10 @@ from tools.guestkit import KitError, PasstRepair, fetch_passt_repair
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[VhostnetProcess]:
-    process = VhostnetProcess(tmp_path)
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VhostnetProcess]:
+    """A vhostnet process; extra command-line options through indirect parametrization:
+    ``@pytest.mark.parametrize("server", [("-m", "9000")], indirect=True)``."""
+    process = VhostnetProcess(tmp_path, *getattr(request, "param", ()))
     try:
         yield process
     finally:

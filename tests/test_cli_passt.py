@@ -14,7 +14,7 @@ import pytest
 from tests.support.daemon import run_cli
 from vhostnet import options
 from vhostnet.cli import FD_RESERVE, flow_limit_for
-from vhostnet.stack.config import ip4
+from vhostnet.stack.config import ip4, ip6
 
 # passt's man page (2026-07, reference section 4): option -> a value it takes, None
 # for a switch. Short and long spellings are both run.
@@ -85,7 +85,7 @@ def test_every_option_of_the_parser_is_listed_here() -> None:
     known = {name for names in [*PASST_OPTIONS, *SPECIAL] for name in names}
     own = {"--dns-upstream", "--tftp", "--bootfile", "--bootfile-ipxe", "--lease-time",
            "--flow-limit", "--control", "--incoming", "--discard-tx",
-           "--keep-cap-net-admin"}
+           "--state-file", "--udp-idle-timeout", "--keep-cap-net-admin"}
     refused = {name for names in options.REFUSED for name in names}
     parsed = {name for action in options.build_parser()._actions
               for name in action.option_strings}
@@ -99,7 +99,7 @@ def test_help_version_and_capabilities_as_passt() -> None:
     assert result.returncode == 0 and result.stdout == '{\n  "type": "net"\n}\n'
     result = run_cli("--help")
     assert result.returncode == 0
-    assert "take effect when vhostnet's IPv6 support lands" in " ".join(result.stdout.split())
+    assert "UDP and TCP over IPv6 are not translated yet" in " ".join(result.stdout.split())
 
 
 def _config(*argv: str):
@@ -117,9 +117,9 @@ def test_one_address_per_family_keeps_both() -> None:
     assert config.gateway == ip4("10.0.2.1") and config.dns == ip4("10.0.2.4")
     assert config.outbound_ipv4 == ip4("127.0.0.1")
     assert config.dns_upstream[0] == ("127.0.0.53", 53)
-    six = config.ipv6_settings
-    assert (six.address, six.prefix_length, six.gateway, six.outbound, six.dns_forward,
-            six.dns_host) == ("fd00::20", 64, "fd00::1", "::1", "fd00::3", "::1")
+    assert (config.guest_ipv6, config.prefix6_len, config.gateway6, config.outbound_ipv6,
+            config.dns6) == (ip6("fd00::20"), 64, ip6("fd00::1"), ip6("::1"), ip6("fd00::3"))
+    assert config.dns_upstream[:2] == [("127.0.0.53", 53), ("::1", 53)]
 
 
 def test_a_second_address_of_one_family_is_one_sentence() -> None:
@@ -134,7 +134,7 @@ def test_none_values_as_passt() -> None:
     assert config.tcp_forwards == [] and config.udp_forwards == []
     config = _config("-D", "192.0.2.1", "-D", "192.0.2.2", "-D", "fd00::53", "-S", "a.org b.org")
     assert config.offered_dns == [ip4("192.0.2.1"), ip4("192.0.2.2")]
-    assert config.ipv6_settings.dns == ["fd00::53"]
+    assert config.offered_dns6 == [ip6("fd00::53")]
     assert config.search_domains == ["a.org", "b.org"]
     assert _config().offered_dns == [ip4("10.0.2.3")]  # the forwarder, as before
     assert _config("--no-map-gw").map_host_loopback is None

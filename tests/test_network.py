@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.support.frames import guest_udp_frame
+from tests.support.frames import GATEWAY_MAC, GUEST_IP, GUEST_MAC, eth, guest_udp_frame, ipv4
 from vhostnet.network import Network
 from vhostnet.stack.config import StackConfig
 from vhostnet.virtqueue import FrameBatch
@@ -55,6 +55,22 @@ def test_one_timer_list_covers_the_stack_engines_and_tcp() -> None:
         assert network.next_timer() == 30.0
         network.poll_timers(30.0)
         assert network.stack.udp_nat.flow_count() == 0
+    finally:
+        network.close()
+        loop.close()
+
+
+def test_the_reassemblers_timeouts_are_on_the_one_timer_list() -> None:
+    loop = asyncio.new_event_loop()
+    # No periodic Router Advertisement: the reassembler's is then the only deadline.
+    network = Network(StackConfig(ra=False), loop)
+    try:
+        first_half = ipv4(GUEST_IP, REMOTE, 17, bytes(1480), flags_fragment=0x2000)
+        network.stack.receive_frame(eth(GATEWAY_MAC, GUEST_MAC, 0x0800, first_half), 5.0)
+        assert network.next_timer() == 35.0
+        network.poll_timers(35.0)
+        assert network.counters()["frag.drop.timeout"] == 1
+        assert network.next_timer() is None
     finally:
         network.close()
         loop.close()

@@ -112,6 +112,8 @@ class QemuGuest:
     nic_options: appended to the virtio-net-pci device (e.g. `romfile=...` for PXE).
     stream: QEMU's `-netdev stream` on socket_path (as libvirt 9.0 to 11.0 starts passt)
     instead of vhost-user; nic_model: the guest's NIC (any model works with stream).
+    packed: the vhost-user NIC offers packed virtqueues (`packed=on`; the guest then uses them
+    if the back-end offers VIRTIO_F_RING_PACKED too).
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class QemuGuest:
         nic_options: str = "",
         stream: bool = False,
         nic_model: str = "virtio-net-pci",
+        packed: bool = False,
     ) -> None:
         if version not in VERSIONS:
             raise ValueError(f"QEMU version must be one of {VERSIONS}, not {version!r}")
@@ -150,6 +153,7 @@ class QemuGuest:
         self.nic_options = nic_options
         self.stream = stream
         self.nic_model = nic_model
+        self.packed = packed
         self._workdir = Path(tempfile.mkdtemp(prefix="vhostnet-guest-"))
         self.serial_log = Path(serial_log) if serial_log else self._workdir / "serial.log"
         self.qemu_log = self.serial_log.with_name(self.serial_log.name + ".qemu-stderr")
@@ -195,6 +199,8 @@ class QemuGuest:
             if self.version == "7.2":
                 # 7.2 under TCG crashes with vhost-user and MSI-X: use INTx.
                 device += ",vectors=0"
+            if self.packed:
+                device += ",packed=on"
             if self.nic_options:
                 device += f",{self.nic_options}"
             args += ["-chardev", chardev, "-netdev", "vhost-user,id=n0,chardev=c0",

@@ -105,6 +105,7 @@ async def _serve(args: argparse.Namespace, config, runner: daemon.Daemon,
 async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.Daemon,
                               runas: tuple[int, int] | None, cleanup: contextlib.ExitStack) -> int:
     from vhostnet.migration.repair_helper import HelperLink, RepairAccess
+    from vhostnet.migration.restart import StateFile, restore_at_start, save_on_exit
     from vhostnet.migration.tcp_migrate import TcpMigration
     from vhostnet.migration.transfer import DeviceStateTransfer
     from vhostnet.network import Network
@@ -127,7 +128,17 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
     except OSError as exc:
         raise UsageError(f"cannot write the pid file {args.pid}: {exc.strerror or exc}") from None
     try:
-        network = Network(config, loop, listen_retry=INCOMING_LISTEN_SECONDS if args.incoming else 0.0)
+        # Opened before the drop and kept: nobody may create files in its folder.
+        state = StateFile.open(args.state_file) if args.state_file else None
+    except OSError as exc:
+        raise UsageError(f"cannot open the state file {args.state_file}: "
+                         f"{exc.strerror or exc}") from None
+    if state is not None:
+        cleanup.callback(state.close)
+    try:
+        # A restart's forwarded ports stay caught until its state is restored.
+        held = args.incoming or (state is not None and state.pending)
+        network = Network(config, loop, listen_retry=INCOMING_LISTEN_SECONDS if held else 0.0)
     except OSError as exc:
         raise UsageError(f"cannot set up the network: {exc.strerror or exc}") from None
     cleanup.callback(network.close)
@@ -168,6 +179,9 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
     cleanup.callback(repair.close)
     migration = TcpMigration.attach(network, repair)
     log.info("%s", repair.describe())
+    if state is not None:
+        # Before the front-end is served: the guest's segments must find their flows.
+        await restore_at_start(network, migration, state)
     server = Server(loop, listener, network, one_off=args.one_off,
                     device_state=lambda: DeviceStateTransfer(loop, network, migration),
                     **frontend)
@@ -180,8 +194,16 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
         await control.start(control_listener)
     if connected is not None:
         server.serve_connected(connected)
+
+    def terminate() -> None:
+        if state is not None and not server.closed.is_set():
+            if server.active is not None:
+                server.active.close()  # the device stops first, as before a migration's save
+            save_on_exit(network, migration, state)
+        server.close()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, server.close)
+        loop.add_signal_handler(signum, terminate)
     if args.stats:
         _log_stats_every(loop, args.stats, server)
     try:

@@ -66,6 +66,8 @@ OFFERED_FEATURES = (
     | vu.VirtioFeature.NET_F_HOST_TSO6
     | vu.VirtioFeature.NET_F_GUEST_TSO4
     | vu.VirtioFeature.NET_F_GUEST_TSO6
+    # Packed rings beside split ones: the front-end's packed=on decides (ext/virtq_packed.pxi).
+    | vu.VirtioFeature.F_RING_PACKED
 )
 
 
@@ -118,8 +120,10 @@ class NetDevice:
         # -p/--pcap: frames both ways, per batch (nothing per frame when None).
         self.capture: Capture | None = None
         self._closed = False
-        network.add_output_listener(self._schedule_rx)
         self._rx_scheduled = False
+        # Last: the listener runs at once when frames already wait (connections restored
+        # before a front-end came, or frames sent to the broadcast address meanwhile).
+        network.add_output_listener(self._schedule_rx)
 
     # ---- BackendDevice: negotiation -----------------------------------------
 
@@ -270,8 +274,9 @@ class NetDevice:
         self.enabled.setdefault(index, ring.enabled)
         self.ring_log[index] = (ring.log, ring.log_guest_addr)
         self._apply_log()
-        log.info("ring %d started (size %d, base %d, guest avail index %s)", index, ring.num,
-                 ring.base, self.queues[index].positions().get("guest_avail", "unreadable"))
+        log.info("ring %d started (%s, size %d, base %#x, positions %s)", index,
+                 "packed" if self.queues[index].packed else "split", ring.num, ring.base,
+                 self.queues[index].positions())
         # After a migration or reconnect the guest may wait for an interrupt the
         # old back-end raised too late; its event index then lags behind used->idx
         # and no later notification would be due. One unconditional call wakes it.
@@ -291,8 +296,8 @@ class NetDevice:
             # the handler refuse GET_VRING_BASE (logged and counted) instead.
             raise LookupError(f"ring {index} is not running in the device")
         self._keep_ring_counters(index, queue)
-        log.info("ring %d stopped at avail index %d", index, queue.last_avail_idx)
-        return queue.last_avail_idx
+        log.info("ring %d stopped at base %#x", index, queue.base)
+        return queue.base
 
     def reset(self) -> None:
         # RESET_DEVICE: rings off, memory kept (QEMU does not resend it).

@@ -1,8 +1,8 @@
 """Network: the NAT stack, its protocol engines and their host-socket glue, wired together.
 
 This is the one place that knows every engine. ``build_stack`` attaches the
-sans-IO engines (ICMP, DHCP, DNS, UDP NAT) to the dispatcher
-(`stack.NetworkStack`, which answers ARP and NDP itself); ``Network`` adds TCP
+sans-IO engines (ICMP, DHCP, DNS, UDP NAT; NDP/RA and DHCPv6 for IPv6) to the
+dispatcher (`stack.NetworkStack`, which answers ARP itself); ``Network`` adds TCP
 and TFTP, attaches each engine's I/O glue from `hostio/`, drives every
 engine's timers from one list and merges every engine's counters.
 
@@ -34,8 +34,10 @@ from vhostnet.hostio.udp import UdpGlue
 from vhostnet.hostio.udp_fast import UdpFastSender
 from vhostnet.stack.config import StackConfig
 from vhostnet.stack.dhcp import DhcpServer
+from vhostnet.stack.dhcpv6 import Dhcpv6Server
 from vhostnet.stack.dns import DnsForwarder
 from vhostnet.stack.icmp import IcmpEngine
+from vhostnet.stack.ndp import NdpEngine
 from vhostnet.stack.stack import NetworkStack
 from vhostnet.stack.tftp import TftpServer
 from vhostnet.stack.udp_nat import UdpNat
@@ -99,13 +101,20 @@ TxSink = Callable[[FrameBatch, int, float], None]
 
 
 def build_stack(config: StackConfig) -> NetworkStack:
-    """The sans-IO stack with the engines ``config`` turns on attached: ICMP, DHCP, DNS
-    forwarder, UDP NAT (no I/O: ``Network`` adds TCP, TFTP and the host glue)."""
+    """The sans-IO stack with the engines ``config`` turns on attached: ICMP (both families),
+    DHCP, DNS forwarder, UDP NAT, NDP/RA, DHCPv6 (no I/O: ``Network`` adds TCP, TFTP and the
+    host glue)."""
     stack = NetworkStack(config)
     if config.icmp:
-        stack.icmp = IcmpEngine(config, stack.stats, stack.send_ipv4)
+        stack.icmp = IcmpEngine(config, stack.stats, stack.send_ipv4, stack.send_ipv6)
         stack.set_protocol_handler(PROTO_ICMP, stack.icmp)
-    if config.dhcp:
+    if config.ipv6:
+        # One engine for NS/NA and RS/RA: config.ndp and config.ra switch its answers.
+        stack.ndp = NdpEngine(config, stack.stats, stack)
+        if config.dhcpv6:
+            stack.dhcpv6 = Dhcpv6Server(config, stack.stats, stack.send_udp6)
+            stack.add_udp6_service(stack.dhcpv6)
+    if config.dhcp and config.ipv4:
         stack.dhcp = DhcpServer(config, stack.stats, stack.send_udp)
         stack.add_udp_service(stack.dhcp)
     if config.udp:
@@ -167,7 +176,8 @@ class Network:
         # Every engine with timers, in one list (the stack's own engines included).
         self._timer_clients: list[TimerClient] = [
             engine for engine in (self.stack.icmp, self.stack.dns, self.stack.udp_nat, self.tcp,
-                                  self.tftp) if engine is not None]
+                                  self.tftp, self.stack.fragments, self.stack.ndp)
+                      if engine is not None]
         self._schedule_timer()
 
     def _attach_engines(self) -> None:

@@ -30,9 +30,10 @@ once its socket listens, unless -f is given. Start QEMU with:
   -chardev socket,id=c0,path=SOCKET,reconnect-ms=1000
   -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0
 
-IPv6 options (IPv6 addresses in -a/-g/-o/-D/--dns-forward/--dns-host/--map-*,
---outbound-if6, --no-ndp, --no-dhcpv6, --no-ra, -6) are checked and kept now;
-they take effect when vhostnet's IPv6 support lands.
+IPv6: -a/-g/-D/--dns-forward/--dns-host/--map-host-loopback take one address per
+family; the IPv6 ones set the guest's IPv6 plan (SLAAC or DHCPv6, NDP, RA, ICMPv6
+echo); -4/-6 switch a family off. UDP and TCP over IPv6 are not translated yet;
+-o/--outbound-if6/--map-guest-addr for IPv6 are checked and kept.
 """
 
 EPILOG = """\
@@ -245,7 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--incoming", action="store_true",
                        help="migration destination on the same host: forwarded ports the source "
                             "still holds are bound as soon as it releases them")
+    group.add_argument("--state-file", metavar="PATH", default=None,
+                       help="on SIGTERM, freeze the TCP connections and save the whole network "
+                            "state here; started again with it, restore it and carry on "
+                            "(the guest reconnects through QEMU's reconnect-ms)")
     add("--discard-tx", action="store_true", help=argparse.SUPPRESS)  # for `vhostnet bench`
+    # For the soak benchmark: UDP flows expire after this many idle seconds (default 180).
+    add("--udp-idle-timeout", metavar="SECONDS", type=float, default=None, help=argparse.SUPPRESS)
 
     for names, sentence in REFUSED.items():
         action = p.add_argument(*names, action=_Refuse, help=argparse.SUPPRESS,
@@ -431,7 +438,7 @@ def config_from_args(args: argparse.Namespace, fd_limit: int, reserve: int,
     Returns the configuration and warnings to log. ``flow_limit_for(fds)``: the flows
     that ``fds`` descriptors hold (the default flow limit).
     """
-    from vhostnet.stack.config import Ipv6Settings, StackConfig, ip4
+    from vhostnet.stack.config import StackConfig, ip4, ip6
 
     warnings: list[str] = []
     socket_source(args)
@@ -476,8 +483,9 @@ def config_from_args(args: argparse.Namespace, fd_limit: int, reserve: int,
         args.map_host_loopback.append("none")
     loopback4, loopback6 = per_family(args.map_host_loopback, "--map-host-loopback", True)
     guest_addr4, guest_addr6 = per_family(args.map_guest_addr, "--map-guest-addr", True)
+    # Per family: None (offer the forwarder's address), or the -D list ([] for none).
     dns4: list[str] | None = None
-    dns6: list[str] = []
+    dns6: list[str] | None = None
     for text in args.dns:
         if text == "none":
             dns4, dns6 = [], []
@@ -486,7 +494,7 @@ def config_from_args(args: argparse.Namespace, fd_limit: int, reserve: int,
         if address.version == 4:
             dns4 = [*(dns4 or []), str(address)]
         else:
-            dns6.append(str(address))
+            dns6 = [*(dns6 or []), str(address)]
     if args.no_dhcp_dns:
         dns4, dns6 = [], []
     search = [] if args.no_dhcp_search else [
@@ -513,10 +521,10 @@ def config_from_args(args: argparse.Namespace, fd_limit: int, reserve: int,
         warnings.append(f"--flow-limit {args.flow_limit} is more than the fd limit ({fd_limit}) "
                         f"can hold; flows beyond about {fitting} will fail to open")
 
-    upstreams = [(host4, 53)] if host4 else []
+    upstreams = [(host, 53) for host in (host4, host6) if host]
     if args.dns_upstream:
         upstreams += [upstream(x) for x in args.dns_upstream]
-    elif not host4:
+    elif not upstreams:
         upstreams = resolv_conf_nameservers()
     netmask4 = netmask(args.netmask) if args.netmask else (
         netmask(str(prefix4)) if prefix4 is not None else "255.255.255.0")
@@ -552,15 +560,28 @@ def config_from_args(args: argparse.Namespace, fd_limit: int, reserve: int,
         freebind=args.freebind,
         ipv4=not args.ipv6_only,
         ipv6=not args.ipv4_only,
-        ipv6_settings=Ipv6Settings(
-            address=address6, prefix_length=prefix6, gateway=gateway6, dns=dns6,
-            dns_forward=forward6, dns_host=host6, outbound=outbound6,
-            outbound_if=interface(args.outbound_if6, "--outbound-if6"),
-            map_host_loopback=loopback6, map_guest_addr=guest_addr6,
-            ndp=not args.no_ndp, dhcpv6=not args.no_dhcpv6, router_advertisements=not args.no_ra),
+        ndp=not args.no_ndp,
+        ra=not args.no_ra,
+        dhcpv6=not args.no_dhcpv6,
+        dhcp_dns6=None if dns6 is None else [ip6(x) for x in dns6],
+        outbound_ipv6=ip6(outbound6) if outbound6 else None,
+        outbound_if6=interface(args.outbound_if6, "--outbound-if6"),
+        map_guest_addr6=None if guest_addr6 in (None, "none") else ip6(guest_addr6),
+        map_host_loopback6="gateway" if loopback6 is None else (
+            None if loopback6 == "none" else ip6(loopback6)),
     )
+    if address6 is not None:
+        # The address DHCPv6 gives; its prefix (/64 unless given) is the one RA advertises.
+        kwargs.update(guest_ipv6=ip6(address6), prefix6=ip6(address6),
+                      prefix6_len=64 if prefix6 is None else prefix6)
+    if gateway6 is not None:
+        kwargs["gateway6"] = ip6(gateway6)
+    if forward6 is not None:
+        kwargs["dns6"] = ip6(forward6)
     if args.mac_addr:
         kwargs["gateway_mac"] = mac(args.mac_addr)
+    if args.udp_idle_timeout is not None:
+        kwargs["udp_idle_timeout"] = args.udp_idle_timeout
     try:
         return StackConfig(**kwargs), warnings
     except (TypeError, ValueError) as exc:

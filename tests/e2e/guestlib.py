@@ -156,6 +156,34 @@ def tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def compile_guest_tool(source: Path, into: Path) -> bytes:
+    """Compile a freestanding static guest helper (udpecho.c, dhcp6c.c); skip the test if
+    there is no C compiler."""
+    import shutil
+
+    import pytest
+
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        reason = f"no C compiler to build the guest's {source.stem} (gcc is needed for Cython too)"
+        print(reason)
+        pytest.skip(reason)
+    binary = into / source.stem
+    subprocess.run([compiler, "-Os", "-static", "-nostdlib", "-fno-stack-protector",
+                    "-fno-builtin", "-fno-asynchronous-unwind-tables", "-fno-pie", "-no-pie",
+                    "-Wl,--build-id=none", "-s", "-o", str(binary), str(source)],
+                   check=True, capture_output=True, timeout=60)
+    return binary.read_bytes()
+
+
+def guest_binary(path: str, data: bytes) -> str:
+    """A script snippet that writes ``data`` to ``path`` in the guest, executable."""
+    import base64
+
+    return (f"base64 -d > {path} <<'B64'\n{base64.encodebytes(data).decode()}B64\n"
+            f"chmod +x {path}\n")
+
+
 # --- guest shell snippets ----------------------------------------------------
 
 

@@ -23,7 +23,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +34,15 @@ from tests.e2e.guestlib import (
     REPO_ROOT,
     destination_diagnosis,
     ping_replies,
-    static_ipv4,
+)
+from tests.e2e.held_connections import (
+    GUEST_ECHO_PORT,
+    IO_SECONDS,
+    echo_line,
+    guest_script,
+    open_forward,
+    read_exactly,
+    wait_until,
 )
 from tests.e2e.hostservers import LOOPBACK, PacedHttpServer, free_port, generated_bytes, sha256_hex
 from tests.support.qmp import wait_migrated
@@ -47,79 +54,12 @@ DOWNLOAD_BYTES = 50 * 1024 * 1024
 DOWNLOAD_SECONDS = 20.0
 HOLD_FRACTION = 0.7  # the server waits here until the migration is over
 MIGRATE_AFTER_BYTES = 8 * 1024 * 1024
-GUEST_ECHO_PORT = 5001
 ECHO_BACKLOG_BYTES = 1024 * 1024
 # More than the test's own receive window takes, so some must wait in vhostnet.
 BACKLOG_IN_SOCKET = 512 * 1024
-PING_COUNT = 400
 GUEST_MEMORY_MB = 384
-IO_SECONDS = 60.0
 GUEST_DONE_SECONDS = 600.0
 REPLY = re.compile(PING_REPLY.format(target=re.escape(GATEWAY)), re.MULTILINE)
-
-
-def guest_script(http_port: int) -> str:
-    return static_ipv4() + f"""
-ping -c {PING_COUNT} -i 0.5 -W 2 {GATEWAY} > /dev/console 2>&1 &
-ping_pid=$!
-timeout 900 nc -l -p {GUEST_ECHO_PORT} -e cat &
-nc_pid=$!
-sleep 1
-echo FORWARD-READY
-wget -q -O - http://{GATEWAY}:{http_port}/big | sha256sum > /tmp/sum
-echo "RESULT download_sha256=$(cut -d' ' -f1 /tmp/sum)"
-wait $nc_pid
-echo "RESULT nc_rc=$?"
-kill $ping_pid
-echo RESULT done=yes
-"""
-
-
-def receive(conn: socket.socket, still_wanted: Callable[[bytearray], int]) -> bytes:
-    """Read while ``still_wanted(data)`` (bytes to ask for, 0: done) asks for more, until
-    EOF or IO_SECONDS; the caller compares what arrived."""
-    data = bytearray()
-    deadline = time.monotonic() + IO_SECONDS
-    while (wanted := still_wanted(data)) > 0 and time.monotonic() < deadline:
-        try:
-            chunk = conn.recv(wanted)
-        except TimeoutError:
-            break
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
-
-
-def echo_line(conn: socket.socket, line: bytes) -> bytes:
-    conn.sendall(line)
-    return receive(conn, lambda data: 0 if data.endswith(b"\n") else 4096)
-
-
-def read_exactly(conn: socket.socket, size: int) -> bytes:
-    return receive(conn, lambda data: size - len(data))
-
-
-def open_forward(port: int) -> socket.socket:
-    """Connect to the forwarded port; the guest's nc may need a moment (bounded retries)."""
-    for _ in range(30):
-        conn = socket.create_connection((LOOPBACK, port), timeout=IO_SECONDS)
-        try:
-            if echo_line(conn, b"before migration\n") == b"before migration\n":
-                return conn
-        except OSError:
-            pass
-        conn.close()
-        time.sleep(1)
-    pytest.fail("the forwarded connection into the guest never echoed")
-
-
-def wait_until(condition, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 class Scenario:
@@ -166,7 +106,7 @@ class Scenario:
         offset = self.source.wait_for("FORWARD-READY", timeout=180).end()
         for _ in range(3):
             offset = self.source.wait_for(REPLY, timeout=60, start=offset).end()
-        forward = open_forward(self.forward_port)
+        forward = open_forward(self.forward_port, b"before migration\n")
         # Pushed from a thread: with nothing read back, the echo may stop taking
         # bytes before all are in (sendall would then wait for the read after the
         # migration).

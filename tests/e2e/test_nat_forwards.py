@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.guestlib import GATEWAY, static_ipv4
+from tests.e2e.guestlib import GATEWAY, compile_guest_tool, static_ipv4
 from tests.e2e.hostservers import LOOPBACK, free_port, generated_bytes, sha256_hex
 from vhostnet.control import control_request
 
@@ -37,18 +35,7 @@ CONNECT_ATTEMPTS = 20
 
 def build_udpecho(into: Path) -> bytes:
     """Compile udpecho.c (freestanding, static); skip if there is no C compiler."""
-    compiler = shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        reason = "no C compiler to build the guest's UDP responder (gcc is needed for Cython too)"
-        print(reason)
-        pytest.skip(reason)
-    binary = into / "udpecho"
-    subprocess.run([compiler, "-Os", "-static", "-nostdlib", "-fno-stack-protector",
-                    "-fno-builtin", "-fno-asynchronous-unwind-tables", "-fno-pie", "-no-pie",
-                    "-Wl,--build-id=none", "-s", "-o", str(binary),
-                    str(Path(__file__).with_name("udpecho.c"))],
-                   check=True, capture_output=True, timeout=60)
-    return binary.read_bytes()
+    return compile_guest_tool(Path(__file__).with_name("udpecho.c"), into)
 
 
 def guest_script(udpecho: bytes) -> str:

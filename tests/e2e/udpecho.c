@@ -3,9 +3,15 @@
  *
  * Waits for COUNT (default 1) datagrams on 0.0.0.0:PORT, prints each as
  * "udpecho got <bytes>" and answers the sender with "pong " + the datagram.
- * Gives up after 60 s without a datagram. Freestanding (raw Linux x86-64
- * system calls, no libc), so the binary is a few kilobytes and can travel
- * inside the guest's test script.
+ * Gives up after 60 s without a datagram. Datagrams up to 65000 bytes.
+ *
+ * udpecho -c ADDRESS PORT SIZE: a client. Sends SIZE bytes of a letter pattern to
+ * ADDRESS:PORT (dotted IPv4), waits up to 20 s for the echo and prints
+ * "udpecho client ok SIZE" if the answer is the same bytes, else
+ * "udpecho client mismatch GOT" (exit 1), or "udpecho client nothing" (exit 1).
+ *
+ * Freestanding (raw Linux x86-64 system calls, no libc), so the binary is a few
+ * kilobytes and can travel inside the guest's test script.
  */
 
 #define SYS_WRITE 1
@@ -61,11 +67,79 @@ static void finish(int status)
     }
 }
 
+static void write_number(long value)
+{
+    char digits[24];
+    int at = sizeof digits;
+    do {
+        digits[--at] = '0' + value % 10;
+        value /= 10;
+    } while (value && at > 0);
+    write_all(digits + at, sizeof digits - at);
+}
+
+#define MAX_DATAGRAM 65000
+static char buffer[MAX_DATAGRAM + 5];
+static char sent[MAX_DATAGRAM];
+
+/* Dotted IPv4 to the network-order word sockaddr_in wants. */
+static unsigned int parse_ipv4(const char *text)
+{
+    unsigned int address = 0, shift = 0, part;
+    for (;;) {
+        part = parse_number(text);
+        address |= (part & 0xff) << shift;
+        shift += 8;
+        while (*text >= '0' && *text <= '9')
+            text++;
+        if (*text != '.' || shift == 32)
+            return address;
+        text++;
+    }
+}
+
+static void client(char **argv)
+{
+    struct sockaddr_in4 remote = {0};
+    struct timeval64 limit = {20, 0};
+    long port = parse_number(argv[3]), size = parse_number(argv[4]), fd, got, i;
+
+    if (size > MAX_DATAGRAM)
+        size = MAX_DATAGRAM;
+    for (i = 0; i < size; i++)
+        sent[i] = 'a' + (i * 7) % 26;
+    remote.family = 2;
+    remote.port = (unsigned short)(((port & 0xff) << 8) | ((port >> 8) & 0xff));
+    remote.addr = parse_ipv4(argv[2]);
+    fd = syscall6(SYS_SOCKET, 2 /* AF_INET */, 2 /* SOCK_DGRAM */, 0, 0, 0, 0);
+    if (fd < 0)
+        finish(1);
+    syscall6(SYS_SETSOCKOPT, fd, 1 /* SOL_SOCKET */, 20 /* SO_RCVTIMEO */, (long)&limit,
+             sizeof limit, 0);
+    syscall6(SYS_SENDTO, fd, (long)sent, size, 0, (long)&remote, sizeof remote);
+    got = syscall6(SYS_RECVFROM, fd, (long)buffer, sizeof buffer, 0, 0, 0);
+    if (got < 0) {
+        write_all("udpecho client nothing\n", 23);
+        finish(1);
+    }
+    for (i = 0; i < got && i < size && buffer[i] == sent[i]; i++) {
+    }
+    if (got != size || i != size) {
+        write_all("udpecho client mismatch ", 24);
+        write_number(got);
+        write_all("\n", 1);
+        finish(1);
+    }
+    write_all("udpecho client ok ", 18);
+    write_number(got);
+    write_all("\n", 1);
+    finish(0);
+}
+
 void udpecho_main(long *stack)
 {
     long argc = stack[0];
     char **argv = (char **)(stack + 1);
-    static char buffer[2048];
     struct sockaddr_in4 local = {0}, peer;
     struct timeval64 limit = {60, 0};
     long port, count = 1, fd, got, i;
@@ -74,6 +148,13 @@ void udpecho_main(long *stack)
     if (argc < 2) {
         write_all("usage: udpecho PORT [COUNT]\n", 28);
         finish(2);
+    }
+    if (argv[1][0] == '-' && argv[1][1] == 'c') {
+        if (argc < 5) {
+            write_all("usage: udpecho -c ADDRESS PORT SIZE\n", 37);
+            finish(2);
+        }
+        client(argv);
     }
     port = parse_number(argv[1]);
     if (argc > 2)

@@ -23,13 +23,13 @@ import pytest
 from tests.support.daemon import REPO as REPO_ROOT
 from tests.support.daemon import VhostnetProcess, nobody_tmp_dir
 from vhostnet.migration.repair_helper import HelperGone, HelperLink, RepairAccess, freeze_sockets
+from vhostnet.migration.tcp_freeze import detach_drop_filters, unfreeze_sockets
 from vhostnet.migration.tcp_repair import (
     REPAIR_OFF,
     REPAIR_ON,
     SIOCOUTQ,
     TCP_REPAIR,
     RepairError,
-    detach_drop_filters,
     dump_socket,
 )
 
@@ -138,8 +138,8 @@ def peer_unacknowledged(peer: socket.socket) -> int:
 
 
 def test_a_socket_frozen_through_the_helper_takes_no_segments(linked) -> None:
-    """passt-repair only switches TCP_REPAIR: the drop filter must be vhostnet's own,
-    or the peer's data is taken (and acknowledged) after the state was dumped."""
+    """passt-repair only switches TCP_REPAIR: the freeze (filter where allowed, closed
+    window) is vhostnet's own, or the peer's data is taken after the state was dumped."""
     link, _, _ = linked
     listener, peer, ours = loopback_pair()
     try:
@@ -150,7 +150,7 @@ def test_a_socket_frozen_through_the_helper_takes_no_segments(linked) -> None:
         time.sleep(0.5)  # loopback delivers (and would acknowledge) within microseconds
         assert peer_unacknowledged(peer) == 1000, "the frozen socket took the peer's segment"
         assert dump_socket(ours).recv_seq == before.recv_seq
-        detach_drop_filters([ours])
+        unfreeze_sockets([ours])
         link.set_repair([ours], REPAIR_OFF)
         ours.settimeout(WAIT_SECONDS)
         assert ours.recv(1000) == b"x" * 1000  # retransmitted once thawed

@@ -18,12 +18,22 @@ import pytest
 
 from tests.support.daemon import REPO as REPO_ROOT
 from vhostnet.migration import tcp_repair
+from vhostnet.migration.tcp_freeze import (
+    IP_MINTTL,
+    SO_BUF_LOCK,
+    attach_drop_filter,
+    close_receive_window,
+    detach_drop_filter,
+    dump_frozen,
+    has_drop_filter,
+    read_window,
+    shut_out_peer,
+    unfreeze_sockets,
+)
 from vhostnet.migration.tcp_repair import (
     REPAIR_OFF,
     REPAIR_ON,
     SocketDump,
-    attach_drop_filter,
-    detach_drop_filter,
     dump_socket,
     new_restore_socket,
     restore_in_repair,
@@ -87,6 +97,19 @@ def unacked_bytes(sock: socket.socket) -> int:
     return send_queue_ioctl(sock, tcp_repair.SIOCOUTQ)
 
 
+def settled_unacked_bytes(sock: socket.socket, *, tries: int = 50, pause: float = 0.05) -> int:
+    """The peer's unacknowledged bytes once no more ACKs are arriving: after a freeze, ACKs our
+    kernel sent just before it can still be on their way (a loaded machine delays softirqs)."""
+    last = unacked_bytes(sock)
+    for _ in range(tries):
+        time.sleep(pause)
+        now = unacked_bytes(sock)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the peer's unacknowledged count kept moving ({last})")
+
+
 def not_yet_sent_bytes(sock: socket.socket) -> int:
     return send_queue_ioctl(sock, tcp_repair.SIOCOUTQNSD)
 
@@ -127,7 +150,7 @@ def test_connection_moves_to_a_new_socket_with_data_in_flight_both_ways() -> Non
 
         freeze(ours)
         # Sent while frozen: must stay unacknowledged in the peer, not vanish in our kernel.
-        in_peer_before = unacked_bytes(peer)
+        in_peer_before = settled_unacked_bytes(peer)
         extra = send_what_fits(peer, to_us[from_peer:from_peer + 10_000])
         time.sleep(0.2)
         assert unacked_bytes(peer) == in_peer_before + extra
@@ -257,7 +280,14 @@ def test_repair_probe_tells_whether_the_capability_is_there() -> None:
     assert probe.stdout.strip() == "False"
 
 
-def test_a_catcher_swallows_retransmissions_between_release_and_restore() -> None:
+def shut_out_by_ttl(sock: socket.socket) -> None:
+    """A catcher as vhostnet makes one where no filter can be attached."""
+    set_repair_direct(sock, REPAIR_ON)
+    shut_out_peer(sock)
+
+
+@pytest.mark.parametrize("by_filter", [True, False], ids=["filter", "minimum TTL"])
+def test_a_catcher_swallows_retransmissions_between_release_and_restore(by_filter: bool) -> None:
     """Without a socket for its 4-tuple, the peer's retransmission would be answered with RST."""
     data = random.Random(3).randbytes(6 * 1024 * 1024)
     listener, peer, ours = connected_pair()
@@ -276,18 +306,22 @@ def test_a_catcher_swallows_retransmissions_between_release_and_restore() -> Non
     sender.start()
     try:
         received = bytearray(recv_exactly(ours, 1024 * 1024))
-        freeze(ours)
-        dump = dump_socket(ours)
+        if by_filter:
+            freeze(ours)
+        else:
+            freeze_without_filter(ours)
+        dump = dump_frozen(ours)
         catcher = socket.socket()
-        freeze(catcher)  # the drop filter, and repair mode to bind a used address
+        (freeze if by_filter else shut_out_by_ttl)(catcher)  # repair mode binds a used address
         catcher.bind(dump.local)
         catcher.listen(1)
         ours.close()
         time.sleep(1.0)  # the peer keeps sending and retransmitting meanwhile
         restored = new_restore_socket()
-        freeze(restored)
+        (freeze if by_filter else shut_out_by_ttl)(restored)
         restore_in_repair(restored, dump, wait_for_tuple=1.0)
-        thaw(restored)
+        unfreeze_sockets([restored])
+        set_repair_direct(restored, REPAIR_OFF)
         send_unsent(restored, dump)
         catcher.close()
         restored.settimeout(IO_SECONDS)
@@ -296,6 +330,151 @@ def test_a_catcher_swallows_retransmissions_between_release_and_restore() -> Non
         assert not errors, f"the peer saw {errors}"
         assert_same_stream(bytes(received), data, "the restored socket")
         restored.close()
+    finally:
+        for sock in (listener, peer, ours):
+            sock.close()
+
+
+# ---- the freeze without a socket filter (passt-repair where filters need CAP_NET_ADMIN) --
+
+
+def freeze_without_filter(sock: socket.socket) -> None:
+    """What vhostnet does where it may not attach a filter and the helper does not
+    (passt-repair): repair mode (the helper's step; here our own, as root), then the
+    closed receive window, which needs no capability."""
+    set_repair_direct(sock, REPAIR_ON)
+    close_receive_window(sock)
+    assert not has_drop_filter(sock)
+
+
+def rcv_nxt(sock: socket.socket) -> int:
+    sock.setsockopt(socket.IPPROTO_TCP, tcp_repair.TCP_REPAIR_QUEUE, tcp_repair.TCP_RECV_QUEUE)
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, tcp_repair.TCP_QUEUE_SEQ) & 0xFFFFFFFF
+    finally:
+        sock.setsockopt(socket.IPPROTO_TCP, tcp_repair.TCP_REPAIR_QUEUE, tcp_repair.TCP_NO_QUEUE)
+
+
+def test_a_socket_frozen_without_a_filter_takes_no_byte_and_moves_intact() -> None:
+    """Our queue is empty at the freeze: there the kernel always offers some window, so
+    the zero window and minimal buffer let 2 KB in; the minimum TTL must hold."""
+    rng = random.Random(11)
+    to_peer = rng.randbytes(2 * 1024 * 1024)
+    to_us = rng.randbytes(6 * 1024 * 1024)
+    greeting = 1000
+    listener, peer, ours = connected_pair()
+    try:
+        peer.sendall(to_us[:greeting])
+        assert recv_exactly(ours, greeting) == to_us[:greeting]  # our queue is empty now
+        ours.sendall(to_peer[:greeting])
+        assert recv_exactly(peer, greeting) == to_peer[:greeting]
+
+        freeze_without_filter(ours)
+        dump = dump_frozen(ours)
+        frozen_at = rcv_nxt(ours)
+        assert dump.recv_seq == frozen_at and not dump.recv_queue
+        assert dump.window[3] > 0, "the dump must keep the window from before the freeze"
+        # The peer keeps sending for 2 s: every byte must stay unacknowledged in the peer.
+        pushed = greeting
+        deadline = time.monotonic() + 2.0
+        for _ in range(200):
+            if time.monotonic() >= deadline:
+                break
+            pushed += send_what_fits(peer, to_us[pushed:pushed + 256 * 1024])
+            time.sleep(0.01)
+        assert pushed - greeting > 64 * 1024, "the peer could not even fill its own buffer"
+        moved = (rcv_nxt(ours) - frozen_at) % (1 << 32)
+        assert moved == 0, f"the frozen socket took {moved} bytes from the peer"
+        assert unacked_bytes(peer) == pushed - greeting
+
+        # Released (closed in repair mode: nothing goes out) and restored at once: no
+        # catcher without a filter, so this must stay within the peer's retransmission
+        # timeout, as in the product.
+        restored = new_restore_socket()
+        set_repair_direct(restored, REPAIR_ON)
+        ours.close()
+        restore_in_repair(restored, dump, wait_for_tuple=1.0)
+        set_repair_direct(restored, REPAIR_OFF)
+        send_unsent(restored, dump)
+        restored.settimeout(IO_SECONDS)
+
+        writers = [threading.Thread(target=restored.sendall, args=(to_peer[greeting:],), daemon=True),
+                   threading.Thread(target=peer.sendall, args=(to_us[pushed:],), daemon=True)]
+        for writer in writers:
+            writer.start()
+        received_by_us: list[bytes] = []
+        reader = threading.Thread(target=lambda: received_by_us.append(
+            recv_exactly(restored, len(to_us) - greeting)), daemon=True)
+        reader.start()
+        assert_same_stream(recv_exactly(peer, len(to_peer) - greeting), to_peer[greeting:],
+                           "the peer")
+        reader.join(IO_SECONDS)
+        for writer in writers:
+            writer.join(IO_SECONDS)
+        assert len(received_by_us) == 1
+        assert_same_stream(received_by_us[0], to_us[greeting:], "the restored socket")
+        assert tcp_state(peer) == TCP_STATE_ESTABLISHED
+        restored.close()
+    finally:
+        for sock in (listener, peer, ours):
+            sock.close()
+
+
+def test_the_closed_window_holds_against_a_peer_that_sends_with_ttl_255() -> None:
+    """Such a peer passes the minimum TTL: the zero window and the minimal buffer must
+    hold on their own, for a non-empty queue (see tcp_freeze). Without both, 28 KB got
+    in here; on loopback either one alone holds (the tiny buffer drops for lack of
+    memory, the zero window stays shut for a 64 KB MSS), so this proves the pair."""
+    listener, peer, ours = connected_pair()
+    try:
+        peer.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 255)
+        peer.sendall(b"q" * 100_000)  # left unread: the queue is not empty
+        time.sleep(0.2)
+        freeze_without_filter(ours)
+        frozen_at = rcv_nxt(ours)
+        pushed = 0
+        deadline = time.monotonic() + 2.0
+        for _ in range(200):
+            if time.monotonic() >= deadline:
+                break
+            pushed += send_what_fits(peer, b"r" * 256 * 1024)
+            time.sleep(0.01)
+        moved = (rcv_nxt(ours) - frozen_at) % (1 << 32)
+        assert moved == 0, f"the frozen socket took {moved} of {pushed} bytes from the peer"
+    finally:
+        for sock in (listener, peer, ours):
+            sock.close()
+
+
+def test_a_thawed_socket_gets_its_receive_window_and_buffer_back() -> None:
+    listener, peer, ours = connected_pair()
+    try:
+        peer.sendall(b"w" * 300_000)  # some traffic, so the buffer has autotuned a bit
+        assert recv_exactly(ours, 300_000) == b"w" * 300_000
+        set_repair_direct(ours, REPAIR_ON)
+        window = read_window(ours)
+        rcvbuf = ours.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        locks = ours.getsockopt(socket.SOL_SOCKET, SO_BUF_LOCK)
+        close_receive_window(ours)
+        assert read_window(ours)[3] == 0
+        assert ours.getsockopt(socket.IPPROTO_IP, IP_MINTTL) == 255
+        assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < min(rcvbuf, 4096)
+        peer.sendall(b"during the freeze")
+        time.sleep(0.2)
+        unfreeze_sockets([ours])
+        assert read_window(ours)[3:] == window[3:]
+        # The kernel keeps buffer sizes even: an odd autotuned one comes back a byte larger.
+        assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) in (rcvbuf, rcvbuf + 1)
+        assert ours.getsockopt(socket.SOL_SOCKET, SO_BUF_LOCK) == locks  # autotuning back
+        assert ours.getsockopt(socket.IPPROTO_IP, IP_MINTTL) == 0
+        set_repair_direct(ours, REPAIR_OFF)
+        # Dropped at the zero window, the bytes come back with the peer's retransmission.
+        assert recv_exactly(ours, 17) == b"during the freeze"
+        bulk = random.Random(5).randbytes(4 * 1024 * 1024)
+        writer = threading.Thread(target=peer.sendall, args=(bulk,), daemon=True)
+        writer.start()
+        assert_same_stream(recv_exactly(ours, len(bulk)), bulk, "the thawed socket")
+        writer.join(IO_SECONDS)
     finally:
         for sock in (listener, peer, ours):
             sock.close()

@@ -116,13 +116,13 @@ def test_ping_beyond_gateway_queues_host_commands(stack: NetworkStack) -> None:
     ("frame", "counter"),
     [
         (b"\x00" * 10, "eth.drop.short"),
-        (eth(GATEWAY_MAC, GUEST_MAC, 0x86DD, b"\x60" + b"\0" * 39), "eth.drop.ipv6"),
+        (eth(GATEWAY_MAC, GUEST_MAC, 0x86DD, b"\x60" + b"\0" * 39), "ipv6.drop.truncated_extension"),
         (eth(BROADCAST, GUEST_MAC, 0x88CC, b"lldp"), "eth.drop.ethertype"),
         (eth(BROADCAST, BROADCAST, 0x0800, b""), "eth.drop.bad_src"),
         (eth(bytes.fromhex("020000000099"), GUEST_MAC, 0x0800, b""), "eth.drop.not_for_us"),
         (guest_ipv4_frame(GATEWAY_IP, 1, b"12345678", bad_checksum=True), "ipv4.drop.bad_checksum"),
         (guest_ipv4_frame(GATEWAY_IP, 1, b"12345678", ihl=4), "ipv4.drop.bad_ihl"),
-        (guest_ipv4_frame(GATEWAY_IP, 1, b"12345678", flags_fragment=0x2000), "ipv4.drop.fragment"),
+        (guest_ipv4_frame(GATEWAY_IP, 1, b"1234567", flags_fragment=0x2001), "frag.drop.bad_length"),
         (guest_ipv4_frame(GATEWAY_IP, 1, b"1234", total_length=60), "ipv4.drop.bad_length"),
         (eth(GATEWAY_MAC, GUEST_MAC, 0x0800, b"\x45\0\0"), "ipv4.drop.short"),
         (guest_ipv4_frame(GATEWAY_IP, 47, b"gre"), "ipv4.drop.proto"),
@@ -162,37 +162,40 @@ def test_handler_exception_is_contained(stack: NetworkStack) -> None:
     assert stack.counters()["stack.drop.internal_error"] == 1
 
 
-def test_send_ipv4_before_guest_mac_is_held_and_asks_by_arp(stack: NetworkStack) -> None:
-    """A statically configured guest may be silent when a forwarded port gets traffic."""
+def test_send_ipv4_before_guest_mac_goes_to_broadcast_and_asks_by_arp(stack: NetworkStack) -> None:
+    """A statically configured guest may be silent when a forwarded port gets traffic:
+    the packet leaves at once to the broadcast address (as passt sends it), after an ARP
+    request for the guest's address."""
     stack.send_ipv4(GATEWAY_IP, GUEST_IP, 17, b"payload", ttl=5)
-    (request,) = stack.frames_to_guest
+    request, frame = stack.frames_to_guest
     assert request[:14] == BROADCAST + GATEWAY_MAC + b"\x08\x06"
     assert request[14:] == (struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1)
                             + GATEWAY_MAC + GATEWAY_IP + b"\0" * 6 + GUEST_IP)
-    stack.frames_to_guest.clear()
-    reply = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, GUEST_MAC, GUEST_IP,
-                        GATEWAY_MAC, GATEWAY_IP)
-    stack.receive_frame(eth(GATEWAY_MAC, GUEST_MAC, 0x0806, reply), 0.0)
-    (frame,) = stack.frames_to_guest
-    assert frame[:12] == GUEST_MAC + GATEWAY_MAC
+    assert frame[:14] == BROADCAST + GATEWAY_MAC + b"\x08\x00"
     assert checksum(frame[14:34]) == 0
     packet = IPv4Packet(frame[14:])
     assert (packet.src, packet.dst, packet.proto, packet.ttl) == (GATEWAY_IP, GUEST_IP, 17, 5)
     assert bytes(packet.payload) == b"payload"
     counters = stack.counters()
-    assert counters["ipv4.tx.held_for_mac"] == 1 and counters["arp.request_sent"] == 1
+    assert counters["ipv4.tx.broadcast"] == 1 and counters["arp.request_sent"] == 1
 
 
-def test_held_packets_are_bounded(stack: NetworkStack) -> None:
-    from vhostnet.stack.stack import ARP_ASK_EVERY, MAX_HELD_FOR_MAC
+def test_learned_mac_replaces_broadcast_at_once(stack: NetworkStack) -> None:
+    from vhostnet.stack.stack import ARP_ASK_EVERY
 
-    for _ in range(MAX_HELD_FOR_MAC + 5):
+    for _ in range(2 * ARP_ASK_EVERY):
         stack.send_ipv4(GATEWAY_IP, GUEST_IP, 17, b"x")
-    counters = stack.counters()
-    assert counters["ipv4.tx.held_for_mac"] == MAX_HELD_FOR_MAC
-    assert counters["ipv4.tx.drop.no_guest_mac"] == 5
-    assert counters["arp.request_sent"] == MAX_HELD_FOR_MAC // ARP_ASK_EVERY
-    stack.frames_to_guest.clear()
-    stack.receive_frame(arp_request(GATEWAY_IP), 0.0)
-    # the ARP answer plus every held packet, in order
-    assert len(stack.frames_to_guest) == MAX_HELD_FOR_MAC + 1
+    frames = list(stack.frames_to_guest)
+    # nothing is held or dropped: every packet left, with an ARP request every few
+    assert len(frames) == 2 * ARP_ASK_EVERY + 2
+    assert all(f[:6] == BROADCAST for f in frames)
+    assert [f[12:14] for f in frames].count(b"\x08\x06") == 2
+    assert stack.counters()["ipv4.tx.broadcast"] == 2 * ARP_ASK_EVERY
+    reply = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, GUEST_MAC, GUEST_IP,
+                        GATEWAY_MAC, GATEWAY_IP)
+    stack.receive_frame(eth(GATEWAY_MAC, GUEST_MAC, 0x0806, reply), 0.0)
+    stack.frames_to_guest.clear()  # the learned MAC does not resend what already left
+    stack.send_ipv4(GATEWAY_IP, GUEST_IP, 17, b"y")
+    (frame,) = stack.frames_to_guest
+    assert frame[:12] == GUEST_MAC + GATEWAY_MAC
+    assert stack.counters()["ipv4.tx.broadcast"] == 2 * ARP_ASK_EVERY

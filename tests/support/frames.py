@@ -31,10 +31,11 @@ def eth(dst: bytes, src: bytes, ethertype: int, payload: bytes) -> bytes:
 
 def ipv4(src: bytes, dst: bytes, proto: int, payload: bytes, *, ttl: int = 64,
          flags_fragment: int = 0x4000, ihl: int = 5, options: bytes = b"",
-         total_length: int | None = None, bad_checksum: bool = False) -> bytes:
+         total_length: int | None = None, bad_checksum: bool = False,
+         ident: int = 0x1234) -> bytes:
     header_len = ihl * 4
     total = total_length if total_length is not None else header_len + len(payload)
-    header = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total, 0x1234, flags_fragment, ttl,
+    header = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total, ident, flags_fragment, ttl,
                          proto, 0, src, dst) + options
     value = checksum(header[:header_len]) ^ (0x5555 if bad_checksum else 0)
     header = header[:10] + struct.pack("!H", value) + header[12:]
@@ -87,3 +88,46 @@ def arp_request(target_ip: bytes, sender_ip: bytes = GUEST_IP) -> bytes:
     body = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, GUEST_MAC, sender_ip,
                        b"\0" * 6, target_ip)
     return eth(BROADCAST, GUEST_MAC, 0x0806, body)
+
+
+# --- IPv6 -----------------------------------------------------------------------
+
+GUEST_LINK_LOCAL = bytes.fromhex("fe80000000000000505400fffe123456")  # EUI-64 of GUEST_MAC
+ALL_ROUTERS = bytes.fromhex("ff020000000000000000000000000002")
+ALL_ROUTERS_MAC = bytes.fromhex("333300000002")
+
+
+def l4_sum6(src: bytes, dst: bytes, next_header: int, message: bytes, at: int) -> bytes:
+    """``message`` with its checksum (at offset ``at``) over the IPv6 pseudo-header filled in."""
+    pseudo = src + dst + struct.pack("!I3xB", len(message), next_header)
+    value = checksum(pseudo + message[:at] + b"\0\0" + message[at + 2:])
+    return message[:at] + struct.pack("!H", value) + message[at + 2:]
+
+
+def icmpv6(src: bytes, dst: bytes, message: bytes) -> bytes:
+    return l4_sum6(src, dst, 58, message, 2)
+
+
+def udp6(src: bytes, sport: int, dst: bytes, dport: int, payload: bytes) -> bytes:
+    segment = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    return l4_sum6(src, dst, 17, segment, 6)
+
+
+def ipv6_frame(src: bytes, dst: bytes, payload: bytes, hop_limit: int = 255,
+               next_header: int = 58, dst_mac: bytes = ALL_ROUTERS_MAC) -> bytes:
+    header = struct.pack("!IHBB16s16s", 6 << 28, len(payload), next_header, hop_limit, src, dst)
+    return eth(dst_mac, GUEST_MAC, 0x86DD, header + payload)
+
+
+def parse_ipv6_frame(frame: bytes) -> tuple[bytes, bytes, int, int, bytes]:
+    """(src, dst, next header, hop limit, payload) of an IPv6 frame sent to the guest, with
+    its ICMPv6 or UDP checksum verified."""
+    assert frame[12:14] == b"\x86\xdd"
+    first, length, next_header, hop_limit, src, dst = struct.unpack_from("!IHBB16s16s", frame, 14)
+    assert first >> 28 == 6
+    payload = frame[54:]
+    assert len(payload) == length
+    if next_header in (17, 58):
+        pseudo = src + dst + struct.pack("!I3xB", length, next_header)
+        assert checksum(pseudo + payload) == 0
+    return src, dst, next_header, hop_limit, payload

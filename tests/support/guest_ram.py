@@ -4,7 +4,7 @@ No tests live here. ``GuestRam`` is the test kit's memfd guest memory split
 into regions the way QEMU describes them (gpa, size, fd offset, uva), plus the
 back-end's ``GuestMemory`` over the same fd. ``Driver`` is the test kit's
 ``SplitRing`` with its rings laid out as Linux lays them out and a bump
-allocator for buffers; it writes through this process's mapping of the memfd,
+allocator for buffers (``PackedDriver``: the same over ``PackedRing``); it writes through this process's mapping of the memfd,
 so what the kernel sees is what a guest would have written.
 """
 
@@ -19,6 +19,7 @@ from testkit.guest_ring import VIRTQ_DESC_F_NEXT as DESC_F_NEXT
 from testkit.guest_ring import VIRTQ_DESC_F_WRITE as DESC_F_WRITE
 from testkit.guest_ring import VIRTQ_USED_F_NO_NOTIFY as USED_F_NO_NOTIFY
 from testkit.guest_ring import RingLayout, SplitRing, pack_desc
+from testkit.packed_ring import PackedRing
 from vhostnet.vhost_user.codec import MemoryRegion
 from vhostnet.virtqueue import GuestMemory
 
@@ -30,6 +31,7 @@ __all__ = [
     "USED_F_NO_NOTIFY",
     "Driver",
     "GuestRam",
+    "PackedDriver",
     "pack_desc",
 ]
 
@@ -74,7 +76,27 @@ class GuestRam(GuestMemoryImage):
         super().close()
 
 
-class Driver(SplitRing):
+class BufferAllocator:
+    """A bump allocator for a driver's buffers and indirect tables (mixed into the drivers)."""
+
+    ram: GuestRam
+    next_buffer: int
+
+    def alloc(self, length: int, fill: bytes = b"") -> int:
+        gpa = self.next_buffer
+        self.next_buffer += (length + 63) & ~63
+        if fill:
+            self.ram.write(gpa, fill)
+        return gpa
+
+    def add_indirect(self, parts: list[tuple[int, int, int]]) -> int:
+        """An indirect table holding ``parts`` (in order), referenced by one descriptor."""
+        table = self.alloc(16 * len(parts))
+        self.write_indirect(table, parts)  # type: ignore[attr-defined]
+        return self.add_chain([(table, 16 * len(parts), DESC_F_INDIRECT)])  # type: ignore[attr-defined]
+
+
+class Driver(BufferAllocator, SplitRing):
     """The guest driver of one split ring of ``size`` entries, buffers from ``buffer_gpa`` up."""
 
     def __init__(
@@ -85,18 +107,16 @@ class Driver(SplitRing):
         self.ram = ram
         self.next_buffer = buffer_gpa
 
-    def alloc(self, length: int, fill: bytes = b"") -> int:
-        gpa = self.next_buffer
-        self.next_buffer += (length + 63) & ~63
-        if fill:
-            self.ram.write(gpa, fill)
-        return gpa
 
-    def add_indirect(self, parts: list[tuple[int, int, int]]) -> int:
-        """An indirect table holding ``parts`` (linked in order), referenced by one descriptor."""
-        table = self.alloc(16 * len(parts))
-        self.write_indirect(table, parts)
-        return self.add_chain([(table, 16 * len(parts), DESC_F_INDIRECT)])
+class PackedDriver(BufferAllocator, PackedRing):
+    """The guest driver of one packed ring of ``size`` descriptors, buffers from ``buffer_gpa`` up."""
+
+    def __init__(
+        self, ram: GuestRam, size: int = 16, ring_gpa: int = 0x10000, buffer_gpa: int = 0x40000
+    ):
+        super().__init__(ram, RingLayout.packed_at(ring_gpa, size))
+        self.ram = ram
+        self.next_buffer = buffer_gpa
 
 
 def tx_parts(driver: Driver, frame: bytes, cuts: list[int]) -> list[tuple[int, int, int]]:

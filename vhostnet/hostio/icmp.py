@@ -1,10 +1,11 @@
 """Host "ping sockets" for the ICMP echo engine (``vhostnet.stack.icmp.IcmpEngine``).
 
-Unprivileged ICMP echo uses ``socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)``: the
+Unprivileged ICMP echo uses ``socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)`` (and
+``socket(AF_INET6, SOCK_DGRAM, IPPROTO_ICMPV6)`` for ICMPv6, chosen by the address): the
 kernel fills in the echo identifier (the socket's "port") and the checksum,
 and delivers only the replies to that identifier, without the IP header. The
 engine maps them back to the guest's identifier. When
-``net.ipv4.ping_group_range`` excludes us, socket creation fails: the glue tells
+``net.ipv4.ping_group_range`` (which governs both families) excludes us, socket creation fails: the glue tells
 the engine once (``on_host_echo_unavailable``) and only local echo answers remain.
 
 ``IcmpGlue(engine, loop)``: ``flush()`` executes ``IcmpOpen`` / ``IcmpEchoSend`` /
@@ -22,11 +23,16 @@ from collections.abc import Callable
 from vhostnet.hostio.udp import receive_batch
 from vhostnet.stack.icmp import IcmpClose, IcmpEchoSend, IcmpEngine, IcmpOpen
 from vhostnet.wire.icmp import TYPE_ECHO_REQUEST
+from vhostnet.wire.icmpv6 import ECHO_REQUEST as ECHO_REQUEST6
 
 
 def open_ping_socket(host_addr: str) -> socket.socket:
-    """A connected non-blocking ping socket; ``PermissionError`` when the host forbids them."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+    """A connected non-blocking ping socket (ICMPv6 for an IPv6 address); ``PermissionError``
+    when the host forbids them."""
+    if ":" in host_addr:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
     try:
         sock.setblocking(False)
         sock.connect((host_addr, 0))
@@ -79,7 +85,8 @@ class IcmpGlue:
             self.engine.counters.inc("icmp.drop.no_socket")
             return
         # Identifier and checksum are left zero: the kernel fills both in.
-        request = struct.pack("!BBHHH", TYPE_ECHO_REQUEST, 0, 0, 0, command.seq) + command.payload
+        kind = ECHO_REQUEST6 if sock.family == socket.AF_INET6 else TYPE_ECHO_REQUEST
+        request = struct.pack("!BBHHH", kind, 0, 0, 0, command.seq) + command.payload
         try:
             sock.send(request)
         except OSError:

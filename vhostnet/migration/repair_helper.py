@@ -15,13 +15,13 @@ at most ``MAX_FDS_PER_REQUEST``, never none: passt-repair exits on a request
 without descriptors). The helper sets the option on every descriptor, closes
 its copies, and answers with the same byte; ``vhostnet repair`` answers
 ``REPLY_FAILED`` if any descriptor refused (the others were set), passt-repair
-exits instead. vhostnet asks for nothing else: the drop-all filter that
-freezes a socket, and every other repair step, are its own
-(``tcp_repair.attach_drop_filters``). Where the host reserves socket filters to
-CAP_NET_ADMIN, vhostnet cannot attach it: ``vhostnet repair`` then does (it
-attaches the filter with repair on and removes it before repair off),
-passt-repair does not, and vhostnet checks after the reply which sockets carry
-a filter (``freeze_sockets``); the others are not frozen.
+exits instead. vhostnet asks for nothing else: freezing (``freeze_sockets``:
+a minimum TTL of 255 and a closed receive window, which need no capability,
+and a drop-all socket filter where the host allows it) and every other repair
+step are its own (``tcp_freeze``, ``tcp_repair``). Where the host reserves
+socket filters to CAP_NET_ADMIN, ``vhostnet repair`` still attaches the filter
+with repair on (and removes it before repair off); passt-repair does not, and
+the TTL and the window freeze alone.
 """
 
 from __future__ import annotations
@@ -37,17 +37,21 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+from vhostnet.migration.tcp_freeze import (
+    attach_drop_filter,
+    attach_drop_filters,
+    close_receive_window,
+    detach_drop_filter,
+    shut_out_peer,
+    unfreeze_sockets,
+)
 from vhostnet.migration.tcp_repair import (
     REPAIR_OFF,
     REPAIR_OFF_NO_WINDOW_PROBE,
     REPAIR_ON,
     K,
     RepairError,
-    attach_drop_filter,
-    attach_drop_filters,
     can_repair_directly,
-    detach_drop_filter,
-    has_drop_filter,
     set_repair_direct,
 )
 
@@ -196,23 +200,51 @@ class HelperLink:
             pass
 
 
+def repair_on_shut_out(socks: Mapping[K, socket.socket], switch: RepairSwitch
+                       ) -> dict[K, socket.socket]:
+    """Our drop-all filter where the host allows it and a minimum TTL of 255
+    (``tcp_freeze``), then TCP_REPAIR on for all through ``switch`` (the step that
+    needs CAP_NET_ADMIN). Returns the sockets shut out from their peers by either (the
+    minimum TTL is never refused in practice). ``RepairError`` from the switch: the
+    caller undoes it."""
+    shut_out = attach_drop_filters(socks)
+    for key, sock in socks.items():
+        try:
+            shut_out_peer(sock)
+        except OSError as error:
+            log.warning("cannot set IP_MINTTL on a TCP socket for migration (%s)",
+                        error.strerror or error)
+            continue
+        shut_out[key] = sock
+    if socks:
+        switch.set_repair(list(socks.values()), REPAIR_ON)
+    return shut_out
+
+
 def freeze_sockets(socks: Mapping[K, socket.socket], switch: RepairSwitch
                    ) -> dict[K, socket.socket]:
-    """Freeze: our own drop-all filter (passt-repair does not attach one), then
-    TCP_REPAIR on through ``switch``, the step that needs CAP_NET_ADMIN. Returns the
-    frozen sockets (filtered, in repair mode); the others are live again, for the
-    caller to reset. ``RepairError`` from the switch: the caller thaws them all."""
-    filtered = attach_drop_filters(socks)
-    if not socks:
-        return filtered
-    # All go to the switch: where we could not attach the filter (a host that reserves
-    # it to CAP_NET_ADMIN) the helper may have (`vhostnet repair` does).
-    switch.set_repair(list(socks.values()), REPAIR_ON)
-    frozen = {key: sock for key, sock in socks.items()
-              if key in filtered or has_drop_filter(sock)}
-    unfrozen = [sock for key, sock in socks.items() if key not in frozen]
-    if unfrozen:  # in repair mode but not frozen: back to live, the caller resets them
-        switch.set_repair(unfrozen, REPAIR_OFF)
+    """Freeze connected sockets (``tcp_freeze``): filter where allowed, minimum TTL,
+    repair on, closed receive window. Returns the frozen sockets; the others are live
+    again, for the caller to reset. ``RepairError`` from the switch: the caller thaws
+    them all."""
+    shut_out = repair_on_shut_out(socks, switch)
+    frozen: dict[K, socket.socket] = {}
+    refused: list[socket.socket] = []
+    for key, sock in socks.items():
+        try:
+            close_receive_window(sock)
+        except OSError:
+            refused.append(sock)
+            continue
+        if key in shut_out:
+            frozen[key] = sock
+        else:
+            refused.append(sock)
+    if refused:  # in repair mode but not frozen: back to live, the caller resets them
+        log.warning("cannot freeze %d TCP socket(s) in repair mode: they are reset toward "
+                    "the guest instead of moving", len(refused))
+        unfreeze_sockets(refused)
+        switch.set_repair(refused, REPAIR_OFF)
     return frozen
 
 
@@ -261,10 +293,10 @@ def _apply(fds: list[int], mode: int) -> bool:
     for fd in fds:
         try:
             with socket.socket(fileno=fd) as sock:
-                # Beyond passt-repair: the freezing filter too, for hosts that reserve
+                # Beyond passt-repair: the drop-all filter too, for hosts that reserve
                 # socket filters to CAP_NET_ADMIN (vhostnet attaches it itself where it
-                # can; attaching it again is harmless). Removed before repair off, so
-                # the answer to the window probe gets in.
+                # can; attaching it again is harmless): with it catchers work there.
+                # Removed before repair off, so the answer to the window probe gets in.
                 if mode == REPAIR_ON:
                     _try(attach_drop_filter, sock)
                 else:

@@ -4,9 +4,11 @@ Source, in three steps:
 
 1. ``export_records`` (QEMU 10: SET_DEVICE_STATE_FD SAVE; QEMU 7.2:
    ``save-state``): pending socket work is flushed, each movable connection's
-   socket is taken from the glue, *frozen* (a drop-all socket filter, then
-   repair mode) and dumped. The guest is stopped at this point, so nothing
-   changes the engine's side meanwhile.
+   socket is taken from the glue, *frozen* (repair mode, a minimum TTL of 255
+   and a closed receive window, plus a drop-all socket filter where the host
+   allows it; see ``tcp_freeze``) and dumped with its window as it was
+   before. The guest is stopped at this point, so nothing changes the
+   engine's side meanwhile.
 2. ``release`` (QEMU 10: CHECK_DEVICE_STATE after a complete SAVE; QEMU 7.2:
    the ``release`` command): the frozen sockets are closed in repair mode,
    which sends nothing (no FIN, no RST), so a destination on the same host
@@ -16,15 +18,17 @@ Source, in three steps:
    retransmits would find no socket and the kernel would answer with RST,
    killing it. So before closing, each frozen socket's local address gets a
    *catcher*: a listening socket (bound in repair mode, which ignores the
-   address being in use) with the drop-all filter, which swallows those
+   address being in use) shut out from peers like a frozen socket (minimum
+   TTL 255, the drop-all filter where allowed), which swallows those
    segments. A restored connected socket takes precedence over a listener,
    so catchers do not disturb the destination; they close after
    ``CATCH_SECONDS`` (a forwarded port is free for the destination's
    listener only then).
 3. or ``thaw`` instead (the device is started again, i.e. QEMU resumed the
-   guest here; a SAVE that failed; the ``resume`` command): filter off,
-   repair off, sockets back to the glue, data flows again. The peer's
-   segments dropped meanwhile come back with its retransmissions.
+   guest here; a SAVE that failed; the ``resume`` command): filter, TTL,
+   receive window back, repair off, sockets back to the glue, data flows
+   again. The peer's segments dropped meanwhile come back with its
+   retransmissions.
 
 QEMU 10 does not tell the source back-end that the destination succeeded; the
 last point it hears from before the destination needs the 4-tuples is the
@@ -49,13 +53,18 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from vhostnet.migration.repair_helper import HelperGone, RepairAccess, RepairSwitch, freeze_sockets
+from vhostnet.migration.repair_helper import (
+    HelperGone,
+    RepairAccess,
+    RepairSwitch,
+    freeze_sockets,
+    repair_on_shut_out,
+)
+from vhostnet.migration.tcp_freeze import dump_frozen, unfreeze_sockets
 from vhostnet.migration.tcp_repair import (
     REPAIR_OFF,
     K,
     RepairError,
-    detach_drop_filters,
-    dump_socket,
     in_repair,
     new_restore_socket,
     restore_in_repair,
@@ -114,18 +123,18 @@ def _switch_off(socks: dict[int, socket.socket], switch: RepairSwitch | None) ->
     return stuck
 
 
-def _freeze_new_sockets(socks: dict[K, socket.socket], switch: RepairSwitch
+def _repair_new_sockets(socks: dict[K, socket.socket], switch: RepairSwitch
                         ) -> dict[K, socket.socket]:
-    """``freeze_sockets`` for sockets of our own making (catchers, restores): those that
-    froze; the others are closed, all of them on ``RepairError``."""
-    frozen: dict[K, socket.socket] = {}
+    """``repair_on_shut_out`` for sockets of our own making (catchers, restores): those
+    shut out from their peers; the others are closed, all of them on ``RepairError``."""
+    kept: dict[K, socket.socket] = {}
     try:
-        frozen = freeze_sockets(socks, switch)
+        kept = repair_on_shut_out(socks, switch)
     finally:
         for key, sock in socks.items():
-            if key not in frozen:
+            if key not in kept:
                 sock.close()
-    return frozen
+    return kept
 
 
 class TcpMigration:
@@ -198,7 +207,7 @@ class TcpMigration:
         queued = 0
         for flow_id, sock in list(socks.items()):
             try:
-                dump = dump_socket(sock)
+                dump = dump_frozen(sock)
             except RepairError as error:
                 log.warning("TCP flow %d: dump failed (%s); it will be reset", flow_id, error)
                 stats.inc("tcp.migration_dump_failed")
@@ -249,7 +258,7 @@ class TcpMigration:
         if not catchers or switch is None:
             return
         try:
-            catchers = _freeze_new_sockets(catchers, switch)  # repair mode binds a used address
+            catchers = _repair_new_sockets(catchers, switch)  # repair mode binds a used address
         except RepairError as error:
             log.warning("cannot set up catchers (%s): a peer retransmitting before the "
                         "destination restored its connection gets RST", error)
@@ -295,7 +304,7 @@ class TcpMigration:
                    now: float) -> int:
         engine, host = self.network.tcp, self.network.tcp_host
         assert engine is not None and host is not None
-        detach_drop_filters(socks.values())  # first: the window probe's answer must get in
+        unfreeze_sockets(socks.values())  # first: the window probe's answer must get in
         stuck = _switch_off(socks, switch)
         resumed = 0
         for flow_id, sock in socks.items():
@@ -359,17 +368,16 @@ class TcpMigration:
         stats = self.network.tcp.stats
         fresh = {index: new_restore_socket() for index in range(len(records))}
         try:
-            # Filtered too: nothing the peer sends may meet a half-restored socket.
-            filtered = _freeze_new_sockets(fresh, switch)
+            # Shut out too: nothing the peer sends may meet a half-restored socket.
+            repaired = _repair_new_sockets(fresh, switch)
         except RepairError as error:
             log.error("TCP_REPAIR on failed on the destination (%s): %d connection(s) reset "
                       "toward the guest", error.strerror or error, len(records))
             return [], records
-        pairs = [(records[index], sock) for index, sock in filtered.items()]
-        unfiltered = [records[index] for index in fresh if index not in filtered]
+        pairs = [(records[index], sock) for index, sock in repaired.items()]
         deadline = time.monotonic() + RELEASE_WAIT_SECONDS
         done: list[tuple[TcpRecord, socket.socket]] = []
-        failed = unfiltered
+        failed: list[TcpRecord] = []
         for record, sock in pairs:
             assert record.host is not None
             try:
@@ -383,7 +391,7 @@ class TcpMigration:
                 sock.close()  # still in repair mode: nothing reaches the peer
                 failed.append(record)
         try:
-            detach_drop_filters(sock for _, sock in done)
+            unfreeze_sockets(sock for _, sock in done)
             switch.set_repair([sock for _, sock in done], REPAIR_OFF)
         except RepairError as error:
             log.error("TCP_REPAIR off failed on the destination (%s)", error)

@@ -5,17 +5,13 @@ Facts this relies on (linux/tcp.h and the kernel's TCP code):
 - ``TCP_REPAIR`` needs CAP_NET_ADMIN; every other repair option only needs
   the socket to be in repair mode, so a helper process may switch the mode
   on our file descriptor (see ``repair_helper``) and we do the rest here.
-  Attaching a socket filter needs no capability either: vhostnet does it
-  itself, so a helper that only switches TCP_REPAIR (passt-repair) suffices.
 - In repair mode ``recv(MSG_PEEK)`` reads the queue chosen with
   ``TCP_REPAIR_QUEUE`` (the send queue too), ``TCP_QUEUE_SEQ`` reads the
   sequence number at the *end* of that queue, ``connect()`` sends no SYN,
   ``send()`` appends to the chosen queue without transmitting, and ``close()``
   sends neither FIN nor RST. Repair mode does *not* stop the kernel from
-  accepting (and acknowledging) segments from the peer, so freezing also
-  attaches a socket filter that drops every incoming segment: the peer's
-  data then stays unacknowledged in the peer and is retransmitted to
-  whichever socket holds the 4-tuple next. Detaching the filter undoes it.
+  accepting (and acknowledging) segments from the peer: freezing, which does,
+  is ``tcp_freeze``'s.
 - A repair-mode socket may ``bind()`` an address in use (a listener, or the
   frozen original); ``connect()`` refuses (EADDRNOTAVAIL) while the original
   4-tuple still exists, which is why the source must release first.
@@ -27,7 +23,6 @@ is validated field by field in ``SocketDump.from_record``.
 from __future__ import annotations
 
 import base64
-import ctypes
 import errno
 import fcntl
 import ipaddress
@@ -36,7 +31,6 @@ import socket
 import struct
 import termios
 import time
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -75,9 +69,6 @@ SIOCINQ = termios.FIONREAD
 SIOCOUTQ = termios.TIOCOUTQ
 SIOCOUTQNSD = 0x894B
 
-SO_ATTACH_FILTER = 26
-SO_GET_FILTER = SO_ATTACH_FILTER
-SO_DETACH_FILTER = 27
 SO_SNDBUFFORCE = 32
 
 # Larger queues than this are not migrated (the connection is reset instead):
@@ -86,7 +77,7 @@ MAX_QUEUE_BYTES = 8 * 1024 * 1024
 RESTORE_CHUNK = 256 * 1024
 MIN_RESTORE_CHUNK = 4096
 
-_WINDOW = struct.Struct("=5I")
+WINDOW = struct.Struct("=5I")
 _INT = struct.Struct("=i")
 
 
@@ -98,24 +89,7 @@ def _step(what: str, error: OSError) -> RepairError:
     return RepairError(error.errno or errno.EIO, f"{what}: {error.strerror or error}")
 
 
-# ---- freezing: no segment from the peer reaches a frozen socket ------------------
-
-# Classic BPF, one instruction: "ret #0" (BPF_RET | BPF_K, k = 0) accepts 0 bytes of
-# every packet, i.e. drops it before TCP sees it.
-_DROP_ALL = (ctypes.c_ubyte * 8).from_buffer_copy(struct.pack("=HBBI", 0x06, 0, 0, 0))
-
-
-def attach_drop_filter(sock: socket.socket) -> None:
-    program = struct.pack("=HxxxxxxQ", 1, ctypes.addressof(_DROP_ALL))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, program)
-
-
-def detach_drop_filter(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
-    except OSError as error:
-        if error.errno != errno.ENOENT:  # no filter attached: nothing to undo
-            raise
+# ---- repair mode --------------------------------------------------------------
 
 
 def set_repair_direct(sock: socket.socket, mode: int) -> None:
@@ -129,58 +103,6 @@ def in_repair(sock: socket.socket) -> bool:
         return sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR) != 0
     except OSError:
         return False
-
-
-_filter_failure_logged = False
-
-
-def has_drop_filter(sock: socket.socket) -> bool:
-    """Whether a socket filter is attached (reading it needs no capability). The
-    length asked for counts filter blocks; 64 leaves room for ours (one block)."""
-    try:
-        return bool(sock.getsockopt(socket.SOL_SOCKET, SO_GET_FILTER, 64))
-    except OSError:
-        return False
-
-
-def attach_drop_filters(socks: Mapping[K, socket.socket]) -> dict[K, socket.socket]:
-    """Attach the drop-all filter to each socket; those that took it.
-
-    vhostnet does this itself: passt-repair (and any helper of its protocol) only
-    switches TCP_REPAIR, and a socket in repair mode without the filter keeps
-    taking and acknowledging the peer's segments after its state was dumped,
-    which loses them. Some hosts reserve socket filters to CAP_NET_ADMIN (EPERM);
-    the first refusal in this process is logged with what follows.
-    """
-    global _filter_failure_logged
-    filtered: dict[K, socket.socket] = {}
-    for key, sock in socks.items():
-        try:
-            attach_drop_filter(sock)
-        except OSError as error:
-            if not _filter_failure_logged:
-                _filter_failure_logged = True
-                log.error("cannot attach the socket filter that freezes a TCP connection for "
-                          "migration (%s; this host may reserve socket filters to "
-                          "CAP_NET_ADMIN): the repair helper must attach it (`vhostnet repair` "
-                          "does, passt-repair does not); connections left without it are reset "
-                          "toward the guest when it migrates instead of moving, because in "
-                          "repair mode without the filter a socket keeps taking the peer's data "
-                          "after its state was saved (logged once)", error.strerror or error)
-            continue
-        filtered[key] = sock
-    return filtered
-
-
-def detach_drop_filters(socks: Iterable[socket.socket]) -> None:
-    """Undo ``attach_drop_filters`` (first, when thawing: the peer's answer to the window
-    probe sent at repair off must get in). A socket that cannot is left as it is: it
-    then fails its next step and is reset like any broken connection."""
-    for sock in socks:
-        try:
-            detach_drop_filter(sock)
-        except OSError:
-            pass
 
 
 def can_repair_directly() -> bool:
@@ -324,7 +246,7 @@ def dump_socket(sock: socket.socket) -> SocketDump:
         timestamp = 0
         if options & TCPI_OPT_TIMESTAMPS:
             timestamp = sock.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) & 0xFFFFFFFF
-        window = _WINDOW.unpack(sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _WINDOW.size))
+        window = WINDOW.unpack(sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, WINDOW.size))
         # A peek offset would shift the dump: read the queues from their heads.
         sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, -1)
         _select_queue(sock, TCP_SEND_QUEUE)
@@ -433,7 +355,7 @@ def restore_in_repair(sock: socket.socket, dump: SocketDump, *, wait_for_tuple: 
         step = "setting the repair options"
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_OPTIONS, _repair_options(dump))
         step = "setting the window"
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, _WINDOW.pack(*dump.window))
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, WINDOW.pack(*dump.window))
     except RepairError:
         raise
     except OSError as error:

@@ -1,7 +1,8 @@
 """Configuration of the user-mode network, with QEMU user-networking defaults.
 
-Addresses inside the stack are 4-byte ``bytes``; ``StackConfig`` also accepts
-dotted strings for convenience and converts them once, in ``__post_init__``.
+Addresses inside the stack are 4-byte (IPv4) or 16-byte (IPv6) ``bytes``;
+``StackConfig`` also accepts their text forms for convenience and converts them
+once, in ``__post_init__``.
 
 Port forwarding specs follow passt's ``-t``/``-u`` syntax (see ``parse_port_spec``).
 """
@@ -12,10 +13,13 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 
+from vhostnet.wire.ipv6 import in_prefix
+
 MIN_MTU = 576
 MAX_MTU = 65520
 DNS_PORT = 53
 HOST_LOOPBACK = "127.0.0.1"
+HOST_LOOPBACK6 = "::1"
 
 
 def ip4(text: str) -> bytes:
@@ -71,26 +75,21 @@ def listener_options(forward: PortForward, freebind: bool) -> list[tuple[int, in
     return options
 
 
-@dataclass
-class Ipv6Settings:
-    """The command line's IPv6 options, checked and kept until the stack speaks IPv6.
+def ip6(text: str) -> bytes:
+    """IPv6 text -> 16 bytes; ``ValueError`` for anything else."""
+    return ipaddress.IPv6Address(text).packed
 
-    Nothing reads them yet; addresses are canonical strings.
-    """
 
-    address: str | None = None
-    prefix_length: int | None = None
-    gateway: str | None = None
-    dns: list[str] = field(default_factory=list)
-    dns_forward: str | None = None
-    dns_host: str | None = None
-    outbound: str | None = None
-    outbound_if: str | None = None
-    map_host_loopback: str | None = None
-    map_guest_addr: str | None = None
-    ndp: bool = True
-    dhcpv6: bool = True
-    router_advertisements: bool = True
+def ip6_str(address: bytes) -> str:
+    return str(ipaddress.IPv6Address(bytes(address)))
+
+
+def _as_ip6(value: bytes | str, name: str) -> bytes:
+    if isinstance(value, str):
+        return ip6(value)
+    if len(value) != 16:
+        raise ValueError(f"{name} must be 16 bytes or an IPv6 address")
+    return bytes(value)
 
 
 def _as_ip4(value: bytes | str, name: str) -> bytes:
@@ -145,12 +144,37 @@ class StackConfig:
     outbound_if4: str | None = None
     interface: str | None = None
     freebind: bool = False
-    # Address families in use (passt's -4/-6); IPv6 settings wait for the IPv6 stack.
+    # --- IPv6, and which families are on (QEMU user-networking defaults) -----------
+    # ipv4 / ipv6: False drops every frame of that family (ARP and DHCPv4 with IPv4;
+    # NDP, RA and DHCPv6 with IPv6), counted as eth.drop.ipv4 / eth.drop.ipv6.
     ipv4: bool = True
     ipv6: bool = True
-    ipv6_settings: Ipv6Settings = field(default_factory=Ipv6Settings)
+    # The guest's address: None, SLAAC (the guest picks it in prefix6); an address is
+    # also given by DHCPv6 (IA_NA).
+    guest_ipv6: bytes | str | None = None
+    # The on-link prefix advertised by RA (autonomous flag set only for a /64).
+    prefix6: bytes | str = "fec0::"
+    prefix6_len: int = 64
+    gateway6: bytes | str = "fec0::2"
+    dns6: bytes | str = "fec0::3"
+    # The guest-side IPv6 address that reaches the host's ::1; "gateway" (the default)
+    # means gateway6, None maps nothing.
+    map_host_loopback6: bytes | str | None = "gateway"
+    ndp: bool = True  # answer Neighbour Solicitations (and learn from NDP)
+    ra: bool = True  # answer Router Solicitations and advertise every ra_interval seconds
+    dhcpv6: bool = True
+    # DNS servers RA (RDNSS) and DHCPv6 offer (passt's -D for IPv6); None: ``dns6``.
+    dhcp_dns6: list[bytes] | None = None
+    # passt's -o/--outbound, --outbound-if6, --map-guest-addr for IPv6: kept (see the
+    # README's table), not used yet.
+    outbound_ipv6: bytes | None = None
+    outbound_if6: str | None = None
+    map_guest_addr6: bytes | None = None
+    ra_interval: float = 60.0
+    ra_router_lifetime: int = 1800  # seconds; also the RDNSS/DNSSL and prefix lifetimes' base
 
     def __post_init__(self) -> None:
+        self._check_ipv6()
         self.guest_ipv4 = _as_ip4(self.guest_ipv4, "guest_ipv4")
         self.netmask = _as_ip4(self.netmask, "netmask")
         self.gateway = _as_ip4(self.gateway, "gateway")
@@ -188,6 +212,60 @@ class StackConfig:
     def offered_dns(self) -> list[bytes]:
         """The DNS servers DHCP offers: passt's -D list, or the forwarder address."""
         return [self.dns] if self.dhcp_dns is None else list(self.dhcp_dns)
+
+    def _check_ipv6(self) -> None:
+        if self.guest_ipv6 is not None:
+            self.guest_ipv6 = _as_ip6(self.guest_ipv6, "guest_ipv6")
+        self.prefix6 = _as_ip6(self.prefix6, "prefix6")
+        self.gateway6 = _as_ip6(self.gateway6, "gateway6")
+        self.dns6 = _as_ip6(self.dns6, "dns6")
+        if self.dhcp_dns6 is not None:
+            self.dhcp_dns6 = [_as_ip6(x, "dhcp_dns6") for x in self.dhcp_dns6]
+        if not 1 <= self.prefix6_len <= 128:
+            raise ValueError(f"IPv6 prefix length {self.prefix6_len} is outside 1..128")
+        # Host bits of the prefix are cleared: "2001:db8::15/64" advertises 2001:db8::/64.
+        shift = 128 - self.prefix6_len
+        self.prefix6 = ((int.from_bytes(self.prefix6, "big") >> shift) << shift).to_bytes(16, "big")
+        if self.map_host_loopback6 == "gateway":
+            self.map_host_loopback6 = self.gateway6
+        elif self.map_host_loopback6 is not None:
+            self.map_host_loopback6 = _as_ip6(self.map_host_loopback6, "map_host_loopback6")
+            if self.map_host_loopback6 in (self.guest_ipv6, self.dns6):
+                raise ValueError("the IPv6 host loopback address must differ from the guest "
+                                 "and DNS addresses")
+        if self.gateway6 == self.guest_ipv6:
+            raise ValueError("the IPv6 gateway address must differ from the guest address")
+        if self.ra_interval <= 0 or not 0 < self.ra_router_lifetime <= 9000:
+            raise ValueError("ra_interval must be positive, ra_router_lifetime 1..9000 s")
+        if not (self.ipv4 or self.ipv6):
+            raise ValueError("IPv4 and IPv6 cannot both be off")
+
+    @property
+    def offered_dns6(self) -> list[bytes]:
+        """The DNS servers RA and DHCPv6 offer: passt's -D list for IPv6, or the forwarder."""
+        return [self.dns6] if self.dhcp_dns6 is None else list(self.dhcp_dns6)  # type: ignore[list-item]
+
+    def in_prefix6(self, address: bytes) -> bool:
+        """True for an address of the advertised on-link prefix."""
+        return in_prefix(address, self.prefix6, self.prefix6_len)  # type: ignore[arg-type]
+
+    def host_destination6(self, dst_ip: bytes, dst_port: int) -> tuple[str, int] | None:
+        """Where a guest's flow to IPv6 ``dst_ip:dst_port`` goes on the host, or None
+        (``host_destination``'s rules for IPv6): the mapped address -> ::1; the gateway and
+        the DNS address are virtual (DNS port 53 -> the first IPv6 upstream); multicast,
+        link-local, loopback, unspecified and the guest's own prefix never leave the link."""
+        if dst_ip == self.map_host_loopback6:
+            return (HOST_LOOPBACK6, dst_port)
+        if dst_ip == self.gateway6:
+            return None
+        if dst_ip == self.dns6:
+            upstream = [u for u in self.dns_upstream if ":" in u[0]]
+            return upstream[0] if dst_port == DNS_PORT and upstream else None
+        address = ipaddress.IPv6Address(dst_ip)
+        if (address.is_multicast or address.is_link_local or address.is_loopback
+                or address.is_unspecified or self.in_prefix6(dst_ip)):
+            return None
+        return (str(address), dst_port)
 
     @property
     def loopback_peer_address(self) -> bytes:

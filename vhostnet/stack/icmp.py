@@ -1,13 +1,15 @@
-"""ICMPv4 (RFC 792) echo engine (the message view and builders are in ``vhostnet.wire.icmp``).
+"""ICMP echo engine for both families: ICMPv4 (RFC 792) and ICMPv6 (RFC 4443) echo.
 
+The message views and builders are in ``vhostnet.wire.icmp`` and ``vhostnet.wire.icmpv6``.
 Echo requests to the gateway, the DNS address or the address mapped to the
-host's loopback are answered here. Echo requests to any other destination go
-out through unprivileged "ping sockets" on the host (see ``vhostnet.hostio.icmp``): the engine queues commands, the glue
+host's loopback (and, for IPv6, the gateway's link-local address) are answered here.
+Echo requests to any other destination go out through unprivileged "ping sockets" on the host (see ``vhostnet.hostio.icmp``): the engine queues commands, the glue
 executes them and reports replies back with ``on_echo_reply``.
 
 Commands (``IcmpEngine.commands``):
 
-- ``IcmpOpen(flow_id, host_addr)``: open a ping socket connected to ``host_addr``;
+- ``IcmpOpen(flow_id, host_addr)``: open a ping socket connected to ``host_addr``
+  (an IPv6 address text opens an ICMPv6 one);
 - ``IcmpEchoSend(flow_id, seq, payload)``: send an echo request on it (the kernel
   picks the echo identifier; the engine maps replies back to the guest's one);
 - ``IcmpClose(flow_id)``: close it (idle flow).
@@ -24,7 +26,10 @@ from vhostnet.stack.counters import Counters
 from vhostnet.wire.checksum import PROTO_ICMP
 from vhostnet.wire.errors import MalformedPacket
 from vhostnet.wire.icmp import TYPE_ECHO_REPLY, TYPE_ECHO_REQUEST, IcmpMessage, emit_echo
+from vhostnet.wire.icmpv6 import ECHO_REPLY as ECHO_REPLY6
+from vhostnet.wire.icmpv6 import Icmpv6Message, emit_echo6
 from vhostnet.wire.ipv4 import IPv4Packet
+from vhostnet.wire.ipv6 import NEXT_HEADER_ICMPV6, IPv6Packet, is_multicast, link_local_address
 
 ECHO_FLOW_IDLE_TIMEOUT = 60.0
 
@@ -59,12 +64,20 @@ class _EchoFlow:
 
 
 class IcmpEngine:
-    """Protocol handler for IPv4 protocol 1 (registered by ``NetworkStack``)."""
+    """Protocol handler for IPv4 protocol 1 (registered by ``NetworkStack``) and for ICMPv6
+    echo requests (``handle_echo6``, called by its ICMPv6 dispatch); ``send_ipv6`` is
+    needed for the latter."""
 
-    def __init__(self, config: StackConfig, counters: Counters, send_ipv4: SendIPv4) -> None:
+    def __init__(self, config: StackConfig, counters: Counters, send_ipv4: SendIPv4,
+                 send_ipv6: SendIPv4 | None = None) -> None:
         self.config = config
         self.counters = counters
         self._send_ipv4 = send_ipv4
+        self._send_ipv6 = send_ipv6
+        local6 = {config.gateway6, config.dns6, link_local_address(config.gateway_mac)}
+        if config.map_host_loopback6 is not None:
+            local6.add(config.map_host_loopback6)
+        self._local6 = local6
         self.commands: deque[IcmpOpen | IcmpEchoSend | IcmpClose] = deque()
         # False once the glue reports that the host forbids ping sockets.
         self.host_echo_available = True
@@ -92,23 +105,43 @@ class IcmpEngine:
             reply = emit_echo(TYPE_ECHO_REPLY, message.echo_ident, message.echo_seq, message.body)
             self._send_ipv4(packet.dst, packet.src, PROTO_ICMP, reply)
             return
-        self._forward_echo(packet, message, now)
+        self._forward_echo(packet.src, packet.dst, message,
+                           self.config.host_destination(packet.dst, 0), now)
 
-    def _forward_echo(self, packet: IPv4Packet, message: IcmpMessage, now: float) -> None:
+    def handle_echo6(self, packet: IPv6Packet, message: Icmpv6Message, now: float) -> None:
+        """An ICMPv6 echo request from the guest (checksum verified by the dispatcher)."""
+        self.counters.inc("icmp6.rx")
+        if is_multicast(packet.dst):
+            self.counters.inc("icmp6.drop.multicast")
+            return
+        if packet.dst in self._local6:
+            self.counters.inc("icmp6.echo.local")
+            self._reply6(packet.dst, packet.src, message.echo_ident, message.echo_seq,
+                         message.body)
+            return
+        self._forward_echo(packet.src, packet.dst, message,
+                           self.config.host_destination6(packet.dst, 0), now)
+
+    def _reply6(self, src: bytes, dst: bytes, ident: int, seq: int, body: memoryview) -> None:
+        assert self._send_ipv6 is not None
+        self._send_ipv6(src, dst, NEXT_HEADER_ICMPV6, emit_echo6(src, dst, ECHO_REPLY6, ident, seq,
+                                                                 body))
+
+    def _forward_echo(self, src: bytes, dst: bytes, message: IcmpMessage | Icmpv6Message,
+                      target: tuple[str, int] | None, now: float) -> None:
         if not self.host_echo_available:
             self.counters.inc("icmp.drop.no_ping_socket")
             return
-        target = self.config.host_destination(packet.dst, 0)
         if target is None:
             self.counters.inc("icmp.drop.no_route")
             return
-        key = (packet.src, message.echo_ident, packet.dst)
+        key = (src, message.echo_ident, dst)
         flow = self._flows_by_key.get(key)
         if flow is None:
             if len(self._flows) >= self.config.flow_limit:
                 self.counters.drop("icmp.drop.flow_limit", "ICMP echo flow limit reached")
                 return
-            flow = _EchoFlow(self._next_flow_id, packet.src, message.echo_ident, packet.dst, now)
+            flow = _EchoFlow(self._next_flow_id, src, message.echo_ident, dst, now)
             self._next_flow_id += 1
             self._flows_by_key[key] = flow
             self._flows[flow.flow_id] = flow
@@ -121,7 +154,7 @@ class IcmpEngine:
     # --- host side (called by the glue) -----------------------------------
 
     def on_echo_reply(self, flow_id: int, data: bytes, now: float) -> None:
-        """A datagram from a ping socket: an ICMP message without the IP header.
+        """A datagram from a ping socket: an ICMP(v6) message without the IP header.
 
         The kernel already checked the checksum and rewrote the identifier to
         the socket's own; the guest gets its original identifier back.
@@ -134,11 +167,17 @@ class IcmpEngine:
         except MalformedPacket:
             self.counters.inc("icmp.drop.host_short")
             return
-        if message.type != TYPE_ECHO_REPLY:
+        ipv6 = len(flow.remote_ip) == 16
+        if message.type != (ECHO_REPLY6 if ipv6 else TYPE_ECHO_REPLY):
             self.counters.inc("icmp.drop.host_type")
             return
         flow.last_active = now
         self._flows.move_to_end(flow_id)
+        if ipv6:
+            self.counters.inc("icmp6.echo.reply")
+            self._reply6(flow.remote_ip, flow.guest_ip, flow.guest_ident, message.echo_seq,
+                         message.body)
+            return
         reply = emit_echo(TYPE_ECHO_REPLY, flow.guest_ident, message.echo_seq, message.body)
         self.counters.inc("icmp.echo.reply")
         self._send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_ICMP, reply)

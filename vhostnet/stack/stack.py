@@ -10,7 +10,18 @@ Per-protocol work is delegated:
   except the guest's own, plus the gateway and DNS addresses, is "at" the gateway MAC;
 - IPv4 protocol handlers: whatever ``set_protocol_handler`` registers (ICMP, TCP);
 - UDP: services first (``add_udp_service``: DHCP, DNS, TFTP), then the generic
-  NAT (``udp_nat``), if one is set.
+  NAT (``udp_nat``), if one is set;
+- IPv4 fragments: reassembled (``stack.fragments``, see ``fragments.py``), then
+  dispatched as above as if they had come whole. Toward the guest, ``send_ipv4``
+  fragments what does not fit the guest's MTU.
+- IPv6 (``_receive_ipv6``), by upper-layer protocol: ICMPv6 -> NDP (types 133-137,
+  ``ndp``), echo requests (``icmp.handle_echo6``); UDP -> IPv6 services first
+  (``add_udp6_service``: DHCPv6), then the handler ``set_ipv6_protocol_handler``
+  registered for 17; any other protocol (TCP) -> its registered IPv6 handler. What
+  finds no handler is counted (``ipv6.drop.proto``, ``udp6.drop.no_handler``) and dropped.
+  IPv6 fragments are reassembled first (``stack.fragments``). ``send_ipv6`` is
+  ``send_ipv4``'s twin and fragments likewise; the guest's IPv6 addresses are learned
+  from its packets and NDP (``learn_guest_ipv6``, ``guest_ipv6``).
 
 The engines are built and attached by the assembler (``vhostnet.network``),
 which also runs their timers; they count into ``stack.stats``. Engines that
@@ -21,21 +32,48 @@ talk to host sockets keep a ``commands`` deque that their glue in
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from typing import Protocol
 
-from vhostnet.stack import ndp
 from vhostnet.stack.config import StackConfig
 from vhostnet.stack.counters import Counters
 from vhostnet.stack.dhcp import DhcpServer
+from vhostnet.stack.dhcpv6 import Dhcpv6Server
 from vhostnet.stack.dns import DnsForwarder
+from vhostnet.stack.fragments import Reassembler
 from vhostnet.stack.icmp import IcmpEngine
+from vhostnet.stack.ndp import NdpEngine
 from vhostnet.stack.udp_nat import UdpNat
 from vhostnet.wire import arp, ethernet
 from vhostnet.wire.checksum import PROTO_TCP, PROTO_UDP
 from vhostnet.wire.errors import MalformedPacket
-from vhostnet.wire.ipv4 import IPv4Packet, emit_ipv4_header
-from vhostnet.wire.ipv6 import IPv6Packet
+from vhostnet.wire.icmpv6 import (
+    ECHO_REQUEST,
+    REDIRECT,
+    ROUTER_SOLICITATION,
+    Icmpv6Message,
+    emit_error,
+    may_answer_with_error,
+)
+from vhostnet.wire.ipv4 import (
+    MIN_HEADER_LEN,
+    IPv4Packet,
+    emit_ipv4_fragments,
+    emit_ipv4_header,
+)
+from vhostnet.wire.ipv6 import HEADER_LEN as IPV6_HEADER_LEN
+from vhostnet.wire.ipv6 import MAX_PAYLOAD as IPV6_MAX_PAYLOAD
+from vhostnet.wire.ipv6 import (
+    NEXT_HEADER_ICMPV6,
+    NEXT_HEADER_UDP,
+    UNSPECIFIED,
+    IPv6Packet,
+    emit_ipv6_fragments,
+    emit_ipv6_header,
+    is_link_local,
+    is_multicast,
+)
 from vhostnet.wire.offload import (
     NO_OFFLOADS,
     TCP_CHECKSUM_OFFSET,
@@ -46,15 +84,29 @@ from vhostnet.wire.udp import UdpDatagram, emit_udp
 
 log = logging.getLogger(__name__)
 
-# Packets kept for a guest whose MAC is not known yet, and how often to ask for it by ARP.
-MAX_HELD_FOR_MAC = 64
+# Until the guest's MAC is known, frames for it go to the broadcast address (as passt
+# does); every ARP_ASK_EVERY-th such frame is preceded by an ARP request for the guest's
+# address, so a guest that stays silent still tells us its MAC: Linux drops TCP segments
+# that arrive with a broadcast destination MAC.
 ARP_ASK_EVERY = 8
+# IPv6 packets for a guest whose MAC is unknown wait (Linux takes no TCP, and no
+# neighbour discovery answer, from a frame to the broadcast address): at most this many,
+# with a Neighbour Solicitation every ARP_ASK_EVERY of them.
+MAX_HELD_FOR_MAC = 64
+# Guest IPv6 addresses remembered (link-local, SLAAC, temporary ones...), newest last.
+MAX_GUEST_IPV6_ADDRESSES = 16
 
 
 class ProtocolHandler(Protocol):
     """An engine for one IPv4 protocol number (e.g. the TCP engine for 6)."""
 
     def handle_ipv4(self, packet: IPv4Packet, now: float) -> None: ...
+
+
+class Ipv6ProtocolHandler(Protocol):
+    """An engine for one IPv6 upper-layer protocol (UDP NAT and TCP over IPv6)."""
+
+    def handle_ipv6(self, packet: IPv6Packet, now: float) -> None: ...
 
 
 class UdpService(Protocol):
@@ -79,8 +131,8 @@ class NetworkStack:
         self.guest_ipv4: bytes | None = None
         # What the guest's virtio-net driver negotiated for frames it receives (set by the device).
         self.guest_offloads = NO_OFFLOADS
-        # IPv4 packets (header included) for the guest sent before its MAC was known.
-        self._held_for_mac: deque[bytes] = deque()
+        # Frames sent to the broadcast address because the guest's MAC was not known yet.
+        self._broadcast_sent = 0
         self._protocol_handlers: dict[int, ProtocolHandler] = {}
         self._udp_services: list[UdpService] = []
         # The engines the assembler attached (None: that protocol is off).
@@ -88,6 +140,20 @@ class NetworkStack:
         self.dhcp: DhcpServer | None = None
         self.dns: DnsForwarder | None = None
         self.udp_nat: UdpNat | None = None  # UDP no service accepts; None: dropped
+        # The guest's fragments (both families); its timers run on the network's list.
+        self.fragments = Reassembler(self.stats)
+        # Identification of the datagrams we fragment: a counter from a random start, so a
+        # restarted or migrated back-end does not reuse the last one's (RFC 6864).
+        self._fragment_ident = int.from_bytes(os.urandom(4), "big")
+        # IPv6: the guest's addresses as learned (ordered, newest last), the newest global
+        # one, packets held for its MAC, handlers and services, the engines (None: off).
+        self.guest_ipv6_addresses: dict[bytes, None] = {}
+        self.guest_ipv6: bytes | None = None
+        self._held6_for_mac: deque[bytes] = deque()
+        self._ipv6_handlers: dict[int, Ipv6ProtocolHandler] = {}
+        self._udp6_services: list[UdpService] = []
+        self.ndp: NdpEngine | None = None
+        self.dhcpv6: Dhcpv6Server | None = None
 
     # --- registration -----------------------------------------------------
 
@@ -98,6 +164,15 @@ class NetworkStack:
     def add_udp_service(self, service: UdpService) -> None:
         """Add a local UDP service; services are asked in registration order."""
         self._udp_services.append(service)
+
+    def set_ipv6_protocol_handler(self, next_header: int, handler: Ipv6ProtocolHandler) -> None:
+        """Route IPv6 packets whose upper-layer protocol is ``next_header`` (UDP: those no
+        IPv6 UDP service accepts) to ``handler.handle_ipv6(packet, now)``."""
+        self._ipv6_handlers[next_header] = handler
+
+    def add_udp6_service(self, service: UdpService) -> None:
+        """Add a local UDP service on IPv6 (16-byte addresses), asked in registration order."""
+        self._udp6_services.append(service)
 
     # --- guest -> stack ----------------------------------------------------
 
@@ -132,37 +207,32 @@ class NetworkStack:
         if not ethernet.is_multicast(eth.dst) and eth.dst != self.config.gateway_mac:
             self.stats.inc("eth.drop.not_for_us")
             return
-        if eth.ethertype == ethernet.ETHERTYPE_IPV4:
-            self._receive_ipv4(eth, now, vnet)
-        elif eth.ethertype == ethernet.ETHERTYPE_ARP:
-            self._receive_arp(eth)
-        elif eth.ethertype == ethernet.ETHERTYPE_IPV6:
-            self._receive_ipv6(eth)
-        else:
+        if eth.ethertype == ethernet.ETHERTYPE_IPV6:
+            if self.config.ipv6:
+                self._receive_ipv6(eth, now, vnet)
+            else:
+                self.stats.inc("eth.drop.ipv6")
+        elif eth.ethertype not in (ethernet.ETHERTYPE_IPV4, ethernet.ETHERTYPE_ARP):
             self.stats.inc("eth.drop.ethertype")
-
-    def _receive_ipv6(self, eth: ethernet.EthernetFrame) -> None:
-        # IPv4 only: the one answer is "no IPv6 router here" (see ndp.py).
-        try:
-            packet = IPv6Packet(eth.payload)
-        except MalformedPacket:
-            self.stats.inc("eth.drop.ipv6")
-            return
-        if not ndp.is_router_solicitation(packet):
-            self.stats.inc("eth.drop.ipv6")
-            return
-        self.frames_to_guest.append(
-            ndp.no_router_advertisement(packet, eth.src, self.config.gateway_mac))
-        self.stats.inc("ndp.router_advertisement")
+        elif not self.config.ipv4:
+            self.stats.inc("eth.drop.ipv4")
+        elif eth.ethertype == ethernet.ETHERTYPE_IPV4:
+            self._receive_ipv4(eth, now, vnet)
+        else:
+            self._receive_arp(eth)
 
     def _learn(self, mac: bytes, ip: bytes) -> None:
-        self.guest_mac = mac
-        while self._held_for_mac:
-            self.frames_to_guest.append(ethernet.emit_ethernet(
-                mac, self.config.gateway_mac, ethernet.ETHERTYPE_IPV4, self._held_for_mac.popleft()))
-            self.stats.inc("ipv4.tx")
+        self._learn_mac(mac)
         if ip != bytes(4) and ip not in (self.config.gateway, self.config.dns) and ip[0] < 224:
             self.guest_ipv4 = ip
+
+    def _learn_mac(self, mac: bytes) -> None:
+        self.guest_mac = mac
+        while self._held6_for_mac:
+            self.frames_to_guest.append(ethernet.emit_ethernet(
+                mac, self.config.gateway_mac, ethernet.ETHERTYPE_IPV6,
+                self._held6_for_mac.popleft()))
+            self.stats.inc("ipv6.tx")
 
     def _receive_arp(self, eth: ethernet.EthernetFrame) -> None:
         try:
@@ -194,11 +264,17 @@ class NetworkStack:
 
     def _receive_ipv4(self, eth: ethernet.EthernetFrame, now: float, vnet: int = 0) -> None:
         try:
-            packet = IPv4Packet(eth.payload)
+            packet = IPv4Packet(eth.payload, allow_fragments=True)
         except MalformedPacket as error:
             self.stats.drop(f"ipv4.drop.{error.reason}", f"IPv4 packet dropped: {error}")
             return
         self.stats.inc("ipv4.rx")
+        if packet.is_fragment:
+            self._learn(eth.src, packet.src)
+            whole = self.fragments.add_ipv4(packet, now)
+            if whole is not None:
+                self._dispatch_reassembled(whole, now)
+            return
         if vnet:
             l4_start = ethernet.HEADER_LEN + packet.header_len
             if packet.proto == PROTO_TCP:
@@ -206,6 +282,17 @@ class NetworkStack:
             elif packet.proto == PROTO_UDP:
                 packet.checksum_partial = partial_l4_checksum(vnet, l4_start, UDP_CHECKSUM_OFFSET)
         self._learn(eth.src, packet.src)
+        self._dispatch_ipv4(packet, now)
+
+    def _dispatch_reassembled(self, whole: bytes, now: float) -> None:
+        try:
+            packet = IPv4Packet(whole)
+        except MalformedPacket as error:  # a bad first header: checked only now
+            self.stats.drop(f"ipv4.drop.{error.reason}", f"IPv4 packet dropped: {error}")
+            return
+        self._dispatch_ipv4(packet, now)
+
+    def _dispatch_ipv4(self, packet: IPv4Packet, now: float) -> None:
         if packet.proto == PROTO_UDP:
             self._receive_udp(packet, now)
             return
@@ -233,33 +320,207 @@ class NetworkStack:
             return
         self.udp_nat.handle_datagram(packet, datagram, now)
 
+    # --- IPv6 ------------------------------------------------------------------
+
+    def _receive_ipv6(self, eth: ethernet.EthernetFrame, now: float, vnet: int) -> None:
+        try:
+            packet = IPv6Packet(eth.payload)
+        except MalformedPacket as error:
+            self.stats.drop(f"ipv6.drop.{error.reason}", f"IPv6 packet dropped: {error}")
+            return
+        self.stats.inc("ipv6.rx")
+        if is_multicast(packet.src):
+            self.stats.drop("ipv6.drop.bad_src", "IPv6 packet with a multicast source")
+            return
+        if packet.fragment is not None:
+            whole = self.fragments.add_ipv6(packet, now)
+            if whole is None:
+                return
+            try:
+                packet = IPv6Packet(whole)
+            except MalformedPacket as error:
+                self.stats.drop(f"ipv6.drop.{error.reason}", f"IPv6 packet dropped: {error}")
+                return
+            if packet.upper_protocol == NEXT_HEADER_ICMPV6 and _is_ndp(packet):
+                # RFC 6980: neighbour discovery never arrives in fragments.
+                self.stats.inc("ndp.drop.fragmented")
+                return
+        if packet.src != UNSPECIFIED:
+            self.learn_guest_ipv6(eth.src, packet.src)
+        proto = packet.upper_protocol
+        if proto == NEXT_HEADER_ICMPV6:
+            self._receive_icmpv6(eth, packet, now)
+        elif proto == NEXT_HEADER_UDP:
+            self._receive_udp6(packet, now, vnet)
+        else:
+            handler = self._ipv6_handlers.get(proto)
+            if handler is None:
+                self.stats.inc("ipv6.drop.proto")
+                return
+            handler.handle_ipv6(packet, now)
+
+    def _receive_icmpv6(self, eth: ethernet.EthernetFrame, packet: IPv6Packet,
+                        now: float) -> None:
+        try:
+            message = Icmpv6Message(packet)
+        except MalformedPacket as error:
+            self.stats.drop(f"icmp6.drop.{error.reason}", f"ICMPv6 dropped: {error}")
+            return
+        if ROUTER_SOLICITATION <= message.type <= REDIRECT:
+            if self.ndp is None:
+                self.stats.inc("ndp.drop.off")
+                return
+            self.ndp.handle_ndp(packet, message, eth.src, now)
+        elif message.type == ECHO_REQUEST and self.icmp is not None:
+            self.icmp.handle_echo6(packet, message, now)
+        else:
+            self.stats.inc("icmp6.drop.type")
+
+    def _receive_udp6(self, packet: IPv6Packet, now: float, vnet: int) -> None:
+        l4_start = ethernet.HEADER_LEN + len(packet.payload) - len(packet.upper_payload) + 40
+        partial = bool(vnet) and partial_l4_checksum(vnet, l4_start, UDP_CHECKSUM_OFFSET)
+        try:
+            datagram = UdpDatagram(packet.src, packet.dst, packet.upper_payload,
+                                   verify=not partial)
+        except MalformedPacket as error:
+            self.stats.drop(f"udp6.drop.{error.reason}", f"UDP over IPv6 dropped: {error}")
+            return
+        self.stats.inc("udp6.rx")
+        for service in self._udp6_services:
+            if service.accepts(packet.dst, datagram.dst_port):
+                service.handle_udp(packet.src, datagram.src_port, packet.dst, datagram.dst_port,
+                                   datagram.payload, now)
+                return
+        handler = self._ipv6_handlers.get(NEXT_HEADER_UDP)
+        if handler is None:
+            self.stats.inc("udp6.drop.no_handler")
+            return
+        handler.handle_ipv6(packet, now)
+
+    def learn_guest_ipv6(self, mac: bytes, address: bytes) -> None:
+        """The guest (at ``mac``) uses ``address``: from its packets, NDP and DAD probes."""
+        self._learn_mac(mac)
+        config = self.config
+        if (is_multicast(address) or address == UNSPECIFIED
+                or address in (config.gateway6, config.dns6, config.map_host_loopback6)):
+            return
+        known = self.guest_ipv6_addresses
+        if address in known:
+            return
+        if len(known) >= MAX_GUEST_IPV6_ADDRESSES:
+            del known[next(iter(known))]
+        known[address] = None
+        if not is_link_local(address):
+            self.guest_ipv6 = address
+        self.stats.inc("ipv6.guest_address_learned")
+
+    def is_guest_ipv6(self, address: bytes) -> bool:
+        """One of the guest's addresses, as learned."""
+        return address in self.guest_ipv6_addresses
+
+    def send_ipv6(self, src: bytes, dst: bytes, next_header: int,
+                  payload: bytes | bytearray | memoryview, hop_limit: int = 64,
+                  dst_mac: bytes | None = None) -> None:
+        """Queue an IPv6 packet for the guest (``send_ipv4``'s twin, no offloads).
+
+        ``dst_mac`` defaults to the learned guest MAC; without one the packet is held
+        (at most ``MAX_HELD_FOR_MAC``) and the guest is asked by a Neighbour Solicitation,
+        as ARP does for IPv4 ("ipv6.tx.drop.no_guest_mac" beyond that).
+        """
+        if len(payload) > IPV6_MAX_PAYLOAD:
+            self.stats.drop("ipv6.tx.drop.too_big", "IPv6 datagram for the guest over 65535 bytes")
+            return
+        if IPV6_HEADER_LEN + len(payload) <= self.config.mtu:
+            packets = [emit_ipv6_header(src, dst, next_header, len(payload), hop_limit)
+                       + bytes(payload)]
+        else:
+            # Nothing can send the host side a Packet Too Big: we fragment (RFC 8200 4.5).
+            packets = emit_ipv6_fragments(src, dst, next_header, payload, self.config.mtu,
+                                          self.next_fragment_ident(), hop_limit=hop_limit)
+            self._count_fragments(packets)
+        mac = dst_mac or self.guest_mac
+        for packet in packets:
+            if mac is None:
+                self._hold6_for_mac(dst, packet)
+                continue
+            self.frames_to_guest.append(ethernet.emit_ethernet(
+                mac, self.config.gateway_mac, ethernet.ETHERTYPE_IPV6, packet))
+            self.stats.inc("ipv6.tx")
+
+    def _hold6_for_mac(self, dst: bytes, packet: bytes) -> None:
+        if len(self._held6_for_mac) >= MAX_HELD_FOR_MAC:
+            self.stats.drop("ipv6.tx.drop.no_guest_mac",
+                            "IPv6 packet for the guest dropped: its MAC address is not known yet")
+            return
+        if len(self._held6_for_mac) % ARP_ASK_EVERY == 0 and self.ndp is not None:
+            self.ndp.solicit(dst)
+        self._held6_for_mac.append(packet)
+        self.stats.inc("ipv6.tx.held_for_mac")
+
+    def send_udp6(self, src: bytes, sport: int, dst: bytes, dport: int,
+                  payload: bytes | bytearray | memoryview, dst_mac: bytes | None = None) -> None:
+        """Queue a UDP datagram over IPv6 (checksum filled in) for the guest."""
+        self.send_ipv6(src, dst, NEXT_HEADER_UDP, emit_udp(src, sport, dst, dport, payload),
+                       dst_mac=dst_mac)
+
+    def send_icmpv6_error(self, invoking: IPv6Packet, icmp_type: int, code: int,
+                          rest: int = 0) -> bool:
+        """Answer a guest packet with an ICMPv6 error (e.g. ``wire.icmpv6.emit_port_unreachable``'s
+        destination unreachable / port unreachable for refused UDP, or packet too big), from
+        the packet's destination; False (nothing sent) where RFC 4443 2.4 (e) forbids one."""
+        if not may_answer_with_error(invoking):
+            self.stats.inc("icmp6.error_suppressed")
+            return False
+        src = invoking.dst
+        self.send_ipv6(src, invoking.src, NEXT_HEADER_ICMPV6,
+                       emit_error(src, invoking, icmp_type, code, rest))
+        self.stats.inc(f"icmp6.error_sent.{icmp_type}.{code}")
+        return True
+
     # --- stack -> guest (also used by the engines) -------------------------
 
     def send_ipv4(self, src: bytes, dst: bytes, proto: int, payload: bytes | bytearray | memoryview,
                   ttl: int = 64, dst_mac: bytes | None = None, offload: int = 0) -> None:
         """Queue an IPv4 packet for the guest, from ``src`` (any address we impersonate).
 
-        ``dst_mac`` defaults to the learned guest MAC; without one the packet is
-        held (at most ``MAX_HELD_FOR_MAC``) and the guest is asked by ARP: a guest
-        configured statically may say nothing before a host peer reaches a forwarded
-        port. Beyond that limit packets are dropped and counted ("ipv4.tx.drop.no_guest_mac").
+        ``dst_mac`` defaults to the learned guest MAC; until there is one the frame goes
+        to the broadcast address at once, as passt sends it (a guest configured statically
+        may say nothing before a host peer reaches a forwarded port), and the guest is asked
+        by ARP every ``ARP_ASK_EVERY`` such frames ("ipv4.tx.broadcast", "arp.request_sent").
         ``offload`` is the frame's vnet word (``offload.py``) when its L4 checksum was left
         partial or unset for the guest (only as ``guest_offloads`` allow); the queue then
         holds ``(frame, offload)``.
+
+        A packet without offload that does not fit the guest's MTU leaves as fragments
+        (DF clear: we are its sender); one with offload is a GSO frame the guest segments.
         """
         mac = dst_mac or self.guest_mac
-        header = emit_ipv4_header(src, dst, proto, len(payload), ttl=ttl)
-        if mac is None:
-            if offload:
-                # A held packet leaves as a plain frame: without its header it must be whole.
-                self.stats.inc("ipv4.tx.drop.offload_held")
-                return
-            self._hold_for_mac(dst, header + bytes(payload))
+        if MIN_HEADER_LEN + len(payload) > 0xFFFF:
+            self.stats.drop("ipv4.tx.drop.too_big", "datagram for the guest over 65535 bytes")
             return
-        frame = ethernet.emit_ethernet(mac, self.config.gateway_mac, ethernet.ETHERTYPE_IPV4,
-                                       header + bytes(payload))
-        self.frames_to_guest.append((frame, offload) if offload else frame)
-        self.stats.inc("ipv4.tx")
+        if offload or MIN_HEADER_LEN + len(payload) <= self.config.mtu:
+            packets = [emit_ipv4_header(src, dst, proto, len(payload), ttl=ttl) + bytes(payload)]
+        else:
+            packets = emit_ipv4_fragments(src, dst, proto, payload, self.config.mtu,
+                                          self.next_fragment_ident(), ttl=ttl)
+            self._count_fragments(packets)
+        if mac is None:
+            mac = self._broadcast_until_learned(dst)
+        for packet in packets:
+            frame = ethernet.emit_ethernet(mac, self.config.gateway_mac,
+                                           ethernet.ETHERTYPE_IPV4, packet)
+            self.frames_to_guest.append((frame, offload) if offload else frame)
+        self.stats.inc("ipv4.tx", len(packets))
+
+    def _count_fragments(self, packets: list[bytes]) -> None:
+        self.stats.inc("frag.tx_datagrams")
+        self.stats.inc("frag.tx_fragments", len(packets))
+
+    def next_fragment_ident(self) -> int:
+        """A fresh 32-bit identification for a datagram we fragment (IPv4 uses its low 16
+        bits; ``wire.ipv6.emit_ipv6_fragments`` all 32)."""
+        self._fragment_ident = (self._fragment_ident + 1) & 0xFFFFFFFF
+        return self._fragment_ident
 
     @property
     def gateway_mac(self) -> bytes:
@@ -275,20 +536,18 @@ class NetworkStack:
             append(frame)
         self.stats.inc("ipv4.tx", len(frames))
 
-    def _hold_for_mac(self, dst: bytes, packet: bytes) -> None:
-        if len(self._held_for_mac) >= MAX_HELD_FOR_MAC:
-            self.stats.drop("ipv4.tx.drop.no_guest_mac",
-                                "packet for the guest dropped: its MAC address is not known yet")
-            return
-        # Ask again every few packets (no clock here): the guest may miss one request.
-        if len(self._held_for_mac) % ARP_ASK_EVERY == 0:
+    def _broadcast_until_learned(self, dst: bytes) -> bytes:
+        """The destination MAC for a frame to a guest whose MAC is unknown: broadcast, with an
+        ARP request for ``dst`` before every ``ARP_ASK_EVERY``-th such frame (no clock here)."""
+        if self._broadcast_sent % ARP_ASK_EVERY == 0:
             request = arp.emit_arp(arp.OP_REQUEST, self.config.gateway_mac, self.config.gateway,
                                    bytes(6), dst)
             self.frames_to_guest.append(ethernet.emit_ethernet(
                 ethernet.BROADCAST_MAC, self.config.gateway_mac, ethernet.ETHERTYPE_ARP, request))
             self.stats.inc("arp.request_sent")
-        self._held_for_mac.append(packet)
-        self.stats.inc("ipv4.tx.held_for_mac")
+        self._broadcast_sent += 1
+        self.stats.inc("ipv4.tx.broadcast")
+        return ethernet.BROADCAST_MAC
 
     def send_udp(self, src: bytes, sport: int, dst: bytes, dport: int,
                  payload: bytes | bytearray | memoryview, dst_mac: bytes | None = None) -> None:
@@ -310,3 +569,9 @@ class NetworkStack:
         if self.icmp is not None:
             self.stats.set("icmp.flows", self.icmp.flow_count())
         return self.stats.snapshot()
+
+
+def _is_ndp(packet: IPv6Packet) -> bool:
+    """An ICMPv6 packet of one of the neighbour discovery types (133-137)."""
+    body = packet.upper_payload
+    return len(body) > 0 and ROUTER_SOLICITATION <= body[0] <= REDIRECT

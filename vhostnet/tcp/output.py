@@ -33,7 +33,7 @@ class Ipv4Output(Protocol):
 
     guest_offloads: GuestOffloads  # checksum/TSO offloads the guest accepts on receive
     # The guest's MAC once learned; until then data goes segment by segment
-    # through send_ipv4, which holds packets for the guest's MAC.
+    # through send_ipv4, which sends to the broadcast address and asks by ARP.
     guest_mac: bytes | None
     gateway_mac: bytes  # our own MAC, the source of whole frames
 
@@ -114,7 +114,9 @@ class GuestOutput:
 
     def _data_frames(self, flow: Flow, data: bytes | memoryview, size: int, checksum: int) -> bool:
         """Whole frames built in C (``frames.data_frames``) once the guest's MAC is known
-        (else the caller sends segment by segment, to be held until it is)."""
+        (else the caller sends segment by segment through ``send_ipv4``, which sends them to
+        the broadcast address and asks the guest's MAC by ARP: a rare path, only before the
+        guest has sent anything)."""
         guest_mac = self.output.guest_mac
         if guest_mac is None:
             return False

@@ -216,7 +216,7 @@ class BackendHandler:
         for index, ring in enumerate(self.rings):
             try:
                 if ring.started:
-                    ring.base = self.device.ring_stop(index) & 0xFFFF
+                    ring.base = self.device.ring_stop(index) & 0xFFFFFFFF
                     ring.started = False
                 if ring.kick_fd is not None:
                     self.device.ring_kick_fd(index, None)
@@ -468,8 +468,9 @@ class BackendHandler:
         ring = self._ring(state.index)
         if ring.started:
             raise _Reject("ring_busy", f"ring {state.index} is running")
-        # Split rings use the low 16 bits; packed rings are never offered.
-        ring.base = state.num & 0xFFFF
+        # Split rings use the low 16 bits; packed rings all 32: avail position and wrap
+        # counter (bit 15) low, used position and wrap counter high (QEMU's encoding).
+        ring.base = state.num & 0xFFFFFFFF
         return None
 
     def _set_vring_addr(self, msg: Message, fds: list[int]) -> _Result:
@@ -499,7 +500,7 @@ class BackendHandler:
         ring = self.rings[state.index]
         if ring.started:
             ring.started = False
-            ring.base = self.device.ring_stop(state.index) & 0xFFFF
+            ring.base = self.device.ring_stop(state.index) & 0xFFFFFFFF
         self._forget_kick(state.index, ring)
         return VringState(state.index, ring.base).emit()
 

@@ -1,8 +1,13 @@
-"""Guest memory and split virtqueues (the Cython data path lives in ext/virtq.pyx)."""
+"""Guest memory and virtqueues, split and packed (the Cython data path lives in ext/virtq.pyx)."""
 
 from vhostnet.virtqueue._virtq import FrameBatch
 from vhostnet.virtqueue.memory import AddressError, GuestMemory, MappedRegion
-from vhostnet.virtqueue.virtqueue import MAX_FRAME_BYTES, Virtqueue
+from vhostnet.virtqueue.virtqueue import (
+    MAX_FRAME_BYTES,
+    PACKED_FRESH_BASE,
+    VIRTIO_F_RING_PACKED,
+    Virtqueue,
+)
 
 __all__ = [
     "AddressError",
@@ -10,5 +15,7 @@ __all__ = [
     "GuestMemory",
     "MappedRegion",
     "MAX_FRAME_BYTES",
+    "PACKED_FRESH_BASE",
+    "VIRTIO_F_RING_PACKED",
     "Virtqueue",
 ]

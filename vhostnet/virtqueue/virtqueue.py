@@ -1,7 +1,7 @@
-"""The Python face of one split virtqueue: construction, memory changes, logging.
+"""The Python face of one virtqueue, split or packed: construction, memory changes, logging.
 
-The per-frame work happens in the Cython kernel (``_virtq.SplitQueue``, from
-ext/virtq.pyx) with the GIL released; this class only sets it up and turns its
+The per-frame work happens in the Cython kernel (``_virtq.SplitQueue`` or
+``_virtq.PackedQueue``, from ext/virtq.pyx) with the GIL released; this class only sets it up and turns its
 error counters into log lines, once per reason per queue, outside the kernel.
 
 Memory changes: the kernel keeps its own copy of the region table (with
@@ -20,7 +20,7 @@ from vhostnet.virtqueue import _virtq
 from vhostnet.virtqueue._virtq import FrameBatch
 from vhostnet.virtqueue.memory import AddressError, GuestMemory
 
-__all__ = ["MAX_FRAME_BYTES", "Virtqueue"]
+__all__ = ["MAX_FRAME_BYTES", "PACKED_FRESH_BASE", "VIRTIO_F_RING_PACKED", "Virtqueue"]
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,19 @@ _T = TypeVar("_T")
 
 MAX_FRAME_BYTES: int = _virtq.MAX_FRAME_BYTES
 
+# The feature bit that makes a ring packed (virtio 1.1, bit 34).
+VIRTIO_F_RING_PACKED = 1 << 34
+# A packed ring's base before the guest used it: both positions at slot 0, wrap counters 1.
+PACKED_FRESH_BASE = 0x80008000
+
 
 class Virtqueue:
-    """A started split virtqueue of a virtio-net device.
+    """A started virtqueue of a virtio-net device, packed if ``features`` has RING_PACKED.
 
     ``hdr_len`` is the virtio-net header length (12 with VERSION_1 or MRG_RXBUF, 10 for
-    legacy without it). ``base`` is the next avail index (SET_VRING_BASE). Raises
+    legacy without it). ``base`` is SET_VRING_BASE's value: the next avail index (split),
+    or both positions with their wrap counters (packed, see ``PACKED_FRESH_BASE``); for a
+    packed ring ``avail_uva``/``used_uva`` are the driver and device event areas. Raises
     ``AddressError`` if a ring is not inside one mapped region, ``ValueError`` for a bad
     size, header length or ring alignment. ``features`` are the negotiated virtio bits: TX
     headers asking for an offload not negotiated are refused (counted), RX frames carry
@@ -59,7 +66,9 @@ class Virtqueue:
         self.name = name
         self._memory = memory
         self._rings = (desc_uva, avail_uva, used_uva)
-        self._kernel = _virtq.SplitQueue(
+        self.packed = bool(features & VIRTIO_F_RING_PACKED)
+        kernel = _virtq.PackedQueue if self.packed else _virtq.SplitQueue
+        self._kernel = kernel(
             size, hdr_len, mrg_rxbuf, event_idx, -1 if call_fd is None else call_fd, base
         )
         # Header offloads (checksum, segmentation) are honoured only as far as negotiated.
@@ -142,6 +151,11 @@ class Virtqueue:
     @property
     def last_avail_idx(self) -> int:
         return self._kernel.last_avail_idx
+
+    @property
+    def base(self) -> int:
+        """What GET_VRING_BASE answers: the next avail index (split) or both packed positions."""
+        return self._kernel.base
 
     @property
     def used_idx(self) -> int:

@@ -1,4 +1,4 @@
-"""The Internet checksum (RFC 1071) and the IPv4 pseudo-header sums TCP and UDP use.
+"""The Internet checksum (RFC 1071) and the IPv4 and IPv6 pseudo-header sums TCP and UDP use.
 
 The summing itself is a small C kernel (``ext/csum.pyx``): called for every
 frame, a Python or numpy loop cost about 9 µs per call, mostly overhead on
@@ -37,12 +37,19 @@ def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
     return total
 
 
+def _pseudo_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """The pseudo-header sum of either family, told apart by the address length."""
+    if len(src) == 16:
+        return pseudo_header_sum_ipv6(src, dst, proto, length)
+    return pseudo_header_sum(src, dst, proto, length)
+
+
 def l4_checksum(src: bytes, dst: bytes, proto: int, segment: bytes | bytearray | memoryview) -> int:
-    """Checksum for a TCP or UDP segment whose checksum field is zero.
+    """Checksum for a TCP or UDP segment whose checksum field is zero (IPv4 or IPv6 addresses).
 
     UDP transmits a computed 0 as 0xFFFF (RFC 768), since 0 means "no checksum".
     """
-    value = internet_checksum(segment, pseudo_header_sum(src, dst, proto, len(segment)))
+    value = internet_checksum(segment, _pseudo_sum(src, dst, proto, len(segment)))
     if proto == PROTO_UDP and value == 0:
         return 0xFFFF
     return value
@@ -51,11 +58,13 @@ def l4_checksum(src: bytes, dst: bytes, proto: int, segment: bytes | bytearray |
 def l4_checksum_ok(src: bytes, dst: bytes, proto: int, segment: bytes | bytearray | memoryview) -> bool:
     """True when a received TCP/UDP segment (checksum field included) verifies.
 
-    A UDP checksum of zero means the sender did not compute one, which IPv4 allows.
+    A UDP checksum of zero means the sender did not compute one, which IPv4 allows
+    and IPv6 does not (RFC 8200 section 8.1).
     """
-    if proto == PROTO_UDP and len(segment) >= 8 and segment[6] == 0 and segment[7] == 0:
+    if (proto == PROTO_UDP and len(src) == 4 and len(segment) >= 8 and segment[6] == 0
+            and segment[7] == 0):
         return True
-    return ones_complement_sum(segment, pseudo_header_sum(src, dst, proto, len(segment))) == 0xFFFF
+    return ones_complement_sum(segment, _pseudo_sum(src, dst, proto, len(segment))) == 0xFFFF
 
 
 def pseudo_header_sum_ipv6(src: bytes, dst: bytes, next_header: int, length: int) -> int:

@@ -3,8 +3,12 @@
 The view checks, in order: length of the fixed header, version, IHL (at least 5
 words and inside the buffer), total length (covers the header, fits the buffer;
 Ethernet padding beyond it is ignored), header checksum, and fragmentation.
-Fragments are refused (reason "fragment"): nothing in this stack reassembles,
-and guests using path-MTU discovery do not fragment.
+Fragments are refused (reason "fragment") unless the caller asks for them
+(``allow_fragments``): the stack hands those to its reassembler
+(``vhostnet.stack.fragments``) and parses the reassembled datagram again.
+
+``emit_ipv4_fragments`` cuts a datagram too large for the link into fragments
+(RFC 791 section 3.2): every fragment but the last carries a multiple of 8 bytes.
 """
 
 from __future__ import annotations
@@ -28,12 +32,16 @@ class IPv4Packet:
     (options included, for quoting in ICMP errors); ``payload`` is a memoryview
     bounded by the total length field. ``checksum_partial`` is set by the stack when
     the guest left the TCP/UDP checksum partial (virtio NEEDS_CSUM): not to be verified.
+    ``fragment_offset`` (in bytes) and ``more_fragments`` describe a fragment; a view made
+    without ``allow_fragments`` is never one.
     """
 
     __slots__ = ("version", "header_len", "tos", "total_length", "ident", "flags_fragment",
-                 "ttl", "proto", "src", "dst", "header", "payload", "checksum_partial")
+                 "ttl", "proto", "src", "dst", "header", "payload", "checksum_partial",
+                 "fragment_offset", "more_fragments")
 
-    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview, allow_fragments: bool = False
+                 ) -> None:
         view = memoryview(data)
         if len(view) < MIN_HEADER_LEN:
             raise MalformedPacket("short", f"{len(view)} bytes is shorter than an IPv4 header")
@@ -51,13 +59,20 @@ class IPv4Packet:
             raise MalformedPacket("bad_length", f"total length {self.total_length}")
         if ones_complement_sum(view[: self.header_len]) != 0xFFFF:
             raise MalformedPacket("bad_checksum", "IPv4 header checksum")
-        if self.flags_fragment & (FLAG_MORE_FRAGMENTS | FRAGMENT_OFFSET_MASK):
-            raise MalformedPacket("fragment", "IPv4 fragments are not reassembled")
+        self.fragment_offset = (self.flags_fragment & FRAGMENT_OFFSET_MASK) * 8
+        self.more_fragments = bool(self.flags_fragment & FLAG_MORE_FRAGMENTS)
+        if not allow_fragments and self.is_fragment:
+            raise MalformedPacket("fragment", "IPv4 fragments are not reassembled here")
         self.src = bytes(view[12:16])
         self.dst = bytes(view[16:20])
         self.header = bytes(view[: self.header_len])
         self.payload = view[self.header_len : self.total_length]
         self.checksum_partial = False
+
+    @property
+    def is_fragment(self) -> bool:
+        """A piece of a larger datagram (a later fragment, or the first with MF set)."""
+        return self.more_fragments or self.fragment_offset != 0
 
 
 def emit_ipv4_header(
@@ -68,15 +83,43 @@ def emit_ipv4_header(
     ttl: int = 64,
     tos: int = 0,
     ident: int = 0,
+    flags_fragment: int = FLAG_DONT_FRAGMENT,
 ) -> bytes:
-    """A 20-byte header with DF set and a correct checksum.
+    """A 20-byte header with a correct checksum; by default DF set and no fragment fields.
 
     With DF set the identification field has no meaning (RFC 6864), so 0 is fine.
     """
     total = MIN_HEADER_LEN + payload_len
     if total > 0xFFFF:
         raise ValueError(f"IPv4 packet of {total} bytes is too long")
-    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, tos, total, ident, FLAG_DONT_FRAGMENT,
+    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, tos, total, ident, flags_fragment,
                                    ttl, proto, 0, src, dst))
     struct.pack_into("!H", header, 10, internet_checksum(header))
     return bytes(header)
+
+
+def emit_ipv4_fragments(src: bytes, dst: bytes, proto: int,
+                        payload: bytes | bytearray | memoryview, mtu: int, ident: int,
+                        ttl: int = 64, tos: int = 0) -> list[bytes]:
+    """``payload`` as whole IPv4 packets (headers included) of at most ``mtu`` bytes each.
+
+    One packet with DF set if it fits; otherwise fragments with DF clear, MF set on all
+    but the last, identification ``ident`` (unique per source, destination and protocol
+    while fragments may live: RFC 6864) and 8-byte aligned offsets.
+    """
+    if MIN_HEADER_LEN + len(payload) <= mtu:
+        return [emit_ipv4_header(src, dst, proto, len(payload), ttl, tos) + bytes(payload)]
+    if MIN_HEADER_LEN + len(payload) > 0xFFFF:
+        raise ValueError(f"IPv4 datagram of {MIN_HEADER_LEN + len(payload)} bytes is too long")
+    step = (mtu - MIN_HEADER_LEN) & ~7
+    if step <= 0:
+        raise ValueError(f"an MTU of {mtu} bytes holds no fragment")
+    view = memoryview(payload)
+    packets = []
+    for start in range(0, len(view), step):
+        piece = view[start : start + step]
+        more = FLAG_MORE_FRAGMENTS if start + step < len(view) else 0
+        header = emit_ipv4_header(src, dst, proto, len(piece), ttl, tos, ident & 0xFFFF,
+                                  more | start // 8)
+        packets.append(header + bytes(piece))
+    return packets

@@ -59,12 +59,12 @@ class IPv6Packet:
     there is one); ``upper_protocol``/``upper_payload`` are what the extension
     headers lead to; ``extensions`` lists ``(type, offset, length)`` of each
     walked extension header, offsets counted from the start of ``payload``.
-    ``src``/``dst`` are 16-byte ``bytes``; ``payload`` is a memoryview bounded by
-    the payload length field.
+    ``src``/``dst`` are 16-byte ``bytes``; ``header`` is a memoryview of the fixed header
+    and ``payload`` one bounded by the payload length field.
     """
 
     __slots__ = ("traffic_class", "flow_label", "payload_length", "next_header", "hop_limit",
-                 "src", "dst", "payload", "extensions", "fragment", "upper_protocol",
+                 "src", "dst", "header", "payload", "extensions", "fragment", "upper_protocol",
                  "upper_payload")
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
@@ -83,6 +83,7 @@ class IPv6Packet:
         self.hop_limit: int = hop_limit
         self.src: bytes = src
         self.dst: bytes = dst
+        self.header = view[:HEADER_LEN]  # for quoting in ICMPv6 errors
         self.payload = view[HEADER_LEN : HEADER_LEN + payload_length]
         self.fragment: Fragment | None = None
         self._walk_extensions()
@@ -137,3 +138,74 @@ def link_local_address(mac: bytes) -> bytes:
     """fe80::/64 with the modified EUI-64 interface identifier of ``mac`` (RFC 4291 appendix A)."""
     identifier = bytes((mac[0] ^ 0x02,)) + mac[1:3] + b"\xff\xfe" + mac[3:6]
     return bytes.fromhex("fe80000000000000") + identifier
+
+
+def is_multicast(address: bytes) -> bool:
+    """ff00::/8."""
+    return address[0] == 0xFF
+
+
+def is_link_local(address: bytes) -> bool:
+    """fe80::/10."""
+    return address[0] == 0xFE and address[1] & 0xC0 == 0x80
+
+
+def solicited_node_address(address: bytes) -> bytes:
+    """ff02::1:ffXX:XXXX, where Neighbour Solicitations for ``address`` go (RFC 4291 2.7.1)."""
+    return bytes.fromhex("ff0200000000000000000001ff") + address[13:16]
+
+
+def multicast_mac(address: bytes) -> bytes:
+    """33:33 and the group's last 32 bits (RFC 2464 section 7)."""
+    return b"\x33\x33" + address[12:16]
+
+
+def in_prefix(address: bytes, prefix: bytes, length: int) -> bool:
+    """True when the first ``length`` bits of ``address`` are those of ``prefix``."""
+    shift = 128 - length
+    return int.from_bytes(address, "big") >> shift == int.from_bytes(prefix, "big") >> shift
+
+
+# --- fragments (RFC 8200 section 4.5) ----------------------------------------------
+
+FRAGMENT_HEADER_LEN = 8
+MAX_PAYLOAD = 0xFFFF  # no jumbograms
+
+
+def emit_fragment_header(next_header: int, offset: int, more: bool, ident: int) -> bytes:
+    """The 8-byte fragment header; ``offset`` in bytes (a multiple of 8), M flag, identification."""
+    if offset % 8 or not 0 <= offset <= 0xFFF8:
+        raise ValueError(f"fragment offset {offset} is not a multiple of 8 below 65536")
+    return _FRAGMENT.pack(next_header, offset | int(more), ident & 0xFFFFFFFF)
+
+
+def emit_ipv6_fragments(src: bytes, dst: bytes, next_header: int,
+                        payload: bytes | bytearray | memoryview, mtu: int, ident: int,
+                        hop_limit: int = 64, traffic_class: int = 0, flow_label: int = 0
+                        ) -> list[bytes]:
+    """``payload`` (the upper layer's: no extension headers) as whole IPv6 packets of at most
+    ``mtu`` bytes each: one plain packet if it fits, else fragments, each with a fragment
+    header of identification ``ident`` and 8-byte aligned offsets, M set on all but the last.
+
+    The source fragments here because nothing can send it a Packet Too Big: the datagrams
+    come from host sockets, and the guest's link MTU is known.
+    """
+    if HEADER_LEN + len(payload) <= mtu:
+        return [emit_ipv6_header(src, dst, next_header, len(payload), hop_limit, traffic_class,
+                                 flow_label) + bytes(payload)]
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"IPv6 payload of {len(payload)} bytes is too long")
+    step = (mtu - HEADER_LEN - FRAGMENT_HEADER_LEN) & ~7
+    if step <= 0:
+        raise ValueError(f"an MTU of {mtu} bytes holds no fragment")
+    view = memoryview(payload)
+    packets = []
+    for start in range(0, len(view), step):
+        piece = view[start : start + step]
+        more = start + step < len(view)
+        header = emit_ipv6_header(src, dst, NEXT_HEADER_FRAGMENT,
+                                  FRAGMENT_HEADER_LEN + len(piece), hop_limit, traffic_class,
+                                  flow_label)
+        packets.append(header + emit_fragment_header(next_header, start, more, ident)
+                       + bytes(piece))
+    return packets

@@ -14,10 +14,10 @@ HEADER_LEN = 8
 
 
 class UdpDatagram:
-    """Checked view of a UDP datagram carried in an IPv4 packet.
+    """Checked view of a UDP datagram carried in an IPv4 or IPv6 packet (by the addresses' length).
 
     The length field must cover the header and fit in the IP payload (trailing
-    bytes beyond it are ignored); the checksum is verified against the IPv4
+    bytes beyond it are ignored); the checksum is verified against the
     pseudo-header unless the sender left it zero or ``verify`` is False (a partial
     checksum the guest's virtio driver left to the device).
     """

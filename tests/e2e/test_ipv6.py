@@ -1,0 +1,111 @@
+"""IPv6 in a real guest: SLAAC from our Router Advertisements, DHCPv6 with -a (a small
+client of our own, dhcp6c.c: the kit's busybox has no udhcpc6), ping -6 to the gateway,
+and -4 / -6 switching the other family off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.guestlib import compile_guest_tool, guest_binary, ping_check
+from tools.guestkit import Kit
+
+pytestmark = pytest.mark.e2e
+
+GATEWAY6 = "fec0::2"
+SLAAC_WAIT_TENTHS = 100  # the guest must have its address and route within 10 s of link up
+
+LINK_UP = (
+    "if ip link show eth0 >/dev/null 2>&1; then echo RESULT link=up; "
+    "else echo RESULT link=missing; fi\n"
+    "ip link set eth0 up\n"
+)
+
+# Polls every 0.1 s from link up: an address beyond link-local (fec0::/10 has site scope,
+# 2001:db8::/32 global) out of DAD (not tentative) and a default route via a link-local
+# address (the gateway's, from the RA).
+WAIT_FOR_SLAAC = f"""
+i=0
+while [ $i -lt {SLAAC_WAIT_TENTHS} ]; do
+    if ip -6 addr show dev eth0 | grep 'inet6 ' | grep -v 'scope link' | grep -qv tentative \\
+        && ip -6 route show default | grep -q 'via fe80:'; then break; fi
+    sleep 0.1
+    i=$((i+1))
+done
+if [ $i -lt {SLAAC_WAIT_TENTHS} ]; then echo RESULT slaac=ok; else echo RESULT slaac=none; fi
+echo "RESULT slaac_tenths=$i"
+echo "RESULT address6=$(ip -6 addr show dev eth0 | grep -v 'scope link' | sed -n 's/.*inet6 \\([^/ ]*\\).*/\\1/p' | head -n 1)"
+echo "RESULT route6=$(ip -6 route show default | head -n 1 | tr ' ' _)"
+"""
+
+
+def one_version(kit: Kit) -> str:
+    return "10.0" if kit.qemu10 is not None else "7.2"
+
+
+def test_slaac_and_ping6_gateway(vhostnet, run_guest, qemu_version):
+    server = vhostnet()
+    script = LINK_UP + WAIT_FOR_SLAAC + ping_check(f"-6 {GATEWAY6}", count=3, name="ping6")
+    run = run_guest(qemu_version, script, socket_path=server.socket_path)
+    run.check_completed()
+    assert run.results["link"] == "up"
+    assert run.results["slaac"] == "ok", run.output
+    # The guest's address is built from the advertised prefix (fec0::/64) and its MAC.
+    assert run.results["address6"] == "fec0::5054:ff:fe12:3456", run.output
+    assert run.results["route6"].startswith("default_via_fe80::5056:ff:fe00:2_"), run.output
+    assert run.results["ping6"] == "ok", run.output
+    assert run.results["ping6_loss"] == "0"
+
+
+def test_dhcpv6_gives_the_configured_address(vhostnet, run_guest, kit, tmp_path: Path):
+    client = compile_guest_tool(Path(__file__).with_name("dhcp6c.c"), tmp_path)
+    server = vhostnet("-a", "2001:db8:1::15", "-g", "2001:db8:1::2", "-D", "2001:db8:1::3")
+    script = LINK_UP + guest_binary("/tmp/dhcp6c", client) + """
+# The client sends from its link-local address: wait until duplicate detection let it go.
+i=0
+while [ $i -lt 100 ]; do
+    ip -6 addr show dev eth0 scope link | grep inet6 | grep -qv tentative && break
+    sleep 0.1
+    i=$((i+1))
+done
+/tmp/dhcp6c $(cat /sys/class/net/eth0/ifindex) > /tmp/dhcp6.out
+echo "RESULT dhcp6_rc=$?"
+cat /tmp/dhcp6.out
+address=$(sed -n 's/^dhcp6 address=\\([^ ]*\\).*/\\1/p' /tmp/dhcp6.out)
+echo "RESULT dhcp6_address=$address"
+echo "RESULT dhcp6_dns=$(sed -n 's/.* dns=\\([^ ]*\\).*/\\1/p' /tmp/dhcp6.out)"
+ip -6 addr add "$address/128" dev eth0
+""" + WAIT_FOR_SLAAC + ping_check("-6 2001:db8:1::2", count=3, name="ping6")
+    run = run_guest(one_version(kit), script, socket_path=server.socket_path)
+    run.check_completed()
+    assert run.results["dhcp6_rc"] == "0", run.output
+    assert run.results["dhcp6_address"] == "2001:0db8:0001:0000:0000:0000:0000:0015"
+    assert run.results["dhcp6_dns"] == "2001:0db8:0001:0000:0000:0000:0000:0003"
+    assert run.results["ping6"] == "ok", run.output
+    assert run.results["ping6_loss"] == "0"
+
+
+def test_ipv4_only_sends_no_router_advertisement(vhostnet, run_guest, kit):
+    server = vhostnet("-4")
+    # Six seconds cover the guest's router solicitations (sent 0, 4 and 8 s after link up
+    # by Linux, the first answered at once when IPv6 is on); IPv4 must still work.
+    script = LINK_UP + WAIT_FOR_SLAAC.replace(str(SLAAC_WAIT_TENTHS), "60") + (
+        "udhcpc -n -q -t 5 -T 2 -i eth0 >/dev/null 2>&1 && echo RESULT dhcp4=ok "
+        "|| echo RESULT dhcp4=fail\n")
+    run = run_guest(one_version(kit), script, socket_path=server.socket_path)
+    run.check_completed()
+    assert run.results["slaac"] == "none", run.output
+    assert run.results["route6"] == "", run.output
+    assert run.results["dhcp4"] == "ok", run.output
+
+
+def test_ipv6_only_gives_no_dhcpv4_lease(vhostnet, run_guest, kit):
+    server = vhostnet("-6")
+    script = LINK_UP + (
+        "udhcpc -n -q -t 3 -T 1 -i eth0 >/dev/null 2>&1 && echo RESULT dhcp4=ok "
+        "|| echo RESULT dhcp4=fail\n") + WAIT_FOR_SLAAC
+    run = run_guest(one_version(kit), script, socket_path=server.socket_path)
+    run.check_completed()
+    assert run.results["dhcp4"] == "fail", run.output
+    assert run.results["slaac"] == "ok", run.output
