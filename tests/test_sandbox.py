@@ -58,6 +58,8 @@ print(json.dumps({
     "mkdir": attempt(lambda: os.mkdir(sys.argv[1] + "/dir")),
     "chmod": attempt(lambda: os.chmod(sys.argv[1], 0o777)),
     "io_uring": attempt(_io_uring),
+    "clone_newuser": attempt(_clone_newuser),
+    "unshare": attempt(_unshare_newuser),
 }), flush=True)
 """
 
@@ -68,6 +70,21 @@ def _io_uring():
     params = ctypes.create_string_buffer(120)
     if libc.syscall(425, 8, params) < 0:  # io_uring_setup
         raise OSError(ctypes.get_errno(), "io_uring_setup")
+    return "allowed"
+
+def _unshare_newuser():
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x10000000) < 0:  # CLONE_NEWUSER
+        raise OSError(ctypes.get_errno(), "unshare")
+    return "allowed"
+
+def _clone_newuser():
+    libc = ctypes.CDLL(None, use_errno=True)
+    pid = libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0)  # clone(CLONE_NEWUSER | SIGCHLD)
+    if pid == 0:
+        libc._exit(0)
+    if pid < 0:
+        raise OSError(ctypes.get_errno(), "clone")
     return "allowed"
 """
 
@@ -98,12 +115,13 @@ def test_the_sandboxed_process_is_nobody_with_nothing_left(tmp_path: Path) -> No
 
 def test_the_filter_refuses_what_vhostnet_never_does(tmp_path: Path) -> None:
     report = run_sandboxed_child(tmp_path)
-    for call in ("fork", "exec", "open_write", "open_create", "packet_socket",
-                 "netlink_socket", "mkdir", "chmod"):
+    for call in ("exec", "open_write", "open_create", "packet_socket",
+                 "netlink_socket", "mkdir", "chmod", "clone_newuser", "unshare"):
         assert report[call] == "EPERM", (call, report[call])
     assert report["io_uring"] in ("ENOSYS", "EPERM")  # io_uring would bypass the filter
     # ... and allows what it does.
     assert report["udp_socket"] == "allowed"
+    assert report["fork"] == "allowed"  # the --state-file catcher keeper
     assert report["read_file"] == "allowed"
     assert not (tmp_path / "written").exists() and not (tmp_path / "created").exists()
 
@@ -170,3 +188,53 @@ def test_an_unknown_runas_user_is_one_sentence(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == "vhostnet: --runas: there is no user 'no-such-user'"
+
+
+TFTP_AFTER_DROP = r"""
+import json, os, sys
+from vhostnet import sandbox
+from vhostnet.hostio.tftp_files import TftpRoot
+from vhostnet.wire.tftp import TftpError
+
+files = TftpRoot(sys.argv[1])  # at start, as root
+sandbox.drop_privileges(sandbox.user_to_run_as(None))
+sandbox.install_seccomp()
+report = {}
+for name in ("boot.bin", "cfg/up", "../secret", "cfg/escape"):
+    try:
+        handle = files.open(name)
+        report[name] = files.read(handle, 0, 100).decode()
+        files.close(handle)
+    except TftpError as exc:
+        report[name] = exc.code.name
+try:
+    open(os.path.join(sys.argv[1], "boot.bin")).close()
+    report["by_path"] = "allowed"
+except OSError as exc:
+    report["by_path"] = exc.strerror
+print(json.dumps(report))
+"""
+
+
+def test_a_tftp_root_below_a_folder_only_root_reaches_serves_after_the_drop(
+        tmp_path: Path) -> None:
+    """The folders above the TFTP root need not be reachable by nobody: the root is opened
+    once at start and every name is walked from that descriptor."""
+    hidden = tmp_path / "root-only"
+    root = hidden / "tftp"
+    (root / "cfg").mkdir(parents=True, mode=0o755)
+    hidden.chmod(0o700)
+    root.chmod(0o755)
+    (root / "cfg").chmod(0o755)
+    (root / "boot.bin").write_text("boot image")
+    (root / "boot.bin").chmod(0o644)
+    (hidden / "secret").write_text("secret")
+    (root / "cfg" / "up").symlink_to("../boot.bin")  # '..' inside the root: followed
+    (root / "cfg" / "escape").symlink_to("../../secret")
+    result = subprocess.run([sys.executable, "-c", TFTP_AFTER_DROP, str(root)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["boot.bin"] == "boot image" and report["cfg/up"] == "boot image"
+    assert report["../secret"] == report["cfg/escape"] == "ACCESS_VIOLATION"
+    assert report["by_path"] == "Permission denied"  # what an open by path would meet

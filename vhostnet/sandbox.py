@@ -46,6 +46,7 @@ PING_GROUP_RANGE_PATH = "/proc/sys/net/ipv4/ping_group_range"
 # libseccomp (seccomp.h).
 SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_FLTATR_CTL_TSYNC = 4  # the filter applies to every thread of the process
+SCMP_FLTATR_CTL_LOG = 6  # the kernel logs each refused call (audit, dmesg: "type=1326")
 SCMP_CMP_EQ = 4
 SCMP_CMP_MASKED_EQ = 7
 REFUSED_ERRNO = errno.EPERM
@@ -74,6 +75,11 @@ ALLOWED_SYSCALLS: dict[str, tuple[str, ...]] = {
               "access", "faccessat", "faccessat2", "lstat", "stat"),
     # Guest memory (memfd regions from the front-end) and the TX ring kernel.
     "guest memory": ("memfd_create",),
+    # --state-file at SIGTERM forks the catcher keeper (vhostnet.migration.restart); clone
+    # itself is allowed only without CLONE_NEW* flags, clone3 looks absent (its flags are in
+    # memory, beyond seccomp's reach: glibc then falls back to clone). The keeper lists
+    # /proc/self/fd and closes what it does not keep (close_range where Python uses it).
+    "processes": ("wait4", "close_range", "set_tid_address"),
     # Host sockets of the NAT (TCP, UDP, ICMP echo), the vhost-user, control and
     # repair sockets (fds passed with SCM_RIGHTS), DEVICE_STATE pipes; socket()
     # itself only for the families of SOCKET_FAMILIES.
@@ -83,6 +89,9 @@ ALLOWED_SYSCALLS: dict[str, tuple[str, ...]] = {
                 "socketpair", "pipe2", "splice"),
 }
 IO_URING_SYSCALLS = ("io_uring_setup", "io_uring_enter", "io_uring_register")
+# Namespace flags of clone(2) (linux/sched.h): a new namespace is never vhostnet's business.
+CLONE_NEW_FLAGS = (0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000
+                   | 0x20000000 | 0x40000000)  # NEWNS CGROUP UTS IPC USER PID NET
 SOCKET_FAMILIES = (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
 # open/openat only when none of these flags is set: reading, never writing or creating.
 READ_ONLY_OPEN_MASK = os.O_ACCMODE | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -201,6 +210,8 @@ def install_seccomp(allowed: dict[str, tuple[str, ...]] = ALLOWED_SYSCALLS) -> i
         raise SandboxError("seccomp_init failed")
     try:
         _check(lib.seccomp_attr_set(ctx, SCMP_FLTATR_CTL_TSYNC, 1), "seccomp_attr_set")
+        # Not fatal: a kernel without SECCOMP_FILTER_FLAG_LOG still refuses, silently.
+        lib.seccomp_attr_set(ctx, SCMP_FLTATR_CTL_LOG, 1)
         count = 0
         for name in sorted({name for group in allowed.values() for name in group}):
             number = lib.seccomp_syscall_resolve_name(name.encode())
@@ -210,6 +221,11 @@ def install_seccomp(allowed: dict[str, tuple[str, ...]] = ALLOWED_SYSCALLS) -> i
             count += 1
         for family in SOCKET_FAMILIES:
             count += _allow_when(lib, ctx, "socket", (0, SCMP_CMP_EQ, family, 0))
+        count += _allow_when(lib, ctx, "clone", (0, SCMP_CMP_MASKED_EQ, CLONE_NEW_FLAGS, 0))
+        clone3 = lib.seccomp_syscall_resolve_name(b"clone3")
+        if clone3 >= 0:
+            _check(lib.seccomp_rule_add_array(ctx, _errno_action(errno.ENOSYS), clone3, 0,
+                                              None), "clone3")
         for name, flags_arg in (("openat", 2), ("open", 1)):
             count += _allow_when(lib, ctx, name, (flags_arg, SCMP_CMP_MASKED_EQ,
                                                   READ_ONLY_OPEN_MASK, 0))
