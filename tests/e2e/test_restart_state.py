@@ -65,6 +65,8 @@ def test_connections_survive_a_restart_with_the_state_file(vhostnet, guest, kit,
     if kit.qemu10 is None:
         pytest.fail(f"QEMU 10.0 is needed for reconnect-ms: {kit.qemu10_reason}")
     wrapper: tuple[str, ...] = ()
+    # Started as root, vhostnet keeps no capability unless told: direct TCP_REPAIR needs it.
+    direct = ("--keep-cap-net-admin",) if repair == "direct" else ()
     if repair != "direct":
         setpriv = shutil.which("setpriv")
         if setpriv is None:
@@ -77,7 +79,7 @@ def test_connections_survive_a_restart_with_the_state_file(vhostnet, guest, kit,
     helpers: list[subprocess.Popen[bytes]] = []
     state, control = tmp_path / "vhostnet.state", tmp_path / "vhostnet.ctl"
     forward_port = free_port()
-    net = vhostnet("--state-file", str(state), "--control", str(control),
+    net = vhostnet(*direct, "--state-file", str(state), "--control", str(control),
                    "-t", f"{LOOPBACK}/{forward_port}:{GUEST_ECHO_PORT}", wrapper=wrapper)
 
     def counters() -> dict[str, int]:

@@ -23,7 +23,8 @@ A restart is a same-host migration whose state goes through a file instead of QE
   retransmits would find no socket and the kernel would answer RST, so the
   migration's catchers (listening sockets with a drop-all filter on the frozen
   connections' local addresses) are handed to a small child process that
-  keeps them until PATH is empty or gone or ``CATCH_SECONDS`` have passed.
+  keeps them until PATH is emptied (watched through the open file) or
+  ``CATCH_SECONDS`` have passed.
 
 Without TCP_REPAIR (no CAP_NET_ADMIN and no helper connected) nothing can be
 frozen: at SIGTERM the host side of every TCP connection is closed with RST
@@ -98,14 +99,6 @@ class StateFile:
             self.fd = -1
 
 
-def holds_state(path: str) -> bool:
-    """PATH exists and is not empty."""
-    try:
-        return os.stat(path).st_size > 0
-    except FileNotFoundError:
-        return False
-
-
 def save_on_exit(network: Network, migration: TcpMigration, state: StateFile) -> int:
     """Export the network to the state file and release its connections silently; the number of
     TCP connections frozen for the next start (0 also when the state could not be written:
@@ -125,7 +118,7 @@ def save_on_exit(network: Network, migration: TcpMigration, state: StateFile) ->
         migration.thaw("the state file could not be written", now)
         return 0
     released = migration.release()
-    keeper = _keep_catchers(migration.catchers, state.path) if migration.catchers else None
+    keeper = _keep_catchers(migration.catchers, state.fd) if migration.catchers else None
     migration.close_catchers()  # the keeper has its own copies
     log.info("state saved to %s (%d bytes): %d TCP connection(s) frozen for the next start%s",
              state.path, len(blob), released,
@@ -133,9 +126,10 @@ def save_on_exit(network: Network, migration: TcpMigration, state: StateFile) ->
     return released
 
 
-def _keep_catchers(catchers: list[socket.socket], path: str) -> int | None:
-    """Fork a process that holds ``catchers`` until ``path`` is empty (the next vhostnet
-    restored the connections) or CATCH_SECONDS have passed; its pid."""
+def _keep_catchers(catchers: list[socket.socket], state_fd: int) -> int | None:
+    """Fork a process that holds ``catchers`` until the state file is emptied (the next
+    vhostnet restored the connections) or CATCH_SECONDS have passed; its pid. It watches
+    the file through ``state_fd``: as nobody it may not reach the file's folder."""
     try:
         pid = os.fork()
     except OSError as error:
@@ -145,13 +139,13 @@ def _keep_catchers(catchers: list[socket.socket], path: str) -> int | None:
     if pid:
         return pid
     try:  # the child: only the catchers stay open, so QEMU sees us gone at once
-        keep = {catcher.fileno() for catcher in catchers}
+        keep = {catcher.fileno() for catcher in catchers} | {state_fd}
         for name in os.listdir("/proc/self/fd"):
             if int(name) not in keep:
                 with contextlib.suppress(OSError):
                     os.close(int(name))
         deadline = time.monotonic() + CATCH_SECONDS
-        while holds_state(path) and time.monotonic() < deadline:
+        while os.fstat(state_fd).st_size > 0 and time.monotonic() < deadline:
             time.sleep(KEEPER_POLL_SECONDS)
     finally:
         os._exit(0)
