@@ -17,6 +17,7 @@ own passt-repair (Debian trixie) as KubeVirt and libvirt use it.
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 import socket
@@ -45,6 +46,7 @@ from tests.e2e.held_connections import (
     wait_until,
 )
 from tests.e2e.hostservers import LOOPBACK, PacedHttpServer, free_port, generated_bytes, sha256_hex
+from tests.support.daemon import nobody_tmp_dir
 from tests.support.qmp import wait_migrated
 from vhostnet.control import control_request
 
@@ -224,7 +226,13 @@ def test_tcp_connections_survive_qemu72_migration_with_control_sockets(scenario_
     print(f"state file: {saved['bytes']} bytes")
     released = control_request(source_ctl, "release")
     assert released == {"ok": True, "released": 2}, released
-    loaded = control_request(dest_ctl, "load-state", state=saved["state"], timeout=30)
+    # Too big to travel inline (a request line is at most 64 KiB): the destination reads
+    # it from a file nobody, its user, may read.
+    with nobody_tmp_dir() as folder:
+        state = folder / "state.bin"
+        state.write_bytes(base64.b64decode(saved["state"]))
+        state.chmod(0o644)
+        loaded = control_request(dest_ctl, "load-state", file=str(state), timeout=30)
     assert loaded["ok"] and loaded["loaded"]["tcp_restored"] == 2, loaded
     assert scenario.destination is not None
     scenario.destination.qmp("cont")
