@@ -24,6 +24,7 @@ from bench.guest_iperf import (
     GuestKits,
     GuestSettings,
     check_udp_rate,
+    compare_families,
     guest_rows,
     load_kits,
 )
@@ -142,6 +143,7 @@ def run(settings: Settings, contenders: list[Contender], guest: GuestSettings,
     finally:
         client.close()
     rows = merge_rounds(rows)
+    compare_families(rows)
     for other in contenders[1:]:
         compare_backends(rows, contenders[0].name, other.name)
     return _show(settings, rows)

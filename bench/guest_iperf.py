@@ -6,8 +6,10 @@ The baseline is that iperf3 as a client over host loopback; then a QEMU
 guest booted with the kit's kernel and the iperf3 archive reaches the same
 server through vhostnet at the gateway address (vhostnet maps it to the
 host's 127.0.0.1) and runs, every round of every direction in one boot:
-TCP guest->host, TCP host->guest (``-R``), UDP both ways at a fixed offered
-rate. Figures come from iperf3's JSON (``-J``) printed on the serial console
+TCP guest->host, TCP host->guest (``-R``), the same two over IPv6 (a second
+iperf3 server on ::1, reached at the gateway fec0::2 once the guest has its SLAAC
+address; the rows name ``tcp6`` and note their ratio to the IPv4 row, ``vs_ipv4``),
+UDP both ways at a fixed offered rate. Figures come from iperf3's JSON (``-J``) printed on the serial console
 between marker lines; vhostnet's counters are recorded beside them as a
 cross-check (every byte iperf3 moved must have passed through vhostnet).
 
@@ -37,6 +39,7 @@ GUEST_CASE = "guest"
 QEMU_VERSIONS = ("10.0", "7.2")
 GUEST_ADDRESS = "10.0.2.15/24"
 GATEWAY = "10.0.2.2"  # vhostnet maps it to the host's 127.0.0.1
+HOST_LOOPBACK = {False: "127.0.0.1", True: "::1"}  # by Direction.ipv6
 GUEST_MTU = 1500
 UDP_LENGTH = 1400  # one datagram per 1500-byte frame, on loopback too, so the baseline compares
 UDP_RATE_PATTERN = re.compile(r"^\d+(\.\d+)?[KMG]?$")
@@ -64,11 +67,14 @@ class Direction:
     udp: bool
     reverse: bool  # -R: the host sends, the guest receives
     counter: str  # vhostnet counter of the data direction (bytes for TCP, datagrams for UDP)
+    ipv6: bool = False  # iperf3 -6 to the gateway's IPv6 address (the host's ::1)
 
 
 DIRECTIONS = (
     Direction("guest-tcp-tx", udp=False, reverse=False, counter="tcp.bytes_to_host"),
     Direction("guest-tcp-rx", udp=False, reverse=True, counter="tcp.bytes_to_guest"),
+    Direction("guest-tcp6-tx", udp=False, reverse=False, counter="tcp.bytes_to_host", ipv6=True),
+    Direction("guest-tcp6-rx", udp=False, reverse=True, counter="tcp.bytes_to_guest", ipv6=True),
     Direction("guest-udp-tx", udp=True, reverse=False, counter="udp.tx_host"),
     Direction("guest-udp-rx", udp=True, reverse=True, counter="udp.rx_host"),
 )
@@ -109,7 +115,7 @@ def check_udp_rate(rate: str) -> str:
 
 def iperf_client_args(direction: Direction, seconds: int, udp_rate: str) -> list[str]:
     """iperf3 client options after ``-c HOST -p PORT`` for one run of ``direction``."""
-    args = ["-t", str(seconds), "-J", "-i", "0", "-4"]
+    args = ["-t", str(seconds), "-J", "-i", "0", "-6" if direction.ipv6 else "-4"]
     if direction.udp:
         args += ["-u", "-b", udp_rate, "-l", str(UDP_LENGTH)]
     if direction.reverse:
@@ -139,11 +145,21 @@ def parse_iperf_json(text: str, udp: bool) -> IperfResult:
 # --- the host side ---------------------------------------------------------------
 
 
-def _listening(port: int) -> bool:
-    """True once a TCP socket listens on 127.0.0.1:port in this namespace (/proc/net/tcp)."""
-    wanted = f"0100007F:{port:04X}"
+def proc_net_address(host: str, port: int) -> str:
+    """``host:port`` as /proc/net/tcp and tcp6 print a local address: each 32-bit word of
+    the address in the host's (little-endian) order, in hex, then the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    packed = socket.inet_pton(family, host)
+    words = "".join(packed[i:i + 4][::-1].hex().upper() for i in range(0, len(packed), 4))
+    return f"{words}:{port:04X}"
+
+
+def _listening(host: str, port: int) -> bool:
+    """True once a TCP socket listens on host:port in this namespace (/proc/net/tcp{,6})."""
+    wanted = proc_net_address(host, port)
+    table = "tcp6" if ":" in host else "tcp"
     try:
-        lines = Path("/proc/self/net/tcp").read_text().splitlines()[1:]
+        lines = Path(f"/proc/self/net/{table}").read_text().splitlines()[1:]
     except OSError:
         return False
     return any(line.split()[1] == wanted and line.split()[3] == "0A" for line in lines)
@@ -154,31 +170,34 @@ def _refused(iperf_output: str) -> bool:
     return REFUSED_MESSAGE in iperf_output
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                       socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
         return probe.getsockname()[1]
 
 
 class HostIperf:
-    """An iperf3 server on 127.0.0.1 (one test at a time, as iperf3 serves) and loopback clients."""
+    """An iperf3 server on the host's loopback (127.0.0.1, or ::1 for the IPv6 rows; one test
+    at a time, as iperf3 serves) and loopback clients."""
 
-    def __init__(self, command: list[str], log_path: Path) -> None:
+    def __init__(self, command: list[str], log_path: Path, host: str = HOST_LOOPBACK[False]):
         self.command = command
-        self.port = _free_port()
+        self.host = host
+        self.port = _free_port(host)
         self.log_path = log_path
         with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen([*command, "-s", "-B", "127.0.0.1", "-p", str(self.port)],
+            self.proc = subprocess.Popen([*command, "-s", "-B", host, "-p", str(self.port)],
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while not _listening(self.port):
+        while not _listening(host, self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.close()
                 raise BenchError(f"the host iperf3 server did not start (log: {log_path})")
             time.sleep(0.05)
 
     def loopback(self, direction: Direction, s: GuestSettings) -> IperfResult:
-        argv = [*self.command, "-c", "127.0.0.1", "-p", str(self.port),
+        argv = [*self.command, "-c", self.host, "-p", str(self.port),
                 *iperf_client_args(direction, s.seconds, s.udp_rate)]
         for attempt in range(1, CONNECT_ATTEMPTS + 1):
             self._wait_listening()
@@ -195,7 +214,7 @@ class HostIperf:
     def _wait_listening(self) -> None:
         """Until the server listens again after the previous test (bounded)."""
         deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while not _listening(self.port) and time.monotonic() < deadline:
+        while not _listening(self.host, self.port) and time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise BenchError(f"the host iperf3 server exited (log: {self.log_path})")
             time.sleep(0.05)
@@ -204,18 +223,45 @@ class HostIperf:
         stop_process(self.proc)
 
 
+class HostIperfs:
+    """The host's two iperf3 servers, on 127.0.0.1 and on ::1: each direction runs against the
+    one of its family, in the guest and for its loopback baseline."""
+
+    def __init__(self, command: list[str], workdir: Path, name: str) -> None:
+        self.by_family: dict[bool, HostIperf] = {}
+        try:
+            for ipv6, host in HOST_LOOPBACK.items():
+                log = workdir / f"iperf3-server{'6' if ipv6 else ''}-{name}.log"
+                self.by_family[ipv6] = HostIperf(command, log, host)
+        except BenchError:
+            self.close()
+            raise
+
+    def serving(self, direction: Direction) -> HostIperf:
+        return self.by_family[direction.ipv6]
+
+    def close(self) -> None:
+        for server in self.by_family.values():
+            server.close()
+
+
 # --- the guest -------------------------------------------------------------------
 
 
-def guest_script(port: int, s: GuestSettings) -> str:
-    """/test.sh: a static address, then every round of every direction, JSON between markers."""
+def guest_script(ports: dict[bool, int], s: GuestSettings) -> str:
+    """/test.sh: a static IPv4 address and the wait for the SLAAC one, then every round of
+    every direction (against ``ports[direction.ipv6]``), JSON between markers."""
+    from tools.guest_ipv6 import GATEWAY6, WAIT_FOR_SLAAC
+
     lines = [
         "ip link set eth0 up",
         f"ip addr add {GUEST_ADDRESS} dev eth0",
         f"ip route add default via {GATEWAY} dev eth0",
+        WAIT_FOR_SLAAC.strip(),
     ]
     for direction in DIRECTIONS:
         args = " ".join(iperf_client_args(direction, s.seconds, s.udp_rate))
+        target, port = (GATEWAY6 if direction.ipv6 else GATEWAY), ports[direction.ipv6]
         for index in range(1, s.rounds + 1):
             tag = f"{direction.case} {index}"
             lines += [
@@ -223,7 +269,7 @@ def guest_script(port: int, s: GuestSettings) -> str:
                 # timeout: a run that hangs must not hold the guest forever; a refused
                 # one (the server between two tests) is tried again (CONNECT_ATTEMPTS).
                 f"for attempt in {' '.join(str(n) for n in range(1, CONNECT_ATTEMPTS + 1))}; do",
-                f"  timeout {s.seconds + int(RUN_SLACK)} iperf3 -c {GATEWAY} -p {port} "
+                f"  timeout {s.seconds + int(RUN_SLACK)} iperf3 -c {target} -p {port} "
                 f"--connect-timeout 10000 {args} > /tmp/iperf.json 2> /tmp/iperf.err",
                 "  rc=$?",
                 f"  grep -q '{REFUSED_MESSAGE}' /tmp/iperf.json || break",
@@ -284,7 +330,7 @@ class GuestBaselines:
     # 0: as many as the guest's rounds (a comparison boots the guest once per round)
     rounds: int = 0
 
-    def measure(self, server: HostIperf, s: GuestSettings) -> None:
+    def measure(self, servers: HostIperfs, s: GuestSettings) -> None:
         rounds = self.rounds or s.rounds
         for direction in DIRECTIONS:
             if direction.case in self.results:
@@ -292,7 +338,7 @@ class GuestBaselines:
             found = []
             for index in range(1, rounds + 1):
                 s.progress.update(f"baseline iperf3 {direction.case}: round {index}/{rounds}")
-                found.append(server.loopback(direction, s))
+                found.append(servers.serving(direction).loopback(direction, s))
             self.results[direction.case] = found
 
 
@@ -346,14 +392,15 @@ def guest_rows(kits: GuestKits, template: str, name: str, s: GuestSettings,
     if stream:
         name = f"{name}-stream"
 
-    server = HostIperf(kits.host_iperf, kits.workdir / f"iperf3-server-{name}.log")
+    servers = HostIperfs(kits.host_iperf, kits.workdir, name)
     try:
-        baselines.measure(server, s)
+        baselines.measure(servers, s)
         backend = Backend(template, GUEST_MTU, name)
         try:
             before = backend.counters()
             guest = QemuGuest(kits.kit, s.qemu, socket_path=backend.socket,
-                              script=guest_script(server.port, s),
+                              script=guest_script({ipv6: server.port for ipv6, server
+                                                   in servers.by_family.items()}, s),
                               serial_log=kits.workdir / f"guest-{name}.serial",
                               stream=stream)
             started = time.monotonic()
@@ -365,7 +412,7 @@ def guest_rows(kits: GuestKits, template: str, name: str, s: GuestSettings,
         finally:
             backend.close()
     finally:
-        server.close()
+        servers.close()
     runs = parse_guest_output(output)
     rows = []
     for direction in DIRECTIONS:
@@ -385,6 +432,27 @@ def guest_rows(kits: GuestKits, template: str, name: str, s: GuestSettings,
         row.extra.update(_cost(direction, results, usage))
         rows.append(row)
     return rows
+
+
+def ipv4_sibling(direction: Direction) -> Direction | None:
+    """The IPv4 direction an IPv6 one is compared with (same protocol and way); None for an
+    IPv4 direction."""
+    if not direction.ipv6:
+        return None
+    return next(d for d in DIRECTIONS
+                if not d.ipv6 and (d.udp, d.reverse) == (direction.udp, direction.reverse))
+
+
+def compare_families(rows: list[Row]) -> None:
+    """Note on each IPv6 guest row ``vs_ipv4``: its median over the same back-end's IPv4 row
+    (rows whose rounds are merged: call after ``merge_rounds``)."""
+    directions = {d.case: d for d in DIRECTIONS}
+    by_key = {(row.case, row.backend): row for row in rows}
+    for row in rows:
+        sibling = ipv4_sibling(directions[row.case]) if row.case in directions else None
+        ipv4 = by_key.get((sibling.case, row.backend)) if sibling is not None else None
+        if ipv4 is not None and row.rounds and ipv4.rounds and ipv4.median:
+            row.extra["vs_ipv4"] = row.median / ipv4.median
 
 
 def _cost(direction: Direction, results: list[IperfResult],

@@ -190,7 +190,8 @@ def format_row(row: Row) -> str:
 
 
 # Extras worth a column in the README's table; the rest stay in the JSON.
-MARKDOWN_NOTES = ("ns_per_frame", "cpu_ns_per_frame", "p99_us", "loss_pct", "loopback_loss_pct")
+MARKDOWN_NOTES = ("ns_per_frame", "cpu_ns_per_frame", "p99_us", "loss_pct", "loopback_loss_pct",
+                  "vs_ipv4")
 
 
 def markdown_table(rows: list[Row]) -> str:

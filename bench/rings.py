@@ -31,7 +31,7 @@ OFFLOAD_FEATURES = (VirtioFeature.NET_F_CSUM | VirtioFeature.NET_F_GUEST_CSUM
 class BenchFrontend(Frontend):
     """The test front-end for the control plane, with RX left empty for ``NumpyRing``."""
 
-    def _refill_rx(self) -> int:
+    def _refill_rx(self, pair: int = 0) -> int:
         return 0
 
 

@@ -89,3 +89,10 @@ cdef inline uint64_t pseudo_header_sum(const uint8_t *ip, uint8_t proto,
     """Unfolded sum of the IPv4 pseudo-header (addresses of the header at ``ip``, protocol,
     L4 length) that TCP and UDP checksums start from (RFC 793 / RFC 768)."""
     return sum_bytes(ip + 12, 8) + proto + l4_length
+
+
+cdef inline uint64_t pseudo_header_sum6(const uint8_t *ip6, uint8_t proto,
+                                        uint64_t l4_length) noexcept nogil:
+    """``pseudo_header_sum`` for IPv6 (RFC 8200 8.1): the addresses of the fixed header at
+    ``ip6``, the upper-layer length and the next header value."""
+    return sum_bytes(ip6 + 8, 32) + proto + l4_length

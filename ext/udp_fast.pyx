@@ -4,9 +4,10 @@
 ``UdpNat`` (Python) stays the authority: it creates every flow from the flow's
 first datagram, the glue opens the connected host socket and then registers
 the flow here (``add``), and expiry removes it (``remove``). For a TX batch,
-``send_batch`` picks out the frames that are plain IPv4 UDP datagrams of a
-registered flow (headers and checksums verified, or the UDP checksum left
-partial by the guest's driver), and sends their payloads with sendmmsg(2)
+``send_batch`` picks out the frames that are plain IPv4 or IPv6 UDP datagrams of a
+registered flow (no IPv4 options or fragments, no IPv6 extension headers; headers and
+checksums verified, or the UDP checksum left partial by the guest's driver; IPv6's
+forbidden zero checksum left to Python to drop), and sends their payloads with sendmmsg(2)
 straight from the batch buffer: no Python object, no copy, no allocation per
 datagram. Everything else (a new flow, options, fragments, a bad checksum,
 other protocols) is left to the Python stack, which counts and drops what is
@@ -22,7 +23,7 @@ from libc.string cimport memcmp, memcpy, memset
 from libc.errno cimport EAGAIN, EINTR, errno
 
 from frame_batch cimport FrameArrays, frame_at
-from netbytes cimport be16, pseudo_header_sum, sum_bytes, sum_verifies
+from netbytes cimport be16, pseudo_header_sum, pseudo_header_sum6, sum_bytes, sum_verifies
 from vhostnet.wire._flow_table cimport TABLE_SLOTS, FlowIndex
 from vnet cimport vnet_partial_csum_at
 
@@ -49,6 +50,7 @@ cdef enum:
     MAX_ERRORS = 64
     ETH_LEN = 14
     IP_LEN = 20
+    IP6_LEN = 40
     UDP_LEN = 8
     PROTO_UDP = 17
     UDP_CHECKSUM_OFFSET = 6
@@ -71,6 +73,7 @@ cdef class UdpFastPath:
     cdef int err_code[MAX_ERRORS]
     cdef int nerrors
     cdef readonly uint64_t datagrams_sent
+    cdef readonly Py_ssize_t last_taken6     # of the last send_batch's frames, those on IPv6
     cdef readonly uint64_t host_busy
     cdef uint8_t gateway_mac[6]
     cdef uint8_t guest_mac[6]
@@ -154,6 +157,7 @@ cdef class UdpFastPath:
         if count > offsets.shape[0] or count > lengths.shape[0] or count > vnets.shape[0] \
                 or count > handled.shape[0]:
             raise ValueError("count exceeds the batch arrays")
+        self.last_taken6 = 0
         if count <= 0 or self.index.count == 0 or not self.have_guest_mac:
             if count > 0:
                 memset(&handled[0], 0, count)
@@ -169,7 +173,7 @@ cdef class UdpFastPath:
 
     cdef Py_ssize_t _send_batch(self, const FrameArrays *batch, uint8_t *handled,
                                 Py_ssize_t count) noexcept nogil:
-        cdef Py_ssize_t i, taken = 0
+        cdef Py_ssize_t i, taken = 0, taken6 = 0
         cdef int n = 0, slot
         cdef const uint8_t *frame
         cdef const uint8_t *ip
@@ -182,27 +186,44 @@ cdef class UdpFastPath:
                 continue
             if length < ETH_LEN + IP_LEN + UDP_LEN:
                 continue
-            if (memcmp(frame, self.gateway_mac, 6) != 0 or memcmp(frame + 6, self.guest_mac, 6) != 0
-                    or frame[12] != 0x08 or frame[13] != 0x00):
+            if memcmp(frame, self.gateway_mac, 6) != 0 or memcmp(frame + 6, self.guest_mac, 6) != 0:
                 continue
             ip = frame + ETH_LEN
-            # Plain IPv4 only: no options, no fragment, UDP, a header that verifies.
-            if ip[0] != 0x45 or ip[9] != PROTO_UDP or (be16(ip + 6) & 0x3FFF) != 0:
+            if frame[12] == 0x08 and frame[13] == 0x00:
+                # Plain IPv4 only: no options, no fragment, UDP, a header that verifies.
+                if ip[0] != 0x45 or ip[9] != PROTO_UDP or (be16(ip + 6) & 0x3FFF) != 0:
+                    continue
+                total = be16(ip + 2)
+                if total < IP_LEN + UDP_LEN or total > length - ETH_LEN:
+                    continue
+                if not sum_verifies(sum_bytes(ip, IP_LEN)):
+                    continue
+                udp = ip + IP_LEN
+                udp_len = be16(udp + 4)
+                if udp_len < UDP_LEN or udp_len > total - IP_LEN:
+                    continue
+                slot = self.index.find(ip, udp)
+                if slot < 0:
+                    continue
+                if not self.checksum_acceptable(ip, udp, udp_len, batch.vnets[i]):
+                    continue  # the Python stack counts and drops it
+            elif frame[12] == 0x86 and frame[13] == 0xDD:
+                # Plain IPv6 only: UDP right after the fixed header (no extension headers).
+                if length < ETH_LEN + IP6_LEN + UDP_LEN or ip[0] >> 4 != 6 or ip[6] != PROTO_UDP:
+                    continue
+                total = be16(ip + 4)  # the payload length
+                if total < UDP_LEN or total > length - ETH_LEN - IP6_LEN:
+                    continue
+                udp = ip + IP6_LEN
+                udp_len = be16(udp + 4)
+                if udp_len < UDP_LEN or udp_len > total:
+                    continue
+                slot = self.index.find6(ip, udp)
+                if slot < 0 or not self.checksum6_acceptable(ip, udp, udp_len, batch.vnets[i]):
+                    continue
+                taken6 += 1
+            else:
                 continue
-            total = be16(ip + 2)
-            if total < IP_LEN + UDP_LEN or total > length - ETH_LEN:
-                continue
-            if not sum_verifies(sum_bytes(ip, IP_LEN)):
-                continue
-            udp = ip + IP_LEN
-            udp_len = be16(udp + 4)
-            if udp_len < UDP_LEN or udp_len > total - IP_LEN:
-                continue
-            slot = self.index.find(ip, udp)
-            if slot < 0:
-                continue
-            if not self.checksum_acceptable(ip, udp, udp_len, batch.vnets[i]):
-                continue  # the Python stack counts and drops it
             if n == MAX_BATCH:
                 self.flush(n)
                 n = 0
@@ -217,6 +238,7 @@ cdef class UdpFastPath:
             taken += 1
         if n:
             self.flush(n)
+        self.last_taken6 = taken6
         return taken
 
     cdef bint checksum_acceptable(self, const uint8_t *ip, const uint8_t *udp, uint64_t udp_len,
@@ -228,6 +250,14 @@ cdef class UdpFastPath:
         if vnet_partial_csum_at(vnet, ETH_LEN + IP_LEN, UDP_CHECKSUM_OFFSET):
             return True
         return sum_verifies(pseudo_header_sum(ip, PROTO_UDP, udp_len) + sum_bytes(udp, udp_len))
+
+    cdef bint checksum6_acceptable(self, const uint8_t *ip6, const uint8_t *udp,
+                                   uint64_t udp_len, uint64_t vnet) noexcept nogil:
+        if udp[6] == 0 and udp[7] == 0:
+            return False  # forbidden over IPv6 (RFC 8200 8.1): Python counts and drops it
+        if vnet_partial_csum_at(vnet, ETH_LEN + IP6_LEN, UDP_CHECKSUM_OFFSET):
+            return True
+        return sum_verifies(pseudo_header_sum6(ip6, PROTO_UDP, udp_len) + sum_bytes(udp, udp_len))
 
     cdef void flush(self, int n) noexcept nogil:
         """Send msgs[0:n], one sendmmsg per run of the same socket; record errors per flow."""

@@ -52,6 +52,7 @@ if vq_guard_install() != 0:
 include "virtq_defs.pxi"
 include "virtq_offload.pxi"
 include "frame_batch.pxi"
+include "virtq_steer.pxi"
 
 # walk() results besides CHAIN_OK and a refusal reason.
 cdef enum:

@@ -2,7 +2,8 @@
 
 For tests and benchmarks: it connects to a back-end's socket, negotiates the
 way QEMU 10.0 does (reference section 3.1), hands over a two-region memfd
-guest memory, sets up RX ring 0 and TX ring 1 and moves Ethernet frames.
+guest memory, sets up RX ring 0 and TX ring 1 (with ``queues`` N: rings 2k and
+2k+1 of each pair k, as QEMU's ``queues=N``) and moves Ethernet frames.
 Every wait is bounded.
 """
 
@@ -83,7 +84,7 @@ class ProtocolError(RuntimeError):
 
 
 class Frontend:
-    """QEMU's role on a vhost-user socket, with a guest driver for rings 0 and 1."""
+    """QEMU's role on a vhost-user socket, with a guest driver for its queue pairs' rings."""
 
     def __init__(
         self,
@@ -94,8 +95,11 @@ class Frontend:
         use_mem_slots: bool = True,
         timeout: float = 5.0,
         packed: bool = False,
+        queues: int = 1,
     ) -> None:
         self.socket_path = socket_path
+        # Queue pairs driven (QEMU's queues=N): more than one needs the back-end's MQ.
+        self.queues = queues
         self.queue_size = queue_size
         # packed: the driver asks for VIRTIO_F_RING_PACKED (as QEMU's packed=on) and runs
         # packed rings if the back-end offers it.
@@ -110,21 +114,28 @@ class Frontend:
         self.protocol_features = 0
         self.queue_pairs = 1
         self.max_mem_slots = 0
-        self.kick_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
-        self.call_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
-        self.err_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
+        rings = range(2 * queues)
+        self.kick_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in rings]
+        self.call_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in rings]
+        self.err_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in rings]
         # RX ring in the high region, TX ring in the low region; both regions hold buffers.
+        # The rings of further pairs follow RX ring 0 in the high region.
         layout = RingLayout.packed_at if packed else RingLayout.at
         rx_layout = layout(HIGH_RAM_START + 0x40000, queue_size)
         tx_layout = layout(0x10000, queue_size)
         if tx_layout.end > 0x20000:
             raise ValueError("queue_size too large for the low-memory TX ring")
         self.layouts = [rx_layout, tx_layout]
-        pool_start = (rx_layout.end + 0xFFFF) & ~0xFFFF
+        high_end = rx_layout.end
+        for _ in range(2, 2 * queues):
+            self.layouts.append(layout((high_end + 0xFFF) & ~0xFFF, queue_size))
+            high_end = self.layouts[-1].end
+        pool_start = (high_end + 0xFFFF) & ~0xFFFF
         pool_end = min(memory_size, pool_start + 8 * queue_size * SLOT_SIZE)
         self.slots = SlotAllocator([(0x20000, LOW_RAM_END), (pool_start, pool_end)], SLOT_SIZE)
-        self.rx: GuestRing | None = None
+        self.rx: GuestRing | None = None  # pair 0's rings (rings[0] and rings[1])
         self.tx: GuestRing | None = None
+        self.rings: list[GuestRing] = []
         self.started = False
 
     # ------------------------------------------------------------------
@@ -141,6 +152,7 @@ class Frontend:
             self.sock.close()
             self.sock = None
         self.rx = self.tx = None  # their views of guest memory go with them
+        self.rings = []
         close_fds(self.kick_fds + self.call_fds + self.err_fds)
         self.kick_fds, self.call_fds, self.err_fds = [], [], []
         if self.memory is not None:
@@ -231,11 +243,15 @@ class Frontend:
         self.request(Request.SET_PROTOCOL_FEATURES, U64(self.protocol_features).emit())
         if self.has(ProtocolFeature.MQ):
             self.queue_pairs = self._u64_request(Request.GET_QUEUE_NUM)
+        if self.queues > self.queue_pairs:
+            # QEMU's words: the back-end supports fewer queues than the netdev's queues=.
+            raise ProtocolError(f"the back-end supports {self.queue_pairs} queue pairs, "
+                                f"not {self.queues}")
         if self.has(ProtocolFeature.CONFIGURE_MEM_SLOTS):
             self.max_mem_slots = self._u64_request(Request.GET_MAX_MEM_SLOTS)
         self.request(Request.SET_OWNER)
         self._u64_request(Request.GET_FEATURES)
-        for ring in (RX_RING, TX_RING):
+        for ring in range(2 * self.queues):
             self.request(Request.SET_VRING_CALL, U64(ring).emit(), [self.call_fds[ring]])
             self.request(Request.SET_VRING_ERR, U64(ring).emit(), [self.err_fds[ring]])
         if self.has(ProtocolFeature.RESET_DEVICE):
@@ -243,13 +259,15 @@ class Frontend:
         self.enable_rings()
 
     def enable_rings(self, enabled: bool = True) -> None:
-        for ring in (RX_RING, TX_RING):
+        for ring in range(2 * self.queues):
             self._acked(Request.SET_VRING_ENABLE, VringState(ring, int(enabled)).emit())
 
     def _features_to_ack(self) -> int:
         wanted = DRIVER_FEATURES if self.wanted_features is None else self.wanted_features
         if self.packed_wanted:
             wanted |= VirtioFeature.F_RING_PACKED
+        if self.queues > 1:
+            wanted |= VirtioFeature.NET_F_MQ
         return (wanted & self.offered_features) | VirtioFeature.F_PROTOCOL_FEATURES
 
     @property
@@ -267,11 +285,12 @@ class Frontend:
             table = MemoryTable(tuple(regions))
             self._acked(Request.SET_MEM_TABLE, table.emit(), [fd] * len(regions))
 
-    def start(self, bases: tuple[int, int] | None = None,
+    def start(self, bases: tuple[int, ...] | None = None,
               unkicked_tx: tuple[bytes, ...] = ()) -> None:
         """The DRIVER_OK sequence: features, memory, rings, status 0xf.
 
-        ``bases``: SET_VRING_BASE per ring (default: a fresh ring of the negotiated format).
+        ``bases``: SET_VRING_BASE per ring (default, and for rings past the tuple's end:
+        a fresh ring of the negotiated format).
 
         ``unkicked_tx``: frames already on the TX ring when the back-end gets it,
         never kicked, like a guest whose kick went to the back-end before (the
@@ -287,18 +306,19 @@ class Frontend:
         if self.packed_wanted and not self.packed:
             raise ProtocolError("the back-end did not offer VIRTIO_F_RING_PACKED")
         ring_class = PackedRing if self.packed else SplitRing
-        if bases is None:
-            bases = (FRESH_BASE, FRESH_BASE) if self.packed else (0, 0)
-        self.rx = ring_class(self.memory, self.layouts[RX_RING])
-        self.tx = ring_class(self.memory, self.layouts[TX_RING])
-        for driver, base in ((self.rx, bases[0]), (self.tx, bases[1])):
+        fresh = FRESH_BASE if self.packed else 0
+        bases = tuple(bases or ()) + (fresh,) * (len(self.layouts) - len(bases or ()))
+        self.rings = [ring_class(self.memory, layout) for layout in self.layouts]
+        self.rx, self.tx = self.rings[RX_RING], self.rings[TX_RING]
+        for driver, base in zip(self.rings, bases, strict=True):
             driver.start_at(base)
         # Like Linux, fill RX and kick before the back-end even has the kick fd.
-        self._refill_rx()
-        self._kick(RX_RING)
+        for pair in range(self.queues):
+            self._refill_rx(pair)
+            self._kick(2 * pair)
         for frame in unkicked_tx:
             self._queue_tx(frame, None)
-        for ring, driver in enumerate((self.rx, self.tx)):
+        for ring, driver in enumerate(self.rings):
             layout = driver.layout
             self.request(Request.SET_VRING_NUM, VringState(ring, layout.size).emit())
             self.request(Request.SET_VRING_BASE, VringState(ring, bases[ring]).emit())
@@ -315,7 +335,7 @@ class Frontend:
     def stop(self) -> list[int]:
         """QEMU 10.0's stop: GET_VRING_BASE per ring, then SET_STATUS(0)."""
         bases = []
-        for ring in (RX_RING, TX_RING):
+        for ring in range(2 * self.queues):
             answer = self.request(Request.GET_VRING_BASE, VringState(ring, 0).emit())
             assert answer is not None
             state = VringState.parse(answer.payload)
@@ -339,48 +359,47 @@ class Frontend:
     def _kick(self, ring: int) -> None:
         os.eventfd_write(self.kick_fds[ring], 1)
 
-    def _refill_rx(self) -> int:
-        """Post as many empty RX buffers as descriptors and slots allow."""
-        assert self.rx is not None
+    def _refill_rx(self, pair: int = 0) -> int:
+        """Post as many empty RX buffers on the pair's RX ring as descriptors and slots allow."""
+        rx = self.rings[2 * pair]
         posted = 0
-        while self.rx.free_descriptors and self.rx.in_flight < self.queue_size:
+        while rx.free_descriptors and rx.in_flight < self.queue_size:
             if self.slots.available <= self.queue_size // 4:
                 break  # keep slots for TX
             gpa = self.slots.alloc()
             if gpa is None:
                 break
-            self.rx.queue_chain([(gpa, SLOT_SIZE, VIRTQ_DESC_F_WRITE)], gpa)
+            rx.queue_chain([(gpa, SLOT_SIZE, VIRTQ_DESC_F_WRITE)], gpa)
             posted += 1
         return posted
 
-    def _reclaim_tx(self) -> None:
-        assert self.tx is not None
-        for token, _length in self.tx.collect_used():
+    def _reclaim_tx(self, pair: int = 0) -> None:
+        for token, _length in self.rings[2 * pair + 1].collect_used():
             for gpa in token:  # type: ignore[union-attr]
                 self.slots.free(gpa)
 
-    def send_frame(self, frame: bytes, header: bytes | None = None) -> None:
-        """Queue one Ethernet frame on TX (header in its own descriptor) and kick.
+    def send_frame(self, frame: bytes, header: bytes | None = None, pair: int = 0) -> None:
+        """Queue one Ethernet frame on the pair's TX ring (header in its own descriptor) and kick.
 
         ``header`` is the virtio-net header to send (default: all zero, no offloads).
         """
-        if self.tx is None:
+        if not self.rings:
             raise RuntimeError("start() first")
+        tx = self.rings[2 * pair + 1]
         pieces = _pieces(frame)
         deadline = time.monotonic() + self.timeout
         while True:
-            self._reclaim_tx()
-            if self.tx.free_descriptors >= len(pieces) + 1 and self.slots.available >= len(pieces) + 1:
+            self._reclaim_tx(pair)
+            if tx.free_descriptors >= len(pieces) + 1 and self.slots.available >= len(pieces) + 1:
                 break
             if time.monotonic() >= deadline:
                 raise TimeoutError("TX ring stayed full")
-            self._wait_call(TX_RING, 0.01)
-        self._queue_tx(frame, header)
-        self._kick(TX_RING)
+            self._wait_call(2 * pair + 1, 0.01)
+        self._queue_tx(frame, header, pair)
+        self._kick(2 * pair + 1)
 
-    def _queue_tx(self, frame: bytes, header: bytes | None) -> None:
-        """Put one frame on TX without kicking; the caller made sure it fits."""
-        assert self.tx is not None
+    def _queue_tx(self, frame: bytes, header: bytes | None, pair: int = 0) -> None:
+        """Put one frame on the pair's TX ring without kicking; the caller made sure it fits."""
         header_gpa = self.slots.alloc()
         assert header_gpa is not None
         self.memory.write(header_gpa, bytes(VIRTIO_NET_HDR_SIZE) if header is None else header)
@@ -392,14 +411,14 @@ class Frontend:
             self.memory.write(gpa, piece)
             chain.append((gpa, len(piece), 0))
             used_slots.append(gpa)
-        self.tx.queue_chain(chain, used_slots)
+        self.rings[2 * pair + 1].queue_chain(chain, used_slots)
 
-    def tx_pending(self) -> int:
-        """TX chains the back-end has not completed yet."""
-        if self.tx is None:
+    def tx_pending(self, pair: int = 0) -> int:
+        """TX chains of the pair the back-end has not completed yet."""
+        if not self.rings:
             return 0
-        self._reclaim_tx()
-        return self.tx.in_flight
+        self._reclaim_tx(pair)
+        return self.rings[2 * pair + 1].in_flight
 
     def _wait_call(self, ring: int, timeout: float) -> None:
         fd = self.call_fds[ring]
@@ -410,18 +429,19 @@ class Frontend:
             except BlockingIOError:
                 pass
 
-    def receive_frames(self, timeout: float = 1.0) -> list[bytes]:
-        """Frames the back-end wrote to RX, waiting up to ``timeout`` for the first."""
-        if self.rx is None:
+    def receive_frames(self, timeout: float = 1.0, pair: int = 0) -> list[bytes]:
+        """Frames the back-end wrote to the pair's RX ring, waiting up to ``timeout`` for the first."""
+        if not self.rings:
             raise RuntimeError("start() first")
+        rx = self.rings[2 * pair]
         deadline = time.monotonic() + timeout
-        while not self.rx.has_used():
+        while not rx.has_used():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
             # Poll as well as wait: the back-end may rightly skip an interrupt.
-            self._wait_call(RX_RING, min(remaining, 0.02))
-        completed = self.rx.collect_used()
+            self._wait_call(2 * pair, min(remaining, 0.02))
+        completed = rx.collect_used()
         frames = []
         position = 0
         while position < len(completed):
@@ -437,8 +457,8 @@ class Frontend:
             position += count
         for gpa, _ in completed:
             self.slots.free(gpa)
-        if self._refill_rx():
-            self._kick(RX_RING)
+        if self._refill_rx(pair):
+            self._kick(2 * pair)
         return frames
 
     # ------------------------------------------------------------------

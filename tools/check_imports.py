@@ -1,4 +1,4 @@
-"""Check the import structure of vhostnet, testkit and bench without importing anything.
+"""Check the import structure of vhostnet, testkit, bench and fuzz without importing anything.
 
 ``python -m tools.check_imports [--root DIR]`` parses every module with ``ast``,
 collects every import (module level, inside functions, under ``TYPE_CHECKING``;
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The trees checked; tools/ and tests/ may import anything.
-PACKAGES = ("vhostnet", "testkit", "bench")
+PACKAGES = ("vhostnet", "testkit", "bench", "fuzz")
 
 # --- the architecture's layer rules ------------------------------------------
 # Layer -> the other layers it may import. A layer may always import itself, and
@@ -56,6 +56,8 @@ LAYER_IMPORTS: dict[str, tuple[str, ...]] = {
     "root": (),  # vhostnet/__init__.py
     "testkit": ("vhost_user", "wire"),
     "bench": ("*", "testkit"),
+    # Fuzz targets drive any layer; guest memory and rings come from the test kit.
+    "fuzz": ("*", "testkit"),
 }
 # Layers that may use no third-party package but these (None: any).
 THIRD_PARTY: dict[str, tuple[str, ...] | None] = {
@@ -87,9 +89,10 @@ LAYER_OF_PREFIX: tuple[tuple[str, str], ...] = (
     ("vhostnet.__main__", "cli"),
     ("testkit", "testkit"),
     ("bench", "bench"),
+    ("fuzz", "fuzz"),
 )
 # Never imported by vhostnet: they are not shipped.
-NOT_SHIPPED = ("testkit", "bench", "tools", "tests")
+NOT_SHIPPED = ("testkit", "bench", "tools", "tests", "fuzz")
 # --------------------------------------------------------------------------------
 
 

@@ -114,6 +114,8 @@ class QemuGuest:
     instead of vhost-user; nic_model: the guest's NIC (any model works with stream).
     packed: the vhost-user NIC offers packed virtqueues (`packed=on`; the guest then uses them
     if the back-end offers VIRTIO_F_RING_PACKED too).
+    queues: vhost-user queue pairs (`queues=N` on the netdev, `mq=on,vectors=2N+2` on the
+    NIC, as many vCPUs as pairs: Linux enables one pair per online CPU).
     """
 
     def __init__(
@@ -134,6 +136,7 @@ class QemuGuest:
         stream: bool = False,
         nic_model: str = "virtio-net-pci",
         packed: bool = False,
+        queues: int = 1,
     ) -> None:
         if version not in VERSIONS:
             raise ValueError(f"QEMU version must be one of {VERSIONS}, not {version!r}")
@@ -154,6 +157,7 @@ class QemuGuest:
         self.stream = stream
         self.nic_model = nic_model
         self.packed = packed
+        self.queues = queues
         self._workdir = Path(tempfile.mkdtemp(prefix="vhostnet-guest-"))
         self.serial_log = Path(serial_log) if serial_log else self._workdir / "serial.log"
         self.qemu_log = self.serial_log.with_name(self.serial_log.name + ".qemu-stderr")
@@ -180,7 +184,7 @@ class QemuGuest:
         else:
             args.append(str(SYSTEM_QEMU))
         args += [
-            "-accel", "tcg", "-m", memory, "-smp", "1",
+            "-accel", "tcg", "-m", memory, "-smp", str(self.queues),
             # vhost-user needs guest RAM in a shareable file (memfd) the back-end maps.
             "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
             "-numa", "node,memdev=mem",
@@ -201,10 +205,15 @@ class QemuGuest:
                 device += ",vectors=0"
             if self.packed:
                 device += ",packed=on"
+            netdev = "vhost-user,id=n0,chardev=c0"
+            if self.queues > 1:
+                netdev += f",queues={self.queues}"
+                # An MSI-X vector per ring plus config and control (7.2 keeps INTx).
+                device += ",mq=on" + (f",vectors={2 * self.queues + 2}"
+                                      if self.version != "7.2" else "")
             if self.nic_options:
                 device += f",{self.nic_options}"
-            args += ["-chardev", chardev, "-netdev", "vhost-user,id=n0,chardev=c0",
-                     "-device", device]
+            args += ["-chardev", chardev, "-netdev", netdev, "-device", device]
         if self.qmp_path is not None:
             args += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         if self.boot_args is not None:

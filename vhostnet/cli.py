@@ -86,14 +86,14 @@ def frontend_options(args: argparse.Namespace, loop: asyncio.AbstractEventLoop
                      ) -> dict[str, object]:
     """What the command line tells the connections about their front-end, for ``Server``:
     ``--vhost-user`` (vhost-user only, no stream framing) and the capture (-p/--pcap,
-    --pcap-size)."""
+    --pcap-size) and the vhost-user device's queue pairs (--queues)."""
     from vhostnet.capture import Capture
 
     try:
         capture = Capture(args.pcap, loop, args.pcap_size) if args.pcap else None
     except OSError as exc:
         raise UsageError(f"cannot open capture file {args.pcap}: {exc.strerror}") from None
-    return {"vhost_user_only": args.vhost_user, "capture": capture}
+    return {"vhost_user_only": args.vhost_user, "capture": capture, "queue_pairs": args.queues}
 
 
 async def _serve(args: argparse.Namespace, config, runner: daemon.Daemon,

@@ -6,8 +6,12 @@ the guest memory mappings, the kick/call eventfds, and the Cython virtqueues.
 It moves frames between the rings and the network, which outlives it (the NAT
 state survives a QEMU reconnect, as it does in passt).
 
-Ring indices: 0 is RX (device writes, guest reads), 1 is TX (guest writes).
-Only one queue pair is offered, so higher indices never reach us.
+Ring indices: 2k is the RX ring of queue pair k (device writes, guest reads),
+2k+1 its TX ring (guest writes). With one queue pair (the default) that is rings
+0 and 1; with ``queue_pairs`` N > 1 the device offers VIRTIO_NET_F_MQ and the
+front-end may start up to 2N rings. Every ring is served on the event loop, each
+TX ring drained in its turn. Frames for the guest go to the RX ring of the pair
+the guest last sent that flow on (``FlowSteering``), pair 0 for flows it never sent.
 
 Device state (vhost-user SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE, for live
 migration) goes to the ``DeviceStateHandler`` the device is given; without one
@@ -33,7 +37,7 @@ import numpy as np
 
 from vhostnet.vhost_user import protocol as vu
 from vhostnet.vhost_user.device_api import DeviceRefused
-from vhostnet.virtqueue import AddressError, FrameBatch, GuestMemory, Virtqueue
+from vhostnet.virtqueue import AddressError, FlowSteering, FrameBatch, GuestMemory, Virtqueue
 
 if TYPE_CHECKING:
     from vhostnet.capture import Capture
@@ -45,6 +49,8 @@ log = logging.getLogger(__name__)
 
 RX_QUEUE = 0
 TX_QUEUE = 1
+# VHOST_USER's own bound on queue pairs (the back-end's rings table is sized by it).
+MAX_QUEUE_PAIRS = 128
 
 # Frames handled per pass before yielding to the event loop, so that one busy
 # guest cannot starve the vhost-user socket or host sockets.
@@ -89,12 +95,17 @@ class DeviceStateHandler(Protocol):
 
 
 class NetDevice:
-    """Implements ``BackendDevice`` for a virtio-net device with one queue pair."""
+    """Implements ``BackendDevice`` for a virtio-net device with ``queue_pairs`` queue pairs."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, network: Network,
-                 device_state: DeviceStateHandler | None = None) -> None:
+                 device_state: DeviceStateHandler | None = None, *, queue_pairs: int = 1) -> None:
+        if not 1 <= queue_pairs <= MAX_QUEUE_PAIRS:
+            raise ValueError(f"queue_pairs must be between 1 and {MAX_QUEUE_PAIRS}")
         self.loop = loop
         self.network = network
+        self.queue_pairs = queue_pairs
+        # Multiqueue only: which pair each flow of the guest sends on (RX follows it).
+        self.steering = FlowSteering() if queue_pairs > 1 else None
         # Called (once, on a later loop turn) when guest memory faulted under a
         # queue: the connection must end. Set by the server; cleared at close.
         self.on_memory_fault: Callable[[], None] | None = None
@@ -107,6 +118,8 @@ class NetDevice:
         self.enabled: dict[int, bool] = {}
         self.tx_batch = FrameBatch(TX_BATCH)
         self.rx_batch = FrameBatch(TX_BATCH)
+        # Multiqueue RX: one batch per pair filled at once (made on first use).
+        self._rx_batches: dict[int, FrameBatch] = {RX_QUEUE: self.rx_batch}
         self.counters = {"tx.frames": 0, "tx.discarded": 0, "rx.frames": 0}
         # Counts of rings already stopped, by "vqN.name": a ring restarted by a guest
         # reboot or a device reset starts from zero, and its totals must not vanish.
@@ -128,6 +141,8 @@ class NetDevice:
     # ---- BackendDevice: negotiation -----------------------------------------
 
     def offered_features(self) -> int:
+        if self.queue_pairs > 1:
+            return int(OFFERED_FEATURES | vu.VirtioFeature.NET_F_MQ)
         return int(OFFERED_FEATURES)
 
     def features_set(self, features: int) -> None:
@@ -138,6 +153,7 @@ class NetDevice:
         self.network.set_guest_offloads(
             csum=bool(features & vu.VirtioFeature.NET_F_GUEST_CSUM),
             tso4=bool(features & vu.VirtioFeature.NET_F_GUEST_TSO4),
+            tso6=bool(features & vu.VirtioFeature.NET_F_GUEST_TSO6),
         )
         for queue in self.queues.values():
             queue.set_features(features)
@@ -256,7 +272,7 @@ class NetDevice:
 
     def ring_enable(self, index: int, enabled: bool) -> None:
         self.enabled[index] = enabled
-        if enabled and index == RX_QUEUE:
+        if enabled and _is_rx(index):
             self._schedule_rx()
 
     def ring_start(self, index: int, ring: VringConfig) -> None:
@@ -284,7 +300,7 @@ class NetDevice:
         self._check_memory_fault()
         # The guest runs here again (connections frozen for a migration carry on).
         self.network.device_started(time.monotonic())
-        if index == RX_QUEUE:
+        if _is_rx(index):
             self._schedule_rx()
 
     def ring_stop(self, index: int) -> int:
@@ -338,18 +354,19 @@ class NetDevice:
             log.warning("ring %d kick fd unusable (%s); ignoring it", index, exc)
             self._drop_kick(index)
             return
-        if index == TX_QUEUE:
-            self._drain_tx()
-        elif index == RX_QUEUE:
+        if _is_rx(index):
             self._flush_rx()
+        else:
+            self._drain_tx(index)
         self._check_memory_fault()
 
-    def _drain_tx(self) -> None:
-        queue = self.queues.get(TX_QUEUE)
+    def _drain_tx(self, index: int = TX_QUEUE) -> None:
+        queue = self.queues.get(index)
         if queue is None or queue.broken:
             return
         network = self.network
-        deliver = self.enabled.get(TX_QUEUE, False)
+        deliver = self.enabled.get(index, False)
+        steering = self.steering
         batch = self.tx_batch
         for _ in range(MAX_PASSES_PER_WAKEUP):
             batch.clear()
@@ -359,6 +376,8 @@ class NetDevice:
                 if self.capture is not None:
                     self.capture.add_batch(batch, count)
                 if deliver:
+                    if steering is not None:
+                        steering.learn(batch, count, index // 2)
                     network.receive_batch(batch, count, time.monotonic())
                     self.counters["tx.frames"] += count
                 else:
@@ -368,7 +387,7 @@ class NetDevice:
                 break
         else:
             # Still busy: come back after other callbacks had their turn.
-            self.loop.call_soon(self._drain_tx)
+            self.loop.call_soon(self._drain_tx, index)
         network.flush()
         self._flush_rx()
 
@@ -379,37 +398,115 @@ class NetDevice:
 
     def _flush_rx(self) -> None:
         self._rx_scheduled = False
-        queue = self.queues.get(RX_QUEUE)
-        if queue is None or queue.broken or not self.enabled.get(RX_QUEUE, False):
-            return  # frames wait in the network's queue (bounded there)
+        rings = self._usable_rx_rings()
+        if len(rings) > 1:
+            self._flush_rx_steered(rings)
+        elif rings:
+            self._flush_rx_one(*rings.values())
+        # None usable: frames wait in the network's queue (bounded there).
+
+    def _usable_rx_rings(self) -> dict[int, Virtqueue]:
+        """Running, enabled, unbroken RX rings by queue pair, lowest pair first."""
+        return {index // 2: queue for index, queue in sorted(self.queues.items())
+                if _is_rx(index) and not queue.broken and self.enabled.get(index, False)}
+
+    def _flush_rx_one(self, queue: Virtqueue) -> None:
+        """Every pending frame to one RX ring, in order, as far as its buffers go."""
         pending = self.network.frames_to_guest
         batch = self.rx_batch
         while pending:
             batch.clear()
             taken = 0
             while taken < len(pending):
-                item = pending[taken]
-                # (frame, vnet) for frames with offload fields; see GuestFrameQueue.
-                if not (batch.append(*item) if type(item) is tuple else batch.append(item)):
+                if not _append(batch, pending[taken]):
                     break
                 taken += 1
-            pushed = queue.rx_push(batch, 0)
-            if queue.broken:
-                self._check_memory_fault()
+            pushed = self._push(queue, batch)
+            if pushed < 0:
                 return
-            if self.capture is not None:
-                self.capture.add_batch(batch, pushed)
             for _ in range(pushed):
                 pending.popleft()
-            self.counters["rx.frames"] += pushed
-            if pushed:
-                queue.notify()
             if pushed < taken:
                 # No more RX buffers: ask for a kick when the guest adds some,
                 # and retry at once if it already did (the enable/recheck race).
                 if queue.enable_kick():
                     continue
                 break
+
+    def _flush_rx_steered(self, rings: dict[int, Virtqueue]) -> None:
+        """Pending frames to the RX ring of their flow's pair (or the first usable one).
+
+        Each pair's frames keep their order; a pair whose ring is out of buffers
+        keeps its frames pending (in order, at the head) while the others go on.
+        """
+        assert self.steering is not None
+        pair_of = self.steering.pair_of
+        pending = self.network.frames_to_guest
+        fallback = next(iter(rings))
+        taken: dict[int, list] = {pair: [] for pair in rings}
+        batches = {pair: self._rx_batch_of(pair) for pair in rings}
+        for batch in batches.values():
+            batch.clear()
+        held: list = []         # frames of pairs out of buffers, kept in order
+        blocked: set[int] = set()
+
+        def push(pair: int) -> bool:
+            """Push the pair's batch; False if its ring broke."""
+            items, batch = taken[pair], batches[pair]
+            pushed = self._push(rings[pair], batch)
+            if pushed < 0:
+                held.extend(items)
+                return False
+            if pushed < len(items):
+                blocked.add(pair)
+                held.extend(items[pushed:])
+            items.clear()
+            batch.clear()
+            return True
+
+        for _ in range(len(pending)):
+            item = pending.popleft()
+            pair = pair_of(item[0] if type(item) is tuple else item)
+            if pair not in rings:
+                pair = fallback
+            if pair in blocked:
+                held.append(item)
+                continue
+            if not _append(batches[pair], item):
+                if not push(pair):
+                    held.append(item)
+                    break
+                if pair in blocked or not _append(batches[pair], item):
+                    held.append(item)
+                    continue
+            taken[pair].append(item)
+        for pair in rings:
+            if taken[pair] and not push(pair):
+                break
+        if held:
+            pending.extendleft(reversed(held))
+        # Out of buffers: a kick when the guest adds some; if it already did, go again.
+        if any(rings[pair].enable_kick() for pair in blocked):
+            self._schedule_rx()
+
+    def _push(self, queue: Virtqueue, batch: FrameBatch) -> int:
+        """``batch`` into an RX ring: how many frames went in, or -1 if the ring broke."""
+        pushed = queue.rx_push(batch, 0)
+        if queue.broken:
+            self._check_memory_fault()
+            return -1
+        if self.capture is not None:
+            self.capture.add_batch(batch, pushed)
+        self.counters["rx.frames"] += pushed
+        if pushed:
+            queue.notify()
+        return pushed
+
+    def _rx_batch_of(self, pair: int) -> FrameBatch:
+        batch = self._rx_batches.get(pair)
+        if batch is None:
+            batch = self._rx_batches[pair] = FrameBatch(TX_BATCH)
+        return batch
 
     def _check_memory_fault(self) -> None:
         """A queue caught SIGBUS (guest memory shrank): stop everything, end the connection."""
@@ -445,6 +542,17 @@ class NetDevice:
         self.log_array = None
         self.log_mapping = None  # unmapped once the last view is gone
         self.memory.close()
+
+
+def _is_rx(index: int) -> bool:
+    """Even rings are RX (2k: pair k's), odd ones TX."""
+    return index % 2 == 0
+
+
+def _append(batch: FrameBatch, item: bytes | tuple[bytes, int]) -> bool:
+    """One pending entry into ``batch``: a frame, or (frame, vnet) for one with offload
+    fields (see GuestFrameQueue); False when the batch is full."""
+    return batch.append(*item) if type(item) is tuple else batch.append(item)
 
 
 def _ring_counts(index: int, queue: Virtqueue) -> dict[str, int]:

@@ -46,6 +46,7 @@ from vhostnet.tcp.fast import TcpFastPath
 from vhostnet.tcp.host import TcpHost
 from vhostnet.vhost_user.ratelimit import limiter, run_guarded
 from vhostnet.wire.checksum import PROTO_ICMP, PROTO_TCP
+from vhostnet.wire.ipv6 import NEXT_HEADER_UDP
 from vhostnet.wire.offload import GuestOffloads
 
 log = logging.getLogger(__name__)
@@ -118,10 +119,15 @@ def build_stack(config: StackConfig) -> NetworkStack:
         stack.dhcp = DhcpServer(config, stack.stats, stack.send_udp)
         stack.add_udp_service(stack.dhcp)
     if config.udp:
-        stack.dns = DnsForwarder(config, stack.stats, stack.send_udp)
+        stack.dns = DnsForwarder(config, stack.stats, stack.send_udp, stack.send_udp6)
         stack.add_udp_service(stack.dns)
+        stack.add_udp6_service(stack.dns)
         stack.udp_nat = UdpNat(config, stack.stats, stack.send_ipv4, stack.send_udp,
-                               lambda: stack.guest_ipv4 or config.guest_ipv4)
+                               lambda: stack.guest_ipv4 or config.guest_ipv4,
+                               send_udp6=stack.send_udp6,
+                               send_icmpv6_error=stack.send_icmpv6_error,
+                               guest_ipv6=lambda: stack.guest_ipv6 or config.guest_ipv6)
+        stack.set_ipv6_protocol_handler(NEXT_HEADER_UDP, stack.udp_nat)
     return stack
 
 
@@ -185,6 +191,7 @@ class Network:
         if config.tcp:
             self.tcp = TcpEngine(config, stack)
             stack.set_protocol_handler(PROTO_TCP, self.tcp)
+            stack.set_ipv6_protocol_handler(PROTO_TCP, self.tcp)
             # No after_event hook needed: frames the engine produces wake the
             # device through frames_to_guest (GuestFrameQueue) by themselves.
             self.tcp_host = TcpHost(self.tcp, loop, listen_retry=self.listen_retry)
@@ -263,9 +270,11 @@ class Network:
         except ValueError:
             pass
 
-    def set_guest_offloads(self, csum: bool, tso4: bool) -> None:
-        """What the guest's driver takes on receive (GUEST_CSUM, GUEST_TSO4), from the device."""
-        self.stack.guest_offloads = GuestOffloads(csum=csum, tso4=csum and tso4)
+    def set_guest_offloads(self, csum: bool, tso4: bool, tso6: bool = False) -> None:
+        """What the guest's driver takes on receive (GUEST_CSUM, GUEST_TSO4, GUEST_TSO6), from
+        the device."""
+        self.stack.guest_offloads = GuestOffloads(csum=csum, tso4=csum and tso4,
+                                                  tso6=csum and tso6)
 
     def learn_guest_mac(self, mac: bytes) -> None:
         """SEND_RARP after a migration: the guest is at ``mac`` (its address stays as learned)."""

@@ -240,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--flow-limit", metavar="N", type=int, default=None,
                        help="most UDP (and ICMP) flows open at once (default: what the fd limit, "
                             "raised to its hard value at start, can hold; at most 65536)")
+    group.add_argument("--queues", metavar="N", type=int, default=1,
+                       help="queue pairs the vhost-user device offers (multiqueue; default 1, "
+                            "at most the number of CPUs); start QEMU with queues=N on the "
+                            "netdev and mq=on,vectors=2N+2 on the device")
     group.add_argument("--control", metavar="PATH", default=None,
                        help="UNIX socket for run-time control: JSON lines, "
                             "e.g. {\"command\": \"stats\"}")
@@ -298,7 +302,12 @@ def netmask(text: str) -> str:
 
 
 def upstream(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
+    """``ADDR``, ``IPv4:PORT`` or ``[IPv6]:PORT`` (an IPv6 address with a port in brackets)."""
+    if text.startswith("[") and "]" in text:
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") and rest[1:] else ("x" if rest else "")
+    else:
+        host, _, port = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
     host = host or text
     try:
         ipaddress.ip_address(host)
@@ -452,6 +461,12 @@ def config_from_args(args: argparse.Namespace, fd_limit: int, reserve: int,
         raise UsageError("--bootfile needs --tftp DIR to serve the file from")
     if args.tftp and not os.path.isdir(args.tftp):
         raise UsageError(f"TFTP folder {args.tftp} does not exist or is not a folder")
+    from vhostnet.device import MAX_QUEUE_PAIRS
+
+    cpus = os.cpu_count() or 1
+    if not 1 <= args.queues <= min(cpus, MAX_QUEUE_PAIRS):
+        raise UsageError(f"--queues {args.queues} is outside 1..{min(cpus, MAX_QUEUE_PAIRS)} "
+                         f"(this machine has {cpus} CPUs)")
     if args.stats is not None and args.stats < 1:
         raise UsageError("--stats needs a delay of at least 1 second")
     args.log_size = byte_size(args.log_size, "--log-size", DEFAULT_LOG_SIZE, MIN_LOG_SIZE)

@@ -97,9 +97,11 @@ class Connection:
         # What detection read (the start of the first header, with its fds).
         self.framer.feed(first_bytes, first_fds)
         device_state = server.device_state() if server.device_state is not None else None
-        self.device = NetDevice(server.loop, server.network, device_state)
+        self.device = NetDevice(server.loop, server.network, device_state,
+                                queue_pairs=server.queue_pairs)
         self.device.capture = server.capture
-        self.handler = BackendHandler(self.device, offer_log=True)
+        self.handler = BackendHandler(self.device, offer_log=True,
+                                      max_queue_pairs=server.queue_pairs)
         self.device.on_memory_fault = self._on_memory_fault
         self.closed = False
         server.loop.add_reader(sock.fileno(), self._on_readable)
@@ -273,14 +275,16 @@ class Server:
 
     ``listener`` None: no listening socket; ``serve_connected`` gives the one
     front-end (passt's --fd). ``one_off``: the server closes when its first
-    front-end goes away (passt's --one-off).
+    front-end goes away (passt's --one-off). ``queue_pairs``: the vhost-user
+    device's queue pairs (--queues; the stream front-end has one).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, listener: socket.socket | None,
                  network: Network, *, device_state: Callable[[], DeviceStateHandler] | None = None,
                  one_off: bool = False, vhost_user_only: bool = False,
-                 capture: Capture | None = None) -> None:
+                 capture: Capture | None = None, queue_pairs: int = 1) -> None:
         self.loop = loop
+        self.queue_pairs = queue_pairs
         self.listener = listener
         self.network = network
         self.one_off = one_off

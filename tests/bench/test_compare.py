@@ -140,3 +140,7 @@ def test_passt_command_gives_the_guest_vhostnets_network() -> None:
         assert option in argv
         if value is not None:
             assert argv[argv.index(option) + 1] == value
+    # vhostnet's IPv6 plan too (the guest rows over IPv6): no -4, ::1 at fec0::2.
+    assert "-4" not in argv
+    maps = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--map-host-loopback"]
+    assert maps == ["10.0.2.2", "fec0::2"]

@@ -7,6 +7,8 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,3 +85,17 @@ def wait_until(condition: Callable[[], object], seconds: float, what: str) -> No
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.2)
+
+
+def start_migration(source: Any, guest: Callable[..., Any], version: str, script: str,
+                    socket_path: Path, tmp_path: Path, memory_mb: int) -> Any:
+    """Boot the destination QEMU on ``socket_path`` waiting for an incoming migration
+    (QEMU 7.2 also stopped: its vhostnet state moves through the control sockets before
+    ``cont``) and start migrating ``source`` into it over a UNIX socket; the destination."""
+    extra = ("-incoming", "defer") if version == "10.0" else ("-S", "-incoming", "defer")
+    destination = guest(version, script, socket_path=socket_path,
+                        qmp_path=tmp_path / "dst.qmp", memory_mb=memory_mb, extra_args=extra)
+    uri = f"unix:{tmp_path / 'migration.sock'}"
+    destination.qmp("migrate-incoming", uri=uri)
+    source.qmp("migrate", uri=uri)
+    return destination

@@ -1,10 +1,11 @@
-"""Host-side servers for the NAT tests, all on 127.0.0.1 and all in threads.
+"""Host-side servers for the NAT tests, all on loopback (127.0.0.1, or ::1 where a
+server is given ``host=LOOPBACK6``) and all in threads.
 
 Every server binds an ephemeral port on loopback, runs in daemon threads with
 bounded socket timeouts, records what it saw, and is stopped by ``close()``
 (each is a context manager). Nothing here ever talks to another machine.
 
-* ``DnsServer``: answers A queries for a few names over UDP and TCP on the same port.
+* ``DnsServer``: answers A and AAAA queries for a few names over UDP and TCP on the same port.
 * ``HttpFileServer``: serves one generated file over HTTP/1.0.
 * ``TcpSink``: reads each connection to EOF, records size, sha256 and duration,
   answers with the sha256 in hex.
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from typing import Self
 
 LOOPBACK = "127.0.0.1"
+LOOPBACK6 = "::1"
 IO_TIMEOUT = 120.0  # no single socket operation of a test may block longer
 ACCEPT_POLL = 0.2
 
@@ -44,11 +46,13 @@ def sha256_hex(data: bytes) -> str:
 class _AcceptLoop:
     """A listening TCP socket whose connections each get a daemon thread running ``handle``."""
 
-    def __init__(self, handle: Callable[[socket.socket], None], port: int = 0) -> None:
+    def __init__(self, handle: Callable[[socket.socket], None], port: int = 0,
+                 host: str = LOOPBACK) -> None:
         self._handle = handle
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((LOOPBACK, port))
+        self.listener.bind((host, port))
         self.listener.listen(512)
         self.listener.settimeout(ACCEPT_POLL)
         self.port = self.listener.getsockname()[1]
@@ -133,23 +137,28 @@ class _AcceptLoopServer:
 
 
 class DnsServer:
-    """A tiny authoritative server: A records from ``records``, NXDOMAIN for anything else."""
+    """A tiny authoritative server: A and AAAA records from ``records`` (a name's addresses,
+    one or a list; IPv4 ones answer A queries, IPv6 ones AAAA), NXDOMAIN for unknown names.
+    It listens on ``host`` (127.0.0.1, or ::1 for an upstream on IPv6)."""
 
-    def __init__(self, records: dict[str, str]) -> None:
-        self.records = {name.lower().rstrip("."): address for name, address in records.items()}
+    def __init__(self, records: dict[str, str | list[str]], host: str = LOOPBACK) -> None:
+        self.records = {name.lower().rstrip("."): [address] if isinstance(address, str)
+                        else list(address) for name, address in records.items()}
         self.udp_queries: list[str] = []
         self.tcp_queries: list[str] = []
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.query_types: list[int] = []
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.udp = socket.socket(family, socket.SOCK_DGRAM)
         self.tcp: _AcceptLoop | None = None
         # UDP and TCP must share a port number; a busy TCP port means pick again (bounded).
         for _ in range(20):
-            self.udp.bind((LOOPBACK, 0))
+            self.udp.bind((host, 0))
             try:
-                self.tcp = _AcceptLoop(self._serve_tcp, self.udp.getsockname()[1])
+                self.tcp = _AcceptLoop(self._serve_tcp, self.udp.getsockname()[1], host)
                 break
             except OSError:
                 self.udp.close()
-                self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                self.udp = socket.socket(family, socket.SOCK_DGRAM)
         if self.tcp is None:
             raise OSError("no port free for both UDP and TCP")
         self.port = self.udp.getsockname()[1]
@@ -168,16 +177,18 @@ class DnsServer:
         except (IndexError, ValueError):
             return None
         (qtype,) = struct.unpack("!H", query[end - 4 : end - 2])
+        self.query_types.append(qtype)
         question = query[12:end]
-        address = self.records.get(name)
-        if address is None or qtype != 1:
-            rcode = 0 if address is not None else 3
-            header = struct.pack("!HHHHHH", *struct.unpack("!H", query[:2]), 0x8580 | rcode,
-                                 1, 0, 0, 0)
-            return header + question
-        header = struct.pack("!HHHHHH", *struct.unpack("!H", query[:2]), 0x8580, 1, 1, 0, 0)
-        record = struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(address)
-        return header + question + record
+        addresses = self.records.get(name)
+        family = {1: socket.AF_INET, 28: socket.AF_INET6}.get(qtype)
+        records = [socket.inet_pton(family, address) for address in addresses or []
+                   if family is not None and (":" in address) == (family == socket.AF_INET6)]
+        rcode = 0 if addresses is not None else 3
+        header = struct.pack("!HHHHHH", *struct.unpack("!H", query[:2]), 0x8580 | rcode,
+                             1, len(records), 0, 0)
+        return header + question + b"".join(
+            struct.pack("!HHHIH", 0xC00C, qtype, 1, 60, len(packed)) + packed
+            for packed in records)
 
     def _serve_udp(self) -> None:
         while not self._stop.is_set():
@@ -250,10 +261,10 @@ class Transfer:
 class TcpSink(_AcceptLoopServer):
     """Reads each connection to EOF; answers with the sha256 hex of what arrived."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = LOOPBACK) -> None:
         self.transfers: list[Transfer] = []
         self.done = threading.Event()
-        self._loop = _AcceptLoop(self._serve)
+        self._loop = _AcceptLoop(self._serve, host=host)
         self.port = self._loop.port
 
     def _serve(self, conn: socket.socket) -> None:
@@ -295,10 +306,10 @@ def _answer_get_of(conn: socket.socket, request: bytes, name: str) -> bool:
 class HttpFileServer(_AcceptLoopServer):
     """HTTP/1.0: ``GET /<name>`` returns the generated file, anything else 404."""
 
-    def __init__(self, name: str, data: bytes) -> None:
+    def __init__(self, name: str, data: bytes, host: str = LOOPBACK) -> None:
         self.name, self.data = name, data
         self.transfers: list[Transfer] = []
-        self._loop = _AcceptLoop(self._serve)
+        self._loop = _AcceptLoop(self._serve, host=host)
         self.port = self._loop.port
 
     def _serve(self, conn: socket.socket) -> None:
@@ -322,18 +333,23 @@ class PacedHttpServer(_AcceptLoopServer):
 
     ``sent`` is how far the body got; past ``hold_at`` bytes nothing more goes
     out until ``release()`` (or IO_TIMEOUT), so a transfer can be made to span
-    an event of unknown duration such as a live migration.
+    an event of unknown duration such as a live migration. ``half_closed``: the
+    answer waits for the client's FIN after the request (``client_closed`` is set
+    then), so the whole body travels over a half-closed connection.
     """
 
     CHUNK = 64 * 1024
 
-    def __init__(self, name: str, data: bytes, seconds: float, hold_at: int) -> None:
+    def __init__(self, name: str, data: bytes, seconds: float, hold_at: int,
+                 host: str = LOOPBACK, half_closed: bool = False) -> None:
         self.name, self.data, self.seconds, self.hold_at = name, data, seconds, hold_at
+        self.half_closed = half_closed
         self.sent = 0
         self.requests = 0
         self.finished = threading.Event()
+        self.client_closed = threading.Event()
         self._gate = threading.Event()
-        self._loop = _AcceptLoop(self._serve)
+        self._loop = _AcceptLoop(self._serve, host=host)
         self.port = self._loop.port
 
     def release(self) -> None:
@@ -344,6 +360,10 @@ class PacedHttpServer(_AcceptLoopServer):
         if request is None:
             return
         self.requests += 1
+        if self.half_closed:
+            if conn.recv(4096):
+                return  # more than one request: not the client this server waits for
+            self.client_closed.set()
         if not _answer_get_of(conn, request, self.name):
             return
         conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\n"

@@ -40,11 +40,13 @@ SOCKET_TIMEOUT = 20.0
 
 
 class UdpEcho:
-    """Answers each datagram on 127.0.0.1 with the same bytes (at most ECHO_LIMIT)."""
+    """Answers each datagram on ``host`` (127.0.0.1 or ::1) with the same bytes (at most
+    ECHO_LIMIT)."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((LOOPBACK, 0))
+    def __init__(self, host: str = LOOPBACK) -> None:
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                  socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
         self.sock.settimeout(1.0)
         self.port = self.sock.getsockname()[1]
         self.sizes: list[int] = []
@@ -112,10 +114,11 @@ def guest_ip_counters(results: dict[str, str]) -> dict[str, int]:
     return {name: int(value) for name, value in zip(names, values, strict=True)}
 
 
-def forward_exchange(port: int, payload: bytes) -> bytes:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+def forward_exchange(port: int, payload: bytes, host: str = LOOPBACK) -> bytes:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                       socket.SOCK_DGRAM) as sock:
         sock.settimeout(SOCKET_TIMEOUT)
-        sock.sendto(payload, (LOOPBACK, port))
+        sock.sendto(payload, (host, port))
         return sock.recv(65535)
 
 

@@ -43,6 +43,7 @@ from tests.e2e.held_connections import (
     guest_script,
     open_forward,
     read_exactly,
+    start_migration,
     wait_until,
 )
 from tests.e2e.hostservers import LOOPBACK, PacedHttpServer, free_port, generated_bytes, sha256_hex
@@ -93,10 +94,8 @@ class Scenario:
             for net in (self.source_net, self.dest_net):
                 self.start_helper(helper, Path(f"{net.socket_path}.repair"))
         self.guest, self.script = guest, guest_script(self.server.port)
-        extra = ("-incoming", "defer") if version == "10.0" else ("-S", "-incoming", "defer")
         self.source = guest(version, self.script, socket_path=self.source_net.socket_path,
                             qmp_path=tmp_path / "src.qmp", memory_mb=GUEST_MEMORY_MB)
-        self.dest_extra = extra
         self.destination = None
 
     def start_helper(self, helper: Callable[[Path], list[str]], path: Path) -> None:
@@ -122,13 +121,9 @@ class Scenario:
         # Part of the echo must sit in vhostnet's host socket, unsent, when it freezes.
         wait_until(lambda: self.source_counter("tcp.bytes_to_host") >= BACKLOG_IN_SOCKET, 120,
                    "the echoed bytes to reach vhostnet's host socket")
-        self.destination = self.guest(self.version, self.script,
-                                      socket_path=self.dest_net.socket_path,
-                                      qmp_path=self.tmp_path / "dst.qmp",
-                                      memory_mb=GUEST_MEMORY_MB, extra_args=self.dest_extra)
-        uri = f"unix:{self.tmp_path / 'migration.sock'}"
-        self.destination.qmp("migrate-incoming", uri=uri)
-        self.source.qmp("migrate", uri=uri)
+        self.destination = start_migration(self.source, self.guest, self.version, self.script,
+                                           self.dest_net.socket_path, self.tmp_path,
+                                           GUEST_MEMORY_MB)
         return forward
 
     def source_counter(self, name: str) -> int:

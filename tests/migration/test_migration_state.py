@@ -148,7 +148,8 @@ def test_state_moves_from_source_to_destination(pair) -> None:
             blob = save_over_pipe(frontend)
             assert check(frontend) == 0
         sections = decode_state(blob)
-        assert sections["guest"] == {"mac": GUEST_MAC.hex(":"), "ipv4": "10.0.2.15"}
+        assert sections["guest"] == {"mac": GUEST_MAC.hex(":"), "ipv4": "10.0.2.15",
+                                      "ipv6": []}
         assert len(sections["udp"]) == 1
 
         with Frontend(destination.socket_path) as frontend:

@@ -45,12 +45,14 @@ IO_SECONDS = 10.0
 TCP_STATE_ESTABLISHED = 1
 
 
-def connected_pair(peer_rcvbuf: int | None = None) -> tuple[socket.socket, socket.socket, socket.socket]:
+def connected_pair(peer_rcvbuf: int | None = None, host: str = "127.0.0.1"
+                   ) -> tuple[socket.socket, socket.socket, socket.socket]:
     """(listener, peer, ours): ``ours`` plays a vhostnet host socket (accepted side)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family)
+    listener.bind((host, 0))
     listener.listen()
-    peer = socket.socket()
+    peer = socket.socket(family)
     if peer_rcvbuf is not None:
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, peer_rcvbuf)
     peer.connect(listener.getsockname())

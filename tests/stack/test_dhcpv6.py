@@ -148,7 +148,7 @@ def test_what_is_not_answered_is_counted(stateful: NetworkStack, payload: bytes,
     assert stateful.counters()[counter] == 1
 
 
-def test_no_dhcpv6_leaves_udp_547_to_the_handlers() -> None:
+def test_no_dhcpv6_leaves_udp_547_to_the_nat() -> None:
     stack = build_stack(StackConfig(dhcpv6=False))
     assert exchange(stack, message(1, option(1, CLIENT_DUID), ia_na())) is None
-    assert stack.counters()["udp6.drop.no_handler"] == 1
+    assert stack.counters()["udp6.drop.no_route"] == 1

@@ -84,7 +84,7 @@ def pairs(spec: str) -> list[tuple[str, int, int]]:
 
 
 def test_port_spec_single_and_mapping() -> None:
-    assert parse_port_spec("22") == [PortForward("0.0.0.0", 22, 22)]
+    assert parse_port_spec("22") == [PortForward("0.0.0.0", 22, 22, dual_stack=True)]
     assert pairs("2222:22") == [("0.0.0.0", 2222, 22)]
     assert pairs("80,2222:22") == [("0.0.0.0", 80, 80), ("0.0.0.0", 2222, 22)]
 
@@ -98,6 +98,11 @@ def test_port_spec_ranges() -> None:
 def test_port_spec_address() -> None:
     assert pairs("127.0.0.1/8080:80") == [("127.0.0.1", 8080, 80)]
     assert pairs("::1/22") == [("::1", 22, 22)]
+    assert pairs("[::1]/22") == [("::1", 22, 22)]
+    # No address: both families (one dual-stack listener); an address: that one only.
+    assert [f.dual_stack for f in parse_port_spec("22")] == [True]
+    assert [f.dual_stack for f in parse_port_spec("0.0.0.0/22")] == [False]
+    assert [f.dual_stack for f in parse_port_spec("::1/22")] == [False]
 
 
 def test_port_spec_exclusions_and_all() -> None:
@@ -115,10 +120,11 @@ def test_port_spec_exclusions_and_all() -> None:
 
 
 def test_port_spec_interface_and_guest_address() -> None:
-    assert parse_port_spec("%lo/22") == [PortForward("0.0.0.0", 22, 22, host_if="lo")]
+    assert parse_port_spec("%lo/22") == [PortForward("0.0.0.0", 22, 22, host_if="lo",
+                                                     dual_stack=True)]
     assert parse_port_spec("127.0.0.1%lo/22") == [PortForward("127.0.0.1", 22, 22, host_if="lo")]
     assert parse_port_spec("8080:10.0.2.15/80") == [
-        PortForward("0.0.0.0", 8080, 80, guest_addr="10.0.2.15")]
+        PortForward("0.0.0.0", 8080, 80, guest_addr="10.0.2.15", dual_stack=True)]
     assert {f.guest_addr for f in parse_port_spec("all:10.0.2.15")} == {"10.0.2.15"}
     # Named ports must bind; ports from `all` may be taken by the host.
     assert {f.host_port: f.optional for f in parse_port_spec("80,all")}[80] is False

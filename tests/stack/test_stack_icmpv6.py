@@ -79,6 +79,15 @@ def test_mapped_loopback_reaches_the_hosts_loopback() -> None:
     assert config.host_destination6(REMOTE, 80) == ("2001:db8:77::1", 80)
 
 
+def test_the_ipv6_dns_address_port_53_goes_to_the_first_ipv6_upstream() -> None:
+    """Where the TCP engine connects a guest's DNS-over-TCP to fec0::3."""
+    config = StackConfig(dns_upstream=[("127.0.0.53", 53), ("::1", 5353), ("2001:db8::53", 53)])
+    assert config.host_destination6(ip6("fec0::3"), 53) == ("::1", 5353)
+    assert config.host_destination6(ip6("fec0::3"), 80) is None
+    assert StackConfig(dns_upstream=[("127.0.0.53", 53)]).host_destination6(
+        ip6("fec0::3"), 53) is None
+
+
 def guest_udp_packet(dst: bytes = REMOTE) -> IPv6Packet:
     frame = ipv6_frame(GUEST, dst, udp6(GUEST, 4000, dst, 9, b"payload"), hop_limit=64,
                        next_header=17, dst_mac=GATEWAY_MAC)
@@ -113,12 +122,12 @@ class Recorder:
     def __init__(self) -> None:
         self.packets: list[IPv6Packet] = []
 
-    def handle_ipv6(self, packet: IPv6Packet, now: float) -> None:
+    def handle_ipv6(self, packet: IPv6Packet, now: float, checksum_partial: bool = False) -> None:
         self.packets.append(packet)
 
 
 def test_udp_and_tcp_over_ipv6_reach_registered_handlers() -> None:
-    stack = build_stack(StackConfig())
+    stack = build_stack(StackConfig(udp=False))  # no UDP NAT: nothing handles UDP over IPv6
     udp_frame = ipv6_frame(GUEST, REMOTE, udp6(GUEST, 4000, REMOTE, 9, b"x"), hop_limit=64,
                            next_header=17, dst_mac=GATEWAY_MAC)
     tcp_frame = ipv6_frame(GUEST, REMOTE, bytes(20), hop_limit=64, next_header=6,

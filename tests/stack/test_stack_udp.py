@@ -119,7 +119,7 @@ def test_inbound_forward_from_other_host_keeps_its_address() -> None:
     stack.udp_nat.on_forward_datagram(forward, "2001:db8::1", 1234, b"hi", now=1.0)
     (frame,) = stack.frames_to_guest
     assert parse_udp_frame(frame)[:2] == (bytes([192, 0, 2, 44]), 1234)
-    assert stack.counters()["udp.drop.ipv6_peer"] == 1
+    assert stack.counters()["udp6.drop.no_guest_address"] == 1
 
 
 def test_udp_disabled_keeps_services() -> None:

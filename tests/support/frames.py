@@ -131,3 +131,22 @@ def parse_ipv6_frame(frame: bytes) -> tuple[bytes, bytes, int, int, bytes]:
         pseudo = src + dst + struct.pack("!I3xB", length, next_header)
         assert checksum(pseudo + payload) == 0
     return src, dst, next_header, hop_limit, payload
+
+
+GUEST_IP6 = bytes.fromhex("fec0000000000000505400fffe123456")  # SLAAC of GUEST_MAC in fec0::/64
+
+
+def guest_udp6_frame(sport: int, dst: bytes, dport: int, payload: bytes,
+                     src: bytes = GUEST_IP6) -> bytes:
+    """A UDP datagram over IPv6 from the guest to the gateway MAC."""
+    return ipv6_frame(src, dst, udp6(src, sport, dst, dport, payload), hop_limit=64,
+                      next_header=17, dst_mac=GATEWAY_MAC)
+
+
+def parse_udp6_frame(frame: bytes) -> tuple[bytes, int, bytes, int, bytes]:
+    """(src, sport, dst, dport, payload) of a UDP-over-IPv6 frame for the guest, checked."""
+    src, dst, next_header, _hops, segment = parse_ipv6_frame(frame)
+    assert next_header == 17
+    sport, dport, length, _sum = struct.unpack_from("!HHHH", segment)
+    assert length == len(segment)
+    return src, sport, dst, dport, segment[8:]

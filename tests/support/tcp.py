@@ -10,13 +10,16 @@ from dataclasses import dataclass
 from vhostnet.stack.config import PortForward, StackConfig
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import TcpTimeouts
-from vhostnet.wire.checksum import PROTO_TCP
+from vhostnet.wire.checksum import PROTO_TCP, l4_checksum_ok
 from vhostnet.wire.offload import NO_OFFLOADS
 from vhostnet.wire.tcp import ACK, TcpSegment
 
 GUEST_IP = bytes([10, 0, 2, 15])
 GATEWAY = bytes([10, 0, 2, 2])
 REMOTE_IP = bytes([93, 184, 216, 34])  # never contacted: the glue is not involved in unit tests
+GUEST_IP6 = bytes.fromhex("fec0000000000000505400fffe123456")
+GATEWAY6 = bytes.fromhex("fec00000000000000000000000000002")  # fec0::2, mapped to ::1
+REMOTE_IP6 = bytes.fromhex("20010db8000000000000000000000022")  # 2001:db8::22
 
 
 @dataclass
@@ -30,17 +33,25 @@ class FakePacket:
     tos: int = 0
     checksum_partial: bool = False
 
+    @property
+    def upper_payload(self) -> memoryview:
+        """What an IPv6 packet calls its TCP segment."""
+        return self.payload
+
 
 class SegmentOutput:
-    """The stack's side of ``tcp.output.Ipv4Output`` for tests that take segments one by one:
+    """The stack's side of ``tcp.output.GuestLink`` for tests that take segments one by one:
     no offloads and no guest MAC learned, so TCP data is never built into whole frames."""
 
     guest_offloads = NO_OFFLOADS
     guest_mac = None
     gateway_mac = bytes.fromhex("525600000002")
+    guest_ipv6: bytes | None = None
 
     def send_ipv4_frames(self, frames: list[bytes | tuple[bytes, int]]) -> None:
         raise AssertionError("whole frames need the guest's MAC, which this output never has")
+
+    send_ipv6_frames = send_ipv4_frames
 
 
 class RecordingOutput(SegmentOutput):
@@ -51,7 +62,12 @@ class RecordingOutput(SegmentOutput):
 
     def send_ipv4(self, src: bytes, dst: bytes, proto: int, payload: bytes, *,
                   offload: int = 0) -> None:
-        assert proto == PROTO_TCP and not offload
+        assert proto == PROTO_TCP and not offload and len(src) == len(dst) == 4
+        self.sent.append((src, dst, TcpSegment.parse(payload)))
+
+    def send_ipv6(self, src: bytes, dst: bytes, next_header: int, payload: bytes) -> None:
+        assert next_header == PROTO_TCP and len(src) == len(dst) == 16
+        assert l4_checksum_ok(src, dst, PROTO_TCP, payload)
         self.sent.append((src, dst, TcpSegment.parse(payload)))
 
     def take(self) -> list[TcpSegment]:
@@ -96,4 +112,8 @@ def guest_segment(
     )
     if corrupt:
         raw[-1] ^= 0xFF
-    engine.handle_ipv4(FakePacket(src, dst, memoryview(bytes(raw))), now)
+    packet = FakePacket(src, dst, memoryview(bytes(raw)))
+    if len(src) == 16:
+        engine.handle_ipv6(packet, now)
+    else:
+        engine.handle_ipv4(packet, now)

@@ -17,7 +17,7 @@ from collections import deque
 
 import pytest
 
-from tests.support.tcp import FakePacket, SegmentOutput
+from tests.support.tcp import GATEWAY6, GUEST_IP6, FakePacket, SegmentOutput
 from vhostnet.stack.config import PortForward, StackConfig
 from vhostnet.tcp import host as hostio_tcp
 from vhostnet.tcp.engine import TcpEngine
@@ -36,8 +36,11 @@ STALL_RETRANSMIT = 0.2
 class GuestTcp:
     """One guest-side TCP connection, driven by segments from the engine."""
 
-    def __init__(self, net: GuestNet, local_port: int, remote_ip: bytes, remote_port: int) -> None:
+    def __init__(self, net: GuestNet, local_port: int, remote_ip: bytes, remote_port: int,
+                 local_ip: bytes | None = None) -> None:
         self.net = net
+        # The guest's address of the remote's family.
+        self.local_ip = local_ip or (GUEST_IP6 if len(remote_ip) == 16 else GUEST_IP)
         self.local_port = local_port
         self.remote_ip = remote_ip
         self.remote_port = remote_port
@@ -150,7 +153,8 @@ class GuestTcp:
             opts.get("mss"),
             opts.get("wscale"),
         )
-        self.net.to_engine.append((self.remote_ip, segment.emit(GUEST_IP, self.remote_ip)))
+        self.net.to_engine.append((self.local_ip, self.remote_ip,
+                                   segment.emit(self.local_ip, self.remote_ip)))
 
 
 class GuestNet(SegmentOutput):
@@ -158,32 +162,40 @@ class GuestNet(SegmentOutput):
 
     def __init__(self) -> None:
         self.conns: dict[int, GuestTcp] = {}
-        self.from_engine: deque[bytes] = deque()
-        self.to_engine: deque[tuple[bytes, bytes]] = deque()
+        self.from_engine: deque[tuple[bytes, bytes, bytes]] = deque()
+        self.to_engine: deque[tuple[bytes, bytes, bytes]] = deque()
         self.listening: dict[int, list[GuestTcp]] = {}
 
     def send_ipv4(self, src: bytes, dst: bytes, proto: int, payload: bytes, *,
                   offload: int = 0) -> None:
         assert proto == PROTO_TCP and dst == GUEST_IP and not offload
-        self.from_engine.append((src, payload))
+        self.from_engine.append((src, dst, payload))
+
+    def send_ipv6(self, src: bytes, dst: bytes, next_header: int, payload: bytes) -> None:
+        assert next_header == PROTO_TCP and dst == GUEST_IP6
+        self.from_engine.append((src, dst, payload))
 
     def deliver(self, engine: TcpEngine, now: float) -> bool:
         worked = False
         for _ in range(100_000):
             if self.from_engine:
-                src, raw = self.from_engine.popleft()
+                src, dst, raw = self.from_engine.popleft()
                 seg = TcpSegment.parse(raw)
                 conn = self.conns.get(seg.dst_port)
                 if conn is None and seg.flags == SYN and seg.dst_port in self.listening:
-                    conn = GuestTcp(self, seg.dst_port, src, seg.src_port)
+                    conn = GuestTcp(self, seg.dst_port, src, seg.src_port, dst)
                     self.conns[seg.dst_port] = conn
                     self.listening[seg.dst_port].append(conn)
                     conn.accept(seg)
                 elif conn is not None:
                     conn.receive(seg)
             elif self.to_engine:
-                dst, raw = self.to_engine.popleft()
-                engine.handle_ipv4(FakePacket(GUEST_IP, dst, memoryview(raw)), now)
+                src, dst, raw = self.to_engine.popleft()
+                packet = FakePacket(src, dst, memoryview(raw))
+                if len(src) == 16:
+                    engine.handle_ipv6(packet, now)
+                else:
+                    engine.handle_ipv4(packet, now)
             else:
                 break
             worked = True
@@ -422,4 +434,107 @@ def test_resets_cross_in_both_directions(abort_by: str) -> None:
     try:
         loop.run_until_complete(scenario())
     finally:
+        loop.close()
+
+
+def test_ipv6_upload_and_download_through_a_server_on_ipv6_loopback() -> None:
+    """The guest reaches fec0::2 (mapped to ::1) over IPv6: data both ways, sha256 equal."""
+    fds_before = open_fds()
+    loop, net, engine = new_setup(StackConfig())
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(serve_sink_and_source, "::1", 0)
+        port = server.sockets[0].getsockname()[1]
+        host = TcpHost(engine, loop)
+        try:
+            upload = random.Random(2).randbytes(1024 * 1024 + 11)
+            up = GuestTcp(net, 41100, GATEWAY6, port)
+            down = GuestTcp(net, 41101, GATEWAY6, port)
+            net.conns.update({41100: up, 41101: down})
+            up.connect()
+            up.send(b"SINK\n" + upload, then_close=True)
+            down.connect()
+            down.send(b"SOURCE 1000003 98\n", then_close=True)
+            await run_until(net, engine, host, lambda: up.done and down.done, timeout=120)
+            assert not up.reset and not down.reset
+            assert up.received.decode() == hashlib.sha256(upload).hexdigest()
+            assert down.received == random.Random(98).randbytes(1000003)
+            await run_until(net, engine, host, lambda: not engine.flows, timeout=10)
+            assert host.open_sockets == 0
+        finally:
+            host.close()
+            server.close()
+            await server.wait_closed()
+
+    loop.run_until_complete(scenario())
+    loop.close()
+    assert open_fds() == fds_before
+
+
+def test_forward_without_address_takes_dual_stack() -> None:
+    """``-t PORT``: one listener on [::] (IPv6 and v4-mapped IPv4 peers), each peer reaching
+    the guest's address of its own family, seen as the mapped gateway of that family."""
+    port = free_loopback_port()
+    config = StackConfig(tcp_forwards=[PortForward("0.0.0.0", port, 7, dual_stack=True)],
+                         guest_ipv6=GUEST_IP6)
+    loop, net, engine = new_setup(config)
+    net.listening[7] = []
+    host = TcpHost(engine, loop)
+    assert host.listening_addresses() == [("::", port)]
+
+    async def talk(address: str, message: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection(address, port)
+        writer.write(message)
+        await writer.drain()
+        writer.write_eof()
+        answer = await asyncio.wait_for(reader.read(-1), 60)
+        writer.close()
+        return answer
+
+    async def scenario() -> None:
+        def echoed() -> bool:
+            for conn in net.listening[7]:
+                if conn.received and len(conn.outgoing) < len(conn.received):
+                    conn.send(bytes(conn.received[len(conn.outgoing):]))
+                if conn.peer_fin and not conn.want_fin:
+                    conn.send(b"", then_close=True)
+            return len(net.listening[7]) == 2 and all(c.done for c in net.listening[7])
+
+        guest = asyncio.ensure_future(run_until(net, engine, host, echoed, timeout=60))
+        # One after the other: GuestNet tells connections apart by the guest's port alone.
+        four = await talk("127.0.0.1", b"four" * 5000)
+        for _ in range(10_000):
+            if net.listening[7][0].done:
+                break
+            await asyncio.sleep(0.001)
+        net.conns.clear()
+        six = await talk("::1", b"six" * 7000)
+        await guest
+        assert four == b"four" * 5000 and six == b"six" * 7000
+        seen = {(conn.local_ip, conn.remote_ip) for conn in net.listening[7]}
+        assert seen == {(GUEST_IP, GATEWAY), (GUEST_IP6, GATEWAY6)}
+
+    try:
+        loop.run_until_complete(scenario())
+        loop.run_until_complete(run_until(net, engine, host, lambda: not engine.flows, timeout=10))
+    finally:
+        host.close()
+        loop.close()
+
+
+@pytest.mark.parametrize("spec_address, peer, refused", [("::1", "::1", "127.0.0.1"),
+                                                          ("127.0.0.1", "127.0.0.1", "::1")])
+def test_forward_bound_to_one_family_takes_only_that_one(spec_address: str, peer: str,
+                                                          refused: str) -> None:
+    port = free_loopback_port()
+    config = StackConfig(tcp_forwards=[PortForward(spec_address, port, 7)], guest_ipv6=GUEST_IP6)
+    loop, net, engine = new_setup(config)
+    host = TcpHost(engine, loop)
+    try:
+        with socket.create_connection((peer, port), timeout=5):
+            pass
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((refused, port), timeout=5).close()
+    finally:
+        host.close()
         loop.close()

@@ -105,3 +105,12 @@ def test_oack_emit_and_parse() -> None:
 def test_view_exposes_number_and_body() -> None:
     view = TftpView(memoryview(b"\x00\x03\x00\x07abc"))
     assert (view.opcode, view.number, view.body) == (Opcode.DATA, 7, b"abc")
+
+
+def test_an_option_that_is_not_ascii_is_ignored_and_the_request_emits_again() -> None:
+    # Found by fuzzing (fuzz/regressions/tftp/): the option name came back with U+FFFD,
+    # which emit() could not encode.
+    raw = b"\x00\x01boot.bin\x00octet\x00blks\x99ze\x001024\x00tsize\x000\x00"
+    request = Request.parse(raw)
+    assert request.options == {"tsize": "0"}
+    assert Request.parse(request.emit()) == request

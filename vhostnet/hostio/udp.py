@@ -2,7 +2,11 @@
 
 ``UdpGlue(engine, loop)``:
 
-- binds one listening socket per ``engine.config.udp_forwards`` entry at construction;
+- binds one listening socket per ``engine.config.udp_forwards`` entry at construction:
+  a forward without a bind address (``dual_stack``) gets one dual-stack ``[::]`` socket
+  (IPV6_V6ONLY off: IPv4 peers arrive as IPv4-mapped addresses), as does any IPv6 bind
+  address (passt: "UDP forwards bound on IPv6 also take IPv4"); without IPv6 on the host
+  the wildcard falls back to 0.0.0.0;
 - ``flush()`` executes the engine's queued commands (``UdpOpen``: a connected
   non-blocking socket per outbound flow; ``UdpBindPeer``: an inbound flow answers
   through its forward's listening socket; ``UdpSend``; ``UdpClose``). The
@@ -91,19 +95,49 @@ class UdpGlue:
     # --- forwarded ports ----------------------------------------------------
 
     def _listen(self, forward: PortForward) -> None:
-        sock = socket.socket(family_of(forward.host_addr), socket.SOCK_DGRAM)
+        address = "::" if forward.dual_stack else forward.host_addr
+        try:
+            sock = self._bind_listener(forward, address)
+        except OSError as error:
+            if address == "::" and error.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                self._listen_ipv4_only(forward, error)
+                return
+            self._bind_failed(forward, address, error)
+            return
+        self._listening(forward, sock)
+
+    def _listen_ipv4_only(self, forward: PortForward, error: OSError) -> None:
+        log.info("no IPv6 on the host (%s): UDP port %d forwarded on IPv4 only",
+                 error.strerror, forward.host_port)
+        try:
+            sock = self._bind_listener(forward, forward.host_addr)
+        except OSError as error4:
+            self._bind_failed(forward, forward.host_addr, error4)
+            return
+        self._listening(forward, sock)
+
+    def _bind_listener(self, forward: PortForward, address: str) -> socket.socket:
+        sock = socket.socket(family_of(address), socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
+            if sock.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             for option in listener_options(forward, self.engine.config.freebind):
                 sock.setsockopt(*option)
-            sock.bind((forward.host_addr, forward.host_port))
-        except OSError as error:
+            sock.bind((address, forward.host_port))
+        except OSError:
             sock.close()
-            if forward.optional and error.errno == errno.EADDRINUSE:
-                return  # `all`: the ports the host already uses are not forwarded (passt)
-            log.warning("cannot forward UDP %s:%d: %s", forward.host_addr, forward.host_port,
-                        error.strerror)
-            return
+            raise
+        return sock
+
+    @staticmethod
+    def _bind_failed(forward: PortForward, address: str, error: OSError) -> None:
+        if forward.optional and error.errno == errno.EADDRINUSE:
+            return  # `all`: the ports the host already uses are not forwarded (passt)
+        log.warning("cannot forward UDP %s port %d: %s", address, forward.host_port,
+                    error.strerror)
+
+    def _listening(self, forward: PortForward, sock: socket.socket) -> None:
         self._listeners[forward] = sock
         self.loop.add_reader(sock.fileno(), self._on_listener_readable, forward, sock)
 

@@ -1,5 +1,6 @@
 """The Python face of the UDP fast path (``ext/udp_fast.pyx``): guest datagrams of established
-outbound flows go to their host sockets by sendmmsg(2) from the TX batch, GIL released.
+outbound flows (IPv4 and IPv6) go to their host sockets by sendmmsg(2) from the TX batch, GIL
+released.
 
 ``UdpNat`` stays the authority. A flow enters the fast path once its connected
 host socket exists (``register``, called by ``UdpGlue``) and leaves it before
@@ -72,9 +73,13 @@ class UdpFastSender:
 
     def _account(self, taken: int, now: float) -> None:
         counters = self.engine.counters
-        for name in ("eth.rx", "ipv4.rx", "udp.rx", "udp.tx_host"):
+        taken6 = self.kernel.last_taken6
+        for name in ("eth.rx", "udp.tx_host", "udp.fast_path"):
             counters.inc(name, taken)
-        counters.inc("udp.fast_path", taken)
+        for name, value in (("ipv4.rx", taken - taken6), ("udp.rx", taken - taken6),
+                            ("ipv6.rx", taken6), ("udp6.rx", taken6)):
+            if value:
+                counters.inc(name, value)
         busy = self.kernel.host_busy
         if busy != self._busy_seen:
             counters.inc("udp.drop.host_busy", busy - self._busy_seen)

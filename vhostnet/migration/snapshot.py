@@ -35,6 +35,9 @@ def export_network(network: Network, migration: TcpMigration, now: float) -> byt
         "guest": {
             "mac": _mac_text(stack.guest_mac),
             "ipv4": None if stack.guest_ipv4 is None else str(ipaddress.IPv4Address(stack.guest_ipv4)),
+            # The guest's IPv6 addresses as learned, oldest first (the newest global one is
+            # guest_ipv6 again on import, as learning them in that order makes it).
+            "ipv6": [str(ipaddress.IPv6Address(a)) for a in stack.guest_ipv6_addresses],
         },
         "forwards": {
             "tcp": sorted(str(f) for f in config.tcp_forwards),
@@ -68,6 +71,10 @@ def import_network(network: Network, migration: TcpMigration, blob: bytes,
         if mac is not None and len(mac) != 6:
             raise ValueError("guest MAC is not 6 bytes")
         ipv4 = None if guest.get("ipv4") is None else ipaddress.IPv4Address(str(guest["ipv4"])).packed
+        ipv6 = guest.get("ipv6", [])
+        if not isinstance(ipv6, list) or len(ipv6) > 64:
+            raise ValueError("guest IPv6 addresses are not a short list")
+        ipv6_addresses = [ipaddress.IPv6Address(str(a)).packed for a in ipv6]
         counters = sections.get("counters", {})
         if not isinstance(counters, dict):
             raise ValueError("counters section is not an object")
@@ -94,6 +101,9 @@ def import_network(network: Network, migration: TcpMigration, blob: bytes,
         raise StateError(f"state content is invalid: {exc}") from None
     stack.guest_mac = mac
     stack.guest_ipv4 = ipv4
+    if mac is not None:
+        for address in ipv6_addresses:
+            stack.learn_guest_ipv6(mac, address)
     carried = {k: v for k, v in counters.items() if not k.endswith(("flows_open", ".flows"))}
     stack.restore_counters({k: v for k, v in carried.items() if not k.startswith("tcp.")})
     if network.tcp is not None:

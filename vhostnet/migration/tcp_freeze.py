@@ -28,7 +28,8 @@ on (the one step that needs CAP_NET_ADMIN):
 
 What is left: a sender with TTL 255 whose segment meets an empty receive queue
 (local peers only set TTL 255 on purpose, e.g. for GTSM) where no filter can
-be attached; and IPv4 only, as the rest of the migration.
+be attached. IPv6 sockets get IPV6_MINHOPCOUNT 255 as well (IP_MINTTL stays for the
+IPv4 peers of a dual-stack socket).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ SO_RCVBUFFORCE = 33
 SO_BUF_LOCK = 72  # Linux 5.14; lets us give autotuning back after SO_RCVBUF locked it
 SMALLEST_RCVBUF = 1  # the kernel raises it to its minimum (SOCK_MIN_RCVBUF)
 IP_MINTTL = 21
+IPV6_MINHOPCOUNT = 73  # linux/in6.h
 MAX_TTL = 255
 
 
@@ -141,6 +143,7 @@ class ReceiveBefore:
     """What ``shut_out_peer`` and ``close_receive_window`` changed, to give it back."""
 
     min_ttl: int
+    min_hops: int | None = None  # IPV6_MINHOPCOUNT of an IPv6 socket; None: IPv4 socket
     rcv_wnd: int | None = None  # None: the window was not closed (not connected yet)
     rcv_wup: int = 0
     rcvbuf: int = 0  # as SO_RCVBUF reads it (the kernel's doubled figure)
@@ -153,11 +156,18 @@ _changed: weakref.WeakKeyDictionary[socket.socket, ReceiveBefore] = weakref.Weak
 
 def shut_out_peer(sock: socket.socket) -> None:
     """Drop every segment of the peer before TCP sees it, silently, needing no
-    capability: IP_MINTTL 255 (RFC 5082's TTL security), which only a sender that
-    sets TTL 255 passes. Works on listeners too (catchers). ``OSError`` if refused."""
+    capability: IP_MINTTL 255 (RFC 5082's TTL security; IPV6_MINHOPCOUNT too on an IPv6
+    socket), which only a sender that sets TTL 255 passes. Works on listeners too (catchers). ``OSError`` if refused."""
     if sock in _changed:
         return
-    before = ReceiveBefore(min_ttl=sock.getsockopt(socket.IPPROTO_IP, IP_MINTTL))
+    min_hops = None
+    if sock.family == socket.AF_INET6:
+        # IPv6 peers: the hop-limit twin (RFC 5082 for IPv6); IP_MINTTL still covers
+        # IPv4 peers of a dual-stack socket (v4-mapped).
+        min_hops = sock.getsockopt(socket.IPPROTO_IPV6, IPV6_MINHOPCOUNT)
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MINHOPCOUNT, MAX_TTL)
+    before = ReceiveBefore(min_ttl=sock.getsockopt(socket.IPPROTO_IP, IP_MINTTL),
+                           min_hops=min_hops)
     sock.setsockopt(socket.IPPROTO_IP, IP_MINTTL, MAX_TTL)
     _changed[sock] = before
 
@@ -227,6 +237,9 @@ def reopen_receive(sock: socket.socket) -> None:
     if before is None:
         return
     steps = [lambda: sock.setsockopt(socket.IPPROTO_IP, IP_MINTTL, before.min_ttl)]
+    if before.min_hops is not None:
+        steps.append(lambda: sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MINHOPCOUNT,
+                                             before.min_hops))
     if before.rcv_wnd is not None:
         rcv_wnd = before.rcv_wnd
         steps += [lambda: _write_receive_window(sock, rcv_wnd, before.rcv_wup),

@@ -253,7 +253,8 @@ class TcpMigration:
 
     def _open_catchers(self, addresses: list[tuple[str, int]]) -> None:
         switch = self._switch()
-        catchers = {address: socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        catchers = {address: socket.socket(socket.AF_INET6 if ":" in address[0]
+                                           else socket.AF_INET, socket.SOCK_STREAM)
                     for address in set(addresses)}
         if not catchers or switch is None:
             return
@@ -366,7 +367,8 @@ class TcpMigration:
     def _restore_sockets(self, records: list[TcpRecord], switch: RepairSwitch
                          ) -> tuple[list[tuple[TcpRecord, socket.socket]], list[TcpRecord]]:
         stats = self.network.tcp.stats
-        fresh = {index: new_restore_socket() for index in range(len(records))}
+        fresh = {index: new_restore_socket(record.host.family)  # type: ignore[union-attr]
+                 for index, record in enumerate(records)}
         try:
             # Shut out too: nothing the peer sends may meet a half-restored socket.
             repaired = _repair_new_sockets(fresh, switch)
@@ -420,6 +422,7 @@ class TcpMigration:
             engine, record.key, inbound=record.inbound, snd_una=record.snd_una,
             snd_max=record.snd_max, rcv_nxt=record.rcv_nxt, snd_wnd=record.snd_wnd,
             snd_wscale=record.snd_wscale, rcv_wscale=record.rcv_wscale, mss=record.mss,
-            to_host=record.to_host, host_space=send_space(sock), now=now)
+            to_host=record.to_host, host_space=send_space(sock), now=now,
+            half_close=dict(record.half_close))
         host.adopt(flow.flow_id, sock)
         resume_host_io(engine, flow.flow_id, now)

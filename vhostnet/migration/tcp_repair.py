@@ -16,6 +16,19 @@ Facts this relies on (linux/tcp.h and the kernel's TCP code):
   frozen original); ``connect()`` refuses (EADDRNOTAVAIL) while the original
   4-tuple still exists, which is why the source must release first.
 
+Both families: a dump's addresses say which (an IPv4 peer of a dual-stack socket is
+dumped with its v4-mapped address and restored on an IPv6 socket, as it was).
+
+Half-closed sockets move too. TCP_REPAIR restores ESTABLISHED only, so, as CRIU
+does: a socket that sent its FIN (FIN_WAIT1/2) is dumped without the FIN's
+sequence number and restored established, then ``shutdown(SHUT_WR)`` in repair
+mode with the send queue selected puts the FIN back as sent (in flight until the
+peer acknowledges it again). A socket that received the peer's FIN (CLOSE_WAIT)
+is restored established at the FIN's sequence number: the peer's FIN is not
+replayed (CRIU forges one with a raw socket), so the restored socket never
+reports EOF; the engine knows it already (``host_eof`` in its record) and never
+asks. Both FINs (CLOSING, LAST_ACK, TIME_WAIT) are not dumped: reset.
+
 Sans-IO it is not: these are syscalls. The record format (``SocketDump``)
 is validated field by field in ``SocketDump.from_record``.
 """
@@ -63,6 +76,10 @@ TCPI_OPT_SACK = 2
 TCPI_OPT_WSCALE = 4
 
 TCP_ESTABLISHED = 1
+TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT = 4, 5, 8
+# The states a dump takes, and which FIN each has seen: (we sent ours, the peer sent its).
+DUMPABLE_STATES = {TCP_ESTABLISHED: (False, False), TCP_FIN_WAIT1: (True, False),
+                   TCP_FIN_WAIT2: (True, False), TCP_CLOSE_WAIT: (False, True)}
 TCP_MAX_WSCALE = 14
 
 SIOCINQ = termios.FIONREAD
@@ -129,7 +146,7 @@ def _small(value: object, what: str, limit: int) -> int:
 def _endpoint(value: object, what: str) -> tuple[str, int]:
     if not isinstance(value, list) or len(value) != 2:
         raise ValueError(f"{what} is not [address, port]")
-    address = str(ipaddress.IPv4Address(str(value[0])))
+    address = str(ipaddress.ip_address(str(value[0])))
     return address, checked_int(value[1], f"{what} port", 1, 65535)
 
 
@@ -159,6 +176,12 @@ class SocketDump:
     options: int  # tcpi_options: TCPI_OPT_TIMESTAMPS / SACK / WSCALE
     timestamp: int
     window: tuple[int, int, int, int, int]  # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
+    fin_sent: bool = False  # we had shut down writing (FIN_WAIT1/2): restored with our FIN
+    fin_received: bool = False  # the peer had sent its FIN (CLOSE_WAIT)
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        return socket.AF_INET6 if ":" in self.local[0] else socket.AF_INET
 
     @property
     def queued_bytes(self) -> int:
@@ -172,6 +195,7 @@ class SocketDump:
             "recv_queue": base64.b64encode(self.recv_queue).decode(),
             "mss": self.mss, "snd_wscale": self.snd_wscale, "rcv_wscale": self.rcv_wscale,
             "options": self.options, "timestamp": self.timestamp, "window": list(self.window),
+            "fin_sent": self.fin_sent, "fin_received": self.fin_received,
         }
 
     @classmethod
@@ -197,7 +221,11 @@ class SocketDump:
             options=_small(record["options"], "TCP options", 0xFF),
             timestamp=_u32(record["timestamp"], "timestamp"),
             window=tuple(_u32(v, "window value") for v in window),  # type: ignore[arg-type]
+            fin_sent=record.get("fin_sent", False) is True,
+            fin_received=record.get("fin_received", False) is True,
         )
+        if (":" in dump.local[0]) != (":" in dump.peer[0]):
+            raise ValueError("local and peer addresses are of different families")
         if dump.mss < 64:
             raise ValueError(f"MSS {dump.mss} is too small")
         if len(dump.send_queue) > MAX_QUEUE_BYTES or len(dump.recv_queue) > MAX_QUEUE_BYTES:
@@ -238,8 +266,9 @@ def dump_socket(sock: socket.socket) -> SocketDump:
     except OSError as error:
         raise _step("reading TCP_INFO", error) from None
     state, options, scales = info[0], info[5], info[6]
-    if state != TCP_ESTABLISHED:
-        raise RepairError(errno.EINVAL, f"socket is in TCP state {state}, not established")
+    if state not in DUMPABLE_STATES:
+        raise RepairError(errno.EINVAL, f"socket is in TCP state {state}, which cannot move")
+    fin_sent, fin_received = DUMPABLE_STATES[state]
     local, peer = sock.getsockname()[:2], sock.getpeername()[:2]
     try:
         mss = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
@@ -250,18 +279,22 @@ def dump_socket(sock: socket.socket) -> SocketDump:
         # A peek offset would shift the dump: read the queues from their heads.
         sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, -1)
         _select_queue(sock, TCP_SEND_QUEUE)
-        send_length = _ioctl_int(sock, SIOCOUTQ)
-        unsent = _ioctl_int(sock, SIOCOUTQNSD)
+        # Our FIN counts one in the queue's sequence space while unacknowledged (FIN_WAIT1)
+        # and in its end sequence always: neither is a byte.
+        fin_queued = int(state == TCP_FIN_WAIT1)
+        send_length = _ioctl_int(sock, SIOCOUTQ) - fin_queued
+        unsent = max(0, _ioctl_int(sock, SIOCOUTQNSD) - fin_queued)
         if send_length > MAX_QUEUE_BYTES or not 0 <= unsent <= send_length:
             raise RepairError(errno.ENOBUFS, f"send queue of {send_length} bytes not migratable")
         send_queue = _peek_queue(sock, send_length)
-        send_end = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
+        send_end = (sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) - fin_sent) & 0xFFFFFFFF
         _select_queue(sock, TCP_RECV_QUEUE)
         recv_length = _ioctl_int(sock, SIOCINQ)
         if recv_length > MAX_QUEUE_BYTES:
             raise RepairError(errno.ENOBUFS, f"receive queue of {recv_length} bytes not migratable")
         recv_queue = _peek_queue(sock, recv_length)
-        recv_end = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) & 0xFFFFFFFF
+        # The peer's FIN took a sequence number after the queue's last byte.
+        recv_end = (sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) - fin_received) & 0xFFFFFFFF
         _select_queue(sock, TCP_NO_QUEUE)
     except RepairError:
         raise
@@ -273,16 +306,17 @@ def dump_socket(sock: socket.socket) -> SocketDump:
         recv_seq=(recv_end - recv_length) & 0xFFFFFFFF,
         send_queue=send_queue, unsent=unsent, recv_queue=recv_queue, mss=mss,
         snd_wscale=scales & 0x0F, rcv_wscale=scales >> 4, options=options,
-        timestamp=timestamp, window=window,
+        timestamp=timestamp, window=window, fin_sent=fin_sent, fin_received=fin_received,
     )
 
 
 # ---- the restore ---------------------------------------------------------------
 
 
-def new_restore_socket() -> socket.socket:
-    """A fresh non-blocking socket for ``restore_in_repair``; the caller switches repair on."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def new_restore_socket(family: socket.AddressFamily = socket.AF_INET) -> socket.socket:
+    """A fresh non-blocking socket of ``family`` (the dump's) for ``restore_in_repair``; the
+    caller switches repair on."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setblocking(False)
     return sock
@@ -356,6 +390,13 @@ def restore_in_repair(sock: socket.socket, dump: SocketDump, *, wait_for_tuple: 
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_OPTIONS, _repair_options(dump))
         step = "setting the window"
         sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, WINDOW.pack(*dump.window))
+        if dump.fin_sent:
+            # In repair mode with the send queue selected, the FIN joins it as sent
+            # (CRIU's restore_fin_in_snd_queue): FIN_WAIT1 until the peer acknowledges it.
+            step = "restoring our FIN"
+            _select_queue(sock, TCP_SEND_QUEUE)
+            sock.shutdown(socket.SHUT_WR)
+            _select_queue(sock, TCP_NO_QUEUE)
     except RepairError:
         raise
     except OSError as error:

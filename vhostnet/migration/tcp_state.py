@@ -7,22 +7,23 @@ socket (``tcp_repair.SocketDump``) when the source could freeze it with
 TCP_REPAIR. A record without ``host`` cannot continue: the destination sends
 the guest an RST with the connection's own numbers, so it notices at once.
 
-Which connections move: established ones with nothing closing. A
-half-closed connection (a FIN seen or sent in either direction) is reset on
-purpose: its host socket would have to be restored in a closing state, and
-such connections are about to end anyway.
+Which connections move: established ones, of either family, half-closed ones
+too (the record's ``half_close`` flags; ``tcp_repair`` restores the host socket's
+FIN). A connection closed both ways on the host (host EOF and our shutdown)
+waits only for final ACKs: it is reset, as its socket (LAST_ACK, CLOSING,
+TIME_WAIT) cannot be restored.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from vhostnet.migration.state import checked_int
 from vhostnet.migration.tcp_repair import SocketDump
-from vhostnet.stack.config import ip4
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import HALF_SEQ, Flow, Phase, seq_diff
-from vhostnet.tcp.handover import dump_flow
+from vhostnet.tcp.handover import HALF_CLOSE_FLAGS, dump_flow
 from vhostnet.wire.tcp import ACK, RST
 
 MAX_RECORDS = 65536
@@ -31,8 +32,8 @@ MAX_WINDOW = 1 << 30
 
 
 def migratable(flow: Flow) -> bool:
-    """Established with both directions open (see the module docstring)."""
-    return flow.open_both_ways
+    """Established, at most one direction closed on the host (see the module docstring)."""
+    return flow.phase is Phase.ESTABLISHED and not (flow.host_shut and flow.host_eof)
 
 
 def export_connections(engine: TcpEngine,
@@ -74,6 +75,7 @@ class TcpRecord:
     mss: int = 536
     to_host: bytes = b""
     host: SocketDump | None = None
+    half_close: tuple[tuple[str, bool], ...] = ()  # HALF_CLOSE_FLAGS and their values
 
     @property
     def key(self) -> tuple[bytes, int, bytes, int]:
@@ -83,8 +85,12 @@ class TcpRecord:
 def _parse_one(record: object) -> TcpRecord:
     if not isinstance(record, dict):
         raise ValueError("TCP record is not an object")
-    base = dict(guest_ip=ip4(str(record["guest_ip"])), guest_port=_port(record["guest_port"]),
-                remote_ip=ip4(str(record["remote_ip"])), remote_port=_port(record["remote_port"]),
+    guest_ip = ipaddress.ip_address(str(record["guest_ip"]))
+    remote_ip = ipaddress.ip_address(str(record["remote_ip"]))
+    if guest_ip.version != remote_ip.version:
+        raise ValueError("guest and remote addresses are of different families")
+    base = dict(guest_ip=guest_ip.packed, guest_port=_port(record["guest_port"]),
+                remote_ip=remote_ip.packed, remote_port=_port(record["remote_port"]),
                 snd_nxt=_u32(record["snd_nxt"]), rcv_nxt=_u32(record["rcv_nxt"]))
     if record.get("host") is None:
         return TcpRecord(**base)  # type: ignore[arg-type]
@@ -102,6 +108,10 @@ def _parse_one(record: object) -> TcpRecord:
         raise ValueError("inbound is not a boolean")
     if record["phase"] != Phase.ESTABLISHED.name:
         raise ValueError("only established connections carry a host socket")
+    flags = record.get("half_close", {})
+    if not isinstance(flags, dict) or not all(isinstance(flags.get(n, False), bool)
+                                              for n in HALF_CLOSE_FLAGS):
+        raise ValueError("half_close is not an object of booleans")
     return TcpRecord(
         **base,  # type: ignore[arg-type]
         inbound=inbound, snd_una=snd_una, snd_max=snd_max,
@@ -110,6 +120,7 @@ def _parse_one(record: object) -> TcpRecord:
         rcv_wscale=checked_int(record["rcv_wscale"], "window scale", 0, 14),
         mss=checked_int(record["mss"], "MSS", 64, 65535),
         to_host=bytes.fromhex(to_host), host=host,
+        half_close=tuple((name, flags.get(name, False)) for name in HALF_CLOSE_FLAGS),
     )
 
 

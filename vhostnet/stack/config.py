@@ -58,6 +58,10 @@ class PortForward:
     # From ``all`` (or a spec of exclusions only): a port the host already uses is skipped,
     # as passt forwards "all unbound ports"; a port named explicitly must bind.
     optional: bool = False
+    # The spec named no bind address: the port is forwarded on every address of both
+    # families, as passt binds by default (one dual-stack ``[::]`` socket); ``host_addr``
+    # then holds the IPv4 wildcard. Not part of equality: a forward compares by where it binds.
+    dual_stack: bool = field(default=False, compare=False)
 
 
 # Linux's IP_FREEBIND (socket module constant from Python 3.12 only).
@@ -273,6 +277,11 @@ class StackConfig:
         return bytes(self.map_host_loopback or self.gateway)
 
     @property
+    def loopback_peer_address6(self) -> bytes:
+        """``loopback_peer_address`` for a peer on the host's IPv6 loopback (::1)."""
+        return bytes(self.map_host_loopback6 or self.gateway6)  # type: ignore[arg-type]
+
+    @property
     def prefix_length(self) -> int:
         return bin(int.from_bytes(self.netmask, "big")).count("1")
 
@@ -351,18 +360,20 @@ def _parse_address(text: str, what: str, spec: str) -> str:
         raise ValueError(f"bad {what} {text!r} in port spec {spec!r}") from None
 
 
-def _split_bind(text: str, spec: str) -> tuple[str, str | None, str]:
-    """``[ADDR][%IF]/PORTS`` -> (address, interface, ports). The bind part is what precedes
+def _split_bind(text: str, spec: str) -> tuple[str | None, str | None, str]:
+    """``[ADDR][%IF]/PORTS`` -> (address or None, interface, ports). The bind part is what precedes
     the first slash when it is an address or starts with '%'; otherwise that slash
     belongs to a ``:toaddr/`` inside PORTS."""
     head, slash, rest = text.partition("/")
     address, percent, interface = head.partition("%")
+    if address.startswith("[") and address.endswith("]"):
+        address = address[1:-1]  # [::1]/PORTS: an IPv6 address in brackets
     if not slash or not (percent or _is_address(address)):
-        return DEFAULT_BIND_ADDRESS, None, text
+        return None, None, text
     if percent and not interface:
         raise ValueError(f"empty interface name after '%' in port spec {spec!r}")
-    address = _parse_address(address, "bind address", spec) if address else DEFAULT_BIND_ADDRESS
-    return address, interface or None, rest
+    return (_parse_address(address, "bind address", spec) if address else None,
+            interface or None, rest)
 
 
 def _is_address(text: str) -> bool:
@@ -385,15 +396,18 @@ def parse_port_spec(spec: str, ephemeral: range = DEFAULT_EPHEMERAL) -> list[Por
       equal length), optionally at another guest-side address;
     - ``~P`` or ``~A-B``: exclude host ports; a spec made only of exclusions means
       "all (non-ephemeral) ports except these" (as in passt);
-    - ``ADDR/...``, ``%IF/...``, ``ADDR%IF/...``: bind on ADDR (IPv4 or IPv6), on
-      interface IF only, instead of every address.
+    - ``ADDR/...``, ``%IF/...``, ``ADDR%IF/...``: bind on ADDR (IPv4, IPv6, or IPv6 in
+      brackets: ``[::1]/22``), on interface IF only, instead of every address of both
+      families (``dual_stack``).
     """
     text = spec.strip()
     if not text:
         raise ValueError("empty port spec")
     if text == "none":
         return []
-    address, interface, text = _split_bind(text, spec)
+    bind_address, interface, text = _split_bind(text, spec)
+    dual_stack = bind_address is None
+    address = bind_address or DEFAULT_BIND_ADDRESS
     everything = [port for port in ALL_PORTS if port not in ephemeral]
     mapping: dict[int, tuple[int, str | None, bool]] = {}
     excluded: set[int] = set()
@@ -433,7 +447,7 @@ def parse_port_spec(spec: str, ephemeral: range = DEFAULT_EPHEMERAL) -> list[Por
     if not has_positive:
         mapping = {port: (port, None, True) for port in everything}
     return [
-        PortForward(address, host_port, guest_port, interface, to_address, optional)
+        PortForward(address, host_port, guest_port, interface, to_address, optional, dual_stack)
         for host_port, (guest_port, to_address, optional) in sorted(mapping.items())
         if host_port not in excluded
     ]

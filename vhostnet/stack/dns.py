@@ -12,6 +12,10 @@ Commands (``DnsForwarder.commands``, executed by ``hostio.dns.DnsGlue.flush``):
 ``DnsQuery(upstream_index, host, port, data)``: send ``data`` to upstream ``upstream_index``.
 Events: ``on_upstream_reply(upstream_index, data, now)``, ``on_upstream_error(upstream_index, now)``.
 The header flags and the SERVFAIL builder are in ``vhostnet.wire.dns``.
+
+The same forwarder serves ``config.dns6`` port 53 over IPv6 (registered as an IPv6 UDP
+service too): a query's family is its guest address's length, the answer leaves from
+the DNS address of that family. Upstreams of either family serve both.
 """
 
 from __future__ import annotations
@@ -55,15 +59,18 @@ class _PendingQuery:
 class DnsForwarder:
     """UDP service for ``config.dns:53`` that relays to the upstream resolvers."""
 
-    def __init__(self, config: StackConfig, counters: Counters, send_udp: SendUdp) -> None:
+    def __init__(self, config: StackConfig, counters: Counters, send_udp: SendUdp,
+                 send_udp6: SendUdp | None = None) -> None:
         self.config = config
         self.counters = counters
         self._send_udp = send_udp
+        self._send_udp6 = send_udp6
         self.commands: deque[DnsQuery] = deque()
         self._pending: dict[int, _PendingQuery] = {}
 
     def accepts(self, dst_ip: bytes, dst_port: int) -> bool:
-        return dst_ip == self.config.dns and dst_port == DNS_PORT
+        return dst_port == DNS_PORT and (dst_ip == self.config.dns or (
+            dst_ip == self.config.dns6 and self._send_udp6 is not None))
 
     def handle_udp(self, src_ip: bytes, src_port: int, dst_ip: bytes, dst_port: int,
                    payload: memoryview, now: float) -> None:
@@ -105,8 +112,15 @@ class DnsForwarder:
     def _fail(self, pending: _PendingQuery) -> None:
         del self._pending[pending.upstream_id]
         self.counters.inc("dns.servfail")
-        self._send_udp(self.config.dns, DNS_PORT, pending.guest_ip, pending.guest_port,
-                       servfail_for(pending.query))
+        self._answer(pending, servfail_for(pending.query))
+
+    def _answer(self, pending: _PendingQuery, message: bytes) -> None:
+        if len(pending.guest_ip) == 16 and self._send_udp6 is not None:
+            self._send_udp6(self.config.dns6, DNS_PORT, pending.guest_ip, pending.guest_port,
+                            message)
+        else:
+            self._send_udp(self.config.dns, DNS_PORT, pending.guest_ip, pending.guest_port,
+                           message)
 
     # --- host side (called by the glue) -----------------------------------
 
@@ -120,8 +134,7 @@ class DnsForwarder:
             return
         del self._pending[pending.upstream_id]
         self.counters.inc("dns.answer")
-        self._send_udp(self.config.dns, DNS_PORT, pending.guest_ip, pending.guest_port,
-                       pending.query[:2] + data[2:])
+        self._answer(pending, pending.query[:2] + data[2:])
 
     def on_upstream_error(self, upstream_index: int, now: float) -> None:
         """The upstream refused (ICMP unreachable): move its queries on at once."""

@@ -109,6 +109,13 @@ class Ipv6ProtocolHandler(Protocol):
     def handle_ipv6(self, packet: IPv6Packet, now: float) -> None: ...
 
 
+class Tcp6Handler(Protocol):
+    """The TCP engine over IPv6: told whether the guest left the checksum partial (an
+    IPv6 packet has no field for it, unlike ``IPv4Packet.checksum_partial``)."""
+
+    def handle_ipv6(self, packet: IPv6Packet, now: float, checksum_partial: bool) -> None: ...
+
+
 class UdpService(Protocol):
     """A local UDP service (DHCP, DNS, TFTP), consulted before generic UDP NAT."""
 
@@ -357,6 +364,13 @@ class NetworkStack:
             if handler is None:
                 self.stats.inc("ipv6.drop.proto")
                 return
+            if proto == PROTO_TCP:
+                l4_start = ethernet.HEADER_LEN + IPV6_HEADER_LEN + (
+                    len(packet.payload) - len(packet.upper_payload))
+                partial = bool(vnet) and partial_l4_checksum(vnet, l4_start, TCP_CHECKSUM_OFFSET)
+                tcp: Tcp6Handler = handler  # type: ignore[assignment]
+                tcp.handle_ipv6(packet, now, checksum_partial=partial)
+                return
             handler.handle_ipv6(packet, now)
 
     def _receive_icmpv6(self, eth: ethernet.EthernetFrame, packet: IPv6Packet,
@@ -531,10 +545,17 @@ class NetworkStack:
         """Queue whole Ethernet frames carrying IPv4 for the guest, built by an engine for the
         learned ``guest_mac`` (e.g. TCP data, ``vhostnet.tcp.frames``); each entry is a frame
         or ``(frame, vnet word)``, as in ``frames_to_guest``."""
+        self._queue_frames(frames, "ipv4.tx")
+
+    def send_ipv6_frames(self, frames: list[bytes | tuple[bytes, int]]) -> None:
+        """``send_ipv4_frames`` for frames carrying IPv6 (TCP data over IPv6)."""
+        self._queue_frames(frames, "ipv6.tx")
+
+    def _queue_frames(self, frames: list[bytes | tuple[bytes, int]], counter: str) -> None:
         append = self.frames_to_guest.append  # one by one: the device's queue watches append
         for frame in frames:
             append(frame)
-        self.stats.inc("ipv4.tx", len(frames))
+        self.stats.inc(counter, len(frames))
 
     def _broadcast_until_learned(self, dst: bytes) -> bytes:
         """The destination MAC for a frame to a guest whose MAC is unknown: broadcast, with an

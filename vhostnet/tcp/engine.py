@@ -4,8 +4,11 @@ The engine terminates the guest's TCP connection itself and describes what the
 host socket should do as *commands*; the glue (``vhostnet.tcp.host``) runs
 them and feeds socket *events* back. Nothing here touches a socket or a clock.
 
-Guest segments come in through ``handle_ipv4(packet, now)``; segments for the
-guest go out through ``output.send_ipv4(src, dst, 6, segment)``.
+Guest segments come in through ``handle_ipv4(packet, now)`` and
+``handle_ipv6(packet, now, checksum_partial)``; segments for the guest go out
+through ``output.send_ipv4``/``send_ipv6`` (``vhostnet.tcp.output.GuestLink``).
+One engine serves both families: a flow's family is the length of its
+addresses (4 or 16 bytes), and everything below is the same for both.
 
 Commands (``engine.commands``, a deque; see ``tcp_flow``):
     Connect(flow_id, host, port)   open a non-blocking connection
@@ -41,6 +44,7 @@ Data rules:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 from collections import deque
@@ -60,7 +64,7 @@ from vhostnet.tcp.flow import (
     TcpCommand,
     TcpTimeouts,
 )
-from vhostnet.tcp.output import GuestOutput, Ipv4Output
+from vhostnet.tcp.output import GuestLink, GuestOutput, is_ipv6
 from vhostnet.tcp.sender import GuestSender
 from vhostnet.tcp.table import FlowTable
 from vhostnet.wire.checksum import PROTO_TCP, l4_checksum_ok
@@ -92,13 +96,21 @@ class Ipv4Packet(Protocol):
     checksum_partial: bool  # virtio NEEDS_CSUM: the guest left the checksum to the "device"
 
 
+class Ipv6Packet(Protocol):
+    """What the stack hands us for IPv6: ``upper_payload`` is the TCP segment."""
+
+    src: bytes
+    dst: bytes
+    upper_payload: memoryview
+
+
 class TcpEngine:
     """All TCP flows between the guest and the host. See the module docstring for the contract."""
 
     def __init__(
         self,
         config: Any,
-        output: Ipv4Output,
+        output: GuestLink,
         *,
         timeouts: TcpTimeouts | None = None,
         counters: Counters | None = None,
@@ -118,8 +130,7 @@ class TcpEngine:
         self.flows = self.table.by_key  # read-only for everyone but the engine
         self.flows_by_id = self.table.by_id
         self._timers = self.table.timers
-        self._mss_to_guest_limit = config.mtu - 40
-        self.tx = GuestOutput(output, self.stats, self._mss_to_guest_limit)
+        self.tx = GuestOutput(output, self.stats, config.mtu)
         self.sender = GuestSender(self.tx, self.stats, self.timeouts, self.commands)
         self.recently_closed = RecentlyClosed()
         self._now = 0.0  # the latest time an event brought; closed flows linger from it
@@ -144,9 +155,19 @@ class TcpEngine:
     # ------------------------------------------------------- guest segments
 
     def handle_ipv4(self, packet: Ipv4Packet, now: float) -> None:
+        self._handle_segment(bytes(packet.src), bytes(packet.dst), packet.payload,
+                             packet.checksum_partial, now)
+
+    def handle_ipv6(self, packet: Ipv6Packet, now: float, checksum_partial: bool = False) -> None:
+        """A guest TCP segment over IPv6; ``checksum_partial``: the guest left its checksum
+        to the device (virtio NEEDS_CSUM at the TCP checksum field)."""
+        self._handle_segment(bytes(packet.src), bytes(packet.dst), packet.upper_payload,
+                             checksum_partial, now)
+
+    def _handle_segment(self, src: bytes, dst: bytes, data: memoryview, checksum_partial: bool,
+                        now: float) -> None:
         self.stats.inc("tcp.segments_in")
-        data = packet.payload
-        if not packet.checksum_partial and not l4_checksum_ok(packet.src, packet.dst, PROTO_TCP, data):
+        if not checksum_partial and not l4_checksum_ok(src, dst, PROTO_TCP, data):
             self.stats.drop("tcp.drop.bad_checksum", "TCP segment with a bad checksum")
             return
         try:
@@ -154,7 +175,7 @@ class TcpEngine:
         except MalformedPacket as error:
             self.stats.drop(f"tcp.drop.{error.reason}", f"malformed TCP segment: {error}")
             return
-        key = (bytes(packet.src), seg.src_port, bytes(packet.dst), seg.dst_port)
+        key = (src, seg.src_port, dst, seg.dst_port)
         self._now = now
         flow = self.flows.get(key)
         if flow is None:
@@ -187,7 +208,10 @@ class TcpEngine:
         if self.table.at_limit(now):
             self.tx.answer_stray(key, seg)
             return
-        destination = self.config.host_destination(remote_ip, remote_port)
+        if is_ipv6(remote_ip):
+            destination = self.config.host_destination6(remote_ip, remote_port)
+        else:
+            destination = self.config.host_destination(remote_ip, remote_port)
         if destination is None:
             self.stats.inc("tcp.unreachable")
             self.tx.answer_stray(key, seg)
@@ -453,16 +477,25 @@ class TcpEngine:
         now: float,
         send_space: int | None = None,
     ) -> int | None:
-        """A host peer connected to a forwarded port: start a flow and send the guest a SYN."""
+        """A host peer connected to a forwarded port: start a flow and send the guest a SYN.
+
+        The peer's family picks the guest's address: an IPv4 peer (also as a v4-mapped
+        address on a dual-stack listener) reaches the guest's IPv4 address, an IPv6 peer
+        its IPv6 address (configured, else learned); None when the guest has none there.
+        """
         if self.table.at_limit(now):
             return None
         remote_ip = self._guest_visible_address(peer_host)
-        key = (bytes(self.config.guest_ipv4), guest_port, remote_ip, peer_port)
+        guest_ip = self._guest_address(is_ipv6(remote_ip))
+        if guest_ip is None:
+            self.stats.inc("tcp.drop.forward_no_guest_address")
+            return None
+        key = (guest_ip, guest_port, remote_ip, peer_port)
         if key in self.flows:
             self.stats.inc("tcp.drop.forward_tuple_busy")
             return None
         flow = self.add_flow(key, inbound=True, phase=Phase.SYN_SENT)
-        flow.mss = self._mss_to_guest_limit
+        flow.mss = self.tx.mss_limit(guest_ip)
         flow.iss = self._isn() & 0xFFFFFFFF
         flow.snd_nxt = flow.snd_max = 1
         flow.rto = self.timeouts.rto_initial
@@ -481,12 +514,21 @@ class TcpEngine:
     def _guest_visible_address(self, peer_host: str) -> bytes:
         # A loopback peer appears as the mapped loopback address (by default the
         # gateway), so the guest can answer it, as passt does.
-        parts = peer_host.removeprefix("::ffff:").split(".")
-        if len(parts) == 4 and all(p.isdigit() and int(p) < 256 for p in parts):
-            address = bytes(int(p) for p in parts)
-            if address[0] != 127:
-                return address
+        address = ipaddress.ip_address(peer_host.partition("%")[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if not address.is_loopback:
+            return address.packed
+        if address.version == 6:
+            return self.config.loopback_peer_address6
         return self.config.loopback_peer_address
+
+    def _guest_address(self, ipv6: bool) -> bytes | None:
+        """The guest's address of a family, for flows a host peer opens (None: none known)."""
+        config = self.config
+        if ipv6:
+            return bytes(config.guest_ipv6 or self.output.guest_ipv6 or b"") or None
+        return bytes(config.guest_ipv4) if config.ipv4 else None
 
     def add_flow(self, key: tuple[bytes, int, bytes, int], inbound: bool, phase: Phase) -> Flow:
         """A new flow in ``phase``; the caller sets its numbers and timers (``schedule``)."""
@@ -512,7 +554,7 @@ class TcpEngine:
 
     def _take_syn_options(self, flow: Flow, seg: TcpSegmentView) -> None:
         options = seg.options
-        flow.mss = min(options.mss or DEFAULT_MSS, self._mss_to_guest_limit)
+        flow.mss = min(options.mss or DEFAULT_MSS, self.tx.mss_limit(flow.guest_ip))
         if options.wscale is not None:
             flow.snd_wscale = options.wscale
             flow.rcv_wscale = OUR_WSCALE

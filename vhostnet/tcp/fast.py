@@ -125,9 +125,11 @@ class TcpFastPath:
 
 
 def _simple(flow: Flow) -> bool:
-    """In-order data is all that can happen: established, nothing buffered, no FIN either way."""
+    """In-order data is all that can happen: established, nothing buffered, no FIN either way.
+    IPv4 only: the C table is keyed by IPv4 4-tuples, IPv6 flows stay on the Python path."""
     return (
-        flow.open_both_ways
+        len(flow.guest_ip) == 4
+        and flow.open_both_ways
         and not flow.to_host
         and not flow.send_queued
         and flow.rcv_queued == flow.rcv_nxt

@@ -13,8 +13,9 @@ from enum import IntEnum
 from vhostnet.tcp import _frames
 from vhostnet.wire.offload import DATA_VALID_WORD, tcp_data_word
 
-# Ethernet, IPv4 and TCP headers of every frame ``data_frames`` builds (no options).
+# Ethernet, IP and TCP headers of every frame ``data_frames`` builds (no options), by family.
 HEADERS_LEN: int = _frames.HEADERS_LEN
+HEADERS6_LEN: int = _frames.HEADERS6_LEN
 
 
 class L4Checksum(IntEnum):
@@ -33,8 +34,9 @@ def data_frames(*, dst_mac: bytes, src_mac: bytes, src_ip: bytes, dst_ip: bytes,
     """``data`` as ACK segments of at most ``seg_size`` bytes (PSH on the last), the first at ``seq``.
 
     ``window`` is the raw window field (clamped to 0xFFFF); ``seq`` and ``ack`` are taken
-    modulo 2**32. With ``L4Checksum.PARTIAL``, ``seg_size`` may reach 64 KiB: segments
-    longer than ``mss`` (the guest's) carry a TCPv4 GSO word, for the guest to cut.
+    modulo 2**32. 4-byte addresses make IPv4 frames, 16-byte ones IPv6 frames. With
+    ``L4Checksum.PARTIAL``, ``seg_size`` may reach 64 KiB: segments longer than ``mss`` (the
+    guest's) carry a TCPv4 (TCPv6) GSO word, for the guest to cut.
     """
     checksum = L4Checksum(checksum)
     view = memoryview(data)
@@ -44,7 +46,9 @@ def data_frames(*, dst_mac: bytes, src_mac: bytes, src_ip: bytes, dst_ip: bytes,
                                  seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, window, view, seg_size,
                                  int(checksum))
     if checksum is L4Checksum.PARTIAL:
-        return [(frame, tcp_data_word(len(frame) - HEADERS_LEN, mss)) for frame in frames]
+        ipv6 = len(src_ip) == 16
+        headers = HEADERS6_LEN if ipv6 else HEADERS_LEN
+        return [(frame, tcp_data_word(len(frame) - headers, mss, ipv6)) for frame in frames]
     if checksum is L4Checksum.NONE:
         return [(frame, DATA_VALID_WORD) for frame in frames]
     return frames

@@ -194,14 +194,31 @@ class TcpHost:
 
     # ------------------------------------------------------------- listeners
 
+    def _bind_address(self, forward) -> tuple[str, bool | None]:
+        """Where a forward listens, and IPV6_V6ONLY for an IPv6 socket (None: IPv4 socket).
+
+        No address in the spec (``dual_stack``): ``[::]`` taking IPv4 peers too (as
+        v4-mapped addresses), as passt binds both families; only one family where the
+        other is off (-4/-6) or the host has no IPv6. An IPv6 address: IPv6 peers only.
+        """
+        config = self.engine.config
+        if forward.dual_stack and config.ipv6 and socket.has_ipv6:
+            return "::", not config.ipv4
+        if ":" in forward.host_addr:
+            return forward.host_addr, True
+        return forward.host_addr, None
+
     def _listen(self, forward, close_on_error: bool = True) -> None:
-        family = socket.AF_INET6 if ":" in forward.host_addr else socket.AF_INET
+        address, v6only = self._bind_address(forward)
+        family = socket.AF_INET if v6only is None else socket.AF_INET6
         listener = socket.socket(family, socket.SOCK_STREAM)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if v6only is not None:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
             for option in listener_options(forward, self.engine.config.freebind):
                 listener.setsockopt(*option)
-            listener.bind((forward.host_addr, forward.host_port))
+            listener.bind((address, forward.host_port))
             listener.listen(LISTEN_BACKLOG)
             listener.setblocking(False)
         except OSError as error:
@@ -212,7 +229,7 @@ class TcpHost:
                 self.close()
             raise OSError(
                 error.errno,
-                f"cannot listen on {forward.host_addr} port {forward.host_port}: {error.strerror}",
+                f"cannot listen on {address} port {forward.host_port}: {error.strerror}",
             ) from None
         self._listeners.append(listener)
         self.loop.add_reader(listener.fileno(), self._on_accept_ready, listener, forward.guest_port)

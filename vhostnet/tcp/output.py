@@ -1,8 +1,8 @@
 """Segments from the translator to the guest: SYN/SYN-ACK, data, ACK, RST, and our window.
 
 ``GuestOutput`` turns flow state into emitted segments and hands them to the
-stack (``output.send_ipv4``). It decides nothing about the connection itself;
-the engine in ``tcp.py`` does.
+stack (``send_ipv4`` or ``send_ipv6``, by the length of the flow's addresses). It
+decides nothing about the connection itself; the engine does.
 """
 
 from __future__ import annotations
@@ -13,7 +13,14 @@ from vhostnet.stack.counters import Counters
 from vhostnet.tcp.flow import Flow, Phase
 from vhostnet.tcp.frames import L4Checksum, data_frames
 from vhostnet.wire.checksum import PROTO_TCP
-from vhostnet.wire.offload import DATA_VALID_WORD, MAX_TSO_PAYLOAD, GuestOffloads, tcp_data_word
+from vhostnet.wire.offload import (
+    DATA_VALID_WORD,
+    IPV4_HEADER_LEN,
+    IPV6_HEADER_LEN,
+    MAX_TSO_PAYLOAD,
+    GuestOffloads,
+    tcp_data_word,
+)
 from vhostnet.wire.tcp import (
     ACK,
     CSUM_FULL,
@@ -28,27 +35,44 @@ from vhostnet.wire.tcp import (
 )
 
 
-class Ipv4Output(Protocol):
-    """Where segments go (the stack): IPv4 to the guest, and what the guest's driver takes."""
+class GuestLink(Protocol):
+    """Where segments go (the stack): IPv4 and IPv6 to the guest, and what its driver takes."""
 
     guest_offloads: GuestOffloads  # checksum/TSO offloads the guest accepts on receive
     # The guest's MAC once learned; until then data goes segment by segment
-    # through send_ipv4, which sends to the broadcast address and asks by ARP.
+    # through send_ipv4 (to the broadcast address, with an ARP probe) or send_ipv6
+    # (held for the guest's MAC).
     guest_mac: bytes | None
     gateway_mac: bytes  # our own MAC, the source of whole frames
+    guest_ipv6: bytes | None  # the guest's global IPv6 address as learned (inbound forwards)
 
     def send_ipv4(self, src: bytes, dst: bytes, proto: int, payload: bytes, *,
                   offload: int = 0) -> None: ...
 
+    def send_ipv6(self, src: bytes, dst: bytes, next_header: int, payload: bytes) -> None:
+        """An IPv6 packet without offloads (its checksum complete)."""
+
     def send_ipv4_frames(self, frames: list[bytes | tuple[bytes, int]]) -> None:
         """Whole Ethernet frames for ``guest_mac``, each one or ``(frame, vnet word)``."""
 
+    def send_ipv6_frames(self, frames: list[bytes | tuple[bytes, int]]) -> None:
+        """``send_ipv4_frames`` for frames carrying IPv6."""
+
+
+def is_ipv6(address: bytes) -> bool:
+    """A flow's family, from the length of its addresses (4 or 16 bytes)."""
+    return len(address) == 16
+
 
 class GuestOutput:
-    def __init__(self, output: Ipv4Output, stats: Counters, mss_limit: int) -> None:
+    def __init__(self, output: GuestLink, stats: Counters, mtu: int) -> None:
         self.output = output
         self.stats = stats
-        self.mss_limit = mss_limit  # the MSS we advertise: guest MTU minus IPv4 and TCP headers
+        self.mtu = mtu
+
+    def mss_limit(self, address: bytes) -> int:
+        """The MSS we advertise: the guest's MTU minus the IP (by family) and TCP headers."""
+        return self.mtu - (IPV6_HEADER_LEN if is_ipv6(address) else IPV4_HEADER_LEN) - 20
 
     def window_bytes(self, flow: Flow) -> int:
         return max(0, flow.host_space - len(flow.to_host))
@@ -83,14 +107,21 @@ class GuestOutput:
         self.segment(flow, segment)
 
     def segment(self, flow: Flow, segment: bytes, offload: int = 0) -> None:
-        """Hand one segment to the stack; ``offload`` is its vnet word when the guest takes offloads."""
-        self.output.send_ipv4(flow.remote_ip, flow.guest_ip, PROTO_TCP, segment, offload=offload)
+        """Hand one segment to the stack; ``offload`` is its vnet word when the guest takes
+        offloads (IPv4 only: IPv6 segments go whole, their checksum complete)."""
+        self._send(flow.remote_ip, flow.guest_ip, segment, offload)
+
+    def _send(self, src: bytes, dst: bytes, segment: bytes, offload: int = 0) -> None:
+        if is_ipv6(src):
+            self.output.send_ipv6(src, dst, PROTO_TCP, segment)
+        else:
+            self.output.send_ipv4(src, dst, PROTO_TCP, segment, offload=offload)
         self.stats.inc("tcp.segments_out")
 
     def syn(self, flow: Flow) -> None:
         """Our SYN (inbound forward) or SYN-ACK (outbound flow), with MSS and window scale."""
         wscale = flow.rcv_wscale if flow.rcv_wscale else None
-        options = build_options(self.mss_limit, wscale)
+        options = build_options(self.mss_limit(flow.guest_ip), wscale)
         flags = SYN if flow.phase is Phase.SYN_SENT else SYN | ACK
         self.emit(flow, flags, seq=flow.send_seq(0), options=options)
 
@@ -98,7 +129,11 @@ class GuestOutput:
         """Host bytes to the guest starting at ``snd_nxt``, cut as the guest's offloads allow."""
         # Offloads the guest took: large segments it cuts itself, or no L4 checksum to compute.
         offloads = self.output.guest_offloads
-        if offloads.tso4:
+        ipv6 = is_ipv6(flow.guest_ip)
+        whole_frames = self.output.guest_mac is not None
+        if ipv6 and not whole_frames:
+            size, checksum = flow.mss, CSUM_FULL  # send_ipv6 takes no offload word
+        elif offloads.tso(ipv6):
             size, checksum = MAX_TSO_PAYLOAD // flow.mss * flow.mss, CSUM_PARTIAL
         else:
             size, checksum = flow.mss, CSUM_NONE if offloads.csum else CSUM_FULL
@@ -120,7 +155,8 @@ class GuestOutput:
         guest_mac = self.output.guest_mac
         if guest_mac is None:
             return False
-        self.output.send_ipv4_frames(data_frames(dst_mac=guest_mac, src_mac=self.output.gateway_mac,
+        send = self.output.send_ipv6_frames if is_ipv6(flow.guest_ip) else self.output.send_ipv4_frames
+        send(data_frames(dst_mac=guest_mac, src_mac=self.output.gateway_mac,
                          src_ip=flow.remote_ip, dst_ip=flow.guest_ip, src_port=flow.remote_port,
                          dst_port=flow.guest_port, seq=flow.send_seq(flow.snd_nxt),
                          ack=flow.recv_seq(flow.rcv_nxt), window=self.advertised_window(flow),
@@ -179,5 +215,4 @@ class GuestOutput:
         """A segment to the guest for a 4-tuple the engine keeps no flow for (window 0)."""
         guest_ip, guest_port, remote_ip, remote_port = key
         segment = emit_segment(remote_ip, guest_ip, remote_port, guest_port, seq, ack, flags, 0)
-        self.output.send_ipv4(remote_ip, guest_ip, PROTO_TCP, segment)
-        self.stats.inc("tcp.segments_out")
+        self._send(remote_ip, guest_ip, segment)

@@ -1,6 +1,6 @@
 """Guest memory and virtqueues, split and packed (the Cython data path lives in ext/virtq.pyx)."""
 
-from vhostnet.virtqueue._virtq import FrameBatch
+from vhostnet.virtqueue._virtq import FlowSteering, FrameBatch
 from vhostnet.virtqueue.memory import AddressError, GuestMemory, MappedRegion
 from vhostnet.virtqueue.virtqueue import (
     MAX_FRAME_BYTES,
@@ -11,6 +11,7 @@ from vhostnet.virtqueue.virtqueue import (
 
 __all__ = [
     "AddressError",
+    "FlowSteering",
     "FrameBatch",
     "GuestMemory",
     "MappedRegion",

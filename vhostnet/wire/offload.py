@@ -12,8 +12,8 @@ the pseudo-header sum), so its TCP/UDP checksum is not verified; GSO frames
 itself and writes the payload to a host socket whole.
 
 Stack -> guest: with GUEST_CSUM only, data segments skip the L4 checksum and
-say ``DATA_VALID``; with GUEST_TSO4 as well, TCP data goes out in segments of up
-to 64 KiB with ``gso_type`` TCPV4, ``gso_size`` the flow's MSS and a partial
+say ``DATA_VALID``; with GUEST_TSO4 (GUEST_TSO6 for IPv6) as well, TCP data goes out
+in segments of up to 64 KiB with ``gso_type`` TCPV4 (TCPV6), ``gso_size`` the flow's MSS and a partial
 checksum (``NEEDS_CSUM`` at the TCP header, pseudo-header sum in the field), as
 Linux's own tap and GRO produce them.
 """
@@ -27,9 +27,11 @@ NEEDS_CSUM = 1
 DATA_VALID = 2
 GSO_NONE = 0
 GSO_TCPV4 = 1
+GSO_TCPV6 = 4
 
 ETH_HEADER_LEN = 14
 IPV4_HEADER_LEN = 20  # what the stack emits: no options
+IPV6_HEADER_LEN = 40  # likewise: no extension headers
 TCP_CHECKSUM_OFFSET = 16
 UDP_CHECKSUM_OFFSET = 6
 # The largest TCP payload in one IPv4 packet with 20-byte IP and TCP headers.
@@ -42,6 +44,11 @@ class GuestOffloads:
 
     csum: bool = False  # VIRTIO_NET_F_GUEST_CSUM: unverified / partial L4 checksums are fine
     tso4: bool = False  # VIRTIO_NET_F_GUEST_TSO4 (needs csum): TCPv4 segments beyond the MSS
+    tso6: bool = False  # VIRTIO_NET_F_GUEST_TSO6 (needs csum): TCPv6 segments beyond the MSS
+
+    def tso(self, ipv6: bool) -> bool:
+        """Large TCP segments are fine for this family."""
+        return self.tso6 if ipv6 else self.tso4
 
 
 NO_OFFLOADS = GuestOffloads()
@@ -98,10 +105,15 @@ def partial_l4_checksum(word: int, l4_start: int, checksum_offset: int) -> bool:
             and (word >> CSUM_OFFSET_SHIFT) & CSUM_OFFSET_MASK == checksum_offset)
 
 
-def tcp_data_word(payload_len: int, mss: int) -> int:
-    """The vnet word of a TCP data segment with a partial checksum (segmented by the guest if large)."""
-    gso = GSO_TCPV4 if payload_len > mss else GSO_NONE
-    return vnet_word(NEEDS_CSUM, gso, mss if gso else 0, ETH_HEADER_LEN + IPV4_HEADER_LEN,
+def tcp_data_word(payload_len: int, mss: int, ipv6: bool = False) -> int:
+    """The vnet word of a TCP data segment with a partial checksum (segmented by the guest if
+    large), in an IPv4 packet or (``ipv6``) an IPv6 one without extension headers."""
+    if payload_len <= mss:
+        gso = GSO_NONE
+    else:
+        gso = GSO_TCPV6 if ipv6 else GSO_TCPV4
+    ip_len = IPV6_HEADER_LEN if ipv6 else IPV4_HEADER_LEN
+    return vnet_word(NEEDS_CSUM, gso, mss if gso else 0, ETH_HEADER_LEN + ip_len,
                      TCP_CHECKSUM_OFFSET)
 
 

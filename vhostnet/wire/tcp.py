@@ -193,7 +193,8 @@ def emit_segment(
     options: bytes = b"",
     checksum: int = CSUM_FULL,
 ) -> bytes:
-    """One complete TCP segment with its checksum over the IPv4 pseudo-header.
+    """One complete TCP segment with its checksum over the pseudo-header of the addresses'
+    family (CSUM_PARTIAL: IPv4 only).
 
     ``options`` must already be padded to a multiple of four (``build_options``).
     ``checksum``: CSUM_FULL, or CSUM_PARTIAL / CSUM_NONE for a guest that takes offloads.

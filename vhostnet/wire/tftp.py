@@ -126,8 +126,11 @@ def _parse_options(strings: list[bytes]) -> dict[str, str]:
     """
     options: dict[str, str] = {}
     for index in range(0, len(strings) - 1, 2):
-        name = strings[index].decode("ascii", "replace").lower()
-        value = strings[index + 1].decode("ascii", "replace")
+        try:
+            name = strings[index].decode("ascii").lower()
+            value = strings[index + 1].decode("ascii")
+        except UnicodeDecodeError:
+            continue  # not ASCII: unreadable, so not accepted (and could not be echoed)
         if name and name not in options:
             options[name] = value
     return options
