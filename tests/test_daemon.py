@@ -20,11 +20,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import REPO, run_cli
+from tests.support.daemon import REPO, nobody_tmp_dir, run_cli
 from vhostnet.daemon import SizedLogFile
 
 GET_FEATURES = 1
 VERSION_1 = 1 << 32
+
+
+@pytest.fixture
+def tmp_path():
+    """Where the sockets and pid files go: a folder nobody, vhostnet's user, may clean up."""
+    with nobody_tmp_dir() as path:
+        yield path
 
 
 def _launch(argv: list[str], **kwargs) -> subprocess.CompletedProcess[str]:

@@ -87,6 +87,7 @@ LAYER_OF_PREFIX: tuple[tuple[str, str], ...] = (
     ("vhostnet.ctl", "cli"),
     ("vhostnet.options", "cli"),
     ("vhostnet.daemon", "cli"),
+    ("vhostnet.sandbox", "cli"),
     ("vhostnet.__main__", "cli"),
     ("testkit", "testkit"),
     ("bench", "bench"),

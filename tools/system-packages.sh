@@ -3,7 +3,7 @@
 # As root it runs apt-get; otherwise it prints the one command to run.
 set -eu
 
-PACKAGES="qemu-system-x86 busybox-static cpio ipxe-qemu iproute2 util-linux kmod gcc make python3-venv python3-dev tshark"
+PACKAGES="qemu-system-x86 busybox-static cpio ipxe-qemu iproute2 util-linux kmod gcc make python3-venv python3-dev tshark libseccomp2"
 # `system-packages.sh bench` (make bench): also dpdk-testpmd, the VM-less front-end of the
 # bench's testpmd cases; the tests do not need it.
 if [ "${1:-}" = bench ]; then

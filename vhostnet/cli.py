@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 
-from vhostnet import __version__, daemon, options
+from vhostnet import __version__, daemon, options, sandbox
 from vhostnet.options import UsageError, build_parser  # noqa: F401 (the command line's API)
 
 log = logging.getLogger("vhostnet")
@@ -105,7 +105,7 @@ async def _serve(args: argparse.Namespace, config, runner: daemon.Daemon,
 async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.Daemon,
                               runas: tuple[int, int] | None, cleanup: contextlib.ExitStack) -> int:
     from vhostnet.migration.repair_helper import HelperLink, RepairAccess
-    from vhostnet.migration.restart import restore_at_start, save_on_exit, state_pending
+    from vhostnet.migration.restart import StateFile, restore_at_start, save_on_exit
     from vhostnet.migration.tcp_migrate import TcpMigration
     from vhostnet.migration.transfer import DeviceStateTransfer
     from vhostnet.network import Network
@@ -128,8 +128,16 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
     except OSError as exc:
         raise UsageError(f"cannot write the pid file {args.pid}: {exc.strerror or exc}") from None
     try:
+        # Opened before the drop and kept: nobody may create files in its folder.
+        state = StateFile.open(args.state_file) if args.state_file else None
+    except OSError as exc:
+        raise UsageError(f"cannot open the state file {args.state_file}: "
+                         f"{exc.strerror or exc}") from None
+    if state is not None:
+        cleanup.callback(state.close)
+    try:
         # A restart's forwarded ports stay caught until its state is restored.
-        held = args.incoming or state_pending(args.state_file)
+        held = args.incoming or (state is not None and state.pending)
         network = Network(config, loop, listen_retry=INCOMING_LISTEN_SECONDS if held else 0.0)
     except OSError as exc:
         raise UsageError(f"cannot set up the network: {exc.strerror or exc}") from None
@@ -154,20 +162,10 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
             # Not asked for: TCP_REPAIR may still be ours.
             log.warning("cannot listen on the repair socket %s (%s): no helper can connect",
                         repair_path, exc.strerror or exc)
-    repair = RepairAccess.probe(helper)
-    cleanup.callback(repair.close)
-    migration = TcpMigration.attach(network, repair)
-    log.info("%s", repair.describe())
-    if args.state_file:
-        # Before the front-end is served: the guest's segments must find their flows.
-        await restore_at_start(network, migration, args.state_file)
-    server = Server(loop, listener, network, one_off=args.one_off,
-                    device_state=lambda: DeviceStateTransfer(loop, network, migration),
-                    **frontend_options(args, loop))
-    cleanup.callback(server.close)
+    frontend = frontend_options(args, loop)  # the capture file is opened here
+    control = None
     if args.control:
         from vhostnet.control import ControlServer, register_network_commands
-        from vhostnet.migration.commands import register_state_commands
 
         try:
             control_listener = open_listening_socket(args.control)
@@ -175,6 +173,22 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
             raise UsageError(str(exc)) from None
         control = ControlServer(args.control)
         cleanup.callback(control.close)
+    # Everything that needs root is open: drop it, then learn what is left.
+    _drop_privileges(args, runas)
+    repair = RepairAccess.probe(helper)
+    cleanup.callback(repair.close)
+    migration = TcpMigration.attach(network, repair)
+    log.info("%s", repair.describe())
+    if state is not None:
+        # Before the front-end is served: the guest's segments must find their flows.
+        await restore_at_start(network, migration, state)
+    server = Server(loop, listener, network, one_off=args.one_off,
+                    device_state=lambda: DeviceStateTransfer(loop, network, migration),
+                    **frontend)
+    cleanup.callback(server.close)
+    if control is not None:
+        from vhostnet.migration.commands import register_state_commands
+
         control.commands["stats"] = lambda _request: {"counters": server.counters()}
         register_state_commands(control.commands, network, migration)
         register_network_commands(control.commands, network, server.counters,
@@ -182,25 +196,44 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
         await control.start(control_listener)
     if connected is not None:
         server.serve_connected(connected)
+
     def terminate() -> None:
-        if args.state_file and not server.closed.is_set():
+        if state is not None and not server.closed.is_set():
             if server.active is not None:
                 server.active.close()  # the device stops first, as before a migration's save
-            save_on_exit(network, migration, args.state_file)
+            save_on_exit(network, migration, state)
         server.close()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, terminate)
     if args.stats:
         _log_stats_every(loop, args.stats, server)
-    if runas is not None:
-        daemon.switch_user(*runas)
+    try:
+        count = sandbox.install_seccomp()
+    except sandbox.SandboxError as exc:
+        raise UsageError(str(exc)) from None
+    log.info("seccomp filter: %d system calls allowed, any other is refused (EPERM)", count)
     log.info("vhostnet %s serving %s", __version__,
              args.socket if args.fd is None else f"fd {args.fd}")
     runner.ready()
     await server.closed.wait()
     log.info("stopped")
     return 0
+
+
+def _drop_privileges(args: argparse.Namespace, runas: tuple[int, int] | None) -> None:
+    """Switch to nobody (or --runas) with no capability but those asked for; say what
+    that leaves out."""
+    keep = (sandbox.CAP_NET_ADMIN,) if args.keep_cap_net_admin else ()
+    try:
+        sandbox.drop_privileges(runas, keep)
+    except sandbox.SandboxError as exc:
+        raise UsageError(str(exc)) from None
+    if runas is not None:
+        log.info("running as uid %d gid %d", *runas)
+    if not args.no_icmp and not sandbox.ping_sockets_allowed():
+        log.warning("ICMP echo beyond vhostnet's own addresses needs group %d in sysctl "
+                    "net.ipv4.ping_group_range", os.getegid())
 
 
 def _remove_socket(listener: socket.socket, path: str) -> None:
@@ -239,13 +272,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return ctl_main(argv[1:])
     args = build_parser().parse_args(argv)
+    try:
+        sandbox.harden_early()  # before any file is created, before the event loop
+    except sandbox.SandboxError as exc:
+        print(f"vhostnet: {exc}", file=sys.stderr)
+        return 2
     debug = args.debug or args.trace
     level = logging.DEBUG if debug else logging.ERROR if args.quiet else logging.INFO
     try:
         fd_limit = raise_fd_limit()
         config, warnings = options.config_from_args(args, fd_limit, FD_RESERVE, flow_limit_for)
         repair_socket_path(args)  # a mistake in it is reported before anything is opened
-        runas = daemon.parse_runas(args.runas) if args.runas else None
+        runas = sandbox.user_to_run_as(args.runas)
         if args.fd is None and args.socket is None:
             args.socket = default_socket_path()
             print(f"vhostnet: UNIX domain socket at {args.socket}", file=sys.stderr)

@@ -27,6 +27,7 @@ class Daemon:
 
     def __init__(self) -> None:
         self._ready_fd: int | None = None
+        self._null: int | None = None
 
     def fork(self) -> None:
         """Return in the child (a new session); the parent never returns from here."""
@@ -44,6 +45,8 @@ class Daemon:
         os.close(read_end)
         os.setsid()
         self._ready_fd = write_end
+        # Opened now: by ready() time the seccomp filter allows no opening for writing.
+        self._null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
 
     def ready(self) -> None:
         """The socket listens and the pid file is written: release the parent, and
@@ -53,12 +56,13 @@ class Daemon:
         os.write(self._ready_fd, READY)
         os.close(self._ready_fd)
         self._ready_fd = None
-        null = os.open(os.devnull, os.O_RDWR)
+        assert self._null is not None
         sys.stdout.flush()
         sys.stderr.flush()
         for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.close(null)
+            os.dup2(self._null, fd)
+        os.close(self._null)
+        self._null = None
 
 
 class PidFile:
@@ -145,33 +149,3 @@ def start_error_handler() -> logging.Handler:
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.getLogger().addHandler(handler)
     return handler
-
-
-def parse_runas(spec: str) -> tuple[int, int]:
-    """``UID[:GID]`` by number or name -> (uid, gid); ValueError with one sentence."""
-    import grp
-    import pwd
-
-    user, _, group = spec.partition(":")
-    try:
-        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-        uid, gid = entry.pw_uid, entry.pw_gid
-    except KeyError:
-        if not user.isdigit():
-            raise ValueError(f"--runas: there is no user {user!r}") from None
-        uid = gid = int(user)
-    if group:
-        try:
-            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise ValueError(f"--runas: there is no group {group!r}") from None
-    return uid, gid
-
-
-def switch_user(uid: int, gid: int) -> None:
-    """Drop to uid/gid (and no supplementary groups) once the sockets are open."""
-    if os.getuid() == uid and os.getgid() == gid:
-        return
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)

@@ -152,7 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="log the counters every DELAY seconds")
     group.add_argument("--runas", metavar="UID[:GID]", default=None,
                        help="switch to this user (and group), by number or name, once the "
-                            "sockets are open")
+                            "sockets are open (default when started as root: nobody)")
+    group.add_argument("--keep-cap-net-admin", action="store_true",
+                       help="keep CAP_NET_ADMIN (and only it) after dropping root, so that "
+                            "TCP connections migrate with TCP_REPAIR without a helper; passt "
+                            "never keeps it (default: keep no capability)")
     group.add_argument("--version", action="version", version=f"vhostnet {__version__}")
 
     group = p.add_argument_group("the guest's network (passt's options)")

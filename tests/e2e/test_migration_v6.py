@@ -67,8 +67,9 @@ def test_ipv6_download_and_half_closed_ipv4_survive_qemu10_migration(vhostnet, g
                           int(DOWNLOAD6_BYTES * HOLD_FRACTION), host=LOOPBACK6) as server6,
           PacedHttpServer("tail", answer, HALF_CLOSED_SECONDS,
                           int(HALF_CLOSED_BYTES * HOLD_FRACTION), half_closed=True) as server4):
-        source_net = vhostnet("--control", str(controls[0]))
-        dest_net = vhostnet("--control", str(controls[1]), "--incoming")
+        # Started as root, vhostnet keeps no capability unless told: direct TCP_REPAIR.
+        source_net = vhostnet("--keep-cap-net-admin", "--control", str(controls[0]))
+        dest_net = vhostnet("--keep-cap-net-admin", "--control", str(controls[1]), "--incoming")
         script = guest_script(server6.port, server4.port)
         source = guest("10.0", script, socket_path=source_net.socket_path,
                        qmp_path=tmp_path / "src.qmp", memory_mb=GUEST_MEMORY_MB)

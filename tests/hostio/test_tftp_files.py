@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from pathlib import Path
@@ -109,6 +110,7 @@ def test_refusal_is_logged_once_per_reason(tree: Path, caplog: pytest.LogCapture
 
 def test_no_descriptor_leaks_on_refusal(tree: Path) -> None:
     files = TftpRoot(tree)
+    gc.collect()  # earlier roots close their descriptors now, not during the count
     before = len(os.listdir("/proc/self/fd"))
     for name in ("pxelinux.cfg", "escape", "missing"):
         refusal(files, name)
@@ -128,6 +130,22 @@ def test_descriptor_recheck_refuses_a_file_swapped_outside(
     # file outside the root.
     monkeypatch.setattr(TftpRoot, "_descriptor_path", staticmethod(lambda fd: "/etc/passwd"))
     files = TftpRoot(tree)
+    gc.collect()  # earlier roots close their descriptors now, not during the count
     before = len(os.listdir("/proc/self/fd"))
     assert refusal(files, "boot.bin") == ErrorCode.ACCESS_VIOLATION
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_symlinks_climbing_or_absolute_are_followed_while_inside_the_root(tree: Path) -> None:
+    os.symlink("../boot.bin", tree / "pxelinux.cfg" / "up")
+    os.symlink(tree / "pxelinux.cfg" / "default", tree / "absolute_inside")
+    os.symlink("../../secret", tree / "pxelinux.cfg" / "two_up")
+    os.symlink("loop", tree / "loop")
+    files = TftpRoot(tree)
+    for name, content in (("pxelinux.cfg/up", b"0123456789"),
+                          ("absolute_inside", b"DEFAULT linux\n")):
+        handle = files.open(name)
+        assert files.read(handle, 0, 100) == content
+        files.close(handle)
+    assert refusal(files, "pxelinux.cfg/two_up") == ErrorCode.ACCESS_VIOLATION
+    assert refusal(files, "loop") == ErrorCode.ACCESS_VIOLATION

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import REPO as REPO_ROOT
-from tests.support.daemon import VhostnetProcess
+from tests.support.daemon import VhostnetProcess, nobody_tmp_dir
 from vhostnet.migration.repair_helper import HelperGone, HelperLink, RepairAccess, freeze_sockets
 from vhostnet.migration.tcp_freeze import detach_drop_filters, unfreeze_sockets
 from vhostnet.migration.tcp_repair import (
@@ -215,6 +215,11 @@ def test_the_repair_socket_is_socket_dot_repair_by_default_as_in_passt(tmp_path:
                                                                          passt_repair) -> None:
     """Created even with CAP_NET_ADMIN (these tests run as root): whoever starts
     passt-repair for a migration does not know vhostnet's privileges."""
+    with nobody_tmp_dir() as reachable:
+        _serve_the_helper_on_socket_dot_repair(reachable, passt_repair)
+
+
+def _serve_the_helper_on_socket_dot_repair(tmp_path: Path, passt_repair) -> None:
     vhostnet = VhostnetProcess(tmp_path)
     try:
         path = Path(vhostnet.socket_path + ".repair")

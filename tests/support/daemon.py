@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from testkit.frontend import Frontend
@@ -15,6 +19,22 @@ from vhostnet.control import control_request
 from vhostnet.wire.checksum import internet_checksum
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+NOBODY = 65534
+
+
+@contextlib.contextmanager
+def nobody_tmp_dir() -> Iterator[Path]:
+    """A fresh folder in /tmp that nobody owns and can reach. Started as root, vhostnet runs
+    as nobody: it removes its socket and pid files at exit only where nobody may (as passt,
+    it leaves them to the launcher otherwise), which pytest's 0700 tmp_path is not."""
+    path = Path(tempfile.mkdtemp(prefix="vhn-nobody-", dir="/tmp"))
+    os.chown(path, NOBODY, NOBODY)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class VhostnetProcess:

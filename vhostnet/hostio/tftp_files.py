@@ -9,14 +9,18 @@ sent. All the security rules live here, in one place:
 - a NUL byte, or any ``..`` component, is refused outright (access violation),
   even where the result would stay inside the root: simple rules are easy to
   check;
-- the name is resolved with ``os.path.realpath`` and must stay inside the root
-  (``os.path.commonpath``), so symlinks inside the root may point at other
-  files inside it but never outside (access violation);
+- the root directory is opened once, when vhostnet starts (``O_PATH``, before it
+  drops root: the folders above the root need not be reachable by ``nobody``,
+  only the root itself and its files), and every name is walked component by
+  component from that descriptor (``openat`` with ``O_NOFOLLOW``), so nothing
+  outside the root is ever looked up. A symlink met on the way is read and
+  followed only while it stays inside the root: a relative target whose ``..``
+  would climb above the root, or an absolute one outside the root, is an access
+  violation; at most 40 symlinks per name;
 - the file is opened ``O_RDONLY | O_NOFOLLOW | O_NONBLOCK`` (a FIFO cannot
-  block the server) and re-checked through the descriptor: it must be a
-  regular file, and the path the kernel reports for the open descriptor must
-  still be inside the root, which closes the window between the check and the
-  open (a component swapped for a symlink meanwhile).
+  block the server) relative to its folder's descriptor and re-checked through
+  its own descriptor: it must be a regular file, and the path the kernel reports
+  for it must be inside the root.
 
 A missing file is "file not found" (code 1), a directory too; anything else
 that is not a regular file inside the root is an access violation (code 2).
@@ -28,6 +32,7 @@ import errno
 import logging
 import os
 import stat
+import weakref
 from dataclasses import dataclass
 
 from vhostnet.wire.tftp import ErrorCode, TftpError
@@ -37,6 +42,8 @@ log = logging.getLogger("vhostnet.tftp")
 # Bounds each read loop: a regular file short-reads only at EOF, so a few
 # rounds are plenty; the bound just guarantees termination.
 _MAX_READ_ROUNDS = 16
+# As the kernel's own bound on symlinks followed in one lookup (MAXSYMLINKS).
+_MAX_SYMLINKS = 40
 
 
 @dataclass
@@ -53,19 +60,18 @@ class TftpRoot:
 
     def __init__(self, root_dir: str | os.PathLike[str]) -> None:
         self.root = os.path.realpath(root_dir)
-        if not os.path.isdir(self.root):
-            raise ValueError(f"TFTP root {os.fspath(root_dir)!r} is not a directory")
+        try:
+            self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            raise ValueError(f"TFTP root {os.fspath(root_dir)!r} is not a directory") from None
+        weakref.finalize(self, os.close, self._root_fd)
         self._refusals_logged: set[str] = set()
 
     # -- the interface the TftpServer uses --------------------------------
 
     def open(self, name: str) -> OpenFile:
         """Open ``name`` for reading; ``TftpError`` (with the TFTP error code) if refused."""
-        path = self._resolve(name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            raise self._open_error(name, exc) from None
+        fd = self._open_beneath(name, self._components(name))
         try:
             size = self._check_open_file(name, fd)
         except BaseException:
@@ -102,8 +108,8 @@ class TftpRoot:
 
     # -- the rules ----------------------------------------------------------
 
-    def _resolve(self, name: str) -> str:
-        """The real path for ``name`` inside the root, or ``TftpError`` if it cannot be one."""
+    def _components(self, name: str) -> list[str]:
+        """The components of ``name`` under the root, or ``TftpError`` if it cannot be one."""
         if "\0" in name:
             raise self._refuse(name, "NUL byte in the file name")
         relative = name.lstrip("/")
@@ -111,10 +117,58 @@ class TftpRoot:
             raise self._refuse(name, "'..' in the file name")
         if not relative:
             raise TftpError(ErrorCode.FILE_NOT_FOUND, "no file name")
-        real = os.path.realpath(os.path.join(self.root, relative))
-        if not self._inside_root(real):
-            raise self._refuse(name, "resolves outside the TFTP root")
-        return real
+        return _split(relative)
+
+    def _open_beneath(self, name: str, pending: list[str]) -> int:
+        """Walk ``pending`` from the root's descriptor (symlinks followed while they stay in
+        the root) and open the last component read-only; its descriptor."""
+        folders: list[int] = []  # descriptors of the folders walked, the root excluded
+        links = 0
+        try:
+            while pending:
+                component = pending.pop(0)
+                if component == "..":  # only from a symlink's target
+                    if not folders:
+                        raise self._refuse(name, "resolves outside the TFTP root")
+                    os.close(folders.pop())
+                    continue
+                here = folders[-1] if folders else self._root_fd
+                try:
+                    fd = os.open(component, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 dir_fd=here)
+                except OSError as exc:
+                    raise self._open_error(name, exc) from None
+                mode = os.fstat(fd).st_mode
+                if stat.S_ISLNK(mode):
+                    os.close(fd)
+                    links += 1
+                    if links > _MAX_SYMLINKS:
+                        raise self._refuse(name, "too many symlinks")
+                    target = os.readlink(component, dir_fd=here)
+                    if os.path.isabs(target):
+                        if not self._inside_root(os.path.normpath(target)):
+                            raise self._refuse(name, "resolves outside the TFTP root")
+                        while folders:  # start again from the root
+                            os.close(folders.pop())
+                        target = os.path.relpath(os.path.normpath(target), self.root)
+                    pending[:0] = _split(target)
+                elif not pending:  # the file itself
+                    os.close(fd)
+                    try:
+                        return os.open(component, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                                       | os.O_CLOEXEC, dir_fd=here)
+                    except OSError as exc:
+                        raise self._open_error(name, exc) from None
+                elif stat.S_ISDIR(mode):
+                    folders.append(fd)
+                else:
+                    os.close(fd)
+                    raise TftpError(ErrorCode.FILE_NOT_FOUND, "file not found")
+            # The name ended on a folder ("." or a symlink to the root).
+            raise TftpError(ErrorCode.FILE_NOT_FOUND, "is a directory")
+        finally:
+            for fd in folders:
+                os.close(fd)
 
     def _check_open_file(self, name: str, fd: int) -> int:
         """Re-check through the descriptor; returns the file size."""
@@ -163,3 +217,8 @@ class TftpRoot:
                 name, reason,
             )
         return TftpError(ErrorCode.ACCESS_VIOLATION, "access violation")
+
+
+def _split(path: str) -> list[str]:
+    """The components of a relative path, without empty ones and ``.``."""
+    return [part for part in path.split("/") if part not in ("", ".")]

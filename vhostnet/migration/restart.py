@@ -2,22 +2,29 @@
 
 A restart is a same-host migration whose state goes through a file instead of QEMU:
 
+- ``StateFile.open`` at start, before vhostnet drops root (``vhostnet.sandbox``):
+  PATH is read (a file that is not a state we can decode is renamed PATH.bad
+  with one log line: the network starts fresh), then opened for writing, created
+  empty (mode 0600) if absent, and kept open: as ``nobody``, under a seccomp
+  filter that creates no file, vhostnet can neither create nor rename a file in
+  a folder root owns, but it can write one it holds. An empty PATH holds no state.
+- ``restore_at_start``: the state is imported into the network before the
+  front-end is served (QEMU reconnects and replays the device set-up; the
+  guest's NAT state is ours again), then PATH is emptied, which lets the
+  previous run's catchers go. Forwarded ports are bound as soon as the catchers
+  free them (``listen_retry``).
 - ``save_on_exit`` (SIGTERM): the network's state is exported (``export_network``:
-  the TCP connections that can move are frozen and dumped), written to PATH
-  atomically (a temporary file renamed over it, mode 0600), then released
+  the TCP connections that can move are frozen and dumped), written over PATH
+  through the open file (written whole, then cut to its length and synced: the
+  next start reads it only once this vhostnet has exited), then released
   (``TcpMigration.release``): frozen sockets close in repair mode, which sends
   neither FIN nor RST; other connections close with RST; forwarded listeners
   close. Until the next vhostnet has restored them, a segment a peer
   retransmits would find no socket and the kernel would answer RST, so the
   migration's catchers (listening sockets with a drop-all filter on the frozen
   connections' local addresses) are handed to a small child process that
-  keeps them until PATH is gone or ``CATCH_SECONDS`` have passed.
-- ``restore_at_start``: PATH is read and checked (a file that is not a state
-  we can load is renamed PATH.bad with one log line: the network starts
-  fresh), imported into the network before the front-end is served (QEMU
-  reconnects and replays the device set-up; the guest's NAT state is ours
-  again), then removed, which lets the catchers go. Forwarded ports are bound
-  as soon as the catchers free them (``listen_retry``).
+  keeps them until PATH is emptied (watched through the open file) or
+  ``CATCH_SECONDS`` have passed.
 
 Without TCP_REPAIR (no CAP_NET_ADMIN and no helper connected) nothing can be
 frozen: at SIGTERM the host side of every TCP connection is closed with RST
@@ -37,7 +44,7 @@ import time
 from typing import TYPE_CHECKING
 
 from vhostnet.migration.snapshot import export_network, import_network
-from vhostnet.migration.state import MAX_BLOB_BYTES, StateError
+from vhostnet.migration.state import MAX_BLOB_BYTES, StateError, decode_state
 from vhostnet.migration.tcp_migrate import CATCH_SECONDS
 
 if TYPE_CHECKING:
@@ -48,33 +55,52 @@ log = logging.getLogger(__name__)
 
 # How long a restart waits for a TCP_REPAIR helper (no CAP_NET_ADMIN) to connect.
 HELPER_WAIT_SECONDS = 10.0
-# How often the catcher keeper looks whether the state file is gone.
+# How often the catcher keeper looks whether the state file was emptied.
 KEEPER_POLL_SECONDS = 0.05
 
 
-def state_pending(path: str | None) -> bool:
-    """A state is waiting to be restored at ``path`` (forwarded ports may still be held)."""
-    return path is not None and os.path.exists(path)
+class StateFile:
+    """The ``--state-file``, opened before privileges are dropped and kept open to the end."""
+
+    def __init__(self, path: str, fd: int, blob: bytes | None) -> None:
+        self.path = path
+        self.fd = fd
+        self.blob = blob  # what a previous run left, until restored
+
+    @classmethod
+    def open(cls, path: str) -> StateFile:
+        """Read what PATH holds (set aside if it cannot be a state), then hold PATH open for
+        writing, created empty if absent; OSError if it cannot be opened."""
+        blob = _read_state(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        return cls(path, fd, blob)
+
+    @property
+    def pending(self) -> bool:
+        """A state is waiting to be restored (forwarded ports may still be held)."""
+        return self.blob is not None
+
+    def write(self, blob: bytes) -> None:
+        """Replace the content by ``blob``, on disk when this returns."""
+        written = 0
+        while written < len(blob):
+            written += os.pwrite(self.fd, memoryview(blob)[written:], written)
+        os.ftruncate(self.fd, len(blob))
+        os.fsync(self.fd)
+
+    def clear(self) -> None:
+        """No state any more: the previous run's catcher keeper lets go."""
+        self.blob = None
+        os.ftruncate(self.fd, 0)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
-def write_state(path: str, blob: bytes) -> None:
-    """Write ``blob`` to ``path`` atomically: a reader sees the old file or the whole new one."""
-    temporary = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(blob)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
-def save_on_exit(network: Network, migration: TcpMigration, path: str) -> int:
-    """Export the network to ``path`` and release its connections silently; the number of
+def save_on_exit(network: Network, migration: TcpMigration, state: StateFile) -> int:
+    """Export the network to the state file and release its connections silently; the number of
     TCP connections frozen for the next start (0 also when the state could not be written:
     then they carry on until the network closes, which resets them)."""
     now = time.monotonic()
@@ -85,24 +111,25 @@ def save_on_exit(network: Network, migration: TcpMigration, path: str) -> int:
         migration.thaw("the state export failed", now)
         return 0
     try:
-        write_state(path, blob)
+        state.write(blob)
     except OSError as error:
-        log.error("cannot write the state file %s (%s): connections are closed", path,
+        log.error("cannot write the state file %s (%s): connections are closed", state.path,
                   error.strerror or error)
         migration.thaw("the state file could not be written", now)
         return 0
     released = migration.release()
-    keeper = _keep_catchers(migration.catchers, path) if migration.catchers else None
+    keeper = _keep_catchers(migration.catchers, state.fd) if migration.catchers else None
     migration.close_catchers()  # the keeper has its own copies
     log.info("state saved to %s (%d bytes): %d TCP connection(s) frozen for the next start%s",
-             path, len(blob), released,
+             state.path, len(blob), released,
              f", segments for them caught by process {keeper}" if keeper else "")
     return released
 
 
-def _keep_catchers(catchers: list[socket.socket], path: str) -> int | None:
-    """Fork a process that holds ``catchers`` until ``path`` is gone (the next vhostnet
-    restored the connections) or CATCH_SECONDS have passed; its pid."""
+def _keep_catchers(catchers: list[socket.socket], state_fd: int) -> int | None:
+    """Fork a process that holds ``catchers`` until the state file is emptied (the next
+    vhostnet restored the connections) or CATCH_SECONDS have passed; its pid. It watches
+    the file through ``state_fd``: as nobody it may not reach the file's folder."""
     try:
         pid = os.fork()
     except OSError as error:
@@ -112,25 +139,35 @@ def _keep_catchers(catchers: list[socket.socket], path: str) -> int | None:
     if pid:
         return pid
     try:  # the child: only the catchers stay open, so QEMU sees us gone at once
-        keep = {catcher.fileno() for catcher in catchers}
+        keep = {catcher.fileno() for catcher in catchers} | {state_fd}
         for name in os.listdir("/proc/self/fd"):
             if int(name) not in keep:
                 with contextlib.suppress(OSError):
                     os.close(int(name))
         deadline = time.monotonic() + CATCH_SECONDS
-        while os.path.exists(path) and time.monotonic() < deadline:
+        while os.fstat(state_fd).st_size > 0 and time.monotonic() < deadline:
             time.sleep(KEEPER_POLL_SECONDS)
     finally:
         os._exit(0)
 
 
-def read_state(path: str) -> bytes | None:
-    """The blob at ``path``; None (one log line, the file renamed PATH.bad) if unreadable."""
+def _read_state(path: str) -> bytes | None:
+    """The state at ``path``: None when absent or empty, or (one log line, the file renamed
+    PATH.bad) when it cannot be read or is not a state this vhostnet can decode."""
     try:
         with open(path, "rb") as source:
             blob = source.read(MAX_BLOB_BYTES + 1)
+    except FileNotFoundError:
+        return None
     except OSError as error:
         _set_aside(path, f"cannot be read ({error.strerror or error})")
+        return None
+    if not blob:
+        return None
+    try:
+        decode_state(blob)
+    except StateError as error:
+        _set_aside(path, f"is not a state this vhostnet can load ({error})")
         return None
     return blob
 
@@ -144,13 +181,11 @@ def _set_aside(path: str, why: str) -> None:
     log.error("state file %s %s: starting fresh%s", path, why, kept)
 
 
-async def restore_at_start(network: Network, migration: TcpMigration, path: str
+async def restore_at_start(network: Network, migration: TcpMigration, state: StateFile
                            ) -> dict[str, int] | None:
-    """Import the state a previous vhostnet left at ``path`` (see the module docstring);
-    what ``import_network`` returns, None when there was no usable state."""
-    if not os.path.exists(path):
-        return None
-    blob = read_state(path)
+    """Import the state a previous vhostnet left (see the module docstring); what
+    ``import_network`` returns, None when there was no usable state."""
+    blob = state.blob
     if blob is None:
         return None
     repair = migration.repair
@@ -159,12 +194,14 @@ async def restore_at_start(network: Network, migration: TcpMigration, path: str
     try:
         loaded = import_network(network, migration, blob, time.monotonic())
     except StateError as error:
-        _set_aside(path, f"is not a state this vhostnet can load ({error})")
+        # Decoded at open but refused by an engine: no file can be set aside any more.
+        log.error("state file %s is not a state this vhostnet can load (%s): starting fresh, "
+                  "its content dropped", state.path, error)
+        state.clear()
         return None
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)  # the catcher keeper sees this and lets the forwarded ports go
+    state.clear()  # the catcher keeper sees this and lets the forwarded ports go
     log.info("restarted from %s: %d TCP connection(s) restored, %d reset toward the guest",
-             path, loaded["tcp_restored"], loaded["tcp_reset"])
+             state.path, loaded["tcp_restored"], loaded["tcp_reset"])
     return loaded
 
 
