@@ -18,7 +18,7 @@ from tests.support.frames import (
     udp6,
 )
 from vhostnet.network import build_stack
-from vhostnet.stack.config import StackConfig
+from vhostnet.stack.config import StackConfig, ip4
 from vhostnet.stack.icmp import IcmpEchoSend, IcmpOpen
 from vhostnet.wire.icmpv6 import DEST_UNREACHABLE, PACKET_TOO_BIG
 from vhostnet.wire.ipv6 import IPv6Packet, link_local_address
@@ -79,13 +79,26 @@ def test_mapped_loopback_reaches_the_hosts_loopback() -> None:
     assert config.host_destination6(REMOTE, 80) == ("2001:db8:77::1", 80)
 
 
-def test_the_ipv6_dns_address_port_53_goes_to_the_first_ipv6_upstream() -> None:
-    """Where the TCP engine connects a guest's DNS-over-TCP to fec0::3."""
+def test_the_dns_addresses_port_53_go_to_the_first_upstream_of_their_family() -> None:
+    """Where the TCP engine connects a guest's DNS over TCP to fec0::3 and to 10.0.2.3."""
     config = StackConfig(dns_upstream=[("127.0.0.53", 53), ("::1", 5353), ("2001:db8::53", 53)])
     assert config.host_destination6(ip6("fec0::3"), 53) == ("::1", 5353)
     assert config.host_destination6(ip6("fec0::3"), 80) is None
+    assert config.host_destination(ip4("10.0.2.3"), 53) == ("127.0.0.53", 53)
+    ipv6_first = StackConfig(dns_upstream=[("::1", 5353), ("127.0.0.53", 53)])
+    assert ipv6_first.host_destination(ip4("10.0.2.3"), 53) == ("127.0.0.53", 53)
+
+
+def test_dns_over_tcp_falls_back_to_an_upstream_of_the_other_family() -> None:
+    """An IPv4-only resolv.conf still serves DNS over TCP through fec0::3 (UDP through it
+    reaches any upstream, so a truncated answer's retry over TCP must too), and the other
+    way round; no upstream at all: nowhere (the engine answers RST)."""
     assert StackConfig(dns_upstream=[("127.0.0.53", 53)]).host_destination6(
-        ip6("fec0::3"), 53) is None
+        ip6("fec0::3"), 53) == ("127.0.0.53", 53)
+    assert StackConfig(dns_upstream=[("::1", 5353)]).host_destination(
+        ip4("10.0.2.3"), 53) == ("::1", 5353)
+    assert StackConfig().host_destination6(ip6("fec0::3"), 53) is None
+    assert StackConfig().host_destination(ip4("10.0.2.3"), 53) is None
 
 
 def guest_udp_packet(dst: bytes = REMOTE) -> IPv6Packet:

@@ -253,18 +253,25 @@ class StackConfig:
         """True for an address of the advertised on-link prefix."""
         return in_prefix(address, self.prefix6, self.prefix6_len)  # type: ignore[arg-type]
 
+    def dns_tcp_upstream(self, ipv6: bool) -> tuple[str, int] | None:
+        """Where the guest's DNS over TCP to the DNS address of one family goes: the first
+        upstream of that family, else the first upstream at all (the host socket takes either
+        family, and the UDP answers through that address come from any upstream, so a
+        truncated answer's retry over TCP must reach one too); None without an upstream."""
+        same_family = [u for u in self.dns_upstream if (":" in u[0]) == ipv6]
+        return (same_family or self.dns_upstream or [None])[0]
+
     def host_destination6(self, dst_ip: bytes, dst_port: int) -> tuple[str, int] | None:
         """Where a guest's flow to IPv6 ``dst_ip:dst_port`` goes on the host, or None
         (``host_destination``'s rules for IPv6): the mapped address -> ::1; the gateway and
-        the DNS address are virtual (DNS port 53 -> the first IPv6 upstream); multicast,
+        the DNS address are virtual (DNS port 53 -> ``dns_tcp_upstream``); multicast,
         link-local, loopback, unspecified and the guest's own prefix never leave the link."""
         if dst_ip == self.map_host_loopback6:
             return (HOST_LOOPBACK6, dst_port)
         if dst_ip == self.gateway6:
             return None
         if dst_ip == self.dns6:
-            upstream = [u for u in self.dns_upstream if ":" in u[0]]
-            return upstream[0] if dst_port == DNS_PORT and upstream else None
+            return self.dns_tcp_upstream(ipv6=True) if dst_port == DNS_PORT else None
         address = ipaddress.IPv6Address(dst_ip)
         if (address.is_multicast or address.is_link_local or address.is_loopback
                 or address.is_unspecified or self.in_prefix6(dst_ip)):
@@ -304,7 +311,7 @@ class StackConfig:
         - the ``map_guest_addr`` address -> the guest's own address, on the host;
         - the gateway address, when it is not that address -> None: it is virtual,
           like the DNS address, and nothing answers behind it;
-        - the DNS address, port 53 -> the first upstream resolver (None without one);
+        - the DNS address, port 53 -> ``dns_tcp_upstream`` (None without an upstream);
           other ports of the DNS address lead nowhere, it is a virtual address;
         - broadcast, multicast, 0.0.0.0/8 and 127.0.0.0/8 -> None (never leave the guest link,
           and the guest must not reach host loopback except through the gateway mapping);
@@ -317,9 +324,7 @@ class StackConfig:
         if dst_ip == self.gateway:
             return None
         if dst_ip == self.dns:
-            if dst_port == DNS_PORT and self.dns_upstream:
-                return self.dns_upstream[0]
-            return None
+            return self.dns_tcp_upstream(ipv6=False) if dst_port == DNS_PORT else None
         first = dst_ip[0]
         if first == 0 or first == 127 or first >= 224 or dst_ip == self.subnet_broadcast:
             return None
