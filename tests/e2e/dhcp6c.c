@@ -6,58 +6,14 @@
  * calls, no libc), like udpecho.c, so the binary can travel inside the test script.
  */
 
-#define SYS_WRITE 1
-#define SYS_SOCKET 41
-#define SYS_SENDTO 44
-#define SYS_RECVFROM 45
-#define SYS_BIND 49
-#define SYS_SETSOCKOPT 54
-#define SYS_EXIT 60
+#include "guestsys.h"
 
-struct sockaddr_in6x {
-    unsigned short family;
-    unsigned short port; /* network byte order */
-    unsigned int flowinfo;
-    unsigned char addr[16];
-    unsigned int scope_id;
-};
-
-struct timeval64 {
-    long sec;
-    long usec;
-};
-
-static long syscall6(long number, long a, long b, long c, long d, long e, long f)
-{
-    long ret;
-    register long r10 __asm__("r10") = d;
-    register long r8 __asm__("r8") = e;
-    register long r9 __asm__("r9") = f;
-    __asm__ volatile("syscall"
-                     : "=a"(ret)
-                     : "a"(number), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
-                     : "rcx", "r11", "memory");
-    return ret;
-}
-
-static long text_length(const char *text)
+static void say(const char *text)
 {
     long n = 0;
     while (text[n])
         n++;
-    return n;
-}
-
-static void say(const char *text)
-{
-    syscall6(SYS_WRITE, 1, (long)text, text_length(text), 0, 0, 0);
-}
-
-static void finish(int status)
-{
-    syscall6(SYS_EXIT, status, 0, 0, 0, 0, 0);
-    for (;;) {
-    }
+    write_all(text, n);
 }
 
 static void say_address(const unsigned char *a)
@@ -114,7 +70,7 @@ static int option_at(long at, long end, long *code, long *length)
 }
 
 /* Send `type`, wait for `expected` with our transaction id; the reply's length, or 0. */
-static long exchange(long fd, struct sockaddr_in6x *servers, int type, int expected)
+static long exchange(long fd, struct sockaddr_in6 *servers, int type, int expected)
 {
     long length = build(type), got, attempt;
     for (attempt = 0; attempt < 3; attempt++) {
@@ -131,11 +87,11 @@ static long exchange(long fd, struct sockaddr_in6x *servers, int type, int expec
     return 0;
 }
 
-void dhcp6c_main(long *stack)
+void guest_main(long *stack)
 {
     long argc = stack[0];
     char **argv = (char **)(stack + 1);
-    struct sockaddr_in6x local = {0}, servers = {0};
+    struct sockaddr_in6 local = {0}, servers = {0};
     struct timeval64 limit = {3, 0};
     long fd, got, at, code, length, inner, inner_code, inner_length, i;
     const char *p;
@@ -204,11 +160,3 @@ void dhcp6c_main(long *stack)
     say("\n");
     finish(0);
 }
-
-/* The kernel enters here with argc at the stack pointer; align and call C. */
-__asm__(".globl _start\n"
-        "_start:\n"
-        "  mov %rsp, %rdi\n"
-        "  and $-16, %rsp\n"
-        "  call dhcp6c_main\n"
-        "  hlt\n");

@@ -18,7 +18,23 @@ CODE_PORT_UNREACHABLE = 3
 HEADER_LEN = 8
 
 
-class IcmpMessage:
+class EchoFields:
+    """The identifier and sequence number an echo message carries in its ``rest`` word
+    (ICMP and ICMPv6 alike)."""
+
+    __slots__ = ()
+    rest: bytes
+
+    @property
+    def echo_ident(self) -> int:
+        return struct.unpack("!H", self.rest[0:2])[0]
+
+    @property
+    def echo_seq(self) -> int:
+        return struct.unpack("!H", self.rest[2:4])[0]
+
+
+class IcmpMessage(EchoFields):
     """Checked view of an ICMP message: at least 8 bytes, checksum verified."""
 
     __slots__ = ("type", "code", "rest", "body")
@@ -34,13 +50,6 @@ class IcmpMessage:
         self.rest = bytes(view[4:8])
         self.body = view[HEADER_LEN:]
 
-    @property
-    def echo_ident(self) -> int:
-        return struct.unpack("!H", self.rest[0:2])[0]
-
-    @property
-    def echo_seq(self) -> int:
-        return struct.unpack("!H", self.rest[2:4])[0]
 
 
 def emit_icmp(icmp_type: int, code: int, rest: bytes, body: bytes | bytearray | memoryview) -> bytes:

@@ -11,6 +11,7 @@ import struct
 
 from vhostnet.wire.checksum import internet_checksum, ones_complement_sum, pseudo_header_sum_ipv6
 from vhostnet.wire.errors import MalformedPacket
+from vhostnet.wire.icmp import EchoFields
 from vhostnet.wire.ipv6 import NEXT_HEADER_ICMPV6, IPv6Packet, is_multicast
 
 HEADER_LEN = 4  # type, code, checksum; the rest depends on the type
@@ -42,7 +43,7 @@ def icmpv6_checksum_ok(packet: IPv6Packet) -> bool:
     return ones_complement_sum(message, initial) == 0xFFFF
 
 
-class Icmpv6Message:
+class Icmpv6Message(EchoFields):
     """Checked view of the ICMPv6 message an IPv6 packet carries: at least 8 bytes
     (every type vhostnet reads has a 4-byte field after the checksum), checksum verified.
     ``rest`` is those 4 bytes, ``body`` what follows."""
@@ -63,13 +64,6 @@ class Icmpv6Message:
         self.rest = bytes(message[4:8])
         self.body = message[8:]
 
-    @property
-    def echo_ident(self) -> int:
-        return struct.unpack("!H", self.rest[0:2])[0]
-
-    @property
-    def echo_seq(self) -> int:
-        return struct.unpack("!H", self.rest[2:4])[0]
 
 
 def emit_icmpv6(src: bytes, dst: bytes, icmp_type: int, code: int,

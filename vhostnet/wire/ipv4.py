@@ -17,6 +17,7 @@ import struct
 
 from vhostnet.wire.checksum import internet_checksum, ones_complement_sum
 from vhostnet.wire.errors import MalformedPacket
+from vhostnet.wire.fragmenting import fragment_pieces
 
 MIN_HEADER_LEN = 20
 FLAG_DONT_FRAGMENT = 0x4000
@@ -111,15 +112,9 @@ def emit_ipv4_fragments(src: bytes, dst: bytes, proto: int,
         return [emit_ipv4_header(src, dst, proto, len(payload), ttl, tos) + bytes(payload)]
     if MIN_HEADER_LEN + len(payload) > 0xFFFF:
         raise ValueError(f"IPv4 datagram of {MIN_HEADER_LEN + len(payload)} bytes is too long")
-    step = (mtu - MIN_HEADER_LEN) & ~7
-    if step <= 0:
-        raise ValueError(f"an MTU of {mtu} bytes holds no fragment")
-    view = memoryview(payload)
     packets = []
-    for start in range(0, len(view), step):
-        piece = view[start : start + step]
-        more = FLAG_MORE_FRAGMENTS if start + step < len(view) else 0
+    for start, piece, more in fragment_pieces(payload, mtu - MIN_HEADER_LEN, mtu):
         header = emit_ipv4_header(src, dst, proto, len(piece), ttl, tos, ident & 0xFFFF,
-                                  more | start // 8)
+                                  (FLAG_MORE_FRAGMENTS if more else 0) | start // 8)
         packets.append(header + bytes(piece))
     return packets

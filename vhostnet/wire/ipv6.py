@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass
 
 from vhostnet.wire.errors import MalformedPacket
+from vhostnet.wire.fragmenting import fragment_pieces
 
 HEADER_LEN = 40
 VERSION = 6
@@ -195,14 +196,9 @@ def emit_ipv6_fragments(src: bytes, dst: bytes, next_header: int,
                                  flow_label) + bytes(payload)]
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"IPv6 payload of {len(payload)} bytes is too long")
-    step = (mtu - HEADER_LEN - FRAGMENT_HEADER_LEN) & ~7
-    if step <= 0:
-        raise ValueError(f"an MTU of {mtu} bytes holds no fragment")
-    view = memoryview(payload)
     packets = []
-    for start in range(0, len(view), step):
-        piece = view[start : start + step]
-        more = start + step < len(view)
+    for start, piece, more in fragment_pieces(payload, mtu - HEADER_LEN - FRAGMENT_HEADER_LEN,
+                                              mtu):
         header = emit_ipv6_header(src, dst, NEXT_HEADER_FRAGMENT,
                                   FRAGMENT_HEADER_LEN + len(piece), hop_limit, traffic_class,
                                   flow_label)
