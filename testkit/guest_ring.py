@@ -104,6 +104,20 @@ class GuestRing:
     used_seen: int
     call_fd: int | None
 
+    def _take_ring(self, memory: RingMemory, layout: RingLayout, kick_fd: int | None,
+                   call_fd: int | None) -> int:
+        """Record what every driver keeps about its ring; returns the ring size."""
+        n = layout.size
+        if n <= 0 or n & (n - 1):
+            raise ValueError("ring size must be a power of two")
+        self.memory = memory
+        self.layout = layout
+        self.size = n
+        self.mask = n - 1
+        self.kick_fd = kick_fd
+        self.call_fd = call_fd
+        return n
+
     @property
     def desc_gpa(self) -> int:
         return self.layout.desc_gpa
@@ -191,15 +205,7 @@ class SplitRing(GuestRing):
         kick_fd: int | None = None,
         call_fd: int | None = None,
     ) -> None:
-        n = layout.size
-        if n <= 0 or n & (n - 1):
-            raise ValueError("ring size must be a power of two")
-        self.memory = memory
-        self.layout = layout
-        self.size = n
-        self.mask = n - 1
-        self.kick_fd = kick_fd
-        self.call_fd = call_fd
+        n = self._take_ring(memory, layout, kick_fd, call_fd)
         self.desc = memory.view(layout.desc_gpa, 16 * n).view(DESC_DTYPE)
         # avail: flags, idx, ring[n], used_event
         self.avail = memory.view(layout.avail_gpa, 6 + 2 * n).view("<u2")

@@ -55,15 +55,7 @@ class PackedRing(GuestRing):
         kick_fd: int | None = None,
         call_fd: int | None = None,
     ) -> None:
-        n = layout.size
-        if n <= 0 or n & (n - 1):
-            raise ValueError("ring size must be a power of two")
-        self.memory = memory
-        self.layout = layout
-        self.size = n
-        self.mask = n - 1
-        self.kick_fd = kick_fd
-        self.call_fd = call_fd
+        n = self._take_ring(memory, layout, kick_fd, call_fd)
         self.desc = memory.view(layout.desc_gpa, 16 * n).view(PACKED_DESC_DTYPE)
         self.driver_event = memory.view(layout.avail_gpa, 4).view("<u2")  # off_wrap, flags
         self.device_event = memory.view(layout.used_gpa, 4).view("<u2")
