@@ -318,11 +318,8 @@ class NetworkStack:
             self.stats.drop(f"udp.drop.{error.reason}", f"UDP datagram dropped: {error}")
             return
         self.stats.inc("udp.rx")
-        for service in self._udp_services:
-            if service.accepts(packet.dst, datagram.dst_port):
-                service.handle_udp(packet.src, datagram.src_port, packet.dst, datagram.dst_port,
-                                   datagram.payload, now)
-                return
+        if self._offer_to_services(self._udp_services, packet.src, packet.dst, datagram, now):
+            return
         if self.udp_nat is None:
             self.stats.inc("udp.drop.disabled")
             return
@@ -401,11 +398,8 @@ class NetworkStack:
             self.stats.drop(f"udp6.drop.{error.reason}", f"UDP over IPv6 dropped: {error}")
             return
         self.stats.inc("udp6.rx")
-        for service in self._udp6_services:
-            if service.accepts(packet.dst, datagram.dst_port):
-                service.handle_udp(packet.src, datagram.src_port, packet.dst, datagram.dst_port,
-                                   datagram.payload, now)
-                return
+        if self._offer_to_services(self._udp6_services, packet.src, packet.dst, datagram, now):
+            return
         handler = self._ipv6_handlers.get(NEXT_HEADER_UDP)
         if handler is None:
             self.stats.inc("udp6.drop.no_handler")
@@ -526,6 +520,17 @@ class NetworkStack:
                                            ethernet.ETHERTYPE_IPV4, packet)
             self.frames_to_guest.append((frame, offload) if offload else frame)
         self.stats.inc("ipv4.tx", len(packets))
+
+    @staticmethod
+    def _offer_to_services(services: list[UdpService], src: bytes, dst: bytes,
+                           datagram: UdpDatagram, now: float) -> bool:
+        """Give ``datagram`` to the first local service (DHCP, DNS, TFTP...) that takes it."""
+        for service in services:
+            if service.accepts(dst, datagram.dst_port):
+                service.handle_udp(src, datagram.src_port, dst, datagram.dst_port,
+                                   datagram.payload, now)
+                return True
+        return False
 
     def _count_fragments(self, packets: list[bytes]) -> None:
         self.stats.inc("frag.tx_datagrams")
