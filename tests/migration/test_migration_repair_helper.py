@@ -8,10 +8,8 @@ connections of this process, passed over the UNIX socket as descriptors.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -22,12 +20,12 @@ import pytest
 
 from tests.support.daemon import REPO as REPO_ROOT
 from tests.support.daemon import VhostnetProcess, nobody_tmp_dir
+from tests.support.tcp_repair import connected_pair, open_pair, unacked_bytes
 from vhostnet.migration.repair_helper import HelperGone, HelperLink, RepairAccess, freeze_sockets
 from vhostnet.migration.tcp_freeze import detach_drop_filters, unfreeze_sockets
 from vhostnet.migration.tcp_repair import (
     REPAIR_OFF,
     REPAIR_ON,
-    SIOCOUTQ,
     TCP_REPAIR,
     RepairError,
     dump_socket,
@@ -85,18 +83,9 @@ def linked(request: pytest.FixtureRequest, tmp_path: Path
         loop.close()
 
 
-def loopback_pair() -> tuple[socket.socket, socket.socket, socket.socket]:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    peer = socket.create_connection(listener.getsockname())
-    ours, _ = listener.accept()
-    return listener, peer, ours
-
-
 def test_helper_switches_repair_mode_on_our_sockets(linked) -> None:
     link, helper, _ = linked
-    pairs = [loopback_pair() for _ in range(3)]
+    pairs = [open_pair() for _ in range(3)]
     ours = [pair[2] for pair in pairs]
     try:
         link.set_repair(ours, REPAIR_ON)
@@ -133,30 +122,22 @@ def test_a_refused_socket_is_reported(linked) -> None:
         listener.close()
 
 
-def peer_unacknowledged(peer: socket.socket) -> int:
-    return struct.unpack("i", fcntl.ioctl(peer.fileno(), SIOCOUTQ, b"\0" * 4))[0]
-
-
 def test_a_socket_frozen_through_the_helper_takes_no_segments(linked) -> None:
     """passt-repair only switches TCP_REPAIR: the freeze (filter where allowed, closed
     window) is vhostnet's own, or the peer's data is taken after the state was dumped."""
     link, _, _ = linked
-    listener, peer, ours = loopback_pair()
-    try:
+    with connected_pair() as (listener, peer, ours):
         frozen = freeze_sockets({0: ours}, link)
         assert list(frozen) == [0] and repair_mode(ours) == 1
         before = dump_socket(ours)
         peer.sendall(b"x" * 1000)
         time.sleep(0.5)  # loopback delivers (and would acknowledge) within microseconds
-        assert peer_unacknowledged(peer) == 1000, "the frozen socket took the peer's segment"
+        assert unacked_bytes(peer) == 1000, "the frozen socket took the peer's segment"
         assert dump_socket(ours).recv_seq == before.recv_seq
         unfreeze_sockets([ours])
         link.set_repair([ours], REPAIR_OFF)
         ours.settimeout(WAIT_SECONDS)
         assert ours.recv(1000) == b"x" * 1000  # retransmitted once thawed
-    finally:
-        for sock in (listener, peer, ours):
-            sock.close()
 
 
 def test_the_helper_is_let_go_after_a_migration_and_a_new_one_may_connect(
@@ -167,7 +148,7 @@ def test_the_helper_is_let_go_after_a_migration_and_a_new_one_may_connect(
     assert helper.wait(timeout=WAIT_SECONDS) == 0, "the helper must end when let go"
     again = start_helper(list(map(str, helper.args)), link, loop)
     try:
-        listener, peer, ours = loopback_pair()
+        listener, peer, ours = open_pair()
         with listener, peer, ours:
             link.set_repair([ours], REPAIR_ON)
             assert repair_mode(ours) == 1
@@ -185,7 +166,7 @@ def test_a_helper_that_dies_is_one_log_line_and_no_request_goes_to_it(
     run_loop_until(loop, lambda: not link.connected)
     lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(lines) == 1 and "disconnected" in lines[0].getMessage(), lines
-    listener, peer, ours = loopback_pair()
+    listener, peer, ours = open_pair()
     with listener, peer, ours:
         with pytest.raises(HelperGone):
             freeze_sockets({0: ours}, link)

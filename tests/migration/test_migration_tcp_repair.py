@@ -24,6 +24,7 @@ from tests.support.tcp_repair import (
     connected_pair,
     freeze,
     not_yet_sent_bytes,
+    open_pair,
     recv_exactly,
     send_what_fits,
     settled_unacked_bytes,
@@ -59,8 +60,7 @@ def test_connection_moves_to_a_new_socket_with_data_in_flight_both_ways() -> Non
     rng = random.Random(7)
     to_peer = rng.randbytes(3 * 1024 * 1024)
     to_us = rng.randbytes(12 * 1024 * 1024)
-    listener, peer, ours = connected_pair(peer_rcvbuf=4096)
-    try:
+    with connected_pair(peer_rcvbuf=4096) as (listener, peer, ours):
         # Both ways more than the other side takes: our receive queue fills up
         # unread, our send queue holds unacknowledged and never-sent bytes.
         from_peer = send_what_fits(peer, to_us)
@@ -127,14 +127,10 @@ def test_connection_moves_to_a_new_socket_with_data_in_flight_both_ways() -> Non
         assert_same_stream(received_by_us[0], to_us, "the restored socket")
         assert tcp_state(peer) == TCP_STATE_ESTABLISHED
         restored.close()
-    finally:
-        for sock in (listener, peer, ours):
-            sock.close()
 
 
 def test_thawed_socket_carries_on_as_before() -> None:
-    listener, peer, ours = connected_pair()
-    try:
+    with connected_pair() as (listener, peer, ours):
         peer.sendall(b"before")
         time.sleep(0.1)
         freeze(ours)
@@ -145,14 +141,10 @@ def test_thawed_socket_carries_on_as_before() -> None:
         assert recv_exactly(ours, len(b"before during")) == b"before during"
         ours.sendall(b"reply")
         assert recv_exactly(peer, 5) == b"reply"
-    finally:
-        for sock in (listener, peer, ours):
-            sock.close()
 
 
 def test_restore_waits_for_the_tuple_then_gives_up() -> None:
-    listener, peer, ours = connected_pair()
-    try:
+    with connected_pair() as (listener, peer, ours):
         freeze(ours)
         dump = dump_socket(ours)
         clone = new_restore_socket()
@@ -162,9 +154,6 @@ def test_restore_waits_for_the_tuple_then_gives_up() -> None:
             restore_in_repair(clone, dump, wait_for_tuple=0.2)  # the original still holds it
         assert time.monotonic() - started >= 0.2
         clone.close()
-    finally:
-        for sock in (listener, peer, ours):
-            sock.close()
 
 
 @pytest.mark.parametrize("change", [
@@ -210,7 +199,7 @@ def shut_out_by_ttl(sock: socket.socket) -> None:
 def test_a_catcher_swallows_retransmissions_between_release_and_restore(by_filter: bool) -> None:
     """Without a socket for its 4-tuple, the peer's retransmission would be answered with RST."""
     data = random.Random(3).randbytes(6 * 1024 * 1024)
-    listener, peer, ours = connected_pair()
+    listener, peer, ours = sockets = open_pair()
     errors: list[OSError] = []
 
     def paced_sender() -> None:
@@ -251,7 +240,7 @@ def test_a_catcher_swallows_retransmissions_between_release_and_restore(by_filte
         assert_same_stream(bytes(received), data, "the restored socket")
         restored.close()
     finally:
-        for sock in (listener, peer, ours):
+        for sock in sockets:
             sock.close()
 
 
@@ -282,8 +271,7 @@ def test_a_socket_frozen_without_a_filter_takes_no_byte_and_moves_intact() -> No
     to_peer = rng.randbytes(2 * 1024 * 1024)
     to_us = rng.randbytes(6 * 1024 * 1024)
     greeting = 1000
-    listener, peer, ours = connected_pair()
-    try:
+    with connected_pair() as (listener, peer, ours):
         peer.sendall(to_us[:greeting])
         assert recv_exactly(ours, greeting) == to_us[:greeting]  # our queue is empty now
         ours.sendall(to_peer[:greeting])
@@ -335,9 +323,6 @@ def test_a_socket_frozen_without_a_filter_takes_no_byte_and_moves_intact() -> No
         assert_same_stream(received_by_us[0], to_us[greeting:], "the restored socket")
         assert tcp_state(peer) == TCP_STATE_ESTABLISHED
         restored.close()
-    finally:
-        for sock in (listener, peer, ours):
-            sock.close()
 
 
 def test_the_closed_window_holds_against_a_peer_that_sends_with_ttl_255() -> None:
@@ -345,8 +330,7 @@ def test_the_closed_window_holds_against_a_peer_that_sends_with_ttl_255() -> Non
     hold on their own, for a non-empty queue (see tcp_freeze). Without both, 28 KB got
     in here; on loopback either one alone holds (the tiny buffer drops for lack of
     memory, the zero window stays shut for a 64 KB MSS), so this proves the pair."""
-    listener, peer, ours = connected_pair()
-    try:
+    with connected_pair() as (listener, peer, ours):
         peer.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 255)
         peer.sendall(b"q" * 100_000)  # left unread: the queue is not empty
         time.sleep(0.2)
@@ -361,14 +345,10 @@ def test_the_closed_window_holds_against_a_peer_that_sends_with_ttl_255() -> Non
             time.sleep(0.01)
         moved = (rcv_nxt(ours) - frozen_at) % (1 << 32)
         assert moved == 0, f"the frozen socket took {moved} of {pushed} bytes from the peer"
-    finally:
-        for sock in (listener, peer, ours):
-            sock.close()
 
 
 def test_a_thawed_socket_gets_its_receive_window_and_buffer_back() -> None:
-    listener, peer, ours = connected_pair()
-    try:
+    with connected_pair() as (listener, peer, ours):
         peer.sendall(b"w" * 300_000)  # some traffic, so the buffer has autotuned a bit
         assert recv_exactly(ours, 300_000) == b"w" * 300_000
         set_repair_direct(ours, REPAIR_ON)
@@ -395,6 +375,3 @@ def test_a_thawed_socket_gets_its_receive_window_and_buffer_back() -> None:
         writer.start()
         assert_same_stream(recv_exactly(ours, len(bulk)), bulk, "the thawed socket")
         writer.join(IO_SECONDS)
-    finally:
-        for sock in (listener, peer, ours):
-            sock.close()

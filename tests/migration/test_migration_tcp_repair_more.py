@@ -68,8 +68,7 @@ def wait_for_state(sock: socket.socket, states: set[int]) -> int:
 
 
 def test_an_ipv6_connection_moves_with_data_both_ways() -> None:
-    listener, peer, ours = connected_pair(host="::1")
-    try:
+    with connected_pair(host="::1") as (listener, peer, ours):
         peer.sendall(b"queued for us " * 1000)
         ours.sendall(b"to the peer")
         time.sleep(0.1)
@@ -83,14 +82,10 @@ def test_an_ipv6_connection_moves_with_data_both_ways() -> None:
         assert recv_exactly(peer, 5) == b"after" and recv_exactly(restored, 4) == b"more"
         assert tcp_state(peer) == TCP_STATE_ESTABLISHED
         restored.close()
-    finally:
-        for sock in (listener, peer, ours):
-            sock.close()
 
 
 def test_a_socket_that_sent_its_fin_moves_and_still_receives() -> None:
-    listener, peer, ours = connected_pair(host="::1")
-    try:
+    with connected_pair(host="::1") as (listener, peer, ours):
         ours.sendall(b"last words")
         ours.shutdown(socket.SHUT_WR)
         assert recv_exactly(peer, 10) == b"last words" and peer.recv(1) == b""  # EOF seen
@@ -104,14 +99,10 @@ def test_a_socket_that_sent_its_fin_moves_and_still_receives() -> None:
         peer.close()
         assert restored.recv(1) == b""  # the peer's FIN ends it cleanly
         restored.close()
-    finally:
-        for sock in (listener, peer, ours):
-            sock.close()
 
 
 def test_a_socket_with_unacknowledged_data_and_fin_moves() -> None:
-    listener, peer, ours = connected_pair()
-    try:
+    with connected_pair() as (listener, peer, ours):
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         freeze(ours)  # nothing the peer acknowledges reaches us: data and FIN stay in flight
         set_repair_direct(ours, REPAIR_OFF)
@@ -124,14 +115,10 @@ def test_a_socket_with_unacknowledged_data_and_fin_moves() -> None:
         peer.sendall(b"reply")
         assert recv_exactly(restored, 5) == b"reply"
         restored.close()
-    finally:
-        for sock in (listener, peer, ours):
-            sock.close()
 
 
 def test_a_socket_that_received_the_peers_fin_moves_and_still_sends() -> None:
-    listener, peer, ours = connected_pair()
-    try:
+    with connected_pair() as (listener, peer, ours):
         peer.sendall(b"bye")
         peer.shutdown(socket.SHUT_WR)
         assert wait_for_state(ours, {TCP_CLOSE_WAIT}) == TCP_CLOSE_WAIT
@@ -143,6 +130,3 @@ def test_a_socket_that_received_the_peers_fin_moves_and_still_sends() -> None:
         restored.shutdown(socket.SHUT_WR)
         assert peer.recv(1) == b""  # our FIN reaches the peer: it ends as it would have
         restored.close()
-    finally:
-        for sock in (listener, peer, ours):
-            sock.close()

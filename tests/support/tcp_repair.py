@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from vhostnet.migration import tcp_repair
 from vhostnet.migration.tcp_freeze import (
@@ -20,8 +24,8 @@ IO_SECONDS = 10.0
 TCP_STATE_ESTABLISHED = 1
 
 
-def connected_pair(peer_rcvbuf: int | None = None, host: str = "127.0.0.1"
-                   ) -> tuple[socket.socket, socket.socket, socket.socket]:
+def open_pair(peer_rcvbuf: int | None = None, host: str = "127.0.0.1"
+              ) -> tuple[socket.socket, socket.socket, socket.socket]:
     """(listener, peer, ours): ``ours`` plays a vhostnet host socket (accepted side)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family)
@@ -35,6 +39,18 @@ def connected_pair(peer_rcvbuf: int | None = None, host: str = "127.0.0.1"
     peer.settimeout(IO_SECONDS)
     ours.settimeout(IO_SECONDS)
     return listener, peer, ours
+
+
+@contextmanager
+def connected_pair(peer_rcvbuf: int | None = None, host: str = "127.0.0.1"
+                   ) -> Iterator[tuple[socket.socket, socket.socket, socket.socket]]:
+    """``open_pair``, all three sockets closed at the end."""
+    sockets = open_pair(peer_rcvbuf, host)
+    try:
+        yield sockets
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def freeze(sock: socket.socket) -> None:
@@ -64,9 +80,6 @@ def tcp_state(sock: socket.socket) -> int:
 
 
 def send_queue_ioctl(sock: socket.socket, request: int) -> int:
-    import fcntl
-    import struct
-
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
 
 
