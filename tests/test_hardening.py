@@ -48,6 +48,19 @@ def fd_count(server: VhostnetProcess) -> int:
     return len(os.listdir(f"/proc/{server.process.pid}/fd"))
 
 
+def steady_fd_count(server: VhostnetProcess, seconds: float = 5.0) -> int:
+    """The process's fd count once two reads 0.2 s apart agree (a control connection
+    just answered may still be closing), or the last seen after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    count = fd_count(server)
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        previous, count = count, fd_count(server)
+        if count == previous:
+            break
+    return count
+
+
 def settled_fd_count(server: VhostnetProcess, expected: int, seconds: float = 5.0) -> int:
     """The process's fd count once it reaches ``expected`` (closing is asynchronous), or the last seen."""
     deadline = time.monotonic() + seconds
@@ -65,7 +78,7 @@ def status(reply) -> int:
 
 def test_unmappable_region_closes_every_fd_of_the_table(server: VhostnetProcess) -> None:
     # The first region claims more than its memfd holds; the second is fine.
-    baseline = fd_count(server)
+    baseline = steady_fd_count(server)
     for _ in range(CONNECTIONS):
         with Frontend(server.socket_path, memory_size=16 << 20, use_mem_slots=False) as frontend:
             frontend.connect()
@@ -84,7 +97,7 @@ def test_kick_fd_that_is_a_file_is_refused_and_the_old_one_closed(server: Vhostn
     with Frontend(server.socket_path) as frontend:
         frontend.connect()
         frontend.start()
-        baseline = fd_count(server)
+        baseline = steady_fd_count(server)
         memfd = os.memfd_create("not-an-eventfd", os.MFD_CLOEXEC)
         try:
             for _ in range(pairs):

@@ -52,6 +52,18 @@ class VhostnetProcess:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"vhostnet did not start:\n{self.log_path.read_text()}")
             time.sleep(0.05)
+        # The control socket's file exists before vhostnet has finished starting (the
+        # server, the repair probe and the signal handlers come after it): a test that
+        # counts the process's fds must start from the settled count, so wait for the
+        # first answer, which comes only once the event loop serves requests.
+        while True:
+            try:
+                control_request(self.control_path, "stats")
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"vhostnet did not answer:\n{self.log_path.read_text()}") from None
+                time.sleep(0.05)
 
     def stats(self) -> dict[str, int]:
         return control_request(self.control_path, "stats")["counters"]
