@@ -90,6 +90,7 @@ LAYER_OF_PREFIX: tuple[tuple[str, str], ...] = (
     ("vhostnet.cli", "cli"),
     ("vhostnet.ctl", "cli"),
     ("vhostnet.options", "cli"),
+    ("vhostnet.options_guests", "cli"),
     ("vhostnet.daemon", "cli"),
     ("vhostnet.sandbox", "cli"),
     ("vhostnet.__main__", "cli"),
