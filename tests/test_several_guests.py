@@ -36,8 +36,8 @@ ZERO_IP = bytes(4)
 
 
 @pytest.fixture
-def vhostnet(tmp_path: Path) -> Iterator[VhostnetProcess]:
-    process = VhostnetProcess(tmp_path, "--max-guests", "2")
+def vhostnet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VhostnetProcess]:
+    process = VhostnetProcess(tmp_path, "--max-guests", "2", *getattr(request, "param", ()))
     try:
         yield process
     finally:
@@ -230,6 +230,18 @@ def test_two_guests_share_a_switch_each_with_its_own_router(vhostnet: VhostnetPr
         second_tcp = GuestTcp(two, gateway2, echo.port, 40002)
         assert first_tcp.exchange(b"one") == b"ONE"
         assert second_tcp.exchange(b"two") == b"TWO"
+        # And a host UDP server, each from its own address, each answer to its sender only.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+            server.bind(("127.0.0.1", 0))
+            server.settimeout(5)
+            udp_port = server.getsockname()[1]
+            for guest, gateway in ((one, gateway1), (two, gateway2)):
+                guest.udp_to(gateway, GATEWAY_IP, 6000, udp_port, b"from " + guest.ip)
+                data, peer = server.recvfrom(100)
+                assert data == b"from " + guest.ip
+                server.sendto(b"back to " + guest.ip, peer)
+                answer = guest.wait_for(lambda f: is_udp(f, dport=6000), "the UDP answer")
+                assert answer[30:34] == guest.ip and answer[42:] == b"back to " + guest.ip
 
         # A third front-end is refused, with a log line, counted.
         third = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -302,6 +314,26 @@ def test_a_run_time_forward_names_its_guest(vhostnet: VhostnetProcess) -> None:
         assert removed.returncode == 0, removed.stderr
         assert port_is_free(port)
         assert ip4_str(SECOND) not in run_cli("ctl", vhostnet.control_path, "list").stdout
+    finally:
+        one.close()
+        two.close()
+
+
+FORWARDED = free_port()
+
+
+@pytest.mark.parametrize("vhostnet", [("-t", f"{FORWARDED}:10.0.2.16/8080")], indirect=True)
+def test_a_command_line_forward_to_another_guest_address(vhostnet: VhostnetProcess) -> None:
+    one = Guest(vhostnet.socket_path, MAC1)
+    two = Guest(vhostnet.socket_path, MAC3)
+    try:
+        one.dhcp()
+        assert two.dhcp() == SECOND  # the second lease: the Network the forward went to
+        with socket.create_connection(("127.0.0.1", FORWARDED), timeout=5):
+            syn_frame = two.wait_for(lambda f: (s := tcp_of(f)) is not None
+                                     and s.dst_port == 8080 and bool(s.flags & SYN),
+                                     "the forwarded SYN")
+            assert syn_frame[30:34] == SECOND and syn_frame[:6] == MAC3
     finally:
         one.close()
         two.close()

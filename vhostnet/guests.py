@@ -227,9 +227,9 @@ class Guests:
     def add_forwarded_guest(self, address: str, tcp: list[PortForward],
                             udp: list[PortForward]) -> Network:
         parsed = ipaddress.ip_address(address)
-        if parsed.version != 4:
-            raise ValueError(f"forwards to {address}: another guest is named by its IPv4 "
-                             "address")
+        if parsed.version != 4 or not self.config.in_guest_subnet(parsed.packed):
+            raise ValueError(f"forwards go to {address}, which is neither the first guest's "
+                             "address nor an IPv4 address of the guest subnet")
         key = guest_key(parsed.packed)
         network = self._build_network(self.config_for(key, tcp, udp))
         self.networks[key] = network
