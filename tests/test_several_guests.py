@@ -24,7 +24,9 @@ from testkit.frontend import Frontend
 from tests.e2e.hostservers import free_port
 from tests.support.daemon import VhostnetProcess, run_cli
 from tests.support.frames import BROADCAST, GATEWAY_IP, eth, ipv4, udp
-from tests.test_ctl import port_is_free
+from tests.support.hostio import port_is_free
+from tests.support.migration import check, load_over_pipe, save_over_pipe
+from vhostnet.migration.state import decode_state
 from vhostnet.stack.config import ip4, ip4_str
 from vhostnet.wire.tcp import ACK, PSH, SYN, TcpSegment
 
@@ -337,3 +339,58 @@ def test_a_command_line_forward_to_another_guest_address(vhostnet: VhostnetProce
     finally:
         one.close()
         two.close()
+
+
+def test_a_migrated_guest_keeps_its_lease_and_flow(tmp_path: Path) -> None:
+    """Guest 2 of a source moves to a destination where another guest already holds the
+    first address: its state carries its lease, so it keeps 10.0.2.16 and its UDP flow."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dst").mkdir()
+    source = VhostnetProcess(tmp_path / "src", "--max-guests", "2")
+    destination = VhostnetProcess(tmp_path / "dst", "--max-guests", "2")
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.settimeout(5)
+    udp_port = listener.getsockname()[1]
+    guests: list[Guest] = []
+    try:
+        guests += [Guest(source.socket_path, MAC1), Guest(source.socket_path, MAC2)]
+        one, two = guests
+        one.dhcp()
+        assert two.dhcp() == SECOND
+        gateway = gateway_mac_of(two)
+        two.udp_to(gateway, GATEWAY_IP, 7000, udp_port, b"before")
+        assert listener.recv(100) == b"before"
+        two.frontend.stop()
+        blob = save_over_pipe(two.frontend)
+        assert check(two.frontend) == 0
+        assert decode_state(blob)["lease"]["ipv4"] == SECOND.hex()
+
+        guests.append(Guest(destination.socket_path, MAC3))
+        assert guests[-1].dhcp() == FIRST  # the destination's first address is taken
+        arrived = Frontend(destination.socket_path)
+        try:
+            arrived.connect()
+            assert load_over_pipe(arrived, blob) == 0
+            arrived.start()
+            moved = destination.stats()
+            assert moved["udp.flows"] == 1
+            listed = json.loads(run_cli("ctl", "--json", destination.control_path,
+                                        "guests").stdout)
+            assert {(g["mac"], g["ipv4"]) for g in listed["guests"] if g["connected"]} == {
+                (MAC3.hex(":"), "10.0.2.15"), (MAC2.hex(":"), "10.0.2.16")}
+            frame = eth(gateway, MAC2, 0x0800,
+                        ipv4(SECOND, GATEWAY_IP, 17, udp(SECOND, 7000, GATEWAY_IP, udp_port,
+                                                         b"after")))
+            arrived.send_frame(frame)
+            assert listener.recv(100) == b"after"
+        finally:
+            arrived.close()
+    finally:
+        listener.close()
+        for guest in guests:
+            guest.close()
+        for process in (source, destination):
+            alive = process.process.poll() is None
+            process.stop()
+            assert alive, process.log_path.read_text()

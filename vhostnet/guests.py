@@ -171,6 +171,22 @@ class GuestPort:
                  address_text(network.config.guest_ipv4))
         return network
 
+    # ---- migration (migration.transfer.PortLeases) ------------------------------------------
+
+    def export_lease(self) -> dict[str, object] | None:
+        """This guest's lease, to go with its state to a migration's destination."""
+        return None if self.mac is None else self.guests.lease_record(self.mac)
+
+    def import_lease(self, record: dict[str, object]) -> Network | None:
+        """A migrated guest arrives: its lease goes into the pool, the port binds to the
+        Network of that address (None: refused, logged)."""
+        mac = self.guests.take_lease(record)
+        if mac is None:
+            return None
+        if self.network is not None:
+            return self.network if mac == self.mac else None
+        return self.bind(mac)
+
     def wake(self) -> None:
         """Frames from other guests wait for this port: tell its device."""
         for listener in self._listeners:
@@ -304,6 +320,27 @@ class Guests:
         self._idle_since.pop(key, None)
         self._close_idle_networks()
         return network
+
+    def lease_record(self, mac: bytes) -> dict[str, object] | None:
+        """``mac``'s entry of the pool's snapshot (``LeasePool.snapshot``)."""
+        wanted = bytes(mac).hex()
+        return next((record for record in self.pool.snapshot()["leases"]
+                     if record["mac"] == wanted), None)
+
+    def take_lease(self, record: dict[str, object]) -> bytes | None:
+        """Put a migrated guest's lease record into the pool (the guests here keep theirs:
+        an address one of them holds is not given to it); its MAC, or None if malformed."""
+        try:
+            mac = bytes.fromhex(str(record["mac"]))
+            if len(mac) != 6:
+                raise ValueError("not 6 bytes")
+            others = [entry for entry in self.pool.snapshot()["leases"]
+                      if entry["mac"] != mac.hex()]
+            self.pool.restore({"leases": [*others, record]})
+        except (KeyError, TypeError, ValueError) as error:
+            log.error("migrated guest's lease refused: %s", error)
+            return None
+        return mac
 
     def _close_idle_networks(self) -> None:
         """At most 2*N Networks: the one idle longest (no port), with no flow if possible,
