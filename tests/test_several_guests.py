@@ -49,14 +49,46 @@ def vhostnet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Vhostne
         assert code == 0, process.log_path.read_text()
 
 
+class StreamLink:
+    """QEMU's ``-netdev stream`` on the same socket: frames after their 4-byte length."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(socket_path)
+        self.buffer = b""
+
+    def send_frame(self, frame: bytes) -> None:
+        self.sock.sendall(len(frame).to_bytes(4, "big") + frame)
+
+    def receive_frames(self, timeout: float = 1.0) -> list[bytes]:
+        self.sock.settimeout(timeout)
+        try:
+            self.buffer += self.sock.recv(1 << 20)
+        except TimeoutError:
+            pass
+        frames = []
+        while len(self.buffer) >= 4 and len(self.buffer) >= 4 + (
+                length := int.from_bytes(self.buffer[:4], "big")):
+            frames.append(self.buffer[4:4 + length])
+            self.buffer = self.buffer[4 + length:]
+        return frames
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class Guest:
     """A front-end with a MAC: sends frames, keeps what it receives, picks frames out."""
 
-    def __init__(self, socket_path: str, mac: bytes) -> None:
+    def __init__(self, socket_path: str, mac: bytes, stream: bool = False) -> None:
         self.mac = mac
-        self.frontend = Frontend(socket_path)
-        self.frontend.connect()
-        self.frontend.start()
+        self.frontend: Frontend | StreamLink
+        if stream:
+            self.frontend = StreamLink(socket_path)
+        else:
+            self.frontend = Frontend(socket_path)
+            self.frontend.connect()
+            self.frontend.start()
         self.received: list[bytes] = []
         self.ip: bytes | None = None
 
@@ -394,3 +426,22 @@ def test_a_migrated_guest_keeps_its_lease_and_flow(tmp_path: Path) -> None:
             alive = process.process.poll() is None
             process.stop()
             assert alive, process.log_path.read_text()
+
+
+def test_a_stream_front_end_joins_the_switch(vhostnet: VhostnetProcess) -> None:
+    """QEMU's -netdev stream beside a vhost-user guest: its own lease, frames both ways."""
+    ring = Guest(vhostnet.socket_path, MAC1)
+    stream = Guest(vhostnet.socket_path, MAC3, stream=True)
+    try:
+        assert ring.dhcp() == FIRST
+        assert stream.dhcp() == SECOND
+        to_stream = ring.udp_to(MAC3, SECOND, 4000, 5000, b"ring to stream" * 50)
+        assert stream.wait_for(lambda f: is_udp(f, dport=5000), "the ring's frame") == to_stream
+        to_ring = stream.udp_to(MAC1, FIRST, 5000, 4000, b"stream to ring")
+        assert ring.wait_for(lambda f: is_udp(f, dport=4000), "the stream's frame") == to_ring
+        stats = vhostnet.stats()
+        assert stats["guest2.stream.rx.frames"] >= 2  # the offer and the ring's frame
+        assert stats["switch.forwarded"] >= 2
+    finally:
+        ring.close()
+        stream.close()
