@@ -415,11 +415,12 @@ class Guests:
         return records
 
     def counters(self) -> dict[str, int]:
-        """``guests.*`` and ``switch.*``."""
+        """``guests.*``, ``switch.*`` and the pool's ``leases.*``."""
         merged = {f"guests.{name}": count for name, count in self.counts.items()}
         merged["guests.ports"] = len(self.ports)
         merged["guests.networks"] = len(self.networks)
         merged.update(self.switch.counters())
+        merged.update(self.pool.counters())  # the shared pool: no Network counts it
         return merged
 
     def close(self) -> None:
