@@ -405,12 +405,7 @@ class Guests:
                 "ipv4": address_text(key) if len(key) == 4 else None,
                 "ipv6": [ip6_str(address) for address in stack.guest_ipv6_addresses],
                 "name": names.get(mac) if mac is not None else None,
-                "frames_from_guest": device.get("device.tx.frames",
-                                                device.get("stream.tx.frames", 0)),
-                "frames_to_guest": device.get("device.rx.frames",
-                                              device.get("stream.rx.frames", 0)),
-                "tcp_flows": counts.get("tcp.flows_open", 0),
-                "udp_flows": counts.get("udp.flows", 0),
+                **traffic_record(counts, device),
             })
         return records
 
@@ -429,6 +424,20 @@ class Guests:
         for network in self.networks.values():
             network.close()
         self.networks.clear()
+
+
+def traffic_record(network_counts: dict[str, int], device_counts: dict[str, int]
+                   ) -> dict[str, int]:
+    """A guest's frames each way (its device's, rings or stream) and open flows (its
+    network's), as the control socket's ``guests`` lists them."""
+    return {
+        "frames_from_guest": device_counts.get("device.tx.frames",
+                                               device_counts.get("stream.tx.frames", 0)),
+        "frames_to_guest": device_counts.get("device.rx.frames",
+                                             device_counts.get("stream.rx.frames", 0)),
+        "tcp_flows": network_counts.get("tcp.flows_open", 0),
+        "udp_flows": network_counts.get("udp.flows", 0),
+    }
 
 
 def _open_flows(network: Network) -> int:
