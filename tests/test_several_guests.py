@@ -445,3 +445,11 @@ def test_a_stream_front_end_joins_the_switch(vhostnet: VhostnetProcess) -> None:
     finally:
         ring.close()
         stream.close()
+
+
+def test_a_forward_to_an_address_outside_the_subnet_is_one_sentence(tmp_path: Path) -> None:
+    result = run_cli("-f", "--socket", str(tmp_path / "vn.sock"), "--max-guests", "2",
+                     "-t", "8080:192.168.9.9/80")
+    assert result.returncode == 2
+    assert result.stderr == ("vhostnet: forwards go to 192.168.9.9, which is neither the first "
+                             "guest's address nor an IPv4 address of the guest subnet\n")
