@@ -7,10 +7,11 @@ import struct
 
 from tests.stack.test_dhcp import parse_reply
 from tests.stack.test_dhcpv6 import ALL_SERVERS, ia_na, message, option
-from tests.stack.test_stack_ndp import neighbor_solicitation
+from tests.stack.test_stack_ndp import advertisement, neighbor_solicitation, solicitation
 from tests.support.dhcp import dhcp_request, msg_type, opt
 from tests.support.dns import query
 from tests.support.frames import (
+    ALL_ROUTERS,
     DNS_IP,
     GUEST_LINK_LOCAL,
     GUEST_MAC,
@@ -171,6 +172,12 @@ def test_ndp_is_not_answered_for_another_guests_address() -> None:
     assert stack.counters()["ndp.ignored.other_guest"] == 2
     stack.receive_frame(neighbor_solicitation(ip6("fec0::1234")), now=0.0)
     assert len(stack.frames_to_guest) == 1
+
+
+def test_router_advertisements_say_dhcpv6_gives_addresses_with_a_pool() -> None:
+    stack, _ = with_pool()
+    stack.receive_frame(ipv6_frame(GUEST_LINK_LOCAL, ALL_ROUTERS, solicitation()), now=0.0)
+    assert advertisement(stack)[1][1] == 0xC0  # M and O: the IPv6 lease comes by DHCPv6
 
 
 def test_ipv6_addresses_the_stack_learns_go_to_the_pool() -> None:
