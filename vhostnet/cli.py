@@ -259,7 +259,8 @@ def _start_guests(config, loop: asyncio.AbstractEventLoop, listen_retry: float):
     switch = Switch(config.max_guests, config.gateway_mac)
 
     def build_network(guest_config):  # -> Network
-        return Network(guest_config, loop, listen_retry=listen_retry)
+        # One pool for all: DHCP, ARP/NDP and DNS of every guest's router see every lease.
+        return Network(guest_config, loop, listen_retry=listen_retry, leases=pool)
 
     return Guests.start(config, pool, switch, config.max_guests, build_network)
 
