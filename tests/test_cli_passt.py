@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import run_cli
+from tests.support.netns import extra_address
 from vhostnet import options
 from vhostnet.cli import FD_RESERVE, flow_limit_for
 from vhostnet.stack.config import ip4, ip6
@@ -110,15 +111,18 @@ def _config(*argv: str):
 
 
 def test_one_address_per_family_keeps_both() -> None:
-    config = _config("-a", "10.0.2.20/16", "-a", "fd00::20/64", "-g", "10.0.2.1", "-g", "fd00::1",
-                     "-o", "127.0.0.1", "-o", "::1", "--dns-forward", "10.0.2.4",
-                     "--dns-forward", "fd00::3", "--dns-host", "127.0.0.53", "--dns-host", "::1")
+    with extra_address("fd00:99::1/128") as outbound6:  # -o takes only an address the host has
+        config = _config("-a", "10.0.2.20/16", "-a", "fd00::20/64", "-g", "10.0.2.1", "-g",
+                         "fd00::1", "-o", "127.0.0.1", "-o", outbound6, "--dns-forward",
+                         "10.0.2.4", "--dns-forward", "fd00::3", "--dns-host", "127.0.0.53",
+                         "--dns-host", "::1")
     assert config.guest_ipv4 == ip4("10.0.2.20") and config.netmask == ip4("255.255.0.0")
     assert config.gateway == ip4("10.0.2.1") and config.dns == ip4("10.0.2.4")
     assert config.outbound_ipv4 == ip4("127.0.0.1")
     assert config.dns_upstream[0] == ("127.0.0.53", 53)
     assert (config.guest_ipv6, config.prefix6_len, config.gateway6, config.outbound_ipv6,
-            config.dns6) == (ip6("fd00::20"), 64, ip6("fd00::1"), ip6("::1"), ip6("fd00::3"))
+            config.dns6) == (ip6("fd00::20"), 64, ip6("fd00::1"), ip6("fd00:99::1"),
+                             ip6("fd00::3"))
     assert config.dns_upstream[:2] == [("127.0.0.53", 53), ("::1", 53)]
 
 
