@@ -89,6 +89,7 @@ LAYER_OF_PREFIX: tuple[tuple[str, str], ...] = (
     ("vhostnet.cli", "cli"),
     ("vhostnet.ctl", "cli"),
     ("vhostnet.options", "cli"),
+    ("vhostnet.host_interfaces", "cli"),
     ("vhostnet.daemon", "cli"),
     ("vhostnet.sandbox", "cli"),
     ("vhostnet.__main__", "cli"),
