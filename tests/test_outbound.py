@@ -27,8 +27,7 @@ from tests.support.hostio import wait_for_frames
 from tests.support.netns import extra_address, ping_sockets_allowed, veth_pair
 from tests.support.tcp import GUEST_IP6
 from tests.tcp.test_hostio_tcp import GATEWAY, GuestTcp, new_setup, run_until
-from vhostnet import options
-from vhostnet.cli import FD_RESERVE, flow_limit_for
+from tests.test_cli_passt import parsed_config
 from vhostnet.hostio.dns import DnsGlue
 from vhostnet.hostio.icmp import open_ping_socket
 from vhostnet.hostio.udp import UdpGlue
@@ -210,15 +209,9 @@ def test_outbound_if_still_binds_after_the_drop_to_nobody(tmp_path: Path) -> Non
 # --- the command line ----------------------------------------------------------------
 
 
-def _config(*argv: str) -> StackConfig:
-    args = options.build_parser().parse_args(["--socket", "/tmp/x.sock", "--dns-upstream",
-                                              "127.0.0.1", *argv])
-    return options.config_from_args(args, 20000, FD_RESERVE, flow_limit_for)[0]
-
-
 def test_the_options_reach_the_configuration() -> None:
     with veth_pair("vhnout4", "10.77.4.1/24", "fd77:4::1/64"):
-        config = _config("-o", SECOND_LOOPBACK, "-o", "fd77:4::1", "--outbound-if4", "vhnout4",
+        config = parsed_config("-o", SECOND_LOOPBACK, "-o", "fd77:4::1", "--outbound-if4", "vhnout4",
                          "--outbound-if6", "vhnout4")
     assert (config.outbound_ipv4, config.outbound_ipv6) == (ip4(SECOND_LOOPBACK),
                                                             ip6("fd77:4::1"))
@@ -230,17 +223,17 @@ def test_map_guest_addr_without_a_reaches_the_template_interfaces_address() -> N
     address on the template interface (-i, else --outbound-if4/6, else the default route's)."""
     mapped = ["--map-guest-addr", "10.0.2.8", "--map-guest-addr", "fd00::8"]
     with veth_pair("vhnout5", "10.77.5.1/24", "fd77:5::1/64"):
-        by_i = _config("-i", "vhnout5", *mapped)
-        by_outbound_if = _config("--outbound-if4", "vhnout5", "--outbound-if6", "vhnout5",
+        by_i = parsed_config("-i", "vhnout5", *mapped)
+        by_outbound_if = parsed_config("--outbound-if4", "vhnout5", "--outbound-if6", "vhnout5",
                                  *mapped)
-        by_a = _config("-i", "vhnout5", "-a", "10.0.2.20", "-a", "fd00::20", *mapped)
+        by_a = parsed_config("-i", "vhnout5", "-a", "10.0.2.20", "-a", "fd00::20", *mapped)
     for config in (by_i, by_outbound_if):
         assert config.host_destination(ip4("10.0.2.8"), 80) == ("10.77.5.1", 80)
         assert config.host_destination6(ip6("fd00::8"), 80) == ("fd77:5::1", 80)
     assert by_a.host_destination(ip4("10.0.2.8"), 80) == ("10.0.2.20", 80)
     assert by_a.host_destination6(ip6("fd00::8"), 80) == ("fd00::20", 80)
     # No template here (the test namespace has no default route): the guest's own address.
-    alone = _config(*mapped)
+    alone = parsed_config(*mapped)
     assert alone.host_destination(ip4("10.0.2.8"), 80) == ("10.0.2.15", 80)
     assert alone.host_destination6(ip6("fd00::8"), 80, GUEST_IP6) == (
         socket.inet_ntop(socket.AF_INET6, GUEST_IP6), 80)
