@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import run_cli
+from tests.support.netns import extra_address
 from vhostnet import options
 from vhostnet.cli import FD_RESERVE, flow_limit_for
 from vhostnet.stack.config import ip4, ip6
@@ -103,7 +104,7 @@ def test_help_version_and_capabilities_as_passt() -> None:
     assert "UDP and TCP over IPv6 are not translated yet" in " ".join(result.stdout.split())
 
 
-def _config(*argv: str):
+def parsed_config(*argv: str):
     args = options.build_parser().parse_args(["--socket", "/tmp/x.sock", "--dns-upstream",
                                               "127.0.0.1", *argv])
     config, _warnings = options.config_from_args(args, 20000, FD_RESERVE, flow_limit_for)
@@ -111,52 +112,55 @@ def _config(*argv: str):
 
 
 def test_one_address_per_family_keeps_both() -> None:
-    config = _config("-a", "10.0.2.20/16", "-a", "fd00::20/64", "-g", "10.0.2.1", "-g", "fd00::1",
-                     "-o", "127.0.0.1", "-o", "::1", "--dns-forward", "10.0.2.4",
-                     "--dns-forward", "fd00::3", "--dns-host", "127.0.0.53", "--dns-host", "::1")
+    with extra_address("fd00:99::1/128") as outbound6:  # -o takes only an address the host has
+        config = parsed_config("-a", "10.0.2.20/16", "-a", "fd00::20/64", "-g", "10.0.2.1", "-g",
+                         "fd00::1", "-o", "127.0.0.1", "-o", outbound6, "--dns-forward",
+                         "10.0.2.4", "--dns-forward", "fd00::3", "--dns-host", "127.0.0.53",
+                         "--dns-host", "::1")
     assert config.guest_ipv4 == ip4("10.0.2.20") and config.netmask == ip4("255.255.0.0")
     assert config.gateway == ip4("10.0.2.1") and config.dns == ip4("10.0.2.4")
     assert config.outbound_ipv4 == ip4("127.0.0.1")
     assert config.dns_upstream[0] == ("127.0.0.53", 53)
     assert (config.guest_ipv6, config.prefix6_len, config.gateway6, config.outbound_ipv6,
-            config.dns6) == (ip6("fd00::20"), 64, ip6("fd00::1"), ip6("::1"), ip6("fd00::3"))
+            config.dns6) == (ip6("fd00::20"), 64, ip6("fd00::1"), ip6("fd00:99::1"),
+                             ip6("fd00::3"))
     assert config.dns_upstream[:2] == [("127.0.0.53", 53), ("::1", 53)]
 
 
 def test_a_second_address_of_one_family_is_one_sentence() -> None:
     with pytest.raises(options.UsageError, match="given twice for IPv4"):
-        _config("-g", "10.0.2.1", "-g", "10.0.2.9")
+        parsed_config("-g", "10.0.2.1", "-g", "10.0.2.9")
 
 
 def test_none_values_as_passt() -> None:
-    config = _config("-D", "none", "-S", "none", "-m", "0", "-t", "none", "-u", "none")
+    config = parsed_config("-D", "none", "-S", "none", "-m", "0", "-t", "none", "-u", "none")
     assert config.offered_dns == [] and config.search_domains == []
     assert not config.assign_mtu and config.mtu == 1500
     assert config.tcp_forwards == [] and config.udp_forwards == []
-    config = _config("-D", "192.0.2.1", "-D", "192.0.2.2", "-D", "fd00::53", "-S", "a.org b.org")
+    config = parsed_config("-D", "192.0.2.1", "-D", "192.0.2.2", "-D", "fd00::53", "-S", "a.org b.org")
     assert config.offered_dns == [ip4("192.0.2.1"), ip4("192.0.2.2")]
     assert config.offered_dns6 == [ip6("fd00::53")]
     assert config.search_domains == ["a.org", "b.org"]
-    assert _config().offered_dns == [ip4("10.0.2.3")]  # the forwarder, as before
-    assert _config("--no-map-gw").map_host_loopback is None
-    assert _config("--map-guest-addr", "10.0.2.8").host_destination(ip4("10.0.2.8"), 80) == (
+    assert parsed_config().offered_dns == [ip4("10.0.2.3")]  # the forwarder, as before
+    assert parsed_config("--no-map-gw").map_host_loopback is None
+    assert parsed_config("--map-guest-addr", "10.0.2.8").host_destination(ip4("10.0.2.8"), 80) == (
         "10.0.2.15", 80)
 
 
 def test_port_specs_with_interface_and_all_fit_the_fd_limit() -> None:
-    config = _config("-t", "%lo/8080", "-t", "all", "-u", "all")
+    config = parsed_config("-t", "%lo/8080", "-t", "all", "-u", "all")
     assert any(f.host_if == "lo" and f.host_port == 8080 for f in config.tcp_forwards)
     listeners = len(config.tcp_forwards) + len(config.udp_forwards)
     assert listeners + FD_RESERVE + config.flow_limit * 2 <= 20000
     assert {f.host_port for f in config.udp_forwards} >= {1, 2, 3}
     with pytest.raises(options.UsageError, match="no network interface"):
-        _config("-t", "%no-such-if0/22")
+        parsed_config("-t", "%no-such-if0/22")
     with pytest.raises(options.UsageError, match="not the guest's address"):
-        _config("-t", "22:10.9.9.9/22")
+        parsed_config("-t", "22:10.9.9.9/22")
 
 
 def test_fit_forwards_keeps_named_ports_and_says_what_it_left_out() -> None:
-    tcp = _config("-t", "all,~22", "-t", "22").tcp_forwards
+    tcp = parsed_config("-t", "all,~22", "-t", "22").tcp_forwards
     assert any(f.host_port == 22 and not f.optional for f in tcp)
     kept_tcp, _udp, warning = options.fit_forwards(tcp, [], 1000, FD_RESERVE)
     assert any(f.host_port == 22 for f in kept_tcp)

@@ -39,8 +39,10 @@ LAYER_IMPORTS: dict[str, tuple[str, ...]] = {
     "wire": (),
     "virtqueue": (),
     "stack": ("wire",),
-    "tcp": ("stack", "wire"),
-    "hostio": ("stack", "wire"),
+    # The one place outbound host sockets are opened (-o, --outbound-if4/6), for tcp and hostio.
+    "outbound": (),
+    "tcp": ("stack", "wire", "outbound"),
+    "hostio": ("stack", "wire", "outbound"),
     # The network takes guest frames as the rings' FrameBatch (virtqueue).
     "network": ("stack", "tcp", "hostio", "wire", "virtqueue"),
     # Packet capture (-p/--pcap): a file writer, fed by the devices.
@@ -76,6 +78,7 @@ LAYER_OF_PREFIX: tuple[tuple[str, str], ...] = (
     ("vhostnet.wire", "wire"),
     ("vhostnet.virtqueue", "virtqueue"),
     ("vhostnet.stack", "stack"),
+    ("vhostnet.outbound", "outbound"),
     ("vhostnet.tcp", "tcp"),
     ("vhostnet.hostio", "hostio"),
     ("vhostnet.network", "network"),
@@ -91,6 +94,7 @@ LAYER_OF_PREFIX: tuple[tuple[str, str], ...] = (
     ("vhostnet.ctl", "cli"),
     ("vhostnet.options", "cli"),
     ("vhostnet.options_guests", "cli"),
+    ("vhostnet.host_interfaces", "cli"),
     ("vhostnet.daemon", "cli"),
     ("vhostnet.sandbox", "cli"),
     ("vhostnet.__main__", "cli"),

@@ -16,6 +16,7 @@ import sys
 from typing import NoReturn
 
 from vhostnet import __version__
+from vhostnet.host_interfaces import map_guest_to
 from vhostnet.options_guests import add_guest_options, check_lease_pool, guest_config
 
 DESCRIPTION = """\
@@ -33,8 +34,7 @@ once its socket listens, unless -f is given. Start QEMU with:
 
 IPv6: -a/-g/-D/--dns-forward/--dns-host/--map-host-loopback take one address per
 family; the IPv6 ones set the guest's IPv6 plan (SLAAC or DHCPv6, NDP, RA, ICMPv6
-echo); -4/-6 switch a family off. UDP and TCP over IPv6 are not translated yet;
--o/--outbound-if6/--map-guest-addr for IPv6 are checked and kept.
+echo); -4/-6 switch a family off. UDP and TCP over IPv6 are not translated yet.
 """
 
 EPILOG = """\
@@ -173,14 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("-g", "--gateway", metavar="ADDR", action="append", default=[],
                        help="gateway address, one per family (default 10.0.2.2)")
     group.add_argument("-i", "--interface", metavar="NAME", default=None,
-                       help="host interface (checked; vhostnet does not copy host addresses, "
-                            "its defaults are QEMU's)")
+                       help="host interface whose address --map-guest-addr reaches when -a "
+                            "is not given (default: --outbound-if4/6, else the interface of "
+                            "the default route); the guest keeps QEMU's addresses")
     group.add_argument("-o", "--outbound", metavar="ADDR", action="append", default=[],
-                       help="source address of outbound connections, one per family")
+                       help="source address (one per family, one the host has) every "
+                            "outbound socket is bound to: TCP, UDP, ping, DNS queries")
     group.add_argument("--outbound-if4", metavar="NAME", default=None,
-                       help="host interface for outbound IPv4 traffic")
+                       help="host interface every outbound IPv4 socket is bound to "
+                            "(SO_BINDTODEVICE; not for the host's loopback)")
     group.add_argument("--outbound-if6", metavar="NAME", default=None,
-                       help="host interface for outbound IPv6 traffic")
+                       help="host interface every outbound IPv6 socket is bound to")
     group.add_argument("-D", "--dns", metavar="ADDR|none", action="append", default=[],
                        help="DNS server offered by DHCP; repeatable; 'none': offer none "
                             "(default: the DNS forwarder address, 10.0.2.3)")
@@ -215,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--no-map-gw", action="store_true",
                        help="the same as --map-host-loopback none")
     group.add_argument("--map-guest-addr", metavar="ADDR|none", action="append", default=[],
-                       help="guest-side address that reaches the guest's own address on the host")
+                       help="guest-side address that reaches, on the host, the address -a "
+                            "gives the guest, else the host's address on -i's interface, else "
+                            "the guest's own address; one per family")
     group.add_argument("-4", "--ipv4-only", action="store_true", help="IPv4 only")
     group.add_argument("-6", "--ipv6-only", action="store_true", help="IPv6 only")
     group.add_argument("-H", "--hostname", metavar="NAME", default=None,
@@ -339,6 +344,32 @@ def interface(name: str | None, what: str) -> str | None:
     except OSError:
         raise UsageError(f"{what}: there is no network interface {name!r} on this host") from None
     return name
+
+
+def outbound_address(text: str | None) -> str | None:
+    """passt's -o checks (no unspecified, broadcast or multicast address; for IPv6 no
+    loopback, v4-mapped or v4-compatible one), and that this host has the address."""
+    if text is None:
+        return None
+    address = ipaddress.ip_address(text)
+    if address.version == 4:
+        bad = (address.is_unspecified or address.is_multicast
+               or address == ipaddress.IPv4Address("255.255.255.255"))
+    else:
+        bad = (address.is_unspecified or address.is_loopback or address.is_multicast
+               or address.ipv4_mapped is not None or int(address) >> 32 == 0)
+    if bad:
+        raise UsageError(f"-o/--outbound {text} cannot be a source address (passt takes no "
+                         "unspecified, broadcast or multicast address, nor IPv6 loopback, "
+                         "v4-mapped or v4-compatible)")
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((text, 0))
+        except OSError as error:
+            raise UsageError(f"-o/--outbound {text}: this host has no such address "
+                             f"({error.strerror})") from None
+    return text
 
 
 def byte_size(text: str | None, option: str, default: int, minimum: int) -> int:
@@ -560,6 +591,7 @@ def config_from_args(args: argparse.Namespace, fd_limit: int, reserve: int,
         map_host_loopback="gateway" if loopback4 is None else (
             None if loopback4 == "none" else ip4(loopback4)),
         map_guest_addr=None if guest_addr4 in (None, "none") else ip4(guest_addr4),
+        map_guest_to=map_guest_to(guest_addr4, address4, args.interface or args.outbound_if4, 4),
         dhcp=not args.no_dhcp,
         icmp=not args.no_icmp,
         tcp=not args.no_tcp,
@@ -575,7 +607,7 @@ def config_from_args(args: argparse.Namespace, fd_limit: int, reserve: int,
         bootfile_ipxe=args.bootfile_ipxe,
         flow_limit=args.flow_limit,
         lease_time=args.lease_time,
-        outbound_ipv4=ip4(outbound4) if outbound4 else None,
+        outbound_ipv4=ip4(outbound4) if outbound_address(outbound4) else None,
         outbound_if4=interface(args.outbound_if4, "--outbound-if4"),
         interface=interface(args.interface, "-i/--interface"),
         freebind=args.freebind,
@@ -585,9 +617,10 @@ def config_from_args(args: argparse.Namespace, fd_limit: int, reserve: int,
         ra=not args.no_ra,
         dhcpv6=not args.no_dhcpv6,
         dhcp_dns6=None if dns6 is None else [ip6(x) for x in dns6],
-        outbound_ipv6=ip6(outbound6) if outbound6 else None,
+        outbound_ipv6=ip6(outbound6) if outbound_address(outbound6) else None,
         outbound_if6=interface(args.outbound_if6, "--outbound-if6"),
         map_guest_addr6=None if guest_addr6 in (None, "none") else ip6(guest_addr6),
+        map_guest_to6=map_guest_to(guest_addr6, address6, args.interface or args.outbound_if6, 6),
         map_host_loopback6="gateway" if loopback6 is None else (
             None if loopback6 == "none" else ip6(loopback6)),
     )

@@ -56,6 +56,7 @@ class _AcceptLoop:
         self.listener.listen(512)
         self.listener.settimeout(ACCEPT_POLL)
         self.port = self.listener.getsockname()[1]
+        self.peers: list[str] = []  # the source address of each connection, in order
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
@@ -64,11 +65,12 @@ class _AcceptLoop:
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                conn, _peer = self.listener.accept()
+                conn, peer = self.listener.accept()
             except TimeoutError:
                 continue
             except OSError:
                 return
+            self.peers.append(peer[0])
             conn.settimeout(IO_TIMEOUT)
             worker = threading.Thread(target=self._run, args=(conn,), daemon=True)
             self._threads.append(worker)
@@ -126,6 +128,11 @@ class _AcceptLoopServer:
 
     _loop: _AcceptLoop
 
+    @property
+    def peers(self) -> list[str]:
+        """The source address of each connection the server accepted."""
+        return self._loop.peers
+
     def close(self) -> None:
         self._loop.close()
 
@@ -145,6 +152,7 @@ class DnsServer:
         self.records = {name.lower().rstrip("."): [address] if isinstance(address, str)
                         else list(address) for name, address in records.items()}
         self.udp_queries: list[str] = []
+        self.udp_peers: list[str] = []  # the source address of each UDP query
         self.tcp_queries: list[str] = []
         self.query_types: list[int] = []
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -198,6 +206,7 @@ class DnsServer:
                 continue
             except OSError:
                 return
+            self.udp_peers.append(peer[0])
             reply = self.answer(query)
             if reply is not None:
                 self.udp_queries.append(_question_name(query))

@@ -15,7 +15,8 @@ import socket
 import time
 from collections.abc import Callable
 
-from vhostnet.hostio.udp import family_of, receive_batch
+from vhostnet.hostio.udp import receive_batch
+from vhostnet.outbound import open_outbound
 from vhostnet.stack.dns import DnsForwarder, DnsQuery
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,10 @@ class DnsGlue:
     def _socket_for(self, command: DnsQuery) -> socket.socket:
         sock = self._sockets.get(command.upstream_index)
         if sock is None:
-            sock = socket.socket(family_of(command.host), socket.SOCK_DGRAM)
+            # Bound to -o/--outbound-if4/6 as the guest's other UDP flows: passt forwards
+            # DNS as one of them.
+            sock = open_outbound(self.engine.config, command.host)
             try:
-                sock.setblocking(False)
                 sock.connect((command.host, command.port))
             except OSError:
                 sock.close()

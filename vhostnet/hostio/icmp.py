@@ -21,20 +21,19 @@ import time
 from collections.abc import Callable
 
 from vhostnet.hostio.udp import receive_batch
+from vhostnet.outbound import OutboundSettings, open_outbound
 from vhostnet.stack.icmp import IcmpClose, IcmpEchoSend, IcmpEngine, IcmpOpen
 from vhostnet.wire.icmp import TYPE_ECHO_REQUEST
 from vhostnet.wire.icmpv6 import ECHO_REQUEST as ECHO_REQUEST6
 
 
-def open_ping_socket(host_addr: str) -> socket.socket:
-    """A connected non-blocking ping socket (ICMPv6 for an IPv6 address); ``PermissionError``
-    when the host forbids them."""
-    if ":" in host_addr:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
-    else:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+def open_ping_socket(settings: OutboundSettings, host_addr: str) -> socket.socket:
+    """A connected non-blocking ping socket (ICMPv6 for an IPv6 address), bound to
+    -o/--outbound-if4/6 as passt binds its ping sockets; ``PermissionError`` when the host
+    forbids them."""
+    proto = socket.IPPROTO_ICMPV6 if ":" in host_addr else socket.IPPROTO_ICMP
+    sock = open_outbound(settings, host_addr, socket.SOCK_DGRAM, proto)
     try:
-        sock.setblocking(False)
         sock.connect((host_addr, 0))
     except OSError:
         sock.close()
@@ -63,7 +62,7 @@ class IcmpGlue:
 
     def _open(self, command: IcmpOpen) -> None:
         try:
-            sock = open_ping_socket(command.host_addr)
+            sock = open_ping_socket(self.engine.config, command.host_addr)
         except PermissionError as error:
             commands_left = [c for c in self.engine.commands if not isinstance(c, IcmpEchoSend)]
             self.engine.commands.clear()

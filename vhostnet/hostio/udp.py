@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from vhostnet.outbound import open_outbound
 from vhostnet.stack.config import PortForward, listener_options
 from vhostnet.stack.udp_nat import UdpBindPeer, UdpClose, UdpNat, UdpOpen, UdpSend
 
@@ -202,8 +203,8 @@ class UdpGlue:
         sock = None
         try:
             # socket() itself fails with EMFILE when fds run out: the flow fails, not the flush.
-            sock = socket.socket(family_of(command.host_addr), socket.SOCK_DGRAM)
-            sock.setblocking(False)
+            # Bound to -o/--outbound-if4/6 there, as passt binds its outbound sockets.
+            sock = open_outbound(self.engine.config, command.host_addr)
             sock.connect((command.host_addr, command.host_port))
         except OSError as error:
             if sock is not None:

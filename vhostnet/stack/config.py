@@ -137,10 +137,13 @@ class StackConfig:
     assign_mtu: bool = True
     # DHCP option 81 (client FQDN), passt's --fqdn.
     fqdn: str | None = None
-    # passt's --map-guest-addr: guest traffic to this address goes to the guest's own
-    # address on the host side.
+    # passt's --map-guest-addr: guest traffic to this address goes, on the host side, to
+    # ``map_guest_to`` (passt: the address -a gave the guest, else the host's address on
+    # the template interface -i), or to the guest's own address when that is None.
     map_guest_addr: bytes | None = None
-    # passt's -o/--outbound, --outbound-if4, -i, --freebind: kept (see README's table).
+    map_guest_to: bytes | None = None
+    # passt's -o/--outbound and --outbound-if4: every outbound IPv4 socket is bound to this
+    # source address and interface (vhostnet/outbound.py). -i: the template interface.
     outbound_ipv4: bytes | None = None
     outbound_if4: str | None = None
     interface: str | None = None
@@ -166,11 +169,12 @@ class StackConfig:
     dhcpv6: bool = True
     # DNS servers RA (RDNSS) and DHCPv6 offer (passt's -D for IPv6); None: ``dns6``.
     dhcp_dns6: list[bytes] | None = None
-    # passt's -o/--outbound, --outbound-if6, --map-guest-addr for IPv6: kept (see the
-    # README's table), not used yet.
+    # passt's -o/--outbound, --outbound-if6 and --map-guest-addr for IPv6, as for IPv4;
+    # ``map_guest_to6`` None: the guest's IPv6 address (configured, else its source address).
     outbound_ipv6: bytes | None = None
     outbound_if6: str | None = None
     map_guest_addr6: bytes | None = None
+    map_guest_to6: bytes | None = None
     ra_interval: float = 60.0
     ra_router_lifetime: int = 1800  # seconds; also the RDNSS/DNSSL and prefix lifetimes' base
     # --- several guests (issue 16; see stack/leases.py) ------------------------------
@@ -215,6 +219,8 @@ class StackConfig:
             self.dhcp_dns = [_as_ip4(x, "dhcp_dns") for x in self.dhcp_dns]
         if self.map_guest_addr is not None:
             self.map_guest_addr = _as_ip4(self.map_guest_addr, "map_guest_addr")
+        if self.map_guest_to is not None:
+            self.map_guest_to = _as_ip4(self.map_guest_to, "map_guest_to")
         if not 1 <= self.max_guests <= MAX_GUESTS:
             raise ValueError(f"--max-guests {self.max_guests} is outside 1..{MAX_GUESTS}")
         if self.dhcp_range is not None:
@@ -266,6 +272,9 @@ class StackConfig:
         self.dns6 = _as_ip6(self.dns6, "dns6")
         if self.dhcp_dns6 is not None:
             self.dhcp_dns6 = [_as_ip6(x, "dhcp_dns6") for x in self.dhcp_dns6]
+        for name in ("map_guest_addr6", "map_guest_to6"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _as_ip6(getattr(self, name), name))
         if not 1 <= self.prefix6_len <= 128:
             raise ValueError(f"IPv6 prefix length {self.prefix6_len} is outside 1..128")
         # Host bits of the prefix are cleared: "2001:db8::15/64" advertises 2001:db8::/64.
@@ -302,13 +311,19 @@ class StackConfig:
         same_family = [u for u in self.dns_upstream if (":" in u[0]) == ipv6]
         return (same_family or self.dns_upstream or [None])[0]
 
-    def host_destination6(self, dst_ip: bytes, dst_port: int) -> tuple[str, int] | None:
+    def host_destination6(self, dst_ip: bytes, dst_port: int,
+                          src_ip: bytes | None = None) -> tuple[str, int] | None:
         """Where a guest's flow to IPv6 ``dst_ip:dst_port`` goes on the host, or None
-        (``host_destination``'s rules for IPv6): the mapped address -> ::1; the gateway and
+        (``host_destination``'s rules for IPv6): the mapped address -> ::1; the
+        ``map_guest_addr6`` address -> ``map_guest_to6``, else the guest's own address
+        (configured, else ``src_ip``, the address the guest sends from); the gateway and
         the DNS address are virtual (DNS port 53 -> ``dns_tcp_upstream``); multicast,
         link-local, loopback, unspecified and the guest's own prefix never leave the link."""
         if dst_ip == self.map_host_loopback6:
             return (HOST_LOOPBACK6, dst_port)
+        if dst_ip == self.map_guest_addr6:
+            target = self.map_guest_to6 or self.guest_ipv6 or src_ip
+            return None if target is None else (ip6_str(target), dst_port)  # type: ignore[arg-type]
         if dst_ip == self.gateway6:
             return None
         if dst_ip == self.dns6:
@@ -349,7 +364,8 @@ class StackConfig:
         """Where a guest's outbound flow to ``dst_ip:dst_port`` goes on the host, or None.
 
         - the ``map_host_loopback`` address (by default the gateway) -> the host's 127.0.0.1;
-        - the ``map_guest_addr`` address -> the guest's own address, on the host;
+        - the ``map_guest_addr`` address -> ``map_guest_to``, else the guest's own address,
+          on the host;
         - the gateway address, when it is not that address -> None: it is virtual,
           like the DNS address, and nothing answers behind it;
         - the DNS address, port 53 -> ``dns_tcp_upstream`` (None without an upstream);
@@ -361,7 +377,7 @@ class StackConfig:
         if dst_ip == self.map_host_loopback:
             return (HOST_LOOPBACK, dst_port)
         if dst_ip == self.map_guest_addr:
-            return (ip4_str(self.guest_ipv4), dst_port)
+            return (ip4_str(self.map_guest_to or self.guest_ipv4), dst_port)
         if dst_ip == self.gateway:
             return None
         if dst_ip == self.dns:

@@ -120,7 +120,7 @@ class IcmpEngine:
                          message.body)
             return
         self._forward_echo(packet.src, packet.dst, message,
-                           self.config.host_destination6(packet.dst, 0), now)
+                           self.config.host_destination6(packet.dst, 0, packet.src), now)
 
     def _reply6(self, src: bytes, dst: bytes, ident: int, seq: int, body: memoryview) -> None:
         assert self._send_ipv6 is not None

@@ -146,7 +146,7 @@ class UdpNat:
         key = (src, datagram.src_port, dst, datagram.dst_port)
         flow = self._by_key.get(key)
         if flow is None:
-            destination = self._host_destination(dst, datagram.dst_port)
+            destination = self._host_destination(src, dst, datagram.dst_port)
             if destination is None:
                 self.counters.inc("udp6.drop.no_route" if len(dst) == 16 else "udp.drop.no_route")
                 return None
@@ -157,9 +157,9 @@ class UdpNat:
         self._touch(flow, now)
         return flow
 
-    def _host_destination(self, dst: bytes, port: int) -> tuple[str, int] | None:
+    def _host_destination(self, src: bytes, dst: bytes, port: int) -> tuple[str, int] | None:
         if len(dst) == 16:
-            return self.config.host_destination6(dst, port)
+            return self.config.host_destination6(dst, port, src)
         return self.config.host_destination(dst, port)
 
     def _send_to_host(self, flow: UdpFlow, datagram: UdpDatagram) -> None:
@@ -302,7 +302,7 @@ class UdpNat:
         for key, idle in keys:
             if key in self._by_key:
                 continue
-            destination = self._host_destination(key[2], key[3])
+            destination = self._host_destination(key[0], key[2], key[3])
             if destination is None:
                 continue
             flow = self._new_flow(key, now - idle, inbound=False)

@@ -209,7 +209,7 @@ class TcpEngine:
             self.tx.answer_stray(key, seg)
             return
         if is_ipv6(remote_ip):
-            destination = self.config.host_destination6(remote_ip, remote_port)
+            destination = self.config.host_destination6(remote_ip, remote_port, guest_ip)
         else:
             destination = self.config.host_destination(remote_ip, remote_port)
         if destination is None:

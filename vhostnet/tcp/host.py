@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vhostnet.outbound import open_outbound
 from vhostnet.stack.config import PortForward, listener_options
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import Close, Connect, Discard, Peek, Send, ShutdownWrite
@@ -294,13 +295,12 @@ class TcpHost:
             log.error("unknown TCP command %r", command)
 
     def _connect(self, command: Connect) -> None:
-        family = socket.AF_INET6 if ":" in command.host else socket.AF_INET
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            # Bound to -o/--outbound-if4/6 there, as passt binds its outbound sockets.
+            sock = open_outbound(self.engine.config, command.host, socket.SOCK_STREAM)
         except OSError as error:
             self.engine.on_connect_failed(command.flow_id, error.errno or 0, self.clock())
             return
-        sock.setblocking(False)
         self._tune(sock)
         entry = _HostSocket(sock, connecting=True)
         self._sockets[command.flow_id] = entry
