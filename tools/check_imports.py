@@ -93,6 +93,7 @@ LAYER_OF_PREFIX: tuple[tuple[str, str], ...] = (
     ("vhostnet.cli", "cli"),
     ("vhostnet.ctl", "cli"),
     ("vhostnet.options", "cli"),
+    ("vhostnet.option_checks", "cli"),
     ("vhostnet.options_guests", "cli"),
     ("vhostnet.host_interfaces", "cli"),
     ("vhostnet.daemon", "cli"),

@@ -18,7 +18,7 @@ import socket
 import sys
 import weakref
 
-from vhostnet import __version__, daemon, options, sandbox
+from vhostnet import __version__, daemon, option_checks, options, sandbox
 from vhostnet.options import UsageError, build_parser  # noqa: F401 (the command line's API)
 
 log = logging.getLogger("vhostnet")
@@ -215,7 +215,7 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
         control.commands["stats"] = lambda _request: {"counters": server.counters()}
         register_state_commands(control.commands, network, migration)
         register_network_commands(control.commands, network, server.counters,
-                                  options.ephemeral_ports(), targets=guests)
+                                  option_checks.ephemeral_ports(), targets=guests)
         if guests is not None:
             from vhostnet.control import register_guest_commands
 

@@ -22,7 +22,7 @@ from tests.support.frames import (
     parse_udp_frame,
 )
 from vhostnet.network import build_stack
-from vhostnet.options import UsageError, upstream
+from vhostnet.option_checks import UsageError, upstream
 from vhostnet.stack.config import PortForward, StackConfig, parse_port_spec
 from vhostnet.stack.dns import DnsQuery
 from vhostnet.stack.stack import NetworkStack
