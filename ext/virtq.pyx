@@ -25,6 +25,8 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from posix.unistd cimport write as c_write
 
+from frame_batch cimport FrameArrays, frame_at
+
 import numpy as np
 
 cdef extern from "virtq_atomic.h" nogil:
@@ -53,6 +55,8 @@ include "virtq_defs.pxi"
 include "virtq_offload.pxi"
 include "frame_batch.pxi"
 include "virtq_steer.pxi"
+include "virtq_segment.pxi"
+include "virtq_switch.pxi"
 
 # walk() results besides CHAIN_OK and a refusal reason.
 cdef enum:

@@ -85,7 +85,8 @@ def test_every_option_of_the_parser_is_listed_here() -> None:
     known = {name for names in [*PASST_OPTIONS, *SPECIAL] for name in names}
     own = {"--dns-upstream", "--tftp", "--bootfile", "--bootfile-ipxe", "--lease-time",
            "--flow-limit", "--queues", "--control", "--incoming", "--discard-tx",
-           "--state-file", "--udp-idle-timeout", "--keep-cap-net-admin"}
+           "--state-file", "--udp-idle-timeout", "--keep-cap-net-admin",
+           "--max-guests", "--dhcp-range", "--dhcp-host", "--dns-domain"}
     refused = {name for names in options.REFUSED for name in names}
     parsed = {name for action in options.build_parser()._actions
               for name in action.option_strings}

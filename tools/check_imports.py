@@ -49,9 +49,12 @@ LAYER_IMPORTS: dict[str, tuple[str, ...]] = {
     # Stream mode (-netdev stream): the stream counterpart of device.
     "stream": ("virtqueue", "vhost_user", "wire", "network", "capture"),
     # Migration registers its control-socket commands (control).
+    # Several guests: the switch's ports and every guest's Network (issue 16).
+    "guests": ("network", "stack", "virtqueue", "vhost_user", "wire"),
     "migration": ("network", "tcp", "stack", "hostio", "wire", "vhost_user", "control"),
-    "server": ("device", "stream", "capture", "network", "vhost_user", "stack", "virtqueue"),
-    "control": ("device", "network", "vhost_user", "stack", "virtqueue"),
+    "server": ("device", "stream", "capture", "network", "guests", "vhost_user", "stack",
+               "virtqueue"),
+    "control": ("device", "network", "guests", "vhost_user", "stack", "virtqueue"),
     "cli": ("*",),
     "root": (),  # vhostnet/__init__.py
     "testkit": ("vhost_user", "wire"),
@@ -80,12 +83,14 @@ LAYER_OF_PREFIX: tuple[tuple[str, str], ...] = (
     ("vhostnet.device", "device"),
     ("vhostnet.stream", "stream"),
     ("vhostnet._stream", "stream"),  # its kernel (ext/stream.pyx)
+    ("vhostnet.guests", "guests"),
     ("vhostnet.migration", "migration"),
     ("vhostnet.server", "server"),
     ("vhostnet.control", "control"),
     ("vhostnet.cli", "cli"),
     ("vhostnet.ctl", "cli"),
     ("vhostnet.options", "cli"),
+    ("vhostnet.options_guests", "cli"),
     ("vhostnet.daemon", "cli"),
     ("vhostnet.sandbox", "cli"),
     ("vhostnet.__main__", "cli"),

@@ -135,13 +135,22 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
                          f"{exc.strerror or exc}") from None
     if state is not None:
         cleanup.callback(state.close)
+    # A restart's forwarded ports stay caught until its state is restored.
+    held = args.incoming or (state is not None and state.pending)
+    listen_retry = INCOMING_LISTEN_SECONDS if held else 0.0
+    guests = None
     try:
-        # A restart's forwarded ports stay caught until its state is restored.
-        held = args.incoming or (state is not None and state.pending)
-        network = Network(config, loop, listen_retry=INCOMING_LISTEN_SECONDS if held else 0.0)
+        if config.max_guests > 1:
+            guests = _start_guests(config, loop, listen_retry)
+            network = guests.first
+            cleanup.callback(guests.close)
+        else:
+            network = Network(config, loop, listen_retry=listen_retry)
+            cleanup.callback(network.close)
     except OSError as exc:
         raise UsageError(f"cannot set up the network: {exc.strerror or exc}") from None
-    cleanup.callback(network.close)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if args.discard_tx:
         # Benchmarks only (the ring case times the TX ring alone): guest frames are
         # dropped unseen instead of reaching the stack, counted as guest.tx_to_sink.
@@ -182,9 +191,13 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
     if state is not None:
         # Before the front-end is served: the guest's segments must find their flows.
         await restore_at_start(network, migration, state)
-    server = Server(loop, listener, network, one_off=args.one_off,
-                    device_state=lambda: DeviceStateTransfer(loop, network, migration),
-                    **frontend)
+    if guests is None:
+        def device_state(_side):  # -> DeviceStateTransfer
+            return DeviceStateTransfer(loop, network, migration)
+    else:
+        device_state = None  # several guests: no device state (migration) yet
+    server = Server(loop, listener, network, one_off=args.one_off, device_state=device_state,
+                    guests=guests, **frontend)
     cleanup.callback(server.close)
     if control is not None:
         from vhostnet.migration.commands import register_state_commands
@@ -192,15 +205,19 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
         control.commands["stats"] = lambda _request: {"counters": server.counters()}
         register_state_commands(control.commands, network, migration)
         register_network_commands(control.commands, network, server.counters,
-                                  options.ephemeral_ports())
+                                  options.ephemeral_ports(), targets=guests)
+        if guests is not None:
+            from vhostnet.control import register_guest_commands
+
+            register_guest_commands(control.commands, guests, _port_counters(server))
         await control.start(control_listener)
     if connected is not None:
         server.serve_connected(connected)
 
     def terminate() -> None:
         if state is not None and not server.closed.is_set():
-            if server.active is not None:
-                server.active.close()  # the device stops first, as before a migration's save
+            for front_end in list(server.front_ends):
+                front_end.close()  # the device stops first, as before a migration's save
             save_on_exit(network, migration, state)
         server.close()
 
@@ -219,6 +236,30 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
     await server.closed.wait()
     log.info("stopped")
     return 0
+
+
+def _start_guests(config, loop: asyncio.AbstractEventLoop, listen_retry: float):  # -> Guests
+    """--max-guests N > 1: the lease pool, the switch, and the first guest's Network (and
+    those command-line forwards name); every other guest's Network is made on demand."""
+    from vhostnet.guests import Guests
+    from vhostnet.network import Network
+    from vhostnet.virtqueue.switch import Switch
+
+    pool = config.lease_pool()
+    switch = Switch(config.max_guests, config.gateway_mac)
+
+    def build_network(guest_config):  # -> Network
+        return Network(guest_config, loop, listen_retry=listen_retry)
+
+    return Guests.start(config, pool, switch, config.max_guests, build_network)
+
+
+def _port_counters(server):  # -> Callable[[GuestPort], dict[str, int]]
+    """A guest port's device counters (unprefixed), for the ``guests`` command."""
+    def counters(port) -> dict[str, int]:
+        front_end = server.front_end_of(port)
+        return {} if front_end is None else front_end.counters()
+    return counters
 
 
 def _drop_privileges(args: argparse.Namespace, runas: tuple[int, int] | None) -> None:

@@ -13,8 +13,9 @@ raises ``CommandError``: the sentence is the answer, nothing is logged.
 
 ``register_network_commands`` adds the network's: ``forwards``, ``forward-add``,
 ``forward-remove`` (``{"protocol": "tcp"|"udp", "spec": "<passt -t/-u spec>"}``),
-``leases`` and ``guests``. Every list is of one guest today; entries carry the
-guest's MAC so that a guest argument can select among several later.
+``leases`` and ``guests``. With several guests (``register_guest_commands``) a spec's
+``HOSTPORT:GUESTADDR/GUESTPORT`` picks the guest (its Network) by its leased address,
+the first guest without one; ``guests`` lists every guest and ``leases`` the pool.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vhostnet.stack.config import (
     DEFAULT_EPHEMERAL,
@@ -38,6 +39,7 @@ from vhostnet.stack.config import (
 )
 
 if TYPE_CHECKING:  # the ctl client imports this module: it must not load the network
+    from vhostnet.guests import Guests
     from vhostnet.network import ForwardState, Network
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,30 @@ CommandHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]] | dict[str
 
 class CommandError(Exception):
     """A command refused its request: ``str()`` is the one-sentence answer."""
+
+
+class ForwardTargets(Protocol):
+    """The Networks forwards go to: the one guest's, or each guest's (``guests.Guests``)."""
+
+    def network_for_address(self, address: str | None) -> Network:
+        """The Network a spec's guest address names (None: the first guest's);
+        ``ValueError`` (one sentence) when none."""
+        ...
+
+    def all_networks(self) -> list[Network]: ...
+
+
+class OneGuest:
+    """``ForwardTargets`` of one guest (``--max-guests 1``): every spec goes to its Network."""
+
+    def __init__(self, network: Network) -> None:
+        self.network = network
+
+    def network_for_address(self, address: str | None) -> Network:
+        return self.network
+
+    def all_networks(self) -> list[Network]:
+        return [self.network]
 
 
 class ControlServer:
@@ -149,20 +175,32 @@ class ControlServer:
 
 def register_network_commands(commands: dict[str, CommandHandler], network: Network,
                               counters: Callable[[], dict[str, int]],
-                              ephemeral: range = DEFAULT_EPHEMERAL) -> None:
+                              ephemeral: range = DEFAULT_EPHEMERAL,
+                              targets: ForwardTargets | None = None) -> None:
     """Add the network's commands to ``commands``; ``counters`` gives every counter (the
-    server's), ``ephemeral`` is the port range a spec's ``all`` leaves out."""
+    server's), ``ephemeral`` is the port range a spec's ``all`` leaves out; ``targets``:
+    the guests forwards may go to (default: ``network`` alone)."""
+    targets = OneGuest(network) if targets is None else targets
+    several = not isinstance(targets, OneGuest)
 
     def forwards(_request: dict[str, Any]) -> dict[str, Any]:
-        return {"forwards": [forward_record(state) for state in network.forwards()]}
+        records = []
+        for target in targets.all_networks():
+            for state in target.forwards():
+                record = forward_record(state)
+                if several:
+                    record["guest"] = ip4_str(target.config.guest_ipv4)
+                records.append(record)
+        return {"forwards": records}
 
     def change(request: dict[str, Any], adding: bool) -> dict[str, Any]:
         protocol, parsed = _forward_request(request, ephemeral)
         try:
+            target = _target_of(targets, protocol, parsed, adding)
             if adding:
-                network.add_forwards(protocol, parsed)
+                target.add_forwards(protocol, parsed)
             else:
-                network.remove_forwards(protocol, parsed)
+                target.remove_forwards(protocol, parsed)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         return forwards(request)
@@ -194,6 +232,46 @@ def register_network_commands(commands: dict[str, CommandHandler], network: Netw
     commands["forward-remove"] = lambda request: change(request, adding=False)
     commands["leases"] = leases
     commands["guests"] = guests
+
+
+def register_guest_commands(commands: dict[str, CommandHandler], guests: Guests,
+                            port_counters: Callable[[Any], dict[str, int]]) -> None:
+    """Several guests: ``guests`` lists each guest (port, MACs, addresses, name, connected,
+    counters; ``port_counters(port)`` gives its device's), ``leases`` the lease pool."""
+
+    def guest_list(_request: dict[str, Any]) -> dict[str, Any]:
+        return {"guests": guests.describe(port_counters)}
+
+    def leases(_request: dict[str, Any]) -> dict[str, Any]:
+        bound = {port.mac for port in guests.ports.values() if port.network is not None}
+        return {"leases": [{
+            "mac": mac_str(lease.mac),
+            "ipv4": None if lease.ipv4 is None else ip4_str(lease.ipv4),
+            "ipv6": None if lease.ipv6 is None else ip6_str(lease.ipv6),
+            "name": lease.name, "reserved": lease.reserved, "connected": lease.mac in bound,
+        } for lease in guests.pool.leases()]}
+
+    commands["guests"] = guest_list
+    commands["leases"] = leases
+
+
+def _target_of(targets: ForwardTargets, protocol: str, forwards: list[PortForward],
+               adding: bool) -> Network:
+    """The one Network a spec's forwards go to: the guest its address names; for a removal
+    without an address, the guest that has the port."""
+    addresses = {forward.guest_addr for forward in forwards}
+    if len(addresses) > 1:
+        raise ValueError("a spec's ports must all go to one guest")
+    address = addresses.pop() if addresses else None
+    if address is not None or adding:
+        return targets.network_for_address(address)
+    wanted = {(f.host_addr, f.host_port, f.host_if) for f in forwards}
+    for network in targets.all_networks():
+        if any(state.protocol == protocol and (state.forward.host_addr, state.forward.host_port,
+                                               state.forward.host_if) in wanted
+               for state in network.forwards()):
+            return network
+    return targets.network_for_address(None)  # which then says the port is not forwarded
 
 
 def forward_record(state: ForwardState) -> dict[str, Any]:

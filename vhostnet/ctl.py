@@ -1,7 +1,8 @@
 """``vhostnet ctl SOCKET COMMAND [ARGS]``: drive a running vhostnet through its control socket.
 
 Commands: ``list`` (forwarded ports), ``add tcp|udp SPEC``, ``remove tcp|udp SPEC``
-(SPEC in passt's ``-t``/``-u`` syntax), ``leases``, ``guests``, ``stats``. Tables for
+(SPEC in passt's ``-t``/``-u`` syntax; ``HOSTPORT:GUESTADDR/GUESTPORT`` picks a guest),
+``leases``, ``guests``, ``stats``. Tables for
 people; ``--json`` prints the control socket's answer as it came. A refused command
 prints its one-sentence reason on stderr and exits 1.
 """
@@ -38,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(word, help=f"{verb} ports now")
         sub.add_argument("protocol", choices=("tcp", "udp"))
         sub.add_argument("spec", metavar="SPEC", help="ports in passt's -t/-u syntax")
-    commands.add_parser("leases", help="the DHCP lease and what DHCPv6 hands out")
-    commands.add_parser("guests", help="the guest: MAC, addresses, counters")
+    commands.add_parser("leases", help="the DHCP lease and what DHCPv6 hands out (several "
+                        "guests: the lease pool)")
+    commands.add_parser("guests", help="the guests: port, MAC, addresses, name, counters")
     commands.add_parser("stats", help="every counter")
     return parser
 
@@ -71,10 +73,7 @@ def render(command: str, reply: dict[str, Any]) -> str:
     if command == "leases":
         return _leases_text(reply)
     if command == "guests":
-        return table(["MAC", "IPV4", "IPV6", "FRAMES IN", "FRAMES OUT", "TCP", "UDP"],
-                     [[g["mac"], g["ipv4"] or "-", " ".join(g["ipv6"]) or "-",
-                       g["frames_from_guest"], g["frames_to_guest"], g["tcp_flows"],
-                       g["udp_flows"]] for g in reply["guests"]]) or "no guest seen yet"
+        return _guests_table(reply["guests"])
     counters = reply.get("counters", {})
     return table(["COUNTER", "VALUE"], [[name, counters[name]] for name in sorted(counters)])
 
@@ -83,13 +82,37 @@ def _forwards_table(forwards: list[dict[str, Any]]) -> str:
     rows = []
     for f in forwards:
         bind = f["bind"] + (f"%{f['interface']}" if f["interface"] else "")
-        rows.append([f["protocol"], bind, f["host_port"], f["guest_address"] or "guest",
+        rows.append([f["protocol"], bind, f["host_port"], f["guest_address"] or f.get("guest") or "guest",
                      f["guest_port"], f["source"], "listening" if f["listening"] else "off"])
     return table(["PROTO", "BIND", "HOST PORT", "TO", "GUEST PORT", "SOURCE", "STATE"],
                  rows) or "no forwarded ports"
 
 
+def _guests_table(guests: list[dict[str, Any]]) -> str:
+    counted = ["FRAMES IN", "FRAMES OUT", "TCP", "UDP"]
+    if guests and "port" in guests[0]:  # several guests: the switch's ports
+        return table(["PORT", "MAC", "IPV4", "IPV6", "NAME", "CONNECTED", *counted],
+                     [[g["port"] or "-", g["mac"] or "-", g["ipv4"] or "-",
+                       " ".join(g["ipv6"]) or "-", g["name"] or "-",
+                       "yes" if g["connected"] else "no", *_guest_counts(g)]
+                      for g in guests])
+    return table(["MAC", "IPV4", "IPV6", *counted],
+                 [[g["mac"], g["ipv4"] or "-", " ".join(g["ipv6"]) or "-", *_guest_counts(g)]
+                  for g in guests]) or "no guest seen yet"
+
+
+def _guest_counts(guest: dict[str, Any]) -> list[Any]:
+    return [guest["frames_from_guest"], guest["frames_to_guest"], guest["tcp_flows"],
+            guest["udp_flows"]]
+
+
 def _leases_text(reply: dict[str, Any]) -> str:
+    if "leases" in reply:  # several guests: the lease pool
+        return table(["MAC", "IPV4", "IPV6", "NAME", "RESERVED", "CONNECTED"],
+                     [[lease["mac"], lease["ipv4"] or "-", lease["ipv6"] or "-",
+                       lease["name"] or "-", "yes" if lease["reserved"] else "no",
+                       "yes" if lease["connected"] else "no"] for lease in reply["leases"]]
+                     ) or "no lease"
     lines = [table(["MAC", "IPV4", "HOST NAME", "EXPIRES IN"],
                    [[lease["mac"], lease["address"], lease["hostname"] or "-",
                      f"{lease['expires_in']}s"] for lease in reply["dhcp"]]) or "no DHCP lease"]

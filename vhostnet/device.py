@@ -41,7 +41,7 @@ from vhostnet.virtqueue import AddressError, FlowSteering, FrameBatch, GuestMemo
 
 if TYPE_CHECKING:
     from vhostnet.capture import Capture
-    from vhostnet.network import Network
+    from vhostnet.network import GuestSide, SwitchedFrames
     from vhostnet.vhost_user.backend import VringConfig
     from vhostnet.vhost_user.codec import MemoryRegion
 
@@ -97,12 +97,15 @@ class DeviceStateHandler(Protocol):
 class NetDevice:
     """Implements ``BackendDevice`` for a virtio-net device with ``queue_pairs`` queue pairs."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, network: Network,
-                 device_state: DeviceStateHandler | None = None, *, queue_pairs: int = 1) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, network: GuestSide,
+                 device_state: DeviceStateHandler | None = None, *, queue_pairs: int = 1,
+                 switched: SwitchedFrames | None = None) -> None:
         if not 1 <= queue_pairs <= MAX_QUEUE_PAIRS:
             raise ValueError(f"queue_pairs must be between 1 and {MAX_QUEUE_PAIRS}")
         self.loop = loop
         self.network = network
+        # Several guests: frames the switch queued for this port (None: one guest, no switch).
+        self.switched = switched
         self.queue_pairs = queue_pairs
         # Multiqueue only: which pair each flow of the guest sends on (RX follows it).
         self.steering = FlowSteering() if queue_pairs > 1 else None
@@ -404,6 +407,8 @@ class NetDevice:
         elif rings:
             self._flush_rx_one(*rings.values())
         # None usable: frames wait in the network's queue (bounded there).
+        if rings and self.switched is not None:
+            self._flush_switched(next(iter(rings.values())))
 
     def _usable_rx_rings(self) -> dict[int, Virtqueue]:
         """Running, enabled, unbroken RX rings by queue pair, lowest pair first."""
@@ -501,6 +506,24 @@ class NetDevice:
         if pushed:
             queue.notify()
         return pushed
+
+    def _flush_switched(self, queue: Virtqueue) -> None:
+        """Frames other guests sent to this one (the switch's batch for this port) into the
+        first usable RX ring, as far as its buffers go; the rest wait in the switch."""
+        switched = self.switched
+        assert switched is not None
+        for _ in range(MAX_PASSES_PER_WAKEUP):
+            batch = switched.outgoing()
+            if batch is None:
+                return
+            pushed = self._push(queue, batch)
+            if pushed < 0:
+                return
+            if pushed:
+                switched.taken(pushed)
+            elif not queue.enable_kick():
+                return  # out of buffers: the guest's next refill kicks us
+        self._schedule_rx()  # more than a few batches: the rest on the next loop turn
 
     def _rx_batch_of(self, pair: int) -> FrameBatch:
         batch = self._rx_batches.get(pair)

@@ -6,11 +6,13 @@ dispatcher (`stack.NetworkStack`, which answers ARP itself); ``Network`` adds TC
 and TFTP, attaches each engine's I/O glue from `hostio/`, drives every
 engine's timers from one list and merges every engine's counters.
 
-The device sees only: ``receive_batch`` (frames from the guest),
+The device sees only ``GuestSide``: ``receive_batch`` (frames from the guest),
 ``frames_to_guest`` (frames for the guest), ``flush`` (run queued host
 commands), output listeners (told when frames for the guest appear, from
-whatever callback produced them, so RX is filled without polling), and
-``device_started`` (a ring started: the guest runs here).
+whatever callback produced them, so RX is filled without polling),
+``device_started`` (a ring started: the guest runs here), the guest's offloads
+and MAC. With several guests a device talks to a ``guests.GuestPort`` instead,
+which implements the same Protocol, plus ``SwitchedFrames``.
 
 Forwarded ports change at run time through ``add_forwards``/``remove_forwards`` (the
 control socket's commands); ``forwards()`` lists them with where they came from.
@@ -99,6 +101,43 @@ class FrameBatch(Protocol):
     def vnet(self, index: int) -> int: ...
 
     def arrays(self) -> tuple: ...  # the C fast paths read the batch's storage directly
+
+
+class GuestSide(Protocol):
+    """What a device (``NetDevice``, ``StreamDevice``) uses of the network behind it.
+
+    ``Network`` is one (one guest, ``--max-guests 1``); ``guests.GuestPort`` is the other
+    (a port of the switch, bound to its guest's own ``Network``).
+    """
+
+    @property
+    def config(self) -> StackConfig: ...  # the device reads ``mtu``
+
+    @property
+    def frames_to_guest(self) -> GuestFrameQueue: ...  # frames for the guest, oldest first
+
+    def receive_batch(self, batch: FrameBatch, count: int, now: float) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def add_output_listener(self, listener: Callable[[], None]) -> None: ...
+
+    def remove_output_listener(self, listener: Callable[[], None]) -> None: ...
+
+    def set_guest_offloads(self, csum: bool, tso4: bool, tso6: bool = False) -> None: ...
+
+    def learn_guest_mac(self, mac: bytes) -> None: ...
+
+    def device_started(self, now: float) -> None: ...
+
+
+class SwitchedFrames(Protocol):
+    """Frames other guests sent to this port (``--max-guests`` above 1): a device pushes
+    them into its RX ring or stream after its network's own (``guests.GuestPort``)."""
+
+    def outgoing(self) -> FrameBatch | None: ...  # frames 0.. wait; None: nothing
+
+    def taken(self, count: int) -> None: ...  # the first ``count`` went to the guest
 
 
 TxSink = Callable[[FrameBatch, int, float], None]

@@ -16,6 +16,7 @@ import sys
 from typing import NoReturn
 
 from vhostnet import __version__
+from vhostnet.options_guests import add_guest_options, check_lease_pool, guest_config
 
 DESCRIPTION = """\
 A user-mode network back-end for QEMU guests over vhost-user, a drop-in for passt.
@@ -254,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on SIGTERM, freeze the TCP connections and save the whole network "
                             "state here; started again with it, restore it and carry on "
                             "(the guest reconnects through QEMU's reconnect-ms)")
+    add_guest_options(p)
     add("--discard-tx", action="store_true", help=argparse.SUPPRESS)  # for `vhostnet bench`
     # For the soak benchmark: UDP flows expire after this many idle seconds (default 180).
     add("--udp-idle-timeout", metavar="SECONDS", type=float, default=None, help=argparse.SUPPRESS)
@@ -598,6 +600,9 @@ def config_from_args(args: argparse.Namespace, fd_limit: int, reserve: int,
     if args.udp_idle_timeout is not None:
         kwargs["udp_idle_timeout"] = args.udp_idle_timeout
     try:
-        return StackConfig(**kwargs), warnings
+        kwargs.update(guest_config(args))
+        config = StackConfig(**kwargs)
+        check_lease_pool(config)
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
+    return config, warnings

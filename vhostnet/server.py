@@ -1,9 +1,10 @@
 """The event loop glue: the vhost-user listening socket and its connections.
 
-One QEMU at a time is served. QEMU reconnects after either side restarts
+One QEMU at a time is served (``--max-guests N``: up to N, each on its own
+port of the switch, ``guests.py``). QEMU reconnects after either side restarts
 (`reconnect=`/`reconnect-ms=` on its chardev), so the socket keeps listening
-for the whole life of the process; while a front-end is active, a second one
-is refused with a log line. The network (NAT state, host sockets, forwards)
+for the whole life of the process; while every port is taken, one more
+front-end is refused with a log line (counted: ``server.refused_full``). The network (NAT state, host sockets, forwards)
 belongs to the server and survives reconnects; everything tied to one
 connection (memory mappings, rings, eventfds) lives in its NetDevice.
 
@@ -29,7 +30,8 @@ from collections.abc import Callable
 
 from vhostnet.capture import Capture
 from vhostnet.device import DeviceStateHandler, NetDevice
-from vhostnet.network import Network
+from vhostnet.guests import GuestPort, Guests
+from vhostnet.network import GuestSide, Network
 from vhostnet.stack.counters import add_counts
 from vhostnet.stream import LENGTH_BYTES, StreamDevice, looks_like_vhost_user
 from vhostnet.vhost_user.backend import CLOSE, BackendHandler
@@ -96,9 +98,11 @@ class Connection:
         self.framer = Framer()
         # What detection read (the start of the first header, with its fds).
         self.framer.feed(first_bytes, first_fds)
-        device_state = server.device_state() if server.device_state is not None else None
-        self.device = NetDevice(server.loop, server.network, device_state,
-                                queue_pairs=server.queue_pairs)
+        self.port = port = server.open_port()
+        side: GuestSide = server.network if port is None else port
+        device_state = server.device_state(side) if server.device_state is not None else None
+        self.device = NetDevice(server.loop, side, device_state,
+                                queue_pairs=server.queue_pairs, switched=port)
         self.device.capture = server.capture
         self.handler = BackendHandler(self.device, offer_log=True,
                                       max_queue_pairs=server.queue_pairs)
@@ -170,6 +174,8 @@ class Connection:
         self.device.on_memory_fault = None
         close_fds(self.framer.take_fds())
         self.sock.close()
+        if self.port is not None:
+            self.port.close()  # the switch forgets its MACs; its guest's Network stays
         self.server.connection_closed(self)
 
 
@@ -180,7 +186,9 @@ class StreamConnection:
         self.server = server
         self.sock = sock
         self.closed = False
-        self.device = StreamDevice(server.loop, server.network, sock, first_bytes, server.capture)
+        self.port = port = server.open_port()
+        self.device = StreamDevice(server.loop, server.network if port is None else port, sock,
+                                   first_bytes, server.capture, switched=port)
         self.device.on_closed = self.close
 
     def counters(self) -> dict[str, int]:
@@ -196,6 +204,8 @@ class StreamConnection:
         self.device.on_closed = None  # no cycle left for the gc
         self.device.close()
         self.sock.close()
+        if self.port is not None:
+            self.port.close()
         self.server.connection_closed(self)
 
 
@@ -208,6 +218,7 @@ class Undecided:
         self.first = b""
         self.fds: list[int] = []  # SCM_RIGHTS fds that came with the first bytes (vhost-user)
         self.closed = False
+        self.port: GuestPort | None = None  # none until the protocol is known
         server.loop.add_reader(sock.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
@@ -271,35 +282,47 @@ FrontEnd = Connection | StreamConnection | Undecided
 
 
 class Server:
-    """Listens on the socket and serves one front-end at a time, vhost-user or stream.
+    """Listens on the socket and serves up to ``max_guests`` front-ends, vhost-user or stream.
 
     ``listener`` None: no listening socket; ``serve_connected`` gives the one
     front-end (passt's --fd). ``one_off``: the server closes when its first
-    front-end goes away (passt's --one-off). ``queue_pairs``: the vhost-user
-    device's queue pairs (--queues; the stream front-end has one).
+    front-end goes away (passt's --one-off; with several guests, when the last one
+    connected goes away). ``queue_pairs``: the vhost-user device's queue pairs
+    (--queues; the stream front-end has one). ``guests`` (``--max-guests`` above 1):
+    each front-end gets a port of its switch instead of ``network`` itself.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, listener: socket.socket | None,
-                 network: Network, *, device_state: Callable[[], DeviceStateHandler] | None = None,
+                 network: Network, *,
+                 device_state: Callable[[GuestSide], DeviceStateHandler] | None = None,
                  one_off: bool = False, vhost_user_only: bool = False,
-                 capture: Capture | None = None, queue_pairs: int = 1) -> None:
+                 capture: Capture | None = None, queue_pairs: int = 1,
+                 guests: Guests | None = None) -> None:
         self.loop = loop
         self.queue_pairs = queue_pairs
         self.listener = listener
         self.network = network
+        self.guests = guests
+        self.max_guests = 1 if guests is None else guests.max_guests
         self.one_off = one_off
-        # Makes each connection's device-state handler (migration); None: not offered.
+        # Makes each connection's device-state handler for its network side (migration);
+        # None: not offered.
         self.device_state = device_state
         self.vhost_user_only = vhost_user_only
         self.capture = capture  # -p/--pcap: every frame both ways, either mode
         self.counts: Counter[str] = Counter()
-        self.active: FrontEnd | None = None
+        self.front_ends: list[FrontEnd] = []
         # Device, ring and protocol counts of connections already closed: ``stats``
         # counts since vhostnet started, across guest reboots and QEMU restarts.
         self._closed_connection_counters: dict[str, int] = {}
         self.closed = asyncio.Event()
         if listener is not None:
             loop.add_reader(listener.fileno(), self._on_accept)
+
+    @property
+    def active(self) -> FrontEnd | None:
+        """The front-end served (the first one with several guests), or None."""
+        return self.front_ends[0] if self.front_ends else None
 
     def _on_accept(self) -> None:
         try:
@@ -309,8 +332,14 @@ class Server:
         except OSError as exc:
             log.warning("accept failed: %s", exc)
             return
-        if self.active is not None:
-            log.warning("refusing a second front-end: this socket already serves one guest")
+        if len(self.front_ends) >= self.max_guests:
+            self.counts["refused_full"] += 1
+            if self.max_guests == 1:
+                message = "refusing a second front-end: this socket already serves one guest"
+            else:
+                message = (f"refusing a front-end: all {self.max_guests} guest ports are in use "
+                           "(--max-guests)")
+            limiter.log(log, logging.WARNING, "front_end_refused", "%s", message)
             sock.close()
             return
         self.serve_connected(sock)
@@ -319,39 +348,64 @@ class Server:
         """Serve a front-end on an already connected socket (accepted, or passt's --fd)."""
         sock.setblocking(False)
         log.info("front-end connected")
-        self.active = Undecided(self, sock)
+        self.front_ends.append(Undecided(self, sock))
+
+    def open_port(self) -> GuestPort | None:
+        """A switch port for a front-end whose protocol is now known (None: one guest)."""
+        if self.guests is None:
+            return None
+        port = self.guests.open_port()
+        if port is None:  # cannot happen: accept counts front-ends against the same limit
+            raise RuntimeError("no free guest port")
+        log.info("%s: front-end connected to the switch", port.label)
+        return port
 
     def counters(self) -> dict[str, int]:
-        """Every counter since vhostnet started; ``vqN.at.*``: positions of the running rings."""
-        merged = self.network.counters()  # tcp.flows_open included
-        merged.update(self._closed_connection_counters)
+        """Every counter since vhostnet started; ``vqN.at.*``: positions of the running rings
+        (with several guests: the networks' summed, per port ``guestK.``-prefixed, and
+        ``guests.*``/``switch.*``)."""
+        if self.guests is None:
+            merged = self.network.counters()  # tcp.flows_open included
+        else:
+            merged = {}
+            for network in self.guests.all_networks():
+                add_counts(merged, network.counters())
+            merged.update(self.guests.counters())
+        add_counts(merged, self._closed_connection_counters)
         merged.update({f"server.{name}": count for name, count in self.counts.items()})
         if self.capture is not None:
             merged.update({f"capture.{name}": n for name, n in self.capture.counters.items()})
-        if self.active is not None:
-            add_counts(merged, self.active.counters())
-            merged.update(self.active.ring_positions())
+        for front_end in self.front_ends:
+            add_counts(merged, self.port_counters(front_end))
+            merged.update(_prefixed(front_end.port, front_end.ring_positions()))
         return merged
+
+    def port_counters(self, front_end: FrontEnd) -> dict[str, int]:
+        """A front-end's device counters, ``guestK.``-prefixed with several guests."""
+        return _prefixed(front_end.port, front_end.counters())
+
+    def front_end_of(self, port: GuestPort) -> FrontEnd | None:
+        return next((f for f in self.front_ends if f.port is port), None)
 
     def connection_decided(self, undecided: Undecided, connection: Connection | StreamConnection,
                            ) -> None:
         """``undecided``'s first bytes chose its protocol: ``connection`` serves it now."""
-        if self.active is undecided:
-            self.active = connection
+        if undecided in self.front_ends:
+            self.front_ends[self.front_ends.index(undecided)] = connection
 
     def connection_closed(self, connection: FrontEnd) -> None:
-        add_counts(self._closed_connection_counters, connection.counters())
-        if self.active is connection:
-            self.active = None
-            if self.one_off:
+        add_counts(self._closed_connection_counters, self.port_counters(connection))
+        if connection in self.front_ends:
+            self.front_ends.remove(connection)
+            if self.one_off and not self.front_ends:
                 log.info("the front-end went away: stopping (--one-off)")
                 self.loop.call_soon(self.close)
 
     def close(self) -> None:
         if self.closed.is_set():
             return
-        if self.active is not None:
-            self.active.close()
+        for front_end in list(self.front_ends):
+            front_end.close()
         if self.listener is not None:
             self.loop.remove_reader(self.listener.fileno())
             path = self.listener.getsockname()
@@ -361,7 +415,17 @@ class Server:
                     os.unlink(path)
                 except OSError:
                     pass
-        self.network.close()
+        if self.guests is not None:
+            self.guests.close()  # every guest's Network, the first one included
+        else:
+            self.network.close()
         if self.capture is not None:
             self.capture.close()
         self.closed.set()
+
+
+def _prefixed(port: GuestPort | None, counts: dict[str, int]) -> dict[str, int]:
+    """Per-port names with several guests (``guest1.vq0...``); today's names with one."""
+    if port is None:
+        return counts
+    return {f"{port.label}.{name}": value for name, value in counts.items()}

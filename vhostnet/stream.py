@@ -26,14 +26,20 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from vhostnet._stream import LARGEST_FRAME, LENGTH_PREFIX, SMALLEST_FRAME, parse_frames
+from vhostnet._stream import (
+    LARGEST_FRAME,
+    LENGTH_PREFIX,
+    SMALLEST_FRAME,
+    encode_batch,
+    parse_frames,
+)
 from vhostnet._stream import encode_frames as encode_queue
 from vhostnet.vhost_user.ratelimit import limiter
 from vhostnet.virtqueue import FrameBatch
 
 if TYPE_CHECKING:
     from vhostnet.capture import Capture
-    from vhostnet.network import GuestFrameQueue, Network
+    from vhostnet.network import GuestFrameQueue, GuestSide, SwitchedFrames
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +154,13 @@ def encode_frames(frames: list[bytes]) -> bytes:
 class StreamDevice:
     """One stream peer (a QEMU ``-netdev stream``) between the socket and the network."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, network: Network, sock: socket.socket,
-                 first_bytes: bytes = b"", capture: Capture | None = None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, network: GuestSide, sock: socket.socket,
+                 first_bytes: bytes = b"", capture: Capture | None = None,
+                 switched: SwitchedFrames | None = None) -> None:
         self.loop = loop
         self.network = network
+        # Several guests: frames the switch queued for this port (None: one guest, no switch).
+        self.switched = switched
         self.sock = sock
         self.capture = capture
         # Called once when the peer goes away or breaks the framing; set by the server.
@@ -243,9 +252,10 @@ class StreamDevice:
         pending = self.network.frames_to_guest
         while True:
             if self._out_offset >= len(self._out):
-                if not pending:
+                if pending:
+                    self._take(pending)
+                elif self.switched is None or not self._take_switched(self.switched):
                     break
-                self._take(pending)
             try:
                 sent = self.sock.send(self._out[self._out_offset:])
             except (BlockingIOError, InterruptedError):
@@ -275,6 +285,24 @@ class StreamDevice:
         self._out_offset = 0
         if self.capture is not None and count:
             self._capture_sent(used)
+
+    def _take_switched(self, switched: SwitchedFrames) -> bool:
+        """Join frames other guests sent to this one into one send (their checksums are
+        complete: the switch fixes offloads for a port that takes none); False if none."""
+        batch = switched.outgoing()
+        if batch is None:
+            return False
+        storage, offsets, lengths, _vnets = batch.arrays()
+        used, taken, unsendable = encode_batch(storage, offsets, lengths, batch.count,
+                                               self._send_buffer, SEND_BYTES)
+        switched.taken(taken)
+        self.counters["rx.dropped_unsendable"] += unsendable
+        self.counters["rx.frames"] += taken - unsendable
+        self._out = self._send_view[:used]
+        self._out_offset = 0
+        if self.capture is not None and used:
+            self._capture_sent(used)
+        return taken > 0
 
     def _capture_sent(self, used: int) -> None:
         """Record the frames of the send buffer (cut again by the framer's kernel)."""

@@ -13,9 +13,17 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 
+from vhostnet.stack.leases import (
+    DEFAULT_DOMAIN,
+    DEFAULT_IPV6_HOST,
+    DEFAULT_MAX_LEASES,
+    LeasePool,
+    Reservation,
+)
 from vhostnet.wire.ipv6 import in_prefix
 
 MIN_MTU = 576
+MAX_GUESTS = 64
 MAX_MTU = 65520
 DNS_PORT = 53
 HOST_LOOPBACK = "127.0.0.1"
@@ -176,6 +184,13 @@ class StackConfig:
     map_guest_addr6: bytes | None = None
     ra_interval: float = 60.0
     ra_router_lifetime: int = 1800  # seconds; also the RDNSS/DNSSL and prefix lifetimes' base
+    # --- several guests (issue 16; see stack/leases.py) ------------------------------
+    max_guests: int = 1  # front-ends served at once (--max-guests)
+    # --dhcp-range FIRST[-LAST] (None: the first -a address, then the rest of the subnet).
+    dhcp_range: tuple[bytes, bytes | None] | None = None
+    dhcp_hosts: list[Reservation] = field(default_factory=list)  # --dhcp-host
+    dns_domain: str = DEFAULT_DOMAIN  # NAME.<dns_domain> resolves to the guest NAME
+    max_leases: int = DEFAULT_MAX_LEASES
 
     def __post_init__(self) -> None:
         self._check_ipv6()
@@ -211,6 +226,43 @@ class StackConfig:
             self.dhcp_dns = [_as_ip4(x, "dhcp_dns") for x in self.dhcp_dns]
         if self.map_guest_addr is not None:
             self.map_guest_addr = _as_ip4(self.map_guest_addr, "map_guest_addr")
+        if not 1 <= self.max_guests <= MAX_GUESTS:
+            raise ValueError(f"--max-guests {self.max_guests} is outside 1..{MAX_GUESTS}")
+        if self.dhcp_range is not None:
+            first, last = self.dhcp_range
+            last = last or (int.from_bytes(self.subnet_broadcast, "big") - 1).to_bytes(4, "big")
+            self.dhcp_range = (first, last)
+            for address in self.dhcp_range:
+                if not self.in_guest_subnet(address):
+                    raise ValueError(f"--dhcp-range address {ip4_str(address)} is outside the "
+                                     "guest subnet")
+
+    @property
+    def uses_lease_pool(self) -> bool:
+        """Several guests, or one with a --dhcp-host reservation: addresses come from a
+        ``LeasePool`` (``lease_pool``); otherwise the one guest gets ``guest_ipv4``."""
+        return self.max_guests > 1 or bool(self.dhcp_hosts)
+
+    def lease_pool(self) -> LeasePool:
+        """A ``LeasePool`` for this network: the first -a address (or --dhcp-range) on, the
+        IPv6 -a address (or prefix::100) on; vhostnet's own addresses excluded; ``host``
+        names the host's loopback mapping. ``ValueError`` for a reservation that cannot be."""
+        own = [self.gateway, self.dns, self.map_host_loopback, self.map_guest_addr,
+               self.gateway6, self.dns6, self.map_host_loopback6, self.map_guest_addr6]
+        first6: bytes | None = None
+        if self.ipv6:
+            host_part = DEFAULT_IPV6_HOST if self.prefix6_len <= 120 else 1
+            first6 = bytes(self.guest_ipv6 or (  # type: ignore[arg-type]
+                int.from_bytes(self.prefix6, "big") | host_part).to_bytes(16, "big"))
+        host = [bytes(a) for a in (self.map_host_loopback, self.map_host_loopback6)  # type: ignore[arg-type]
+                if a is not None]
+        return LeasePool(first_ipv4=self.guest_ipv4, prefix_len=self.prefix_length,
+                         excluded=[bytes(a) for a in own if a is not None],  # type: ignore[arg-type]
+                         range_ipv4=self.dhcp_range,  # type: ignore[arg-type]
+                         first_ipv6=first6,
+                         prefix6_len=self.prefix6_len, reservations=self.dhcp_hosts,
+                         domain=self.dns_domain, host_names={"host": host} if host else {},
+                         max_leases=self.max_leases)
 
     @property
     def offered_dns(self) -> list[bytes]:

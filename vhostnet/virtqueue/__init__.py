@@ -2,6 +2,7 @@
 
 from vhostnet.virtqueue._virtq import FlowSteering, FrameBatch
 from vhostnet.virtqueue.memory import AddressError, GuestMemory, MappedRegion
+from vhostnet.virtqueue.switch import Switch
 from vhostnet.virtqueue.virtqueue import (
     MAX_FRAME_BYTES,
     PACKED_FRESH_BASE,
@@ -17,6 +18,7 @@ __all__ = [
     "MappedRegion",
     "MAX_FRAME_BYTES",
     "PACKED_FRESH_BASE",
+    "Switch",
     "VIRTIO_F_RING_PACKED",
     "Virtqueue",
 ]
