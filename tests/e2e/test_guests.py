@@ -63,6 +63,7 @@ GATEWAY_MAC = "52:56:00:00:00:02"  # QEMU's, vhostnet's default -M
 FORWARD_PORT = 8081              # guest 2's listener for the run-time forward
 TRANSFER_PORT = 5001             # guest 2's `nc -l -e sha256sum`
 TRANSFER_MIB = 20
+TRANSFER_LIMIT = 240             # seconds for the whole transfer, retries included
 DOWNLOAD_BYTES = 4 * 1024 * 1024
 DOWNLOAD_SEED = 16_0001
 PACED_BYTES = 8 * 1024 * 1024
@@ -161,14 +162,18 @@ def pings_to(peer: int) -> str:
 
 def send_data(address: str, port: int) -> str:
     """Send TRANSFER_MIB random MiB to a listener that answers their sha256 (`nc -e sha256sum`):
-    RESULT sent_sha256, peer_sha256, transfer_seconds, transfer_retries."""
+    RESULT sent_sha256, peer_sha256, transfer_seconds, transfer_retries, and the MAC the
+    guest's neighbour table had for `address` (transfer_neighbour)."""
     return f"""
 dd if=/dev/urandom of=/tmp/data bs=1M count={TRANSFER_MIB} 2>/dev/null
 echo "RESULT sent_sha256=$(sha256sum /tmp/data | cut -d' ' -f1)"
+echo "RESULT transfer_neighbour=$(ip neigh show {address} | sed -n 's/.*lladdr \\([0-9a-f:]*\\).*/\\1/p')"
 started=$(date +%s)
 i=0
-while [ $i -lt 60 ]; do
-    timeout 300 nc {address} {port} < /tmp/data > /tmp/peer.sum && [ -s /tmp/peer.sum ] && break
+# Retried while the listener is not up yet (refused at once); {TRANSFER_LIMIT} s in all.
+while [ $i -lt 30 ] && [ $(( $(date +%s) - started )) -lt {TRANSFER_LIMIT} ]; do
+    timeout {TRANSFER_LIMIT} nc {address} {port} < /tmp/data > /tmp/peer.sum \
+        && [ -s /tmp/peer.sum ] && break
     i=$((i+1)); sleep 2
 done
 echo "RESULT transfer_seconds=$(( $(date +%s) - started ))"
@@ -397,7 +402,9 @@ def test_arp_broadcast_reaches_the_peer_and_the_router(lan: Lan, index: int) -> 
 
 def test_20_mib_transfer_between_guests(lan: Lan) -> None:
     sent = lan.result(1, "sent_sha256")
-    assert lan.result(1, "peer_sha256") == sent and len(sent) == 64
+    neighbour = lan.result(1, "transfer_neighbour")
+    assert lan.result(1, "peer_sha256", TRANSFER_LIMIT + 60) == sent and len(sent) == 64, (
+        f"guest 1's neighbour entry for guest 2: {neighbour} (guest 2 is {MACS[2]})")
     seconds = int(lan.result(1, "transfer_seconds"))
     print(f"\nguest 1 -> guest 2: {TRANSFER_MIB} MiB in {seconds} s "
           f"({lan.result(1, 'transfer_retries')} connection retries)")
@@ -440,7 +447,7 @@ def test_forward_to_guest2_added_and_removed_at_run_time(lan: Lan) -> None:
 
 
 def test_guest_killed_and_restarted_leaves_the_others_transfer_whole(lan: Lan) -> None:
-    lan.result(1, "script", STEP_TIMEOUT)  # guest 1 finished its own checks
+    lan.result(2, "download_sha256")  # guest 2 is at its paced download
     data = generated_bytes(PACED_BYTES, PACED_SEED)
     with PacedHttpServer("paced.bin", data, PACED_SECONDS, hold_at=PACED_BYTES // 2,
                          port=lan.paced_port) as paced:
