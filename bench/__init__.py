@@ -45,6 +45,7 @@ from bench.output import (
 from bench.passt import PASST, gateway_mac_text, passt_template
 from bench.runner import BenchError, loopback_process, vhostnet_template
 from bench.soak import SOAK_CASES, SoakSettings, churn_rows, soak_rows
+from bench.switch import SWITCH_CASE, switch_rows
 from bench.testpmd import TESTPMD_CASE, testpmd_missing, testpmd_rows
 
 
@@ -52,10 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench",
                                 description="Measure vhostnet (and optionally another back-end) "
                                             "against host-to-host baselines from the same run.")
-    p.add_argument("--cases", default=",".join((*ALL_CASES, TESTPMD_CASE)),
-                   help=f"comma-separated cases (default: {','.join((*ALL_CASES, TESTPMD_CASE))}; "
+    p.add_argument("--cases", default=",".join((*ALL_CASES, TESTPMD_CASE, SWITCH_CASE)),
+                   help="comma-separated cases (default: "
+                        f"{','.join((*ALL_CASES, TESTPMD_CASE, SWITCH_CASE))}; "
                         f"also {GUEST_CASE!r}, the same as --guest; {TESTPMD_CASE!r}: "
-                        "dpdk-testpmd as a VM-less front-end, txonly and rxonly, 64 and 1500 B)")
+                        "dpdk-testpmd as a VM-less front-end, txonly and rxonly, 64 and 1500 B; "
+                        f"{SWITCH_CASE!r}: guest to guest through the switch kernel, driven "
+                        "directly, on vhostnet alone)")
     p.add_argument("--rounds", type=int, default=3, help="rounds per case (min/median/max; default 3)")
     p.add_argument("--duration", type=float, default=1.0, help="seconds per round (default 1.0)")
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
@@ -124,6 +128,8 @@ def run(settings: Settings, contenders: list[Contender], guest: GuestSettings,
     client = loopback_process()
     try:
         baselines = Baselines(client, settings)  # every round of the baselines at first use
+        if SWITCH_CASE in settings.cases:  # in this process, on vhostnet's kernel alone
+            rows += switch_rows(settings, baselines)
         failed: dict[tuple[str, str], str] = {}  # (back-end, group) -> why it is skipped
         for index in range(settings.rounds):
             for c in contenders:
@@ -162,7 +168,8 @@ def _groups(c: Contender, settings: Settings, one: Settings, one_guest: GuestSet
         ring = c.ring_template
         groups.append(("ring", lambda: ring_rows(ring, c.name, one, baselines)))
     for mtu in TCP_MTUS:
-        nat_cases = set(settings.cases) - {"ring", GUEST_CASE, TESTPMD_CASE, *SOAK_CASES}
+        nat_cases = set(settings.cases) - {"ring", GUEST_CASE, TESTPMD_CASE, SWITCH_CASE,
+                                           *SOAK_CASES}
         if mtu != TCP_MTUS[0]:
             nat_cases &= {"tcp-tx", "tcp-rx"}
         if nat_cases:
@@ -195,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
     if args.guest and GUEST_CASE not in cases:
         cases += (GUEST_CASE,)
-    known = (*ALL_CASES, GUEST_CASE, TESTPMD_CASE, *SOAK_CASES)
+    known = (*ALL_CASES, GUEST_CASE, TESTPMD_CASE, SWITCH_CASE, *SOAK_CASES)
     unknown = [c for c in cases if c not in known]
     kits: GuestKits | None = None
     ok = False

@@ -272,19 +272,25 @@ def _sink_result(sink: TcpSink, index: int, timeout: float = 10.0) -> dict[str, 
     return sink.results[index]
 
 
-def _tcp_bulk(guest: LineProcess, name: str, mtu: int, s: Settings, baselines: Baselines,
-              sink: TcpSink) -> list[Row]:
-    rows = []
+def loopback_tcp(baselines: Baselines, sink: TcpSink) -> list[float]:
+    """Host-to-host TCP over loopback into ``sink``, Gbit/s per round (measured once a run)."""
 
     def loopback_gbits() -> float:
         index = len(sink.results)
-        r = baselines.client.request("tcp_tx", port=sink.port, duration=s.duration)
+        r = baselines.client.request("tcp_tx", port=sink.port,
+                                     duration=baselines.settings.duration)
         got = _sink_result(sink, index)
         if got["sha256"] != r["sha256"]:
             raise BenchError("loopback TCP baseline delivered different bytes")
         return r["bytes"] * 8 / r["seconds"] / 1e9
 
-    base = baselines.get("loopback-tcp", loopback_gbits)
+    return baselines.get("loopback-tcp", loopback_gbits)
+
+
+def _tcp_bulk(guest: LineProcess, name: str, mtu: int, s: Settings, baselines: Baselines,
+              sink: TcpSink) -> list[Row]:
+    rows = []
+    base = loopback_tcp(baselines, sink)
     if "tcp-tx" in s.cases:
         row = Row(f"tcp-tx-mtu{mtu}", "Gbit/s", [], base, "loopback Gbit/s", backend=name)
         exact = True

@@ -15,27 +15,13 @@ from tests.e2e.hostservers import free_port
 from tests.support.daemon import VhostnetProcess, run_cli
 from tests.support.dhcp import dhcp_request, msg_type, opt
 from tests.support.frames import GUEST_IP, GUEST_MAC, guest_udp_frame
+from tests.support.hostio import port_is_free
 from vhostnet.control import ControlServer, control_request, register_network_commands
 from vhostnet.network import Network
 from vhostnet.server import open_listening_socket
 from vhostnet.stack.config import StackConfig, parse_port_spec
 
 REMOTE = bytes([192, 0, 2, 10])
-
-
-def port_is_free(port: int, kind: int = socket.SOCK_STREAM) -> bool:
-    """Whether a dual-stack socket can bind ``port`` (and listen, for TCP) as a server would:
-    SO_REUSEADDR, so that connections still using the port as theirs do not count."""
-    with socket.socket(socket.AF_INET6, kind) as sock:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("::", port))
-            if kind == socket.SOCK_STREAM:
-                sock.listen()
-        except OSError:
-            return False
-        return True
 
 
 class Controlled:

@@ -50,6 +50,9 @@ class StandInPool:
     def leases(self) -> list[StandInLease]:
         return list(self.by_mac.values())
 
+    def counters(self) -> dict[str, int]:
+        return {"leases.count": len(self.by_mac)}
+
 
 class StandInSwitch:
     """Learns sources; unicast to a learned MAC of another port is moved to that port's batch;

@@ -16,6 +16,7 @@ import resource
 import signal
 import socket
 import sys
+import weakref
 
 from vhostnet import __version__, daemon, options, sandbox
 from vhostnet.options import UsageError, build_parser  # noqa: F401 (the command line's API)
@@ -107,7 +108,7 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
     from vhostnet.migration.repair_helper import HelperLink, RepairAccess
     from vhostnet.migration.restart import StateFile, restore_at_start, save_on_exit
     from vhostnet.migration.tcp_migrate import TcpMigration
-    from vhostnet.migration.transfer import DeviceStateTransfer
+    from vhostnet.migration.transfer import DeviceStateTransfer, GuestPortScope, OneNetwork
     from vhostnet.network import Network
     from vhostnet.server import Server, SocketPathError, open_listening_socket
 
@@ -193,9 +194,18 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
         await restore_at_start(network, migration, state)
     if guests is None:
         def device_state(_side):  # -> DeviceStateTransfer
-            return DeviceStateTransfer(loop, network, migration)
+            return DeviceStateTransfer(loop, OneNetwork(network, migration))
     else:
-        device_state = None  # several guests: no device state (migration) yet
+        # Several guests: a connection's state is its port's Network's, with its lease.
+        migrations = weakref.WeakKeyDictionary({network: migration})
+
+        def migration_of(guest_network):  # -> TcpMigration
+            if guest_network not in migrations:
+                migrations[guest_network] = TcpMigration.attach(guest_network, repair)
+            return migrations[guest_network]
+
+        def device_state(port):  # -> DeviceStateTransfer
+            return DeviceStateTransfer(loop, GuestPortScope(port, migration_of))
     server = Server(loop, listener, network, one_off=args.one_off, device_state=device_state,
                     guests=guests, **frontend)
     cleanup.callback(server.close)
@@ -249,7 +259,8 @@ def _start_guests(config, loop: asyncio.AbstractEventLoop, listen_retry: float):
     switch = Switch(config.max_guests, config.gateway_mac)
 
     def build_network(guest_config):  # -> Network
-        return Network(guest_config, loop, listen_retry=listen_retry)
+        # One pool for all: DHCP, ARP/NDP and DNS of every guest's router see every lease.
+        return Network(guest_config, loop, listen_retry=listen_retry, leases=pool)
 
     return Guests.start(config, pool, switch, config.max_guests, build_network)
 

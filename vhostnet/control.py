@@ -213,6 +213,8 @@ def register_network_commands(commands: dict[str, CommandHandler], network: Netw
         return {"dhcp": [] if dhcp is None else [dhcp], "dhcpv6": dhcpv6}
 
     def guests(_request: dict[str, Any]) -> dict[str, Any]:
+        from vhostnet.guests import traffic_record  # not at import: the ctl client's too
+
         stack = network.stack
         if stack.guest_mac is None:
             return {"guests": []}  # not heard from yet
@@ -221,10 +223,7 @@ def register_network_commands(commands: dict[str, CommandHandler], network: Netw
             "mac": mac_str(stack.guest_mac),
             "ipv4": None if stack.guest_ipv4 is None else ip4_str(stack.guest_ipv4),
             "ipv6": [ip6_str(address) for address in stack.guest_ipv6_addresses],
-            "frames_from_guest": counts.get("device.tx.frames", 0),
-            "frames_to_guest": counts.get("device.rx.frames", 0),
-            "tcp_flows": counts.get("tcp.flows_open", 0),
-            "udp_flows": counts.get("udp.flows", 0),
+            **traffic_record(counts, counts),
         }]}
 
     commands["forwards"] = forwards

@@ -171,6 +171,22 @@ class GuestPort:
                  address_text(network.config.guest_ipv4))
         return network
 
+    # ---- migration (migration.transfer.PortLeases) ------------------------------------------
+
+    def export_lease(self) -> dict[str, object] | None:
+        """This guest's lease, to go with its state to a migration's destination."""
+        return None if self.mac is None else self.guests.lease_record(self.mac)
+
+    def import_lease(self, record: dict[str, object]) -> Network | None:
+        """A migrated guest arrives: its lease goes into the pool, the port binds to the
+        Network of that address (None: refused, logged)."""
+        mac = self.guests.take_lease(record)
+        if mac is None:
+            return None
+        if self.network is not None:
+            return self.network if mac == self.mac else None
+        return self.bind(mac)
+
     def wake(self) -> None:
         """Frames from other guests wait for this port: tell its device."""
         for listener in self._listeners:
@@ -227,9 +243,9 @@ class Guests:
     def add_forwarded_guest(self, address: str, tcp: list[PortForward],
                             udp: list[PortForward]) -> Network:
         parsed = ipaddress.ip_address(address)
-        if parsed.version != 4:
-            raise ValueError(f"forwards to {address}: another guest is named by its IPv4 "
-                             "address")
+        if parsed.version != 4 or not self.config.in_guest_subnet(parsed.packed):
+            raise ValueError(f"forwards go to {address}, which is neither the first guest's "
+                             "address nor an IPv4 address of the guest subnet")
         key = guest_key(parsed.packed)
         network = self._build_network(self.config_for(key, tcp, udp))
         self.networks[key] = network
@@ -305,6 +321,27 @@ class Guests:
         self._close_idle_networks()
         return network
 
+    def lease_record(self, mac: bytes) -> dict[str, object] | None:
+        """``mac``'s entry of the pool's snapshot (``LeasePool.snapshot``)."""
+        wanted = bytes(mac).hex()
+        return next((record for record in self.pool.snapshot()["leases"]
+                     if record["mac"] == wanted), None)
+
+    def take_lease(self, record: dict[str, object]) -> bytes | None:
+        """Put a migrated guest's lease record into the pool (the guests here keep theirs:
+        an address one of them holds is not given to it); its MAC, or None if malformed."""
+        try:
+            mac = bytes.fromhex(str(record["mac"]))
+            if len(mac) != 6:
+                raise ValueError("not 6 bytes")
+            others = [entry for entry in self.pool.snapshot()["leases"]
+                      if entry["mac"] != mac.hex()]
+            self.pool.restore({"leases": [*others, record]})
+        except (KeyError, TypeError, ValueError) as error:
+            log.error("migrated guest's lease refused: %s", error)
+            return None
+        return mac
+
     def _close_idle_networks(self) -> None:
         """At most 2*N Networks: the one idle longest (no port), with no flow if possible,
         goes first; the first guest's and those forwards go to stay."""
@@ -368,21 +405,17 @@ class Guests:
                 "ipv4": address_text(key) if len(key) == 4 else None,
                 "ipv6": [ip6_str(address) for address in stack.guest_ipv6_addresses],
                 "name": names.get(mac) if mac is not None else None,
-                "frames_from_guest": device.get("device.tx.frames",
-                                                device.get("stream.tx.frames", 0)),
-                "frames_to_guest": device.get("device.rx.frames",
-                                              device.get("stream.rx.frames", 0)),
-                "tcp_flows": counts.get("tcp.flows_open", 0),
-                "udp_flows": counts.get("udp.flows", 0),
+                **traffic_record(counts, device),
             })
         return records
 
     def counters(self) -> dict[str, int]:
-        """``guests.*`` and ``switch.*``."""
+        """``guests.*``, ``switch.*`` and the pool's ``leases.*``."""
         merged = {f"guests.{name}": count for name, count in self.counts.items()}
         merged["guests.ports"] = len(self.ports)
         merged["guests.networks"] = len(self.networks)
         merged.update(self.switch.counters())
+        merged.update(self.pool.counters())  # the shared pool: no Network counts it
         return merged
 
     def close(self) -> None:
@@ -391,6 +424,20 @@ class Guests:
         for network in self.networks.values():
             network.close()
         self.networks.clear()
+
+
+def traffic_record(network_counts: dict[str, int], device_counts: dict[str, int]
+                   ) -> dict[str, int]:
+    """A guest's frames each way (its device's, rings or stream) and open flows (its
+    network's), as the control socket's ``guests`` lists them."""
+    return {
+        "frames_from_guest": device_counts.get("device.tx.frames",
+                                               device_counts.get("stream.tx.frames", 0)),
+        "frames_to_guest": device_counts.get("device.rx.frames",
+                                             device_counts.get("stream.rx.frames", 0)),
+        "tcp_flows": network_counts.get("tcp.flows_open", 0),
+        "udp_flows": network_counts.get("udp.flows", 0),
+    }
 
 
 def _open_flows(network: Network) -> int:

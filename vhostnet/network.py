@@ -43,6 +43,7 @@ from vhostnet.stack.dhcp import DhcpServer
 from vhostnet.stack.dhcpv6 import Dhcpv6Server
 from vhostnet.stack.dns import DnsForwarder
 from vhostnet.stack.icmp import IcmpEngine
+from vhostnet.stack.leases import LeasePool
 from vhostnet.stack.ndp import NdpEngine
 from vhostnet.stack.stack import NetworkStack
 from vhostnet.stack.tftp import TftpServer
@@ -144,25 +145,27 @@ TxSink = Callable[[FrameBatch, int, float], None]
 """Takes ``count`` guest frames of a TX batch at ``now`` in place of the stack."""
 
 
-def build_stack(config: StackConfig) -> NetworkStack:
+def build_stack(config: StackConfig, leases: LeasePool | None = None) -> NetworkStack:
     """The sans-IO stack with the engines ``config`` turns on attached: ICMP (both families),
     DHCP, DNS forwarder, UDP NAT, NDP/RA, DHCPv6 (no I/O: ``Network`` adds TCP, TFTP and the
-    host glue)."""
-    stack = NetworkStack(config)
+    host glue). ``leases``: the lease pool DHCP, DHCPv6, ARP, NDP and DNS use (several
+    guests, or --dhcp-host); None: the one guest at ``config.guest_ipv4``."""
+    stack = NetworkStack(config, leases)
     if config.icmp:
         stack.icmp = IcmpEngine(config, stack.stats, stack.send_ipv4, stack.send_ipv6)
         stack.set_protocol_handler(PROTO_ICMP, stack.icmp)
     if config.ipv6:
         # One engine for NS/NA and RS/RA: config.ndp and config.ra switch its answers.
-        stack.ndp = NdpEngine(config, stack.stats, stack)
+        stack.ndp = NdpEngine(config, stack.stats, stack, leases)
         if config.dhcpv6:
-            stack.dhcpv6 = Dhcpv6Server(config, stack.stats, stack.send_udp6)
+            stack.dhcpv6 = Dhcpv6Server(config, stack.stats, stack.send_udp6, leases,
+                                        client_mac=lambda: stack.guest_mac)
             stack.add_udp6_service(stack.dhcpv6)
     if config.dhcp and config.ipv4:
-        stack.dhcp = DhcpServer(config, stack.stats, stack.send_udp)
+        stack.dhcp = DhcpServer(config, stack.stats, stack.send_udp, leases)
         stack.add_udp_service(stack.dhcp)
     if config.udp:
-        stack.dns = DnsForwarder(config, stack.stats, stack.send_udp, stack.send_udp6)
+        stack.dns = DnsForwarder(config, stack.stats, stack.send_udp, stack.send_udp6, leases)
         stack.add_udp_service(stack.dns)
         stack.add_udp6_service(stack.dns)
         stack.udp_nat = UdpNat(config, stack.stats, stack.send_ipv4, stack.send_udp,
@@ -224,9 +227,13 @@ class Network:
     """The guest's network: stack + engines + host glue + timers, for one vhostnet process."""
 
     def __init__(self, config: StackConfig, loop: asyncio.AbstractEventLoop, *,
-                 listen_retry: float = 0.0) -> None:
+                 listen_retry: float = 0.0, leases: LeasePool | None = None) -> None:
         self.config = config
         self.loop = loop
+        # The guests' addresses and names: given (shared by several guests' networks), or
+        # this network's own when the config wants one (--dhcp-host with one guest).
+        self._own_leases = leases is None and config.uses_lease_pool
+        self.leases = config.lease_pool() if self._own_leases else leases
         # Seconds to keep retrying forwarded ports another process (a migration
         # source on this host) still holds; 0: fail at once.
         self.listen_retry = listen_retry
@@ -249,7 +256,7 @@ class Network:
             protocol: {_bind_key(f): (f, FROM_COMMAND_LINE) for f in forwards}
             for protocol, forwards in (("tcp", config.tcp_forwards),
                                        ("udp", config.udp_forwards))}
-        self.stack = build_stack(config)
+        self.stack = build_stack(config, self.leases)
         self.stack.frames_to_guest = self.frames_to_guest
         # Exceptions timers and glue survived, by reason (``errors.*`` in stats).
         self.errors: Counter[str] = Counter()
@@ -468,6 +475,8 @@ class Network:
             merged.update(self.tcp_fast.counters())
         if self.tftp is not None:
             merged.update(self.tftp.counters())
+        if self._own_leases and self.leases is not None:
+            merged.update(self.leases.counters())
         merged["guest.rx_backlog_dropped"] = self.frames_to_guest.dropped
         merged.update({f"errors.{reason}": count for reason, count in self.errors.items()})
         if self._tx_sink is not None:

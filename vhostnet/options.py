@@ -520,8 +520,12 @@ def config_from_args(args: argparse.Namespace, fd_limit: int, reserve: int,
     ephemeral = ephemeral_ports()
     tcp = _forwards(args.tcp_ports, ephemeral, "-t/--tcp-ports")
     udp = _forwards(args.udp_ports, ephemeral, "-u/--udp-ports")
+    # Several guests: ``:toaddr/`` may name another guest's IPv4 address (its Network is
+    # made at start, guests.py checks the address is in the subnet).
+    several = str(args.max_guests) != "1"
     for forward in tcp + udp:
-        if forward.guest_addr not in (None, address4 or "10.0.2.15", address6):
+        own = (None, address4 or "10.0.2.15", address6)
+        if forward.guest_addr not in own and not (several and "." in forward.guest_addr):
             raise UsageError(f"port {forward.host_port} goes to {forward.guest_addr}, which is not "
                              "the guest's address (vhostnet's guest has one per family)")
         interface(forward.host_if, "port forwarding")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import base64
-import os
 import socket
 import struct
-import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,13 +14,11 @@ import pytest
 from testkit.frontend import Frontend
 from tests.support.daemon import VhostnetProcess, gateway_mac
 from tests.support.frames import GATEWAY_IP, GUEST_IP, GUEST_MAC
+from tests.support.migration import check, load_over_pipe, save_over_pipe
 from vhostnet.control import control_request
 from vhostnet.migration.state import MAGIC, StateError, decode_state, encode_state
-from vhostnet.vhost_user.codec import U64
-from vhostnet.vhost_user.protocol import Request
 from vhostnet.wire.checksum import internet_checksum
 
-SAVE, LOAD = 0, 1
 SECTIONS = {"guest": {"mac": "52:54:00:12:34:56", "ipv4": "10.0.2.15"}, "udp": [], "counters": {"a": 1}}
 
 
@@ -89,46 +85,6 @@ def udp_frame(dst_mac: bytes, dport: int, payload: bytes) -> bytes:
                                    0, GUEST_IP, GATEWAY_IP))
     header[10:12] = internet_checksum(header).to_bytes(2, "big")
     return dst_mac + GUEST_MAC + b"\x08\x00" + bytes(header) + udp
-
-
-def save_over_pipe(frontend: Frontend) -> bytes:
-    read_end, write_end = os.pipe()
-    try:
-        assert frontend.set_device_state_fd(SAVE, write_end) == 0
-        os.close(write_end)
-        write_end = -1
-        blob = bytearray()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            chunk = os.read(read_end, 65536)
-            if not chunk:
-                break
-            blob += chunk
-        return bytes(blob)
-    finally:
-        os.close(read_end)
-        if write_end >= 0:
-            os.close(write_end)
-
-
-def load_over_pipe(frontend: Frontend, blob: bytes) -> int:
-    read_end, write_end = os.pipe()
-    try:
-        assert frontend.set_device_state_fd(LOAD, read_end) == 0
-        os.close(read_end)
-        read_end = -1
-        os.write(write_end, blob)
-    finally:
-        os.close(write_end)
-        if read_end >= 0:
-            os.close(read_end)
-    return check(frontend)
-
-
-def check(frontend: Frontend) -> int:
-    answer = frontend.request(Request.CHECK_DEVICE_STATE)
-    assert answer is not None
-    return U64.parse(answer.payload).value
 
 
 def test_state_moves_from_source_to_destination(pair) -> None:

@@ -29,3 +29,18 @@ async def echo_server(sock: socket.socket, count: int) -> None:
     for _ in range(count):
         data, peer = await asyncio.wait_for(loop.sock_recvfrom(sock, 65535), 3.0)
         await loop.sock_sendto(sock, b"echo:" + data, peer)
+
+
+def port_is_free(port: int, kind: int = socket.SOCK_STREAM) -> bool:
+    """Whether a dual-stack socket can bind ``port`` (and listen, for TCP) as a server would:
+    SO_REUSEADDR, so that connections still using the port as theirs do not count."""
+    with socket.socket(socket.AF_INET6, kind) as sock:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("::", port))
+            if kind == socket.SOCK_STREAM:
+                sock.listen()
+        except OSError:
+            return False
+        return True

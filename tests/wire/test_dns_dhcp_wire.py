@@ -8,7 +8,13 @@ import pytest
 
 from tests.support.dns import QUESTION, query
 from vhostnet.wire import dhcp
-from vhostnet.wire.dns import encode_dns_name, question_section, servfail_for
+from vhostnet.wire.dns import (
+    encode_dns_name,
+    question_section,
+    read_question,
+    reply_to,
+    servfail_for,
+)
 from vhostnet.wire.errors import MalformedPacket
 
 
@@ -23,6 +29,26 @@ def test_servfail_echoes_a_plain_question() -> None:
     assert question_section(query(7)) == QUESTION
     assert servfail_for(query(7)) == struct.pack("!HHHHHH", 7, 0x8182, 1, 0, 0, 0) + QUESTION
     assert question_section(query(7)[:-1]) is None  # QCLASS cut short
+
+
+def test_read_question_of_a_plain_query_only() -> None:
+    assert read_question(query()) == ("example.test", 1, 1)
+    assert read_question(query()[:-1]) is None  # truncated
+    assert read_question(query()[:4] + b"\x00\x02" + query()[6:]) is None  # two questions
+    assert read_question(b"\x00" * 5) is None
+
+
+def test_reply_to_carries_a_and_aaaa_records_for_the_question() -> None:
+    answer = reply_to(query(0x0102), 0, [bytes([192, 0, 2, 1]), bytes(range(16))], ttl=10,
+                      authoritative=True)
+    query_id, flags, qd, an, ns, ar = struct.unpack_from("!HHHHHH", answer)
+    assert (query_id, flags, qd, an, ns, ar) == (0x0102, 0x8580, 1, 2, 0, 0)
+    records = answer[12 + len(QUESTION):]
+    assert records == (struct.pack("!HHHIH", 0xC00C, 1, 1, 10, 4) + bytes([192, 0, 2, 1])
+                       + struct.pack("!HHHIH", 0xC00C, 28, 1, 10, 16) + bytes(range(16)))
+    nxdomain = reply_to(query(), 3, [bytes(4)])
+    assert struct.unpack_from("!HH", nxdomain, 2) == (0x8183, 1)
+    assert reply_to(b"\x00\x01\x01\x00" + bytes(8), 3, [bytes(4)])[6:8] == b"\x00\x00"
 
 
 def test_encode_dns_name() -> None:

@@ -27,8 +27,10 @@ def _mac_text(mac: bytes | None) -> str | None:
     return None if mac is None else bytes(mac).hex(":")
 
 
-def export_network(network: Network, migration: TcpMigration, now: float) -> bytes:
-    """The network's migratable state as one blob."""
+def export_network(network: Network, migration: TcpMigration, now: float,
+                   extra: dict[str, object] | None = None) -> bytes:
+    """The network's migratable state as one blob (with ``extra`` sections: a guest's
+    lease when several guests share the vhostnet)."""
     stack = network.stack
     config = network.config
     sections: dict[str, object] = {
@@ -55,6 +57,7 @@ def export_network(network: Network, migration: TcpMigration, now: float) -> byt
         # Freezes the connections that can move (tcp_migrate): the caller must
         # later release them (the state was handed over) or thaw them (abandoned).
         sections["tcp"] = migration.export_records(now)
+    sections.update(extra or {})
     return encode_state(sections)
 
 

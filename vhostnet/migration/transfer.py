@@ -5,6 +5,10 @@ nothing is written or read here until the event loop runs again, which is
 after the server has sent the reply. SAVE streams the blob with non-blocking
 writes; LOAD reads to EOF and applies the state at once (it arrives before
 the rings are set up). CHECK_DEVICE_STATE reports the outcome.
+
+Whose state moves is the device's ``StateScope``: the one Network (``OneNetwork``, one
+guest), or with several guests the Network of the connection's switch port plus that
+guest's lease (``GuestPortScope``: the destination binds the port to the same address).
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ import asyncio
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vhostnet.migration.snapshot import export_network, import_network
-from vhostnet.migration.state import MAX_BLOB_BYTES, StateError
+from vhostnet.migration.state import MAX_BLOB_BYTES, StateError, decode_state
 
 if TYPE_CHECKING:
     from vhostnet.migration.tcp_migrate import TcpMigration
@@ -34,14 +39,76 @@ READ_CHUNK = 65536
 MAX_CHECK_READS = MAX_BLOB_BYTES // READ_CHUNK + 2
 
 
+class StateScope(Protocol):
+    """Whose state a device's transfers move."""
+
+    def saving(self) -> tuple[Network, TcpMigration, dict[str, Any]]:
+        """The Network to save, its migration and extra sections; ``StateError`` if none."""
+        ...
+
+    def loading(self, sections: dict[str, Any]) -> tuple[Network, TcpMigration]:
+        """The Network a blob with ``sections`` goes to; ``StateError`` if none."""
+        ...
+
+
+class OneNetwork:
+    """One guest (``--max-guests 1``): the one Network, as it always was."""
+
+    def __init__(self, network: Network, migration: TcpMigration) -> None:
+        self.network = network
+        self.migration = migration
+
+    def saving(self) -> tuple[Network, TcpMigration, dict[str, Any]]:
+        return self.network, self.migration, {}
+
+    def loading(self, sections: dict[str, Any]) -> tuple[Network, TcpMigration]:
+        return self.network, self.migration
+
+
+class PortLeases(Protocol):
+    """A guest's switch port (``guests.GuestPort``) as migration sees it."""
+
+    @property
+    def network(self) -> Network | None: ...  # its guest's Network once bound
+
+    def export_lease(self) -> dict[str, Any] | None: ...  # its guest's lease record
+
+    def import_lease(self, record: dict[str, Any]) -> Network | None:
+        """Take the lease record in and bind to its Network (None: refused, logged)."""
+        ...
+
+
+class GuestPortScope:
+    """Several guests: a connection's state is its port's Network's, plus the lease."""
+
+    def __init__(self, port: PortLeases,
+                 migration_of: Callable[[Network], TcpMigration]) -> None:
+        self.port = port
+        self.migration_of = migration_of
+
+    def saving(self) -> tuple[Network, TcpMigration, dict[str, Any]]:
+        network = self.port.network
+        if network is None:
+            raise StateError("this guest has sent nothing yet: no state to save")
+        return network, self.migration_of(network), {"lease": self.port.export_lease()}
+
+    def loading(self, sections: dict[str, Any]) -> tuple[Network, TcpMigration]:
+        lease = sections.get("lease")
+        if not isinstance(lease, dict):
+            raise StateError("the state carries no guest lease (a one-guest vhostnet's?)")
+        network = self.port.import_lease(lease)
+        if network is None:
+            raise StateError("the migrated guest's lease cannot be taken here")
+        return network, self.migration_of(network)
+
+
 class DeviceStateTransfer:
     """One device's state transfers, driven by the event loop (a ``device.DeviceStateHandler``)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, network: Network,
-                 migration: TcpMigration) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, scope: StateScope) -> None:
         self.loop = loop
-        self.network = network
-        self.migration = migration
+        self.scope = scope
+        self.migration: TcpMigration | None = None  # of the last transfer's Network
         self.fd: int | None = None
         self.direction: int | None = None
         self.buffer = bytearray()
@@ -61,7 +128,13 @@ class DeviceStateTransfer:
         self.buffer = bytearray()
         self.written = 0
         if direction == SAVE:
-            self.buffer += export_network(self.network, self.migration, time.monotonic())
+            try:
+                network, self.migration, extra = self.scope.saving()
+            except StateError as exc:
+                log.error("device state: %s", exc)
+                self._done(False)
+                return False
+            self.buffer += export_network(network, self.migration, time.monotonic(), extra)
             log.info("device state: saving %d bytes", len(self.buffer))
             self.loop.add_writer(fd, self._on_writable)
         else:
@@ -108,8 +181,9 @@ class DeviceStateTransfer:
 
     def _apply_loaded(self) -> None:
         try:
-            self.loaded = import_network(self.network, self.migration, bytes(self.buffer),
-                                         time.monotonic())
+            blob = bytes(self.buffer)
+            network, self.migration = self.scope.loading(decode_state(blob))
+            self.loaded = import_network(network, self.migration, blob, time.monotonic())
         except StateError as exc:
             log.error("device state from the migration source refused: %s", exc)
             self._done(False)
@@ -148,6 +222,8 @@ class DeviceStateTransfer:
             # The state is out: the last moment QEMU tells us about before the
             # destination needs the 4-tuples (see tcp_migrate's docstring).
             migration = self.migration
+            if migration is None:
+                return ok
             if ok:
                 migration.release()
             else:

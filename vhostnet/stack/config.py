@@ -20,6 +20,7 @@ from vhostnet.stack.leases import (
     LeasePool,
     Reservation,
 )
+from vhostnet.wire.ethernet import mac_bytes, mac_str  # noqa: F401 (the stack's MAC helpers)
 from vhostnet.wire.ipv6 import in_prefix
 
 MIN_MTU = 576
@@ -38,18 +39,6 @@ def ip4(text: str) -> bytes:
 def ip4_str(address: bytes) -> str:
     """4 bytes -> dotted quad."""
     return str(ipaddress.IPv4Address(bytes(address)))
-
-
-def mac_bytes(text: str) -> bytes:
-    """"52:56:00:00:00:02" -> 6 bytes."""
-    parts = text.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise ValueError(f"not a MAC address: {text!r}")
-    return bytes(int(p, 16) for p in parts)
-
-
-def mac_str(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
 
 
 @dataclass(frozen=True)

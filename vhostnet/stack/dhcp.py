@@ -1,7 +1,11 @@
-"""DHCPv4 server (RFC 2131/2132) for the single guest, as a sans-IO UDP service on port 67.
+"""DHCPv4 server (RFC 2131/2132) for the guest, as a sans-IO UDP service on port 67.
 
-There is one guest and one address to give: every client is offered
-``config.guest_ipv4``. The server identifier is the gateway address.
+Without a lease pool there is one guest and one address to give: every client is
+offered ``config.guest_ipv4``. With one (``leases``, a ``stack.leases.LeasePool``:
+several guests, or ``--dhcp-host``), a client is offered its MAC's lease, its Host Name
+option is recorded as its name, and the acknowledged address becomes
+``config.guest_ipv4`` (the network's guest address follows the lease). The server
+identifier is the gateway address.
 
 Handled: DISCOVER -> OFFER (or ACK with rapid commit, RFC 4039), REQUEST ->
 ACK / NAK (a REQUEST naming another server is ignored silently), INFORM -> ACK
@@ -24,6 +28,7 @@ from collections.abc import Callable
 
 from vhostnet.stack.config import StackConfig, ip4_str, mac_str
 from vhostnet.stack.counters import Counters
+from vhostnet.stack.leases import LeasePool, PoolExhausted
 from vhostnet.wire.dhcp import (
     ACK,
     CLIENT_PORT,
@@ -80,10 +85,12 @@ class DhcpServer:
     ``send_udp(src, sport, dst, dport, payload, dst_mac=...)`` is the stack's sender.
     """
 
-    def __init__(self, config: StackConfig, counters: Counters, send_udp: SendUdp) -> None:
+    def __init__(self, config: StackConfig, counters: Counters, send_udp: SendUdp,
+                 leases: LeasePool | None = None) -> None:
         self.config = config
         self.counters = counters
         self._send_udp = send_udp
+        self._leases = leases
         # The one lease: which hardware address holds it, until when (informational:
         # the address is the guest's whatever happens, but tests and logs use it).
         self.lease_holder: bytes | None = None
@@ -135,20 +142,24 @@ class DhcpServer:
     def respond(self, request: DhcpMessage, now: float) -> DhcpMessage | None:
         """The reply to ``request`` (None when nothing is to be sent). Sans-IO core."""
         kind = request.message_type
+        if kind in (None, DISCOVER, REQUEST):
+            address = self._address_for(request.chaddr)
+            if address is None:
+                return None
         if kind is None:
             self.counters.inc("dhcp.bootp")
-            return self._reply(request, None, self.config.guest_ipv4, lease=False)
+            return self._reply(request, None, address, lease=False)
         if kind == DISCOVER:
             if OPT_RAPID_COMMIT in request.options:
                 self.counters.inc("dhcp.ack.rapid_commit")
-                self._grant(request, now)
-                reply = self._reply(request, ACK, self.config.guest_ipv4, lease=True)
+                self._grant(request, address, now)
+                reply = self._reply(request, ACK, address, lease=True)
                 reply.options[OPT_RAPID_COMMIT] = b""
                 return reply
             self.counters.inc("dhcp.offer")
-            return self._reply(request, OFFER, self.config.guest_ipv4, lease=True)
+            return self._reply(request, OFFER, address, lease=True)
         if kind == REQUEST:
-            return self._respond_to_request(request, now)
+            return self._respond_to_request(request, address, now)
         if kind == INFORM:
             self.counters.inc("dhcp.inform")
             return self._reply(request, ACK, bytes(4), lease=False)
@@ -166,27 +177,52 @@ class DhcpServer:
         self.counters.drop("dhcp.drop.unexpected_type", f"DHCP: message type {kind} from a client")
         return None
 
-    def _respond_to_request(self, request: DhcpMessage, now: float) -> DhcpMessage | None:
+    def _address_for(self, mac: bytes) -> bytes | None:
+        """The address for the client at ``mac``: the guest's, or its lease (None: the pool
+        is exhausted, no answer)."""
+        if self._leases is None:
+            return self.config.guest_ipv4
+        try:
+            return self._leases.lease_for(mac).ipv4 or self.config.guest_ipv4
+        except PoolExhausted as error:
+            self.counters.drop("dhcp.drop.pool_exhausted", f"DHCP: no lease for "
+                               f"{mac_str(mac)}: {error}")
+            return None
+
+    def _respond_to_request(self, request: DhcpMessage, address: bytes,
+                            now: float) -> DhcpMessage | None:
         server_id = request.options.get(OPT_SERVER_ID)
         if server_id is not None and server_id != self.config.gateway:
             self.counters.inc("dhcp.ignored.other_server")
             return None
         wanted = request.options.get(OPT_REQUESTED_IP, request.ciaddr)
-        if wanted != self.config.guest_ipv4:
+        if wanted != address:
             self.counters.inc("dhcp.nak")
             nak = DhcpMessage(OP_REPLY, request.xid, request.flags | FLAG_BROADCAST, bytes(4),
                               bytes(4), bytes(4), request.giaddr, request.chaddr)
             nak.options = {OPT_MESSAGE_TYPE: bytes((NAK,)), OPT_SERVER_ID: self.config.gateway}
             return nak
         self.counters.inc("dhcp.ack")
-        self._grant(request, now)
-        return self._reply(request, ACK, self.config.guest_ipv4, lease=True)
+        self._grant(request, address, now)
+        return self._reply(request, ACK, address, lease=True)
 
-    def _grant(self, request: DhcpMessage, now: float) -> None:
+    def _grant(self, request: DhcpMessage, address: bytes, now: float) -> None:
         self.lease_holder = request.chaddr
         self.lease_expiry = now + self.config.lease_time
         name = request.options.get(OPT_HOSTNAME)
         self.lease_hostname = name[:MAX_HOSTNAME].decode("ascii", "replace") if name else None
+        if self._leases is None:
+            return
+        if self.lease_hostname:
+            self._leases.set_name(request.chaddr, self.lease_hostname)
+        if address != self.config.guest_ipv4:
+            # One network per guest address: this one's guest is now at its lease (ARP,
+            # NAT and forwarded ports follow).
+            self.counters.inc("dhcp.guest_address_moved")
+            self.counters.log_once("dhcp.guest_address_moved",
+                                   f"DHCP: guest {mac_str(request.chaddr)} leases "
+                                   f"{ip4_str(address)}, the network's guest address now")
+            self.config.guest_ipv4 = address
 
     def describe_lease(self, now: float) -> dict[str, object] | None:
         """The lease for people and tools (control socket): MAC, address, host name,

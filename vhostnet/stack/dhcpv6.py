@@ -1,8 +1,11 @@
-"""DHCPv6 server (RFC 8415) for the single guest, a sans-IO UDP service on port 547.
+"""DHCPv6 server (RFC 8415) for the guest, a sans-IO UDP service on port 547.
 
 One address to give: ``config.guest_ipv6`` (None: the guest uses SLAAC and IA_NAs
 are answered with NoAddrsAvail, while DNS servers and the search list are still
-given). The server's DUID is DUID-LL of the gateway MAC; replies go from the
+given). With a lease pool (``leases``: several guests, or ``--dhcp-host``) the
+address is the IPv6 lease of the client's MAC (``client_mac``: the Ethernet source of
+the message), an address given is recorded as the guest's (``add_ipv6``), and the
+Client FQDN option (39, RFC 4704) names the guest. The server's DUID is DUID-LL of the gateway MAC; replies go from the
 gateway's link-local address to the client's address and port.
 
 Handled: Solicit -> Advertise (preference 255: the client need not wait for
@@ -20,6 +23,7 @@ from collections.abc import Callable
 
 from vhostnet.stack.config import StackConfig, ip6_str
 from vhostnet.stack.counters import Counters
+from vhostnet.stack.leases import LeasePool, PoolExhausted
 from vhostnet.wire.dhcpv6 import (
     ADVERTISE,
     CONFIRM,
@@ -59,6 +63,7 @@ SendUdp6 = Callable[..., None]
 DUID_LL = 3
 HARDWARE_ETHERNET = 1
 INFORMATION_REFRESH_SECONDS = 86400
+OPT_CLIENT_FQDN = 39  # RFC 4704: flags, then the name in DNS wire form (maybe partial)
 # Which types need which: (Server ID required?, Server ID forbidden?, Client ID required?)
 _RULES = {SOLICIT: (False, True, True), REQUEST: (True, False, True),
           CONFIRM: (False, True, True), RENEW: (True, False, True), REBIND: (False, True, True),
@@ -69,10 +74,14 @@ _RULES = {SOLICIT: (False, True, True), REQUEST: (True, False, True),
 class Dhcpv6Server:
     """The UDP service answering guest DHCPv6 (``send_udp6(src, sport, dst, dport, payload)``)."""
 
-    def __init__(self, config: StackConfig, counters: Counters, send_udp6: SendUdp6) -> None:
+    def __init__(self, config: StackConfig, counters: Counters, send_udp6: SendUdp6,
+                 leases: LeasePool | None = None,
+                 client_mac: Callable[[], bytes | None] = lambda: None) -> None:
         self.config = config
         self.counters = counters
         self._send_udp6 = send_udp6
+        self._leases = leases
+        self._client_mac = client_mac
         self.address = link_local_address(config.gateway_mac)
         self.duid = struct.pack("!HH6s", DUID_LL, HARDWARE_ETHERNET, config.gateway_mac)
         names = bytearray()
@@ -135,10 +144,10 @@ class Dhcpv6Server:
                 reply_type = ADVERTISE
                 options.append((OPT_PREFERENCE, b"\xff"))
                 self.counters.inc("dhcpv6.advertise")
-            options += self._addresses(request)
+            options += self._addresses(request, given=reply_type == REPLY)
         elif kind in (REQUEST, RENEW, REBIND):
             self.counters.inc(f"dhcpv6.reply.{_NAMES[kind]}")
-            options += self._addresses(request)
+            options += self._addresses(request, given=True)
         elif kind == CONFIRM:
             confirmed = self._confirm(request)
             if confirmed is None:
@@ -155,9 +164,29 @@ class Dhcpv6Server:
         options += self._configuration
         return Dhcpv6Message(reply_type, request.xid, options)
 
-    def _addresses(self, request: Dhcpv6Message) -> list[tuple[int, bytes]]:
+    def _address_for_client(self, request: Dhcpv6Message, given: bool) -> bytes | None:
+        """The guest's address, or (with a pool) the client MAC's IPv6 lease; an address
+        ``given`` (in a Reply) is recorded as the guest's, with the client's FQDN as name."""
+        mac = self._client_mac()
+        if self._leases is None or mac is None:
+            return self.config.guest_ipv6  # type: ignore[return-value]
+        try:
+            address = self._leases.lease_for(mac).ipv6
+        except PoolExhausted as error:
+            self.counters.drop("dhcpv6.drop.pool_exhausted", f"DHCPv6: no lease: {error}")
+            return None
+        if given and address is not None:
+            self._leases.add_ipv6(mac, address)
+            fqdn = request.get(OPT_CLIENT_FQDN)
+            if fqdn is not None and len(fqdn) > 2 and 0 < fqdn[1] <= len(fqdn) - 2:
+                self._leases.set_name(mac, fqdn[2:2 + fqdn[1]].decode("ascii", "replace"))
+        return address
+
+    def _addresses(self, request: Dhcpv6Message, given: bool) -> list[tuple[int, bytes]]:
         """One IA_NA answer per IA_NA asked: the guest's address, or NoAddrsAvail."""
-        address = self.config.guest_ipv6
+        if not request.ia_nas():
+            return []
+        address = self._address_for_client(request, given)
         lifetime = self.config.lease_time
         answers = []
         for ia in request.ia_nas():

@@ -13,6 +13,11 @@ Commands (``DnsForwarder.commands``, executed by ``hostio.dns.DnsGlue.flush``):
 Events: ``on_upstream_reply(upstream_index, data, now)``, ``on_upstream_error(upstream_index, now)``.
 The header flags and the SERVFAIL builder are in ``vhostnet.wire.dns``.
 
+With a lease pool (``leases``), a query for a name under our domain (``NAME.<domain>``,
+``host.<domain>``, A and AAAA) is answered here from ``LeasePool.resolve``: the
+addresses, none (NOERROR), or NXDOMAIN for a name no guest holds
+(``dns.local.answer``, ``dns.local.nxdomain``); only other names go upstream.
+
 The same forwarder serves ``config.dns6`` port 53 over IPv6 (registered as an IPv6 UDP
 service too): a query's family is its guest address's length, the answer leaves from
 the DNS address of that family. Upstreams of either family serve both.
@@ -28,11 +33,24 @@ from dataclasses import dataclass
 
 from vhostnet.stack.config import DNS_PORT, StackConfig
 from vhostnet.stack.counters import Counters
-from vhostnet.wire.dns import FLAG_QR, HEADER_LEN, servfail_for
+from vhostnet.stack.leases import LeasePool, NxDomain
+from vhostnet.wire.dns import (
+    CLASS_IN,
+    FLAG_QR,
+    HEADER_LEN,
+    OPCODE_MASK,
+    RCODE_NOERROR,
+    RCODE_NXDOMAIN,
+    read_question,
+    reply_to,
+    servfail_for,
+)
 
 ATTEMPT_TIMEOUT = 2.0
 OVERALL_TIMEOUT = 5.0
 MAX_PENDING = 256
+# Seconds a guest may cache a local answer: short, since leases and names change.
+LOCAL_TTL = 10
 
 SendUdp = Callable[..., None]
 
@@ -60,11 +78,12 @@ class DnsForwarder:
     """UDP service for ``config.dns:53`` that relays to the upstream resolvers."""
 
     def __init__(self, config: StackConfig, counters: Counters, send_udp: SendUdp,
-                 send_udp6: SendUdp | None = None) -> None:
+                 send_udp6: SendUdp | None = None, leases: LeasePool | None = None) -> None:
         self.config = config
         self.counters = counters
         self._send_udp = send_udp
         self._send_udp6 = send_udp6
+        self._leases = leases
         self.commands: deque[DnsQuery] = deque()
         self._pending: dict[int, _PendingQuery] = {}
 
@@ -81,6 +100,8 @@ class DnsForwarder:
         if struct.unpack_from("!H", query, 2)[0] & FLAG_QR:
             self.counters.drop("dns.drop.not_query", "DNS response sent by the guest dropped")
             return
+        if self._leases is not None and self._answer_locally(src_ip, src_port, query):
+            return
         if len(self._pending) >= MAX_PENDING:
             self.counters.drop("dns.drop.too_many_pending", "too many DNS queries outstanding")
             return
@@ -89,6 +110,24 @@ class DnsForwarder:
                                 now + OVERALL_TIMEOUT)
         self._pending[pending.upstream_id] = pending
         self._try_next_upstream(pending, now)
+
+    def _answer_locally(self, guest_ip: bytes, guest_port: int, query: bytes) -> bool:
+        """Answer a standard query for a name of our domain from the lease pool; False for
+        any other query (it goes upstream)."""
+        assert self._leases is not None
+        question = read_question(query)
+        if question is None or question[2] != CLASS_IN or struct.unpack_from(
+                "!H", query, 2)[0] & OPCODE_MASK:
+            return False
+        addresses = self._leases.resolve(question[0], question[1])
+        if addresses is None:
+            return False
+        missing = isinstance(addresses, NxDomain)
+        self.counters.inc("dns.local.nxdomain" if missing else "dns.local.answer")
+        self._send_to_guest(guest_ip, guest_port, reply_to(
+            query, RCODE_NXDOMAIN if missing else RCODE_NOERROR, addresses, LOCAL_TTL,
+            authoritative=True))
+        return True
 
     def _new_upstream_id(self) -> int:
         # Random ids; with at most MAX_PENDING of 65536 taken a few draws always suffice,
@@ -115,12 +154,13 @@ class DnsForwarder:
         self._answer(pending, servfail_for(pending.query))
 
     def _answer(self, pending: _PendingQuery, message: bytes) -> None:
-        if len(pending.guest_ip) == 16 and self._send_udp6 is not None:
-            self._send_udp6(self.config.dns6, DNS_PORT, pending.guest_ip, pending.guest_port,
-                            message)
+        self._send_to_guest(pending.guest_ip, pending.guest_port, message)
+
+    def _send_to_guest(self, guest_ip: bytes, guest_port: int, message: bytes) -> None:
+        if len(guest_ip) == 16 and self._send_udp6 is not None:
+            self._send_udp6(self.config.dns6, DNS_PORT, guest_ip, guest_port, message)
         else:
-            self._send_udp(self.config.dns, DNS_PORT, pending.guest_ip, pending.guest_port,
-                           message)
+            self._send_udp(self.config.dns, DNS_PORT, guest_ip, guest_port, message)
 
     # --- host side (called by the glue) -----------------------------------
 

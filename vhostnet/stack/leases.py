@@ -28,6 +28,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from vhostnet.wire.ethernet import mac_bytes, mac_str
+
 TYPE_A = 1
 TYPE_AAAA = 28
 DEFAULT_DOMAIN = "vhostnet.internal"
@@ -157,7 +159,7 @@ class LeasePool:
     def _reserve(self, reservation: Reservation) -> None:
         mac, address = bytes(reservation.mac), bytes(reservation.address)
         if len(mac) != 6 or mac[0] & 1:
-            raise ValueError(f"--dhcp-host {_mac_text(mac)}: not a unicast MAC address")
+            raise ValueError(f"--dhcp-host {mac_str(mac)}: not a unicast MAC address")
         subnet = self._subnet4 if len(address) == 4 else self._subnet6
         text = str(ipaddress.ip_address(address))
         if subnet is None or ipaddress.ip_address(address) not in subnet:
@@ -171,7 +173,7 @@ class LeasePool:
         entry = self._entries.setdefault(mac, _Entry(mac))
         family = "ipv4" if len(address) == 4 else "ipv6"
         if getattr(entry, family) not in (None, address):
-            raise ValueError(f"--dhcp-host {_mac_text(mac)} has two addresses of one family")
+            raise ValueError(f"--dhcp-host {mac_str(mac)} has two addresses of one family")
         setattr(entry, family, address)
         entry.reserved = True
         self._reserved.add(address)
@@ -367,10 +369,6 @@ def _unhex(text: str | None, width: int) -> bytes | None:
     return address
 
 
-def _mac_text(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
-
-
 # --- command-line values (checked here, turned into one sentence by vhostnet.options) ---
 
 
@@ -379,11 +377,8 @@ def parse_dhcp_host(text: str) -> Reservation:
     parts = text.split(",")
     if len(parts) not in (2, 3):
         raise ValueError(f"--dhcp-host {text!r} is not MAC,ADDR[,NAME]")
-    mac_parts = parts[0].strip().split(":")
     try:
-        if len(mac_parts) != 6 or not all(len(p) == 2 for p in mac_parts):
-            raise ValueError
-        mac = bytes(int(p, 16) for p in mac_parts)
+        mac = mac_bytes(parts[0].strip())
     except ValueError:
         raise ValueError(f"--dhcp-host {text!r}: {parts[0]!r} is not a MAC address") from None
     if mac[0] & 1:

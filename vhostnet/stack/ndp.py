@@ -5,8 +5,8 @@ the dispatcher (``NetworkStack``):
 
 - Neighbour Solicitation: answered (Neighbour Advertisement with our MAC) for the
   gateway (global and link-local), the DNS address, the host-loopback address and
-  every other address of the on-link prefix or fe80::/64 except the guest's own,
-  as ARP is answered. A duplicate address detection probe (source ::) is answered
+  every other address of the on-link prefix or fe80::/64 except the guest's own and
+  (with a lease pool, ``leases``) those another guest holds, as ARP is answered. A duplicate address detection probe (source ::) is answered
   only for our own addresses; its target is learned as the guest's.
 - Neighbour Advertisement: the guest's MAC and address are learned.
 - Router Solicitation: answered with a Router Advertisement (config.ra): the
@@ -27,6 +27,7 @@ from typing import Protocol
 
 from vhostnet.stack.config import StackConfig
 from vhostnet.stack.counters import Counters
+from vhostnet.stack.leases import LeasePool
 from vhostnet.wire.dns import encode_dns_name
 from vhostnet.wire.errors import MalformedPacket
 from vhostnet.wire.icmpv6 import (
@@ -91,10 +92,12 @@ class Ipv6Link(Protocol):
 class NdpEngine:
     """NDP responder and router for the one guest (ICMPv6 types 133-137)."""
 
-    def __init__(self, config: StackConfig, counters: Counters, link: Ipv6Link) -> None:
+    def __init__(self, config: StackConfig, counters: Counters, link: Ipv6Link,
+                 leases: LeasePool | None = None) -> None:
         self.config = config
         self.counters = counters
         self._link = link
+        self._leases = leases
         self.link_local = link_local_address(config.gateway_mac)
         self._own = {config.gateway6, config.dns6, self.link_local}
         if config.map_host_loopback6 is not None:
@@ -153,7 +156,7 @@ class NdpEngine:
         if not self.config.ndp:
             self.counters.inc("ndp.drop.ndp_off")
             return
-        if not self._answers_for(target):
+        if not self._answers_for(target, src_mac):
             self.counters.inc("ndp.ignored")
             return
         if packet.src == UNSPECIFIED:  # the guest probes one of ours: it is in use
@@ -165,11 +168,14 @@ class NdpEngine:
         self._send(target, dst, NEIGHBOR_ADVERTISEMENT, body, dst_mac)
         self.counters.inc("ndp.neighbor_advertisement")
 
-    def _answers_for(self, target: bytes) -> bool:
+    def _answers_for(self, target: bytes, src_mac: bytes) -> bool:
         if target in self._own:
             return True
         if self._link.is_guest_ipv6(target) or target == self.config.guest_ipv6:
             return False  # the guest's own: stay silent so its duplicate detection passes
+        if self._leases is not None and self._leases.held_by_other(src_mac, target):
+            self.counters.inc("ndp.ignored.other_guest")  # that guest answers for itself
+            return False
         return is_link_local(target) or self.config.in_prefix6(target)
 
     def _on_neighbor_advertisement(self, ndp: NdpMessage, src_mac: bytes) -> None:
@@ -205,7 +211,7 @@ class NdpEngine:
         flags = 0
         if config.dhcpv6:
             flags |= RA_OTHER
-            if config.guest_ipv6 is not None:
+            if config.guest_ipv6 is not None or self._leases is not None:
                 flags |= RA_MANAGED
         prefix_flags = PREFIX_ON_LINK
         if config.prefix6_len == SLAAC_PREFIX_LEN:

@@ -7,7 +7,8 @@ the device drains into the RX ring after each event-loop callback.
 Per-protocol work is delegated:
 
 - ARP is answered here (it is a few lines): every address in the guest's subnet
-  except the guest's own, plus the gateway and DNS addresses, is "at" the gateway MAC;
+  except the guest's own (and another guest's, with a lease pool), plus the gateway
+  and DNS addresses, is "at" the gateway MAC;
 - IPv4 protocol handlers: whatever ``set_protocol_handler`` registers (ICMP, TCP);
 - UDP: services first (``add_udp_service``: DHCP, DNS, TFTP), then the generic
   NAT (``udp_nat``), if one is set;
@@ -43,6 +44,7 @@ from vhostnet.stack.dhcpv6 import Dhcpv6Server
 from vhostnet.stack.dns import DnsForwarder
 from vhostnet.stack.fragments import Reassembler
 from vhostnet.stack.icmp import IcmpEngine
+from vhostnet.stack.leases import LeasePool
 from vhostnet.stack.ndp import NdpEngine
 from vhostnet.stack.udp_nat import UdpNat
 from vhostnet.wire import arp, ethernet
@@ -128,8 +130,10 @@ class UdpService(Protocol):
 class NetworkStack:
     """The sans-IO user-mode network: guest frames in, guest frames and host commands out."""
 
-    def __init__(self, config: StackConfig) -> None:
+    def __init__(self, config: StackConfig, leases: LeasePool | None = None) -> None:
         self.config = config
+        # Several guests (or --dhcp-host): their addresses and names; None: one guest.
+        self.leases = leases
         # Shared by the stack and its engines (ICMP, DHCP, DNS, UDP NAT count here too).
         self.stats = Counters(log)
         self.frames_to_guest: deque[bytes] = deque()
@@ -253,18 +257,20 @@ class NetworkStack:
         if packet.op != arp.OP_REQUEST:
             self.stats.inc("arp.learned")
             return
-        if self._answers_arp_for(packet.target_ip):
+        if self._answers_arp_for(packet.target_ip, eth.src):
             self.frames_to_guest.append(arp.arp_reply_frame(packet, self.config.gateway_mac))
             self.stats.inc("arp.reply")
         else:
             self.stats.inc("arp.ignored")
 
-    def _answers_arp_for(self, target: bytes) -> bool:
+    def _answers_arp_for(self, target: bytes, asking: bytes) -> bool:
         config = self.config
         if target in (config.gateway, config.dns):
             return True
         if target in (config.guest_ipv4, self.guest_ipv4):
             return False  # the guest's own address: stay silent so duplicate detection passes
+        if self.leases is not None and self.leases.held_by_other(asking, target):
+            return False  # another guest's: it answers for itself
         if not config.in_guest_subnet(target):
             return False
         host_bits = int.from_bytes(target, "big") & ~int.from_bytes(config.netmask, "big")
@@ -421,6 +427,8 @@ class NetworkStack:
         known[address] = None
         if not is_link_local(address):
             self.guest_ipv6 = address
+        if self.leases is not None:
+            self.leases.add_ipv6(mac, address)
         self.stats.inc("ipv6.guest_address_learned")
 
     def is_guest_ipv6(self, address: bytes) -> bool:

@@ -29,10 +29,12 @@ __all__ = ["Switch"]
 
 log = logging.getLogger(__name__)
 
-# What one port's outgoing batch holds: a few RX rings' worth of frames (a 64 KiB
-# super-frame to a port with TSO takes one entry).
-OUTGOING_FRAMES = 1024
-OUTGOING_BYTES = 8 << 20
+# What one port's outgoing batch holds: a whole TX batch of 64 KiB super-frames (256 of
+# them, 16 MiB) for a port with TSO, or 8192 segments for one without. The storage is
+# allocated untouched; frames are written from its start again once the port took them
+# all, so only as much of it becomes resident as the port lets wait.
+OUTGOING_FRAMES = 8192
+OUTGOING_BYTES = 24 << 20
 
 
 class Switch:

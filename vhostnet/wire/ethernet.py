@@ -42,3 +42,16 @@ def emit_ethernet(dst: bytes, src: bytes, ethertype: int, payload: bytes | bytea
 def is_multicast(mac: bytes) -> bool:
     """True for group addresses (broadcast included): the I/G bit of the first octet."""
     return bool(mac[0] & 1)
+
+
+def mac_bytes(text: str) -> bytes:
+    """"52:56:00:00:00:02" -> 6 bytes; ``ValueError`` for anything else."""
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"not a MAC address: {text!r}")
+    return bytes(int(p, 16) for p in parts)
+
+
+def mac_str(mac: bytes) -> str:
+    """6 bytes -> "52:56:00:00:00:02"."""
+    return ":".join(f"{b:02x}" for b in mac)
