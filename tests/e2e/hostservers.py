@@ -304,12 +304,13 @@ def _answer_get_of(conn: socket.socket, request: bytes, name: str) -> bool:
 
 
 class HttpFileServer(_AcceptLoopServer):
-    """HTTP/1.0: ``GET /<name>`` returns the generated file, anything else 404."""
+    """HTTP/1.0: ``GET /<name>`` returns the generated file, anything else 404. ``port``: one
+    chosen beforehand (``free_port()``), for a guest that polls until the test serves it."""
 
-    def __init__(self, name: str, data: bytes, host: str = LOOPBACK) -> None:
+    def __init__(self, name: str, data: bytes, host: str = LOOPBACK, port: int = 0) -> None:
         self.name, self.data = name, data
         self.transfers: list[Transfer] = []
-        self._loop = _AcceptLoop(self._serve, host=host)
+        self._loop = _AcceptLoop(self._serve, port, host)
         self.port = self._loop.port
 
     def _serve(self, conn: socket.socket) -> None:

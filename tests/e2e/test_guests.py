@@ -62,6 +62,8 @@ BROADCAST = "10.0.2.255"
 GATEWAY_MAC = "52:56:00:00:00:02"  # QEMU's, vhostnet's default -M
 FORWARD_PORT = 8081              # guest 2's listener for the run-time forward
 TRANSFER_PORT = 5001             # guest 2's `nc -l -e sha256sum`
+HELD_PORT = 5002                 # guest 2's listener for guest 3's transfer held over the kill
+HELD_MIB = 8                     # half of it goes before the kill, the rest after the restart
 TRANSFER_MIB = 20
 TRANSFER_LIMIT = 240             # seconds for the whole transfer, retries included
 DOWNLOAD_BYTES = 4 * 1024 * 1024
@@ -195,10 +197,11 @@ def guest1_script(http_port: int) -> str:
 
 
 def listeners() -> str:
-    """Guest 2's listeners: the transfer's (answers the sha256 of what came) and the forward's
+    """Guest 2's listeners: the two transfers' (answer the sha256 of what came) and the forward's
     (answers ANSWER; RESULT got= what the host sent, once the connection is over)."""
     return f"""
 timeout 600 nc -l -p {TRANSFER_PORT} -e sha256sum &
+timeout 900 nc -l -p {HELD_PORT} -e sha256sum &
 (echo '{ANSWER}' | timeout 900 nc -l -p {FORWARD_PORT} > /tmp/got
  echo "RESULT got=$(cat /tmp/got)") &
 """
@@ -223,7 +226,24 @@ def guest2_script(http_port: int, paced_port: int) -> str:
             + download(http_port, "download_sha256") + paced_download(paced_port) + IDLE)
 
 
-def guest3_script() -> str:
+def held_transfer(trigger_port: int) -> str:
+    """Guest 3 to guest 2 over one TCP connection that spans guest 1's kill and restart: half
+    the data, RESULT held_half_sent, then the rest once the test serves `trigger_port`."""
+    half = HELD_MIB * 1024 * 1024 // 2
+    return f"""
+dd if=/dev/urandom of=/tmp/held bs=1M count={HELD_MIB} 2>/dev/null
+echo "RESULT held_sha256=$(sha256sum /tmp/held | cut -d' ' -f1)"
+(
+    head -c {half} /tmp/held
+    echo "RESULT held_half_sent=1" >&2
+    wait_until 600 wget -q -O /dev/null http://{GATEWAY}:{trigger_port}/go
+    tail -c +{half + 1} /tmp/held
+) | timeout 900 nc {ADDRESSES[2]} {HELD_PORT} > /tmp/held.sum
+echo "RESULT held_peer_sha256=$(cut -d' ' -f1 /tmp/held.sum)"
+"""
+
+
+def guest3_script(trigger_port: int) -> str:
     return (join_lan("guest3") + WAIT_FOR_SLAAC
             + reach(ADDRESSES[1], "ping_guest1_address", tries=PEER_WAIT)
             + reach(name(1), "ping_guest1_name")
@@ -235,7 +255,7 @@ ping -c 3 -W 5 {BROADCAST} > /tmp/bcast.out 2>&1
 cat /tmp/bcast.out
 echo "RESULT broadcast_repliers=$(sed -n 's/^[0-9]* bytes from \\([0-9.]*\\):.*/\\1/p' \\
     /tmp/bcast.out | sort -u | tr '\\n' ' ')"
-""" + IDLE)
+""" + held_transfer(trigger_port) + IDLE)
 
 
 def restarted_guest1_script() -> str:
@@ -254,6 +274,7 @@ class Lan:
     guests: dict[int, QemuGuest]
     http: HttpFileServer
     paced_port: int
+    trigger_port: int
     boots: int = 0
 
     def start_guest(self, index: int, version: str, script: str, **kwargs: Any) -> QemuGuest:
@@ -301,7 +322,7 @@ def lan(kit: Kit) -> Iterator[Lan]:
          "--dhcp-host", f"{MACS[2]},{ADDRESSES[2]},guest2"),
         folder / "vhostnet.log")
     http = HttpFileServer("small.bin", generated_bytes(DOWNLOAD_BYTES, DOWNLOAD_SEED))
-    lan = Lan(server, control, kit, folder, {}, http, free_port())
+    lan = Lan(server, control, kit, folder, {}, http, free_port(), free_port())
     try:
         try:
             server.start()
@@ -334,26 +355,26 @@ def guest3(lan: Lan) -> QemuGuest:
     """Guest 3 (7.2, stream) boots once guest 1 holds its lease: the next free one is known."""
     if 3 not in lan.guests:
         lan.result(1, "ip4", BOOT_TIMEOUT)
-        lan.start_guest(3, "7.2", guest3_script(), stream=True)
+        lan.start_guest(3, "7.2", guest3_script(lan.trigger_port), stream=True)
     return lan.guests[3]
 
 
-def entries_of(reply: Any, mac: str) -> list[dict[str, Any]]:
-    """Every object in a control answer that carries `mac` (whatever the answer's layout)."""
-    found: list[dict[str, Any]] = []
-    if isinstance(reply, dict):
-        if str(reply.get("mac", "")).lower() == mac:
-            found.append(reply)
-        for value in reply.values():
-            found += entries_of(value, mac)
-    elif isinstance(reply, list):
-        for value in reply:
-            found += entries_of(value, mac)
-    return found
+def by_mac(lan: Lan, command: str) -> dict[str, dict[str, Any]]:
+    """`vhostnet ctl CONTROL --json guests|leases` as {MAC: entry}; each MAC listed once."""
+    entries = lan.ctl_json(command)[command]
+    macs = [entry["mac"] for entry in entries]
+    assert len(macs) == len(set(macs)), f"a MAC listed twice by {command}: {entries}"
+    return {entry["mac"]: entry for entry in entries}
 
 
-def mentions(entries: list[dict[str, Any]], text: str) -> bool:
-    return any(text in json.dumps(entry) for entry in entries)
+def check_listed(lan: Lan, index: int) -> None:
+    """Guest `index` appears in `guests` and `leases`: its address, name, connected."""
+    guest, lease = by_mac(lan, "guests").get(MACS[index]), by_mac(lan, "leases").get(MACS[index])
+    assert guest is not None and lease is not None, (guest, lease)
+    assert (guest["ipv4"], guest["name"], guest["connected"]) == (
+        ADDRESSES[index], f"guest{index}", True), guest
+    assert (lease["ipv4"], lease["name"], lease["connected"]) == (
+        ADDRESSES[index], f"guest{index}", True), lease
 
 
 # --- the tests, in the order the guests get there -----------------------------------
@@ -366,12 +387,9 @@ def test_each_guest_gets_its_own_lease(lan: Lan) -> None:
     for index in (1, 2):
         assert lan.result(index, "slaac") == "ok"
         assert lan.result(index, "address6") == slaac_address(MACS[index])
-    guests = lan.ctl_json("guests")
-    leases = lan.ctl_json("leases")
     for index in (1, 2):
-        assert mentions(entries_of(guests, MACS[index]), ADDRESSES[index]), guests
-        assert mentions(entries_of(leases, MACS[index]), ADDRESSES[index]), leases
-        assert mentions(entries_of(leases, MACS[index]), f"guest{index}"), leases
+        check_listed(lan, index)
+    assert by_mac(lan, "leases")[MACS[2]]["reserved"] is True
     table = ctl(lan.control, "guests")
     assert MACS[1] in table and MACS[2] in table, table
 
@@ -426,7 +444,7 @@ def test_stream_guest_on_qemu_7_2_joins_and_reaches_both(lan: Lan) -> None:
     repliers = lan.result(3, "broadcast_repliers").split()
     assert ADDRESSES[1] in repliers and ADDRESSES[2] in repliers, repliers
     assert "stream front-end (-netdev stream)" in lan.server.log_text()
-    assert mentions(entries_of(lan.ctl_json("leases"), MACS[3]), ADDRESSES[3])
+    check_listed(lan, 3)
 
 
 def test_forward_to_guest2_added_and_removed_at_run_time(lan: Lan) -> None:
@@ -446,8 +464,11 @@ def test_forward_to_guest2_added_and_removed_at_run_time(lan: Lan) -> None:
     assert lan.result(2, "got") == "hello from the host"
 
 
-def test_guest_killed_and_restarted_leaves_the_others_transfer_whole(lan: Lan) -> None:
+def test_guest_killed_and_restarted_leaves_the_others_transfers_whole(lan: Lan) -> None:
+    """Guest 1 is SIGKILLed and rebooted while two TCP transfers are held half way: guest 2's
+    download from a paced host server and guest 3's upload to guest 2 (through the switch)."""
     lan.result(2, "download_sha256")  # guest 2 is at its paced download
+    lan.result(3, "held_half_sent")
     data = generated_bytes(PACED_BYTES, PACED_SEED)
     with PacedHttpServer("paced.bin", data, PACED_SECONDS, hold_at=PACED_BYTES // 2,
                          port=lan.paced_port) as paced:
@@ -463,8 +484,12 @@ def test_guest_killed_and_restarted_leaves_the_others_transfer_whole(lan: Lan) -
         assert not paced.finished.is_set(), "the download was not in flight during the kill"
         restarted = lan.start_guest(1, "10.0", restarted_guest1_script())
         assert lan.result(1, "ip4", BOOT_TIMEOUT) == ADDRESSES[1], restarted.log_tail()
+        assert "held_peer_sha256" not in lan.guests[3].results()
         paced.release()
-        assert lan.result(2, "paced_sha256", STEP_TIMEOUT) == sha256_hex(data)
+        with HttpFileServer("go", b"go\n", port=lan.trigger_port):
+            assert lan.result(2, "paced_sha256", STEP_TIMEOUT) == sha256_hex(data)
+            assert lan.result(3, "held_peer_sha256", STEP_TIMEOUT) == lan.result(3, "held_sha256")
         assert paced.requests == 1, "guest 2's download was broken and retried"
     assert lan.result(1, "ping4_name") == "ok"
-    assert mentions(entries_of(lan.ctl_json("guests"), MACS[1]), ADDRESSES[1])
+    check_listed(lan, 1)
+    assert [entry["connected"] for entry in by_mac(lan, "guests").values()] == [True] * 3
