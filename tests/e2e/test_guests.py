@@ -10,13 +10,16 @@ control socket. On it, booted once for the whole module:
   pool's next free address is known), host name ``guest3``.
 
 The module's tests then read what the guests printed, in this order: different leases (and
-``vhostnet ctl guests``/``leases``); pings between guests 1 and 2 by address and by name, IPv4
-and IPv6; ARP broadcasts answered by the peer and by the guest's own router; a 20 MiB
+``vhostnet ctl guests``/``leases``: address, name, connected); pings between guests 1 and 2 by
+address and by name, IPv4 and IPv6; ``host.vhostnet.internal``; ARP requests answered by the
+peer itself (not by the guest's own router) and by the router for the gateway; a 20 MiB
 guest-to-guest transfer checked by sha256 (the receiver's ``nc -e sha256sum`` answers the
-digest); a download from a host server by each guest; guest 3 reaching the other two and a
-broadcast ping answered by both; a forward to guest 2 added and removed with ``vhostnet ctl``;
-guest 1 killed (SIGKILL) and restarted while guest 2 downloads from a paced host server: the
-download's sha256 is whole, and guest 1 gets its old lease back.
+digest); a download from a host server by each guest; guest 3 reaching the other two (ARP,
+ping by address and name, a broadcast ping answered by both); a fourth front-end refused while
+the three stay; a forward to guest 2 added and removed with ``vhostnet ctl``; guest 1 killed
+(SIGKILL) and restarted while two transfers are held half way (guest 2's download from a paced
+host server, guest 3's upload to guest 2): both end whole (sha256), and guest 1 gets its old
+lease back.
 
 A guest script waits for its peers with bounded retries (``wait_until``), so boot order and
 speed do not matter; every wait here is bounded too.
@@ -29,6 +32,7 @@ import ipaddress
 import json
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -447,6 +451,20 @@ def test_stream_guest_on_qemu_7_2_joins_and_reaches_both(lan: Lan) -> None:
     check_listed(lan, 3)
 
 
+def test_a_fourth_front_end_is_refused_and_the_others_stay(lan: Lan) -> None:
+    """All three ports taken: a fourth front-end is closed at once with one log line."""
+    guest3(lan)
+    lan.result(3, "held_half_sent", BOOT_TIMEOUT + STEP_TIMEOUT)  # all three are on the switch
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as fourth:
+        fourth.settimeout(10)
+        fourth.connect(str(lan.server.socket_path))
+        assert fourth.recv(1) == b"", "the fourth front-end was not closed"
+    assert "all 3 guest ports are in use" in lan.server.log_text()
+    stats = lan.ctl_json("stats")["counters"]
+    assert [value for key, value in stats.items() if key.endswith("refused_full")] == [1], stats
+    assert [entry["connected"] for entry in by_mac(lan, "guests").values()] == [True] * 3
+
+
 def test_forward_to_guest2_added_and_removed_at_run_time(lan: Lan) -> None:
     lan.result(2, "ip4", BOOT_TIMEOUT)
     host_port = free_port()
@@ -467,8 +485,9 @@ def test_forward_to_guest2_added_and_removed_at_run_time(lan: Lan) -> None:
 def test_guest_killed_and_restarted_leaves_the_others_transfers_whole(lan: Lan) -> None:
     """Guest 1 is SIGKILLed and rebooted while two TCP transfers are held half way: guest 2's
     download from a paced host server and guest 3's upload to guest 2 (through the switch)."""
-    lan.result(2, "download_sha256")  # guest 2 is at its paced download
-    lan.result(3, "held_half_sent")
+    guest3(lan)
+    lan.result(2, "download_sha256", BOOT_TIMEOUT)  # guest 2 is at its paced download
+    lan.result(3, "held_half_sent", BOOT_TIMEOUT + STEP_TIMEOUT)
     data = generated_bytes(PACED_BYTES, PACED_SEED)
     with PacedHttpServer("paced.bin", data, PACED_SECONDS, hold_at=PACED_BYTES // 2,
                          port=lan.paced_port) as paced:
