@@ -313,12 +313,13 @@ def _answer_get_of(conn: socket.socket, request: bytes, name: str) -> bool:
 
 
 class HttpFileServer(_AcceptLoopServer):
-    """HTTP/1.0: ``GET /<name>`` returns the generated file, anything else 404."""
+    """HTTP/1.0: ``GET /<name>`` returns the generated file, anything else 404. ``port``: one
+    chosen beforehand (``free_port()``), for a guest that polls until the test serves it."""
 
-    def __init__(self, name: str, data: bytes, host: str = LOOPBACK) -> None:
+    def __init__(self, name: str, data: bytes, host: str = LOOPBACK, port: int = 0) -> None:
         self.name, self.data = name, data
         self.transfers: list[Transfer] = []
-        self._loop = _AcceptLoop(self._serve, host=host)
+        self._loop = _AcceptLoop(self._serve, port, host)
         self.port = self._loop.port
 
     def _serve(self, conn: socket.socket) -> None:
@@ -344,13 +345,15 @@ class PacedHttpServer(_AcceptLoopServer):
     out until ``release()`` (or IO_TIMEOUT), so a transfer can be made to span
     an event of unknown duration such as a live migration. ``half_closed``: the
     answer waits for the client's FIN after the request (``client_closed`` is set
-    then), so the whole body travels over a half-closed connection.
+    then), so the whole body travels over a half-closed connection. ``port``: a
+    port chosen beforehand (``free_port()``), so a guest that retries connecting
+    starts its download only when the test starts the server.
     """
 
     CHUNK = 64 * 1024
 
     def __init__(self, name: str, data: bytes, seconds: float, hold_at: int,
-                 host: str = LOOPBACK, half_closed: bool = False) -> None:
+                 host: str = LOOPBACK, half_closed: bool = False, port: int = 0) -> None:
         self.name, self.data, self.seconds, self.hold_at = name, data, seconds, hold_at
         self.half_closed = half_closed
         self.sent = 0
@@ -358,7 +361,7 @@ class PacedHttpServer(_AcceptLoopServer):
         self.finished = threading.Event()
         self.client_closed = threading.Event()
         self._gate = threading.Event()
-        self._loop = _AcceptLoop(self._serve, host=host)
+        self._loop = _AcceptLoop(self._serve, port, host)
         self.port = self._loop.port
 
     def release(self) -> None:
