@@ -123,6 +123,26 @@ def test_libvirt_9_passes_the_guest_mac_and_sigterm_cleans_up(tmp_path: Path, re
     _wait_gone(pid, sock, pid_file, sock.with_name("s.repair"))
 
 
+def test_no_default_repair_socket_that_nobody_could_remove(tmp_path_factory, reaped) -> None:
+    """libvirt's stream launch (no --vhost-user) as root in a folder of root's: vhostnet,
+    about to run as nobody, could not remove SOCKET.repair at exit and libvirt removes only
+    the socket and pid file, so there is none (passt makes none without --vhost-user);
+    with --vhost-user it is made, as passt makes it. Not started as root, vhostnet stays
+    who it is and can always remove it: then it is made either way."""
+    for vhost_user, made in ((), os.geteuid() != 0), (("--vhost-user",), True):
+        folder = tmp_path_factory.mktemp("root-only")
+        os.chmod(folder, 0o700)
+        sock, pid_file = folder / "s", folder / "pid"
+        result = _launch(["--one-off", "--socket", str(sock), "--pid", str(pid_file),
+                          *vhost_user])
+        assert result.returncode == 0, result.stderr
+        pid = _pid(pid_file)
+        reaped.append(pid)
+        assert sock.with_name("s.repair").exists() == made
+        os.kill(pid, signal.SIGTERM)
+        _wait_gone(pid)
+
+
 def test_qemu_10_1_argv_serves_the_fd_3_socketpair(tmp_path: Path, reaped) -> None:
     pid_file = tmp_path / "passt.pid"
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

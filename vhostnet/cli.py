@@ -15,6 +15,7 @@ import os
 import resource
 import signal
 import socket
+import stat
 import sys
 import weakref
 
@@ -160,8 +161,16 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
     # Created whether or not we have CAP_NET_ADMIN, as passt does: whoever starts
     # passt-repair for a migration (KubeVirt's virt-handler, a script written for
     # passt) does not know our privileges, and passt-repair fails on a missing path.
+    # Except without --vhost-user (libvirt's stream launch, where passt makes none
+    # either) when the user we are about to become could not remove the file at exit:
+    # libvirt removes only the socket and the pid file.
     helper = None
     repair_path = repair_socket_path(args)
+    if repair_path is not None and args.repair_path is None and runas is not None \
+            and not args.vhost_user and not _removable_by(repair_path, *runas):
+        log.info("no default repair socket: uid %d could not remove %s at exit "
+                 "(--repair-path or --vhost-user creates it)", runas[0], repair_path)
+        repair_path = None
     if repair_path is not None:
         try:
             helper = HelperLink(repair_path, loop)
@@ -286,6 +295,22 @@ def _drop_privileges(args: argparse.Namespace, runas: tuple[int, int] | None) ->
     if not args.no_icmp and not sandbox.ping_sockets_allowed():
         log.warning("ICMP echo beyond vhostnet's own addresses needs group %d in sysctl "
                     "net.ipv4.ping_group_range", os.getegid())
+
+
+def _removable_by(path: str, uid: int, gid: int) -> bool:
+    """Whether ``uid``/``gid`` may unlink a root-owned file ``path`` (its folder's mode
+    bits; ACLs aside): write access to the folder, and its sticky bit not in the way."""
+    try:
+        folder = os.stat(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return False
+    if folder.st_uid == uid:
+        writable = bool(folder.st_mode & stat.S_IWUSR)
+    elif folder.st_gid == gid:
+        writable = bool(folder.st_mode & stat.S_IWGRP)
+    else:
+        writable = bool(folder.st_mode & stat.S_IWOTH)
+    return writable and (not folder.st_mode & stat.S_ISVTX or folder.st_uid == uid)
 
 
 def _remove_socket(listener: socket.socket, path: str) -> None:
