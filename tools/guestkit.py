@@ -60,9 +60,12 @@ QEMU10_SUITE = "bookworm-backports"
 QEMU10_PACKAGES = ("qemu-system-x86", "qemu-system-common", "qemu-system-data", "qemu-system-gui")
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 # libvirt 11.3 (passt back-end in stream and vhost-user mode) comes from the same suite; it
-# runs on bookworm's libraries (the system libvirt 9.0 packages pull them in).
+# runs on bookworm's libraries (the system libvirt 9.0 packages pull them in). With it, QEMU
+# 10.0's OpenGL and SPICE modules: libvirt's probe loads every module, and QEMU looks for one
+# missing from its own folder in the system's 7.2 folder, which makes it abort.
 LIBVIRT11_PACKAGES = ("libvirt0", "libvirt-common", "libvirt-daemon", "libvirt-daemon-common",
-                      "libvirt-daemon-log", "libvirt-daemon-driver-qemu", "libvirt-clients")
+                      "libvirt-daemon-log", "libvirt-daemon-driver-qemu", "libvirt-clients",
+                      "qemu-system-modules-opengl", "qemu-system-modules-spice")
 # passt's passt-repair, and the C library it needs, come from trixie.
 PASST_SUITE = "trixie"
 PASST_PACKAGES = ("passt", "libc6")
@@ -504,6 +507,11 @@ class Libvirt11:
         """Its default /etc/libvirt."""
         return self.root / "etc/libvirt"
 
+    @property
+    def qemu10_modules(self) -> Path:
+        """QEMU 10.0's modules that the kit's QEMU 10.0 lacks (see LIBVIRT11_PACKAGES)."""
+        return self.libdir / "qemu"
+
     def environment(self) -> dict[str, str]:
         return {"LD_LIBRARY_PATH": str(self.libdir)}
 
@@ -514,7 +522,8 @@ def fetch_libvirt11(cache_dir: Path = DEFAULT_CACHE_DIR) -> Libvirt11:
     cache_dir = Path(cache_dir).resolve()
     libvirt = Libvirt11(cache_dir / "libvirt11")
     with _locked(cache_dir):
-        if libvirt.libvirtd.exists() and libvirt.virsh.exists():
+        if all(path.exists() for path in (libvirt.libvirtd, libvirt.virsh,
+                                          libvirt.qemu10_modules)):
             return libvirt
 
         def check(unpacked: Path) -> None:

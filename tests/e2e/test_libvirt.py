@@ -89,6 +89,7 @@ PASST_WRAPPER = """#!/bin/sh
 cd {repo} && exec {python} -m vhostnet "$@"
 """
 # The unpacked QEMU 10.0 as libvirt's <emulator>: its modules and firmware, as tools/qemu.py.
+# Its module folder holds links to the kit's modules and to the ones libvirt's kit adds.
 EMULATOR_WRAPPER = """#!/bin/sh
 export QEMU_MODULE_DIR={module_dir}
 exec {binary} {data_dir_args} "$@"
@@ -434,6 +435,15 @@ def _run_domain(libvirtd: Libvirtd, kit: Kit, e2e_tmp: Path, emulator: Path, int
     return passt_args, qemu_log, vhostnet_log
 
 
+def _print_netdev(qemu_log: str, kind: str) -> None:
+    """Finds and prints QEMU's -netdev of type ``kind`` (JSON or key=value, as libvirt writes
+    it for that QEMU)."""
+    netdev = re.search(rf"-netdev (?:'\{{[^']*\"type\":\"{kind}\"[^']*\}}'|{kind},\S*)",
+                       qemu_log)
+    assert netdev, f"no -netdev {kind} in QEMU's command line:\n{qemu_log[-3000:]}"
+    print(f"QEMU: {netdev.group(0)}")
+
+
 def test_libvirt_passt_stream(libvirt11: Libvirt11 | str, kit: Kit,
                               e2e_tmp: Path) -> None:
     """libvirt 11.3 and bookworm's QEMU 7.2: ``-netdev stream`` on vhostnet's socket."""
@@ -444,10 +454,7 @@ def test_libvirt_passt_stream(libvirt11: Libvirt11 | str, kit: Kit,
         passt_args, qemu_log, vhostnet_log = _run_domain(libvirtd, kit, e2e_tmp, SYSTEM_QEMU,
                                                          STREAM_INTERFACE)
         assert "--vhost-user" not in passt_args
-        netdev = re.search(r"-netdev (?:'\{[^']*\"type\":\"stream\"[^']*\}'|stream,\S*)",
-                           qemu_log)
-        assert netdev, qemu_log[-3000:]
-        print(f"QEMU: {netdev.group(0)}")
+        _print_netdev(qemu_log, "stream")
         assert "stream front-end (-netdev stream)" in vhostnet_log, vhostnet_log[-3000:]
 
 
@@ -459,14 +466,19 @@ def test_libvirt_passt_vhost_user(libvirt11: Libvirt11 | str, kit: Kit,
             else f"QEMU 10.0 is unavailable: {kit.qemu10_reason}"
         print(reason)
         pytest.skip(reason)
+    modules = e2e_tmp / "qemu-modules"
+    modules.mkdir()
+    for module in (*kit.qemu10.module_dir.glob("*.so"), *libvirt11.qemu10_modules.glob("*.so")):
+        if not (modules / module.name).exists():
+            (modules / module.name).symlink_to(module)
     emulator = e2e_tmp / "qemu-system-x86_64"
     emulator.write_text(EMULATOR_WRAPPER.format(
-        module_dir=kit.qemu10.module_dir, binary=kit.qemu10.binary,
+        module_dir=modules, binary=kit.qemu10.binary,
         data_dir_args=" ".join(kit.qemu10.data_dir_args())))
     emulator.chmod(0o755)
     with running_libvirtd(e2e_tmp / "libvirt", libvirt11) as libvirtd:
         passt_args, qemu_log, vhostnet_log = _run_domain(libvirtd, kit, e2e_tmp, emulator,
                                                          VHOST_USER_INTERFACE, SHARED_MEMORY)
         assert "--vhost-user" in passt_args
-        assert "vhost-user" in qemu_log, qemu_log[-3000:]
+        _print_netdev(qemu_log, "vhost-user")
         assert "vhost-user front-end" in vhostnet_log, vhostnet_log[-3000:]
