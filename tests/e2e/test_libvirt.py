@@ -399,7 +399,8 @@ def _run_domain(libvirtd: Libvirtd, kit: Kit, e2e_tmp: Path, emulator: Path, int
                 and PASST_REJECTED in defined.stderr:
             # Debian bookworm's libvirt 9.0.0 (libvirt issue 462): it has the passt code but
             # its XML parser refuses the backend, so it never starts a passt.
-            pytest.xfail(f"this libvirt cannot run a passt back-end: {defined.stderr.strip()}")
+            pytest.xfail("libvirt 11.3 could not be had, and the system's libvirt cannot run a "
+                         f"passt back-end: {defined.stderr.strip()}")
         assert defined.returncode == 0, defined.stderr + libvirtd.diagnosis()
         libvirtd.virsh("start", DOMAIN)
         passt_dir = libvirtd.state_dir("run") / "qemu" / "passt"
