@@ -30,15 +30,17 @@ Skipped, with the reason, only where libvirt or QEMU is not installed.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -144,9 +146,21 @@ sleep 600
 """
 
 
-STREAM_INTERFACE = """<interface type='user'>
-      <mac address='{mac}'/>
-      <backend type='passt' logFile='{log}'/>
+# The rest of libvirt's argument list too: --interface, --address/--netmask (the guest's
+# usual address) and port forwards with an address, ranges, a mapping and an exclusion.
+STREAM_INTERFACE = f"""<interface type='user'>
+      <mac address='{{mac}}'/>
+      <source dev='lo'/>
+      <ip family='ipv4' address='{GUEST_ADDRESS}' prefix='24'/>
+      <backend type='passt' logFile='{{log}}'/>
+      <portForward proto='tcp' address='127.0.0.1'>
+        <range start='20022' to='22'/>
+        <range start='21000' end='21009' to='31000'/>
+        <range start='21005' exclude='yes'/>
+      </portForward>
+      <portForward proto='udp'>
+        <range start='20053' to='53'/>
+      </portForward>
       <model type='virtio'/>
     </interface>"""
 VHOST_USER_INTERFACE = """<interface type='vhostuser'>
@@ -381,9 +395,11 @@ def _wait_for_result(serial: Path, name: str, timeout: float) -> dict[str, str]:
 
 
 def _run_domain(libvirtd: Libvirtd, kit: Kit, e2e_tmp: Path, emulator: Path, interface: str,
-                memory_backing: str = "") -> tuple[list[str], str, str]:
-    """Define, start and check the domain, then destroy it and check vhostnet is gone.
-    Returns the arguments libvirt gave passt, QEMU's log and vhostnet's log."""
+                memory_backing: str = "", while_running: Callable[[], None] = lambda: None
+                ) -> tuple[list[str], str, str]:
+    """Define, start and check the domain (``while_running`` checks more while the guest
+    works), then destroy it and check vhostnet is gone. Returns the arguments libvirt gave
+    passt, QEMU's log and vhostnet's log."""
     data = generated_bytes(DOWNLOAD_BYTES, DOWNLOAD_SEED)
     serial = libvirtd.domain_dir / "serial.log"
     passt_log = libvirtd.domain_dir / "vhostnet.log"
@@ -409,6 +425,7 @@ def _run_domain(libvirtd: Libvirtd, kit: Kit, e2e_tmp: Path, emulator: Path, int
         pids = _vhostnet_pids()
         argv = (Path("/proc") / str(pids[0]) / "cmdline").read_bytes().decode().split("\0") \
             if pids else []
+        while_running()
         results = _wait_for_result(serial, "done", GUEST_TIMEOUT)
 
     qemu_log = (libvirtd.state_dir("log") / "qemu" / f"{DOMAIN}.log").read_text(errors="replace")
@@ -436,6 +453,29 @@ def _run_domain(libvirtd: Libvirtd, kit: Kit, e2e_tmp: Path, emulator: Path, int
     return passt_args, qemu_log, vhostnet_log
 
 
+def _port_taken(kind: int, address: str, port: int) -> bool:
+    """Whether someone holds ``port`` (``kind``: SOCK_STREAM or SOCK_DGRAM) on ``address``."""
+    with socket.socket(socket.AF_INET, kind) as probe:
+        try:
+            probe.bind((address, port))
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+            return True
+    return False
+
+
+def _check_forwards() -> None:
+    """vhostnet holds the ports of the domain's portForward elements, not the excluded one."""
+    tcp, udp = socket.SOCK_STREAM, socket.SOCK_DGRAM
+    held = {"tcp 20022": _port_taken(tcp, "127.0.0.1", 20022),
+            "tcp 21000": _port_taken(tcp, "127.0.0.1", 21000),
+            "tcp 21009": _port_taken(tcp, "127.0.0.1", 21009),
+            "udp 20053": _port_taken(udp, "0.0.0.0", 20053)}
+    assert all(held.values()), held
+    assert not _port_taken(tcp, "127.0.0.1", 21005), "the excluded port 21005 is forwarded"
+
+
 def _print_netdev(qemu_log: str, kind: str) -> None:
     """Finds and prints QEMU's -netdev of type ``kind`` (JSON or key=value, as libvirt writes
     it for that QEMU)."""
@@ -453,8 +493,11 @@ def test_libvirt_passt_stream(libvirt11: Libvirt11 | str, kit: Kit,
         print(f"libvirt 11.3 is unavailable ({libvirt11}): running the system's libvirt")
     with running_libvirtd(e2e_tmp / "libvirt", libvirt) as libvirtd:
         passt_args, qemu_log, vhostnet_log = _run_domain(libvirtd, kit, e2e_tmp, SYSTEM_QEMU,
-                                                         STREAM_INTERFACE)
+                                                         STREAM_INTERFACE,
+                                                         while_running=_check_forwards)
         assert "--vhost-user" not in passt_args
+        for option in ("--interface", "--address", "--netmask", "--tcp-ports", "--udp-ports"):
+            assert option in passt_args, option
         _print_netdev(qemu_log, "stream")
         assert "stream front-end (-netdev stream)" in vhostnet_log, vhostnet_log[-3000:]
 
