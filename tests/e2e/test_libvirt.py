@@ -148,6 +148,8 @@ sleep 600
 
 # The rest of libvirt's argument list too: --interface, --address/--netmask (the guest's
 # usual address) and port forwards with an address, ranges, a mapping and an exclusion.
+# Not --mtu: with <mtu> and a passt back-end, libvirt 11.3 looks for a host device to set it
+# on and fails the start ("Cannot set interface MTU on '(null)': No such device").
 STREAM_INTERFACE = f"""<interface type='user'>
       <mac address='{{mac}}'/>
       <source dev='lo'/>
