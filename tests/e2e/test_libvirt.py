@@ -368,8 +368,9 @@ def running_libvirtd(root: Path, libvirt: Libvirt11 | None) -> Iterator[Libvirtd
         daemon.stop()
 
 
-def _vhostnet_pids() -> list[int]:
-    """vhostnet processes libvirt started for this test's domain (its name is in the socket's)."""
+def _vhostnet_pids(log_file: Path) -> list[int]:
+    """vhostnet processes libvirt started for this test's domain: their --log-file is
+    ``log_file`` (the domain's name alone would also find another run's leftovers)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -379,7 +380,7 @@ def _vhostnet_pids() -> list[int]:
             status = (entry / "stat").read_text()
         except OSError:
             continue
-        ours = any(DOMAIN.encode() in arg for arg in argv)
+        ours = str(log_file).encode() in argv
         if b"vhostnet" in argv and ours and status.rsplit(") ", 1)[1][0] != "Z":
             found.append(int(entry.name))
     return found
@@ -424,7 +425,7 @@ def _run_domain(libvirtd: Libvirtd, kit: Kit, e2e_tmp: Path, emulator: Path, int
         passt_dir = libvirtd.state_dir("run") / "qemu" / "passt"
         sockets = list(passt_dir.glob("*.socket"))
         pid_files = list(passt_dir.glob("*.pid"))
-        pids = _vhostnet_pids()
+        pids = _vhostnet_pids(passt_log)
         argv = (Path("/proc") / str(pids[0]) / "cmdline").read_bytes().decode().split("\0") \
             if pids else []
         while_running()
@@ -448,9 +449,9 @@ def _run_domain(libvirtd: Libvirtd, kit: Kit, e2e_tmp: Path, emulator: Path, int
 
     libvirtd.virsh("destroy", DOMAIN)
     deadline = time.monotonic() + GONE_TIMEOUT
-    while time.monotonic() < deadline and (_vhostnet_pids() or any(passt_dir.iterdir())):
+    while time.monotonic() < deadline and (_vhostnet_pids(passt_log) or any(passt_dir.iterdir())):
         time.sleep(0.2)
-    assert not _vhostnet_pids(), "vhostnet still runs after virsh destroy"
+    assert not _vhostnet_pids(passt_log), "vhostnet still runs after virsh destroy"
     assert not any(passt_dir.iterdir()), list(passt_dir.iterdir())
     return passt_args, qemu_log, vhostnet_log
 
