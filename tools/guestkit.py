@@ -59,6 +59,13 @@ BUSYBOX = Path("/bin/busybox")
 QEMU10_SUITE = "bookworm-backports"
 QEMU10_PACKAGES = ("qemu-system-x86", "qemu-system-common", "qemu-system-data", "qemu-system-gui")
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+# libvirt 11.3 (passt back-end in stream and vhost-user mode) comes from the same suite; it
+# runs on bookworm's libraries (the system libvirt 9.0 packages pull them in). With it, QEMU
+# 10.0's OpenGL and SPICE modules: libvirt's probe loads every module, and QEMU looks for one
+# missing from its own folder in the system's 7.2 folder, which makes it abort.
+LIBVIRT11_PACKAGES = ("libvirt0", "libvirt-common", "libvirt-daemon", "libvirt-daemon-common",
+                      "libvirt-daemon-log", "libvirt-daemon-driver-qemu", "libvirt-clients",
+                      "qemu-system-modules-opengl", "qemu-system-modules-spice")
 # passt's passt-repair, and the C library it needs, come from trixie.
 PASST_SUITE = "trixie"
 PASST_PACKAGES = ("passt", "libc6")
@@ -225,9 +232,11 @@ def script_archive(script_text: str) -> bytes:
 # --- downloads through apt ------------------------------------------------------
 
 
-def _run(command: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _run(command: list[str], cwd: Path | None = None,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``env`` is added to this process's environment."""
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600,
-                          check=False)
+                          check=False, env={**os.environ, **env} if env else None)
 
 
 def _apt_lists_present(lists_dir: Path = Path("/var/lib/apt/lists")) -> bool:
@@ -460,6 +469,76 @@ def _fetch_qemu10(cache_dir: Path) -> Qemu10:
     return qemu
 
 
+# --- libvirt 11.3 (bookworm-backports) ------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Libvirt11:
+    """An unpacked libvirt 11.3: its programs run with ``LD_LIBRARY_PATH=libdir``; the daemon
+    looks for its driver modules and data at its compiled-in /usr paths, so whoever runs it
+    puts ``module_dir`` and ``data_dir`` there (bind mounts in a private mount namespace)."""
+
+    root: Path
+
+    @property
+    def libvirtd(self) -> Path:
+        return self.root / "usr/sbin/libvirtd"
+
+    @property
+    def virsh(self) -> Path:
+        return self.root / "usr/bin/virsh"
+
+    @property
+    def libdir(self) -> Path:
+        return self.root / "usr/lib/x86_64-linux-gnu"
+
+    @property
+    def module_dir(self) -> Path:
+        """Goes over /usr/lib/x86_64-linux-gnu/libvirt."""
+        return self.libdir / "libvirt"
+
+    @property
+    def data_dir(self) -> Path:
+        """Goes over /usr/share/libvirt (cpu_map, schemas)."""
+        return self.root / "usr/share/libvirt"
+
+    @property
+    def config_dir(self) -> Path:
+        """Its default /etc/libvirt."""
+        return self.root / "etc/libvirt"
+
+    @property
+    def qemu10_modules(self) -> Path:
+        """QEMU 10.0's modules that the kit's QEMU 10.0 lacks (see LIBVIRT11_PACKAGES)."""
+        return self.libdir / "qemu"
+
+    def environment(self) -> dict[str, str]:
+        return {"LD_LIBRARY_PATH": str(self.libdir)}
+
+
+def fetch_libvirt11(cache_dir: Path = DEFAULT_CACHE_DIR) -> Libvirt11:
+    """bookworm-backports' libvirt 11.3 in the kit cache, downloaded once; ``KitError`` if it
+    cannot be had or does not run here."""
+    cache_dir = Path(cache_dir).resolve()
+    libvirt = Libvirt11(cache_dir / "libvirt11")
+    with _locked(cache_dir):
+        if all(path.exists() for path in (libvirt.libvirtd, libvirt.virsh,
+                                          libvirt.qemu10_modules)):
+            return libvirt
+
+        def check(unpacked: Path) -> None:
+            candidate = Libvirt11(unpacked)
+            for program in (candidate.libvirtd, candidate.virsh):
+                version = _run([str(program), "--version"], env=candidate.environment())
+                if version.returncode != 0:
+                    raise KitError(f"{QEMU10_SUITE}'s {program.name} does not run here: "
+                                   f"{(version.stderr or version.stdout).strip()[-300:]}")
+
+        _unpack_from_suite(cache_dir, QEMU10_SUITE, "apt-backports", LIBVIRT11_PACKAGES,
+                           cache_dir / "debs-libvirt11", libvirt.root, check)
+    return libvirt
+
+
 # --- passt-repair (Debian trixie) ---------------------------------------------
 
 
@@ -586,6 +665,11 @@ def main() -> int:
     except KitError as error:
         print(f"guestkit: trixie's passt is unavailable, the bench will skip it: {error}",
               file=sys.stderr)
+    try:  # for the libvirt e2e test, which runs inside the namespace (no downloads)
+        print(f"libvirt 11: {fetch_libvirt11().libvirtd}")
+    except (KitError, OSError, subprocess.TimeoutExpired) as error:
+        print(f"guestkit: libvirt 11.3 is unavailable, the libvirt test falls back to the "
+              f"system's libvirt: {error}", file=sys.stderr)
     return 0
 
 

@@ -4,6 +4,10 @@
 set -eu
 
 PACKAGES="qemu-system-x86 busybox-static cpio ipxe-qemu iproute2 util-linux kmod gcc make python3-venv python3-dev tshark libseccomp2"
+# The libvirt e2e test: Debian's libvirt provides the folders and the run-time libraries of
+# libvirt 11.3, which the guest kit unpacks from bookworm-backports (libjson-c5 and libbsd0:
+# 11.3 needs them, 9.0 does not pull them in).
+PACKAGES="$PACKAGES libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libjson-c5 libbsd0"
 # `system-packages.sh bench` (make bench): also dpdk-testpmd, the VM-less front-end of the
 # bench's testpmd cases; the tests do not need it.
 if [ "${1:-}" = bench ]; then
