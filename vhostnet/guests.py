@@ -342,6 +342,31 @@ class Guests:
             return None
         return mac
 
+    # ---- restart (migration.restart.GuestNetworks) ----------------------------------------
+
+    def leases_snapshot(self) -> dict:
+        return self.pool.snapshot()
+
+    def restore_leases(self, snapshot: dict) -> None:
+        """The pool as a previous run left it (``ValueError``, nothing changed, if malformed)."""
+        self.pool.restore(snapshot)
+
+    def network_at(self, address: bytes) -> Network:
+        """The Network of the guest leased ``address``, made if needed (a restart brings it
+        back before its guest reconnects with its MAC); ``ValueError`` if ``address`` is not
+        an IPv4 address of the guest subnet."""
+        if len(address) != 4 or not self.config.in_guest_subnet(address):
+            raise ValueError(f"{address.hex()} is not an IPv4 address of the guest subnet")
+        key = guest_key(address)
+        network = self.networks.get(key)
+        if network is None:
+            lease = next((lease for lease in self.pool.leases() if lease.ipv4 == key), None)
+            network = self._build_network(self.config_for(key, lease=lease))
+            self.networks[key] = network
+            self.counts["networks_made"] += 1
+            self._idle_since[key] = time.monotonic()
+        return network
+
     def _close_idle_networks(self) -> None:
         """At most 2*N Networks: the one idle longest (no port), with no flow if possible,
         goes first; the first guest's and those forwards go to stay."""
