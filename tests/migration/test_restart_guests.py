@@ -10,9 +10,12 @@ per start, shared by every guest's Network.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,8 +31,13 @@ from tests.test_several_guests import (
     GuestTcp,
     gateway_mac_of,
 )
-from vhostnet.migration.state import decode_state
-from vhostnet.stack.config import ip4_str
+from vhostnet.guests import GuestPort, Guests
+from vhostnet.migration.restart import Several, StateFile, restore_at_start, save_on_exit
+from vhostnet.migration.state import decode_state, encode_state
+from vhostnet.migration.tcp_migrate import TcpMigration
+from vhostnet.network import Network
+from vhostnet.stack.config import StackConfig, ip4_str
+from vhostnet.virtqueue.switch import Switch
 
 
 class Starts:
@@ -110,3 +118,85 @@ def test_each_guest_gets_its_address_and_tcp_connection_back_after_a_restart(
         echo.close()
         assert second.stop() == 0, second.log_path.read_text()
         starts.close()
+
+
+# ---- in process: what a restart of several guests does with odd states -------------------
+
+
+def guests_on(loop: asyncio.AbstractEventLoop) -> tuple[Guests, Several]:
+    config = StackConfig(tcp=False, max_guests=2)
+    pool = config.lease_pool()
+    guests = Guests.start(config, pool, Switch(2, config.gateway_mac), 2,
+                          lambda guest_config: Network(guest_config, loop, leases=pool))
+    migrations: dict[int, TcpMigration] = {}
+
+    def migration_of(network: Network) -> TcpMigration:
+        return migrations.setdefault(id(network), TcpMigration.attach(network))
+
+    return guests, Several(guests, migration_of)
+
+
+def bind(guests: Guests, mac: bytes) -> GuestPort:
+    port = guests.open_port()
+    assert port is not None
+    port.learn_guest_mac(mac)  # bound, and its router knows the MAC (as after SEND_RARP)
+    assert port.network is not None
+    return port
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def test_a_bad_guest_entry_is_skipped_and_the_others_restored(tmp_path: Path, loop,
+                                                              caplog) -> None:
+    path = tmp_path / "state"
+    guests, several = guests_on(loop)
+    bind(guests, MAC1)
+    bind(guests, MAC2)
+    state = StateFile.open(str(path))
+    save_on_exit(guests.first, several.migration_of(guests.first), state, several)
+    state.close()
+    guests.close()
+    sections = decode_state(path.read_bytes())
+    [second] = [entry for entry in sections["guests"] if entry["key"] == "10.0.2.16"]
+    second["udp"] = "not a list"
+    path.write_bytes(encode_state(sections))
+
+    guests, several = guests_on(loop)
+    try:
+        state = StateFile.open(str(path))
+        with caplog.at_level(logging.ERROR, logger="vhostnet"):
+            loaded = loop.run_until_complete(restore_at_start(
+                guests.first, several.migration_of(guests.first), state, several))
+        state.close()
+        assert loaded is not None and loaded["guests"] == 1
+        assert [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()] != []
+        assert guests.first.stack.guest_mac == MAC1
+        # The pool came back whole: guest 2, first to come back, still gets 10.0.2.16.
+        assert bind(guests, MAC2).network.config.guest_ipv4 == SECOND
+    finally:
+        guests.close()
+
+
+def test_a_one_guest_state_goes_to_the_first_guest(tmp_path: Path, loop) -> None:
+    path = tmp_path / "state"
+    one = Network(StackConfig(tcp=False), loop)
+    one.stack.guest_mac = MAC1
+    state = StateFile.open(str(path))
+    save_on_exit(one, TcpMigration.attach(one), state)
+    state.close()
+    one.close()
+    guests, several = guests_on(loop)
+    try:
+        state = StateFile.open(str(path))
+        loaded = loop.run_until_complete(restore_at_start(
+            guests.first, several.migration_of(guests.first), state, several))
+        state.close()
+        assert loaded is not None and "guests" not in loaded
+        assert guests.first.stack.guest_mac == MAC1
+    finally:
+        guests.close()
