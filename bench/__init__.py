@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"also {GUEST_CASE!r}, the same as --guest; {TESTPMD_CASE!r}: "
                         "dpdk-testpmd as a VM-less front-end, txonly and rxonly, 64 and 1500 B; "
                         f"{SWITCH_CASE!r}: guest to guest through the switch kernel, driven "
-                        "directly, on vhostnet alone)")
+                        "directly, then between two front-ends on one --max-guests 2 vhostnet, "
+                        "on vhostnet alone)")
     p.add_argument("--rounds", type=int, default=3, help="rounds per case (min/median/max; default 3)")
     p.add_argument("--duration", type=float, default=1.0, help="seconds per round (default 1.0)")
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")

@@ -13,7 +13,9 @@ run. Three kinds of traffic, as Linux guests send it:
 - ``switch-segment``: the same super-frames to a port without offloads: cut into 1448-byte
   segments with every header and checksum written in C.
 
-Each row is TCP payload in Gbit/s; no assertion on speed.
+Each row is TCP payload in Gbit/s; no assertion on speed. The same case then measures
+the whole path with two real front-ends on one ``vhostnet --max-guests 2`` process
+(``bench.switch_frontends``: rows ``switch-frontends-1500B`` and ``-64B``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from bench.cases import Baselines, Settings, loopback_tcp
 from bench.hostside import TcpSink
 from bench.output import Row
 from bench.runner import BenchError
+from bench.switch_frontends import frontend_rows
 from vhostnet.virtqueue import FrameBatch, Switch
 from vhostnet.wire.ethernet import ETHERTYPE_IPV4, emit_ethernet
 from vhostnet.wire.ipv4 import emit_ipv4_header
@@ -97,7 +100,8 @@ def switch_gbits(payload_len: int, frames: int, offloads: bool, duration: float)
 
 
 def switch_rows(s: Settings, baselines: Baselines) -> list[Row]:
-    """The three kinds of traffic, ``s.rounds`` rounds each, against loopback TCP."""
+    """The three kinds of traffic, ``s.rounds`` rounds each, then the front-end rows, against
+    loopback TCP."""
     rows = []
     sink = TcpSink()
     sink.start()
@@ -115,4 +119,4 @@ def switch_rows(s: Settings, baselines: Baselines) -> list[Row]:
                                            / max(counters["switch.forwarded"], 1))
         row.extra["driver"] = "switch kernel driven directly (no rings, no front-ends)"
         rows.append(row)
-    return rows
+    return rows + frontend_rows(s.rounds, s.duration, base, s.progress)

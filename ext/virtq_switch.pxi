@@ -10,14 +10,27 @@
 # MAC_PROBE slots from the MAC's hash. Lookups look at the whole window (no tombstones, so
 # removing an entry is clearing it); learning takes the MAC's own slot, else a free or aged
 # one, else evicts the window's oldest entry (counted).
+#
+# Routing through the gateway MAC: a frame a guest sends to the gateway MAC whose IPv4 or
+# IPv6 destination is another connected guest's address (the route table: per port its
+# MAC, its IPv4 lease and up to ROUTE6_SLOTS global IPv6 addresses, set from Python when
+# the port binds to its lease or learns addresses) goes to that guest as a router would
+# send it: destination MAC the guest's, source MAC the gateway's, TTL / hop limit one less,
+# the IPv4 header checksum updated (RFC 1624). Rewritten in the sender's batch (the frame
+# leaves it), then delivered with the offloads the destination lacks, like any unicast.
+# A TTL / hop limit of 1 or less stays for the sender's router. The lookup is a scan of
+# the ports (few), only for frames to the gateway MAC and only while some port has a
+# route.
 
-from libc.string cimport memmove
+from libc.string cimport memcmp, memmove
 from libc.stdint cimport int32_t
 
 cdef enum:
     MAC_SLOTS = 4096   # a power of two
     MAC_PROBE = 8
     NO_PORT = -1
+    ROUTE6_SLOTS = 9   # the lease's IPv6 address and LeasePool's MAX_LEARNED_IPV6 (8)
+    IPV4_HEADER_MIN = 20
 
 cdef uint64_t NO_MAC = (<uint64_t>1) << 63   # no 48-bit MAC equals it
 
@@ -33,6 +46,7 @@ cdef enum:
     SW_CHECKSUMS_COMPLETED
     SW_SEGMENTED              # GSO frames cut into segments
     SW_SEGMENTS               # segments those gave
+    SW_ROUTED                 # frames to the gateway MAC routed to another guest
     SW_DROP_SHORT             # first drop reason: frames shorter than an Ethernet header
     SW_DROP_BAD_OFFSET        # frames outside the batch storage
     SW_DROP_BAD_SOURCE        # multicast source MAC, or the gateway's
@@ -44,11 +58,12 @@ cdef enum:
 
 SWITCH_COUNTER_NAMES = (
     "forwarded", "flooded", "to_router", "learned", "moved", "aged", "evicted",
-    "checksums_completed", "segmented", "segments",
+    "checksums_completed", "segmented", "segments", "routed",
     "dropped.short", "dropped.bad_offset", "dropped.bad_source", "dropped.same_port",
     "dropped.outgoing_full", "dropped.bad_offload", "dropped.gso_unsupported",
 )
 SWITCH_FIRST_DROP = SW_DROP_SHORT
+SWITCH_ROUTE6_SLOTS = ROUTE6_SLOTS
 
 
 cdef struct MacEntry:
@@ -63,6 +78,10 @@ cdef struct SwitchPort:
     bint tso4             # takes TCPv4 super-frames (GUEST_TSO4)
     bint tso6
     void *out             # its outgoing FrameBatch (a reference is held in SwitchKernel.outs)
+    uint64_t route_mac    # routing to this guest: its MAC (NO_MAC: not routed to)
+    uint8_t route4[4]     # its IPv4 address (all zero: none)
+    int route6_count
+    uint8_t route6[ROUTE6_SLOTS][16]
 
 
 cdef inline uint64_t mac_key(const uint8_t *p) noexcept nogil:
@@ -87,6 +106,7 @@ cdef class SwitchKernel:
     cdef bint reported[SW_N]
     cdef readonly bint has_new_drops
     cdef list outs                   # the outgoing FrameBatch per port, or None
+    cdef int routes                  # ports with a route (0: no lookup at all)
 
     def __cinit__(self, int max_ports, bytes gateway_mac not None, double ageing_seconds):
         cdef Py_ssize_t i
@@ -103,6 +123,8 @@ cdef class SwitchKernel:
         for i in range(MAC_SLOTS):
             self.table[i].port = NO_PORT
         memset(self.ports, 0, max_ports * sizeof(SwitchPort))
+        for i in range(max_ports):
+            self.ports[i].route_mac = NO_MAC
         memset(self.counts, 0, sizeof(self.counts))
         memset(self.reported, 0, sizeof(self.reported))
         self.max_ports = max_ports
@@ -136,6 +158,7 @@ cdef class SwitchKernel:
         for i in range(MAC_SLOTS):
             if self.table[i].port == port:
                 self.table[i].port = NO_PORT
+        self.set_port_route(port, None, None, ())
         self.ports[port].active = False
         self.ports[port].out = NULL
         self.outs[port] = None
@@ -145,6 +168,36 @@ cdef class SwitchKernel:
         self.ports[port].csum = csum
         self.ports[port].tso4 = tso4
         self.ports[port].tso6 = tso6
+
+    def set_port_route(self, int port, mac, ipv4, ipv6) -> None:
+        """Route frames for ``ipv4`` (4 bytes or None) and the ``ipv6`` addresses (16 bytes
+        each, at most ROUTE6_SLOTS) sent to the gateway MAC to ``port``'s guest at ``mac``
+        (None: no route to it)."""
+        cdef SwitchPort *entry
+        cdef Py_ssize_t k
+        self._check_port(port)
+        ipv6 = list(ipv6)
+        if mac is not None and len(mac) != 6:
+            raise ValueError("a route's MAC must be 6 bytes")
+        if ipv4 is not None and len(ipv4) != 4:
+            raise ValueError("a route's IPv4 address must be 4 bytes")
+        if len(ipv6) > ROUTE6_SLOTS or any(len(address) != 16 for address in ipv6):
+            raise ValueError(f"a route takes at most {ROUTE6_SLOTS} IPv6 addresses of 16 bytes")
+        entry = &self.ports[port]
+        if entry.route_mac != NO_MAC:
+            self.routes -= 1
+        entry.route_mac = NO_MAC
+        memset(entry.route4, 0, 4)
+        entry.route6_count = 0
+        if mac is None:
+            return
+        entry.route_mac = mac_key(mac)
+        self.routes += 1
+        if ipv4 is not None:
+            memcpy(entry.route4, <const uint8_t *>ipv4, 4)
+        for k, address in enumerate(ipv6):
+            memcpy(entry.route6[k], <const uint8_t *>address, 16)
+        entry.route6_count = len(ipv6)
 
     cdef _check_port(self, int port):
         if not 0 <= port < self.max_ports or not self.ports[port].active:
@@ -331,6 +384,61 @@ cdef bint deliver(SwitchKernel sw, FrameBatch out, SwitchPort *dest, const uint8
     return False
 
 
+cdef int32_t route_lookup(SwitchKernel sw, const uint8_t *frame, uint64_t length,
+                         int32_t source) noexcept nogil:
+    """The port of the guest a frame to the gateway MAC is addressed to (IP destination), or
+    NO_PORT (not another guest's address, not plain IPv4/IPv6, or a TTL about to expire)."""
+    cdef const uint8_t *ip = frame + ETH_HEADER_BYTES
+    cdef uint16_t ethertype
+    cdef int32_t port
+    cdef int k
+    cdef SwitchPort *entry
+    if length < ETH_HEADER_BYTES + IPV4_HEADER_MIN:
+        return NO_PORT
+    ethertype = be16(frame + 12)
+    if ethertype == ETHERTYPE_IPV4:
+        if (ip[0] >> 4 != 4 or (ip[0] & 15) * 4 < IPV4_HEADER_MIN
+                or length < ETH_HEADER_BYTES + (ip[0] & 15) * 4 or ip[8] <= 1):
+            return NO_PORT
+        for port in range(sw.max_ports):
+            entry = &sw.ports[port]
+            if (entry.active and entry.route_mac != NO_MAC and port != source
+                    and memcmp(entry.route4, ip + 16, 4) == 0
+                    and (entry.route4[0] | entry.route4[1] | entry.route4[2] | entry.route4[3])):
+                return port
+    elif ethertype == ETHERTYPE_IPV6:
+        if length < ETH_HEADER_BYTES + IPV6_HEADER_BYTES or ip[0] >> 4 != 6 or ip[7] <= 1:
+            return NO_PORT
+        for port in range(sw.max_ports):
+            entry = &sw.ports[port]
+            if entry.active and entry.route_mac != NO_MAC and port != source:
+                for k in range(entry.route6_count):
+                    if memcmp(entry.route6[k], ip + 24, 16) == 0:
+                        return port
+    return NO_PORT
+
+
+cdef void route_rewrite(SwitchKernel sw, uint8_t *frame, SwitchPort *dest) noexcept nogil:
+    """What the gateway does to a frame it routes to ``dest``'s guest (route_lookup said)."""
+    cdef uint8_t *ip = frame + ETH_HEADER_BYTES
+    cdef uint32_t total
+    cdef uint16_t before
+    cdef int k
+    for k in range(6):
+        frame[k] = <uint8_t>(dest.route_mac >> (40 - 8 * k))
+        frame[6 + k] = <uint8_t>(sw.gateway >> (40 - 8 * k))
+    if be16(frame + 12) == ETHERTYPE_IPV6:
+        ip[7] -= 1
+        return
+    # TTL is the high byte of header word 4: HC' = ~(~HC + ~m + m') (RFC 1624).
+    before = be16(ip + 8)
+    ip[8] -= 1
+    total = (<uint32_t>(~be16(ip + 10)) & 0xFFFF) + ((~before) & 0xFFFF) + be16(ip + 8)
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    put16(ip + 10, <uint16_t>(~total & 0xFFFF))
+
+
 cdef void flood(SwitchKernel sw, int32_t source, const uint8_t *frame, uint64_t length,
                 uint64_t vnet) noexcept nogil:
     cdef int32_t port
@@ -348,7 +456,7 @@ cdef Py_ssize_t switch_frames(SwitchKernel sw, FrameBatch batch, int32_t port, P
     cdef Py_ssize_t i, kept = 0
     cdef uint64_t length, source, destination
     cdef uint64_t last_source = NO_MAC, last_destination = NO_MAC
-    cdef int32_t to = NO_PORT
+    cdef int32_t to = NO_PORT, routed_to
     cdef const uint8_t *frame
     arrays.data = batch.data
     arrays.size = batch.buffer_bytes
@@ -375,6 +483,15 @@ cdef Py_ssize_t switch_frames(SwitchKernel sw, FrameBatch batch, int32_t port, P
         destination = mac_key(frame)
         if frame[0] & 1:
             flood(sw, port, frame, length, batch.vnets[i])
+        elif destination == sw.gateway and sw.routes:
+            routed_to = route_lookup(sw, frame, length, port)
+            if routed_to != NO_PORT:
+                route_rewrite(sw, <uint8_t *>frame, &sw.ports[routed_to])
+                last_destination = NO_MAC   # the frame's destination MAC changed
+                if deliver(sw, <FrameBatch>sw.ports[routed_to].out, &sw.ports[routed_to],
+                           frame, length, batch.vnets[i]):
+                    sw.counts[SW_ROUTED] += 1
+                continue
         elif destination != sw.gateway:
             if destination != last_destination:
                 to = mac_lookup(sw, destination, now)

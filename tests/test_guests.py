@@ -62,6 +62,7 @@ class StandInSwitch:
         self.table: dict[bytes, int] = {}
         self.batches: dict[int, FrameBatch] = {}
         self.offloads: dict[int, tuple[bool, bool, bool]] = {}
+        self.routes: dict[int, tuple[bytes | None, bytes | None, list[bytes]]] = {}
         self.next_port = 0
 
     def add_port(self) -> int:
@@ -75,6 +76,10 @@ class StandInSwitch:
 
     def set_port_offloads(self, port: int, *, csum: bool, tso4: bool, tso6: bool) -> None:
         self.offloads[port] = (csum, tso4, tso6)
+
+    def set_port_route(self, port: int, mac: bytes | None, ipv4: bytes | None = None,
+                       ipv6: list[bytes] = ()) -> None:
+        self.routes[port] = (mac, ipv4, list(ipv6))
 
     def switch_batch(self, port: int, batch: FrameBatch, count: int, now: float) -> int:
         kept = []
@@ -146,6 +151,8 @@ def test_each_port_gets_its_own_network_by_source_mac(loop: asyncio.AbstractEven
         assert one.network is guests.first
         assert two.network is not None and two.network is not guests.first
         assert two.network.config.guest_ipv4 == ip4("10.0.2.16")
+        # Each port told the switch where its guest is, for routing through the gateway.
+        assert guests.switch.routes[two.port] == (MAC_B, ip4("10.0.2.16"), [])
         # Each router answered its own guest only: the reply is in its own queue.
         [reply_a] = list(one.frames_to_guest)
         [reply_b] = list(two.frames_to_guest)

@@ -107,7 +107,7 @@ async def _serve(args: argparse.Namespace, config, runner: daemon.Daemon,
 async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.Daemon,
                               runas: tuple[int, int] | None, cleanup: contextlib.ExitStack) -> int:
     from vhostnet.migration.repair_helper import HelperLink, RepairAccess
-    from vhostnet.migration.restart import StateFile, restore_at_start, save_on_exit
+    from vhostnet.migration.restart import Several, StateFile, restore_at_start, save_on_exit
     from vhostnet.migration.tcp_migrate import TcpMigration
     from vhostnet.migration.transfer import DeviceStateTransfer, GuestPortScope, OneNetwork
     from vhostnet.network import Network
@@ -198,14 +198,8 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
     cleanup.callback(repair.close)
     migration = TcpMigration.attach(network, repair)
     log.info("%s", repair.describe())
-    if state is not None:
-        # Before the front-end is served: the guest's segments must find their flows.
-        await restore_at_start(network, migration, state)
-    if guests is None:
-        def device_state(_side):  # -> DeviceStateTransfer
-            return DeviceStateTransfer(loop, OneNetwork(network, migration))
-    else:
-        # Several guests: a connection's state is its port's Network's, with its lease.
+    several = None  # with several guests: every guest's Network and the pool
+    if guests is not None:
         migrations = weakref.WeakKeyDictionary({network: migration})
 
         def migration_of(guest_network):  # -> TcpMigration
@@ -213,6 +207,15 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
                 migrations[guest_network] = TcpMigration.attach(guest_network, repair)
             return migrations[guest_network]
 
+        several = Several(guests, migration_of)
+    if state is not None:
+        # Before the front-end is served: the guest's segments must find their flows.
+        await restore_at_start(network, migration, state, several)
+    if guests is None:
+        def device_state(_side):  # -> DeviceStateTransfer
+            return DeviceStateTransfer(loop, OneNetwork(network, migration))
+    else:
+        # Several guests: a connection's state is its port's Network's, with its lease.
         def device_state(port):  # -> DeviceStateTransfer
             return DeviceStateTransfer(loop, GuestPortScope(port, migration_of))
     server = Server(loop, listener, network, one_off=args.one_off, device_state=device_state,
@@ -237,7 +240,7 @@ async def _serve_until_closed(args: argparse.Namespace, config, runner: daemon.D
         if state is not None and not server.closed.is_set():
             for front_end in list(server.front_ends):
                 front_end.close()  # the device stops first, as before a migration's save
-            save_on_exit(network, migration, state)
+            save_on_exit(network, migration, state, several)
         server.close()
 
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from vhostnet.network import GuestFrameQueue, Network
 from vhostnet.stack.config import PortForward, StackConfig, ip4_str, ip6_str, mac_str
 from vhostnet.vhost_user.ratelimit import limiter
+from vhostnet.virtqueue.switch import ROUTE6_SLOTS
 
 if TYPE_CHECKING:
     from vhostnet.stack.leases import Lease, LeasePool
@@ -83,6 +84,7 @@ class GuestPort:
         self._listeners: list[Callable[[], None]] = []
         self._offloads = (False, False, False)
         self._unbound = GuestFrameQueue()  # frames_to_guest until bound: always empty
+        self._routed6 = 0  # how many IPv6 addresses the stack knew at the last publish_route
 
     # ---- GuestSide ----------------------------------------------------------------
 
@@ -104,10 +106,13 @@ class GuestPort:
         guests.wake_others(self)
         if not kept:
             return
-        if self.network is None:
+        network = self.network
+        if network is None:
             guests.counts["unbound_dropped"] += kept  # no unicast MAC seen yet
             return
-        self.network.receive_batch(batch, kept, now)
+        network.receive_batch(batch, kept, now)
+        if len(network.stack.guest_ipv6_addresses) != self._routed6:
+            self.publish_route()  # the guest took a new IPv6 address
 
     def flush(self) -> None:
         if self.network is not None:
@@ -169,7 +174,21 @@ class GuestPort:
             network.add_output_listener(listener)
         log.info("%s: MAC %s bound to guest %s", self.label, mac_str(mac),
                  address_text(network.config.guest_ipv4))
+        self.publish_route()
         return network
+
+    def publish_route(self) -> None:
+        """Tell the switch this guest's MAC and addresses: frames other guests send to the
+        gateway MAC for them are routed here (in C) instead of NATed by their routers."""
+        network = self.network
+        if network is None or self.mac is None:
+            return
+        learned = network.stack.guest_ipv6_addresses
+        self._routed6 = len(learned)
+        ipv6 = [address for address in dict.fromkeys((network.config.guest_ipv6, *learned))
+                if address is not None and not ipaddress.IPv6Address(address).is_link_local]
+        self.guests.switch.set_port_route(self.port, self.mac, network.config.guest_ipv4,
+                                          ipv6[-ROUTE6_SLOTS:])
 
     # ---- migration (migration.transfer.PortLeases) ------------------------------------------
 
@@ -341,6 +360,31 @@ class Guests:
             log.error("migrated guest's lease refused: %s", error)
             return None
         return mac
+
+    # ---- restart (migration.restart.GuestNetworks) ----------------------------------------
+
+    def leases_snapshot(self) -> dict:
+        return self.pool.snapshot()
+
+    def restore_leases(self, snapshot: dict) -> None:
+        """The pool as a previous run left it (``ValueError``, nothing changed, if malformed)."""
+        self.pool.restore(snapshot)
+
+    def network_at(self, address: bytes) -> Network:
+        """The Network of the guest leased ``address``, made if needed (a restart brings it
+        back before its guest reconnects with its MAC); ``ValueError`` if ``address`` is not
+        an IPv4 address of the guest subnet."""
+        if len(address) != 4 or not self.config.in_guest_subnet(address):
+            raise ValueError(f"{address.hex()} is not an IPv4 address of the guest subnet")
+        key = guest_key(address)
+        network = self.networks.get(key)
+        if network is None:
+            lease = next((lease for lease in self.pool.leases() if lease.ipv4 == key), None)
+            network = self._build_network(self.config_for(key, lease=lease))
+            self.networks[key] = network
+            self.counts["networks_made"] += 1
+            self._idle_since[key] = time.monotonic()
+        return network
 
     def _close_idle_networks(self) -> None:
         """At most 2*N Networks: the one idle longest (no port), with no flow if possible,

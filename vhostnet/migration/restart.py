@@ -26,6 +26,14 @@ A restart is a same-host migration whose state goes through a file instead of QE
   keeps them until PATH is emptied (watched through the open file) or
   ``CATCH_SECONDS`` have passed.
 
+With several guests (``--max-guests N``, N > 1) the state holds every guest's Network
+(section ``guests``: one set of ``network_sections`` per Network, with its address as
+``key``) and the lease pool (section ``leases``); a restart restores the pool first, then
+rebuilds each Network at its address and imports its sections, so a guest reconnecting
+with its MAC gets its lease, hence that Network and its connections, back. A guest entry
+that cannot be loaded is skipped with one log line; the others are still restored. A
+one-guest state loaded with several guests goes to the first guest's Network.
+
 Without TCP_REPAIR (no CAP_NET_ADMIN and no helper connected) nothing can be
 frozen: at SIGTERM the host side of every TCP connection is closed with RST
 (the peers learn at once); the records are still saved, and at start each one
@@ -37,14 +45,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Protocol
 
-from vhostnet.migration.snapshot import export_network, import_network
-from vhostnet.migration.state import MAX_BLOB_BYTES, StateError, decode_state
+from vhostnet.migration.snapshot import import_sections, network_sections
+from vhostnet.migration.state import MAX_BLOB_BYTES, StateError, decode_state, encode_state
 from vhostnet.migration.tcp_migrate import CATCH_SECONDS
 
 if TYPE_CHECKING:
@@ -57,6 +67,31 @@ log = logging.getLogger(__name__)
 HELPER_WAIT_SECONDS = 10.0
 # How often the catcher keeper looks whether the state file was emptied.
 KEEPER_POLL_SECONDS = 0.05
+
+
+class GuestNetworks(Protocol):
+    """Several guests (``guests.Guests``) as a restart sees them."""
+
+    def all_networks(self) -> list[Network]: ...
+
+    def leases_snapshot(self) -> dict: ...
+
+    def restore_leases(self, snapshot: dict) -> None:
+        """``ValueError`` (nothing changed) if ``snapshot`` is malformed."""
+        ...
+
+    def network_at(self, address: bytes) -> Network:
+        """The Network of the guest at ``address``, made if needed; ``ValueError`` if none can be."""
+        ...
+
+
+class Several:
+    """What a restart saves and restores with several guests: every Network and the pool."""
+
+    def __init__(self, guests: GuestNetworks, migration_of: Callable[[Network], TcpMigration]
+                 ) -> None:
+        self.guests = guests
+        self.migration_of = migration_of
 
 
 class StateFile:
@@ -99,31 +134,72 @@ class StateFile:
             self.fd = -1
 
 
-def save_on_exit(network: Network, migration: TcpMigration, state: StateFile) -> int:
-    """Export the network to the state file and release its connections silently; the number of
-    TCP connections frozen for the next start (0 also when the state could not be written:
-    then they carry on until the network closes, which resets them)."""
+def save_on_exit(network: Network, migration: TcpMigration, state: StateFile,
+                 several: Several | None = None) -> int:
+    """Export the network (with ``several``: every guest's and the lease pool) to the state
+    file and release its connections silently; the number of TCP connections frozen for the
+    next start (0 also when the state could not be written: then they carry on until the
+    network closes, which resets them)."""
     now = time.monotonic()
+    migrations: list[TcpMigration] = []
     try:
-        blob = export_network(network, migration, now)
+        if several is None:
+            migrations.append(migration)
+            blob = encode_state(network_sections(network, migration, now))
+        else:
+            blob = _export_several(several, migrations, now)
     except (OSError, ValueError) as error:
         log.error("cannot export the network state (%s): connections are closed", error)
-        migration.thaw("the state export failed", now)
+        _thaw(migrations, "the state export failed", now)
         return 0
     try:
         state.write(blob)
     except OSError as error:
         log.error("cannot write the state file %s (%s): connections are closed", state.path,
                   error.strerror or error)
-        migration.thaw("the state file could not be written", now)
+        _thaw(migrations, "the state file could not be written", now)
         return 0
-    released = migration.release()
-    keeper = _keep_catchers(migration.catchers, state.fd) if migration.catchers else None
-    migration.close_catchers()  # the keeper has its own copies
+    with _helper_kept(migrations):
+        released = sum(each.release() for each in migrations)
+    catchers = [catcher for each in migrations for catcher in each.catchers]
+    keeper = _keep_catchers(catchers, state.fd) if catchers else None
+    for each in migrations:
+        each.close_catchers()  # the keeper has its own copies
     log.info("state saved to %s (%d bytes): %d TCP connection(s) frozen for the next start%s",
              state.path, len(blob), released,
              f", segments for them caught by process {keeper}" if keeper else "")
     return released
+
+
+def _export_several(several: Several, migrations: list[TcpMigration], now: float) -> bytes:
+    """Every guest's Network (its address as ``key``) and the pool; ``migrations`` gets each
+    Network's migration as it is exported (frozen: the caller releases or thaws them)."""
+    guests = []
+    for network in several.guests.all_networks():
+        migration = several.migration_of(network)
+        migrations.append(migration)
+        key = str(ipaddress.IPv4Address(network.config.guest_ipv4))
+        guests.append(network_sections(network, migration, now, {"key": key}))
+    return encode_state({"leases": several.guests.leases_snapshot(), "guests": guests})
+
+
+@contextlib.contextmanager
+def _helper_kept(migrations: list[TcpMigration]) -> Iterator[None]:
+    """The repair helper ``migrations`` share is kept through the block, then let go once."""
+    for each in migrations:
+        each.keep_helper = True
+    try:
+        yield
+    finally:
+        for each in migrations:
+            each.keep_helper = False
+        if migrations:
+            migrations[-1].migration_over()
+
+
+def _thaw(migrations: list[TcpMigration], reason: str, now: float) -> None:
+    for migration in migrations:
+        migration.thaw(reason, now)
 
 
 def _keep_catchers(catchers: list[socket.socket], state_fd: int) -> int | None:
@@ -181,10 +257,11 @@ def _set_aside(path: str, why: str) -> None:
     log.error("state file %s %s: starting fresh%s", path, why, kept)
 
 
-async def restore_at_start(network: Network, migration: TcpMigration, state: StateFile
-                           ) -> dict[str, int] | None:
-    """Import the state a previous vhostnet left (see the module docstring); what
-    ``import_network`` returns, None when there was no usable state."""
+async def restore_at_start(network: Network, migration: TcpMigration, state: StateFile,
+                           several: Several | None = None) -> dict[str, int] | None:
+    """Import the state a previous vhostnet left (see the module docstring) into ``network``
+    (with ``several``: every guest's Network and the pool); what ``import_sections``
+    returns (summed over the guests), None when there was no usable state."""
     blob = state.blob
     if blob is None:
         return None
@@ -192,7 +269,11 @@ async def restore_at_start(network: Network, migration: TcpMigration, state: Sta
     if repair is not None and not repair.direct and repair.helper is not None:
         await _wait_for_helper(repair.helper)
     try:
-        loaded = import_network(network, migration, blob, time.monotonic())
+        sections = decode_state(blob)
+        if several is not None and "guests" in sections:
+            loaded = _import_several(several, sections, time.monotonic())
+        else:
+            loaded = import_sections(network, migration, sections, time.monotonic())
     except StateError as error:
         # Decoded at open but refused by an engine: no file can be set aside any more.
         log.error("state file %s is not a state this vhostnet can load (%s): starting fresh, "
@@ -200,9 +281,46 @@ async def restore_at_start(network: Network, migration: TcpMigration, state: Sta
         state.clear()
         return None
     state.clear()  # the catcher keeper sees this and lets the forwarded ports go
-    log.info("restarted from %s: %d TCP connection(s) restored, %d reset toward the guest",
-             state.path, loaded["tcp_restored"], loaded["tcp_reset"])
+    guests = f" of {loaded['guests']} guest network(s)" if "guests" in loaded else ""
+    log.info("restarted from %s: %d TCP connection(s)%s restored, %d reset toward the guest",
+             state.path, loaded["tcp_restored"], guests, loaded["tcp_reset"])
     return loaded
+
+
+def _import_several(several: Several, sections: dict[str, object], now: float
+                    ) -> dict[str, int]:
+    """The pool, then each guest's Network at its address; a bad guest entry is skipped
+    (one log line each); ``StateError`` if the pool or the list itself is malformed."""
+    entries = sections["guests"]
+    leases = sections.get("leases")
+    if not isinstance(entries, list) or not isinstance(leases, dict):
+        raise StateError("the guests or leases section is malformed")
+    try:
+        several.guests.restore_leases(leases)
+    except ValueError as error:
+        raise StateError(str(error)) from None
+    totals = {"udp_flows": 0, "tcp_restored": 0, "tcp_reset": 0, "guests": 0}
+    targets = []
+    for entry in entries:
+        try:
+            if not isinstance(entry, dict):
+                raise StateError("a guest entry is not an object")
+            network = several.guests.network_at(ipaddress.IPv4Address(entry["key"]).packed)
+        except (KeyError, ValueError) as error:  # StateError is a ValueError
+            log.error("a guest's saved state is skipped: no guest network for it (%s)", error)
+            continue
+        targets.append((several.migration_of(network), network, entry))
+    with _helper_kept([migration for migration, _, _ in targets]):
+        for migration, network, entry in targets:
+            try:
+                loaded = import_sections(network, migration, entry, now)
+            except StateError as error:
+                log.error("a guest's saved state is skipped: %s", error)
+                continue
+            for name, count in loaded.items():
+                totals[name] += count
+            totals["guests"] += 1
+    return totals
 
 
 async def _wait_for_helper(helper) -> None:  # helper: HelperLink

@@ -31,6 +31,13 @@ def export_network(network: Network, migration: TcpMigration, now: float,
                    extra: dict[str, object] | None = None) -> bytes:
     """The network's migratable state as one blob (with ``extra`` sections: a guest's
     lease when several guests share the vhostnet)."""
+    return encode_state(network_sections(network, migration, now, extra))
+
+
+def network_sections(network: Network, migration: TcpMigration, now: float,
+                     extra: dict[str, object] | None = None) -> dict[str, object]:
+    """``export_network``'s sections before encoding (a restart with several guests keeps
+    one such set per guest in its state)."""
     stack = network.stack
     config = network.config
     sections: dict[str, object] = {
@@ -58,13 +65,18 @@ def export_network(network: Network, migration: TcpMigration, now: float,
         # later release them (the state was handed over) or thaw them (abandoned).
         sections["tcp"] = migration.export_records(now)
     sections.update(extra or {})
-    return encode_state(sections)
+    return sections
 
 
 def import_network(network: Network, migration: TcpMigration, blob: bytes,
                    now: float) -> dict[str, int]:
     """Apply a blob from ``export_network``; raise ``StateError`` and change nothing if it is bad."""
-    sections = decode_state(blob)
+    return import_sections(network, migration, decode_state(blob), now)
+
+
+def import_sections(network: Network, migration: TcpMigration, sections: dict[str, object],
+                    now: float) -> dict[str, int]:
+    """Apply ``network_sections``' output; ``StateError`` and nothing changed if it is bad."""
     stack = network.stack
     try:
         guest = sections["guest"]

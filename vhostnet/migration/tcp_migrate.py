@@ -147,6 +147,9 @@ class TcpMigration:
         self.exported = False  # a state was saved since the last release or thaw
         self.handed_over = 0  # connections released to a destination, lost if QEMU resumes here
         self.catchers: list[socket.socket] = []
+        # A restart of several guests' Networks shares one helper: it is let go once, after
+        # the last Network (``restart``), not at each one's end.
+        self.keep_helper = False
 
     @classmethod
     def attach(cls, network: Network, repair: RepairAccess | None = None) -> TcpMigration:
@@ -298,7 +301,7 @@ class TcpMigration:
 
     def migration_over(self) -> None:
         """This side's part is done: a helper is let go, as passt does with passt-repair."""
-        if self.repair is not None:
+        if self.repair is not None and not self.keep_helper:
             self.repair.migration_over()
 
     def _thaw_some(self, socks: dict[int, socket.socket], switch: RepairSwitch | None,

@@ -13,6 +13,11 @@ Offloads: frames keep their vnet word to a port that negotiated the offload; to 
 did not, partial checksums are completed and TCP super-frames (GSO, IPv4 and IPv6) cut
 into ``gso_size`` segments in C (ext/virtq_segment.pxi).
 
+Routing through the gateway MAC: ``set_port_route`` gives a port's guest MAC and
+addresses; a frame another guest sends to the gateway MAC for one of them goes to that
+guest (MACs rewritten, TTL / hop limit decremented, IPv4 header checksum updated, in C)
+instead of to the sender's router (``switch.routed``).
+
 A full outgoing batch drops the frame (counted) rather than blocking the sender; the
 device pushes ``outgoing(port)`` into the guest's RX ring with ``Virtqueue.rx_push`` and
 reports how many it took with ``taken``.
@@ -25,7 +30,9 @@ import logging
 from vhostnet.virtqueue import _virtq
 from vhostnet.virtqueue._virtq import FrameBatch
 
-__all__ = ["Switch"]
+__all__ = ["ROUTE6_SLOTS", "Switch"]
+
+ROUTE6_SLOTS = _virtq.SWITCH_ROUTE6_SLOTS  # IPv6 addresses a port's route holds
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,13 @@ class Switch:
         """What ``port``'s guest takes on RX (GUEST_CSUM, GUEST_TSO4, GUEST_TSO6); all off
         until set, so frames to it get their checksums completed and super-frames cut."""
         self._kernel.set_port_offloads(port, csum, tso4, tso6)
+
+    def set_port_route(self, port: int, mac: bytes | None, ipv4: bytes | None = None,
+                       ipv6: list[bytes] = ()) -> None:
+        """Frames to the gateway MAC whose destination is ``ipv4`` or one of ``ipv6`` (at
+        most ROUTE6_SLOTS) are routed to ``port``'s guest at ``mac``; None: no route to it
+        (also what ``remove_port`` leaves)."""
+        self._kernel.set_port_route(port, mac, ipv4, ipv6)
 
     def switch_batch(self, port: int, batch: FrameBatch, count: int, now: float) -> int:
         """Switch the first ``count`` frames of ``batch``, which came from ``port``, at ``now``
