@@ -125,18 +125,20 @@ class GuestOutput:
         flags = SYN if flow.phase is Phase.SYN_SENT else SYN | ACK
         self.emit(flow, flags, seq=flow.send_seq(0), options=options)
 
-    def data(self, flow: Flow, data: bytes | memoryview) -> None:
-        """Host bytes to the guest starting at ``snd_nxt``, cut as the guest's offloads allow."""
-        # Offloads the guest took: large segments it cuts itself, or no L4 checksum to compute.
+    def segmenting(self, flow: Flow) -> tuple[int, int]:
+        """(segment size, CSUM_* mode) of data to the guest: what the guest's offloads allow
+        (large segments it cuts itself, or no L4 checksum to compute)."""
         offloads = self.output.guest_offloads
         ipv6 = is_ipv6(flow.guest_ip)
-        whole_frames = self.output.guest_mac is not None
-        if ipv6 and not whole_frames:
-            size, checksum = flow.mss, CSUM_FULL  # send_ipv6 takes no offload word
-        elif offloads.tso(ipv6):
-            size, checksum = MAX_TSO_PAYLOAD // flow.mss * flow.mss, CSUM_PARTIAL
-        else:
-            size, checksum = flow.mss, CSUM_NONE if offloads.csum else CSUM_FULL
+        if ipv6 and self.output.guest_mac is None:
+            return flow.mss, CSUM_FULL  # send_ipv6 takes no offload word
+        if offloads.tso(ipv6):
+            return MAX_TSO_PAYLOAD // flow.mss * flow.mss, CSUM_PARTIAL
+        return flow.mss, CSUM_NONE if offloads.csum else CSUM_FULL
+
+    def data(self, flow: Flow, data: bytes | memoryview) -> None:
+        """Host bytes to the guest starting at ``snd_nxt``, cut as the guest's offloads allow."""
+        size, checksum = self.segmenting(flow)
         if self._data_frames(flow, data, size, checksum):
             self.stats.inc("tcp.segments_out", (len(data) + size - 1) // size)
             if checksum == CSUM_PARTIAL:

@@ -48,12 +48,25 @@ class GuestSender:
         self.commands.append(Peek(flow.flow_id, flow.snd_nxt - flow.snd_una, flow.peek_len))
 
     def send_host_data(self, flow: Flow, data: bytes | memoryview, now: float) -> None:
-        if flow.snd_nxt < flow.snd_max:
-            self.stats.inc("tcp.retransmitted_bytes", min(len(data), flow.snd_max - flow.snd_nxt))
         self.tx.data(flow, data)
-        flow.snd_nxt += len(data)
+        self._sent(flow, len(data), now)
+
+    def sent_elsewhere(self, flow: Flow, n: int, segments: int, large_segments: int,
+                       now: float) -> None:
+        """``n`` bytes from ``snd_nxt`` on reached the guest in ``segments`` segments
+        (``large_segments`` of them for the guest to cut) without passing here: the fast
+        path peeked them straight into its RX buffers."""
+        self.stats.inc("tcp.segments_out", segments)
+        if large_segments:
+            self.stats.inc("tcp.gso_segments_out", large_segments)
+        self._sent(flow, n, now)
+
+    def _sent(self, flow: Flow, n: int, now: float) -> None:
+        if flow.snd_nxt < flow.snd_max:
+            self.stats.inc("tcp.retransmitted_bytes", min(n, flow.snd_max - flow.snd_nxt))
+        flow.snd_nxt += n
         flow.snd_max = max(flow.snd_max, flow.snd_nxt)
-        self.stats.inc("tcp.bytes_to_guest", len(data))
+        self.stats.inc("tcp.bytes_to_guest", n)
         if flow.rto_at is None:
             flow.rto_at = now + flow.rto
 
