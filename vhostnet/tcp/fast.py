@@ -170,7 +170,7 @@ class TcpFastPath:
         if ring is None:
             return None
         tx = self.engine.tx
-        size, checksum = tx.segmenting(flow)
+        size, checksum = self.engine.sender.segmenting(flow)
         status, delivered, segments, large = self.peeker.run(
             ring[0], ring[1], fd, offset, length, stack.guest_mac, stack.config.gateway_mac,
             flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port,

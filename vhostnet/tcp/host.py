@@ -11,6 +11,9 @@ Host -> guest data stays in the socket until the guest acknowledged it (see
 supports it for TCP (Linux 6.9 and later); otherwise the glue peeks the whole
 prefix and slices, which costs a copy of the unacknowledged bytes per peek.
 
+A Peek is offered to the direct-peek hook first (``set_direct_peek``: the TCP fast path
+peeks straight into the guest's RX ring); what it leaves is peeked here.
+
 Readiness: a socket whose queued bytes have all been peeked is still
 "readable" in the level-triggered sense, so the reader is armed only after a
 peek came back short, with SO_RCVLOWAT set one byte above what is already
