@@ -102,8 +102,9 @@ cdef long direct_peek_work(void *ring, void *arg, long unused) noexcept nogil:
     cdef uint8_t headers[HEADERS_MAX]
     cdef uint64_t vnet
     cdef uint8_t gso
+    cdef int peek_off = <int>p.offset
     p.status = PEEK_RING_FULL
-    if setsockopt(p.fd, SOL_SOCKET, SO_PEEK_OFF, &p.offset, sizeof(int)) != 0:
+    if setsockopt(p.fd, SOL_SOCKET, SO_PEEK_OFF, &peek_off, sizeof(int)) != 0:
         return 0  # the Python path peeks its own way
     while p.delivered < p.length:
         want = p.length - p.delivered
@@ -126,6 +127,8 @@ cdef long direct_peek_work(void *ring, void *arg, long unused) noexcept nogil:
             if got >= 0 or errno != EINTR:
                 break
         if got < 0:
+            if errno == EFAULT:
+                return 0  # the buffers are not guest memory any more: not the socket's fault
             p.status = PEEK_DRAINED if errno == EAGAIN else -errno
             return 0
         if got == 0:
