@@ -454,9 +454,8 @@ class TcpEngine:
 
     def on_peeked_elsewhere(self, flow_id: int, n: int, segments: int, large_segments: int,
                             now: float) -> None:
-        """The first ``n`` bytes of the pending ``Peek`` went to the guest without passing here
-        (the fast path peeked them straight into its RX buffers, from ``snd_nxt`` on, in
-        ``segments`` segments); ``on_peeked`` answers for the rest of the Peek."""
+        """The pending Peek's first ``n`` bytes reached the guest from ``snd_nxt`` on without
+        passing here (the fast path); ``on_peeked`` answers for the rest of it."""
         flow = self.flows_by_id.get(flow_id)
         if flow is None or not flow.peek_pending or n <= 0:
             return
