@@ -22,6 +22,7 @@ from bench.runner import (
     Backend,
     BenchError,
     LineProcess,
+    Usage,
     guest_process,
 )
 
@@ -157,7 +158,7 @@ def nat_rows(template: str, name: str, mtu: int, s: Settings, baselines: Baselin
                 tcp_sink = TcpSink()
                 tcp_sink.start()
                 workers.append(tcp_sink)
-                rows += _tcp_bulk(guest, name, mtu, s, baselines, tcp_sink)
+                rows += _tcp_bulk(guest, backend, name, mtu, s, baselines, tcp_sink)
         finally:
             guest.close()
     finally:
@@ -287,13 +288,29 @@ def loopback_tcp(baselines: Baselines, sink: TcpSink) -> list[float]:
     return baselines.get("loopback-tcp", loopback_gbits)
 
 
-def _tcp_bulk(guest: LineProcess, name: str, mtu: int, s: Settings, baselines: Baselines,
-              sink: TcpSink) -> list[Row]:
+def _tcp_bulk(guest: LineProcess, backend: Backend, name: str, mtu: int, s: Settings,
+              baselines: Baselines, sink: TcpSink) -> list[Row]:
     rows = []
+    megabytes = 0.0
+    first: Usage | None = None
+
+    def start_cost() -> None:
+        nonlocal megabytes, first
+        megabytes, first = 0.0, backend.usage()
+
+    def add_cost(row: Row, moved: int) -> None:
+        """The back-end's CPU time and wake-ups per MB moved, over the case's rounds."""
+        nonlocal megabytes
+        megabytes += moved / 1e6
+        last = backend.usage()
+        if first is not None and last is not None:
+            row.extra.update(first.per_unit(last, megabytes, "MB"))
+
     base = loopback_tcp(baselines, sink)
     if "tcp-tx" in s.cases:
         row = Row(f"tcp-tx-mtu{mtu}", "Gbit/s", [], base, "loopback Gbit/s", backend=name)
         exact = True
+        start_cost()
         for i in range(s.rounds):
             s.progress.update(f"tcp-tx MTU {mtu} [{name}] round {i + 1}/{s.rounds}")
             index = len(sink.results)
@@ -301,12 +318,14 @@ def _tcp_bulk(guest: LineProcess, name: str, mtu: int, s: Settings, baselines: B
             got = _sink_result(sink, index)
             exact = exact and got["sha256"] == r["sha256"] and got["bytes"] == r["bytes"]
             row.rounds.append(r["bytes"] * 8 / r["seconds"] / 1e9)
+            add_cost(row, r["bytes"])
         row.extra["exact_bytes"] = exact
         rows.append(row)
     if "tcp-rx" in s.cases:
         row = Row(f"tcp-rx-mtu{mtu}", "Gbit/s", [], base, "loopback Gbit/s", backend=name)
         exact = True
         block = np.random.default_rng(7).integers(0, 256, 1460, dtype=np.uint8).tobytes()
+        start_cost()
         for i in range(s.rounds):
             s.progress.update(f"tcp-rx MTU {mtu} [{name}] round {i + 1}/{s.rounds}")
             guest.send("tcp_rx", port=GUEST_TCP_PORT)
@@ -320,6 +339,7 @@ def _tcp_bulk(guest: LineProcess, name: str, mtu: int, s: Settings, baselines: B
                 raise BenchError(f"tcp-rx failed: {r.get('error') or sender.error}")
             exact = exact and r["bytes"] == sender.sent and r["sha256"] == sender.digest.hexdigest()
             row.rounds.append(r["bytes"] * 8 / max(r["seconds"], 1e-9) / 1e9)
+            add_cost(row, r["bytes"])
         row.extra["exact_bytes"] = exact
         rows.append(row)
     return rows

@@ -29,7 +29,7 @@ The Python face is ``vhostnet.tcp.fast``; use that.
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp, memcpy, memset
-from libc.errno cimport EINTR, errno
+from libc.errno cimport EAGAIN, EFAULT, EINTR, errno
 
 from frame_batch cimport FrameArrays, frame_at
 from netbytes cimport be16, be32, pseudo_header_sum, pseudo_header_sum6, sum_bytes, sum_verifies
@@ -400,3 +400,6 @@ cdef class TcpFastPath:
             flow.bytes += <uint64_t>written
         self.niov = 0
         self.pending_slot = -1
+
+
+include "tcp_fast_rx.pxi"   # host -> guest: Peek commands straight into RX buffers

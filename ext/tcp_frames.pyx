@@ -15,25 +15,20 @@ The Python face is ``vhostnet.tcp.frames`` (``data_frames``, ``L4Checksum``); us
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memcpy
 
-from netbytes cimport checksum_field, fold, pseudo_header_sum, put16, put32, sum_bytes
+from netbytes cimport sum_bytes
+from tcp_headers cimport (CSUM_FULL, CSUM_NONE, CSUM_PARTIAL, HDR_ETH_LEN, HDR_IP6_LEN,
+                          HDR_IP_LEN, HDR_TCP_LEN, fill_headers, fill_template)
 
 
 cdef enum:
-    ETH_LEN = 14
-    IP_LEN = 20
-    IP6_LEN = 40
-    TCP_LEN = 20
+    ETH_LEN = HDR_ETH_LEN
+    IP_LEN = HDR_IP_LEN
+    IP6_LEN = HDR_IP6_LEN
+    TCP_LEN = HDR_TCP_LEN
     HEADERS = ETH_LEN + IP_LEN + TCP_LEN
     HEADERS6 = ETH_LEN + IP6_LEN + TCP_LEN
-    PROTO_TCP = 6
-    FLAG_PSH = 0x08
-    FLAG_ACK = 0x10
-    # How the L4 checksum is left (the values of vhostnet.wire.tcp's CSUM_*).
-    CSUM_FULL = 0         # computed
-    CSUM_PARTIAL = 1      # the pseudo-header sum only (virtio NEEDS_CSUM; the guest completes it)
-    CSUM_NONE = 2         # zero (virtio DATA_VALID)
 
 HEADERS_LEN = HEADERS
 HEADERS6_LEN = HEADERS6
@@ -42,62 +37,13 @@ CHECKSUM_PARTIAL = CSUM_PARTIAL
 CHECKSUM_NONE = CSUM_NONE
 
 
-cdef void fill_template(uint8_t *out, Py_ssize_t ip_len, const uint8_t *dst_mac,
-                        const uint8_t *src_mac, const uint8_t *src_ip, const uint8_t *dst_ip,
-                        uint64_t src_port, uint64_t dst_port, uint32_t ack,
-                        uint64_t window) noexcept nogil:
-    """The headers every frame shares: lengths, sequence number, flags and checksums stay 0.
-    ``ip_len`` is IP_LEN (IPv4, 4-byte addresses) or IP6_LEN (IPv6, 16-byte addresses)."""
-    cdef uint8_t *ip = out + ETH_LEN
-    cdef uint8_t *tcp = ip + ip_len
-    memset(out, 0, ETH_LEN + ip_len + TCP_LEN)
-    memcpy(out, dst_mac, 6)
-    memcpy(out + 6, src_mac, 6)
-    if ip_len == IP_LEN:
-        put16(out + 12, 0x0800)
-        ip[0] = 0x45
-        put16(ip + 6, 0x4000)   # DF: the identification means nothing (RFC 6864)
-        ip[8] = 64              # TTL
-        ip[9] = PROTO_TCP
-        memcpy(ip + 12, src_ip, 4)
-        memcpy(ip + 16, dst_ip, 4)
-    else:
-        put16(out + 12, 0x86DD)
-        ip[0] = 0x60            # version 6, traffic class and flow label 0
-        ip[6] = PROTO_TCP       # next header
-        ip[7] = 64              # hop limit
-        memcpy(ip + 8, src_ip, 16)
-        memcpy(ip + 24, dst_ip, 16)
-    put16(tcp, src_port)
-    put16(tcp + 2, dst_port)
-    put32(tcp + 8, ack)
-    tcp[12] = (TCP_LEN // 4) << 4
-    put16(tcp + 14, window)
-
-
 cdef void fill_frame(uint8_t *out, Py_ssize_t ip_len, const uint8_t *template,
                      const uint8_t *payload, Py_ssize_t n, uint32_t seq, bint last,
                      int checksum) noexcept nogil:
-    cdef uint64_t tcp_len = TCP_LEN + n
-    cdef uint8_t *ip = out + ETH_LEN
-    cdef uint8_t *tcp = ip + ip_len
     cdef Py_ssize_t headers = ETH_LEN + ip_len + TCP_LEN
-    cdef uint64_t total
-    memcpy(out, template, headers)
     memcpy(out + headers, payload, n)
-    if ip_len == IP_LEN:
-        put16(ip + 2, IP_LEN + tcp_len)
-        put16(ip + 10, checksum_field(sum_bytes(ip, IP_LEN)))
-        total = pseudo_header_sum(ip, PROTO_TCP, tcp_len)
-    else:
-        put16(ip + 4, tcp_len)  # IPv6 payload length: no header checksum
-        total = sum_bytes(ip + 8, 32) + PROTO_TCP + tcp_len  # RFC 8200 8.1 pseudo-header
-    put32(tcp + 4, seq)
-    tcp[13] = (FLAG_ACK | FLAG_PSH) if last else FLAG_ACK
-    if checksum == CSUM_FULL:
-        put16(tcp + 16, checksum_field(total + sum_bytes(tcp, tcp_len)))
-    elif checksum == CSUM_PARTIAL:
-        put16(tcp + 16, fold(total))
+    fill_headers(out, ip_len, template, n, seq, last, checksum,
+                 sum_bytes(payload, n) if checksum == CSUM_FULL else 0)
 
 
 def data_frames(bytes dst_mac not None, bytes src_mac not None, bytes src_ip not None,

@@ -529,6 +529,7 @@ include "virtq_packed.pxi"
 # The two halves of the per-frame work, as functions over a RingQueue (a class body cannot include files).
 include "virtq_tx.pxi"
 include "virtq_rx.pxi"
+include "virtq_rxdirect.pxi"   # RX buffers for another kernel (ext/rx_direct.pxd)
 
 
 # Kernel entry points in the shape vq_guarded_call takes: (queue, argument, number).

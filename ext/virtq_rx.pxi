@@ -24,87 +24,106 @@ cdef Py_ssize_t rx_push_frames(RingQueue q, FrameBatch batch, Py_ssize_t start) 
     q.publish_used()
     return i - start
 
+cdef struct RxGather:
+    # Chains walked (not yet completed) for one frame: chain_first_seg/nseg/capacity[0:chains].
+    int chains
+    uint64_t capacity       # their bytes together
+    int slots               # ring slots they take
+    bint bad_behind         # a bad chain lies behind them
+    bint fragmented         # the segment table would not take another worst-case chain
+
+
+cdef int rx_gather(RingQueue q, uint64_t needed, RxGather *g) noexcept nogil:
+    """Walk available chains, without taking them, until they can hold ``needed`` bytes (one
+    chain without MRG_RXBUF). A bad chain first in line is completed with length 0 at once;
+    a bad chain behind good ones ends the gathering. RING_BROKEN or CHAIN_OK (``g`` says
+    what was found; ``g.capacity`` may fall short of ``needed``)."""
+    cdef int seg_used = 0
+    cdef int nseg, reason
+    cdef uint64_t total
+    cdef int max_chains = q.size if q.mrg_rxbuf else 1
+    g.chains = 0
+    g.capacity = 0
+    g.slots = 0
+    g.bad_behind = False
+    g.fragmented = False
+    while g.capacity < needed and g.chains < max_chains:
+        if g.chains and q.seg_cap - seg_used < <int>q.size + MAX_INDIRECT_ENTRIES:
+            g.fragmented = True
+            break
+        reason = q.walk(g.chains, True, q.segs + seg_used, &nseg, &total)
+        if reason == NO_CHAIN:
+            break
+        if reason == RING_BROKEN:
+            return RING_BROKEN
+        if reason != CHAIN_OK:
+            if g.chains == 0:
+                q.count_error(reason)
+                q.complete(0, 0)
+                q.advance(1)
+                continue
+            g.bad_behind = True
+            break
+        q.chain_first_seg[g.chains] = seg_used
+        q.chain_nseg[g.chains] = nseg
+        q.chain_capacity[g.chains] = total
+        seg_used += nseg
+        g.capacity += total
+        g.slots += q.chain_ndesc[g.chains]
+        g.chains += 1
+    return CHAIN_OK
+
+
 cdef int rx_one(RingQueue q, const uint8_t *frame, uint32_t frame_len, uint64_t vnet) noexcept nogil:
     """Deliver one frame into available buffers, drop it, or report that buffers are missing.
 
-    Phase 1 walks available chains, without taking them, until they can hold the
-    header plus the frame (one chain without MRG_RXBUF). Phase 2 writes and
-    completes them. A bad chain first in line is completed with length 0 at once;
-    a bad chain behind good ones ends the gathering, and if the good ones are too
-    small they are handed back empty so the bad one comes first next time.
+    Phase 1 (``rx_gather``) walks available chains, without taking them, until they can
+    hold the header plus the frame. Phase 2 writes and completes them. If the good chains
+    in front of a bad one are too small they are handed back empty so the bad one comes
+    first next time.
     """
     cdef uint64_t needed = q.hdr_len + <uint64_t>frame_len
-    cdef uint64_t capacity = 0
-    cdef int chains = 0
-    cdef int seg_used = 0
-    cdef int slots = 0          # ring slots the walked chains take
-    cdef int nseg, reason, j
-    cdef uint64_t total, written, pos
+    cdef RxGather g
+    cdef int reason, j
+    cdef uint64_t written, pos
     cdef uint8_t header[12]
-    cdef int max_chains = q.size if q.mrg_rxbuf else 1
-    cdef bint bad_behind = False
-    cdef bint fragmented = False
 
     # Offload fields first: a frame the guest cannot take is dropped before any buffer is touched.
     reason = fill_rx_header(header, vnet, frame, frame_len, q.features)
     if reason != CHAIN_OK:
         q.count_error(reason)
         return RX_DROPPED
-    header[10] = 0
-    header[11] = 0
-    while capacity < needed and chains < max_chains:
-        if chains and q.seg_cap - seg_used < <int>q.size + MAX_INDIRECT_ENTRIES:
-            fragmented = True
-            break
-        reason = q.walk(chains, True, q.segs + seg_used, &nseg, &total)
-        if reason == NO_CHAIN:
-            break
-        if reason == RING_BROKEN:
-            return RX_NO_BUFFERS
-        if reason != CHAIN_OK:
-            if chains == 0:
-                q.count_error(reason)
-                q.complete(0, 0)
-                q.advance(1)
-                continue
-            bad_behind = True
-            break
-        q.chain_first_seg[chains] = seg_used
-        q.chain_nseg[chains] = nseg
-        q.chain_capacity[chains] = total
-        seg_used += nseg
-        capacity += total
-        slots += q.chain_ndesc[chains]
-        chains += 1
+    if rx_gather(q, needed, &g) == RING_BROKEN:
+        return RX_NO_BUFFERS
 
-    if capacity < needed:
-        if bad_behind:
+    if g.capacity < needed:
+        if g.bad_behind:
             # Hand the good chains back empty so the bad one is first in line next time.
-            for j in range(chains):
+            for j in range(g.chains):
                 q.complete(j, 0)
-            q.advance(chains)
+            q.advance(g.chains)
             return RX_RETRY
-        if chains == 0:
+        if g.chains == 0:
             q.kick_point = q.peek
             return RX_NO_BUFFERS
         if not q.mrg_rxbuf:
             # The chain stays in the ring for a smaller frame; this frame cannot fit one.
             q.count_error(R_RX_BUFFER_TOO_SMALL)
             return RX_DROPPED
-        if fragmented:
+        if g.fragmented:
             q.count_error(R_RX_TOO_FRAGMENTED)
             return RX_DROPPED
-        if slots >= <int>q.size:
+        if g.slots >= <int>q.size:
             # Every buffer of a full ring together is still too small: it can never fit.
             q.count_error(R_RX_BUFFER_TOO_SMALL)
             return RX_DROPPED
         q.kick_point = q.peek
         return RX_NO_BUFFERS
 
-    header[10] = chains & 0xFF
-    header[11] = chains >> 8
+    header[10] = g.chains & 0xFF
+    header[11] = g.chains >> 8
     pos = 0
-    for j in range(chains):
+    for j in range(g.chains):
         written = q.chain_capacity[j]
         if written > needed - pos:
             written = needed - pos
@@ -112,10 +131,10 @@ cdef int rx_one(RingQueue q, const uint8_t *frame, uint32_t frame_len, uint64_t 
                      header, frame, pos, written)
         q.complete(j, <uint32_t>written)
         pos += written
-    q.advance(chains)
+    q.advance(g.chains)
     q.stats[S_RX_FRAMES] += 1
     q.stats[S_RX_BYTES] += frame_len
-    q.stats[S_RX_BUFFERS] += chains
+    q.stats[S_RX_BUFFERS] += g.chains
     if header[HDR_GSO_TYPE]:
         q.stats[S_RX_GSO_FRAMES] += 1
     return RX_DELIVERED

@@ -140,6 +140,7 @@ class NetDevice:
         # Last: the listener runs at once when frames already wait (connections restored
         # before a front-end came, or frames sent to the broadcast address meanwhile).
         network.add_output_listener(self._schedule_rx)
+        network.set_direct_rx(self)
 
     # ---- BackendDevice: negotiation -----------------------------------------
 
@@ -525,6 +526,24 @@ class NetDevice:
                 return  # out of buffers: the guest's next refill kicks us
         self._schedule_rx()  # more than a few batches: the rest on the next loop turn
 
+    # ---- direct RX (``vhostnet.tcp.fast.DirectRx``): host TCP data straight into the ring -----
+
+    def direct_rx(self) -> tuple[object, object] | None:
+        """The one usable RX ring's direct-write handle; None with several rings (steering is
+        done on the Python path), none, or a capture (it sees only frames pushed here)."""
+        if self._closed or self.capture is not None or self.queue_pairs != 1:
+            return None
+        rings = self._usable_rx_rings()
+        return rings[0].direct_rx() if len(rings) == 1 else None
+
+    def direct_rx_done(self, frames: int) -> None:
+        self.counters["rx.frames"] += frames
+        queue = self.queues.get(RX_QUEUE)
+        if queue is not None:
+            queue.direct_rx_done()
+            if queue.broken:
+                self._check_memory_fault()
+
     def _rx_batch_of(self, pair: int) -> FrameBatch:
         batch = self._rx_batches.get(pair)
         if batch is None:
@@ -554,6 +573,7 @@ class NetDevice:
             return
         self._closed = True
         self.network.remove_output_listener(self._schedule_rx)
+        self.network.set_direct_rx(None, self)
         for index, queue in self.queues.items():
             self._keep_ring_counters(index, queue)
         self.queues.clear()

@@ -49,7 +49,7 @@ from vhostnet.stack.stack import NetworkStack
 from vhostnet.stack.tftp import TftpServer
 from vhostnet.stack.udp_nat import UdpNat
 from vhostnet.tcp.engine import TcpEngine
-from vhostnet.tcp.fast import TcpFastPath
+from vhostnet.tcp.fast import DirectRx, TcpFastPath
 from vhostnet.tcp.host import TcpHost
 from vhostnet.vhost_user.ratelimit import limiter, run_guarded
 from vhostnet.wire.checksum import PROTO_ICMP, PROTO_TCP
@@ -356,6 +356,13 @@ class Network:
             self.frames_to_guest.listeners.remove(listener)
         except ValueError:
             pass
+
+    def set_direct_rx(self, rx: DirectRx | None, owner: DirectRx | None = None) -> None:
+        """Let the TCP fast path write host data straight into ``rx``'s RX ring (None: stop;
+        with ``owner``, only if ``owner`` is the one set, so a closing device does not undo
+        its successor)."""
+        if self.tcp_fast is not None and (owner is None or self.tcp_fast.rx is owner):
+            self.tcp_fast.set_rx(rx)
 
     def set_guest_offloads(self, csum: bool, tso4: bool, tso6: bool = False) -> None:
         """What the guest's driver takes on receive (GUEST_CSUM, GUEST_TSO4, GUEST_TSO6), from

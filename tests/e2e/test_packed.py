@@ -2,7 +2,8 @@
 
 The guest's virtio device must show VIRTIO_F_RING_PACKED negotiated (bit 34 of its
 feature string) and vhostnet must have started both rings packed; the download's
-sha256 must match what the host served.
+sha256 must match what the host served, and the download's data must have been peeked
+straight into the guest's packed RX buffers (``tcp.direct_rx_segments``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 
 from tests.e2e.guestlib import GATEWAY, ping_check, static_ipv4
 from tests.e2e.hostservers import HttpFileServer, generated_bytes, sha256_hex
+from vhostnet.control import control_request
 
 pytestmark = pytest.mark.e2e
 
@@ -29,10 +31,11 @@ echo "RESULT download_sha256=$(cut -d' ' -f1 /tmp/sum)"
 """
 
 
-def test_packed_ring_ping_and_download(vhostnet, run_guest, qemu_version):
+def test_packed_ring_ping_and_download(vhostnet, run_guest, qemu_version, e2e_tmp):
     data = generated_bytes(DOWNLOAD_BYTES, DOWNLOAD_SEED)
+    control = str(e2e_tmp / "control.sock")
     with HttpFileServer("big.bin", data) as http:
-        server = vhostnet()
+        server = vhostnet("--control", control)
         run = run_guest(qemu_version, guest_script(http.port), socket_path=server.socket_path,
                         timeout=900, packed=True)
     run.check_completed()
@@ -43,4 +46,6 @@ def test_packed_ring_ping_and_download(vhostnet, run_guest, qemu_version):
     assert "ring 1 started (packed" in server.log_text()
     assert results["ping"] == "ok" and results["ping_loss"] == "0", run.output[-3000:]
     assert results["download_sha256"] == sha256_hex(data), run.output[-3000:]
+    counters = control_request(control, "stats")["counters"]
+    assert counters.get("tcp.direct_rx_segments", 0) > 0, counters
     assert server.running(), "vhostnet should still be serving after the guest left"

@@ -1,4 +1,4 @@
-"""TCP data frames built in C (``vhostnet.tcp.frames``) against the Python segment builder."""
+"""TCP data frames built in C (``vhostnet.tcp.sender``) against the Python segment builder."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 import pytest
 
 from tests.support.checksum import reference_sum
-from vhostnet.tcp.frames import HEADERS_LEN, L4Checksum, data_frames
+from vhostnet.tcp.sender import HEADERS_LEN, L4Checksum, data_frames
 from vhostnet.wire.checksum import PROTO_TCP, ones_complement_sum, pseudo_header_sum
 from vhostnet.wire.ethernet import ETHERTYPE_IPV4, emit_ethernet
 from vhostnet.wire.ipv4 import emit_ipv4_header

@@ -17,8 +17,8 @@ from tests.support.tcp import (
 from vhostnet.stack.config import StackConfig
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import Connect, Peek, Send
-from vhostnet.tcp.frames import HEADERS6_LEN, L4Checksum, data_frames
 from vhostnet.tcp.output import GuestOutput
+from vhostnet.tcp.sender import HEADERS6_LEN, GuestSender, L4Checksum, data_frames
 from vhostnet.wire.checksum import PROTO_TCP, l4_checksum_ok
 from vhostnet.wire.ethernet import ETHERTYPE_IPV6, emit_ethernet
 from vhostnet.wire.ipv6 import IPv6Packet, emit_ipv6_header
@@ -179,11 +179,12 @@ class FramesLink:
 def test_output_uses_tso6_only_when_the_guest_took_it(offloads: GuestOffloads, gso) -> None:
     engine, _ = make_engine()
     link = FramesLink(offloads)
-    tx = GuestOutput(link, engine.stats, 1500)
+    sender = GuestSender(GuestOutput(link, engine.stats, 1500), engine.stats, engine.timeouts,
+                         engine.commands)
     seg(engine, flags=SYN, seq=GUEST_ISN, mss=1440)
     flow = next(iter(engine.flows.values()))
     flow.snd_nxt = flow.snd_una = 1
-    tx.data(flow, bytes(20_000))
+    sender.data(flow, bytes(20_000))
     assert not link.v4 and link.v6
     words = [entry[1] for entry in link.v6]
     if gso is None:

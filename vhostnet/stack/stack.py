@@ -557,7 +557,7 @@ class NetworkStack:
 
     def send_ipv4_frames(self, frames: list[bytes | tuple[bytes, int]]) -> None:
         """Queue whole Ethernet frames carrying IPv4 for the guest, built by an engine for the
-        learned ``guest_mac`` (e.g. TCP data, ``vhostnet.tcp.frames``); each entry is a frame
+        learned ``guest_mac`` (e.g. TCP data, ``vhostnet.tcp.sender``); each entry is a frame
         or ``(frame, vnet word)``, as in ``frames_to_guest``."""
         self._queue_frames(frames, "ipv4.tx")
 

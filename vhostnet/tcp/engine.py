@@ -23,6 +23,7 @@ SO_SNDBUF minus the bytes queued, when the glue knows it):
     on_connected(flow_id, now, send_space=None)    on_connect_failed(flow_id, errno, now)
     on_sent(flow_id, n, now, send_space=None)      on_writable(flow_id, now, send_space=None)
     on_peeked(flow_id, offset, data, now)          on_readable(flow_id, now)
+    on_peeked_elsewhere(flow_id, n, segments, large_segments, now)  (before on_peeked)
     on_host_eof(flow_id, now)                      on_host_error(flow_id, errno, now)
     on_accepted(peer_host, peer_port, guest_port, now, send_space=None) -> flow_id | None
 
@@ -450,6 +451,17 @@ class TcpEngine:
             self.sender.send_host_data(flow, data, now)
         self.sender.pump(flow, now)
         self._timers.schedule(flow)
+
+    def on_peeked_elsewhere(self, flow_id: int, n: int, segments: int, large_segments: int,
+                            now: float) -> None:
+        """The pending Peek's first ``n`` bytes reached the guest from ``snd_nxt`` on without
+        passing here (the fast path); ``on_peeked`` answers for the rest of it."""
+        flow = self.flows_by_id.get(flow_id)
+        if flow is None or not flow.peek_pending or n <= 0:
+            return
+        self.sender.sent_elsewhere(flow, n, segments, large_segments, now)
+        flow.peek_seq = flow.snd_nxt
+        flow.peek_len -= n
 
     def on_host_eof(self, flow_id: int, now: float) -> None:
         flow = self.flows_by_id.get(flow_id)

@@ -18,19 +18,43 @@ flow with the window computed as for any write), and the glue watches a full soc
 as it does after its own writes. Flow state is therefore exact between batches;
 ``sync_all`` is the explicit hook for code that reads Flow fields (migration
 export calls it first).
+
+Host -> guest (``DirectRx``, ``peek_into_guest``): the glue offers each of the engine's
+``Peek`` commands here first (``TcpHost.set_direct_peek``); while the device has one usable
+RX ring and nothing waits in the guest frame queue, the kernel peeks the bytes straight into
+the ring's buffers and writes the headers in place (ext/tcp_fast_rx.pxi), and the engine
+learns what went (``TcpEngine.on_peeked_elsewhere``) before the glue answers the rest of the
+Peek. The engine stays the one owner of every host -> guest field (``snd_nxt``, ``snd_max``,
+the peek in progress, timers): the kernel gets the first sequence number, the ack and the
+window with each Peek and keeps nothing between calls, so retransmissions (a rewound
+``snd_nxt``) take the same way and need no sync.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
 from vhostnet.stack.stack import NetworkStack
+from vhostnet.tcp._fast import DirectPeeker
 from vhostnet.tcp._fast import TcpFastPath as _Kernel
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import Flow
 from vhostnet.tcp.host import TcpHost
 
 MAX_RAW_WINDOW = 0xFFFF
+
+
+class DirectRx(Protocol):
+    """The device's side of direct RX: the one RX ring frames may be written into now."""
+
+    def direct_rx(self) -> tuple[object, object] | None:
+        """The ring kernel's (queue, rx_direct capsule) (``Virtqueue.direct_rx``), or None
+        when frames must go through the guest frame queue (no ring or several, a capture)."""
+
+    def direct_rx_done(self, frames: int) -> None:
+        """After a direct write of ``frames`` frames (counters, a ring that broke)."""
 
 
 class TcpFastPath:
@@ -45,8 +69,11 @@ class TcpFastPath:
         self._arrays_of: object = None
         self._handled = np.zeros(0, dtype=np.uint8)
         self._partial_seen = 0
+        self.peeker = DirectPeeker()
+        self.rx: DirectRx | None = None
         engine.table.track_changes()
         host.set_before_close(self.unregister)
+        host.set_direct_peek(self.peek_into_guest)
 
     @property
     def flows(self) -> int:
@@ -123,6 +150,37 @@ class TcpFastPath:
             # As if the bytes had gone through to_host and one Send: rcv_nxt moves up,
             # the idle timer restarts and the guest gets its ACK.
             engine.on_written_elsewhere(flow_id, written, now, space)
+
+    def set_rx(self, rx: DirectRx | None) -> None:
+        """Where host data may go straight into the guest's RX buffers (None: nowhere)."""
+        self.rx = rx
+
+    def peek_into_guest(self, flow_id: int, fd: int, offset: int, length: int,
+                        now: float) -> tuple[int, int] | None:
+        """Execute the engine's pending Peek straight into the RX ring (``TcpHost.set_direct_peek``
+        says the answer); None: not here (no ring, frames queued before it, a stale Peek)."""
+        stack = self.stack
+        if self.rx is None or stack.guest_mac is None or stack.frames_to_guest:
+            return None
+        flow = self.engine.flows_by_id.get(flow_id)
+        if (flow is None or not flow.peek_pending or flow.peek_seq != flow.snd_nxt
+                or offset != flow.snd_nxt - flow.snd_una):
+            return None
+        ring = self.rx.direct_rx()
+        if ring is None:
+            return None
+        tx = self.engine.tx
+        size, checksum = self.engine.sender.segmenting(flow)
+        status, delivered, segments, large = self.peeker.run(
+            ring[0], ring[1], fd, offset, length, stack.guest_mac, stack.config.gateway_mac,
+            flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port,
+            flow.send_seq(flow.snd_nxt), flow.recv_seq(flow.rcv_nxt),
+            tx.advertised_window(flow), size, flow.mss, checksum)
+        self.rx.direct_rx_done(segments)
+        if delivered:
+            self.engine.stats.inc("tcp.direct_rx_segments", segments)
+            self.engine.on_peeked_elsewhere(flow_id, delivered, segments, large, now)
+        return status, delivered
 
     def counters(self) -> dict[str, int]:
         """Guest TCP frames left to the Python path, by reason (only reasons seen)."""

@@ -11,6 +11,9 @@ Host -> guest data stays in the socket until the guest acknowledged it (see
 supports it for TCP (Linux 6.9 and later); otherwise the glue peeks the whole
 prefix and slices, which costs a copy of the unacknowledged bytes per peek.
 
+A Peek is offered to the direct-peek hook first (``set_direct_peek``: the TCP fast path
+peeks straight into the guest's RX ring); what it leaves is peeked here.
+
 Readiness: a socket whose queued bytes have all been peeked is still
 "readable" in the level-triggered sense, so the reader is armed only after a
 peek came back short, with SO_RCVLOWAT set one byte above what is already
@@ -31,6 +34,7 @@ import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import IntEnum
 
 from vhostnet.outbound import open_outbound
 from vhostnet.stack.config import PortForward, listener_options
@@ -49,6 +53,18 @@ DISCARD_CHUNK = 256 * 1024
 # Below this much free send buffer, wait for the socket to drain and update the guest's window.
 LOW_SEND_SPACE = 128 * 1024
 LISTEN_RETRY_INTERVAL = 0.1
+
+
+class DirectPeek(IntEnum):
+    """How a direct peek (``set_direct_peek``) ended (the values of ext/tcp_fast_rx.pxi)."""
+
+    RING_FULL = 0  # the guest's RX ring had no room for the rest
+    DONE = 1  # everything asked for went to the guest
+    DRAINED = 2  # the socket held no more
+    EOF = 3  # the peer closed; nothing was delivered
+
+
+DirectPeekHook = Callable[[int, int, int, int, float], "tuple[int, int] | None"]
 
 
 @dataclass(eq=False)
@@ -83,6 +99,7 @@ class TcpHost:
         self._peek_off: bool | None = None  # learnt from the first socket
         self._closed = False
         self._before_close: Callable[[int], None] | None = None
+        self._direct_peek: DirectPeekHook | None = None
         for forward in engine.config.tcp_forwards:
             if listen_retry > 0 and self._listen_or_wait(forward, self.clock() + listen_retry):
                 continue
@@ -139,6 +156,13 @@ class TcpHost:
         space = send_space(entry.sock)
         self._watch_for_room(flow_id, entry, host_full, space)
         return space
+
+    def set_direct_peek(self, hook: DirectPeekHook | None) -> None:
+        """Offer every ``Peek`` to ``hook(flow_id, fd, offset, length, now)`` first (the fast
+        path peeks straight into the guest's RX ring and tells the engine itself). It answers
+        None (not taken: peek here), or (status, bytes delivered) with a ``DirectPeek`` status
+        or -errno; after RING_FULL the rest is peeked here. None: no hook."""
+        self._direct_peek = hook
 
     def set_before_close(self, hook: Callable[[int], None] | None) -> None:
         """Call ``hook(flow_id)`` before a flow's socket closes or leaves this glue (the TCP
@@ -366,29 +390,46 @@ class TcpHost:
         entry = self._sockets.get(command.flow_id)
         if entry is None:
             return
-        flow_id, offset, now = command.flow_id, command.offset, self.clock()
-        try:
-            data, eof = self._peek_at(entry.sock, offset, command.length)
-        except OSError as error:
-            self.engine.on_host_error(flow_id, error.errno or 0, now)
-            return
+        flow_id, offset, length, now = command.flow_id, command.offset, command.length, self.clock()
+        if self._peek_off is None:
+            self._peek_off = _probe_peek_off(entry.sock)
+        direct = None
+        if self._direct_peek is not None and self._peek_off:
+            direct = self._direct_peek(flow_id, entry.sock.fileno(), offset, length, now)
+        delivered = 0
+        if direct is None or direct[0] == DirectPeek.RING_FULL:
+            # The Python way, for all of it or for what the guest's RX ring had no room for.
+            if direct is not None:
+                delivered = direct[1]
+            try:
+                data, eof = self._peek_at(entry.sock, offset + delivered, length - delivered)
+            except OSError as error:
+                self.engine.on_host_error(flow_id, error.errno or 0, now)
+                return
+            eof = eof and not delivered  # else the next peek finds it
+        else:
+            status, delivered = direct
+            if status < 0:
+                self.engine.on_host_error(flow_id, -status, now)
+                return
+            data, eof = b"", status == DirectPeek.EOF
         if eof:
             self.engine.on_host_eof(flow_id, now)
             return
-        entry.peeked_until = offset + len(data)
-        if len(data) < command.length:
-            if data or offset == 0:
+        start = offset + delivered
+        entry.peeked_until = start + len(data)
+        if delivered + len(data) < length:
+            if data or delivered or offset == 0:
                 self._arm_reader(flow_id, entry.peeked_until)
             else:
                 # Woken with nothing new (memory pressure keeps the socket readable):
                 # wait until the guest's ACK frees queue space instead of spinning.
                 entry.rearm_on_discard = True
-        self.engine.on_peeked(flow_id, offset, data, now)
+        self.engine.on_peeked(flow_id, start, data, now)
 
     def _peek_at(self, sock: socket.socket, offset: int, length: int) -> tuple[bytes, bool]:
-        """(data, eof): ``length`` bytes at ``offset`` into the receive queue, without consuming."""
-        if self._peek_off is None:
-            self._peek_off = _probe_peek_off(sock)
+        """(data, eof): ``length`` bytes at ``offset`` into the receive queue, without consuming
+        (``_peek_off`` probed already)."""
         try:
             if self._peek_off:
                 sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, offset)

@@ -1,8 +1,9 @@
-"""Segments from the translator to the guest: SYN/SYN-ACK, data, ACK, RST, and our window.
+"""Segments from the translator to the guest: SYN/SYN-ACK, ACK, RST, and our window.
 
 ``GuestOutput`` turns flow state into emitted segments and hands them to the
 stack (``send_ipv4`` or ``send_ipv6``, by the length of the flow's addresses). It
-decides nothing about the connection itself; the engine does.
+decides nothing about the connection itself; the engine does. Data segments are
+``vhostnet.tcp.sender``'s (built whole in C).
 """
 
 from __future__ import annotations
@@ -11,28 +12,9 @@ from typing import Protocol
 
 from vhostnet.stack.counters import Counters
 from vhostnet.tcp.flow import Flow, Phase
-from vhostnet.tcp.frames import L4Checksum, data_frames
 from vhostnet.wire.checksum import PROTO_TCP
-from vhostnet.wire.offload import (
-    DATA_VALID_WORD,
-    IPV4_HEADER_LEN,
-    IPV6_HEADER_LEN,
-    MAX_TSO_PAYLOAD,
-    GuestOffloads,
-    tcp_data_word,
-)
-from vhostnet.wire.tcp import (
-    ACK,
-    CSUM_FULL,
-    CSUM_NONE,
-    CSUM_PARTIAL,
-    RST,
-    SYN,
-    TcpSegmentView,
-    build_options,
-    emit_segment,
-    segment_payload,
-)
+from vhostnet.wire.offload import IPV4_HEADER_LEN, IPV6_HEADER_LEN, GuestOffloads
+from vhostnet.wire.tcp import ACK, RST, SYN, TcpSegmentView, build_options, emit_segment
 
 
 class GuestLink(Protocol):
@@ -124,66 +106,6 @@ class GuestOutput:
         options = build_options(self.mss_limit(flow.guest_ip), wscale)
         flags = SYN if flow.phase is Phase.SYN_SENT else SYN | ACK
         self.emit(flow, flags, seq=flow.send_seq(0), options=options)
-
-    def data(self, flow: Flow, data: bytes | memoryview) -> None:
-        """Host bytes to the guest starting at ``snd_nxt``, cut as the guest's offloads allow."""
-        # Offloads the guest took: large segments it cuts itself, or no L4 checksum to compute.
-        offloads = self.output.guest_offloads
-        ipv6 = is_ipv6(flow.guest_ip)
-        whole_frames = self.output.guest_mac is not None
-        if ipv6 and not whole_frames:
-            size, checksum = flow.mss, CSUM_FULL  # send_ipv6 takes no offload word
-        elif offloads.tso(ipv6):
-            size, checksum = MAX_TSO_PAYLOAD // flow.mss * flow.mss, CSUM_PARTIAL
-        else:
-            size, checksum = flow.mss, CSUM_NONE if offloads.csum else CSUM_FULL
-        if self._data_frames(flow, data, size, checksum):
-            self.stats.inc("tcp.segments_out", (len(data) + size - 1) // size)
-            if checksum == CSUM_PARTIAL:
-                whole, rest = divmod(len(data), size)
-                large = (whole if size > flow.mss else 0) + (rest > flow.mss)
-                if large:
-                    self.stats.inc("tcp.gso_segments_out", large)
-        else:
-            self._data_segments(flow, data, size, checksum)
-
-    def _data_frames(self, flow: Flow, data: bytes | memoryview, size: int, checksum: int) -> bool:
-        """Whole frames built in C (``frames.data_frames``) once the guest's MAC is known
-        (else the caller sends segment by segment through ``send_ipv4``, which sends them to
-        the broadcast address and asks the guest's MAC by ARP: a rare path, only before the
-        guest has sent anything)."""
-        guest_mac = self.output.guest_mac
-        if guest_mac is None:
-            return False
-        send = self.output.send_ipv6_frames if is_ipv6(flow.guest_ip) else self.output.send_ipv4_frames
-        send(data_frames(dst_mac=guest_mac, src_mac=self.output.gateway_mac,
-                         src_ip=flow.remote_ip, dst_ip=flow.guest_ip, src_port=flow.remote_port,
-                         dst_port=flow.guest_port, seq=flow.send_seq(flow.snd_nxt),
-                         ack=flow.recv_seq(flow.rcv_nxt), window=self.advertised_window(flow),
-                         data=data, seg_size=size, checksum=L4Checksum(checksum), mss=flow.mss))
-        return True
-
-    def _data_segments(self, flow: Flow, data: bytes | memoryview, size: int, checksum: int) -> None:
-        segments = segment_payload(
-            flow.remote_ip,
-            flow.guest_ip,
-            flow.remote_port,
-            flow.guest_port,
-            flow.send_seq(flow.snd_nxt),
-            flow.recv_seq(flow.rcv_nxt),
-            self.advertised_window(flow),
-            data,
-            size,
-            checksum,
-        )
-        for segment in segments:
-            if checksum == CSUM_PARTIAL:
-                payload_len = len(segment) - 20
-                self.segment(flow, segment, tcp_data_word(payload_len, flow.mss))
-                if payload_len > flow.mss:
-                    self.stats.inc("tcp.gso_segments_out")
-            else:
-                self.segment(flow, segment, DATA_VALID_WORD if checksum == CSUM_NONE else 0)
 
     def ack(self, flow: Flow) -> None:
         self.emit(flow, ACK, seq=flow.send_seq(flow.snd_nxt))

@@ -3,19 +3,68 @@
 Data stays in the host socket until the guest acknowledges it (see
 ``vhostnet.tcp.engine``), so sending is a ``Peek`` command and its answer, and
 retransmitting is a rewind of ``snd_nxt`` to ``snd_una`` and a new peek.
+
+The data segments are cut here as the guest's offloads allow (``segmenting``) and built
+as whole Ethernet frames in one C pass (``data_frames``, the face of ``_frames`` from
+ext/tcp_frames.pyx). The TCP fast path peeks straight into the guest's RX buffers with the
+same cut and tells ``sent_elsewhere``.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from enum import IntEnum
 
 from vhostnet.stack.counters import Counters
+from vhostnet.tcp import _frames
 from vhostnet.tcp.flow import Flow, Peek, Phase, TcpCommand, TcpTimeouts
-from vhostnet.tcp.output import GuestOutput
-from vhostnet.wire.tcp import ACK, FIN
+from vhostnet.tcp.output import GuestOutput, is_ipv6
+from vhostnet.wire.offload import DATA_VALID_WORD, MAX_TSO_PAYLOAD, tcp_data_word
+from vhostnet.wire.tcp import ACK, CSUM_FULL, CSUM_NONE, CSUM_PARTIAL, FIN, segment_payload
 
 # Upper bound of one Peek, so a huge guest window does not mean one huge read.
 PEEK_BUDGET = 256 * 1024
+# Ethernet, IP and TCP headers of every frame ``data_frames`` builds (no options), by family.
+HEADERS_LEN: int = _frames.HEADERS_LEN
+HEADERS6_LEN: int = _frames.HEADERS6_LEN
+
+
+class L4Checksum(IntEnum):
+    """How a segment's TCP checksum is left (the kernel's values, equal to ``vhostnet.wire.tcp``'s
+    CSUM_* that the Python segment builder takes)."""
+
+    FULL = _frames.CHECKSUM_FULL  # computed
+    PARTIAL = _frames.CHECKSUM_PARTIAL  # the pseudo-header sum only: the guest completes it
+    NONE = _frames.CHECKSUM_NONE  # zero: the guest was told the data is valid (DATA_VALID)
+
+
+def data_frames(*, dst_mac: bytes, src_mac: bytes, src_ip: bytes, dst_ip: bytes, src_port: int,
+                dst_port: int, seq: int, ack: int, window: int,
+                data: bytes | bytearray | memoryview, seg_size: int, checksum: L4Checksum,
+                mss: int) -> list[bytes | tuple[bytes, int]]:
+    """``data`` as ACK segments of at most ``seg_size`` bytes (PSH on the last), the first at
+    ``seq``, as the queue entries ``NetworkStack.send_ipv4_frames`` takes (a frame, or
+    ``(frame, vnet word)`` when the guest is to complete or trust the L4 checksum).
+
+    ``window`` is the raw window field (clamped to 0xFFFF); ``seq`` and ``ack`` are taken
+    modulo 2**32. 4-byte addresses make IPv4 frames, 16-byte ones IPv6 frames. With
+    ``L4Checksum.PARTIAL``, ``seg_size`` may reach 64 KiB: segments longer than ``mss`` (the
+    guest's) carry a TCPv4 (TCPv6) GSO word, for the guest to cut.
+    """
+    checksum = L4Checksum(checksum)
+    view = memoryview(data)
+    if view.format != "B" or not view.c_contiguous:
+        view = memoryview(bytes(view))
+    frames = _frames.data_frames(dst_mac, src_mac, src_ip, dst_ip, src_port, dst_port,
+                                 seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, window, view, seg_size,
+                                 int(checksum))
+    if checksum is L4Checksum.PARTIAL:
+        ipv6 = len(src_ip) == 16
+        headers = HEADERS6_LEN if ipv6 else HEADERS_LEN
+        return [(frame, tcp_data_word(len(frame) - headers, mss, ipv6)) for frame in frames]
+    if checksum is L4Checksum.NONE:
+        return [(frame, DATA_VALID_WORD) for frame in frames]
+    return frames
 
 
 class GuestSender:
@@ -48,14 +97,81 @@ class GuestSender:
         self.commands.append(Peek(flow.flow_id, flow.snd_nxt - flow.snd_una, flow.peek_len))
 
     def send_host_data(self, flow: Flow, data: bytes | memoryview, now: float) -> None:
+        self.data(flow, data)
+        self._sent(flow, len(data), now)
+
+    def sent_elsewhere(self, flow: Flow, n: int, segments: int, large_segments: int,
+                       now: float) -> None:
+        """``n`` bytes from ``snd_nxt`` on reached the guest in ``segments`` segments
+        (``large_segments`` of them for the guest to cut) without passing here: the fast
+        path peeked them straight into its RX buffers."""
+        self.stats.inc("tcp.segments_out", segments)
+        if large_segments:
+            self.stats.inc("tcp.gso_segments_out", large_segments)
+        self._sent(flow, n, now)
+
+    def _sent(self, flow: Flow, n: int, now: float) -> None:
         if flow.snd_nxt < flow.snd_max:
-            self.stats.inc("tcp.retransmitted_bytes", min(len(data), flow.snd_max - flow.snd_nxt))
-        self.tx.data(flow, data)
-        flow.snd_nxt += len(data)
+            self.stats.inc("tcp.retransmitted_bytes", min(n, flow.snd_max - flow.snd_nxt))
+        flow.snd_nxt += n
         flow.snd_max = max(flow.snd_max, flow.snd_nxt)
-        self.stats.inc("tcp.bytes_to_guest", len(data))
+        self.stats.inc("tcp.bytes_to_guest", n)
         if flow.rto_at is None:
             flow.rto_at = now + flow.rto
+
+    def segmenting(self, flow: Flow) -> tuple[int, int]:
+        """(segment size, CSUM_* mode) of data to the guest: what the guest's offloads allow
+        (large segments it cuts itself, or no L4 checksum to compute)."""
+        link = self.tx.output
+        ipv6 = is_ipv6(flow.guest_ip)
+        if ipv6 and link.guest_mac is None:
+            return flow.mss, CSUM_FULL  # send_ipv6 takes no offload word
+        if link.guest_offloads.tso(ipv6):
+            return MAX_TSO_PAYLOAD // flow.mss * flow.mss, CSUM_PARTIAL
+        return flow.mss, CSUM_NONE if link.guest_offloads.csum else CSUM_FULL
+
+    def data(self, flow: Flow, data: bytes | memoryview) -> None:
+        """Host bytes to the guest starting at ``snd_nxt``, cut as the guest's offloads allow."""
+        size, checksum = self.segmenting(flow)
+        if self._data_frames(flow, data, size, checksum):
+            self.stats.inc("tcp.segments_out", (len(data) + size - 1) // size)
+            if checksum == CSUM_PARTIAL:
+                whole, rest = divmod(len(data), size)
+                large = (whole if size > flow.mss else 0) + (rest > flow.mss)
+                if large:
+                    self.stats.inc("tcp.gso_segments_out", large)
+        else:
+            self._data_segments(flow, data, size, checksum)
+
+    def _data_frames(self, flow: Flow, data: bytes | memoryview, size: int, checksum: int) -> bool:
+        """Whole frames built in C (``data_frames``) once the guest's MAC is known (else the
+        caller sends segment by segment through ``send_ipv4``, which sends them to the
+        broadcast address and asks the guest's MAC by ARP: a rare path, only before the
+        guest has sent anything)."""
+        link = self.tx.output
+        if link.guest_mac is None:
+            return False
+        send = link.send_ipv6_frames if is_ipv6(flow.guest_ip) else link.send_ipv4_frames
+        send(data_frames(dst_mac=link.guest_mac, src_mac=link.gateway_mac,
+                         src_ip=flow.remote_ip, dst_ip=flow.guest_ip, src_port=flow.remote_port,
+                         dst_port=flow.guest_port, seq=flow.send_seq(flow.snd_nxt),
+                         ack=flow.recv_seq(flow.rcv_nxt), window=self.tx.advertised_window(flow),
+                         data=data, seg_size=size, checksum=L4Checksum(checksum), mss=flow.mss))
+        return True
+
+    def _data_segments(self, flow: Flow, data: bytes | memoryview, size: int, checksum: int) -> None:
+        segments = segment_payload(flow.remote_ip, flow.guest_ip, flow.remote_port,
+                                   flow.guest_port, flow.send_seq(flow.snd_nxt),
+                                   flow.recv_seq(flow.rcv_nxt), self.tx.advertised_window(flow),
+                                   data, size, checksum)
+        for segment in segments:
+            if checksum == CSUM_PARTIAL:
+                payload_len = len(segment) - 20
+                self.tx.segment(flow, segment, tcp_data_word(payload_len, flow.mss))
+                if payload_len > flow.mss:
+                    self.stats.inc("tcp.gso_segments_out")
+            else:
+                self.tx.segment(flow, segment, DATA_VALID_WORD if checksum == CSUM_NONE else 0)
 
     def retransmit(self, flow: Flow, now: float) -> None:
         """Go back to the first unacknowledged byte; the data is still in the host socket."""

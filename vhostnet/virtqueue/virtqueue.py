@@ -67,6 +67,7 @@ class Virtqueue:
         self._memory = memory
         self._rings = (desc_uva, avail_uva, used_uva)
         self.packed = bool(features & VIRTIO_F_RING_PACKED)
+        self._direct: tuple[object, object] | None = None
         kernel = _virtq.PackedQueue if self.packed else _virtq.SplitQueue
         self._kernel = kernel(
             size, hdr_len, mrg_rxbuf, event_idx, -1 if call_fd is None else call_fd, base
@@ -110,6 +111,19 @@ class Virtqueue:
         fit (counted). The rest wait for the guest to post buffers.
         """
         return self._reported(self._kernel.rx_push(batch, start))
+
+    def direct_rx(self) -> tuple[object, object]:
+        """(kernel queue, capsule): for a C kernel that writes frames straight into this RX
+        ring's buffers (the ``RxDirectApi`` of ext/rx_direct.pxd, GIL released, one interrupt
+        per call). Keep the tuple (it keeps the kernel queue alive) and call
+        ``direct_rx_done()`` after using it."""
+        if self._direct is None:
+            self._direct = (self._kernel, _virtq.rx_direct_handle(self._kernel))
+        return self._direct
+
+    def direct_rx_done(self) -> None:
+        """After a direct write: log the kinds of bad guest input met for the first time."""
+        self._reported(None)
 
     def notify(self) -> bool:
         """Signal the call eventfd if the guest wants an interrupt for what was just used."""

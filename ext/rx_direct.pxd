@@ -1,0 +1,50 @@
+# The contract between the ring kernel (virtq.pyx, virtq_rxdirect.pxi) and a kernel that writes
+# frames straight into a guest's RX buffers (tcp_fast.pyx: host TCP data peeked from the socket
+# into the buffers, one copy).
+#
+# The ring kernel hands out a table of functions (``RxDirectApi``) in a PyCapsule
+# (``_virtq.rx_direct_handle(queue)``; the capsule's context is the queue, which the caller
+# keeps alive by holding the queue object). The kernels live in packages that may not import
+# each other, so this struct is what both sides agree on. Compile-time only.
+#
+# One frame: ``take`` lists RX buffers (not yet taken from the ring) as host memory spans, the
+# virtio-net header's ``hdr_len`` bytes first; the caller writes the frame's payload into the
+# spans past its headers; ``commit`` writes the virtio-net header and the frame's headers,
+# marks every written page dirty while migration logs, and completes the chains the frame
+# used. ``finish`` makes the completed chains visible and interrupts the guest once if it
+# asks. A taken room that is not committed is simply left in the ring. All of it runs
+# inside ``run`` (the SIGBUS guard, GIL released): guest memory can vanish under a copy.
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+
+cdef enum:
+    RXD_MAX_SPANS = 128          # a room covers at most this many host memory pieces
+
+cdef struct RxSpan:
+    uint8_t *host
+    uint64_t length
+
+cdef struct RxRoom:
+    uint64_t capacity            # bytes the spans hold, the virtio-net header included
+    uint32_t hdr_len             # the ring's virtio-net header length (10 or 12)
+    int nspans
+    RxSpan spans[RXD_MAX_SPANS]
+
+# ``work(ring, arg, n)`` as ``run`` calls it (the shape of the ring kernel's guarded calls).
+ctypedef long (*rxd_work_fn)(void *ring, void *arg, long n) noexcept nogil
+
+cdef struct RxDirectApi:
+    # List buffers for a frame of up to ``wanted`` bytes (header included): 1 if they hold at
+    # least ``least`` bytes, 0 if not (ring empty or short, not started, broken).
+    int (*take)(void *ring, uint64_t wanted, uint64_t least, RxRoom *room) noexcept nogil
+    # Complete the frame: ``frame_len`` bytes in the room after the virtio-net header, of which
+    # the first ``headers_len`` are copied from ``headers`` (Ethernet/IP/TCP) and the rest
+    # were written by the caller. ``vnet``: its offload word (vnet.pxd). 0, or a refusal
+    # (offload not negotiated: counted, nothing completed).
+    int (*commit)(void *ring, RxRoom *room, const uint8_t *headers, uint32_t headers_len,
+                  uint64_t vnet, uint64_t frame_len) noexcept nogil
+    # Publish the completed chains and notify the guest if it asks; True if interrupted.
+    bint (*finish)(void *ring) noexcept nogil
+    # Run ``work(ring, arg, n)`` with the GIL released under the SIGBUS guard (call with the
+    # GIL held); a fault breaks the queue. Returns work's result, or -1 after a fault.
+    long (*run)(void *ring, rxd_work_fn work, void *arg, long n) noexcept
