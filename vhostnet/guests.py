@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from vhostnet.network import GuestFrameQueue, Network
+from vhostnet.network import DirectRx, GuestFrameQueue, Network
 from vhostnet.stack.config import PortForward, StackConfig, ip4_str, ip6_str, mac_str
 from vhostnet.vhost_user.ratelimit import limiter
 from vhostnet.virtqueue.switch import ROUTE6_SLOTS
@@ -83,6 +83,7 @@ class GuestPort:
         self.connected = True
         self._listeners: list[Callable[[], None]] = []
         self._offloads = (False, False, False)
+        self._direct_rx: DirectRx | None = None  # the device's ring, for the TCP fast path
         self._unbound = GuestFrameQueue()  # frames_to_guest until bound: always empty
         self._routed6 = 0  # how many IPv6 addresses the stack knew at the last publish_route
 
@@ -136,6 +137,15 @@ class GuestPort:
         if self.network is not None:
             self.network.set_guest_offloads(csum, tso4, tso6)
 
+    def set_direct_rx(self, rx: DirectRx | None, owner: DirectRx | None = None) -> None:
+        """The device's RX ring for host TCP data written straight into it: kept until the
+        port is bound, then handed to its guest's Network (``Network.set_direct_rx``)."""
+        if owner is not None and self._direct_rx is not owner:
+            return
+        self._direct_rx = rx
+        if self.network is not None:
+            self.network.set_direct_rx(rx, owner)
+
     def learn_guest_mac(self, mac: bytes) -> None:
         """SEND_RARP after a migration: the guest is at ``mac``."""
         if self.network is None:
@@ -172,6 +182,8 @@ class GuestPort:
         network.set_guest_offloads(*self._offloads)
         for listener in self._listeners:
             network.add_output_listener(listener)
+        if self._direct_rx is not None:
+            network.set_direct_rx(self._direct_rx)
         log.info("%s: MAC %s bound to guest %s", self.label, mac_str(mac),
                  address_text(network.config.guest_ipv4))
         self.publish_route()
@@ -219,6 +231,9 @@ class GuestPort:
         if self.network is not None:
             for listener in self._listeners:
                 self.network.remove_output_listener(listener)
+            if self._direct_rx is not None:
+                self.network.set_direct_rx(None, self._direct_rx)
+        self._direct_rx = None
         self._listeners.clear()
         self.guests.port_closed(self)
 

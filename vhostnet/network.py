@@ -131,6 +131,10 @@ class GuestSide(Protocol):
 
     def device_started(self, now: float) -> None: ...
 
+    # The device's RX ring for the TCP fast path's direct writes (None: stop; with
+    # ``owner``, only if ``owner`` is the one set).
+    def set_direct_rx(self, rx: DirectRx | None, owner: DirectRx | None = None) -> None: ...
+
 
 class SwitchedFrames(Protocol):
     """Frames other guests sent to this port (``--max-guests`` above 1): a device pushes

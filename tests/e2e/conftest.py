@@ -18,14 +18,13 @@ Every test here refuses to run outside the private network namespace of
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.guestlib import GuestRun, VhostnetError, VhostnetProcess, script_exit_code
+from tests.support.daemon import nobody_tmp_dir
 from tools.guestkit import Kit, KitError, build_kit
 from tools.netns import in_private_netns, interfaces
 from tools.qemu import GuestError, QemuGuest
@@ -91,9 +90,10 @@ def qemu_version(request: pytest.FixtureRequest, kit: Kit) -> str:
 
 @pytest.fixture
 def e2e_tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="vhn-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    """Where vhostnet's sockets go: a folder nobody (whom vhostnet, started as root,
+    becomes) owns, so it removes its sockets at exit and makes its default SOCKET.repair."""
+    with nobody_tmp_dir() as path:
+        yield path
 
 
 @pytest.fixture

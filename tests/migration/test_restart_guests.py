@@ -49,10 +49,14 @@ class Starts:
         self.helpers: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> VhostnetProcess:
-        direct = ("--keep-cap-net-admin",) if self.repair == "direct" else ()
+        # The repair socket named: as root in a folder nobody cannot clean, the default
+        # SOCKET.repair is made only with --vhost-user.
+        repair_path = str(self.tmp_path / "vn.sock.repair")
+        direct = (("--keep-cap-net-admin",) if self.repair == "direct"
+                  else ("--repair-path", repair_path))
         if self.repair != "direct":  # it retries connecting until vhostnet listens
             self.helpers.append(subprocess.Popen(
-                [sys.executable, "-m", "vhostnet", "repair", str(self.tmp_path / "vn.sock.repair")],
+                [sys.executable, "-m", "vhostnet", "repair", repair_path],
                 cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL))
         process = VhostnetProcess(self.tmp_path, "--max-guests", "2", "--state-file",
