@@ -1,5 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Guest -> host UDP for established outbound flows, in C with the GIL released.
+"""UDP of established outbound flows both ways, in C with the GIL released.
+
+Guest -> host:
 
 ``UdpNat`` (Python) stays the authority: it creates every flow from the flow's
 first datagram, the glue opens the connected host socket and then registers
@@ -14,16 +16,23 @@ other protocols) is left to the Python stack, which counts and drops what is
 bad. What Python must learn afterwards comes back per flow, not per frame:
 which flows were active and which send errors happened.
 
+Host -> guest: ``receive`` takes the datagrams waiting on a registered flow's socket with
+recvmmsg(2) and builds each one's whole frame for the guest (Ethernet, IPv4 or IPv6 and UDP
+headers, checksums computed here) into a FrameBatch's arrays, ready for the RX ring or the
+stream's send buffer in one call. A datagram larger than the guest's MTU allows in one frame
+is handed back as bytes (the Python stack fragments it).
+
 The Python face is ``vhostnet.hostio.udp_fast``; use that.
 """
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy, memset
 from libc.errno cimport EAGAIN, EINTR, errno
 
 from frame_batch cimport FrameArrays, frame_at
-from netbytes cimport be16, pseudo_header_sum, pseudo_header_sum6, sum_bytes, sum_verifies
+from netbytes cimport (be16, checksum_field, pseudo_header_sum, pseudo_header_sum6, put16,
+                      sum_bytes, sum_verifies)
 from vhostnet.wire._flow_table cimport TABLE_SLOTS, FlowIndex
 from vnet cimport vnet_partial_csum_at
 
@@ -43,7 +52,9 @@ cdef extern from "<sys/socket.h>" nogil:
         msghdr msg_hdr
         unsigned int msg_len
     int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
+    int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags, void *timeout)
     int MSG_DONTWAIT
+    int MSG_TRUNC
 
 cdef enum:
     MAX_BATCH = 1024             # datagrams per sendmmsg round
@@ -54,11 +65,20 @@ cdef enum:
     UDP_LEN = 8
     PROTO_UDP = 17
     UDP_CHECKSUM_OFFSET = 6
+    MAX_RX = 64                  # datagrams per recvmmsg
+    RX_SLOT = 65536              # arena bytes per datagram: none is ever cut short
+    TTL = 64                     # as the Python stack's send_ipv4 / send_ipv6
 
 cdef struct FlowSlot:          # the flow in slot i of the FlowIndex (vhostnet/wire/_flow_table.pxd)
     int fd
     uint64_t datagrams       # since the last take_activity()
     uint64_t bytes
+    # What a datagram from the host becomes for the guest: from remote to guest.
+    uint8_t remote_ip[16]    # 4 bytes used for IPv4
+    uint8_t guest_ip[16]
+    uint8_t remote_port[2]   # network byte order
+    uint8_t guest_port[2]
+    bint ipv6
 
 
 cdef class UdpFastPath:
@@ -78,6 +98,12 @@ cdef class UdpFastPath:
     cdef uint8_t gateway_mac[6]
     cdef uint8_t guest_mac[6]
     cdef bint have_guest_mac
+    # receive(): recvmmsg lands in the arena (MAX_RX slots of RX_SLOT bytes, allocated at
+    # the first call; pages the datagrams never reach stay untouched).
+    cdef uint8_t *arena
+    cdef mmsghdr rx_msgs[MAX_RX]
+    cdef iovec rx_iovs[MAX_RX]
+    cdef readonly uint64_t datagrams_received
 
     def __cinit__(self):
         self.index = FlowIndex()
@@ -87,6 +113,7 @@ cdef class UdpFastPath:
 
     def __dealloc__(self):
         free(self.slots)
+        free(self.arena)
 
     @property
     def flows(self) -> int:
@@ -109,10 +136,20 @@ cdef class UdpFastPath:
         cdef int index = self.index.add(flow_id, guest_ip, guest_port, remote_ip, remote_port)
         if index < 0:
             return False
-        self.slots[index].fd = fd
-        self.slots[index].datagrams = 0
-        self.slots[index].bytes = 0
+        cdef FlowSlot *slot = &self.slots[index]
+        slot.fd = fd
+        slot.datagrams = 0
+        slot.bytes = 0
+        slot.ipv6 = len(guest_ip) == 16
+        memcpy(slot.guest_ip, <const char *>guest_ip, len(guest_ip))
+        memcpy(slot.remote_ip, <const char *>remote_ip, len(remote_ip))
+        put16(slot.guest_port, guest_port)
+        put16(slot.remote_port, remote_port)
         return True
+
+    def holds(self, int64_t flow_id) -> bool:
+        """Whether ``flow_id`` is registered."""
+        return self.index.slot_of(flow_id) >= 0
 
     def remove(self, int64_t flow_id) -> tuple:
         """Forget a flow (its socket is about to close); its unreported (datagrams, bytes)."""
@@ -290,3 +327,133 @@ cdef class UdpFastPath:
                 self.slots[slot].bytes += self.iovs[end].iov_len
             self.datagrams_sent += sent
             start += sent
+
+    # ---- host -> guest ------------------------------------------------------------
+
+    def receive(self, int64_t flow_id, Py_ssize_t mtu, uint8_t[::1] storage,
+                uint64_t[::1] offsets, uint32_t[::1] lengths, uint64_t[::1] vnets) -> tuple:
+        """Take what waits on ``flow_id``'s socket: each datagram becomes a whole frame for
+        the guest in the batch arrays (from frame 0, as ``FrameBatch.take_written`` reads
+        them), until the socket is drained or the arrays are full.
+
+        Returns (frames written, errno of a receive error or 0, datagrams too large for one
+        frame of ``mtu`` as a list of bytes: the Python stack fragments those).
+        """
+        cdef int index = self.index.slot_of(flow_id)
+        if index < 0 or not self.have_guest_mac:
+            raise ValueError("receive on a flow the fast path does not hold")
+        cdef FlowSlot *slot = &self.slots[index]
+        cdef Py_ssize_t header = ETH_LEN + (IP6_LEN if slot.ipv6 else IP_LEN) + UDP_LEN
+        cdef Py_ssize_t max_payload = mtu - header + ETH_LEN
+        cdef Py_ssize_t capacity = min(offsets.shape[0], lengths.shape[0], vnets.shape[0])
+        if max_payload < 1 or capacity < 1 or storage.shape[0] < header + max_payload:
+            raise ValueError("the batch cannot hold one frame of this MTU")
+        if self.arena == NULL:
+            self.arena = <uint8_t *>malloc(<size_t>MAX_RX * RX_SLOT)
+            if self.arena == NULL:
+                raise MemoryError()
+        cdef Py_ssize_t frames = 0
+        cdef Py_ssize_t oversized_at[MAX_RX]
+        cdef int noversized = 0, error = 0, i
+        cdef uint64_t fill = 0
+        oversized = []
+        while True:
+            with nogil:
+                error = self._receive_round(slot, header, max_payload, &storage[0],
+                                            storage.shape[0], &offsets[0], &lengths[0],
+                                            &vnets[0], capacity, &frames, &fill,
+                                            oversized_at, &noversized)
+            for i in range(noversized):
+                oversized.append(bytes((self.arena + oversized_at[i] * RX_SLOT)[
+                    :self.rx_msgs[oversized_at[i]].msg_len]))
+            if error != -1:
+                break
+        return frames, error, oversized
+
+    cdef int _receive_round(self, FlowSlot *slot, Py_ssize_t header, Py_ssize_t max_payload,
+                            uint8_t *storage, Py_ssize_t size, uint64_t *offsets,
+                            uint32_t *lengths, uint64_t *vnets, Py_ssize_t capacity,
+                            Py_ssize_t *frames, uint64_t *fill, Py_ssize_t *oversized_at,
+                            int *noversized) noexcept nogil:
+        """One recvmmsg of as many datagrams as surely fit; -1: go on (more may wait and
+        there is room), 0: done, else the errno of a receive error."""
+        cdef Py_ssize_t room = (size - <Py_ssize_t>fill[0]) // (header + max_payload)
+        cdef Py_ssize_t want = min(<Py_ssize_t>MAX_RX, capacity - frames[0], room)
+        cdef int got, i
+        cdef uint32_t length
+        noversized[0] = 0
+        if want <= 0:
+            return 0
+        for i in range(want):
+            self.rx_iovs[i].iov_base = self.arena + <size_t>i * RX_SLOT
+            self.rx_iovs[i].iov_len = RX_SLOT
+            memset(&self.rx_msgs[i], 0, sizeof(mmsghdr))
+            self.rx_msgs[i].msg_hdr.msg_iov = &self.rx_iovs[i]
+            self.rx_msgs[i].msg_hdr.msg_iovlen = 1
+        while True:
+            got = recvmmsg(slot.fd, self.rx_msgs, <unsigned int>want, MSG_DONTWAIT, NULL)
+            if got >= 0 or errno != EINTR:
+                break
+        if got < 0:
+            return 0 if errno == EAGAIN else errno
+        for i in range(got):
+            length = self.rx_msgs[i].msg_len
+            if length > max_payload or self.rx_msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
+                oversized_at[noversized[0]] = i
+                noversized[0] += 1
+                continue
+            self._build_frame(slot, storage + fill[0], self.arena + <size_t>i * RX_SLOT, length)
+            offsets[frames[0]] = fill[0]
+            lengths[frames[0]] = <uint32_t>(header + length)
+            vnets[frames[0]] = 0
+            fill[0] += header + length
+            frames[0] += 1
+        self.datagrams_received += got
+        return -1 if got == want else 0
+
+    cdef void _build_frame(self, const FlowSlot *slot, uint8_t *frame, const uint8_t *payload,
+                           uint32_t length) noexcept nogil:
+        """Ethernet + IP + UDP headers and the payload at ``frame``: from the flow's remote
+        end to the guest, checksums filled in (UDP's computed 0 sent as 0xFFFF)."""
+        cdef uint8_t *ip = frame + ETH_LEN
+        cdef uint8_t *udp
+        cdef uint64_t total
+        memcpy(frame, self.guest_mac, 6)
+        memcpy(frame + 6, self.gateway_mac, 6)
+        if slot.ipv6:
+            frame[12] = 0x86
+            frame[13] = 0xDD
+            udp = ip + IP6_LEN
+            ip[0] = 0x60
+            ip[1] = ip[2] = ip[3] = 0
+            put16(ip + 4, UDP_LEN + length)
+            ip[6] = PROTO_UDP
+            ip[7] = TTL
+            memcpy(ip + 8, slot.remote_ip, 16)
+            memcpy(ip + 24, slot.guest_ip, 16)
+            total = pseudo_header_sum6(ip, PROTO_UDP, UDP_LEN + length)
+        else:
+            frame[12] = 0x08
+            frame[13] = 0x00
+            udp = ip + IP_LEN
+            ip[0] = 0x45
+            ip[1] = 0
+            put16(ip + 2, IP_LEN + UDP_LEN + length)
+            ip[4] = ip[5] = 0
+            ip[6] = 0x40  # DF: identification 0 (RFC 6864), as emit_ipv4_header
+            ip[7] = 0
+            ip[8] = TTL
+            ip[9] = PROTO_UDP
+            ip[10] = ip[11] = 0
+            memcpy(ip + 12, slot.remote_ip, 4)
+            memcpy(ip + 16, slot.guest_ip, 4)
+            put16(ip + 10, checksum_field(sum_bytes(ip, IP_LEN)))
+            total = pseudo_header_sum(ip, PROTO_UDP, UDP_LEN + length)
+        memcpy(udp, slot.remote_port, 2)
+        memcpy(udp + 2, slot.guest_port, 2)
+        put16(udp + 4, UDP_LEN + length)
+        udp[6] = udp[7] = 0
+        memcpy(udp + UDP_LEN, payload, length)
+        total += sum_bytes(udp, UDP_LEN + length)
+        total = checksum_field(total)
+        put16(udp + 6, total if total else 0xFFFF)

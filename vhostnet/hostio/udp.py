@@ -230,8 +230,10 @@ class UdpGlue:
             self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
 
     def _on_flow_readable(self, flow_id: int, sock: socket.socket) -> None:
-        datagrams, error = receive_batch(sock)
         now = self.clock()
+        if self.fast_path is not None and self.fast_path.receive(flow_id, now):
+            return
+        datagrams, error = receive_batch(sock)
         for payload in datagrams:
             self.engine.on_host_datagram(flow_id, payload, now)
         if error is not None:

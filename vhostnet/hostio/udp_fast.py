@@ -1,6 +1,7 @@
 """The Python face of the UDP fast path (``ext/udp_fast.pyx``): guest datagrams of established
 outbound flows (IPv4 and IPv6) go to their host sockets by sendmmsg(2) from the TX batch, GIL
-released.
+released; the host's answers on those sockets come back by recvmmsg(2) as whole frames built
+in a batch (``receive``), queued for the guest as one entry.
 
 ``UdpNat`` stays the authority. A flow enters the fast path once its connected
 host socket exists (``register``, called by ``UdpGlue``) and leaves it before
@@ -15,6 +16,8 @@ unreachable stays the one of the flow's first datagram (same addresses and ports
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +37,49 @@ class UdpFastSender:
         self._arrays_of: object = None
         self._handled = np.zeros(0, dtype=np.uint8)
         self._busy_seen = 0
+        # Host -> guest: a fresh batch per receive, and where a filled one goes (set by the
+        # network; None: every datagram takes the Python path).
+        self._new_batch: Callable[[], Any] | None = None
+        self._to_guest: Callable[[Any], None] | None = None
+
+    def attach_guest_output(self, new_batch: Callable[[], Any],
+                            to_guest: Callable[[Any], None]) -> None:
+        """Host datagrams of registered flows are built into ``new_batch()`` (a FrameBatch)
+        and handed to ``to_guest(batch)``, which queues its frames for the guest in order."""
+        self._new_batch = new_batch
+        self._to_guest = to_guest
+
+    def receive(self, flow_id: int, now: float) -> bool:
+        """Take the datagrams waiting on ``flow_id``'s socket for the guest; False when this
+        flow's are not the fast path's to take (the caller reads them in Python).
+
+        Datagrams too large for one frame follow the batch through the Python stack (which
+        fragments them): around those, order may change.
+        """
+        guest_mac = self.stack.guest_mac
+        if self._to_guest is None or self._new_batch is None or guest_mac is None \
+                or not self.kernel.holds(flow_id):
+            return False
+        self.kernel.set_macs(self.stack.config.gateway_mac, guest_mac)
+        batch = self._new_batch()
+        storage, offsets, lengths, vnets = batch.arrays()
+        frames, error, oversized = self.kernel.receive(flow_id, self.stack.config.mtu,
+                                                       storage, offsets, lengths, vnets)
+        engine = self.engine
+        if frames:
+            batch.take_written(frames)
+            counters = engine.counters
+            for name in ("udp.rx_host", "udp.fast_path_rx"):
+                counters.inc(name, frames)
+            flow = engine.flow(flow_id)
+            counters.inc("ipv6.tx" if flow is not None and flow.ipv6 else "ipv4.tx", frames)
+            engine.touch(flow_id, now)
+            self._to_guest(batch)
+        for payload in oversized:
+            engine.on_host_datagram(flow_id, payload, now)
+        if error:
+            engine.on_host_error(flow_id, error, now)
+        return True
 
     @property
     def flows(self) -> int:
