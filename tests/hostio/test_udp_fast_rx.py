@@ -13,6 +13,7 @@ import asyncio
 import errno
 import socket
 import struct
+import time
 from collections import deque
 
 import pytest
@@ -215,3 +216,100 @@ def test_stream_send_buffer_takes_built_batches_in_place_and_in_order() -> None:
     used, count, _, _ = encode_queue(pending, out, 100, len(out), GuestBatch)
     assert count == 4 and not pending
     assert bytes(out[:used]) == encode_frames([*frames[3:], after])
+
+
+# --- forwarded ports: datagrams of known peers on an unconnected socket ---------------
+
+
+def listener(host: str = "127.0.0.1") -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind((host, 0))
+    sock.setblocking(False)
+    return sock
+
+
+def test_known_peers_on_a_forwarded_port_become_frames_and_strangers_stay_for_python() -> None:
+    forward = listener("::")  # dual stack, as a forward without an address binds
+    known, stranger = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    try:
+        for sock in (known, stranger):
+            sock.bind(("127.0.0.1", 0))
+        kernel = UdpFastPath()
+        kernel.set_macs(GATEWAY_MAC, GUEST_MAC)
+        mapped = socket.inet_pton(socket.AF_INET6, "::ffff:127.0.0.1")  # as recvfrom says it
+        known_port = known.getsockname()[1]
+        assert kernel.add_peer(9, forward.fileno(), mapped, known_port,
+                               GUEST_IP, 5000, GATEWAY_IP, known_port)
+        assert not kernel.add_peer(10, forward.fileno(), mapped, known_port,
+                                   GUEST_IP, 5000, GATEWAY_IP, known_port)  # already there
+        target = ("127.0.0.1", forward.getsockname()[1])
+        known.sendto(b"one", target)
+        stranger.sendto(b"who", target)
+        known.sendto(b"two", target)
+        batch = new_guest_batch_storage(1500)
+        frames, error, hits, left = kernel.receive_from(forward.fileno(), 1500, *batch.arrays())
+        batch.take_written(frames)
+        assert (frames, error, hits) == (2, 0, [9])
+        assert [bytes(batch.frame(i)) for i in range(2)] == [
+            frame_for_guest(GATEWAY_IP, known_port, GUEST_IP, 5000, p) for p in (b"one", b"two")]
+        assert left == [(b"who", 0, socket.AF_INET6, mapped, stranger.getsockname()[1])]
+        # Forgotten: that peer's datagrams are Python's again.
+        assert kernel.remove_peer(forward.fileno(), mapped, known_port)
+        assert kernel.peer_count == 0
+        known.sendto(b"three", target)
+        frames, error, hits, left = kernel.receive_from(forward.fileno(), 1500, *batch.arrays())
+        assert (frames, hits) == (0, [])
+        assert left == [(b"three", 0, socket.AF_INET6, mapped, known_port)]
+    finally:
+        for sock in (forward, known, stranger):
+            sock.close()
+
+
+def test_forwarded_port_datagrams_after_the_first_reach_the_guest_as_built_batches() -> None:
+    async def scenario(loop) -> None:
+        host_port = listener().getsockname()[1]  # a free port (closed again at once)
+        from vhostnet.stack.config import PortForward
+
+        network = Network(StackConfig(udp_forwards=[PortForward("127.0.0.1", host_port, 5000)]),
+                          loop)
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind(("127.0.0.1", 0))
+        peer_port = peer.getsockname()[1]
+        try:
+            network.stack.guest_mac = GUEST_MAC
+            peer.sendto(b"first", ("127.0.0.1", host_port))  # the Python stack makes the flow
+
+            async def settle(entries: int) -> None:
+                for _ in range(100):
+                    await asyncio.sleep(0.01)
+                    if len(network.frames_to_guest) >= entries:
+                        return
+
+            await settle(1)
+            assert network.frames_to_guest.popleft() == frame_for_guest(
+                GATEWAY_IP, peer_port, GUEST_IP, 5000, b"first")
+            before = network.counters()
+            for i in range(4):
+                peer.sendto(b"next %d" % i, ("127.0.0.1", host_port))
+            await settle(1)
+            after = network.counters()
+            entries = list(network.frames_to_guest)
+            assert all(type(e) is GuestBatch for e in entries)
+            assert [f for e in entries for f in e.frames()] == [
+                frame_for_guest(GATEWAY_IP, peer_port, GUEST_IP, 5000, b"next %d" % i)
+                for i in range(4)]
+            assert after["udp.fast_path_rx"] - before.get("udp.fast_path_rx", 0) == 4
+            assert after["udp.rx_forward"] - before["udp.rx_forward"] == 4
+            # The flow expires: its peer leaves the kernel with it.
+            assert network.udp_fast.kernel.peer_count == 1
+            network.poll_timers(time.monotonic() + 10_000.0)
+            network.flush()
+            assert network.udp_fast.kernel.peer_count == 0
+        finally:
+            network.close()
+            peer.close()
+
+    run(scenario)
