@@ -451,6 +451,8 @@ cdef class UdpFastPath:
         memset(&self.peers[at], 0, sizeof(PeerEntry))
         self.peers[at].flow_id = -1  # a tombstone: lookups probe past it
         self.peer_count -= 1
+        if self.peer_count == 0:
+            memset(self.peers, 0, PEER_SLOTS * sizeof(PeerEntry))  # no tombstones pile up
         return True
 
     def receive_from(self, int fd, Py_ssize_t mtu, uint8_t[::1] storage, uint64_t[::1] offsets,

@@ -263,6 +263,12 @@ def test_known_peers_on_a_forwarded_port_become_frames_and_strangers_stay_for_py
         frames, error, hits, left = kernel.receive_from(forward.fileno(), 1500, *batch.arrays())
         assert (frames, hits) == (0, [])
         assert left == [(b"three", 0, socket.AF_INET6, mapped, known_port)]
+        # And registered again (the emptied table starts afresh): frames once more.
+        assert kernel.add_peer(11, forward.fileno(), mapped, known_port,
+                               GUEST_IP, 5000, GATEWAY_IP, known_port)
+        known.sendto(b"four", target)
+        frames, error, hits, left = kernel.receive_from(forward.fileno(), 1500, *batch.arrays())
+        assert (frames, hits, left) == (1, [11], [])
     finally:
         for sock in (forward, known, stranger):
             sock.close()
