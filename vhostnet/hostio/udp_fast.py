@@ -26,6 +26,11 @@ from vhostnet.stack.stack import NetworkStack
 from vhostnet.stack.udp_nat import UdpNat
 
 
+# send_batch's answer when it took every frame (read only by its callers).
+NONE_LEFT = np.empty(0, dtype=np.intp)
+NONE_LEFT.flags.writeable = False
+
+
 class UdpFastSender:
     """Registered flows plus the per-batch bookkeeping around the C sender."""
 
@@ -165,6 +170,8 @@ class UdpFastSender:
         if not taken:
             return None
         self._account(taken, now)
+        if taken == count:
+            return NONE_LEFT  # the common case: no index array to build
         return np.flatnonzero(self._handled[:count] == 0)
 
     def _account(self, taken: int, now: float) -> None:
