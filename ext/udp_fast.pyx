@@ -20,7 +20,10 @@ Host -> guest: ``receive`` takes the datagrams waiting on a registered flow's so
 recvmmsg(2) and builds each one's whole frame for the guest (Ethernet, IPv4 or IPv6 and UDP
 headers, checksums computed here) into a FrameBatch's arrays, ready for the RX ring or the
 stream's send buffer in one call. A datagram larger than the guest's MTU allows in one frame
-is handed back as bytes (the Python stack fragments it).
+is handed back as bytes (the Python stack fragments it). ``receive_from`` does the same for
+a forwarded port's (unconnected) socket: datagrams of the peers Python registered
+(``add_peer``, once an inbound flow exists) become frames, the others go back to Python
+with their sender's address.
 
 The Python face is ``vhostnet.hostio.udp_fast``; use that.
 """
