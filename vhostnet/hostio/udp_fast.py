@@ -25,7 +25,6 @@ from vhostnet.hostio._udp_fast import UdpFastPath
 from vhostnet.stack.stack import NetworkStack
 from vhostnet.stack.udp_nat import UdpNat
 
-
 # send_batch's answer when it took every frame (read only by its callers).
 NONE_LEFT = np.empty(0, dtype=np.intp)
 NONE_LEFT.flags.writeable = False
