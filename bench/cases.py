@@ -26,7 +26,8 @@ from bench.runner import (
     guest_process,
 )
 
-ALL_CASES = ("ring", "udp-tx", "udp-rx", "tcp-tx", "tcp-rx", "tcp-rr", "tcp-crr")
+ALL_CASES = ("ring", "udp-tx", "udp-rx", "udp-rr", "tcp-tx", "tcp-rx", "tcp-rr", "tcp-crr")
+UDP_RR_PAYLOAD = 64  # the request and the echoed response
 RING_SIZES = (64, 1500)
 # Both virtqueue formats; a back-end without packed rings (passt) gets split rows only.
 RING_FORMATS = ("split", "packed")
@@ -149,6 +150,11 @@ def nat_rows(template: str, name: str, mtu: int, s: Settings, baselines: Baselin
                     sink.start()
                     workers.append(sink)
                     rows += _udp(guest, backend, name, s, baselines, sink)
+                if "udp-rr" in s.cases:
+                    udp_echo = UdpSink(echo=True)
+                    udp_echo.start()
+                    workers.append(udp_echo)
+                    rows.append(_udp_rr(guest, backend, name, s, baselines, udp_echo))
                 if "tcp-rr" in s.cases or "tcp-crr" in s.cases:
                     echo = TcpEcho()
                     echo.start()
@@ -221,6 +227,42 @@ def _udp(guest: LineProcess, backend: Backend, name: str, s: Settings, baselines
             row.extra.update(gbit_s=float(np.median(gbits)), host_sent=sent, guest_frames=received)
             rows.append(row)
     return rows
+
+
+def _udp_rr(guest: LineProcess, backend: Backend, name: str, s: Settings,
+            baselines: Baselines, echo: UdpSink) -> Row:
+    """64-byte UDP request/response with the host's echo server: p50 latency per round, p99,
+    transactions per second, and the back-end's CPU and wake-ups per transaction."""
+    p99_base: list[float] = []
+
+    def loopback_p50() -> float:
+        r = baselines.client.request("udp_rr", port=echo.port, duration=s.duration,
+                                     payload=UDP_RR_PAYLOAD)
+        p99_base.append(r["p99_us"])
+        return r["p50_us"]
+
+    base = baselines.get("loopback-udp-rr", loopback_p50)
+    row = Row(f"udp-rr-{UDP_RR_PAYLOAD}B", "p50 us", [], base, "loopback p50 us", backend=name)
+    p99, rates, count = [], [], 0
+    cost = Usage(0.0, 0)
+    for i in range(s.rounds):
+        s.progress.update(f"udp-rr [{name}] round {i + 1}/{s.rounds}")
+        before = backend.usage()
+        r = guest.request("udp_rr", port=echo.port, duration=s.duration, payload=UDP_RR_PAYLOAD)
+        after = backend.usage()
+        if before is not None and after is not None:
+            cost = Usage(cost.cpu_s + after.cpu_s - before.cpu_s,
+                         cost.wakeups + after.wakeups - before.wakeups)
+        row.rounds.append(r["p50_us"])
+        p99.append(r["p99_us"])
+        rates.append(r["count"] / max(r["seconds"], 1e-9))
+        count += r["count"]
+    row.extra.update(p99_us=float(np.median(p99)), transactions=count,
+                     txn_per_s=float(np.median(rates)))
+    row.extra.update(Usage(0.0, 0).per_unit(cost, count, "txn"))
+    if p99_base:
+        row.extra["loopback_p99_us"] = float(np.median(p99_base))
+    return row
 
 
 def _rr(guest: LineProcess, name: str, s: Settings, baselines: Baselines, echo: TcpEcho) -> list[Row]:

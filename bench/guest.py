@@ -18,7 +18,7 @@ import numpy as np
 
 from bench.guest_net import GATEWAY_IP, GUEST_MAC, GuestNet, GuestTcp, Listener
 from bench.rings import GuestRings
-from bench.runner import serve_json_lines
+from bench.runner import latency_reply, serve_json_lines
 
 # An ethertype no stack handles (IEEE local experimental): if a back-end
 # without a discarding sink gets the ring case, its stack drops these cheaply.
@@ -170,9 +170,28 @@ class Guest:
         conn.close()
         self._run_until(lambda: conn.done, 2.0)
         conn.forget()
-        lat = np.array(latencies) * 1e6
-        return {"count": len(latencies), "seconds": duration,
-                "p50_us": float(np.percentile(lat, 50)), "p99_us": float(np.percentile(lat, 99))}
+        return latency_reply(latencies, duration)
+
+    # ---- UDP request/response ----------------------------------------------------------
+
+    def op_udp_rr(self, port: int, duration: float, payload: int = 64,
+                  max_count: int = 1_000_000) -> dict[str, Any]:
+        """One datagram of ``payload`` bytes to the gateway's ``port`` (the host's echo
+        server), wait until a datagram comes back; again, for ``duration`` seconds."""
+        data = bytes(i & 0xFF for i in range(payload))
+        frame = self.net.udp_frame(GATEWAY_IP, GUEST_UDP_PORT + 1, port, data)
+        latencies = []
+        net = self.net
+        stop = time.monotonic() + duration
+        while time.monotonic() < stop and len(latencies) < max_count:
+            before = net.udp_received
+            start = time.perf_counter()
+            net.send_frame(frame)
+            net.flush()
+            if not self._run_until(lambda before=before: net.udp_received > before, 2.0):
+                raise TimeoutError("no answer to a UDP request")
+            latencies.append(time.perf_counter() - start)
+        return latency_reply(latencies, duration)
 
     def _connect_request_close(self, port: int) -> None:
         conn = self._connect(port)

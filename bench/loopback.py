@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.runner import serve_json_lines
+from bench.runner import latency_reply, serve_json_lines
 
 
 def op_udp_tx(payload: int, port: int, duration: float) -> dict[str, Any]:
@@ -75,9 +75,24 @@ def op_tcp_rr(port: int, duration: float, max_count: int = 1_000_000) -> dict[st
         stop = time.monotonic() + duration
         while time.monotonic() < stop and len(latencies) < max_count:
             latencies.append(_transact(sock))
-    lat = np.array(latencies) * 1e6
-    return {"count": len(latencies), "seconds": duration,
-            "p50_us": float(np.percentile(lat, 50)), "p99_us": float(np.percentile(lat, 99))}
+    return latency_reply(latencies, duration)
+
+
+def op_udp_rr(port: int, duration: float, payload: int = 64,
+              max_count: int = 1_000_000) -> dict[str, Any]:
+    """One datagram of ``payload`` bytes to the echo server, wait for it back; again."""
+    data = bytes(i & 0xFF for i in range(payload))
+    latencies = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2.0)
+        sock.connect(("127.0.0.1", port))
+        stop = time.monotonic() + duration
+        while time.monotonic() < stop and len(latencies) < max_count:
+            start = time.perf_counter()
+            sock.send(data)
+            sock.recv(65536)
+            latencies.append(time.perf_counter() - start)
+    return latency_reply(latencies, duration)
 
 
 def op_tcp_crr(port: int, duration: float, max_count: int = 1_000_000) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 # Host ports forwarded into the guest: TCP 40001 -> guest 5001, UDP 40002 -> guest 5002.
 HOST_TCP_FWD, GUEST_TCP_PORT = 40001, 5001
 HOST_UDP_FWD, GUEST_UDP_PORT = 40002, 5002
@@ -137,6 +139,14 @@ def serve_json_lines(call: Callable[[str, dict[str, Any]], dict[str, Any]],
             reply = {"error": str(exc)}
         out.write(json.dumps(reply) + "\n")
         out.flush()
+
+
+def latency_reply(latencies: list[float], seconds: float) -> dict[str, Any]:
+    """A request/response op's reply: transactions, seconds and p50/p99 in microseconds
+    (``latencies`` in seconds; an empty list gives zeros)."""
+    lat = np.array(latencies or [0.0]) * 1e6
+    return {"count": len(latencies), "seconds": seconds,
+            "p50_us": float(np.percentile(lat, 50)), "p99_us": float(np.percentile(lat, 99))}
 
 
 def process_cpu_seconds(pid: int) -> float | None:

@@ -74,9 +74,13 @@ def parse_frames(const uint8_t[::1] buffer not None, Py_ssize_t start, Py_ssize_
 
 
 def encode_frames(pending not None, uint8_t[::1] out not None, Py_ssize_t max_frames,
-                  Py_ssize_t max_bytes) -> tuple:
+                  Py_ssize_t max_bytes, built_type=None) -> tuple:
     """Move frames from the front of ``pending`` (a deque of bytes) into ``out``, each after
     its length, while fewer than ``max_frames`` frames and ``max_bytes`` bytes are in.
+
+    An entry of ``built_type`` (``network.GuestBatch``: frames ``start`` onward of a
+    FrameBatch built by a C fast path) is copied from the batch's arrays, no Python object
+    per frame; one the limits cut stays at the front with its ``start`` moved on.
 
     Returns (bytes written, frames written, ``(frame, vnet)`` entries dropped (offload fields
     a stream guest cannot take), frames dropped for a length no stream frame can have).
@@ -88,7 +92,13 @@ def encode_frames(pending not None, uint8_t[::1] out not None, Py_ssize_t max_fr
     cdef const uint8_t *source
     popleft = pending.popleft
     while pending and frames < max_frames and used < max_bytes:
-        frame = popleft()
+        frame = pending[0]
+        if built_type is not None and type(frame) is built_type:
+            if _encode_built(frame, base, size, max_frames, max_bytes, &used, &frames,
+                             &unsendable):
+                popleft()
+            continue
+        popleft()
         if PyBytes_CheckExact(frame):
             source = <const uint8_t *>PyBytes_AS_STRING(frame)
             length = PyBytes_GET_SIZE(frame)
@@ -99,14 +109,49 @@ def encode_frames(pending not None, uint8_t[::1] out not None, Py_ssize_t max_fr
             view = memoryview(frame).cast("B")
             length = view.shape[0]
             source = &view[0] if length else NULL
-        if length < MIN_FRAME or length > MAX_FRAME or used + LENGTH_BYTES + length > size:
+        if not _put_frame(base, size, &used, source, length):
             unsendable += 1
             continue
-        store_be32(base + used, <uint32_t>length)
-        memcpy(base + used + LENGTH_BYTES, source, length)
-        used += LENGTH_BYTES + length
         frames += 1
     return used, frames, offloaded, unsendable
+
+
+cdef inline bint _put_frame(uint8_t *base, Py_ssize_t size, Py_ssize_t *used,
+                            const uint8_t *source, Py_ssize_t length) noexcept nogil:
+    """One frame after its length at ``base + used``; False (nothing written) for a length no
+    stream frame can have or one past the buffer."""
+    if length < MIN_FRAME or length > MAX_FRAME or used[0] + LENGTH_BYTES + length > size:
+        return False
+    store_be32(base + used[0], <uint32_t>length)
+    memcpy(base + used[0] + LENGTH_BYTES, source, length)
+    used[0] += LENGTH_BYTES + length
+    return True
+
+
+cdef bint _encode_built(entry, uint8_t *base, Py_ssize_t size, Py_ssize_t max_frames,
+                        Py_ssize_t max_bytes, Py_ssize_t *used, Py_ssize_t *frames,
+                        Py_ssize_t *unsendable) except -1:
+    """The frames of a built batch entry into the buffer; True when all of them are in."""
+    storage, offsets_array, lengths_array, _vnets = entry.batch.arrays()
+    cdef const uint8_t[::1] data = storage
+    cdef const uint64_t[::1] offsets = offsets_array
+    cdef const uint32_t[::1] lengths = lengths_array
+    cdef Py_ssize_t index = entry.start, count = entry.batch.count
+    cdef uint64_t offset, length
+    if count > offsets.shape[0] or count > lengths.shape[0]:
+        raise ValueError("a built batch counts more frames than its arrays hold")
+    with nogil:
+        while index < count and frames[0] < max_frames and used[0] < max_bytes:
+            offset = offsets[index]
+            length = lengths[index]
+            index += 1
+            if offset > <uint64_t>data.shape[0] or length > <uint64_t>data.shape[0] - offset \
+                    or not _put_frame(base, size, used, &data[0] + offset, <Py_ssize_t>length):
+                unsendable[0] += 1
+                continue
+            frames[0] += 1
+    entry.start = index
+    return index >= count
 
 
 def encode_batch(const uint8_t[::1] storage not None, const uint64_t[::1] offsets not None,
@@ -132,10 +177,8 @@ def encode_batch(const uint8_t[::1] storage not None, const uint64_t[::1] offset
                 unsendable += 1
                 taken += 1
                 continue
-            if used + LENGTH_BYTES + length > (size if used else first_room):
-                break
-            store_be32(base + used, <uint32_t>length)
-            memcpy(base + used + LENGTH_BYTES, data + offsets[taken], length)
-            used += LENGTH_BYTES + length
+            if not _put_frame(base, size if used else first_room, &used, data + offsets[taken],
+                              length):
+                break  # no room left (its length was checked above)
             taken += 1
     return used, taken, unsendable

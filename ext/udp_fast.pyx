@@ -1,5 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Guest -> host UDP for established outbound flows, in C with the GIL released.
+"""UDP of established outbound flows both ways, in C with the GIL released.
+
+Guest -> host:
 
 ``UdpNat`` (Python) stays the authority: it creates every flow from the flow's
 first datagram, the glue opens the connected host socket and then registers
@@ -14,16 +16,26 @@ other protocols) is left to the Python stack, which counts and drops what is
 bad. What Python must learn afterwards comes back per flow, not per frame:
 which flows were active and which send errors happened.
 
+Host -> guest: ``receive`` takes the datagrams waiting on a registered flow's socket with
+recvmmsg(2) and builds each one's whole frame for the guest (Ethernet, IPv4 or IPv6 and UDP
+headers, checksums computed here) into a FrameBatch's arrays, ready for the RX ring or the
+stream's send buffer in one call. A datagram larger than the guest's MTU allows in one frame
+is handed back as bytes (the Python stack fragments it). ``receive_from`` does the same for
+a forwarded port's (unconnected) socket: datagrams of the peers Python registered
+(``add_peer``, once an inbound flow exists) become frames, the others go back to Python
+with their sender's address.
+
 The Python face is ``vhostnet.hostio.udp_fast``; use that.
 """
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy, memset
 from libc.errno cimport EAGAIN, EINTR, errno
 
 from frame_batch cimport FrameArrays, frame_at
-from netbytes cimport be16, pseudo_header_sum, pseudo_header_sum6, sum_bytes, sum_verifies
+from netbytes cimport (be16, checksum_field, pseudo_header_sum, pseudo_header_sum6, put16,
+                      sum_bytes, sum_verifies)
 from vhostnet.wire._flow_table cimport TABLE_SLOTS, FlowIndex
 from vnet cimport vnet_partial_csum_at
 
@@ -43,7 +55,9 @@ cdef extern from "<sys/socket.h>" nogil:
         msghdr msg_hdr
         unsigned int msg_len
     int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
+    int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags, void *timeout)
     int MSG_DONTWAIT
+    int MSG_TRUNC
 
 cdef enum:
     MAX_BATCH = 1024             # datagrams per sendmmsg round
@@ -54,11 +68,58 @@ cdef enum:
     UDP_LEN = 8
     PROTO_UDP = 17
     UDP_CHECKSUM_OFFSET = 6
+    MAX_RX = 64                  # datagrams per recvmmsg
+    RX_SLOT = 65536              # arena bytes per datagram: none is ever cut short
+    TTL = 64                     # as the Python stack's send_ipv4 / send_ipv6
+    PEER_SLOTS = 8192            # inbound flows' peers (a power of two; more: Python path)
+    AF_INET_C = 2
+    AF_INET6_C = 10
 
 cdef struct FlowSlot:          # the flow in slot i of the FlowIndex (vhostnet/wire/_flow_table.pxd)
     int fd
     uint64_t datagrams       # since the last take_activity()
     uint64_t bytes
+    # What a datagram from the host becomes for the guest: from remote to guest.
+    uint8_t remote_ip[16]    # 4 bytes used for IPv4
+    uint8_t guest_ip[16]
+    uint8_t remote_port[2]   # network byte order
+    uint8_t guest_port[2]
+    bint ipv6
+
+
+cdef struct PeerName:          # what recvmmsg writes to msg_name: a sockaddr_in or _in6
+    uint16_t family
+    uint8_t data[26]         # port, then (flowinfo and) the address
+
+
+cdef struct PeerEntry:         # a registered peer of a forward's socket: an inbound flow
+    int64_t flow_id          # 0: empty; -1: removed (tombstone)
+    int fd
+    uint8_t address_len      # 4 or 16, as the socket's family gives it
+    uint8_t address[16]
+    uint8_t port[2]          # network byte order
+    FlowSlot to_guest        # the frame's headers (fd, datagrams, bytes unused)
+
+
+cdef inline uint32_t _peer_hash(const PeerEntry *key) noexcept nogil:
+    """FNV-1a over the socket, the port and the address."""
+    cdef uint32_t h = 2166136261u ^ <uint32_t>key.fd
+    cdef int i
+    h = (h ^ key.port[0]) * 16777619u
+    h = (h ^ key.port[1]) * 16777619u
+    for i in range(key.address_len):
+        h = (h ^ key.address[i]) * 16777619u
+    return h & (PEER_SLOTS - 1)
+
+
+cdef tuple _peer_of(const PeerName *name):
+    """(family, address bytes, port) of a datagram's sender, as recvmmsg gave it."""
+    cdef int port = (<int>name.data[0] << 8) | name.data[1]
+    if name.family == AF_INET_C:
+        return name.family, bytes(name.data[2:6]), port
+    if name.family == AF_INET6_C:
+        return name.family, bytes(name.data[6:22]), port
+    return name.family, b"", port
 
 
 cdef class UdpFastPath:
@@ -78,6 +139,21 @@ cdef class UdpFastPath:
     cdef uint8_t gateway_mac[6]
     cdef uint8_t guest_mac[6]
     cdef bint have_guest_mac
+    # receive(): recvmmsg lands in the arena (MAX_RX slots of RX_SLOT bytes, allocated at
+    # the first call; pages the datagrams never reach stay untouched).
+    cdef uint8_t *arena
+    cdef mmsghdr rx_msgs[MAX_RX]
+    cdef iovec rx_iovs[MAX_RX]
+    cdef PeerName rx_names[MAX_RX]
+    cdef int left_at[MAX_RX]              # datagrams of a round left to Python
+    cdef int64_t left_flow[MAX_RX]
+    cdef int64_t hit_flows[MAX_RX * 4]    # flows that got frames (runs of the same one: once)
+    cdef int nhits
+    cdef int current_fd
+    cdef PeerEntry *peers                 # allocated with the first peer
+    cdef readonly int peer_count
+    cdef readonly uint64_t datagrams_received
+    cdef readonly Py_ssize_t frames6      # of the last receive's frames, those on IPv6
 
     def __cinit__(self):
         self.index = FlowIndex()
@@ -87,6 +163,8 @@ cdef class UdpFastPath:
 
     def __dealloc__(self):
         free(self.slots)
+        free(self.arena)
+        free(self.peers)
 
     @property
     def flows(self) -> int:
@@ -109,10 +187,20 @@ cdef class UdpFastPath:
         cdef int index = self.index.add(flow_id, guest_ip, guest_port, remote_ip, remote_port)
         if index < 0:
             return False
-        self.slots[index].fd = fd
-        self.slots[index].datagrams = 0
-        self.slots[index].bytes = 0
+        cdef FlowSlot *slot = &self.slots[index]
+        slot.fd = fd
+        slot.datagrams = 0
+        slot.bytes = 0
+        slot.ipv6 = len(guest_ip) == 16
+        memcpy(slot.guest_ip, <const char *>guest_ip, len(guest_ip))
+        memcpy(slot.remote_ip, <const char *>remote_ip, len(remote_ip))
+        put16(slot.guest_port, guest_port)
+        put16(slot.remote_port, remote_port)
         return True
+
+    def holds(self, int64_t flow_id) -> bool:
+        """Whether ``flow_id`` is registered."""
+        return self.index.slot_of(flow_id) >= 0
 
     def remove(self, int64_t flow_id) -> tuple:
         """Forget a flow (its socket is about to close); its unreported (datagrams, bytes)."""
@@ -290,3 +378,286 @@ cdef class UdpFastPath:
                 self.slots[slot].bytes += self.iovs[end].iov_len
             self.datagrams_sent += sent
             start += sent
+
+    # ---- host -> guest ------------------------------------------------------------
+
+    def receive(self, int64_t flow_id, Py_ssize_t mtu, uint8_t[::1] storage,
+                uint64_t[::1] offsets, uint32_t[::1] lengths, uint64_t[::1] vnets) -> tuple:
+        """Take what waits on ``flow_id``'s socket: each datagram becomes a whole frame for
+        the guest in the batch arrays (from frame 0, as ``FrameBatch.take_written`` reads
+        them), until the socket is drained or the arrays are full.
+
+        Returns (frames written, errno of a receive error or 0, datagrams too large for one
+        frame of ``mtu`` as a list of bytes: the Python stack fragments those).
+        """
+        cdef int index = self.index.slot_of(flow_id)
+        if index < 0 or not self.have_guest_mac:
+            raise ValueError("receive on a flow the fast path does not hold")
+        frames, error, left = self._receive(self.slots[index].fd, &self.slots[index], mtu,
+                                            storage, offsets, lengths, vnets)
+        return frames, error, [payload for payload, _entry, _family, _address, _port in left]
+
+    def add_peer(self, int64_t flow_id, int fd, bytes peer_address, int peer_port,
+                 bytes guest_ip, int guest_port, bytes remote_ip, int remote_port) -> bool:
+        """An inbound flow: datagrams from ``peer_address``:``peer_port`` (4 bytes on an IPv4
+        socket, 16 on an IPv6 one, as recvfrom gives them) arriving on the forward's socket
+        ``fd`` go to the guest as from remote_ip:remote_port to guest_ip:guest_port. False
+        if the peer table is full (that flow's datagrams stay on the Python path)."""
+        if len(peer_address) not in (4, 16) or len(guest_ip) != len(remote_ip) \
+                or len(guest_ip) not in (4, 16) or flow_id <= 0 or fd < 0:
+            raise ValueError("bad UDP fast-path peer")
+        if self.peers == NULL:
+            self.peers = <PeerEntry *>calloc(PEER_SLOTS, sizeof(PeerEntry))
+            if self.peers == NULL:
+                raise MemoryError()
+        cdef PeerEntry probe
+        memset(&probe, 0, sizeof(PeerEntry))
+        probe.fd = fd
+        probe.address_len = len(peer_address)
+        memcpy(probe.address, <const char *>peer_address, probe.address_len)
+        put16(probe.port, peer_port)
+        if self._find_peer(&probe) >= 0:
+            return False
+        cdef uint32_t at = _peer_hash(&probe)
+        cdef int n
+        for n in range(PEER_SLOTS):
+            if self.peers[at].flow_id <= 0:
+                break
+            at = (at + 1) & (PEER_SLOTS - 1)
+        else:
+            return False
+        cdef PeerEntry *entry = &self.peers[at]
+        entry[0] = probe
+        entry.flow_id = flow_id
+        entry.to_guest.fd = fd
+        entry.to_guest.ipv6 = len(guest_ip) == 16
+        memcpy(entry.to_guest.guest_ip, <const char *>guest_ip, len(guest_ip))
+        memcpy(entry.to_guest.remote_ip, <const char *>remote_ip, len(remote_ip))
+        put16(entry.to_guest.guest_port, guest_port)
+        put16(entry.to_guest.remote_port, remote_port)
+        self.peer_count += 1
+        return True
+
+    def remove_peer(self, int fd, bytes peer_address, int peer_port) -> bool:
+        """Forget an inbound flow's peer (before its flow or its forward's socket goes)."""
+        if self.peers == NULL or len(peer_address) not in (4, 16):
+            return False
+        cdef PeerEntry probe
+        memset(&probe, 0, sizeof(PeerEntry))
+        probe.fd = fd
+        probe.address_len = len(peer_address)
+        memcpy(probe.address, <const char *>peer_address, probe.address_len)
+        put16(probe.port, peer_port)
+        cdef int at = self._find_peer(&probe)
+        if at < 0:
+            return False
+        memset(&self.peers[at], 0, sizeof(PeerEntry))
+        self.peers[at].flow_id = -1  # a tombstone: lookups probe past it
+        self.peer_count -= 1
+        if self.peer_count == 0:
+            memset(self.peers, 0, PEER_SLOTS * sizeof(PeerEntry))  # no tombstones pile up
+        return True
+
+    def receive_from(self, int fd, Py_ssize_t mtu, uint8_t[::1] storage, uint64_t[::1] offsets,
+                     uint32_t[::1] lengths, uint64_t[::1] vnets) -> tuple:
+        """``receive`` for a forward's (unconnected) socket ``fd``: datagrams of registered
+        peers become frames; the others come back for the Python stack.
+
+        Returns (frames written, errno or 0, flow ids that got frames, what Python must
+        take as (payload, flow id or 0 for an unknown peer, address family, peer address
+        bytes, peer port)).
+        """
+        if not self.have_guest_mac:
+            raise ValueError("no guest MAC to build frames for")
+        frames, error, left = self._receive(fd, NULL, mtu, storage, offsets, lengths, vnets)
+        return frames, error, self._take_hits(), left
+
+    cdef list _take_hits(self):
+        hits = [self.hit_flows[i] for i in range(self.nhits)]
+        self.nhits = 0
+        return hits
+
+    cdef tuple _receive(self, int fd, FlowSlot *fixed, Py_ssize_t mtu, uint8_t[::1] storage,
+                        uint64_t[::1] offsets, uint32_t[::1] lengths, uint64_t[::1] vnets):
+        """The receive loop of both: rounds of recvmmsg until drained, full or an error;
+        (frames, errno or 0, [(payload, flow id, family, address, port)] left to Python)."""
+        cdef Py_ssize_t max_payload = mtu - IP_LEN - UDP_LEN
+        cdef Py_ssize_t capacity = min(offsets.shape[0], lengths.shape[0], vnets.shape[0])
+        # Room for the largest frame either family can give at this MTU (IPv4's).
+        if max_payload < 1 or capacity < 1 or storage.shape[0] < ETH_LEN + mtu:
+            raise ValueError("the batch cannot hold one frame of this MTU")
+        if self.arena == NULL:
+            self.arena = <uint8_t *>malloc(<size_t>MAX_RX * RX_SLOT)
+            if self.arena == NULL:
+                raise MemoryError()
+        cdef Py_ssize_t frames = 0
+        cdef uint64_t fill = 0
+        cdef int nleft, error, i, at
+        self.frames6 = 0
+        self.nhits = 0
+        left = []
+        while True:
+            with nogil:
+                error = self._receive_round(fd, fixed, mtu, &storage[0], storage.shape[0],
+                                            &offsets[0], &lengths[0], &vnets[0], capacity,
+                                            &frames, &fill, &nleft)
+            for i in range(nleft):
+                at = self.left_at[i]
+                family, address, port = _peer_of(&self.rx_names[at])
+                left.append((bytes((self.arena + <size_t>at * RX_SLOT)[:self.rx_msgs[at].msg_len]),
+                             self.left_flow[i], family, address, port))
+            if error != -1:
+                break
+        return frames, error, left
+
+    cdef int _receive_round(self, int fd, FlowSlot *fixed, Py_ssize_t mtu, uint8_t *storage,
+                            Py_ssize_t size, uint64_t *offsets, uint32_t *lengths,
+                            uint64_t *vnets, Py_ssize_t capacity, Py_ssize_t *frames,
+                            uint64_t *fill, int *nleft) noexcept nogil:
+        """One recvmmsg of as many datagrams as surely fit; -1: go on (more may wait and
+        there is room), 0: done, else the errno of a receive error. Datagrams of ``fixed``
+        (a connected flow) or, without one, of the registered peer each came from, become
+        frames; the rest are noted in ``left_at``/``left_flow``."""
+        cdef Py_ssize_t room = (size - <Py_ssize_t>fill[0]) // (ETH_LEN + mtu)
+        cdef Py_ssize_t want = min(<Py_ssize_t>MAX_RX, capacity - frames[0], room)
+        cdef int got, i
+        cdef uint32_t length
+        cdef Py_ssize_t header
+        cdef FlowSlot *to_guest
+        cdef int64_t flow_id
+        nleft[0] = 0
+        self.current_fd = fd
+        if want <= 0:
+            return 0
+        for i in range(want):
+            self.rx_iovs[i].iov_base = self.arena + <size_t>i * RX_SLOT
+            self.rx_iovs[i].iov_len = RX_SLOT
+            memset(&self.rx_msgs[i], 0, sizeof(mmsghdr))
+            self.rx_msgs[i].msg_hdr.msg_iov = &self.rx_iovs[i]
+            self.rx_msgs[i].msg_hdr.msg_iovlen = 1
+            if fixed == NULL:
+                self.rx_msgs[i].msg_hdr.msg_name = &self.rx_names[i]
+                self.rx_msgs[i].msg_hdr.msg_namelen = sizeof(PeerName)
+        while True:
+            got = recvmmsg(fd, self.rx_msgs, <unsigned int>want, MSG_DONTWAIT, NULL)
+            if got >= 0 or errno != EINTR:
+                break
+        if got < 0:
+            return 0 if errno == EAGAIN else errno
+        for i in range(got):
+            length = self.rx_msgs[i].msg_len
+            to_guest = fixed
+            flow_id = 0
+            if to_guest == NULL:
+                to_guest = self._peer_slot(&self.rx_names[i], &flow_id)
+            header = ETH_LEN + UDP_LEN + (IP6_LEN if to_guest != NULL and to_guest.ipv6
+                                          else IP_LEN)
+            if to_guest == NULL or length > mtu - header + ETH_LEN \
+                    or self.rx_msgs[i].msg_hdr.msg_flags & MSG_TRUNC:
+                self.left_at[nleft[0]] = i
+                self.left_flow[nleft[0]] = flow_id
+                nleft[0] += 1
+                continue
+            self._build_frame(to_guest, storage + fill[0], self.arena + <size_t>i * RX_SLOT,
+                              length)
+            offsets[frames[0]] = fill[0]
+            lengths[frames[0]] = <uint32_t>(header + length)
+            vnets[frames[0]] = 0
+            fill[0] += header + length
+            frames[0] += 1
+            if to_guest.ipv6:
+                self.frames6 += 1
+            if flow_id and self.nhits < MAX_RX * 4 and (
+                    self.nhits == 0 or self.hit_flows[self.nhits - 1] != flow_id):
+                self.hit_flows[self.nhits] = flow_id
+                self.nhits += 1
+        self.datagrams_received += got
+        return -1 if got == want else 0
+
+    cdef FlowSlot *_peer_slot(self, const PeerName *name, int64_t *flow_id) noexcept nogil:
+        """The registered peer a datagram came from (its frame's headers), or NULL."""
+        if self.peers == NULL or self.peer_count == 0:
+            return NULL
+        cdef PeerEntry probe
+        memset(&probe, 0, sizeof(PeerEntry))
+        if name.family == AF_INET_C:
+            probe.address_len = 4
+            memcpy(probe.address, name.data + 2, 4)
+        elif name.family == AF_INET6_C:
+            probe.address_len = 16
+            memcpy(probe.address, name.data + 6, 16)
+        else:
+            return NULL
+        memcpy(probe.port, name.data, 2)
+        # Keyed by socket too: two forwards may hear the same peer.
+        probe.fd = self.current_fd
+        cdef int at = self._find_peer(&probe)
+        if at < 0:
+            return NULL
+        flow_id[0] = self.peers[at].flow_id
+        return &self.peers[at].to_guest
+
+    cdef int _find_peer(self, const PeerEntry *probe) noexcept nogil:
+        if self.peers == NULL:
+            return -1
+        cdef uint32_t at = _peer_hash(probe)
+        cdef int n
+        cdef PeerEntry *entry
+        for n in range(PEER_SLOTS):
+            entry = &self.peers[at]
+            if entry.flow_id == 0:
+                return -1
+            if entry.flow_id > 0 and entry.fd == probe.fd \
+                    and entry.address_len == probe.address_len \
+                    and memcmp(entry.port, probe.port, 2) == 0 \
+                    and memcmp(entry.address, probe.address, probe.address_len) == 0:
+                return at
+            at = (at + 1) & (PEER_SLOTS - 1)
+        return -1
+
+    cdef void _build_frame(self, const FlowSlot *slot, uint8_t *frame, const uint8_t *payload,
+                           uint32_t length) noexcept nogil:
+        """Ethernet + IP + UDP headers and the payload at ``frame``: from the flow's remote
+        end to the guest, checksums filled in (UDP's computed 0 sent as 0xFFFF)."""
+        cdef uint8_t *ip = frame + ETH_LEN
+        cdef uint8_t *udp
+        cdef uint64_t total
+        memcpy(frame, self.guest_mac, 6)
+        memcpy(frame + 6, self.gateway_mac, 6)
+        if slot.ipv6:
+            frame[12] = 0x86
+            frame[13] = 0xDD
+            udp = ip + IP6_LEN
+            ip[0] = 0x60
+            ip[1] = ip[2] = ip[3] = 0
+            put16(ip + 4, UDP_LEN + length)
+            ip[6] = PROTO_UDP
+            ip[7] = TTL
+            memcpy(ip + 8, slot.remote_ip, 16)
+            memcpy(ip + 24, slot.guest_ip, 16)
+            total = pseudo_header_sum6(ip, PROTO_UDP, UDP_LEN + length)
+        else:
+            frame[12] = 0x08
+            frame[13] = 0x00
+            udp = ip + IP_LEN
+            ip[0] = 0x45
+            ip[1] = 0
+            put16(ip + 2, IP_LEN + UDP_LEN + length)
+            ip[4] = ip[5] = 0
+            ip[6] = 0x40  # DF: identification 0 (RFC 6864), as emit_ipv4_header
+            ip[7] = 0
+            ip[8] = TTL
+            ip[9] = PROTO_UDP
+            ip[10] = ip[11] = 0
+            memcpy(ip + 12, slot.remote_ip, 4)
+            memcpy(ip + 16, slot.guest_ip, 4)
+            put16(ip + 10, checksum_field(sum_bytes(ip, IP_LEN)))
+            total = pseudo_header_sum(ip, PROTO_UDP, UDP_LEN + length)
+        memcpy(udp, slot.remote_port, 2)
+        memcpy(udp + 2, slot.guest_port, 2)
+        put16(udp + 4, UDP_LEN + length)
+        udp[6] = udp[7] = 0
+        memcpy(udp + UDP_LEN, payload, length)
+        total += sum_bytes(udp, UDP_LEN + length)
+        total = checksum_field(total)
+        put16(udp + 6, total if total else 0xFFFF)

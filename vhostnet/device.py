@@ -29,12 +29,13 @@ import logging
 import mmap
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from vhostnet.network import GuestBatch
 from vhostnet.vhost_user import protocol as vu
 from vhostnet.vhost_user.device_api import DeviceRefused
 from vhostnet.virtqueue import AddressError, FlowSteering, FrameBatch, GuestMemory, Virtqueue
@@ -421,6 +422,10 @@ class NetDevice:
         pending = self.network.frames_to_guest
         batch = self.rx_batch
         while pending:
+            if type(pending[0]) is GuestBatch:
+                if self._push_built(queue, pending):
+                    continue
+                return
             batch.clear()
             taken = 0
             while taken < len(pending):
@@ -439,15 +444,42 @@ class NetDevice:
                     continue
                 break
 
+    def _push_built(self, queue: Virtqueue, pending: deque) -> bool:
+        """The head of ``pending``, a ``GuestBatch``, straight into the RX ring; True when all
+        of it went in (the caller goes on with the next entry)."""
+        head = pending[0]
+        start = head.start
+        pushed = queue.rx_push(head.batch, start)
+        if queue.broken:
+            self._check_memory_fault()
+            return False
+        if self.capture is not None:
+            self.capture.add(head.batch.frame(i) for i in range(start, start + pushed))
+        self.counters["rx.frames"] += pushed
+        if pushed:
+            queue.notify()
+        head.start = start + pushed
+        if head.start >= head.batch.count:
+            pending.popleft()
+            return True
+        # No more RX buffers: as in _flush_rx_one.
+        return queue.enable_kick()
+
     def _flush_rx_steered(self, rings: dict[int, Virtqueue]) -> None:
         """Pending frames to the RX ring of their flow's pair (or the first usable one).
 
         Each pair's frames keep their order; a pair whose ring is out of buffers
         keeps its frames pending (in order, at the head) while the others go on.
+        Built batches (``GuestBatch``) are taken apart into frames first here.
         """
         assert self.steering is not None
         pair_of = self.steering.pair_of
         pending = self.network.frames_to_guest
+        if any(type(item) is GuestBatch for item in pending):
+            entries = list(pending)
+            pending.clear()
+            pending.extend(frame for item in entries
+                           for frame in (item.frames() if type(item) is GuestBatch else (item,)))
         fallback = next(iter(rings))
         taken: dict[int, list] = {pair: [] for pair in rings}
         batches = {pair: self._rx_batch_of(pair) for pair in rings}
@@ -592,9 +624,12 @@ def _is_rx(index: int) -> bool:
     return index % 2 == 0
 
 
-def _append(batch: FrameBatch, item: bytes | tuple[bytes, int]) -> bool:
+def _append(batch: FrameBatch, item: bytes | tuple[bytes, int] | GuestBatch) -> bool:
     """One pending entry into ``batch``: a frame, or (frame, vnet) for one with offload
-    fields (see GuestFrameQueue); False when the batch is full."""
+    fields (see GuestFrameQueue); False when the batch is full, or for a ``GuestBatch``
+    (pushed by itself, ``_push_built``)."""
+    if type(item) is GuestBatch:
+        return False
     return batch.append(*item) if type(item) is tuple else batch.append(item)
 
 

@@ -34,6 +34,7 @@ from vhostnet._stream import (
     parse_frames,
 )
 from vhostnet._stream import encode_frames as encode_queue
+from vhostnet.network import GuestBatch
 from vhostnet.vhost_user.ratelimit import limiter
 from vhostnet.virtqueue import FrameBatch
 
@@ -275,7 +276,7 @@ class StreamDevice:
         """Join up to ``SEND_FRAMES`` frames (``SEND_BYTES``) of the queue into one send, in one
         kernel call."""
         used, count, offloaded, unsendable = encode_queue(pending, self._send_buffer,
-                                                          SEND_FRAMES, SEND_BYTES)
+                                                          SEND_FRAMES, SEND_BYTES, GuestBatch)
         # (frame, vnet) entries: a partial or absent checksum left for a vhost-user guest
         # that negotiated offloads, queued before it went; unusable here.
         self.counters["rx.dropped_offloaded"] += offloaded

@@ -316,3 +316,44 @@ def test_churn_runs_every_cycle() -> None:
     (row,) = churn_rows(SoakSettings(churn_cycles=20))
     assert row.extra["cycles"] == 20 and row.rounds == [row.extra["end"]]
     assert row.extra["fds_end"] <= row.extra["fds_start"] + 1, row.extra
+
+
+@needs_netns
+def test_udp_request_response_counts_every_transaction_both_ways() -> None:
+    """udp-rr: every transaction the guest counts is one datagram the echo server saw and one
+    vhostnet moved each way; the case's row carries latency, rate and wake-ups."""
+    from bench.cases import Baselines, nat_rows
+    from bench.runner import loopback_process
+
+    backend = Backend(vhostnet_template(), 1500, "vhostnet")
+    echo = UdpSink(echo=True)
+    echo.start()
+    try:
+        guest = guest_process(backend.socket, 1500)
+        try:
+            before = backend.counters()
+            reply = guest.request("udp_rr", port=echo.port, duration=0.2, payload=64)
+            after = backend.counters()
+        finally:
+            guest.close()
+    finally:
+        echo.stop()
+        backend.close()
+    assert reply["count"] > 0 and 0 < reply["p50_us"] <= reply["p99_us"]
+    assert echo.packets == reply["count"] and echo.bytes == 64 * reply["count"]
+    assert after["udp.tx_host"] - before.get("udp.tx_host", 0) == reply["count"]
+    assert after["udp.rx_host"] - before.get("udp.rx_host", 0) == reply["count"]
+
+    client = loopback_process()
+    try:
+        settings = Settings(cases=("udp-rr",), rounds=1, duration=0.1)
+        rows = nat_rows(vhostnet_template(), "vhostnet", 1500, settings,
+                        Baselines(client, settings))
+    finally:
+        client.close()
+    (row,) = rows
+    assert (row.case, row.unit) == ("udp-rr-64B", "p50 us")
+    assert row.rounds[0] > 0 and row.baseline[0] > 0
+    assert row.extra["transactions"] > 0 and row.extra["txn_per_s"] > 0
+    assert row.extra["p99_us"] >= row.rounds[0]
+    assert {"cpu_us_per_txn", "wakeups_per_txn"} <= set(row.extra)

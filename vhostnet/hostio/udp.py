@@ -16,8 +16,10 @@
   ``on_host_error``;
 - ``close()`` closes every socket.
 
-The data-moving part is ``receive_batch``/``receive_batch_from``, kept apart so
-it can move to Cython without touching the control logic.
+With a fast path (``hostio.udp_fast``, attached to the guest's frame queue by the network),
+datagrams of outbound flows and of known peers on forwarded ports are read and built into
+frames in C; ``receive_batch``/``receive_batch_from`` read what is left to Python (no fast
+path, no guest MAC yet).
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ class UdpGlue:
                 continue
             for flow_id, (listener, _peer) in list(self._peers.items()):
                 if listener is sock:
-                    del self._peers[flow_id]
+                    self._forget_peer(flow_id)
             self.loop.remove_reader(sock.fileno())
             sock.close()
 
@@ -174,10 +176,13 @@ class UdpGlue:
         self.loop.add_reader(sock.fileno(), self._on_listener_readable, forward, sock)
 
     def _on_listener_readable(self, forward: PortForward, sock: socket.socket) -> None:
-        datagrams, _error = receive_batch_from(sock)
         now = self.clock()
-        for payload, peer in datagrams:
-            self.engine.on_forward_datagram(forward, peer[0], peer[1], payload, now)
+        left = self.fast_path.receive_forwarded(sock, now) if self.fast_path is not None else None
+        if left is None:
+            datagrams, _error = receive_batch_from(sock)
+            left = [(payload, peer[0], peer[1]) for payload, peer in datagrams]
+        for payload, peer_addr, peer_port in left:
+            self.engine.on_forward_datagram(forward, peer_addr, peer_port, payload, now)
         # Errors on an unconnected socket are stale ICMP for some peer: nothing to do.
         self.flush()
 
@@ -196,6 +201,9 @@ class UdpGlue:
                 listener = self._listeners.get(command.forward)
                 if listener is not None:
                     self._peers[command.flow_id] = (listener, (command.peer_addr, command.peer_port))
+                    if self.fast_path is not None:
+                        self.fast_path.register_peer(command.flow_id, listener,
+                                                     command.peer_addr, command.peer_port)
             elif isinstance(command, UdpClose):
                 self._close_flow(command.flow_id)
 
@@ -231,15 +239,21 @@ class UdpGlue:
             self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
 
     def _on_flow_readable(self, flow_id: int, sock: socket.socket) -> None:
-        datagrams, error = receive_batch(sock)
         now = self.clock()
+        if self.fast_path is not None and self.fast_path.receive(flow_id, now):
+            return
+        datagrams, error = receive_batch(sock)
         for payload in datagrams:
             self.engine.on_host_datagram(flow_id, payload, now)
         if error is not None:
             self.engine.on_host_error(flow_id, error, now)
 
+    def _forget_peer(self, flow_id: int) -> None:
+        if self._peers.pop(flow_id, None) is not None and self.fast_path is not None:
+            self.fast_path.unregister_peer(flow_id)  # before the socket's fd can be reused
+
     def _close_flow(self, flow_id: int) -> None:
-        self._peers.pop(flow_id, None)
+        self._forget_peer(flow_id)
         sock = self._flow_sockets.pop(flow_id, None)
         if sock is not None:
             if self.fast_path is not None:

@@ -1,6 +1,7 @@
 """The Python face of the UDP fast path (``ext/udp_fast.pyx``): guest datagrams of established
 outbound flows (IPv4 and IPv6) go to their host sockets by sendmmsg(2) from the TX batch, GIL
-released.
+released; the host's answers on those sockets come back by recvmmsg(2) as whole frames built
+in a batch (``receive``), queued for the guest as one entry.
 
 ``UdpNat`` stays the authority. A flow enters the fast path once its connected
 host socket exists (``register``, called by ``UdpGlue``) and leaves it before
@@ -15,12 +16,18 @@ unreachable stays the one of the flow's first datagram (same addresses and ports
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from vhostnet.hostio._udp_fast import UdpFastPath
 from vhostnet.stack.stack import NetworkStack
 from vhostnet.stack.udp_nat import UdpNat
+
+# send_batch's answer when it took every frame (read only by its callers).
+NONE_LEFT = np.empty(0, dtype=np.intp)
+NONE_LEFT.flags.writeable = False
 
 
 class UdpFastSender:
@@ -34,6 +41,99 @@ class UdpFastSender:
         self._arrays_of: object = None
         self._handled = np.zeros(0, dtype=np.uint8)
         self._busy_seen = 0
+        # Host -> guest: a fresh batch per receive, and where a filled one goes (set by the
+        # network; None: every datagram takes the Python path).
+        self._new_batch: Callable[[], Any] | None = None
+        self._to_guest: Callable[[Any], None] | None = None
+        self._peers: dict[int, tuple[int, bytes, int]] = {}  # inbound flow -> kernel's key
+
+    def attach_guest_output(self, new_batch: Callable[[], Any],
+                            to_guest: Callable[[Any], None]) -> None:
+        """Host datagrams of registered flows are built into ``new_batch()`` (a FrameBatch)
+        and handed to ``to_guest(batch)``, which queues its frames for the guest in order."""
+        self._new_batch = new_batch
+        self._to_guest = to_guest
+
+    def receive(self, flow_id: int, now: float) -> bool:
+        """Take the datagrams waiting on ``flow_id``'s socket for the guest; False when this
+        flow's are not the fast path's to take (the caller reads them in Python).
+
+        Datagrams too large for one frame follow the batch through the Python stack (which
+        fragments them): around those, order may change.
+        """
+        batch = self._batch_for_guest()
+        if batch is None or not self.kernel.holds(flow_id):
+            return False
+        frames, error, oversized = self.kernel.receive(flow_id, self.stack.config.mtu,
+                                                       *batch.arrays())
+        engine = self.engine
+        if frames:
+            engine.touch(flow_id, now)
+            self._deliver(batch, frames, "udp.rx_host")
+        for payload in oversized:
+            engine.on_host_datagram(flow_id, payload, now)
+        if error:
+            engine.on_host_error(flow_id, error, now)
+        return True
+
+    def register_peer(self, flow_id: int, sock: socket.socket, peer_addr: str,
+                      peer_port: int) -> None:
+        """An inbound flow answers ``peer_addr``:``peer_port`` through its forward's socket
+        ``sock``: from now on that peer's datagrams on ``sock`` are built in C."""
+        flow = self.engine.flow(flow_id)
+        if flow is None or not flow.inbound:
+            return
+        key = (sock.fileno(), _packed(sock.family, peer_addr), peer_port)
+        if self.kernel.add_peer(flow_id, *key, flow.guest_ip, flow.guest_port, flow.remote_ip,
+                                flow.remote_port):
+            self._peers[flow_id] = key
+
+    def unregister_peer(self, flow_id: int) -> None:
+        """Before the flow goes or its forward's socket closes."""
+        key = self._peers.pop(flow_id, None)
+        if key is not None:
+            self.kernel.remove_peer(*key)
+
+    def receive_forwarded(self, sock: socket.socket, now: float
+                          ) -> list[tuple[bytes, str, int]] | None:
+        """Take what waits on a forward's socket: registered peers' datagrams go to the guest
+        from here; returns the others as (payload, peer address, peer port) for the Python
+        stack (None: nothing taken here, the caller reads the socket itself)."""
+        batch = self._batch_for_guest()
+        if batch is None or not self.kernel.peer_count:
+            return None
+        frames, _error, hits, left = self.kernel.receive_from(
+            sock.fileno(), self.stack.config.mtu, *batch.arrays())
+        # Errors on an unconnected socket are stale ICMP for some peer: nothing to do.
+        engine = self.engine
+        for flow_id in hits:
+            engine.touch(flow_id, now)
+        if frames:
+            self._deliver(batch, frames, "udp.rx_forward")
+        return [(payload, socket.inet_ntop(family, address), port)
+                for payload, _flow_id, family, address, port in left]
+
+    def _batch_for_guest(self) -> Any | None:
+        """A fresh batch for frames toward the guest, the kernel told the MACs; None while
+        frames cannot be built here (no guest MAC yet, or no output attached)."""
+        guest_mac = self.stack.guest_mac
+        if self._to_guest is None or self._new_batch is None or guest_mac is None:
+            return None
+        self.kernel.set_macs(self.stack.config.gateway_mac, guest_mac)
+        return self._new_batch()
+
+    def _deliver(self, batch: Any, frames: int, counter: str) -> None:
+        """``frames`` built frames of ``batch`` to the guest, counted as the stack counts them."""
+        batch.take_written(frames)
+        counters = self.engine.counters
+        for name in (counter, "udp.fast_path_rx"):
+            counters.inc(name, frames)
+        frames6 = self.kernel.frames6
+        for name, value in (("ipv4.tx", frames - frames6), ("ipv6.tx", frames6)):
+            if value:
+                counters.inc(name, value)
+        assert self._to_guest is not None
+        self._to_guest(batch)
 
     @property
     def flows(self) -> int:
@@ -69,6 +169,8 @@ class UdpFastSender:
         if not taken:
             return None
         self._account(taken, now)
+        if taken == count:
+            return NONE_LEFT  # the common case: no index array to build
         return np.flatnonzero(self._handled[:count] == 0)
 
     def _account(self, taken: int, now: float) -> None:
@@ -88,3 +190,8 @@ class UdpFastSender:
             self.engine.touch(flow_id, now)
         for flow_id, error in self.kernel.take_errors():
             self.engine.on_host_error(flow_id, error, now)
+
+
+def _packed(family: socket.AddressFamily, address: str) -> bytes:
+    """A peer's address as the socket's recvfrom gives it, packed (scope id dropped)."""
+    return socket.inet_pton(family, address.partition("%")[0])
