@@ -33,7 +33,8 @@ fuzz: setup
 # corpus tests run there; any report fails the run.
 ASAN_TREE := build/asan-tree
 ASAN_TESTS := tests/virtqueue tests/stack/test_hostile_frames.py tests/tcp/test_tcp_fast.py \
-	tests/hostio/test_udp_fast.py tests/fuzz/test_fuzz_replay.py
+	tests/tcp/test_tcp_direct_rx.py tests/hostio/test_udp_fast.py \
+	tests/hostio/test_udp_fast_rx.py tests/fuzz/test_fuzz_replay.py
 test-asan: setup
 	rm -rf $(ASAN_TREE) && mkdir -p $(ASAN_TREE)
 	git ls-files -co --exclude-standard | tar -cf - -T - | tar -xf - -C $(ASAN_TREE)

@@ -6,8 +6,11 @@ needs this file to declare compiled extensions.
 The C contracts the kernels share are declared, not copied:
 
 - ext/netbytes.pxd (byte order, the one Internet checksum), ext/vnet.pxd (the vnet
-  word) and ext/frame_batch.pxd (the FrameBatch layout) are inline only, cimported
-  by plain name (Cython finds them next to the .pyx files);
+  word), ext/frame_batch.pxd (the FrameBatch layout) and ext/tcp_headers.pxd (the
+  Ethernet/IP/TCP header writers) are inline only, cimported by plain name (Cython
+  finds them next to the .pyx files);
+- ext/rx_direct.pxd declares the function table the ring kernel hands the TCP fast
+  path in a capsule (host data peeked straight into RX buffers);
 - vhostnet/wire/_flow_table.pxd declares the FlowIndex class of the extension
   ``vhostnet.wire._flow_table`` (ext/flow_table.pyx), compiled once; the fast paths
   cimport it by that dotted name, so the project root is on the include path, and
