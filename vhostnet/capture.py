@@ -89,10 +89,10 @@ class Capture:
         if taken:
             self._schedule_flush()
 
-    def add_batch(self, batch: object, count: int) -> None:
-        """Record the first ``count`` frames of a ``FrameBatch``."""
+    def add_batch(self, batch: object, count: int, start: int = 0) -> None:
+        """Record ``count`` frames of a ``FrameBatch``, from frame ``start`` on."""
         frame = batch.frame  # type: ignore[attr-defined]
-        self.add(frame(index) for index in range(count))
+        self.add(frame(index) for index in range(start, start + count))
 
     def _schedule_flush(self) -> None:
         if self.loop is None:

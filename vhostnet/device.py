@@ -448,17 +448,10 @@ class NetDevice:
         """The head of ``pending``, a ``GuestBatch``, straight into the RX ring; True when all
         of it went in (the caller goes on with the next entry)."""
         head = pending[0]
-        start = head.start
-        pushed = queue.rx_push(head.batch, start)
-        if queue.broken:
-            self._check_memory_fault()
+        pushed = self._push(queue, head.batch, head.start)
+        if pushed < 0:
             return False
-        if self.capture is not None:
-            self.capture.add(head.batch.frame(i) for i in range(start, start + pushed))
-        self.counters["rx.frames"] += pushed
-        if pushed:
-            queue.notify()
-        head.start = start + pushed
+        head.start += pushed
         if head.start >= head.batch.count:
             pending.popleft()
             return True
@@ -527,14 +520,15 @@ class NetDevice:
         if any(rings[pair].enable_kick() for pair in blocked):
             self._schedule_rx()
 
-    def _push(self, queue: Virtqueue, batch: FrameBatch) -> int:
-        """``batch`` into an RX ring: how many frames went in, or -1 if the ring broke."""
-        pushed = queue.rx_push(batch, 0)
+    def _push(self, queue: Virtqueue, batch: FrameBatch, start: int = 0) -> int:
+        """Frames ``start…`` of ``batch`` into an RX ring: how many went in, or -1 if the ring
+        broke."""
+        pushed = queue.rx_push(batch, start)
         if queue.broken:
             self._check_memory_fault()
             return -1
         if self.capture is not None:
-            self.capture.add_batch(batch, pushed)
+            self.capture.add_batch(batch, pushed, start)
         self.counters["rx.frames"] += pushed
         if pushed:
             queue.notify()
