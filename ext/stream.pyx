@@ -152,33 +152,3 @@ cdef bint _encode_built(entry, uint8_t *base, Py_ssize_t size, Py_ssize_t max_fr
             frames[0] += 1
     entry.start = index
     return index >= count
-
-
-def encode_batch(const uint8_t[::1] storage not None, const uint64_t[::1] offsets not None,
-                 const uint32_t[::1] lengths not None, Py_ssize_t count,
-                 uint8_t[::1] out not None, Py_ssize_t max_bytes) -> tuple:
-    """Frames ``0..count`` of a FrameBatch's arrays into ``out``, each after its length, while
-    they fit in ``max_bytes`` (at least one frame if ``out`` holds it); GIL released.
-
-    Returns (bytes written, frames consumed: written, or dropped for a length no stream frame
-    can have, which are counted in the third value).
-    """
-    cdef Py_ssize_t size = min(out.shape[0], max(max_bytes, 0)), used = 0, taken = 0
-    cdef Py_ssize_t unsendable = 0, length, first_room = out.shape[0]
-    cdef uint8_t *base = &out[0] if out.shape[0] else NULL
-    cdef const uint8_t *data = &storage[0] if storage.shape[0] else NULL
-    if count > offsets.shape[0] or count > lengths.shape[0]:
-        raise ValueError("count is past the batch's arrays")
-    with nogil:
-        while taken < count:
-            length = lengths[taken]
-            if (length < MIN_FRAME or length > MAX_FRAME
-                    or <Py_ssize_t>offsets[taken] + length > storage.shape[0]):
-                unsendable += 1
-                taken += 1
-                continue
-            if not _put_frame(base, size if used else first_room, &used, data + offsets[taken],
-                              length):
-                break  # no room left (its length was checked above)
-            taken += 1
-    return used, taken, unsendable

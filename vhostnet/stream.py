@@ -30,7 +30,6 @@ from vhostnet._stream import (
     LARGEST_FRAME,
     LENGTH_PREFIX,
     SMALLEST_FRAME,
-    encode_batch,
     parse_frames,
 )
 from vhostnet._stream import encode_frames as encode_queue
@@ -40,7 +39,7 @@ from vhostnet.virtqueue import FrameBatch
 
 if TYPE_CHECKING:
     from vhostnet.capture import Capture
-    from vhostnet.network import GuestFrameQueue, GuestSide, SwitchedFrames
+    from vhostnet.network import GuestSide, SwitchedFrames
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +271,7 @@ class StreamDevice:
                 return
         self._stop_waiting()
 
-    def _take(self, pending: GuestFrameQueue) -> None:
+    def _take(self, pending: deque) -> None:
         """Join up to ``SEND_FRAMES`` frames (``SEND_BYTES``) of the queue into one send, in one
         kernel call."""
         used, count, offloaded, unsendable = encode_queue(pending, self._send_buffer,
@@ -293,17 +292,10 @@ class StreamDevice:
         batch = switched.outgoing()
         if batch is None:
             return False
-        storage, offsets, lengths, _vnets = batch.arrays()
-        used, taken, unsendable = encode_batch(storage, offsets, lengths, batch.count,
-                                               self._send_buffer, SEND_BYTES)
-        switched.taken(taken)
-        self.counters["rx.dropped_unsendable"] += unsendable
-        self.counters["rx.frames"] += taken - unsendable
-        self._out = self._send_view[:used]
-        self._out_offset = 0
-        if self.capture is not None and used:
-            self._capture_sent(used)
-        return taken > 0
+        entry = GuestBatch(batch)  # the switch's batch goes the way of a built one
+        self._take(deque((entry,)))
+        switched.taken(entry.start)
+        return entry.start > 0
 
     def _capture_sent(self, used: int) -> None:
         """Record the frames of the send buffer (cut again by the framer's kernel)."""
