@@ -112,6 +112,16 @@ cdef inline uint32_t _peer_hash(const PeerEntry *key) noexcept nogil:
     return h & (PEER_SLOTS - 1)
 
 
+cdef void _peer_key(PeerEntry *probe, int fd, bytes address, int port):
+    """A lookup key for the peer ``address``:``port`` (4 or 16 bytes, checked by the caller)
+    of the forward's socket ``fd``: everything else zero."""
+    memset(probe, 0, sizeof(PeerEntry))
+    probe.fd = fd
+    probe.address_len = len(address)
+    memcpy(probe.address, <const char *>address, probe.address_len)
+    put16(probe.port, port)
+
+
 cdef tuple _peer_of(const PeerName *name):
     """(family, address bytes, port) of a datagram's sender, as recvmmsg gave it."""
     cdef int port = (<int>name.data[0] << 8) | name.data[1]
@@ -411,11 +421,7 @@ cdef class UdpFastPath:
             if self.peers == NULL:
                 raise MemoryError()
         cdef PeerEntry probe
-        memset(&probe, 0, sizeof(PeerEntry))
-        probe.fd = fd
-        probe.address_len = len(peer_address)
-        memcpy(probe.address, <const char *>peer_address, probe.address_len)
-        put16(probe.port, peer_port)
+        _peer_key(&probe, fd, peer_address, peer_port)
         if self._find_peer(&probe) >= 0:
             return False
         cdef uint32_t at = _peer_hash(&probe)
@@ -443,11 +449,7 @@ cdef class UdpFastPath:
         if self.peers == NULL or len(peer_address) not in (4, 16):
             return False
         cdef PeerEntry probe
-        memset(&probe, 0, sizeof(PeerEntry))
-        probe.fd = fd
-        probe.address_len = len(peer_address)
-        memcpy(probe.address, <const char *>peer_address, probe.address_len)
-        put16(probe.port, peer_port)
+        _peer_key(&probe, fd, peer_address, peer_port)
         cdef int at = self._find_peer(&probe)
         if at < 0:
             return False
