@@ -15,7 +15,8 @@ import struct
 
 from tests.support.frames import GATEWAY_IP, GUEST_IP, GUEST_MAC, eth, guest_udp_frame, ipv4, udp
 from tests.support.hostio import free_udp_port
-from tests.support.udp_fast import batch_of, receive_all, run
+from tests.support.loop import run
+from tests.support.udp_fast import batch_of, receive_all
 from vhostnet.network import Network
 from vhostnet.stack.config import StackConfig
 from vhostnet.wire.offload import NEEDS_CSUM, vnet_word

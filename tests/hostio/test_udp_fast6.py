@@ -22,7 +22,8 @@ from tests.support.frames import (
     guest_udp6_frame,
     guest_udp_frame,
 )
-from tests.support.udp_fast import batch_of, receive_all, run
+from tests.support.loop import run
+from tests.support.udp_fast import batch_of, receive_all
 from vhostnet.network import Network
 from vhostnet.stack.config import StackConfig, ip6
 from vhostnet.wire.offload import NEEDS_CSUM, vnet_word

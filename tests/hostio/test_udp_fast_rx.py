@@ -31,7 +31,8 @@ from tests.support.frames import (
     udp,
     udp6,
 )
-from tests.support.udp_fast import batch_of, run
+from tests.support.loop import run
+from tests.support.udp_fast import batch_of
 from vhostnet.network import GuestBatch, Network, new_guest_batch_storage
 from vhostnet.stack.config import StackConfig
 from vhostnet.stream import encode_frames

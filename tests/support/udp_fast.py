@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 
 from vhostnet.virtqueue import FrameBatch
-
-
-def run(scenario) -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(scenario(loop))
-    finally:
-        loop.close()
 
 
 def batch_of(frames: list[tuple[bytes, int]]) -> FrameBatch:

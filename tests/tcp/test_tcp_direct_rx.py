@@ -40,6 +40,7 @@ from tests.support.guest_ram import (
     GuestRam,
     PackedDriver,
 )
+from tests.support.loop import run
 from tests.support.tcp import GATEWAY6, GUEST_IP6
 from vhostnet.network import Network
 from vhostnet.stack.config import StackConfig
@@ -59,13 +60,6 @@ OFFLOADS = {  # name: (guest_offloads csum, tso, feature bits)
             | VirtioFeature.NET_F_GUEST_TSO6),
 }
 
-
-def run(scenario) -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(asyncio.wait_for(scenario(loop), 60))
-    finally:
-        loop.close()
 
 
 class GuestRx:

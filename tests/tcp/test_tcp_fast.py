@@ -29,6 +29,7 @@ from tests.support.frames import (
     guest_ipv4_frame,
     ipv6_frame,
 )
+from tests.support.loop import run
 from tests.support.tcp import GATEWAY6
 from vhostnet.network import Network
 from vhostnet.stack.config import StackConfig
@@ -54,13 +55,6 @@ PARTIAL6 = vnet_word(NEEDS_CSUM, 0, 0, 54, 16)
 HOP_BY_HOP = bytes([6, 0, 1, 4, 0, 0, 0, 0])  # an empty hop-by-hop header (padding), TCP next
 FAMILIES = pytest.mark.parametrize("family", [4, 6])
 
-
-def run(scenario) -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(asyncio.wait_for(scenario(loop), 60))
-    finally:
-        loop.close()
 
 
 class Guest:
