@@ -83,6 +83,7 @@ LAYER_OF_PREFIX: tuple[tuple[str, str], ...] = (
     ("vhostnet.hostio", "hostio"),
     ("vhostnet.network", "network"),
     ("vhostnet.capture", "capture"),
+    ("vhostnet.device_rx", "device"),
     ("vhostnet.device", "device"),
     ("vhostnet.stream", "stream"),
     ("vhostnet._stream", "stream"),  # its kernel (ext/stream.pyx)

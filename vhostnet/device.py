@@ -12,6 +12,7 @@ Ring indices: 2k is the RX ring of queue pair k (device writes, guest reads),
 front-end may start up to 2N rings. Every ring is served on the event loop, each
 TX ring drained in its turn. Frames for the guest go to the RX ring of the pair
 the guest last sent that flow on (``FlowSteering``), pair 0 for flows it never sent.
+That RX half (pending frames into the RX rings, direct RX) is ``RxFlush`` in device_rx.py.
 
 Device state (vhost-user SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE, for live
 migration) goes to the ``DeviceStateHandler`` the device is given; without one
@@ -29,13 +30,20 @@ import logging
 import mmap
 import os
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from vhostnet.network import GuestBatch
+from vhostnet.device_rx import (
+    MAX_PASSES_PER_WAKEUP,
+    RX_QUEUE,
+    TX_BATCH,
+    TX_QUEUE,
+    RxFlush,
+    is_rx_ring,
+)
 from vhostnet.vhost_user import protocol as vu
 from vhostnet.vhost_user.device_api import DeviceRefused
 from vhostnet.virtqueue import AddressError, FlowSteering, FrameBatch, GuestMemory, Virtqueue
@@ -48,15 +56,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RX_QUEUE = 0
-TX_QUEUE = 1
 # VHOST_USER's own bound on queue pairs (the back-end's rings table is sized by it).
 MAX_QUEUE_PAIRS = 128
-
-# Frames handled per pass before yielding to the event loop, so that one busy
-# guest cannot starve the vhost-user socket or host sockets.
-TX_BATCH = 256
-MAX_PASSES_PER_WAKEUP = 8
 
 # Checksum and segmentation offloads both ways: a Linux guest then sends and
 # receives TCP in segments of up to 64 KiB whatever its MTU, and neither side
@@ -95,7 +96,7 @@ class DeviceStateHandler(Protocol):
         ...
 
 
-class NetDevice:
+class NetDevice(RxFlush):
     """Implements ``BackendDevice`` for a virtio-net device with ``queue_pairs`` queue pairs."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, network: GuestSide,
@@ -277,7 +278,7 @@ class NetDevice:
 
     def ring_enable(self, index: int, enabled: bool) -> None:
         self.enabled[index] = enabled
-        if enabled and _is_rx(index):
+        if enabled and is_rx_ring(index):
             self._schedule_rx()
 
     def ring_start(self, index: int, ring: VringConfig) -> None:
@@ -305,7 +306,7 @@ class NetDevice:
         self._check_memory_fault()
         # The guest runs here again (connections frozen for a migration carry on).
         self.network.device_started(time.monotonic())
-        if _is_rx(index):
+        if is_rx_ring(index):
             self._schedule_rx()
 
     def ring_stop(self, index: int) -> int:
@@ -359,7 +360,7 @@ class NetDevice:
             log.warning("ring %d kick fd unusable (%s); ignoring it", index, exc)
             self._drop_kick(index)
             return
-        if _is_rx(index):
+        if is_rx_ring(index):
             self._flush_rx()
         else:
             self._drain_tx(index)
@@ -396,186 +397,6 @@ class NetDevice:
         network.flush()
         self._flush_rx()
 
-    def _schedule_rx(self) -> None:
-        if not self._rx_scheduled and not self._closed:
-            self._rx_scheduled = True
-            self.loop.call_soon(self._flush_rx)
-
-    def _flush_rx(self) -> None:
-        self._rx_scheduled = False
-        rings = self._usable_rx_rings()
-        if len(rings) > 1:
-            self._flush_rx_steered(rings)
-        elif rings:
-            self._flush_rx_one(*rings.values())
-        # None usable: frames wait in the network's queue (bounded there).
-        if rings and self.switched is not None:
-            self._flush_switched(next(iter(rings.values())))
-
-    def _usable_rx_rings(self) -> dict[int, Virtqueue]:
-        """Running, enabled, unbroken RX rings by queue pair, lowest pair first."""
-        return {index // 2: queue for index, queue in sorted(self.queues.items())
-                if _is_rx(index) and not queue.broken and self.enabled.get(index, False)}
-
-    def _flush_rx_one(self, queue: Virtqueue) -> None:
-        """Every pending frame to one RX ring, in order, as far as its buffers go."""
-        pending = self.network.frames_to_guest
-        batch = self.rx_batch
-        while pending:
-            if type(pending[0]) is GuestBatch:
-                if self._push_built(queue, pending):
-                    continue
-                return
-            batch.clear()
-            taken = 0
-            while taken < len(pending):
-                if not _append(batch, pending[taken]):
-                    break
-                taken += 1
-            pushed = self._push(queue, batch)
-            if pushed < 0:
-                return
-            for _ in range(pushed):
-                pending.popleft()
-            if pushed < taken:
-                # No more RX buffers: ask for a kick when the guest adds some,
-                # and retry at once if it already did (the enable/recheck race).
-                if queue.enable_kick():
-                    continue
-                break
-
-    def _push_built(self, queue: Virtqueue, pending: deque) -> bool:
-        """The head of ``pending``, a ``GuestBatch``, straight into the RX ring; True when all
-        of it went in (the caller goes on with the next entry)."""
-        head = pending[0]
-        pushed = self._push(queue, head.batch, head.start)
-        if pushed < 0:
-            return False
-        head.start += pushed
-        if head.start >= head.batch.count:
-            pending.popleft()
-            return True
-        # No more RX buffers: as in _flush_rx_one.
-        return queue.enable_kick()
-
-    def _flush_rx_steered(self, rings: dict[int, Virtqueue]) -> None:
-        """Pending frames to the RX ring of their flow's pair (or the first usable one).
-
-        Each pair's frames keep their order; a pair whose ring is out of buffers
-        keeps its frames pending (in order, at the head) while the others go on.
-        Built batches (``GuestBatch``) are taken apart into frames first here.
-        """
-        assert self.steering is not None
-        pair_of = self.steering.pair_of
-        pending = self.network.frames_to_guest
-        if any(type(item) is GuestBatch for item in pending):
-            entries = list(pending)
-            pending.clear()
-            pending.extend(frame for item in entries
-                           for frame in (item.frames() if type(item) is GuestBatch else (item,)))
-        fallback = next(iter(rings))
-        taken: dict[int, list] = {pair: [] for pair in rings}
-        batches = {pair: self._rx_batch_of(pair) for pair in rings}
-        for batch in batches.values():
-            batch.clear()
-        held: list = []         # frames of pairs out of buffers, kept in order
-        blocked: set[int] = set()
-
-        def push(pair: int) -> bool:
-            """Push the pair's batch; False if its ring broke."""
-            items, batch = taken[pair], batches[pair]
-            pushed = self._push(rings[pair], batch)
-            if pushed < 0:
-                held.extend(items)
-                return False
-            if pushed < len(items):
-                blocked.add(pair)
-                held.extend(items[pushed:])
-            items.clear()
-            batch.clear()
-            return True
-
-        for _ in range(len(pending)):
-            item = pending.popleft()
-            pair = pair_of(item[0] if type(item) is tuple else item)
-            if pair not in rings:
-                pair = fallback
-            if pair in blocked:
-                held.append(item)
-                continue
-            if not _append(batches[pair], item):
-                if not push(pair):
-                    held.append(item)
-                    break
-                if pair in blocked or not _append(batches[pair], item):
-                    held.append(item)
-                    continue
-            taken[pair].append(item)
-        for pair in rings:
-            if taken[pair] and not push(pair):
-                break
-        if held:
-            pending.extendleft(reversed(held))
-        # Out of buffers: a kick when the guest adds some; if it already did, go again.
-        if any(rings[pair].enable_kick() for pair in blocked):
-            self._schedule_rx()
-
-    def _push(self, queue: Virtqueue, batch: FrameBatch, start: int = 0) -> int:
-        """Frames ``start…`` of ``batch`` into an RX ring: how many went in, or -1 if the ring
-        broke."""
-        pushed = queue.rx_push(batch, start)
-        if queue.broken:
-            self._check_memory_fault()
-            return -1
-        if self.capture is not None:
-            self.capture.add_batch(batch, pushed, start)
-        self.counters["rx.frames"] += pushed
-        if pushed:
-            queue.notify()
-        return pushed
-
-    def _flush_switched(self, queue: Virtqueue) -> None:
-        """Frames other guests sent to this one (the switch's batch for this port) into the
-        first usable RX ring, as far as its buffers go; the rest wait in the switch."""
-        switched = self.switched
-        assert switched is not None
-        for _ in range(MAX_PASSES_PER_WAKEUP):
-            batch = switched.outgoing()
-            if batch is None:
-                return
-            pushed = self._push(queue, batch)
-            if pushed < 0:
-                return
-            if pushed:
-                switched.taken(pushed)
-            elif not queue.enable_kick():
-                return  # out of buffers: the guest's next refill kicks us
-        self._schedule_rx()  # more than a few batches: the rest on the next loop turn
-
-    # ---- direct RX (``vhostnet.tcp.fast.DirectRx``): host TCP data straight into the ring -----
-
-    def direct_rx(self) -> tuple[object, object] | None:
-        """The one usable RX ring's direct-write handle; None with several rings (steering is
-        done on the Python path), none, or a capture (it sees only frames pushed here)."""
-        if self._closed or self.capture is not None or self.queue_pairs != 1:
-            return None
-        rings = self._usable_rx_rings()
-        return rings[0].direct_rx() if len(rings) == 1 else None
-
-    def direct_rx_done(self, frames: int) -> None:
-        self.counters["rx.frames"] += frames
-        queue = self.queues.get(RX_QUEUE)
-        if queue is not None:
-            queue.direct_rx_done()
-            if queue.broken:
-                self._check_memory_fault()
-
-    def _rx_batch_of(self, pair: int) -> FrameBatch:
-        batch = self._rx_batches.get(pair)
-        if batch is None:
-            batch = self._rx_batches[pair] = FrameBatch(TX_BATCH)
-        return batch
-
     def _check_memory_fault(self) -> None:
         """A queue caught SIGBUS (guest memory shrank): stop everything, end the connection."""
         if self._closed or not any(queue.faulted for queue in self.queues.values()):
@@ -611,20 +432,6 @@ class NetDevice:
         self.log_array = None
         self.log_mapping = None  # unmapped once the last view is gone
         self.memory.close()
-
-
-def _is_rx(index: int) -> bool:
-    """Even rings are RX (2k: pair k's), odd ones TX."""
-    return index % 2 == 0
-
-
-def _append(batch: FrameBatch, item: bytes | tuple[bytes, int] | GuestBatch) -> bool:
-    """One pending entry into ``batch``: a frame, or (frame, vnet) for one with offload
-    fields (see GuestFrameQueue); False when the batch is full, or for a ``GuestBatch``
-    (pushed by itself, ``_push_built``)."""
-    if type(item) is GuestBatch:
-        return False
-    return batch.append(*item) if type(item) is tuple else batch.append(item)
 
 
 def _ring_counts(index: int, queue: Virtqueue) -> dict[str, int]:
