@@ -181,7 +181,7 @@ def test_send_ipv4_before_guest_mac_goes_to_broadcast_and_asks_by_arp(stack: Net
 
 
 def test_learned_mac_replaces_broadcast_at_once(stack: NetworkStack) -> None:
-    from vhostnet.stack.stack import ARP_ASK_EVERY
+    from vhostnet.stack.to_guest import ARP_ASK_EVERY
 
     for _ in range(2 * ARP_ASK_EVERY):
         stack.send_ipv4(GATEWAY_IP, GUEST_IP, 17, b"x")

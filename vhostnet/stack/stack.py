@@ -24,6 +24,9 @@ Per-protocol work is delegated:
   ``send_ipv4``'s twin and fragments likewise; the guest's IPv6 addresses are learned
   from its packets and NDP (``learn_guest_ipv6``, ``guest_ipv6``).
 
+The send helpers (``send_ipv4``, ``send_ipv6``, ``send_udp``..., the frames for the guest)
+are ``ToGuest``, in to_guest.py, which ``NetworkStack`` inherits.
+
 The engines are built and attached by the assembler (``vhostnet.network``),
 which also runs their timers; they count into ``stack.stats``. Engines that
 talk to host sockets keep a ``commands`` deque that their glue in
@@ -46,6 +49,7 @@ from vhostnet.stack.fragments import Reassembler
 from vhostnet.stack.icmp import IcmpEngine
 from vhostnet.stack.leases import LeasePool
 from vhostnet.stack.ndp import NdpEngine
+from vhostnet.stack.to_guest import ToGuest
 from vhostnet.stack.udp_nat import UdpNat
 from vhostnet.wire import arp, ethernet
 from vhostnet.wire.checksum import PROTO_TCP, PROTO_UDP
@@ -55,24 +59,16 @@ from vhostnet.wire.icmpv6 import (
     REDIRECT,
     ROUTER_SOLICITATION,
     Icmpv6Message,
-    emit_error,
-    may_answer_with_error,
 )
 from vhostnet.wire.ipv4 import (
-    MIN_HEADER_LEN,
     IPv4Packet,
-    emit_ipv4_fragments,
-    emit_ipv4_header,
 )
 from vhostnet.wire.ipv6 import HEADER_LEN as IPV6_HEADER_LEN
-from vhostnet.wire.ipv6 import MAX_PAYLOAD as IPV6_MAX_PAYLOAD
 from vhostnet.wire.ipv6 import (
     NEXT_HEADER_ICMPV6,
     NEXT_HEADER_UDP,
     UNSPECIFIED,
     IPv6Packet,
-    emit_ipv6_fragments,
-    emit_ipv6_header,
     is_link_local,
     is_multicast,
 )
@@ -82,19 +78,10 @@ from vhostnet.wire.offload import (
     UDP_CHECKSUM_OFFSET,
     partial_l4_checksum,
 )
-from vhostnet.wire.udp import UdpDatagram, emit_udp
+from vhostnet.wire.udp import UdpDatagram
 
 log = logging.getLogger(__name__)
 
-# Until the guest's MAC is known, frames for it go to the broadcast address (as passt
-# does); every ARP_ASK_EVERY-th such frame is preceded by an ARP request for the guest's
-# address, so a guest that stays silent still tells us its MAC: Linux drops TCP segments
-# that arrive with a broadcast destination MAC.
-ARP_ASK_EVERY = 8
-# IPv6 packets for a guest whose MAC is unknown wait (Linux takes no TCP, and no
-# neighbour discovery answer, from a frame to the broadcast address): at most this many,
-# with a Neighbour Solicitation every ARP_ASK_EVERY of them.
-MAX_HELD_FOR_MAC = 64
 # Guest IPv6 addresses remembered (link-local, SLAAC, temporary ones...), newest last.
 MAX_GUEST_IPV6_ADDRESSES = 16
 
@@ -127,7 +114,7 @@ class UdpService(Protocol):
                    payload: memoryview, now: float) -> None: ...
 
 
-class NetworkStack:
+class NetworkStack(ToGuest):
     """The sans-IO user-mode network: guest frames in, guest frames and host commands out."""
 
     def __init__(self, config: StackConfig, leases: LeasePool | None = None) -> None:
@@ -435,100 +422,6 @@ class NetworkStack:
         """One of the guest's addresses, as learned."""
         return address in self.guest_ipv6_addresses
 
-    def send_ipv6(self, src: bytes, dst: bytes, next_header: int,
-                  payload: bytes | bytearray | memoryview, hop_limit: int = 64,
-                  dst_mac: bytes | None = None) -> None:
-        """Queue an IPv6 packet for the guest (``send_ipv4``'s twin, no offloads).
-
-        ``dst_mac`` defaults to the learned guest MAC; without one the packet is held
-        (at most ``MAX_HELD_FOR_MAC``) and the guest is asked by a Neighbour Solicitation,
-        as ARP does for IPv4 ("ipv6.tx.drop.no_guest_mac" beyond that).
-        """
-        if len(payload) > IPV6_MAX_PAYLOAD:
-            self.stats.drop("ipv6.tx.drop.too_big", "IPv6 datagram for the guest over 65535 bytes")
-            return
-        if IPV6_HEADER_LEN + len(payload) <= self.config.mtu:
-            packets = [emit_ipv6_header(src, dst, next_header, len(payload), hop_limit)
-                       + bytes(payload)]
-        else:
-            # Nothing can send the host side a Packet Too Big: we fragment (RFC 8200 4.5).
-            packets = emit_ipv6_fragments(src, dst, next_header, payload, self.config.mtu,
-                                          self.next_fragment_ident(), hop_limit=hop_limit)
-            self._count_fragments(packets)
-        mac = dst_mac or self.guest_mac
-        for packet in packets:
-            if mac is None:
-                self._hold6_for_mac(dst, packet)
-                continue
-            self.frames_to_guest.append(ethernet.emit_ethernet(
-                mac, self.config.gateway_mac, ethernet.ETHERTYPE_IPV6, packet))
-            self.stats.inc("ipv6.tx")
-
-    def _hold6_for_mac(self, dst: bytes, packet: bytes) -> None:
-        if len(self._held6_for_mac) >= MAX_HELD_FOR_MAC:
-            self.stats.drop("ipv6.tx.drop.no_guest_mac",
-                            "IPv6 packet for the guest dropped: its MAC address is not known yet")
-            return
-        if len(self._held6_for_mac) % ARP_ASK_EVERY == 0 and self.ndp is not None:
-            self.ndp.solicit(dst)
-        self._held6_for_mac.append(packet)
-        self.stats.inc("ipv6.tx.held_for_mac")
-
-    def send_udp6(self, src: bytes, sport: int, dst: bytes, dport: int,
-                  payload: bytes | bytearray | memoryview, dst_mac: bytes | None = None) -> None:
-        """Queue a UDP datagram over IPv6 (checksum filled in) for the guest."""
-        self.send_ipv6(src, dst, NEXT_HEADER_UDP, emit_udp(src, sport, dst, dport, payload),
-                       dst_mac=dst_mac)
-
-    def send_icmpv6_error(self, invoking: IPv6Packet, icmp_type: int, code: int,
-                          rest: int = 0) -> bool:
-        """Answer a guest packet with an ICMPv6 error (e.g. ``wire.icmpv6.emit_port_unreachable``'s
-        destination unreachable / port unreachable for refused UDP, or packet too big), from
-        the packet's destination; False (nothing sent) where RFC 4443 2.4 (e) forbids one."""
-        if not may_answer_with_error(invoking):
-            self.stats.inc("icmp6.error_suppressed")
-            return False
-        src = invoking.dst
-        self.send_ipv6(src, invoking.src, NEXT_HEADER_ICMPV6,
-                       emit_error(src, invoking, icmp_type, code, rest))
-        self.stats.inc(f"icmp6.error_sent.{icmp_type}.{code}")
-        return True
-
-    # --- stack -> guest (also used by the engines) -------------------------
-
-    def send_ipv4(self, src: bytes, dst: bytes, proto: int, payload: bytes | bytearray | memoryview,
-                  ttl: int = 64, dst_mac: bytes | None = None, offload: int = 0) -> None:
-        """Queue an IPv4 packet for the guest, from ``src`` (any address we impersonate).
-
-        ``dst_mac`` defaults to the learned guest MAC; until there is one the frame goes
-        to the broadcast address at once, as passt sends it (a guest configured statically
-        may say nothing before a host peer reaches a forwarded port), and the guest is asked
-        by ARP every ``ARP_ASK_EVERY`` such frames ("ipv4.tx.broadcast", "arp.request_sent").
-        ``offload`` is the frame's vnet word (``offload.py``) when its L4 checksum was left
-        partial or unset for the guest (only as ``guest_offloads`` allow); the queue then
-        holds ``(frame, offload)``.
-
-        A packet without offload that does not fit the guest's MTU leaves as fragments
-        (DF clear: we are its sender); one with offload is a GSO frame the guest segments.
-        """
-        mac = dst_mac or self.guest_mac
-        if MIN_HEADER_LEN + len(payload) > 0xFFFF:
-            self.stats.drop("ipv4.tx.drop.too_big", "datagram for the guest over 65535 bytes")
-            return
-        if offload or MIN_HEADER_LEN + len(payload) <= self.config.mtu:
-            packets = [emit_ipv4_header(src, dst, proto, len(payload), ttl=ttl) + bytes(payload)]
-        else:
-            packets = emit_ipv4_fragments(src, dst, proto, payload, self.config.mtu,
-                                          self.next_fragment_ident(), ttl=ttl)
-            self._count_fragments(packets)
-        if mac is None:
-            mac = self._broadcast_until_learned(dst)
-        for packet in packets:
-            frame = ethernet.emit_ethernet(mac, self.config.gateway_mac,
-                                           ethernet.ETHERTYPE_IPV4, packet)
-            self.frames_to_guest.append((frame, offload) if offload else frame)
-        self.stats.inc("ipv4.tx", len(packets))
-
     @staticmethod
     def _offer_to_services(services: list[UdpService], src: bytes, dst: bytes,
                            datagram: UdpDatagram, now: float) -> bool:
@@ -539,56 +432,6 @@ class NetworkStack:
                                    datagram.payload, now)
                 return True
         return False
-
-    def _count_fragments(self, packets: list[bytes]) -> None:
-        self.stats.inc("frag.tx_datagrams")
-        self.stats.inc("frag.tx_fragments", len(packets))
-
-    def next_fragment_ident(self) -> int:
-        """A fresh 32-bit identification for a datagram we fragment (IPv4 uses its low 16
-        bits; ``wire.ipv6.emit_ipv6_fragments`` all 32)."""
-        self._fragment_ident = (self._fragment_ident + 1) & 0xFFFFFFFF
-        return self._fragment_ident
-
-    @property
-    def gateway_mac(self) -> bytes:
-        """Our own MAC on the guest link: the source of every frame we send."""
-        return self.config.gateway_mac
-
-    def send_ipv4_frames(self, frames: list[bytes | tuple[bytes, int]]) -> None:
-        """Queue whole Ethernet frames carrying IPv4 for the guest, built by an engine for the
-        learned ``guest_mac`` (e.g. TCP data, ``vhostnet.tcp.sender``); each entry is a frame
-        or ``(frame, vnet word)``, as in ``frames_to_guest``."""
-        self._queue_frames(frames, "ipv4.tx")
-
-    def send_ipv6_frames(self, frames: list[bytes | tuple[bytes, int]]) -> None:
-        """``send_ipv4_frames`` for frames carrying IPv6 (TCP data over IPv6)."""
-        self._queue_frames(frames, "ipv6.tx")
-
-    def _queue_frames(self, frames: list[bytes | tuple[bytes, int]], counter: str) -> None:
-        append = self.frames_to_guest.append  # one by one: the device's queue watches append
-        for frame in frames:
-            append(frame)
-        self.stats.inc(counter, len(frames))
-
-    def _broadcast_until_learned(self, dst: bytes) -> bytes:
-        """The destination MAC for a frame to a guest whose MAC is unknown: broadcast, with an
-        ARP request for ``dst`` before every ``ARP_ASK_EVERY``-th such frame (no clock here)."""
-        if self._broadcast_sent % ARP_ASK_EVERY == 0:
-            request = arp.emit_arp(arp.OP_REQUEST, self.config.gateway_mac, self.config.gateway,
-                                   bytes(6), dst)
-            self.frames_to_guest.append(ethernet.emit_ethernet(
-                ethernet.BROADCAST_MAC, self.config.gateway_mac, ethernet.ETHERTYPE_ARP, request))
-            self.stats.inc("arp.request_sent")
-        self._broadcast_sent += 1
-        self.stats.inc("ipv4.tx.broadcast")
-        return ethernet.BROADCAST_MAC
-
-    def send_udp(self, src: bytes, sport: int, dst: bytes, dport: int,
-                 payload: bytes | bytearray | memoryview, dst_mac: bytes | None = None) -> None:
-        """Queue a UDP datagram (checksum filled in) for the guest."""
-        self.send_ipv4(src, dst, PROTO_UDP, emit_udp(src, sport, dst, dport, payload),
-                       dst_mac=dst_mac)
 
     # --- timers and statistics ----------------------------------------------
 
