@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.support.frames import BROADCAST, GATEWAY_IP, GATEWAY_MAC, eth
+from tests.support.dhcp import dhcp_request, msg_type
+from tests.support.frames import BROADCAST, GATEWAY_IP, GATEWAY_MAC, eth, ipv4, udp
 from vhostnet.guests import Guests, forwards_by_guest
 from vhostnet.network import Network
 from vhostnet.stack.config import StackConfig, ip4, parse_port_spec
@@ -200,6 +201,25 @@ def test_a_guest_back_with_its_mac_finds_its_network(loop: asyncio.AbstractEvent
         again = guests.open_port()
         again.learn_guest_mac(MAC_B)
         assert again.network is network
+    finally:
+        guests.close()
+
+
+def test_a_router_answers_dhcp_for_its_ports_mac_only(loop: asyncio.AbstractEventLoop) -> None:
+    """One guest per port: the port bound to MAC_A gets no lease for another chaddr."""
+    guests = start(loop)
+    try:
+        port = guests.open_port()
+        for chaddr in (MAC_C, MAC_A):
+            request = dhcp_request(msg_type(1))
+            request = request[:28] + chaddr + request[34:]
+            frame = eth(BROADCAST, MAC_A, 0x0800, ipv4(bytes(4), b"\xff" * 4, 17,
+                                                      udp(bytes(4), 68, b"\xff" * 4, 67, request)))
+            port.receive_batch(batch_of(frame), 1, 0.0)
+        assert port.network is not None and port.network.stack.port_mac == MAC_A
+        [offer] = list(port.frames_to_guest)  # for MAC_A's DISCOVER only
+        assert offer[-300:].find(MAC_A) >= 0
+        assert port.network.counters()["dhcp.drop.foreign_chaddr"] == 1
     finally:
         guests.close()
 

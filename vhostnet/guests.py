@@ -179,6 +179,7 @@ class GuestPort:
             return None
         self.mac = bytes(mac)
         self.network = network
+        network.serve_port(self.mac)
         network.set_guest_offloads(*self._offloads)
         for listener in self._listeners:
             network.add_output_listener(listener)

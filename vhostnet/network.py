@@ -188,10 +188,12 @@ def build_stack(config: StackConfig, leases: LeasePool | None = None) -> Network
         stack.ndp = NdpEngine(config, stack.stats, stack, leases)
         if config.dhcpv6:
             stack.dhcpv6 = Dhcpv6Server(config, stack.stats, stack.send_udp6, leases,
-                                        client_mac=lambda: stack.guest_mac)
+                                        client_mac=lambda: stack.port_mac or stack.guest_mac)
             stack.add_udp6_service(stack.dhcpv6)
     if config.dhcp and config.ipv4:
-        stack.dhcp = DhcpServer(config, stack.stats, stack.send_udp, leases)
+        stack.dhcp = DhcpServer(config, stack.stats, stack.send_udp, leases,
+                                on_acked=stack.move_guest_ipv4,
+                                port_mac=lambda: stack.port_mac)
         stack.add_udp_service(stack.dhcp)
     if config.udp:
         stack.dns = DnsForwarder(config, stack.stats, stack.send_udp, stack.send_udp6, leases)
@@ -401,6 +403,11 @@ class Network:
         the device."""
         self.stack.guest_offloads = GuestOffloads(csum=csum, tso4=csum and tso4,
                                                   tso6=csum and tso6)
+
+    def serve_port(self, mac: bytes) -> None:
+        """Several guests: the switch port bound to ``mac`` is this router's (``GuestPort.bind``);
+        DHCP and DHCPv6 lease for that MAC only."""
+        self.stack.serve_port(mac)
 
     def learn_guest_mac(self, mac: bytes) -> None:
         """SEND_RARP after a migration: the guest is at ``mac`` (its address stays as learned)."""

@@ -24,8 +24,11 @@ from tests.support.frames import (
 )
 from vhostnet.network import Network, build_stack
 from vhostnet.stack.config import StackConfig, ip4, ip6
+from vhostnet.stack.counters import Counters
+from vhostnet.stack.dhcp import DhcpServer
 from vhostnet.stack.leases import LeasePool, Reservation
 from vhostnet.stack.stack import NetworkStack
+from vhostnet.wire.dhcp import DhcpMessage
 from vhostnet.wire.dhcpv6 import Dhcpv6Message
 
 OTHER_MAC = bytes.fromhex("525400abcdef")
@@ -47,14 +50,18 @@ def from_mac(frame: bytes, mac: bytes) -> bytes:
     return frame
 
 
+def dhcp_frame(mac: bytes, options: bytes, chaddr: bytes | None = None) -> bytes:
+    """A DHCP message from the client at ``mac`` (its ``chaddr``: ``mac`` unless given)."""
+    request = dhcp_request(options)
+    request = request[:28] + (chaddr or mac) + request[34:]
+    return from_mac(guest_udp_frame(68, b"\xff" * 4, 67, request, src_ip=bytes(4),
+                                    dst_mac=b"\xff" * 6), mac)
+
+
 def dhcp(stack: NetworkStack, mac: bytes, options: bytes) -> tuple[bytes, dict[int, bytes]]:
     """One DHCP message from the client at ``mac``: (yiaddr, options) of the one reply."""
-    request = dhcp_request(options)
-    request = request[:28] + mac + request[34:]  # chaddr
     stack.frames_to_guest.clear()
-    stack.receive_frame(from_mac(guest_udp_frame(68, b"\xff" * 4, 67, request,
-                                                 src_ip=bytes(4), dst_mac=b"\xff" * 6), mac),
-                        now=10.0)
+    stack.receive_frame(dhcp_frame(mac, options), now=10.0)
     (frame,) = stack.frames_to_guest
     fixed, reply_options, _ = parse_reply(parse_udp_frame(frame)[4])
     assert fixed[28:34] == mac
@@ -95,6 +102,50 @@ def test_a_reservation_wins_and_the_network_follows_it() -> None:
     # One network per guest: the acknowledged lease is its guest address now.
     assert stack.config.guest_ipv4 == ip4("10.0.2.80")
     assert stack.counters()["dhcp.guest_address_moved"] == 1
+
+
+def test_the_stack_alone_moves_the_guest_address() -> None:
+    """``move_guest_ipv4`` is the one writer of the network's guest address; DHCP reports an
+    acknowledged lease to it (``on_acked``) and writes no address itself."""
+    stack = build_stack(StackConfig())
+    stack.move_guest_ipv4(RESERVED_MAC, ip4("10.0.2.80"))
+    stack.move_guest_ipv4(RESERVED_MAC, ip4("10.0.2.80"))  # already there: no move
+    assert stack.config.guest_ipv4 == ip4("10.0.2.80")
+    assert stack.counters()["dhcp.guest_address_moved"] == 1
+    config = StackConfig(dhcp_hosts=[Reservation(RESERVED_MAC, ip4("10.0.2.80"), "db")])
+    acked: list[tuple[bytes, bytes]] = []
+    server = DhcpServer(config, Counters(), lambda *args, **kwargs: None, config.lease_pool(),
+                        on_acked=lambda mac, address: acked.append((mac, address)))
+    request = dhcp_request(msg_type(3) + opt(50, ip4("10.0.2.80")))
+    reply = server.respond(DhcpMessage.parse(request[:28] + RESERVED_MAC + request[34:]), 0.0)
+    assert reply is not None and reply.message_type == 5
+    assert acked == [(RESERVED_MAC, ip4("10.0.2.80"))]
+    assert config.guest_ipv4 == ip4("10.0.2.15")  # the engine reported, the owner moves
+
+
+def test_a_router_leases_for_its_ports_mac_only() -> None:
+    """Several guests: a router serves one port; a DHCP request whose chaddr is another MAC
+    is counted and dropped (no lease for it, the guest address stays)."""
+    stack, leases = with_pool()
+    stack.serve_port(GUEST_MAC)
+    for kind in (msg_type(1), msg_type(3) + opt(50, ip4("10.0.2.15")), msg_type(1) + opt(80, b"")):
+        stack.frames_to_guest.clear()
+        stack.receive_frame(dhcp_frame(GUEST_MAC, kind, chaddr=OTHER_MAC), now=10.0)
+        assert not stack.frames_to_guest
+    assert stack.counters()["dhcp.drop.foreign_chaddr"] == 3
+    assert leases.leases() == [] and stack.config.guest_ipv4 == ip4("10.0.2.15")
+    assert discover_request(stack, GUEST_MAC) == ip4("10.0.2.15")
+    assert [lease.mac for lease in leases.leases()] == [GUEST_MAC]
+
+
+def test_dhcpv6_leases_for_the_ports_mac_whatever_the_source() -> None:
+    stack, leases = with_pool()
+    leases.lease_for(GUEST_MAC)  # fec0::100 is the port's guest's
+    stack.serve_port(GUEST_MAC)
+    duid = option(1, struct.pack("!HH6s", 3, 1, OTHER_MAC))
+    reply = dhcpv6(stack, OTHER_MAC, message(1, duid, option(14, b""), ia_na()))
+    assert [a for ia in reply.ia_nas() for a in ia.addresses] == [ip6("fec0::100")]
+    assert [lease.mac for lease in leases.leases()] == [GUEST_MAC]
 
 
 def test_without_a_pool_every_mac_gets_the_one_address() -> None:

@@ -114,8 +114,7 @@ def import_sections(network: Network, migration: TcpMigration, sections: dict[st
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise StateError(f"state content is invalid: {exc}") from None
-    stack.guest_mac = mac
-    stack.guest_ipv4 = ipv4
+    stack.restore_guest(mac, ipv4)
     if mac is not None:
         for address in ipv6_addresses:
             stack.learn_guest_ipv6(mac, address)

@@ -3,9 +3,11 @@
 Without a lease pool there is one guest and one address to give: every client is
 offered ``config.guest_ipv4``. With one (``leases``, a ``stack.leases.LeasePool``:
 several guests, or ``--dhcp-host``), a client is offered its MAC's lease, its Host Name
-option is recorded as its name, and the acknowledged address becomes
-``config.guest_ipv4`` (the network's guest address follows the lease). The server
-identifier is the gateway address.
+option is recorded as its name, and the acknowledged address is reported
+(``on_acked``: the stack makes it ``config.guest_ipv4``, the network's guest address
+follows the lease). With several guests a router serves one switch port and leases for
+its MAC only (``port_mac``): a request whose ``chaddr`` is another MAC is counted
+(``dhcp.drop.foreign_chaddr``) and dropped. The server identifier is the gateway address.
 
 Handled: DISCOVER -> OFFER (or ACK with rapid commit, RFC 4039), REQUEST ->
 ACK / NAK (a REQUEST naming another server is ignored silently), INFORM -> ACK
@@ -77,20 +79,28 @@ MAX_HOSTNAME = 255  # a Host Name option holds at most this much
 FQDN_FLAGS_E = 0x04
 
 SendUdp = Callable[..., None]
+AddressAcked = Callable[[bytes, bytes], None]
+"""Told (client MAC, address) when a lease is acknowledged: ``NetworkStack.move_guest_ipv4``."""
 
 
 class DhcpServer:
     """The UDP service answering guest DHCP on port 67.
 
-    ``send_udp(src, sport, dst, dport, payload, dst_mac=...)`` is the stack's sender.
+    ``send_udp(src, sport, dst, dport, payload, dst_mac=...)`` is the stack's sender;
+    ``on_acked(mac, address)`` hears of every acknowledged lease (the stack owns the guest's
+    address and moves it); ``port_mac()`` is the MAC of the switch port this router
+    serves (several guests: a request for another ``chaddr`` is dropped), None for one guest.
     """
 
     def __init__(self, config: StackConfig, counters: Counters, send_udp: SendUdp,
-                 leases: LeasePool | None = None) -> None:
+                 leases: LeasePool | None = None, *, on_acked: AddressAcked | None = None,
+                 port_mac: Callable[[], bytes | None] = lambda: None) -> None:
         self.config = config
         self.counters = counters
         self._send_udp = send_udp
         self._leases = leases
+        self._on_acked = on_acked
+        self._port_mac = port_mac
         # The one lease: which hardware address holds it, until when (informational:
         # the address is the guest's whatever happens, but tests and logs use it).
         self.lease_holder: bytes | None = None
@@ -142,6 +152,13 @@ class DhcpServer:
     def respond(self, request: DhcpMessage, now: float) -> DhcpMessage | None:
         """The reply to ``request`` (None when nothing is to be sent). Sans-IO core."""
         kind = request.message_type
+        port_mac = self._port_mac()
+        if port_mac is not None and request.chaddr != port_mac:
+            # One guest per port: a router leases its port's MAC, whatever chaddr says.
+            self.counters.drop("dhcp.drop.foreign_chaddr",
+                               f"DHCP: request for {mac_str(request.chaddr)} from the guest at "
+                               f"{mac_str(port_mac)} dropped (a guest leases its own MAC only)")
+            return None
         if kind in (None, DISCOVER, REQUEST):
             address = self._address_for(request.chaddr)
             if address is None:
@@ -215,14 +232,8 @@ class DhcpServer:
             return
         if self.lease_hostname:
             self._leases.set_name(request.chaddr, self.lease_hostname)
-        if address != self.config.guest_ipv4:
-            # One network per guest address: this one's guest is now at its lease (ARP,
-            # NAT and forwarded ports follow).
-            self.counters.inc("dhcp.guest_address_moved")
-            self.counters.log_once("dhcp.guest_address_moved",
-                                   f"DHCP: guest {mac_str(request.chaddr)} leases "
-                                   f"{ip4_str(address)}, the network's guest address now")
-            self.config.guest_ipv4 = address
+        if self._on_acked is not None:
+            self._on_acked(request.chaddr, address)
 
     def describe_lease(self, now: float) -> dict[str, object] | None:
         """The lease for people and tools (control socket): MAC, address, host name,

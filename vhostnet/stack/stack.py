@@ -40,7 +40,7 @@ import os
 from collections import deque
 from typing import Protocol
 
-from vhostnet.stack.config import StackConfig
+from vhostnet.stack.config import StackConfig, ip4_str, mac_str
 from vhostnet.stack.counters import Counters
 from vhostnet.stack.dhcp import DhcpServer
 from vhostnet.stack.dhcpv6 import Dhcpv6Server
@@ -127,6 +127,9 @@ class NetworkStack(ToGuest):
         # Learned from the guest's own frames; None until it has sent something.
         self.guest_mac: bytes | None = None
         self.guest_ipv4: bytes | None = None
+        # Several guests: the MAC of the switch port this router serves (``serve_port``);
+        # DHCP and DHCPv6 lease for it alone. None: one guest, leases by the client's MAC.
+        self.port_mac: bytes | None = None
         # What the guest's virtio-net driver negotiated for frames it receives (set by the device).
         self.guest_offloads = NO_OFFLOADS
         # Frames sent to the broadcast address because the guest's MAC was not known yet.
@@ -219,6 +222,32 @@ class NetworkStack(ToGuest):
             self._receive_ipv4(eth, now, vnet)
         else:
             self._receive_arp(eth)
+
+    # --- the guest's addresses: this class owns them (and ``config.guest_ipv4``) -----
+
+    def serve_port(self, mac: bytes) -> None:
+        """Several guests: this router serves the switch port bound to ``mac`` (its guest's
+        lease); DHCP and DHCPv6 lease for that MAC only from now on."""
+        self.port_mac = bytes(mac)
+
+    def move_guest_ipv4(self, mac: bytes, address: bytes) -> None:
+        """DHCP acknowledged ``address`` to the guest at ``mac`` (``DhcpServer``'s
+        ``on_acked``): one network per guest address, so with a lease pool (``--dhcp-host``)
+        the network's guest address follows the lease (ARP, NAT and forwarded ports follow).
+        The one writer of ``config.guest_ipv4`` after start-up."""
+        if address == self.config.guest_ipv4:
+            return
+        self.stats.inc("dhcp.guest_address_moved")
+        self.stats.log_once("dhcp.guest_address_moved",
+                            f"DHCP: guest {mac_str(mac)} leases {ip4_str(address)}, "
+                            "the network's guest address now")
+        self.config.guest_ipv4 = address
+
+    def restore_guest(self, mac: bytes | None, ipv4: bytes | None) -> None:
+        """A migration's or restart's snapshot: the guest's MAC and IPv4 address as the
+        source had learned them (its IPv6 addresses go through ``learn_guest_ipv6``)."""
+        self.guest_mac = mac
+        self.guest_ipv4 = ipv4
 
     def _learn(self, mac: bytes, ip: bytes) -> None:
         self._learn_mac(mac)
