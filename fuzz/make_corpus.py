@@ -12,7 +12,7 @@ import hashlib
 import shutil
 import struct
 
-from fuzz import ring_target, stack_target, vhost_target
+from fuzz import ring_target, stack_target, switch_target, vhost_target
 from fuzz.run import CORPUS
 from fuzz.targets import TARGETS
 from testkit.guest_ring import RingLayout, pack_desc
@@ -155,6 +155,45 @@ def fragment_records() -> bytes:
     return b"".join(struct.pack("!BH", 0, len(p)) + p for p in (first, second))
 
 
+# --- the switch: one batch from a port, raw and well-formed frames ---------------------
+
+
+def switch_case(gates: int, sender: int, offloads: int, records: list[bytes]) -> bytes:
+    return switch_target._CASE.pack(gates, sender, offloads) + b"".join(records)
+
+
+def switch_raw(frame: bytes, vnet: int = 0, choices: int = 7, more: int = 0) -> bytes:
+    return switch_target._RAW.pack(choices, more, len(frame), vnet) + frame
+
+
+def switch_shaped(kind: int, sizes: int = 0x21, tcp_flags: int = 0x18, ttl: int = 64,
+                  payload: int = 3000, gso: int = 1448, seed: int = 7) -> bytes:
+    return switch_target._SHAPED.pack(kind, sizes, tcp_flags, ttl, payload, gso, seed)
+
+
+def switch_seeds() -> list[bytes]:
+    """Kinds: bit 0 IPv6, 1 UDP, 2 GSO, 3 partial checksum, 4-6 destination MAC (0-3 a
+    port's, 4 the gateway: routed to the guest whose address the seed names), 7 an outside
+    address. Offloads: 3 bits per port."""
+    well_formed = switch_target.WELL_FORMED
+    to_port1, to_gateway = 1 << 4, 4 << 4
+    return [
+        switch_case(0, 0, 0, [switch_raw(STACK_FRAMES[1], choices=0x09),
+                              switch_raw(arp_request(GATEWAY_IP), choices=0x0D)]),
+        switch_case(switch_target.KEEP_WAITING | 0x10, 1, 0x249,
+                    [switch_raw(STACK_FRAMES[1], choices=0x08, more=1)]),
+        switch_case(well_formed, 0, 0x1C0, [switch_shaped(to_port1 | 0x04),
+                                            switch_shaped(to_port1 | 0x05)]),
+        switch_case(well_formed, 0, 0x000, [switch_shaped(to_port1 | 0x0A, payload=500),
+                                            switch_shaped(to_port1 | 0x08, payload=90)]),
+        switch_case(well_formed | switch_target.RECONNECT, 3, 0x03F,
+                    [switch_shaped(to_gateway | 0x04, ttl=9, seed=2),
+                     switch_shaped(to_gateway, ttl=30, payload=200, seed=2),
+                     switch_shaped(to_gateway | 0x01, ttl=2, seed=6),
+                     switch_shaped(to_port1 | 0x06, payload=4000)]),
+    ]
+
+
 def seeds() -> dict[str, list[bytes]]:
     syn = tcp_syn()
     fixes = stack_target.FIX_IPV4_HEADER | stack_target.FIX_L4_CHECKSUM
@@ -181,6 +220,7 @@ def seeds() -> dict[str, list[bytes]]:
                         bytes([3]) + codec.VringAddr(0, 0, 1, 2, 3, 4).emit()],
         "vhost_user": [vhost_seed(0), vhost_seed(1)],
         "ring": [ring_seed(0x10), ring_seed(0x1B)],
+        "switch": switch_seeds(),
         "stack": [bytes([fixes, 4]) + frame for frame in STACK_FRAMES]
         + [bytes([stack_target.PARTIAL_L4_CHECKSUM, 0]) + STACK_FRAMES[1]],
     }

@@ -33,7 +33,7 @@ CRASHES = FUZZ_DIR / "crashes"
 WORK = ROOT / "build" / "fuzz"
 # Targets that open host sockets: only in a namespace with nothing but loopback.
 NEEDS_NETNS = ("stack", "vhost_user")
-MAX_LEN = {"ring": 16384, "vhost_user": 8192, "stack": 4096}
+MAX_LEN = {"ring": 16384, "vhost_user": 8192, "stack": 4096, "switch": 8192}
 DEFAULT_MAX_LEN = 2048
 _EXECUTED = re.compile(r"stat::number_of_executed_units:\s*(\d+)")
 _PROGRESS = re.compile(r"^#(\d+)\s", re.MULTILINE)

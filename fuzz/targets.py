@@ -48,6 +48,9 @@ def _stateful(name: str) -> Target:
     if name == "ring":
         from fuzz.ring_target import RingTarget
         return RingTarget()
+    if name == "switch":
+        from fuzz.switch_target import SwitchTarget
+        return SwitchTarget()
     from fuzz.stack_target import StackTarget
     return StackTarget()
 
@@ -73,5 +76,6 @@ TARGETS: dict[str, Target] = {
     "vhost_codec": fuzz_vhost_codec,
     "vhost_user": _lazy("vhost_user"),
     "ring": _lazy("ring"),
+    "switch": _lazy("switch"),
     "stack": _lazy("stack"),
 }

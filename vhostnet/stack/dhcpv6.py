@@ -4,7 +4,7 @@ One address to give: ``config.guest_ipv6`` (None: the guest uses SLAAC and IA_NA
 are answered with NoAddrsAvail, while DNS servers and the search list are still
 given). With a lease pool (``leases``: several guests, or ``--dhcp-host``) the
 address is the IPv6 lease of the client's MAC (``client_mac``: the Ethernet source of
-the message), an address given is recorded as the guest's (``add_ipv6``), and the
+the message; with several guests the MAC of the router's port), an address given is recorded as the guest's (``add_ipv6``), and the
 Client FQDN option (39, RFC 4704) names the guest. The server's DUID is DUID-LL of the gateway MAC; replies go from the
 gateway's link-local address to the client's address and port.
 
