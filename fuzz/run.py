@@ -14,6 +14,7 @@ without atheris, and shows the traceback of any failure.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import re
@@ -33,6 +34,9 @@ CRASHES = FUZZ_DIR / "crashes"
 WORK = ROOT / "build" / "fuzz"
 # Targets that open host sockets: only in a namespace with nothing but loopback.
 NEEDS_NETNS = ("stack", "vhost_user")
+# Targets whose harness (fuzz/<name>_target.py) branches on what an uninstrumented C kernel
+# did: the harness is instrumented too, so those branches guide the fuzzer.
+GUIDED_BY_HARNESS = ("switch",)
 MAX_LEN = {"ring": 16384, "vhost_user": 8192, "stack": 4096, "switch": 8192}
 DEFAULT_MAX_LEN = 2048
 _EXECUTED = re.compile(r"stat::number_of_executed_units:\s*(\d+)")
@@ -55,8 +59,12 @@ def _child(name: str, seconds: int) -> None:
 
     logging.disable(logging.CRITICAL)  # hostile input is logged by design; millions of lines
 
-    with atheris.instrument_imports(include=["vhostnet"]):
+    harness = f"fuzz.{name}_target"
+    guided = name in GUIDED_BY_HARNESS
+    with atheris.instrument_imports(include=["vhostnet", *([harness] if guided else [])]):
         from fuzz.targets import TARGETS
+        if guided:
+            importlib.import_module(harness)
     target = TARGETS[name]
     work = WORK / "corpus" / name
     work.mkdir(parents=True, exist_ok=True)
