@@ -54,6 +54,7 @@ cdef enum:
     SW_DROP_OUTGOING_FULL     # the destination's outgoing batch had no room
     SW_DROP_BAD_OFFLOAD       # a vnet word that does not fit its frame
     SW_DROP_GSO_UNSUPPORTED   # GSO for a port without TSO, not plain TCP over IP
+    SW_DROP_OFFLOADS_CHANGED  # waiting for a port whose guest renegotiated its offloads
     SW_N
 
 SWITCH_COUNTER_NAMES = (
@@ -61,6 +62,7 @@ SWITCH_COUNTER_NAMES = (
     "checksums_completed", "segmented", "segments", "routed",
     "dropped.short", "dropped.bad_offset", "dropped.bad_source", "dropped.same_port",
     "dropped.outgoing_full", "dropped.bad_offload", "dropped.gso_unsupported",
+    "dropped.offloads_changed",
 )
 SWITCH_FIRST_DROP = SW_DROP_SHORT
 SWITCH_ROUTE6_SLOTS = ROUTE6_SLOTS
@@ -164,7 +166,19 @@ cdef class SwitchKernel:
         self.outs[port] = None
 
     def set_port_offloads(self, int port, bint csum, bint tso4, bint tso6) -> None:
+        """What ``port``'s guest takes from now on. Frames already waiting for it were made
+        for the offloads it had: after a change (a driver reset) they are dropped, counted,
+        as a NIC drops what was in flight when it was reset."""
+        cdef FrameBatch out
+        cdef Py_ssize_t k
         self._check_port(port)
+        if (self.ports[port].csum != csum or self.ports[port].tso4 != tso4
+                or self.ports[port].tso6 != tso6):
+            out = <FrameBatch>self.outs[port]
+            if out is not None:
+                for k in range(out.n):
+                    self.drop(SW_DROP_OFFLOADS_CHANGED)
+                out.clear()
         self.ports[port].csum = csum
         self.ports[port].tso4 = tso4
         self.ports[port].tso6 = tso6

@@ -422,3 +422,18 @@ def test_super_frames_that_are_not_plain_tcp_are_dropped(switch) -> None:
     assert to_b(switch, short, vnet_word(NEEDS_CSUM, GSO_TCPV4, 1000, 34, 16)) == []
     assert to_b(switch, data, vnet_word(NEEDS_CSUM, GSO_TCPV4, 0, 34, 16)) == []
     assert switch.counters()["switch.dropped.bad_offload"] == 2
+
+
+def test_frames_waiting_for_a_port_that_renegotiates_its_offloads_are_dropped(switch) -> None:
+    """A driver reset changes what the guest takes: a super-frame queued for a TSO guest
+    must not reach it once it has said it takes no TSO."""
+    switch.set_port_offloads(1, csum=True, tso4=True, tso6=False)
+    send(switch, 1, frame(BROADCAST, MAC_B))  # B is learned on port 1
+    big = tcp4_frame(os.urandom(5000))
+    send(switch, 0, big, vnets=(vnet_word(NEEDS_CSUM, GSO_TCPV4, 1448, 34, 16),))
+    assert len(waiting(switch, 1)) == 1
+    switch.set_port_offloads(1, csum=True, tso4=True, tso6=False)  # the same: nothing lost
+    assert len(waiting(switch, 1)) == 1
+    switch.set_port_offloads(1, csum=False, tso4=False, tso6=False)
+    assert waiting(switch, 1) == []
+    assert switch.counters()["switch.dropped.offloads_changed"] == 1

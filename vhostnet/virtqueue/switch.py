@@ -72,8 +72,10 @@ class Switch:
 
     def set_port_offloads(self, port: int, *, csum: bool, tso4: bool, tso6: bool) -> None:
         """What ``port``'s guest takes on RX (GUEST_CSUM, GUEST_TSO4, GUEST_TSO6); all off
-        until set, so frames to it get their checksums completed and super-frames cut."""
+        until set, so frames to it get their checksums completed and super-frames cut.
+        Frames waiting for it when they change (a driver reset) are dropped, counted."""
         self._kernel.set_port_offloads(port, csum, tso4, tso6)
+        self._log_new_drops()
 
     def set_port_route(self, port: int, mac: bytes | None, ipv4: bytes | None = None,
                        ipv6: list[bytes] = ()) -> None:
@@ -89,13 +91,16 @@ class Switch:
         (gateway MAC, broadcast, multicast), and their number (0..count) is returned.
         ValueError for a port not in use or a negative count."""
         kept = self._kernel.switch_batch(port, batch, count, now)
+        self._log_new_drops()
+        return kept
+
+    def _log_new_drops(self) -> None:
         if self._kernel.has_new_drops:
             for reason in self._kernel.take_new_drops():
                 # Once per reason for the switch's life; the counters tell how many.
-                log.warning("switch: frames from guest ports dropped: %s (counted as "
+                log.warning("switch: frames for or from guest ports dropped: %s (counted as "
                             "switch.%s)", reason.replace("dropped.", "").replace("_", " "),
                             reason)
-        return kept
 
     def outgoing(self, port: int) -> FrameBatch | None:
         """The frames waiting for ``port`` (push them from index 0), or None."""
