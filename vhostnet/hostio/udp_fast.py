@@ -1,6 +1,7 @@
 """The Python face of the UDP fast path (``ext/udp_fast.pyx``): guest datagrams of established
 outbound flows (IPv4 and IPv6) go to their host sockets by sendmmsg(2) from the TX batch, GIL
-released; the host's answers on those sockets come back by recvmmsg(2) as whole frames built
+released, a flow's run of equal-sized datagrams bundled into one message the kernel cuts (UDP
+GSO; a flow whose bundle the kernel refuses goes back to one datagram per message); the host's answers on those sockets come back by recvmmsg(2) as whole frames built
 in a batch (``receive``), queued for the guest as one entry.
 
 ``UdpNat`` stays the authority. A flow enters the fast path once its connected
@@ -29,6 +30,13 @@ from vhostnet.stack.udp_nat import UdpNat
 NONE_LEFT = np.empty(0, dtype=np.intp)
 NONE_LEFT.flags.writeable = False
 
+# Counters fed from the kernel's running totals (counter name: the kernel's attribute).
+KERNEL_TOTALS = {
+    "udp.drop.host_busy": "host_busy",           # the host socket's buffer was full
+    "udp.gso_datagrams": "gso_datagrams",        # sent in bundles the kernel cut (UDP GSO)
+    "udp.gso_refused": "gso_refused",            # flows whose bundle the kernel refused
+}
+
 
 class UdpFastSender:
     """Registered flows plus the per-batch bookkeeping around the C sender."""
@@ -40,7 +48,7 @@ class UdpFastSender:
         self._arrays: tuple | None = None
         self._arrays_of: object = None
         self._handled = np.zeros(0, dtype=np.uint8)
-        self._busy_seen = 0
+        self._kernel_seen = dict.fromkeys(KERNEL_TOTALS, 0)  # the part already counted
         # Host -> guest: a fresh batch per receive, and where a filled one goes (set by the
         # network; None: every datagram takes the Python path).
         self._new_batch: Callable[[], Any] | None = None
@@ -182,10 +190,12 @@ class UdpFastSender:
                             ("ipv6.rx", taken6), ("udp6.rx", taken6)):
             if value:
                 counters.inc(name, value)
-        busy = self.kernel.host_busy
-        if busy != self._busy_seen:
-            counters.inc("udp.drop.host_busy", busy - self._busy_seen)
-            self._busy_seen = busy
+        seen = self._kernel_seen
+        for name, attribute in KERNEL_TOTALS.items():
+            value = getattr(self.kernel, attribute)
+            if value != seen[name]:
+                counters.inc(name, value - seen[name])
+                seen[name] = value
         for flow_id, _datagrams, _bytes in self.kernel.take_activity():
             self.engine.touch(flow_id, now)
         for flow_id, error in self.kernel.take_errors():
