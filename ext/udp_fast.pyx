@@ -153,9 +153,15 @@ cdef class UdpFastPath:
     cdef bint gso_on
     cdef readonly uint64_t gso_datagrams     # sent in messages the kernel cut (UDP GSO)
     cdef readonly uint64_t gso_refused       # flows whose bundle the kernel refused
+    cdef readonly uint64_t datagrams_taken   # frames send_batch took, in all and on IPv6
+    cdef readonly uint64_t datagrams_taken6
+    cdef FrameArrays bound                   # the batch of bind_batch
+    cdef uint8_t *bound_handled
+    cdef Py_ssize_t bound_capacity
+    cdef object bound_buffers
     cdef int64_t err_flow[MAX_ERRORS]
     cdef int err_code[MAX_ERRORS]
-    cdef int nerrors
+    cdef readonly int nerrors                # send errors take_errors has yet to report
     cdef readonly uint64_t datagrams_sent
     cdef readonly Py_ssize_t last_taken6     # of the last send_batch's frames, those on IPv6
     cdef readonly uint64_t host_busy
@@ -266,33 +272,51 @@ cdef class UdpFastPath:
         self.nerrors = 0
         return errors
 
-    def send_batch(self, const uint8_t[::1] data, const uint64_t[::1] offsets,
-                   const uint32_t[::1] lengths, const uint64_t[::1] vnets, uint8_t[::1] handled,
-                   Py_ssize_t count) -> int:
-        """Send the datagrams of registered flows among the first ``count`` frames.
+    def bind_batch(self, const uint8_t[::1] data, const uint64_t[::1] offsets,
+                   const uint32_t[::1] lengths, const uint64_t[::1] vnets,
+                   uint8_t[::1] handled) -> None:
+        """The TX batch's arrays (as ``FrameBatch.arrays()`` gives them) and the ``handled``
+        array that ``send_bound`` works on, held until the next bind: a batch is bound once,
+        not at every send."""
+        cdef Py_ssize_t capacity = min(offsets.shape[0], lengths.shape[0], vnets.shape[0],
+                                       handled.shape[0])
+        if data.shape[0] == 0 or capacity == 0:
+            raise ValueError("an empty batch")
+        self.bound_buffers = (data, offsets, lengths, vnets, handled)  # keeps them alive
+        self.bound.data = &data[0]
+        self.bound.size = data.shape[0]
+        self.bound.offsets = &offsets[0]
+        self.bound.lengths = &lengths[0]
+        self.bound.vnets = &vnets[0]
+        self.bound_handled = &handled[0]
+        self.bound_capacity = capacity
+
+    def send_bound(self, Py_ssize_t count) -> int:
+        """Send the datagrams of registered flows among the bound batch's first ``count``
+        frames.
 
         ``handled[i]`` is set to 1 for each frame taken (sent, or dropped because the host
         socket was busy), 0 for frames the Python stack must handle. Returns how many
         were taken.
         """
         cdef Py_ssize_t taken
-        cdef FrameArrays batch
-        if count > offsets.shape[0] or count > lengths.shape[0] or count > vnets.shape[0] \
-                or count > handled.shape[0]:
+        if count > self.bound_capacity:
             raise ValueError("count exceeds the batch arrays")
         self.last_taken6 = 0
         if count <= 0 or self.index.count == 0 or not self.have_guest_mac:
             if count > 0:
-                memset(&handled[0], 0, count)
+                memset(self.bound_handled, 0, count)
             return 0
-        batch.data = &data[0]
-        batch.size = data.shape[0]
-        batch.offsets = &offsets[0]
-        batch.lengths = &lengths[0]
-        batch.vnets = &vnets[0]
         with nogil:
-            taken = self._send_batch(&batch, &handled[0], count)
+            taken = self._send_batch(&self.bound, self.bound_handled, count)
         return taken
+
+    def send_batch(self, const uint8_t[::1] data, const uint64_t[::1] offsets,
+                   const uint32_t[::1] lengths, const uint64_t[::1] vnets, uint8_t[::1] handled,
+                   Py_ssize_t count) -> int:
+        """``bind_batch`` then ``send_bound``."""
+        self.bind_batch(data, offsets, lengths, vnets, handled)
+        return self.send_bound(count)
 
     cdef Py_ssize_t _send_batch(self, const FrameArrays *batch, uint8_t *handled,
                                 Py_ssize_t count) noexcept nogil:
@@ -352,6 +376,8 @@ cdef class UdpFastPath:
             taken += 1
         self.flush()
         self.last_taken6 = taken6
+        self.datagrams_taken += taken
+        self.datagrams_taken6 += taken6
         return taken
 
     cdef bint checksum_acceptable(self, const uint8_t *ip, const uint8_t *udp, uint64_t udp_len,
