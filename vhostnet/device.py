@@ -394,7 +394,8 @@ class NetDevice:
             # Still busy: come back after other callbacks had their turn.
             self.loop.call_soon(self._drain_tx, index)
         network.flush()
-        self._flush_rx()
+        if network.frames_to_guest or self.switched is not None:
+            self._flush_rx()  # answers the batch made (nothing waits: no ring work to do)
 
     def _schedule_rx(self) -> None:
         if not self._rx_scheduled and not self._closed:
