@@ -31,7 +31,7 @@ The Python face is ``vhostnet.hostio.udp_fast``; use that.
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy, memset
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EAGAIN, EINTR, EINVAL, EIO, EMSGSIZE, errno
 
 from frame_batch cimport FrameArrays, frame_at
 from netbytes cimport (be16, checksum_field, pseudo_header_sum, pseudo_header_sum6, put16,
@@ -75,6 +75,8 @@ cdef enum:
     AF_INET_C = 2
     AF_INET6_C = 10
 
+include "udp_gso.pxi"   # UDP GSO on send: the Message a sendmmsg entry stands for
+
 cdef struct FlowSlot:          # the flow in slot i of the FlowIndex (vhostnet/wire/_flow_table.pxd)
     int fd
     uint64_t datagrams       # since the last take_activity()
@@ -85,6 +87,7 @@ cdef struct FlowSlot:          # the flow in slot i of the FlowIndex (vhostnet/w
     uint8_t remote_port[2]   # network byte order
     uint8_t guest_port[2]
     bint ipv6
+    bint gso_refused         # the kernel would not cut this flow's datagrams: plain sends
 
 
 cdef struct PeerName:          # what recvmmsg writes to msg_name: a sockaddr_in or _in6
@@ -137,12 +140,28 @@ cdef class UdpFastPath:
 
     cdef FlowIndex index
     cdef FlowSlot *slots
-    cdef mmsghdr msgs[MAX_BATCH]
+    # send_batch(): each taken datagram's payload is an iovec; consecutive ones of a flow are
+    # bundled into messages (udp_gso.pxi), sent by flush(). A refused bundle is sent again
+    # datagram by datagram from the plain_* arrays.
     cdef iovec iovs[MAX_BATCH]
-    cdef int msg_slot[MAX_BATCH]
+    cdef int niovs
+    cdef Message messages[MAX_BATCH]
+    cdef mmsghdr msgs[MAX_BATCH]
+    cdef int nmessages
+    cdef Message plain[GSO_SEGMENTS]
+    cdef mmsghdr plain_msgs[GSO_SEGMENTS]
+    cdef bint gso_on
+    cdef readonly uint64_t gso_datagrams     # sent in messages the kernel cut (UDP GSO)
+    cdef readonly uint64_t gso_refused       # flows whose bundle the kernel refused
+    cdef readonly uint64_t datagrams_taken   # frames send_batch took, in all and on IPv6
+    cdef readonly uint64_t datagrams_taken6
+    cdef FrameArrays bound                   # the batch of bind_batch
+    cdef uint8_t *bound_handled
+    cdef Py_ssize_t bound_capacity
+    cdef object bound_buffers
     cdef int64_t err_flow[MAX_ERRORS]
     cdef int err_code[MAX_ERRORS]
-    cdef int nerrors
+    cdef readonly int nerrors                # send errors take_errors has yet to report
     cdef readonly uint64_t datagrams_sent
     cdef readonly Py_ssize_t last_taken6     # of the last send_batch's frames, those on IPv6
     cdef readonly uint64_t host_busy
@@ -170,6 +189,7 @@ cdef class UdpFastPath:
         self.slots = <FlowSlot *>calloc(TABLE_SLOTS, sizeof(FlowSlot))
         if self.slots == NULL:
             raise MemoryError()
+        self.gso_on = gso_supported()
 
     def __dealloc__(self):
         free(self.slots)
@@ -179,6 +199,16 @@ cdef class UdpFastPath:
     @property
     def flows(self) -> int:
         return self.index.count
+
+    @property
+    def gso(self) -> bool:
+        """Whether datagrams of a flow are bundled for the kernel to cut (UDP GSO); on where
+        the kernel has it. Turning it off sends one datagram per sendmmsg entry."""
+        return self.gso_on
+
+    @gso.setter
+    def gso(self, bint on) -> None:
+        self.gso_on = on and gso_supported()
 
     def set_macs(self, bytes gateway_mac, guest_mac) -> None:
         """The frames to take: from ``guest_mac`` (None: take none) to ``gateway_mac``."""
@@ -202,6 +232,7 @@ cdef class UdpFastPath:
         slot.datagrams = 0
         slot.bytes = 0
         slot.ipv6 = len(guest_ip) == 16
+        slot.gso_refused = False
         memcpy(slot.guest_ip, <const char *>guest_ip, len(guest_ip))
         memcpy(slot.remote_ip, <const char *>remote_ip, len(remote_ip))
         put16(slot.guest_port, guest_port)
@@ -241,38 +272,56 @@ cdef class UdpFastPath:
         self.nerrors = 0
         return errors
 
-    def send_batch(self, const uint8_t[::1] data, const uint64_t[::1] offsets,
-                   const uint32_t[::1] lengths, const uint64_t[::1] vnets, uint8_t[::1] handled,
-                   Py_ssize_t count) -> int:
-        """Send the datagrams of registered flows among the first ``count`` frames.
+    def bind_batch(self, const uint8_t[::1] data, const uint64_t[::1] offsets,
+                   const uint32_t[::1] lengths, const uint64_t[::1] vnets,
+                   uint8_t[::1] handled) -> None:
+        """The TX batch's arrays (as ``FrameBatch.arrays()`` gives them) and the ``handled``
+        array that ``send_bound`` works on, held until the next bind: a batch is bound once,
+        not at every send."""
+        cdef Py_ssize_t capacity = min(offsets.shape[0], lengths.shape[0], vnets.shape[0],
+                                       handled.shape[0])
+        if data.shape[0] == 0 or capacity == 0:
+            raise ValueError("an empty batch")
+        self.bound_buffers = (data, offsets, lengths, vnets, handled)  # keeps them alive
+        self.bound.data = &data[0]
+        self.bound.size = data.shape[0]
+        self.bound.offsets = &offsets[0]
+        self.bound.lengths = &lengths[0]
+        self.bound.vnets = &vnets[0]
+        self.bound_handled = &handled[0]
+        self.bound_capacity = capacity
+
+    def send_bound(self, Py_ssize_t count) -> int:
+        """Send the datagrams of registered flows among the bound batch's first ``count``
+        frames.
 
         ``handled[i]`` is set to 1 for each frame taken (sent, or dropped because the host
         socket was busy), 0 for frames the Python stack must handle. Returns how many
         were taken.
         """
         cdef Py_ssize_t taken
-        cdef FrameArrays batch
-        if count > offsets.shape[0] or count > lengths.shape[0] or count > vnets.shape[0] \
-                or count > handled.shape[0]:
+        if count > self.bound_capacity:
             raise ValueError("count exceeds the batch arrays")
         self.last_taken6 = 0
         if count <= 0 or self.index.count == 0 or not self.have_guest_mac:
             if count > 0:
-                memset(&handled[0], 0, count)
+                memset(self.bound_handled, 0, count)
             return 0
-        batch.data = &data[0]
-        batch.size = data.shape[0]
-        batch.offsets = &offsets[0]
-        batch.lengths = &lengths[0]
-        batch.vnets = &vnets[0]
         with nogil:
-            taken = self._send_batch(&batch, &handled[0], count)
+            taken = self._send_batch(&self.bound, self.bound_handled, count)
         return taken
+
+    def send_batch(self, const uint8_t[::1] data, const uint64_t[::1] offsets,
+                   const uint32_t[::1] lengths, const uint64_t[::1] vnets, uint8_t[::1] handled,
+                   Py_ssize_t count) -> int:
+        """``bind_batch`` then ``send_bound``."""
+        self.bind_batch(data, offsets, lengths, vnets, handled)
+        return self.send_bound(count)
 
     cdef Py_ssize_t _send_batch(self, const FrameArrays *batch, uint8_t *handled,
                                 Py_ssize_t count) noexcept nogil:
         cdef Py_ssize_t i, taken = 0, taken6 = 0
-        cdef int n = 0, slot
+        cdef int slot
         cdef const uint8_t *frame
         cdef const uint8_t *ip
         cdef const uint8_t *udp
@@ -322,21 +371,13 @@ cdef class UdpFastPath:
                 taken6 += 1
             else:
                 continue
-            if n == MAX_BATCH:
-                self.flush(n)
-                n = 0
-            self.iovs[n].iov_base = <void *>(udp + UDP_LEN)
-            self.iovs[n].iov_len = udp_len - UDP_LEN
-            memset(&self.msgs[n], 0, sizeof(mmsghdr))
-            self.msgs[n].msg_hdr.msg_iov = &self.iovs[n]
-            self.msgs[n].msg_hdr.msg_iovlen = 1
-            self.msg_slot[n] = slot
-            n += 1
+            self.queue(slot, udp + UDP_LEN, udp_len - UDP_LEN)
             handled[i] = 1
             taken += 1
-        if n:
-            self.flush(n)
+        self.flush()
         self.last_taken6 = taken6
+        self.datagrams_taken += taken
+        self.datagrams_taken6 += taken6
         return taken
 
     cdef bint checksum_acceptable(self, const uint8_t *ip, const uint8_t *udp, uint64_t udp_len,
@@ -357,37 +398,112 @@ cdef class UdpFastPath:
             return True
         return sum_verifies(pseudo_header_sum6(ip6, PROTO_UDP, udp_len) + sum_bytes(udp, udp_len))
 
-    cdef void flush(self, int n) noexcept nogil:
+    cdef void queue(self, int slot, const uint8_t *payload, uint64_t length) noexcept nogil:
+        """A datagram's payload for flow ``slot``: into the last message if GSO may cut it
+        from there, else a message of its own (sent by the next flush)."""
+        cdef Message *message
+        if self.niovs == MAX_BATCH:
+            self.flush()
+        self.iovs[self.niovs].iov_base = <void *>payload
+        self.iovs[self.niovs].iov_len = length
+        if self.nmessages and self.gso_on and not self.slots[slot].gso_refused:
+            message = &self.messages[self.nmessages - 1]
+            if gso_may_join(message, slot, length):
+                message.segments += 1
+                message.bytes += length
+                message.closed = length < message.segment_size
+                self.niovs += 1
+                return
+        message = &self.messages[self.nmessages]
+        message.slot = slot
+        message.first = self.niovs
+        message.segments = 1
+        message.segment_size = <uint32_t>length
+        message.bytes = length
+        message.closed = False
+        self.nmessages += 1
+        self.niovs += 1
+
+    cdef void flush(self) noexcept nogil:
+        """Send the queued messages."""
+        cdef int i
+        for i in range(self.nmessages):
+            self.set_header(&self.msgs[i], &self.messages[i])
+        self.send(self.msgs, self.messages, self.nmessages)
+        self.nmessages = 0
+        self.niovs = 0
+
+    cdef void set_header(self, mmsghdr *entry, Message *message) noexcept nogil:
+        memset(entry, 0, sizeof(mmsghdr))
+        entry.msg_hdr.msg_iov = &self.iovs[message.first]
+        entry.msg_hdr.msg_iovlen = message.segments
+        gso_control(&entry.msg_hdr, message)
+
+    cdef void send(self, mmsghdr *msgs, Message *messages, int n) noexcept nogil:
         """Send msgs[0:n], one sendmmsg per run of the same socket; record errors per flow."""
-        cdef int start = 0, end, sent, fd, slot
+        cdef int start = 0, end, sent, fd, error
         cdef int rounds = 0
         while start < n and rounds < 2 * MAX_BATCH:
             rounds += 1
-            fd = self.slots[self.msg_slot[start]].fd
+            fd = self.slots[messages[start].slot].fd
             end = start + 1
-            while end < n and self.slots[self.msg_slot[end]].fd == fd:
+            while end < n and self.slots[messages[end].slot].fd == fd:
                 end += 1
-            sent = sendmmsg(fd, &self.msgs[start], end - start, MSG_DONTWAIT)
+            sent = sendmmsg(fd, &msgs[start], end - start, MSG_DONTWAIT)
             if sent < 0:
-                if errno == EINTR:
+                error = errno
+                if error == EINTR:
                     continue
-                slot = self.msg_slot[start]
-                if errno == EAGAIN:
-                    self.host_busy += 1  # UDP may lose; never block the data path
-                elif self.nerrors < MAX_ERRORS:
-                    self.err_flow[self.nerrors] = self.index.flow_id(slot)
-                    self.err_code[self.nerrors] = errno
-                    self.nerrors += 1
-                start += 1  # that datagram is lost; carry on with the next
+                if messages[start].segments > 1:
+                    self.unbundle(&messages[start], error)
+                else:
+                    self.lost(messages[start].slot, error)  # carry on with the next
+                start += 1
                 continue
             for end in range(start, start + sent):
-                slot = self.msg_slot[end]
-                if self.slots[slot].datagrams == 0:
-                    self.index.touch(slot)
-                self.slots[slot].datagrams += 1
-                self.slots[slot].bytes += self.iovs[end].iov_len
-            self.datagrams_sent += sent
+                self.delivered(&messages[end])
             start += sent
+
+    cdef void delivered(self, const Message *message) noexcept nogil:
+        cdef FlowSlot *flow = &self.slots[message.slot]
+        if flow.datagrams == 0:
+            self.index.touch(message.slot)
+        flow.datagrams += message.segments
+        flow.bytes += message.bytes
+        self.datagrams_sent += message.segments
+        if message.segments > 1:
+            self.gso_datagrams += message.segments
+
+    cdef void lost(self, int slot, int error) noexcept nogil:
+        """A datagram of flow ``slot`` the kernel did not take."""
+        if error == EAGAIN:
+            self.host_busy += 1  # UDP may lose; never block the data path
+        elif self.nerrors < MAX_ERRORS:
+            self.err_flow[self.nerrors] = self.index.flow_id(slot)
+            self.err_code[self.nerrors] = error
+            self.nerrors += 1
+
+    cdef void unbundle(self, const Message *message, int error) noexcept nogil:
+        """A GSO message failed with ``error``: send its datagrams one by one, as they would
+        have gone without GSO."""
+        cdef uint32_t skip = 0, i
+        if error == EINVAL or error == EMSGSIZE or error == EIO:
+            # The kernel will not cut this flow's datagrams (a segment over the route's MTU,
+            # a socket without UDP checksums, IPsec): plain sends for the flow from now on.
+            self.slots[message.slot].gso_refused = True
+            self.gso_refused += 1
+        elif error != EAGAIN:
+            # A pending socket error (ECONNREFUSED after an ICMP error) this send took: the
+            # flow learns it and loses one datagram, as with a plain send.
+            self.lost(message.slot, error)
+            skip = 1
+        for i in range(message.segments - skip):
+            self.plain[i].slot = message.slot
+            self.plain[i].first = message.first + skip + i
+            self.plain[i].segments = 1
+            self.plain[i].bytes = self.iovs[message.first + skip + i].iov_len
+            self.set_header(&self.plain_msgs[i], &self.plain[i])
+        self.send(self.plain_msgs, self.plain, message.segments - skip)
 
     # ---- host -> guest ------------------------------------------------------------
 

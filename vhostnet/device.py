@@ -395,7 +395,8 @@ class NetDevice(RxFlush):
             # Still busy: come back after other callbacks had their turn.
             self.loop.call_soon(self._drain_tx, index)
         network.flush()
-        self._flush_rx()
+        if network.frames_to_guest or self.switched is not None:
+            self._flush_rx()  # answers the batch made (nothing waits: no ring work to do)
 
     def _check_memory_fault(self) -> None:
         """A queue caught SIGBUS (guest memory shrank): stop everything, end the connection."""

@@ -39,6 +39,7 @@ from vhostnet.hostio.tftp_files import TftpRoot
 from vhostnet.hostio.udp import UdpGlue
 from vhostnet.hostio.udp_fast import UdpFastSender
 from vhostnet.stack.config import PortForward, StackConfig
+from vhostnet.stack.counters import add_counts
 from vhostnet.stack.dhcp import DhcpServer
 from vhostnet.stack.dhcpv6 import Dhcpv6Server
 from vhostnet.stack.dns import DnsForwarder
@@ -515,6 +516,8 @@ class Network:
         """Every counter of the stack, its engines, the fast paths and the guest queue, with the
         current flow gauges (the one place they are merged; the server adds the device's)."""
         merged = dict(self.stack.counters())
+        if self.udp_fast is not None:
+            add_counts(merged, self.udp_fast.counters())  # names the stack counts too
         if self.tcp is not None:
             merged.update(self.tcp.counters())
         if self.tcp_fast is not None:

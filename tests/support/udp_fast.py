@@ -7,8 +7,8 @@ import socket
 from vhostnet.virtqueue import FrameBatch
 
 
-def batch_of(frames: list[tuple[bytes, int]]) -> FrameBatch:
-    batch = FrameBatch(64, 1 << 20)
+def batch_of(frames: list[tuple[bytes, int]], capacity: int = 64) -> FrameBatch:
+    batch = FrameBatch(capacity, 1 << 20)
     for frame, vnet in frames:
         assert batch.append(frame, vnet)
     return batch

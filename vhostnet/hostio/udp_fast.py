@@ -1,14 +1,17 @@
 """The Python face of the UDP fast path (``ext/udp_fast.pyx``): guest datagrams of established
 outbound flows (IPv4 and IPv6) go to their host sockets by sendmmsg(2) from the TX batch, GIL
-released; the host's answers on those sockets come back by recvmmsg(2) as whole frames built
+released, a flow's run of equal-sized datagrams bundled into one message the kernel cuts (UDP
+GSO, ``ext/udp_gso.pxi``; a flow whose bundle the kernel refuses goes back to one datagram per
+message); the host's answers on those sockets come back by recvmmsg(2) as whole frames built
 in a batch (``receive``), queued for the guest as one entry.
 
 ``UdpNat`` stays the authority. A flow enters the fast path once its connected
 host socket exists (``register``, called by ``UdpGlue``) and leaves it before
 the socket closes (``unregister``). ``send_batch`` runs before the Python stack
 sees a TX batch; the frames it took are skipped by the stack, and their effect
-on Python state is applied once per batch, per flow: the stack's counters, the
-flow's idle timer (``UdpNat.touch``) and send errors (``UdpNat.on_host_error``).
+on Python state is applied once per batch, per flow: the flow's idle timer
+(``UdpNat.touch``) and send errors (``UdpNat.on_host_error``). What they add to the stack's
+counters are the kernel's running totals, which ``counters`` hands to the network's sum.
 What the fast path does not keep per datagram: the quote for an ICMP port
 unreachable stays the one of the flow's first datagram (same addresses and ports).
 """
@@ -29,6 +32,13 @@ from vhostnet.stack.udp_nat import UdpNat
 NONE_LEFT = np.empty(0, dtype=np.intp)
 NONE_LEFT.flags.writeable = False
 
+# Counters that are the kernel's running totals (counter name: the kernel's attribute).
+KERNEL_TOTALS = {
+    "udp.drop.host_busy": "host_busy",           # the host socket's buffer was full
+    "udp.gso_datagrams": "gso_datagrams",        # sent in bundles the kernel cut (UDP GSO)
+    "udp.gso_refused": "gso_refused",            # flows whose bundle the kernel refused
+}
+
 
 class UdpFastSender:
     """Registered flows plus the per-batch bookkeeping around the C sender."""
@@ -37,10 +47,8 @@ class UdpFastSender:
         self.engine = engine
         self.stack = stack
         self.kernel = UdpFastPath()
-        self._arrays: tuple | None = None
-        self._arrays_of: object = None
+        self._bound: object = None  # the TX batch whose arrays the kernel holds
         self._handled = np.zeros(0, dtype=np.uint8)
-        self._busy_seen = 0
         # Host -> guest: a fresh batch per receive, and where a filled one goes (set by the
         # network; None: every datagram takes the Python path).
         self._new_batch: Callable[[], Any] | None = None
@@ -155,41 +163,43 @@ class UdpFastSender:
         """Send what the fast path can among ``batch``'s first ``count`` frames.
 
         Returns the indices of the frames left for the Python stack, or None when the
-        fast path took nothing (the stack then sees every frame).
+        fast path took nothing (the stack then sees every frame). Per batch, Python only
+        hears of the flows that sent (their idle timers) and of send errors; the counters
+        are the kernel's running totals, read by ``counters``.
         """
         if count <= 0 or not self.kernel.flows or self.stack.guest_mac is None:
             return None
-        if self._arrays_of is not batch:
-            self._arrays = batch.arrays()
-            self._arrays_of = batch
-            self._handled = np.zeros(len(self._arrays[1]), dtype=np.uint8)
-        self.kernel.set_macs(self.stack.config.gateway_mac, self.stack.guest_mac)
-        storage, offsets, lengths, vnets = self._arrays
-        taken = self.kernel.send_batch(storage, offsets, lengths, vnets, self._handled, count)
+        kernel = self.kernel
+        if self._bound is not batch:
+            arrays = batch.arrays()
+            self._handled = np.zeros(len(arrays[1]), dtype=np.uint8)
+            kernel.bind_batch(*arrays, self._handled)
+            self._bound = batch
+        kernel.set_macs(self.stack.config.gateway_mac, self.stack.guest_mac)
+        taken = kernel.send_bound(count)
         if not taken:
             return None
-        self._account(taken, now)
+        engine = self.engine
+        for flow_id, _datagrams, _bytes in kernel.take_activity():
+            engine.touch(flow_id, now)
+        if kernel.nerrors:
+            for flow_id, error in kernel.take_errors():
+                engine.on_host_error(flow_id, error, now)
         if taken == count:
             return NONE_LEFT  # the common case: no index array to build
         return np.flatnonzero(self._handled[:count] == 0)
 
-    def _account(self, taken: int, now: float) -> None:
-        counters = self.engine.counters
-        taken6 = self.kernel.last_taken6
-        for name in ("eth.rx", "udp.tx_host", "udp.fast_path"):
-            counters.inc(name, taken)
-        for name, value in (("ipv4.rx", taken - taken6), ("udp.rx", taken - taken6),
-                            ("ipv6.rx", taken6), ("udp6.rx", taken6)):
-            if value:
-                counters.inc(name, value)
-        busy = self.kernel.host_busy
-        if busy != self._busy_seen:
-            counters.inc("udp.drop.host_busy", busy - self._busy_seen)
-            self._busy_seen = busy
-        for flow_id, _datagrams, _bytes in self.kernel.take_activity():
-            self.engine.touch(flow_id, now)
-        for flow_id, error in self.kernel.take_errors():
-            self.engine.on_host_error(flow_id, error, now)
+    def counters(self) -> dict[str, int]:
+        """What the fast path sent, as the stack counts what it receives and sends itself
+        (to be added to the stack's counters; names at zero left out)."""
+        kernel = self.kernel
+        taken, taken6 = kernel.datagrams_taken, kernel.datagrams_taken6
+        counts = {"eth.rx": taken, "udp.tx_host": taken, "udp.fast_path": taken,
+                  "ipv4.rx": taken - taken6, "udp.rx": taken - taken6,
+                  "ipv6.rx": taken6, "udp6.rx": taken6}
+        counts.update((name, getattr(kernel, attribute))
+                      for name, attribute in KERNEL_TOTALS.items())
+        return {name: value for name, value in counts.items() if value}
 
 
 def _packed(family: socket.AddressFamily, address: str) -> bytes:
