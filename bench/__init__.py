@@ -141,7 +141,7 @@ def run(settings: Settings, contenders: list[Contender], guest: GuestSettings,
         for index in range(settings.rounds):
             for c in contenders:
                 settings.progress.update(f"round {index + 1}/{settings.rounds}: {c.name}")
-                for group, measure in _groups(c, settings, one, one_guest, baselines,
+                for group, measure in round_groups(c, settings, one, one_guest, baselines,
                                               guest_baselines, kits, testpmd):
                     if (c.name, group) in failed:
                         continue
@@ -166,7 +166,7 @@ def run(settings: Settings, contenders: list[Contender], guest: GuestSettings,
     return _show(settings, rows)
 
 
-def _groups(c: Contender, settings: Settings, one: Settings, one_guest: GuestSettings,
+def round_groups(c: Contender, settings: Settings, one: Settings, one_guest: GuestSettings,
             baselines: Baselines, guest_baselines: GuestBaselines, kits: GuestKits | None,
             testpmd: bool) -> list[tuple[str, Callable[[], list[Row]]]]:
     """One round of every case for back-end ``c``, as (group name, measure) pairs."""
