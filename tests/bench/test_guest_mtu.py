@@ -36,12 +36,13 @@ def test_rows_at_1500_keep_their_names_and_others_carry_the_mtu() -> None:
 
 
 @pytest.mark.parametrize("text, mtus", [("1500,65520", (1500, 65520)), ("65520", (65520,)),
-                                        (" 9000 , 1500,9000", (9000, 1500))])
+                                        (" 9000 , 1500,9000", (9000, 1500)),
+                                        ("1428", (1428,))])
 def test_guest_mtu_option_is_a_list_of_mtus(text: str, mtus: tuple[int, ...]) -> None:
     assert parse_mtus(text) == mtus
 
 
-@pytest.mark.parametrize("text", ["", ",", "jumbo", "1500,9k", "1279", "65521", "-1500"])
+@pytest.mark.parametrize("text", ["", ",", "jumbo", "1500,9k", "1427", "65521", "-1500"])
 def test_guest_mtu_option_refuses_what_is_not_an_mtu(text: str) -> None:
     with pytest.raises(BenchError, match="--guest-mtu"):
         parse_mtus(text)
