@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from bench.cases import ALL_CASES, TCP_MTUS, Baselines, Settings, nat_rows, ring_rows
 from bench.guest_iperf import (
     GUEST_CASE,
+    GUEST_MTUS,
     QEMU_VERSIONS,
     GuestBaselines,
     GuestKits,
@@ -27,6 +28,7 @@ from bench.guest_iperf import (
     compare_families,
     guest_rows,
     load_kits,
+    parse_mtus,
 )
 from bench.output import (
     HEADER,
@@ -85,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offered UDP rate (iperf3 -b) with --guest (default 1G)")
     p.add_argument("--guest-stream", action="store_true",
                    help="with --guest, also boot the guest with -netdev stream (rows NAME-stream)")
+    p.add_argument("--guest-mtu", default=",".join(map(str, GUEST_MTUS)), metavar="LIST",
+                   help="with --guest, the guest's and back-ends' MTUs, one boot each (default "
+                        f"{','.join(map(str, GUEST_MTUS))}; rows past {GUEST_MTUS[0]} are named "
+                        "CASE-mtuN)")
     p.add_argument("--soak-seconds", type=float, default=600.0, metavar="N",
                    help="how long the soak case spreads its flows over (default 600)")
     p.add_argument("--soak-tcp", type=int, default=10_000, metavar="N",
@@ -135,7 +141,7 @@ def run(settings: Settings, contenders: list[Contender], guest: GuestSettings,
         for index in range(settings.rounds):
             for c in contenders:
                 settings.progress.update(f"round {index + 1}/{settings.rounds}: {c.name}")
-                for group, measure in _groups(c, settings, one, one_guest, baselines,
+                for group, measure in round_groups(c, settings, one, one_guest, baselines,
                                               guest_baselines, kits, testpmd):
                     if (c.name, group) in failed:
                         continue
@@ -160,7 +166,7 @@ def run(settings: Settings, contenders: list[Contender], guest: GuestSettings,
     return _show(settings, rows)
 
 
-def _groups(c: Contender, settings: Settings, one: Settings, one_guest: GuestSettings,
+def round_groups(c: Contender, settings: Settings, one: Settings, one_guest: GuestSettings,
             baselines: Baselines, guest_baselines: GuestBaselines, kits: GuestKits | None,
             testpmd: bool) -> list[tuple[str, Callable[[], list[Row]]]]:
     """One round of every case for back-end ``c``, as (group name, measure) pairs."""
@@ -184,13 +190,15 @@ def _groups(c: Contender, settings: Settings, one: Settings, one_guest: GuestSet
     if testpmd:
         groups.append((TESTPMD_CASE, lambda: testpmd_rows(c.template, c.name, gateway_mac_text(),
                                                           settings.duration)))
-    if kits is not None:
-        groups.append((GUEST_CASE, lambda: guest_rows(kits, c.template, c.name, one_guest,
-                                                      guest_baselines)))
+    for mtu in one_guest.mtus if kits is not None else ():
+        groups.append((f"{GUEST_CASE} at MTU {mtu}",
+                       lambda mtu=mtu: guest_rows(kits, c.template, c.name, one_guest,
+                                                  guest_baselines, mtu=mtu)))
         if one_guest.stream:
-            groups.append((f"{GUEST_CASE}-stream",
-                           lambda: guest_rows(kits, c.stream_template or c.template, c.name,
-                                              one_guest, guest_baselines, stream=True)))
+            groups.append((f"{GUEST_CASE}-stream at MTU {mtu}",
+                           lambda mtu=mtu: guest_rows(kits, c.stream_template or c.template,
+                                                      c.name, one_guest, guest_baselines,
+                                                      stream=True, mtu=mtu)))
     return groups
 
 
@@ -218,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if not 1 <= args.guest_seconds <= 60:
             raise BenchError("--guest-seconds must be 1..60")
         check_udp_rate(args.guest_udp_rate)
+        guest_mtus = parse_mtus(args.guest_mtu)
         if args.plot:
             check_plot()
         if args.compare and "{socket}" not in args.compare:
@@ -229,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                              "python3 -m tools.netns -- python3 -m bench")
         settings = Settings(cases, args.rounds, args.duration, Progress(), not args.no_offload)
         guest = GuestSettings(args.rounds, args.guest_seconds, args.qemu, args.guest_udp_rate,
-                              settings.progress, stream=args.guest_stream)
+                              settings.progress, stream=args.guest_stream, mtus=guest_mtus)
         if GUEST_CASE in cases:
             # Before any other case, so a missing kit is reported at once.
             kits = load_kits(args.qemu)
@@ -271,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cpus": os.cpu_count()}
         if kits is not None:
             meta["guest"] = {"qemu": args.qemu, "seconds": args.guest_seconds,
-                             "udp_rate": args.guest_udp_rate}
+                             "udp_rate": args.guest_udp_rate, "mtus": list(guest_mtus)}
         if args.json:
             write_json(args.json, rows, meta)
         if args.markdown:

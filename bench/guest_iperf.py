@@ -9,7 +9,9 @@ host's 127.0.0.1) and runs, every round of every direction in one boot:
 TCP guest->host, TCP host->guest (``-R``), the same two over IPv6 (a second
 iperf3 server on ::1, reached at the gateway fec0::2 once the guest has its SLAAC
 address; the rows name ``tcp6`` and note their ratio to the IPv4 row, ``vs_ipv4``),
-UDP both ways at a fixed offered rate. Figures come from iperf3's JSON (``-J``) printed on the serial console
+UDP both ways at a fixed offered rate. The guest boots once per MTU in
+``GuestSettings.mtus`` (``--guest-mtu``; the back-end gets the same ``-m``, the guest's
+link is set to it and checked), rows past 1500 named ``CASE-mtuN``. Figures come from iperf3's JSON (``-J``) printed on the serial console
 between marker lines; vhostnet's counters are recorded beside them as a
 cross-check (every byte iperf3 moved must have passed through vhostnet).
 
@@ -40,11 +42,20 @@ QEMU_VERSIONS = ("10.0", "7.2")
 GUEST_ADDRESS = "10.0.2.15/24"
 GATEWAY = "10.0.2.2"  # vhostnet maps it to the host's 127.0.0.1
 HOST_LOOPBACK = {False: "127.0.0.1", True: "::1"}  # by Direction.ipv6
-GUEST_MTU = 1500
-UDP_LENGTH = 1400  # one datagram per 1500-byte frame, on loopback too, so the baseline compares
+# The guest's link MTU, the back-end's -m too: 1500, and passt's default 65520 (the
+# setting issue 14 compared at). Rows at another MTU than the first carry "-mtuN".
+GUEST_MTUS = (1500, 65520)
+MTU_SUFFIX = re.compile(r"^(.*?)(?:-mtu(\d+))?$")
+# One datagram per 1500-byte frame, on loopback too, so the baseline compares; the same
+# length at every MTU, so the UDP rows measure the same per-datagram work at each.
+UDP_LENGTH = 1400
+# Lowest: a UDP datagram in one IPv4 packet (no fragments, which passt drops); highest: passt's.
+MTU_LIMITS = (UDP_LENGTH + 8 + 20, 65520)
 UDP_RATE_PATTERN = re.compile(r"^\d+(\.\d+)?[KMG]?$")
 BOOT_TIMEOUT = 180.0  # TCG boot is ~10 s; a loaded 2-core machine needs far more room
-REFUSED_MESSAGE = "unable to connect to server"
+# iperf3's words when its server is between two tests: not listening yet, or still
+# ending the previous test (seen with 1-second runs back to back on loopback).
+REFUSED_MESSAGES = ("unable to connect to server", "the server is busy")
 RUN_SLACK = 45.0  # per iperf3 run beyond its -t: connection setup and teardown under TCG
 SERVER_START_TIMEOUT = 10.0
 # iperf3's server closes its listening socket after each test and opens it again
@@ -54,6 +65,7 @@ CONNECT_ATTEMPTS = 3
 REFUSED_PAUSE = 1.0
 POLL_INTERVAL = 0.25
 
+GUEST_MTU_RESULT = re.compile(r"^RESULT mtu=(\d*)\s*$", re.MULTILINE)
 RUN_BEGIN = re.compile(r"^IPERF-BEGIN (\S+) (\d+)$", re.MULTILINE)
 RUN_JSON = re.compile(r"^IPERF-JSON-BEGIN (\S+) (\d+) rc=(\d+)\n(.*?)^IPERF-JSON-END$",
                       re.MULTILINE | re.DOTALL)
@@ -90,6 +102,26 @@ class GuestSettings:
     # Also boot the guest with -netdev stream (virtio-net, no offloads) on the same
     # back-end socket: rows named "<back-end>-stream".
     stream: bool = False
+    # Every guest row at each of these MTUs (guest link and back-end's -m), one boot each.
+    mtus: tuple[int, ...] = GUEST_MTUS[:1]
+
+
+def row_case(direction: Direction, mtu: int) -> str:
+    """The table's name for ``direction`` at ``mtu``: the bare name at 1500 (as rows were
+    named before the MTU was a setting, so old JSON compares), ``NAME-mtuN`` otherwise."""
+    return direction.case if mtu == GUEST_MTUS[0] else f"{direction.case}-mtu{mtu}"
+
+
+def parse_mtus(text: str) -> tuple[int, ...]:
+    """``--guest-mtu`` (e.g. ``1500,65520``) as MTUs in the order given; BenchError otherwise."""
+    try:
+        mtus = tuple(dict.fromkeys(int(part) for part in text.split(",") if part.strip()))
+    except ValueError:
+        mtus = ()
+    low, high = MTU_LIMITS
+    if not mtus or not all(low <= mtu <= high for mtu in mtus):
+        raise BenchError(f"--guest-mtu {text!r} is not a list of MTUs {low}..{high} like 1500,65520")
+    return mtus
 
 
 @dataclass(frozen=True)
@@ -167,7 +199,7 @@ def _listening(host: str, port: int) -> bool:
 
 def _refused(iperf_output: str) -> bool:
     """iperf3 -J reported that the server refused the connection (see CONNECT_ATTEMPTS)."""
-    return REFUSED_MESSAGE in iperf_output
+    return any(message in iperf_output for message in REFUSED_MESSAGES)
 
 
 def _free_port(host: str) -> int:
@@ -248,17 +280,24 @@ class HostIperfs:
 # --- the guest -------------------------------------------------------------------
 
 
-def guest_script(ports: dict[bool, int], s: GuestSettings) -> str:
-    """/test.sh: a static IPv4 address and the wait for the SLAAC one, then every round of
-    every direction (against ``ports[direction.ipv6]``), JSON between markers."""
+def guest_script(ports: dict[bool, int], s: GuestSettings, mtu: int = GUEST_MTUS[0]) -> str:
+    """/test.sh: the link at ``mtu`` (the script ends there if the driver refuses it), a
+    static IPv4 address and the wait for the SLAAC one, then every round of every direction
+    (against ``ports[direction.ipv6]``), JSON between markers."""
     from tools.guest_ipv6 import GATEWAY6, WAIT_FOR_SLAAC
 
     lines = [
+        # No VIRTIO_NET_F_MTU (QEMU offers it only with host_mtu=): set by hand, as a
+        # guest of passt does from its DHCP or RA; virtio-net allows up to 65535.
+        f"ip link set eth0 mtu {mtu}",
         "ip link set eth0 up",
+        'echo "RESULT mtu=$(cat /sys/class/net/eth0/mtu)"',
+        f'[ "$(cat /sys/class/net/eth0/mtu)" = {mtu} ] || exit 1',
         f"ip addr add {GUEST_ADDRESS} dev eth0",
         f"ip route add default via {GATEWAY} dev eth0",
         WAIT_FOR_SLAAC.strip(),
     ]
+    refused = " ".join(f"-e '{message}'" for message in REFUSED_MESSAGES)
     for direction in DIRECTIONS:
         args = " ".join(iperf_client_args(direction, s.seconds, s.udp_rate))
         target, port = (GATEWAY6 if direction.ipv6 else GATEWAY), ports[direction.ipv6]
@@ -272,7 +311,7 @@ def guest_script(ports: dict[bool, int], s: GuestSettings) -> str:
                 f"  timeout {s.seconds + int(RUN_SLACK)} iperf3 -c {target} -p {port} "
                 f"--connect-timeout 10000 {args} > /tmp/iperf.json 2> /tmp/iperf.err",
                 "  rc=$?",
-                f"  grep -q '{REFUSED_MESSAGE}' /tmp/iperf.json || break",
+                f"  grep -q {refused} /tmp/iperf.json || break",
                 f"  sleep {int(REFUSED_PAUSE)}",
                 "done",
                 f"echo \"IPERF-JSON-BEGIN {tag} rc=$rc\"",
@@ -280,6 +319,15 @@ def guest_script(ports: dict[bool, int], s: GuestSettings) -> str:
                 "echo IPERF-JSON-END",
             ]
     return "\n".join(lines) + "\n"
+
+
+def check_guest_mtu(text: str, mtu: int, console: Path) -> None:
+    """BenchError unless the guest's console says its link ran at ``mtu``."""
+    found = GUEST_MTU_RESULT.search(text)
+    if found is None or found.group(1) != str(mtu):
+        seen = (found.group(1) if found is not None else "") or "unknown"
+        raise BenchError(f"the guest's link MTU is {seen}, not {mtu} "
+                         f"(console: {console})")
 
 
 def parse_guest_output(text: str) -> dict[tuple[str, int], tuple[int, str]]:
@@ -382,30 +430,33 @@ def _watch(guest: Any, s: GuestSettings, name: str, backend: Backend) -> dict[st
 
 
 def guest_rows(kits: GuestKits, template: str, name: str, s: GuestSettings,
-               baselines: GuestBaselines, stream: bool = False) -> list[Row]:
-    """The four guest rows for one back-end: iperf3 in a TCG guest, loopback baselines beside.
+               baselines: GuestBaselines, stream: bool = False,
+               mtu: int = GUEST_MTUS[0]) -> list[Row]:
+    """The guest rows for one back-end: iperf3 in a TCG guest, loopback baselines beside.
 
     ``stream``: QEMU's -netdev stream instead of vhost-user (rows named ``NAME-stream``).
+    ``mtu``: the back-end's -m and the guest's link MTU (rows named by ``row_case``).
     """
     from tools.qemu import QemuGuest
 
     if stream:
         name = f"{name}-stream"
+    run_name = f"{name}-mtu{mtu}"  # logs and console of this boot
+    console = kits.workdir / f"guest-{run_name}.serial"
 
-    servers = HostIperfs(kits.host_iperf, kits.workdir, name)
+    servers = HostIperfs(kits.host_iperf, kits.workdir, run_name)
     try:
         baselines.measure(servers, s)
-        backend = Backend(template, GUEST_MTU, name)
+        backend = Backend(template, mtu, name)
         try:
             before = backend.counters()
             guest = QemuGuest(kits.kit, s.qemu, socket_path=backend.socket,
                               script=guest_script({ipv6: server.port for ipv6, server
-                                                   in servers.by_family.items()}, s),
-                              serial_log=kits.workdir / f"guest-{name}.serial",
-                              stream=stream)
+                                                   in servers.by_family.items()}, s, mtu),
+                              serial_log=console, stream=stream)
             started = time.monotonic()
             with guest:
-                usage = _watch(guest, s, name, backend)
+                usage = _watch(guest, s, f"{name}, MTU {mtu}", backend)
             elapsed = time.monotonic() - started
             after = backend.counters()
             output = guest.output()
@@ -413,6 +464,7 @@ def guest_rows(kits: GuestKits, template: str, name: str, s: GuestSettings,
             backend.close()
     finally:
         servers.close()
+    check_guest_mtu(output, mtu, console)
     runs = parse_guest_output(output)
     rows = []
     for direction in DIRECTIONS:
@@ -420,7 +472,7 @@ def guest_rows(kits: GuestKits, template: str, name: str, s: GuestSettings,
         for index in range(1, s.rounds + 1):
             if (direction.case, index) not in runs:
                 raise BenchError(f"the guest printed no result for {direction.case} round {index} "
-                                 f"(console: {kits.workdir / f'guest-{name}.serial'})")
+                                 f"(console: {console})")
             code, text = runs[(direction.case, index)]
             try:
                 results.append(parse_iperf_json(text, direction.udp))
@@ -429,6 +481,7 @@ def guest_rows(kits: GuestKits, template: str, name: str, s: GuestSettings,
                                  f"{error}") from None
         row = _row(direction, name, results, baselines.results[direction.case],
                    before, after, s, elapsed)
+        row.case = row_case(direction, mtu)
         row.extra.update(_cost(direction, results, usage))
         rows.append(row)
     return rows
@@ -445,12 +498,15 @@ def ipv4_sibling(direction: Direction) -> Direction | None:
 
 def compare_families(rows: list[Row]) -> None:
     """Note on each IPv6 guest row ``vs_ipv4``: its median over the same back-end's IPv4 row
-    (rows whose rounds are merged: call after ``merge_rounds``)."""
+    at the same MTU (rows whose rounds are merged: call after ``merge_rounds``)."""
     directions = {d.case: d for d in DIRECTIONS}
     by_key = {(row.case, row.backend): row for row in rows}
     for row in rows:
-        sibling = ipv4_sibling(directions[row.case]) if row.case in directions else None
-        ipv4 = by_key.get((sibling.case, row.backend)) if sibling is not None else None
+        case, mtu = MTU_SUFFIX.match(row.case).groups()  # always matches
+        sibling = ipv4_sibling(directions[case]) if case in directions else None
+        if sibling is None:
+            continue
+        ipv4 = by_key.get((row_case(sibling, int(mtu or GUEST_MTUS[0])), row.backend))
         if ipv4 is not None and row.rounds and ipv4.rounds and ipv4.median:
             row.extra["vs_ipv4"] = row.median / ipv4.median
 

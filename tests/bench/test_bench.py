@@ -251,30 +251,37 @@ if "-s" in args:
     server.listen()
     time.sleep(60)
     sys.exit(0)
-count_file = sys.argv[1]
+count_file, refusal = sys.argv[1:3]
 left = int(open(count_file).read())
 open(count_file, "w").write(str(left - 1))
 if left > 0:
-    print(json.dumps({"start": {}, "end": {}, "error": "unable to connect to server: Connection refused"}))
+    print(json.dumps({"start": {}, "end": {}, "error": refusal}))
 else:
     print(json.dumps({"end": {"sum_received": {"bits_per_second": 8e6, "bytes": 1000000}}}))
 """
 
 
-@pytest.mark.parametrize("refusals, attempts", [(2, 3), (3, 3)])
-def test_loopback_iperf_run_tries_again_after_a_refusal(tmp_path, refusals: int, attempts: int) -> None:
+REFUSED = "unable to connect to server: Connection refused"
+BUSY = "the server is busy running a test. try again later"
+
+
+@pytest.mark.parametrize("refusals, attempts, refusal", [(2, 3, REFUSED), (3, 3, REFUSED),
+                                                         (2, 3, BUSY)])
+def test_loopback_iperf_run_tries_again_after_a_refusal(tmp_path, refusals: int, attempts: int,
+                                                        refusal: str) -> None:
     script = tmp_path / "fake_iperf3.py"
     script.write_text(FAKE_IPERF)
     count_file = tmp_path / "refusals"
     count_file.write_text(str(refusals))
-    server = HostIperf([sys.executable, str(script), str(count_file)], tmp_path / "server.log")
+    server = HostIperf([sys.executable, str(script), str(count_file), refusal],
+                       tmp_path / "server.log")
     try:
         tcp_tx = next(d for d in DIRECTIONS if not d.udp and not d.reverse)
         settings = GuestSettings(rounds=1, seconds=1)
         if refusals < attempts:
             assert server.loopback(tcp_tx, settings).bytes == 1000000
         else:
-            with pytest.raises(BenchError, match="unable to connect"):
+            with pytest.raises(BenchError, match=refusal.split(":")[0]):
                 server.loopback(tcp_tx, settings)
         runs = refusals - int(count_file.read_text())
         assert runs == min(refusals + 1, attempts), "refused runs are tried again, a bounded number of times"
@@ -285,7 +292,8 @@ def test_loopback_iperf_run_tries_again_after_a_refusal(tmp_path, refusals: int,
 def test_bench_refuses_bad_guest_options() -> None:
     for args, words in ((["--guest", "--qemu", "8.0"], "--qemu"),
                         (["--guest", "--guest-udp-rate", "fast"], "--guest-udp-rate"),
-                        (["--guest", "--guest-seconds", "0"], "--guest-seconds")):
+                        (["--guest", "--guest-seconds", "0"], "--guest-seconds"),
+                        (["--guest", "--guest-mtu", "1500,9k"], "--guest-mtu")):
         done = subprocess.run([sys.executable, "-m", "bench", *args],
                               capture_output=True, text=True, timeout=30)
         assert done.returncode == 2 and words in done.stderr, done.stderr
