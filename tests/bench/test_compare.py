@@ -144,3 +144,41 @@ def test_passt_command_gives_the_guest_vhostnets_network() -> None:
     assert "-4" not in argv
     maps = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--map-host-loopback"]
     assert maps == ["10.0.2.2", "fec0::2"]
+
+
+def test_a_case_another_back_end_cannot_serve_keeps_the_rows_of_the_others(monkeypatch,
+                                                                           capsys) -> None:
+    """Each VM-less case is a group of its own: when the second back-end fails tcp-rr, its
+    udp-tx and tcp-tx rows (at both MTUs) stay, tcp-rr is not tried again in later rounds,
+    and the reason is printed once."""
+    import bench
+    from bench.cases import Settings
+    from bench.guest_iperf import GuestSettings
+
+    calls: list[tuple[str, tuple[str, ...], int]] = []
+
+    def nat_rows(template: str, name: str, mtu: int, settings: Settings,
+                 baselines: object) -> list[Row]:
+        calls.append((name, settings.cases, mtu))
+        if name == "other" and "tcp-rr" in settings.cases:
+            raise BenchError("the benchmark guest: tcp_rr failed: no answer")
+        return [Row(f"{case}-mtu{mtu}", "x", [1.0], [1.0], "b", backend=name)
+                for case in settings.cases]
+
+    class Client:
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(bench, "nat_rows", nat_rows)
+    monkeypatch.setattr(bench, "loopback_process", Client)
+    settings = Settings(cases=("udp-tx", "tcp-rr", "tcp-tx"), rounds=2, duration=0.1)
+    contenders = [bench.Contender("vhostnet", "v", None), bench.Contender("other", "o", None)]
+    rows = bench.run(settings, contenders, GuestSettings(rounds=2), None, False)
+    got = {(row.case, row.backend): len(row.rounds) for row in rows}
+    cases = ("udp-tx-mtu1500", "tcp-rr-mtu1500", "tcp-tx-mtu1500", "tcp-tx-mtu65520")
+    assert got == {(case, name): 2 for name in ("vhostnet", "other") for case in cases
+                   if (case, name) != ("tcp-rr-mtu1500", "other")}
+    assert calls.count(("other", ("tcp-rr",), 1500)) == 1
+    skipped = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
+    assert skipped == ["bench: other: tcp-rr at MTU 1500 skipped: "
+                       "the benchmark guest: tcp_rr failed: no answer"]
