@@ -28,7 +28,11 @@ PROTO_TCP, PROTO_UDP = 6, 17
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 WSCALE = 7
 RCV_WINDOW = 8 << 20
-STALL_RETRANSMIT = 0.2
+# Go back N when no ACK moved for this long. Linux's 200 ms RTO_MIN is its last resort: a
+# tail loss probe (about 2 SRTT, at least 10 ms) and RACK find a loss much sooner. passt
+# drops what its socket does not take (a full ring of 64 KiB segments overruns it), so a
+# 200 ms stall per loss measured the guest, not passt.
+STALL_RETRANSMIT = 0.01
 HEADERS_LEN = 14 + 20 + 20  # Ethernet + IPv4 + TCP without options
 # With segmentation offload: TCP payload per segment, a whole number of MSS within one IPv4 packet.
 MAX_TSO_PAYLOAD = 0xFFFF - 40
@@ -389,8 +393,11 @@ class GuestTcp:
             self._emit(ACK, self.snd_nxt, payload=payload, payload_sum=self.block_sum if aligned else None)
             self.snd_nxt += size
             room -= 1
+        # The FIN once every byte is acknowledged: passt takes a FIN without payload at
+        # once, whatever its sequence number (tcp.c, tcp_data_from_tap), so a FIN sent
+        # behind data it dropped closed the host socket short of that data.
         if (self.close_after_send and not self.fin_sent and self.send_limit is not None
-                and self.snd_nxt == self.send_limit + 1):
+                and self.snd_una == self.snd_nxt == self.send_limit + 1):
             self.close()
 
     def _emit(self, flags: int, seq: int, iss: int | None = None, payload: np.ndarray | None = None,
