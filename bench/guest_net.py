@@ -242,6 +242,8 @@ class GuestTcp:
         self.iss = random.getrandbits(32)
         self.irs = 0
         self.snd_una = self.snd_nxt = 0
+        self.snd_max = 0  # the highest snd_nxt before going back N
+        self.fin_seq: int | None = None  # where the FIN went, once sent
         self.snd_wnd = 0
         self.peer_wscale = 0
         self.rcv_nxt = 0
@@ -290,7 +292,7 @@ class GuestTcp:
 
     def stop_bulk(self) -> None:
         """End the stream at the next segment boundary already sent, and close."""
-        self.send_limit = self.snd_nxt - 1
+        self.send_limit = self.sent_end - 1
         self.close_after_send = True
 
     def send_bytes(self, data: bytes) -> None:
@@ -303,12 +305,24 @@ class GuestTcp:
     def close(self) -> None:
         if not self.fin_sent:
             self._emit(ACK | FIN, self.snd_nxt)
+            self.fin_seq = self.snd_nxt
             self.snd_nxt += 1
             self.fin_sent = True
 
     @property
     def acked_bytes(self) -> int:
         return max(0, self.snd_una - 1 - (1 if self.fin_sent and self.snd_una == self.snd_nxt else 0))
+
+    @property
+    def sent_end(self) -> int:
+        """The end of what was ever sent (snd_nxt goes back on a loss; this does not)."""
+        return max(self.snd_max, self.snd_nxt)
+
+    def _go_back(self) -> None:
+        """Send again from the first unacknowledged byte (the FIN too, after the data)."""
+        self.snd_max = self.sent_end
+        self.snd_nxt = self.snd_una
+        self.fin_sent = False
 
     @property
     def done(self) -> bool:
@@ -333,16 +347,18 @@ class GuestTcp:
             return
         self.established = True
         rel_ack = (ack - self.iss) & 0xFFFFFFFF
-        if self.snd_una < rel_ack <= self.snd_nxt:
+        if self.snd_una < rel_ack <= self.sent_end:
             self.snd_una = rel_ack
+            if self.snd_nxt < rel_ack:  # what went out before going back arrived after all
+                self.snd_nxt = rel_ack
+                self.fin_sent = self.fin_seq is not None and rel_ack > self.fin_seq
             self.last_progress = time.monotonic()
             self.dup_acks = 0
         elif rel_ack == self.snd_una < self.snd_nxt and not len(payload) and not flags & FIN:
             # Fast retransmit (RFC 5681): a peer that dropped a segment repeats its ACK.
             self.dup_acks += 1
             if self.dup_acks == 3:
-                self.snd_nxt = self.snd_una
-                self.fin_sent = False
+                self._go_back()
         self.snd_wnd = window << self.peer_wscale
         rel_seq = (seq - self.irs) & 0xFFFFFFFF
         if len(payload) or flags & FIN:
@@ -371,8 +387,7 @@ class GuestTcp:
             return
         now = time.monotonic()
         if self.snd_una < self.snd_nxt and now - self.last_progress > STALL_RETRANSMIT:
-            self.snd_nxt = self.snd_una  # go back N after a stall
-            self.fin_sent = False
+            self._go_back()
             self.last_progress = now
         mss = self.mss
         period = self.period
