@@ -24,7 +24,7 @@ GUEST_MAC = bytes.fromhex("525400123456")
 GUEST_IP = bytes((10, 0, 2, 15))
 GATEWAY_IP = bytes((10, 0, 2, 2))
 ETH_IPV4, ETH_ARP = 0x0800, 0x0806
-PROTO_TCP, PROTO_UDP = 6, 17
+PROTO_ICMP, PROTO_TCP, PROTO_UDP = 1, 6, 17
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 WSCALE = 7
 RCV_WINDOW = 8 << 20
@@ -133,12 +133,31 @@ class GuestNet:
 
     def udp_frame(self, dst_ip: bytes, sport: int, dport: int, payload: bytes) -> bytes:
         """A UDP datagram from the guest, as one Ethernet frame."""
-        from vhostnet.wire.ipv4 import emit_ipv4_header
         from vhostnet.wire.udp import emit_udp
 
-        udp = emit_udp(GUEST_IP, sport, dst_ip, dport, payload)
+        return self._ipv4_frame(dst_ip, PROTO_UDP, emit_udp(GUEST_IP, sport, dst_ip, dport,
+                                                            payload))
+
+    def _ipv4_frame(self, dst_ip: bytes, proto: int, payload: bytes) -> bytes:
+        from vhostnet.wire.ipv4 import emit_ipv4_header
+
         return (_ETH.pack(self.gateway_mac, GUEST_MAC, ETH_IPV4)
-                + emit_ipv4_header(GUEST_IP, dst_ip, PROTO_UDP, len(udp)) + udp)
+                + emit_ipv4_header(GUEST_IP, dst_ip, proto, len(payload)) + payload)
+
+    def announce(self) -> None:
+        """One ICMP echo request to the gateway, the guest's first IPv4 packet (no answer
+        awaited).
+
+        passt learns the guest's IPv4 address from its IPv4 packets only (tap.c), not from
+        ARP; until then it sends inbound connections to the address it would hand out by
+        DHCP (169.254.2.1 in local mode). A Linux guest's DHCP teaches it; this guest's
+        address is static, and a tcp-rx round on a fresh back-end sent no IPv4 before.
+        """
+        from vhostnet.wire.icmp import TYPE_ECHO_REQUEST, emit_echo
+
+        self.send_frame(self._ipv4_frame(GATEWAY_IP, PROTO_ICMP,
+                                         emit_echo(TYPE_ECHO_REQUEST, 0x6265, 1, b"bench")))
+        self.flush()
 
     # ---- input -----------------------------------------------------------------
 

@@ -196,10 +196,12 @@ def test_a_case_another_back_end_cannot_serve_keeps_the_rows_of_the_others(monke
 @pytest.mark.skipif(not in_private_netns(), reason="sends traffic: run inside tools.netns")
 def test_the_benchmark_guest_transmits_through_passt() -> None:
     """passt negotiates no EVENT_IDX and reads TX only when kicked: the benchmark guest's
-    datagrams, a TCP stream (byte for byte) and UDP requests reach the host through it."""
+    datagrams, a TCP stream (byte for byte) and UDP requests reach the host through it. And
+    passt learns the guest's IPv4 address from IPv4 packets only: a connection from the host
+    as the fresh guest's first TCP reaches it."""
     from bench.cases import _sink_result
-    from bench.hostside import TcpSink, UdpSink
-    from bench.runner import Backend, guest_process
+    from bench.hostside import TcpSender, TcpSink, UdpSink
+    from bench.runner import GUEST_TCP_PORT, HOST_TCP_FWD, Backend, guest_process
 
     backend = Backend(kit_passt_template(), 1500, "passt")
     sink, stream, echo = UdpSink(), TcpSink(), UdpSink(echo=True)
@@ -209,6 +211,13 @@ def test_the_benchmark_guest_transmits_through_passt() -> None:
     try:
         guest = guest_process(backend.socket, 1500, offload=True)
         try:
+            guest.send("tcp_rx", port=GUEST_TCP_PORT)
+            sender = TcpSender(HOST_TCP_FWD, 0.2, bytes(range(256)) * 4)
+            sender.start()
+            try:
+                rx = guest.read(30.0)
+            finally:
+                sender.stop(5.0)
             udp = guest.request("udp_tx", payload=64, port=sink.port, duration=0.2)
             tcp = guest.request("tcp_tx", port=stream.port, limit=1_000_000)
             rr = guest.request("udp_rr", port=echo.port, duration=0.2, payload=64)
@@ -220,6 +229,8 @@ def test_the_benchmark_guest_transmits_through_passt() -> None:
         for worker in workers:
             worker.stop()
         backend.close()
+    assert sender.error is None and rx["bytes"] == sender.sent > 0
+    assert rx["sha256"] == sender.digest.hexdigest()
     assert udp["frames"] > 0 and udp["lost_in_ring"] == 0 and sink.packets > 0
     assert udp["tx_kicks"] > 1
     assert tcp["bytes"] == got["bytes"] == 1_000_000 and tcp["sha256"] == got["sha256"]
