@@ -235,3 +235,15 @@ def test_the_benchmark_guest_transmits_through_passt() -> None:
     assert udp["tx_kicks"] > 1
     assert tcp["bytes"] == got["bytes"] == 1_000_000 and tcp["sha256"] == got["sha256"]
     assert rr["count"] > 0 and echo.packets == rr["count"]
+
+
+def test_a_back_end_that_does_not_start_says_why_in_the_error() -> None:
+    """A back-end's stderr goes to a file (passt repeats itself at every start); when it
+    fails to start, what it said is in the error."""
+    import sys
+
+    from bench.runner import Backend
+
+    command = f"{sys.executable} -c \"import sys; sys.exit('unknown option {{socket}}')\""
+    with pytest.raises(BenchError, match="it said: unknown option /"):
+        Backend(command, 1500, "broken")
