@@ -174,19 +174,17 @@ def round_groups(c: Contender, settings: Settings, one: Settings, one_guest: Gue
     if "ring" in settings.cases and c.ring_template is not None:
         ring = c.ring_template
         groups.append(("ring", lambda: ring_rows(ring, c.name, one, baselines)))
+    # One group per case (tcp-tx/rx: per MTU too), each on a fresh back-end: a back-end
+    # that cannot serve one case keeps the rows of the others.
+    nat_cases = [case for case in ALL_CASES if case != "ring" and case in settings.cases]
     for mtu in TCP_MTUS:
-        nat_cases = set(settings.cases) - {"ring", GUEST_CASE, TESTPMD_CASE, SWITCH_CASE,
-                                           *SOAK_CASES}
-        if mtu != TCP_MTUS[0]:
-            nat_cases &= {"tcp-tx", "tcp-rx"}
-        # udp-rr in a group of its own: a back-end that cannot serve it (passt does not
-        # complete the benchmark guest's TX frames) keeps the rows of the other cases.
-        for group, cases in ((f"VM-less cases at MTU {mtu}", nat_cases - {"udp-rr"}),
-                             ("udp-rr", nat_cases & {"udp-rr"})):
-            if cases:
-                sub = dataclasses.replace(one, cases=tuple(sorted(cases)))
-                groups.append((group, lambda sub=sub, mtu=mtu: nat_rows(c.template, c.name, mtu,
-                                                                         sub, baselines)))
+        for case in nat_cases:
+            if mtu != TCP_MTUS[0] and case not in ("tcp-tx", "tcp-rx"):
+                continue
+            sub = dataclasses.replace(one, cases=(case,))
+            groups.append((f"{case} at MTU {mtu}",
+                           lambda sub=sub, mtu=mtu: nat_rows(c.template, c.name, mtu, sub,
+                                                             baselines)))
     if testpmd:
         groups.append((TESTPMD_CASE, lambda: testpmd_rows(c.template, c.name, gateway_mac_text(),
                                                           settings.duration)))

@@ -254,6 +254,7 @@ def serve(argv: list[str]) -> int:
         guest = Guest(rings, mss)
         if argv[4:5] != ["noarp"]:  # the ring case's back-end discards everything, ARP included
             guest.net.resolve_gateway()
+            guest.net.announce()
         else:
             guest.net.gateway_mac = b"\xff" * 6
 

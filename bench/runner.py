@@ -199,7 +199,11 @@ class Usage:
 
 
 class Backend:
-    """One back-end process on a fresh socket in a private temporary folder."""
+    """One back-end process on a fresh socket in a private temporary folder.
+
+    Its stderr goes to a file there (passt says the same few lines at every start, and the
+    bench starts a back-end per case and round), shown only when the process failed.
+    """
 
     def __init__(self, template: str, mtu: int, name: str) -> None:
         self.name = name
@@ -209,13 +213,27 @@ class Backend:
         command = template.format(socket=self.socket, control=self.control, mtu=mtu,
                                   tcp_fwd=f"{HOST_TCP_FWD}:{GUEST_TCP_PORT}",
                                   udp_fwd=f"{HOST_UDP_FWD}:{GUEST_UDP_PORT}")
-        self.proc = subprocess.Popen(shlex.split(command), stdin=subprocess.DEVNULL)
+        self.log = os.path.join(self.dir, "stderr.log")
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(shlex.split(command), stdin=subprocess.DEVNULL,
+                                         stderr=log)
         deadline = time.monotonic() + START_TIMEOUT
         while not os.path.exists(self.socket):
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                said = self.log_text().strip()
                 self.close()
-                raise BenchError(f"back-end {name!r} did not create its socket: {command}")
+                raise BenchError(f"back-end {name!r} did not create its socket: {command}"
+                                 + (f"; it said: {said}" if said else ""))
             time.sleep(0.02)
+
+    def log_text(self, limit: int = 4000) -> str:
+        """The end of what the back-end wrote to stderr so far."""
+        try:
+            with open(self.log, "rb") as log:
+                log.seek(max(0, os.path.getsize(self.log) - limit))
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def counters(self) -> dict[str, int]:
         """vhostnet's counters through its control socket ({} for a back-end without one)."""
@@ -236,5 +254,9 @@ class Backend:
         return Usage.of(self.proc.pid)
 
     def close(self) -> None:
+        ended = self.proc.poll()  # before we stop it: did it end by itself, failing?
         stop_process(self.proc)
+        if ended:
+            print(f"bench: back-end {self.name!r} exited with status {ended}:\n"
+                  f"{self.log_text()}", file=sys.stderr, flush=True)
         shutil.rmtree(self.dir, ignore_errors=True)  # passt leaves SOCKET.repair beside it

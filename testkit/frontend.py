@@ -308,7 +308,9 @@ class Frontend:
         ring_class = PackedRing if self.packed else SplitRing
         fresh = FRESH_BASE if self.packed else 0
         bases = tuple(bases or ()) + (fresh,) * (len(self.layouts) - len(bases or ()))
-        self.rings = [ring_class(self.memory, layout) for layout in self.layouts]
+        event_idx = bool(self.acked_features & VirtioFeature.RING_F_EVENT_IDX)
+        self.rings = [ring_class(self.memory, layout, event_idx=event_idx)
+                      for layout in self.layouts]
         self.rx, self.tx = self.rings[RX_RING], self.rings[TX_RING]
         for driver, base in zip(self.rings, bases, strict=True):
             driver.start_at(base)

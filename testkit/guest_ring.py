@@ -13,8 +13,15 @@ the same methods. Their users need different things, all from the same class:
   (``queue_chain``) and gets the tokens back (``collect_used``);
 - the benchmark guest gives every descriptor one fixed buffer for the life of
   the ring (``attach_buffers``), so posting ``k`` chains is one store of the
-  avail index (``expose``), and sleeps on the call eventfd with EVENT_IDX
-  (``wait``) so that on a small machine it does not steal the back-end's CPU.
+  avail index (``expose``), and sleeps on the call eventfd (``wait``) so that
+  on a small machine it does not steal the back-end's CPU.
+
+Notifications follow what was negotiated, as Linux's virtio_ring does: with
+VIRTIO_F_EVENT_IDX (``event_idx``) the driver kicks when the device's
+avail_event asks and asks for interrupts through used_event; without it, the
+device writes no event index (passt does not), so the driver kicks on every
+publish unless the device set VIRTQ_USED_F_NO_NOTIFY, and turns interrupts on
+and off with VIRTQ_AVAIL_F_NO_INTERRUPT.
 """
 
 from __future__ import annotations
@@ -103,9 +110,11 @@ class GuestRing:
     avail_idx: int
     used_seen: int
     call_fd: int | None
+    # VIRTIO_F_EVENT_IDX negotiated: kicks and interrupts by event index, else by flags.
+    event_idx: bool
 
     def _take_ring(self, memory: RingMemory, layout: RingLayout, kick_fd: int | None,
-                   call_fd: int | None) -> int:
+                   call_fd: int | None, event_idx: bool) -> int:
         """Record what every driver keeps about its ring; returns the ring size."""
         n = layout.size
         if n <= 0 or n & (n - 1):
@@ -116,6 +125,7 @@ class GuestRing:
         self.mask = n - 1
         self.kick_fd = kick_fd
         self.call_fd = call_fd
+        self.event_idx = event_idx
         return n
 
     @property
@@ -151,7 +161,13 @@ class GuestRing:
     def set_used_event(self, value: int) -> None:
         raise NotImplementedError
 
+    def arm(self, value: int) -> None:
+        """Ask for an interrupt once the chain at ``value`` is used (with EVENT_IDX;
+        without it, at the next used chain: the device knows no event index)."""
+        raise NotImplementedError
+
     def quiet(self) -> None:
+        """No interrupts while we poll."""
         raise NotImplementedError
 
     def slot(self, position: int) -> int:
@@ -166,7 +182,7 @@ class GuestRing:
         """
         if self.has_used():
             return True
-        self.set_used_event(self.used_seen + max(batch, 1) - 1)
+        self.arm(self.used_seen + max(batch, 1) - 1)
         if self.has_used():  # it may have come before the arm
             self.quiet()
             return True
@@ -194,8 +210,8 @@ class SplitRing(GuestRing):
     """The driver's half of one split virtqueue of ``layout.size`` entries.
 
     The ring is zeroed: a fresh device sees flags 0, idx 0 everywhere. A ring
-    given a ``kick_fd`` kicks when EVENT_IDX asks (``expose``); without one the
-    owner kicks. ``call_fd`` is what ``wait`` sleeps on.
+    given a ``kick_fd`` kicks when the device asks for it (``expose``); without
+    one the owner kicks. ``call_fd`` is what ``wait`` sleeps on.
     """
 
     def __init__(
@@ -204,8 +220,9 @@ class SplitRing(GuestRing):
         layout: RingLayout,
         kick_fd: int | None = None,
         call_fd: int | None = None,
+        event_idx: bool = True,
     ) -> None:
-        n = self._take_ring(memory, layout, kick_fd, call_fd)
+        n = self._take_ring(memory, layout, kick_fd, call_fd, event_idx)
         self.desc = memory.view(layout.desc_gpa, 16 * n).view(DESC_DTYPE)
         # avail: flags, idx, ring[n], used_event
         self.avail = memory.view(layout.avail_gpa, 6 + 2 * n).view("<u2")
@@ -311,9 +328,16 @@ class SplitRing(GuestRing):
         old = self.avail_idx
         self.avail_idx = (old + count) & 0xFFFF
         self.avail[1] = self.avail_idx
-        if self.kick_fd is not None and need_event(self.avail_event(), self.avail_idx, old):
+        if self.kick_fd is not None and self.device_wants_kick(old):
             os.eventfd_write(self.kick_fd, 1)
             self.kicks += 1
+
+    def device_wants_kick(self, old: int) -> bool:
+        """Whether moving avail idx from ``old`` to ``avail_idx`` needs a kick (Linux's
+        virtqueue_kick_prepare_split): avail_event with EVENT_IDX, else the used flags."""
+        if self.event_idx:
+            return need_event(self.avail_event(), self.avail_idx, old)
+        return not self.used_flags() & VIRTQ_USED_F_NO_NOTIFY
 
     # ---- the used ring -------------------------------------------------------------
 
@@ -364,7 +388,7 @@ class SplitRing(GuestRing):
                 self._free_descs.append(index)
                 index = int(self.desc["next"][index])
             done.append((token, length))
-        self.set_used_event(self.used_seen)
+        self.arm(self.used_seen)
         return done
 
     # ---- one fixed buffer per descriptor (the benchmark guest) ---------------------
@@ -401,6 +425,16 @@ class SplitRing(GuestRing):
 
     # ---- waiting for the device (EVENT_IDX) ----------------------------------------
 
+    def arm(self, value: int) -> None:
+        if self.event_idx:
+            self.set_used_event(value)
+        else:
+            self.set_avail_flags(0)
+
     def quiet(self) -> None:
-        """No interrupts while we poll: put used_event half a ring-index space away."""
-        self.set_used_event(self.used_seen + 0x7FFF)
+        """No interrupts while we poll: used_event half a ring-index space away (EVENT_IDX),
+        else VIRTQ_AVAIL_F_NO_INTERRUPT."""
+        if self.event_idx:
+            self.set_used_event(self.used_seen + 0x7FFF)
+        else:
+            self.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT)

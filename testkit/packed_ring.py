@@ -54,8 +54,9 @@ class PackedRing(GuestRing):
         layout: RingLayout,
         kick_fd: int | None = None,
         call_fd: int | None = None,
+        event_idx: bool = True,
     ) -> None:
-        n = self._take_ring(memory, layout, kick_fd, call_fd)
+        n = self._take_ring(memory, layout, kick_fd, call_fd, event_idx)
         self.desc = memory.view(layout.desc_gpa, 16 * n).view(PACKED_DESC_DTYPE)
         self.driver_event = memory.view(layout.avail_gpa, 4).view("<u2")  # off_wrap, flags
         self.device_event = memory.view(layout.used_gpa, 4).view("<u2")
@@ -238,7 +239,7 @@ class PackedRing(GuestRing):
             if buffer_id not in self._tokens:
                 raise RuntimeError(f"device completed buffer {buffer_id}, which is not in flight")
             done.append((self._tokens.pop(buffer_id), length))
-        self.set_used_event(self.used_seen)
+        self.arm(self.used_seen)
         return done
 
     # ---- one fixed buffer per descriptor (the benchmark guest) ---------------------
@@ -270,6 +271,11 @@ class PackedRing(GuestRing):
         """Interrupt when the descriptor at count ``value`` is used (EVENT_IDX's DESC mode)."""
         self.set_driver_event(self.position(value & 0xFFFF), EVENT_FLAG_DESC)
 
+    def arm(self, value: int) -> None:
+        if self.event_idx:
+            self.set_used_event(value)
+        else:  # the DESC mode is only for a driver that negotiated EVENT_IDX
+            self.set_driver_event(0, EVENT_FLAG_ENABLE)
+
     def quiet(self) -> None:
-        """No interrupts while we poll."""
         self.set_driver_event(0, EVENT_FLAG_DISABLE)

@@ -13,6 +13,7 @@ from bench import testpmd
 from bench.output import Row, compare_backends, comparison_table, merge_rounds, write_plot
 from bench.runner import BenchError, Usage, process_wakeups
 from bench.testpmd import parse_forward_stats, parse_periodic_rx
+from tools.netns import in_private_netns
 
 # What dpdk-testpmd 22.11 prints with --stats-period 1, then at SIGINT (trimmed).
 TESTPMD_OUTPUT = """\
@@ -122,15 +123,23 @@ def test_plot_has_a_panel_of_ratios_against_passt(tmp_path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_passt_command_gives_the_guest_vhostnets_network() -> None:
-    from bench.passt import gateway_mac_text, passt_template
+def kit_passt_template() -> str:
+    """The bench's command template for trixie's passt from the kit cache; a printed skip
+    when the kit has none."""
+    from bench.passt import passt_template
     from tools.guestkit import DEFAULT_CACHE_DIR
 
     if not (DEFAULT_CACHE_DIR / "passt-trixie/usr/bin/passt").exists():
         reason = "trixie's passt is not in the kit cache (make kit fetches it)"
         print(reason)
         pytest.skip(reason)
-    template = passt_template()
+    return passt_template()
+
+
+def test_passt_command_gives_the_guest_vhostnets_network() -> None:
+    from bench.passt import gateway_mac_text
+
+    template = kit_passt_template()
     argv = shlex.split(template.format(socket="/s", mtu=1500, tcp_fwd="1:2", udp_fwd="3:4"))
     assert argv[0].endswith("ld-linux-x86-64.so.2") and os.path.basename(argv[3]).startswith("passt")
     assert gateway_mac_text() == "52:56:00:00:00:02"
@@ -144,3 +153,97 @@ def test_passt_command_gives_the_guest_vhostnets_network() -> None:
     assert "-4" not in argv
     maps = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--map-host-loopback"]
     assert maps == ["10.0.2.2", "fec0::2"]
+
+
+def test_a_case_another_back_end_cannot_serve_keeps_the_rows_of_the_others(monkeypatch,
+                                                                           capsys) -> None:
+    """Each VM-less case is a group of its own: when the second back-end fails tcp-rr, its
+    udp-tx and tcp-tx rows (at both MTUs) stay, tcp-rr is not tried again in later rounds,
+    and the reason is printed once."""
+    import bench
+    from bench.cases import Settings
+    from bench.guest_iperf import GuestSettings
+
+    calls: list[tuple[str, tuple[str, ...], int]] = []
+
+    def nat_rows(template: str, name: str, mtu: int, settings: Settings,
+                 baselines: object) -> list[Row]:
+        calls.append((name, settings.cases, mtu))
+        if name == "other" and "tcp-rr" in settings.cases:
+            raise BenchError("the benchmark guest: tcp_rr failed: no answer")
+        return [Row(f"{case}-mtu{mtu}", "x", [1.0], [1.0], "b", backend=name)
+                for case in settings.cases]
+
+    class Client:
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(bench, "nat_rows", nat_rows)
+    monkeypatch.setattr(bench, "loopback_process", Client)
+    settings = Settings(cases=("udp-tx", "tcp-rr", "tcp-tx"), rounds=2, duration=0.1)
+    contenders = [bench.Contender("vhostnet", "v", None), bench.Contender("other", "o", None)]
+    rows = bench.run(settings, contenders, GuestSettings(rounds=2), None, False)
+    got = {(row.case, row.backend): len(row.rounds) for row in rows}
+    cases = ("udp-tx-mtu1500", "tcp-rr-mtu1500", "tcp-tx-mtu1500", "tcp-tx-mtu65520")
+    assert got == {(case, name): 2 for name in ("vhostnet", "other") for case in cases
+                   if (case, name) != ("tcp-rr-mtu1500", "other")}
+    assert calls.count(("other", ("tcp-rr",), 1500)) == 1
+    skipped = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
+    assert skipped == ["bench: other: tcp-rr at MTU 1500 skipped: "
+                       "the benchmark guest: tcp_rr failed: no answer"]
+
+
+@pytest.mark.skipif(not in_private_netns(), reason="sends traffic: run inside tools.netns")
+def test_the_benchmark_guest_transmits_through_passt() -> None:
+    """passt negotiates no EVENT_IDX and reads TX only when kicked: the benchmark guest's
+    datagrams, a TCP stream (byte for byte) and UDP requests reach the host through it. And
+    passt learns the guest's IPv4 address from IPv4 packets only: a connection from the host
+    as the fresh guest's first TCP reaches it."""
+    from bench.cases import _sink_result
+    from bench.hostside import TcpSender, TcpSink, UdpSink
+    from bench.runner import GUEST_TCP_PORT, HOST_TCP_FWD, Backend, guest_process
+
+    backend = Backend(kit_passt_template(), 1500, "passt")
+    sink, stream, echo = UdpSink(), TcpSink(), UdpSink(echo=True)
+    workers = (sink, stream, echo)
+    for worker in workers:
+        worker.start()
+    try:
+        guest = guest_process(backend.socket, 1500, offload=True)
+        try:
+            guest.send("tcp_rx", port=GUEST_TCP_PORT)
+            sender = TcpSender(HOST_TCP_FWD, 0.2, bytes(range(256)) * 4)
+            sender.start()
+            try:
+                rx = guest.read(30.0)
+            finally:
+                sender.stop(5.0)
+            udp = guest.request("udp_tx", payload=64, port=sink.port, duration=0.2)
+            tcp = guest.request("tcp_tx", port=stream.port, limit=1_000_000)
+            rr = guest.request("udp_rr", port=echo.port, duration=0.2, payload=64)
+        finally:
+            guest.close()
+        time.sleep(0.1)  # the last datagrams into the sink
+        got = _sink_result(stream, 0)
+    finally:
+        for worker in workers:
+            worker.stop()
+        backend.close()
+    assert sender.error is None and rx["bytes"] == sender.sent > 0
+    assert rx["sha256"] == sender.digest.hexdigest()
+    assert udp["frames"] > 0 and udp["lost_in_ring"] == 0 and sink.packets > 0
+    assert udp["tx_kicks"] > 1
+    assert tcp["bytes"] == got["bytes"] == 1_000_000 and tcp["sha256"] == got["sha256"]
+    assert rr["count"] > 0 and echo.packets == rr["count"]
+
+
+def test_a_back_end_that_does_not_start_says_why_in_the_error() -> None:
+    """A back-end's stderr goes to a file (passt repeats itself at every start); when it
+    fails to start, what it said is in the error."""
+    import sys
+
+    from bench.runner import Backend
+
+    command = f"{sys.executable} -c \"import sys; sys.exit('unknown option {{socket}}')\""
+    with pytest.raises(BenchError, match="it said: unknown option /"):
+        Backend(command, 1500, "broken")

@@ -10,13 +10,16 @@ import pytest
 
 from testkit.guest_memory import MIN_MEMORY_SIZE, GuestAddressError, GuestMemoryImage
 from testkit.guest_ring import (
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
     RingLayout,
     SplitRing,
     need_event,
     pack_desc,
 )
+from testkit.packed_ring import EVENT_FLAG_DESC, EVENT_FLAG_DISABLE, EVENT_FLAG_ENABLE, PackedRing
 from vhostnet.vhost_user.codec import MemoryRegion
 
 UVA = 0x7F00_0000_0000
@@ -143,3 +146,44 @@ def test_fixed_buffers_kick_only_when_the_device_asks(memory) -> None:
     finally:
         os.close(kick)
         os.close(call)
+
+
+def test_without_event_idx_the_driver_kicks_by_the_used_flags_and_asks_by_avail_flags(
+        memory) -> None:
+    """A device that did not negotiate EVENT_IDX writes no avail_event (passt does not): the
+    driver kicks on every publish unless the device set VIRTQ_USED_F_NO_NOTIFY, and turns
+    interrupts on and off with VIRTQ_AVAIL_F_NO_INTERRUPT, as Linux's virtio_ring does."""
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        ring = SplitRing(memory, RingLayout.at(0x100, 4), kick_fd=kick, event_idx=False)
+        ring.attach_buffers(0x10000, 0x100, writable=False)
+        assert struct.unpack("<H", memory.read(ring.avail_gpa, 2)) == (VIRTQ_AVAIL_F_NO_INTERRUPT,)
+        ring.expose(1)
+        ring.expose(1)  # avail_event stays 0: with EVENT_IDX this one would not kick
+        assert ring.kicks == 2 and os.eventfd_read(kick) == 2
+        ring.used_head[0] = VIRTQ_USED_F_NO_NOTIFY
+        ring.expose(1)
+        assert ring.kicks == 2
+        ring.used_head[0] = 0
+        ring.expose(1)
+        assert ring.kicks == 3
+        used_event = memory.read(ring.avail_gpa + 4 + 2 * 4, 2)
+        ring.arm(2)
+        assert struct.unpack("<H", memory.read(ring.avail_gpa, 2)) == (0,)
+        assert memory.read(ring.avail_gpa + 4 + 2 * 4, 2) == used_event  # not an event index
+        ring.quiet()
+        assert struct.unpack("<H", memory.read(ring.avail_gpa, 2)) == (VIRTQ_AVAIL_F_NO_INTERRUPT,)
+    finally:
+        os.close(kick)
+
+
+def test_a_packed_ring_without_event_idx_asks_for_interrupts_without_the_desc_mode(
+        memory) -> None:
+    ring = PackedRing(memory, RingLayout.packed_at(0x100, 4), event_idx=False)
+    ring.arm(3)
+    assert struct.unpack("<HH", memory.read(ring.avail_gpa, 4)) == (0, EVENT_FLAG_ENABLE)
+    ring.quiet()
+    assert struct.unpack("<HH", memory.read(ring.avail_gpa, 4)) == (0, EVENT_FLAG_DISABLE)
+    with_event_idx = PackedRing(memory, RingLayout.packed_at(0x200, 4))
+    with_event_idx.arm(3)
+    assert struct.unpack("<HH", memory.read(0x200 + 64, 4)) == (3 | 1 << 15, EVENT_FLAG_DESC)
