@@ -167,8 +167,8 @@ def run(settings: Settings, contenders: list[Contender], guest: GuestSettings,
 
 
 def round_groups(c: Contender, settings: Settings, one: Settings, one_guest: GuestSettings,
-            baselines: Baselines, guest_baselines: GuestBaselines, kits: GuestKits | None,
-            testpmd: bool) -> list[tuple[str, Callable[[], list[Row]]]]:
+                 baselines: Baselines, guest_baselines: GuestBaselines, kits: GuestKits | None,
+                 testpmd: bool) -> list[tuple[str, Callable[[], list[Row]]]]:
     """One round of every case for back-end ``c``, as (group name, measure) pairs."""
     groups: list[tuple[str, Callable[[], list[Row]]]] = []
     if "ring" in settings.cases and c.ring_template is not None:
