@@ -221,7 +221,8 @@ def test_in_order_data_goes_fast_with_one_ack_per_batch(family: int) -> None:
     run(scenario)
 
 
-SLOW_CASES = ["out_of_order", "bad_checksum", "new_window", "new_ack", "unregistered", "no_psh"]
+SLOW_CASES = ["out_of_order", "bad_checksum", "new_window", "zero_window", "new_ack",
+              "unregistered", "no_psh"]
 
 
 @pytest.mark.parametrize("family, case", [(family, case) for family in (4, 6)
@@ -235,7 +236,8 @@ def test_frames_the_engine_must_see_go_the_python_way(family: int, case: str) ->
             odd = {
                 "out_of_order": guest.data_frame(3000, 1000),
                 "bad_checksum": guest.data_frame(1000, 1000, corrupt=True),
-                "new_window": guest.data_frame(1000, 1000, window=WINDOW - 1),
+                "new_window": guest.data_frame(1000, 1000, window=WINDOW - 1),  # fast: taken
+                "zero_window": guest.data_frame(1000, 1000, window=0),
                 "new_ack": guest.data_frame(1000, 1000, ack=guest.peer_isn),  # an older ack
                 "unregistered": guest.frame(ACK, 0, b"x" * 100, sport=GUEST_PORT + 1),
                 "no_psh": guest.frame(ACK, 1000, guest.data[1000:2000]),  # plain ACK is fine: fast
@@ -247,8 +249,9 @@ def test_frames_the_engine_must_see_go_the_python_way(family: int, case: str) ->
             guest.send([first, odd, later])
             fast = counter(network, "tcp.fast_segments")
             fallbacks = {k: v for k, v in network.counters().items() if "fast_fallback" in k}
-            if case == "no_psh":
-                assert fast == 3 and not fallbacks.get("tcp.fast_fallback.after_fallback")
+            if case in ("no_psh", "new_window"):
+                # A new window on data is taken in C too; the engine learns it after the batch.
+                assert fast == 3 and not fallbacks, fallbacks
             elif case == "unregistered":
                 assert fallbacks["tcp.fast_fallback.not_registered"] == 1
                 assert fast == 1  # "later" does not follow "first": out of order
@@ -259,6 +262,10 @@ def test_frames_the_engine_must_see_go_the_python_way(family: int, case: str) ->
             else:
                 assert fast == 1, fallbacks
                 assert fallbacks["tcp.fast_fallback.after_fallback"] == 1
+            if case == "zero_window":
+                assert fallbacks["tcp.fast_fallback.zero_window"] == 1
+            if case == "new_ack":
+                assert fallbacks["tcp.fast_fallback.ack_old"] == 1
             if case == "bad_checksum":
                 assert counter(network, "tcp.drop.bad_checksum") == 1
             if case == "new_window":
@@ -268,7 +275,7 @@ def test_frames_the_engine_must_see_go_the_python_way(family: int, case: str) ->
             await guest.finish(peer, received)
             assert bytes(received) == guest.data
             if case == "new_window":
-                assert counter(network, "tcp.fast_segments") > fast  # registered with the new window
+                assert counter(network, "tcp.fast_segments") > fast  # still registered
         finally:
             peer.close()
             network.close()
