@@ -375,6 +375,64 @@ def test_partial_write_when_the_host_socket_is_full_loses_and_repeats_nothing(fa
 
 
 @FAMILIES
+def test_acks_on_data_are_taken_and_a_frame_the_host_did_not_take_keeps_its_ack(family) -> None:
+    """Guest data carrying ever newer acks of host data: C takes the acks with the data. When
+    the host socket fills, the engine gets the ack of the last frame written from C, and the
+    frames not written go the Python way with theirs, in order (also a pure ACK after them)."""
+    async def scenario(loop) -> None:
+        network, guest, peer = await established(loop, family, rcvbuf=4096)
+        try:
+            engine = network.tcp
+            delivered: list[int] = []
+            on_acked = engine.on_acked_elsewhere
+
+            def spy(flow_id: int, ack: int, window: int, now: float) -> None:
+                delivered.append(ack)
+                on_acked(flow_id, ack, window, now)
+            engine.on_acked_elsewhere = spy
+            flow = next(iter(engine.flows.values()))
+            peer.sendall(os.urandom(8000))  # host data for the guest to acknowledge
+            for _ in range(200):
+                await asyncio.sleep(0.005)
+                guest.read_segments()
+                if flow.snd_max == 8001:
+                    break
+            assert flow.snd_max == 8001
+            chunk = 60000
+            guest.data = os.urandom(chunk * 150)
+            acked = 0  # host bytes the guest acknowledges: one more with every frame
+            for _ in range(150):
+                start = guest.acked
+                end = min(start + 8 * chunk, len(guest.data))
+                frames = []
+                for offset in range(start, end, chunk):
+                    acked += 1
+                    frames.append(guest.data_frame(offset, chunk, csum=CSUM_PARTIAL,
+                                                   ack=(guest.peer_isn + 1 + acked) & 0xFFFFFFFF))
+                acked += 1
+                frames.append(guest.frame(ACK, end, ack=(guest.peer_isn + 1 + acked) & 0xFFFFFFFF))
+                before = counter(network, "tcp.fast_segments")
+                delivered.clear()
+                guest.send(frames)
+                if network.tcp_fast.kernel.partial_writes:
+                    break
+                assert delivered == [(guest.peer_isn + 1 + acked) & 0xFFFFFFFF]
+            assert network.tcp_fast.kernel.partial_writes, "the host socket never filled"
+            written = counter(network, "tcp.fast_segments") - before
+            assert 0 < written < len(frames) - 1
+            last_written = acked - len(frames) + written
+            assert delivered == [(guest.peer_isn + 1 + last_written) & 0xFFFFFFFF]
+            assert flow.snd_una == 1 + acked  # the frames left to Python brought theirs
+            received = bytearray()
+            await guest.finish(peer, received, size=chunk, per_batch=8, csum=CSUM_PARTIAL)
+            assert bytes(received) == guest.data
+        finally:
+            peer.close()
+            network.close()
+    run(scenario)
+
+
+@FAMILIES
 def test_fast_path_counters_reach_the_network_counters_and_sync_is_idempotent(family: int) -> None:
     async def scenario(loop) -> None:
         network, guest, peer = await established(loop, family)
