@@ -419,14 +419,19 @@ cdef class TcpFastPath:
         """Keep ``ack`` and ``window`` as the flow's newest if the engine would do no more than
         take them (TcpEngine's ACK processing, GuestSender.take_ack); False (counted) if not."""
         cdef uint32_t advance
-        if window == 0:
-            self.fallback_counts[FB_ZERO_WINDOW] += 1
-            return False
         if ack == flow.ack and window == flow.window:
-            if pure and flow.ack != flow.ack_limit:
+            if not pure:
+                return True  # data with what the engine has: nothing new (a closed window too)
+            if window == 0:
+                self.fallback_counts[FB_ZERO_WINDOW] += 1  # e.g. the answer to a window probe
+                return False
+            if flow.ack != flow.ack_limit:
                 self.fallback_counts[FB_DUP_ACK] += 1
                 return False
             return True
+        if window == 0:
+            self.fallback_counts[FB_ZERO_WINDOW] += 1
+            return False
         advance = ack - flow.ack  # modulo 2**32: an older ack is a huge advance
         if advance > <uint32_t>(flow.ack_limit - flow.ack):
             if advance >> 31:

@@ -172,16 +172,19 @@ def test_a_window_opening_from_zero_in_c_resumes_sending(ram, family) -> None:
             await settle(lambda: False, rounds=20)
             assert not guest.collect(), "sent into a closed window"
             assert the_flow(network).snd_wnd == 0
+            # The same again (as it answers a window probe): the engine's business too.
+            guest.send_batch([ack_frame(guest, 3000, 0)])
+            assert fallbacks(network) == {"zero_window": 2} and calls.segments == 2
             # The window opens again (same ack): taken in C, the engine sends the next 3000.
             guest.send_batch([ack_frame(guest, 3000, 3000)])
-            assert calls.segments == 1 and calls.acks[-1][1] == 3000
+            assert calls.segments == 2 and calls.acks[-1][1] == 3000
             await settle(lambda: len(guest.collect()) > 0 or len(guest.stream) >= 6000)
             guest.collect()
             assert len(guest.stream) == 6000
             await guest.receive(10_000)
             assert bytes(guest.stream) == data + rest
             continuous(guest.segments, guest.peer_isn + 1, data + rest)
-            assert calls.segments == 1
+            assert calls.segments == 2
         finally:
             peer.close()
             network.close()
