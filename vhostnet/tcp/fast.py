@@ -3,7 +3,8 @@ flows, IPv4 and IPv6, goes to the host socket by sendmsg(2) from the TX batch, G
 
 ``TcpEngine`` stays the authority; the C table only mirrors flows in the simple
 state, with the wire values a segment must carry to teach the engine nothing
-but "more data" (next sequence number, ack, raw window). The engine's flow table
+but "more data" and a newer ack or window (next sequence number, the ack and raw
+window it last took, the highest ack it accepts: ``snd_max``). The engine's flow table
 records the flows whose state may have moved (every guest segment it handles,
 every write result, data sent to the guest (the ack limit), host EOF, removal;
 ``engine.table.take_changed``);
