@@ -11,17 +11,28 @@ the raw window the engine last took from the guest.
 For a TX batch, ``take_batch`` walks the frames once. A frame is taken only if
 it is a plain TCP segment of a registered flow (IPv4 without options or fragments,
 or IPv6 without extension headers: TCP right after the fixed header), flags ACK or
-ACK|PSH, with payload, starting exactly at the expected sequence number, with the
-expected ack and window, and a checksum that verifies over the pseudo-header of its
-family (or was left partial by the guest's driver, virtio NEEDS_CSUM). Consecutive
+ACK|PSH, starting exactly at the expected sequence number, with no SACK block, an
+acceptable ack and window (below), and a checksum that verifies over the pseudo-header
+of its family (or was left partial by the guest's driver, virtio NEEDS_CSUM). Consecutive
 taken frames of one flow are written with one sendmsg(2) straight from the batch
 buffer. What the kernel does not take is not acknowledged: the guest sends it
 again, as after a partial write on the Python path. A frame not taken, and every
-later frame of the same flow in that batch (to keep the byte order), is left to
+later frame of the same flow in that batch (to keep the order), is left to
 the Python stack.
 
+Acks (the guest's pure ACKs and window updates, and the ack of its data segments): the
+engine publishes with each flow the ack and raw window it last took and the highest ack
+it accepts (``snd_max`` on the wire). A frame whose ack lies in [newest ack, ack limit]
+with a non-zero window is taken and only its ack and window are kept: the later ACK of a
+batch supersedes the earlier ones. What the engine would count or treat on its own goes
+to Python: a duplicate ACK (same ack and window, a pure ACK while data is in flight: the
+engine counts them for fast retransmission), an older ack, an ack beyond the limit, a
+zero window. Nothing stays here between batches: the newest ack of each flow goes to the
+engine (``take_activity``) before any frame of the batch reaches the Python stack.
+
 What Python must learn comes back per flow, not per frame (``take_activity``):
-bytes and segments written, and whether the host socket filled up.
+bytes and segments written, whether the host socket filled up, and the pure ACKs taken
+with the newest ack and window.
 
 The Python face is ``vhostnet.tcp.fast``; use that.
 """
@@ -71,27 +82,42 @@ cdef enum:
     FB_NOT_PLAIN = 0     # IPv4 options or fragment, bad IP header, bad TCP header or options
     FB_NOT_REGISTERED
     FB_FLAGS             # anything but ACK or ACK|PSH
-    FB_NO_PAYLOAD
     FB_OUT_OF_ORDER
-    FB_ACK_OR_WINDOW     # the engine would learn a new ack or window from it
     FB_CHECKSUM
+    FB_SACK              # a SACK option: the engine reads the segment itself
+    FB_DUP_ACK           # a pure ACK repeating the newest ack and window with data in flight
+    FB_ACK_OLD           # an ack below the newest one
+    FB_ACK_UNSENT        # an ack beyond what the engine sent (its snd_max)
+    FB_ZERO_WINDOW       # the guest closes its window (or probes a closed one)
     FB_AFTER_FALLBACK    # an earlier frame of the flow in this batch went to Python
     FB_HOST_BUSY         # the host socket took nothing (EAGAIN) or failed
     FB_COUNT
 
-FALLBACK_NAMES = ("not_plain", "not_registered", "flags", "no_payload", "out_of_order",
-                  "ack_or_window", "checksum", "after_fallback", "host_busy")
+FALLBACK_NAMES = ("not_plain", "not_registered", "flags", "out_of_order", "checksum", "sack",
+                  "dup_ack", "ack_old", "ack_unsent", "zero_window", "after_fallback",
+                  "host_busy")
 
 cdef struct FlowSlot:          # the flow in slot i of the FlowIndex (vhostnet/wire/_flow_table.pxd)
     int fd
     uint32_t seq_next        # host byte order: the guest sequence number the engine expects
-    uint32_t ack             # host byte order: the ack number the engine last took
-    uint16_t window          # the raw (unscaled) window the engine last took
+    uint32_t ack             # host byte order: the ack number the engine last took, then
+                             # the newest one taken in this batch
+    uint16_t window          # the raw (unscaled) window, likewise
+    uint32_t ack_limit       # the highest ack the engine accepts (its snd_max on the wire)
+    bint ack_changed         # ack or window differ from what the engine last took
     bint ipv6                # the flow's family (its frames count as IPv6 ones)
+    bint active              # noted for take_activity() (touched in the FlowIndex)
     uint32_t stopped_in      # batch number in which the flow fell back to Python
     uint64_t bytes           # since the last take_activity()
     uint64_t segments
+    uint64_t acks            # pure ACKs taken since the last take_activity()
     bint host_full           # a write was partial since the last take_activity()
+
+
+cdef struct AckState:          # a flow's ack fields before a frame (restored if it is not taken)
+    uint32_t ack
+    uint16_t window
+    bint changed
 
 
 cdef inline bint options_valid(const uint8_t *opt, size_t end) noexcept nogil:
@@ -116,6 +142,19 @@ cdef inline bint options_valid(const uint8_t *opt, size_t end) noexcept nogil:
     return True
 
 
+cdef inline bint has_sack(const uint8_t *opt, size_t end) noexcept nogil:
+    """A SACK option (kind 5) among valid options (``options_valid`` said so)."""
+    cdef size_t index = 0
+    while index < end and opt[index] != 0:
+        if opt[index] == 1:
+            index += 1
+            continue
+        if opt[index] == 5:
+            return True
+        index += opt[index + 1]
+    return False
+
+
 cdef class TcpFastPath:
     """Registered established TCP flows and the batch writer; see the module docstring."""
 
@@ -125,11 +164,14 @@ cdef class TcpFastPath:
     # The run of taken frames of one flow not yet written: iovecs plus their frame indices.
     cdef iovec iovs[MAX_IOV]
     cdef Py_ssize_t iov_frame[MAX_IOV]
+    cdef AckState iov_acks[MAX_IOV]    # the flow's ack fields before each frame of the run
     cdef int niov
     cdef int pending_slot
     cdef uint32_t pending_seq      # seq_next of the pending flow before the run
     cdef Py_ssize_t taken          # frames taken in the current batch
     cdef readonly Py_ssize_t last_taken6    # of the last take_batch's frames, those on IPv6
+    cdef readonly Py_ssize_t last_acks      # of the last take_batch's frames, the pure ACKs
+    cdef readonly Py_ssize_t last_acks6     # and those of them on IPv6
     cdef uint64_t fallback_counts[FB_COUNT]
     cdef readonly uint64_t partial_writes
     cdef uint8_t gateway_mac[6]
@@ -165,11 +207,13 @@ cdef class TcpFastPath:
         return self.index.slot_of(flow_id) >= 0
 
     def set(self, int64_t flow_id, bytes guest_ip, int guest_port, bytes remote_ip,
-            int remote_port, int fd, uint32_t seq_next, uint32_t ack, int window) -> bool:
+            int remote_port, int fd, uint32_t seq_next, uint32_t ack, int window,
+            uint32_t ack_limit) -> bool:
         """Register a flow, or update a registered one; False if the table is full.
 
-        Addresses: 4 bytes each (IPv4) or 16 (IPv6). ``seq_next``, ``ack`` and ``window``
-        (raw, unscaled) are wire values, host byte order.
+        Addresses: 4 bytes each (IPv4) or 16 (IPv6). ``seq_next``, ``ack``, ``window``
+        (raw, unscaled) and ``ack_limit`` (the highest ack the engine accepts; ``ack`` when
+        nothing is in flight) are wire values, host byte order.
         """
         if fd < 0 or not 0 <= window <= 0xFFFF:
             raise ValueError("bad TCP fast-path flow")
@@ -184,6 +228,8 @@ cdef class TcpFastPath:
         self.slots[index].seq_next = seq_next
         self.slots[index].ack = ack
         self.slots[index].window = <uint16_t>window
+        self.slots[index].ack_limit = ack_limit
+        self.slots[index].ack_changed = False
         return True
 
     def remove(self, int64_t flow_id) -> tuple:
@@ -197,18 +243,24 @@ cdef class TcpFastPath:
         return result
 
     def take_activity(self) -> list:
-        """(flow_id, bytes, segments, host_full) of every flow that wrote since the last call."""
+        """(flow_id, bytes, segments, host_full, acks, newest) of every flow that wrote or took
+        an ack since the last call: ``acks`` pure ACKs were taken, ``newest`` is the
+        (ack, raw window) for the engine (None: nothing to tell it)."""
         active = []
         cdef FlowSlot *slot
         cdef int index
         for index in self.index.take_touched():
             slot = &self.slots[index]
-            if self.index.flow_id(index) > 0 and slot.segments:
+            if self.index.flow_id(index) > 0 and slot.active:
+                newest = (slot.ack, slot.window) if slot.acks or slot.ack_changed else None
                 active.append((self.index.flow_id(index), slot.bytes, slot.segments,
-                               bool(slot.host_full)))
+                               bool(slot.host_full), slot.acks, newest))
                 slot.bytes = 0
                 slot.segments = 0
+                slot.acks = 0
                 slot.host_full = False
+                slot.ack_changed = False
+                slot.active = False
         return active
 
     def take_batch(self, const uint8_t[::1] data, const uint64_t[::1] offsets,
@@ -225,6 +277,8 @@ cdef class TcpFastPath:
                 or count > handled.shape[0]:
             raise ValueError("count exceeds the batch arrays")
         self.last_taken6 = 0
+        self.last_acks = 0
+        self.last_acks6 = 0
         if count <= 0 or self.index.count == 0 or not self.have_guest_mac or data.shape[0] == 0:
             return 0
         batch.data = &data[0]
@@ -246,6 +300,7 @@ cdef class TcpFastPath:
         cdef uint64_t length, total, tcp_len, header_len, payload_len
         cdef bint ipv6
         cdef FlowSlot *flow
+        cdef AckState before
         self.batch_no += 1
         self.taken = 0
         self.niov = 0
@@ -299,12 +354,32 @@ cdef class TcpFastPath:
             if flow.stopped_in == self.batch_no:
                 self.fallback_counts[FB_AFTER_FALLBACK] += 1
                 continue
+            payload_len = tcp_len - header_len
+            if payload_len == 0 and slot == self.pending_slot:
+                # A pure ACK after data of its flow: the data is written first, so a short
+                # write still leaves this ACK to Python behind the unwritten frames.
+                self.write_pending(handled)
+                if flow.stopped_in == self.batch_no:
+                    self.fallback_counts[FB_AFTER_FALLBACK] += 1
+                    continue
+            before.ack = flow.ack
+            before.window = flow.window
+            before.changed = flow.ack_changed
             if not self.acceptable(flow, ip, tcp, tcp_len, header_len, batch.vnets[i], ipv6):
                 flow.stopped_in = self.batch_no
                 if slot == self.pending_slot:
                     self.write_pending(handled)
                 continue
-            payload_len = tcp_len - header_len
+            if payload_len == 0:
+                flow.acks += 1
+                self.note_active(slot, flow)
+                handled[i] = 1
+                self.taken += 1
+                self.last_acks += 1
+                if ipv6:
+                    self.last_taken6 += 1
+                    self.last_acks6 += 1
+                continue
             if slot != self.pending_slot or self.niov == MAX_IOV:
                 self.write_pending(handled)
                 self.pending_slot = slot
@@ -312,6 +387,7 @@ cdef class TcpFastPath:
             self.iovs[self.niov].iov_base = <void *>(tcp + header_len)
             self.iovs[self.niov].iov_len = payload_len
             self.iov_frame[self.niov] = i
+            self.iov_acks[self.niov] = before
             self.niov += 1
             flow.seq_next += <uint32_t>payload_len  # the next frame must follow this one
             handled[i] = 1
@@ -321,24 +397,58 @@ cdef class TcpFastPath:
     cdef bint acceptable(self, FlowSlot *flow, const uint8_t *ip, const uint8_t *tcp,
                          uint64_t tcp_len, uint64_t header_len, uint64_t vnet,
                          bint ipv6) noexcept nogil:
-        """True if the engine would only append the payload and advance rcv_nxt (counted if not)."""
+        """True if the engine would only append the payload (advance rcv_nxt) and take the
+        ack and window; these are then the flow's newest (counted if not)."""
         cdef uint8_t flags = tcp[13]
         if flags != FLAG_ACK and flags != (FLAG_ACK | FLAG_PSH):
             self.fallback_counts[FB_FLAGS] += 1
             return False
-        if tcp_len == header_len:
-            self.fallback_counts[FB_NO_PAYLOAD] += 1
-            return False
         if be32(tcp + 4) != flow.seq_next:
             self.fallback_counts[FB_OUT_OF_ORDER] += 1
-            return False
-        if be32(tcp + 8) != flow.ack or be16(tcp + 14) != flow.window:
-            self.fallback_counts[FB_ACK_OR_WINDOW] += 1
             return False
         if not self.checksum_acceptable(ip, tcp, tcp_len, vnet, ipv6):
             self.fallback_counts[FB_CHECKSUM] += 1
             return False
+        if header_len > TCP_LEN and has_sack(tcp + TCP_LEN, header_len - TCP_LEN):
+            self.fallback_counts[FB_SACK] += 1
+            return False
+        return self.take_ack(flow, be32(tcp + 8), be16(tcp + 14), tcp_len == header_len)
+
+    cdef bint take_ack(self, FlowSlot *flow, uint32_t ack, uint16_t window,
+                       bint pure) noexcept nogil:
+        """Keep ``ack`` and ``window`` as the flow's newest if the engine would do no more than
+        take them (TcpEngine's ACK processing, GuestSender.take_ack); False (counted) if not."""
+        cdef uint32_t advance
+        if ack == flow.ack and window == flow.window:
+            if not pure:
+                return True  # data with what the engine has: nothing new (a closed window too)
+            if window == 0:
+                self.fallback_counts[FB_ZERO_WINDOW] += 1  # e.g. the answer to a window probe
+                return False
+            if flow.ack != flow.ack_limit:
+                self.fallback_counts[FB_DUP_ACK] += 1
+                return False
+            return True
+        if window == 0:
+            self.fallback_counts[FB_ZERO_WINDOW] += 1
+            return False
+        advance = ack - flow.ack  # modulo 2**32: an older ack is a huge advance
+        if advance > <uint32_t>(flow.ack_limit - flow.ack):
+            if advance >> 31:
+                self.fallback_counts[FB_ACK_OLD] += 1
+            else:
+                self.fallback_counts[FB_ACK_UNSENT] += 1
+            return False
+        flow.ack = ack
+        flow.window = window
+        flow.ack_changed = True
         return True
+
+    cdef inline void note_active(self, int slot, FlowSlot *flow) noexcept nogil:
+        """The flow has something for take_activity()."""
+        if not flow.active:
+            flow.active = True
+            self.index.touch(slot)
 
     cdef bint checksum_acceptable(self, const uint8_t *ip, const uint8_t *tcp, uint64_t tcp_len,
                                   uint64_t vnet, bint ipv6) noexcept nogil:
@@ -359,6 +469,7 @@ cdef class TcpFastPath:
         cdef ssize_t written = -1
         cdef uint64_t left, want = 0
         cdef int k, attempts
+        cdef bint restored
         cdef FlowSlot *flow
         if self.niov == 0:
             return
@@ -383,7 +494,14 @@ cdef class TcpFastPath:
                 self.partial_writes += 1
         flow.seq_next = self.pending_seq + <uint32_t>written
         left = <uint64_t>written
+        restored = False
         for k in range(self.niov):
+            if left == 0 and not restored:
+                # The first frame not taken: the ack fields as they were before it.
+                flow.ack = self.iov_acks[k].ack
+                flow.window = self.iov_acks[k].window
+                flow.ack_changed = self.iov_acks[k].changed
+                restored = True
             if left > 0:
                 # Taken, whole or in part; an unwritten tail is not acknowledged, the guest resends.
                 left -= left if left < self.iovs[k].iov_len else self.iovs[k].iov_len
@@ -395,8 +513,7 @@ cdef class TcpFastPath:
                 handled[self.iov_frame[k]] = 0
                 self.fallback_counts[FB_HOST_BUSY] += 1
         if written > 0:
-            if flow.bytes == 0 and flow.segments:
-                self.index.touch(self.pending_slot)
+            self.note_active(self.pending_slot, flow)
             flow.bytes += <uint64_t>written
         self.niov = 0
         self.pending_slot = -1

@@ -57,7 +57,6 @@ from vhostnet.tcp.closed import RecentlyClosed
 from vhostnet.tcp.flow import (
     Close,
     Connect,
-    Discard,
     Flow,
     Phase,
     Send,
@@ -292,41 +291,10 @@ class TcpEngine:
             self._process_data(flow, seg, now)
 
     def _process_ack(self, flow: Flow, seg: TcpSegmentView, now: float) -> bool:
-        ack = flow.send_rel(seg.ack)
-        window = seg.window << flow.snd_wscale
-        if ack > flow.snd_max:
-            self.stats.drop("tcp.drop.ack_unsent", "guest acknowledged data never sent")
-            self.tx.ack(flow)
+        # Only a segment without data or FIN may be a duplicate ACK (fast retransmission).
+        if not self.sender.take_ack(flow, seg.ack, seg.window,
+                                    not seg.payload and not seg.has(FIN), now):
             return False
-        if ack > flow.snd_una:
-            acked = ack - flow.snd_una
-            if flow.fin_sent and ack == flow.snd_max:
-                flow.fin_acked = True
-                acked -= 1
-            if acked > 0:
-                self.commands.append(Discard(flow.flow_id, acked))
-            flow.snd_una = ack
-            flow.snd_nxt = max(flow.snd_nxt, ack)
-            flow.dup_acks = 0
-            flow.retries = 0
-            flow.rto = self.timeouts.rto_initial
-            flow.rto_at = now + flow.rto if flow.snd_una < flow.snd_max else None
-            if flow.fin_at is not None:
-                flow.fin_at = now + self.timeouts.fin  # still closing, but making progress
-        elif (
-            ack == flow.snd_una
-            and flow.snd_una < flow.snd_max
-            and len(seg.payload) == 0
-            and not seg.has(FIN)
-            and window == flow.snd_wnd
-        ):
-            flow.dup_acks += 1
-            if flow.dup_acks == 3:
-                self.stats.inc("tcp.fast_retransmits")
-                self.sender.retransmit(flow, now)
-        flow.snd_wnd = window
-        self.sender.pump(flow, now)
-        self.sender.maybe_send_fin(flow, now)
         self._maybe_finish(flow)
         return flow.flow_id in self.flows_by_id
 
@@ -420,6 +388,19 @@ class TcpEngine:
         flow.rcv_queued += n
         self.on_sent(flow_id, n, now, send_space)
 
+    def on_acked_elsewhere(self, flow_id: int, ack: int, window: int, now: float) -> None:
+        """The guest's newest ack and raw window of an established flow, taken from its
+        segments without passing here (the fast path; duplicate ACKs never come this way)."""
+        flow = self.flows_by_id.get(flow_id)
+        if flow is None or flow.phase is not Phase.ESTABLISHED:
+            return
+        self._now = now
+        self.table.touch(flow_id)
+        flow.idle_at = now + self.timeouts.idle
+        if self.sender.take_ack(flow, ack, window, False, now):
+            self._maybe_finish(flow)
+        self._timers.schedule(flow)
+
     def on_writable(self, flow_id: int, now: float, send_space: int | None = None) -> None:
         flow = self.flows_by_id.get(flow_id)
         if flow is None or flow.phase is not Phase.ESTABLISHED:
@@ -449,6 +430,7 @@ class TcpEngine:
             flow.host_readable = False  # everything queued is now in flight
         if data:
             self.sender.send_host_data(flow, data, now)
+            self.table.touch(flow_id)  # snd_max moved: the acks a mirror may take
         self.sender.pump(flow, now)
         self._timers.schedule(flow)
 
@@ -460,6 +442,7 @@ class TcpEngine:
         if flow is None or not flow.peek_pending or n <= 0:
             return
         self.sender.sent_elsewhere(flow, n, segments, large_segments, now)
+        self.table.touch(flow_id)  # snd_max moved: the acks a mirror may take
         flow.peek_seq = flow.snd_nxt
         flow.peek_len -= n
 

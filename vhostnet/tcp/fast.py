@@ -3,16 +3,25 @@ flows, IPv4 and IPv6, goes to the host socket by sendmsg(2) from the TX batch, G
 
 ``TcpEngine`` stays the authority; the C table only mirrors flows in the simple
 state, with the wire values a segment must carry to teach the engine nothing
-but "more data" (next sequence number, ack, raw window). The engine's flow table
+but "more data" and a newer ack or window (next sequence number, the ack and raw
+window it last took, the highest ack it accepts: ``snd_max``). The engine's flow table
 records the flows whose state may have moved (every guest segment it handles,
-every write result, host EOF, removal; ``engine.table.take_changed``);
+every write result, data sent to the guest (the ack limit), host EOF, removal;
+``engine.table.take_changed``);
 ``send_batch`` brings those entries up to date before the C pass, so the mirror
 is exact whenever frames are taken. The glue's before-close hook
 (``TcpHost.set_before_close``) drops an entry before its socket closes, so the C
 side never writes to a reused fd.
 
+The guest's pure ACKs and window updates (and new acks on its data) are taken in C when
+the engine would only take them (an ack between the one it last took and its ``snd_max``,
+a non-zero window, not a duplicate ACK); C keeps each flow's newest ack and window of the
+batch, nothing else.
+
 After the pass the per-flow results are applied once per batch, before the
-Python stack sees any frame of that batch: ``rcv_queued``/``rcv_nxt`` advance
+Python stack sees any frame of that batch: the newest ack and window through
+``TcpEngine.on_acked_elsewhere`` (one call per flow, however many ACKs: data acknowledged
+is discarded, more is peeked as the window allows), then ``rcv_queued``/``rcv_nxt`` advance
 through ``TcpEngine.on_written_elsewhere`` (counters, idle timer, one ACK per
 flow with the window computed as for any write), and the glue watches a full socket for room
 as it does after its own writes. Flow state is therefore exact between batches;
@@ -97,7 +106,7 @@ class TcpFastPath:
                 continue
             self.kernel.set(flow_id, flow.guest_ip, flow.guest_port, flow.remote_ip,
                             flow.remote_port, fd, flow.recv_seq(flow.rcv_nxt),
-                            flow.send_seq(flow.snd_una), window)
+                            flow.send_seq(flow.snd_una), window, flow.send_seq(flow.snd_max))
 
     def send_batch(self, batch, count: int, now: float, left: np.ndarray | None) -> np.ndarray | None:
         """Write what the fast path can among ``batch``'s first ``count`` frames.
@@ -123,21 +132,33 @@ class TcpFastPath:
         taken = self.kernel.take_batch(storage, offsets, lengths, vnets, handled, count)
         if not taken:
             return left
-        self._count_frames(taken, self.kernel.last_taken6)
+        kernel = self.kernel
+        self._count_frames(taken, kernel.last_taken6, kernel.last_acks, kernel.last_acks6)
         self.sync_all(now)
         return np.flatnonzero(handled[:count] == 0)
 
-    def _count_frames(self, taken: int, taken6: int) -> None:
+    def _count_frames(self, taken: int, taken6: int, acks: int, acks6: int) -> None:
         """Count the frames taken as the stack counts those it receives, per family."""
         self.stack.count_frames_taken(taken - taken6, taken6)
-        if taken6:
-            self.engine.stats.inc("tcp6.fast_segments", taken6)  # of tcp.fast_segments
+        stats = self.engine.stats
+        if acks:
+            stats.inc("tcp.segments_in", acks)
+            stats.inc("tcp.fast_acks", acks)
+        if acks6:
+            stats.inc("tcp6.fast_acks", acks6)  # of tcp.fast_acks
+        if taken6 - acks6:
+            stats.inc("tcp6.fast_segments", taken6 - acks6)  # of tcp.fast_segments
 
     def sync_all(self, now: float) -> None:
         """Apply everything the C side wrote to the engine's flows (exact Flow state after it)."""
         engine = self.engine
         stats = engine.stats
-        for flow_id, written, segments, host_full in self.kernel.take_activity():
+        for flow_id, written, segments, host_full, _acks, newest in self.kernel.take_activity():
+            if newest is not None:
+                # First, as the engine takes a segment's ack before its data.
+                engine.on_acked_elsewhere(flow_id, newest[0], newest[1], now)
+            if not segments:
+                continue
             stats.inc("tcp.segments_in", segments)
             stats.inc("tcp.fast_segments", segments)
             stats.inc("tcp.fast_bytes", written)

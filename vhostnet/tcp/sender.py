@@ -17,7 +17,7 @@ from enum import IntEnum
 
 from vhostnet.stack.counters import Counters
 from vhostnet.tcp import _frames
-from vhostnet.tcp.flow import Flow, Peek, Phase, TcpCommand, TcpTimeouts
+from vhostnet.tcp.flow import Discard, Flow, Peek, Phase, TcpCommand, TcpTimeouts
 from vhostnet.tcp.output import GuestOutput, is_ipv6
 from vhostnet.wire.offload import DATA_VALID_WORD, MAX_TSO_PAYLOAD, tcp_data_word
 from vhostnet.wire.tcp import ACK, CSUM_FULL, CSUM_NONE, CSUM_PARTIAL, FIN, segment_payload
@@ -95,6 +95,44 @@ class GuestSender:
         flow.peek_seq = flow.snd_nxt
         flow.peek_len = min(room, PEEK_BUDGET)
         self.commands.append(Peek(flow.flow_id, flow.snd_nxt - flow.snd_una, flow.peek_len))
+
+    def take_ack(self, flow: Flow, ack_wire: int, raw_window: int, dup_candidate: bool,
+                 now: float) -> bool:
+        """The guest's ack and (unscaled) window: discard what it acknowledged, count duplicate
+        ACKs (``dup_candidate``: a segment without data or FIN) for fast retransmission, send
+        what the window allows. False (counted, answered with our ACK): it acknowledged data
+        never sent."""
+        ack = flow.send_rel(ack_wire)
+        window = raw_window << flow.snd_wscale
+        if ack > flow.snd_max:
+            self.stats.drop("tcp.drop.ack_unsent", "guest acknowledged data never sent")
+            self.tx.ack(flow)
+            return False
+        if ack > flow.snd_una:
+            acked = ack - flow.snd_una
+            if flow.fin_sent and ack == flow.snd_max:
+                flow.fin_acked = True
+                acked -= 1
+            if acked > 0:
+                self.commands.append(Discard(flow.flow_id, acked))
+            flow.snd_una = ack
+            flow.snd_nxt = max(flow.snd_nxt, ack)
+            flow.dup_acks = 0
+            flow.retries = 0
+            flow.rto = self.timeouts.rto_initial
+            flow.rto_at = now + flow.rto if flow.snd_una < flow.snd_max else None
+            if flow.fin_at is not None:
+                flow.fin_at = now + self.timeouts.fin  # still closing, but making progress
+        elif (dup_candidate and ack == flow.snd_una and flow.snd_una < flow.snd_max
+              and window == flow.snd_wnd):
+            flow.dup_acks += 1
+            if flow.dup_acks == 3:
+                self.stats.inc("tcp.fast_retransmits")
+                self.retransmit(flow, now)
+        flow.snd_wnd = window
+        self.pump(flow, now)
+        self.maybe_send_fin(flow, now)
+        return True
 
     def send_host_data(self, flow: Flow, data: bytes | memoryview, now: float) -> None:
         self.data(flow, data)
