@@ -371,7 +371,9 @@ class Network:
         receive = self.stack.receive_frame
         frame, vnet = batch.frame, batch.vnet
         left = self.udp_fast.send_batch(batch, count, now) if self.udp_fast is not None else None
-        if self.tcp_fast is not None:
+        if self.tcp_fast is not None and (left is None or len(left)):
+            # (UDP took every frame: nothing for TCP's pass, nor its refresh, which the next
+            # batch with TCP in it does.)
             left = self.tcp_fast.send_batch(batch, count, now, left)
         for index in range(count) if left is None else left.tolist():
             receive(bytes(frame(index)), now, vnet(index))
