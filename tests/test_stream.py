@@ -498,3 +498,35 @@ def test_the_device_asks_for_socket_buffers_as_large_as_passt_does(pair) -> None
         device.close()
         network.close()
         loop.close()
+
+
+def test_frames_queued_while_the_socket_is_full_wait_for_writable_without_sending(pair) -> None:
+    """A full socket means one wait for writable: frames queued meanwhile cost no send."""
+    ours, peer = pair
+    loop = asyncio.new_event_loop()
+    network = Network(StackConfig(), loop)
+    device = StreamDevice(loop, network, ours)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    try:
+        big, later = _frame(1, 60000), [_frame(n, 1000) for n in range(2, 6)]
+        network.frames_to_guest.append(big)
+        _run_until(loop, lambda: device.counters["rx.send_waits"] == 1)
+        assert not network.frames_to_guest and device.sender.cut_bytes  # big is cut
+        sends = device.counters["rx.sends"]
+        for frame in later:
+            network.frames_to_guest.append(frame)
+            loop.run_until_complete(asyncio.sleep(0.01))
+        assert device.counters["rx.sends"] == sends
+        wire = b""
+
+        def read_some() -> bool:
+            nonlocal wire
+            wire += _read_all(peer)
+            return len(wire) == len(encode_frames([big, *later]))
+
+        _run_until(loop, read_some)
+        assert wire == encode_frames([big, *later])
+    finally:
+        device.close()
+        network.close()
+        loop.close()

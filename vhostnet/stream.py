@@ -186,7 +186,7 @@ class StreamDevice:
         self._writing = False
         self._rx_scheduled = False
         self._closed = False
-        self.counters = {"tx.frames": 0, "rx.frames": 0, "rx.bytes": 0, "tx.bytes": 0,
+        self.counters = {"tx.frames": 0, "rx.frames": 0, "rx.bytes": 0, "tx.bytes": 0, "rx.sends": 0,
                          "rx.send_waits": 0, "rx.dropped_offloaded": 0, "rx.dropped_unsendable": 0,
                          "protocol_errors": 0}
         # No virtio-net header: the guest takes no checksum or segmentation offload.
@@ -225,7 +225,8 @@ class StreamDevice:
             if count < READ_CHUNK // 4:
                 break  # most likely drained: no second recv just to see EAGAIN
         self.network.flush()
-        self._flush_rx()
+        if not self._writing:
+            self._flush_rx()
 
     def _deliver(self) -> bool:
         """Hand every whole frame buffered to the network; False if the connection closed."""
@@ -250,7 +251,9 @@ class StreamDevice:
     # ---- network -> guest -------------------------------------------------------
 
     def _schedule_rx(self) -> None:
-        if not self._rx_scheduled and not self._closed:
+        # While waiting for the socket to be writable, that wakeup sends: trying before it
+        # would only gather frames to see EAGAIN (the common case when the guest is slower).
+        if not self._rx_scheduled and not self._closed and not self._writing:
             self._rx_scheduled = True
             self.loop.call_soon(self._flush_rx)
 
@@ -291,6 +294,7 @@ class StreamDevice:
         sent, frames, offloaded, unsendable, error = self.sender.send(
             self.sock.fileno(), pending, SEND_FRAMES, SEND_BYTES, GuestBatch, captured)
         counters = self.counters
+        counters["rx.sends"] += 1
         counters["rx.bytes"] += sent
         counters["rx.frames"] += frames
         counters["rx.dropped_offloaded"] += offloaded
