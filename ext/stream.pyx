@@ -4,36 +4,41 @@
 On the stream each Ethernet frame is a 4-byte big-endian length followed by the frame.
 ``parse_frames`` cuts whole frames out of a receive buffer into a FrameBatch's arrays
 (the layout of ext/frame_batch.pxd, handed out by ``FrameBatch.arrays()``) without the
-GIL; a partial frame at the end stays for the next read. ``encode_frames`` joins the
-frames queued for the guest into one send buffer. Lengths outside [14, 65549] mean the
-framing is lost: reported, never trusted.
+GIL; a partial frame at the end stays for the next read. ``StreamSender`` writes the
+frames queued for the guest with sendmsg(2), gathered where they lie (no copy into a
+send buffer): each frame is two iovecs, its length from a small header array and the
+frame itself. Lengths outside [14, 65549] mean the framing is lost: reported, never
+trusted.
 
 The Python face is vhostnet/stream.py; use that, not this module.
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_CheckExact
+from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
+                            PyBytes_GET_SIZE)
+from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
+
+from netbytes cimport be32, put32
+from sockets cimport MAX_IOV, MSG_DONTWAIT, MSG_NOSIGNAL, iovec, msghdr, sendmsg
 
 cdef enum:
     LENGTH_BYTES = 4
     MIN_FRAME = 14  # an Ethernet header
     MAX_FRAME = 65535 + 14  # the largest IP packet in an Ethernet frame
+    # Frames one sendmsg gathers: two iovecs each, plus one for the tail of a cut frame.
+    SEND_SLOTS = (MAX_IOV - 1) // 2
+
+cdef enum SlotKind:
+    SLOT_FRAME
+    SLOT_OFFLOADED  # a (frame, vnet) entry: offload fields a stream guest cannot take
+    SLOT_UNSENDABLE  # a length no stream frame can have, or a frame outside its batch
 
 LENGTH_PREFIX = LENGTH_BYTES
 SMALLEST_FRAME = MIN_FRAME
 LARGEST_FRAME = MAX_FRAME
-
-
-cdef inline uint32_t load_be32(const uint8_t *p) noexcept nogil:
-    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
-
-
-cdef inline void store_be32(uint8_t *p, uint32_t value) noexcept nogil:
-    p[0] = <uint8_t>(value >> 24)
-    p[1] = <uint8_t>(value >> 16)
-    p[2] = <uint8_t>(value >> 8)
-    p[3] = <uint8_t>value
+FRAMES_PER_SEND = SEND_SLOTS
 
 
 def parse_frames(const uint8_t[::1] buffer not None, Py_ssize_t start, Py_ssize_t end,
@@ -57,7 +62,7 @@ def parse_frames(const uint8_t[::1] buffer not None, Py_ssize_t start, Py_ssize_
     cdef long long bad = -1
     with nogil:
         while end - position >= LENGTH_BYTES and count < capacity:
-            length = load_be32(data + position)
+            length = be32(data + position)
             if length < MIN_FRAME or length > MAX_FRAME:
                 bad = length
                 break
@@ -73,82 +78,224 @@ def parse_frames(const uint8_t[::1] buffer not None, Py_ssize_t start, Py_ssize_
     return position, count, fill, bad
 
 
-def encode_frames(pending not None, uint8_t[::1] out not None, Py_ssize_t max_frames,
-                  Py_ssize_t max_bytes, built_type=None) -> tuple:
-    """Move frames from the front of ``pending`` (a deque of bytes) into ``out``, each after
-    its length, while fewer than ``max_frames`` frames and ``max_bytes`` bytes are in.
+cdef class StreamSender:
+    """Sends the frames queued for a stream guest, many per sendmsg(2), from where they lie.
 
-    An entry of ``built_type`` (``network.GuestBatch``: frames ``start`` onward of a
-    FrameBatch built by a C fast path) is copied from the batch's arrays, no Python object
-    per frame; one the limits cut stays at the front with its ``start`` moved on.
-
-    Returns (bytes written, frames written, ``(frame, vnet)`` entries dropped (offload fields
-    a stream guest cannot take), frames dropped for a length no stream frame can have).
+    ``send`` gathers entries from the front of a queue (a deque: frames as bytes or any
+    buffer, ``(frame, vnet)`` entries, and entries of ``built_type``: frames ``start`` onward
+    of a FrameBatch a C fast path built), sends them in one sendmsg, then takes off the
+    queue exactly what went: whole entries popped, a built batch's ``start`` moved on (to
+    its ``count`` when all of it went). A frame a short send cut is taken too, its unsent
+    tail copied here (``cut_bytes``) and sent first next time, so frames are never
+    reordered, lost or resent, and the queue's owner may reuse a batch once its frames
+    are taken.
     """
-    cdef Py_ssize_t size = out.shape[0], used = 0, frames = 0, offloaded = 0, unsendable = 0
-    cdef Py_ssize_t length
-    cdef uint8_t *base = &out[0] if size else NULL
-    cdef const uint8_t[::1] view
-    cdef const uint8_t *source
-    popleft = pending.popleft
-    while pending and frames < max_frames and used < max_bytes:
-        frame = pending[0]
-        if built_type is not None and type(frame) is built_type:
-            if _encode_built(frame, base, size, max_frames, max_bytes, &used, &frames,
-                             &unsendable):
-                popleft()
-            continue
-        popleft()
-        if PyBytes_CheckExact(frame):
-            source = <const uint8_t *>PyBytes_AS_STRING(frame)
-            length = PyBytes_GET_SIZE(frame)
-        elif type(frame) is tuple:
-            offloaded += 1
-            continue
+
+    cdef iovec iovs[MAX_IOV]
+    cdef uint8_t headers[SEND_SLOTS * LENGTH_BYTES]
+    # One slot per frame gathered (sent or dropped), in queue order.
+    cdef const uint8_t *slot_data[SEND_SLOTS]
+    cdef uint32_t slot_length[SEND_SLOTS]
+    cdef uint8_t slot_kind[SEND_SLOTS]
+    cdef Py_ssize_t slot_index[SEND_SLOTS]  # the frame's index in its built batch
+    # One per entry gathered: its first slot, its slot count, whether all of it is gathered.
+    cdef Py_ssize_t entry_first[SEND_SLOTS]
+    cdef Py_ssize_t entry_slots[SEND_SLOTS]
+    cdef bint entry_whole[SEND_SLOTS]
+    cdef uint8_t *cut  # the unsent tail of a cut frame (length prefix included)
+    cdef Py_ssize_t cut_start, cut_end
+
+    def __cinit__(self):
+        self.cut = <uint8_t *>malloc(LENGTH_BYTES + MAX_FRAME)
+        if self.cut is NULL:
+            raise MemoryError()
+        self.cut_start = self.cut_end = 0
+
+    def __dealloc__(self):
+        free(self.cut)
+
+    @property
+    def cut_bytes(self) -> int:
+        """Bytes of a frame a short send cut, still to go before any other frame."""
+        return self.cut_end - self.cut_start
+
+    def send(self, int fd, pending not None, Py_ssize_t max_frames, Py_ssize_t max_bytes,
+             built_type=None, list sent_frames=None) -> tuple:
+        """One sendmsg of the cut tail (if any) and the frames at the front of ``pending``,
+        up to ``max_frames`` (at most ``FRAMES_PER_SEND``) and about ``max_bytes``.
+
+        ``sent_frames``: each frame taken is appended to it as bytes (for a capture).
+        Returns (bytes sent, frames taken, ``(frame, vnet)`` entries dropped, frames dropped
+        for a length no stream frame can have, error): error is 0 when everything gathered
+        went, EAGAIN when the socket took less (wait until it is writable), else the errno
+        of the failed send.
+        """
+        cdef Py_ssize_t slots = 0, entries = 0, niov = 0, wire = 0, first, index, count
+        cdef Py_ssize_t length, limit = min(max_frames, <Py_ssize_t>SEND_SLOTS)
+        cdef const uint8_t[::1] data
+        cdef const uint64_t[::1] offsets
+        cdef const uint32_t[::1] lengths
+        cdef const uint8_t[::1] view
+        cdef uint64_t offset, size
+        held = []  # keeps every gathered buffer alive while the GIL is released
+        if self.cut_end > self.cut_start:
+            self.iovs[0].iov_base = self.cut + self.cut_start
+            self.iovs[0].iov_len = self.cut_end - self.cut_start
+            niov = 1
+            wire = self.cut_end - self.cut_start
+        for entry in pending:
+            if slots >= limit or wire >= max_bytes or entries >= SEND_SLOTS:
+                break
+            first = slots
+            self.entry_first[entries] = first
+            self.entry_whole[entries] = True
+            held.append(entry)
+            if built_type is not None and type(entry) is built_type:
+                storage, offsets_array, lengths_array, _vnets = entry.batch.arrays()
+                data, offsets, lengths = storage, offsets_array, lengths_array
+                count = entry.batch.count
+                if count > offsets.shape[0] or count > lengths.shape[0]:
+                    raise ValueError("a built batch counts more frames than its arrays hold")
+                index = entry.start
+                size = <uint64_t>data.shape[0]
+                while index < count:
+                    if slots >= limit or wire >= max_bytes:
+                        self.entry_whole[entries] = False
+                        break
+                    offset, length = offsets[index], lengths[index]
+                    self.slot_index[slots] = index
+                    if offset > size or <uint64_t>length > size - offset:
+                        self._drop(slots, SLOT_UNSENDABLE)
+                    else:
+                        wire += self._gather(slots, &niov, &data[0] + offset, length)
+                    slots += 1
+                    index += 1
+            elif PyBytes_CheckExact(entry):
+                wire += self._gather(slots, &niov, <const uint8_t *>PyBytes_AS_STRING(entry),
+                                     PyBytes_GET_SIZE(entry))
+                slots += 1
+            elif type(entry) is tuple:
+                self._drop(slots, SLOT_OFFLOADED)
+                slots += 1
+            else:
+                view = memoryview(entry).cast("B")
+                held.append(view)
+                wire += self._gather(slots, &niov, &view[0] if view.shape[0] else NULL,
+                                     view.shape[0])
+                slots += 1
+            self.entry_slots[entries] = slots - first
+            entries += 1
+        cdef ssize_t sent = 0
+        cdef int error = 0
+        cdef msghdr message
+        if niov:
+            message.msg_name = NULL
+            message.msg_namelen = 0
+            message.msg_iov = self.iovs
+            message.msg_iovlen = niov
+            message.msg_control = NULL
+            message.msg_controllen = 0
+            message.msg_flags = 0
+            with nogil:
+                while True:
+                    sent = sendmsg(fd, &message, MSG_DONTWAIT | MSG_NOSIGNAL)
+                    if sent >= 0 or errno != EINTR:
+                        break
+                if sent < 0:
+                    error = errno  # EWOULDBLOCK is EAGAIN on Linux
+                    sent = 0
+                elif sent < wire:
+                    error = EAGAIN
+            if error and error != EAGAIN:
+                return 0, 0, 0, 0, error
+        taken = self._take(sent, slots, sent_frames)
+        self._pop_taken(pending, entries, taken[0], built_type)
+        del held
+        return sent, taken[1], taken[2], taken[3], error
+
+    cdef inline void _drop(self, Py_ssize_t slot, uint8_t kind) noexcept:
+        self.slot_kind[slot] = kind
+        self.slot_length[slot] = 0
+        self.slot_data[slot] = NULL
+
+    cdef inline Py_ssize_t _gather(self, Py_ssize_t slot, Py_ssize_t *niov,
+                                   const uint8_t *frame, Py_ssize_t length) noexcept:
+        """Slot ``slot`` is ``frame`` (two iovecs: its length, then it); returns its bytes on
+        the wire, 0 for a length no stream frame can have (dropped)."""
+        if length < MIN_FRAME or length > MAX_FRAME:
+            self._drop(slot, SLOT_UNSENDABLE)
+            return 0
+        cdef uint8_t *header = self.headers + slot * LENGTH_BYTES
+        put32(header, <uint64_t>length)
+        self.slot_kind[slot] = SLOT_FRAME
+        self.slot_length[slot] = <uint32_t>length
+        self.slot_data[slot] = frame
+        self.iovs[niov[0]].iov_base = header
+        self.iovs[niov[0]].iov_len = LENGTH_BYTES
+        self.iovs[niov[0] + 1].iov_base = <void *>frame
+        self.iovs[niov[0] + 1].iov_len = length
+        niov[0] += 2
+        return LENGTH_BYTES + length
+
+    cdef tuple _take(self, Py_ssize_t sent, Py_ssize_t slots, list sent_frames):
+        """Account ``sent`` bytes: the cut tail first, then slot by slot; a frame the send
+        cut leaves its tail here. Returns (slots taken, frames, offloaded, unsendable)."""
+        cdef Py_ssize_t cut = self.cut_end - self.cut_start, slot = 0, frames = 0
+        cdef Py_ssize_t offloaded = 0, unsendable = 0, wire, done
+        if cut:
+            if sent < cut:
+                self.cut_start += sent
+                return 0, 0, 0, 0
+            sent -= cut
+            self.cut_start = self.cut_end = 0
+        while slot < slots:
+            if self.slot_kind[slot] == SLOT_OFFLOADED:
+                offloaded += 1
+            elif self.slot_kind[slot] == SLOT_UNSENDABLE:
+                unsendable += 1
+            else:
+                wire = LENGTH_BYTES + self.slot_length[slot]
+                if not sent:
+                    break
+                done = min(sent, wire)
+                sent -= done
+                if done < wire:
+                    self._keep_tail(slot, done)
+                frames += 1
+                if sent_frames is not None:
+                    sent_frames.append(PyBytes_FromStringAndSize(
+                        <const char *>self.slot_data[slot], self.slot_length[slot]))
+            slot += 1
+        return slot, frames, offloaded, unsendable
+
+    cdef void _keep_tail(self, Py_ssize_t slot, Py_ssize_t done) noexcept:
+        """Copy what a short send left of slot ``slot``'s wire bytes (prefix, frame)."""
+        cdef Py_ssize_t length = self.slot_length[slot], end = 0
+        if done < LENGTH_BYTES:
+            memcpy(self.cut, self.headers + slot * LENGTH_BYTES + done, LENGTH_BYTES - done)
+            end = LENGTH_BYTES - done
+            done = 0
         else:
-            view = memoryview(frame).cast("B")
-            length = view.shape[0]
-            source = &view[0] if length else NULL
-        if not _put_frame(base, size, &used, source, length):
-            unsendable += 1
-            continue
-        frames += 1
-    return used, frames, offloaded, unsendable
+            done -= LENGTH_BYTES
+        memcpy(self.cut + end, self.slot_data[slot] + done, length - done)
+        self.cut_start = 0
+        self.cut_end = end + length - done
 
-
-cdef inline bint _put_frame(uint8_t *base, Py_ssize_t size, Py_ssize_t *used,
-                            const uint8_t *source, Py_ssize_t length) noexcept nogil:
-    """One frame after its length at ``base + used``; False (nothing written) for a length no
-    stream frame can have or one past the buffer."""
-    if length < MIN_FRAME or length > MAX_FRAME or used[0] + LENGTH_BYTES + length > size:
-        return False
-    store_be32(base + used[0], <uint32_t>length)
-    memcpy(base + used[0] + LENGTH_BYTES, source, length)
-    used[0] += LENGTH_BYTES + length
-    return True
-
-
-cdef bint _encode_built(entry, uint8_t *base, Py_ssize_t size, Py_ssize_t max_frames,
-                        Py_ssize_t max_bytes, Py_ssize_t *used, Py_ssize_t *frames,
-                        Py_ssize_t *unsendable) except -1:
-    """The frames of a built batch entry into the buffer; True when all of them are in."""
-    storage, offsets_array, lengths_array, _vnets = entry.batch.arrays()
-    cdef const uint8_t[::1] data = storage
-    cdef const uint64_t[::1] offsets = offsets_array
-    cdef const uint32_t[::1] lengths = lengths_array
-    cdef Py_ssize_t index = entry.start, count = entry.batch.count
-    cdef uint64_t offset, length
-    if count > offsets.shape[0] or count > lengths.shape[0]:
-        raise ValueError("a built batch counts more frames than its arrays hold")
-    with nogil:
-        while index < count and frames[0] < max_frames and used[0] < max_bytes:
-            offset = offsets[index]
-            length = lengths[index]
-            index += 1
-            if offset > <uint64_t>data.shape[0] or length > <uint64_t>data.shape[0] - offset \
-                    or not _put_frame(base, size, used, &data[0] + offset, <Py_ssize_t>length):
-                unsendable[0] += 1
+    cdef void _pop_taken(self, pending, Py_ssize_t entries, Py_ssize_t taken, built_type):
+        """Take off ``pending`` the entries whose slots are all taken; a built batch taken
+        in part keeps its place with ``start`` after its last frame taken."""
+        cdef Py_ssize_t entry = 0, end
+        popleft = pending.popleft
+        while entry < entries:
+            end = self.entry_first[entry] + self.entry_slots[entry]
+            if end <= taken and self.entry_whole[entry]:
+                front = popleft()
+                if built_type is not None and type(front) is built_type:
+                    front.start = front.batch.count  # all taken (the switch reads it)
+                entry += 1
                 continue
-            frames[0] += 1
-    entry.start = index
-    return index >= count
+            if taken > self.entry_first[entry] and built_type is not None:
+                front = pending[0]
+                if type(front) is built_type:
+                    front.start = self.slot_index[taken - 1] + 1
+            break

@@ -6,7 +6,10 @@ with no virtio-net header, so it works with any NIC model (virtio-net, e1000).
 ``FrameBatch``); ``StreamDevice`` is the socket glue, the stream counterpart of
 ``NetDevice``: it reads the socket in large chunks and hands the network whole
 batches (``Network.receive_batch``, so the C fast paths run as for the rings), and
-writes frames for the guest many at a time in one ``send``.
+writes frames for the guest many at a time in one sendmsg, gathered where they lie
+(``StreamSender``, ext/stream.pyx: no copy into a send buffer). Its socket buffers are
+as large as the system allows (as passt sets them): the peer, a guest under QEMU, reads
+in bursts, and a deep buffer keeps frames waiting for it in the kernel rather than here.
 
 No header means no offloads: guest frames carry full checksums and frames for the
 guest must carry them too, so the device tells the network the guest takes none.
@@ -19,7 +22,9 @@ at least 16 MiB, which no frame can be.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import socket
 import time
 from collections import deque
@@ -27,12 +32,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vhostnet._stream import (
+    FRAMES_PER_SEND,
     LARGEST_FRAME,
     LENGTH_PREFIX,
     SMALLEST_FRAME,
+    StreamSender,
     parse_frames,
 )
-from vhostnet._stream import encode_frames as encode_queue
 from vhostnet.network import GuestBatch
 from vhostnet.vhost_user.ratelimit import limiter
 from vhostnet.virtqueue import FrameBatch
@@ -51,10 +57,12 @@ VHOST_USER_THRESHOLD = 1 << 24  # first 4 bytes at least this, as a big-endian l
 READ_CHUNK = 256 * 1024
 MAX_READS_PER_WAKEUP = 8
 BATCH_FRAMES = 256
-# Frames for the guest joined into one send, and the bytes one send may carry.
-SEND_FRAMES = 512
+# Frames for the guest gathered into one sendmsg, and about the bytes one may carry.
+SEND_FRAMES = FRAMES_PER_SEND  # two iovecs a frame, within IOV_MAX
 SEND_BYTES = 1024 * 1024
-SEND_BUFFER = SEND_BYTES + LENGTH_BYTES + MAX_FRAME  # the last frame may start before the limit
+SENDS_PER_WAKEUP = 16  # then the loop runs other callbacks before this peer's next sends
+# Asked of SO_SNDBUF and SO_RCVBUF, as passt asks; the kernel caps it at wmem_max/rmem_max.
+SOCKET_BUFFER = (1 << 31) // 2 - 1
 
 
 def looks_like_vhost_user(first: bytes) -> bool:
@@ -145,10 +153,16 @@ def frame_header(length: int) -> bytes:
 
 def encode_frames(frames: list[bytes]) -> bytes:
     """Frames as they go on the stream, each after its length."""
-    out = bytearray(sum(LENGTH_BYTES + len(frame) for frame in frames))
-    used, _count, _offloaded, _unsendable = encode_queue(deque(frames), out, len(frames),
-                                                         len(out))
-    return bytes(out[:used])
+    return b"".join(frame_header(len(frame)) + bytes(frame) for frame in frames)
+
+
+def enlarge_buffers(sock: socket.socket) -> None:
+    """Ask for the largest send and receive buffers the system allows (best effort)."""
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        except OSError as exc:
+            log.debug("stream socket buffer left as it was: %s", exc)
 
 
 class StreamDevice:
@@ -167,20 +181,17 @@ class StreamDevice:
         self.on_closed: Callable[[], None] | None = None
         self.framer = StreamFramer()
         self.batch = FrameBatch(BATCH_FRAMES)
-        # Frames for the guest, joined by the kernel; _out is the part of the send not taken yet.
-        self._send_buffer = bytearray(SEND_BUFFER)
-        self._send_view = memoryview(self._send_buffer)
-        self._out: memoryview | bytes = b""
-        self._out_offset = 0
-        self._capture_batch: FrameBatch | None = None
+        # Sends frames for the guest from where they lie; holds the tail of a cut frame.
+        self.sender = StreamSender()
         self._writing = False
         self._rx_scheduled = False
         self._closed = False
-        self.counters = {"tx.frames": 0, "rx.frames": 0, "rx.bytes": 0, "tx.bytes": 0,
+        self.counters = {"tx.frames": 0, "rx.frames": 0, "rx.bytes": 0, "tx.bytes": 0, "rx.sends": 0,
                          "rx.send_waits": 0, "rx.dropped_offloaded": 0, "rx.dropped_unsendable": 0,
                          "protocol_errors": 0}
         # No virtio-net header: the guest takes no checksum or segmentation offload.
         network.set_guest_offloads(csum=False, tso4=False)
+        enlarge_buffers(sock)
         self.framer.feed(first_bytes)
         loop.add_reader(sock.fileno(), self._on_readable)
         network.add_output_listener(self._schedule_rx)
@@ -214,7 +225,8 @@ class StreamDevice:
             if count < READ_CHUNK // 4:
                 break  # most likely drained: no second recv just to see EAGAIN
         self.network.flush()
-        self._flush_rx()
+        if not self._writing:
+            self._flush_rx()
 
     def _deliver(self) -> bool:
         """Hand every whole frame buffered to the network; False if the connection closed."""
@@ -239,7 +251,9 @@ class StreamDevice:
     # ---- network -> guest -------------------------------------------------------
 
     def _schedule_rx(self) -> None:
-        if not self._rx_scheduled and not self._closed:
+        # While waiting for the socket to be writable, that wakeup sends: trying before it
+        # would only gather frames to see EAGAIN (the common case when the guest is slower).
+        if not self._rx_scheduled and not self._closed and not self._writing:
             self._rx_scheduled = True
             self.loop.call_soon(self._flush_rx)
 
@@ -250,64 +264,44 @@ class StreamDevice:
         if self._closed:
             return
         pending = self.network.frames_to_guest
-        while True:
-            if self._out_offset >= len(self._out):
-                if pending:
-                    self._take(pending)
-                elif self.switched is None or not self._take_switched(self.switched):
-                    break
-            try:
-                sent = self.sock.send(self._out[self._out_offset:])
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                log.warning("cannot send to the stream front-end (%s); closing the connection", exc)
-                self.close()
+        for _ in range(SENDS_PER_WAKEUP):
+            if pending or self.sender.cut_bytes:
+                error = self._send(pending)
+            elif self.switched is not None and (batch := self.switched.outgoing()) is not None:
+                entry = GuestBatch(batch)  # the switch's batch goes the way of a built one
+                error = self._send(deque((entry,)))
+                self.switched.taken(entry.start)  # a cut frame's tail is the sender's copy
+            else:
+                self._stop_waiting()
                 return
-            self._out_offset += sent
-            self.counters["rx.bytes"] += sent
-            if self._out_offset < len(self._out):
+            if error == errno.EAGAIN:
                 self._wait_writable()
                 return
-        self._stop_waiting()
+            if error:
+                log.warning("cannot send to the stream front-end (%s); closing the connection",
+                            os.strerror(error))
+                self.close()
+                return
+        self._schedule_rx()  # more to send: after the loop's other callbacks
 
-    def _take(self, pending: deque) -> None:
-        """Join up to ``SEND_FRAMES`` frames (``SEND_BYTES``) of the queue into one send, in one
-        kernel call."""
-        used, count, offloaded, unsendable = encode_queue(pending, self._send_buffer,
-                                                          SEND_FRAMES, SEND_BYTES, GuestBatch)
-        # (frame, vnet) entries: a partial or absent checksum left for a vhost-user guest
-        # that negotiated offloads, queued before it went; unusable here.
-        self.counters["rx.dropped_offloaded"] += offloaded
-        self.counters["rx.dropped_unsendable"] += unsendable
-        self.counters["rx.frames"] += count
-        self._out = self._send_view[:used]
-        self._out_offset = 0
-        if self.capture is not None and count:
-            self._capture_sent(used)
+    def _send(self, pending: deque) -> int:
+        """One sendmsg of frames from the front of ``pending``; 0, EAGAIN or the send's errno.
 
-    def _take_switched(self, switched: SwitchedFrames) -> bool:
-        """Join frames other guests sent to this one into one send (their checksums are
-        complete: the switch fixes offloads for a port that takes none); False if none."""
-        batch = switched.outgoing()
-        if batch is None:
-            return False
-        entry = GuestBatch(batch)  # the switch's batch goes the way of a built one
-        self._take(deque((entry,)))
-        switched.taken(entry.start)
-        return entry.start > 0
-
-    def _capture_sent(self, used: int) -> None:
-        """Record the frames of the send buffer (cut again by the framer's kernel)."""
-        if self._capture_batch is None:
-            self._capture_batch = FrameBatch(SEND_FRAMES, SEND_BUFFER)
-        position = 0
-        while position < used:
-            position, count, _bad = frames_into_batch(self._send_buffer, position, used,
-                                                      self._capture_batch)
-            if not count:
-                break
-            self.capture.add_batch(self._capture_batch, count)
+        (frame, vnet) entries are dropped: a partial or absent checksum left for a
+        vhost-user guest that negotiated offloads, queued before it went; unusable here.
+        """
+        captured: list[bytes] | None = [] if self.capture is not None else None
+        sent, frames, offloaded, unsendable, error = self.sender.send(
+            self.sock.fileno(), pending, SEND_FRAMES, SEND_BYTES, GuestBatch, captured)
+        counters = self.counters
+        counters["rx.sends"] += 1
+        counters["rx.bytes"] += sent
+        counters["rx.frames"] += frames
+        counters["rx.dropped_offloaded"] += offloaded
+        counters["rx.dropped_unsendable"] += unsendable
+        if captured:
+            self.capture.add(captured)
+        return error
 
     def _wait_writable(self) -> None:
         if not self._writing:

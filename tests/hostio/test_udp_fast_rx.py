@@ -3,8 +3,8 @@
 Every frame the kernel builds is compared byte for byte with one built here by the
 independent builders of tests/support/frames.py (plain struct packing, a local checksum).
 Then the whole trip: a guest datagram through ``Network.receive_batch``, the host's answer
-queued for the guest as one ``GuestBatch``, and the stream's send buffer taking such a
-batch without a Python object per frame.
+queued for the guest as one ``GuestBatch`` (the stream's sender takes such batches in
+place: tests/test_stream.py).
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ import errno
 import socket
 import struct
 import time
-from collections import deque
 
 import pytest
-from vhostnet._stream import encode_frames as encode_queue
 from vhostnet.hostio._udp_fast import UdpFastPath
 
 from tests.support.frames import (
@@ -35,7 +33,6 @@ from tests.support.loop import run
 from tests.support.udp_fast import batch_of
 from vhostnet.network import GuestBatch, Network, new_guest_batch_storage
 from vhostnet.stack.config import StackConfig
-from vhostnet.stream import encode_frames
 from vhostnet.virtqueue import FrameBatch
 
 GUEST_IP6 = bytes.fromhex("fec0000000000000000000000000000f")
@@ -198,25 +195,6 @@ def test_answers_of_an_established_flow_reach_the_guest_as_one_built_batch() -> 
             server.close()
 
     run(scenario)
-
-
-def test_stream_send_buffer_takes_built_batches_in_place_and_in_order() -> None:
-    built = FrameBatch(8, 8 * 1514)
-    frames = [frame_for_guest(GATEWAY_IP, 53, GUEST_IP, 4000, b"%d" % i * i) for i in range(6)]
-    for frame in frames:
-        built.append(frame)
-    before, after = b"\x02" * 60, b"\x03" * 70
-    entry = GuestBatch(built)
-    pending = deque([before, entry, after])
-    out = bytearray(1 << 16)
-    # Four frames allowed: the batch is cut after three of its own and stays at the front.
-    used, count, offloaded, unsendable = encode_queue(pending, out, 4, len(out), GuestBatch)
-    assert (count, offloaded, unsendable) == (4, 0, 0)
-    assert bytes(out[:used]) == encode_frames([before, *frames[:3]])
-    assert pending[0] is entry and entry.start == 3
-    used, count, _, _ = encode_queue(pending, out, 100, len(out), GuestBatch)
-    assert count == 4 and not pending
-    assert bytes(out[:used]) == encode_frames([*frames[3:], after])
 
 
 # --- forwarded ports: datagrams of known peers on an unconnected socket ---------------
