@@ -45,26 +45,10 @@ from libc.errno cimport EAGAIN, EFAULT, EINTR, errno
 from frame_batch cimport FrameArrays, frame_at
 from netbytes cimport be16, be32, pseudo_header_sum, pseudo_header_sum6, sum_bytes, sum_verifies
 from vhostnet.wire._flow_table cimport TABLE_SLOTS, FlowIndex
+from sockets cimport MAX_IOV, MSG_DONTWAIT, MSG_NOSIGNAL, iovec, msghdr, sendmsg
 from vnet cimport vnet_partial_csum_at
 
-cdef extern from "<sys/socket.h>" nogil:
-    cdef struct iovec:
-        void *iov_base
-        size_t iov_len
-    cdef struct msghdr:
-        void *msg_name
-        unsigned int msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
-    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
-    int MSG_DONTWAIT
-    int MSG_NOSIGNAL
-
 cdef enum:
-    MAX_IOV = 1024               # IOV_MAX on Linux
     ETH_LEN = 14
     IP_LEN = 20
     IP6_LEN = 40

@@ -18,13 +18,7 @@ from tcp_headers cimport (CSUM_FULL, CSUM_NONE, CSUM_PARTIAL, HDR_ETH_LEN, HDR_I
 from vnet cimport VNET_F_DATA_VALID, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_GSO_TCPV4, \
     VNET_GSO_TCPV6, vnet_encode
 
-cdef extern from "<sys/socket.h>" nogil:
-    ctypedef unsigned int socklen_t
-    ssize_t recvmsg(int fd, msghdr *msg, int flags)
-    int setsockopt(int fd, int level, int name, const void *value, socklen_t length)
-    int MSG_PEEK
-    int SOL_SOCKET
-    int SO_PEEK_OFF
+from sockets cimport MSG_PEEK, SO_PEEK_OFF, SOL_SOCKET, recvmsg, setsockopt, socklen_t
 
 # How a direct peek ended (the first value of ``peek_into_ring``'s answer); negative: -errno.
 cdef enum:

@@ -37,27 +37,8 @@ from frame_batch cimport FrameArrays, frame_at
 from netbytes cimport (be16, checksum_field, pseudo_header_sum, pseudo_header_sum6, put16,
                       sum_bytes, sum_verifies)
 from vhostnet.wire._flow_table cimport TABLE_SLOTS, FlowIndex
+from sockets cimport MSG_DONTWAIT, MSG_TRUNC, iovec, mmsghdr, msghdr, recvmmsg, sendmmsg
 from vnet cimport vnet_partial_csum_at
-
-cdef extern from "<sys/socket.h>" nogil:
-    cdef struct iovec:
-        void *iov_base
-        size_t iov_len
-    cdef struct msghdr:
-        void *msg_name
-        unsigned int msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
-    cdef struct mmsghdr:
-        msghdr msg_hdr
-        unsigned int msg_len
-    int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
-    int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags, void *timeout)
-    int MSG_DONTWAIT
-    int MSG_TRUNC
 
 cdef enum:
     MAX_BATCH = 1024             # datagrams per sendmmsg round

@@ -11,17 +11,7 @@
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-cdef extern from "<sys/socket.h>" nogil:
-    cdef struct cmsghdr:
-        size_t cmsg_len
-        int cmsg_level
-        int cmsg_type
-    size_t CMSG_SPACE(size_t length)
-    size_t CMSG_LEN(size_t length)
-    unsigned char *CMSG_DATA(cmsghdr *cmsg)
-    int socket(int domain, int kind, int protocol)
-    int setsockopt(int fd, int level, int name, const void *value, unsigned int length)
-    int SOCK_DGRAM
+from sockets cimport CMSG_DATA, CMSG_LEN, CMSG_SPACE, SOCK_DGRAM, cmsghdr, setsockopt, socket
 
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)

@@ -16,7 +16,7 @@ import struct
 from tests.support.frames import GATEWAY_IP, GUEST_IP, GUEST_MAC, eth, guest_udp_frame, ipv4, udp
 from tests.support.hostio import free_udp_port
 from tests.support.loop import run
-from tests.support.udp_fast import batch_of, receive_all
+from tests.support.udp_fast import batch_of, open_udp_flow, receive_all
 from vhostnet.network import Network
 from vhostnet.stack.config import StackConfig
 from vhostnet.wire.offload import NEEDS_CSUM, vnet_word
@@ -73,9 +73,7 @@ def test_refused_port_on_the_fast_path_becomes_port_unreachable() -> None:
         port = free_udp_port()  # nobody listens: the host answers ICMP, connect()ed send fails
         network = Network(StackConfig(), loop)
         try:
-            network.receive_batch(batch_of([(guest_udp_frame(4000, GATEWAY_IP, port, b"a"), 0)]),
-                                  1, 0.0)
-            network.flush()
+            open_udp_flow(network, port)
             await asyncio.sleep(0.05)  # the refusal arrives on the socket
             network.frames_to_guest.clear()
             later = batch_of([(guest_udp_frame(4000, GATEWAY_IP, port, b"b"), 0)] * 3)
@@ -97,9 +95,7 @@ def test_expired_flow_leaves_the_fast_path() -> None:
         port = server.getsockname()[1]
         network = Network(StackConfig(), loop)
         try:
-            network.receive_batch(batch_of([(guest_udp_frame(4000, GATEWAY_IP, port, b"a"), 0)]),
-                                  1, 0.0)
-            network.flush()
+            open_udp_flow(network, port)
             assert network.udp_fast.flows == 1
             network.poll_timers(10_000.0)
             network.flush()

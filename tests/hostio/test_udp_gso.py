@@ -28,7 +28,7 @@ from tests.support.frames import (
 )
 from tests.support.hostio import free_udp_port
 from tests.support.loop import run
-from tests.support.udp_fast import batch_of, receive_all
+from tests.support.udp_fast import batch_of, open_udp_flow, receive_all
 from vhostnet.hostio.udp_fast import UdpFastPath  # the C kernel itself
 from vhostnet.network import Network
 from vhostnet.stack.config import StackConfig, ip6
@@ -214,9 +214,7 @@ def test_bundles_are_counted_through_the_network() -> None:
         port = server.getsockname()[1]
         network = Network(StackConfig(), loop)
         try:
-            network.receive_batch(batch_of([(guest_udp_frame(4000, GATEWAY_IP, port, b"a"), 0)]),
-                                  1, 0.0)
-            network.flush()
+            open_udp_flow(network, port)
             assert network.udp_fast is not None and network.udp_fast.kernel.gso
             sent = [payload(1, i, 1000) for i in range(100)]
             batch = batch_of([(guest_udp_frame(4000, GATEWAY_IP, port, d), 0) for d in sent],

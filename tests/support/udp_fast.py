@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 
+from tests.support.frames import GATEWAY_IP, guest_udp_frame
 from vhostnet.virtqueue import FrameBatch
 
 
@@ -22,3 +23,11 @@ def receive_all(sock: socket.socket, limit: int = 100) -> list[bytes]:
         except BlockingIOError:
             break
     return got
+
+
+def open_udp_flow(network, port: int, guest_port: int = 4000) -> None:
+    """The guest sends one datagram from ``guest_port`` to the gateway's ``port``: UDP NAT
+    opens the flow and registers it with the fast path (``network``: a ``Network``)."""
+    network.receive_batch(batch_of([(guest_udp_frame(guest_port, GATEWAY_IP, port, b"a"), 0)]),
+                          1, 0.0)
+    network.flush()
