@@ -93,7 +93,8 @@ class GuestFrameQueue(deque):
     ``recycle`` (the network's ``GuestBatchPool``), so read a built batch before popping it.
     ``frames`` counts the frames waiting (a built batch as many as it held when queued);
     ``backlogged`` tells host readers to stop above ``GUEST_BACKLOG_HIGH`` and arms the
-    ``drained_listeners``, told once when no more than ``GUEST_BACKLOG_LOW`` wait.
+    ``drained_listeners``, told once when no more than ``GUEST_BACKLOG_LOW`` wait. The count
+    follows append, popleft, extend, extendleft and clear (the only mutations used on it).
     """
 
     def __init__(self) -> None:
@@ -165,6 +166,9 @@ class GuestFrameQueue(deque):
         """True while more than ``GUEST_BACKLOG_HIGH`` frames wait: a host reader should stop
         until the drained listeners are told (at ``GUEST_BACKLOG_LOW``)."""
         if self.frames <= GUEST_BACKLOG_HIGH:
+            return False
+        if not self:
+            self.frames = 0  # a count gone astray must never stop reading for good
             return False
         self._watching = True
         return True

@@ -292,3 +292,10 @@ def test_the_stream_sender_hands_back_only_storages_it_sent_whole() -> None:
     finally:
         ours.close()
         peer.close()
+
+
+def test_an_empty_queue_is_never_backlogged_whatever_its_count_says(monkeypatch) -> None:
+    monkeypatch.setattr(network_module, "GUEST_BACKLOG_HIGH", 1)
+    _pool, queue = pool_and_queue()
+    queue.frames = 100  # as if some mutation had not been counted
+    assert not queue.backlogged() and queue.frames == 0
