@@ -124,11 +124,7 @@ class RxFlush:
         assert self.steering is not None
         pair_of = self.steering.pair_of
         pending = self.network.frames_to_guest
-        if any(type(item) is GuestBatch for item in pending):
-            entries = list(pending)
-            pending.clear()
-            pending.extend(frame for item in entries
-                           for frame in (item.frames() if type(item) is GuestBatch else (item,)))
+        pending.take_apart_built()  # (their storages go back to the network's pool)
         fallback = next(iter(rings))
         taken: dict[int, list] = {pair: [] for pair in rings}
         batches = {pair: self._rx_batch_of(pair) for pair in rings}

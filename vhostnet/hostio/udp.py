@@ -83,8 +83,12 @@ class UdpGlue:
 
     def __init__(self, engine: UdpNat, loop: asyncio.AbstractEventLoop,
                  clock: Callable[[], float] = time.monotonic,
-                 fast_path: UdpFastSender | None = None) -> None:
+                 fast_path: UdpFastSender | None = None,
+                 guest_backlogged: Callable[[], bool] | None = None) -> None:
         self.engine = engine
+        # True while the guest's queue holds too much: readers stop until resume_reading.
+        self.guest_backlogged = guest_backlogged
+        self._paused: dict[int, tuple[Callable[..., None], tuple]] = {}  # fd -> its reader
         # Outbound flows go to the C fast path once their socket is connected.
         self.fast_path = fast_path
         self.loop = loop
@@ -168,7 +172,7 @@ class UdpGlue:
             for flow_id, (listener, _peer) in list(self._peers.items()):
                 if listener is sock:
                     self._forget_peer(flow_id)
-            self.loop.remove_reader(sock.fileno())
+            self._stop_reading(sock)
             sock.close()
 
     def _listening(self, forward: PortForward, sock: socket.socket) -> None:
@@ -176,6 +180,8 @@ class UdpGlue:
         self.loop.add_reader(sock.fileno(), self._on_listener_readable, forward, sock)
 
     def _on_listener_readable(self, forward: PortForward, sock: socket.socket) -> None:
+        if self._paused_for_guest(sock, self._on_listener_readable, forward, sock):
+            return
         now = self.clock()
         left = self.fast_path.receive_forwarded(sock, now) if self.fast_path is not None else None
         if left is None:
@@ -239,6 +245,8 @@ class UdpGlue:
             self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
 
     def _on_flow_readable(self, flow_id: int, sock: socket.socket) -> None:
+        if self._paused_for_guest(sock, self._on_flow_readable, flow_id, sock):
+            return
         now = self.clock()
         if self.fast_path is not None and self.fast_path.receive(flow_id, now):
             return
@@ -258,8 +266,36 @@ class UdpGlue:
         if sock is not None:
             if self.fast_path is not None:
                 self.fast_path.unregister(flow_id)  # before the fd number can be reused
-            self.loop.remove_reader(sock.fileno())
+            self._stop_reading(sock)
             sock.close()
+
+    # --- backpressure: the guest's queue full, datagrams wait in the host's buffers ------
+
+    def _paused_for_guest(self, sock: socket.socket, reader: Callable[..., None],
+                          *args: object) -> bool:
+        """Stop reading ``sock`` while the guest's queue is backlogged (True: stopped)."""
+        if self.guest_backlogged is None or not self.guest_backlogged():
+            return False
+        fd = sock.fileno()
+        self.loop.remove_reader(fd)
+        self._paused[fd] = (reader, args)
+        self.engine.counters.inc("udp.rx_paused")
+        return True
+
+    def resume_reading(self) -> None:
+        """The guest's queue drained: read the stopped sockets again (what came meanwhile
+        waited in their buffers, in order)."""
+        paused, self._paused = self._paused, {}
+        for fd, (reader, args) in paused.items():
+            self.loop.add_reader(fd, reader, *args)
+
+    @property
+    def paused_sockets(self) -> int:
+        return len(self._paused)
+
+    def _stop_reading(self, sock: socket.socket) -> None:
+        self._paused.pop(sock.fileno(), None)
+        self.loop.remove_reader(sock.fileno())
 
     def close(self) -> None:
         """Close every socket this glue opened."""

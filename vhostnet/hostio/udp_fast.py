@@ -49,18 +49,21 @@ class UdpFastSender:
         self.kernel = UdpFastPath()
         self._bound: object = None  # the TX batch whose arrays the kernel holds
         self._handled = np.zeros(0, dtype=np.uint8)
-        # Host -> guest: a fresh batch per receive, and where a filled one goes (set by the
-        # network; None: every datagram takes the Python path).
+        # Host -> guest: where an empty batch comes from (the network's pool) and where a
+        # filled one goes (set by the network; None: every datagram takes the Python path).
         self._new_batch: Callable[[], Any] | None = None
         self._to_guest: Callable[[Any], None] | None = None
+        self._spare: Any | None = None  # taken but not filled (nothing waited): the next read's
         self._peers: dict[int, tuple[int, bytes, int]] = {}  # inbound flow -> kernel's key
 
     def attach_guest_output(self, new_batch: Callable[[], Any],
                             to_guest: Callable[[Any], None]) -> None:
-        """Host datagrams of registered flows are built into ``new_batch()`` (a FrameBatch)
-        and handed to ``to_guest(batch)``, which queues its frames for the guest in order."""
+        """Host datagrams of registered flows are built into ``new_batch()`` (an empty
+        FrameBatch) and handed to ``to_guest(batch)``, which queues its frames for the guest
+        in order (and owns the batch from then on)."""
         self._new_batch = new_batch
         self._to_guest = to_guest
+        self._spare = None
 
     def receive(self, flow_id: int, now: float) -> bool:
         """Take the datagrams waiting on ``flow_id``'s socket for the guest; False when this
@@ -69,8 +72,10 @@ class UdpFastSender:
         Datagrams too large for one frame follow the batch through the Python stack (which
         fragments them): around those, order may change.
         """
+        if not self.kernel.holds(flow_id):
+            return False
         batch = self._batch_for_guest()
-        if batch is None or not self.kernel.holds(flow_id):
+        if batch is None:
             return False
         frames, error, oversized = self.kernel.receive(flow_id, self.stack.config.mtu,
                                                        *batch.arrays())
@@ -78,6 +83,8 @@ class UdpFastSender:
         if frames:
             engine.touch(flow_id, now)
             self._deliver(batch, frames, "udp.rx_host")
+        else:
+            self._spare = batch
         for payload in oversized:
             engine.on_host_datagram(flow_id, payload, now)
         if error:
@@ -107,8 +114,10 @@ class UdpFastSender:
         """Take what waits on a forward's socket: registered peers' datagrams go to the guest
         from here; returns the others as (payload, peer address, peer port) for the Python
         stack (None: nothing taken here, the caller reads the socket itself)."""
+        if not self.kernel.peer_count:
+            return None
         batch = self._batch_for_guest()
-        if batch is None or not self.kernel.peer_count:
+        if batch is None:
             return None
         frames, _error, hits, left = self.kernel.receive_from(
             sock.fileno(), self.stack.config.mtu, *batch.arrays())
@@ -118,16 +127,22 @@ class UdpFastSender:
             engine.touch(flow_id, now)
         if frames:
             self._deliver(batch, frames, "udp.rx_forward")
+        else:
+            self._spare = batch
         return [(payload, socket.inet_ntop(family, address), port)
                 for payload, _flow_id, family, address, port in left]
 
     def _batch_for_guest(self) -> Any | None:
-        """A fresh batch for frames toward the guest, the kernel told the MACs; None while
-        frames cannot be built here (no guest MAC yet, or no output attached)."""
+        """An empty batch for frames toward the guest (the spare one if the last read found
+        nothing), the kernel told the MACs; None while frames cannot be built here (no guest
+        MAC yet, or no output attached)."""
         guest_mac = self.stack.guest_mac
         if self._to_guest is None or self._new_batch is None or guest_mac is None:
             return None
         self.kernel.set_macs(self.stack.config.gateway_mac, guest_mac)
+        if self._spare is not None:
+            batch, self._spare = self._spare, None
+            return batch
         return self._new_batch()
 
     def _deliver(self, batch: Any, frames: int, counter: str) -> None:
