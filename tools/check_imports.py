@@ -82,6 +82,7 @@ LAYER_OF_PREFIX: tuple[tuple[str, str], ...] = (
     ("vhostnet.tcp", "tcp"),
     ("vhostnet.hostio", "hostio"),
     ("vhostnet.network", "network"),
+    ("vhostnet.guest_queue", "network"),  # the guest frame queue Network owns
     ("vhostnet.capture", "capture"),
     ("vhostnet.device_rx", "device"),
     ("vhostnet.device", "device"),

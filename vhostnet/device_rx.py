@@ -15,7 +15,7 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING
 
-from vhostnet.network import GuestBatch
+from vhostnet.guest_queue import GuestBatch
 from vhostnet.virtqueue import FlowSteering, FrameBatch, Virtqueue
 
 if TYPE_CHECKING:

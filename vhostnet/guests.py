@@ -27,7 +27,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from vhostnet.network import DirectRx, GuestFrameQueue, Network
+from vhostnet.guest_queue import GuestFrameQueue
+from vhostnet.network import DirectRx, Network
 from vhostnet.stack.config import PortForward, StackConfig, ip4_str, ip6_str, mac_str
 from vhostnet.vhost_user.ratelimit import limiter
 from vhostnet.virtqueue.switch import ROUTE6_SLOTS

@@ -39,7 +39,7 @@ from vhostnet._stream import (
     StreamSender,
     parse_frames,
 )
-from vhostnet.network import GuestBatch
+from vhostnet.guest_queue import GuestBatch
 from vhostnet.vhost_user.ratelimit import limiter
 from vhostnet.virtqueue import FrameBatch
 

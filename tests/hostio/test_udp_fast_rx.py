@@ -31,7 +31,8 @@ from tests.support.frames import (
 )
 from tests.support.loop import run
 from tests.support.udp_fast import batch_of
-from vhostnet.network import GuestBatch, Network, new_guest_batch_storage
+from vhostnet.guest_queue import GuestBatch, new_guest_batch_storage
+from vhostnet.network import Network
 from vhostnet.stack.config import StackConfig
 from vhostnet.virtqueue import FrameBatch
 

@@ -14,11 +14,12 @@ import time
 import pytest
 from vhostnet._stream import StreamSender
 
-import vhostnet.network as network_module
+import vhostnet.guest_queue as guest_queue
 from tests.support.frames import GATEWAY_IP, GUEST_MAC, guest_udp_frame
 from tests.support.loop import run
 from tests.support.udp_fast import batch_of
-from vhostnet.network import GuestBatch, GuestBatchPool, GuestFrameQueue, Network
+from vhostnet.guest_queue import GuestBatch, GuestBatchPool, GuestFrameQueue
+from vhostnet.network import Network
 from vhostnet.stack.config import StackConfig
 from vhostnet.stream import encode_frames
 from vhostnet.virtqueue import FrameBatch
@@ -77,7 +78,7 @@ def test_the_pool_is_bounded_and_takes_only_its_own_kind_once() -> None:
 
 
 def test_batches_dropped_for_room_or_taken_apart_go_back_to_the_pool(monkeypatch) -> None:
-    monkeypatch.setattr(network_module, "MAX_PENDING_FRAMES", 2)
+    monkeypatch.setattr(guest_queue, "MAX_PENDING_FRAMES", 2)
     pool, queue = pool_and_queue()
     dropped = filled(pool, 5)
     queue.append(GuestBatch(dropped))
@@ -86,7 +87,7 @@ def test_batches_dropped_for_room_or_taken_apart_go_back_to_the_pool(monkeypatch
     assert queue.dropped == 5 and queue.frames == 2
     assert pool.free == 1 and pool.take() is dropped
     # A consumer without a kernel for built batches takes them apart: frames stay in order.
-    monkeypatch.setattr(network_module, "MAX_PENDING_FRAMES", 8)
+    monkeypatch.setattr(guest_queue, "MAX_PENDING_FRAMES", 8)
     apart = filled(pool, 2)
     queue.append(GuestBatch(apart))
     queue.popleft()
@@ -97,8 +98,8 @@ def test_batches_dropped_for_room_or_taken_apart_go_back_to_the_pool(monkeypatch
 
 def test_backlog_counts_frames_and_tells_the_drained_listeners_once_at_low_water(
         monkeypatch) -> None:
-    monkeypatch.setattr(network_module, "GUEST_BACKLOG_HIGH", 8)
-    monkeypatch.setattr(network_module, "GUEST_BACKLOG_LOW", 3)
+    monkeypatch.setattr(guest_queue, "GUEST_BACKLOG_HIGH", 8)
+    monkeypatch.setattr(guest_queue, "GUEST_BACKLOG_LOW", 3)
     pool, queue = pool_and_queue()
     drained: list[int] = []
     queue.drained_listeners.append(lambda: drained.append(queue.frames))
@@ -194,8 +195,8 @@ def test_storages_are_reused_across_reads_once_the_guest_took_them() -> None:
 
 def test_a_backlogged_queue_leaves_datagrams_in_the_host_socket_until_it_drains(
         monkeypatch) -> None:
-    monkeypatch.setattr(network_module, "GUEST_BACKLOG_HIGH", 8)
-    monkeypatch.setattr(network_module, "GUEST_BACKLOG_LOW", 2)
+    monkeypatch.setattr(guest_queue, "GUEST_BACKLOG_HIGH", 8)
+    monkeypatch.setattr(guest_queue, "GUEST_BACKLOG_LOW", 2)
 
     async def scenario(loop) -> None:
         flow = Established(loop)
@@ -229,8 +230,8 @@ def test_a_backlogged_queue_leaves_datagrams_in_the_host_socket_until_it_drains(
 
 @pytest.mark.parametrize("how", ["expired", "closed"])
 def test_a_socket_closed_while_paused_is_not_read_again(monkeypatch, how) -> None:
-    monkeypatch.setattr(network_module, "GUEST_BACKLOG_HIGH", 1)
-    monkeypatch.setattr(network_module, "GUEST_BACKLOG_LOW", 0)
+    monkeypatch.setattr(guest_queue, "GUEST_BACKLOG_HIGH", 1)
+    monkeypatch.setattr(guest_queue, "GUEST_BACKLOG_LOW", 0)
 
     async def scenario(loop) -> None:
         flow = Established(loop)
@@ -295,7 +296,7 @@ def test_the_stream_sender_hands_back_only_storages_it_sent_whole() -> None:
 
 
 def test_an_empty_queue_is_never_backlogged_whatever_its_count_says(monkeypatch) -> None:
-    monkeypatch.setattr(network_module, "GUEST_BACKLOG_HIGH", 1)
+    monkeypatch.setattr(guest_queue, "GUEST_BACKLOG_HIGH", 1)
     _pool, queue = pool_and_queue()
     queue.frames = 100  # as if some mutation had not been counted
     assert not queue.backlogged() and queue.frames == 0
