@@ -412,7 +412,7 @@ cdef int32_t route_lookup(SwitchKernel sw, const uint8_t *frame, uint64_t length
     ethertype = be16(frame + 12)
     if ethertype == ETHERTYPE_IPV4:
         if (ip[0] >> 4 != 4 or (ip[0] & 15) * 4 < IPV4_HEADER_MIN
-                or length < ETH_HEADER_BYTES + (ip[0] & 15) * 4 or ip[8] <= 1):
+                or length < <uint64_t>(ETH_HEADER_BYTES + (ip[0] & 15) * 4) or ip[8] <= 1):
             return NO_PORT
         for port in range(sw.max_ports):
             entry = &sw.ports[port]
