@@ -170,14 +170,13 @@ cdef class SwitchKernel:
         for the offloads it had: after a change (a driver reset) they are dropped, counted,
         as a NIC drops what was in flight when it was reset."""
         cdef FrameBatch out
-        cdef Py_ssize_t k
         self._check_port(port)
         if (self.ports[port].csum != csum or self.ports[port].tso4 != tso4
                 or self.ports[port].tso6 != tso6):
             out = <FrameBatch>self.outs[port]
             if out is not None:
-                for k in range(out.n):
-                    self.drop(SW_DROP_OFFLOADS_CHANGED)
+                if out.n:
+                    self.drop(SW_DROP_OFFLOADS_CHANGED, out.n)
                 out.clear()
         self.ports[port].csum = csum
         self.ports[port].tso4 = tso4
@@ -298,8 +297,8 @@ cdef class SwitchKernel:
         self.has_new_drops = False
         return fresh
 
-    cdef inline void drop(self, int reason) noexcept nogil:
-        self.counts[reason] += 1
+    cdef inline void drop(self, int reason, uint64_t frames=1) noexcept nogil:
+        self.counts[reason] += frames
         if not self.reported[reason]:
             self.has_new_drops = True
 
