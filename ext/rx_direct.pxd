@@ -15,7 +15,7 @@
 # asks. A taken room that is not committed is simply left in the ring. All of it runs
 # inside ``run`` (the SIGBUS guard, GIL released): guest memory can vanish under a copy.
 
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef enum:
     RXD_MAX_SPANS = 128          # a room covers at most this many host memory pieces
@@ -48,3 +48,53 @@ cdef struct RxDirectApi:
     # Run ``work(ring, arg, n)`` with the GIL released under the SIGBUS guard (call with the
     # GIL held); a fault breaks the queue. Returns work's result, or -1 after a fault.
     long (*run)(void *ring, rxd_work_fn work, void *arg, long n) noexcept
+
+
+# ---- helpers for the writers (inline: each kernel compiles its own copy) --------------------
+
+from sockets cimport iovec
+from netbytes cimport fold, sum_bytes
+
+
+cdef inline uint64_t room_payload_iov(const RxRoom *room, uint64_t skip, uint64_t count,
+                                      iovec *iov, int *niov) noexcept nogil:
+    """Point ``iov`` (RXD_MAX_SPANS entries) at ``count`` bytes of the room after its first
+    ``skip``; returns the bytes covered (less when the room is shorter)."""
+    cdef int i
+    cdef uint64_t covered = 0, start, piece
+    niov[0] = 0
+    for i in range(room.nspans):
+        if covered >= count:
+            break
+        if skip >= room.spans[i].length:
+            skip -= room.spans[i].length
+            continue
+        start = skip
+        skip = 0
+        piece = room.spans[i].length - start
+        if piece > count - covered:
+            piece = count - covered
+        iov[niov[0]].iov_base = room.spans[i].host + start
+        iov[niov[0]].iov_len = piece
+        niov[0] += 1
+        covered += piece
+    return covered
+
+
+cdef inline uint64_t iov_sum(const iovec *iov, int niov, uint64_t length) noexcept nogil:
+    """The RFC 1071 sum (unfolded) of the first ``length`` bytes ``iov`` points at, pieces that
+    start at an odd offset byte-swapped."""
+    cdef uint64_t total = 0, offset = 0, piece
+    cdef uint16_t folded
+    cdef int k
+    for k in range(niov):
+        if offset >= length:
+            break
+        piece = iov[k].iov_len if iov[k].iov_len < length - offset else length - offset
+        if offset & 1:
+            folded = fold(sum_bytes(<const uint8_t *>iov[k].iov_base, piece))
+            total += ((folded & 0xFF) << 8) | (folded >> 8)
+        else:
+            total += sum_bytes(<const uint8_t *>iov[k].iov_base, piece)
+        offset += piece
+    return total

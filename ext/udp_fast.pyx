@@ -71,49 +71,9 @@ cdef struct FlowSlot:          # the flow in slot i of the FlowIndex (vhostnet/w
     bint gso_refused         # the kernel would not cut this flow's datagrams: plain sends
 
 
-cdef struct PeerName:          # what recvmmsg writes to msg_name: a sockaddr_in or _in6
-    uint16_t family
-    uint8_t data[26]         # port, then (flowinfo and) the address
+include "udp_peers.pxi"  # inbound flows' peers on forwarded ports
+include "udp_rx.pxi"     # host -> guest frames: headers, and straight into the RX ring
 
-
-cdef struct PeerEntry:         # a registered peer of a forward's socket: an inbound flow
-    int64_t flow_id          # 0: empty; -1: removed (tombstone)
-    int fd
-    uint8_t address_len      # 4 or 16, as the socket's family gives it
-    uint8_t address[16]
-    uint8_t port[2]          # network byte order
-    FlowSlot to_guest        # the frame's headers (fd, datagrams, bytes unused)
-
-
-cdef inline uint32_t _peer_hash(const PeerEntry *key) noexcept nogil:
-    """FNV-1a over the socket, the port and the address."""
-    cdef uint32_t h = 2166136261u ^ <uint32_t>key.fd
-    cdef int i
-    h = (h ^ key.port[0]) * 16777619u
-    h = (h ^ key.port[1]) * 16777619u
-    for i in range(key.address_len):
-        h = (h ^ key.address[i]) * 16777619u
-    return h & (PEER_SLOTS - 1)
-
-
-cdef void _peer_key(PeerEntry *probe, int fd, bytes address, int port):
-    """A lookup key for the peer ``address``:``port`` (4 or 16 bytes, checked by the caller)
-    of the forward's socket ``fd``: everything else zero."""
-    memset(probe, 0, sizeof(PeerEntry))
-    probe.fd = fd
-    probe.address_len = len(address)
-    memcpy(probe.address, <const char *>address, probe.address_len)
-    put16(probe.port, port)
-
-
-cdef tuple _peer_of(const PeerName *name):
-    """(family, address bytes, port) of a datagram's sender, as recvmmsg gave it."""
-    cdef int port = (<int>name.data[0] << 8) | name.data[1]
-    if name.family == AF_INET_C:
-        return name.family, bytes(name.data[2:6]), port
-    if name.family == AF_INET6_C:
-        return name.family, bytes(name.data[6:22]), port
-    return name.family, b"", port
 
 
 cdef class UdpFastPath:
@@ -164,6 +124,8 @@ cdef class UdpFastPath:
     cdef readonly int peer_count
     cdef readonly uint64_t datagrams_received
     cdef readonly Py_ssize_t frames6      # of the last receive's frames, those on IPv6
+    cdef UdpDirect direct                 # receive_direct(): straight into an RX ring
+    cdef readonly uint64_t datagrams_direct
 
     def __cinit__(self):
         self.index = FlowIndex()
@@ -175,6 +137,7 @@ cdef class UdpFastPath:
     def __dealloc__(self):
         free(self.slots)
         free(self.arena)
+        free(self.direct.spill)
         free(self.peers)
 
     @property
@@ -504,6 +467,38 @@ cdef class UdpFastPath:
                                             storage, offsets, lengths, vnets)
         return frames, error, [payload for payload, _entry, _family, _address, _port in left]
 
+    def receive_direct(self, int64_t flow_id, Py_ssize_t mtu, ring, capsule,
+                       long limit=MAX_RX) -> tuple:
+        """Take up to ``limit`` datagrams waiting on ``flow_id``'s socket straight into the RX
+        ring ``ring`` (the ring kernel's queue, ``capsule`` its ``rx_direct_handle``), one
+        interrupt for all (see udp_rx.pxi).
+
+        Returns (status, frames delivered, a datagram the ring could not take as bytes or
+        None); status DIRECT_DRAINED, DIRECT_LIMIT, DIRECT_RING_FULL, DIRECT_SPILLED (the
+        datagram handed back), or a receive error's errno. After DIRECT_RING_FULL or
+        DIRECT_SPILLED, what else waits is for ``receive``, behind what went here.
+        """
+        cdef int index = self.index.slot_of(flow_id)
+        cdef UdpDirect *p = &self.direct
+        if index < 0 or not self.have_guest_mac or limit < 1:
+            raise ValueError("direct receive on a flow the fast path does not hold")
+        if mtu - IP6_LEN - UDP_LEN < 1:
+            raise ValueError("an MTU too small for a UDP frame")
+        if p.spill == NULL:
+            p.spill = <uint8_t *>malloc(2 * SPILL_HALF)
+            if p.spill == NULL:
+                raise MemoryError()
+        p.fd = self.slots[index].fd
+        p.slot = &self.slots[index]
+        p.guest_mac = self.guest_mac
+        p.gateway_mac = self.gateway_mac
+        p.max_payload = mtu - UDP_LEN - (IP6_LEN if self.slots[index].ipv6 else IP_LEN)
+        p.limit = limit
+        result = direct_receive(p, ring, capsule)
+        self.datagrams_direct += p.frames
+        self.frames6 = p.frames if self.slots[index].ipv6 else 0
+        return result
+
     def add_peer(self, int64_t flow_id, int fd, bytes peer_address, int peer_port,
                  bytes guest_ip, int guest_port, bytes remote_ip, int remote_port) -> bool:
         """An inbound flow: datagrams from ``peer_address``:``peer_port`` (4 bytes on an IPv4
@@ -657,8 +652,8 @@ cdef class UdpFastPath:
                 self.left_flow[nleft[0]] = flow_id
                 nleft[0] += 1
                 continue
-            self._build_frame(to_guest, storage + fill[0], self.arena + <size_t>i * RX_SLOT,
-                              length)
+            build_frame(self.guest_mac, self.gateway_mac, to_guest, storage + fill[0],
+                        self.arena + <size_t>i * RX_SLOT, length)
             offsets[frames[0]] = fill[0]
             lengths[frames[0]] = <uint32_t>(header + length)
             vnets[frames[0]] = 0
@@ -713,50 +708,3 @@ cdef class UdpFastPath:
                 return at
             at = (at + 1) & (PEER_SLOTS - 1)
         return -1
-
-    cdef void _build_frame(self, const FlowSlot *slot, uint8_t *frame, const uint8_t *payload,
-                           uint32_t length) noexcept nogil:
-        """Ethernet + IP + UDP headers and the payload at ``frame``: from the flow's remote
-        end to the guest, checksums filled in (UDP's computed 0 sent as 0xFFFF)."""
-        cdef uint8_t *ip = frame + ETH_LEN
-        cdef uint8_t *udp
-        cdef uint64_t total
-        memcpy(frame, self.guest_mac, 6)
-        memcpy(frame + 6, self.gateway_mac, 6)
-        if slot.ipv6:
-            frame[12] = 0x86
-            frame[13] = 0xDD
-            udp = ip + IP6_LEN
-            ip[0] = 0x60
-            ip[1] = ip[2] = ip[3] = 0
-            put16(ip + 4, UDP_LEN + length)
-            ip[6] = PROTO_UDP
-            ip[7] = TTL
-            memcpy(ip + 8, slot.remote_ip, 16)
-            memcpy(ip + 24, slot.guest_ip, 16)
-            total = pseudo_header_sum6(ip, PROTO_UDP, UDP_LEN + length)
-        else:
-            frame[12] = 0x08
-            frame[13] = 0x00
-            udp = ip + IP_LEN
-            ip[0] = 0x45
-            ip[1] = 0
-            put16(ip + 2, IP_LEN + UDP_LEN + length)
-            ip[4] = ip[5] = 0
-            ip[6] = 0x40  # DF: identification 0 (RFC 6864), as emit_ipv4_header
-            ip[7] = 0
-            ip[8] = TTL
-            ip[9] = PROTO_UDP
-            ip[10] = ip[11] = 0
-            memcpy(ip + 12, slot.remote_ip, 4)
-            memcpy(ip + 16, slot.guest_ip, 4)
-            put16(ip + 10, checksum_field(sum_bytes(ip, IP_LEN)))
-            total = pseudo_header_sum(ip, PROTO_UDP, UDP_LEN + length)
-        memcpy(udp, slot.remote_port, 2)
-        memcpy(udp + 2, slot.guest_port, 2)
-        put16(udp + 4, UDP_LEN + length)
-        udp[6] = udp[7] = 0
-        memcpy(udp + UDP_LEN, payload, length)
-        total += sum_bytes(udp, UDP_LEN + length)
-        total = checksum_field(total)
-        put16(udp + 6, total if total else 0xFFFF)

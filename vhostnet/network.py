@@ -275,7 +275,8 @@ class Network:
             self.udp_fast = UdpFastSender(stack.udp_nat, stack)
             self.udp_fast.attach_guest_output(
                 self.guest_batches.take,
-                lambda batch: self.frames_to_guest.append(GuestBatch(batch)))
+                lambda batch: self.frames_to_guest.append(GuestBatch(batch)),
+                self.frames_to_guest)
             # Backpressure: host UDP sockets wait while the guest's queue is backlogged.
             self.udp_glue = UdpGlue(stack.udp_nat, loop, fast_path=self.udp_fast,
                                     guest_backlogged=self.frames_to_guest.backlogged)
@@ -347,11 +348,13 @@ class Network:
             pass
 
     def set_direct_rx(self, rx: DirectRx | None, owner: DirectRx | None = None) -> None:
-        """Let the TCP fast path write host data straight into ``rx``'s RX ring (None: stop;
-        with ``owner``, only if ``owner`` is the one set, so a closing device does not undo
-        its successor)."""
+        """Let the TCP and UDP fast paths write host data straight into ``rx``'s RX ring (None:
+        stop; with ``owner``, only if ``owner`` is the one set, so a closing device does not
+        undo its successor)."""
         if self.tcp_fast is not None and (owner is None or self.tcp_fast.rx is owner):
             self.tcp_fast.set_rx(rx)
+        if self.udp_fast is not None and (owner is None or self.udp_fast.rx is owner):
+            self.udp_fast.rx = rx
 
     def set_guest_offloads(self, csum: bool, tso4: bool, tso6: bool = False) -> None:
         """What the guest's driver takes on receive (GUEST_CSUM, GUEST_TSO4, GUEST_TSO6), from

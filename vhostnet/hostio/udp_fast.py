@@ -19,12 +19,12 @@ unreachable stays the one of the flow's first datagram (same addresses and ports
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from typing import Any
 
 import numpy as np
 
-from vhostnet.hostio._udp_fast import UdpFastPath
+from vhostnet.hostio._udp_fast import DIRECT_DRAINED, DIRECT_LIMIT, UdpFastPath
 from vhostnet.stack.stack import NetworkStack
 from vhostnet.stack.udp_nat import UdpNat
 
@@ -55,14 +55,21 @@ class UdpFastSender:
         self._to_guest: Callable[[Any], None] | None = None
         self._spare: Any | None = None  # taken but not filled (nothing waited): the next read's
         self._peers: dict[int, tuple[int, bytes, int]] = {}  # inbound flow -> kernel's key
+        # Host -> guest straight into the RX ring: the device offering it (the network's
+        # ``set_direct_rx``; duck-typed as ``vhostnet.tcp.fast.DirectRx``: ``direct_rx()``,
+        # ``direct_rx_done(frames)``) and the queue whose waiting frames must go first.
+        self.rx: Any | None = None
+        self._waiting: Sized = ()
 
     def attach_guest_output(self, new_batch: Callable[[], Any],
-                            to_guest: Callable[[Any], None]) -> None:
+                            to_guest: Callable[[Any], None], waiting: Sized = ()) -> None:
         """Host datagrams of registered flows are built into ``new_batch()`` (an empty
         FrameBatch) and handed to ``to_guest(batch)``, which queues its frames for the guest
-        in order (and owns the batch from then on)."""
+        in order (and owns the batch from then on). ``waiting``: that queue; while it holds
+        frames, none goes straight into the RX ring (they would pass the queued ones)."""
         self._new_batch = new_batch
         self._to_guest = to_guest
+        self._waiting = waiting
         self._spare = None
 
     def receive(self, flow_id: int, now: float) -> bool:
@@ -74,6 +81,8 @@ class UdpFastSender:
         """
         if not self.kernel.holds(flow_id):
             return False
+        if self.rx is not None and not self._waiting and self._receive_direct(flow_id, now):
+            return True
         batch = self._batch_for_guest()
         if batch is None:
             return False
@@ -90,6 +99,31 @@ class UdpFastSender:
         if error:
             engine.on_host_error(flow_id, error, now)
         return True
+
+    def _receive_direct(self, flow_id: int, now: float) -> bool:
+        """``receive`` straight into the device's RX ring; False when the rest is for the old
+        way (no ring, no guest MAC, the ring out of buffers, a datagram handed back)."""
+        assert self.rx is not None
+        ring = self.rx.direct_rx()
+        guest_mac = self.stack.guest_mac
+        if ring is None or guest_mac is None:
+            return False
+        kernel = self.kernel
+        kernel.set_macs(self.stack.config.gateway_mac, guest_mac)
+        status, frames, spilled = kernel.receive_direct(flow_id, self.stack.config.mtu, *ring)
+        engine = self.engine
+        if frames:
+            engine.touch(flow_id, now)
+            self._count(frames, "udp.rx_host", "udp.rx_direct")
+            self.rx.direct_rx_done(frames)
+        if spilled is not None:
+            engine.on_host_datagram(flow_id, spilled, now)  # (over the MTU: fragmented there)
+        if status == DIRECT_DRAINED or status == DIRECT_LIMIT:
+            return True
+        if status > 0:
+            engine.on_host_error(flow_id, status, now)
+            return True
+        return False  # ring out of buffers, or a datagram handed back: the old way reads on
 
     def register_peer(self, flow_id: int, sock: socket.socket, peer_addr: str,
                       peer_port: int) -> None:
@@ -148,15 +182,20 @@ class UdpFastSender:
     def _deliver(self, batch: Any, frames: int, counter: str) -> None:
         """``frames`` built frames of ``batch`` to the guest, counted as the stack counts them."""
         batch.take_written(frames)
+        self._count(frames, counter)
+        assert self._to_guest is not None
+        self._to_guest(batch)
+
+    def _count(self, frames: int, *names: str) -> None:
+        """``frames`` frames of the last receive counted as the stack counts them, and under
+        ``names``."""
         counters = self.engine.counters
-        for name in (counter, "udp.fast_path_rx"):
+        for name in (*names, "udp.fast_path_rx"):
             counters.inc(name, frames)
         frames6 = self.kernel.frames6
         for name, value in (("ipv4.tx", frames - frames6), ("ipv6.tx", frames6)):
             if value:
                 counters.inc(name, value)
-        assert self._to_guest is not None
-        self._to_guest(batch)
 
     @property
     def flows(self) -> int:
