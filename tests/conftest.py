@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import VhostnetProcess
+from tests.support.guest_ram import SPLIT_LAYOUT, GuestRam
 from tools.guestkit import KitError, PasstRepair, fetch_passt_repair
 
 
@@ -42,3 +43,11 @@ def passt_repair() -> PasstRepair:
         reason = f"passt-repair from Debian trixie unavailable: {error}"
         print(reason)
         pytest.skip(reason)
+
+
+@pytest.fixture
+def ram():
+    """Guest RAM (memfd) with split-ring layout, for the direct RX tests (TCP and UDP)."""
+    guest_ram = GuestRam(SPLIT_LAYOUT)
+    yield guest_ram
+    guest_ram.close()

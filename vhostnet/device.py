@@ -139,6 +139,7 @@ class NetDevice(RxFlush):
         self.capture: Capture | None = None
         self._closed = False
         self._rx_scheduled = False
+        self._usable_rx: dict[int, Virtqueue] | None = None  # (RxFlush's cache; None: stale)
         # Last: the listener runs at once when frames already wait (connections restored
         # before a front-end came, or frames sent to the broadcast address meanwhile).
         network.add_output_listener(self._schedule_rx)
@@ -278,6 +279,7 @@ class NetDevice(RxFlush):
 
     def ring_enable(self, index: int, enabled: bool) -> None:
         self.enabled[index] = enabled
+        self._usable_rx = None
         if enabled and is_rx_ring(index):
             self._schedule_rx()
 
@@ -294,6 +296,7 @@ class NetDevice(RxFlush):
             features=self.features,
         )
         self.enabled.setdefault(index, ring.enabled)
+        self._usable_rx = None
         self.ring_log[index] = (ring.log, ring.log_guest_addr)
         self._apply_log()
         log.info("ring %d started (%s, size %d, base %#x, positions %s)", index,
@@ -311,6 +314,7 @@ class NetDevice(RxFlush):
 
     def ring_stop(self, index: int) -> int:
         queue = self.queues.pop(index, None)
+        self._usable_rx = None
         self._drop_kick(index)
         if queue is None:
             # The handler only stops rings it started, and ring_start always
@@ -326,6 +330,7 @@ class NetDevice(RxFlush):
         for index in list(self.queues):
             self.ring_stop(index)
         self.enabled.clear()
+        self._usable_rx = None
 
     # ---- counters ---------------------------------------------------------------
 
@@ -400,7 +405,12 @@ class NetDevice(RxFlush):
 
     def _check_memory_fault(self) -> None:
         """A queue caught SIGBUS (guest memory shrank): stop everything, end the connection."""
-        if self._closed or not any(queue.faulted for queue in self.queues.values()):
+        if self._closed:
+            return
+        for queue in self.queues.values():  # (a loop, not any(): this runs at every kick)
+            if queue.faulted:
+                break
+        else:
             return
         for index in list(self.kick_fds):
             self._drop_kick(index)  # no more kicks into a broken device
@@ -425,6 +435,7 @@ class NetDevice(RxFlush):
         for index, queue in self.queues.items():
             self._keep_ring_counters(index, queue)
         self.queues.clear()
+        self._usable_rx = None
         for index in list(self.kick_fds):
             self._drop_kick(index)
         self.call_fds.clear()

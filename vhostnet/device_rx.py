@@ -48,6 +48,7 @@ class RxFlush:
     capture: Capture | None
     _closed: bool
     _rx_scheduled: bool
+    _usable_rx: dict[int, Virtqueue] | None
 
     def _check_memory_fault(self) -> None:
         raise NotImplementedError  # NetDevice's
@@ -69,9 +70,20 @@ class RxFlush:
             self._flush_switched(next(iter(rings.values())))
 
     def _usable_rx_rings(self) -> dict[int, Virtqueue]:
-        """Running, enabled, unbroken RX rings by queue pair, lowest pair first."""
-        return {index // 2: queue for index, queue in sorted(self.queues.items())
-                if is_rx_ring(index) and not queue.broken and self.enabled.get(index, False)}
+        """Running, enabled, unbroken RX rings by queue pair, lowest pair first (read only).
+
+        The running, enabled ones are kept until a ring starts, stops or is enabled or
+        disabled (NetDevice sets ``_usable_rx`` to None then); a ring breaks by itself, so
+        that is checked at every call."""
+        rings = self._usable_rx
+        if rings is None:
+            rings = self._usable_rx = {
+                index // 2: queue for index, queue in sorted(self.queues.items())
+                if is_rx_ring(index) and self.enabled.get(index, False)}
+        for queue in rings.values():
+            if queue.broken:
+                return {pair: ring for pair, ring in rings.items() if not ring.broken}
+        return rings
 
     def _flush_rx_one(self, queue: Virtqueue) -> None:
         """Every pending frame to one RX ring, in order, as far as its buffers go."""

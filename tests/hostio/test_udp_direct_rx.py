@@ -34,7 +34,6 @@ from tests.support.frames import (
 from tests.support.guest_ram import DESC_F_WRITE, RAM_BYTES
 from tests.support.loop import run
 from tests.support.tcp import GATEWAY6, GUEST_IP6
-from tests.tcp.conftest import ram  # noqa: F401  (the guest RAM fixture)
 from vhostnet.guest_queue import GuestBatch
 from vhostnet.network import Network
 from vhostnet.stack.config import StackConfig
