@@ -53,7 +53,7 @@ from vhostnet.stack.udp_nat import UdpNat
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.fast import DirectRx, TcpFastPath
 from vhostnet.tcp.host import TcpHost
-from vhostnet.vhost_user.ratelimit import limiter, run_guarded
+from vhostnet.vhost_user.ratelimit import limiter, run_each_guarded, run_guarded
 from vhostnet.wire.checksum import PROTO_ICMP, PROTO_TCP
 from vhostnet.wire.ipv6 import NEXT_HEADER_UDP
 from vhostnet.wire.offload import GuestOffloads
@@ -226,6 +226,7 @@ class Network:
         self._tx_sink: TxSink | None = None
         self._frames_to_sink = 0
         self._glue: list[Glue] = []
+        self._glue_flushes: tuple[Callable[[], None], ...] = ()
         self.tcp: TcpEngine | None = None
         self.tcp_fast: TcpFastPath | None = None
         self.tcp_host: TcpHost | None = None
@@ -282,6 +283,7 @@ class Network:
                                     guest_backlogged=self.frames_to_guest.backlogged)
             self.frames_to_guest.drained_listeners.append(self.udp_glue.resume_reading)
             self._glue.append(self.udp_glue)
+        self._glue_flushes = tuple(glue.flush for glue in self._glue)  # (per batch: kept)
 
     # ---- hooks for the layers above -------------------------------------------
 
@@ -328,13 +330,14 @@ class Network:
             # (UDP took every frame: nothing for TCP's pass, nor its refresh, which the next
             # batch with TCP in it does.)
             left = self.tcp_fast.send_batch(batch, count, now, left)
+        if left is not None and not len(left):
+            return  # the fast paths took every frame
         for index in range(count) if left is None else left.tolist():
             receive(bytes(frame(index)), now, vnet(index))
 
     def flush(self) -> None:
         """Run the host-side commands the engines queued (a failing glue does not stop the others)."""
-        for glue in self._glue:
-            run_guarded(self.errors, "glue_flush", log, glue.flush)
+        run_each_guarded(self.errors, "glue_flush", log, self._glue_flushes)
 
     def add_output_listener(self, listener: Callable[[], None]) -> None:
         self.frames_to_guest.listeners.append(listener)

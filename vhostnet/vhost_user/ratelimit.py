@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,7 +91,23 @@ def run_guarded(counts: Counter[str], reason: str, logger: logging.Logger,
     try:
         callback(*args)
     except Exception as error:
-        counts[reason] += 1
-        log_failure(logger, reason, "%s failed", getattr(callback, "__qualname__", reason), error=error)
+        _failed(counts, reason, logger, callback, error)
         return False
     return True
+
+
+def run_each_guarded(counts: Counter[str], reason: str, logger: logging.Logger,
+                     callbacks: Iterable[Callable[[], Any]]) -> None:
+    """``run_guarded`` for each of ``callbacks`` in turn (one raising does not stop the others),
+    without a call frame per callback: for a per-packet loop."""
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception as error:
+            _failed(counts, reason, logger, callback, error)
+
+
+def _failed(counts: Counter[str], reason: str, logger: logging.Logger,
+            callback: Callable[..., Any], error: Exception) -> None:
+    counts[reason] += 1
+    log_failure(logger, reason, "%s failed", getattr(callback, "__qualname__", reason), error=error)
