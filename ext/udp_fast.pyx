@@ -69,6 +69,7 @@ cdef struct FlowSlot:          # the flow in slot i of the FlowIndex (vhostnet/w
     uint8_t guest_port[2]
     bint ipv6
     bint gso_refused         # the kernel would not cut this flow's datagrams: plain sends
+    double last_seen         # the ``now`` of its last datagram sent or received here
 
 
 include "udp_peers.pxi"  # inbound flows' peers on forwarded ports
@@ -126,6 +127,8 @@ cdef class UdpFastPath:
     cdef readonly Py_ssize_t frames6      # of the last receive's frames, those on IPv6
     cdef UdpDirect direct                 # receive_direct(): straight into an RX ring
     cdef readonly uint64_t datagrams_direct
+    cdef readonly uint64_t datagrams_direct6
+    cdef double now                       # the ``now`` of the send in progress
 
     def __cinit__(self):
         self.index = FlowIndex()
@@ -197,6 +200,12 @@ cdef class UdpFastPath:
         memset(slot, 0, sizeof(FlowSlot))
         return result
 
+    def last_seen(self, int64_t flow_id) -> float:
+        """The ``now`` of the last datagram of ``flow_id`` this kernel sent or received
+        (``send_bound``, ``receive_direct``), 0.0 for none, -1.0 for a flow it does not hold."""
+        cdef int index = self.index.slot_of(flow_id)
+        return self.slots[index].last_seen if index >= 0 else -1.0
+
     def take_activity(self) -> list:
         """(flow_id, datagrams, bytes) of every flow that sent since the last call."""
         active = []
@@ -235,15 +244,16 @@ cdef class UdpFastPath:
         self.bound_handled = &handled[0]
         self.bound_capacity = capacity
 
-    def send_bound(self, Py_ssize_t count) -> int:
+    def send_bound(self, Py_ssize_t count, double now=0.0) -> int:
         """Send the datagrams of registered flows among the bound batch's first ``count``
         frames.
 
         ``handled[i]`` is set to 1 for each frame taken (sent, or dropped because the host
         socket was busy), 0 for frames the Python stack must handle. Returns how many
-        were taken.
+        were taken. Each flow that sent has ``now`` as its ``last_seen``.
         """
         cdef Py_ssize_t taken
+        self.now = now
         if count > self.bound_capacity:
             raise ValueError("count exceeds the batch arrays")
         self.last_taken6 = 0
@@ -257,10 +267,10 @@ cdef class UdpFastPath:
 
     def send_batch(self, const uint8_t[::1] data, const uint64_t[::1] offsets,
                    const uint32_t[::1] lengths, const uint64_t[::1] vnets, uint8_t[::1] handled,
-                   Py_ssize_t count) -> int:
+                   Py_ssize_t count, double now=0.0) -> int:
         """``bind_batch`` then ``send_bound``."""
         self.bind_batch(data, offsets, lengths, vnets, handled)
-        return self.send_bound(count)
+        return self.send_bound(count, now)
 
     cdef Py_ssize_t _send_batch(self, const FrameArrays *batch, uint8_t *handled,
                                 Py_ssize_t count) noexcept nogil:
@@ -412,6 +422,7 @@ cdef class UdpFastPath:
         cdef FlowSlot *flow = &self.slots[message.slot]
         if flow.datagrams == 0:
             self.index.touch(message.slot)
+        flow.last_seen = self.now
         flow.datagrams += message.segments
         flow.bytes += message.bytes
         self.datagrams_sent += message.segments
@@ -467,11 +478,12 @@ cdef class UdpFastPath:
                                             storage, offsets, lengths, vnets)
         return frames, error, [payload for payload, _entry, _family, _address, _port in left]
 
-    def receive_direct(self, int64_t flow_id, Py_ssize_t mtu, ring, capsule,
+    def receive_direct(self, int64_t flow_id, Py_ssize_t mtu, double now, ring, capsule,
                        long limit=MAX_RX) -> tuple:
         """Take up to ``limit`` datagrams waiting on ``flow_id``'s socket straight into the RX
         ring ``ring`` (the ring kernel's queue, ``capsule`` its ``rx_direct_handle``), one
-        interrupt for all (see udp_rx.pxi).
+        interrupt for all (see udp_rx.pxi). When any went, the flow's ``last_seen`` becomes
+        ``now``; they are counted in ``datagrams_direct`` (and ``datagrams_direct6``).
 
         Returns (status, frames delivered, a datagram the ring could not take as bytes or
         None); status DIRECT_DRAINED, DIRECT_LIMIT, DIRECT_RING_FULL, DIRECT_SPILLED (the
@@ -495,7 +507,11 @@ cdef class UdpFastPath:
         p.max_payload = mtu - UDP_LEN - (IP6_LEN if self.slots[index].ipv6 else IP_LEN)
         p.limit = limit
         result = direct_receive(p, ring, capsule)
-        self.datagrams_direct += p.frames
+        if p.frames:
+            self.slots[index].last_seen = now
+            self.datagrams_direct += p.frames
+            if self.slots[index].ipv6:
+                self.datagrams_direct6 += p.frames
         self.frames6 = p.frames if self.slots[index].ipv6 else 0
         return result
 

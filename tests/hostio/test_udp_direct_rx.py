@@ -245,3 +245,57 @@ def test_buffers_outside_guest_memory_are_refused_and_counted(ram) -> None:
         finally:
             flow.close()
     run(scenario)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_direct_frames_are_counted_exactly_as_the_stack_counts_them(ram, family) -> None:
+    async def scenario(loop) -> None:
+        flow = Flow(loop, ram, family)
+        try:
+            await flow.open()
+            flow.rx.post(16, 2048)
+            names = ["udp.rx_host", "udp.rx_direct", "udp.fast_path_rx", "ipv4.tx", "ipv6.tx"]
+            before = flow.network.counters()
+            await flow.answer([b"a", b"bb", b"ccc"])
+            after = flow.network.counters()
+            grown = {name: after.get(name, 0) - before.get(name, 0) for name in names}
+            assert grown == {"udp.rx_host": 3, "udp.rx_direct": 3, "udp.fast_path_rx": 3,
+                             "ipv4.tx": 3 if family == 4 else 0,
+                             "ipv6.tx": 3 if family == 6 else 0}
+            assert len(flow.direct_frames()) == 3
+        finally:
+            flow.close()
+    run(scenario)
+
+
+def test_the_flows_expiry_follows_its_last_datagram_either_way(ram) -> None:
+    """The kernel stamps the flow's fast-path datagrams (sent and received straight into the
+    ring); the flow expires ``udp_idle_timeout`` after the last of them, not before."""
+    async def scenario(loop) -> None:
+        flow = Flow(loop, ram, 4)
+        try:
+            nat = flow.network.stack.udp_nat
+            timeout = flow.network.stack.config.udp_idle_timeout
+            await flow.open()
+            flow.rx.post(16, 2048)
+            await asyncio.sleep(0.1)
+            answered_after = time.monotonic()
+            await flow.answer([b"late answer"])
+            assert len(flow.direct_frames()) == 1
+            nat.poll_timers(answered_after + timeout - 0.01)
+            assert nat.flow_count() == 1, "expired by its first datagram's time"
+            # The guest sends later (its clock says so): the fast path takes it.
+            later = answered_after + timeout - 1.0
+            batch = FrameBatch(4, 1 << 16)
+            assert batch.append(guest_udp_frame(GUEST_PORT, GATEWAY_IP, flow.port, b"again"))
+            taken = flow.network.counters().get("udp.fast_path", 0)
+            flow.network.receive_batch(batch, 1, later)
+            assert flow.network.counters()["udp.fast_path"] == taken + 1
+            nat.poll_timers(later + timeout - 0.01)
+            assert nat.flow_count() == 1, "expired by the last received datagram's time"
+            assert nat.export_flows(later + 2.0)[0]["idle"] == pytest.approx(2.0)
+            nat.poll_timers(later + timeout)
+            assert nat.flow_count() == 0
+        finally:
+            flow.close()
+    run(scenario)

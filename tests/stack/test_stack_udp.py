@@ -38,6 +38,27 @@ def test_flow_created_then_reused_then_expired() -> None:
     assert nat.commands[0] == UdpOpen(2, "192.0.2.10", 9)
 
 
+def test_activity_stamped_elsewhere_defers_expiry_and_counts_in_exports() -> None:
+    """The fast path's kernel stamps its flows' datagrams (``seen_elsewhere``): expiry and
+    migration go by the later of that stamp and the flows' own activity."""
+    stack = make_stack()
+    nat = stack.udp_nat
+    seen = {}
+    nat.seen_elsewhere = lambda flow_id: seen.get(flow_id, -1.0)
+    stack.receive_frame(guest_udp_frame(4000, REMOTE, 9, b"one"), now=0.0)   # flow 1
+    stack.receive_frame(guest_udp_frame(4001, REMOTE, 9, b"two"), now=5.0)   # flow 2
+    seen[1] = 20.0  # flow 1 active on the fast path at 20 (flow 2's 5 is now the oldest)
+    assert nat.export_flows(25.0)[0]["idle"] == 5.0
+    poll_timers(stack, 35.0)  # flow 2 expires; flow 1 is alive till 50
+    assert nat.flow_count() == 1 and nat.flow(1) is not None
+    assert next_timer(stack) == 50.0
+    poll_timers(stack, 49.9)
+    assert nat.flow_count() == 1
+    poll_timers(stack, 50.0)
+    assert nat.flow_count() == 0
+    assert stack.counters()["udp.flows_expired"] == 2
+
+
 def test_different_ports_are_different_flows() -> None:
     stack = make_stack()
     stack.receive_frame(guest_udp_frame(4000, REMOTE, 9, b"a"), now=0.0)

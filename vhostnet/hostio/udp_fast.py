@@ -9,9 +9,11 @@ in a batch (``receive``), queued for the guest as one entry.
 host socket exists (``register``, called by ``UdpGlue``) and leaves it before
 the socket closes (``unregister``). ``send_batch`` runs before the Python stack
 sees a TX batch; the frames it took are skipped by the stack, and their effect
-on Python state is applied once per batch, per flow: the flow's idle timer
-(``UdpNat.touch``) and send errors (``UdpNat.on_host_error``). What they add to the stack's
-counters are the kernel's running totals, which ``counters`` hands to the network's sum.
+on Python state is applied once per batch: send errors (``UdpNat.on_host_error``). A flow's
+idle timer is the kernel's stamp of its last datagram either way (``last_seen``, which
+``UdpNat`` reads through ``seen_elsewhere`` when it expires or exports flows), and what the
+fast path adds to the stack's counters are the kernel's running totals, which ``counters``
+hands to the network's sum.
 What the fast path does not keep per datagram: the quote for an ICMP port
 unreachable stays the one of the flow's first datagram (same addresses and ports).
 """
@@ -60,6 +62,8 @@ class UdpFastSender:
         # ``direct_rx_done(frames)``) and the queue whose waiting frames must go first.
         self.rx: Any | None = None
         self._waiting: Sized = ()
+        self._told_macs: tuple[bytes | None, bytes | None] = (None, None)  # (gateway, guest)
+        engine.seen_elsewhere = self.kernel.last_seen  # the kernel stamps its flows' activity
 
     def attach_guest_output(self, new_batch: Callable[[], Any],
                             to_guest: Callable[[Any], None], waiting: Sized = ()) -> None:
@@ -102,28 +106,35 @@ class UdpFastSender:
 
     def _receive_direct(self, flow_id: int, now: float) -> bool:
         """``receive`` straight into the device's RX ring; False when the rest is for the old
-        way (no ring, no guest MAC, the ring out of buffers, a datagram handed back)."""
+        way (no ring, no guest MAC, the ring out of buffers, a datagram handed back). The
+        kernel stamps the flow's activity and counts the frames (``counters``)."""
         assert self.rx is not None
         ring = self.rx.direct_rx()
-        guest_mac = self.stack.guest_mac
-        if ring is None or guest_mac is None:
+        if ring is None or not self._macs_known():
             return False
-        kernel = self.kernel
-        kernel.set_macs(self.stack.config.gateway_mac, guest_mac)
-        status, frames, spilled = kernel.receive_direct(flow_id, self.stack.config.mtu, *ring)
-        engine = self.engine
+        status, frames, spilled = self.kernel.receive_direct(flow_id, self.stack.config.mtu,
+                                                             now, *ring)
         if frames:
-            engine.touch(flow_id, now)
-            self._count(frames, "udp.rx_host", "udp.rx_direct")
             self.rx.direct_rx_done(frames)
         if spilled is not None:
-            engine.on_host_datagram(flow_id, spilled, now)  # (over the MTU: fragmented there)
+            self.engine.on_host_datagram(flow_id, spilled, now)  # (over the MTU: fragmented)
         if status == DIRECT_DRAINED or status == DIRECT_LIMIT:
             return True
         if status > 0:
-            engine.on_host_error(flow_id, status, now)
+            self.engine.on_host_error(flow_id, status, now)
             return True
         return False  # ring out of buffers, or a datagram handed back: the old way reads on
+
+    def _macs_known(self) -> bool:
+        """Whether the guest's MAC is known, the kernel told it (and the gateway's) when new."""
+        guest_mac = self.stack.guest_mac
+        if guest_mac is None:
+            return False
+        gateway_mac = self.stack.config.gateway_mac
+        if guest_mac is not self._told_macs[1] or gateway_mac is not self._told_macs[0]:
+            self.kernel.set_macs(gateway_mac, guest_mac)
+            self._told_macs = (gateway_mac, guest_mac)
+        return True
 
     def register_peer(self, flow_id: int, sock: socket.socket, peer_addr: str,
                       peer_port: int) -> None:
@@ -170,10 +181,8 @@ class UdpFastSender:
         """An empty batch for frames toward the guest (the spare one if the last read found
         nothing), the kernel told the MACs; None while frames cannot be built here (no guest
         MAC yet, or no output attached)."""
-        guest_mac = self.stack.guest_mac
-        if self._to_guest is None or self._new_batch is None or guest_mac is None:
+        if self._to_guest is None or self._new_batch is None or not self._macs_known():
             return None
-        self.kernel.set_macs(self.stack.config.gateway_mac, guest_mac)
         if self._spare is not None:
             batch, self._spare = self._spare, None
             return batch
@@ -218,10 +227,11 @@ class UdpFastSender:
 
         Returns the indices of the frames left for the Python stack, or None when the
         fast path took nothing (the stack then sees every frame). Per batch, Python only
-        hears of the flows that sent (their idle timers) and of send errors; the counters
-        are the kernel's running totals, read by ``counters``.
+        hears of send errors; the flows' idle timers are the kernel's stamps (``last_seen``,
+        read by ``UdpNat`` through ``seen_elsewhere``) and the counters its running totals,
+        read by ``counters``.
         """
-        if count <= 0 or not self.kernel.flows or self.stack.guest_mac is None:
+        if count <= 0 or not self.kernel.flows or not self._macs_known():
             return None
         kernel = self.kernel
         if self._bound is not batch:
@@ -229,14 +239,11 @@ class UdpFastSender:
             self._handled = np.zeros(len(arrays[1]), dtype=np.uint8)
             kernel.bind_batch(*arrays, self._handled)
             self._bound = batch
-        kernel.set_macs(self.stack.config.gateway_mac, self.stack.guest_mac)
-        taken = kernel.send_bound(count)
+        taken = kernel.send_bound(count, now)
         if not taken:
             return None
-        engine = self.engine
-        for flow_id, _datagrams, _bytes in kernel.take_activity():
-            engine.touch(flow_id, now)
         if kernel.nerrors:
+            engine = self.engine
             for flow_id, error in kernel.take_errors():
                 engine.on_host_error(flow_id, error, now)
         if taken == count:
@@ -248,9 +255,13 @@ class UdpFastSender:
         (to be added to the stack's counters; names at zero left out)."""
         kernel = self.kernel
         taken, taken6 = kernel.datagrams_taken, kernel.datagrams_taken6
+        direct, direct6 = kernel.datagrams_direct, kernel.datagrams_direct6
         counts = {"eth.rx": taken, "udp.tx_host": taken, "udp.fast_path": taken,
                   "ipv4.rx": taken - taken6, "udp.rx": taken - taken6,
-                  "ipv6.rx": taken6, "udp6.rx": taken6}
+                  "ipv6.rx": taken6, "udp6.rx": taken6,
+                  # Received straight into the RX ring (``_receive_direct``).
+                  "udp.rx_host": direct, "udp.rx_direct": direct, "udp.fast_path_rx": direct,
+                  "ipv4.tx": direct - direct6, "ipv6.tx": direct6}
         counts.update((name, getattr(kernel, attribute))
                       for name, attribute in KERNEL_TOTALS.items())
         return {name: value for name, value in counts.items() if value}

@@ -124,6 +124,10 @@ class UdpNat:
         # Ordered by last activity, oldest first: expiry only looks at the front.
         self._flows: OrderedDict[int, UdpFlow] = OrderedDict()
         self._next_flow_id = 1
+        # When a flow was last active on a path that does not touch it here (the fast path's
+        # kernel stamps its flows' datagrams both ways): read where expiry and migration look
+        # at a flow, instead of a touch per datagram. ``flow_id -> now`` of that last datagram.
+        self.seen_elsewhere: Callable[[int], float] | None = None
 
     # --- guest side -------------------------------------------------------
 
@@ -278,9 +282,15 @@ class UdpNat:
         return [
             {"guest_ip": str(ipaddress.ip_address(f.guest_ip)), "guest_port": f.guest_port,
              "remote_ip": str(ipaddress.ip_address(f.remote_ip)), "remote_port": f.remote_port,
-             "idle": max(0.0, now - f.last_active)}
+             "idle": max(0.0, now - self._last_active(f))}
             for f in self._flows.values() if not f.inbound
         ]
+
+    def _last_active(self, flow: UdpFlow) -> float:
+        """The flow's last activity here or on the fast path, whichever is later."""
+        if self.seen_elsewhere is None:
+            return flow.last_active
+        return max(flow.last_active, self.seen_elsewhere(flow.flow_id))
 
     def import_flows(self, records: list[dict[str, object]], now: float) -> int:
         """Re-create exported flows (new host sockets via ``UdpOpen``); returns how many.
@@ -318,12 +328,17 @@ class UdpNat:
             flow = next(iter(self._flows.values()))
             if now - flow.last_active < timeout:
                 break
+            seen = self._last_active(flow)
+            if seen > flow.last_active:
+                self._touch(flow, seen)  # active elsewhere since: back in line by that time
+                continue
             del self._flows[flow.flow_id]
             del self._by_key[flow.key]
             self.counters.inc("udp.flows_expired")
             self.commands.append(UdpClose(flow.flow_id))
 
     def next_timer(self) -> float | None:
+        # (The front's stamp from elsewhere can be later: then poll_timers finds it alive.)
         if not self._flows:
             return None
         return next(iter(self._flows.values())).last_active + self.config.udp_idle_timeout
