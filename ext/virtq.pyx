@@ -325,6 +325,17 @@ cdef class RingQueue:
     def tx_drain(self, FrameBatch batch not None, int max_frames) -> int:
         return self.guarded(guarded_tx_drain, <void *>batch, max_frames)
 
+    def tx_drain_rearm(self, FrameBatch batch not None, int max_frames) -> tuple:
+        """``batch`` emptied, ``tx_drain``, ``notify`` if frames came, ``enable_kick`` if fewer
+        than ``max_frames`` came: the kick's whole ring work in one call. Returns (frames,
+        whether to drain again: the batch was full or buffers came meanwhile)."""
+        if max_frames < 1:
+            raise ValueError("max_frames must be positive")
+        batch.n = 0  # (FrameBatch.clear)
+        batch.fill = 0
+        cdef long result = self.guarded(guarded_tx_drain_rearm, <void *>batch, max_frames)
+        return result >> 1, bool(result & 1)
+
     def rx_push(self, FrameBatch batch not None, Py_ssize_t start=0) -> int:
         if start < 0 or start > batch.n:
             raise IndexError(f"start {start} outside the batch of {batch.n} frames")
@@ -535,6 +546,16 @@ include "virtq_rxdirect.pxi"   # RX buffers for another kernel (ext/rx_direct.px
 # Kernel entry points in the shape vq_guarded_call takes: (queue, argument, number).
 cdef long guarded_tx_drain(void *queue, void *batch, long max_frames) noexcept nogil:
     return tx_drain_frames(<RingQueue>queue, <FrameBatch>batch, <int>max_frames)
+
+
+cdef long guarded_tx_drain_rearm(void *queue, void *batch, long max_frames) noexcept nogil:
+    """frames * 2, plus 1 when more may wait (see ``tx_drain_rearm``)."""
+    cdef long frames = tx_drain_frames(<RingQueue>queue, <FrameBatch>batch, <int>max_frames)
+    if frames:
+        (<RingQueue>queue)._notify()
+    if frames < max_frames:
+        return frames * 2 + (1 if (<RingQueue>queue)._enable_kick() else 0)
+    return frames * 2 + 1
 
 
 cdef long guarded_rx_push(void *queue, void *batch, long start) noexcept nogil:

@@ -380,10 +380,8 @@ class NetDevice(RxFlush):
         steering = self.steering
         batch = self.tx_batch
         for _ in range(MAX_PASSES_PER_WAKEUP):
-            batch.clear()
-            count = queue.tx_drain(batch, TX_BATCH)
+            count, again = queue.tx_drain_rearm(batch, TX_BATCH)  # (notified, kicks re-armed)
             if count:
-                queue.notify()
                 if self.capture is not None:
                     self.capture.add_batch(batch, count)
                 if deliver:
@@ -394,7 +392,7 @@ class NetDevice(RxFlush):
                 else:
                     # Started but disabled: consume and discard (vhost-user spec).
                     self.counters["tx.discarded"] += count
-            if count < TX_BATCH and not queue.enable_kick():
+            if not again:
                 break
         else:
             # Still busy: come back after other callbacks had their turn.

@@ -412,3 +412,27 @@ def test_tx_chains_left_behind_are_reported_by_enable_kick(ram):
     assert queue.enable_kick()  # one chain still waits: drain again rather than sleep
     assert queue.tx_drain(FrameBatch(8, 1 << 20), 2) == 1
     assert not queue.enable_kick()
+
+
+def test_tx_drain_rearm_is_drain_notify_and_enable_kick_in_one_call(ram, call_fd):
+    driver = Driver(ram)
+    queue = make_queue(ram, driver, event_idx=True, call_fd=call_fd)
+    frames = [ethernet_frame(60 + i) for i in range(3)]
+    driver.publish(*(driver.add_chain(tx_parts(driver, f, [])) for f in frames))
+    batch = FrameBatch(8, 1 << 20)
+    assert batch.append(b"left from the last kick")
+    # A full batch: no kick re-armed, drain again; the used chains notified.
+    assert queue.tx_drain_rearm(batch, 2) == (2, True)
+    assert [bytes(batch.frame(i)) for i in range(batch.count)] == frames[:2]  # emptied first
+    assert read_call(call_fd) == 1
+    # The last one: fewer than asked, kicks re-armed at the next avail index, nothing waits.
+    assert queue.tx_drain_rearm(batch, 2) == (1, False)
+    assert [bytes(batch.frame(i)) for i in range(batch.count)] == frames[2:]
+    assert driver.avail_event() == 3
+    read_call(call_fd)  # (whether used 2 -> 3 was due is test_notify_with_event_idx's)
+    # Empty: no interrupt for nothing.
+    assert queue.tx_drain_rearm(batch, 2) == (0, False)
+    assert read_call(call_fd) is None
+    assert batch.count == 0
+    with pytest.raises(ValueError):
+        queue.tx_drain_rearm(batch, 0)

@@ -104,6 +104,13 @@ class Virtqueue:
         """Move up to ``max_frames`` guest TX frames into ``batch``; returns how many."""
         return self._reported(self._kernel.tx_drain(batch, max_frames))
 
+    def tx_drain_rearm(self, batch: FrameBatch, max_frames: int) -> tuple[int, bool]:
+        """A kick's ring work in one call: ``batch`` emptied, up to ``max_frames`` frames
+        moved into it (``tx_drain``), the guest notified of the used chains if it asks
+        (``notify``) and, when fewer came, kicks asked for again (``enable_kick``). Returns
+        (frames, whether to drain again: the batch was full or buffers came meanwhile)."""
+        return self._reported(self._kernel.tx_drain_rearm(batch, max_frames))
+
     def rx_push(self, batch: FrameBatch, start: int = 0) -> int:
         """Write frames ``start…`` of ``batch`` into guest RX buffers.
 
