@@ -29,9 +29,9 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from vhostnet.guest_queue import GuestBatch, GuestBatchPool, GuestFrameQueue
 from vhostnet.hostio.dns import DnsGlue
@@ -53,7 +53,7 @@ from vhostnet.stack.udp_nat import UdpNat
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.fast import DirectRx, TcpFastPath
 from vhostnet.tcp.host import TcpHost
-from vhostnet.vhost_user.ratelimit import limiter, run_each_guarded, run_guarded
+from vhostnet.vhost_user.ratelimit import limiter, run_each_pending, run_guarded
 from vhostnet.wire.checksum import PROTO_ICMP, PROTO_TCP
 from vhostnet.wire.ipv6 import NEXT_HEADER_UDP
 from vhostnet.wire.offload import GuestOffloads
@@ -164,7 +164,10 @@ class TimerClient(Protocol):
 
 
 class Glue(Protocol):
-    """An engine's host-socket side (``vhostnet.hostio``, ``TcpHost``)."""
+    """An engine's host-socket side (``vhostnet.hostio``, ``TcpHost``): ``flush`` executes
+    what the engine queued in ``engine.commands`` (nothing there: no flush needed)."""
+
+    engine: Any
 
     def flush(self) -> None: ...
 
@@ -226,7 +229,7 @@ class Network:
         self._tx_sink: TxSink | None = None
         self._frames_to_sink = 0
         self._glue: list[Glue] = []
-        self._glue_flushes: tuple[Callable[[], None], ...] = ()
+        self._glue_flushes: tuple[tuple[Sized, Callable[[], None]], ...] = ()
         self.tcp: TcpEngine | None = None
         self.tcp_fast: TcpFastPath | None = None
         self.tcp_host: TcpHost | None = None
@@ -283,7 +286,8 @@ class Network:
                                     guest_backlogged=self.frames_to_guest.backlogged)
             self.frames_to_guest.drained_listeners.append(self.udp_glue.resume_reading)
             self._glue.append(self.udp_glue)
-        self._glue_flushes = tuple(glue.flush for glue in self._glue)  # (per batch: kept)
+        # (per batch: kept) Each glue's command queue, and its flush that empties it.
+        self._glue_flushes = tuple((glue.engine.commands, glue.flush) for glue in self._glue)
 
     # ---- hooks for the layers above -------------------------------------------
 
@@ -337,7 +341,7 @@ class Network:
 
     def flush(self) -> None:
         """Run the host-side commands the engines queued (a failing glue does not stop the others)."""
-        run_each_guarded(self.errors, "glue_flush", log, self._glue_flushes)
+        run_each_pending(self.errors, "glue_flush", log, self._glue_flushes)
 
     def add_output_listener(self, listener: Callable[[], None]) -> None:
         self.frames_to_guest.listeners.append(listener)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,11 +96,14 @@ def run_guarded(counts: Counter[str], reason: str, logger: logging.Logger,
     return True
 
 
-def run_each_guarded(counts: Counter[str], reason: str, logger: logging.Logger,
-                     callbacks: Iterable[Callable[[], Any]]) -> None:
-    """``run_guarded`` for each of ``callbacks`` in turn (one raising does not stop the others),
-    without a call frame per callback: for a per-packet loop."""
-    for callback in callbacks:
+def run_each_pending(counts: Counter[str], reason: str, logger: logging.Logger,
+                     jobs: Iterable[tuple[Sized, Callable[[], Any]]]) -> None:
+    """``run_guarded`` for each (queue, callback) of ``jobs`` whose queue holds something, in
+    turn (one raising does not stop the others), without a call frame per callback, nor a
+    call for an empty queue: for a per-packet loop."""
+    for queue, callback in jobs:
+        if not queue:
+            continue
         try:
             callback()
         except Exception as error:
