@@ -245,7 +245,9 @@ class UdpGlue:
             self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
 
     def _on_flow_readable(self, flow_id: int, sock: socket.socket) -> None:
-        if self._paused_for_guest(sock, self._on_flow_readable, flow_id, sock):
+        backlogged = self.guest_backlogged  # (_paused_for_guest's test inline: once a reply)
+        if backlogged is not None and backlogged():
+            self._pause(sock, self._on_flow_readable, flow_id, sock)
             return
         now = self.clock()
         if self.fast_path is not None and self.fast_path.receive(flow_id, now):
@@ -276,11 +278,15 @@ class UdpGlue:
         """Stop reading ``sock`` while the guest's queue is backlogged (True: stopped)."""
         if self.guest_backlogged is None or not self.guest_backlogged():
             return False
+        self._pause(sock, reader, *args)
+        return True
+
+    def _pause(self, sock: socket.socket, reader: Callable[..., None], *args: object) -> None:
+        """Stop reading ``sock`` until ``resume_reading`` (then ``reader(*args)`` again)."""
         fd = sock.fileno()
         self.loop.remove_reader(fd)
         self._paused[fd] = (reader, args)
         self.engine.counters.inc("udp.rx_paused")
-        return True
 
     def resume_reading(self) -> None:
         """The guest's queue drained: read the stopped sockets again (what came meanwhile
