@@ -72,6 +72,7 @@ cdef struct FlowSlot:          # the flow in slot i of the FlowIndex (vhostnet/w
     double last_seen         # the ``now`` of its last datagram sent or received here
 
 
+include "udp_tx.pxi"     # guest -> host: which frames are plain datagrams of a flow
 include "udp_peers.pxi"  # inbound flows' peers on forwarded ports
 include "udp_rx.pxi"     # host -> guest frames: headers, and straight into the RX ring
 
@@ -120,7 +121,6 @@ cdef class UdpFastPath:
     cdef int64_t left_flow[MAX_RX]
     cdef int64_t hit_flows[MAX_RX * 4]    # flows that got frames (runs of the same one: once)
     cdef int nhits
-    cdef int current_fd
     cdef PeerEntry *peers                 # allocated with the first peer
     cdef readonly int peer_count
     cdef readonly uint64_t datagrams_received
@@ -277,55 +277,20 @@ cdef class UdpFastPath:
         cdef Py_ssize_t i, taken = 0, taken6 = 0
         cdef int slot
         cdef const uint8_t *frame
-        cdef const uint8_t *ip
-        cdef const uint8_t *udp
-        cdef uint64_t length, total, udp_len
+        cdef const uint8_t *payload
+        cdef uint64_t length, payload_len
+        cdef bint ipv6
         for i in range(count):
             handled[i] = 0
             frame = frame_at(batch, i, &length)
             if frame == NULL:
                 continue
-            if length < ETH_LEN + IP_LEN + UDP_LEN:
+            slot = datagram_of_flow(self.index, self.gateway_mac, self.guest_mac, frame, length,
+                                    batch.vnets[i], &payload, &payload_len, &ipv6)
+            if slot < 0:
                 continue
-            if memcmp(frame, self.gateway_mac, 6) != 0 or memcmp(frame + 6, self.guest_mac, 6) != 0:
-                continue
-            ip = frame + ETH_LEN
-            if frame[12] == 0x08 and frame[13] == 0x00:
-                # Plain IPv4 only: no options, no fragment, UDP, a header that verifies.
-                if ip[0] != 0x45 or ip[9] != PROTO_UDP or (be16(ip + 6) & 0x3FFF) != 0:
-                    continue
-                total = be16(ip + 2)
-                if total < IP_LEN + UDP_LEN or total > length - ETH_LEN:
-                    continue
-                if not sum_verifies(sum_bytes(ip, IP_LEN)):
-                    continue
-                udp = ip + IP_LEN
-                udp_len = be16(udp + 4)
-                if udp_len < UDP_LEN or udp_len > total - IP_LEN:
-                    continue
-                slot = self.index.find(ip, udp)
-                if slot < 0:
-                    continue
-                if not self.checksum_acceptable(ip, udp, udp_len, batch.vnets[i]):
-                    continue  # the Python stack counts and drops it
-            elif frame[12] == 0x86 and frame[13] == 0xDD:
-                # Plain IPv6 only: UDP right after the fixed header (no extension headers).
-                if length < ETH_LEN + IP6_LEN + UDP_LEN or ip[0] >> 4 != 6 or ip[6] != PROTO_UDP:
-                    continue
-                total = be16(ip + 4)  # the payload length
-                if total < UDP_LEN or total > length - ETH_LEN - IP6_LEN:
-                    continue
-                udp = ip + IP6_LEN
-                udp_len = be16(udp + 4)
-                if udp_len < UDP_LEN or udp_len > total:
-                    continue
-                slot = self.index.find6(ip, udp)
-                if slot < 0 or not self.checksum6_acceptable(ip, udp, udp_len, batch.vnets[i]):
-                    continue
-                taken6 += 1
-            else:
-                continue
-            self.queue(slot, udp + UDP_LEN, udp_len - UDP_LEN)
+            taken6 += ipv6
+            self.queue(slot, payload, payload_len)
             handled[i] = 1
             taken += 1
         self.flush()
@@ -333,24 +298,6 @@ cdef class UdpFastPath:
         self.datagrams_taken += taken
         self.datagrams_taken6 += taken6
         return taken
-
-    cdef bint checksum_acceptable(self, const uint8_t *ip, const uint8_t *udp, uint64_t udp_len,
-                                  uint64_t vnet) noexcept nogil:
-        if udp[6] == 0 and udp[7] == 0:
-            return True  # the sender computed none (IPv4 allows it)
-        # A partial checksum at the UDP header (virtio NEEDS_CSUM) is the guest's driver
-        # leaving the sum to the device: nothing to verify.
-        if vnet_partial_csum_at(vnet, ETH_LEN + IP_LEN, UDP_CHECKSUM_OFFSET):
-            return True
-        return sum_verifies(pseudo_header_sum(ip, PROTO_UDP, udp_len) + sum_bytes(udp, udp_len))
-
-    cdef bint checksum6_acceptable(self, const uint8_t *ip6, const uint8_t *udp,
-                                   uint64_t udp_len, uint64_t vnet) noexcept nogil:
-        if udp[6] == 0 and udp[7] == 0:
-            return False  # forbidden over IPv6 (RFC 8200 8.1): Python counts and drops it
-        if vnet_partial_csum_at(vnet, ETH_LEN + IP6_LEN, UDP_CHECKSUM_OFFSET):
-            return True
-        return sum_verifies(pseudo_header_sum6(ip6, PROTO_UDP, udp_len) + sum_bytes(udp, udp_len))
 
     cdef void queue(self, int slot, const uint8_t *payload, uint64_t length) noexcept nogil:
         """A datagram's payload for flow ``slot``: into the last message if GSO may cut it
@@ -530,15 +477,10 @@ cdef class UdpFastPath:
                 raise MemoryError()
         cdef PeerEntry probe
         _peer_key(&probe, fd, peer_address, peer_port)
-        if self._find_peer(&probe) >= 0:
+        if peer_find(self.peers, &probe) >= 0:
             return False
-        cdef uint32_t at = _peer_hash(&probe)
-        cdef int n
-        for n in range(PEER_SLOTS):
-            if self.peers[at].flow_id <= 0:
-                break
-            at = (at + 1) & (PEER_SLOTS - 1)
-        else:
+        cdef int at = peer_free_slot(self.peers, &probe)
+        if at < 0:
             return False
         cdef PeerEntry *entry = &self.peers[at]
         entry[0] = probe
@@ -558,7 +500,7 @@ cdef class UdpFastPath:
             return False
         cdef PeerEntry probe
         _peer_key(&probe, fd, peer_address, peer_port)
-        cdef int at = self._find_peer(&probe)
+        cdef int at = peer_find(self.peers, &probe)
         if at < 0:
             return False
         memset(&self.peers[at], 0, sizeof(PeerEntry))
@@ -634,9 +576,9 @@ cdef class UdpFastPath:
         cdef uint32_t length
         cdef Py_ssize_t header
         cdef FlowSlot *to_guest
+        cdef PeerEntry *peer
         cdef int64_t flow_id
         nleft[0] = 0
-        self.current_fd = fd
         if want <= 0:
             return 0
         for i in range(want):
@@ -659,7 +601,10 @@ cdef class UdpFastPath:
             to_guest = fixed
             flow_id = 0
             if to_guest == NULL:
-                to_guest = self._peer_slot(&self.rx_names[i], &flow_id)
+                peer = peer_of_sender(self.peers, self.peer_count, fd, &self.rx_names[i])
+                if peer != NULL:
+                    flow_id = peer.flow_id
+                    to_guest = &peer.to_guest
             header = ETH_LEN + UDP_LEN + (IP6_LEN if to_guest != NULL and to_guest.ipv6
                                           else IP_LEN)
             if to_guest == NULL or length > mtu - header + ETH_LEN \
@@ -683,44 +628,3 @@ cdef class UdpFastPath:
                 self.nhits += 1
         self.datagrams_received += got
         return -1 if got == want else 0
-
-    cdef FlowSlot *_peer_slot(self, const PeerName *name, int64_t *flow_id) noexcept nogil:
-        """The registered peer a datagram came from (its frame's headers), or NULL."""
-        if self.peers == NULL or self.peer_count == 0:
-            return NULL
-        cdef PeerEntry probe
-        memset(&probe, 0, sizeof(PeerEntry))
-        if name.family == AF_INET_C:
-            probe.address_len = 4
-            memcpy(probe.address, name.data + 2, 4)
-        elif name.family == AF_INET6_C:
-            probe.address_len = 16
-            memcpy(probe.address, name.data + 6, 16)
-        else:
-            return NULL
-        memcpy(probe.port, name.data, 2)
-        # Keyed by socket too: two forwards may hear the same peer.
-        probe.fd = self.current_fd
-        cdef int at = self._find_peer(&probe)
-        if at < 0:
-            return NULL
-        flow_id[0] = self.peers[at].flow_id
-        return &self.peers[at].to_guest
-
-    cdef int _find_peer(self, const PeerEntry *probe) noexcept nogil:
-        if self.peers == NULL:
-            return -1
-        cdef uint32_t at = _peer_hash(probe)
-        cdef int n
-        cdef PeerEntry *entry
-        for n in range(PEER_SLOTS):
-            entry = &self.peers[at]
-            if entry.flow_id == 0:
-                return -1
-            if entry.flow_id > 0 and entry.fd == probe.fd \
-                    and entry.address_len == probe.address_len \
-                    and memcmp(entry.port, probe.port, 2) == 0 \
-                    and memcmp(entry.address, probe.address, probe.address_len) == 0:
-                return at
-            at = (at + 1) & (PEER_SLOTS - 1)
-        return -1

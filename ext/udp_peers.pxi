@@ -1,5 +1,6 @@
 # The peers of forwarded ports' sockets (included by udp_fast.pyx): inbound flows whose
-# datagrams arrive on an unconnected socket, keyed by (socket, peer address, peer port).
+# datagrams arrive on an unconnected socket, keyed by (socket, peer address, peer port), in an
+# open-addressed table of PEER_SLOTS entries (removed ones left as tombstones until it empties).
 
 cdef struct PeerName:          # what recvmmsg writes to msg_name: a sockaddr_in or _in6
     uint16_t family
@@ -44,3 +45,55 @@ cdef tuple _peer_of(const PeerName *name):
     if name.family == AF_INET6_C:
         return name.family, bytes(name.data[6:22]), port
     return name.family, b"", port
+
+
+cdef int peer_find(const PeerEntry *peers, const PeerEntry *probe) noexcept nogil:
+    """The slot of the registered peer ``probe`` (a ``_peer_key``) names, or -1 (or no table)."""
+    if peers == NULL:
+        return -1
+    cdef uint32_t at = _peer_hash(probe)
+    cdef int n
+    cdef const PeerEntry *entry
+    for n in range(PEER_SLOTS):
+        entry = &peers[at]
+        if entry.flow_id == 0:
+            return -1
+        if entry.flow_id > 0 and entry.fd == probe.fd \
+                and entry.address_len == probe.address_len \
+                and memcmp(entry.port, probe.port, 2) == 0 \
+                and memcmp(entry.address, probe.address, probe.address_len) == 0:
+            return at
+        at = (at + 1) & (PEER_SLOTS - 1)
+    return -1
+
+
+cdef int peer_free_slot(const PeerEntry *peers, const PeerEntry *probe) noexcept nogil:
+    """Where ``probe`` goes: the first empty or removed slot from its hash; -1 if full."""
+    cdef uint32_t at = _peer_hash(probe)
+    cdef int n
+    for n in range(PEER_SLOTS):
+        if peers[at].flow_id <= 0:
+            return at
+        at = (at + 1) & (PEER_SLOTS - 1)
+    return -1
+
+
+cdef PeerEntry *peer_of_sender(PeerEntry *peers, int peer_count, int fd,
+                               const PeerName *name) noexcept nogil:
+    """The registered peer of the forward's socket ``fd`` a datagram came from, or NULL."""
+    if peers == NULL or peer_count == 0:
+        return NULL
+    cdef PeerEntry probe
+    memset(&probe, 0, sizeof(PeerEntry))
+    if name.family == AF_INET_C:
+        probe.address_len = 4
+        memcpy(probe.address, name.data + 2, 4)
+    elif name.family == AF_INET6_C:
+        probe.address_len = 16
+        memcpy(probe.address, name.data + 6, 16)
+    else:
+        return NULL
+    memcpy(probe.port, name.data, 2)
+    probe.fd = fd  # keyed by socket too: two forwards may hear the same peer
+    cdef int at = peer_find(peers, &probe)
+    return &peers[at] if at >= 0 else NULL
