@@ -184,9 +184,11 @@ class Flow:
                 and not self.host_eof and not self.fin_sent)
 
     def next_deadline(self) -> float | None:
-        times = [t for t in (self.rto_at, self.syn_at, self.fin_at, self.idle_at,
-                             self.ack_owed_at) if t is not None]
-        return min(times) if times else None
+        earliest = self.idle_at
+        for time in (self.rto_at, self.ack_owed_at, self.syn_at, self.fin_at):
+            if time is not None and (earliest is None or time < earliest):
+                earliest = time
+        return earliest
 
     @property
     def state_name(self) -> str:

@@ -55,6 +55,8 @@ LISTEN_BACKLOG = 128
 DISCARD_CHUNK = 256 * 1024
 # Below this much free send buffer, wait for the socket to drain and update the guest's window.
 LOW_SEND_SPACE = 128 * 1024
+# Above this much send space, small writes elsewhere need not measure it again.
+ESTIMATE_SEND_SPACE = 2 * LOW_SEND_SPACE
 LISTEN_RETRY_INTERVAL = 0.1
 
 
@@ -78,6 +80,8 @@ class _HostSocket:
     connecting: bool = False
     rearm_on_discard: bool = False
     peeked_until: int = 0  # bytes at the head of the queue already peeked (for SO_RCVLOWAT)
+    space: int | None = None  # send space last measured by ``written_elsewhere``
+    unmeasured: int = 0  # bytes written elsewhere since
     lowat: int = 0  # SO_RCVLOWAT as last set here (0: not yet; an adopted socket may have any)
     peek_awaited: bool = False  # a readable event ran; cleared by the peek it led to
 
@@ -152,13 +156,22 @@ class TcpHost:
             return None
         return entry.sock.fileno()
 
-    def written_elsewhere(self, flow_id: int, host_full: bool) -> int | None:
-        """Someone else (the fast path) wrote to the flow's socket: the send space now, and
-        the same watch for room as after ``Send`` when the socket is full or nearly so."""
+    def written_elsewhere(self, flow_id: int, host_full: bool, written: int = 0) -> int | None:
+        """Someone else (the fast path) wrote ``written`` bytes to the flow's socket: the send
+        space now, and the same watch for room as after ``Send`` when the socket is full or
+        nearly so. Small writes into a roomy socket are not measured each time (two system
+        calls): the space is then the last one measured minus what was written since, a lower
+        bound (the peer only drains the queue), measured again once that adds up."""
         entry = self._sockets.get(flow_id)
         if entry is None:
             return None
+        entry.unmeasured += written
+        if not host_full and entry.space is not None:
+            estimate = entry.space - entry.unmeasured
+            if estimate >= ESTIMATE_SEND_SPACE and entry.unmeasured * 4 < entry.space:
+                return estimate
         space = send_space(entry.sock)
+        entry.space, entry.unmeasured = space, 0
         self._watch_for_room(flow_id, entry, host_full, space)
         return space
 
