@@ -86,6 +86,8 @@ class TcpFastPath:
         engine.table.track_changes()
         host.set_before_close(self.unregister)
         host.set_direct_peek(self.peek_into_guest)
+        self._after_event = host.after_event
+        host.after_event = self._after_host_event
 
     @property
     def flows(self) -> int:
@@ -110,6 +112,13 @@ class TcpFastPath:
             self.kernel.set(flow_id, flow.guest_ip, flow.guest_port, flow.remote_ip,
                             flow.remote_port, fd, flow.recv_seq(flow.rcv_nxt),
                             flow.send_seq(flow.snd_una), window, flow.send_seq(flow.snd_max))
+
+    def _after_host_event(self) -> None:
+        # A socket event changed flows (a reply went to the guest): bring their C entries up
+        # to date now, while the guest reads, not when its next request waits for it.
+        self.refresh()
+        if self._after_event is not None:
+            self._after_event()
 
     def send_batch(self, batch, count: int, now: float, left: np.ndarray | None) -> np.ndarray | None:
         """Write what the fast path can among ``batch``'s first ``count`` frames.
