@@ -34,6 +34,11 @@ Data rules:
 - Guest -> host: only in-order data is taken; out-of-order segments get a
   duplicate ACK and are not buffered. Data is acknowledged once the host socket
   accepted it; after a partial write the rest is dropped and the guest resends.
+  On a request/response flow (``Flow.interactive``: host data followed the guest's
+  within ``TcpTimeouts.ack_delay``) the ACK is owed instead (``Flow.ack_owed_at``) and
+  rides on the reply; the flow's timer sends it alone when the delay runs out (and
+  the flow is interactive no more). Bulk data (two full-sized segments unacknowledged),
+  a partial write or a low window are acknowledged at once (``_ack_now``).
 - Host -> guest: data stays in the host socket's receive queue until the guest
   acknowledges it; the engine peeks from ``snd_nxt - snd_una`` and discards on
   ACK, so retransmission (RTO with backoff, or three duplicate ACKs) is just a
