@@ -159,7 +159,7 @@ def nat_rows(template: str, name: str, mtu: int, s: Settings, baselines: Baselin
                     echo = TcpEcho()
                     echo.start()
                     workers.append(echo)
-                    rows += _rr(guest, name, s, baselines, echo)
+                    rows += _rr(guest, backend, name, s, baselines, echo)
             if "tcp-tx" in s.cases or "tcp-rx" in s.cases:
                 tcp_sink = TcpSink()
                 tcp_sink.start()
@@ -265,7 +265,8 @@ def _udp_rr(guest: LineProcess, backend: Backend, name: str, s: Settings,
     return row
 
 
-def _rr(guest: LineProcess, name: str, s: Settings, baselines: Baselines, echo: TcpEcho) -> list[Row]:
+def _rr(guest: LineProcess, backend: Backend, name: str, s: Settings, baselines: Baselines,
+        echo: TcpEcho) -> list[Row]:
     rows = []
     if "tcp-rr" in s.cases:
         p99_base: list[float] = []
@@ -278,13 +279,20 @@ def _rr(guest: LineProcess, name: str, s: Settings, baselines: Baselines, echo: 
         base = baselines.get("loopback-tcp-rr", loopback_p50)
         row = Row("tcp-rr", "p50 us", [], base, "loopback p50 us", backend=name)
         p99, count = [], 0
+        cost = Usage(0.0, 0)
         for i in range(s.rounds):
             s.progress.update(f"tcp-rr [{name}] round {i + 1}/{s.rounds}")
+            before = backend.usage()
             r = guest.request("tcp_rr", port=echo.port, duration=s.duration)
+            after = backend.usage()
+            if before is not None and after is not None:
+                cost = Usage(cost.cpu_s + after.cpu_s - before.cpu_s,
+                             cost.wakeups + after.wakeups - before.wakeups)
             row.rounds.append(r["p50_us"])
             p99.append(r["p99_us"])
             count += r["count"]
         row.extra.update(p99_us=float(np.median(p99)), transactions=count)
+        row.extra.update(Usage(0.0, 0).per_unit(cost, count, "txn"))
         if p99_base:
             row.extra["loopback_p99_us"] = float(np.median(p99_base))
         rows.append(row)

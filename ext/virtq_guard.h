@@ -15,6 +15,7 @@
 #ifndef VHOSTNET_VIRTQ_GUARD_H
 #define VHOSTNET_VIRTQ_GUARD_H
 
+#include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <string.h>
@@ -60,12 +61,18 @@ static int vq_guard_install(void) {
 }
 
 /* fn(queue, arg, n), or 0 with *faulted set if guest memory raised SIGBUS meanwhile.
- * The signal mask is saved and restored, so SIGBUS is unblocked again after a jump. */
+ * The signal mask is not saved (that is a system call on every entry, several per
+ * request/response); after a jump out of the handler, which runs with SIGBUS blocked,
+ * SIGBUS is unblocked again here, so a later fault is caught too. */
 static long vq_guarded_call(vq_guarded_fn fn, void *queue, void *arg, long n, int *faulted) {
     sigjmp_buf jump;
     sigjmp_buf *volatile outer = vq_guard_jump;
     long result;
-    if (sigsetjmp(jump, 1) != 0) {
+    if (sigsetjmp(jump, 0) != 0) {
+        sigset_t sigbus;
+        sigemptyset(&sigbus);
+        sigaddset(&sigbus, SIGBUS);
+        pthread_sigmask(SIG_UNBLOCK, &sigbus, NULL);
         vq_guard_jump = outer;
         *faulted = 1;
         return 0;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from tests.support.frames import GATEWAY_MAC, GUEST_IP, GUEST_MAC, eth, guest_udp_frame, ipv4
 from vhostnet.network import Network
@@ -71,6 +72,22 @@ def test_the_reassemblers_timeouts_are_on_the_one_timer_list() -> None:
         network.poll_timers(35.0)
         assert network.counters()["frag.drop.timeout"] == 1
         assert network.next_timer() is None
+    finally:
+        network.close()
+        loop.close()
+
+
+def test_an_engine_brings_the_timer_forward_for_a_delayed_ack() -> None:
+    loop = asyncio.new_event_loop()
+    network = Network(StackConfig(), loop)
+    polled: list[float] = []
+    network.poll_timers = polled.append  # type: ignore[method-assign]
+    try:
+        # Nothing due: the timer ticks after a second; the TCP engine's wake-up hook (an
+        # ACK owed 20 ms from now) brings it forward.
+        network.tcp._wakeup(time.monotonic() + 0.02)  # noqa: SLF001
+        loop.run_until_complete(asyncio.sleep(0.3))
+        assert len(polled) == 1
     finally:
         network.close()
         loop.close()

@@ -111,9 +111,11 @@ class GuestRx:
 
 
 class Segment:
-    def __init__(self, seq: int, flags: int, payload: bytes, window: int, direct: bool):
+    def __init__(self, seq: int, flags: int, payload: bytes, window: int, direct: bool,
+                 ack: int = 0):
         self.seq, self.flags, self.payload, self.window, self.direct = (
             seq, flags, payload, window, direct)
+        self.ack = ack
 
 
 def parse_direct(header: bytes, frame: bytes, mss: int) -> Segment:
@@ -156,7 +158,7 @@ def parse_direct(header: bytes, frame: bytes, mss: int) -> Segment:
             assert gso_type == gso_kind and gso_size == mss and hdr_len == l4_start + 20
         else:
             assert gso_type == 0
-    return Segment(seq, tcp_flags, payload, window, direct=True)
+    return Segment(seq, tcp_flags, payload, window, direct=True, ack=ack)
 
 
 def parse_queued(entry) -> Segment | None:
@@ -168,7 +170,8 @@ def parse_queued(entry) -> Segment | None:
         "!HHIIBBH", frame, start)
     if dport != GUEST_PORT:
         return None
-    return Segment(seq, tcp_flags, bytes(frame[start + (offset >> 4) * 4:]), window, False)
+    return Segment(seq, tcp_flags, bytes(frame[start + (offset >> 4) * 4:]), window, False,
+                   ack)
 
 
 class Guest:
@@ -184,18 +187,19 @@ class Guest:
         self.mss = MSS
 
     def frame(self, flags: int, ack: int, window: int | None = None, *, seq_offset: int = 0,
-              options: bytes = b"") -> bytes:
-        """A segment without data; ``seq_offset`` moves it off the expected sequence number."""
+              options: bytes = b"", payload: bytes = b"") -> bytes:
+        """A segment (without data unless ``payload``); ``seq_offset`` moves it off the
+        expected sequence number."""
         if flags & SYN:
             options = build_options(MSS, None)  # no window scale: raw bytes
         window = self.window if window is None else window
         seq = (self.isn + (0 if flags & SYN else 1) + seq_offset) & 0xFFFFFFFF
         if self.family == 4:
             segment = emit_segment(GUEST_IP, GATEWAY_IP, GUEST_PORT, self.port, seq, ack, flags,
-                                   window, b"", options)
+                                   window, payload, options)
             return eth(GATEWAY_MAC, GUEST_MAC, 0x0800, ipv4(GUEST_IP, GATEWAY_IP, 6, segment))
         segment = emit_segment(GUEST_IP6, GATEWAY6, GUEST_PORT, self.port, seq, ack, flags,
-                               window, b"", options)
+                               window, payload, options)
         return ipv6_frame(GUEST_IP6, GATEWAY6, segment, hop_limit=64, next_header=6,
                           dst_mac=GATEWAY_MAC)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import socket
 import time
 
@@ -24,7 +25,7 @@ import pytest
 from tests.support.direct_rx import MSS, PAGE, connected, continuous, settle
 from tests.support.guest_ram import RAM_BYTES
 from tests.support.loop import run
-from vhostnet.wire.tcp import FIN
+from vhostnet.wire.tcp import ACK, FIN, PSH
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -206,6 +207,44 @@ def test_frames_across_odd_sized_buffers_and_regions_keep_their_checksum(ram) ->
             assert bytes(guest.stream) == data
             assert guest.rx.frames_written >= 10
             assert guest.rx.queue.counters()["rx_buffers"] > guest.rx.frames_written
+        finally:
+            peer.close()
+            network.close()
+    run(scenario)
+
+
+def test_the_reply_peeked_into_the_guest_carries_the_ack_of_its_request(ram) -> None:
+    """Request/response through the fast path both ways: from the second exchange on, the
+    guest's request gets no pure ACK frame; the reply written straight into its buffers
+    acknowledges the request."""
+    async def scenario(loop) -> None:
+        network, guest, peer = await connected(loop, ram)
+        try:
+            guest.rx.post(32, 2048)
+            sent = 0
+            for index in range(4):
+                request = f"request {index}".encode()
+                guest.send(guest.frame(ACK | PSH, guest.next_seq, seq_offset=sent,
+                                       payload=request))
+                sent += len(request)
+                got = bytearray()
+                for _ in range(200):
+                    got += peer.recv(4096) if select.select([peer], [], [], 0.005)[0] else b""
+                    if len(got) == len(request):
+                        break
+                assert bytes(got) == request
+                pure = [s for s in guest.collect() if not s.payload]
+                assert len(pure) == (1 if index == 0 else 0)  # the first goes before a reply
+                reply = f"reply {index}".encode()
+                peer.sendall(reply)
+                await guest.receive(len(guest.stream) + len(reply), ack=False)
+                data = [s for s in guest.segments if s.payload][-1]
+                assert data.direct and data.payload == reply
+                assert data.ack == (guest.isn + 1 + sent) & 0xFFFFFFFF
+                guest.send(guest.frame(ACK, guest.next_seq, seq_offset=sent))
+            counters = network.counters()
+            assert counters["tcp.acks_on_replies"] == 3
+            assert counters["tcp.fast_segments"] == 4  # the requests went the fast way
         finally:
             peer.close()
             network.close()

@@ -508,3 +508,20 @@ def test_ipv6_guest_address_on_the_same_fold_is_not_taken_for_the_flow() -> None
             peer.close()
             network.close()
     run(scenario)
+
+
+def test_the_mirror_is_brought_up_to_date_when_the_work_is_done() -> None:
+    """After the network's flush (the end of a guest batch's work) no changed flow waits
+    for the next batch's refresh: that one then goes straight to its write."""
+    async def scenario(loop) -> None:
+        network, guest, peer = await established(loop, 4)
+        try:
+            flow = next(iter(network.tcp.flows.values()))
+            assert network.tcp_fast.flows == 1  # the handshake's last ACK registered it
+            network.tcp.table.touch(flow.flow_id)
+            network.flush()
+            assert not network.tcp.table.take_changed()
+        finally:
+            peer.close()
+            network.close()
+    run(scenario)

@@ -34,6 +34,11 @@ Data rules:
 - Guest -> host: only in-order data is taken; out-of-order segments get a
   duplicate ACK and are not buffered. Data is acknowledged once the host socket
   accepted it; after a partial write the rest is dropped and the guest resends.
+  On a request/response flow (``Flow.interactive``: host data followed the guest's
+  within ``TcpTimeouts.ack_delay``) the ACK is owed instead (``Flow.ack_owed_at``) and
+  rides on the reply; the flow's timer sends it alone when the delay runs out (and
+  the flow is interactive no more). Bulk data (two full-sized segments unacknowledged),
+  a partial write or a low window are acknowledged at once (``_ack_now``).
 - Host -> guest: data stays in the host socket's receive queue until the guest
   acknowledges it; the engine peeks from ``snd_nxt - snd_una`` and discards on
   ACK, so retransmission (RTO with backoff, or three duplicate ACKs) is just a
@@ -83,6 +88,8 @@ log = logging.getLogger("vhostnet.tcp.engine")
 OUR_WSCALE = 7
 # The MSS to assume when the guest's SYN carries none (RFC 9293).
 DEFAULT_MSS = 536
+# Below this much window to advertise, guest data is acknowledged at once (no delayed ACK).
+ACK_NOW_WINDOW = 64 * 1024
 
 
 class Ipv4Packet(Protocol):
@@ -134,6 +141,9 @@ class TcpEngine:
         self.sender = GuestSender(self.tx, self.stats, self.timeouts, self.commands)
         self.recently_closed = RecentlyClosed()
         self._now = 0.0  # the latest time an event brought; closed flows linger from it
+        self._wakeup: Callable[[float], None] | None = None
+        self._wake_asked = 0.0  # the deadline the wake-up hook was last asked for
+        self._polled_at = 0.0  # the time of the last poll_timers
 
     # ------------------------------------------------------------------ public
 
@@ -142,12 +152,17 @@ class TcpEngine:
         self.stats.set("tcp.flows_open", len(self.flows))
         return self.stats.snapshot()
 
+    def set_wakeup(self, hook: Callable[[float], None] | None) -> None:
+        """Call ``hook(deadline)`` when a timer (a delayed ACK) becomes due sooner than the
+        caller's next ``poll_timers`` may come: the integrator brings its timer forward."""
+        self._wakeup = hook
+
     def next_timer(self) -> float | None:
         """The earliest time ``poll_timers`` has work to do, or None."""
         return self._timers.next_deadline()
 
     def poll_timers(self, now: float) -> None:
-        self._now = now
+        self._now = self._polled_at = now
         for flow in self._timers.due(now):
             self._run_timers(flow, now)
             self._timers.schedule(flow)
@@ -366,7 +381,8 @@ class TcpEngine:
             flow.idle_at = now + self.timeouts.idle
             if flow.fin_at is not None:
                 flow.fin_at = now + self.timeouts.fin
-        if flow.to_host:
+        partial = bool(flow.to_host)
+        if partial:
             # The host socket is full: forget the rest, the guest will send it again.
             self.stats.inc("tcp.partial_writes")
             flow.to_host.clear()
@@ -375,8 +391,31 @@ class TcpEngine:
                 flow.guest_fin = False
                 flow.fin_at = None
         if not self._maybe_shutdown(flow) and n > 0:
-            self.tx.ack(flow)
+            flow.data_in_at = now
+            if self._ack_now(flow, partial):
+                self.tx.ack(flow)
+            elif flow.ack_owed_at is None:
+                flow.ack_owed_at = now + self.timeouts.ack_delay
+                self._wake_by(flow.ack_owed_at)
         self._timers.schedule(flow)
+
+    def _wake_by(self, deadline: float) -> None:
+        """Make sure ``poll_timers`` runs by ``deadline`` (the integrator's timer ticks are
+        coarser than the ACK delay): ask the wake-up hook unless a wake-up it was asked for
+        is still to come no later."""
+        if self._wakeup is None or self._polled_at < self._wake_asked <= deadline:
+            return
+        self._wake_asked = deadline
+        self._wakeup(deadline)
+
+    def _ack_now(self, flow: Flow, partial: bool) -> bool:
+        """Whether guest data just written is acknowledged at once rather than delayed for a
+        reply to carry: unless the flow is interactive, after a partial write (the guest
+        resends), at two full-sized segments not yet acknowledged (RFC 9293 3.8.6.3: bulk
+        data is never slowed), or when the window we advertise runs low."""
+        return (not flow.interactive or partial or self.timeouts.ack_delay <= 0
+                or flow.rcv_nxt - flow.rcv_acked >= 2 * self.tx.mss_limit(flow.guest_ip)
+                or self.tx.window_bytes(flow) < ACK_NOW_WINDOW)
 
     def on_written_elsewhere(self, flow_id: int, n: int, now: float,
                              send_space: int | None = None) -> None:
@@ -578,6 +617,12 @@ class TcpEngine:
             self._remove(flow, abort=False)
 
     def _run_timers(self, flow: Flow, now: float) -> None:
+        if flow.ack_owed_at is not None and flow.ack_owed_at <= now:
+            # No reply carried the ACK in time: send it, and ACK this flow's data at once
+            # again until replies follow its data (a guest waiting on its Nagle timer).
+            flow.interactive = False
+            self.stats.inc("tcp.delayed_acks")
+            self.tx.ack(flow)
         if flow.syn_at is not None and flow.syn_at <= now:
             self.stats.inc("tcp.syn_timeouts")
             self._abort(flow, send_rst=True)

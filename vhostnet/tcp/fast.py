@@ -53,6 +53,9 @@ from vhostnet.tcp.flow import Flow
 from vhostnet.tcp.host import TcpHost
 
 MAX_RAW_WINDOW = 0xFFFF
+# ``send_batch``'s answer when it took every frame left (read only).
+NONE_LEFT = np.empty(0, dtype=np.intp)
+NONE_LEFT.flags.writeable = False
 
 
 class DirectRx(Protocol):
@@ -83,6 +86,8 @@ class TcpFastPath:
         engine.table.track_changes()
         host.set_before_close(self.unregister)
         host.set_direct_peek(self.peek_into_guest)
+        self._after_event = host.after_event
+        host.after_event = self._after_host_event
 
     @property
     def flows(self) -> int:
@@ -107,6 +112,13 @@ class TcpFastPath:
             self.kernel.set(flow_id, flow.guest_ip, flow.guest_port, flow.remote_ip,
                             flow.remote_port, fd, flow.recv_seq(flow.rcv_nxt),
                             flow.send_seq(flow.snd_una), window, flow.send_seq(flow.snd_max))
+
+    def _after_host_event(self) -> None:
+        # A socket event changed flows (a reply went to the guest): bring their C entries up
+        # to date now, while the guest reads, not when its next request waits for it.
+        self.refresh()
+        if self._after_event is not None:
+            self._after_event()
 
     def send_batch(self, batch, count: int, now: float, left: np.ndarray | None) -> np.ndarray | None:
         """Write what the fast path can among ``batch``'s first ``count`` frames.
@@ -135,6 +147,8 @@ class TcpFastPath:
         kernel = self.kernel
         self._count_frames(taken, kernel.last_taken6, kernel.last_acks, kernel.last_acks6)
         self.sync_all(now)
+        if taken == (count if left is None else len(left)):
+            return NONE_LEFT  # the common case of a small batch: no numpy pass
         return np.flatnonzero(handled[:count] == 0)
 
     def _count_frames(self, taken: int, taken6: int, acks: int, acks6: int) -> None:
@@ -167,7 +181,7 @@ class TcpFastPath:
                 continue
             if host_full:
                 stats.inc("tcp.partial_writes")
-            space = self.host.written_elsewhere(flow_id, host_full)
+            space = self.host.written_elsewhere(flow_id, host_full, written)
             # As if the bytes had gone through to_host and one Send: rcv_nxt moves up,
             # the idle timer restarts and the guest gets its ACK.
             engine.on_written_elsewhere(flow_id, written, now, space)

@@ -40,6 +40,9 @@ class TcpTimeouts:
     rto_initial: float = 1.0  # RFC 6298 initial retransmission timeout
     rto_max: float = 60.0
     max_retries: int = 8  # consecutive timeouts before the flow is reset
+    # Delayed ACK of guest data on a request/response flow: the reply normally carries it
+    # (passt's ACK_INTERVAL; well under the guest's 200 ms minimum RTO). 0: ACK at once.
+    ack_delay: float = 0.010
 
 
 # --- host-side commands (the engine queues them, the glue executes them) ---
@@ -123,6 +126,12 @@ class Flow:
     irs: int = 0
     rcv_nxt: int = 0  # acknowledged to the guest: the host socket accepted everything before it
     rcv_queued: int = 0  # everything before it is in ``to_host`` or already sent
+    rcv_acked: int = 0  # the rcv_nxt our last ACK (pure or on data) told the guest
+    data_in_at: float = -1.0  # when guest data last reached the host socket
+    # Replies have followed the guest's data within the ACK delay: its ACKs are delayed
+    # (they ride on the reply) until the delay once runs out without one.
+    interactive: bool = False
+    ack_owed_at: float | None = None  # an ACK of guest data is owed, due then
 
     # Guest -> host.
     to_host: bytearray = field(default_factory=bytearray)
@@ -175,8 +184,11 @@ class Flow:
                 and not self.host_eof and not self.fin_sent)
 
     def next_deadline(self) -> float | None:
-        times = [t for t in (self.rto_at, self.syn_at, self.fin_at, self.idle_at) if t is not None]
-        return min(times) if times else None
+        earliest = self.idle_at
+        for time in (self.rto_at, self.ack_owed_at, self.syn_at, self.fin_at):
+            if time is not None and (earliest is None or time < earliest):
+                earliest = time
+        return earliest
 
     @property
     def state_name(self) -> str:

@@ -17,7 +17,10 @@ peeks straight into the guest's RX ring); what it leaves is peeked here.
 Readiness: a socket whose queued bytes have all been peeked is still
 "readable" in the level-triggered sense, so the reader is armed only after a
 peek came back short, with SO_RCVLOWAT set one byte above what is already
-queued: it fires when new data (or EOF) arrives, not because of old data.
+queued: it fires when new data (or EOF) arrives, not because of old data. It stays
+registered across such events (no epoll re-registration per request/response): a
+peek that fills the guest's window, EOF, or an event that led to no peek removes it;
+SO_RCVLOWAT is set only when its value changes.
 
 Every socket is closed exactly once: by a ``Close`` command or by ``close()``.
 """
@@ -52,6 +55,8 @@ LISTEN_BACKLOG = 128
 DISCARD_CHUNK = 256 * 1024
 # Below this much free send buffer, wait for the socket to drain and update the guest's window.
 LOW_SEND_SPACE = 128 * 1024
+# Above this much send space, small writes elsewhere need not measure it again.
+ESTIMATE_SEND_SPACE = 2 * LOW_SEND_SPACE
 LISTEN_RETRY_INTERVAL = 0.1
 
 
@@ -75,6 +80,10 @@ class _HostSocket:
     connecting: bool = False
     rearm_on_discard: bool = False
     peeked_until: int = 0  # bytes at the head of the queue already peeked (for SO_RCVLOWAT)
+    space: int | None = None  # send space last measured by ``written_elsewhere``
+    unmeasured: int = 0  # bytes written elsewhere since
+    lowat: int = 0  # SO_RCVLOWAT as last set here (0: not yet; an adopted socket may have any)
+    peek_awaited: bool = False  # a readable event ran; cleared by the peek it led to
 
 
 class TcpHost:
@@ -147,13 +156,22 @@ class TcpHost:
             return None
         return entry.sock.fileno()
 
-    def written_elsewhere(self, flow_id: int, host_full: bool) -> int | None:
-        """Someone else (the fast path) wrote to the flow's socket: the send space now, and
-        the same watch for room as after ``Send`` when the socket is full or nearly so."""
+    def written_elsewhere(self, flow_id: int, host_full: bool, written: int = 0) -> int | None:
+        """Someone else (the fast path) wrote ``written`` bytes to the flow's socket: the send
+        space now, and the same watch for room as after ``Send`` when the socket is full or
+        nearly so. Small writes into a roomy socket are not measured each time (two system
+        calls): the space is then the last one measured minus what was written since, a lower
+        bound (the peer only drains the queue), measured again once that adds up."""
         entry = self._sockets.get(flow_id)
         if entry is None:
             return None
+        entry.unmeasured += written
+        if not host_full and entry.space is not None:
+            estimate = entry.space - entry.unmeasured
+            if estimate >= ESTIMATE_SEND_SPACE and entry.unmeasured * 4 < entry.space:
+                return estimate
         space = send_space(entry.sock)
+        entry.space, entry.unmeasured = space, 0
         self._watch_for_room(flow_id, entry, host_full, space)
         return space
 
@@ -413,18 +431,21 @@ class TcpHost:
                 self.engine.on_host_error(flow_id, -status, now)
                 return
             data, eof = b"", status == DirectPeek.EOF
+        entry.peek_awaited = False
         if eof:
+            self._stop_reading(entry)
             self.engine.on_host_eof(flow_id, now)
             return
         start = offset + delivered
         entry.peeked_until = start + len(data)
-        if delivered + len(data) < length:
-            if data or delivered or offset == 0:
-                self._arm_reader(flow_id, entry.peeked_until)
-            else:
-                # Woken with nothing new (memory pressure keeps the socket readable):
-                # wait until the guest's ACK frees queue space instead of spinning.
-                entry.rearm_on_discard = True
+        if delivered + len(data) < length and (data or delivered or offset == 0):
+            self._arm_reader(flow_id, entry.peeked_until)
+        else:
+            # The guest's window is full (its ACK asks for more), or woken with nothing new
+            # (memory pressure keeps the socket readable): wait until the guest's ACK frees
+            # queue space instead of spinning.
+            self._stop_reading(entry)
+            entry.rearm_on_discard = delivered + len(data) < length
         self.engine.on_peeked(flow_id, start, data, now)
 
     def _peek_at(self, sock: socket.socket, offset: int, length: int) -> tuple[bytes, bool]:
@@ -473,7 +494,7 @@ class TcpHost:
             entry.rearm_on_discard = False
             self._arm_reader(command.flow_id, entry.peeked_until)
         elif entry.reading:
-            _set_lowat(entry.sock, entry.peeked_until + 1)
+            _set_lowat(entry, entry.peeked_until + 1)
 
     def _shutdown_write(self, flow_id: int) -> None:
         entry = self._sockets.get(flow_id)
@@ -501,7 +522,7 @@ class TcpHost:
 
     def _arm_reader(self, flow_id: int, already_peeked: int) -> None:
         entry = self._sockets[flow_id]
-        _set_lowat(entry.sock, already_peeked + 1)
+        _set_lowat(entry, already_peeked + 1)
         if not entry.reading:
             entry.reading = True
             self.loop.add_reader(entry.sock.fileno(), self._on_readable, flow_id)
@@ -510,9 +531,13 @@ class TcpHost:
         entry = self._sockets.get(flow_id)
         if entry is None:
             return
-        self._stop_reading(entry)  # re-armed after a short peek
+        # The reader stays: the peek this leads to keeps it (short) or removes it.
+        entry.peek_awaited = True
         self.engine.on_readable(flow_id, self.clock())
         self._event_done()
+        if entry.peek_awaited:  # no peek came of it (window closed, FIN sent): stop
+            entry.peek_awaited = False
+            self._stop_reading(entry)
 
     def _stop_reading(self, entry: _HostSocket) -> None:
         if entry.reading:
@@ -565,11 +590,15 @@ def _peer_closed(sock: socket.socket) -> bool:
     return state in PEER_CLOSED_STATES
 
 
-def _set_lowat(sock: socket.socket, value: int) -> None:
+def _set_lowat(entry: _HostSocket, value: int) -> None:
+    value = max(1, min(value, 1 << 30))
+    if value == entry.lowat:
+        return
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(1, min(value, 1 << 30)))
+        entry.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, value)
     except OSError:
-        pass  # only an optimisation: without it the reader fires early, never late
+        return  # only an optimisation: without it the reader fires early, never late
+    entry.lowat = value
 
 
 def abort_close(sock: socket.socket) -> None:

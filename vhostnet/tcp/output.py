@@ -73,7 +73,11 @@ class GuestOutput:
         options: bytes = b"",
     ) -> None:
         if ack is None:
-            ack = flow.recv_seq(flow.rcv_nxt) if flags & ACK else 0
+            ack = 0
+            if flags & ACK:
+                ack = flow.recv_seq(flow.rcv_nxt)
+                flow.rcv_acked = flow.rcv_nxt
+                flow.ack_owed_at = None
         segment = emit_segment(
             flow.remote_ip,
             flow.guest_ip,

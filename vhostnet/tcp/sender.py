@@ -149,6 +149,14 @@ class GuestSender:
         self._sent(flow, n, now)
 
     def _sent(self, flow: Flow, n: int, now: float) -> None:
+        # Data segments carry our ACK of everything written to the host (recv_seq(rcv_nxt)).
+        if flow.ack_owed_at is not None:
+            flow.ack_owed_at = None
+            self.stats.inc("tcp.acks_on_replies")
+        if now - flow.data_in_at <= self.timeouts.ack_delay:
+            # A reply soon after the guest's data: its next ACKs may wait for the next reply.
+            flow.interactive = True
+        flow.rcv_acked = flow.rcv_nxt
         if flow.snd_nxt < flow.snd_max:
             self.stats.inc("tcp.retransmitted_bytes", min(n, flow.snd_max - flow.snd_nxt))
         flow.snd_nxt += n

@@ -23,12 +23,12 @@ class FlowTimers:
 
     def schedule(self, flow: Flow) -> None:
         """Make sure the heap holds the flow's earliest deadline (later ones wait their turn)."""
-        if flow.flow_id not in self._flows_by_id:
-            return
         deadline = flow.next_deadline()
         if deadline is None:
             return
         if flow.scheduled_at is None or deadline < flow.scheduled_at:
+            if flow.flow_id not in self._flows_by_id:
+                return
             flow.scheduled_at = deadline
             heapq.heappush(self._heap, (deadline, flow.flow_id))
 
