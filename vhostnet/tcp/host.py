@@ -40,6 +40,7 @@ from vhostnet.outbound import open_outbound
 from vhostnet.stack.config import PortForward, listener_options
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import Close, Connect, Discard, Peek, Send, ShutdownWrite
+from vhostnet.tcp.readiness import FAILED, READABLE, WRITABLE, Readiness
 
 log = logging.getLogger("vhostnet.tcp.host")
 
@@ -94,6 +95,8 @@ class TcpHost:
         self.clock = clock
         self.after_event = after_event
         self._sockets: dict[int, _HostSocket] = {}
+        self._flow_by_fd: dict[int, int] = {}
+        self._readiness = Readiness(loop, self._on_socket_event)
         self._listeners: dict[PortForward, socket.socket] = {}
         self._scratch = bytearray(DISCARD_CHUNK)
         self._peek_off: bool | None = None  # learnt from the first socket
@@ -187,6 +190,7 @@ class TcpHost:
         self.close_listeners()
         for flow_id in list(self._sockets):
             self._close_socket(flow_id, abort=True)
+        self._readiness.close()
 
     # --------------------------------------- migration (vhostnet.migration)
 
@@ -197,15 +201,16 @@ class TcpHost:
             return None
         if self._before_close is not None:
             self._before_close(flow_id)  # nothing else may write to it now (it may be frozen)
-        self._stop_reading(entry)
-        self._stop_writing(entry)
+        entry.reading = entry.writing = False
+        self._flow_by_fd.pop(entry.sock.fileno(), None)
+        self._readiness.forget(entry.sock.fileno())
         return entry.sock
 
     def adopt(self, flow_id: int, sock: socket.socket) -> None:
         """Serve an established socket (restored or given back) for ``flow_id``."""
         sock.setblocking(False)
         self._tune(sock)
-        self._sockets[flow_id] = _HostSocket(sock)
+        self._add_socket(flow_id, _HostSocket(sock))
         self._arm_reader(flow_id, 0)
 
     def close_listeners(self) -> None:
@@ -296,7 +301,7 @@ class TcpHost:
             if flow_id is None:
                 abort_close(conn)
                 continue
-            self._sockets[flow_id] = _HostSocket(conn)
+            self._add_socket(flow_id, _HostSocket(conn))
             self._arm_reader(flow_id, 0)
         self._event_done()
 
@@ -327,7 +332,7 @@ class TcpHost:
             return
         self._tune(sock)
         entry = _HostSocket(sock, connecting=True)
-        self._sockets[command.flow_id] = entry
+        self._add_socket(command.flow_id, entry)
         try:
             code = sock.connect_ex((command.host, command.port))
         except OSError as error:  # e.g. an address the family cannot take
@@ -336,15 +341,16 @@ class TcpHost:
             self.engine.on_connect_failed(command.flow_id, code, self.clock())
             return
         entry.writing = True
-        self.loop.add_writer(sock.fileno(), self._on_connect_ready, command.flow_id)
+        self._want(entry)
 
-    def _on_connect_ready(self, flow_id: int) -> None:
+    def _on_connect_ready(self, flow_id: int, events: int) -> None:
         entry = self._sockets.get(flow_id)
         if entry is None:
             return
         self._stop_writing(entry)
         entry.connecting = False
-        code = entry.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        # Writable without an error event means connected; SO_ERROR only to learn the error.
+        code = entry.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if events & FAILED else 0
         now = self.clock()
         if code:
             self.engine.on_connect_failed(flow_id, code, now)
@@ -376,7 +382,7 @@ class TcpHost:
         low = space is not None and space < LOW_SEND_SPACE
         if (full or low) and not entry.writing:
             entry.writing = True
-            self.loop.add_writer(entry.sock.fileno(), self._on_writable, flow_id)
+            self._want(entry)
 
     def _on_writable(self, flow_id: int) -> None:
         entry = self._sockets.get(flow_id)
@@ -490,8 +496,9 @@ class TcpHost:
             return
         if self._before_close is not None:
             self._before_close(flow_id)
-        self._stop_reading(entry)
-        self._stop_writing(entry)
+        entry.reading = entry.writing = False
+        self._flow_by_fd.pop(entry.sock.fileno(), None)
+        self._readiness.closing(entry.sock.fileno())  # close() takes it out of the epoll set
         if abort:
             abort_close(entry.sock)
         else:
@@ -504,7 +511,7 @@ class TcpHost:
         _set_lowat(entry.sock, already_peeked + 1)
         if not entry.reading:
             entry.reading = True
-            self.loop.add_reader(entry.sock.fileno(), self._on_readable, flow_id)
+            self._want(entry)
 
     def _on_readable(self, flow_id: int) -> None:
         entry = self._sockets.get(flow_id)
@@ -517,12 +524,41 @@ class TcpHost:
     def _stop_reading(self, entry: _HostSocket) -> None:
         if entry.reading:
             entry.reading = False
-            self.loop.remove_reader(entry.sock.fileno())
+            self._want(entry)
 
     def _stop_writing(self, entry: _HostSocket) -> None:
         if entry.writing:
             entry.writing = False
-            self.loop.remove_writer(entry.sock.fileno())
+            self._want(entry)
+
+    def _want(self, entry: _HostSocket) -> None:
+        self._readiness.want(entry.sock.fileno(), entry.reading, entry.writing)
+
+    def _add_socket(self, flow_id: int, entry: _HostSocket) -> None:
+        self._sockets[flow_id] = entry
+        self._flow_by_fd[entry.sock.fileno()] = flow_id
+
+    def _on_socket_event(self, fd: int, events: int) -> None:
+        """A flow socket is ready; it waits for nothing now (one-shot) until armed again."""
+        flow_id = self._flow_by_fd.get(fd)
+        entry = self._sockets.get(flow_id) if flow_id is not None else None
+        if entry is None:
+            return
+        read_fired = entry.reading and events & READABLE
+        write_fired = entry.writing and events & WRITABLE
+        if read_fired:
+            entry.reading = False
+        if write_fired:
+            entry.writing = False
+        if entry.reading or entry.writing:
+            self._want(entry)  # the direction that did not fire waits on
+        if write_fired:
+            if entry.connecting:
+                self._on_connect_ready(flow_id, events)
+            else:
+                self._on_writable(flow_id)
+        if read_fired and self._sockets.get(flow_id) is entry:
+            self._on_readable(flow_id)
 
     def _event_done(self) -> None:
         self.flush()
