@@ -76,6 +76,7 @@ class _HostSocket:
     connecting: bool = False
     rearm_on_discard: bool = False
     peeked_until: int = 0  # bytes at the head of the queue already peeked (for SO_RCVLOWAT)
+    lowat: int = 1  # SO_RCVLOWAT as set (a new socket's is 1; 0: unknown)
 
 
 class TcpHost:
@@ -210,7 +211,7 @@ class TcpHost:
         """Serve an established socket (restored or given back) for ``flow_id``."""
         sock.setblocking(False)
         self._tune(sock)
-        self._add_socket(flow_id, _HostSocket(sock))
+        self._add_socket(flow_id, _HostSocket(sock, lowat=0))
         self._arm_reader(flow_id, 0)
 
     def close_listeners(self) -> None:
@@ -293,10 +294,10 @@ class TcpHost:
             except OSError as error:  # EMFILE and friends: the peer waits in the backlog
                 log.warning("accept on forwarded port failed: %s", error)
                 break
-            conn.setblocking(False)
+            conn.setblocking(False)  # accept() leaves out the listener's O_NONBLOCK
             self._tune(conn)
             flow_id = self.engine.on_accepted(
-                peer[0], peer[1], guest_port, self.clock(), send_space(conn)
+                peer[0], peer[1], guest_port, self.clock(), send_space(conn, nothing_sent=True)
             )
             if flow_id is None:
                 abort_close(conn)
@@ -355,7 +356,7 @@ class TcpHost:
         if code:
             self.engine.on_connect_failed(flow_id, code, now)
         else:
-            self.engine.on_connected(flow_id, now, send_space(entry.sock))
+            self.engine.on_connected(flow_id, now, send_space(entry.sock, nothing_sent=True))
             self._arm_reader(flow_id, 0)
         self._event_done()
 
@@ -479,7 +480,7 @@ class TcpHost:
             entry.rearm_on_discard = False
             self._arm_reader(command.flow_id, entry.peeked_until)
         elif entry.reading:
-            _set_lowat(entry.sock, entry.peeked_until + 1)
+            _set_lowat(entry, entry.peeked_until + 1)
 
     def _shutdown_write(self, flow_id: int) -> None:
         entry = self._sockets.get(flow_id)
@@ -508,7 +509,7 @@ class TcpHost:
 
     def _arm_reader(self, flow_id: int, already_peeked: int) -> None:
         entry = self._sockets[flow_id]
-        _set_lowat(entry.sock, already_peeked + 1)
+        _set_lowat(entry, already_peeked + 1)
         if not entry.reading:
             entry.reading = True
             self._want(entry)
@@ -574,10 +575,13 @@ class TcpHost:
 
 
 
-def send_space(sock: socket.socket) -> int | None:
-    """Bytes the socket can take now: SO_SNDBUF minus what is queued (SIOCOUTQ)."""
+def send_space(sock: socket.socket, nothing_sent: bool = False) -> int | None:
+    """Bytes the socket can take now: SO_SNDBUF minus what is queued (SIOCOUTQ; not asked
+    when ``nothing_sent``: a socket just connected or accepted)."""
     try:
         buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        if nothing_sent:
+            return buffer
         queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
     except OSError:
         return None
@@ -601,11 +605,15 @@ def _peer_closed(sock: socket.socket) -> bool:
     return state in PEER_CLOSED_STATES
 
 
-def _set_lowat(sock: socket.socket, value: int) -> None:
+def _set_lowat(entry: _HostSocket, value: int) -> None:
+    value = max(1, min(value, 1 << 30))
+    if value == entry.lowat:
+        return  # already so (a new socket's first reader, a discard after a short peek)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(1, min(value, 1 << 30)))
+        entry.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, value)
+        entry.lowat = value
     except OSError:
-        pass  # only an optimisation: without it the reader fires early, never late
+        entry.lowat = 0  # only an optimisation: without it the reader fires early, never late
 
 
 def abort_close(sock: socket.socket) -> None:
