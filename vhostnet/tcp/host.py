@@ -115,6 +115,11 @@ class TcpHost:
     def open_sockets(self) -> int:
         return len(self._sockets)
 
+    @property
+    def watched_sockets(self) -> int:
+        """Flow sockets in the epoll set (armed or not): never more than ``open_sockets``."""
+        return self._readiness.watched
+
     def listening_addresses(self) -> list[tuple[str, int]]:
         return [sock.getsockname()[:2] for sock in self._listeners.values()]
 
