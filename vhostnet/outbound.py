@@ -51,6 +51,11 @@ def outbound_binding(settings: OutboundSettings, host: str) -> tuple[str | None,
     return text, None if loopback else interface
 
 
+def is_loopback(host: str) -> bool:
+    """Whether an address in text (IPv4 or IPv6) is a loopback address."""
+    return _kind_of(host)[1]
+
+
 # A new TCP connection or UDP flow asks these every time, for a handful of addresses;
 # ipaddress takes microseconds per parse.
 @functools.lru_cache(maxsize=256)

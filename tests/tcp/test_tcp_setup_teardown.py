@@ -205,3 +205,27 @@ def test_readiness_skips_an_event_of_a_socket_closed_earlier_in_the_batch() -> N
         for sock, peer in pairs:
             sock.close()
             peer.close()
+
+
+def test_a_loopback_connect_answers_the_syn_in_the_same_flush() -> None:
+    """The kernel finishes a loopback handshake inside connect(): the SYN-ACK needs no wait
+    for the socket to turn writable (no loop turn, no epoll registration for it)."""
+    loop, net, engine = new_setup(StackConfig())
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    host = tcp_host.TcpHost(engine, loop)
+    try:
+        conn = GuestTcp(net, 32000, GATEWAY, listener.getsockname()[1])
+        net.conns[conn.local_port] = conn
+        conn.connect()
+        net.deliver(engine, 1.0)  # the SYN: a Connect command
+        host.flush()  # connect(), then at once the SYN-ACK
+        net.deliver(engine, 1.0)  # the guest takes it and ACKs
+        assert conn.established and not conn.reset
+        assert engine.counters()["tcp.established"] == 1
+        assert host.watched_sockets == 1  # armed for reading only
+    finally:
+        host.close()
+        listener.close()
+        loop.close()

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
-from vhostnet.outbound import open_outbound
+from vhostnet.outbound import is_loopback, open_outbound
 from vhostnet.stack.config import PortForward, listener_options
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import Close, Connect, Discard, Peek, Send, ShutdownWrite
@@ -345,15 +345,24 @@ class TcpHost:
             code = error.errno or errno.EINVAL
         if code not in (0, errno.EINPROGRESS):
             self.engine.on_connect_failed(command.flow_id, code, self.clock())
-            return
-        entry.writing = True
-        self._want(entry)
+        elif code == 0 or (is_loopback(command.host) and _connected_already(sock)):
+            # The kernel ran the loopback handshake inside connect(): the guest gets its
+            # SYN-ACK in this turn, without waiting for the socket to turn writable.
+            self._connected(command.flow_id, entry, 0)
+        else:
+            entry.writing = True
+            self._want(entry)
 
     def _on_connect_ready(self, flow_id: int, events: int) -> None:
         entry = self._sockets.get(flow_id)
         if entry is None:
             return
         self._stop_writing(entry)
+        self._connected(flow_id, entry, events)
+        self._event_done()
+
+    def _connected(self, flow_id: int, entry: _HostSocket, events: int) -> None:
+        """connect() finished, well or not (``events``: what the epoll set reported)."""
         entry.connecting = False
         # Writable without an error event means connected; SO_ERROR only to learn the error.
         code = entry.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if events & FAILED else 0
@@ -363,7 +372,6 @@ class TcpHost:
         else:
             self.engine.on_connected(flow_id, now, send_space(entry.sock, nothing_sent=True))
             self._arm_reader(flow_id, 0)
-        self._event_done()
 
     def _send(self, command: Send) -> None:
         entry = self._sockets.get(command.flow_id)
@@ -599,6 +607,15 @@ def _probe_peek_off(sock: socket.socket) -> bool:
     except OSError:
         log.info("SO_PEEK_OFF not supported for TCP: peeking whole prefixes")
         return False
+    return True
+
+
+def _connected_already(sock: socket.socket) -> bool:
+    """Whether a connect() that answered EINPROGRESS has finished by now (one syscall)."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False  # ENOTCONN: still in progress (or failed: the epoll set will say)
     return True
 
 
