@@ -175,8 +175,12 @@ class Flow:
                 and not self.host_eof and not self.fin_sent)
 
     def next_deadline(self) -> float | None:
-        times = [t for t in (self.rto_at, self.syn_at, self.fin_at, self.idle_at) if t is not None]
-        return min(times) if times else None
+        # Called for every segment (timer scheduling): no list, no min() call.
+        earliest = self.idle_at
+        for at in (self.rto_at, self.syn_at, self.fin_at):
+            if at is not None and (earliest is None or at < earliest):
+                earliest = at
+        return earliest
 
     @property
     def state_name(self) -> str:
