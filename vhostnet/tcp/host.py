@@ -104,6 +104,11 @@ class TcpHost:
         self._closed = False
         self._before_close: Callable[[int], None] | None = None
         self._direct_peek: DirectPeekHook | None = None
+        # Each command's executor, by the command's type (one dict look-up per command).
+        self._handlers: dict[type, Callable] = {
+            Peek: self._peek, Discard: self._discard, Send: self._send, Connect: self._connect,
+            ShutdownWrite: self._shutdown_write, Close: self._close,
+        }
         for forward in engine.config.tcp_forwards:
             if listen_retry > 0 and self._listen_or_wait(forward, self.clock() + listen_retry):
                 continue
@@ -181,10 +186,16 @@ class TcpHost:
     def flush(self) -> None:
         """Execute the engine's queued commands (including those they cause)."""
         commands = self.engine.commands
+        handlers = self._handlers
         for _ in range(MAX_COMMANDS_PER_FLUSH):
             if not commands:
                 return
-            self._execute(commands.popleft())
+            command = commands.popleft()
+            handler = handlers.get(type(command))
+            if handler is None:
+                log.error("unknown TCP command %r", command)
+            else:
+                handler(command)
         if commands:
             self.loop.call_soon(self._event_done)  # finish later, let other work in
 
@@ -313,21 +324,8 @@ class TcpHost:
 
     # -------------------------------------------------------------- commands
 
-    def _execute(self, command) -> None:
-        if isinstance(command, Peek):
-            self._peek(command)
-        elif isinstance(command, Discard):
-            self._discard(command)
-        elif isinstance(command, Send):
-            self._send(command)
-        elif isinstance(command, Connect):
-            self._connect(command)
-        elif isinstance(command, ShutdownWrite):
-            self._shutdown_write(command.flow_id)
-        elif isinstance(command, Close):
-            self._close_socket(command.flow_id, command.abort)
-        else:
-            log.error("unknown TCP command %r", command)
+    def _close(self, command: Close) -> None:
+        self._close_socket(command.flow_id, command.abort)
 
     def _connect(self, command: Connect) -> None:
         try:
@@ -495,14 +493,14 @@ class TcpHost:
         elif entry.reading:
             _set_lowat(entry, entry.peeked_until + 1)
 
-    def _shutdown_write(self, flow_id: int) -> None:
-        entry = self._sockets.get(flow_id)
+    def _shutdown_write(self, command: ShutdownWrite) -> None:
+        entry = self._sockets.get(command.flow_id)
         if entry is None:
             return
         try:
             entry.sock.shutdown(socket.SHUT_WR)
         except OSError as error:
-            self.engine.on_host_error(flow_id, error.errno or 0, self.clock())
+            self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
 
     def _close_socket(self, flow_id: int, abort: bool) -> None:
         entry = self._sockets.pop(flow_id, None)
