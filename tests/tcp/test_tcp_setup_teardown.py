@@ -11,16 +11,30 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import random
 import select
 import socket
 import time
 
 import pytest
+from vhostnet.tcp._frames import control_frame
 
-from tests.tcp.test_hostio_tcp import GATEWAY, GuestTcp, new_setup, open_fds, run_until
+from tests.tcp.test_hostio_tcp import (
+    GATEWAY,
+    GUEST_IP,
+    GuestTcp,
+    new_setup,
+    open_fds,
+    run_until,
+)
+from vhostnet.network import build_stack
 from vhostnet.stack.config import StackConfig
 from vhostnet.tcp import host as tcp_host
+from vhostnet.tcp.engine import TcpEngine
+from vhostnet.tcp.flow import Phase
 from vhostnet.tcp.readiness import Readiness
+from vhostnet.wire.checksum import internet_checksum
+from vhostnet.wire.tcp import ACK, FIN, PSH, RST, SYN, emit_segment
 
 CONNECTIONS = 200
 
@@ -229,3 +243,43 @@ def test_a_loopback_connect_answers_the_syn_in_the_same_flush() -> None:
         host.close()
         listener.close()
         loop.close()
+
+
+# ------------------------------------------------------------- control frames in C
+
+
+@pytest.mark.parametrize("family", [4, 16])
+def test_control_frames_built_in_c_match_the_python_segment(family: int) -> None:
+    """ACK, FIN, RST... to the guest are built whole in C (``_frames.control_frame``): the
+    TCP segment is byte for byte what ``emit_segment`` builds, the IPv4 header sums to 0."""
+    rng = random.Random(family)
+    ip_len = 20 if family == 4 else 40
+    for flags in (ACK, FIN | ACK, RST, RST | ACK, ACK | PSH, SYN | ACK, 0):
+        for _ in range(200):
+            src, dst = rng.randbytes(family), rng.randbytes(family)
+            sport, dport = rng.getrandbits(16), rng.getrandbits(16)
+            seq, ack, window = rng.getrandbits(32), rng.getrandbits(32), rng.getrandbits(17)
+            frame = control_frame(b"\x02" * 6, b"\x52" * 6, src, dst, sport, dport, seq, ack,
+                                  flags, window)
+            assert len(frame) == 14 + ip_len + 20
+            assert frame[14 + ip_len:] == emit_segment(src, dst, sport, dport, seq, ack, flags,
+                                                       min(window, 0xFFFF))
+            if family == 4:
+                assert internet_checksum(frame[14:34]) == 0
+                assert frame[14 + 12:14 + 20] == src + dst
+
+
+def test_engine_acks_go_out_as_whole_frames_once_the_guest_mac_is_known() -> None:
+    stack = build_stack(StackConfig())
+    engine = TcpEngine(stack.config, stack)
+    flow = engine.add_flow((GUEST_IP, 1234, GATEWAY, 80), inbound=False,
+                           phase=Phase.ESTABLISHED)
+    engine.tx.ack(flow)  # no guest MAC yet: the stack's way (broadcast, with an ARP request)
+    assert stack.counters().get("ipv4.tx.broadcast") == 1
+    stack.frames_to_guest.clear()
+    stack.guest_mac = b"\x02\x00\x00\x00\x00\x0f"
+    engine.tx.ack(flow)
+    (frame,) = list(stack.frames_to_guest)
+    assert frame[:6] == stack.guest_mac and frame[6:12] == stack.config.gateway_mac
+    assert frame[14 + 20 + 13] == ACK
+    assert engine.counters()["tcp.segments_out"] == 2
