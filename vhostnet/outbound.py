@@ -20,6 +20,7 @@ fails that one flow.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import socket
@@ -41,13 +42,32 @@ class OutboundSettings(Protocol):
 
 def outbound_binding(settings: OutboundSettings, host: str) -> tuple[str | None, str | None]:
     """(source address, interface) a socket toward ``host`` is bound to; None: not bound."""
-    address = ipaddress.ip_address(host.partition("%")[0])
-    if address.version == 6:
+    ipv6, loopback = _kind_of(host)
+    if ipv6:
         source, interface = settings.outbound_ipv6, settings.outbound_if6
     else:
         source, interface = settings.outbound_ipv4, settings.outbound_if4
-    text = None if source is None else str(ipaddress.ip_address(bytes(source)))
-    return text, None if address.is_loopback else interface
+    text = None if source is None else _address_text(bytes(source))
+    return text, None if loopback else interface
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address in text (IPv4 or IPv6) is a loopback address."""
+    return _kind_of(host)[1]
+
+
+# A new TCP connection or UDP flow asks these every time, for a handful of addresses;
+# ipaddress takes microseconds per parse.
+@functools.lru_cache(maxsize=256)
+def _kind_of(host: str) -> tuple[bool, bool]:
+    """(IPv6, loopback) of an address in text."""
+    address = ipaddress.ip_address(host.partition("%")[0])
+    return address.version == 6, address.is_loopback
+
+
+@functools.lru_cache(maxsize=16)
+def _address_text(packed: bytes) -> str:
+    return str(ipaddress.ip_address(packed))
 
 
 def open_outbound(settings: OutboundSettings, host: str, kind: int = socket.SOCK_DGRAM,
@@ -57,9 +77,8 @@ def open_outbound(settings: OutboundSettings, host: str, kind: int = socket.SOCK
     raise it (the socket is closed then)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     source, interface = outbound_binding(settings, host)
-    sock = socket.socket(family, kind, proto)
+    sock = socket.socket(family, kind | socket.SOCK_NONBLOCK, proto)  # no FIONBIO ioctl
     try:
-        sock.setblocking(False)
         if interface is not None:
             _bind_to_device(sock, interface)
         if source is not None:

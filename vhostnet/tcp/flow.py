@@ -184,10 +184,11 @@ class Flow:
                 and not self.host_eof and not self.fin_sent)
 
     def next_deadline(self) -> float | None:
+        # Called for every segment (timer scheduling): no list, no min() call.
         earliest = self.idle_at
-        for time in (self.rto_at, self.ack_owed_at, self.syn_at, self.fin_at):
-            if time is not None and (earliest is None or time < earliest):
-                earliest = time
+        for at in (self.rto_at, self.ack_owed_at, self.syn_at, self.fin_at):
+            if at is not None and (earliest is None or at < earliest):
+                earliest = at
         return earliest
 
     @property

@@ -39,10 +39,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
-from vhostnet.outbound import open_outbound
+from vhostnet.outbound import is_loopback, open_outbound
 from vhostnet.stack.config import PortForward, listener_options
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import Close, Connect, Discard, Peek, Send, ShutdownWrite
+from vhostnet.tcp.readiness import FAILED, READABLE, WRITABLE, Readiness
 
 log = logging.getLogger("vhostnet.tcp.host")
 
@@ -82,7 +83,7 @@ class _HostSocket:
     peeked_until: int = 0  # bytes at the head of the queue already peeked (for SO_RCVLOWAT)
     space: int | None = None  # send space last measured by ``written_elsewhere``
     unmeasured: int = 0  # bytes written elsewhere since
-    lowat: int = 0  # SO_RCVLOWAT as last set here (0: not yet; an adopted socket may have any)
+    lowat: int = 1  # SO_RCVLOWAT as set (a new socket's is 1; 0: unknown)
     peek_awaited: bool = False  # a readable event ran; cleared by the peek it led to
 
 
@@ -103,12 +104,19 @@ class TcpHost:
         self.clock = clock
         self.after_event = after_event
         self._sockets: dict[int, _HostSocket] = {}
+        self._flow_by_fd: dict[int, int] = {}
+        self._readiness = Readiness(loop, self._on_socket_event)
         self._listeners: dict[PortForward, socket.socket] = {}
         self._scratch = bytearray(DISCARD_CHUNK)
         self._peek_off: bool | None = None  # learnt from the first socket
         self._closed = False
         self._before_close: Callable[[int], None] | None = None
         self._direct_peek: DirectPeekHook | None = None
+        # Each command's executor, by the command's type (one dict look-up per command).
+        self._handlers: dict[type, Callable] = {
+            Peek: self._peek, Discard: self._discard, Send: self._send, Connect: self._connect,
+            ShutdownWrite: self._shutdown_write, Close: self._close,
+        }
         for forward in engine.config.tcp_forwards:
             if listen_retry > 0 and self._listen_or_wait(forward, self.clock() + listen_retry):
                 continue
@@ -119,6 +127,11 @@ class TcpHost:
     @property
     def open_sockets(self) -> int:
         return len(self._sockets)
+
+    @property
+    def watched_sockets(self) -> int:
+        """Flow sockets in the epoll set (armed or not): never more than ``open_sockets``."""
+        return self._readiness.watched
 
     def listening_addresses(self) -> list[tuple[str, int]]:
         return [sock.getsockname()[:2] for sock in self._listeners.values()]
@@ -190,10 +203,16 @@ class TcpHost:
     def flush(self) -> None:
         """Execute the engine's queued commands (including those they cause)."""
         commands = self.engine.commands
+        handlers = self._handlers
         for _ in range(MAX_COMMANDS_PER_FLUSH):
             if not commands:
                 return
-            self._execute(commands.popleft())
+            command = commands.popleft()
+            handler = handlers.get(type(command))
+            if handler is None:
+                log.error("unknown TCP command %r", command)
+            else:
+                handler(command)
         if commands:
             self.loop.call_soon(self._event_done)  # finish later, let other work in
 
@@ -205,6 +224,7 @@ class TcpHost:
         self.close_listeners()
         for flow_id in list(self._sockets):
             self._close_socket(flow_id, abort=True)
+        self._readiness.close()
 
     # --------------------------------------- migration (vhostnet.migration)
 
@@ -215,15 +235,16 @@ class TcpHost:
             return None
         if self._before_close is not None:
             self._before_close(flow_id)  # nothing else may write to it now (it may be frozen)
-        self._stop_reading(entry)
-        self._stop_writing(entry)
+        entry.reading = entry.writing = False
+        self._flow_by_fd.pop(entry.sock.fileno(), None)
+        self._readiness.forget(entry.sock.fileno())
         return entry.sock
 
     def adopt(self, flow_id: int, sock: socket.socket) -> None:
         """Serve an established socket (restored or given back) for ``flow_id``."""
         sock.setblocking(False)
         self._tune(sock)
-        self._sockets[flow_id] = _HostSocket(sock)
+        self._add_socket(flow_id, _HostSocket(sock, lowat=0))
         self._arm_reader(flow_id, 0)
 
     def close_listeners(self) -> None:
@@ -306,35 +327,22 @@ class TcpHost:
             except OSError as error:  # EMFILE and friends: the peer waits in the backlog
                 log.warning("accept on forwarded port failed: %s", error)
                 break
-            conn.setblocking(False)
+            conn.setblocking(False)  # accept() leaves out the listener's O_NONBLOCK
             self._tune(conn)
             flow_id = self.engine.on_accepted(
-                peer[0], peer[1], guest_port, self.clock(), send_space(conn)
+                peer[0], peer[1], guest_port, self.clock(), send_space(conn, nothing_sent=True)
             )
             if flow_id is None:
                 abort_close(conn)
                 continue
-            self._sockets[flow_id] = _HostSocket(conn)
+            self._add_socket(flow_id, _HostSocket(conn))
             self._arm_reader(flow_id, 0)
         self._event_done()
 
     # -------------------------------------------------------------- commands
 
-    def _execute(self, command) -> None:
-        if isinstance(command, Peek):
-            self._peek(command)
-        elif isinstance(command, Discard):
-            self._discard(command)
-        elif isinstance(command, Send):
-            self._send(command)
-        elif isinstance(command, Connect):
-            self._connect(command)
-        elif isinstance(command, ShutdownWrite):
-            self._shutdown_write(command.flow_id)
-        elif isinstance(command, Close):
-            self._close_socket(command.flow_id, command.abort)
-        else:
-            log.error("unknown TCP command %r", command)
+    def _close(self, command: Close) -> None:
+        self._close_socket(command.flow_id, command.abort)
 
     def _connect(self, command: Connect) -> None:
         try:
@@ -345,31 +353,40 @@ class TcpHost:
             return
         self._tune(sock)
         entry = _HostSocket(sock, connecting=True)
-        self._sockets[command.flow_id] = entry
+        self._add_socket(command.flow_id, entry)
         try:
             code = sock.connect_ex((command.host, command.port))
         except OSError as error:  # e.g. an address the family cannot take
             code = error.errno or errno.EINVAL
         if code not in (0, errno.EINPROGRESS):
             self.engine.on_connect_failed(command.flow_id, code, self.clock())
-            return
-        entry.writing = True
-        self.loop.add_writer(sock.fileno(), self._on_connect_ready, command.flow_id)
+        elif code == 0 or (is_loopback(command.host) and _connected_already(sock)):
+            # The kernel ran the loopback handshake inside connect(): the guest gets its
+            # SYN-ACK in this turn, without waiting for the socket to turn writable.
+            self._connected(command.flow_id, entry, 0)
+        else:
+            entry.writing = True
+            self._want(entry)
 
-    def _on_connect_ready(self, flow_id: int) -> None:
+    def _on_connect_ready(self, flow_id: int, events: int) -> None:
         entry = self._sockets.get(flow_id)
         if entry is None:
             return
         self._stop_writing(entry)
+        self._connected(flow_id, entry, events)
+        self._event_done()
+
+    def _connected(self, flow_id: int, entry: _HostSocket, events: int) -> None:
+        """connect() finished, well or not (``events``: what the epoll set reported)."""
         entry.connecting = False
-        code = entry.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        # Writable without an error event means connected; SO_ERROR only to learn the error.
+        code = entry.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if events & FAILED else 0
         now = self.clock()
         if code:
             self.engine.on_connect_failed(flow_id, code, now)
         else:
-            self.engine.on_connected(flow_id, now, send_space(entry.sock))
+            self.engine.on_connected(flow_id, now, send_space(entry.sock, nothing_sent=True))
             self._arm_reader(flow_id, 0)
-        self._event_done()
 
     def _send(self, command: Send) -> None:
         entry = self._sockets.get(command.flow_id)
@@ -394,7 +411,7 @@ class TcpHost:
         low = space is not None and space < LOW_SEND_SPACE
         if (full or low) and not entry.writing:
             entry.writing = True
-            self.loop.add_writer(entry.sock.fileno(), self._on_writable, flow_id)
+            self._want(entry)
 
     def _on_writable(self, flow_id: int) -> None:
         entry = self._sockets.get(flow_id)
@@ -496,14 +513,14 @@ class TcpHost:
         elif entry.reading:
             _set_lowat(entry, entry.peeked_until + 1)
 
-    def _shutdown_write(self, flow_id: int) -> None:
-        entry = self._sockets.get(flow_id)
+    def _shutdown_write(self, command: ShutdownWrite) -> None:
+        entry = self._sockets.get(command.flow_id)
         if entry is None:
             return
         try:
             entry.sock.shutdown(socket.SHUT_WR)
         except OSError as error:
-            self.engine.on_host_error(flow_id, error.errno or 0, self.clock())
+            self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
 
     def _close_socket(self, flow_id: int, abort: bool) -> None:
         entry = self._sockets.pop(flow_id, None)
@@ -511,8 +528,9 @@ class TcpHost:
             return
         if self._before_close is not None:
             self._before_close(flow_id)
-        self._stop_reading(entry)
-        self._stop_writing(entry)
+        entry.reading = entry.writing = False
+        self._flow_by_fd.pop(entry.sock.fileno(), None)
+        self._readiness.closing(entry.sock.fileno())  # close() takes it out of the epoll set
         if abort:
             abort_close(entry.sock)
         else:
@@ -525,7 +543,7 @@ class TcpHost:
         _set_lowat(entry, already_peeked + 1)
         if not entry.reading:
             entry.reading = True
-            self.loop.add_reader(entry.sock.fileno(), self._on_readable, flow_id)
+            self._want(entry)
 
     def _on_readable(self, flow_id: int) -> None:
         entry = self._sockets.get(flow_id)
@@ -542,12 +560,41 @@ class TcpHost:
     def _stop_reading(self, entry: _HostSocket) -> None:
         if entry.reading:
             entry.reading = False
-            self.loop.remove_reader(entry.sock.fileno())
+            self._want(entry)
 
     def _stop_writing(self, entry: _HostSocket) -> None:
         if entry.writing:
             entry.writing = False
-            self.loop.remove_writer(entry.sock.fileno())
+            self._want(entry)
+
+    def _want(self, entry: _HostSocket) -> None:
+        self._readiness.want(entry.sock.fileno(), entry.reading, entry.writing)
+
+    def _add_socket(self, flow_id: int, entry: _HostSocket) -> None:
+        self._sockets[flow_id] = entry
+        self._flow_by_fd[entry.sock.fileno()] = flow_id
+
+    def _on_socket_event(self, fd: int, events: int) -> None:
+        """A flow socket is ready; it waits for nothing now (one-shot) until armed again."""
+        flow_id = self._flow_by_fd.get(fd)
+        entry = self._sockets.get(flow_id) if flow_id is not None else None
+        if entry is None:
+            return
+        read_fired = entry.reading and events & READABLE
+        write_fired = entry.writing and events & WRITABLE
+        if read_fired:
+            entry.reading = False
+        if write_fired:
+            entry.writing = False
+        if entry.reading or entry.writing:
+            self._want(entry)  # the direction that did not fire waits on
+        if write_fired:
+            if entry.connecting:
+                self._on_connect_ready(flow_id, events)
+            else:
+                self._on_writable(flow_id)
+        if read_fired and self._sockets.get(flow_id) is entry:
+            self._on_readable(flow_id)
 
     def _event_done(self) -> None:
         self.flush()
@@ -563,10 +610,13 @@ class TcpHost:
 
 
 
-def send_space(sock: socket.socket) -> int | None:
-    """Bytes the socket can take now: SO_SNDBUF minus what is queued (SIOCOUTQ)."""
+def send_space(sock: socket.socket, nothing_sent: bool = False) -> int | None:
+    """Bytes the socket can take now: SO_SNDBUF minus what is queued (SIOCOUTQ; not asked
+    when ``nothing_sent``: a socket just connected or accepted)."""
     try:
         buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        if nothing_sent:
+            return buffer
         queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
     except OSError:
         return None
@@ -582,6 +632,15 @@ def _probe_peek_off(sock: socket.socket) -> bool:
     return True
 
 
+def _connected_already(sock: socket.socket) -> bool:
+    """Whether a connect() that answered EINPROGRESS has finished by now (one syscall)."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False  # ENOTCONN: still in progress (or failed: the epoll set will say)
+    return True
+
+
 def _peer_closed(sock: socket.socket) -> bool:
     try:
         state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
@@ -593,12 +652,12 @@ def _peer_closed(sock: socket.socket) -> bool:
 def _set_lowat(entry: _HostSocket, value: int) -> None:
     value = max(1, min(value, 1 << 30))
     if value == entry.lowat:
-        return
+        return  # already so (a new socket's first reader, a discard after a short peek)
     try:
         entry.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, value)
+        entry.lowat = value
     except OSError:
-        return  # only an optimisation: without it the reader fires early, never late
-    entry.lowat = value
+        entry.lowat = 0  # only an optimisation: without it the reader fires early, never late
 
 
 def abort_close(sock: socket.socket) -> None:

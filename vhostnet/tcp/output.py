@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from vhostnet.stack.counters import Counters
+from vhostnet.tcp._frames import control_frame
 from vhostnet.tcp.flow import Flow, Phase
 from vhostnet.wire.checksum import PROTO_TCP
 from vhostnet.wire.offload import IPV4_HEADER_LEN, IPV6_HEADER_LEN, GuestOffloads
@@ -78,6 +79,10 @@ class GuestOutput:
                 ack = flow.recv_seq(flow.rcv_nxt)
                 flow.rcv_acked = flow.rcv_nxt
                 flow.ack_owed_at = None
+        if not payload and not options and not flags & SYN:
+            self.control(flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port, seq,
+                         ack, flags, self.advertised_window(flow))
+            return
         segment = emit_segment(
             flow.remote_ip,
             flow.guest_ip,
@@ -140,5 +145,22 @@ class GuestOutput:
                            flags: int) -> None:
         """A segment to the guest for a 4-tuple the engine keeps no flow for (window 0)."""
         guest_ip, guest_port, remote_ip, remote_port = key
-        segment = emit_segment(remote_ip, guest_ip, remote_port, guest_port, seq, ack, flags, 0)
-        self._send(remote_ip, guest_ip, segment)
+        self.control(remote_ip, guest_ip, remote_port, guest_port, seq, ack, flags, 0)
+
+    def control(self, src_ip: bytes, dst_ip: bytes, src_port: int, dst_port: int, seq: int,
+                ack: int, flags: int, window: int) -> None:
+        """A segment without payload or options (ACK, FIN, RST): built whole in C
+        (ext/tcp_frames.pyx) once the guest's MAC is known, else through the stack."""
+        output = self.output
+        guest_mac = output.guest_mac
+        if guest_mac is None:
+            self._send(src_ip, dst_ip, emit_segment(src_ip, dst_ip, src_port, dst_port, seq,
+                                                    ack, flags, window))
+            return
+        frame = control_frame(guest_mac, output.gateway_mac, src_ip, dst_ip, src_port,
+                              dst_port, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, flags, window)
+        if len(src_ip) == 16:
+            output.send_ipv6_frames([frame])
+        else:
+            output.send_ipv4_frames([frame])
+        self.stats.inc("tcp.segments_out")

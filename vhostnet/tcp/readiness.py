@@ -1,0 +1,101 @@
+"""One epoll set for the TCP flow sockets, registered with the event loop once (as passt
+keeps one epoll set).
+
+Why not the loop's ``add_reader``/``add_writer``: uvloop (libuv) pays three to five
+syscalls to start watching a socket (a probe ADD and DEL, FIONBIO, a DEL, the real ADD)
+and three to stop, and a TCP flow starts and stops waiting about six times in its life
+(connect, each read, EOF). Here changing what a socket waits for is one ``epoll_ctl``, and
+every registration is EPOLLONESHOT: a socket whose event fired waits for nothing until it
+is armed again, so stopping after an event costs nothing, and ``close()`` takes the socket
+out of the set by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+from collections.abc import Callable
+
+# Events that end any wait: the socket failed or both directions are closed.
+FAILED = select.EPOLLERR | select.EPOLLHUP
+READABLE = select.EPOLLIN | select.EPOLLRDHUP | FAILED
+WRITABLE = select.EPOLLOUT | FAILED
+MAX_EVENTS = 256
+
+
+class Readiness:
+    """Which flow sockets wait to read or write; ``on_event(fd, events)`` when one is ready.
+
+    Before ``on_event`` runs, the socket is disarmed (it waits for nothing); the handler arms
+    again what it still wants with ``want``.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 on_event: Callable[[int, int], None]) -> None:
+        self._loop = loop
+        self._on_event = on_event
+        self._epoll = select.epoll()
+        self._armed: dict[int, int] = {}  # fd -> events armed now (0: registered, waiting for nothing)
+        self._gone: set[int] = set()  # fds closed while a batch of events is dispatched
+        self._dispatching = False
+        loop.add_reader(self._epoll.fileno(), self._dispatch)
+
+    @property
+    def watched(self) -> int:
+        """Sockets in the set (armed or not)."""
+        return len(self._armed)
+
+    def want(self, fd: int, read: bool, write: bool) -> None:
+        """Wait for ``fd`` to be readable and/or writable (both False: wait for nothing)."""
+        events = (select.EPOLLIN if read else 0) | (select.EPOLLOUT if write else 0)
+        armed = self._armed.get(fd)
+        if armed == events:
+            return
+        if armed is None:
+            if not events:
+                return
+            self._epoll.register(fd, events | select.EPOLLONESHOT)
+        else:
+            try:
+                self._epoll.modify(fd, events | select.EPOLLONESHOT)
+            except FileNotFoundError:  # closed without ``closing`` and the number reused
+                self._epoll.register(fd, events | select.EPOLLONESHOT)
+        self._armed[fd] = events
+
+    def closing(self, fd: int) -> None:
+        """``fd`` is about to be closed (which takes it out of the set)."""
+        if self._armed.pop(fd, None) is not None and self._dispatching:
+            self._gone.add(fd)  # its number may be reused before the batch ends
+
+    def forget(self, fd: int) -> None:
+        """Take ``fd`` out of the set; the socket stays open (it leaves this glue)."""
+        if self._armed.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass
+            if self._dispatching:
+                self._gone.add(fd)
+
+    def close(self) -> None:
+        if self._epoll.closed:
+            return
+        self._loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()
+        self._armed.clear()
+
+    def _dispatch(self) -> None:
+        try:
+            ready = self._epoll.poll(0, MAX_EVENTS)
+        except InterruptedError:
+            return
+        self._dispatching = True
+        try:
+            for fd, events in ready:
+                if fd in self._gone or fd not in self._armed:
+                    continue  # closed (and maybe reused) earlier in this batch
+                self._armed[fd] = 0  # one-shot: it fired, it waits for nothing now
+                self._on_event(fd, events)
+        finally:
+            self._dispatching = False
+            self._gone.clear()
