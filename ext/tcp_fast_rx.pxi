@@ -11,8 +11,7 @@
 from libc.stdint cimport uint16_t
 from cpython.pycapsule cimport PyCapsule_GetContext, PyCapsule_GetPointer
 
-from netbytes cimport fold
-from rx_direct cimport RXD_MAX_SPANS, RxDirectApi, RxRoom
+from rx_direct cimport RXD_MAX_SPANS, RxDirectApi, RxRoom, iov_sum, room_payload_iov
 from tcp_headers cimport (CSUM_FULL, CSUM_NONE, CSUM_PARTIAL, HDR_ETH_LEN, HDR_IP6_LEN,
                           HDR_IP_LEN, HDR_TCP_LEN, HEADERS_MAX, fill_headers, fill_template)
 from vnet cimport VNET_F_DATA_VALID, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_GSO_TCPV4, \
@@ -52,47 +51,14 @@ cdef struct DirectPeek:
     uint64_t large_segments
 
 
-cdef inline uint64_t sum_at(uint64_t total, uint64_t piece_sum, bint odd) noexcept nogil:
-    """Add the sum of a piece that starts ``odd`` bytes into the data (RFC 1071: byte-swapped)."""
-    cdef uint16_t folded
-    if not odd:
-        return total + piece_sum
-    folded = fold(piece_sum)
-    return total + (((folded & 0xFF) << 8) | (folded >> 8))
-
-
-cdef uint64_t payload_iov(RxRoom *room, uint64_t skip, uint64_t count, iovec *iov,
-                          int *niov) noexcept nogil:
-    """Point ``iov`` at ``count`` bytes of the room after its first ``skip``; bytes covered."""
-    cdef int i
-    cdef uint64_t covered = 0, start, piece
-    niov[0] = 0
-    for i in range(room.nspans):
-        if covered >= count:
-            break
-        if skip >= room.spans[i].length:
-            skip -= room.spans[i].length
-            continue
-        start = skip
-        skip = 0
-        piece = room.spans[i].length - start
-        if piece > count - covered:
-            piece = count - covered
-        iov[niov[0]].iov_base = room.spans[i].host + start
-        iov[niov[0]].iov_len = piece
-        niov[0] += 1
-        covered += piece
-    return covered
-
-
 cdef long direct_peek_work(void *ring, void *arg, long unused) noexcept nogil:
     cdef DirectPeek *p = <DirectPeek *>arg
     cdef RxRoom room
     cdef iovec iov[RXD_MAX_SPANS]
     cdef msghdr msg
-    cdef int niov, k, attempts
+    cdef int niov, attempts
     cdef ssize_t got
-    cdef uint64_t want, skip, payload_sum, offset_in
+    cdef uint64_t want, skip, payload_sum
     cdef uint8_t headers[HEADERS_MAX]
     cdef uint64_t vnet
     cdef uint8_t gso
@@ -111,7 +77,7 @@ cdef long direct_peek_work(void *ring, void *arg, long unused) noexcept nogil:
             break
         if want > room.capacity - skip:
             want = room.capacity - skip
-        want = payload_iov(&room, skip, want, iov, &niov)
+        want = room_payload_iov(&room, skip, want, iov, &niov)
         memset(&msg, 0, sizeof(msghdr))
         msg.msg_iov = iov
         msg.msg_iovlen = niov
@@ -128,17 +94,7 @@ cdef long direct_peek_work(void *ring, void *arg, long unused) noexcept nogil:
         if got == 0:
             p.status = PEEK_EOF if p.delivered == 0 else PEEK_DRAINED
             return 0
-        payload_sum = 0
-        if p.checksum == CSUM_FULL:
-            offset_in = 0
-            for k in range(niov):
-                if offset_in >= <uint64_t>got:
-                    break
-                payload_sum = sum_at(payload_sum, sum_bytes(
-                    <const uint8_t *>iov[k].iov_base,
-                    iov[k].iov_len if iov[k].iov_len < got - offset_in else got - offset_in),
-                    offset_in & 1)
-                offset_in += iov[k].iov_len
+        payload_sum = iov_sum(iov, niov, <uint64_t>got) if p.checksum == CSUM_FULL else 0
         fill_headers(headers, p.ip_len, p.template, got, p.seq + <uint32_t>p.delivered,
                      <uint64_t>got < want or p.delivered + got == p.length, p.checksum,
                      payload_sum)
