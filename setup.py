@@ -30,6 +30,7 @@ extensions = [
     Extension(
         "vhostnet.virtqueue._virtq",
         ["ext/virtq.pyx"],
+        depends=["ext/virtq_guard.h", "ext/virtq_atomic.h"],  # (C headers: rebuild on change)
         include_dirs=[numpy.get_include()],
         extra_compile_args=COMPILE_ARGS,
     ),

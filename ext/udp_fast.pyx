@@ -432,9 +432,10 @@ cdef class UdpFastPath:
         interrupt for all (see udp_rx.pxi). When any went, the flow's ``last_seen`` becomes
         ``now``; they are counted in ``datagrams_direct`` (and ``datagrams_direct6``).
 
-        Returns (status, frames delivered, a datagram the ring could not take as bytes or
-        None); status DIRECT_DRAINED, DIRECT_LIMIT, DIRECT_RING_FULL, DIRECT_SPILLED (the
-        datagram handed back), or a receive error's errno. After DIRECT_RING_FULL or
+        Returns (status, frames delivered, a tuple of the datagrams received but not
+        delivered, as bytes, in order: one the ring could not take and the one after it, if
+        it came with it); status DIRECT_DRAINED, DIRECT_LIMIT, DIRECT_RING_FULL,
+        DIRECT_SPILLED (datagrams handed back), or a receive error's errno. After DIRECT_RING_FULL or
         DIRECT_SPILLED, what else waits is for ``receive``, behind what went here.
         """
         cdef int index = self.index.slot_of(flow_id)
@@ -444,7 +445,7 @@ cdef class UdpFastPath:
         if mtu - IP6_LEN - UDP_LEN < 1:
             raise ValueError("an MTU too small for a UDP frame")
         if p.spill == NULL:
-            p.spill = <uint8_t *>malloc(2 * SPILL_HALF)
+            p.spill = <uint8_t *>malloc(SPILL_SIZE)
             if p.spill == NULL:
                 raise MemoryError()
         p.fd = self.slots[index].fd

@@ -61,19 +61,19 @@ static int vq_guard_install(void) {
 }
 
 /* fn(queue, arg, n), or 0 with *faulted set if guest memory raised SIGBUS meanwhile.
- * The signal mask is not saved (that is a system call on every entry, several per
- * request/response); after a jump out of the handler, which runs with SIGBUS blocked,
- * SIGBUS is unblocked again here, so a later fault is caught too. */
+ * The signal mask is not saved (that would be a syscall per call, on every packet): the
+ * handler's jump leaves SIGBUS blocked, as the kernel blocks it while its handler runs, so
+ * it is unblocked here after a jump (a blocked SIGBUS would kill at the next fault). */
 static long vq_guarded_call(vq_guarded_fn fn, void *queue, void *arg, long n, int *faulted) {
     sigjmp_buf jump;
     sigjmp_buf *volatile outer = vq_guard_jump;
+    sigset_t bus;
     long result;
     if (sigsetjmp(jump, 0) != 0) {
-        sigset_t sigbus;
-        sigemptyset(&sigbus);
-        sigaddset(&sigbus, SIGBUS);
-        pthread_sigmask(SIG_UNBLOCK, &sigbus, NULL);
         vq_guard_jump = outer;
+        sigemptyset(&bus);
+        sigaddset(&bus, SIGBUS);
+        pthread_sigmask(SIG_UNBLOCK, &bus, NULL);
         *faulted = 1;
         return 0;
     }

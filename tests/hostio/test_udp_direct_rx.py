@@ -299,3 +299,41 @@ def test_the_flows_expiry_follows_its_last_datagram_either_way(ram) -> None:
         finally:
             flow.close()
     run(scenario)
+
+
+def test_a_datagram_handed_back_takes_the_one_received_with_it_along_in_order(ram) -> None:
+    """Two datagrams come per receive: when the first cannot go into the ring, the second,
+    already taken off the socket, goes back to Python behind it, then the rest follow."""
+    async def scenario(loop) -> None:
+        flow = Flow(loop, ram, 4)
+        try:
+            await flow.open()
+            flow.rx.post(8, 256)  # (no MRG_RXBUF: one buffer per frame)
+            big = bytes(range(200)) * 3
+            payloads = [big, b"with it", b"after", b"last"]
+            await flow.answer(payloads)
+            assert flow.direct_frames() == []
+            assert queued_frames(flow.network) == [expected(4, flow.port, p) for p in payloads]
+            assert flow.network.counters().get("udp.rx_direct", 0) == 0
+        finally:
+            flow.close()
+    run(scenario)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_the_second_datagram_of_a_receive_is_copied_across_merged_buffers(ram, family) -> None:
+    """The second of each two lands behind the first and is copied into buffers of its own,
+    here spread over several small mergeable buffers: the frames must be exact."""
+    async def scenario(loop) -> None:
+        flow = Flow(loop, ram, family, mrg=True)
+        try:
+            await flow.open()
+            flow.rx.post(64, 300)
+            payloads = [bytes([i]) * (700 + 111 * i) for i in range(5)]
+            await flow.answer(payloads)
+            assert flow.direct_frames() == [expected(family, flow.port, p) for p in payloads]
+            assert not flow.network.frames_to_guest
+            assert flow.network.counters()["udp.rx_direct"] == len(payloads)
+        finally:
+            flow.close()
+    run(scenario)

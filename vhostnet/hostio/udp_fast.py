@@ -116,8 +116,8 @@ class UdpFastSender:
                                                              now, *ring)
         if frames:
             self.rx.direct_rx_done(frames)
-        if spilled is not None:
-            self.engine.on_host_datagram(flow_id, spilled, now)  # (over the MTU: fragmented)
+        for payload in spilled:  # (in order; one over the MTU is fragmented there)
+            self.engine.on_host_datagram(flow_id, payload, now)
         if status == DIRECT_DRAINED or status == DIRECT_LIMIT:
             return True
         if status > 0:
