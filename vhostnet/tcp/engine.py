@@ -340,7 +340,7 @@ class TcpEngine:
         if has_fin:
             flow.guest_fin = True
             flow.fin_at = now + self.timeouts.fin
-        self._maybe_shutdown(flow)
+        self._maybe_shutdown(flow, now)
 
     # ------------------------------------------------------------ host events
 
@@ -390,7 +390,7 @@ class TcpEngine:
             if flow.guest_fin:
                 flow.guest_fin = False
                 flow.fin_at = None
-        if not self._maybe_shutdown(flow) and n > 0:
+        if not self._maybe_shutdown(flow, now) and n > 0:
             flow.data_in_at = now
             if self._ack_now(flow, partial):
                 self.tx.ack(flow)
@@ -597,7 +597,7 @@ class TcpEngine:
             flow.snd_wscale = flow.rcv_wscale = 0
         flow.snd_wnd = seg.window
 
-    def _maybe_shutdown(self, flow: Flow) -> bool:
+    def _maybe_shutdown(self, flow: Flow, now: float) -> bool:
         """After the guest's FIN and all its data reached the host: SHUT_WR and ACK the FIN."""
         if not flow.guest_fin or flow.host_shut or flow.to_host or flow.send_queued:
             return False
@@ -605,9 +605,23 @@ class TcpEngine:
         flow.rcv_nxt += 1
         flow.rcv_queued = flow.rcv_nxt
         self.commands.append(ShutdownWrite(flow.flow_id))
-        self.tx.ack(flow)
+        self._ack_fin(flow, now)
         self._maybe_finish(flow)
         return True
+
+    def _ack_fin(self, flow: Flow, now: float) -> None:
+        """The ACK of the guest's FIN goes at once when our FIN is already out (it ends the
+        flow) or delays are off; else it is owed like an ACK of data (RFC 9293 lets it wait,
+        as Linux does): a host peer that closes within ``ack_delay`` gets its FIN to the
+        guest carrying it, one segment instead of two. The flow's timer sends it alone at
+        the deadline; a retransmitted FIN is answered at once (``_process_data``)."""
+        if flow.fin_sent or self.timeouts.ack_delay <= 0:
+            self.tx.ack(flow)
+            return
+        self.stats.inc("tcp.fin_acks_delayed")
+        if flow.ack_owed_at is None:
+            flow.ack_owed_at = now + self.timeouts.ack_delay
+            self._wake_by(flow.ack_owed_at)
 
     def _maybe_finish(self, flow: Flow) -> None:
         if flow.host_shut and flow.fin_acked and flow.flow_id in self.flows_by_id:
