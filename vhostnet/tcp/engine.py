@@ -35,7 +35,8 @@ Data rules:
   duplicate ACK and are not buffered. Data is acknowledged once the host socket
   accepted it; after a partial write the rest is dropped and the guest resends.
   On a request/response flow (``Flow.interactive``: host data followed the guest's
-  within ``TcpTimeouts.ack_delay``) the ACK is owed instead (``Flow.ack_owed_at``) and
+  within ``TcpTimeouts.ack_delay``, or a flow the guest opened, until its first owed ACK
+  goes alone) the ACK is owed instead (``Flow.ack_owed_at``) and
   rides on the reply; the flow's timer sends it alone when the delay runs out (and
   the flow is interactive no more). Bulk data (two full-sized segments unacknowledged),
   a partial write or a low window are acknowledged at once (``_ack_now``).
@@ -232,6 +233,9 @@ class TcpEngine:
             self.tx.answer_stray(key, seg)
             return
         flow = self.add_flow(key, inbound=False, phase=Phase.CONNECTING)
+        # The guest opened it: a client, whose first data is most likely a request the
+        # host answers at once; its ACK waits for the answer (one frame less per exchange).
+        flow.interactive = self.timeouts.ack_delay > 0
         flow.irs = seg.seq
         flow.rcv_nxt = flow.rcv_queued = 1
         self._take_syn_options(flow, seg)
