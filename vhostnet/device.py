@@ -125,7 +125,10 @@ class NetDevice(RxFlush):
         self.rx_batch = FrameBatch(TX_BATCH)
         # Multiqueue RX: one batch per pair filled at once (made on first use).
         self._rx_batches: dict[int, FrameBatch] = {RX_QUEUE: self.rx_batch}
-        self.counters = {"tx.frames": 0, "tx.discarded": 0, "rx.frames": 0}
+        # rx.flushes_deferred: RX flushes left to a later loop turn (frames not answering a
+        # guest batch: host data, timers), as opposed to those done at the end of a kick.
+        self.counters = {"tx.frames": 0, "tx.discarded": 0, "rx.frames": 0,
+                         "rx.flushes_deferred": 0}
         # Counts of rings already stopped, by "vqN.name": a ring restarted by a guest
         # reboot or a device reset starts from zero, and its totals must not vanish.
         self._stopped_ring_counters: Counter[str] = Counter()
@@ -376,6 +379,21 @@ class NetDevice(RxFlush):
         if queue is None or queue.broken:
             return
         network = self.network
+        # The frames this makes go to the guest with the flush below, in this turn: no flush
+        # scheduled for the next loop turn meanwhile (unless one already was).
+        flush_claimed = not self._rx_scheduled
+        self._rx_scheduled = True
+        try:
+            self._drain_tx_batches(queue, index)
+            network.flush()
+        finally:
+            if flush_claimed:
+                self._rx_scheduled = False
+        if network.frames_to_guest or self.switched is not None:
+            self._flush_rx()  # answers the batch made (nothing waits: no ring work to do)
+
+    def _drain_tx_batches(self, queue: Virtqueue, index: int) -> None:
+        network = self.network
         deliver = self.enabled.get(index, False)
         steering = self.steering
         batch = self.tx_batch
@@ -397,9 +415,6 @@ class NetDevice(RxFlush):
         else:
             # Still busy: come back after other callbacks had their turn.
             self.loop.call_soon(self._drain_tx, index)
-        network.flush()
-        if network.frames_to_guest or self.switched is not None:
-            self._flush_rx()  # answers the batch made (nothing waits: no ring work to do)
 
     def _check_memory_fault(self) -> None:
         """A queue caught SIGBUS (guest memory shrank): stop everything, end the connection."""

@@ -56,6 +56,7 @@ class RxFlush:
     def _schedule_rx(self) -> None:
         if not self._rx_scheduled and not self._closed:
             self._rx_scheduled = True
+            self.counters["rx.flushes_deferred"] += 1
             self.loop.call_soon(self._flush_rx)
 
     def _flush_rx(self) -> None:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.tcp import make_engine
+from tests.support.tcp import GATEWAY, make_engine
 from tests.tcp.test_tcp_engine import GUEST_ISN, OUR_ISN, drain, open_flow, seg
+from vhostnet.stack.config import PortForward
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import Flow, Peek, Send, TcpTimeouts
-from vhostnet.wire.tcp import ACK, PSH
+from vhostnet.wire.tcp import ACK, PSH, SYN
 
 DELAY = TcpTimeouts().ack_delay
 
@@ -31,14 +32,14 @@ def reply(engine: TcpEngine, flow: Flow, payload: bytes, now: float) -> None:
 
 
 def interactive_flow(engine: TcpEngine, output) -> Flow:
-    """An established flow after one request/response exchange (its first ACK went at once)."""
+    """An established flow the guest opened, after one request/response exchange (the reply
+    carried the ACK of the request: such a flow starts interactive)."""
     flow = open_flow(engine, output, space=1 << 20)
     request(engine, flow, b"ping", 1.0)
-    (ack,) = output.take()
-    assert ack.flags == ACK and not ack.payload and ack.ack == GUEST_ISN + 5
+    assert output.take() == []
     reply(engine, flow, b"pong", 1.0001)
     (data,) = output.take()
-    assert data.payload == b"pong"
+    assert data.payload == b"pong" and data.ack == GUEST_ISN + 5
     seg(engine, 1.0002, seq=GUEST_ISN + 5, ack=OUR_ISN + 5, window=64000)
     drain(engine)
     assert flow.interactive
@@ -58,7 +59,7 @@ def test_the_reply_carries_the_ack_and_no_pure_ack_is_sent() -> None:
     engine.poll_timers(2.0 + 2 * DELAY)
     assert output.take() == []  # nothing was left owed
     counters = engine.counters()
-    assert counters["tcp.acks_on_replies"] == 1 and "tcp.delayed_acks" not in counters
+    assert counters["tcp.acks_on_replies"] == 2 and "tcp.delayed_acks" not in counters
 
 
 def test_an_owed_ack_goes_out_after_the_delay_when_no_reply_comes() -> None:
@@ -83,9 +84,10 @@ def test_an_owed_ack_goes_out_after_the_delay_when_no_reply_comes() -> None:
 
 def test_the_engine_asks_for_an_earlier_wakeup_once_per_owed_ack() -> None:
     engine, output = make_engine()
+    flow = interactive_flow(engine, output)
+    engine.poll_timers(1.5)  # a tick of the integrator's: no wake-up of the exchange is due
     wakeups: list[float] = []
     engine.set_wakeup(wakeups.append)
-    flow = interactive_flow(engine, output)
     request(engine, flow, b"a", 2.0)
     assert wakeups == [pytest.approx(2.0 + DELAY)]
     request(engine, flow, b"b", 2.001)  # still owed from the first: same deadline
@@ -140,3 +142,36 @@ def test_no_delay_when_configured_off() -> None:
         seg(engine, now, seq=GUEST_ISN + flow.rcv_nxt, ack=OUR_ISN + flow.snd_max,
             window=64000)
         drain(engine)
+
+
+def test_a_flow_the_guest_opened_owes_the_ack_of_its_first_request() -> None:
+    engine, output = make_engine()
+    flow = open_flow(engine, output, space=1 << 20)
+    assert flow.interactive  # a client's first data is most likely a request
+    request(engine, flow, b"GET /", 1.0)
+    assert output.take() == []
+    engine.poll_timers(1.0 + DELAY)  # no answer in time: the ACK alone, then at once again
+    (ack,) = output.take()
+    assert ack.flags == ACK and ack.ack == GUEST_ISN + 6
+    assert not flow.interactive
+    request(engine, flow, b"more", 1.1)
+    (ack,) = output.take()
+    assert ack.ack == GUEST_ISN + 10
+
+
+def test_a_forwarded_flow_acknowledges_its_first_data_at_once() -> None:
+    """Toward a guest server nothing says a reply follows: its first data gets its ACK."""
+    engine, output = make_engine(forwards=[PortForward("127.0.0.1", 18080, 8080)])
+    flow_id = engine.on_accepted("127.0.0.1", 55555, 8080, 0.0)
+    output.take()
+    seg(engine, src_port=8080, dst_port=55555, dst=GATEWAY, flags=SYN | ACK, seq=900,
+        ack=OUR_ISN + 1)
+    output.take()
+    flow = engine.flows_by_id[flow_id]
+    assert not flow.interactive
+    seg(engine, 0.1, src_port=8080, dst_port=55555, dst=GATEWAY, seq=901, ack=OUR_ISN + 1,
+        flags=ACK | PSH, payload=b"hello")
+    (send,) = drain(engine)
+    engine.on_sent(flow_id, len(send.data), 0.1)
+    (ack,) = output.take()
+    assert ack.flags == ACK and ack.ack == 906

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 
 import pytest
 
@@ -97,11 +98,13 @@ class Guest:
     def data_frame(self, offset: int, length: int, **kwargs) -> tuple[bytes, int]:
         return self.frame(ACK | PSH, offset, self.data[offset:offset + length], **kwargs)
 
-    def send(self, frames: list[tuple[bytes, int]], now: float = 1.0) -> None:
+    def send(self, frames: list[tuple[bytes, int]], now: float | None = None) -> None:
         batch = FrameBatch(max(64, len(frames)), 8 << 20)
         for frame, vnet in frames:
             assert batch.append(frame, vnet)
-        self.network.receive_batch(batch, batch.count, now)
+        # The network's own timers (an owed ACK's) run on time.monotonic(): so does this.
+        self.network.receive_batch(batch, batch.count,
+                                   time.monotonic() if now is None else now)
         self.network.flush()
         self.read_segments()
 

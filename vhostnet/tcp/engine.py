@@ -35,7 +35,8 @@ Data rules:
   duplicate ACK and are not buffered. Data is acknowledged once the host socket
   accepted it; after a partial write the rest is dropped and the guest resends.
   On a request/response flow (``Flow.interactive``: host data followed the guest's
-  within ``TcpTimeouts.ack_delay``) the ACK is owed instead (``Flow.ack_owed_at``) and
+  within ``TcpTimeouts.ack_delay``, or a flow the guest opened, until its first owed ACK
+  goes alone) the ACK is owed instead (``Flow.ack_owed_at``) and
   rides on the reply; the flow's timer sends it alone when the delay runs out (and
   the flow is interactive no more). Bulk data (two full-sized segments unacknowledged),
   a partial write or a low window are acknowledged at once (``_ack_now``).
@@ -232,6 +233,9 @@ class TcpEngine:
             self.tx.answer_stray(key, seg)
             return
         flow = self.add_flow(key, inbound=False, phase=Phase.CONNECTING)
+        # The guest opened it: a client, whose first data is most likely a request the
+        # host answers at once; its ACK waits for the answer (one frame less per exchange).
+        flow.interactive = self.timeouts.ack_delay > 0
         flow.irs = seg.seq
         flow.rcv_nxt = flow.rcv_queued = 1
         self._take_syn_options(flow, seg)
@@ -340,7 +344,7 @@ class TcpEngine:
         if has_fin:
             flow.guest_fin = True
             flow.fin_at = now + self.timeouts.fin
-        self._maybe_shutdown(flow)
+        self._maybe_shutdown(flow, now)
 
     # ------------------------------------------------------------ host events
 
@@ -390,7 +394,7 @@ class TcpEngine:
             if flow.guest_fin:
                 flow.guest_fin = False
                 flow.fin_at = None
-        if not self._maybe_shutdown(flow) and n > 0:
+        if not self._maybe_shutdown(flow, now) and n > 0:
             flow.data_in_at = now
             if self._ack_now(flow, partial):
                 self.tx.ack(flow)
@@ -597,7 +601,7 @@ class TcpEngine:
             flow.snd_wscale = flow.rcv_wscale = 0
         flow.snd_wnd = seg.window
 
-    def _maybe_shutdown(self, flow: Flow) -> bool:
+    def _maybe_shutdown(self, flow: Flow, now: float) -> bool:
         """After the guest's FIN and all its data reached the host: SHUT_WR and ACK the FIN."""
         if not flow.guest_fin or flow.host_shut or flow.to_host or flow.send_queued:
             return False
@@ -605,9 +609,23 @@ class TcpEngine:
         flow.rcv_nxt += 1
         flow.rcv_queued = flow.rcv_nxt
         self.commands.append(ShutdownWrite(flow.flow_id))
-        self.tx.ack(flow)
+        self._ack_fin(flow, now)
         self._maybe_finish(flow)
         return True
+
+    def _ack_fin(self, flow: Flow, now: float) -> None:
+        """The ACK of the guest's FIN goes at once when our FIN is already out (it ends the
+        flow) or delays are off; else it is owed like an ACK of data (RFC 9293 lets it wait,
+        as Linux does): a host peer that closes within ``ack_delay`` gets its FIN to the
+        guest carrying it, one segment instead of two. The flow's timer sends it alone at
+        the deadline; a retransmitted FIN is answered at once (``_process_data``)."""
+        if flow.fin_sent or self.timeouts.ack_delay <= 0:
+            self.tx.ack(flow)
+            return
+        self.stats.inc("tcp.fin_acks_delayed")
+        if flow.ack_owed_at is None:
+            flow.ack_owed_at = now + self.timeouts.ack_delay
+            self._wake_by(flow.ack_owed_at)
 
     def _maybe_finish(self, flow: Flow) -> None:
         if flow.host_shut and flow.fin_acked and flow.flow_id in self.flows_by_id:
