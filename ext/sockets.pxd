@@ -28,6 +28,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int setsockopt(int fd, int level, int name, const void *value, socklen_t length)
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     ssize_t recvmsg(int fd, msghdr *msg, int flags)
+    ssize_t recv(int fd, void *buf, size_t length, int flags)
     int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
     int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags, void *timeout)
     int MSG_DONTWAIT

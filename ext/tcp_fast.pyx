@@ -39,7 +39,7 @@ The Python face is ``vhostnet.tcp.fast``; use that.
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcmp, memcpy, memset, strerror
 from libc.errno cimport EAGAIN, EFAULT, EINTR, errno
 
 from frame_batch cimport FrameArrays, frame_at

@@ -17,7 +17,8 @@ from tcp_headers cimport (CSUM_FULL, CSUM_NONE, CSUM_PARTIAL, HDR_ETH_LEN, HDR_I
 from vnet cimport VNET_F_DATA_VALID, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_GSO_TCPV4, \
     VNET_GSO_TCPV6, vnet_encode
 
-from sockets cimport MSG_PEEK, SO_PEEK_OFF, SOL_SOCKET, recvmsg, setsockopt, socklen_t
+from sockets cimport (MSG_PEEK, MSG_TRUNC, SO_PEEK_OFF, SOL_SOCKET, recv, recvmsg, setsockopt,
+                     socklen_t)
 
 # How a direct peek ended (the first value of ``peek_into_ring``'s answer); negative: -errno.
 cdef enum:
@@ -174,3 +175,37 @@ cdef class DirectPeeker:
 cdef long direct_finish_work(void *ring, void *arg, long unused) noexcept nogil:
     """Publish what was delivered; one interrupt for the whole peek if the guest wants one."""
     return (<DirectPeek *>arg).api.finish(ring)
+
+
+# Rounds of one ``discard_acked``: one recv takes every queued byte up to the length asked; more
+# rounds only when a signal interrupted it or the queue grew meanwhile.
+cdef enum:
+    DISCARD_ROUNDS = 8
+
+
+def discard_acked(int fd, Py_ssize_t length) -> int:
+    """Drop the first ``length`` bytes of TCP socket ``fd``'s receive queue (the guest acknowledged
+    them) in one recv(MSG_TRUNC): Linux TCP frees them without copying, so no buffer is
+    passed. Returns the bytes dropped (fewer: the queue held fewer); raises OSError."""
+    cdef Py_ssize_t dropped = 0
+    cdef ssize_t got = 0
+    cdef int rounds, failed = 0
+    if length < 0:
+        raise ValueError("negative discard")
+    with nogil:
+        for rounds in range(DISCARD_ROUNDS):
+            if dropped >= length:
+                break
+            got = recv(fd, NULL, <size_t>(length - dropped), MSG_TRUNC | MSG_DONTWAIT)
+            if got < 0:
+                if errno == EINTR:
+                    continue
+                if errno != EAGAIN:
+                    failed = errno
+                break
+            if got == 0:
+                break
+            dropped += got
+    if failed:
+        raise OSError(failed, strerror(failed))
+    return dropped

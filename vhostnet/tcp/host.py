@@ -41,6 +41,7 @@ from enum import IntEnum
 
 from vhostnet.outbound import is_loopback, open_outbound
 from vhostnet.stack.config import PortForward, listener_options
+from vhostnet.tcp._fast import discard_acked
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import Close, Connect, Discard, Peek, Send, ShutdownWrite
 from vhostnet.tcp.readiness import FAILED, READABLE, WRITABLE, Readiness
@@ -53,7 +54,6 @@ PEER_CLOSED_STATES = {6, 7, 8, 9, 11}  # TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK,
 MAX_COMMANDS_PER_FLUSH = 100_000
 MAX_ACCEPTS_PER_EVENT = 64
 LISTEN_BACKLOG = 128
-DISCARD_CHUNK = 256 * 1024
 # Below this much free send buffer, wait for the socket to drain and update the guest's window.
 LOW_SEND_SPACE = 128 * 1024
 # Above this much send space, small writes elsewhere need not measure it again.
@@ -107,7 +107,6 @@ class TcpHost:
         self._flow_by_fd: dict[int, int] = {}
         self._readiness = Readiness(loop, self._on_socket_event)
         self._listeners: dict[PortForward, socket.socket] = {}
-        self._scratch = bytearray(DISCARD_CHUNK)
         self._peek_off: bool | None = None  # learnt from the first socket
         self._closed = False
         self._before_close: Callable[[int], None] | None = None
@@ -487,23 +486,12 @@ class TcpHost:
         entry = self._sockets.get(command.flow_id)
         if entry is None:
             return
-        remaining = command.length
-        scratch = self._scratch
-        # Bounded: each round consumes at least one byte or stops.
-        for _ in range(command.length // len(scratch) + 2):
-            if remaining <= 0:
-                break
-            try:
-                # MSG_TRUNC: TCP drops the bytes without copying them out (Linux).
-                got = entry.sock.recv_into(scratch, min(remaining, len(scratch)), socket.MSG_TRUNC)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as error:
-                self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
-                return
-            if got == 0:
-                break
-            remaining -= got
+        try:
+            # One recv(MSG_TRUNC) of the whole length: TCP drops the bytes without copying.
+            remaining = command.length - discard_acked(entry.sock.fileno(), command.length)
+        except OSError as error:
+            self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
+            return
         if remaining:
             log.error("TCP flow %d: %d acknowledged bytes missing", command.flow_id, remaining)
         entry.peeked_until = max(0, entry.peeked_until - command.length)
