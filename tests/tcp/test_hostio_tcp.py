@@ -250,10 +250,10 @@ def new_setup(config: StackConfig) -> tuple[asyncio.AbstractEventLoop, GuestNet,
 @pytest.mark.parametrize("peek_offset", ["kernel_peek_off", "prefix_fallback"])
 def test_megabytes_each_way_through_a_real_host_server(peek_offset: str, monkeypatch) -> None:
     if peek_offset == "prefix_fallback":
-        monkeypatch.setattr(hostio_tcp, "_probe_peek_off", lambda sock: False)
+        monkeypatch.setattr(hostio_tcp, "probe_peek_off", lambda sock: False)
     else:
         with socket.socket() as probe:
-            if not hostio_tcp._probe_peek_off(probe):
+            if not hostio_tcp.probe_peek_off(probe):
                 pytest.skip("this kernel has no SO_PEEK_OFF for TCP; the fallback case covers it")
     fds_before = open_fds()
     loop, net, engine = new_setup(StackConfig())

@@ -9,7 +9,8 @@ import socket
 
 from tests.tcp.test_hostio_tcp import GATEWAY, GuestTcp, new_setup, run_until
 from vhostnet.stack.config import StackConfig
-from vhostnet.tcp.host import ESTIMATE_SEND_SPACE, TcpHost, send_space
+from vhostnet.tcp.host import ESTIMATE_SEND_SPACE, TcpHost
+from vhostnet.tcp.host_sockets import send_space
 
 EXCHANGES = 30
 

@@ -77,7 +77,8 @@ from vhostnet.migration.tcp_state import (
     reset_toward_guest,
 )
 from vhostnet.tcp.handover import restore_flow, resume_host_io
-from vhostnet.tcp.host import TcpHost, abort_close, send_space
+from vhostnet.tcp.host import TcpHost
+from vhostnet.tcp.host_sockets import abort_close, send_space
 
 if TYPE_CHECKING:
     from vhostnet.network import Network

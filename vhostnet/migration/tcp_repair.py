@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from vhostnet.migration.state import checked_int
-from vhostnet.tcp.host import SO_PEEK_OFF
+from vhostnet.tcp.host_sockets import SO_PEEK_OFF
 
 log = logging.getLogger(__name__)
 K = TypeVar("K")

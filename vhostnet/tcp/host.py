@@ -14,13 +14,14 @@ prefix and slices, which costs a copy of the unacknowledged bytes per peek.
 A Peek is offered to the direct-peek hook first (``set_direct_peek``: the TCP fast path
 peeks straight into the guest's RX ring); what it leaves is peeked here.
 
-Readiness: a socket whose queued bytes have all been peeked is still
-"readable" in the level-triggered sense, so the reader is armed only after a
-peek came back short, with SO_RCVLOWAT set one byte above what is already
-queued: it fires when new data (or EOF) arrives, not because of old data. It stays
-registered across such events (no epoll re-registration per request/response): a
-peek that fills the guest's window, EOF, or an event that led to no peek removes it;
-SO_RCVLOWAT is set only when its value changes.
+Readiness: the flow sockets wait in the glue's own epoll set (``readiness.py``:
+one-shot, one ``epoll_ctl`` per change). A socket whose queued bytes have all been
+peeked is still "readable" in the level-triggered sense, so the reader is armed only
+after a peek came back short, with SO_RCVLOWAT set one byte above what is already
+queued: it fires when new data (or EOF) arrives, not because of old data. A peek that
+fills the guest's window, EOF, or an event that led to no peek leaves it disarmed until
+the guest's ACK frees room; SO_RCVLOWAT is set only when its value changes. The
+per-socket record and the small socket calls are in ``host_sockets.py``.
 
 Every socket is closed exactly once: by a ``Close`` command or by ``close()``.
 """
@@ -29,14 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import logging
 import socket
-import struct
-import termios
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import IntEnum
 
 from vhostnet.outbound import is_loopback, open_outbound
@@ -44,13 +41,21 @@ from vhostnet.stack.config import PortForward, listener_options
 from vhostnet.tcp._fast import discard_acked
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import Close, Connect, Discard, Peek, Send, ShutdownWrite
+from vhostnet.tcp.host_sockets import (
+    SO_PEEK_OFF,
+    HostSocket,
+    abort_close,
+    connected_already,
+    peer_closed,
+    probe_peek_off,
+    send_space,
+    set_lowat,
+    tune,
+)
 from vhostnet.tcp.readiness import FAILED, READABLE, WRITABLE, Readiness
 
 log = logging.getLogger("vhostnet.tcp.host")
 
-SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)  # Linux value; Python does not export it
-# tcpi_state values meaning "the peer sent its FIN" (linux/tcp_states.h).
-PEER_CLOSED_STATES = {6, 7, 8, 9, 11}  # TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING
 MAX_COMMANDS_PER_FLUSH = 100_000
 MAX_ACCEPTS_PER_EVENT = 64
 LISTEN_BACKLOG = 128
@@ -73,20 +78,6 @@ class DirectPeek(IntEnum):
 DirectPeekHook = Callable[[int, int, int, int, float], "tuple[int, int] | None"]
 
 
-@dataclass(eq=False)
-class _HostSocket:
-    sock: socket.socket
-    reading: bool = False
-    writing: bool = False
-    connecting: bool = False
-    rearm_on_discard: bool = False
-    peeked_until: int = 0  # bytes at the head of the queue already peeked (for SO_RCVLOWAT)
-    space: int | None = None  # send space last measured by ``written_elsewhere``
-    unmeasured: int = 0  # bytes written elsewhere since
-    lowat: int = 1  # SO_RCVLOWAT as set (a new socket's is 1; 0: unknown)
-    peek_awaited: bool = False  # a readable event ran; cleared by the peek it led to
-
-
 class TcpHost:
     """The I/O side of ``TcpEngine``: sockets, readiness callbacks, command execution."""
 
@@ -103,7 +94,7 @@ class TcpHost:
         self.loop = loop
         self.clock = clock
         self.after_event = after_event
-        self._sockets: dict[int, _HostSocket] = {}
+        self._sockets: dict[int, HostSocket] = {}
         self._flow_by_fd: dict[int, int] = {}
         self._readiness = Readiness(loop, self._on_socket_event)
         self._listeners: dict[PortForward, socket.socket] = {}
@@ -242,8 +233,8 @@ class TcpHost:
     def adopt(self, flow_id: int, sock: socket.socket) -> None:
         """Serve an established socket (restored or given back) for ``flow_id``."""
         sock.setblocking(False)
-        self._tune(sock)
-        self._add_socket(flow_id, _HostSocket(sock, lowat=0))
+        tune(sock)
+        self._add_socket(flow_id, HostSocket(sock, lowat=0))
         self._arm_reader(flow_id, 0)
 
     def close_listeners(self) -> None:
@@ -327,14 +318,14 @@ class TcpHost:
                 log.warning("accept on forwarded port failed: %s", error)
                 break
             conn.setblocking(False)  # accept() leaves out the listener's O_NONBLOCK
-            self._tune(conn)
+            tune(conn)
             flow_id = self.engine.on_accepted(
                 peer[0], peer[1], guest_port, self.clock(), send_space(conn, nothing_sent=True)
             )
             if flow_id is None:
                 abort_close(conn)
                 continue
-            self._add_socket(flow_id, _HostSocket(conn))
+            self._add_socket(flow_id, HostSocket(conn))
             self._arm_reader(flow_id, 0)
         self._event_done()
 
@@ -350,8 +341,8 @@ class TcpHost:
         except OSError as error:
             self.engine.on_connect_failed(command.flow_id, error.errno or 0, self.clock())
             return
-        self._tune(sock)
-        entry = _HostSocket(sock, connecting=True)
+        tune(sock)
+        entry = HostSocket(sock, connecting=True)
         self._add_socket(command.flow_id, entry)
         try:
             code = sock.connect_ex((command.host, command.port))
@@ -359,7 +350,7 @@ class TcpHost:
             code = error.errno or errno.EINVAL
         if code not in (0, errno.EINPROGRESS):
             self.engine.on_connect_failed(command.flow_id, code, self.clock())
-        elif code == 0 or (is_loopback(command.host) and _connected_already(sock)):
+        elif code == 0 or (is_loopback(command.host) and connected_already(sock)):
             # The kernel ran the loopback handshake inside connect(): the guest gets its
             # SYN-ACK in this turn, without waiting for the socket to turn writable.
             self._connected(command.flow_id, entry, 0)
@@ -375,7 +366,7 @@ class TcpHost:
         self._connected(flow_id, entry, events)
         self._event_done()
 
-    def _connected(self, flow_id: int, entry: _HostSocket, events: int) -> None:
+    def _connected(self, flow_id: int, entry: HostSocket, events: int) -> None:
         """connect() finished, well or not (``events``: what the epoll set reported)."""
         entry.connecting = False
         # Writable without an error event means connected; SO_ERROR only to learn the error.
@@ -402,7 +393,7 @@ class TcpHost:
         self._watch_for_room(command.flow_id, entry, sent < len(command.data), space)
         self.engine.on_sent(command.flow_id, sent, self.clock(), space)
 
-    def _watch_for_room(self, flow_id: int, entry: _HostSocket, full: bool,
+    def _watch_for_room(self, flow_id: int, entry: HostSocket, full: bool,
                         space: int | None) -> None:
         # The window we advertise is the send space. Once it is small the guest stops
         # sending (it will not send less than a segment), and nothing else would
@@ -426,7 +417,7 @@ class TcpHost:
             return
         flow_id, offset, length, now = command.flow_id, command.offset, command.length, self.clock()
         if self._peek_off is None:
-            self._peek_off = _probe_peek_off(entry.sock)
+            self._peek_off = probe_peek_off(entry.sock)
         direct = None
         if self._direct_peek is not None and self._peek_off:
             direct = self._direct_peek(flow_id, entry.sock.fileno(), offset, length, now)
@@ -480,7 +471,7 @@ class TcpHost:
         if len(prefix) > offset:
             return prefix[offset:], False
         # All queued bytes were peeked already; only the TCP state tells whether a FIN came.
-        return b"", _peer_closed(sock)
+        return b"", peer_closed(sock)
 
     def _discard(self, command: Discard) -> None:
         entry = self._sockets.get(command.flow_id)
@@ -499,7 +490,7 @@ class TcpHost:
             entry.rearm_on_discard = False
             self._arm_reader(command.flow_id, entry.peeked_until)
         elif entry.reading:
-            _set_lowat(entry, entry.peeked_until + 1)
+            set_lowat(entry, entry.peeked_until + 1)
 
     def _shutdown_write(self, command: ShutdownWrite) -> None:
         entry = self._sockets.get(command.flow_id)
@@ -528,7 +519,7 @@ class TcpHost:
 
     def _arm_reader(self, flow_id: int, already_peeked: int) -> None:
         entry = self._sockets[flow_id]
-        _set_lowat(entry, already_peeked + 1)
+        set_lowat(entry, already_peeked + 1)
         if not entry.reading:
             entry.reading = True
             self._want(entry)
@@ -545,20 +536,20 @@ class TcpHost:
             entry.peek_awaited = False
             self._stop_reading(entry)
 
-    def _stop_reading(self, entry: _HostSocket) -> None:
+    def _stop_reading(self, entry: HostSocket) -> None:
         if entry.reading:
             entry.reading = False
             self._want(entry)
 
-    def _stop_writing(self, entry: _HostSocket) -> None:
+    def _stop_writing(self, entry: HostSocket) -> None:
         if entry.writing:
             entry.writing = False
             self._want(entry)
 
-    def _want(self, entry: _HostSocket) -> None:
+    def _want(self, entry: HostSocket) -> None:
         self._readiness.want(entry.sock.fileno(), entry.reading, entry.writing)
 
-    def _add_socket(self, flow_id: int, entry: _HostSocket) -> None:
+    def _add_socket(self, flow_id: int, entry: HostSocket) -> None:
         self._sockets[flow_id] = entry
         self._flow_by_fd[entry.sock.fileno()] = flow_id
 
@@ -588,70 +579,3 @@ class TcpHost:
         self.flush()
         if self.after_event is not None:
             self.after_event()
-
-    # ---------------------------------------------------------------- helpers
-
-    @staticmethod
-    def _tune(sock: socket.socket) -> None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-
-def send_space(sock: socket.socket, nothing_sent: bool = False) -> int | None:
-    """Bytes the socket can take now: SO_SNDBUF minus what is queued (SIOCOUTQ; not asked
-    when ``nothing_sent``: a socket just connected or accepted)."""
-    try:
-        buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        if nothing_sent:
-            return buffer
-        queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
-    except OSError:
-        return None
-    return max(0, buffer - queued)
-
-
-def _probe_peek_off(sock: socket.socket) -> bool:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
-    except OSError:
-        log.info("SO_PEEK_OFF not supported for TCP: peeking whole prefixes")
-        return False
-    return True
-
-
-def _connected_already(sock: socket.socket) -> bool:
-    """Whether a connect() that answered EINPROGRESS has finished by now (one syscall)."""
-    try:
-        sock.getpeername()
-    except OSError:
-        return False  # ENOTCONN: still in progress (or failed: the epoll set will say)
-    return True
-
-
-def _peer_closed(sock: socket.socket) -> bool:
-    try:
-        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-    except OSError:
-        return False
-    return state in PEER_CLOSED_STATES
-
-
-def _set_lowat(entry: _HostSocket, value: int) -> None:
-    value = max(1, min(value, 1 << 30))
-    if value == entry.lowat:
-        return  # already so (a new socket's first reader, a discard after a short peek)
-    try:
-        entry.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, value)
-        entry.lowat = value
-    except OSError:
-        entry.lowat = 0  # only an optimisation: without it the reader fires early, never late
-
-
-def abort_close(sock: socket.socket) -> None:
-    """Close with SO_LINGER 0 so the peer gets a RST, as the guest's RST asked."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()
