@@ -13,6 +13,7 @@ from libc.errno cimport EFAULT
 from cpython.pycapsule cimport PyCapsule_GetContext, PyCapsule_GetPointer
 from rx_direct cimport RXD_MAX_SPANS, RxDirectApi, RxRoom, iov_sum, room_payload_iov
 from sockets cimport recvmsg
+from vnet cimport VNET_F_DATA_VALID, vnet_encode
 
 cdef enum:
     HEADERS_MAX = ETH_LEN + IP6_LEN + UDP_LEN
@@ -97,6 +98,8 @@ cdef struct UdpDirect:
     const uint8_t *guest_mac
     const uint8_t *gateway_mac
     uint64_t max_payload         # the longest payload one frame of the MTU carries
+    uint64_t vnet                # the frames' vnet word: 0, or DATA_VALID (the guest skips
+                                 # verifying the checksum, which is filled in all the same)
     uint8_t *spill               # 2 * SPILL_HALF bytes
     long limit
     # results
@@ -149,7 +152,7 @@ cdef long udp_direct_work(void *ring, void *arg, long unused) noexcept nogil:
             total = build_headers(p.guest_mac, p.gateway_mac, p.slot, headers, <uint32_t>got)
             put_udp_checksum(headers + headers_len - UDP_LEN,
                              total + iov_sum(iov, niov, <uint64_t>got))
-            if p.api.commit(ring, &room, headers, headers_len, 0, headers_len + got) == 0:
+            if p.api.commit(ring, &room, headers, headers_len, p.vnet, headers_len + got) == 0:
                 p.frames += 1
                 continue
         # Too long for the room, or refused: the whole datagram goes back to Python.
