@@ -13,7 +13,6 @@ from libc.errno cimport EFAULT
 from cpython.pycapsule cimport PyCapsule_GetContext, PyCapsule_GetPointer
 from rx_direct cimport RXD_MAX_SPANS, RxDirectApi, RxRoom, iov_sum, room_payload_iov
 from sockets cimport recvmsg
-from vnet cimport VNET_F_DATA_VALID, vnet_encode
 
 cdef enum:
     HEADERS_MAX = ETH_LEN + IP6_LEN + UDP_LEN
@@ -98,8 +97,7 @@ cdef struct UdpDirect:
     const uint8_t *guest_mac
     const uint8_t *gateway_mac
     uint64_t max_payload         # the longest payload one frame of the MTU carries
-    uint64_t vnet                # the frames' vnet word: 0, or DATA_VALID (the guest skips
-                                 # verifying the checksum, which is filled in all the same)
+    uint64_t vnet                # the frames' vnet word (UdpFastPath.data_valid)
     uint8_t *spill               # 2 * SPILL_HALF bytes
     long limit
     # results

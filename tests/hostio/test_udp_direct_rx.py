@@ -38,6 +38,7 @@ from vhostnet.guest_queue import GuestBatch
 from vhostnet.network import Network
 from vhostnet.stack.config import StackConfig
 from vhostnet.virtqueue import FrameBatch
+from vhostnet.wire.offload import DATA_VALID_WORD
 
 GUEST_PORT = 41000
 
@@ -187,6 +188,26 @@ def test_a_ring_out_of_buffers_mid_batch_leaves_the_rest_queued_in_order(ram, fa
             assert queued_frames(flow.network) == frames[3:]
             assert flow.network.counters()["udp.rx_direct"] == 3
             assert flow.network.counters()["udp.rx_host"] == 8
+        finally:
+            flow.close()
+    run(scenario)
+
+
+@pytest.mark.parametrize("offloads", ["none", "csum"])
+def test_frames_built_the_old_way_say_data_valid_as_the_direct_ones(ram, offloads) -> None:
+    """The frames the ring had no buffers for are built in a batch: to a guest with receive
+    checksums they say DATA_VALID too, so the guest never sums their payloads either."""
+    async def scenario(loop) -> None:
+        flow = Flow(loop, ram, 4, offloads=offloads)
+        try:
+            await flow.open()
+            flow.rx.post(2, 2048)
+            await flow.answer([b"answer %d" % i for i in range(6)])
+            assert len(flow.direct_frames()) == 2  # (their headers checked there)
+            entry = flow.network.frames_to_guest[0]
+            assert type(entry) is GuestBatch
+            vnets = entry.batch.arrays()[3][entry.start:entry.batch.count]
+            assert list(vnets) == [DATA_VALID_WORD if flow.csum else 0] * 4
         finally:
             flow.close()
     run(scenario)
