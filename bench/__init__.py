@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from bench.cases import ALL_CASES, TCP_MTUS, Baselines, Settings, nat_rows, ring_rows
 from bench.guest_iperf import (
+    DIRECTIONS,
     GUEST_CASE,
     GUEST_MTUS,
     QEMU_VERSIONS,
@@ -29,6 +30,7 @@ from bench.guest_iperf import (
     guest_rows,
     load_kits,
     parse_mtus,
+    select_directions,
 )
 from bench.output import (
     HEADER,
@@ -85,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds per iperf3 run with --guest (default 3)")
     p.add_argument("--guest-udp-rate", default="1G", metavar="RATE",
                    help="offered UDP rate (iperf3 -b) with --guest (default 1G)")
+    p.add_argument("--guest-cases", default="", metavar="LIST",
+                   help="with --guest, only these guest cases, e.g. udp or guest-udp-rx,tcp-tx "
+                        "(a name with or without guest-, or a part of it; default all)")
     p.add_argument("--guest-stream", action="store_true",
                    help="with --guest, also boot the guest with -netdev stream (rows NAME-stream)")
     p.add_argument("--guest-mtu", default=",".join(map(str, GUEST_MTUS)), metavar="LIST",
@@ -236,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                              "python3 -m tools.netns -- python3 -m bench")
         settings = Settings(cases, args.rounds, args.duration, Progress(), not args.no_offload)
         guest = GuestSettings(args.rounds, args.guest_seconds, args.qemu, args.guest_udp_rate,
-                              settings.progress, stream=args.guest_stream, mtus=guest_mtus)
+                              settings.progress, stream=args.guest_stream, mtus=guest_mtus,
+                              directions=select_directions(args.guest_cases)
+                              if args.guest_cases else DIRECTIONS)
         if GUEST_CASE in cases:
             # Before any other case, so a missing kit is reported at once.
             kits = load_kits(args.qemu)

@@ -67,6 +67,11 @@ POLL_INTERVAL = 0.25
 
 GUEST_MTU_RESULT = re.compile(r"^RESULT mtu=(\d*)\s*$", re.MULTILINE)
 RUN_BEGIN = re.compile(r"^IPERF-BEGIN (\S+) (\d+)$", re.MULTILINE)
+# The guest's own counters before and after each run (``guest_stat_lines``): the UDP receive
+# path's (/proc/net/snmp), eth0's receive (/proc/net/dev) and virtio-net's RX interrupts.
+GUEST_STAT = re.compile(r"^GSTAT (\S+) (\d+) (before|after) ((?:\d+ ?){6})$", re.MULTILINE)
+GUEST_STAT_NAMES = ("guest_udp_in", "guest_udp_in_errors", "guest_udp_rcvbuf_errors",
+                    "guest_eth_rx", "guest_eth_rx_dropped", "guest_rx_irqs")
 RUN_JSON = re.compile(r"^IPERF-JSON-BEGIN (\S+) (\d+) rc=(\d+)\n(.*?)^IPERF-JSON-END$",
                       re.MULTILINE | re.DOTALL)
 
@@ -104,6 +109,24 @@ class GuestSettings:
     stream: bool = False
     # Every guest row at each of these MTUs (guest link and back-end's -m), one boot each.
     mtus: tuple[int, ...] = GUEST_MTUS[:1]
+    # --guest-cases: the directions run (``select_directions``); all of them by default.
+    directions: tuple[Direction, ...] = DIRECTIONS
+
+
+def select_directions(text: str) -> tuple[Direction, ...]:
+    """``--guest-cases`` (e.g. ``udp`` or ``guest-udp-rx,tcp-tx``): the directions whose case
+    name is a word of the list, with or without its ``guest-`` prefix, or holds one as a
+    dash-separated part (``udp``, ``rx``, ``tcp6``); BenchError when a word matches none."""
+    words = [word.strip() for word in text.split(",") if word.strip()]
+
+    def named(direction: Direction, word: str) -> bool:
+        name = direction.case.removeprefix("guest-")
+        return word in (direction.case, name) or word in name.split("-")
+
+    if not words or any(not any(named(d, word) for d in DIRECTIONS) for word in words):
+        raise BenchError(f"--guest-cases {text!r} names no guest case (known: "
+                         f"{', '.join(d.case for d in DIRECTIONS)}, or a part like udp, rx)")
+    return tuple(d for d in DIRECTIONS if any(named(d, word) for word in words))
 
 
 def row_case(direction: Direction, mtu: int) -> str:
@@ -296,15 +319,17 @@ def guest_script(ports: dict[bool, int], s: GuestSettings, mtu: int = GUEST_MTUS
         f"ip addr add {GUEST_ADDRESS} dev eth0",
         f"ip route add default via {GATEWAY} dev eth0",
         WAIT_FOR_SLAAC.strip(),
+        GUEST_STAT_FUNCTION,
     ]
     refused = " ".join(f"-e '{message}'" for message in REFUSED_MESSAGES)
-    for direction in DIRECTIONS:
+    for direction in s.directions:
         args = " ".join(iperf_client_args(direction, s.seconds, s.udp_rate))
         target, port = (GATEWAY6 if direction.ipv6 else GATEWAY), ports[direction.ipv6]
         for index in range(1, s.rounds + 1):
             tag = f"{direction.case} {index}"
             lines += [
                 f"echo 'IPERF-BEGIN {tag}'",
+                f"gstat {tag} before",
                 # timeout: a run that hangs must not hold the guest forever; a refused
                 # one (the server between two tests) is tried again (CONNECT_ATTEMPTS).
                 f"for attempt in {' '.join(str(n) for n in range(1, CONNECT_ATTEMPTS + 1))}; do",
@@ -314,11 +339,47 @@ def guest_script(ports: dict[bool, int], s: GuestSettings, mtu: int = GUEST_MTUS
                 f"  grep -q {refused} /tmp/iperf.json || break",
                 f"  sleep {int(REFUSED_PAUSE)}",
                 "done",
+                f"gstat {tag} after",
                 f"echo \"IPERF-JSON-BEGIN {tag} rc=$rc\"",
                 "cat /tmp/iperf.json /tmp/iperf.err",
                 "echo IPERF-JSON-END",
             ]
     return "\n".join(lines) + "\n"
+
+
+# gstat CASE ROUND before|after: one GSTAT line of the counters GUEST_STAT_NAMES names, in
+# that order (busybox awk; a counter the guest lacks prints 0).
+GUEST_STAT_FUNCTION = """gstat() {
+  echo "GSTAT $1 $2 $3 $(awk '/^Udp:/ { if (seen++) print $2, $4, $6 }' /proc/net/snmp) \\
+$(awk '/eth0:/ { sub(/.*eth0:/, ""); print $2, $4 }' /proc/net/dev) \\
+$(awk '/virtio.*input/ { s += $2 } END { print s + 0 }' /proc/interrupts)"
+}"""
+
+
+def parse_guest_stats(text: str, case: str, rounds: int) -> dict[str, int]:
+    """What the guest's counters (GUEST_STAT_NAMES) grew by over ``case``'s first ``rounds``
+    runs, summed; {} when a run lacks its two GSTAT lines (an older script, a lost line)."""
+    seen = {(m.group(1), int(m.group(2)), m.group(3)): [int(v) for v in m.group(4).split()]
+            for m in GUEST_STAT.finditer(text)}
+    totals = dict.fromkeys(GUEST_STAT_NAMES, 0)
+    for index in range(1, rounds + 1):
+        before, after = seen.get((case, index, "before")), seen.get((case, index, "after"))
+        if before is None or after is None:
+            return {}
+        for name, old, new in zip(GUEST_STAT_NAMES, before, after, strict=True):
+            totals[name] += new - old
+    return totals
+
+
+def host_udp_counters() -> dict[str, int]:
+    """This namespace's UDP receive-buffer drops (/proc/net/snmp), {} if unreadable."""
+    try:
+        lines = [line.split() for line in Path("/proc/self/net/snmp").read_text().splitlines()
+                 if line.startswith("Udp:")]
+        return {"host.udp.rcvbuf_errors": int(dict(zip(lines[0], lines[1], strict=True))
+                                               ["RcvbufErrors"])}
+    except (OSError, IndexError, KeyError, ValueError):
+        return {}
 
 
 def check_guest_mtu(text: str, mtu: int, console: Path) -> None:
@@ -380,7 +441,7 @@ class GuestBaselines:
 
     def measure(self, servers: HostIperfs, s: GuestSettings) -> None:
         rounds = self.rounds or s.rounds
-        for direction in DIRECTIONS:
+        for direction in s.directions:
             if direction.case in self.results:
                 continue
             found = []
@@ -400,7 +461,7 @@ def _watch(guest: Any, s: GuestSettings, name: str, backend: Backend) -> dict[st
 
     usage: dict[str, Usage] = {}
 
-    limit = BOOT_TIMEOUT + len(DIRECTIONS) * s.rounds * (s.seconds + RUN_SLACK)
+    limit = BOOT_TIMEOUT + len(s.directions) * s.rounds * (s.seconds + RUN_SLACK)
     deadline = time.monotonic() + limit
     shown = ""
     while guest.running():
@@ -449,7 +510,7 @@ def guest_rows(kits: GuestKits, template: str, name: str, s: GuestSettings,
         baselines.measure(servers, s)
         backend = Backend(template, mtu, name)
         try:
-            before = backend.counters()
+            before = backend.counters() | host_udp_counters()
             guest = QemuGuest(kits.kit, s.qemu, socket_path=backend.socket,
                               script=guest_script({ipv6: server.port for ipv6, server
                                                    in servers.by_family.items()}, s, mtu),
@@ -458,7 +519,7 @@ def guest_rows(kits: GuestKits, template: str, name: str, s: GuestSettings,
             with guest:
                 usage = _watch(guest, s, f"{name}, MTU {mtu}", backend)
             elapsed = time.monotonic() - started
-            after = backend.counters()
+            after = backend.counters() | host_udp_counters()
             output = guest.output()
         finally:
             backend.close()
@@ -467,7 +528,7 @@ def guest_rows(kits: GuestKits, template: str, name: str, s: GuestSettings,
     check_guest_mtu(output, mtu, console)
     runs = parse_guest_output(output)
     rows = []
-    for direction in DIRECTIONS:
+    for direction in s.directions:
         results = []
         for index in range(1, s.rounds + 1):
             if (direction.case, index) not in runs:
@@ -483,6 +544,7 @@ def guest_rows(kits: GuestKits, template: str, name: str, s: GuestSettings,
                    before, after, s, elapsed)
         row.case = row_case(direction, mtu)
         row.extra.update(_cost(direction, results, usage))
+        row.extra.update(parse_guest_stats(output, direction.case, s.rounds))
         rows.append(row)
     return rows
 
@@ -546,6 +608,13 @@ def _row(direction: Direction, name: str, results: list[IperfResult],
             offered=s.udp_rate,
             iperf_datagrams=sum(r.datagrams or 0 for r in results),
             vhostnet_datagrams=counted)
+        # Over the whole boot (so only a boot that runs this one case measures just it):
+        # datagrams the host's sockets dropped (receive buffer full: the back-end read too
+        # slowly), frames into the RX ring and interrupts raised for them (vhostnet's rings).
+        row.extra.update({name: after[key] - before.get(key, 0) for name, key in (
+            ("host_udp_rcvbuf_errors", "host.udp.rcvbuf_errors"),
+            ("backend_rx_frames", "vq0.rx_frames"), ("backend_rx_notifies", "vq0.notifications"))
+            if key in after})
     else:
         row.extra.update(iperf_bytes=sum(r.bytes for r in results), vhostnet_bytes=counted)
     row.extra.update(qemu=s.qemu, guest_s=round(elapsed, 1))

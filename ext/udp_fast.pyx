@@ -38,7 +38,7 @@ from netbytes cimport (be16, checksum_field, pseudo_header_sum, pseudo_header_su
                       sum_bytes, sum_verifies)
 from vhostnet.wire._flow_table cimport TABLE_SLOTS, FlowIndex
 from sockets cimport MSG_DONTWAIT, MSG_TRUNC, iovec, mmsghdr, msghdr, recvmmsg, sendmmsg
-from vnet cimport vnet_partial_csum_at
+from vnet cimport VNET_F_DATA_VALID, vnet_encode, vnet_partial_csum_at
 
 cdef enum:
     MAX_BATCH = 1024             # datagrams per sendmmsg round
@@ -129,6 +129,7 @@ cdef class UdpFastPath:
     cdef readonly uint64_t datagrams_direct
     cdef readonly uint64_t datagrams_direct6
     cdef double now                       # the ``now`` of the send in progress
+    cdef uint64_t rx_vnet                 # the vnet word of every frame built for the guest
 
     def __cinit__(self):
         self.index = FlowIndex()
@@ -156,6 +157,19 @@ cdef class UdpFastPath:
     @gso.setter
     def gso(self, bint on) -> None:
         self.gso_on = on and gso_supported()
+
+    @property
+    def data_valid(self) -> bool:
+        """Whether frames built for the guest (both ways: ``receive``, ``receive_from``,
+        ``receive_direct``) say their checksums are verified (VIRTIO_NET_HDR_F_DATA_VALID, as
+        Linux's tap and vhost-net mark a datagram its stack checked), so that the guest does
+        not sum every payload again; only for a guest that negotiated receive checksum
+        offload. The checksums are filled in either way."""
+        return self.rx_vnet != 0
+
+    @data_valid.setter
+    def data_valid(self, bint on) -> None:
+        self.rx_vnet = vnet_encode(VNET_F_DATA_VALID, 0, 0, 0, 0) if on else 0
 
     def set_macs(self, bytes gateway_mac, guest_mac) -> None:
         """The frames to take: from ``guest_mac`` (None: take none) to ``gateway_mac``."""
@@ -431,6 +445,7 @@ cdef class UdpFastPath:
         ring ``ring`` (the ring kernel's queue, ``capsule`` its ``rx_direct_handle``), one
         interrupt for all (see udp_rx.pxi). When any went, the flow's ``last_seen`` becomes
         ``now``; they are counted in ``datagrams_direct`` (and ``datagrams_direct6``).
+        Their vnet word is ``data_valid``'s (see there).
 
         Returns (status, frames delivered, a tuple of the datagrams received but not
         delivered, as bytes, in order: one the ring could not take and the one after it, if
@@ -454,6 +469,7 @@ cdef class UdpFastPath:
         p.gateway_mac = self.gateway_mac
         p.max_payload = mtu - UDP_LEN - (IP6_LEN if self.slots[index].ipv6 else IP_LEN)
         p.limit = limit
+        p.vnet = self.rx_vnet
         result = direct_receive(p, ring, capsule)
         if p.frames:
             self.slots[index].last_seen = now
@@ -618,7 +634,7 @@ cdef class UdpFastPath:
                         self.arena + <size_t>i * RX_SLOT, length)
             offsets[frames[0]] = fill[0]
             lengths[frames[0]] = <uint32_t>(header + length)
-            vnets[frames[0]] = 0
+            vnets[frames[0]] = self.rx_vnet
             fill[0] += header + length
             frames[0] += 1
             if to_guest.ipv6:

@@ -103,6 +103,7 @@ cdef struct UdpDirect:
     const uint8_t *guest_mac
     const uint8_t *gateway_mac
     uint64_t max_payload         # the longest payload one frame of the MTU carries
+    uint64_t vnet                # the frames' vnet word (UdpFastPath.data_valid)
     uint8_t *spill               # SPILL_SIZE bytes (see SPILL_NEXT)
     long limit
     # results
@@ -121,7 +122,7 @@ cdef bint direct_commit(UdpDirect *p, void *ring, RxRoom *room, uint32_t headers
     cdef uint64_t total = build_headers(p.guest_mac, p.gateway_mac, p.slot, headers,
                                         <uint32_t>length)
     put_udp_checksum(headers + headers_len - UDP_LEN, total + payload_sum)
-    return p.api.commit(ring, room, headers, headers_len, 0, headers_len + length) == 0
+    return p.api.commit(ring, room, headers, headers_len, p.vnet, headers_len + length) == 0
 
 
 cdef bint direct_copy_next(UdpDirect *p, void *ring, uint32_t headers_len) noexcept nogil:

@@ -38,6 +38,7 @@ from vhostnet.guest_queue import GuestBatch
 from vhostnet.network import Network
 from vhostnet.stack.config import StackConfig
 from vhostnet.virtqueue import FrameBatch
+from vhostnet.wire.offload import DATA_VALID_WORD
 
 GUEST_PORT = 41000
 
@@ -74,6 +75,7 @@ class Flow:
                  offloads: str = "none", mtu: int = 1500) -> None:
         csum, tso, features = OFFLOADS[offloads]
         self.family = family
+        self.csum = csum
         self.network = Network(StackConfig(mtu=mtu), loop)
         self.network.set_guest_offloads(csum, tso, tso)
         self.rx = GuestRx(ram, packed=packed, mrg=mrg, features=features)
@@ -111,11 +113,15 @@ class Flow:
     sent = 0
 
     def direct_frames(self) -> list[bytes]:
+        """The frames in the guest's buffers; their headers say DATA_VALID (flags 2, nothing
+        else) to a guest that negotiated receive checksums, nothing to one that did not (the
+        frames' checksums are complete either way: ``expected`` has them)."""
         frames = []
+        want = (b"\x02" if self.csum else b"\x00") + bytes(9)
         for header, frame in self.rx.take_frames():
             if not header:
                 continue  # a refused buffer, handed back empty
-            assert header[:10] == bytes(10), "no offload fields: checksums are complete"
+            assert header[:10] == want
             frames.append(frame)
         return frames
 
@@ -182,6 +188,26 @@ def test_a_ring_out_of_buffers_mid_batch_leaves_the_rest_queued_in_order(ram, fa
             assert queued_frames(flow.network) == frames[3:]
             assert flow.network.counters()["udp.rx_direct"] == 3
             assert flow.network.counters()["udp.rx_host"] == 8
+        finally:
+            flow.close()
+    run(scenario)
+
+
+@pytest.mark.parametrize("offloads", ["none", "csum"])
+def test_frames_built_the_old_way_say_data_valid_as_the_direct_ones(ram, offloads) -> None:
+    """The frames the ring had no buffers for are built in a batch: to a guest with receive
+    checksums they say DATA_VALID too, so the guest never sums their payloads either."""
+    async def scenario(loop) -> None:
+        flow = Flow(loop, ram, 4, offloads=offloads)
+        try:
+            await flow.open()
+            flow.rx.post(2, 2048)
+            await flow.answer([b"answer %d" % i for i in range(6)])
+            assert len(flow.direct_frames()) == 2  # (their headers checked there)
+            entry = flow.network.frames_to_guest[0]
+            assert type(entry) is GuestBatch
+            vnets = entry.batch.arrays()[3][entry.start:entry.batch.count]
+            assert list(vnets) == [DATA_VALID_WORD if flow.csum else 0] * 4
         finally:
             flow.close()
     run(scenario)

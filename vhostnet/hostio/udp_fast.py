@@ -126,10 +126,14 @@ class UdpFastSender:
         return False  # ring out of buffers, or a datagram handed back: the old way reads on
 
     def _macs_known(self) -> bool:
-        """Whether the guest's MAC is known, the kernel told it (and the gateway's) when new."""
+        """Whether the guest's MAC is known, the kernel told it (and the gateway's) when new,
+        and whether the guest takes DATA_VALID frames (``data_valid``: the host's kernel
+        checked the datagram and the frame is built here, so the guest need not sum every
+        payload again, costly for a guest without fast checksum code)."""
         guest_mac = self.stack.guest_mac
         if guest_mac is None:
             return False
+        self.kernel.data_valid = self.stack.guest_offloads.csum
         gateway_mac = self.stack.config.gateway_mac
         if guest_mac is not self._told_macs[1] or gateway_mac is not self._told_macs[0]:
             self.kernel.set_macs(gateway_mac, guest_mac)
