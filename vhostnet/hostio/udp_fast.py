@@ -114,8 +114,7 @@ class UdpFastSender:
             return False
         status, frames, spilled = self.kernel.receive_direct(flow_id, self.stack.config.mtu,
                                                              now, *ring)
-        if frames:
-            self.rx.direct_rx_done(frames)
+        self.rx.direct_rx_done(frames)  # (also with none: the ring may have faulted)
         for payload in spilled:  # (in order; one over the MTU is fragmented there)
             self.engine.on_host_datagram(flow_id, payload, now)
         if status == DIRECT_DRAINED or status == DIRECT_LIMIT:
