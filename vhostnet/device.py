@@ -262,7 +262,7 @@ class NetDevice(RxFlush):
             return  # NOFD: QEMU never does this for net; the ring would need polling
         # The guest may have kicked before we got the fd (it kicks RX before
         # DRIVER_OK), so the reader fires at once if the eventfd is readable.
-        self.loop.add_reader(fd, self._on_kick, index)
+        self.loop.add_reader(fd, self._on_kick, index, is_rx_ring(index))
         self.kick_fds[index] = fd  # only once the loop watches it: _drop_kick unregisters
         # It may also never kick: a kick that went to the back-end before (the
         # source of a migration, or this one just before a stop) is lost, and with
@@ -270,7 +270,7 @@ class NetDevice(RxFlush):
         # back-end left, so frames queued meanwhile would wait forever. Look at
         # the ring now, as if kicked (the handler starts a configured ring right
         # after this call, as passt and libvhost-user do on SET_VRING_KICK).
-        self.loop.call_soon(self._on_kick, index)
+        self.loop.call_soon(self._on_kick, index, is_rx_ring(index))
 
     def ring_call_fd(self, index: int, fd: int | None) -> None:
         self.call_fds.pop(index, None)
@@ -363,7 +363,8 @@ class NetDevice(RxFlush):
 
     # ---- data path --------------------------------------------------------------
 
-    def _on_kick(self, index: int) -> None:
+    def _on_kick(self, index: int, rx: bool) -> None:
+        """Ring ``index`` (an RX ring if ``rx``: told once, at registration) was kicked."""
         fd = self.kick_fds.get(index)
         if fd is None:
             return
@@ -375,7 +376,7 @@ class NetDevice(RxFlush):
             log.warning("ring %d kick fd unusable (%s); ignoring it", index, exc)
             self._drop_kick(index)
             return
-        if is_rx_ring(index):
+        if rx:
             self._flush_rx()
         else:
             self._drain_tx(index)
