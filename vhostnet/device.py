@@ -143,6 +143,11 @@ class NetDevice(RxFlush):
         self._closed = False
         self._rx_scheduled = False
         self._usable_rx: dict[int, Virtqueue] | None = None  # (RxFlush's cache; None: stale)
+        self._direct_rx_ring: Virtqueue | None = None  # (RxFlush's direct-RX cache)
+        self._direct_rx_handle: tuple[object, object] | bool | None = None
+        # A ring reported a guest memory fault (Virtqueue.on_fault): checked at the end of a
+        # kick instead of asking every ring at every kick.
+        self._fault_reported = False
         # Last: the listener runs at once when frames already wait (connections restored
         # before a front-end came, or frames sent to the broadcast address meanwhile).
         network.add_output_listener(self._schedule_rx)
@@ -247,6 +252,7 @@ class NetDevice(RxFlush):
     def _memory_changed(self) -> None:
         for queue in self.queues.values():
             queue.memory_changed()
+        self._rx_rings_changed()  # (a ring no longer mapped is broken now)
 
     # ---- BackendDevice: rings -------------------------------------------------
 
@@ -256,7 +262,7 @@ class NetDevice(RxFlush):
             return  # NOFD: QEMU never does this for net; the ring would need polling
         # The guest may have kicked before we got the fd (it kicks RX before
         # DRIVER_OK), so the reader fires at once if the eventfd is readable.
-        self.loop.add_reader(fd, self._on_kick, index)
+        self.loop.add_reader(fd, self._on_kick, index, is_rx_ring(index))
         self.kick_fds[index] = fd  # only once the loop watches it: _drop_kick unregisters
         # It may also never kick: a kick that went to the back-end before (the
         # source of a migration, or this one just before a stop) is lost, and with
@@ -264,7 +270,7 @@ class NetDevice(RxFlush):
         # back-end left, so frames queued meanwhile would wait forever. Look at
         # the ring now, as if kicked (the handler starts a configured ring right
         # after this call, as passt and libvhost-user do on SET_VRING_KICK).
-        self.loop.call_soon(self._on_kick, index)
+        self.loop.call_soon(self._on_kick, index, is_rx_ring(index))
 
     def ring_call_fd(self, index: int, fd: int | None) -> None:
         self.call_fds.pop(index, None)
@@ -282,7 +288,7 @@ class NetDevice(RxFlush):
 
     def ring_enable(self, index: int, enabled: bool) -> None:
         self.enabled[index] = enabled
-        self._usable_rx = None
+        self._rx_rings_changed()
         if enabled and is_rx_ring(index):
             self._schedule_rx()
 
@@ -298,8 +304,9 @@ class NetDevice(RxFlush):
             name=f"vq{index}",
             features=self.features,
         )
+        self.queues[index].on_fault = self._ring_faulted
         self.enabled.setdefault(index, ring.enabled)
-        self._usable_rx = None
+        self._rx_rings_changed()
         self.ring_log[index] = (ring.log, ring.log_guest_addr)
         self._apply_log()
         log.info("ring %d started (%s, size %d, base %#x, positions %s)", index,
@@ -317,7 +324,7 @@ class NetDevice(RxFlush):
 
     def ring_stop(self, index: int) -> int:
         queue = self.queues.pop(index, None)
-        self._usable_rx = None
+        self._rx_rings_changed()
         self._drop_kick(index)
         if queue is None:
             # The handler only stops rings it started, and ring_start always
@@ -333,7 +340,7 @@ class NetDevice(RxFlush):
         for index in list(self.queues):
             self.ring_stop(index)
         self.enabled.clear()
-        self._usable_rx = None
+        self._rx_rings_changed()
 
     # ---- counters ---------------------------------------------------------------
 
@@ -356,7 +363,8 @@ class NetDevice(RxFlush):
 
     # ---- data path --------------------------------------------------------------
 
-    def _on_kick(self, index: int) -> None:
+    def _on_kick(self, index: int, rx: bool) -> None:
+        """Ring ``index`` (an RX ring if ``rx``: told once, at registration) was kicked."""
         fd = self.kick_fds.get(index)
         if fd is None:
             return
@@ -368,11 +376,12 @@ class NetDevice(RxFlush):
             log.warning("ring %d kick fd unusable (%s); ignoring it", index, exc)
             self._drop_kick(index)
             return
-        if is_rx_ring(index):
+        if rx:
             self._flush_rx()
         else:
             self._drain_tx(index)
-        self._check_memory_fault()
+        if self._fault_reported:
+            self._check_memory_fault()
 
     def _drain_tx(self, index: int = TX_QUEUE) -> None:
         queue = self.queues.get(index)
@@ -416,11 +425,20 @@ class NetDevice(RxFlush):
             # Still busy: come back after other callbacks had their turn.
             self.loop.call_soon(self._drain_tx, index)
 
+    def _ring_faulted(self) -> None:
+        """A ring reported a guest memory fault (``Virtqueue.on_fault``, under one of its
+        calls): the end of the kick, or the caller that saw the ring break, acts on it."""
+        self._fault_reported = True
+        self._rx_rings_changed()
+
     def _check_memory_fault(self) -> None:
-        """A queue caught SIGBUS (guest memory shrank): stop everything, end the connection."""
+        """A queue caught SIGBUS (guest memory shrank): stop everything, end the connection.
+        Called when a ring broke, at a ring start, and after a kick once a ring reported a
+        fault; a ring that broke is no RX ring to write into directly any more."""
+        self._rx_rings_changed()
         if self._closed:
             return
-        for queue in self.queues.values():  # (a loop, not any(): this runs at every kick)
+        for queue in self.queues.values():
             if queue.faulted:
                 break
         else:
@@ -448,7 +466,7 @@ class NetDevice(RxFlush):
         for index, queue in self.queues.items():
             self._keep_ring_counters(index, queue)
         self.queues.clear()
-        self._usable_rx = None
+        self._rx_rings_changed()
         for index in list(self.kick_fds):
             self._drop_kick(index)
         self.call_fds.clear()

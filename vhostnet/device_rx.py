@@ -49,6 +49,8 @@ class RxFlush:
     _closed: bool
     _rx_scheduled: bool
     _usable_rx: dict[int, Virtqueue] | None
+    _direct_rx_ring: Virtqueue | None
+    _direct_rx_handle: tuple[object, object] | bool | None
 
     def _check_memory_fault(self) -> None:
         raise NotImplementedError  # NetDevice's
@@ -219,21 +221,39 @@ class RxFlush:
 
     # ---- direct RX (``vhostnet.tcp.fast.DirectRx``): host TCP data straight into the ring -----
 
+    def _rx_rings_changed(self) -> None:
+        """A ring started, stopped, was enabled or disabled, or broke, or the device closed:
+        the usable RX rings and the direct-RX handle are looked up again when next asked."""
+        self._usable_rx = None
+        self._direct_rx_ring = None
+        self._direct_rx_handle = None
+
     def direct_rx(self) -> tuple[object, object] | None:
         """The one usable RX ring's direct-write handle; None with several rings (steering is
-        done on the Python path), none, or a capture (it sees only frames pushed here)."""
-        if self._closed or self.capture is not None or self.queue_pairs != 1:
-            return None
+        done on the Python path), none, or a capture (it sees only frames pushed here).
+        Runs per host read: kept until ``_rx_rings_changed`` (the capture is read each time)."""
+        handle = self._direct_rx_handle
+        if handle is None:
+            handle = self._direct_rx_handle = self._find_direct_rx()
+        return handle if handle and self.capture is None else None
+
+    def _find_direct_rx(self) -> tuple[object, object] | bool:
+        """``direct_rx``'s answer, False for none."""
+        if self._closed or self.queue_pairs != 1:
+            return False
         rings = self._usable_rx_rings()
-        return rings[0].direct_rx() if len(rings) == 1 else None
+        if len(rings) != 1:
+            return False
+        self._direct_rx_ring = rings[0]
+        return rings[0].direct_rx()
 
     def direct_rx_done(self, frames: int) -> None:
         self.counters["rx.frames"] += frames
-        queue = self.queues.get(RX_QUEUE)
-        if queue is not None:
-            queue.direct_rx_done()
-            if queue.broken:
-                self._check_memory_fault()
+        queue = self._direct_rx_ring
+        if queue is None:
+            queue = self.queues.get(RX_QUEUE)
+        if queue is not None and queue.direct_rx_done():  # the ring broke under the write
+            self._check_memory_fault()
 
     def _rx_batch_of(self, pair: int) -> FrameBatch:
         batch = self._rx_batches.get(pair)

@@ -373,6 +373,8 @@ class Network:
         the device."""
         self.stack.guest_offloads = GuestOffloads(csum=csum, tso4=csum and tso4,
                                                   tso6=csum and tso6)
+        if self.udp_fast is not None:
+            self.udp_fast.set_data_valid(csum)
 
     def serve_port(self, mac: bytes) -> None:
         """Several guests: the switch port bound to ``mac`` is this router's (``GuestPort.bind``);

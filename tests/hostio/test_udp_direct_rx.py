@@ -174,6 +174,26 @@ def test_frames_already_queued_go_first(ram) -> None:
     run(scenario)
 
 
+def test_a_new_guest_mac_is_in_the_next_frames(ram) -> None:
+    """The kernel is told the guest's MAC once, and again when it changes (a guest that
+    rebooted with another one): not asked per datagram, never stale."""
+    other_mac = bytes.fromhex("525400aabbcc")
+
+    async def scenario(loop) -> None:
+        flow = Flow(loop, ram, 4)
+        try:
+            await flow.open()
+            flow.rx.post(16, 2048)
+            await flow.answer([b"a"])
+            assert flow.direct_frames() == [expected(4, flow.port, b"a")]
+            flow.network.stack.guest_mac = other_mac
+            await flow.answer([b"b"])
+            assert flow.direct_frames() == [other_mac + expected(4, flow.port, b"b")[6:]]
+        finally:
+            flow.close()
+    run(scenario)
+
+
 @pytest.mark.parametrize("family", [4, 6])
 def test_a_ring_out_of_buffers_mid_batch_leaves_the_rest_queued_in_order(ram, family) -> None:
     async def scenario(loop) -> None:

@@ -30,6 +30,8 @@ from vhostnet.hostio._udp_fast import DIRECT_DRAINED, DIRECT_LIMIT, UdpFastPath
 from vhostnet.stack.stack import NetworkStack
 from vhostnet.stack.udp_nat import UdpNat
 
+# No guest MAC told to the kernel yet (``UdpFastSender._told_guest_mac``).
+_NOT_TOLD = object()
 # send_batch's answer when it took every frame (read only by its callers).
 NONE_LEFT = np.empty(0, dtype=np.intp)
 NONE_LEFT.flags.writeable = False
@@ -62,7 +64,9 @@ class UdpFastSender:
         # ``direct_rx_done(frames)``) and the queue whose waiting frames must go first.
         self.rx: Any | None = None
         self._waiting: Sized = ()
-        self._told_macs: tuple[bytes | None, bytes | None] = (None, None)  # (gateway, guest)
+        # The guest MAC the kernel was told (the gateway's is the config's, fixed): while it is
+        # the stack's, the per-batch paths call no ``_macs_known``.
+        self._told_guest_mac: object = _NOT_TOLD
         engine.seen_elsewhere = self.kernel.last_seen  # the kernel stamps its flows' activity
 
     def attach_guest_output(self, new_batch: Callable[[], Any],
@@ -85,8 +89,28 @@ class UdpFastSender:
         """
         if not self.kernel.holds(flow_id):
             return False
-        if self.rx is not None and not self._waiting and self._receive_direct(flow_id, now):
-            return True
+        # Straight into the device's RX ring (one call less per datagram than a helper): the
+        # kernel stamps the flow's activity and counts the frames (``counters``).
+        rx = self.rx
+        if rx is not None and not self._waiting:
+            ring = rx.direct_rx()
+            if ring is not None and (self._told_guest_mac is self.stack.guest_mac
+                                     or self._macs_known()):
+                status, frames, spilled = self.kernel.receive_direct(
+                    flow_id, self.stack.config.mtu, now, *ring)
+                rx.direct_rx_done(frames)  # (also with none: the ring may have faulted)
+                for payload in spilled:  # (in order; one over the MTU is fragmented there)
+                    self.engine.on_host_datagram(flow_id, payload, now)
+                if status == DIRECT_DRAINED or status == DIRECT_LIMIT:
+                    return True
+                if status > 0:
+                    self.engine.on_host_error(flow_id, status, now)
+                    return True
+                # Ring out of buffers, or a datagram handed back: the old way reads on.
+        return self._receive_queued(flow_id, now)
+
+    def _receive_queued(self, flow_id: int, now: float) -> bool:
+        """``receive`` the old way: built into a batch queued for the guest."""
         batch = self._batch_for_guest()
         if batch is None:
             return False
@@ -104,40 +128,21 @@ class UdpFastSender:
             engine.on_host_error(flow_id, error, now)
         return True
 
-    def _receive_direct(self, flow_id: int, now: float) -> bool:
-        """``receive`` straight into the device's RX ring; False when the rest is for the old
-        way (no ring, no guest MAC, the ring out of buffers, a datagram handed back). The
-        kernel stamps the flow's activity and counts the frames (``counters``)."""
-        assert self.rx is not None
-        ring = self.rx.direct_rx()
-        if ring is None or not self._macs_known():
-            return False
-        status, frames, spilled = self.kernel.receive_direct(flow_id, self.stack.config.mtu,
-                                                             now, *ring)
-        if frames:
-            self.rx.direct_rx_done(frames)
-        for payload in spilled:  # (in order; one over the MTU is fragmented there)
-            self.engine.on_host_datagram(flow_id, payload, now)
-        if status == DIRECT_DRAINED or status == DIRECT_LIMIT:
-            return True
-        if status > 0:
-            self.engine.on_host_error(flow_id, status, now)
-            return True
-        return False  # ring out of buffers, or a datagram handed back: the old way reads on
+    def set_data_valid(self, on: bool) -> None:
+        """Whether frames built for the guest say DATA_VALID (the guest negotiated receive
+        checksums: ``Network.set_guest_offloads``): the host's kernel checked the datagram and
+        the frame is built here, so the guest need not sum every payload again, costly for a
+        guest without fast checksum code."""
+        self.kernel.data_valid = on
 
     def _macs_known(self) -> bool:
-        """Whether the guest's MAC is known, the kernel told it (and the gateway's) when new,
-        and whether the guest takes DATA_VALID frames (``data_valid``: the host's kernel
-        checked the datagram and the frame is built here, so the guest need not sum every
-        payload again, costly for a guest without fast checksum code)."""
+        """Whether the guest's MAC is known, the kernel told it (and the gateway's) when new."""
         guest_mac = self.stack.guest_mac
         if guest_mac is None:
             return False
-        self.kernel.data_valid = self.stack.guest_offloads.csum
-        gateway_mac = self.stack.config.gateway_mac
-        if guest_mac is not self._told_macs[1] or gateway_mac is not self._told_macs[0]:
-            self.kernel.set_macs(gateway_mac, guest_mac)
-            self._told_macs = (gateway_mac, guest_mac)
+        if guest_mac is not self._told_guest_mac:
+            self.kernel.set_macs(self.stack.config.gateway_mac, guest_mac)
+            self._told_guest_mac = guest_mac
         return True
 
     def register_peer(self, flow_id: int, sock: socket.socket, peer_addr: str,
@@ -235,7 +240,8 @@ class UdpFastSender:
         read by ``UdpNat`` through ``seen_elsewhere``) and the counters its running totals,
         read by ``counters``.
         """
-        if count <= 0 or not self.kernel.flows or not self._macs_known():
+        if count <= 0 or not self.kernel.flows or (self._told_guest_mac is not self.stack.guest_mac
+                                                   and not self._macs_known()):
             return None
         kernel = self.kernel
         if self._bound is not batch:
@@ -263,7 +269,7 @@ class UdpFastSender:
         counts = {"eth.rx": taken, "udp.tx_host": taken, "udp.fast_path": taken,
                   "ipv4.rx": taken - taken6, "udp.rx": taken - taken6,
                   "ipv6.rx": taken6, "udp6.rx": taken6,
-                  # Received straight into the RX ring (``_receive_direct``).
+                  # Received straight into the RX ring (``receive``).
                   "udp.rx_host": direct, "udp.rx_direct": direct, "udp.fast_path_rx": direct,
                   "ipv4.tx": direct - direct6, "ipv6.tx": direct6}
         counts.update((name, getattr(kernel, attribute))

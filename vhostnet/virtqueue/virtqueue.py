@@ -14,6 +14,7 @@ changes, call ``memory_changed()``; it rebuilds the kernel's table in place
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TypeVar
 
 from vhostnet.virtqueue import _virtq
@@ -68,6 +69,9 @@ class Virtqueue:
         self._rings = (desc_uva, avail_uva, used_uva)
         self.packed = bool(features & VIRTIO_F_RING_PACKED)
         self._direct: tuple[object, object] | None = None
+        # Called once guest memory faulted under one of this queue's calls (its owner then
+        # ends the connection; checked only then, not after every call).
+        self.on_fault: Callable[[], None] | None = None
         kernel = _virtq.PackedQueue if self.packed else _virtq.SplitQueue
         self._kernel = kernel(
             size, hdr_len, mrg_rxbuf, event_idx, -1 if call_fd is None else call_fd, base
@@ -97,6 +101,7 @@ class Virtqueue:
         except (LookupError, ValueError):
             log.error("%s: rings are no longer in mapped memory; queue stopped", self.name)
             self._kernel.mark_broken()
+            self._reported(None)  # (the memory may also have faulted under the ring check)
 
     # The data path: each call releases the GIL inside.
 
@@ -128,9 +133,13 @@ class Virtqueue:
             self._direct = (self._kernel, _virtq.rx_direct_handle(self._kernel))
         return self._direct
 
-    def direct_rx_done(self) -> None:
-        """After a direct write: log the kinds of bad guest input met for the first time."""
-        self._reported(None)
+    def direct_rx_done(self) -> bool:
+        """After a direct write: log the kinds of bad guest input met for the first time.
+        Returns whether the ring is broken now (one call for both: this runs per write)."""
+        kernel = self._kernel
+        if kernel.has_new_errors:
+            self._log_new_errors()
+        return kernel.broken
 
     def notify(self) -> bool:
         """Signal the call eventfd if the guest wants an interrupt for what was just used."""
@@ -142,11 +151,11 @@ class Virtqueue:
 
     def enable_kick(self) -> bool:
         """Ask the guest for kicks again; True if buffers arrived meanwhile (drain again)."""
-        return self._kernel.enable_kick()
+        return self._reported(self._kernel.enable_kick())
 
     def disable_kick(self) -> None:
         """Tell the guest kicks are not needed while we are draining anyway."""
-        self._kernel.disable_kick()
+        self._reported(self._kernel.disable_kick())
 
     def set_features(self, features: int) -> None:
         """The negotiated feature bits changed (SET_FEATURES on a running ring)."""
@@ -196,7 +205,7 @@ class Virtqueue:
 
     def positions(self) -> dict[str, int]:
         """Ring indices, ours and the guest's (avail, used, event indices, flags)."""
-        return self._kernel.positions()
+        return self._reported(self._kernel.positions())
 
     def _reported(self, result: _T) -> _T:
         """``result``, after logging the kinds of bad guest input the kernel met for the first time."""
@@ -206,8 +215,10 @@ class Virtqueue:
 
     def _log_new_errors(self) -> None:
         counts = self._kernel.counters()
+        faulted = False
         for reason in self._kernel.take_new_errors():
             if reason == "guest_memory_fault":
+                faulted = True
                 log.error(
                     "%s: guest memory vanished under a copy (SIGBUS: the front-end shrank its "
                     "memory file); closing the connection", self.name
@@ -223,3 +234,5 @@ class Virtqueue:
                     reason,
                     counts[reason],
                 )
+        if faulted and self.on_fault is not None:
+            self.on_fault()
