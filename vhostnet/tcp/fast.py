@@ -84,6 +84,8 @@ class TcpFastPath:
         self.peeker = DirectPeeker()
         self.rx: DirectRx | None = None
         engine.table.track_changes()
+        # The engine's record of changed flows (one set for its life): empty, nothing to refresh.
+        self.changed = engine.table.changed
         host.set_before_close(self.unregister)
         host.set_direct_peek(self.peek_into_guest)
         self._after_event = host.after_event
@@ -99,24 +101,29 @@ class TcpFastPath:
 
     def refresh(self) -> None:
         """Bring the C entries of changed flows up to date: register, update or drop them."""
+        changed = self.changed
+        if not changed:
+            return  # the common case (called after every event and batch): nothing moved
         flows_by_id = self.engine.flows_by_id
-        changed = self.engine.table.take_changed()
+        connected_fd = self.host.connected_fd
+        kernel = self.kernel
         while changed:
             flow_id = changed.pop()
             flow = flows_by_id.get(flow_id)
-            fd = self.host.connected_fd(flow_id) if flow is not None else None
+            fd = connected_fd(flow_id) if flow is not None else None
             window = _raw_window(flow) if fd is not None else None
             if window is None or not _simple(flow):
-                self.kernel.remove(flow_id)
+                kernel.remove(flow_id)
                 continue
-            self.kernel.set(flow_id, flow.guest_ip, flow.guest_port, flow.remote_ip,
-                            flow.remote_port, fd, flow.recv_seq(flow.rcv_nxt),
-                            flow.send_seq(flow.snd_una), window, flow.send_seq(flow.snd_max))
+            kernel.set(flow_id, flow.guest_ip, flow.guest_port, flow.remote_ip,
+                       flow.remote_port, fd, flow.recv_seq(flow.rcv_nxt),
+                       flow.send_seq(flow.snd_una), window, flow.send_seq(flow.snd_max))
 
     def _after_host_event(self) -> None:
         # A socket event changed flows (a reply went to the guest): bring their C entries up
         # to date now, while the guest reads, not when its next request waits for it.
-        self.refresh()
+        if self.changed:
+            self.refresh()
         if self._after_event is not None:
             self._after_event()
 
@@ -126,7 +133,8 @@ class TcpFastPath:
         ``left``: the indices other fast paths left for the stack (None: all). Returns the
         indices left after this one, or ``left`` itself when it took nothing.
         """
-        self.refresh()
+        if self.changed:
+            self.refresh()
         if count <= 0 or not self.kernel.flows or self.stack.guest_mac is None:
             return left
         if self._arrays_of is not batch:
