@@ -90,6 +90,14 @@ class TcpFastPath:
         host.set_direct_peek(self.peek_into_guest)
         self._after_event = host.after_event
         host.after_event = self._after_host_event
+        # Per-event counts as plain integers, added to the counters when they are read.
+        self._frames4 = self._frames6 = 0  # eth.rx by family, counted by the stack
+        self._acks = self._acks6 = 0  # tcp.fast_acks (of them IPv6)
+        self._segments = self._segments6 = 0  # tcp.fast_segments (of them IPv6)
+        self._bytes = 0  # tcp.fast_bytes
+        self._direct_segments = 0  # tcp.direct_rx_segments
+        stack.stats.add_source(self._stack_counts)
+        engine.stats.add_source(self._engine_counts)
 
     @property
     def flows(self) -> int:
@@ -153,23 +161,35 @@ class TcpFastPath:
         if not taken:
             return left
         kernel = self.kernel
-        self._count_frames(taken, kernel.last_taken6, kernel.last_acks, kernel.last_acks6)
+        taken6 = kernel.last_taken6
+        self._frames4 += taken - taken6
+        self._frames6 += taken6
+        self._acks += kernel.last_acks
+        acks6 = kernel.last_acks6
+        self._acks6 += acks6
+        self._segments6 += taken6 - acks6
         self.sync_all(now)
         if taken == (count if left is None else len(left)):
             return NONE_LEFT  # the common case of a small batch: no numpy pass
         return np.flatnonzero(handled[:count] == 0)
 
-    def _count_frames(self, taken: int, taken6: int, acks: int, acks6: int) -> None:
-        """Count the frames taken as the stack counts those it receives, per family."""
-        self.stack.count_frames_taken(taken - taken6, taken6)
-        stats = self.engine.stats
-        if acks:
-            stats.inc("tcp.segments_in", acks)
-            stats.inc("tcp.fast_acks", acks)
-        if acks6:
-            stats.inc("tcp6.fast_acks", acks6)  # of tcp.fast_acks
-        if taken6 - acks6:
-            stats.inc("tcp6.fast_segments", taken6 - acks6)  # of tcp.fast_segments
+    def _stack_counts(self) -> dict[str, int]:
+        """The frames taken, counted as the stack counts those it receives, per family."""
+        frames4, frames6 = self._frames4, self._frames6
+        self._frames4 = self._frames6 = 0
+        counts = {"eth.rx": frames4 + frames6, "ipv4.rx": frames4, "ipv6.rx": frames6}
+        return {name: value for name, value in counts.items() if value}
+
+    def _engine_counts(self) -> dict[str, int]:
+        """The engine's counters of what the C side took, wrote and peeked."""
+        counts = {"tcp.segments_in": self._acks + self._segments, "tcp.fast_acks": self._acks,
+                  "tcp6.fast_acks": self._acks6,  # of tcp.fast_acks
+                  "tcp.fast_segments": self._segments,
+                  "tcp6.fast_segments": self._segments6,  # of tcp.fast_segments
+                  "tcp.fast_bytes": self._bytes, "tcp.direct_rx_segments": self._direct_segments}
+        self._acks = self._acks6 = self._segments = self._segments6 = 0
+        self._bytes = self._direct_segments = 0
+        return {name: value for name, value in counts.items() if value}
 
     def sync_all(self, now: float) -> None:
         """Apply everything the C side wrote to the engine's flows (exact Flow state after it)."""
@@ -181,9 +201,8 @@ class TcpFastPath:
                 engine.on_acked_elsewhere(flow_id, newest[0], newest[1], now)
             if not segments:
                 continue
-            stats.inc("tcp.segments_in", segments)
-            stats.inc("tcp.fast_segments", segments)
-            stats.inc("tcp.fast_bytes", written)
+            self._segments += segments
+            self._bytes += written
             flow = engine.flows_by_id.get(flow_id)
             if flow is None:
                 continue
@@ -221,7 +240,7 @@ class TcpFastPath:
             tx.advertised_window(flow), size, flow.mss, checksum)
         self.rx.direct_rx_done(segments)
         if delivered:
-            self.engine.stats.inc("tcp.direct_rx_segments", segments)
+            self._direct_segments += segments
             self.engine.on_peeked_elsewhere(flow_id, delivered, segments, large, now)
         return status, delivered
 
