@@ -90,14 +90,11 @@ class TcpFastPath:
         host.set_direct_peek(self.peek_into_guest)
         self._after_event = host.after_event
         host.after_event = self._after_host_event
-        # Per-event counts as plain integers, added to the counters when they are read.
-        self._frames4 = self._frames6 = 0  # eth.rx by family, counted by the stack
-        self._acks = self._acks6 = 0  # tcp.fast_acks (of them IPv6)
-        self._segments = self._segments6 = 0  # tcp.fast_segments (of them IPv6)
-        self._bytes = 0  # tcp.fast_bytes
-        self._direct_segments = 0  # tcp.direct_rx_segments
+        # Per-event counts as plain integers, added to the counters when they are read: the
+        # engine's (tcp/tally.py) and the frames taken, by family, which the stack counts.
+        self.counts = engine.counts
+        self._frames4 = self._frames6 = 0
         stack.stats.add_source(self._stack_counts)
-        engine.stats.add_source(self._engine_counts)
 
     @property
     def flows(self) -> int:
@@ -164,10 +161,12 @@ class TcpFastPath:
         taken6 = kernel.last_taken6
         self._frames4 += taken - taken6
         self._frames6 += taken6
-        self._acks += kernel.last_acks
-        acks6 = kernel.last_acks6
-        self._acks6 += acks6
-        self._segments6 += taken6 - acks6
+        acks, acks6 = kernel.last_acks, kernel.last_acks6
+        counts = self.counts
+        counts.segments_in += acks
+        counts.fast_acks += acks
+        counts.fast_acks6 += acks6
+        counts.fast_segments6 += taken6 - acks6
         self.sync_all(now)
         if taken == (count if left is None else len(left)):
             return NONE_LEFT  # the common case of a small batch: no numpy pass
@@ -180,29 +179,20 @@ class TcpFastPath:
         counts = {"eth.rx": frames4 + frames6, "ipv4.rx": frames4, "ipv6.rx": frames6}
         return {name: value for name, value in counts.items() if value}
 
-    def _engine_counts(self) -> dict[str, int]:
-        """The engine's counters of what the C side took, wrote and peeked."""
-        counts = {"tcp.segments_in": self._acks + self._segments, "tcp.fast_acks": self._acks,
-                  "tcp6.fast_acks": self._acks6,  # of tcp.fast_acks
-                  "tcp.fast_segments": self._segments,
-                  "tcp6.fast_segments": self._segments6,  # of tcp.fast_segments
-                  "tcp.fast_bytes": self._bytes, "tcp.direct_rx_segments": self._direct_segments}
-        self._acks = self._acks6 = self._segments = self._segments6 = 0
-        self._bytes = self._direct_segments = 0
-        return {name: value for name, value in counts.items() if value}
-
     def sync_all(self, now: float) -> None:
         """Apply everything the C side wrote to the engine's flows (exact Flow state after it)."""
         engine = self.engine
         stats = engine.stats
+        counts = self.counts
         for flow_id, written, segments, host_full, _acks, newest in self.kernel.take_activity():
             if newest is not None:
                 # First, as the engine takes a segment's ack before its data.
                 engine.on_acked_elsewhere(flow_id, newest[0], newest[1], now)
             if not segments:
                 continue
-            self._segments += segments
-            self._bytes += written
+            counts.segments_in += segments
+            counts.fast_segments += segments
+            counts.fast_bytes += written
             flow = engine.flows_by_id.get(flow_id)
             if flow is None:
                 continue
@@ -240,7 +230,7 @@ class TcpFastPath:
             tx.advertised_window(flow), size, flow.mss, checksum)
         self.rx.direct_rx_done(segments)
         if delivered:
-            self._direct_segments += segments
+            self.counts.direct_rx_segments += segments
             self.engine.on_peeked_elsewhere(flow_id, delivered, segments, large, now)
         return status, delivered
 
