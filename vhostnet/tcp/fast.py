@@ -49,7 +49,7 @@ from vhostnet.stack.stack import NetworkStack
 from vhostnet.tcp._fast import DirectPeeker
 from vhostnet.tcp._fast import TcpFastPath as _Kernel
 from vhostnet.tcp.engine import TcpEngine
-from vhostnet.tcp.flow import Flow
+from vhostnet.tcp.flow import SEQ_MOD
 from vhostnet.tcp.host import TcpHost
 
 MAX_RAW_WINDOW = 0xFFFF
@@ -116,13 +116,23 @@ class TcpFastPath:
             flow_id = changed.pop()
             flow = flows_by_id.get(flow_id)
             fd = connected_fd(flow_id) if flow is not None else None
-            window = _raw_window(flow) if fd is not None else None
-            if window is None or not _simple(flow):
+            if fd is None:
                 kernel.remove(flow_id)
                 continue
+            # The window field that gives the engine's snd_wnd back exactly (else no entry).
+            wscale = flow.snd_wscale
+            window = flow.snd_wnd >> wscale
+            # Simple: in-order data is all that can happen (established, nothing buffered,
+            # no FIN either way).
+            if (window > MAX_RAW_WINDOW or window << wscale != flow.snd_wnd
+                    or not flow.open_both_ways or flow.to_host or flow.send_queued
+                    or flow.rcv_queued != flow.rcv_nxt):
+                kernel.remove(flow_id)
+                continue
+            iss = flow.iss  # the wire sequence numbers (Flow.send_seq/recv_seq), without calls
             kernel.set(flow_id, flow.guest_ip, flow.guest_port, flow.remote_ip,
-                       flow.remote_port, fd, flow.recv_seq(flow.rcv_nxt),
-                       flow.send_seq(flow.snd_una), window, flow.send_seq(flow.snd_max))
+                       flow.remote_port, fd, (flow.irs + flow.rcv_nxt) % SEQ_MOD,
+                       (iss + flow.snd_una) % SEQ_MOD, window, (iss + flow.snd_max) % SEQ_MOD)
 
     def _after_host_event(self) -> None:
         # A socket event changed flows (a reply went to the guest): bring their C entries up
@@ -239,22 +249,3 @@ class TcpFastPath:
         return {f"tcp.fast_fallback.{reason}": frames
                 for reason, frames in self.kernel.fallbacks().items() if frames}
 
-
-def _simple(flow: Flow) -> bool:
-    """In-order data is all that can happen: established, nothing buffered, no FIN either way."""
-    return (
-        flow.open_both_ways
-        and not flow.to_host
-        and not flow.send_queued
-        and flow.rcv_queued == flow.rcv_nxt
-    )
-
-
-def _raw_window(flow: Flow | None) -> int | None:
-    """The window field that gives the engine's snd_wnd back, or None if none does exactly."""
-    if flow is None:
-        return None
-    raw = flow.snd_wnd >> flow.snd_wscale
-    if raw > MAX_RAW_WINDOW or raw << flow.snd_wscale != flow.snd_wnd:
-        return None
-    return raw
