@@ -344,7 +344,7 @@ class Network:
     def flush(self) -> None:
         """Run the host-side commands the engines queued (a failing glue does not stop the others)."""
         run_each_pending(self.errors, "glue_flush", log, self._glue_flushes)
-        if self.tcp_fast is not None:
+        if self.tcp_fast is not None and self.tcp_fast.changed:
             # Now rather than at the next guest batch, which then waits less for its write.
             run_guarded(self.errors, "tcp_fast_refresh", log, self.tcp_fast.refresh)
 

@@ -530,3 +530,51 @@ def test_the_mirror_is_brought_up_to_date_when_the_work_is_done() -> None:
             peer.close()
             network.close()
     run(scenario)
+
+
+def test_a_flow_that_changed_leaves_the_mirror_at_the_flush() -> None:
+    """The refresh returns at once when nothing changed, but a changed flow is still seen: one
+    that is no longer simple (its host side at EOF) is dropped from the C table."""
+    async def scenario(loop) -> None:
+        network, guest, peer = await established(loop, 4)
+        try:
+            flow = next(iter(network.tcp.flows.values()))
+            assert network.tcp_fast.flows == 1
+            network.flush()  # nothing changed: the entry stays
+            assert network.tcp_fast.flows == 1
+            flow.host_eof = True
+            network.tcp.table.touch(flow.flow_id)
+            network.flush()
+            assert network.tcp_fast.flows == 0
+            assert not network.tcp.table.changed
+        finally:
+            peer.close()
+            network.close()
+    run(scenario)
+
+
+def test_a_window_no_raw_field_gives_back_leaves_the_mirror() -> None:
+    """The C entry carries the raw window the engine's snd_wnd comes from; a scaled window no
+    raw field gives back exactly keeps the flow on the Python path, and one that does brings
+    it back."""
+    async def scenario(loop) -> None:
+        network, guest, peer = await established(loop, 4)
+        try:
+            flow = next(iter(network.tcp.flows.values()))
+            assert network.tcp_fast.flows == 1
+            flow.snd_wscale, saved = 2, flow.snd_wnd
+            flow.snd_wnd = 4 * 1000 + 1
+            network.tcp.table.touch(flow.flow_id)
+            network.flush()
+            assert network.tcp_fast.flows == 0
+            flow.snd_wnd = 4 * 1000
+            network.tcp.table.touch(flow.flow_id)
+            network.flush()
+            assert network.tcp_fast.flows == 1
+            flow.snd_wscale, flow.snd_wnd = 0, saved
+            network.tcp.table.touch(flow.flow_id)
+            network.flush()
+        finally:
+            peer.close()
+            network.close()
+    run(scenario)

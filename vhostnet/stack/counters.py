@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 
 
 def add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
@@ -26,6 +27,7 @@ class Counters:
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self._values: Counter[str] = Counter()
         self._logged: set[str] = set()
+        self._sources: list[Callable[[], dict[str, int]]] = []
         self._logger = logger or logging.getLogger("vhostnet.stack")
 
     def inc(self, name: str, amount: int = 1) -> None:
@@ -35,7 +37,20 @@ class Counters:
         """Record a gauge (a current level such as the number of open flows)."""
         self._values[name] = value
 
+    def add_source(self, source: Callable[[], dict[str, int]]) -> None:
+        """Counts kept elsewhere as plain integers (a per-event path saves a call per count):
+        ``source()`` answers those made since its last call, by name, and starts again from
+        zero; they are added here whenever the counters are read."""
+        self._sources.append(source)
+
+    def _collect(self) -> None:
+        for source in self._sources:
+            for name, amount in source().items():
+                self._values[name] += amount
+
     def get(self, name: str) -> int:
+        if self._sources:
+            self._collect()
         return self._values.get(name, 0)
 
     def drop(self, name: str, message: str = "") -> None:
@@ -63,4 +78,6 @@ class Counters:
                 self._values[name] += value
 
     def snapshot(self) -> dict[str, int]:
+        if self._sources:
+            self._collect()
         return dict(self._values)

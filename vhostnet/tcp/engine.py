@@ -139,6 +139,7 @@ class TcpEngine:
         self.flows_by_id = self.table.by_id
         self._timers = self.table.timers
         self.tx = GuestOutput(output, self.stats, config.mtu)
+        self.counts = self.tx.counts  # per-event counts as plain integers (tcp/tally.py)
         self.sender = GuestSender(self.tx, self.stats, self.timeouts, self.commands)
         self.recently_closed = RecentlyClosed()
         self._now = 0.0  # the latest time an event brought; closed flows linger from it
@@ -182,7 +183,7 @@ class TcpEngine:
 
     def _handle_segment(self, src: bytes, dst: bytes, data: memoryview, checksum_partial: bool,
                         now: float) -> None:
-        self.stats.inc("tcp.segments_in")
+        self.counts.segments_in += 1
         if not checksum_partial and not l4_checksum_ok(src, dst, PROTO_TCP, data):
             self.stats.drop("tcp.drop.bad_checksum", "TCP segment with a bad checksum")
             return
@@ -381,7 +382,7 @@ class TcpEngine:
         if n > 0:
             del flow.to_host[:n]
             flow.rcv_nxt += n
-            self.stats.inc("tcp.bytes_to_host", n)
+            self.counts.bytes_to_host += n
             flow.idle_at = now + self.timeouts.idle
             if flow.fin_at is not None:
                 flow.fin_at = now + self.timeouts.fin

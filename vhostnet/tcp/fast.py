@@ -49,7 +49,7 @@ from vhostnet.stack.stack import NetworkStack
 from vhostnet.tcp._fast import DirectPeeker
 from vhostnet.tcp._fast import TcpFastPath as _Kernel
 from vhostnet.tcp.engine import TcpEngine
-from vhostnet.tcp.flow import Flow
+from vhostnet.tcp.flow import SEQ_MOD
 from vhostnet.tcp.host import TcpHost
 
 MAX_RAW_WINDOW = 0xFFFF
@@ -84,10 +84,17 @@ class TcpFastPath:
         self.peeker = DirectPeeker()
         self.rx: DirectRx | None = None
         engine.table.track_changes()
+        # The engine's record of changed flows (one set for its life): empty, nothing to refresh.
+        self.changed = engine.table.changed
         host.set_before_close(self.unregister)
         host.set_direct_peek(self.peek_into_guest)
         self._after_event = host.after_event
         host.after_event = self._after_host_event
+        # Per-event counts as plain integers, added to the counters when they are read: the
+        # engine's (tcp/tally.py) and the frames taken, by family, which the stack counts.
+        self.counts = engine.counts
+        self._frames4 = self._frames6 = 0
+        stack.stats.add_source(self._stack_counts)
 
     @property
     def flows(self) -> int:
@@ -99,24 +106,39 @@ class TcpFastPath:
 
     def refresh(self) -> None:
         """Bring the C entries of changed flows up to date: register, update or drop them."""
+        changed = self.changed
+        if not changed:
+            return  # the common case (called after every event and batch): nothing moved
         flows_by_id = self.engine.flows_by_id
-        changed = self.engine.table.take_changed()
+        connected_fd = self.host.connected_fd
+        kernel = self.kernel
         while changed:
             flow_id = changed.pop()
             flow = flows_by_id.get(flow_id)
-            fd = self.host.connected_fd(flow_id) if flow is not None else None
-            window = _raw_window(flow) if fd is not None else None
-            if window is None or not _simple(flow):
-                self.kernel.remove(flow_id)
+            fd = connected_fd(flow_id) if flow is not None else None
+            if fd is None:
+                kernel.remove(flow_id)
                 continue
-            self.kernel.set(flow_id, flow.guest_ip, flow.guest_port, flow.remote_ip,
-                            flow.remote_port, fd, flow.recv_seq(flow.rcv_nxt),
-                            flow.send_seq(flow.snd_una), window, flow.send_seq(flow.snd_max))
+            # The window field that gives the engine's snd_wnd back exactly (else no entry).
+            wscale = flow.snd_wscale
+            window = flow.snd_wnd >> wscale
+            # Simple: in-order data is all that can happen (established, nothing buffered,
+            # no FIN either way).
+            if (window > MAX_RAW_WINDOW or window << wscale != flow.snd_wnd
+                    or not flow.open_both_ways or flow.to_host or flow.send_queued
+                    or flow.rcv_queued != flow.rcv_nxt):
+                kernel.remove(flow_id)
+                continue
+            iss = flow.iss  # the wire sequence numbers (Flow.send_seq/recv_seq), without calls
+            kernel.set(flow_id, flow.guest_ip, flow.guest_port, flow.remote_ip,
+                       flow.remote_port, fd, (flow.irs + flow.rcv_nxt) % SEQ_MOD,
+                       (iss + flow.snd_una) % SEQ_MOD, window, (iss + flow.snd_max) % SEQ_MOD)
 
     def _after_host_event(self) -> None:
         # A socket event changed flows (a reply went to the guest): bring their C entries up
         # to date now, while the guest reads, not when its next request waits for it.
-        self.refresh()
+        if self.changed:
+            self.refresh()
         if self._after_event is not None:
             self._after_event()
 
@@ -126,7 +148,8 @@ class TcpFastPath:
         ``left``: the indices other fast paths left for the stack (None: all). Returns the
         indices left after this one, or ``left`` itself when it took nothing.
         """
-        self.refresh()
+        if self.changed:
+            self.refresh()
         if count <= 0 or not self.kernel.flows or self.stack.guest_mac is None:
             return left
         if self._arrays_of is not batch:
@@ -145,37 +168,41 @@ class TcpFastPath:
         if not taken:
             return left
         kernel = self.kernel
-        self._count_frames(taken, kernel.last_taken6, kernel.last_acks, kernel.last_acks6)
+        taken6 = kernel.last_taken6
+        self._frames4 += taken - taken6
+        self._frames6 += taken6
+        acks, acks6 = kernel.last_acks, kernel.last_acks6
+        counts = self.counts
+        counts.segments_in += acks
+        counts.fast_acks += acks
+        counts.fast_acks6 += acks6
+        counts.fast_segments6 += taken6 - acks6
         self.sync_all(now)
         if taken == (count if left is None else len(left)):
             return NONE_LEFT  # the common case of a small batch: no numpy pass
         return np.flatnonzero(handled[:count] == 0)
 
-    def _count_frames(self, taken: int, taken6: int, acks: int, acks6: int) -> None:
-        """Count the frames taken as the stack counts those it receives, per family."""
-        self.stack.count_frames_taken(taken - taken6, taken6)
-        stats = self.engine.stats
-        if acks:
-            stats.inc("tcp.segments_in", acks)
-            stats.inc("tcp.fast_acks", acks)
-        if acks6:
-            stats.inc("tcp6.fast_acks", acks6)  # of tcp.fast_acks
-        if taken6 - acks6:
-            stats.inc("tcp6.fast_segments", taken6 - acks6)  # of tcp.fast_segments
+    def _stack_counts(self) -> dict[str, int]:
+        """The frames taken, counted as the stack counts those it receives, per family."""
+        frames4, frames6 = self._frames4, self._frames6
+        self._frames4 = self._frames6 = 0
+        counts = {"eth.rx": frames4 + frames6, "ipv4.rx": frames4, "ipv6.rx": frames6}
+        return {name: value for name, value in counts.items() if value}
 
     def sync_all(self, now: float) -> None:
         """Apply everything the C side wrote to the engine's flows (exact Flow state after it)."""
         engine = self.engine
         stats = engine.stats
+        counts = self.counts
         for flow_id, written, segments, host_full, _acks, newest in self.kernel.take_activity():
             if newest is not None:
                 # First, as the engine takes a segment's ack before its data.
                 engine.on_acked_elsewhere(flow_id, newest[0], newest[1], now)
             if not segments:
                 continue
-            stats.inc("tcp.segments_in", segments)
-            stats.inc("tcp.fast_segments", segments)
-            stats.inc("tcp.fast_bytes", written)
+            counts.segments_in += segments
+            counts.fast_segments += segments
+            counts.fast_bytes += written
             flow = engine.flows_by_id.get(flow_id)
             if flow is None:
                 continue
@@ -213,7 +240,7 @@ class TcpFastPath:
             tx.advertised_window(flow), size, flow.mss, checksum)
         self.rx.direct_rx_done(segments)
         if delivered:
-            self.engine.stats.inc("tcp.direct_rx_segments", segments)
+            self.counts.direct_rx_segments += segments
             self.engine.on_peeked_elsewhere(flow_id, delivered, segments, large, now)
         return status, delivered
 
@@ -222,22 +249,3 @@ class TcpFastPath:
         return {f"tcp.fast_fallback.{reason}": frames
                 for reason, frames in self.kernel.fallbacks().items() if frames}
 
-
-def _simple(flow: Flow) -> bool:
-    """In-order data is all that can happen: established, nothing buffered, no FIN either way."""
-    return (
-        flow.open_both_ways
-        and not flow.to_host
-        and not flow.send_queued
-        and flow.rcv_queued == flow.rcv_nxt
-    )
-
-
-def _raw_window(flow: Flow | None) -> int | None:
-    """The window field that gives the engine's snd_wnd back, or None if none does exactly."""
-    if flow is None:
-        return None
-    raw = flow.snd_wnd >> flow.snd_wscale
-    if raw > MAX_RAW_WINDOW or raw << flow.snd_wscale != flow.snd_wnd:
-        return None
-    return raw

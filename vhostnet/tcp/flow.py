@@ -183,14 +183,6 @@ class Flow:
         return (self.phase is Phase.ESTABLISHED and not self.guest_fin and not self.host_shut
                 and not self.host_eof and not self.fin_sent)
 
-    def next_deadline(self) -> float | None:
-        # Called for every segment (timer scheduling): no list, no min() call.
-        earliest = self.idle_at
-        for at in (self.rto_at, self.ack_owed_at, self.syn_at, self.fin_at):
-            if at is not None and (earliest is None or at < earliest):
-                earliest = at
-        return earliest
-
     @property
     def state_name(self) -> str:
         """The RFC 9293 state name this flow corresponds to (for logs and tests)."""

@@ -13,6 +13,7 @@ from typing import Protocol
 from vhostnet.stack.counters import Counters
 from vhostnet.tcp._frames import control_frame
 from vhostnet.tcp.flow import Flow, Phase
+from vhostnet.tcp.tally import EventCounts
 from vhostnet.wire.checksum import PROTO_TCP
 from vhostnet.wire.offload import IPV4_HEADER_LEN, IPV6_HEADER_LEN, GuestOffloads
 from vhostnet.wire.tcp import ACK, RST, SYN, TcpSegmentView, build_options, emit_segment
@@ -52,6 +53,7 @@ class GuestOutput:
         self.output = output
         self.stats = stats
         self.mtu = mtu
+        self.counts = EventCounts(stats)  # the engine's per-event counts (tcp/tally.py)
 
     def mss_limit(self, address: bytes) -> int:
         """The MSS we advertise: the guest's MTU minus the IP (by family) and TCP headers."""
@@ -107,7 +109,7 @@ class GuestOutput:
             self.output.send_ipv6(src, dst, PROTO_TCP, segment)
         else:
             self.output.send_ipv4(src, dst, PROTO_TCP, segment, offload=offload)
-        self.stats.inc("tcp.segments_out")
+        self.counts.segments_out += 1
 
     def syn(self, flow: Flow) -> None:
         """Our SYN (inbound forward) or SYN-ACK (outbound flow), with MSS and window scale."""
@@ -163,4 +165,4 @@ class GuestOutput:
             output.send_ipv6_frames([frame])
         else:
             output.send_ipv4_frames([frame])
-        self.stats.inc("tcp.segments_out")
+        self.counts.segments_out += 1

@@ -143,7 +143,7 @@ class GuestSender:
         """``n`` bytes from ``snd_nxt`` on reached the guest in ``segments`` segments
         (``large_segments`` of them for the guest to cut) without passing here: the fast
         path peeked them straight into its RX buffers."""
-        self.stats.inc("tcp.segments_out", segments)
+        self.tx.counts.segments_out += segments
         if large_segments:
             self.stats.inc("tcp.gso_segments_out", large_segments)
         self._sent(flow, n, now)
@@ -152,7 +152,7 @@ class GuestSender:
         # Data segments carry our ACK of everything written to the host (recv_seq(rcv_nxt)).
         if flow.ack_owed_at is not None:
             flow.ack_owed_at = None
-            self.stats.inc("tcp.acks_on_replies")
+            self.tx.counts.acks_on_replies += 1
         if now - flow.data_in_at <= self.timeouts.ack_delay:
             # A reply soon after the guest's data: its next ACKs may wait for the next reply.
             flow.interactive = True
@@ -161,7 +161,7 @@ class GuestSender:
             self.stats.inc("tcp.retransmitted_bytes", min(n, flow.snd_max - flow.snd_nxt))
         flow.snd_nxt += n
         flow.snd_max = max(flow.snd_max, flow.snd_nxt)
-        self.stats.inc("tcp.bytes_to_guest", n)
+        self.tx.counts.bytes_to_guest += n
         if flow.rto_at is None:
             flow.rto_at = now + flow.rto
 
@@ -180,7 +180,7 @@ class GuestSender:
         """Host bytes to the guest starting at ``snd_nxt``, cut as the guest's offloads allow."""
         size, checksum = self.segmenting(flow)
         if self._data_frames(flow, data, size, checksum):
-            self.stats.inc("tcp.segments_out", (len(data) + size - 1) // size)
+            self.tx.counts.segments_out += (len(data) + size - 1) // size
             if checksum == CSUM_PARTIAL:
                 whole, rest = divmod(len(data), size)
                 large = (whole if size > flow.mss else 0) + (rest > flow.mss)

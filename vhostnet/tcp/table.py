@@ -31,8 +31,11 @@ class FlowTable:
         self.timers = FlowTimers(self.by_id)
         self._next_id = 1
         self._last_limit_log = float("-inf")
-        # None until a mirror asks for changes (track_changes): nothing is recorded then.
-        self._changed: set[int] | None = None
+        # The ids of flows changed since a mirror last took them; recorded only once a mirror
+        # asks (track_changes). One set for the table's life: a mirror may test it without a
+        # call (``if table.changed``) and pop from it.
+        self.changed: set[int] = set()
+        self._tracking = False
 
     def __len__(self) -> int:
         return len(self.by_key)
@@ -67,18 +70,15 @@ class FlowTable:
 
     def track_changes(self) -> None:
         """Start recording the ids of flows whose guest-side state may change."""
-        if self._changed is None:
-            self._changed = set()
+        self._tracking = True
 
     def touch(self, flow_id: int) -> None:
         """The flow's state may have changed (or it is gone)."""
-        if self._changed is not None:
-            self._changed.add(flow_id)
+        if self._tracking:
+            self.changed.add(flow_id)
 
     def take_changed(self) -> set[int]:
         """The ids recorded since the last call (empty when not tracking); the record restarts."""
-        changed = self._changed
-        if not changed:
-            return set()
-        self._changed = set()
+        changed = set(self.changed)
+        self.changed.clear()
         return changed

@@ -23,10 +23,16 @@ class FlowTimers:
 
     def schedule(self, flow: Flow) -> None:
         """Make sure the heap holds the flow's earliest deadline (later ones wait their turn)."""
-        deadline = flow.next_deadline()
+        # Called after every event of a flow (several per request/response): the earliest
+        # deadline is computed here, without a call per timer.
+        deadline = flow.idle_at
+        for at in (flow.rto_at, flow.ack_owed_at, flow.syn_at, flow.fin_at):
+            if at is not None and (deadline is None or at < deadline):
+                deadline = at
         if deadline is None:
             return
-        if flow.scheduled_at is None or deadline < flow.scheduled_at:
+        scheduled = flow.scheduled_at
+        if scheduled is None or deadline < scheduled:
             if flow.flow_id not in self._flows_by_id:
                 return
             flow.scheduled_at = deadline
@@ -40,12 +46,12 @@ class FlowTimers:
             heapq.heappop(heap)
             if flow is None or flow.scheduled_at != deadline:
                 continue  # stale: the flow is gone or was rescheduled earlier
-            if flow.next_deadline() == deadline:
-                heapq.heappush(heap, (deadline, flow_id))
-                return deadline
-            # The flow's timers moved later since this entry was pushed: requeue it.
+            # Push the flow's real earliest deadline: the same one (then it is the answer) or a
+            # later one, when its timers moved since this entry was pushed (it waits its turn).
             flow.scheduled_at = None
             self.schedule(flow)
+            if flow.scheduled_at == deadline:
+                return deadline
         return None
 
     def due(self, now: float) -> Iterator[Flow]:

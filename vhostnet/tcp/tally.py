@@ -1,0 +1,44 @@
+"""Per-event TCP counts kept as plain integers: the paths that run several times per
+request/response (segments and bytes each way, the fast path's ACKs and writes) add to an
+attribute instead of calling ``Counters.inc``; the totals join the engine's counters, under
+the same names, whenever they are read (``Counters.add_source``)."""
+
+from __future__ import annotations
+
+from vhostnet.stack.counters import Counters
+
+# Attribute -> counter name.
+NAMES = {
+    "segments_in": "tcp.segments_in",
+    "segments_out": "tcp.segments_out",
+    "bytes_to_host": "tcp.bytes_to_host",
+    "bytes_to_guest": "tcp.bytes_to_guest",
+    "acks_on_replies": "tcp.acks_on_replies",
+    "fast_acks": "tcp.fast_acks",
+    "fast_acks6": "tcp6.fast_acks",  # of tcp.fast_acks
+    "fast_segments": "tcp.fast_segments",
+    "fast_segments6": "tcp6.fast_segments",  # of tcp.fast_segments
+    "fast_bytes": "tcp.fast_bytes",
+    "direct_rx_segments": "tcp.direct_rx_segments",
+}
+
+
+class EventCounts:
+    """The counts since they were last taken; one per engine (``GuestOutput.counts``)."""
+
+    __slots__ = tuple(NAMES)
+
+    def __init__(self, stats: Counters) -> None:
+        for attribute in NAMES:
+            setattr(self, attribute, 0)
+        stats.add_source(self.take)
+
+    def take(self) -> dict[str, int]:
+        """The counts made since the last call, by counter name (none of zero); restart."""
+        counts = {}
+        for attribute, name in NAMES.items():
+            value = getattr(self, attribute)
+            if value:
+                counts[name] = value
+                setattr(self, attribute, 0)
+        return counts
