@@ -190,12 +190,6 @@ class NetworkStack(ToGuest):
             self.stats.log_exception_once("stack.internal_error",
                                               "internal error handling a guest frame")
 
-    def count_frames_taken(self, ipv4: int, ipv6: int = 0) -> None:
-        """Frames a C fast path handled in place of ``receive_frame``: count them the same."""
-        for name, frames in (("eth.rx", ipv4 + ipv6), ("ipv4.rx", ipv4), ("ipv6.rx", ipv6)):
-            if frames:
-                self.stats.inc(name, frames)
-
     def _receive_frame(self, frame: bytes | bytearray | memoryview, now: float, vnet: int) -> None:
         try:
             eth = ethernet.EthernetFrame(frame)
