@@ -31,6 +31,17 @@ async def echo_server(sock: socket.socket, count: int) -> None:
         await loop.sock_sendto(sock, b"echo:" + data, peer)
 
 
+async def tcp_echo_until_eof(reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+    """An ``asyncio.start_server`` handler that sends back whatever comes, until EOF."""
+    try:
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
 def port_is_free(port: int, kind: int = socket.SOCK_STREAM) -> bool:
     """Whether a dual-stack socket can bind ``port`` (and listen, for TCP) as a server would:
     SO_REUSEADDR, so that connections still using the port as theirs do not count."""

@@ -7,21 +7,13 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from tests.support.hostio import tcp_echo_until_eof
 from tests.tcp.test_hostio_tcp import GATEWAY, GuestTcp, new_setup, run_until
 from vhostnet.stack.config import StackConfig
 from vhostnet.tcp.host import ESTIMATE_SEND_SPACE, TcpHost
 from vhostnet.tcp.host_sockets import send_space
 
 EXCHANGES = 30
-
-
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    finally:
-        writer.close()
 
 
 def test_the_reader_stays_registered_across_exchanges() -> None:
@@ -38,7 +30,7 @@ def test_the_reader_stays_registered_across_exchanges() -> None:
         return remove_reader(fd)
 
     async def scenario() -> None:
-        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        server = await asyncio.start_server(tcp_echo_until_eof, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         host = TcpHost(engine, loop)
         try:

@@ -19,6 +19,7 @@ import time
 import pytest
 from vhostnet.tcp._frames import control_frame
 
+from tests.support.hostio import tcp_echo_until_eof
 from tests.tcp.test_hostio_tcp import (
     GATEWAY,
     GUEST_IP,
@@ -37,15 +38,6 @@ from vhostnet.wire.checksum import internet_checksum
 from vhostnet.wire.tcp import ACK, FIN, PSH, RST, SYN, emit_segment
 
 CONNECTIONS = 200
-
-
-async def echo_until_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while chunk := await reader.read(65536):
-            writer.write(chunk)
-            await writer.drain()
-    finally:
-        writer.close()
 
 
 class CountingSocket(socket.socket):
@@ -81,7 +73,7 @@ def test_many_short_connections_leave_nothing_behind_and_set_few_options(monkeyp
     loop, net, engine = new_setup(StackConfig())
 
     async def scenario() -> None:
-        server = await asyncio.start_server(echo_until_eof, "127.0.0.1", 0)
+        server = await asyncio.start_server(tcp_echo_until_eof, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         host = tcp_host.TcpHost(engine, loop)
         try:
