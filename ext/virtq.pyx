@@ -80,6 +80,9 @@ cdef class RingQueue:
     cdef uint16_t used_shadow       # next used slot to fill
     cdef uint16_t used_published    # used position the guest has been shown
     cdef uint16_t signalled_used    # used position at the last notify() decision
+    cdef uint16_t signal_from       # used position at the last interrupt raised (watch())
+    cdef uint16_t watched_used      # used and avail positions at the last watch()
+    cdef uint16_t watched_avail
     cdef int unpublished            # chains completed since the last publish_used()
     # Where the next kick should come from: last_avail normally; while RX is starved
     # (buffers there, but too few for the next frame) the position after the last
@@ -204,6 +207,7 @@ cdef class RingQueue:
             self.kick_point = self.last_avail
             self.start_positions()
             self.signalled_used = self.used_published
+            self.signal_from = self.used_published
         self.ready = True
 
     cdef uint64_t driver_area_bytes(self):
@@ -362,6 +366,13 @@ cdef class RingQueue:
     def enable_kick(self) -> bool:
         return bool(self.guarded(guarded_enable_kick, NULL, 0))
 
+    def watch(self, bint tx) -> int:
+        """The notification watchdog's look at this ring (see ``Virtqueue.watch``): bit 0, the
+        ring moved since the last look; bit 1, an interrupt the guest asks for and did not get
+        was raised now; bit 2 (``tx`` rings only, and only when it did not move), chains wait
+        that no kick announced."""
+        return self.guarded(guarded_watch, NULL, tx)
+
     def disable_kick(self) -> None:
         self.guarded(guarded_disable_kick, NULL, 0)
 
@@ -510,11 +521,16 @@ cdef class RingQueue:
         self.unpublished = 0
 
     cdef bint _notify(self) noexcept nogil:
+        return self._notify_from(self.signalled_used)
+
+    cdef bint _notify_from(self, uint16_t old) noexcept nogil:
+        """Interrupt the guest if it asked for one for the used chains from ``old`` on."""
         return False
 
     cdef bint _signal(self) noexcept nogil:
         """Write the call eventfd (if there is one) and count the interrupt."""
         cdef uint64_t one = 1
+        self.signal_from = self.used_published
         if self.call_fd < 0:
             return False
         if c_write(self.call_fd, &one, 8) != 8:
@@ -522,6 +538,26 @@ cdef class RingQueue:
             return False
         self.stats[S_NOTIFICATIONS] += 1
         return True
+
+    cdef long watch_ring(self, bint tx) noexcept nogil:
+        """``watch``'s work."""
+        cdef long result = 0
+        if self._broken or not self.ready:
+            return 0
+        if self.used_published != self.watched_used or self.last_avail != self.watched_avail:
+            result |= 1
+        self.watched_used = self.used_published
+        self.watched_avail = self.last_avail
+        # Asked again over everything since the last interrupt raised: a used_event (or flag)
+        # the guest stored before we published, but which we read before it landed, counts now.
+        if self.used_published != self.signal_from and self._notify_from(self.signal_from):
+            result |= 2
+        # A TX ring that did not move for a whole look and still has chains past kick_point
+        # (== last_avail after every drain): they came without the kick the re-armed event
+        # asked for. (A ring that moved may be mid-drain: a drain left to the next loop turn.)
+        if tx and not result & 1 and self._enable_kick():
+            result |= 4
+        return result
 
     cdef bint _enable_kick(self) noexcept nogil:
         return False
@@ -568,6 +604,10 @@ cdef long guarded_notify(void *queue, void *unused, long n) noexcept nogil:
 
 cdef long guarded_signal(void *queue, void *unused, long n) noexcept nogil:
     return (<RingQueue>queue)._signal()
+
+
+cdef long guarded_watch(void *queue, void *unused, long tx) noexcept nogil:
+    return (<RingQueue>queue).watch_ring(tx != 0)
 
 
 cdef long guarded_enable_kick(void *queue, void *unused, long n) noexcept nogil:

@@ -179,9 +179,8 @@ cdef class PackedQueue(RingQueue):
             slot -= self.size
         return slot
 
-    cdef bint _notify(self) noexcept nogil:
+    cdef bint _notify_from(self, uint16_t old) noexcept nogil:
         cdef uint16_t new = self.used_published
-        cdef uint16_t old = self.signalled_used
         cdef uint16_t flags, off_wrap
         cdef int new_at, old_at, event_at
         cdef bint wanted

@@ -150,9 +150,8 @@ cdef class SplitQueue(RingQueue):
 
     # ------------------------------------------------------- notifications
 
-    cdef bint _notify(self) noexcept nogil:
+    cdef bint _notify_from(self, uint16_t old_idx) noexcept nogil:
         cdef uint16_t new_idx = self.used_published
-        cdef uint16_t old_idx = self.signalled_used
         cdef uint16_t used_event
         cdef bint wanted
         if self._broken or not self.ready or new_idx == old_idx:

@@ -380,10 +380,13 @@ class Frontend:
             for gpa in token:  # type: ignore[union-attr]
                 self.slots.free(gpa)
 
-    def send_frame(self, frame: bytes, header: bytes | None = None, pair: int = 0) -> None:
+    def send_frame(self, frame: bytes, header: bytes | None = None, pair: int = 0,
+                   kick: bool = True) -> None:
         """Queue one Ethernet frame on the pair's TX ring (header in its own descriptor) and kick.
 
         ``header`` is the virtio-net header to send (default: all zero, no offloads).
+        ``kick=False``: the frame is published but the kick never comes, as from a guest whose
+        missing memory barrier let it read a stale avail_event.
         """
         if not self.rings:
             raise RuntimeError("start() first")
@@ -398,7 +401,8 @@ class Frontend:
                 raise TimeoutError("TX ring stayed full")
             self._wait_call(2 * pair + 1, 0.01)
         self._queue_tx(frame, header, pair)
-        self._kick(2 * pair + 1)
+        if kick:
+            self._kick(2 * pair + 1)
 
     def _queue_tx(self, frame: bytes, header: bytes | None, pair: int = 0) -> None:
         """Put one frame on the pair's TX ring without kicking; the caller made sure it fits."""

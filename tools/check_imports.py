@@ -85,6 +85,7 @@ LAYER_OF_PREFIX: tuple[tuple[str, str], ...] = (
     ("vhostnet.guest_queue", "network"),  # the guest frame queue Network owns
     ("vhostnet.capture", "capture"),
     ("vhostnet.device_rx", "device"),
+    ("vhostnet.device_watch", "device"),
     ("vhostnet.device", "device"),
     ("vhostnet.stream", "stream"),
     ("vhostnet._stream", "stream"),  # its kernel (ext/stream.pyx)

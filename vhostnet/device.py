@@ -44,6 +44,7 @@ from vhostnet.device_rx import (
     RxFlush,
     is_rx_ring,
 )
+from vhostnet.device_watch import RingWatchdog
 from vhostnet.vhost_user import protocol as vu
 from vhostnet.vhost_user.device_api import DeviceRefused
 from vhostnet.virtqueue import AddressError, FlowSteering, FrameBatch, GuestMemory, Virtqueue
@@ -96,7 +97,7 @@ class DeviceStateHandler(Protocol):
         ...
 
 
-class NetDevice(RxFlush):
+class NetDevice(RxFlush, RingWatchdog):
     """Implements ``BackendDevice`` for a virtio-net device with ``queue_pairs`` queue pairs."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, network: GuestSide,
@@ -148,6 +149,7 @@ class NetDevice(RxFlush):
         # A ring reported a guest memory fault (Virtqueue.on_fault): checked at the end of a
         # kick instead of asking every ring at every kick.
         self._fault_reported = False
+        self._init_watchdog()  # (kicks and interrupts a guest's memory ordering lost)
         # Last: the listener runs at once when frames already wait (connections restored
         # before a front-end came, or frames sent to the broadcast address meanwhile).
         network.add_output_listener(self._schedule_rx)
@@ -376,6 +378,8 @@ class NetDevice(RxFlush):
             log.warning("ring %d kick fd unusable (%s); ignoring it", index, exc)
             self._drop_kick(index)
             return
+        if self._watch_timer is None:
+            self._rings_busy()
         if rx:
             self._flush_rx()
         else:
@@ -398,8 +402,11 @@ class NetDevice(RxFlush):
         finally:
             if flush_claimed:
                 self._rx_scheduled = False
-        if network.frames_to_guest or self.switched is not None:
-            self._flush_rx()  # answers the batch made (nothing waits: no ring work to do)
+        self._flush_rx_if_waiting()  # answers the batch made (nothing waits: no ring work to do)
+
+    def _flush_rx_if_waiting(self) -> None:
+        if self.network.frames_to_guest or self.switched is not None:
+            self._flush_rx()
 
     def _drain_tx_batches(self, queue: Virtqueue, index: int) -> None:
         network = self.network
@@ -461,6 +468,7 @@ class NetDevice(RxFlush):
         if self._closed:
             return
         self._closed = True
+        self._stop_watchdog()
         self.network.remove_output_listener(self._schedule_rx)
         self.network.set_direct_rx(None, self)
         for index, queue in self.queues.items():

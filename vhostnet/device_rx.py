@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vhostnet.guest_queue import GuestBatch
@@ -51,6 +52,7 @@ class RxFlush:
     _usable_rx: dict[int, Virtqueue] | None
     _direct_rx_ring: Virtqueue | None
     _direct_rx_handle: tuple[object, object] | bool | None
+    _rings_busy: Callable[[], None]  # (RingWatchdog's: a ring was written, watch the rings)
 
     def _check_memory_fault(self) -> None:
         raise NotImplementedError  # NetDevice's
@@ -199,6 +201,7 @@ class RxFlush:
         self.counters["rx.frames"] += pushed
         if pushed:
             queue.notify()
+            self._rings_busy()
         return pushed
 
     def _flush_switched(self, queue: Virtqueue) -> None:
@@ -249,6 +252,8 @@ class RxFlush:
 
     def direct_rx_done(self, frames: int) -> None:
         self.counters["rx.frames"] += frames
+        if frames:
+            self._rings_busy()
         queue = self._direct_rx_ring
         if queue is None:
             queue = self.queues.get(RX_QUEUE)

@@ -7,6 +7,9 @@ from vhostnet.virtqueue.virtqueue import (
     MAX_FRAME_BYTES,
     PACKED_FRESH_BASE,
     VIRTIO_F_RING_PACKED,
+    WATCH_MOVED,
+    WATCH_RESIGNALLED,
+    WATCH_TX_WAITING,
     Virtqueue,
 )
 
@@ -21,4 +24,7 @@ __all__ = [
     "Switch",
     "VIRTIO_F_RING_PACKED",
     "Virtqueue",
+    "WATCH_MOVED",
+    "WATCH_RESIGNALLED",
+    "WATCH_TX_WAITING",
 ]

@@ -21,7 +21,8 @@ from vhostnet.virtqueue import _virtq
 from vhostnet.virtqueue._virtq import FrameBatch
 from vhostnet.virtqueue.memory import AddressError, GuestMemory
 
-__all__ = ["MAX_FRAME_BYTES", "PACKED_FRESH_BASE", "VIRTIO_F_RING_PACKED", "Virtqueue"]
+__all__ = ["MAX_FRAME_BYTES", "PACKED_FRESH_BASE", "VIRTIO_F_RING_PACKED", "Virtqueue",
+           "WATCH_MOVED", "WATCH_RESIGNALLED", "WATCH_TX_WAITING"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,11 @@ MAX_FRAME_BYTES: int = _virtq.MAX_FRAME_BYTES
 VIRTIO_F_RING_PACKED = 1 << 34
 # A packed ring's base before the guest used it: both positions at slot 0, wrap counters 1.
 PACKED_FRESH_BASE = 0x80008000
+
+# Virtqueue.watch's answer bits.
+WATCH_MOVED = 1         # the ring moved since the last look
+WATCH_RESIGNALLED = 2   # an interrupt the guest asked for and did not get was raised now
+WATCH_TX_WAITING = 4    # a TX ring holds chains no kick announced
 
 
 class Virtqueue:
@@ -152,6 +158,18 @@ class Virtqueue:
     def enable_kick(self) -> bool:
         """Ask the guest for kicks again; True if buffers arrived meanwhile (drain again)."""
         return self._reported(self._kernel.enable_kick())
+
+    def watch(self, tx: bool) -> int:
+        """The notification watchdog's look at this ring (``NetDevice``'s, while rings are busy).
+
+        A guest whose memory barriers do not reach us (QEMU before 8.1 under TCG with one
+        vCPU elides them) can lose a kick or an interrupt: its store of avail->idx and our
+        store of avail_event pass each other, and each side reads the other's old value.
+        Returns ``WATCH_*`` bits: the ring moved since the last look; the interrupt the
+        guest asks for now (over every chain since the last one raised) was raised; for a
+        TX ring (``tx``), chains wait that no kick announced (drain them).
+        """
+        return self._reported(self._kernel.watch(tx))
 
     def disable_kick(self) -> None:
         """Tell the guest kicks are not needed while we are draining anyway."""
