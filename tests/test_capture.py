@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 
 from tests.support.pcap import read_pcap, tshark_frames
@@ -36,10 +38,28 @@ def test_the_file_stops_at_its_size_limit_with_whole_records(tmp_path: Path) -> 
     assert capture.stopped
 
 
-def test_a_full_buffer_drops_and_counts_instead_of_growing(tmp_path: Path) -> None:
+def test_a_burst_bigger_than_the_buffer_goes_to_the_file_whole(tmp_path: Path) -> None:
     path = tmp_path / "c.pcap"
     capture = Capture(str(path), None, max_buffered=24 + 2 * (16 + 60))
-    capture.add(frame[:60] for frame in FRAMES)  # no flush between: the disk "is slow"
+    capture.add(frame[:60] for frame in FRAMES)  # one turn, five buffers' worth
     capture.close()
-    assert len(read_pcap(path)) == 2
-    assert capture.counters["dropped"] == 8
+    assert [frame for _, frame in read_pcap(path)] == [frame[:60] for frame in FRAMES]
+    assert capture.counters["dropped"] == 0
+
+
+def test_a_fifo_that_takes_nothing_drops_and_counts_instead_of_growing(tmp_path: Path) -> None:
+    path = tmp_path / "c.fifo"
+    os.mkfifo(path)
+    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a reader that never reads
+    try:
+        capture = Capture(str(path), None, max_buffered=4096)
+        frames = 5000  # 76 bytes each with its record header: the pipe fills up first
+        capture.add(frame[:60] for frame in FRAMES * (frames // len(FRAMES)))
+        buffered = capture.counters["frames"]
+        assert capture.counters["dropped"] > 0
+        assert buffered + capture.counters["dropped"] == frames
+        # What was kept fits the pipe plus the buffer: memory did not grow with the burst.
+        assert buffered * (16 + 60) <= 4096 + fcntl.fcntl(reader, fcntl.F_GETPIPE_SZ)
+        capture.close()
+    finally:
+        os.close(reader)

@@ -7,12 +7,15 @@ vhostnet gave it (as pushed to its RX ring or written to its stream), without
 the virtio-net header: in vhost-user mode with offloads, TCP/UDP checksums may be
 partial and TCP segments up to 64 KiB, as tcpdump shows them on a tap device.
 
-The data path never waits for the disk: frames go into an in-memory buffer and
-``flush`` writes it once per event-loop turn (scheduled by the first frame of a
-turn). A regular file never returns EAGAIN, so the buffer bound is what keeps a
-slow disk from growing memory: beyond it frames are dropped and counted. The file
-is bounded too: once ``size_limit`` bytes are written the capture stops, with one
-log line, and keeps the start of the session (where problems usually begin).
+Frames go into an in-memory buffer and ``flush`` writes it once per event-loop turn
+(scheduled by the first frame of a turn): one write per turn, not per frame. A turn
+that brings more than the buffer holds (a burst of a download on a loaded machine)
+writes the buffer out at once and goes on: a regular file takes it into the page
+cache, so a capture loses nothing to a burst. A FIFO whose reader is behind takes
+nothing (EAGAIN): then frames beyond the buffer are dropped and counted, and memory
+stays bounded. The file is bounded too: once ``size_limit`` bytes are written the
+capture stops, with one log line, and keeps the start of the session (where problems
+usually begin).
 """
 
 from __future__ import annotations
@@ -80,8 +83,12 @@ class Capture:
         taken = dropped = 0
         for frame in frames:
             if len(buffer) + RECORD_HEADER_LEN + len(frame) > limit:
-                dropped += 1
-                continue
+                self.flush()  # (the same buffer, emptied as far as the file took it)
+                if self.stopped or self.fd < 0:
+                    break
+                if len(buffer) + RECORD_HEADER_LEN + len(frame) > limit:
+                    dropped += 1
+                    continue
             buffer += record(frame, now)
             taken += 1
         self.counters["frames"] += taken
