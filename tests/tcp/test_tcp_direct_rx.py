@@ -96,8 +96,8 @@ def test_guest_window_is_respected(ram) -> None:
 @pytest.mark.parametrize("way", ["direct", "python"])
 def test_one_ack_fills_the_whole_window_from_a_deep_socket(ram, way) -> None:
     # 500 KB wait in the host socket behind a 256-byte window; the guest's ACK opens 1 MiB:
-    # one direct peek (one Python round) puts all of it in the ring, as 64 KiB segments; the
-    # Python way reads PEEK_BUDGET at a time, all in the same turn.
+    # one direct peek (one Python round) puts all of it in the ring, as 64 KiB segments,
+    # published as it goes; the Python way reads PEEK_BUDGET at a time, all in the same turn.
     async def scenario(loop) -> None:
         network, guest, peer = await connected(loop, ram, offloads="tso", window=2, wscale=7,
                                                attach=way == "direct")
@@ -126,7 +126,10 @@ def test_one_ack_fills_the_whole_window_from_a_deep_socket(ram, way) -> None:
             assert len(guest.stream) == 256  # the window
             guest.rx.post(len(guest.rx.free), size)
             peeks = network.counters().get("tcp.direct_rx_peeks", 0)
+            guest.rx.queue.call_fd = interrupts = os.eventfd(0, os.EFD_NONBLOCK)
             guest.ack(window=8192)
+            guest.rx.queue.call_fd = None
+            os.close(interrupts)
             guest.collect()
             assert bytes(guest.stream) == data
             late = [s for s in guest.segments if s.payload][1:]
@@ -134,6 +137,9 @@ def test_one_ack_fills_the_whole_window_from_a_deep_socket(ram, way) -> None:
                 assert network.counters()["tcp.direct_rx_peeks"] == peeks + 1
                 assert all(s.direct for s in late)
                 assert len(late) == -(-(len(data) - 256) // max(len(s.payload) for s in late))
+                # Published (the guest interrupted) once past 256 KiB, then at the end: the
+                # guest starts on the first frames while the rest is copied.
+                assert guest.rx.queue.counters()["notifications"] == 2
             continuous(guest.segments, guest.peer_isn + 1, data)
         finally:
             ours.close()
