@@ -11,8 +11,10 @@ Host -> guest data stays in the socket until the guest acknowledged it (see
 supports it for TCP (Linux 6.9 and later); otherwise the glue peeks the whole
 prefix and slices, which costs a copy of the unacknowledged bytes per peek.
 
-A Peek is offered to the direct-peek hook first (``set_direct_peek``: the TCP fast path
-peeks straight into the guest's RX ring); what it leaves is peeked here.
+A Peek (the guest's whole window) is offered to the direct-peek hook first
+(``set_direct_peek``: the TCP fast path peeks straight into the guest's RX ring in one
+call); what it leaves is peeked here, ``PEEK_BUDGET`` bytes at most (the engine asks again
+for the rest).
 
 Readiness: the flow sockets wait in the glue's own epoll set (``readiness.py``:
 one-shot, one ``epoll_ctl`` per change). A socket whose queued bytes have all been
@@ -183,7 +185,7 @@ class TcpHost:
         """Offer every ``Peek`` to ``hook(flow_id, fd, offset, length, now)`` first (the fast
         path peeks straight into the guest's RX ring and tells the engine itself). It answers
         None (not taken: peek here), or (status, bytes delivered) with a ``DirectPeek`` status
-        or -errno; after RING_FULL the rest is peeked here. None: no hook."""
+        or -errno; after RING_FULL the rest is peeked here (up to PEEK_BUDGET). None: no hook."""
         self._direct_peek = hook
 
     def set_before_close(self, hook: Callable[[int], None] | None) -> None:
