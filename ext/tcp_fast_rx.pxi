@@ -20,6 +20,11 @@ from vnet cimport VNET_F_DATA_VALID, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_GSO_
 from sockets cimport (MSG_PEEK, MSG_TRUNC, SO_PEEK_OFF, SOL_SOCKET, recv, recvmsg, setsockopt,
                      socklen_t)
 
+# A long peek (the guest's whole window) publishes what it delivered every this many bytes, so
+# the guest starts on the first frames while the rest is copied (it is told as it asks).
+cdef enum:
+    PUBLISH_BYTES = 256 * 1024
+
 # How a direct peek ended (the first value of ``peek_into_ring``'s answer); negative: -errno.
 cdef enum:
     PEEK_RING_FULL = 0     # the ring ran out of buffers (or refused): the rest goes the Python way
@@ -50,6 +55,7 @@ cdef struct DirectPeek:
     int status
     uint64_t segments
     uint64_t large_segments
+    uint64_t published       # delivered bytes already made visible to the guest
 
 
 cdef long direct_peek_work(void *ring, void *arg, long unused) noexcept nogil:
@@ -114,6 +120,9 @@ cdef long direct_peek_work(void *ring, void *arg, long unused) noexcept nogil:
             return 0  # refused (counted by the ring): the Python path sends these bytes
         p.delivered += got
         p.segments += 1
+        if p.delivered - p.published >= PUBLISH_BYTES:
+            p.api.finish(ring)
+            p.published = p.delivered
         if <uint64_t>got < want:
             p.status = PEEK_DRAINED
             return 0
@@ -165,7 +174,7 @@ cdef class DirectPeeker:
         if length == 0:
             return (PEEK_DONE, 0, 0, 0)
         result = api.run(<void *>ring, direct_peek_work, <void *>p, 0)
-        if p.segments:
+        if p.delivered > p.published:
             api.run(<void *>ring, direct_finish_work, <void *>p, 0)
         if result < 0:
             return (PEEK_RING_FULL, p.delivered, p.segments, p.large_segments)
@@ -173,7 +182,7 @@ cdef class DirectPeeker:
 
 
 cdef long direct_finish_work(void *ring, void *arg, long unused) noexcept nogil:
-    """Publish what was delivered; one interrupt for the whole peek if the guest wants one."""
+    """Publish what was delivered and not yet published; an interrupt if the guest wants one."""
     return (<DirectPeek *>arg).api.finish(ring)
 
 

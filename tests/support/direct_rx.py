@@ -177,8 +177,10 @@ def parse_queued(entry) -> Segment | None:
 class Guest:
     """One guest connection to a host listener, reading both ways frames reach it."""
 
-    def __init__(self, network: Network, rx: GuestRx, port: int, family: int, window: int):
+    def __init__(self, network: Network, rx: GuestRx, port: int, family: int, window: int,
+                 wscale: int | None = None):
         self.network, self.rx, self.port, self.family = network, rx, port, family
+        self.wscale = wscale  # offered in the SYN (None: raw windows)
         self.isn = 7_000_000
         self.peer_isn = 0
         self.window = window
@@ -191,7 +193,7 @@ class Guest:
         """A segment (without data unless ``payload``); ``seq_offset`` moves it off the
         expected sequence number."""
         if flags & SYN:
-            options = build_options(MSS, None)  # no window scale: raw bytes
+            options = build_options(MSS, self.wscale)
         window = self.window if window is None else window
         seq = (self.isn + (0 if flags & SYN else 1) + seq_offset) & 0xFFFFFFFF
         if self.family == 4:
@@ -268,8 +270,9 @@ class Guest:
 
 async def connected(loop, ram: GuestRam, family: int = 4, *, packed: bool = False,
                     mrg: bool = False, offloads: str = "none", window: int = 65535,
-                    attach: bool = True):
-    """(network, guest, peer socket) with the RX ring attached (``attach``)."""
+                    attach: bool = True, wscale: int | None = None):
+    """(network, guest, peer socket) with the RX ring attached (``attach``); ``window`` is the
+    raw field, scaled by ``wscale`` when the guest offers one."""
     listener = socket.socket(socket.AF_INET6 if family == 6 else socket.AF_INET)
     listener.bind(("::1" if family == 6 else "127.0.0.1", 0))
     listener.listen(4)
@@ -277,7 +280,7 @@ async def connected(loop, ram: GuestRam, family: int = 4, *, packed: bool = Fals
     network = Network(StackConfig(), loop)
     network.set_guest_offloads(csum, tso, tso)
     rx = GuestRx(ram, packed=packed, mrg=mrg, features=features)
-    guest = Guest(network, rx, listener.getsockname()[1], family, window)
+    guest = Guest(network, rx, listener.getsockname()[1], family, window, wscale)
     await guest.connect()
     peer, _ = listener.accept()
     listener.close()

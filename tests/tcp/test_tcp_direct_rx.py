@@ -14,9 +14,12 @@ it belongs.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import select
 import socket
+import struct
+import termios
 import time
 
 import numpy as np
@@ -85,6 +88,61 @@ def test_guest_window_is_respected(ram) -> None:
                 guest.ack()
             continuous(guest.segments, guest.peer_isn + 1, data)
         finally:
+            peer.close()
+            network.close()
+    run(scenario)
+
+
+@pytest.mark.parametrize("way", ["direct", "python"])
+def test_one_ack_fills_the_whole_window_from_a_deep_socket(ram, way) -> None:
+    # 500 KB wait in the host socket behind a 256-byte window; the guest's ACK opens 1 MiB:
+    # one direct peek (one Python round) puts all of it in the ring, as 64 KiB segments,
+    # published as it goes; the Python way reads PEEK_BUDGET at a time, all in the same turn.
+    async def scenario(loop) -> None:
+        network, guest, peer = await connected(loop, ram, offloads="tso", window=2, wscale=7,
+                                               attach=way == "direct")
+        flow_id = next(iter(network.tcp.flows.values())).flow_id
+        ours = socket.socket(fileno=os.dup(network.tcp_host.connected_fd(flow_id)))
+        try:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            size = 65536 + 256
+            guest.rx.post(12, size)
+            data = os.urandom(500_000)
+            peer.setblocking(False)
+            sent = 0
+            for _ in range(400):
+                if sent < len(data):
+                    try:
+                        sent += peer.send(data[sent:])
+                    except BlockingIOError:
+                        pass
+                await asyncio.sleep(0.005)
+                queued = struct.unpack("i", fcntl.ioctl(ours.fileno(), termios.FIONREAD,
+                                                        b"\0" * 4))[0]
+                if queued == len(data):
+                    break
+            assert queued == len(data)
+            guest.collect()
+            assert len(guest.stream) == 256  # the window
+            guest.rx.post(len(guest.rx.free), size)
+            peeks = network.counters().get("tcp.direct_rx_peeks", 0)
+            guest.rx.queue.call_fd = interrupts = os.eventfd(0, os.EFD_NONBLOCK)
+            guest.ack(window=8192)
+            guest.rx.queue.call_fd = None
+            os.close(interrupts)
+            guest.collect()
+            assert bytes(guest.stream) == data
+            late = [s for s in guest.segments if s.payload][1:]
+            if way == "direct":
+                assert network.counters()["tcp.direct_rx_peeks"] == peeks + 1
+                assert all(s.direct for s in late)
+                assert len(late) == -(-(len(data) - 256) // max(len(s.payload) for s in late))
+                # Published (the guest interrupted) once past 256 KiB, then at the end: the
+                # guest starts on the first frames while the rest is copied.
+                assert guest.rx.queue.counters()["notifications"] == 2
+            continuous(guest.segments, guest.peer_isn + 1, data)
+        finally:
+            ours.close()
             peer.close()
             network.close()
     run(scenario)

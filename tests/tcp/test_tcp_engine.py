@@ -25,6 +25,7 @@ from vhostnet.tcp.flow import (
     ShutdownWrite,
     TcpTimeouts,
 )
+from vhostnet.tcp.sender import PEEK_BUDGET
 from vhostnet.wire.tcp import ACK, FIN, PSH, RST, SYN
 
 GPORT = 40000
@@ -193,6 +194,23 @@ def test_peek_respects_window_and_continues_when_it_opens() -> None:
     assert len(output.take()) == 2 and drain(engine) == []
     seg(engine, seq=GUEST_ISN + 1, ack=OUR_ISN + 1001, window=2000)
     assert drain(engine) == [Discard(flow.flow_id, 1000), Peek(flow.flow_id, 1000, 1000)]
+
+
+def test_one_peek_asks_for_the_whole_window_and_a_python_read_is_budgeted() -> None:
+    # The direct RX path fills the guest's whole window in one call; the glue reads
+    # PEEK_BUDGET at a time of what it peeks itself, and only a read short of that budget
+    # means the socket ran dry.
+    engine, output = make_engine()
+    flow = open_flow(engine, output, wscale=7)
+    seg(engine, seq=GUEST_ISN + 1, ack=OUR_ISN + 1, window=8192)  # 1 MiB
+    engine.on_readable(flow.flow_id, 1.0)
+    assert drain(engine) == [Peek(flow.flow_id, 0, 1 << 20)]
+    engine.on_peeked(flow.flow_id, 0, b"b" * PEEK_BUDGET, 1.0)  # the budget: not dry
+    output.take()
+    assert drain(engine) == [Peek(flow.flow_id, PEEK_BUDGET, (1 << 20) - PEEK_BUDGET)]
+    engine.on_peeked(flow.flow_id, PEEK_BUDGET, b"b" * 1000, 1.0)  # short of it: dry
+    output.take()
+    assert drain(engine) == [] and not flow.host_readable
 
 
 def test_retransmission_timeout_rewinds_and_repeeks_with_backoff() -> None:

@@ -71,7 +71,7 @@ from vhostnet.tcp.flow import (
     TcpTimeouts,
 )
 from vhostnet.tcp.output import GuestLink, GuestOutput, is_ipv6
-from vhostnet.tcp.sender import GuestSender
+from vhostnet.tcp.sender import PEEK_BUDGET, GuestSender
 from vhostnet.tcp.table import FlowTable
 from vhostnet.wire.checksum import PROTO_TCP, l4_checksum_ok
 from vhostnet.wire.errors import MalformedPacket
@@ -470,8 +470,10 @@ class TcpEngine:
         if flow.peek_seq != flow.snd_nxt or offset != flow.snd_nxt - flow.snd_una:
             self.sender.pump(flow, now)  # a rewind happened meanwhile: peek again
             return
-        if len(data) < flow.peek_len:
-            flow.host_readable = False  # everything queued is now in flight
+        if len(data) < min(flow.peek_len, PEEK_BUDGET):
+            # Shorter than the glue read (its budget, or the rest of the Peek): everything
+            # queued is now in flight.
+            flow.host_readable = False
         if data:
             self.sender.send_host_data(flow, data, now)
             self.table.touch(flow_id)  # snd_max moved: the acks a mirror may take

@@ -239,6 +239,7 @@ class TcpFastPath:
             flow.send_seq(flow.snd_nxt), flow.recv_seq(flow.rcv_nxt),
             tx.advertised_window(flow), size, flow.mss, checksum)
         self.rx.direct_rx_done(segments)
+        self.counts.direct_rx_peeks += 1
         if delivered:
             self.counts.direct_rx_segments += segments
             self.engine.on_peeked_elsewhere(flow_id, delivered, segments, large, now)

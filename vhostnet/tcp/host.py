@@ -11,8 +11,10 @@ Host -> guest data stays in the socket until the guest acknowledged it (see
 supports it for TCP (Linux 6.9 and later); otherwise the glue peeks the whole
 prefix and slices, which costs a copy of the unacknowledged bytes per peek.
 
-A Peek is offered to the direct-peek hook first (``set_direct_peek``: the TCP fast path
-peeks straight into the guest's RX ring); what it leaves is peeked here.
+A Peek (the guest's whole window) is offered to the direct-peek hook first
+(``set_direct_peek``: the TCP fast path peeks straight into the guest's RX ring in one
+call); what it leaves is peeked here, ``PEEK_BUDGET`` bytes at most (the engine asks again
+for the rest).
 
 Readiness: the flow sockets wait in the glue's own epoll set (``readiness.py``:
 one-shot, one ``epoll_ctl`` per change). A socket whose queued bytes have all been
@@ -53,6 +55,7 @@ from vhostnet.tcp.host_sockets import (
     tune,
 )
 from vhostnet.tcp.readiness import FAILED, READABLE, WRITABLE, Readiness
+from vhostnet.tcp.sender import PEEK_BUDGET
 
 log = logging.getLogger("vhostnet.tcp.host")
 
@@ -182,7 +185,7 @@ class TcpHost:
         """Offer every ``Peek`` to ``hook(flow_id, fd, offset, length, now)`` first (the fast
         path peeks straight into the guest's RX ring and tells the engine itself). It answers
         None (not taken: peek here), or (status, bytes delivered) with a ``DirectPeek`` status
-        or -errno; after RING_FULL the rest is peeked here. None: no hook."""
+        or -errno; after RING_FULL the rest is peeked here (up to PEEK_BUDGET). None: no hook."""
         self._direct_peek = hook
 
     def set_before_close(self, hook: Callable[[int], None] | None) -> None:
@@ -423,21 +426,26 @@ class TcpHost:
             direct = self._direct_peek(flow_id, entry.sock.fileno(), offset, length, now)
         delivered = 0
         if direct is None or direct[0] == DirectPeek.RING_FULL:
-            # The Python way, for all of it or for what the guest's RX ring had no room for.
+            # The Python way, for all of it or for what the guest's RX ring had no room for,
+            # PEEK_BUDGET at a time (the engine asks again for the rest).
             if direct is not None:
                 delivered = direct[1]
+            want = min(length - delivered, PEEK_BUDGET)
             try:
-                data, eof = self._peek_at(entry.sock, offset + delivered, length - delivered)
+                data, eof = (self._peek_at(entry.sock, offset + delivered, want) if want > 0
+                             else (b"", False))
             except OSError as error:
                 self.engine.on_host_error(flow_id, error.errno or 0, now)
                 return
             eof = eof and not delivered  # else the next peek finds it
+            drained = len(data) < want
         else:
             status, delivered = direct
             if status < 0:
                 self.engine.on_host_error(flow_id, -status, now)
                 return
             data, eof = b"", status == DirectPeek.EOF
+            drained = status != DirectPeek.DONE
         entry.peek_awaited = False
         if eof:
             self._stop_reading(entry)
@@ -445,14 +453,14 @@ class TcpHost:
             return
         start = offset + delivered
         entry.peeked_until = start + len(data)
-        if delivered + len(data) < length and (data or delivered or offset == 0):
+        if drained and (data or delivered or offset == 0):
             self._arm_reader(flow_id, entry.peeked_until)
         else:
             # The guest's window is full (its ACK asks for more), or woken with nothing new
             # (memory pressure keeps the socket readable): wait until the guest's ACK frees
             # queue space instead of spinning.
             self._stop_reading(entry)
-            entry.rearm_on_discard = delivered + len(data) < length
+            entry.rearm_on_discard = drained
         self.engine.on_peeked(flow_id, start, data, now)
 
     def _peek_at(self, sock: socket.socket, offset: int, length: int) -> tuple[bytes, bool]:

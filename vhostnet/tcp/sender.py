@@ -22,8 +22,13 @@ from vhostnet.tcp.output import GuestOutput, is_ipv6
 from vhostnet.wire.offload import DATA_VALID_WORD, MAX_TSO_PAYLOAD, tcp_data_word
 from vhostnet.wire.tcp import ACK, CSUM_FULL, CSUM_NONE, CSUM_PARTIAL, FIN, segment_payload
 
-# Upper bound of one Peek, so a huge guest window does not mean one huge read.
+# Upper bound of one Python peek (a bytes object, frames built in Python), so a huge guest
+# window does not mean one huge read; a short answer below it means the socket ran dry.
 PEEK_BUDGET = 256 * 1024
+# Upper bound of one Peek command: the direct RX path peeks the guest's whole window straight
+# into its RX ring in one call (one Python round per window, not per PEEK_BUDGET); the glue
+# reads PEEK_BUDGET at a time of what it peeks itself.
+WINDOW_PEEK_LIMIT = 8 << 20
 # Ethernet, IP and TCP headers of every frame ``data_frames`` builds (no options), by family.
 HEADERS_LEN: int = _frames.HEADERS_LEN
 HEADERS6_LEN: int = _frames.HEADERS6_LEN
@@ -93,7 +98,7 @@ class GuestSender:
             return
         flow.peek_pending = True
         flow.peek_seq = flow.snd_nxt
-        flow.peek_len = min(room, PEEK_BUDGET)
+        flow.peek_len = min(room, WINDOW_PEEK_LIMIT)
         self.commands.append(Peek(flow.flow_id, flow.snd_nxt - flow.snd_una, flow.peek_len))
 
     def take_ack(self, flow: Flow, ack_wire: int, raw_window: int, dup_candidate: bool,
