@@ -133,10 +133,10 @@ class GuestOutput:
 
     def answer_stray(self, key: tuple[bytes, int, bytes, int], seg: TcpSegmentView) -> None:
         """RST for a segment that belongs to no flow (never in answer to a RST)."""
-        if seg.has(RST):
+        if seg.flags & RST:
             self.stats.inc("tcp.drop.no_flow")
             return
-        if seg.has(ACK):
+        if seg.flags & ACK:
             self.emit_without_flow(key, seg.ack, 0, RST)
         else:
             self.emit_without_flow(key, 0, (seg.seq + seg.segment_len) & 0xFFFFFFFF, RST | ACK)
