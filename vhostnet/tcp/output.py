@@ -66,38 +66,19 @@ class GuestOutput:
         shift = 0 if syn else flow.rcv_wscale
         return min(self.window_bytes(flow) >> shift, 0xFFFF)
 
-    def emit(
-        self,
-        flow: Flow,
-        flags: int,
-        seq: int,
-        ack: int | None = None,
-        payload: bytes = b"",
-        options: bytes = b"",
-    ) -> None:
+    def emit(self, flow: Flow, flags: int, seq: int, ack: int | None = None,
+             options: bytes = b"") -> None:
+        """A segment without payload to the flow's guest side (data is ``sender.py``'s);
+        ``ack`` None: the flow's ``rcv_nxt`` when ``flags`` has ACK (the owed ACK goes with
+        it), else 0."""
         if ack is None:
             ack = 0
             if flags & ACK:
                 ack = flow.recv_seq(flow.rcv_nxt)
                 flow.rcv_acked = flow.rcv_nxt
                 flow.ack_owed_at = None
-        if not payload and not options and not flags & SYN:
-            self.control(flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port, seq,
-                         ack, flags, self.advertised_window(flow))
-            return
-        segment = emit_segment(
-            flow.remote_ip,
-            flow.guest_ip,
-            flow.remote_port,
-            flow.guest_port,
-            seq,
-            ack,
-            flags,
-            self.advertised_window(flow, syn=bool(flags & SYN)),
-            payload,
-            options,
-        )
-        self.segment(flow, segment)
+        self.control(flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port, seq, ack,
+                     flags, self.advertised_window(flow, syn=bool(flags & SYN)), options)
 
     def segment(self, flow: Flow, segment: bytes, offload: int = 0) -> None:
         """Hand one segment to the stack; ``offload`` is its vnet word when the guest takes
@@ -150,17 +131,18 @@ class GuestOutput:
         self.control(remote_ip, guest_ip, remote_port, guest_port, seq, ack, flags, 0)
 
     def control(self, src_ip: bytes, dst_ip: bytes, src_port: int, dst_port: int, seq: int,
-                ack: int, flags: int, window: int) -> None:
-        """A segment without payload or options (ACK, FIN, RST): built whole in C
-        (ext/tcp_frames.pyx) once the guest's MAC is known, else through the stack."""
+                ack: int, flags: int, window: int, options: bytes = b"") -> None:
+        """A segment without payload (ACK, FIN, RST, a SYN with its ``options``): built whole
+        in C (ext/tcp_frames.pyx) once the guest's MAC is known, else through the stack."""
         output = self.output
         guest_mac = output.guest_mac
         if guest_mac is None:
             self._send(src_ip, dst_ip, emit_segment(src_ip, dst_ip, src_port, dst_port, seq,
-                                                    ack, flags, window))
+                                                    ack, flags, window, b"", options))
             return
         frame = control_frame(guest_mac, output.gateway_mac, src_ip, dst_ip, src_port,
-                              dst_port, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, flags, window)
+                              dst_port, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, flags, window,
+                              options)
         if len(src_ip) == 16:
             output.send_ipv6_frames([frame])
         else:
