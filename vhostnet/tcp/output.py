@@ -57,7 +57,7 @@ class GuestOutput:
 
     def mss_limit(self, address: bytes) -> int:
         """The MSS we advertise: the guest's MTU minus the IP (by family) and TCP headers."""
-        return self.mtu - (IPV6_HEADER_LEN if is_ipv6(address) else IPV4_HEADER_LEN) - 20
+        return self.mtu - (IPV6_HEADER_LEN if len(address) == 16 else IPV4_HEADER_LEN) - 20
 
     def window_bytes(self, flow: Flow) -> int:
         return max(0, flow.host_space - len(flow.to_host))
