@@ -54,6 +54,7 @@ class GuestOutput:
         self.stats = stats
         self.mtu = mtu
         self.counts = EventCounts(stats)  # the engine's per-event counts (tcp/tally.py)
+        self._syn_options: dict[tuple[int, int | None], bytes] = {}  # built once each
 
     def mss_limit(self, address: bytes) -> int:
         """The MSS we advertise: the guest's MTU minus the IP (by family) and TCP headers."""
@@ -94,8 +95,10 @@ class GuestOutput:
 
     def syn(self, flow: Flow) -> None:
         """Our SYN (inbound forward) or SYN-ACK (outbound flow), with MSS and window scale."""
-        wscale = flow.rcv_wscale if flow.rcv_wscale else None
-        options = build_options(self.mss_limit(flow.guest_ip), wscale)
+        key = (self.mss_limit(flow.guest_ip), flow.rcv_wscale if flow.rcv_wscale else None)
+        options = self._syn_options.get(key)
+        if options is None:  # one per family and scaling: at most four
+            options = self._syn_options[key] = build_options(*key)
         flags = SYN if flow.phase is Phase.SYN_SENT else SYN | ACK
         self.emit(flow, flags, seq=flow.send_seq(0), options=options)
 
