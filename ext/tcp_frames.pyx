@@ -92,12 +92,14 @@ def data_frames(bytes dst_mac not None, bytes src_mac not None, bytes src_ip not
 
 def control_frame(bytes dst_mac not None, bytes src_mac not None, bytes src_ip not None,
                   bytes dst_ip not None, int src_port, int dst_port, uint32_t seq, uint32_t ack,
-                  int flags, int window) -> bytes:
-    """One TCP segment without payload or options (ACK, FIN, RST...: ``flags``, the TCP flag
-    byte) as a whole Ethernet frame, checksums complete; IPv4 or IPv6 by the addresses'
-    length, headers as ``data_frames`` writes them."""
+                  int flags, int window, bytes options not None = b"") -> bytes:
+    """One TCP segment without payload (ACK, FIN, RST, SYN...: ``flags``, the TCP flag byte)
+    as a whole Ethernet frame, checksums complete; IPv4 or IPv6 by the addresses' length,
+    headers as ``data_frames`` writes them. ``options``: the TCP options (a SYN's), already
+    padded to whole 32-bit words (``wire.tcp.build_options``), at most 40 bytes."""
     cdef uint8_t template[HEADERS6]
     cdef Py_ssize_t ip_len = IP_LEN if len(src_ip) == 4 else IP6_LEN
+    cdef Py_ssize_t options_len = len(options)
     cdef uint8_t *out
     if len(dst_mac) != 6 or len(src_mac) != 6 or len(src_ip) not in (4, 16) \
             or len(dst_ip) != len(src_ip):
@@ -105,28 +107,37 @@ def control_frame(bytes dst_mac not None, bytes src_mac not None, bytes src_ip n
     if not 0 <= src_port <= 0xFFFF or not 0 <= dst_port <= 0xFFFF or window < 0 \
             or not 0 <= flags <= 0xFF:
         raise ValueError("bad port, window or flags")
+    if options_len % 4 or options_len > 40:
+        raise ValueError("options must be whole 32-bit words, at most 40 bytes")
     fill_template(template, ip_len, <const uint8_t *>PyBytes_AS_STRING(dst_mac),
                   <const uint8_t *>PyBytes_AS_STRING(src_mac),
                   <const uint8_t *>PyBytes_AS_STRING(src_ip),
                   <const uint8_t *>PyBytes_AS_STRING(dst_ip), src_port, dst_port, ack,
                   window if window < 0xFFFF else 0xFFFF)
-    frame = PyBytes_FromStringAndSize(NULL, ETH_LEN + ip_len + TCP_LEN)
+    frame = PyBytes_FromStringAndSize(NULL, ETH_LEN + ip_len + TCP_LEN + options_len)
     out = <uint8_t *>PyBytes_AS_STRING(frame)
-    fill_headers(out, ip_len, template, 0, seq, False, CSUM_FULL, 0)
-    set_flags(out + ETH_LEN + ip_len, flags)
+    cdef const uint8_t *raw_options = <const uint8_t *>PyBytes_AS_STRING(options)
+    # The options go where a payload would (lengths and checksums count them as one), then
+    # the data offset takes them into the header.
+    memcpy(out + ETH_LEN + ip_len + TCP_LEN, raw_options, options_len)
+    fill_headers(out, ip_len, template, options_len, seq, False, CSUM_FULL,
+                 sum_bytes(raw_options, options_len))
+    set_offset_flags(out + ETH_LEN + ip_len, (TCP_LEN + options_len) // 4, flags)
     return frame
 
 
-cdef inline void set_flags(uint8_t *tcp, int flags) noexcept nogil:
-    """Replace the flag byte ``fill_headers`` wrote (ACK) and fix the checksum (RFC 1624)."""
+cdef inline void set_offset_flags(uint8_t *tcp, int offset_words, int flags) noexcept nogil:
+    """Replace the data offset and flag byte ``fill_headers`` wrote (5 words, ACK) and fix
+    the checksum (RFC 1624)."""
     cdef uint64_t old_word = (<uint64_t>tcp[12] << 8) | tcp[13]
-    cdef uint64_t new_word = (<uint64_t>tcp[12] << 8) | <uint8_t>flags
+    cdef uint64_t new_word = (<uint64_t>(offset_words << 4) << 8) | <uint8_t>flags
     cdef uint64_t check = (<uint64_t>tcp[16] << 8) | tcp[17]
     # HC' = ~(~HC + ~m + m'), in one's complement arithmetic over 16-bit words.
     cdef uint64_t total = (~check & 0xFFFF) + (~old_word & 0xFFFF) + new_word
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     total = ~total & 0xFFFF
+    tcp[12] = <uint8_t>(offset_words << 4)
     tcp[13] = <uint8_t>flags
     tcp[16] = <uint8_t>(total >> 8)
     tcp[17] = <uint8_t>(total & 0xFF)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import random
 
 import pytest
 
@@ -16,14 +17,17 @@ from tests.support.tcp import (
 from vhostnet.stack.config import PortForward
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import (
+    SEQ_MOD,
     Close,
     Connect,
     Discard,
     Flow,
     Peek,
+    Phase,
     Send,
     ShutdownWrite,
     TcpTimeouts,
+    seq_diff,
 )
 from vhostnet.tcp.sender import PEEK_BUDGET
 from vhostnet.wire.tcp import ACK, FIN, PSH, RST, SYN
@@ -500,3 +504,19 @@ def test_remote_address_is_what_the_guest_dialled() -> None:
     open_flow(engine, output)
     flow = next(iter(engine.flows.values()))
     assert (flow.guest_ip, flow.remote_ip) == (GUEST_IP, REMOTE_IP)
+
+
+def test_wire_numbers_map_back_to_relative_ones_across_the_wrap() -> None:
+    # send_rel/recv_rel are written out (every guest ACK and segment): they answer what
+    # seq_diff against send_seq/recv_seq answers, on both sides of 2**32 and of the point.
+    rng = random.Random(5)
+    for _ in range(2000):
+        flow = Flow(1, bytes(4), 1, bytes(4), 2, False, Phase.ESTABLISHED)
+        flow.iss, flow.irs = rng.getrandbits(32), rng.getrandbits(32)
+        flow.snd_una, flow.rcv_nxt = rng.randrange(1 << 34), rng.randrange(1 << 34)
+        delta = rng.randrange(-(1 << 31), 1 << 31)
+        wire = (flow.iss + flow.snd_una + delta) % SEQ_MOD
+        assert flow.send_rel(wire) == flow.snd_una + delta
+        assert flow.send_rel(wire) == flow.snd_una + seq_diff(wire, flow.send_seq(flow.snd_una))
+        wire = (flow.irs + flow.rcv_nxt + delta) % SEQ_MOD
+        assert flow.recv_rel(wire) == flow.rcv_nxt + delta

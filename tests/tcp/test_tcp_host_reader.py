@@ -10,6 +10,7 @@ import socket
 from tests.support.hostio import tcp_echo_until_eof
 from tests.tcp.test_hostio_tcp import GATEWAY, GuestTcp, new_setup, run_until
 from vhostnet.stack.config import StackConfig
+from vhostnet.tcp import host as host_module
 from vhostnet.tcp.host import ESTIMATE_SEND_SPACE, TcpHost
 from vhostnet.tcp.host_sockets import send_space
 
@@ -79,6 +80,38 @@ def test_small_writes_elsewhere_estimate_the_send_space_instead_of_measuring() -
         host.close()
         peer.close()
         loop.close()
+
+
+def test_a_new_connection_counts_as_measured_for_its_first_small_writes(monkeypatch) -> None:
+    # connect() finishing measured the space (SO_SNDBUF, nothing queued): a request written
+    # elsewhere right after takes the estimate, without two more system calls per connection.
+    loop, net, engine = new_setup(StackConfig())
+    measures: list[int] = []
+
+    def counting_send_space(sock, nothing_sent=False):
+        measures.append(sock.fileno())
+        return send_space(sock, nothing_sent)
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(tcp_echo_until_eof, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        host = TcpHost(engine, loop)
+        try:
+            guest = GuestTcp(net, 42001, GATEWAY, port)
+            net.conns[42001] = guest
+            guest.connect()
+            await run_until(net, engine, host, lambda: guest.established, timeout=10)
+            (flow,) = engine.flows.values()
+            monkeypatch.setattr(host_module, "send_space", counting_send_space)
+            space = host.written_elsewhere(flow.flow_id, False, 100)
+            assert measures == [] and space == flow.host_space - 100
+        finally:
+            host.close()
+            server.close()
+            await server.wait_closed()
+
+    loop.run_until_complete(scenario())
+    loop.close()
 
 
 def _pair() -> tuple[socket.socket, socket.socket]:

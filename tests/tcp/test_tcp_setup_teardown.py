@@ -35,7 +35,7 @@ from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import Phase
 from vhostnet.tcp.readiness import Readiness
 from vhostnet.wire.checksum import internet_checksum
-from vhostnet.wire.tcp import ACK, FIN, PSH, RST, SYN, emit_segment
+from vhostnet.wire.tcp import ACK, FIN, PSH, RST, SYN, build_options, emit_segment
 
 CONNECTIONS = 200
 
@@ -259,6 +259,28 @@ def test_control_frames_built_in_c_match_the_python_segment(family: int) -> None
             if family == 4:
                 assert internet_checksum(frame[14:34]) == 0
                 assert frame[14 + 12:14 + 20] == src + dst
+
+
+@pytest.mark.parametrize("family", [4, 16])
+def test_syn_frames_with_options_built_in_c_match_the_python_segment(family: int) -> None:
+    """SYN and SYN-ACK carry their options through the same C builder: the data offset
+    covers them, lengths and checksums count them, the segment is ``emit_segment``'s."""
+    rng = random.Random(family + 1)
+    ip_len = 20 if family == 4 else 40
+    for options in (build_options(1460, 7), build_options(1440, None), build_options(536, 14, True),
+                    b"", bytes(40)):
+        for flags in (SYN, SYN | ACK):
+            src, dst = rng.randbytes(family), rng.randbytes(family)
+            seq, ack = rng.getrandbits(32), rng.getrandbits(32)
+            frame = control_frame(b"\x02" * 6, b"\x52" * 6, src, dst, 40000, 80, seq, ack,
+                                  flags, 64240, options)
+            assert len(frame) == 14 + ip_len + 20 + len(options)
+            assert frame[14 + ip_len:] == emit_segment(src, dst, 40000, 80, seq, ack, flags,
+                                                       64240, b"", options)
+            if family == 4:
+                assert internet_checksum(frame[14:34]) == 0
+    with pytest.raises(ValueError):
+        control_frame(b"\x02" * 6, b"\x52" * 6, bytes(4), bytes(4), 1, 2, 0, 0, SYN, 0, b"\x01")
 
 
 def test_engine_acks_go_out_as_whole_frames_once_the_guest_mac_is_known() -> None:

@@ -79,6 +79,18 @@ def test_ordinary_flag_combinations_are_fine(flags: int) -> None:
     assert flags_problem(flags) is None
 
 
+def test_the_view_refuses_exactly_the_flag_combinations_flags_problem_names() -> None:
+    # The view tests the flags inline (every guest segment); all 256 values agree.
+    for flags in range(256):
+        problem = flags_problem(flags)
+        if problem is None:
+            assert TcpSegmentView(raw_header(flags)).flags == flags
+        else:
+            with pytest.raises(MalformedPacket) as caught:
+                TcpSegmentView(raw_header(flags))
+            assert caught.value.reason == problem
+
+
 def test_options_with_nops_timestamps_and_end() -> None:
     timestamps = bytes((8, 10)) + bytes(8)
     raw = build_options(1400, 3, True) + timestamps + bytes((0, 0))

@@ -196,17 +196,18 @@ class TcpEngine:
         self._now = now
         flow = self.flows.get(key)
         if flow is None:
-            if seg.has(SYN) and not seg.has(ACK):
+            if seg.flags & (SYN | ACK) == SYN:
                 self.recently_closed.forget(key)
                 self._open_outbound(key, seg, now)
                 return
             final = self.recently_closed.final_numbers(key, now)
-            if final is not None and not seg.has(RST | SYN):
+            if final is not None and not seg.flags & (RST | SYN):
                 self.tx.ack_closed(key, *final)  # a straggler of a clean close
             else:
                 self.tx.answer_stray(key, seg)
             return
-        self.table.touch(flow.flow_id)
+        if self.table.tracking:
+            self.table.changed.add(flow.flow_id)  # FlowTable.touch, without its call
         flow.idle_at = now + self.timeouts.idle
         if flow.phase is Phase.CONNECTING:
             self._segment_connecting(flow, seg)
@@ -247,17 +248,18 @@ class TcpEngine:
 
     def _segment_connecting(self, flow: Flow, seg: TcpSegmentView) -> None:
         # The guest only retransmits its SYN while we wait for connect(); nothing to answer yet.
-        if seg.has(RST):
+        if seg.flags & RST:
             self._abort(flow, send_rst=False)
 
     def _segment_syn_rcvd(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
-        if seg.has(RST):
+        flags = seg.flags
+        if flags & RST:
             self._abort(flow, send_rst=False)
             return
-        if seg.has(SYN):
+        if flags & SYN:
             self.tx.syn(flow)  # our SYN-ACK was lost
             return
-        if not seg.has(ACK):
+        if not flags & ACK:
             return
         if flow.send_rel(seg.ack) != 1:
             self.tx.rst_for(flow, seg)
@@ -266,12 +268,13 @@ class TcpEngine:
         self._segment_established(flow, seg, now)
 
     def _segment_syn_sent(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
-        acceptable = seg.has(ACK) and flow.send_rel(seg.ack) == 1
-        if seg.has(RST):
+        flags = seg.flags
+        acceptable = bool(flags & ACK) and flow.send_rel(seg.ack) == 1
+        if flags & RST:
             if acceptable:
                 self._abort(flow, send_rst=False)
             return
-        if not (seg.has(SYN) and seg.has(ACK)):
+        if flags & (SYN | ACK) != SYN | ACK:
             return
         if not acceptable:
             self.tx.rst_for(flow, seg)
@@ -287,14 +290,15 @@ class TcpEngine:
     def _establish(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
         flow.phase = Phase.ESTABLISHED
         flow.snd_una = 1
-        flow.snd_wnd = seg.window << flow.snd_wscale if not seg.has(SYN) else seg.window
+        flow.snd_wnd = seg.window << flow.snd_wscale if not seg.flags & SYN else seg.window
         flow.rto_at = flow.syn_at = None
         flow.retries = 0
         flow.rto = self.timeouts.rto_initial
         self.stats.inc("tcp.established")
 
     def _segment_established(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
-        if seg.has(RST):
+        flags = seg.flags
+        if flags & RST:
             seq = flow.recv_rel(seg.seq)
             # RFC 5961: only a RST inside the window may kill the flow (blind-reset defence).
             if flow.rcv_nxt <= seq <= flow.rcv_nxt + max(self.tx.window_bytes(flow), 1):
@@ -302,27 +306,27 @@ class TcpEngine:
             else:
                 self.stats.drop("tcp.drop.rst_out_of_window", "TCP RST outside the window")
             return
-        if seg.has(SYN):
+        if flags & SYN:
             self.tx.ack(flow)  # challenge ACK; a new SYN on a live 4-tuple is stale
             return
-        if seg.has(ACK) and not self._process_ack(flow, seg, now):
-            return
-        if flow.flow_id in self.flows_by_id:
-            self._process_data(flow, seg, now)
-
-    def _process_ack(self, flow: Flow, seg: TcpSegmentView, now: float) -> bool:
+        payload = seg.payload
+        has_fin = flags & FIN
         # Only a segment without data or FIN may be a duplicate ACK (fast retransmission).
-        if not self.sender.take_ack(flow, seg.ack, seg.window,
-                                    not seg.payload and not seg.has(FIN), now):
+        if flags & ACK and not self._process_ack(flow, seg, not payload and not has_fin, now):
+            return
+        if (payload or has_fin) and flow.flow_id in self.flows_by_id:
+            self._process_data(flow, seg, payload, has_fin, now)
+
+    def _process_ack(self, flow: Flow, seg: TcpSegmentView, dup_candidate: bool,
+                     now: float) -> bool:
+        if not self.sender.take_ack(flow, seg.ack, seg.window, dup_candidate, now):
             return False
-        self._maybe_finish(flow)
+        if flow.host_shut and flow.fin_acked:
+            self._maybe_finish(flow)
         return flow.flow_id in self.flows_by_id
 
-    def _process_data(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
-        payload = seg.payload
-        has_fin = seg.has(FIN)
-        if not payload and not has_fin:
-            return
+    def _process_data(self, flow: Flow, seg: TcpSegmentView, payload: memoryview,
+                      has_fin: int, now: float) -> None:
         if flow.guest_fin:
             self.tx.ack(flow)  # a retransmission after the guest's FIN
             return

@@ -322,13 +322,12 @@ class TcpHost:
                 break
             conn.setblocking(False)  # accept() leaves out the listener's O_NONBLOCK
             tune(conn)
-            flow_id = self.engine.on_accepted(
-                peer[0], peer[1], guest_port, self.clock(), send_space(conn, nothing_sent=True)
-            )
+            space = send_space(conn, nothing_sent=True)
+            flow_id = self.engine.on_accepted(peer[0], peer[1], guest_port, self.clock(), space)
             if flow_id is None:
                 abort_close(conn)
                 continue
-            self._add_socket(flow_id, HostSocket(conn))
+            self._add_socket(flow_id, HostSocket(conn, space=space))
             self._arm_reader(flow_id, 0)
         self._event_done()
 
@@ -378,7 +377,9 @@ class TcpHost:
         if code:
             self.engine.on_connect_failed(flow_id, code, now)
         else:
-            self.engine.on_connected(flow_id, now, send_space(entry.sock, nothing_sent=True))
+            # Measured: the first small writes elsewhere (a request) need not measure again.
+            entry.space = send_space(entry.sock, nothing_sent=True)
+            self.engine.on_connected(flow_id, now, entry.space)
             self._arm_reader(flow_id, 0)
 
     def _send(self, command: Send) -> None:

@@ -54,10 +54,11 @@ class GuestOutput:
         self.stats = stats
         self.mtu = mtu
         self.counts = EventCounts(stats)  # the engine's per-event counts (tcp/tally.py)
+        self._syn_options: dict[tuple[int, int | None], bytes] = {}  # built once each
 
     def mss_limit(self, address: bytes) -> int:
         """The MSS we advertise: the guest's MTU minus the IP (by family) and TCP headers."""
-        return self.mtu - (IPV6_HEADER_LEN if is_ipv6(address) else IPV4_HEADER_LEN) - 20
+        return self.mtu - (IPV6_HEADER_LEN if len(address) == 16 else IPV4_HEADER_LEN) - 20
 
     def window_bytes(self, flow: Flow) -> int:
         return max(0, flow.host_space - len(flow.to_host))
@@ -66,38 +67,19 @@ class GuestOutput:
         shift = 0 if syn else flow.rcv_wscale
         return min(self.window_bytes(flow) >> shift, 0xFFFF)
 
-    def emit(
-        self,
-        flow: Flow,
-        flags: int,
-        seq: int,
-        ack: int | None = None,
-        payload: bytes = b"",
-        options: bytes = b"",
-    ) -> None:
+    def emit(self, flow: Flow, flags: int, seq: int, ack: int | None = None,
+             options: bytes = b"") -> None:
+        """A segment without payload to the flow's guest side (data is ``sender.py``'s);
+        ``ack`` None: the flow's ``rcv_nxt`` when ``flags`` has ACK (the owed ACK goes with
+        it), else 0."""
         if ack is None:
             ack = 0
             if flags & ACK:
                 ack = flow.recv_seq(flow.rcv_nxt)
                 flow.rcv_acked = flow.rcv_nxt
                 flow.ack_owed_at = None
-        if not payload and not options and not flags & SYN:
-            self.control(flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port, seq,
-                         ack, flags, self.advertised_window(flow))
-            return
-        segment = emit_segment(
-            flow.remote_ip,
-            flow.guest_ip,
-            flow.remote_port,
-            flow.guest_port,
-            seq,
-            ack,
-            flags,
-            self.advertised_window(flow, syn=bool(flags & SYN)),
-            payload,
-            options,
-        )
-        self.segment(flow, segment)
+        self.control(flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port, seq, ack,
+                     flags, self.advertised_window(flow, syn=bool(flags & SYN)), options)
 
     def segment(self, flow: Flow, segment: bytes, offload: int = 0) -> None:
         """Hand one segment to the stack; ``offload`` is its vnet word when the guest takes
@@ -113,8 +95,10 @@ class GuestOutput:
 
     def syn(self, flow: Flow) -> None:
         """Our SYN (inbound forward) or SYN-ACK (outbound flow), with MSS and window scale."""
-        wscale = flow.rcv_wscale if flow.rcv_wscale else None
-        options = build_options(self.mss_limit(flow.guest_ip), wscale)
+        key = (self.mss_limit(flow.guest_ip), flow.rcv_wscale if flow.rcv_wscale else None)
+        options = self._syn_options.get(key)
+        if options is None:  # one per family and scaling: at most four
+            options = self._syn_options[key] = build_options(*key)
         flags = SYN if flow.phase is Phase.SYN_SENT else SYN | ACK
         self.emit(flow, flags, seq=flow.send_seq(0), options=options)
 
@@ -133,10 +117,10 @@ class GuestOutput:
 
     def answer_stray(self, key: tuple[bytes, int, bytes, int], seg: TcpSegmentView) -> None:
         """RST for a segment that belongs to no flow (never in answer to a RST)."""
-        if seg.has(RST):
+        if seg.flags & RST:
             self.stats.inc("tcp.drop.no_flow")
             return
-        if seg.has(ACK):
+        if seg.flags & ACK:
             self.emit_without_flow(key, seg.ack, 0, RST)
         else:
             self.emit_without_flow(key, 0, (seg.seq + seg.segment_len) & 0xFFFFFFFF, RST | ACK)
@@ -150,17 +134,18 @@ class GuestOutput:
         self.control(remote_ip, guest_ip, remote_port, guest_port, seq, ack, flags, 0)
 
     def control(self, src_ip: bytes, dst_ip: bytes, src_port: int, dst_port: int, seq: int,
-                ack: int, flags: int, window: int) -> None:
-        """A segment without payload or options (ACK, FIN, RST): built whole in C
-        (ext/tcp_frames.pyx) once the guest's MAC is known, else through the stack."""
+                ack: int, flags: int, window: int, options: bytes = b"") -> None:
+        """A segment without payload (ACK, FIN, RST, a SYN with its ``options``): built whole
+        in C (ext/tcp_frames.pyx) once the guest's MAC is known, else through the stack."""
         output = self.output
         guest_mac = output.guest_mac
         if guest_mac is None:
             self._send(src_ip, dst_ip, emit_segment(src_ip, dst_ip, src_port, dst_port, seq,
-                                                    ack, flags, window))
+                                                    ack, flags, window, b"", options))
             return
         frame = control_frame(guest_mac, output.gateway_mac, src_ip, dst_ip, src_port,
-                              dst_port, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, flags, window)
+                              dst_port, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, flags, window,
+                              options)
         if len(src_ip) == 16:
             output.send_ipv6_frames([frame])
         else:

@@ -135,8 +135,11 @@ class GuestSender:
                 self.stats.inc("tcp.fast_retransmits")
                 self.retransmit(flow, now)
         flow.snd_wnd = window
-        self.pump(flow, now)
-        self.maybe_send_fin(flow, now)
+        # (The first tests of pump and maybe_send_fin, which most ACKs fail, without the calls.)
+        if flow.host_readable and not flow.peek_pending:
+            self.pump(flow, now)
+        if flow.host_eof and not flow.fin_sent:
+            self.maybe_send_fin(flow, now)
         return True
 
     def send_host_data(self, flow: Flow, data: bytes | memoryview, now: float) -> None:

@@ -35,7 +35,7 @@ class FlowTable:
         # asks (track_changes). One set for the table's life: a mirror may test it without a
         # call (``if table.changed``) and pop from it.
         self.changed: set[int] = set()
-        self._tracking = False
+        self.tracking = False  # a mirror asked (read by the engine's per-segment path)
 
     def __len__(self) -> int:
         return len(self.by_key)
@@ -70,11 +70,11 @@ class FlowTable:
 
     def track_changes(self) -> None:
         """Start recording the ids of flows whose guest-side state may change."""
-        self._tracking = True
+        self.tracking = True
 
     def touch(self, flow_id: int) -> None:
         """The flow's state may have changed (or it is gone)."""
-        if self._tracking:
+        if self.tracking:
             self.changed.add(flow_id)
 
     def take_changed(self) -> set[int]:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import struct
 
-from vhostnet.wire.checksum import internet_checksum, ones_complement_sum
+from vhostnet.wire._csum import ones_complement_sum as _kernel_sum
+from vhostnet.wire.checksum import internet_checksum
 from vhostnet.wire.errors import MalformedPacket
 from vhostnet.wire.fragmenting import fragment_pieces
 
@@ -24,6 +25,7 @@ FLAG_DONT_FRAGMENT = 0x4000
 FLAG_MORE_FRAGMENTS = 0x2000
 FRAGMENT_OFFSET_MASK = 0x1FFF
 BROADCAST = b"\xff\xff\xff\xff"
+_FIXED = struct.Struct("!xBHHHBB")
 
 
 class IPv4Packet:
@@ -46,6 +48,8 @@ class IPv4Packet:
         view = memoryview(data)
         if len(view) < MIN_HEADER_LEN:
             raise MalformedPacket("short", f"{len(view)} bytes is shorter than an IPv4 header")
+        if view.format != "B" or not view.c_contiguous:
+            view = memoryview(bytes(view))
         version_ihl = view[0]
         self.version = version_ihl >> 4
         if self.version != 4:
@@ -54,11 +58,11 @@ class IPv4Packet:
         if self.header_len < MIN_HEADER_LEN or self.header_len > len(view):
             raise MalformedPacket("bad_ihl", f"header length {self.header_len}")
         (self.tos, self.total_length, self.ident, self.flags_fragment, self.ttl, self.proto) = (
-            struct.unpack_from("!xBHHHBB", view, 0)
+            _FIXED.unpack_from(view, 0)
         )
         if self.total_length < self.header_len or self.total_length > len(view):
             raise MalformedPacket("bad_length", f"total length {self.total_length}")
-        if ones_complement_sum(view[: self.header_len]) != 0xFFFF:
+        if _kernel_sum(view[: self.header_len]) != 0xFFFF:  # (a bytes-like view: no wrapper)
             raise MalformedPacket("bad_checksum", "IPv4 header checksum")
         self.fragment_offset = (self.flags_fragment & FRAGMENT_OFFSET_MASK) * 8
         self.more_fragments = bool(self.flags_fragment & FLAG_MORE_FRAGMENTS)

@@ -128,7 +128,7 @@ class TcpSegmentView:
     )
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
+        view = data if type(data) is memoryview else memoryview(data).cast("B")
         if len(view) < HEADER_LEN:
             raise MalformedPacket("truncated", f"{len(view)} bytes, header needs {HEADER_LEN}")
         (
@@ -145,9 +145,12 @@ class TcpSegmentView:
         self.header_len = (offset_byte >> 4) * 4
         if self.header_len < HEADER_LEN or self.header_len > len(view):
             raise MalformedPacket("bad_data_offset", f"header length {self.header_len}")
-        problem = flags_problem(self.flags)
-        if problem is not None:
-            raise MalformedPacket(problem, f"flags 0x{self.flags:02x}")
+        flags = self.flags
+        # The cases flags_problem names, tested here without its call (every segment): two of
+        # SYN, FIN and RST, or none of SYN, RST and ACK.
+        both = flags & (SYN | FIN | RST)
+        if both & (both - 1) or not flags & (SYN | RST | ACK):
+            raise MalformedPacket(flags_problem(flags) or "flags", f"flags 0x{flags:02x}")
         self.options = (
             parse_options(view[HEADER_LEN : self.header_len])
             if self.header_len > HEADER_LEN
