@@ -8,12 +8,14 @@ socket is on loopback; every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
 import socket
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -221,6 +223,26 @@ async def run_until(
     raise AssertionError("timed out")
 
 
+@contextlib.asynccontextmanager
+async def established_flow(net: GuestNet, engine: TcpEngine, loop: asyncio.AbstractEventLoop,
+                           local_port: int, serve) -> AsyncIterator[tuple[TcpHost, GuestTcp]]:
+    """A guest connection from ``local_port`` to a loopback server running ``serve``, through a
+    ``TcpHost``, established: (host glue, guest end); the glue and server are closed after."""
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    host = TcpHost(engine, loop)
+    try:
+        guest = GuestTcp(net, local_port, GATEWAY, port)
+        net.conns[local_port] = guest
+        guest.connect()
+        await run_until(net, engine, host, lambda: guest.established, timeout=10)
+        yield host, guest
+    finally:
+        host.close()
+        server.close()
+        await server.wait_closed()
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -405,14 +427,7 @@ def test_resets_cross_in_both_directions(abort_by: str) -> None:
         async def keep(reader, writer) -> None:
             await accepted.put((reader, writer))
 
-        server = await asyncio.start_server(keep, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        host = TcpHost(engine, loop)
-        try:
-            conn = GuestTcp(net, 44000, GATEWAY, port)
-            net.conns[44000] = conn
-            conn.connect()
-            await run_until(net, engine, host, lambda: conn.established, timeout=10)
+        async with established_flow(net, engine, loop, 44000, keep) as (host, conn):
             reader, writer = await asyncio.wait_for(accepted.get(), 10)
             if abort_by == "guest":
                 conn._emit(RST, seq=conn.snd_nxt, ack=0)
@@ -426,10 +441,6 @@ def test_resets_cross_in_both_directions(abort_by: str) -> None:
                 await run_until(net, engine, host, lambda: conn.reset, timeout=10)
                 assert engine.flows == {}
             writer.close()
-        finally:
-            host.close()
-            server.close()
-            await server.wait_closed()
 
     try:
         loop.run_until_complete(scenario())

@@ -4,11 +4,10 @@ small writes estimated rather than measured (two system calls) each time."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 
 from tests.support.hostio import tcp_echo_until_eof
-from tests.tcp.test_hostio_tcp import GATEWAY, GuestTcp, new_setup, run_until
+from tests.tcp.test_hostio_tcp import established_flow, new_setup, run_until
 from vhostnet.stack.config import StackConfig
 from vhostnet.tcp import host as host_module
 from vhostnet.tcp.host import ESTIMATE_SEND_SPACE, TcpHost
@@ -31,14 +30,8 @@ def test_the_reader_stays_registered_across_exchanges() -> None:
         return remove_reader(fd)
 
     async def scenario() -> None:
-        server = await asyncio.start_server(tcp_echo_until_eof, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        host = TcpHost(engine, loop)
-        try:
-            guest = GuestTcp(net, 42000, GATEWAY, port)
-            net.conns[42000] = guest
-            guest.connect()
-            await run_until(net, engine, host, lambda: guest.established, timeout=10)
+        async with established_flow(net, engine, loop, 42000, tcp_echo_until_eof) as (
+                host, guest):
             loop.add_reader, loop.remove_reader = counting_add, counting_remove
             expected = 0
             for index in range(EXCHANGES):
@@ -52,10 +45,6 @@ def test_the_reader_stays_registered_across_exchanges() -> None:
             assert calls.count("add") <= 1 and calls.count("remove") == 0, calls
             guest.send(b"", then_close=True)
             await run_until(net, engine, host, lambda: not engine.flows, timeout=10)
-        finally:
-            host.close()
-            server.close()
-            await server.wait_closed()
 
     loop.run_until_complete(scenario())
     loop.close()
@@ -93,22 +82,12 @@ def test_a_new_connection_counts_as_measured_for_its_first_small_writes(monkeypa
         return send_space(sock, nothing_sent)
 
     async def scenario() -> None:
-        server = await asyncio.start_server(tcp_echo_until_eof, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        host = TcpHost(engine, loop)
-        try:
-            guest = GuestTcp(net, 42001, GATEWAY, port)
-            net.conns[42001] = guest
-            guest.connect()
-            await run_until(net, engine, host, lambda: guest.established, timeout=10)
+        async with established_flow(net, engine, loop, 42001, tcp_echo_until_eof) as (
+                host, guest):
             (flow,) = engine.flows.values()
             monkeypatch.setattr(host_module, "send_space", counting_send_space)
             space = host.written_elsewhere(flow.flow_id, False, 100)
             assert measures == [] and space == flow.host_space - 100
-        finally:
-            host.close()
-            server.close()
-            await server.wait_closed()
 
     loop.run_until_complete(scenario())
     loop.close()
