@@ -81,3 +81,31 @@ class Counters:
         if self._sources:
             self._collect()
         return dict(self._values)
+
+
+class PlainCounts:
+    """Counts kept as plain integer attributes for a path that runs per frame or per segment
+    (an attribute add instead of a ``Counters.inc`` call), joined to ``stats`` under their
+    counter names whenever the counters are read (``Counters.add_source``).
+
+    A subclass names its attributes in ``NAMES`` (attribute -> counter name) and declares
+    ``__slots__ = tuple(NAMES)``.
+    """
+
+    __slots__ = ()
+    NAMES: dict[str, str] = {}
+
+    def __init__(self, stats: Counters) -> None:
+        for attribute in self.NAMES:
+            setattr(self, attribute, 0)
+        stats.add_source(self.take)
+
+    def take(self) -> dict[str, int]:
+        """The counts made since the last call, by counter name (none of zero); restart."""
+        counts = {}
+        for attribute, name in self.NAMES.items():
+            value = getattr(self, attribute)
+            if value:
+                counts[name] = value
+                setattr(self, attribute, 0)
+        return counts

@@ -41,7 +41,7 @@ from collections import deque
 from typing import Protocol
 
 from vhostnet.stack.config import StackConfig, ip4_str, mac_str
-from vhostnet.stack.counters import Counters
+from vhostnet.stack.counters import Counters, PlainCounts
 from vhostnet.stack.dhcp import DhcpServer
 from vhostnet.stack.dhcpv6 import Dhcpv6Server
 from vhostnet.stack.dns import DnsForwarder
@@ -114,6 +114,13 @@ class UdpService(Protocol):
                    payload: memoryview, now: float) -> None: ...
 
 
+class ReceivedCounts(PlainCounts):
+    """Guest frames received, by layer (every frame passes here: no call per count)."""
+
+    NAMES = {"eth": "eth.rx", "ipv4": "ipv4.rx", "ipv6": "ipv6.rx"}
+    __slots__ = tuple(NAMES)
+
+
 class NetworkStack(ToGuest):
     """The sans-IO user-mode network: guest frames in, guest frames and host commands out."""
 
@@ -123,10 +130,8 @@ class NetworkStack(ToGuest):
         self.leases = leases
         # Shared by the stack and its engines (ICMP, DHCP, DNS, UDP NAT count here too).
         self.stats = Counters(log)
-        # Frames received, by family: plain integers (every guest frame passes here), added
-        # to the counters when they are read.
-        self._eth_rx = self._ipv4_rx = self._ipv6_rx = 0
-        self.stats.add_source(self._rx_counts)
+        # Frames received, by family: plain integers (every guest frame passes here).
+        self._received = ReceivedCounts(self.stats)
         self.frames_to_guest: deque[bytes] = deque()
         # Learned from the guest's own frames; None until it has sent something.
         self.guest_mac: bytes | None = None
@@ -200,7 +205,7 @@ class NetworkStack(ToGuest):
         except MalformedPacket as error:
             self.stats.drop(f"eth.drop.{error.reason}", f"Ethernet frame dropped: {error}")
             return
-        self._eth_rx += 1
+        self._received.eth += 1
         if eth.src[0] & 1:  # ethernet.is_multicast, without its call (every frame)
             self.stats.drop("eth.drop.bad_src", "frame with a multicast source MAC")
             return
@@ -220,11 +225,6 @@ class NetworkStack(ToGuest):
             self._receive_ipv4(eth, now, vnet)
         else:
             self._receive_arp(eth)
-
-    def _rx_counts(self) -> dict[str, int]:
-        counts = {"eth.rx": self._eth_rx, "ipv4.rx": self._ipv4_rx, "ipv6.rx": self._ipv6_rx}
-        self._eth_rx = self._ipv4_rx = self._ipv6_rx = 0
-        return {name: value for name, value in counts.items() if value}
 
     # --- the guest's addresses: this class owns them (and ``config.guest_ipv4``) -----
 
@@ -301,7 +301,7 @@ class NetworkStack(ToGuest):
         except MalformedPacket as error:
             self.stats.drop(f"ipv4.drop.{error.reason}", f"IPv4 packet dropped: {error}")
             return
-        self._ipv4_rx += 1
+        self._received.ipv4 += 1
         if packet.more_fragments or packet.fragment_offset:  # is_fragment, without its call
             self._learn(eth.src, packet.src)
             whole = self.fragments.add_ipv4(packet, now)
@@ -359,7 +359,7 @@ class NetworkStack(ToGuest):
         except MalformedPacket as error:
             self.stats.drop(f"ipv6.drop.{error.reason}", f"IPv6 packet dropped: {error}")
             return
-        self._ipv6_rx += 1
+        self._received.ipv6 += 1
         if is_multicast(packet.src):
             self.stats.drop("ipv6.drop.bad_src", "IPv6 packet with a multicast source")
             return

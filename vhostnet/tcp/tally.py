@@ -5,7 +5,7 @@ the same names, whenever they are read (``Counters.add_source``)."""
 
 from __future__ import annotations
 
-from vhostnet.stack.counters import Counters
+from vhostnet.stack.counters import PlainCounts
 
 # Attribute -> counter name.
 NAMES = {
@@ -24,22 +24,8 @@ NAMES = {
 }
 
 
-class EventCounts:
+class EventCounts(PlainCounts):
     """The counts since they were last taken; one per engine (``GuestOutput.counts``)."""
 
     __slots__ = tuple(NAMES)
-
-    def __init__(self, stats: Counters) -> None:
-        for attribute in NAMES:
-            setattr(self, attribute, 0)
-        stats.add_source(self.take)
-
-    def take(self) -> dict[str, int]:
-        """The counts made since the last call, by counter name (none of zero); restart."""
-        counts = {}
-        for attribute, name in NAMES.items():
-            value = getattr(self, attribute)
-            if value:
-                counts[name] = value
-                setattr(self, attribute, 0)
-        return counts
+    NAMES = NAMES
