@@ -113,6 +113,21 @@ def test_bulk_data_is_acknowledged_at_once() -> None:
     assert ack.ack == GUEST_ISN + 5 + 2920 and flow.ack_owed_at is None
 
 
+def test_at_a_large_mtu_one_tso_frame_of_bulk_is_acknowledged_at_once() -> None:
+    """At MTU 65520 two full-sized segments are 131 KB, two of the guest's 64 KiB TSO frames;
+    the bulk threshold is capped so that each such frame is acknowledged without the delay."""
+    engine, output = make_engine(mtu=65520)
+    flow = interactive_flow(engine, output)
+    request(engine, flow, b"x" * 30000, 2.0)
+    assert output.take() == []  # below the cap: still owed for a reply
+    request(engine, flow, b"y" * 3000, 2.0001)  # 33,000 unacknowledged: past 32 KiB
+    (ack,) = output.take()
+    assert ack.ack == GUEST_ISN + 5 + 33000 and flow.ack_owed_at is None
+    request(engine, flow, b"z" * 65000, 2.0002)  # one TSO frame alone
+    (ack,) = output.take()
+    assert ack.ack == GUEST_ISN + 5 + 98000
+
+
 def test_a_partial_write_is_acknowledged_at_once() -> None:
     engine, output = make_engine()
     flow = interactive_flow(engine, output)

@@ -38,8 +38,8 @@ Data rules:
   within ``TcpTimeouts.ack_delay``, or a flow the guest opened, until its first owed ACK
   goes alone) the ACK is owed instead (``Flow.ack_owed_at``) and
   rides on the reply; the flow's timer sends it alone when the delay runs out (and
-  the flow is interactive no more). Bulk data (two full-sized segments unacknowledged),
-  a partial write or a low window are acknowledged at once (``_ack_now``).
+  the flow is interactive no more). Bulk data (two full-sized segments unacknowledged,
+  at most 32 KiB), a partial write or a low window are acknowledged at once (``_ack_now``).
 - Host -> guest: data stays in the host socket's receive queue until the guest
   acknowledges it; the engine peeks from ``snd_nxt - snd_una`` and discards on
   ACK, so retransmission (RTO with backoff, or three duplicate ACKs) is just a
@@ -91,6 +91,11 @@ OUR_WSCALE = 7
 DEFAULT_MSS = 536
 # Below this much window to advertise, guest data is acknowledged at once (no delayed ACK).
 ACK_NOW_WINDOW = 64 * 1024
+# At this much guest data unacknowledged, an interactive flow's ACK goes at once: two
+# full-sized segments, but never more than this. At a large MTU two segments are two of the
+# guest's 64 KiB TSO frames, and a guest that waits for the ACK of one before the next
+# (its send buffer, TSO autosizing) would be held back by the delay on every frame.
+ACK_NOW_BYTES_CAP = 32 * 1024
 
 
 class Ipv4Packet(Protocol):
@@ -421,9 +426,11 @@ class TcpEngine:
         """Whether guest data just written is acknowledged at once rather than delayed for a
         reply to carry: unless the flow is interactive, after a partial write (the guest
         resends), at two full-sized segments not yet acknowledged (RFC 9293 3.8.6.3: bulk
-        data is never slowed), or when the window we advertise runs low."""
+        data is never slowed; ``ACK_NOW_BYTES_CAP`` at a large MTU), or when the window we
+        advertise runs low."""
+        bulk = min(2 * self.tx.mss_limit(flow.guest_ip), ACK_NOW_BYTES_CAP)
         return (not flow.interactive or partial or self.timeouts.ack_delay <= 0
-                or flow.rcv_nxt - flow.rcv_acked >= 2 * self.tx.mss_limit(flow.guest_ip)
+                or flow.rcv_nxt - flow.rcv_acked >= bulk
                 or self.tx.window_bytes(flow) < ACK_NOW_WINDOW)
 
     def on_written_elsewhere(self, flow_id: int, n: int, now: float,
