@@ -273,6 +273,8 @@ class Network:
         if config.tftp_root:
             self.tftp = TftpServer(config, stack, TftpRoot(config.tftp_root))
             stack.add_udp_service(self.tftp)
+            if config.ipv6:
+                stack.add_udp6_service(self.tftp)
         if stack.icmp is not None:
             self._glue.append(IcmpGlue(stack.icmp, loop))
         if stack.dns is not None:

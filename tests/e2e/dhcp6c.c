@@ -1,9 +1,10 @@
 /*
  * dhcp6c IFINDEX: a minimal DHCPv6 client (RFC 8415) for test guests, whose busybox has no
  * udhcpc6. Solicit -> Advertise -> Request -> Reply on the interface IFINDEX, each step tried
- * three times with a 3 s wait; prints "dhcp6 address=A dns=D" (addresses as eight hex groups)
- * and exits 0, or prints what failed and exits 1. Freestanding (raw Linux x86-64 system
- * calls, no libc), like udpecho.c, so the binary can travel inside the test script.
+ * three times with a 3 s wait; prints "dhcp6 address=A dns=D" (addresses as eight hex groups,
+ * then " bootfile_url=URL" when the Reply names a boot file, RFC 5970) and exits 0, or prints
+ * what failed and exits 1. Freestanding (raw Linux x86-64 system calls, no libc), like
+ * udpecho.c, so the binary can travel inside the test script.
  */
 
 #include "guestsys.h"
@@ -49,7 +50,7 @@ static long build(int type)
 {
     static const unsigned char ia_na[12] = {0, 0, 0, 1};
     static const unsigned char elapsed[2] = {0, 0};
-    static const unsigned char oro[2] = {0, 23};
+    static const unsigned char oro[4] = {0, 23, 0, 59};
     long n = 4;
     message[0] = type, message[1] = 0x0a, message[2] = 0xbc, message[3] = 0xde;
     n = put_option(n, 1, client_id, sizeof client_id);
@@ -95,7 +96,8 @@ void guest_main(long *stack)
     struct timeval64 limit = {3, 0};
     long fd, got, at, code, length, inner, inner_code, inner_length, i;
     const char *p;
-    unsigned char *address = 0, *dns = 0;
+    unsigned char *address = 0, *dns = 0, *url = 0;
+    long url_length = 0;
 
     if (argc < 2) {
         say("usage: dhcp6c IFINDEX\n");
@@ -140,6 +142,8 @@ void guest_main(long *stack)
     for (at = 4; option_at(at, got, &code, &length); at += 4 + length) {
         if (code == 23 && length >= 16)
             dns = reply + at + 4;
+        if (code == 59)
+            url = reply + at + 4, url_length = length;
         if (code != 3 || length < 12)
             continue;
         for (inner = at + 16; option_at(inner, at + 4 + length, &inner_code, &inner_length);
@@ -156,6 +160,10 @@ void guest_main(long *stack)
     if (dns) {
         say(" dns=");
         say_address(dns);
+    }
+    if (url) {
+        say(" bootfile_url=");
+        write_all((const char *)url, url_length);
     }
     say("\n");
     finish(0);

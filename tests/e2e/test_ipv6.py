@@ -4,6 +4,8 @@ and -4 / -6 switching the other family off."""
 
 from __future__ import annotations
 
+import hashlib
+import random
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ from tools.guest_ipv6 import GATEWAY6, SLAAC_WAIT_TENTHS, WAIT_FOR_SLAAC
 from tools.guestkit import Kit
 
 pytestmark = pytest.mark.e2e
+
+BOOT_FILE_SIZE = 1024 * 1024 + 100  # blocks of 1448 (IPv6 at MTU 1500), a short last one
 
 LINK_UP = (
     "if ip link show eth0 >/dev/null 2>&1; then echo RESULT link=up; "
@@ -39,9 +43,17 @@ def test_slaac_and_ping6_gateway(vhostnet, run_guest, qemu_version):
     assert run.results["ping6_loss"] == "0"
 
 
-def test_dhcpv6_gives_the_configured_address(vhostnet, run_guest, kit, tmp_path: Path):
+def test_dhcpv6_gives_the_configured_address_and_a_boot_file_fetched_over_ipv6(
+        vhostnet, run_guest, kit, tmp_path: Path):
+    """DHCPv6 hands out the address, the DNS server and a Boot File URL (RFC 5970); the guest
+    fetches that file with busybox tftp from the URL's IPv6 address, byte-exact."""
     client = compile_guest_tool(Path(__file__).with_name("dhcp6c.c"), tmp_path)
-    server = vhostnet("-a", "2001:db8:1::15", "-g", "2001:db8:1::2", "-D", "2001:db8:1::3")
+    root = tmp_path / "tftp"
+    (root / "boot").mkdir(parents=True)
+    boot_file = random.Random(6).randbytes(BOOT_FILE_SIZE)
+    (root / "boot" / "stage1.efi").write_bytes(boot_file)
+    server = vhostnet("-a", "2001:db8:1::15", "-g", "2001:db8:1::2", "-D", "2001:db8:1::3",
+                      "--tftp", str(root), "--bootfile", "boot/stage1.efi")
     script = LINK_UP + guest_binary("/tmp/dhcp6c", client) + """
 # The client sends from its link-local address: wait until duplicate detection let it go.
 i=0
@@ -57,7 +69,15 @@ address=$(sed -n 's/^dhcp6 address=\\([^ ]*\\).*/\\1/p' /tmp/dhcp6.out)
 echo "RESULT dhcp6_address=$address"
 echo "RESULT dhcp6_dns=$(sed -n 's/.* dns=\\([^ ]*\\).*/\\1/p' /tmp/dhcp6.out)"
 ip -6 addr add "$address/128" dev eth0
-""" + WAIT_FOR_SLAAC + ping_check("-6 2001:db8:1::2", count=3, name="ping6")
+""" + WAIT_FOR_SLAAC + ping_check("-6 2001:db8:1::2", count=3, name="ping6") + """
+url=$(sed -n 's/.* bootfile_url=\\([^ ]*\\).*/\\1/p' /tmp/dhcp6.out)
+echo "RESULT bootfile_url=$url"
+host=$(echo "$url" | sed -n 's,^tftp://\\[\\(.*\\)\\]/.*,\\1,p')
+timeout 60 tftp -b 1448 -g -r "${url#*]/}" -l /tmp/boot.efi "$host" > /tmp/tftp6.err 2>&1
+echo "RESULT tftp6_rc=$?"
+cat /tmp/tftp6.err
+echo "RESULT tftp6_sha256=$(sha256sum /tmp/boot.efi | cut -d' ' -f1)"
+"""
     run = run_guest(one_version(kit), script, socket_path=server.socket_path)
     run.check_completed()
     assert run.results["dhcp6_rc"] == "0", run.output
@@ -65,6 +85,9 @@ ip -6 addr add "$address/128" dev eth0
     assert run.results["dhcp6_dns"] == "2001:0db8:0001:0000:0000:0000:0000:0003"
     assert run.results["ping6"] == "ok", run.output
     assert run.results["ping6_loss"] == "0"
+    assert run.results["bootfile_url"] == "tftp://[2001:db8:1::2]/boot/stage1.efi", run.output
+    assert run.results["tftp6_rc"] == "0", run.output
+    assert run.results["tftp6_sha256"] == hashlib.sha256(boot_file).hexdigest()
 
 
 def test_ipv4_only_sends_no_router_advertisement(vhostnet, run_guest, kit):

@@ -152,3 +152,20 @@ def test_no_dhcpv6_leaves_udp_547_to_the_nat() -> None:
     stack = build_stack(StackConfig(dhcpv6=False))
     assert exchange(stack, message(1, option(1, CLIENT_DUID), ia_na())) is None
     assert stack.counters()["udp6.drop.no_route"] == 1
+
+
+def test_a_boot_file_is_named_by_url_on_the_gateways_ipv6_address(tmp_path) -> None:
+    stack = build_stack(StackConfig(tftp_root=str(tmp_path), bootfile="boot/first stage.efi",
+                                    bootfile_ipxe="menu.ipxe"))
+    reply = exchange(stack, message(1, option(1, CLIENT_DUID), ia_na()))
+    assert reply is not None
+    assert reply.get(59) == b"tftp://[fec0::2]/boot/first%20stage.efi"
+    # iPXE says who it is in its User Class (RFC 8415 21.15: length-prefixed strings).
+    ipxe = option(15, struct.pack("!H", 4) + b"iPXE")
+    reply = exchange(stack, message(11, option(1, CLIENT_DUID), ipxe))
+    assert reply is not None and reply.get(59) == b"tftp://[fec0::2]/menu.ipxe"
+
+
+def test_no_boot_file_no_url(stateful: NetworkStack) -> None:
+    reply = exchange(stateful, message(11, option(1, CLIENT_DUID)))
+    assert reply is not None and reply.get(59) is None

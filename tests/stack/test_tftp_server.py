@@ -9,6 +9,7 @@ import pytest
 from tests.support.tftp import (
     CLIENT_PORT,
     GATEWAY,
+    GATEWAY6,
     GUEST,
     ack,
     error_of,
@@ -88,6 +89,20 @@ def test_accepts_only_gateway_port_69_and_live_transfers(tmp_path: Path) -> None
     [sent] = request(server, output, rrq("f"))
     assert server.accepts(GATEWAY, sent.sport)
     assert not server.accepts(bytes([10, 0, 2, 3]), sent.sport)
+
+
+def test_an_ipv6_client_is_answered_from_the_gateways_ipv6_address(tmp_path: Path) -> None:
+    server, output, _ = make_server(tmp_path, {"f": CONTENT})
+    guest6 = bytes.fromhex("fec0000000000000505400fffe123456")
+    assert server.accepts(GATEWAY6, 69)
+    assert not server.accepts(bytes(15) + b"\x01", 69)
+    server.handle_udp(guest6, CLIENT_PORT, GATEWAY6, 69, rrq("missing"), 0.0)
+    [refusal] = output.take()
+    assert (refusal.src, refusal.dst, refusal.dport) == (GATEWAY6, guest6, CLIENT_PORT)
+    server.handle_udp(guest6, CLIENT_PORT, GATEWAY6, 69, rrq("f"), 0.0)
+    [data] = output.take()
+    assert (data.src, data.dst) == (GATEWAY6, guest6) and data.payload[4:] == CONTENT[:512]
+    assert server.accepts(GATEWAY6, data.sport)
 
 
 # -- refused requests: every error code the server sends --------------------------

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+from tests.support.frames import GUEST_IP6, guest_udp6_frame, parse_udp6_frame
 from vhostnet.hostio.tftp_files import TftpRoot
-from vhostnet.network import build_stack
+from vhostnet.network import Network, build_stack
 from vhostnet.stack.config import StackConfig
 from vhostnet.stack.stack import NetworkStack
 from vhostnet.stack.tftp import TftpServer
@@ -69,3 +71,49 @@ def test_transfer_through_the_stack(tmp_path: Path) -> None:
     assert block == 4
     assert server.counters()["tftp.transfers_completed"] == 1
     assert "stack.drop.internal_error" not in stack.counters()
+
+
+def test_transfer_over_ipv6_from_the_gateways_ipv6_address(tmp_path: Path) -> None:
+    """The guest fetches over IPv6 from gateway6 (the Boot File URL's host): the answers come
+    from that address, and the largest block fits an IPv6 packet (40-byte header) whole."""
+    content = bytes(range(256)) * 8  # 2048 bytes: one block of 1448 and one of 600
+    (tmp_path / "boot.efi").write_bytes(content)
+    config = StackConfig(tftp_root=str(tmp_path))
+    loop = asyncio.new_event_loop()
+    network = Network(config, loop)
+    stack = network.stack
+    gateway6 = bytes(config.gateway6)
+    try:
+        request = Request(Opcode.RRQ, "boot.efi", "octet", {"blksize": "9000"})
+        stack.receive_frame(guest_udp6_frame(GUEST_PORT, gateway6, 69, request.emit()), 0.0)
+        [oack] = datagrams6_to_guest(stack, gateway6)
+        port, payload = oack
+        assert OptionAck.parse(payload).options == {"blksize": "1448"}  # 1500 - 40 - 8 - 4
+        received = bytearray()
+        block = 0
+        for _ in range(5):
+            ack = Ack(block).emit()
+            stack.receive_frame(guest_udp6_frame(GUEST_PORT, gateway6, port, ack), 0.1)
+            replies = datagrams6_to_guest(stack, gateway6)
+            if not replies:
+                break
+            [(source_port, payload)] = replies
+            assert source_port == port
+            data = Data.parse(payload)
+            block = data.block
+            received += data.payload
+        assert bytes(received) == content and block == 2
+        assert network.tftp.counters()["tftp.transfers_completed"] == 1
+    finally:
+        network.close()
+        loop.close()
+
+
+def datagrams6_to_guest(stack: NetworkStack, gateway6: bytes) -> list[tuple[int, bytes]]:
+    """(source port, payload) of every UDP-over-IPv6 datagram queued for the guest."""
+    found = []
+    while stack.frames_to_guest:
+        src, sport, dst, dport, payload = parse_udp6_frame(bytes(stack.frames_to_guest.popleft()))
+        assert (src, dst, dport) == (gateway6, GUEST_IP6, GUEST_PORT)
+        found.append((sport, payload))
+    return found

@@ -25,6 +25,7 @@ from vhostnet.wire.tftp import (
 )
 
 GATEWAY = bytes([10, 0, 2, 2])
+GATEWAY6 = bytes.fromhex("fec00000000000000000000000000002")
 GUEST = bytes([10, 0, 2, 15])
 CLIENT_PORT = 2000
 
@@ -41,13 +42,15 @@ class Sent:
 
 
 class RecordingOutput:
-    """Stands in for NetworkStack.send_udp: keeps every datagram for inspection."""
+    """Stands in for NetworkStack.send_udp and send_udp6: keeps every datagram."""
 
     def __init__(self) -> None:
         self.sent: list[Sent] = []
 
     def send_udp(self, src: bytes, sport: int, dst: bytes, dport: int, payload: bytes) -> None:
         self.sent.append(Sent(bytes(src), sport, bytes(dst), dport, bytes(payload)))
+
+    send_udp6 = send_udp  # the family shows in the addresses' length
 
     def take(self) -> list[Sent]:
         taken, self.sent = self.sent, []
@@ -73,9 +76,10 @@ class TrackingFiles(TftpRoot):
 
 @dataclass
 class NetConfig:
-    """The two fields of StackConfig the server reads."""
+    """The fields of StackConfig the server reads."""
 
     gateway: bytes = GATEWAY
+    gateway6: bytes = GATEWAY6
     mtu: int = 1500
 
 

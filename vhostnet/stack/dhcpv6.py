@@ -5,7 +5,9 @@ are answered with NoAddrsAvail, while DNS servers and the search list are still
 given). With a lease pool (``leases``: several guests, or ``--dhcp-host``) the
 address is the IPv6 lease of the client's MAC (``client_mac``: the Ethernet source of
 the message; with several guests the MAC of the router's port), an address given is recorded as the guest's (``add_ipv6``), and the
-Client FQDN option (39, RFC 4704) names the guest. The server's DUID is DUID-LL of the gateway MAC; replies go from the
+Client FQDN option (39, RFC 4704) names the guest. With ``--bootfile`` the Boot File URL
+(59, RFC 5970) names ``tftp://[gateway6]/FILE`` (``--bootfile-ipxe``'s file for a client
+whose User Class says iPXE), which the TFTP server answers on IPv6. The server's DUID is DUID-LL of the gateway MAC; replies go from the
 gateway's link-local address to the client's address and port.
 
 Handled: Solicit -> Advertise (preference 255: the client need not wait for
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from urllib.parse import quote
 
 from vhostnet.stack.config import StackConfig, ip6_str
 from vhostnet.stack.counters import Counters
@@ -29,6 +32,7 @@ from vhostnet.wire.dhcpv6 import (
     CONFIRM,
     DECLINE,
     INFORMATION_REQUEST,
+    OPT_BOOTFILE_URL,
     OPT_CLIENTID,
     OPT_DNS_SERVERS,
     OPT_DOMAIN_LIST,
@@ -38,6 +42,7 @@ from vhostnet.wire.dhcpv6 import (
     OPT_RAPID_COMMIT,
     OPT_SERVERID,
     OPT_STATUS_CODE,
+    OPT_USER_CLASS,
     REBIND,
     RELEASE,
     RENEW,
@@ -162,7 +167,19 @@ class Dhcpv6Server:
             options.append((OPT_STATUS_CODE, status_value(STATUS_SUCCESS)))
             return Dhcpv6Message(REPLY, request.xid, options)
         options += self._configuration
+        bootfile = self._bootfile_for(request)
+        if bootfile:
+            url = f"tftp://[{ip6_str(self.config.gateway6)}]/{quote(bootfile, safe='/')}"
+            options.append((OPT_BOOTFILE_URL, url.encode("utf-8")))
         return Dhcpv6Message(reply_type, request.xid, options)
+
+    def _bootfile_for(self, request: Dhcpv6Message) -> str | None:
+        """The boot file to name, as DHCPv4 picks it: iPXE's own when its User Class says
+        so (chain loading: the firmware's PXE gets iPXE, iPXE gets its script)."""
+        user_class = request.get(OPT_USER_CLASS) or b""
+        if self.config.bootfile_ipxe and b"iPXE" in user_class:
+            return self.config.bootfile_ipxe
+        return self.config.bootfile
 
     def _address_for_client(self, request: Dhcpv6Message, given: bool) -> bytes | None:
         """The guest's address, or (with a pool) the client MAC's IPv6 lease; an address

@@ -1,8 +1,10 @@
 """Read-only TFTP server for network boot (RFC 1350 with RFC 2347/2348/2349/7440 options).
 
 Sans-IO: the server never touches a socket or a clock. The stack hands it the
-UDP datagrams the guest sends to the gateway (``accepts`` / ``handle_udp``),
-it answers through ``output.send_udp``, and timers run when the caller passes
+UDP datagrams the guest sends to the gateway, on either family (``accepts`` /
+``handle_udp``: ``gateway`` for IPv4, ``gateway6`` for IPv6, the address a DHCPv6
+Boot File URL names), it answers through ``output.send_udp`` or ``send_udp6`` from
+the same address, and timers run when the caller passes
 ``now`` to ``poll_timers``. File access goes through the injected ``files``
 object (``hostio.tftp_files.TftpRoot`` in production), which also enforces
 the rules about what may be read.
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from vhostnet.stack.counters import Counters
-from vhostnet.wire import ipv4, udp
+from vhostnet.wire import ipv4, ipv6, udp
 from vhostnet.wire.errors import MalformedPacket
 from vhostnet.wire.tftp import (
     DATA_HEADER_LEN,
@@ -82,6 +84,7 @@ class UdpOutput(Protocol):
     """Where the server's datagrams go (the NetworkStack in production)."""
 
     def send_udp(self, src: bytes, sport: int, dst: bytes, dport: int, payload: bytes) -> None: ...
+    def send_udp6(self, src: bytes, sport: int, dst: bytes, dport: int, payload: bytes) -> None: ...
 
 
 class TftpFiles(Protocol):
@@ -94,9 +97,10 @@ class TftpFiles(Protocol):
 
 
 class TftpConfig(Protocol):
-    """The two fields of ``StackConfig`` the server reads."""
+    """The fields of ``StackConfig`` the server reads."""
 
     gateway: bytes
+    gateway6: bytes
     mtu: int
 
 
@@ -111,7 +115,7 @@ class Negotiated:
 
 
 def negotiate(options: dict[str, str], file_size: int, mtu: int, window_limit: int,
-              default_timeout: float) -> Negotiated:
+              default_timeout: float, ip_header_len: int = ipv4.MIN_HEADER_LEN) -> Negotiated:
     """Decide blksize, windowsize, timeout and the OACK contents from a request's options.
 
     Only options the client asked for appear in the OACK, in the client's order.
@@ -121,7 +125,8 @@ def negotiate(options: dict[str, str], file_size: int, mtu: int, window_limit: i
     RFC 2349 does not for timeout, so an out-of-range timeout is ignored).
     """
     # A DATA packet must fit one IP datagram on the guest link: no fragments.
-    largest_fitting_block = mtu - ipv4.MIN_HEADER_LEN - udp.HEADER_LEN - DATA_HEADER_LEN
+    # (``ip_header_len``: the client's family, 20 for IPv4, 40 for IPv6.)
+    largest_fitting_block = mtu - ip_header_len - udp.HEADER_LEN - DATA_HEADER_LEN
     result = Negotiated(DEFAULT_BLOCK_SIZE, 1, default_timeout, {})
     for name, text in options.items():
         value = int(text) if text.isdigit() else None
@@ -182,6 +187,7 @@ class TftpServer:
         if not 0 < first <= last <= 65535 or first <= TFTP_PORT <= last:
             raise ValueError(f"bad TFTP port range {port_range}")
         self._gateway = bytes(config.gateway)
+        self._gateway6 = bytes(config.gateway6)
         self._mtu = config.mtu
         self._output = output
         self._files = files
@@ -198,7 +204,7 @@ class TftpServer:
     # -- UDP service interface ------------------------------------------------
 
     def accepts(self, dst_ip: bytes, dst_port: int) -> bool:
-        if dst_ip != self._gateway:
+        if dst_ip != self._gateway and dst_ip != self._gateway6:
             return False
         return dst_port == TFTP_PORT or dst_port in self._transfers or dst_port in self._lingering
 
@@ -283,8 +289,9 @@ class TftpServer:
             raise TftpError(ErrorCode.NOT_DEFINED, "no free transfer port, try again later")
         handle = self._files.open(request.filename)  # raises TftpError when refused
         size = self._files.size(handle)
+        header_len = ipv6.HEADER_LEN if len(client_ip) == 16 else ipv4.MIN_HEADER_LEN
         params = negotiate(request.options, size, self._mtu, self._window_limit,
-                           self._default_timeout)
+                           self._default_timeout, header_len)
         transfer = _Transfer(
             client_ip=client_ip,
             client_port=client_port,
@@ -461,11 +468,16 @@ class TftpServer:
     # -- output -----------------------------------------------------------------
 
     def _send(self, transfer: _Transfer, payload: bytes) -> None:
-        self._output.send_udp(self._gateway, transfer.port, transfer.client_ip,
-                              transfer.client_port, payload)
+        self._send_to(transfer.client_ip, transfer.port, transfer.client_port, payload)
 
     def _send_error(self, port: int, client_ip: bytes, client_port: int, code: ErrorCode,
                     message: str) -> None:
         self._counters.inc("tftp.errors_sent")
-        self._output.send_udp(self._gateway, port, client_ip, client_port,
-                              Error(code, message).emit())
+        self._send_to(client_ip, port, client_port, Error(code, message).emit())
+
+    def _send_to(self, client_ip: bytes, port: int, client_port: int, payload: bytes) -> None:
+        """From the gateway address of the client's family (the one it sent to)."""
+        if len(client_ip) == 16:
+            self._output.send_udp6(self._gateway6, port, client_ip, client_port, payload)
+        else:
+            self._output.send_udp(self._gateway, port, client_ip, client_port, payload)
