@@ -68,10 +68,13 @@ POLL_INTERVAL = 0.25
 GUEST_MTU_RESULT = re.compile(r"^RESULT mtu=(\d*)\s*$", re.MULTILINE)
 RUN_BEGIN = re.compile(r"^IPERF-BEGIN (\S+) (\d+)$", re.MULTILINE)
 # The guest's own counters before and after each run (``guest_stat_lines``): the UDP receive
-# path's (/proc/net/snmp), eth0's receive (/proc/net/dev) and virtio-net's RX interrupts.
-GUEST_STAT = re.compile(r"^GSTAT (\S+) (\d+) (before|after) ((?:\d+ ?){6})$", re.MULTILINE)
+# path's (/proc/net/snmp), eth0's receive (/proc/net/dev), virtio-net's RX interrupts and the
+# guest's CPU time, busy and all (/proc/stat, in ticks; reported as ``guest_cpu_pct``: near
+# 100 the guest's own CPU, not the back-end, is what limits the row).
+GUEST_STAT = re.compile(r"^GSTAT (\S+) (\d+) (before|after) ((?:\d+ ?){8})$", re.MULTILINE)
 GUEST_STAT_NAMES = ("guest_udp_in", "guest_udp_in_errors", "guest_udp_rcvbuf_errors",
-                    "guest_eth_rx", "guest_eth_rx_dropped", "guest_rx_irqs")
+                    "guest_eth_rx", "guest_eth_rx_dropped", "guest_rx_irqs",
+                    "guest_cpu_busy", "guest_cpu_all")
 RUN_JSON = re.compile(r"^IPERF-JSON-BEGIN (\S+) (\d+) rc=(\d+)\n(.*?)^IPERF-JSON-END$",
                       re.MULTILINE | re.DOTALL)
 
@@ -352,13 +355,15 @@ def guest_script(ports: dict[bool, int], s: GuestSettings, mtu: int = GUEST_MTUS
 GUEST_STAT_FUNCTION = """gstat() {
   echo "GSTAT $1 $2 $3 $(awk '/^Udp:/ { if (seen++) print $2, $4, $6 }' /proc/net/snmp) \\
 $(awk '/eth0:/ { sub(/.*eth0:/, ""); print $2, $4 }' /proc/net/dev) \\
-$(awk '/virtio.*input/ { s += $2 } END { print s + 0 }' /proc/interrupts)"
+$(awk '/virtio.*input/ { s += $2 } END { print s + 0 }' /proc/interrupts) \\
+$(awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat)"
 }"""
 
 
-def parse_guest_stats(text: str, case: str, rounds: int) -> dict[str, int]:
+def parse_guest_stats(text: str, case: str, rounds: int) -> dict[str, float]:
     """What the guest's counters (GUEST_STAT_NAMES) grew by over ``case``'s first ``rounds``
-    runs, summed; {} when a run lacks its two GSTAT lines (an older script, a lost line)."""
+    runs, summed, with the CPU ticks as ``guest_cpu_pct`` (busy over all); {} when a run
+    lacks its two GSTAT lines (an older script, a lost line)."""
     seen = {(m.group(1), int(m.group(2)), m.group(3)): [int(v) for v in m.group(4).split()]
             for m in GUEST_STAT.finditer(text)}
     totals = dict.fromkeys(GUEST_STAT_NAMES, 0)
@@ -368,7 +373,11 @@ def parse_guest_stats(text: str, case: str, rounds: int) -> dict[str, int]:
             return {}
         for name, old, new in zip(GUEST_STAT_NAMES, before, after, strict=True):
             totals[name] += new - old
-    return totals
+    busy, ticks = totals.pop("guest_cpu_busy"), totals.pop("guest_cpu_all")
+    result: dict[str, float] = dict(totals)
+    if ticks > 0:
+        result["guest_cpu_pct"] = round(100 * busy / ticks, 1)
+    return result
 
 
 def host_udp_counters() -> dict[str, int]:

@@ -49,15 +49,16 @@ def test_the_script_runs_only_the_chosen_directions_with_counters_around_each_ru
 
 def test_guest_counters_are_summed_over_the_rounds() -> None:
     console = "\n".join([
-        "GSTAT guest-udp-rx 1 before 10 0 0 20 0 5",
-        "GSTAT guest-udp-rx 1 after 110 30 30 160 0 9",
+        "GSTAT guest-udp-rx 1 before 10 0 0 20 0 5 1000 5000",
+        "GSTAT guest-udp-rx 1 after 110 30 30 160 0 9 1250 5300",
         "noise",
-        "GSTAT guest-udp-rx 2 before 110 30 30 160 0 9",
-        "GSTAT guest-udp-rx 2 after 210 40 40 300 1 19",
-        "GSTAT guest-udp-tx 1 before 0 0 0 0 0 0",
+        "GSTAT guest-udp-rx 2 before 110 30 30 160 0 9 1250 5300",
+        "GSTAT guest-udp-rx 2 after 210 40 40 300 1 19 1300 5400",
+        "GSTAT guest-udp-tx 1 before 0 0 0 0 0 0 0 0",
     ])
     assert parse_guest_stats(console, "guest-udp-rx", 2) == dict(zip(
-        GUEST_STAT_NAMES, [200, 40, 40, 280, 1, 14], strict=True))
+        GUEST_STAT_NAMES[:6], [200, 40, 40, 280, 1, 14], strict=True)) | {
+        "guest_cpu_pct": 75.0}  # 300 busy ticks of 400
     # A round without both lines: nothing rather than a wrong sum.
     assert parse_guest_stats(console, "guest-udp-rx", 3) == {}
     assert parse_guest_stats(console, "guest-udp-tx", 1) == {}
