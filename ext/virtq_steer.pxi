@@ -42,6 +42,12 @@ cdef inline int _flow_slot(const uint8_t *f, uint64_t n) noexcept nogil:
     if (proto == 6 or proto == 17) and l4 and n >= l4 + 4:
         ports = _le32(f + l4)
         ports = (ports & 0xFFFF) ^ (ports >> 16)
+    return _slot_of(addresses, ports, proto)
+
+
+cdef inline int _slot_of(uint32_t addresses, uint32_t ports, uint32_t proto) noexcept nogil:
+    """The slot of a flow: ``addresses`` the XOR of both addresses' little-endian 32-bit
+    words, ``ports`` the XOR of both ports' 16-bit words as they lie on the wire."""
     cdef uint32_t h = addresses * <uint32_t>0x9E3779B1 ^ ports * <uint32_t>0x85EBCA6B ^ proto
     h ^= h >> 16
     h *= <uint32_t>0x7FEB352D
@@ -79,6 +85,23 @@ cdef class FlowSteering:
             return 0
         cdef int slot = _flow_slot(&view[0], view.shape[0])
         return self.pairs[slot] if slot >= 0 else 0
+
+    def pair_of_flow(self, bytes address_a, bytes address_b, int proto, int port_a,
+                     int port_b) -> int:
+        """``pair_of`` for a flow named by its fields instead of a frame (either direction:
+        the host TCP data the fast path writes into the ring before any frame exists)."""
+        cdef uint32_t addresses = 0
+        cdef Py_ssize_t i, n = len(address_a)
+        cdef const uint8_t *a = address_a
+        cdef const uint8_t *b = address_b
+        if n != len(address_b) or n not in (4, 16):
+            return 0
+        for i in range(0, n, 4):
+            addresses ^= _le32(a + i) ^ _le32(b + i)
+        # A port's bytes on the wire (big-endian) read as one little-endian 16-bit word.
+        cdef uint32_t ports = (((port_a & 0xFF) << 8) | ((port_a >> 8) & 0xFF)) ^ (
+            ((port_b & 0xFF) << 8) | ((port_b >> 8) & 0xFF))
+        return self.pairs[_slot_of(addresses, ports, <uint32_t>proto)]
 
     def clear(self) -> None:
         memset(self.pairs, 0, sizeof(self.pairs))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -22,24 +23,26 @@ from vhostnet.stack.config import StackConfig
 from vhostnet.vhost_user.codec import MemoryRegion
 from vhostnet.vhost_user.device_api import VringConfig
 from vhostnet.vhost_user.protocol import VirtioFeature
+from vhostnet.virtqueue import FrameBatch
 
 RX, TX = 0, 1
 
 
 class Rig:
-    """A NetDevice over test guest RAM with its first RX and TX rings running."""
+    """A NetDevice over test guest RAM with its RX and TX rings running (``pairs`` of them)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, pairs: int = 1) -> None:
         self.loop = loop
         self.ram = GuestRam()
         self.network = Network(StackConfig(tcp_forwards=[]), loop)
-        self.device = NetDevice(loop, self.network)
+        self.device = NetDevice(loop, self.network, queue_pairs=pairs)
         self.device.features_set(int(VirtioFeature.VERSION_1))
         self.regions = [MemoryRegion(r.gpa, r.size, r.uva, r.offset) for r in self.ram.layout]
         for region in self.regions:
             self.device.region_added(region, os.dup(self.ram.fd))
-        self.drivers = {RX: Driver(self.ram, ring_gpa=0x10000, buffer_gpa=0x40000),
-                        TX: Driver(self.ram, ring_gpa=0x20000, buffer_gpa=0x60000)}
+        self.drivers = {index: Driver(self.ram, ring_gpa=0x10000 + index * 0x10000,
+                                      buffer_gpa=0x100000 + index * 0x20000)
+                        for index in range(2 * pairs)}
         for index in self.drivers:
             self.start(index)
 
@@ -95,6 +98,39 @@ def test_no_handle_once_the_ring_lost_its_memory(rig: Rig) -> None:
     assert device.direct_rx() is not None
     device.region_removed(rig.regions[0])  # the rings live there: they break
     assert device.direct_rx() is None
+
+
+def test_with_two_pairs_a_tcp_flow_gets_the_ring_of_the_pair_it_was_sent_on() -> None:
+    """Multiqueue: host TCP data goes straight into the RX ring of the pair the guest sends the
+    flow on (pair 0 for a flow never sent); UDP (no flow named) takes the Python path; with
+    one pair's ring disabled, the other is the one ring for every flow."""
+    loop = asyncio.new_event_loop()
+    rig = Rig(loop, pairs=2)
+    try:
+        device = rig.device
+        guest, remote = bytes([10, 0, 2, 15]), bytes([192, 0, 2, 7])
+        segment = struct.pack("!HH", 40123, 443) + bytes(16)
+        frame = (bytes(6) + bytes(6) + b"\x08\x00"
+                 + struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(segment), 0, 0x4000, 64, 6,
+                               0, guest, remote) + segment)
+        batch = FrameBatch(4, 1 << 16)
+        assert batch.append(frame)
+        assert device.steering is not None
+        device.steering.learn(batch, 1, 1)
+        flow = (remote, guest, 443, 40123)
+        pair0 = rig.device.queues[0].direct_rx()
+        pair1 = rig.device.queues[2].direct_rx()
+        assert device.direct_rx(flow) is pair1
+        device.direct_rx_done(0)
+        assert device.direct_rx((remote, guest, 443, 40124)) is pair0  # never sent
+        assert device.direct_rx() is None  # UDP: several flows per batch
+        device.ring_enable(2, False)
+        assert device.direct_rx(flow) is pair0 and device.direct_rx() is pair0
+        device.ring_enable(2, True)
+        assert device.direct_rx(flow) is pair1
+    finally:
+        rig.close()
+        loop.close()
 
 
 def kick_after_a_fault(rig: Rig, index: int, prepare: Callable[[], None]) -> list[bool]:

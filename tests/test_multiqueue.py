@@ -88,6 +88,26 @@ def test_later_fragments_follow_the_addresses_alone() -> None:
         _learned(steering, 256, fragment)
 
 
+def test_a_flow_named_by_its_fields_finds_the_pair_its_frames_taught() -> None:
+    """``pair_of_flow`` (host TCP data written into the ring before any frame exists) agrees
+    with ``pair_of`` for both families, whichever way round the flow is named."""
+    steering = FlowSteering()
+    guest6 = bytes.fromhex("fd00" + "00" * 13 + "0f")
+    remote6 = bytes.fromhex("20010db8" + "00" * 11 + "07")
+    tcp4 = eth(GATEWAY_MAC, GUEST_MAC, 0x0800,
+               ipv4(GUEST_IP, REMOTE, 6, struct.pack("!HH", 40123, 443) + bytes(16)))
+    tcp6 = eth(GATEWAY_MAC, GUEST_MAC, 0x86DD,
+               struct.pack("!IHBB16s16s", 6 << 28, 20, 6, 64, guest6, remote6)
+               + struct.pack("!HH", 50001, 8080) + bytes(16))
+    _learned(steering, 1, tcp4)
+    _learned(steering, 2, tcp6)
+    assert steering.pair_of_flow(REMOTE, GUEST_IP, 6, 443, 40123) == 1
+    assert steering.pair_of_flow(GUEST_IP, REMOTE, 6, 40123, 443) == 1
+    assert steering.pair_of_flow(remote6, guest6, 6, 8080, 50001) == 2
+    assert steering.pair_of_flow(REMOTE, GUEST_IP, 6, 443, 40124) == 0  # never sent
+    assert steering.pair_of_flow(REMOTE, guest6, 6, 443, 40123) == 0  # mixed families
+
+
 # ---- the offer --------------------------------------------------------------------------
 
 def test_one_pair_by_default_and_no_mq_feature(server: VhostnetProcess) -> None:

@@ -4,8 +4,9 @@ Frames for the guest wait in the network's queue (single frames, (frame, vnet) p
 and built ``GuestBatch``es) and, with several guests, in the switch's batch for this
 port. ``RxFlush`` pushes them into the running RX rings: all into one ring, or with
 multiqueue each flow into the RX ring of the pair the guest sends it on
-(``FlowSteering``). It also hands the one RX ring to the TCP fast path for direct
-writes (``direct_rx``). ``NetDevice`` (device.py, the vhost-user side: negotiation,
+(``FlowSteering``). It also hands an RX ring to the TCP and UDP fast paths for direct
+writes (``direct_rx``): the one usable ring, or with several, for a TCP flow, the ring
+of the pair the guest sends that flow on. ``NetDevice`` (device.py, the vhost-user side: negotiation,
 memory, kick/call fds, TX) inherits it; the attributes it uses are set up there.
 """
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 RX_QUEUE = 0
 TX_QUEUE = 1
+PROTO_TCP = 6
 
 # Frames handled per pass before yielding to the event loop, so that one busy
 # guest cannot starve the vhost-user socket or host sockets (both directions).
@@ -226,29 +228,54 @@ class RxFlush:
 
     def _rx_rings_changed(self) -> None:
         """A ring started, stopped, was enabled or disabled, or broke, or the device closed:
-        the usable RX rings and the direct-RX handle are looked up again when next asked."""
+        the usable RX rings and the direct-RX handles are looked up again when next asked."""
         self._usable_rx = None
         self._direct_rx_ring = None
         self._direct_rx_handle = None
 
-    def direct_rx(self) -> tuple[object, object] | None:
-        """The one usable RX ring's direct-write handle; None with several rings (steering is
-        done on the Python path), none, or a capture (it sees only frames pushed here).
-        Runs per host read: kept until ``_rx_rings_changed`` (the capture is read each time)."""
+    def direct_rx(self, tcp_flow: tuple[bytes, bytes, int, int] | None = None
+                  ) -> tuple[object, object] | None:
+        """The direct-write handle (``Virtqueue.direct_rx``) of the RX ring host data may go
+        into now: the one usable ring; with several, that of the pair the guest sends
+        ``tcp_flow`` (remote address, guest address, remote port, guest port) on, as
+        ``_flush_rx_steered`` would pick it (None without a flow: UDP's batches mix flows).
+        None with no ring or a capture (it sees only frames pushed here). Runs per host
+        read: kept until ``_rx_rings_changed`` (the capture is read each time)."""
         handle = self._direct_rx_handle
         if handle is None:
             handle = self._direct_rx_handle = self._find_direct_rx()
-        return handle if handle and self.capture is None else None
+        if not handle or self.capture is not None:
+            return None
+        if handle is True:
+            return None if tcp_flow is None else self._steered_direct_rx(tcp_flow)
+        return handle  # type: ignore[return-value]
 
     def _find_direct_rx(self) -> tuple[object, object] | bool:
-        """``direct_rx``'s answer, False for none."""
-        if self._closed or self.queue_pairs != 1:
+        """``direct_rx``'s answer: the one ring's handle, True for several (by flow), False
+        for none."""
+        if self._closed:
             return False
         rings = self._usable_rx_rings()
-        if len(rings) != 1:
+        if len(rings) > 1:
+            return self.steering is not None
+        if not rings:
             return False
-        self._direct_rx_ring = rings[0]
-        return rings[0].direct_rx()
+        (ring,) = rings.values()
+        self._direct_rx_ring = ring
+        return ring.direct_rx()
+
+    def _steered_direct_rx(self, tcp_flow: tuple[bytes, bytes, int, int]
+                           ) -> tuple[object, object] | None:
+        assert self.steering is not None
+        rings = self._usable_rx_rings()
+        remote, guest, remote_port, guest_port = tcp_flow
+        pair = self.steering.pair_of_flow(remote, guest, PROTO_TCP, remote_port, guest_port)
+        if pair not in rings:
+            if not rings:
+                return None
+            pair = next(iter(rings))  # as _flush_rx_steered's fallback
+        ring = self._direct_rx_ring = rings[pair]
+        return ring.direct_rx()  # (kept by the ring)
 
     def direct_rx_done(self, frames: int) -> None:
         self.counters["rx.frames"] += frames

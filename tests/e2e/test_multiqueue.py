@@ -4,7 +4,7 @@ Linux enables one queue pair per online CPU and picks the TX queue by the sendin
 CPU (XPS), so the ping runs pinned to CPU 0 and the download to CPU 1: each must
 pass, and vhostnet's ring counters must show frames both ways on both pairs
 (vq0/vq1: pair 0, vq2/vq3: pair 1), the answers steered back to the pair their
-flow was sent on.
+flow was sent on, the download's written straight into pair 1's RX ring (direct RX).
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ def test_two_queue_pairs_ping_and_download(vhostnet, run_guest, kit, e2e_tmp):
         assert counters.get(f"vq{ring}.{direction}_frames", 0) > 0, (ring, counters)
     # The download went out on pair 1 and came back there: most of RX is on ring 2.
     assert counters["vq2.rx_frames"] > counters["vq0.rx_frames"], counters
+    # The download went straight from the host socket into pair 1's RX ring (direct RX).
+    assert counters.get("tcp.direct_rx_segments", 0) > 0, counters
     print({name: value for name, value in counters.items()
            if name.startswith("vq") and name.endswith(("_frames", "_bytes"))})
     assert server.running(), "vhostnet should still be serving after the guest left"

@@ -68,8 +68,8 @@ class GuestRx:
         self.frames_written = 0
         self.used_buffers: list[tuple[int, int]] = []  # (gpa, length written), in order
 
-    # DirectRx, as NetDevice implements it
-    def direct_rx(self):
+    # DirectRx, as NetDevice implements it (one ring: the flow named, if any, goes there)
+    def direct_rx(self, tcp_flow: tuple[bytes, bytes, int, int] | None = None):
         return self.queue.direct_rx()
 
     def direct_rx_done(self, frames: int) -> None:

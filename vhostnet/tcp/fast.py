@@ -59,11 +59,14 @@ NONE_LEFT.flags.writeable = False
 
 
 class DirectRx(Protocol):
-    """The device's side of direct RX: the one RX ring frames may be written into now."""
+    """The device's side of direct RX: the RX ring frames may be written into now."""
 
-    def direct_rx(self) -> tuple[object, object] | None:
-        """The ring kernel's (queue, rx_direct capsule) (``Virtqueue.direct_rx``), or None
-        when frames must go through the guest frame queue (no ring or several, a capture)."""
+    def direct_rx(self, tcp_flow: tuple[bytes, bytes, int, int] | None = None
+                  ) -> tuple[object, object] | None:
+        """The ring kernel's (queue, rx_direct capsule) (``Virtqueue.direct_rx``) of the one
+        RX ring, or with several that of ``tcp_flow``'s pair (remote address, guest address,
+        remote port, guest port; None: no ring); None when frames must go through the guest
+        frame queue (no ring, a capture)."""
 
     def direct_rx_done(self, frames: int) -> None:
         """After a direct write of ``frames`` frames (counters, a ring that broke)."""
@@ -228,7 +231,8 @@ class TcpFastPath:
         if (flow is None or not flow.peek_pending or flow.peek_seq != flow.snd_nxt
                 or offset != flow.snd_nxt - flow.snd_una):
             return None
-        ring = self.rx.direct_rx()
+        ring = self.rx.direct_rx((flow.remote_ip, flow.guest_ip, flow.remote_port,
+                                  flow.guest_port))
         if ring is None:
             return None
         tx = self.engine.tx
