@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.support.frames import GUEST_IP6, guest_udp6_frame, parse_udp6_frame
@@ -42,6 +43,26 @@ def datagrams_to_guest(stack: NetworkStack) -> list[tuple[int, bytes]]:
     return found
 
 
+def lockstep_fetch(send_ack: Callable[[int], None],
+                   replies: Callable[[], list[tuple[int, bytes]]], port: int,
+                   limit: int) -> tuple[bytes, int]:
+    """ACK block 0, then each DATA block as it comes from the transfer's ``port`` (at most
+    ``limit``): the file received and the last block number."""
+    received = bytearray()
+    block = 0
+    for _ in range(limit):
+        send_ack(block)
+        answers = replies()
+        if not answers:
+            break
+        [(source_port, payload)] = answers
+        assert source_port == port
+        data = Data.parse(payload)
+        block = data.block
+        received += data.payload
+    return bytes(received), block
+
+
 def test_transfer_through_the_stack(tmp_path: Path) -> None:
     content = bytes(range(256)) * 12  # 3072 bytes: 3 blocks of 1024, then an empty one
     (tmp_path / "pxelinux.0").write_bytes(content)
@@ -55,19 +76,11 @@ def test_transfer_through_the_stack(tmp_path: Path) -> None:
     [(port, oack)] = datagrams_to_guest(stack)
     assert OptionAck.parse(oack).options == {"blksize": "1024", "tsize": "3072"}
 
-    received = bytearray()
-    block = 0
-    for _ in range(10):
+    def send_ack(block: int) -> None:
         stack.receive_frame(guest_frame(config, port, Ack(block).emit()), now=0.1)
-        replies = datagrams_to_guest(stack)
-        if not replies:
-            break
-        [(source_port, payload)] = replies
-        assert source_port == port
-        data = Data.parse(payload)
-        block = data.block
-        received += data.payload
-    assert bytes(received) == content
+
+    received, block = lockstep_fetch(send_ack, lambda: datagrams_to_guest(stack), port, 10)
+    assert received == content
     assert block == 4
     assert server.counters()["tftp.transfers_completed"] == 1
     assert "stack.drop.internal_error" not in stack.counters()
@@ -89,20 +102,14 @@ def test_transfer_over_ipv6_from_the_gateways_ipv6_address(tmp_path: Path) -> No
         [oack] = datagrams6_to_guest(stack, gateway6)
         port, payload = oack
         assert OptionAck.parse(payload).options == {"blksize": "1448"}  # 1500 - 40 - 8 - 4
-        received = bytearray()
-        block = 0
-        for _ in range(5):
+
+        def send_ack(block: int) -> None:
             ack = Ack(block).emit()
             stack.receive_frame(guest_udp6_frame(GUEST_PORT, gateway6, port, ack), 0.1)
-            replies = datagrams6_to_guest(stack, gateway6)
-            if not replies:
-                break
-            [(source_port, payload)] = replies
-            assert source_port == port
-            data = Data.parse(payload)
-            block = data.block
-            received += data.payload
-        assert bytes(received) == content and block == 2
+
+        received, block = lockstep_fetch(
+            send_ack, lambda: datagrams6_to_guest(stack, gateway6), port, 5)
+        assert received == content and block == 2
         assert network.tftp.counters()["tftp.transfers_completed"] == 1
     finally:
         network.close()
