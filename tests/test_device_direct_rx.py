@@ -101,9 +101,9 @@ def test_no_handle_once_the_ring_lost_its_memory(rig: Rig) -> None:
 
 
 def test_with_two_pairs_a_tcp_flow_gets_the_ring_of_the_pair_it_was_sent_on() -> None:
-    """Multiqueue: host TCP data goes straight into the RX ring of the pair the guest sends the
-    flow on (pair 0 for a flow never sent); UDP (no flow named) takes the Python path; with
-    one pair's ring disabled, the other is the one ring for every flow."""
+    """Multiqueue: host data goes straight into the RX ring of the pair the guest sends the
+    flow on (pair 0 for a flow never sent, or one of another protocol); with one pair's ring
+    disabled, the other is the one ring for every flow."""
     loop = asyncio.new_event_loop()
     rig = Rig(loop, pairs=2)
     try:
@@ -117,15 +117,17 @@ def test_with_two_pairs_a_tcp_flow_gets_the_ring_of_the_pair_it_was_sent_on() ->
         assert batch.append(frame)
         assert device.steering is not None
         device.steering.learn(batch, 1, 1)
-        flow = (remote, guest, 443, 40123)
+        flow = (6, remote, guest, 443, 40123)
         pair0 = rig.device.queues[0].direct_rx()
         pair1 = rig.device.queues[2].direct_rx()
-        assert device.direct_rx(flow) is pair1
+        assert device.direct_rx(flow) is pair1 and device.direct_rx_by_flow()
         device.direct_rx_done(0)
-        assert device.direct_rx((remote, guest, 443, 40124)) is pair0  # never sent
-        assert device.direct_rx() is None  # UDP: several flows per batch
+        assert device.direct_rx((6, remote, guest, 443, 40124)) is pair0  # never sent
+        assert device.direct_rx((17, remote, guest, 443, 40123)) is pair0  # another protocol
+        assert device.direct_rx() is None  # no flow named: the caller asks again with one
         device.ring_enable(2, False)
         assert device.direct_rx(flow) is pair0 and device.direct_rx() is pair0
+        assert not device.direct_rx_by_flow()
         device.ring_enable(2, True)
         assert device.direct_rx(flow) is pair1
     finally:

@@ -168,6 +168,8 @@ def test_each_pair_carries_its_own_flows_both_ways(server: VhostnetProcess) -> N
         stats = server.stats()
         assert stats["vq1.tx_frames"] == 21 and stats["vq3.tx_frames"] == 20
         assert stats["vq0.rx_frames"] == 21 and stats["vq2.rx_frames"] == 20
+        # The echoes went straight from the host socket into their pair's RX ring.
+        assert stats["udp.rx_direct"] == 40
 
 
 @TWO_PAIRS

@@ -5,8 +5,8 @@ and built ``GuestBatch``es) and, with several guests, in the switch's batch for 
 port. ``RxFlush`` pushes them into the running RX rings: all into one ring, or with
 multiqueue each flow into the RX ring of the pair the guest sends it on
 (``FlowSteering``). It also hands an RX ring to the TCP and UDP fast paths for direct
-writes (``direct_rx``): the one usable ring, or with several, for a TCP flow, the ring
-of the pair the guest sends that flow on. ``NetDevice`` (device.py, the vhost-user side: negotiation,
+writes (``direct_rx``): the one usable ring, or with several, for a flow, the ring of
+the pair the guest sends that flow on. ``NetDevice`` (device.py, the vhost-user side: negotiation,
 memory, kick/call fds, TX) inherits it; the attributes it uses are set up there.
 """
 
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 RX_QUEUE = 0
 TX_QUEUE = 1
-PROTO_TCP = 6
 
 # Frames handled per pass before yielding to the event loop, so that one busy
 # guest cannot starve the vhost-user socket or host sockets (both directions).
@@ -233,22 +232,27 @@ class RxFlush:
         self._direct_rx_ring = None
         self._direct_rx_handle = None
 
-    def direct_rx(self, tcp_flow: tuple[bytes, bytes, int, int] | None = None
+    def direct_rx(self, flow: tuple[int, bytes, bytes, int, int] | None = None
                   ) -> tuple[object, object] | None:
         """The direct-write handle (``Virtqueue.direct_rx``) of the RX ring host data may go
         into now: the one usable ring; with several, that of the pair the guest sends
-        ``tcp_flow`` (remote address, guest address, remote port, guest port) on, as
-        ``_flush_rx_steered`` would pick it (None without a flow: UDP's batches mix flows).
-        None with no ring or a capture (it sees only frames pushed here). Runs per host
-        read: kept until ``_rx_rings_changed`` (the capture is read each time)."""
+        ``flow`` (protocol, remote address, guest address, remote port, guest port) on, as
+        ``_flush_rx_steered`` would pick it, and None without a flow (``direct_rx_by_flow``
+        says so). None with no ring or a capture (it sees only frames pushed here). Runs per
+        host read: kept until ``_rx_rings_changed`` (the capture is read each time)."""
         handle = self._direct_rx_handle
         if handle is None:
             handle = self._direct_rx_handle = self._find_direct_rx()
         if not handle or self.capture is not None:
             return None
         if handle is True:
-            return None if tcp_flow is None else self._steered_direct_rx(tcp_flow)
+            return None if flow is None else self._steered_direct_rx(flow)
         return handle  # type: ignore[return-value]
+
+    def direct_rx_by_flow(self) -> bool:
+        """Whether ``direct_rx`` wants the flow to pick a ring (several usable RX rings): a
+        caller that names no flow by default asks again with one only then."""
+        return self._direct_rx_handle is True
 
     def _find_direct_rx(self) -> tuple[object, object] | bool:
         """``direct_rx``'s answer: the one ring's handle, True for several (by flow), False
@@ -264,12 +268,12 @@ class RxFlush:
         self._direct_rx_ring = ring
         return ring.direct_rx()
 
-    def _steered_direct_rx(self, tcp_flow: tuple[bytes, bytes, int, int]
+    def _steered_direct_rx(self, flow: tuple[int, bytes, bytes, int, int]
                            ) -> tuple[object, object] | None:
         assert self.steering is not None
         rings = self._usable_rx_rings()
-        remote, guest, remote_port, guest_port = tcp_flow
-        pair = self.steering.pair_of_flow(remote, guest, PROTO_TCP, remote_port, guest_port)
+        proto, remote, guest, remote_port, guest_port = flow
+        pair = self.steering.pair_of_flow(remote, guest, proto, remote_port, guest_port)
         if pair not in rings:
             if not rings:
                 return None

@@ -69,8 +69,11 @@ class GuestRx:
         self.used_buffers: list[tuple[int, int]] = []  # (gpa, length written), in order
 
     # DirectRx, as NetDevice implements it (one ring: the flow named, if any, goes there)
-    def direct_rx(self, tcp_flow: tuple[bytes, bytes, int, int] | None = None):
+    def direct_rx(self, flow: tuple[int, bytes, bytes, int, int] | None = None):
         return self.queue.direct_rx()
+
+    def direct_rx_by_flow(self) -> bool:
+        return False
 
     def direct_rx_done(self, frames: int) -> None:
         self.frames_written += frames

@@ -29,6 +29,7 @@ import numpy as np
 from vhostnet.hostio._udp_fast import DIRECT_DRAINED, DIRECT_LIMIT, UdpFastPath
 from vhostnet.stack.stack import NetworkStack
 from vhostnet.stack.udp_nat import UdpNat
+from vhostnet.wire.checksum import PROTO_UDP
 
 # No guest MAC told to the kernel yet (``UdpFastSender._told_guest_mac``).
 _NOT_TOLD = object()
@@ -60,8 +61,9 @@ class UdpFastSender:
         self._spare: Any | None = None  # taken but not filled (nothing waited): the next read's
         self._peers: dict[int, tuple[int, bytes, int]] = {}  # inbound flow -> kernel's key
         # Host -> guest straight into the RX ring: the device offering it (the network's
-        # ``set_direct_rx``; duck-typed as ``vhostnet.tcp.fast.DirectRx``: ``direct_rx()``,
-        # ``direct_rx_done(frames)``) and the queue whose waiting frames must go first.
+        # ``set_direct_rx``; duck-typed as ``vhostnet.tcp.fast.DirectRx``: ``direct_rx(flow)``,
+        # ``direct_rx_by_flow()``, ``direct_rx_done(frames)``) and the queue whose waiting
+        # frames must go first.
         self.rx: Any | None = None
         self._waiting: Sized = ()
         # The guest MAC the kernel was told (the gateway's is the config's, fixed): while it is
@@ -94,6 +96,8 @@ class UdpFastSender:
         rx = self.rx
         if rx is not None and not self._waiting:
             ring = rx.direct_rx()
+            if ring is None and rx.direct_rx_by_flow():
+                ring = rx.direct_rx(self._steering_key(flow_id))  # multiqueue: its pair's
             if ring is not None and (self._told_guest_mac is self.stack.guest_mac
                                      or self._macs_known()):
                 status, frames, spilled = self.kernel.receive_direct(
@@ -108,6 +112,13 @@ class UdpFastSender:
                     return True
                 # Ring out of buffers, or a datagram handed back: the old way reads on.
         return self._receive_queued(flow_id, now)
+
+    def _steering_key(self, flow_id: int) -> tuple[int, bytes, bytes, int, int] | None:
+        """The flow as ``DirectRx.direct_rx`` names one (the addresses the guest sees)."""
+        flow = self.engine.flow(flow_id)
+        if flow is None:
+            return None
+        return PROTO_UDP, flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port
 
     def _receive_queued(self, flow_id: int, now: float) -> bool:
         """``receive`` the old way: built into a batch queued for the guest."""

@@ -51,6 +51,7 @@ from vhostnet.tcp._fast import TcpFastPath as _Kernel
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import SEQ_MOD
 from vhostnet.tcp.host import TcpHost
+from vhostnet.wire.checksum import PROTO_TCP
 
 MAX_RAW_WINDOW = 0xFFFF
 # ``send_batch``'s answer when it took every frame left (read only).
@@ -61,12 +62,15 @@ NONE_LEFT.flags.writeable = False
 class DirectRx(Protocol):
     """The device's side of direct RX: the RX ring frames may be written into now."""
 
-    def direct_rx(self, tcp_flow: tuple[bytes, bytes, int, int] | None = None
+    def direct_rx(self, flow: tuple[int, bytes, bytes, int, int] | None = None
                   ) -> tuple[object, object] | None:
         """The ring kernel's (queue, rx_direct capsule) (``Virtqueue.direct_rx``) of the one
-        RX ring, or with several that of ``tcp_flow``'s pair (remote address, guest address,
-        remote port, guest port; None: no ring); None when frames must go through the guest
-        frame queue (no ring, a capture)."""
+        RX ring, or with several that of ``flow``'s pair (protocol, remote address, guest
+        address, remote port, guest port; None: no ring); None when frames must go through
+        the guest frame queue (no ring, a capture)."""
+
+    def direct_rx_by_flow(self) -> bool:
+        """Whether ``direct_rx`` picks the ring by flow (several RX rings) and so needs one."""
 
     def direct_rx_done(self, frames: int) -> None:
         """After a direct write of ``frames`` frames (counters, a ring that broke)."""
@@ -231,7 +235,7 @@ class TcpFastPath:
         if (flow is None or not flow.peek_pending or flow.peek_seq != flow.snd_nxt
                 or offset != flow.snd_nxt - flow.snd_una):
             return None
-        ring = self.rx.direct_rx((flow.remote_ip, flow.guest_ip, flow.remote_port,
+        ring = self.rx.direct_rx((PROTO_TCP, flow.remote_ip, flow.guest_ip, flow.remote_port,
                                   flow.guest_port))
         if ring is None:
             return None
