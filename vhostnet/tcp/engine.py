@@ -65,6 +65,7 @@ from vhostnet.tcp.flow import (
     Connect,
     Flow,
     Phase,
+    Segment,
     Send,
     ShutdownWrite,
     TcpCommand,
@@ -192,6 +193,12 @@ class TcpEngine:
         except MalformedPacket as error:
             self.stats.drop(f"tcp.drop.{error.reason}", f"malformed TCP segment: {error}")
             return
+        self.handle_segment(src, dst, seg, now)
+
+    def handle_segment(self, src: bytes, dst: bytes, seg: Segment, now: float) -> None:
+        """A guest segment from ``src`` to ``dst`` already checked as ``TcpSegmentView`` checks
+        (the fast path's ``ParsedSegment``), its checksum verified or left partial; the caller
+        counted it (``counts.segments_in``)."""
         key = (src, seg.src_port, dst, seg.dst_port)
         self._now = now
         flow = self.flows.get(key)
@@ -220,7 +227,7 @@ class TcpEngine:
         self._timers.schedule(flow)
 
     def _open_outbound(
-        self, key: tuple[bytes, int, bytes, int], seg: TcpSegmentView, now: float
+        self, key: tuple[bytes, int, bytes, int], seg: Segment, now: float
     ) -> None:
         guest_ip, guest_port, remote_ip, remote_port = key
         if self.table.at_limit(now):
@@ -246,12 +253,12 @@ class TcpEngine:
         self.commands.append(Connect(flow.flow_id, destination[0], destination[1]))
         self._timers.schedule(flow)
 
-    def _segment_connecting(self, flow: Flow, seg: TcpSegmentView) -> None:
+    def _segment_connecting(self, flow: Flow, seg: Segment) -> None:
         # The guest only retransmits its SYN while we wait for connect(); nothing to answer yet.
         if seg.flags & RST:
             self._abort(flow, send_rst=False)
 
-    def _segment_syn_rcvd(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
+    def _segment_syn_rcvd(self, flow: Flow, seg: Segment, now: float) -> None:
         flags = seg.flags
         if flags & RST:
             self._abort(flow, send_rst=False)
@@ -267,7 +274,7 @@ class TcpEngine:
         self._establish(flow, seg, now)
         self._segment_established(flow, seg, now)
 
-    def _segment_syn_sent(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
+    def _segment_syn_sent(self, flow: Flow, seg: Segment, now: float) -> None:
         flags = seg.flags
         acceptable = bool(flags & ACK) and flow.send_rel(seg.ack) == 1
         if flags & RST:
@@ -287,7 +294,7 @@ class TcpEngine:
         self.sender.pump(flow, now)
         self.sender.maybe_send_fin(flow, now)
 
-    def _establish(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
+    def _establish(self, flow: Flow, seg: Segment, now: float) -> None:
         flow.phase = Phase.ESTABLISHED
         flow.snd_una = 1
         flow.snd_wnd = seg.window << flow.snd_wscale if not seg.flags & SYN else seg.window
@@ -296,7 +303,7 @@ class TcpEngine:
         flow.rto = self.timeouts.rto_initial
         self.stats.inc("tcp.established")
 
-    def _segment_established(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
+    def _segment_established(self, flow: Flow, seg: Segment, now: float) -> None:
         flags = seg.flags
         if flags & RST:
             seq = flow.recv_rel(seg.seq)
@@ -317,7 +324,7 @@ class TcpEngine:
         if (payload or has_fin) and flow.flow_id in self.flows_by_id:
             self._process_data(flow, seg, payload, has_fin, now)
 
-    def _process_ack(self, flow: Flow, seg: TcpSegmentView, dup_candidate: bool,
+    def _process_ack(self, flow: Flow, seg: Segment, dup_candidate: bool,
                      now: float) -> bool:
         if not self.sender.take_ack(flow, seg.ack, seg.window, dup_candidate, now):
             return False
@@ -325,7 +332,7 @@ class TcpEngine:
             self._maybe_finish(flow)
         return flow.flow_id in self.flows_by_id
 
-    def _process_data(self, flow: Flow, seg: TcpSegmentView, payload: memoryview,
+    def _process_data(self, flow: Flow, seg: Segment, payload: memoryview,
                       has_fin: int, now: float) -> None:
         if flow.guest_fin:
             self.tx.ack(flow)  # a retransmission after the guest's FIN
@@ -597,7 +604,7 @@ class TcpEngine:
             self.stats.inc("tcp.rst_sent")
         self._remove(flow, abort=True)
 
-    def _take_syn_options(self, flow: Flow, seg: TcpSegmentView) -> None:
+    def _take_syn_options(self, flow: Flow, seg: Segment) -> None:
         options = seg.options
         flow.mss = min(options.mss or DEFAULT_MSS, self.tx.mss_limit(flow.guest_ip))
         if options.wscale is not None:

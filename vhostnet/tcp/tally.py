@@ -19,6 +19,7 @@ NAMES = {
     "fast_segments": "tcp.fast_segments",
     "fast_segments6": "tcp6.fast_segments",  # of tcp.fast_segments
     "fast_bytes": "tcp.fast_bytes",
+    "parsed_segments": "tcp.parsed_segments",  # parsed by the fast path, not the wire views
     "direct_rx_segments": "tcp.direct_rx_segments",
     "direct_rx_peeks": "tcp.direct_rx_peeks",  # calls into the ring (one Python round each)
 }
