@@ -201,11 +201,12 @@ class TcpHost:
             if not commands:
                 return
             command = commands.popleft()
-            handler = handlers.get(type(command))
-            if handler is None:
+            try:
+                handler = handlers[type(command)]  # (a subscript: no call, several per flow)
+            except KeyError:
                 log.error("unknown TCP command %r", command)
-            else:
-                handler(command)
+                continue
+            handler(command)
         if commands:
             self.loop.call_soon(self._event_done)  # finish later, let other work in
 
@@ -564,10 +565,11 @@ class TcpHost:
 
     def _on_socket_event(self, fd: int, events: int) -> None:
         """A flow socket is ready; it waits for nothing now (one-shot) until armed again."""
+        sockets = self._sockets
         flow_id = self._flow_by_fd.get(fd)
-        entry = self._sockets.get(flow_id) if flow_id is not None else None
-        if entry is None:
+        if flow_id not in sockets:
             return
+        entry = sockets[flow_id]
         read_fired = entry.reading and events & READABLE
         write_fired = entry.writing and events & WRITABLE
         if read_fired:
@@ -581,7 +583,7 @@ class TcpHost:
                 self._on_connect_ready(flow_id, events)
             else:
                 self._on_writable(flow_id)
-        if read_fired and self._sockets.get(flow_id) is entry:
+        if read_fired and flow_id in sockets and sockets[flow_id] is entry:
             self._on_readable(flow_id)
 
     def _event_done(self) -> None:
