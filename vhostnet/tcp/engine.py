@@ -462,14 +462,14 @@ class TcpEngine(ConnectionSetup):
         if flow.fin_sent or self.timeouts.ack_delay <= 0:
             self.tx.ack(flow)
             return
-        self.stats.inc("tcp.fin_acks_delayed")
+        self.counts.fin_acks_delayed += 1
         if flow.ack_owed_at is None:
             flow.ack_owed_at = now + self.timeouts.ack_delay
             self._wake_by(flow.ack_owed_at)
 
     def _maybe_finish(self, flow: Flow) -> None:
         if flow.host_shut and flow.fin_acked and flow.flow_id in self.flows_by_id:
-            self.stats.inc("tcp.closed")
+            self.counts.closed += 1
             self.recently_closed.remember(flow.key, flow.send_seq(flow.snd_nxt),
                                           flow.recv_seq(flow.rcv_nxt), self._now)
             self._remove(flow, abort=False)

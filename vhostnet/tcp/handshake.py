@@ -19,6 +19,7 @@ from vhostnet.tcp.flow import Connect, Flow, Phase, Segment, TcpCommand, TcpTime
 from vhostnet.tcp.output import GuestLink, GuestOutput, is_ipv6
 from vhostnet.tcp.sender import GuestSender
 from vhostnet.tcp.table import FlowTable
+from vhostnet.tcp.tally import EventCounts
 from vhostnet.tcp.timers import FlowTimers
 from vhostnet.wire.tcp import ACK, RST, SYN
 
@@ -41,6 +42,7 @@ class ConnectionSetup:
     flows: dict[tuple[bytes, int, bytes, int], Flow]
     flows_by_id: dict[int, Flow]
     tx: GuestOutput
+    counts: EventCounts
     sender: GuestSender
     _timers: FlowTimers
     _isn: Callable[[], int]
@@ -130,7 +132,7 @@ class ConnectionSetup:
         flow.rto_at = flow.syn_at = None
         flow.retries = 0
         flow.rto = self.timeouts.rto_initial
-        self.stats.inc("tcp.established")
+        self.counts.established += 1
 
     def on_connected(self, flow_id: int, now: float, send_space: int | None = None) -> None:
         flow = self.flows_by_id.get(flow_id)
