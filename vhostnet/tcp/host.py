@@ -54,7 +54,7 @@ from vhostnet.tcp.host_sockets import (
     set_lowat,
     tune,
 )
-from vhostnet.tcp.readiness import FAILED, READABLE, WRITABLE, Readiness
+from vhostnet.tcp.readiness import FAILED, PEER_FIN, READABLE, WRITABLE, Readiness
 from vhostnet.tcp.sender import PEEK_BUDGET
 
 log = logging.getLogger("vhostnet.tcp.host")
@@ -455,6 +455,14 @@ class TcpHost:
             return
         start = offset + delivered
         entry.peeked_until = start + len(data)
+        if drained and entry.peer_fin and (data or delivered):
+            # The FIN was in when the socket turned readable and this peek took all before
+            # it: the EOF now, not after one more readable event (a reply and its close, the
+            # end of most short connections, take one event).
+            self._stop_reading(entry)
+            self.engine.on_peeked(flow_id, start, data, now)
+            self.engine.on_host_eof(flow_id, now)
+            return
         if drained and (data or delivered or offset == 0):
             self._arm_reader(flow_id, entry.peeked_until)
         else:
@@ -574,6 +582,8 @@ class TcpHost:
         write_fired = entry.writing and events & WRITABLE
         if read_fired:
             entry.reading = False
+            if events & PEER_FIN:
+                entry.peer_fin = True  # (for good: what follows the FIN is nothing)
         if write_fired:
             entry.writing = False
         if entry.reading or entry.writing:
