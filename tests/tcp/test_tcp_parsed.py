@@ -9,6 +9,8 @@ frames the stack handles, and a source address the stack has not learned goes th
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 from vhostnet.tcp._fast import TcpFastPath as Kernel
@@ -257,3 +259,59 @@ def test_a_bad_checksum_is_still_counted_by_the_engine_on_the_stack_path() -> No
         assert network.counters()["tcp.drop.bad_checksum"] == 1
         network.close()
     run(scenario)
+
+
+def test_mutated_frames_are_parsed_only_as_the_wire_views_read_them() -> None:
+    # Bounded and seeded: random bytes flipped in valid segments (both families, options, data).
+    # A frame marked PARSED must be one the stack's views accept with the same fields and a
+    # checksum that verifies; the kernel must never read outside a frame (no crash).
+    from vhostnet.wire.checksum import PROTO_TCP, l4_checksum, l4_checksum_ok
+    from vhostnet.wire.errors import MalformedPacket
+    from vhostnet.wire.ipv4 import IPv4Packet
+    rng = random.Random(14)
+    bases = [(family, segment(family, **SEGMENTS[name]))
+             for family in (4, 6) for name in sorted(SEGMENTS)]
+    parsed_count = 0
+    for _ in range(3000):
+        family, tcp = rng.choice(bases)
+        if rng.random() < 0.5:
+            # The TCP header and options mutated, the checksum made right again: judged on them.
+            mutated = bytearray(tcp)
+            for _ in range(rng.randint(1, 3)):
+                mutated[rng.randrange(0, min(len(mutated), 60))] = rng.randrange(256)
+            mutated[16:18] = b"\0\0"
+            src = GUEST_IP if family == 4 else GUEST_IP6
+            value = l4_checksum(src, GATEWAY_IP if family == 4 else GATEWAY6, PROTO_TCP, mutated)
+            mutated[16:18] = value.to_bytes(2, "big")
+            frame = bytearray(frame_of(family, bytes(mutated)))
+        else:
+            frame = bytearray(frame_of(family, tcp))
+            for _ in range(rng.randint(1, 3)):
+                frame[rng.randrange(12, len(frame))] = rng.randrange(256)
+        if rng.random() < 0.2:
+            frame = frame[:rng.randrange(14, len(frame) + 1)]
+        handled, parsed = take([(bytes(frame), 0)])
+        if not parsed:
+            continue
+        parsed_count += 1
+        seg = parsed[0]
+        if frame[12:14] == b"\x08\x00":
+            packet = IPv4Packet(bytes(frame[14:]))  # (raises if the kernel took a bad header)
+            assert packet.proto == 6 and packet.header_len == 20 and not packet.is_fragment
+            src, dst, data = packet.src, packet.dst, packet.payload
+        else:
+            assert frame[20] == 6 and frame[22] != 0xFF
+            src, dst = bytes(frame[22:38]), bytes(frame[38:54])
+            data = memoryview(bytes(frame[54:54 + int.from_bytes(frame[18:20], "big")]))
+        assert (seg.src, seg.dst) == (src, dst)
+        assert l4_checksum_ok(src, dst, PROTO_TCP, data)
+        try:
+            view = TcpSegmentView(data)
+        except MalformedPacket as error:
+            raise AssertionError(f"parsed a segment the view refuses: {error}") from None
+        for field in ("src_port", "dst_port", "seq", "ack", "flags", "window", "segment_len"):
+            assert getattr(seg, field) == getattr(view, field), field
+        assert seg.payload == bytes(view.payload)
+        assert (seg.mss, seg.wscale, seg.sack_permitted) == (
+            view.options.mss, view.options.wscale, view.options.sack_permitted)
+    assert parsed_count > 500  # (header mutations with their checksum made right: many parse)

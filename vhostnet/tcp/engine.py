@@ -254,7 +254,7 @@ class TcpEngine(ConnectionSetup):
             self._maybe_finish(flow)
         return flow.flow_id in self.flows_by_id
 
-    def _process_data(self, flow: Flow, seg: Segment, payload: memoryview,
+    def _process_data(self, flow: Flow, seg: Segment, payload: bytes | memoryview,
                       has_fin: int, now: float) -> None:
         if flow.guest_fin:
             self.tx.ack(flow)  # a retransmission after the guest's FIN
