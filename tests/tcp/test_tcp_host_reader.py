@@ -133,3 +133,34 @@ def _pair() -> tuple[socket.socket, socket.socket]:
         ours = socket.create_connection(listener.getsockname())
         peer, _ = listener.accept()
     return ours, peer
+
+
+def test_connected_fds_follow_the_sockets_from_connect_to_close_or_detach() -> None:
+    # The fast path reads the flows' sockets from this mapping: it must never name a socket
+    # the glue closed or gave away (its number may be reused at once).
+    loop, net, engine = new_setup(StackConfig())
+
+    async def scenario() -> None:
+        async with established_flow(net, engine, loop, 42003, tcp_echo_until_eof) as (
+                host, guest):
+            (flow,) = engine.flows.values()
+            fd = host.connected_fds[flow.flow_id]
+            assert host.connected_fd(flow.flow_id) == fd and fd >= 0
+            guest.send(b"", then_close=True)
+            await run_until(net, engine, host, lambda: not engine.flows, timeout=10)
+            assert host.connected_fds == {} and host.connected_fd(flow.flow_id) is None
+
+    loop.run_until_complete(scenario())
+    loop.close()
+    loop, _net, engine = new_setup(StackConfig())
+    host = TcpHost(engine, loop)
+    ours, peer = _pair()
+    try:
+        host.adopt(9, ours)
+        assert host.connected_fds == {9: ours.fileno()}
+        assert host.detach(9) is ours and host.connected_fds == {}
+    finally:
+        host.close()
+        ours.close()
+        peer.close()
+        loop.close()

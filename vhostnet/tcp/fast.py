@@ -115,7 +115,7 @@ class TcpFastPath:
         if not changed:
             return  # the common case (called after every event and batch): nothing moved
         flows_by_id = self.engine.flows_by_id
-        connected_fd = self.host.connected_fd
+        connected_fds = self.host.connected_fds
         kernel = self.kernel
         while changed:
             flow_id = changed.pop()
@@ -130,7 +130,7 @@ class TcpFastPath:
             # The window field that gives the engine's snd_wnd back exactly (else no entry).
             wscale = flow.snd_wscale
             window = flow.snd_wnd >> wscale
-            fd = connected_fd(flow_id)
+            fd = connected_fds.get(flow_id)
             if fd is None or window > MAX_RAW_WINDOW or window << wscale != flow.snd_wnd:
                 kernel.remove(flow_id)
                 continue

@@ -99,6 +99,9 @@ class TcpHost:
         self.after_event = after_event
         self._sockets: dict[int, HostSocket] = {}
         self._flow_by_fd: dict[int, int] = {}
+        # flow id -> fd of each socket past connect() (read-only for others: the fast path
+        # looks its flows' sockets up here, several times per request/response).
+        self.connected_fds: dict[int, int] = {}
         self._readiness = Readiness(loop, self._on_socket_event)
         self._listeners: dict[PortForward, socket.socket] = {}
         self._peek_off: bool | None = None  # learnt from the first socket
@@ -157,10 +160,7 @@ class TcpHost:
 
     def connected_fd(self, flow_id: int) -> int | None:
         """The flow's host socket once connected (for the fast path), else None."""
-        entry = self._sockets.get(flow_id)
-        if entry is None or entry.connecting:
-            return None
-        return entry.sock.fileno()
+        return self.connected_fds.get(flow_id)
 
     def written_elsewhere(self, flow_id: int, host_full: bool, written: int = 0) -> int | None:
         """Someone else (the fast path) wrote ``written`` bytes to the flow's socket: the send
@@ -227,6 +227,7 @@ class TcpHost:
         entry = self._sockets.pop(flow_id, None)
         if entry is None:
             return None
+        self.connected_fds.pop(flow_id, None)
         if self._before_close is not None:
             self._before_close(flow_id)  # nothing else may write to it now (it may be frozen)
         entry.reading = entry.writing = False
@@ -372,6 +373,7 @@ class TcpHost:
     def _connected(self, flow_id: int, entry: HostSocket, events: int) -> None:
         """connect() finished, well or not (``events``: what the epoll set reported)."""
         entry.connecting = False
+        self.connected_fds[flow_id] = entry.sock.fileno()
         # Writable without an error event means connected; SO_ERROR only to learn the error.
         code = entry.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if events & FAILED else 0
         now = self.clock()
@@ -523,6 +525,7 @@ class TcpHost:
         entry = self._sockets.pop(flow_id, None)
         if entry is None:
             return
+        self.connected_fds.pop(flow_id, None)
         if self._before_close is not None:
             self._before_close(flow_id)
         entry.reading = entry.writing = False
@@ -570,6 +573,8 @@ class TcpHost:
     def _add_socket(self, flow_id: int, entry: HostSocket) -> None:
         self._sockets[flow_id] = entry
         self._flow_by_fd[entry.sock.fileno()] = flow_id
+        if not entry.connecting:
+            self.connected_fds[flow_id] = entry.sock.fileno()
 
     def _on_socket_event(self, fd: int, events: int) -> None:
         """A flow socket is ready; it waits for nothing now (one-shot) until armed again."""
