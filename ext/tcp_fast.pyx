@@ -46,6 +46,7 @@ from frame_batch cimport FrameArrays, frame_at
 from netbytes cimport be16, be32, pseudo_header_sum, pseudo_header_sum6, sum_bytes, sum_verifies
 from vhostnet.wire._flow_table cimport TABLE_SLOTS, FlowIndex
 from sockets cimport MAX_IOV, MSG_DONTWAIT, MSG_NOSIGNAL, iovec, msghdr, sendmsg
+from tcp_segment cimport flags_valid, has_sack, options_valid, syn_options
 from vnet cimport vnet_partial_csum_at
 
 cdef enum:
@@ -105,41 +106,6 @@ cdef struct AckState:          # a flow's ack fields before a frame (restored if
     uint32_t ack
     uint16_t window
     bint changed
-
-
-cdef inline bint options_valid(const uint8_t *opt, size_t end) noexcept nogil:
-    """The rules of ``tcp_wire.parse_options``: what it refuses, the engine drops."""
-    cdef size_t index = 0, length
-    cdef uint8_t kind
-    while index < end:
-        kind = opt[index]
-        if kind == 0:
-            return True
-        if kind == 1:
-            index += 1
-            continue
-        if index + 1 >= end:
-            return False
-        length = opt[index + 1]
-        if length < 2 or index + length > end:
-            return False
-        if (kind == 2 and length != 4) or (kind == 3 and length != 3) or (kind == 4 and length != 2):
-            return False
-        index += length
-    return True
-
-
-cdef inline bint has_sack(const uint8_t *opt, size_t end) noexcept nogil:
-    """A SACK option (kind 5) among valid options (``options_valid`` said so)."""
-    cdef size_t index = 0
-    while index < end and opt[index] != 0:
-        if opt[index] == 1:
-            index += 1
-            continue
-        if opt[index] == 5:
-            return True
-        index += opt[index + 1]
-    return False
 
 
 cdef class TcpFastPath:

@@ -9,7 +9,8 @@
 # partial) is marked PARSED in ``handled`` and comes back as a ``ParsedSegment``: the engine
 # takes it as it takes a ``TcpSegmentView`` (``TcpEngine.handle_segment``), without the wire
 # views and the stack's per-layer dispatch. Anything else stays with the stack, which counts,
-# logs and drops bad input as before. Only the families ``set_parse`` enables are parsed.
+# logs and drops bad input as before. Only the families ``set_parse`` enables are parsed. The
+# rules are those of the stack's view, declared in ext/tcp_segment.pxd.
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
@@ -17,15 +18,8 @@ cdef enum:
     HANDLED_NOT = 0      # for the stack
     HANDLED_TAKEN = 1    # taken in C
     HANDLED_PARSED = 2   # for the engine, as a ParsedSegment
-    MAX_WSCALE = 14      # RFC 7323 (tcp_wire.MAX_WSCALE): larger shifts count as 14
     PARSE_IPV4 = 1
     PARSE_IPV6 = 2
-
-
-cdef inline bint flags_valid(uint8_t flags) noexcept nogil:
-    """``TcpSegmentView``'s rule: not two of SYN, FIN and RST; at least one of SYN, RST, ACK."""
-    cdef uint8_t both = flags & (FLAG_SYN | FLAG_FIN | FLAG_RST)
-    return (both & (both - 1)) == 0 and (flags & (FLAG_SYN | FLAG_RST | FLAG_ACK)) != 0
 
 
 cdef class ParsedSegment:
@@ -64,9 +58,9 @@ cdef ParsedSegment parsed_segment(Py_ssize_t index, const uint8_t *frame):
     cdef ParsedSegment seg = ParsedSegment.__new__(ParsedSegment)
     cdef const uint8_t *ip = frame + ETH_LEN
     cdef const uint8_t *tcp
-    cdef const uint8_t *opt
-    cdef Py_ssize_t tcp_len, header_len, k = 0, length
-    cdef uint8_t kind
+    cdef Py_ssize_t tcp_len, header_len
+    cdef int mss, wscale
+    cdef bint sack_permitted
     if frame[12] == 0x08:
         tcp = ip + IP_LEN
         tcp_len = be16(ip + 2) - IP_LEN
@@ -87,21 +81,11 @@ cdef ParsedSegment parsed_segment(Py_ssize_t index, const uint8_t *frame):
     seg.flags = tcp[13]
     seg.window = be16(tcp + 14)
     seg.payload = PyBytes_FromStringAndSize(<const char *>tcp + header_len, tcp_len - header_len)
-    # The options were checked (options_valid): walk them as tcp_wire.parse_options does.
-    opt = tcp + TCP_LEN
-    length = header_len - TCP_LEN
-    while k < length:
-        kind = opt[k]
-        if kind == 0:
-            break
-        if kind == 1:
-            k += 1
-            continue
-        if kind == 2:
-            seg.mss = be16(opt + k + 2)
-        elif kind == 3:
-            seg.wscale = min(opt[k + 2], MAX_WSCALE)
-        elif kind == 4:
-            seg.sack_permitted = True
-        k += opt[k + 1]
+    # The options were checked (options_valid): read them as tcp_wire.parse_options does.
+    syn_options(tcp + TCP_LEN, header_len - TCP_LEN, &mss, &wscale, &sack_permitted)
+    seg.sack_permitted = sack_permitted
+    if mss >= 0:
+        seg.mss = mss
+    if wscale >= 0:
+        seg.wscale = wscale
     return seg
