@@ -6,8 +6,9 @@ needs this file to declare compiled extensions.
 The C contracts the kernels share are declared, not copied:
 
 - ext/netbytes.pxd (byte order, the one Internet checksum), ext/vnet.pxd (the vnet
-  word), ext/frame_batch.pxd (the FrameBatch layout) and ext/tcp_headers.pxd (the
-  Ethernet/IP/TCP header writers) are inline only, cimported by plain name (Cython
+  word), ext/frame_batch.pxd (the FrameBatch layout), ext/tcp_headers.pxd (the
+  Ethernet/IP/TCP header writers) and ext/tcp_segment.pxd (the stack's rules for a guest TCP
+  segment: flags, options) are inline only, cimported by plain name (Cython
   finds them next to the .pyx files);
 - ext/rx_direct.pxd declares the function table the ring kernel hands the TCP fast
   path in a capsule (host data peeked straight into RX buffers);

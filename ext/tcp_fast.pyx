@@ -46,6 +46,7 @@ from frame_batch cimport FrameArrays, frame_at
 from netbytes cimport be16, be32, pseudo_header_sum, pseudo_header_sum6, sum_bytes, sum_verifies
 from vhostnet.wire._flow_table cimport TABLE_SLOTS, FlowIndex
 from sockets cimport MAX_IOV, MSG_DONTWAIT, MSG_NOSIGNAL, iovec, msghdr, sendmsg
+from tcp_segment cimport flags_valid, has_sack, options_valid, syn_options
 from vnet cimport vnet_partial_csum_at
 
 cdef enum:
@@ -81,6 +82,9 @@ FALLBACK_NAMES = ("not_plain", "not_registered", "flags", "out_of_order", "check
                   "dup_ack", "ack_old", "ack_unsent", "zero_window", "after_fallback",
                   "host_busy")
 
+include "tcp_fast_parse.pxi"  # segments not taken, parsed for the engine
+
+
 cdef struct FlowSlot:          # the flow in slot i of the FlowIndex (vhostnet/wire/_flow_table.pxd)
     int fd
     uint32_t seq_next        # host byte order: the guest sequence number the engine expects
@@ -102,41 +106,6 @@ cdef struct AckState:          # a flow's ack fields before a frame (restored if
     uint32_t ack
     uint16_t window
     bint changed
-
-
-cdef inline bint options_valid(const uint8_t *opt, size_t end) noexcept nogil:
-    """The rules of ``tcp_wire.parse_options``: what it refuses, the engine drops."""
-    cdef size_t index = 0, length
-    cdef uint8_t kind
-    while index < end:
-        kind = opt[index]
-        if kind == 0:
-            return True
-        if kind == 1:
-            index += 1
-            continue
-        if index + 1 >= end:
-            return False
-        length = opt[index + 1]
-        if length < 2 or index + length > end:
-            return False
-        if (kind == 2 and length != 4) or (kind == 3 and length != 3) or (kind == 4 and length != 2):
-            return False
-        index += length
-    return True
-
-
-cdef inline bint has_sack(const uint8_t *opt, size_t end) noexcept nogil:
-    """A SACK option (kind 5) among valid options (``options_valid`` said so)."""
-    cdef size_t index = 0
-    while index < end and opt[index] != 0:
-        if opt[index] == 1:
-            index += 1
-            continue
-        if opt[index] == 5:
-            return True
-        index += opt[index + 1]
-    return False
 
 
 cdef class TcpFastPath:
@@ -161,6 +130,10 @@ cdef class TcpFastPath:
     cdef uint8_t gateway_mac[6]
     cdef uint8_t guest_mac[6]
     cdef bint have_guest_mac
+    cdef int parse_families                 # PARSE_IPV4 | PARSE_IPV6 (tcp_fast_parse.pxi)
+    cdef Py_ssize_t parsed                  # frames marked PARSED in the current batch
+    cdef readonly Py_ssize_t last_parsed6   # of the last take_batch's parsed frames, on IPv6
+    cdef readonly list last_parsed          # the last take_batch's ParsedSegments, in order
 
     def __cinit__(self):
         self.index = FlowIndex()
@@ -186,6 +159,10 @@ cdef class TcpFastPath:
         self.have_guest_mac = guest_mac is not None
         if self.have_guest_mac:
             memcpy(self.guest_mac, <const char *><bytes>guest_mac, 6)
+
+    def set_parse(self, bint ipv4, bint ipv6) -> None:
+        """Which families' segments not taken come back parsed (``last_parsed``); none at first."""
+        self.parse_families = (PARSE_IPV4 if ipv4 else 0) | (PARSE_IPV6 if ipv6 else 0)
 
     def contains(self, int64_t flow_id) -> bool:
         return self.index.slot_of(flow_id) >= 0
@@ -253,9 +230,11 @@ cdef class TcpFastPath:
         """Write the payload of in-order segments of registered flows among the first ``count`` frames.
 
         Frames with ``handled[i]`` already non-zero are skipped (another fast path took them);
-        ``handled[i]`` is set to 1 for each frame taken. Returns how many were taken.
+        ``handled[i]`` is set to 1 for each frame taken, to 2 for each segment parsed for the
+        engine (``last_parsed``, tcp_fast_parse.pxi). Returns how many were taken.
         """
-        cdef Py_ssize_t taken_frames
+        cdef Py_ssize_t taken_frames, i
+        cdef uint64_t length
         cdef FrameArrays batch
         if count > offsets.shape[0] or count > lengths.shape[0] or count > vnets.shape[0] \
                 or count > handled.shape[0]:
@@ -263,7 +242,11 @@ cdef class TcpFastPath:
         self.last_taken6 = 0
         self.last_acks = 0
         self.last_acks6 = 0
-        if count <= 0 or self.index.count == 0 or not self.have_guest_mac or data.shape[0] == 0:
+        self.last_parsed6 = 0
+        self.parsed = 0
+        self.last_parsed = []
+        if (count <= 0 or (self.index.count == 0 and not self.parse_families)
+                or not self.have_guest_mac or data.shape[0] == 0):
             return 0
         batch.data = &data[0]
         batch.size = data.shape[0]
@@ -272,6 +255,10 @@ cdef class TcpFastPath:
         batch.vnets = &vnets[0]
         with nogil:
             taken_frames = self._take_batch(&batch, &handled[0], count)
+        if self.parsed:
+            for i in range(count):
+                if handled[i] == HANDLED_PARSED:
+                    self.last_parsed.append(parsed_segment(i, frame_at(&batch, i, &length)))
         return taken_frames
 
     cdef Py_ssize_t _take_batch(self, const FrameArrays *batch, uint8_t *handled,
@@ -332,11 +319,14 @@ cdef class TcpFastPath:
                 continue
             slot = self.index.find6(ip, tcp) if ipv6 else self.index.find(ip, tcp)
             if slot < 0:
-                self.fallback_counts[FB_NOT_REGISTERED] += 1
+                if self.index.count:  # (as when no flow is registered and nothing was parsed)
+                    self.fallback_counts[FB_NOT_REGISTERED] += 1
+                self.mark_parsed(i, ip, tcp, tcp_len, batch.vnets[i], ipv6, handled)
                 continue
             flow = &self.slots[slot]
             if flow.stopped_in == self.batch_no:
                 self.fallback_counts[FB_AFTER_FALLBACK] += 1
+                self.mark_parsed(i, ip, tcp, tcp_len, batch.vnets[i], ipv6, handled)
                 continue
             payload_len = tcp_len - header_len
             if payload_len == 0 and slot == self.pending_slot:
@@ -345,6 +335,7 @@ cdef class TcpFastPath:
                 self.write_pending(handled)
                 if flow.stopped_in == self.batch_no:
                     self.fallback_counts[FB_AFTER_FALLBACK] += 1
+                    self.mark_parsed(i, ip, tcp, tcp_len, batch.vnets[i], ipv6, handled)
                     continue
             before.ack = flow.ack
             before.window = flow.window
@@ -353,6 +344,7 @@ cdef class TcpFastPath:
                 flow.stopped_in = self.batch_no
                 if slot == self.pending_slot:
                     self.write_pending(handled)
+                self.mark_parsed(i, ip, tcp, tcp_len, batch.vnets[i], ipv6, handled)
                 continue
             if payload_len == 0:
                 flow.acks += 1
@@ -427,6 +419,23 @@ cdef class TcpFastPath:
         flow.window = window
         flow.ack_changed = True
         return True
+
+    cdef void mark_parsed(self, Py_ssize_t i, const uint8_t *ip, const uint8_t *tcp,
+                          uint64_t tcp_len, uint64_t vnet, bint ipv6,
+                          uint8_t *handled) noexcept nogil:
+        """Mark a segment not taken (headers and options checked) PARSED if the stack would
+        hand it to the engine as it is: its family parsed, flags the engine accepts, not from
+        a multicast IPv6 source, a checksum that verifies or was left partial."""
+        if not self.parse_families & (PARSE_IPV6 if ipv6 else PARSE_IPV4):
+            return
+        if not flags_valid(tcp[13]) or (ipv6 and ip[8] == 0xFF):
+            return
+        if not self.checksum_acceptable(ip, tcp, tcp_len, vnet, ipv6):
+            return
+        handled[i] = HANDLED_PARSED
+        self.parsed += 1
+        if ipv6:
+            self.last_parsed6 += 1
 
     cdef inline void note_active(self, int slot, FlowSlot *flow) noexcept nogil:
         """The flow has something for take_activity()."""

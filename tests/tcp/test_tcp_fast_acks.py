@@ -36,7 +36,7 @@ class EngineCalls:
         engine = network.tcp
         self.segments = 0
         self.acks: list[tuple[int, int]] = []
-        for name in ("handle_ipv4", "handle_ipv6"):
+        for name in ("handle_segment",):  # (the stack's path and the parsed one both end there)
             setattr(engine, name, self._counting(getattr(engine, name)))
         acked = engine.on_acked_elsewhere
 

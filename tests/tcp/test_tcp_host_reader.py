@@ -93,9 +93,74 @@ def test_a_new_connection_counts_as_measured_for_its_first_small_writes(monkeypa
     loop.close()
 
 
+async def reply_and_close(reader, writer) -> None:
+    """A server that answers the first request and closes at once: the reply and the FIN go
+    out in one step (write_eof shuts the socket down now, there is nothing buffered)."""
+    request = await reader.read(65536)
+    writer.write(b"reply to " + request)
+    writer.write_eof()
+    writer.close()
+
+
+def test_a_reply_and_the_fin_behind_it_take_one_readable_event() -> None:
+    # The FIN was in when the socket turned readable (EPOLLRDHUP) and the peek took everything
+    # before it: the engine learns the EOF from that event, not from a second one.
+    loop, net, engine = new_setup(StackConfig())
+    readable: list[int] = []
+    on_readable = engine.on_readable
+
+    def counting(flow_id: int, now: float) -> None:
+        readable.append(flow_id)
+        on_readable(flow_id, now)
+    engine.on_readable = counting
+
+    async def scenario() -> None:
+        async with established_flow(net, engine, loop, 42002, reply_and_close) as (host, guest):
+            guest.send(b"request")
+            await run_until(net, engine, host, lambda: guest.peer_fin, timeout=10)
+            assert guest.received == b"reply to request"
+            assert len(readable) == 1, readable
+            guest.send(b"", then_close=True)
+            await run_until(net, engine, host, lambda: not engine.flows, timeout=10)
+
+    loop.run_until_complete(scenario())
+    loop.close()
+
+
 def _pair() -> tuple[socket.socket, socket.socket]:
     """A connected pair of TCP sockets on loopback."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         ours = socket.create_connection(listener.getsockname())
         peer, _ = listener.accept()
     return ours, peer
+
+
+def test_connected_fds_follow_the_sockets_from_connect_to_close_or_detach() -> None:
+    # The fast path reads the flows' sockets from this mapping: it must never name a socket
+    # the glue closed or gave away (its number may be reused at once).
+    loop, net, engine = new_setup(StackConfig())
+
+    async def scenario() -> None:
+        async with established_flow(net, engine, loop, 42003, tcp_echo_until_eof) as (
+                host, guest):
+            (flow,) = engine.flows.values()
+            fd = host.connected_fds[flow.flow_id]
+            assert host.connected_fd(flow.flow_id) == fd and fd >= 0
+            guest.send(b"", then_close=True)
+            await run_until(net, engine, host, lambda: not engine.flows, timeout=10)
+            assert host.connected_fds == {} and host.connected_fd(flow.flow_id) is None
+
+    loop.run_until_complete(scenario())
+    loop.close()
+    loop, _net, engine = new_setup(StackConfig())
+    host = TcpHost(engine, loop)
+    ours, peer = _pair()
+    try:
+        host.adopt(9, ours)
+        assert host.connected_fds == {9: ours.fileno()}
+        assert host.detach(9) is ours and host.connected_fds == {}
+    finally:
+        host.close()
+        ours.close()
+        peer.close()
+        loop.close()

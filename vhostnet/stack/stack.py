@@ -195,9 +195,14 @@ class NetworkStack(ToGuest):
         try:
             self._receive_frame(frame, now, vnet)
         except Exception:  # a bug must cost one frame, not the whole back-end
-            self.stats.inc("stack.drop.internal_error")
-            self.stats.log_exception_once("stack.internal_error",
-                                              "internal error handling a guest frame")
+            self.internal_error()
+
+    def internal_error(self) -> None:
+        """Handling a guest frame raised (call from the ``except``): counted, logged once; the
+        frame is lost, the back-end goes on."""
+        self.stats.inc("stack.drop.internal_error")
+        self.stats.log_exception_once("stack.internal_error",
+                                      "internal error handling a guest frame")
 
     def _receive_frame(self, frame: bytes | bytearray | memoryview, now: float, vnet: int) -> None:
         try:

@@ -9,6 +9,10 @@ Guest segments come in through ``handle_ipv4(packet, now)`` and
 through ``output.send_ipv4``/``send_ipv6`` (``vhostnet.tcp.output.GuestLink``).
 One engine serves both families: a flow's family is the length of its
 addresses (4 or 16 bytes), and everything below is the same for both.
+The C fast path hands over the segments it parses but does not take through
+``handle_segment`` (no wire views). The handshake half (the guest's SYN and
+connect(), accept() and our SYN, segments up to ESTABLISHED) is the base class
+``ConnectionSetup`` (vhostnet/tcp/handshake.py).
 
 Commands (``engine.commands``, a deque; see ``tcp_flow``):
     Connect(flow_id, host, port)   open a non-blocking connection
@@ -51,7 +55,6 @@ Data rules:
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import random
 from collections import deque
@@ -62,15 +65,16 @@ from vhostnet.stack.counters import Counters
 from vhostnet.tcp.closed import RecentlyClosed
 from vhostnet.tcp.flow import (
     Close,
-    Connect,
     Flow,
     Phase,
+    Segment,
     Send,
     ShutdownWrite,
     TcpCommand,
     TcpTimeouts,
 )
-from vhostnet.tcp.output import GuestLink, GuestOutput, is_ipv6
+from vhostnet.tcp.handshake import ConnectionSetup
+from vhostnet.tcp.output import GuestLink, GuestOutput
 from vhostnet.tcp.sender import PEEK_BUDGET, GuestSender
 from vhostnet.tcp.table import FlowTable
 from vhostnet.wire.checksum import PROTO_TCP, l4_checksum_ok
@@ -85,10 +89,6 @@ from vhostnet.wire.tcp import (
 
 log = logging.getLogger("vhostnet.tcp.engine")
 
-# Our window scale shift: 2^7 * 65535 ~ 8 MiB, enough for any host socket buffer.
-OUR_WSCALE = 7
-# The MSS to assume when the guest's SYN carries none (RFC 9293).
-DEFAULT_MSS = 536
 # Below this much window to advertise, guest data is acknowledged at once (no delayed ACK).
 ACK_NOW_WINDOW = 64 * 1024
 # At this much guest data unacknowledged, an interactive flow's ACK goes at once: two
@@ -117,7 +117,7 @@ class Ipv6Packet(Protocol):
     upper_payload: memoryview
 
 
-class TcpEngine:
+class TcpEngine(ConnectionSetup):
     """All TCP flows between the guest and the host. See the module docstring for the contract."""
 
     def __init__(
@@ -197,6 +197,12 @@ class TcpEngine:
         except MalformedPacket as error:
             self.stats.drop(f"tcp.drop.{error.reason}", f"malformed TCP segment: {error}")
             return
+        self.handle_segment(src, dst, seg, now)
+
+    def handle_segment(self, src: bytes, dst: bytes, seg: Segment, now: float) -> None:
+        """A guest segment from ``src`` to ``dst`` already checked as ``TcpSegmentView`` checks
+        (the fast path's ``ParsedSegment``), its checksum verified or left partial; the caller
+        counted it (``counts.segments_in``)."""
         key = (src, seg.src_port, dst, seg.dst_port)
         self._now = now
         flow = self.flows.get(key)
@@ -224,84 +230,7 @@ class TcpEngine:
             self._segment_established(flow, seg, now)
         self._timers.schedule(flow)
 
-    def _open_outbound(
-        self, key: tuple[bytes, int, bytes, int], seg: TcpSegmentView, now: float
-    ) -> None:
-        guest_ip, guest_port, remote_ip, remote_port = key
-        if self.table.at_limit(now):
-            self.tx.answer_stray(key, seg)
-            return
-        if is_ipv6(remote_ip):
-            destination = self.config.host_destination6(remote_ip, remote_port, guest_ip)
-        else:
-            destination = self.config.host_destination(remote_ip, remote_port)
-        if destination is None:
-            self.stats.inc("tcp.unreachable")
-            self.tx.answer_stray(key, seg)
-            return
-        flow = self.add_flow(key, inbound=False, phase=Phase.CONNECTING)
-        # The guest opened it: a client, whose first data is most likely a request the
-        # host answers at once; its ACK waits for the answer (one frame less per exchange).
-        flow.interactive = self.timeouts.ack_delay > 0
-        flow.irs = seg.seq
-        flow.rcv_nxt = flow.rcv_queued = 1
-        self._take_syn_options(flow, seg)
-        flow.syn_at = now + self.timeouts.syn
-        flow.idle_at = now + self.timeouts.idle
-        self.commands.append(Connect(flow.flow_id, destination[0], destination[1]))
-        self._timers.schedule(flow)
-
-    def _segment_connecting(self, flow: Flow, seg: TcpSegmentView) -> None:
-        # The guest only retransmits its SYN while we wait for connect(); nothing to answer yet.
-        if seg.flags & RST:
-            self._abort(flow, send_rst=False)
-
-    def _segment_syn_rcvd(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
-        flags = seg.flags
-        if flags & RST:
-            self._abort(flow, send_rst=False)
-            return
-        if flags & SYN:
-            self.tx.syn(flow)  # our SYN-ACK was lost
-            return
-        if not flags & ACK:
-            return
-        if flow.send_rel(seg.ack) != 1:
-            self.tx.rst_for(flow, seg)
-            return
-        self._establish(flow, seg, now)
-        self._segment_established(flow, seg, now)
-
-    def _segment_syn_sent(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
-        flags = seg.flags
-        acceptable = bool(flags & ACK) and flow.send_rel(seg.ack) == 1
-        if flags & RST:
-            if acceptable:
-                self._abort(flow, send_rst=False)
-            return
-        if flags & (SYN | ACK) != SYN | ACK:
-            return
-        if not acceptable:
-            self.tx.rst_for(flow, seg)
-            return
-        flow.irs = seg.seq
-        flow.rcv_nxt = flow.rcv_queued = 1
-        self._take_syn_options(flow, seg)
-        self._establish(flow, seg, now)
-        self.tx.ack(flow)
-        self.sender.pump(flow, now)
-        self.sender.maybe_send_fin(flow, now)
-
-    def _establish(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
-        flow.phase = Phase.ESTABLISHED
-        flow.snd_una = 1
-        flow.snd_wnd = seg.window << flow.snd_wscale if not seg.flags & SYN else seg.window
-        flow.rto_at = flow.syn_at = None
-        flow.retries = 0
-        flow.rto = self.timeouts.rto_initial
-        self.stats.inc("tcp.established")
-
-    def _segment_established(self, flow: Flow, seg: TcpSegmentView, now: float) -> None:
+    def _segment_established(self, flow: Flow, seg: Segment, now: float) -> None:
         flags = seg.flags
         if flags & RST:
             seq = flow.recv_rel(seg.seq)
@@ -322,7 +251,7 @@ class TcpEngine:
         if (payload or has_fin) and flow.flow_id in self.flows_by_id:
             self._process_data(flow, seg, payload, has_fin, now)
 
-    def _process_ack(self, flow: Flow, seg: TcpSegmentView, dup_candidate: bool,
+    def _process_ack(self, flow: Flow, seg: Segment, dup_candidate: bool,
                      now: float) -> bool:
         if not self.sender.take_ack(flow, seg.ack, seg.window, dup_candidate, now):
             return False
@@ -330,7 +259,7 @@ class TcpEngine:
             self._maybe_finish(flow)
         return flow.flow_id in self.flows_by_id
 
-    def _process_data(self, flow: Flow, seg: TcpSegmentView, payload: memoryview,
+    def _process_data(self, flow: Flow, seg: Segment, payload: bytes | memoryview,
                       has_fin: int, now: float) -> None:
         if flow.guest_fin:
             self.tx.ack(flow)  # a retransmission after the guest's FIN
@@ -357,28 +286,6 @@ class TcpEngine:
         self._maybe_shutdown(flow, now)
 
     # ------------------------------------------------------------ host events
-
-    def on_connected(self, flow_id: int, now: float, send_space: int | None = None) -> None:
-        flow = self.flows_by_id.get(flow_id)
-        if flow is None or flow.phase is not Phase.CONNECTING:
-            return
-        if send_space is not None:
-            flow.host_space = send_space
-        flow.phase = Phase.SYN_RCVD
-        flow.iss = self._isn() & 0xFFFFFFFF
-        flow.snd_nxt = flow.snd_max = 1
-        flow.rto = self.timeouts.rto_initial
-        flow.rto_at = now + flow.rto
-        flow.idle_at = now + self.timeouts.idle
-        self.tx.syn(flow)
-        self._timers.schedule(flow)
-
-    def on_connect_failed(self, flow_id: int, errno: int, now: float) -> None:
-        flow = self.flows_by_id.get(flow_id)
-        if flow is None:
-            return
-        self.stats.inc("tcp.connect_failed")
-        self._abort(flow, send_rst=True)
 
     def on_sent(self, flow_id: int, n: int, now: float, send_space: int | None = None) -> None:
         flow = self.flows_by_id.get(flow_id)
@@ -521,70 +428,7 @@ class TcpEngine:
         self.stats.inc("tcp.host_errors")
         self._abort(flow, send_rst=True)
 
-    def on_accepted(
-        self,
-        peer_host: str,
-        peer_port: int,
-        guest_port: int,
-        now: float,
-        send_space: int | None = None,
-    ) -> int | None:
-        """A host peer connected to a forwarded port: start a flow and send the guest a SYN.
-
-        The peer's family picks the guest's address: an IPv4 peer (also as a v4-mapped
-        address on a dual-stack listener) reaches the guest's IPv4 address, an IPv6 peer
-        its IPv6 address (configured, else learned); None when the guest has none there.
-        """
-        if self.table.at_limit(now):
-            return None
-        remote_ip = self._guest_visible_address(peer_host)
-        guest_ip = self._guest_address(is_ipv6(remote_ip))
-        if guest_ip is None:
-            self.stats.inc("tcp.drop.forward_no_guest_address")
-            return None
-        key = (guest_ip, guest_port, remote_ip, peer_port)
-        if key in self.flows:
-            self.stats.inc("tcp.drop.forward_tuple_busy")
-            return None
-        flow = self.add_flow(key, inbound=True, phase=Phase.SYN_SENT)
-        flow.mss = self.tx.mss_limit(guest_ip)
-        flow.iss = self._isn() & 0xFFFFFFFF
-        flow.snd_nxt = flow.snd_max = 1
-        flow.rto = self.timeouts.rto_initial
-        flow.rto_at = now + flow.rto
-        flow.syn_at = now + self.timeouts.syn
-        flow.idle_at = now + self.timeouts.idle
-        flow.rcv_wscale = OUR_WSCALE
-        if send_space is not None:
-            flow.host_space = send_space
-        self.tx.syn(flow)
-        self._timers.schedule(flow)
-        return flow.flow_id
-
     # ------------------------------------------------------------- internals
-
-    def _guest_visible_address(self, peer_host: str) -> bytes:
-        # A loopback peer appears as the mapped loopback address (by default the
-        # gateway), so the guest can answer it, as passt does.
-        address = ipaddress.ip_address(peer_host.partition("%")[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        if not address.is_loopback:
-            return address.packed
-        if address.version == 6:
-            return self.config.loopback_peer_address6
-        return self.config.loopback_peer_address
-
-    def _guest_address(self, ipv6: bool) -> bytes | None:
-        """The guest's address of a family, for flows a host peer opens (None: none known)."""
-        config = self.config
-        if ipv6:
-            return bytes(config.guest_ipv6 or self.output.guest_ipv6 or b"") or None
-        return bytes(config.guest_ipv4) if config.ipv4 else None
-
-    def add_flow(self, key: tuple[bytes, int, bytes, int], inbound: bool, phase: Phase) -> Flow:
-        """A new flow in ``phase``; the caller sets its numbers and timers (``schedule``)."""
-        return self.table.add(key, inbound, phase)
 
     def schedule(self, flow: Flow) -> None:
         """Put the flow's earliest deadline in the timer queue (after its timers changed)."""
@@ -603,17 +447,6 @@ class TcpEngine:
                 self.tx.emit(flow, RST | ACK, seq=flow.send_seq(flow.snd_nxt))
             self.stats.inc("tcp.rst_sent")
         self._remove(flow, abort=True)
-
-    def _take_syn_options(self, flow: Flow, seg: TcpSegmentView) -> None:
-        options = seg.options
-        flow.mss = min(options.mss or DEFAULT_MSS, self.tx.mss_limit(flow.guest_ip))
-        if options.wscale is not None:
-            flow.snd_wscale = options.wscale
-            flow.rcv_wscale = OUR_WSCALE
-        else:
-            # Scaling is used only when both SYNs carry the option (RFC 7323).
-            flow.snd_wscale = flow.rcv_wscale = 0
-        flow.snd_wnd = seg.window
 
     def _maybe_shutdown(self, flow: Flow, now: float) -> bool:
         """After the guest's FIN and all its data reached the host: SHUT_WR and ACK the FIN."""
@@ -636,14 +469,14 @@ class TcpEngine:
         if flow.fin_sent or self.timeouts.ack_delay <= 0:
             self.tx.ack(flow)
             return
-        self.stats.inc("tcp.fin_acks_delayed")
+        self.counts.fin_acks_delayed += 1
         if flow.ack_owed_at is None:
             flow.ack_owed_at = now + self.timeouts.ack_delay
             self._wake_by(flow.ack_owed_at)
 
     def _maybe_finish(self, flow: Flow) -> None:
         if flow.host_shut and flow.fin_acked and flow.flow_id in self.flows_by_id:
-            self.stats.inc("tcp.closed")
+            self.counts.closed += 1
             self.recently_closed.remember(flow.key, flow.send_seq(flow.snd_nxt),
                                           flow.recv_seq(flow.rcv_nxt), self._now)
             self._remove(flow, abort=False)

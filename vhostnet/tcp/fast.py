@@ -54,6 +54,9 @@ from vhostnet.tcp.host import TcpHost
 from vhostnet.wire.checksum import PROTO_TCP
 
 MAX_RAW_WINDOW = 0xFFFF
+# ``handled`` values of ``TcpFastPath.take_batch`` (ext/tcp_fast_parse.pxi).
+HANDLED_NOT = 0  # for the stack
+HANDLED_PARSED = 2  # in ``last_parsed``, for the engine
 # ``send_batch``'s answer when it took every frame left (read only).
 NONE_LEFT = np.empty(0, dtype=np.intp)
 NONE_LEFT.flags.writeable = False
@@ -102,6 +105,8 @@ class TcpFastPath:
         self.counts = engine.counts
         self._frames4 = self._frames6 = 0
         stack.stats.add_source(self._stack_counts)
+        # Segments not taken come back parsed for the engine, for the families the stack serves.
+        self.kernel.set_parse(stack.config.ipv4, stack.config.ipv6)
 
     @property
     def flows(self) -> int:
@@ -117,23 +122,23 @@ class TcpFastPath:
         if not changed:
             return  # the common case (called after every event and batch): nothing moved
         flows_by_id = self.engine.flows_by_id
-        connected_fd = self.host.connected_fd
+        connected_fds = self.host.connected_fds
         kernel = self.kernel
         while changed:
             flow_id = changed.pop()
             flow = flows_by_id.get(flow_id)
-            fd = connected_fd(flow_id) if flow is not None else None
-            if fd is None:
+            # Simple: in-order data is all that can happen (established, nothing buffered,
+            # no FIN either way); tested before the socket is asked for (a flow opening or
+            # closing changes several times and is never simple).
+            if (flow is None or not flow.open_both_ways or flow.to_host or flow.send_queued
+                    or flow.rcv_queued != flow.rcv_nxt):
                 kernel.remove(flow_id)
                 continue
             # The window field that gives the engine's snd_wnd back exactly (else no entry).
             wscale = flow.snd_wscale
             window = flow.snd_wnd >> wscale
-            # Simple: in-order data is all that can happen (established, nothing buffered,
-            # no FIN either way).
-            if (window > MAX_RAW_WINDOW or window << wscale != flow.snd_wnd
-                    or not flow.open_both_ways or flow.to_host or flow.send_queued
-                    or flow.rcv_queued != flow.rcv_nxt):
+            fd = connected_fds.get(flow_id)
+            if fd is None or window > MAX_RAW_WINDOW or window << wscale != flow.snd_wnd:
                 kernel.remove(flow_id)
                 continue
             iss = flow.iss  # the wire sequence numbers (Flow.send_seq/recv_seq), without calls
@@ -157,7 +162,7 @@ class TcpFastPath:
         """
         if self.changed:
             self.refresh()
-        if count <= 0 or not self.kernel.flows or self.stack.guest_mac is None:
+        if count <= 0 or self.stack.guest_mac is None:
             return left
         if self._arrays_of is not batch:
             self._arrays = batch.arrays()
@@ -171,9 +176,22 @@ class TcpFastPath:
             handled[left] = 0
         self.kernel.set_macs(self.stack.config.gateway_mac, self.stack.guest_mac)
         storage, offsets, lengths, vnets = self._arrays
-        taken = self.kernel.take_batch(storage, offsets, lengths, vnets, handled, count)
+        kernel = self.kernel
+        taken = kernel.take_batch(storage, offsets, lengths, vnets, handled, count)
+        parsed = kernel.last_parsed
+        if parsed:
+            self._deliver(batch, count, now, (count if left is None else len(left)) - taken,
+                          parsed, taken)
+            return NONE_LEFT
         if not taken:
             return left
+        self._note_taken(taken, now)
+        if taken == (count if left is None else len(left)):
+            return NONE_LEFT  # the common case of a small batch: no numpy pass
+        return np.flatnonzero(handled[:count] == 0)
+
+    def _note_taken(self, taken: int, now: float) -> None:
+        """Count the frames the kernel took and apply what it wrote to the engine."""
         kernel = self.kernel
         taken6 = kernel.last_taken6
         self._frames4 += taken - taken6
@@ -185,9 +203,50 @@ class TcpFastPath:
         counts.fast_acks6 += acks6
         counts.fast_segments6 += taken6 - acks6
         self.sync_all(now)
-        if taken == (count if left is None else len(left)):
-            return NONE_LEFT  # the common case of a small batch: no numpy pass
-        return np.flatnonzero(handled[:count] == 0)
+
+    def _deliver(self, batch, count: int, now: float, remaining: int, parsed: list,
+                 taken: int) -> None:
+        """The frames the kernel did not take, in batch order: its ``ParsedSegment``s to the
+        engine (``TcpEngine.handle_segment``), the others to the stack. A segment from an address
+        the stack has not learned as the guest's goes to the stack too (it learns it there)."""
+        if taken:
+            self._note_taken(taken, now)  # before the engine sees any segment of the batch
+        stack = self.stack
+        receive = stack.receive_frame
+        frame, vnet = batch.frame, batch.vnet
+        handle = self.engine.handle_segment
+        guest_ipv4 = stack.guest_ipv4
+        guest_ipv6 = stack.guest_ipv6_addresses
+        parsed6 = self.kernel.last_parsed6
+        to_stack = to_stack6 = 0
+        delivered = len(parsed)
+        if delivered == remaining:
+            order = None  # the common case: every frame left is a parsed segment
+        else:
+            order = self._handled[:count].tolist()
+        segments = iter(parsed)
+        for index in range(count) if order is not None else range(delivered):
+            if order is not None:
+                if order[index] != HANDLED_PARSED:
+                    if order[index] == HANDLED_NOT:
+                        receive(bytes(frame(index)), now, vnet(index))
+                    continue
+            seg = next(segments)
+            src = seg.src
+            if src == guest_ipv4 or src in guest_ipv6:
+                try:
+                    handle(src, seg.dst, seg, now)
+                except Exception:  # a bug must cost one segment, as on the stack's path
+                    stack.internal_error()
+                continue
+            receive(bytes(frame(seg.index)), now, vnet(seg.index))
+            to_stack += 1
+            to_stack6 += len(src) == 16
+        engine_segments = delivered - to_stack
+        self.counts.segments_in += engine_segments
+        self.counts.parsed_segments += engine_segments
+        self._frames6 += parsed6 - to_stack6
+        self._frames4 += engine_segments - (parsed6 - to_stack6)
 
     def _stack_counts(self) -> dict[str, int]:
         """The frames taken, counted as the stack counts those it receives, per family."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Protocol
 
 SEQ_MOD = 1 << 32
 HALF_SEQ = 1 << 31
@@ -19,6 +20,34 @@ HALF_SEQ = 1 << 31
 def seq_diff(a: int, b: int) -> int:
     """Signed distance ``a - b`` between two 32-bit sequence numbers (RFC 1982 style)."""
     return ((a - b + HALF_SEQ) % SEQ_MOD) - HALF_SEQ
+
+
+class SegmentOptions(Protocol):
+    """The SYN options the engine acts on (``tcp_wire.TcpOptions``)."""
+
+    mss: int | None
+    wscale: int | None
+
+
+class Segment(Protocol):
+    """What the engine reads from a guest segment: ``tcp_wire.TcpSegmentView`` (the stack's
+    path) or the fast path's ``ParsedSegment`` (ext/tcp_fast_parse.pxi), both checked alike."""
+
+    src_port: int
+    dst_port: int
+    seq: int
+    ack: int
+    flags: int
+    window: int
+
+    @property
+    def options(self) -> SegmentOptions: ...
+
+    @property
+    def payload(self) -> bytes | memoryview: ...
+
+    @property
+    def segment_len(self) -> int: ...
 
 
 class Phase(enum.Enum):

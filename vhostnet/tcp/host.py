@@ -54,7 +54,7 @@ from vhostnet.tcp.host_sockets import (
     set_lowat,
     tune,
 )
-from vhostnet.tcp.readiness import FAILED, READABLE, WRITABLE, Readiness
+from vhostnet.tcp.readiness import FAILED, PEER_FIN, READABLE, WRITABLE, Readiness
 from vhostnet.tcp.sender import PEEK_BUDGET
 
 log = logging.getLogger("vhostnet.tcp.host")
@@ -99,6 +99,9 @@ class TcpHost:
         self.after_event = after_event
         self._sockets: dict[int, HostSocket] = {}
         self._flow_by_fd: dict[int, int] = {}
+        # flow id -> fd of each socket past connect() (read-only for others: the fast path
+        # looks its flows' sockets up here, several times per request/response).
+        self.connected_fds: dict[int, int] = {}
         self._readiness = Readiness(loop, self._on_socket_event)
         self._listeners: dict[PortForward, socket.socket] = {}
         self._peek_off: bool | None = None  # learnt from the first socket
@@ -157,10 +160,7 @@ class TcpHost:
 
     def connected_fd(self, flow_id: int) -> int | None:
         """The flow's host socket once connected (for the fast path), else None."""
-        entry = self._sockets.get(flow_id)
-        if entry is None or entry.connecting:
-            return None
-        return entry.sock.fileno()
+        return self.connected_fds.get(flow_id)
 
     def written_elsewhere(self, flow_id: int, host_full: bool, written: int = 0) -> int | None:
         """Someone else (the fast path) wrote ``written`` bytes to the flow's socket: the send
@@ -201,11 +201,12 @@ class TcpHost:
             if not commands:
                 return
             command = commands.popleft()
-            handler = handlers.get(type(command))
-            if handler is None:
+            try:
+                handler = handlers[type(command)]  # (a subscript: no call, several per flow)
+            except KeyError:
                 log.error("unknown TCP command %r", command)
-            else:
-                handler(command)
+                continue
+            handler(command)
         if commands:
             self.loop.call_soon(self._event_done)  # finish later, let other work in
 
@@ -226,6 +227,7 @@ class TcpHost:
         entry = self._sockets.pop(flow_id, None)
         if entry is None:
             return None
+        self.connected_fds.pop(flow_id, None)
         if self._before_close is not None:
             self._before_close(flow_id)  # nothing else may write to it now (it may be frozen)
         entry.reading = entry.writing = False
@@ -371,6 +373,7 @@ class TcpHost:
     def _connected(self, flow_id: int, entry: HostSocket, events: int) -> None:
         """connect() finished, well or not (``events``: what the epoll set reported)."""
         entry.connecting = False
+        self.connected_fds[flow_id] = entry.sock.fileno()
         # Writable without an error event means connected; SO_ERROR only to learn the error.
         code = entry.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if events & FAILED else 0
         now = self.clock()
@@ -454,6 +457,14 @@ class TcpHost:
             return
         start = offset + delivered
         entry.peeked_until = start + len(data)
+        if drained and entry.peer_fin and (data or delivered):
+            # The FIN was in when the socket turned readable and this peek took all before
+            # it: the EOF now, not after one more readable event (a reply and its close, the
+            # end of most short connections, take one event).
+            self._stop_reading(entry)
+            self.engine.on_peeked(flow_id, start, data, now)
+            self.engine.on_host_eof(flow_id, now)
+            return
         if drained and (data or delivered or offset == 0):
             self._arm_reader(flow_id, entry.peeked_until)
         else:
@@ -514,6 +525,7 @@ class TcpHost:
         entry = self._sockets.pop(flow_id, None)
         if entry is None:
             return
+        self.connected_fds.pop(flow_id, None)
         if self._before_close is not None:
             self._before_close(flow_id)
         entry.reading = entry.writing = False
@@ -561,17 +573,22 @@ class TcpHost:
     def _add_socket(self, flow_id: int, entry: HostSocket) -> None:
         self._sockets[flow_id] = entry
         self._flow_by_fd[entry.sock.fileno()] = flow_id
+        if not entry.connecting:
+            self.connected_fds[flow_id] = entry.sock.fileno()
 
     def _on_socket_event(self, fd: int, events: int) -> None:
         """A flow socket is ready; it waits for nothing now (one-shot) until armed again."""
+        sockets = self._sockets
         flow_id = self._flow_by_fd.get(fd)
-        entry = self._sockets.get(flow_id) if flow_id is not None else None
-        if entry is None:
+        if flow_id not in sockets:
             return
+        entry = sockets[flow_id]
         read_fired = entry.reading and events & READABLE
         write_fired = entry.writing and events & WRITABLE
         if read_fired:
             entry.reading = False
+            if events & PEER_FIN:
+                entry.peer_fin = True  # (for good: what follows the FIN is nothing)
         if write_fired:
             entry.writing = False
         if entry.reading or entry.writing:
@@ -581,7 +598,7 @@ class TcpHost:
                 self._on_connect_ready(flow_id, events)
             else:
                 self._on_writable(flow_id)
-        if read_fired and self._sockets.get(flow_id) is entry:
+        if read_fired and flow_id in sockets and sockets[flow_id] is entry:
             self._on_readable(flow_id)
 
     def _event_done(self) -> None:

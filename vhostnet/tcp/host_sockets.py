@@ -33,6 +33,7 @@ class HostSocket:
     unmeasured: int = 0  # bytes written elsewhere since
     lowat: int = 1  # SO_RCVLOWAT as set (a new socket's is 1; 0: unknown)
     peek_awaited: bool = False  # a readable event ran; cleared by the peek it led to
+    peer_fin: bool = False  # a readable event said the peer's FIN is in (EPOLLRDHUP)
 
 
 def tune(sock: socket.socket) -> None:

@@ -12,11 +12,11 @@ from typing import Protocol
 
 from vhostnet.stack.counters import Counters
 from vhostnet.tcp._frames import control_frame
-from vhostnet.tcp.flow import Flow, Phase
+from vhostnet.tcp.flow import Flow, Phase, Segment
 from vhostnet.tcp.tally import EventCounts
 from vhostnet.wire.checksum import PROTO_TCP
 from vhostnet.wire.offload import IPV4_HEADER_LEN, IPV6_HEADER_LEN, GuestOffloads
-from vhostnet.wire.tcp import ACK, RST, SYN, TcpSegmentView, build_options, emit_segment
+from vhostnet.wire.tcp import ACK, RST, SYN, build_options, emit_segment
 
 
 class GuestLink(Protocol):
@@ -105,7 +105,7 @@ class GuestOutput:
     def ack(self, flow: Flow) -> None:
         self.emit(flow, ACK, seq=flow.send_seq(flow.snd_nxt))
 
-    def rst_for(self, flow: Flow, seg: TcpSegmentView) -> None:
+    def rst_for(self, flow: Flow, seg: Segment) -> None:
         """Reset answering an unacceptable ACK, without touching the flow (RFC 9293)."""
         self.emit(flow, RST, seq=seg.ack, ack=0)
         self.stats.inc("tcp.rst_sent")
@@ -115,7 +115,7 @@ class GuestOutput:
         self.emit_without_flow(key, seq, ack, ACK)
         self.stats.inc("tcp.closed_straggler_acked")
 
-    def answer_stray(self, key: tuple[bytes, int, bytes, int], seg: TcpSegmentView) -> None:
+    def answer_stray(self, key: tuple[bytes, int, bytes, int], seg: Segment) -> None:
         """RST for a segment that belongs to no flow (never in answer to a RST)."""
         if seg.flags & RST:
             self.stats.inc("tcp.drop.no_flow")

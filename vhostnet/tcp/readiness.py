@@ -19,6 +19,8 @@ from collections.abc import Callable
 # Events that end any wait: the socket failed or both directions are closed.
 FAILED = select.EPOLLERR | select.EPOLLHUP
 READABLE = select.EPOLLIN | select.EPOLLRDHUP | FAILED
+# With EPOLLIN: the peer's FIN had come when the event was taken (the reader asks for it).
+PEER_FIN = select.EPOLLRDHUP
 WRITABLE = select.EPOLLOUT | FAILED
 MAX_EVENTS = 256
 
@@ -46,8 +48,9 @@ class Readiness:
         return len(self._armed)
 
     def want(self, fd: int, read: bool, write: bool) -> None:
-        """Wait for ``fd`` to be readable and/or writable (both False: wait for nothing)."""
-        events = (select.EPOLLIN if read else 0) | (select.EPOLLOUT if write else 0)
+        """Wait for ``fd`` to be readable and/or writable (both False: wait for nothing); a
+        readable event says PEER_FIN too when the peer's FIN is in."""
+        events = (select.EPOLLIN | PEER_FIN if read else 0) | (select.EPOLLOUT if write else 0)
         armed = self._armed.get(fd)
         if armed == events:
             return

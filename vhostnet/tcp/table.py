@@ -47,14 +47,12 @@ class FlowTable:
         self.by_key[key] = flow
         self.by_id[flow.flow_id] = flow
         self.stats.inc("tcp.flows_total")
-        self.stats.set("tcp.flows_open", len(self.by_key))
-        return flow
+        return flow  # (tcp.flows_open: TcpEngine.counters sets it when the counters are read)
 
     def remove(self, flow: Flow) -> None:
         self.by_key.pop(flow.key, None)
         self.by_id.pop(flow.flow_id, None)
         self.touch(flow.flow_id)
-        self.stats.set("tcp.flows_open", len(self.by_key))
 
     def at_limit(self, now: float) -> bool:
         """True (counted, logged at most every few seconds) when no new flow may open."""
@@ -71,6 +69,9 @@ class FlowTable:
     def track_changes(self) -> None:
         """Start recording the ids of flows whose guest-side state may change."""
         self.tracking = True
+        # ``touch`` is then the set's own add (no Python frame: the engine touches a flow
+        # several times per connection and per request/response).
+        self.touch = self.changed.add  # type: ignore[method-assign]
 
     def touch(self, flow_id: int) -> None:
         """The flow's state may have changed (or it is gone)."""

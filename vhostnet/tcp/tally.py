@@ -1,5 +1,6 @@
 """Per-event TCP counts kept as plain integers: the paths that run several times per
-request/response (segments and bytes each way, the fast path's ACKs and writes) add to an
+request/response or once per connection (segments and bytes each way, the fast path's ACKs and
+writes, flows established and closed) add to an
 attribute instead of calling ``Counters.inc``; the totals join the engine's counters, under
 the same names, whenever they are read (``Counters.add_source``)."""
 
@@ -9,6 +10,9 @@ from vhostnet.stack.counters import PlainCounts
 
 # Attribute -> counter name.
 NAMES = {
+    "established": "tcp.established",  # flows (one each, not segments)
+    "closed": "tcp.closed",
+    "fin_acks_delayed": "tcp.fin_acks_delayed",
     "segments_in": "tcp.segments_in",
     "segments_out": "tcp.segments_out",
     "bytes_to_host": "tcp.bytes_to_host",
@@ -19,6 +23,7 @@ NAMES = {
     "fast_segments": "tcp.fast_segments",
     "fast_segments6": "tcp6.fast_segments",  # of tcp.fast_segments
     "fast_bytes": "tcp.fast_bytes",
+    "parsed_segments": "tcp.parsed_segments",  # parsed by the fast path, not the wire views
     "direct_rx_segments": "tcp.direct_rx_segments",
     "direct_rx_peeks": "tcp.direct_rx_peeks",  # calls into the ring (one Python round each)
 }
