@@ -573,3 +573,34 @@ def test_a_read_sends_what_it_queued_for_the_guest_at_its_end_without_a_callback
         device.close()
         network.close()
         loop.close()
+
+
+class _CountingSocket(socket.socket):
+    """A socket that counts its recv_into calls (the syscalls a read costs)."""
+
+    receives = 0
+
+    def recv_into(self, *args, **kwargs):  # type: ignore[override]
+        type(self).receives += 1
+        return super().recv_into(*args, **kwargs)
+
+
+def test_a_read_that_drains_the_socket_takes_one_recv_even_for_a_largest_frame(pair) -> None:
+    ours, peer = pair
+    counting = _CountingSocket(ours.family, ours.type, fileno=ours.detach())
+    counting.setblocking(False)
+    loop = asyncio.new_event_loop()
+    network = Network(StackConfig(), loop)
+    device = StreamDevice(loop, network, counting)
+    try:
+        peer.setblocking(True)
+        peer.sendall(encode_frames([_frame(1, MAX_FRAME)]))
+        _CountingSocket.receives = 0
+        _run_until(loop, lambda: device.counters["tx.frames"] == 1)
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert _CountingSocket.receives == 1  # no second recv only to see EAGAIN
+    finally:
+        device.close()
+        counting.close()
+        network.close()
+        loop.close()

@@ -219,8 +219,9 @@ class StreamDevice:
         closed."""
         framer, sock = self.framer, self.sock
         for _ in range(MAX_READS_PER_WAKEUP):
+            space = framer.space()
             try:
-                count = sock.recv_into(framer.space())
+                count = sock.recv_into(space)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -236,8 +237,8 @@ class StreamDevice:
             self.counters["tx.bytes"] += count
             if not self._deliver():
                 return False
-            if count < READ_CHUNK // 4:
-                break  # most likely drained: no second recv just to see EAGAIN
+            if count < len(space):
+                break  # drained (a stream recv takes all there is): no second recv for EAGAIN
         self.network.flush()
         return True
 
