@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(a name with or without guest-, or a part of it; default all)")
     p.add_argument("--guest-stream", action="store_true",
                    help="with --guest, also boot the guest with -netdev stream (rows NAME-stream)")
+    p.add_argument("--guest-stream-only", action="store_true",
+                   help="with --guest, boot the guest with -netdev stream only (no vhost-user "
+                        "guest rows)")
     p.add_argument("--guest-mtu", default=",".join(map(str, GUEST_MTUS)), metavar="LIST",
                    help="with --guest, the guest's and back-ends' MTUs, one boot each (default "
                         f"{','.join(map(str, GUEST_MTUS))}; rows past {GUEST_MTUS[0]} are named "
@@ -194,9 +197,10 @@ def round_groups(c: Contender, settings: Settings, one: Settings, one_guest: Gue
         groups.append((TESTPMD_CASE, lambda: testpmd_rows(c.template, c.name, gateway_mac_text(),
                                                           settings.duration)))
     for mtu in one_guest.mtus if kits is not None else ():
-        groups.append((f"{GUEST_CASE} at MTU {mtu}",
-                       lambda mtu=mtu: guest_rows(kits, c.template, c.name, one_guest,
-                                                  guest_baselines, mtu=mtu)))
+        if not one_guest.stream_only:
+            groups.append((f"{GUEST_CASE} at MTU {mtu}",
+                           lambda mtu=mtu: guest_rows(kits, c.template, c.name, one_guest,
+                                                      guest_baselines, mtu=mtu)))
         if one_guest.stream:
             groups.append((f"{GUEST_CASE}-stream at MTU {mtu}",
                            lambda mtu=mtu: guest_rows(kits, c.stream_template or c.template,
@@ -241,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                              "python3 -m tools.netns -- python3 -m bench")
         settings = Settings(cases, args.rounds, args.duration, Progress(), not args.no_offload)
         guest = GuestSettings(args.rounds, args.guest_seconds, args.qemu, args.guest_udp_rate,
-                              settings.progress, stream=args.guest_stream, mtus=guest_mtus,
+                              settings.progress,
+                              stream=args.guest_stream or args.guest_stream_only,
+                              stream_only=args.guest_stream_only, mtus=guest_mtus,
                               directions=select_directions(args.guest_cases)
                               if args.guest_cases else DIRECTIONS)
         if GUEST_CASE in cases:

@@ -110,6 +110,8 @@ class GuestSettings:
     # Also boot the guest with -netdev stream (virtio-net, no offloads) on the same
     # back-end socket: rows named "<back-end>-stream".
     stream: bool = False
+    # Only the -netdev stream boot (--guest-stream-only): no vhost-user guest rows.
+    stream_only: bool = False
     # Every guest row at each of these MTUs (guest link and back-end's -m), one boot each.
     mtus: tuple[int, ...] = GUEST_MTUS[:1]
     # --guest-cases: the directions run (``select_directions``); all of them by default.

@@ -2,9 +2,10 @@
 """The stream-mode kernel: QEMU's ``-netdev stream`` framing, a batch at a time.
 
 On the stream each Ethernet frame is a 4-byte big-endian length followed by the frame.
-``parse_frames`` cuts whole frames out of a receive buffer into a FrameBatch's arrays
-(the layout of ext/frame_batch.pxd, handed out by ``FrameBatch.arrays()``) without the
-GIL; a partial frame at the end stays for the next read. ``StreamSender`` writes the
+``index_frames`` finds the whole frames in a receive buffer and records them, where they
+lie, in a FrameBatch's arrays (``FrameBatch.arrays()``; the buffer is that batch's own
+storage, so the frames are read once and never copied) without the GIL; a partial frame
+at the end stays for the next read. ``StreamSender`` writes the
 frames queued for the guest with sendmsg(2), gathered where they lie (no copy into a
 send buffer): each frame is two iovecs, its length from a small header array and the
 frame itself. Lengths outside [14, 65549] mean the framing is lost: reported, never
@@ -41,23 +42,21 @@ LARGEST_FRAME = MAX_FRAME
 FRAMES_PER_SEND = SEND_SLOTS
 
 
-def parse_frames(const uint8_t[::1] buffer not None, Py_ssize_t start, Py_ssize_t end,
-                 uint8_t[::1] storage not None, uint64_t[::1] offsets not None,
-                 uint32_t[::1] lengths not None, uint64_t[::1] vnets not None) -> tuple:
-    """Copy the whole frames of ``buffer[start:end]`` to the batch arrays, from frame 0 on,
-    until the batch's frames or storage run out.
+def index_frames(const uint8_t[::1] buffer not None, Py_ssize_t start, Py_ssize_t end,
+                 uint64_t[::1] offsets not None, uint32_t[::1] lengths not None,
+                 uint64_t[::1] vnets not None) -> tuple:
+    """Record where the whole frames of ``buffer[start:end]`` lie, in place (no copy): entry
+    0 on of the arrays gets each frame's offset in ``buffer`` (after its length) and length,
+    until the arrays are full.
 
-    Returns (position after the last frame taken, frames taken, bytes of storage used,
-    the first bad length or -1). Nothing past a bad length is taken.
+    Returns (position after the last frame taken, frames taken, the first bad length or -1).
+    Nothing past a bad length is taken.
     """
     if start < 0 or end > buffer.shape[0] or start > end:
         raise ValueError(f"range {start}..{end} outside the buffer of {buffer.shape[0]} bytes")
     cdef Py_ssize_t capacity = min(offsets.shape[0], lengths.shape[0], vnets.shape[0])
-    cdef uint64_t room = <uint64_t>storage.shape[0]
     cdef const uint8_t *data = &buffer[0] if buffer.shape[0] else NULL
-    cdef uint8_t *out = &storage[0] if storage.shape[0] else NULL
     cdef Py_ssize_t position = start, count = 0
-    cdef uint64_t fill = 0
     cdef uint32_t length
     cdef long long bad = -1
     with nogil:
@@ -66,16 +65,14 @@ def parse_frames(const uint8_t[::1] buffer not None, Py_ssize_t start, Py_ssize_
             if length < MIN_FRAME or length > MAX_FRAME:
                 bad = length
                 break
-            if end - position - LENGTH_BYTES < <Py_ssize_t>length or fill + length > room:
+            if end - position - LENGTH_BYTES < <Py_ssize_t>length:
                 break
-            memcpy(out + fill, data + position + LENGTH_BYTES, length)
-            offsets[count] = fill
+            offsets[count] = <uint64_t>(position + LENGTH_BYTES)
             lengths[count] = length
             vnets[count] = 0
-            fill += length
             count += 1
             position += LENGTH_BYTES + length
-    return position, count, fill, bad
+    return position, count, bad
 
 
 cdef class StreamSender:

@@ -38,36 +38,42 @@ def _frames(batch: FrameBatch, count: int) -> list[bytes]:
     return [bytes(batch.frame(i)) for i in range(count)]
 
 
+def _take(framer: StreamFramer) -> list[bytes]:
+    """Every whole frame ``framer`` holds, copied out of its batch."""
+    got: list[bytes] = []
+    while True:
+        count = framer.next_frames()
+        got += _frames(framer.batch, count)
+        if count < framer.batch.capacity_frames:
+            return got
+
+
 def test_framer_joins_frames_split_across_reads() -> None:
     frames = [bytes([n]) * size for n, size in enumerate((14, 60, 1514, 9000, 65549))]
     wire = encode_frames(frames)
-    framer = StreamFramer()
-    batch = FrameBatch(16)
+    framer = StreamFramer(frames=16)
     got: list[bytes] = []
     for start in range(0, len(wire), 7):  # 7-byte reads: lengths and frames cut anywhere
         framer.feed(wire[start:start + 7])
-        batch.clear()
-        got += _frames(batch, framer.fill_batch(batch))
+        got += _take(framer)
     assert got == frames
     assert framer.buffered == 0
 
 
 def test_framer_takes_many_frames_per_read_and_stops_at_a_full_batch() -> None:
     frames = [struct.pack("!H", n) * 30 for n in range(300)]
-    framer = StreamFramer()
+    framer = StreamFramer(frames=256)
     framer.feed(encode_frames(frames))
-    batch = FrameBatch(256)
-    first = framer.fill_batch(batch)
-    assert first == 256 and _frames(batch, first) == frames[:256]
-    batch.clear()
-    assert _frames(batch, framer.fill_batch(batch)) == frames[256:]
+    first = framer.next_frames()
+    assert first == 256 and _frames(framer.batch, first) == frames[:256]
+    assert _frames(framer.batch, framer.next_frames()) == frames[256:]
+    assert framer.next_frames() == 0 and framer.batch.count == 0
 
 
 def test_framer_reads_into_its_own_buffer_in_bounded_memory() -> None:
     framer = StreamFramer(chunk=4096)
     frame = bytes(range(256)) * 5 + b"\x01" * 120  # 1400 bytes
     wire = encode_frames([frame]) * 200
-    batch = FrameBatch(256)
     count = 0
     position = 0
     while position < len(wire):
@@ -77,10 +83,9 @@ def test_framer_reads_into_its_own_buffer_in_bounded_memory() -> None:
         space[:taken] = wire[position:position + taken]
         framer.filled(taken)
         position += taken
-        batch.clear()
-        added = framer.fill_batch(batch)
-        assert all(bytes(batch.frame(i)) == frame for i in range(added))
-        count += added
+        added = _take(framer)
+        assert added == [frame] * len(added)
+        count += len(added)
     assert count == 200
 
 
@@ -88,23 +93,26 @@ def test_framer_reads_into_its_own_buffer_in_bounded_memory() -> None:
 def test_framer_refuses_lengths_no_frame_has(length: int) -> None:
     framer = StreamFramer()
     framer.feed(encode_frames([b"\x00" * 60]) + struct.pack("!I", length) + b"\x00" * 64)
-    batch = FrameBatch(8)
     with pytest.raises(StreamError):
-        framer.fill_batch(batch)
-    assert batch.count == 1  # the good frame before it was delivered
+        framer.next_frames()
+    assert framer.batch.count == 1  # the good frame before it was delivered
 
 
-def test_framer_stops_where_the_batch_storage_ends() -> None:
-    frames = [bytes([n]) * 1000 for n in range(10)]
-    framer = StreamFramer()
-    framer.feed(encode_frames(frames))
-    batch = FrameBatch(64, 3500)  # room for three frames' bytes
-    assert _frames(batch, framer.fill_batch(batch)) == frames[:3]
-    assert framer.buffered == 7 * 1004
-    got = []
-    for _ in range(3):
-        got += _frames(batch, framer.fill_batch(batch))
-    assert got == frames[3:] and framer.buffered == 0
+def test_frames_stay_where_they_were_read_no_copy() -> None:
+    """The framer's batch is its read buffer: a frame is the bytes recv wrote, in place."""
+    frames = [bytes([n]) * (100 + n) for n in range(5)]
+    framer = StreamFramer(chunk=4096, frames=8)
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        peer.sendall(encode_frames(frames))
+        space = framer.space()
+        framer.filled(ours.recv_into(space))
+        assert framer.next_frames() == len(frames)
+        storage = framer.batch.arrays()[0]
+        assert space.obj is storage  # read straight into the batch's storage
+        for index, frame in enumerate(frames):
+            view = framer.batch.frame(index)
+            assert view.obj is storage and bytes(view) == frame
 
 
 def test_a_batch_takes_only_frames_written_inside_its_storage() -> None:
@@ -174,7 +182,6 @@ class StreamPeer:
         self.sock.settimeout(5)
         self.sock.connect(path)
         self.framer = StreamFramer()
-        self.batch = FrameBatch(64)
 
     def send(self, *frames: bytes) -> None:
         self.sock.sendall(encode_frames(list(frames)))
@@ -187,8 +194,7 @@ class StreamPeer:
             data = self.sock.recv(65536)
             assert data, "vhostnet closed the stream"
             self.framer.feed(data)
-            self.batch.clear()
-            frames += _frames(self.batch, self.framer.fill_batch(self.batch))
+            frames += _take(self.framer)
         return frames
 
     def close(self) -> None:
@@ -319,7 +325,6 @@ def test_a_peer_that_stops_reading_leaves_frames_queued_then_gets_them_all() -> 
         _run_until(loop, lambda: device.counters["rx.send_waits"] > 0)
         assert network.frames_to_guest, "the socket is full: the rest waits in the network"
         reader = StreamFramer()
-        batch = FrameBatch(256)
         got: list[bytes] = []
         peer.setblocking(False)
 
@@ -328,8 +333,7 @@ def test_a_peer_that_stops_reading_leaves_frames_queued_then_gets_them_all() -> 
                 reader.feed(peer.recv(65536))
             except BlockingIOError:
                 pass
-            batch.clear()
-            got.extend(_frames(batch, reader.fill_batch(batch)))
+            got.extend(_take(reader))
             return len(got) == len(frames)
 
         _run_until(loop, read_some)
@@ -528,5 +532,75 @@ def test_frames_queued_while_the_socket_is_full_wait_for_writable_without_sendin
         assert wire == encode_frames([big, *later])
     finally:
         device.close()
+        network.close()
+        loop.close()
+
+
+def test_a_read_sends_what_it_queued_for_the_guest_at_its_end_without_a_callback(pair) -> None:
+    """A guest frame whose answer is queued (an ARP reply; a TCP ACK in bulk) gets it sent at
+    the end of the same read: no loop callback of the device's per read."""
+    ours, peer = pair
+    loop = asyncio.new_event_loop()
+    network = Network(StackConfig(), loop)
+    device = StreamDevice(loop, network, ours)
+    scheduled: list[object] = []
+    call_soon = loop.call_soon
+
+    def recording_call_soon(callback, *args, **kwargs):
+        scheduled.append(callback)
+        return call_soon(callback, *args, **kwargs)
+
+    loop.call_soon = recording_call_soon  # type: ignore[method-assign]
+    reader = StreamFramer()
+    got: list[bytes] = []
+
+    def answered() -> bool:
+        try:
+            reader.feed(peer.recv(65536))
+        except BlockingIOError:
+            pass
+        got.extend(_take(reader))
+        return len(got) == 2
+
+    try:
+        peer.sendall(encode_frames([arp_request(GATEWAY_IP)] * 2))
+        _run_until(loop, answered)
+        assert all(frame[12:14] == b"\x08\x06" and frame[0:6] == GUEST_MAC for frame in got)
+        assert device.counters["rx.sends"] == 1  # both replies in one sendmsg
+        assert not [callback for callback in scheduled
+                    if getattr(callback, "__self__", None) is device]
+    finally:
+        device.close()
+        network.close()
+        loop.close()
+
+
+class _CountingSocket(socket.socket):
+    """A socket that counts its recv_into calls (the syscalls a read costs)."""
+
+    receives = 0
+
+    def recv_into(self, *args, **kwargs):  # type: ignore[override]
+        type(self).receives += 1
+        return super().recv_into(*args, **kwargs)
+
+
+def test_a_read_that_drains_the_socket_takes_one_recv_even_for_a_largest_frame(pair) -> None:
+    ours, peer = pair
+    counting = _CountingSocket(ours.family, ours.type, fileno=ours.detach())
+    counting.setblocking(False)
+    loop = asyncio.new_event_loop()
+    network = Network(StackConfig(), loop)
+    device = StreamDevice(loop, network, counting)
+    try:
+        peer.setblocking(True)
+        peer.sendall(encode_frames([_frame(1, MAX_FRAME)]))
+        _CountingSocket.receives = 0
+        _run_until(loop, lambda: device.counters["tx.frames"] == 1)
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert _CountingSocket.receives == 1  # no second recv only to see EAGAIN
+    finally:
+        device.close()
+        counting.close()
         network.close()
         loop.close()

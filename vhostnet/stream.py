@@ -2,8 +2,8 @@
 
 Each Ethernet frame travels as a 4-byte big-endian length followed by the frame,
 with no virtio-net header, so it works with any NIC model (virtio-net, e1000).
-``StreamFramer`` is the sans-IO half (bytes in, whole frames out into a
-``FrameBatch``); ``StreamDevice`` is the socket glue, the stream counterpart of
+``StreamFramer`` is the sans-IO half (bytes in, whole frames out as a
+``FrameBatch`` whose storage is the read buffer: no copy); ``StreamDevice`` is the socket glue, the stream counterpart of
 ``NetDevice``: it reads the socket in large chunks and hands the network whole
 batches (``Network.receive_batch``, so the C fast paths run as for the rings), and
 writes frames for the guest many at a time in one sendmsg, gathered where they lie
@@ -37,7 +37,7 @@ from vhostnet._stream import (
     LENGTH_PREFIX,
     SMALLEST_FRAME,
     StreamSender,
-    parse_frames,
+    index_frames,
 )
 from vhostnet.guest_queue import GuestBatch
 from vhostnet.vhost_user.ratelimit import limiter
@@ -77,14 +77,18 @@ class StreamError(Exception):
 class StreamFramer:
     """Cuts a length-prefixed byte stream into frames, sans-IO, in bounded memory.
 
-    Bytes go into a buffer of ``READ_CHUNK`` plus one largest frame: read into
-    ``space()`` and report with ``filled(n)``, or ``feed(data)``. ``fill_batch``
-    copies the whole frames buffered into a ``FrameBatch`` in one kernel call
-    (ext/stream.pyx, no GIL); a partial frame stays for the next read.
+    Bytes go into a buffer of ``chunk`` plus one largest frame: read into ``space()`` and
+    report with ``filled(n)``, or ``feed(data)``. That buffer is the storage of the framer's
+    own ``batch``: ``next_frames`` makes the whole frames buffered that batch's frames where
+    they lie, in one kernel call (ext/stream.pyx, no GIL), so a frame is read once and never
+    copied; a partial frame stays for the next read. The batch's frames stay valid until
+    the next ``space()`` or ``feed``.
     """
 
-    def __init__(self, chunk: int = READ_CHUNK) -> None:
-        self._buffer = bytearray(chunk + LENGTH_BYTES + MAX_FRAME)
+    def __init__(self, chunk: int = READ_CHUNK, frames: int = BATCH_FRAMES) -> None:
+        self.chunk = chunk
+        self.batch = FrameBatch(frames, chunk + LENGTH_BYTES + MAX_FRAME)
+        self._buffer, *self._entries = self.batch.arrays()
         self._view = memoryview(self._buffer)
         self._start = 0  # first byte not yet consumed
         self._end = 0  # end of the bytes read
@@ -98,9 +102,9 @@ class StreamFramer:
         if self._start:
             if self._start == self._end:
                 self._start = self._end = 0
-            elif len(self._buffer) - self._end < READ_CHUNK // 4:
+            elif len(self._buffer) - self._end < self.chunk // 4:
                 # Move the partial frame to the front (at most one frame's bytes).
-                self._buffer[:self._end - self._start] = self._view[self._start:self._end]
+                self._view[:self._end - self._start] = self._view[self._start:self._end]
                 self._end -= self._start
                 self._start = 0
         return self._view[self._end:]
@@ -116,34 +120,28 @@ class StreamFramer:
             space = self.space()
             taken = min(len(space), len(view))
             if not taken:
-                raise BufferError("stream framer is full; call fill_batch first")
+                raise BufferError("stream framer is full; call next_frames first")
             space[:taken] = view[:taken]
             self.filled(taken)
             view = view[taken:]
 
-    def fill_batch(self, batch: FrameBatch) -> int:
-        """Replace ``batch``'s frames with the whole buffered frames it has room for; returns
-        how many.
+    def next_frames(self) -> int:
+        """Make ``batch``'s frames the whole frames buffered (as many as it holds) in place;
+        returns how many (fewer than the batch holds: no whole frame is left).
 
         Raises ``StreamError`` for a length outside [14, 65549] (the frames before it are
         in ``batch``).
         """
-        self._start, count, bad = frames_into_batch(self._buffer, self._start, self._end,
-                                                    batch)
+        batch = self.batch
+        batch.clear()
+        if self._end - self._start < LENGTH_BYTES:
+            return 0
+        self._start, count, bad = index_frames(self._buffer, self._start, self._end,
+                                               *self._entries)
+        batch.take_written(count)
         if bad >= 0:
             raise StreamError(f"frame length {bad} outside {MIN_FRAME}..{MAX_FRAME}")
         return count
-
-
-def frames_into_batch(buffer: bytearray, start: int, end: int,
-                      batch: FrameBatch) -> tuple[int, int, int]:
-    """The whole frames of ``buffer[start:end]`` into ``batch`` (cleared first): (position after
-    them, how many, the bad length that stopped the cut or -1)."""
-    storage, offsets, lengths, vnets = batch.arrays()
-    position, count, _used, bad = parse_frames(buffer, start, end, storage, offsets, lengths,
-                                               vnets)
-    batch.take_written(count)
-    return position, count, bad
 
 
 def frame_header(length: int) -> bytes:
@@ -179,8 +177,8 @@ class StreamDevice:
         self.capture = capture
         # Called once when the peer goes away or breaks the framing; set by the server.
         self.on_closed: Callable[[], None] | None = None
+        # Reads the socket into its batch's storage: guest frames are read once, not copied.
         self.framer = StreamFramer()
-        self.batch = FrameBatch(BATCH_FRAMES)
         # Sends frames for the guest from where they lie; holds the tail of a cut frame.
         self.sender = StreamSender()
         self._writing = False
@@ -203,38 +201,54 @@ class StreamDevice:
     def _on_readable(self) -> None:
         if self._closed:
             return
+        # What this read queues for the guest (a TCP ACK, an ARP reply) goes in the flush at
+        # its end, not in a callback of its own (one loop turn less per read).
+        held, self._rx_scheduled = self._rx_scheduled, True
+        read = False
+        try:
+            read = self._read()
+        finally:
+            self._rx_scheduled = held
+            if not read:
+                self._schedule_rx()  # (closed: nothing)
+        if read and not self._writing:
+            self._flush_rx()
+
+    def _read(self) -> bool:
+        """Read the socket and hand its frames to the network; False if the connection
+        closed."""
         framer, sock = self.framer, self.sock
         for _ in range(MAX_READS_PER_WAKEUP):
+            space = framer.space()
             try:
-                count = sock.recv_into(framer.space())
+                count = sock.recv_into(space)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 log.warning("stream connection error: %s", exc)
                 self.close()
-                return
+                return False
             if not count:
                 self._deliver()
                 log.info("stream front-end disconnected")
                 self.close()
-                return
+                return False
             framer.filled(count)
             self.counters["tx.bytes"] += count
             if not self._deliver():
-                return
-            if count < READ_CHUNK // 4:
-                break  # most likely drained: no second recv just to see EAGAIN
+                return False
+            if count < len(space):
+                break  # drained (a stream recv takes all there is): no second recv for EAGAIN
         self.network.flush()
-        if not self._writing:
-            self._flush_rx()
+        return True
 
     def _deliver(self) -> bool:
         """Hand every whole frame buffered to the network; False if the connection closed."""
-        batch, network = self.batch, self.network
+        framer, network = self.framer, self.network
+        batch = framer.batch
         while True:
-            batch.clear()
             try:
-                count = self.framer.fill_batch(batch)
+                count = framer.next_frames()
             except StreamError as exc:
                 self.counters["protocol_errors"] += 1
                 limiter.log(log, logging.ERROR, "stream_framing",
@@ -247,6 +261,8 @@ class StreamDevice:
                 self.capture.add_batch(batch, count)
             network.receive_batch(batch, count, time.monotonic())
             self.counters["tx.frames"] += count
+            if count < batch.capacity_frames:
+                return True  # no whole frame left
 
     # ---- network -> guest -------------------------------------------------------
 

@@ -139,3 +139,13 @@ def test_the_guest_mtu_reaches_both_backends_command_lines(tmp_path: Path, mtu: 
         argv = argv_file.read_text().splitlines()
         last = len(argv) - 1 - argv[::-1].index("-m")  # not python's own -m (module)
         assert argv[last + 1] == str(mtu), (name, argv)
+
+
+def test_stream_only_boots_the_stream_guest_alone() -> None:
+    settings = Settings(("guest",), 1, 1.0)
+    guest = GuestSettings(rounds=1, mtus=(1500, 65520), stream=True, stream_only=True)
+    contender = Contender("vhostnet", vhostnet_template(), None)
+    groups = [name for name, _ in round_groups(contender, settings, settings, guest,
+                                          Baselines(None, settings), GuestBaselines(),
+                                          object(), testpmd=False)]
+    assert groups == ["guest-stream at MTU 1500", "guest-stream at MTU 65520"]
