@@ -455,7 +455,7 @@ class TcpHost:
         start = offset + delivered
         entry.peeked_until = start + len(data)
         if drained and (data or delivered or offset == 0):
-            self._arm_reader(flow_id, entry.peeked_until)
+            self._arm_entry(entry, entry.peeked_until)
         else:
             # The guest's window is full (its ACK asks for more), or woken with nothing new
             # (memory pressure keeps the socket readable): wait until the guest's ACK frees
@@ -497,8 +497,8 @@ class TcpHost:
         entry.peeked_until = max(0, entry.peeked_until - command.length)
         if entry.rearm_on_discard:
             entry.rearm_on_discard = False
-            self._arm_reader(command.flow_id, entry.peeked_until)
-        elif entry.reading:
+            self._arm_entry(entry, entry.peeked_until)
+        elif entry.reading and entry.peeked_until + 1 != entry.lowat:
             set_lowat(entry, entry.peeked_until + 1)
 
     def _shutdown_write(self, command: ShutdownWrite) -> None:
@@ -527,20 +527,26 @@ class TcpHost:
     # ------------------------------------------------------------- readiness
 
     def _arm_reader(self, flow_id: int, already_peeked: int) -> None:
-        entry = self._sockets[flow_id]
-        set_lowat(entry, already_peeked + 1)
+        self._arm_entry(self._sockets[flow_id], already_peeked)
+
+    def _arm_entry(self, entry: HostSocket, already_peeked: int) -> None:
+        """``entry``'s socket waits to read past the ``already_peeked`` bytes queued."""
+        if already_peeked + 1 != entry.lowat:  # (``set_lowat``'s test: once a read)
+            set_lowat(entry, already_peeked + 1)
         if not entry.reading:
             entry.reading = True
-            self._want(entry)
+            self._readiness.want(entry.sock.fileno(), True, entry.writing)
 
-    def _on_readable(self, flow_id: int) -> None:
-        entry = self._sockets.get(flow_id)
-        if entry is None:
-            return
+    def _on_readable(self, flow_id: int, entry: HostSocket) -> None:
+        """``entry``, flow ``flow_id``'s socket, is readable. Runs per host read: the flush
+        after the event (``_event_done``) is written out here."""
         # The reader stays: the peek this leads to keeps it (short) or removes it.
         entry.peek_awaited = True
         self.engine.on_readable(flow_id, self.clock())
-        self._event_done()
+        if self.engine.commands:
+            self.flush()
+        if self.after_event is not None:
+            self.after_event()
         if entry.peek_awaited:  # no peek came of it (window closed, FIN sent): stop
             entry.peek_awaited = False
             self._stop_reading(entry)
@@ -582,7 +588,7 @@ class TcpHost:
             else:
                 self._on_writable(flow_id)
         if read_fired and self._sockets.get(flow_id) is entry:
-            self._on_readable(flow_id)
+            self._on_readable(flow_id, entry)
 
     def _event_done(self) -> None:
         self.flush()
