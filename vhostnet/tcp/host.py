@@ -16,12 +16,13 @@ A Peek (the guest's whole window) is offered to the direct-peek hook first
 call); what it leaves is peeked here, ``PEEK_BUDGET`` bytes at most (the engine asks again
 for the rest).
 
-Readiness: the flow sockets wait in the glue's own epoll set (``readiness.py``:
-one-shot, one ``epoll_ctl`` per change). A socket whose queued bytes have all been
+Readiness: the flow sockets wait in the glue's own epoll set (``readiness.py``: one
+``epoll_ctl`` per change; reading alone level-triggered and kept armed across replies,
+anything else one-shot). A socket whose queued bytes have all been
 peeked is still "readable" in the level-triggered sense, so the reader is armed only
 after a peek came back short, with SO_RCVLOWAT set one byte above what is already
 queued: it fires when new data (or EOF) arrives, not because of old data. A peek that
-fills the guest's window, EOF, or an event that led to no peek leaves it disarmed until
+fills the guest's window, EOF, or an event that led to no peek stops the reader until
 the guest's ACK frees room; SO_RCVLOWAT is set only when its value changes. The
 per-socket record and the small socket calls are in ``host_sockets.py``.
 
@@ -569,19 +570,21 @@ class TcpHost:
         self._flow_by_fd[entry.sock.fileno()] = flow_id
 
     def _on_socket_event(self, fd: int, events: int) -> None:
-        """A flow socket is ready; it waits for nothing now (one-shot) until armed again."""
+        """A flow socket is ready. Armed to read alone, it still is (the reader keeps or stops
+        it); otherwise it waits for nothing now (one-shot) until armed again."""
         flow_id = self._flow_by_fd.get(fd)
         entry = self._sockets.get(flow_id) if flow_id is not None else None
         if entry is None:
             return
         read_fired = entry.reading and events & READABLE
         write_fired = entry.writing and events & WRITABLE
-        if read_fired:
-            entry.reading = False
-        if write_fired:
-            entry.writing = False
-        if entry.reading or entry.writing:
-            self._want(entry)  # the direction that did not fire waits on
+        if not Readiness.stays_armed(entry.reading, entry.writing):
+            if read_fired:
+                entry.reading = False
+            if write_fired:
+                entry.writing = False
+            if entry.reading or entry.writing:
+                self._want(entry)  # the direction that did not fire waits on
         if write_fired:
             if entry.connecting:
                 self._on_connect_ready(flow_id, events)
