@@ -54,6 +54,7 @@ class RxFlush:
     _direct_rx_ring: Virtqueue | None
     _direct_rx_handle: tuple[object, object] | bool | None
     _rings_busy: Callable[[], None]  # (RingWatchdog's: a ring was written, watch the rings)
+    _watch_timer: asyncio.TimerHandle | None  # (RingWatchdog's: None while it does not watch)
 
     def _check_memory_fault(self) -> None:
         raise NotImplementedError  # NetDevice's
@@ -283,7 +284,7 @@ class RxFlush:
 
     def direct_rx_done(self, frames: int) -> None:
         self.counters["rx.frames"] += frames
-        if frames:
+        if frames and self._watch_timer is None:  # (``_rings_busy``'s test: once a reply)
             self._rings_busy()
         queue = self._direct_rx_ring
         if queue is None:

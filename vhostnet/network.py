@@ -331,22 +331,29 @@ class Network:
             self._frames_to_sink += count
             self._tx_sink(batch, count, now)
             return
-        receive = self.stack.receive_frame
-        frame, vnet = batch.frame, batch.vnet
-        left = self.udp_fast.send_batch(batch, count, now) if self.udp_fast is not None else None
-        if self.tcp_fast is not None and (left is None or len(left)):
+        udp_fast, tcp_fast = self.udp_fast, self.tcp_fast
+        left = udp_fast.send_batch(batch, count, now) if udp_fast is not None else None
+        if tcp_fast is not None and (left is None or len(left)):
             # (UDP took every frame: nothing for TCP's pass, nor its refresh, which the next
             # batch with TCP in it does.)
-            left = self.tcp_fast.send_batch(batch, count, now, left)
+            left = tcp_fast.send_batch(batch, count, now, left)
         if left is not None and not len(left):
             return  # the fast paths took every frame
+        receive = self.stack.receive_frame
+        frame, vnet = batch.frame, batch.vnet
         for index in range(count) if left is None else left.tolist():
             receive(bytes(frame(index)), now, vnet(index))
 
     def flush(self) -> None:
-        """Run the host-side commands the engines queued (a failing glue does not stop the others)."""
-        run_each_pending(self.errors, "glue_flush", log, self._glue_flushes)
-        if self.tcp_fast is not None and self.tcp_fast.changed:
+        """Run the host-side commands the engines queued (a failing glue does not stop the others).
+        Runs per guest batch and host event, mostly with nothing queued: that is found here
+        without a call."""
+        for commands, _flush in self._glue_flushes:
+            if commands:
+                run_each_pending(self.errors, "glue_flush", log, self._glue_flushes)
+                break
+        tcp_fast = self.tcp_fast
+        if tcp_fast is not None and tcp_fast.changed:
             # Now rather than at the next guest batch, which then waits less for its write.
             run_guarded(self.errors, "tcp_fast_refresh", log, self.tcp_fast.refresh)
 

@@ -1,9 +1,11 @@
 """The host socket glue per request/response exchange: the reader registered once, not removed
-and added again per reply (each would be an epoll_ctl), no reply missed; the send space of
-small writes estimated rather than measured (two system calls) each time."""
+and added again per reply (each would be an epoll_ctl), nor re-armed per reply (the flow
+sockets' epoll set keeps a socket that reads alone armed), no reply missed; the send space
+of small writes estimated rather than measured (two system calls) each time."""
 
 from __future__ import annotations
 
+import select
 import socket
 
 from tests.support.hostio import tcp_echo_until_eof
@@ -14,6 +16,62 @@ from vhostnet.tcp.host import ESTIMATE_SEND_SPACE, TcpHost
 from vhostnet.tcp.host_sockets import send_space
 
 EXCHANGES = 30
+
+
+class CountingEpoll:
+    """``select.epoll`` counting the calls that change the set (each an ``epoll_ctl``)."""
+
+    def __init__(self, real) -> None:
+        self.real = real()
+        self.changes = 0
+
+    def register(self, fd, events) -> None:
+        self.changes += 1
+        self.real.register(fd, events)
+
+    def modify(self, fd, events) -> None:
+        self.changes += 1
+        self.real.modify(fd, events)
+
+    def unregister(self, fd) -> None:
+        self.changes += 1
+        self.real.unregister(fd)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_the_reader_is_not_armed_again_per_exchange(monkeypatch) -> None:
+    loop, net, engine = new_setup(StackConfig())
+    epolls: list[CountingEpoll] = []
+    real = select.epoll
+
+    def counting_epoll() -> CountingEpoll:
+        epolls.append(CountingEpoll(real))
+        return epolls[-1]
+
+    monkeypatch.setattr(select, "epoll", counting_epoll)  # (the loop has its own already)
+
+    async def scenario() -> None:
+        async with established_flow(net, engine, loop, 42002, tcp_echo_until_eof) as (
+                host, guest):
+            assert len(epolls) == 1  # the glue's set
+            changes = epolls[0].changes
+            expected = 0
+            for index in range(EXCHANGES):
+                request = f"request {index} ".encode() * (index + 1)
+                expected += len(request)
+                guest.send(request)
+                await run_until(net, engine, host,
+                                lambda want=expected: len(guest.received) == want, timeout=10)
+            assert guest.received == guest.outgoing
+            # Old behaviour: one-shot, one epoll_ctl to arm the reader again after each reply.
+            assert epolls[0].changes - changes <= 2, epolls[0].changes - changes
+            guest.send(b"", then_close=True)
+            await run_until(net, engine, host, lambda: not engine.flows, timeout=10)
+
+    loop.run_until_complete(scenario())
+    loop.close()
 
 
 def test_the_reader_stays_registered_across_exchanges() -> None:

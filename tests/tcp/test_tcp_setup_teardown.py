@@ -157,29 +157,78 @@ def pair():
 
 
 def test_readiness_fires_once_until_armed_again(pair) -> None:
+    """Every registration but reading alone is one-shot."""
     a, b = pair
     loop = asyncio.new_event_loop()
     seen = Recorder()
     readiness = Readiness(loop, seen)
     try:
-        readiness.want(a.fileno(), read=True, write=False)
-        b.send(b"data")
-        spin(loop)
-        assert seen.events == [(a.fileno(), select.EPOLLIN)]
-        spin(loop)  # still readable, but one-shot: nothing until armed again
-        assert len(seen.events) == 1
-        readiness.want(a.fileno(), read=True, write=False)
-        spin(loop)
-        assert len(seen.events) == 2
         readiness.want(a.fileno(), read=False, write=True)
         spin(loop)
-        assert seen.events[-1] == (a.fileno(), select.EPOLLOUT)
+        assert seen.events == [(a.fileno(), select.EPOLLOUT)]
+        spin(loop)  # still writable, but one-shot: nothing until armed again
+        assert len(seen.events) == 1
+        readiness.want(a.fileno(), read=False, write=True)
+        spin(loop)
+        assert len(seen.events) == 2
+        b.send(b"data")
+        readiness.want(a.fileno(), read=True, write=True)
+        spin(loop)
+        assert seen.events[-1] == (a.fileno(), select.EPOLLIN | select.EPOLLOUT)
+        spin(loop)
+        assert len(seen.events) == 3
         assert readiness.watched == 1
         readiness.forget(a.fileno())
         assert readiness.watched == 0
         readiness.want(a.fileno(), read=True, write=False)  # registered anew after forget
         spin(loop)
-        assert len(seen.events) == 4
+        assert len(seen.events) >= 4
+    finally:
+        readiness.close()
+        loop.close()
+
+
+@pytest.fixture
+def tcp_pair():
+    """A connected loopback TCP pair (SO_RCVLOWAT counts for its readiness, not a UNIX pair's)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    b = socket.create_connection(listener.getsockname())
+    a, _ = listener.accept()
+    listener.close()
+    a.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_readiness_keeps_a_socket_that_reads_alone_armed(tcp_pair) -> None:
+    """Reading alone is level-triggered: the socket waits on after its event, with no
+    ``epoll_ctl`` to arm it again (the glue's SO_RCVLOWAT keeps seen bytes from firing it),
+    until ``want`` stops it."""
+    a, b = tcp_pair
+    loop = asyncio.new_event_loop()
+    seen = Recorder()
+    readiness = Readiness(loop, seen)
+    try:
+        readiness.want(a.fileno(), read=True, write=False)
+        assert Readiness.stays_armed(read=True, write=False)
+        assert not Readiness.stays_armed(read=True, write=True)
+        b.send(b"data")
+        spin(loop)
+        assert seen.events and seen.events[0] == (a.fileno(), select.EPOLLIN)
+        fired = len(seen.events)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 5)  # the 4 bytes were seen
+        spin(loop)
+        assert len(seen.events) == fired
+        ctl_calls = readiness.ctl_calls
+        b.send(b"more")  # new bytes fire it again, nothing armed it anew
+        spin(loop)
+        assert len(seen.events) > fired and seen.events[-1] == (a.fileno(), select.EPOLLIN)
+        assert readiness.ctl_calls == ctl_calls
+        readiness.want(a.fileno(), read=False, write=False)
+        fired = len(seen.events)
+        spin(loop)
+        assert len(seen.events) == fired
     finally:
         readiness.close()
         loop.close()
@@ -193,6 +242,7 @@ def test_readiness_skips_an_event_of_a_socket_closed_earlier_in_the_batch() -> N
 
     def on_event(fd: int, events: int) -> None:
         handled.append(fd)
+        readiness.want(fd, read=False, write=False)  # (read alone stays armed: stop it)
         other = second if fd == first.fileno() else first
         readiness.closing(other.fileno())  # handling one closes the other
         other.close()

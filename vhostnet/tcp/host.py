@@ -16,12 +16,13 @@ A Peek (the guest's whole window) is offered to the direct-peek hook first
 call); what it leaves is peeked here, ``PEEK_BUDGET`` bytes at most (the engine asks again
 for the rest).
 
-Readiness: the flow sockets wait in the glue's own epoll set (``readiness.py``:
-one-shot, one ``epoll_ctl`` per change). A socket whose queued bytes have all been
+Readiness: the flow sockets wait in the glue's own epoll set (``readiness.py``: one
+``epoll_ctl`` per change; reading alone level-triggered and kept armed across replies,
+anything else one-shot). A socket whose queued bytes have all been
 peeked is still "readable" in the level-triggered sense, so the reader is armed only
 after a peek came back short, with SO_RCVLOWAT set one byte above what is already
 queued: it fires when new data (or EOF) arrives, not because of old data. A peek that
-fills the guest's window, EOF, or an event that led to no peek leaves it disarmed until
+fills the guest's window, EOF, or an event that led to no peek stops the reader until
 the guest's ACK frees room; SO_RCVLOWAT is set only when its value changes. The
 per-socket record and the small socket calls are in ``host_sockets.py``.
 
@@ -466,7 +467,7 @@ class TcpHost:
             self.engine.on_host_eof(flow_id, now)
             return
         if drained and (data or delivered or offset == 0):
-            self._arm_reader(flow_id, entry.peeked_until)
+            self._arm_entry(entry, entry.peeked_until)
         else:
             # The guest's window is full (its ACK asks for more), or woken with nothing new
             # (memory pressure keeps the socket readable): wait until the guest's ACK frees
@@ -508,8 +509,8 @@ class TcpHost:
         entry.peeked_until = max(0, entry.peeked_until - command.length)
         if entry.rearm_on_discard:
             entry.rearm_on_discard = False
-            self._arm_reader(command.flow_id, entry.peeked_until)
-        elif entry.reading:
+            self._arm_entry(entry, entry.peeked_until)
+        elif entry.reading and entry.peeked_until + 1 != entry.lowat:
             set_lowat(entry, entry.peeked_until + 1)
 
     def _shutdown_write(self, command: ShutdownWrite) -> None:
@@ -539,20 +540,26 @@ class TcpHost:
     # ------------------------------------------------------------- readiness
 
     def _arm_reader(self, flow_id: int, already_peeked: int) -> None:
-        entry = self._sockets[flow_id]
-        set_lowat(entry, already_peeked + 1)
+        self._arm_entry(self._sockets[flow_id], already_peeked)
+
+    def _arm_entry(self, entry: HostSocket, already_peeked: int) -> None:
+        """``entry``'s socket waits to read past the ``already_peeked`` bytes queued."""
+        if already_peeked + 1 != entry.lowat:  # (``set_lowat``'s test: once a read)
+            set_lowat(entry, already_peeked + 1)
         if not entry.reading:
             entry.reading = True
-            self._want(entry)
+            self._readiness.want(entry.sock.fileno(), True, entry.writing)
 
-    def _on_readable(self, flow_id: int) -> None:
-        entry = self._sockets.get(flow_id)
-        if entry is None:
-            return
+    def _on_readable(self, flow_id: int, entry: HostSocket) -> None:
+        """``entry``, flow ``flow_id``'s socket, is readable. Runs per host read: the flush
+        after the event (``_event_done``) is written out here."""
         # The reader stays: the peek this leads to keeps it (short) or removes it.
         entry.peek_awaited = True
         self.engine.on_readable(flow_id, self.clock())
-        self._event_done()
+        if self.engine.commands:
+            self.flush()
+        if self.after_event is not None:
+            self.after_event()
         if entry.peek_awaited:  # no peek came of it (window closed, FIN sent): stop
             entry.peek_awaited = False
             self._stop_reading(entry)
@@ -577,7 +584,8 @@ class TcpHost:
             self.connected_fds[flow_id] = entry.sock.fileno()
 
     def _on_socket_event(self, fd: int, events: int) -> None:
-        """A flow socket is ready; it waits for nothing now (one-shot) until armed again."""
+        """A flow socket is ready. Armed to read alone, it still is (the reader keeps or stops
+        it); otherwise it waits for nothing now (one-shot) until armed again."""
         sockets = self._sockets
         flow_id = self._flow_by_fd.get(fd)
         if flow_id not in sockets:
@@ -585,21 +593,22 @@ class TcpHost:
         entry = sockets[flow_id]
         read_fired = entry.reading and events & READABLE
         write_fired = entry.writing and events & WRITABLE
-        if read_fired:
-            entry.reading = False
-            if events & PEER_FIN:
-                entry.peer_fin = True  # (for good: what follows the FIN is nothing)
-        if write_fired:
-            entry.writing = False
-        if entry.reading or entry.writing:
-            self._want(entry)  # the direction that did not fire waits on
+        if read_fired and events & PEER_FIN:
+            entry.peer_fin = True  # (for good: what follows the FIN is nothing)
+        if not Readiness.stays_armed(entry.reading, entry.writing):
+            if read_fired:
+                entry.reading = False
+            if write_fired:
+                entry.writing = False
+            if entry.reading or entry.writing:
+                self._want(entry)  # the direction that did not fire waits on
         if write_fired:
             if entry.connecting:
                 self._on_connect_ready(flow_id, events)
             else:
                 self._on_writable(flow_id)
         if read_fired and flow_id in sockets and sockets[flow_id] is entry:
-            self._on_readable(flow_id)
+            self._on_readable(flow_id, entry)
 
     def _event_done(self) -> None:
         self.flush()

@@ -119,8 +119,13 @@ class Virtqueue:
         """A kick's ring work in one call: ``batch`` emptied, up to ``max_frames`` frames
         moved into it (``tx_drain``), the guest notified of the used chains if it asks
         (``notify``) and, when fewer came, kicks asked for again (``enable_kick``). Returns
-        (frames, whether to drain again: the batch was full or buffers came meanwhile)."""
-        return self._reported(self._kernel.tx_drain_rearm(batch, max_frames))
+        (frames, whether to drain again: the batch was full or buffers came meanwhile).
+        Runs per kick: ``_reported``'s test is written out here."""
+        kernel = self._kernel
+        result = kernel.tx_drain_rearm(batch, max_frames)
+        if kernel.has_new_errors:
+            self._log_new_errors()
+        return result
 
     def rx_push(self, batch: FrameBatch, start: int = 0) -> int:
         """Write frames ``start…`` of ``batch`` into guest RX buffers.
