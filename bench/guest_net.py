@@ -48,6 +48,12 @@ def bulk_block(seed: int, length: int) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, length, dtype=np.uint8).tobytes()
 
 
+def unwrap(seq: int, near: int) -> int:
+    """The stream offset whose low 32 bits are ``seq`` closest to ``near`` (a round past 4 GiB
+    is a few seconds here)."""
+    return near + ((seq - near + 0x80000000) & 0xFFFFFFFF) - 0x80000000
+
+
 def fold(total: int) -> int:
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
@@ -384,7 +390,7 @@ class GuestTcp:
             self.ack_due = True
             return
         self.established = True
-        rel_ack = (ack - self.iss) & 0xFFFFFFFF
+        rel_ack = unwrap(ack - self.iss, self.snd_una)
         if self.snd_una < rel_ack <= self.sent_end:
             self.snd_una = rel_ack
             if self.snd_nxt < rel_ack:  # what went out before going back arrived after all
@@ -398,7 +404,7 @@ class GuestTcp:
             if self.dup_acks == 3:
                 self._go_back()
         self.snd_wnd = window << self.peer_wscale
-        rel_seq = (seq - self.irs) & 0xFFFFFFFF
+        rel_seq = unwrap(seq - self.irs, self.rcv_nxt)
         if len(payload) or flags & FIN:
             if rel_seq == self.rcv_nxt:
                 if len(payload):

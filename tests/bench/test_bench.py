@@ -156,13 +156,13 @@ class _NoNet:
 def _receiving(expected: bytes) -> GuestTcp:
     conn = GuestTcp(_NoNet(), 5001, bytes(4), 40000, 1460)  # type: ignore[arg-type]
     conn.expect_repeated(expected)
-    conn.irs, conn.rcv_nxt, conn.established = 0, 1, True
+    conn.irs, conn.rcv_nxt, conn.established = 0x12345678, 1, True
     return conn
 
 
 def _deliver(conn: GuestTcp, payload: bytes) -> None:
-    conn.segment(conn.irs + conn.rcv_nxt, conn.iss + 1, ACK, 1000, memoryview(payload),
-                 payload, 0, 0)
+    conn.segment((conn.irs + conn.rcv_nxt) & 0xFFFFFFFF, (conn.iss + 1) & 0xFFFFFFFF, ACK, 1000,
+                 memoryview(payload), payload, 0, 0)
 
 
 def test_bulk_receiver_checks_every_byte_against_the_repeated_block() -> None:
@@ -182,6 +182,18 @@ def test_bulk_receiver_checks_every_byte_against_the_repeated_block() -> None:
         for start in range(0, 200_000, 50_000):
             _deliver(conn, bytes(bad[start:start + 50_000]))
         assert conn.received == 200_000 and not conn.intact
+
+
+def test_bulk_receiver_goes_on_past_4_gib() -> None:
+    block = bulk_block(5, 1000)
+    conn = _receiving(block)
+    conn.rcv_nxt = (1 << 32) - 500  # the sequence numbers wrap 500 bytes on
+    conn.received = conn.rcv_nxt - 1
+    start = conn.received % 1000
+    _deliver(conn, (block * 4)[start:start + 2000])
+    assert conn.rcv_nxt == (1 << 32) + 1500 and conn.intact
+    _deliver(conn, (block * 4)[start + 2000:start + 2500])
+    assert conn.rcv_nxt == (1 << 32) + 2000 and conn.received == (1 << 32) + 1999
 
 
 def test_repeated_block_digest_matches_hashlib() -> None:
