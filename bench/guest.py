@@ -14,9 +14,7 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
-
-from bench.guest_net import GATEWAY_IP, GUEST_MAC, GuestNet, GuestTcp, Listener
+from bench.guest_net import GATEWAY_IP, GUEST_MAC, GuestNet, GuestTcp, Listener, bulk_block
 from bench.rings import GuestRings
 from bench.runner import latency_reply, serve_json_lines
 
@@ -120,7 +118,7 @@ class Guest:
     def op_tcp_tx(self, port: int, duration: float | None = None, limit: int | None = None,
                   seed: int = 1) -> dict[str, Any]:
         """Bulk send to the host for ``duration`` seconds (or ``limit`` bytes), then close."""
-        block = np.random.default_rng(seed).integers(0, 256, self.mss, dtype=np.uint8).tobytes()
+        block = bulk_block(seed, self.mss)
         conn = self._connect(port)
         start = time.monotonic()
         conn.set_bulk(block, limit, close=limit is not None)
@@ -135,9 +133,10 @@ class Guest:
         digest = _repeated_digest(block, sent)
         return {"bytes": sent, "seconds": elapsed, "sha256": digest, "clean_close": ok}
 
-    def op_tcp_rx(self, port: int, wait: float = 60.0) -> dict[str, Any]:
-        """Accept one connection on ``port`` and take everything until the peer's FIN."""
-        listener = Listener(self.net, port, self.mss)
+    def op_tcp_rx(self, port: int, seed: int, block_len: int, wait: float = 60.0) -> dict[str, Any]:
+        """Accept one connection on ``port`` and take everything until the peer's FIN; the
+        stream must be ``bulk_block(seed, block_len)`` repeated (``intact`` in the reply)."""
+        listener = Listener(self.net, port, self.mss, bulk_block(seed, block_len))
         ok = self._run_until(lambda: port in self.net.connections, 5.0)
         if not ok:
             del self.net.listening[port]
@@ -149,7 +148,7 @@ class Guest:
         conn.forget()
         del self.net.listening[listener.port]
         seconds = conn.last_data_at - conn.first_data_at
-        return {"bytes": conn.received, "seconds": seconds, "sha256": conn.received_hash.hexdigest(),
+        return {"bytes": conn.received, "seconds": seconds, "intact": conn.intact,
                 "clean_close": clean}
 
     def _transact(self, conn: GuestTcp, timeout: float = 2.0) -> float:

@@ -7,11 +7,12 @@
 # keeps alive by holding the queue object). The kernels live in packages that may not import
 # each other, so this struct is what both sides agree on. Compile-time only.
 #
-# One frame: ``take`` lists RX buffers (not yet taken from the ring) as host memory spans, the
-# virtio-net header's ``hdr_len`` bytes first; the caller writes the frame's payload into the
-# spans past its headers; ``commit`` writes the virtio-net header and the frame's headers,
-# marks every written page dirty while migration logs, and completes the chains the frame
-# used. ``finish`` makes the completed chains visible and interrupts the guest once if it
+# One or more frames: ``take`` lists RX buffers (not yet taken from the ring) as host memory
+# spans, chain by chain (a frame starts at a chain: the virtio-net header's ``hdr_len`` bytes
+# first); the caller writes each frame's payload into the spans past its headers; ``commit``
+# writes the virtio-net header and the frame's headers, marks every written page dirty while
+# migration logs, and completes the chains the frame used, from the room's ``next_chain`` on
+# (which it moves past them: the next commit is the next frame, in the same room). ``finish`` makes the completed chains visible and interrupts the guest once if it
 # asks. A taken room that is not committed is simply left in the ring. All of it runs
 # inside ``run`` (the SIGBUS guard, GIL released): guest memory can vanish under a copy.
 
@@ -28,6 +29,9 @@ cdef struct RxRoom:
     uint64_t capacity            # bytes the spans hold, the virtio-net header included
     uint32_t hdr_len             # the ring's virtio-net header length (10 or 12)
     int nspans
+    int nchains                  # chains listed (the last one may be cut short)
+    int next_chain               # the chain the next commit's frame starts at
+    uint64_t chain_bytes[RXD_MAX_SPANS]   # bytes listed per chain (its spans, in order)
     RxSpan spans[RXD_MAX_SPANS]
 
 # ``work(ring, arg, n)`` as ``run`` calls it (the shape of the ring kernel's guarded calls).
@@ -37,9 +41,9 @@ cdef struct RxDirectApi:
     # List buffers for a frame of up to ``wanted`` bytes (header included): 1 if they hold at
     # least ``least`` bytes, 0 if not (ring empty or short, not started, broken).
     int (*take)(void *ring, uint64_t wanted, uint64_t least, RxRoom *room) noexcept nogil
-    # Complete the frame: ``frame_len`` bytes in the room after the virtio-net header, of which
-    # the first ``headers_len`` are copied from ``headers`` (Ethernet/IP/TCP) and the rest
-    # were written by the caller. ``vnet``: its offload word (vnet.pxd). 0, or a refusal
+    # Complete the frame that starts at the room's ``next_chain``: ``frame_len`` bytes after its
+    # virtio-net header, of which the first ``headers_len`` are copied from ``headers``
+    # (Ethernet/IP/TCP) and the rest were written by the caller. ``vnet``: its offload word (vnet.pxd). 0, or a refusal
     # (offload not negotiated: counted, nothing completed).
     int (*commit)(void *ring, RxRoom *room, const uint8_t *headers, uint32_t headers_len,
                   uint64_t vnet, uint64_t frame_len) noexcept nogil

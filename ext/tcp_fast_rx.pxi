@@ -5,7 +5,9 @@
 # peeked (recvmsg MSG_PEEK at SO_PEEK_OFF, so they stay in the socket until the guest
 # acknowledges them) into the RX buffers the ring kernel hands out (ext/rx_direct.pxd), past
 # room for the virtio-net, Ethernet, IP and TCP headers, which are written after, with the
-# checksum over the payload where it already lies. One copy, the kernel's. The engine stays
+# checksum over the payload where it already lies. One copy, the kernel's; one recvmsg fills
+# the payloads of several frames (BATCH_BYTES), so the kernel walks its receive queue to the
+# peek offset once per batch, not once per frame. The engine stays
 # the owner of every sequence number: it passes the first one and learns how many bytes went.
 
 from libc.stdint cimport uint16_t
@@ -20,10 +22,12 @@ from vnet cimport VNET_F_DATA_VALID, VNET_F_NEEDS_CSUM, VNET_GSO_NONE, VNET_GSO_
 from sockets cimport (MSG_PEEK, MSG_TRUNC, SO_PEEK_OFF, SOL_SOCKET, recv, recvmsg, setsockopt,
                      socklen_t)
 
-# A long peek (the guest's whole window) publishes what it delivered every this many bytes, so
-# the guest starts on the first frames while the rest is copied (it is told as it asks).
+# One recvmsg peeks this many bytes at most (whole segments; at least one), into up to
+# BATCH_FRAMES frames, which are then published: a long peek (the guest's whole window) lets
+# the guest start on the first frames while the rest is copied (it is told as it asks).
 cdef enum:
-    PUBLISH_BYTES = 256 * 1024
+    BATCH_BYTES = 256 * 1024
+    BATCH_FRAMES = 64
 
 # How a direct peek ended (the first value of ``peek_into_ring``'s answer); negative: -errno.
 cdef enum:
@@ -55,36 +59,108 @@ cdef struct DirectPeek:
     int status
     uint64_t segments
     uint64_t large_segments
+    uint64_t recvs           # recvmsg calls that peeked bytes
     uint64_t published       # delivered bytes already made visible to the guest
+
+
+cdef struct PlannedFrame:
+    uint64_t want            # payload bytes its buffers take
+    int iov_first            # its pieces in the batch's iovec
+    int iov_count
+
+
+cdef int plan_frames(DirectPeek *p, RxRoom *room, uint64_t batch, iovec *iov,
+                     PlannedFrame *plan, int *niov) noexcept nogil:
+    """Lay ``batch`` payload bytes out over the room's chains as frames of up to ``seg_size``
+    bytes, each from the start of a chain past its headers, in the chains the ring's commit
+    will give it (as many as its headers and payload fill). Returns the frames planned."""
+    cdef uint64_t skip = room.hdr_len + p.headers_len
+    cdef uint64_t planned = 0, start = 0, cap, want
+    cdef int frames = 0, chain = 0, last, count
+    niov[0] = 0
+    while frames < BATCH_FRAMES and chain < room.nchains and planned < batch:
+        want = batch - planned
+        if want > p.seg_size:
+            want = p.seg_size
+        cap = 0
+        last = chain
+        while last < room.nchains and cap < skip + want:
+            cap += room.chain_bytes[last]
+            last += 1
+        if cap <= skip:
+            break
+        if want > cap - skip:
+            want = cap - skip
+        want = room_payload_iov(room, start + skip, want, iov + niov[0], &count)
+        plan[frames].want = want
+        plan[frames].iov_first = niov[0]
+        plan[frames].iov_count = count
+        niov[0] += count
+        planned += want
+        frames += 1
+        start += cap
+        chain = last
+    return frames
+
+
+cdef int commit_frame(DirectPeek *p, void *ring, RxRoom *room, const iovec *iov, int niov,
+                      uint64_t n, bint last) noexcept nogil:
+    """Headers for the next frame (``n`` payload bytes in ``iov``) and the ring's commit."""
+    cdef uint8_t headers[HEADERS_MAX]
+    cdef uint64_t vnet, payload_sum
+    cdef uint8_t gso
+    payload_sum = iov_sum(iov, niov, n) if p.checksum == CSUM_FULL else 0
+    fill_headers(headers, p.ip_len, p.template, n, p.seq + <uint32_t>p.delivered, last,
+                 p.checksum, payload_sum)
+    if p.checksum == CSUM_PARTIAL:
+        gso = VNET_GSO_NONE
+        if n > p.mss:
+            gso = VNET_GSO_TCPV6 if p.ip_len == HDR_IP6_LEN else VNET_GSO_TCPV4
+        vnet = vnet_encode(VNET_F_NEEDS_CSUM, gso, p.mss if gso else 0,
+                           HDR_ETH_LEN + p.ip_len, 16)
+    elif p.checksum == CSUM_NONE:
+        vnet = vnet_encode(VNET_F_DATA_VALID, 0, 0, 0, 0)
+    else:
+        vnet = 0
+    if p.api.commit(ring, room, headers, p.headers_len, vnet, p.headers_len + n) != 0:
+        return -1  # refused (counted by the ring): the Python path sends these bytes
+    if p.checksum == CSUM_PARTIAL and n > p.mss:
+        p.large_segments += 1
+    p.delivered += n
+    p.segments += 1
+    return 0
 
 
 cdef long direct_peek_work(void *ring, void *arg, long unused) noexcept nogil:
     cdef DirectPeek *p = <DirectPeek *>arg
     cdef RxRoom room
     cdef iovec iov[RXD_MAX_SPANS]
+    cdef PlannedFrame plan[BATCH_FRAMES]
     cdef msghdr msg
-    cdef int niov, attempts
+    cdef int niov, attempts, frames, f
     cdef ssize_t got
-    cdef uint64_t want, skip, payload_sum
-    cdef uint8_t headers[HEADERS_MAX]
-    cdef uint64_t vnet
-    cdef uint8_t gso
+    cdef uint64_t batch, planned, left, n
+    cdef uint64_t per_frame = 12 + p.headers_len
+    cdef uint64_t batch_limit = (BATCH_BYTES // p.seg_size) * p.seg_size
     cdef int peek_off = <int>p.offset
+    if batch_limit < p.seg_size:
+        batch_limit = p.seg_size
     p.status = PEEK_RING_FULL
     if setsockopt(p.fd, SOL_SOCKET, SO_PEEK_OFF, &peek_off, sizeof(int)) != 0:
         return 0  # the Python path peeks its own way
     while p.delivered < p.length:
-        want = p.length - p.delivered
-        if want > p.seg_size:
-            want = p.seg_size
-        if not p.api.take(ring, 12 + p.headers_len + want, 12 + p.headers_len + 1, &room):
+        batch = p.length - p.delivered
+        if batch > batch_limit:
+            batch = batch_limit
+        if not p.api.take(ring, batch + per_frame * ((batch + p.seg_size - 1) // p.seg_size),
+                          per_frame + 1, &room):
             break
-        skip = room.hdr_len + p.headers_len
-        if room.capacity < skip + 1:
+        frames = plan_frames(p, &room, batch, iov, plan, &niov)
+        if frames == 0:
             break
-        if want > room.capacity - skip:
-            want = room.capacity - skip
-        want = room_payload_iov(&room, skip, want, iov, &niov)
+        planned = 0
+        for f in range(frames):
+            planned += plan[f].want
         memset(&msg, 0, sizeof(msghdr))
         msg.msg_iov = iov
         msg.msg_iovlen = niov
@@ -101,29 +177,20 @@ cdef long direct_peek_work(void *ring, void *arg, long unused) noexcept nogil:
         if got == 0:
             p.status = PEEK_EOF if p.delivered == 0 else PEEK_DRAINED
             return 0
-        payload_sum = iov_sum(iov, niov, <uint64_t>got) if p.checksum == CSUM_FULL else 0
-        fill_headers(headers, p.ip_len, p.template, got, p.seq + <uint32_t>p.delivered,
-                     <uint64_t>got < want or p.delivered + got == p.length, p.checksum,
-                     payload_sum)
-        if p.checksum == CSUM_PARTIAL:
-            gso = VNET_GSO_NONE
-            if <uint64_t>got > p.mss:
-                gso = VNET_GSO_TCPV6 if p.ip_len == HDR_IP6_LEN else VNET_GSO_TCPV4
-                p.large_segments += 1
-            vnet = vnet_encode(VNET_F_NEEDS_CSUM, gso, p.mss if gso else 0,
-                               HDR_ETH_LEN + p.ip_len, 16)
-        elif p.checksum == CSUM_NONE:
-            vnet = vnet_encode(VNET_F_DATA_VALID, 0, 0, 0, 0)
-        else:
-            vnet = 0
-        if p.api.commit(ring, &room, headers, p.headers_len, vnet, p.headers_len + got) != 0:
-            return 0  # refused (counted by the ring): the Python path sends these bytes
-        p.delivered += got
-        p.segments += 1
-        if p.delivered - p.published >= PUBLISH_BYTES:
+        p.recvs += 1
+        left = <uint64_t>got
+        for f in range(frames):
+            if not left:
+                break
+            n = plan[f].want if plan[f].want < left else left
+            left -= n
+            if commit_frame(p, ring, &room, iov + plan[f].iov_first, plan[f].iov_count, n,
+                            n < plan[f].want or p.delivered + n == p.length) != 0:
+                return 0
+        if p.delivered - p.published >= batch_limit:
             p.api.finish(ring)
             p.published = p.delivered
-        if <uint64_t>got < want:
+        if <uint64_t>got < planned:
             p.status = PEEK_DRAINED
             return 0
     if p.delivered == p.length:
@@ -135,6 +202,11 @@ cdef class DirectPeeker:
     """Executes Peek commands straight into one RX ring (``vhostnet.tcp.fast`` uses it)."""
 
     cdef DirectPeek peek
+
+    @property
+    def last_recvs(self) -> int:
+        """The recvmsg calls that peeked bytes in the last ``run`` (one fills several frames)."""
+        return self.peek.recvs
 
     def run(self, ring, capsule, int fd, long long offset, Py_ssize_t length, bytes guest_mac,
             bytes gateway_mac, bytes src_ip, bytes dst_ip, int src_port, int dst_port,

@@ -512,8 +512,9 @@ cdef class RingQueue:
     cdef void complete(self, int k, uint32_t length) noexcept nogil:
         """Hand chain ``k`` back to the guest as used, ``length`` bytes written."""
 
-    cdef void advance(self, int count) noexcept nogil:
-        """Move last_avail past chains 0..count-1 (walked and completed)."""
+    cdef void advance(self, int count, int first=0) noexcept nogil:
+        """Move last_avail past chains first..first+count-1 (walked and completed; the chains
+        before ``first`` were passed already)."""
 
     cdef void publish_used(self) noexcept nogil:
         """Make completed chains visible to the guest."""

@@ -165,9 +165,9 @@ cdef class PackedQueue(RingQueue):
         self.used_shadow = packed_step(self.used_shadow, self.chain_ndesc[k], self.size)
         self.unpublished += 1
 
-    cdef void advance(self, int count) noexcept nogil:
+    cdef void advance(self, int count, int first=0) noexcept nogil:
         cdef int k
-        for k in range(count):
+        for k in range(first, first + count):
             self.last_avail = packed_step(self.last_avail, self.chain_ndesc[k], self.size)
 
     # ------------------------------------------------------- notifications

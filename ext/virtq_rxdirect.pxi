@@ -19,6 +19,8 @@ cdef int direct_take(RingQueue q, uint64_t wanted, uint64_t least, RxRoom *room)
     cdef uint8_t *host
     room.capacity = 0
     room.nspans = 0
+    room.nchains = 0
+    room.next_chain = 0
     room.hdr_len = q.hdr_len
     if q._broken or not q.ready:
         return 0
@@ -27,6 +29,10 @@ cdef int direct_take(RingQueue q, uint64_t wanted, uint64_t least, RxRoom *room)
         return 0
     # The spans, chain by chain, as far as the span table goes.
     for j in range(g.chains):
+        if room.nspans == RXD_MAX_SPANS:
+            break
+        room.chain_bytes[j] = 0
+        room.nchains = j + 1
         for s in range(q.chain_nseg[j]):
             seg = q.segs + q.chain_first_seg[j] + s
             gpa = seg.gpa
@@ -40,6 +46,7 @@ cdef int direct_take(RingQueue q, uint64_t wanted, uint64_t least, RxRoom *room)
                 room.spans[room.nspans].length = piece
                 room.nspans += 1
                 room.capacity += piece
+                room.chain_bytes[j] += piece
                 gpa += piece
                 left -= piece
     return room.capacity >= least
@@ -79,22 +86,25 @@ cdef int direct_commit(RingQueue q, RxRoom *room, const uint8_t *headers, uint32
                        uint64_t vnet, uint64_t frame_len) noexcept nogil:
     cdef uint8_t head[12 + 128]
     cdef uint64_t needed = q.hdr_len + frame_len
-    cdef uint64_t pos = 0, written
+    cdef uint64_t pos = 0, written, listed = 0
     cdef int reason, j, chains = 0
-    if headers_len > 128 or headers_len > frame_len or needed > room.capacity:
+    cdef int first = room.next_chain
+    for j in range(first, room.nchains):
+        listed += room.chain_bytes[j]
+    if headers_len > 128 or headers_len > frame_len or needed > listed:
         return R_RX_BUFFER_TOO_SMALL
     reason = fill_rx_header(head, vnet, headers, headers_len, q.features)
     if reason != CHAIN_OK:
         q.count_error(reason)
         return reason
-    while pos < needed:   # the chains the frame takes (room.capacity says they exist)
-        pos += q.chain_capacity[chains]
+    while pos < needed:   # the chains the frame takes (the listed bytes say they exist)
+        pos += q.chain_capacity[first + chains]
         chains += 1
     head[10] = chains & 0xFF
     head[11] = chains >> 8
     memcpy(head + q.hdr_len, headers, headers_len)
     pos = 0
-    for j in range(chains):
+    for j in range(first, first + chains):
         written = q.chain_capacity[j]
         if written > needed - pos:
             written = needed - pos
@@ -102,7 +112,8 @@ cdef int direct_commit(RingQueue q, RxRoom *room, const uint8_t *headers, uint32
               pos, written)
         q.complete(j, <uint32_t>written)
         pos += written
-    q.advance(chains)
+    q.advance(chains, first)
+    room.next_chain = first + chains
     q.kick_point = q.last_avail
     q.stats[S_RX_FRAMES] += 1
     q.stats[S_RX_BYTES] += frame_len

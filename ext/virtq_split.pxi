@@ -80,7 +80,7 @@ cdef class SplitQueue(RingQueue):
         self.used_shadow += 1
         self.unpublished += 1
 
-    cdef void advance(self, int count) noexcept nogil:
+    cdef void advance(self, int count, int first=0) noexcept nogil:
         self.last_avail += count
         self.waiting -= count
 

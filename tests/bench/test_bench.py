@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from bench.cases import ALL_CASES, Settings
@@ -26,6 +25,7 @@ from bench.guest_iperf import (
     parse_guest_output,
     parse_iperf_json,
 )
+from bench.guest_net import ACK, GuestTcp, bulk_block
 from bench.hostside import TcpSender, TcpSink, UdpSink
 from bench.output import PlotUnavailable, Row, format_row, write_json, write_plot
 from bench.runner import (
@@ -128,22 +128,72 @@ def test_udp_and_tcp_deliver_exact_counts_and_bytes() -> None:
             assert reply["bytes"] == 300_001
             assert tcp_sink.results[0] == {"bytes": 300_001, "sha256": reply["sha256"]}
 
-            # TCP host -> guest through the -t forward: same bytes and sha256.
-            block = np.random.default_rng(3).integers(0, 256, 1000, dtype=np.uint8).tobytes()
-            guest.send("tcp_rx", port=GUEST_TCP_PORT)
+            # TCP host -> guest through the -t forward: the same bytes, each one checked.
+            block = bulk_block(3, 1000)
+            guest.send("tcp_rx", port=GUEST_TCP_PORT, seed=3, block_len=1000)
             sender = TcpSender(HOST_TCP_FWD, 0.2, block)
             sender.start()
             reply = guest.read(30.0)
             sender.stop(10.0)
             assert sender.error is None
             assert reply["bytes"] == sender.sent > 0
-            assert reply["sha256"] == sender.digest.hexdigest()
+            assert reply["intact"] is True
         finally:
             guest.close()
     finally:
         sink.stop()
         tcp_sink.stop()
         backend.close()
+
+
+class _NoNet:
+    """Just enough of ``GuestNet`` for a connection that only receives (nothing is sent)."""
+
+    def __init__(self) -> None:
+        self.connections: dict[int, GuestTcp] = {}
+
+
+def _receiving(expected: bytes) -> GuestTcp:
+    conn = GuestTcp(_NoNet(), 5001, bytes(4), 40000, 1460)  # type: ignore[arg-type]
+    conn.expect_repeated(expected)
+    conn.irs, conn.rcv_nxt, conn.established = 0x12345678, 1, True
+    return conn
+
+
+def _deliver(conn: GuestTcp, payload: bytes) -> None:
+    conn.segment((conn.irs + conn.rcv_nxt) & 0xFFFFFFFF, (conn.iss + 1) & 0xFFFFFFFF, ACK, 1000,
+                 memoryview(payload), payload, 0, 0)
+
+
+def test_bulk_receiver_checks_every_byte_against_the_repeated_block() -> None:
+    block = bulk_block(5, 1000)
+    stream = block * 200
+    conn = _receiving(block)
+    # Segments of uneven sizes, at every phase of the block, up to a 64 KiB one.
+    for start, end in ((0, 1), (1, 999), (999, 66_534), (66_534, 131_000),
+                       (131_000, 196_000), (196_000, 200_000)):
+        _deliver(conn, stream[start:end])
+    assert conn.received == 200_000 and conn.intact
+
+    for corrupt in (0, 1460, 150_000):
+        conn = _receiving(block)
+        bad = bytearray(stream[:200_000])
+        bad[corrupt] ^= 1
+        for start in range(0, 200_000, 50_000):
+            _deliver(conn, bytes(bad[start:start + 50_000]))
+        assert conn.received == 200_000 and not conn.intact
+
+
+def test_bulk_receiver_goes_on_past_4_gib() -> None:
+    block = bulk_block(5, 1000)
+    conn = _receiving(block)
+    conn.rcv_nxt = (1 << 32) - 500  # the sequence numbers wrap 500 bytes on
+    conn.received = conn.rcv_nxt - 1
+    start = conn.received % 1000
+    _deliver(conn, (block * 4)[start:start + 2000])
+    assert conn.rcv_nxt == (1 << 32) + 1500 and conn.intact
+    _deliver(conn, (block * 4)[start + 2000:start + 2500])
+    assert conn.rcv_nxt == (1 << 32) + 2000 and conn.received == (1 << 32) + 1999
 
 
 def test_repeated_block_digest_matches_hashlib() -> None:

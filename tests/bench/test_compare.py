@@ -200,6 +200,7 @@ def test_the_benchmark_guest_transmits_through_passt() -> None:
     passt learns the guest's IPv4 address from IPv4 packets only: a connection from the host
     as the fresh guest's first TCP reaches it."""
     from bench.cases import _sink_result
+    from bench.guest_net import bulk_block
     from bench.hostside import TcpSender, TcpSink, UdpSink
     from bench.runner import GUEST_TCP_PORT, HOST_TCP_FWD, Backend, guest_process
 
@@ -211,8 +212,8 @@ def test_the_benchmark_guest_transmits_through_passt() -> None:
     try:
         guest = guest_process(backend.socket, 1500, offload=True)
         try:
-            guest.send("tcp_rx", port=GUEST_TCP_PORT)
-            sender = TcpSender(HOST_TCP_FWD, 0.2, bytes(range(256)) * 4)
+            guest.send("tcp_rx", port=GUEST_TCP_PORT, seed=3, block_len=1024)
+            sender = TcpSender(HOST_TCP_FWD, 0.2, bulk_block(3, 1024))
             sender.start()
             try:
                 rx = guest.read(30.0)
@@ -230,7 +231,7 @@ def test_the_benchmark_guest_transmits_through_passt() -> None:
             worker.stop()
         backend.close()
     assert sender.error is None and rx["bytes"] == sender.sent > 0
-    assert rx["sha256"] == sender.digest.hexdigest()
+    assert rx["intact"] is True
     assert udp["frames"] > 0 and udp["lost_in_ring"] == 0 and sink.packets > 0
     assert udp["tx_kicks"] > 1
     assert tcp["bytes"] == got["bytes"] == 1_000_000 and tcp["sha256"] == got["sha256"]

@@ -93,14 +93,15 @@ def test_guest_window_is_respected(ram) -> None:
     run(scenario)
 
 
-@pytest.mark.parametrize("way", ["direct", "python"])
+@pytest.mark.parametrize("way", ["direct", "python", "direct-packed"])
 def test_one_ack_fills_the_whole_window_from_a_deep_socket(ram, way) -> None:
     # 500 KB wait in the host socket behind a 256-byte window; the guest's ACK opens 1 MiB:
     # one direct peek (one Python round) puts all of it in the ring, as 64 KiB segments,
     # published as it goes; the Python way reads PEEK_BUDGET at a time, all in the same turn.
     async def scenario(loop) -> None:
         network, guest, peer = await connected(loop, ram, offloads="tso", window=2, wscale=7,
-                                               attach=way == "direct")
+                                               attach=way != "python", mrg=True,
+                                               packed=way == "direct-packed")
         flow_id = next(iter(network.tcp.flows.values())).flow_id
         ours = socket.socket(fileno=os.dup(network.tcp_host.connected_fd(flow_id)))
         try:
@@ -133,13 +134,16 @@ def test_one_ack_fills_the_whole_window_from_a_deep_socket(ram, way) -> None:
             guest.collect()
             assert bytes(guest.stream) == data
             late = [s for s in guest.segments if s.payload][1:]
-            if way == "direct":
+            if way != "python":
                 assert network.counters()["tcp.direct_rx_peeks"] == peeks + 1
                 assert all(s.direct for s in late)
                 assert len(late) == -(-(len(data) - 256) // max(len(s.payload) for s in late))
                 # Published (the guest interrupted) once past 256 KiB, then at the end: the
                 # guest starts on the first frames while the rest is copied.
                 assert guest.rx.queue.counters()["notifications"] == 2
+                # One recvmsg fills several frames' buffers (256 KiB: four 64 KiB segments;
+                # with mergeable buffers, which let the ring hand out several chains at once).
+                assert network.tcp_fast.peeker.last_recvs == -(-len(late) // 4)
             continuous(guest.segments, guest.peer_isn + 1, data)
         finally:
             ours.close()
