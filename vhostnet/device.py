@@ -425,7 +425,8 @@ class NetDevice(RxFlush, RingWatchdog):
         finally:
             if flush_claimed:
                 self._rx_scheduled = False
-        # Answers the batch made (nothing waits: no ring work to do).
+        # Answers the batch made (nothing waits: no ring work to do); ``_flush_rx_if_waiting``
+        # written out, as this runs per kick.
         if network.frames_to_guest or self.switched is not None:
             self._flush_rx()
 

@@ -68,10 +68,8 @@ class Readiness:
             return
         # Reading alone: level-triggered, armed until changed; anything else: one-shot.
         mask = events if events == READ_ALONE else events | select.EPOLLONESHOT
-        self.ctl_calls += 1
         if armed is None:
             if not events:
-                self.ctl_calls -= 1
                 return
             self._epoll.register(fd, mask)
         else:
@@ -79,6 +77,7 @@ class Readiness:
                 self._epoll.modify(fd, mask)
             except FileNotFoundError:  # closed without ``closing`` and the number reused
                 self._epoll.register(fd, mask)
+        self.ctl_calls += 1
         self._armed[fd] = events
 
     @staticmethod
