@@ -61,3 +61,16 @@ def test_a_gone_flow_is_neither_scheduled_nor_due() -> None:
     flows.clear()
     assert timers.next_deadline() is None
     assert not list(timers.due(1000.0))
+
+
+def test_look_by_pushes_only_an_earlier_entry_and_requeues_the_real_deadline() -> None:
+    timers, flow = timers_with_flow()
+    flow.idle_at = 100.0
+    timers.look_by(flow, 5.0)
+    timers.look_by(flow, 7.0)  # later than the entry: nothing
+    assert flow.scheduled_at == 5.0
+    assert list(timers.due(5.0)) == [flow]  # looked at: the caller finds nothing due ...
+    timers.schedule(flow)  # ... and requeues the real deadline
+    assert flow.scheduled_at == 100.0 and timers.next_deadline() == 100.0
+    timers.look_by(flow, 6.0)
+    assert timers.next_deadline() == 100.0  # resolved at the head, without being due

@@ -143,6 +143,10 @@ class TcpEngine(ConnectionSetup):
         self.flows = self.table.by_key  # read-only for everyone but the engine
         self.flows_by_id = self.table.by_id
         self._timers = self.table.timers
+        # How soon after an event a deadline it sets (the delayed ACK's aside) can come: its
+        # flow's timer entry must be due by then (tcp/timers.py).
+        self.look_ahead = min(self.timeouts.rto_initial, self.timeouts.syn, self.timeouts.fin,
+                              self.timeouts.idle)
         self.tx = GuestOutput(output, self.stats, config.mtu)
         self.counts = self.tx.counts  # per-event counts as plain integers (tcp/tally.py)
         self.sender = GuestSender(self.tx, self.stats, self.timeouts, self.commands)
@@ -228,7 +232,9 @@ class TcpEngine(ConnectionSetup):
             self._segment_syn_rcvd(flow, seg, now)
         else:
             self._segment_established(flow, seg, now)
-        self._timers.schedule(flow)
+        # ``FlowTimers.look_by`` with its test written out (per segment).
+        if flow.scheduled_at is None or flow.scheduled_at > now + self.look_ahead:
+            self._timers.look_by(flow, now + self.look_ahead)
 
     def _segment_established(self, flow: Flow, seg: Segment, now: float) -> None:
         flags = seg.flags
@@ -316,9 +322,8 @@ class TcpEngine(ConnectionSetup):
             if self._ack_now(flow, partial):
                 self.tx.ack(flow)
             elif flow.ack_owed_at is None:
-                flow.ack_owed_at = now + self.timeouts.ack_delay
-                self._wake_by(flow.ack_owed_at)
-        self._timers.schedule(flow)
+                self._owe_ack(flow, now)
+        # (No deadline but the delayed ACK's moves earlier here: the FIN timer restarts.)
 
     def _wake_by(self, deadline: float) -> None:
         """Make sure ``poll_timers`` runs by ``deadline`` (the integrator's timer ticks are
@@ -377,8 +382,9 @@ class TcpEngine(ConnectionSetup):
             return
         flow.host_readable = True
         flow.idle_at = now + self.timeouts.idle
-        self.sender.pump(flow, now)
-        self._timers.schedule(flow)
+        self.sender.pump(flow, now)  # (a zero window arms the persist timer)
+        if flow.scheduled_at is None or flow.scheduled_at > now + self.look_ahead:
+            self._timers.look_by(flow, now + self.look_ahead)
 
     def on_peeked(self, flow_id: int, offset: int, data: bytes | memoryview, now: float) -> None:
         flow = self.flows_by_id.get(flow_id)
@@ -396,7 +402,9 @@ class TcpEngine(ConnectionSetup):
             self.sender.send_host_data(flow, data, now)
             self.table.touch(flow_id)  # snd_max moved: the acks a mirror may take
         self.sender.pump(flow, now)
-        self._timers.schedule(flow)
+        # The data sent here or by the fast path before (``on_peeked_elsewhere``) armed the RTO.
+        if flow.scheduled_at is None or flow.scheduled_at > now + self.look_ahead:
+            self._timers.look_by(flow, now + self.look_ahead)
 
     def on_peeked_elsewhere(self, flow_id: int, n: int, segments: int, large_segments: int,
                             now: float) -> None:
@@ -419,7 +427,7 @@ class TcpEngine(ConnectionSetup):
         flow.host_readable = False
         flow.host_eof = True
         self.sender.maybe_send_fin(flow, now)
-        self._timers.schedule(flow)
+        self._timers.look_by(flow, now + self.look_ahead)  # our FIN's RTO and FIN timer
 
     def on_host_error(self, flow_id: int, errno: int, now: float) -> None:
         flow = self.flows_by_id.get(flow_id)
@@ -471,8 +479,14 @@ class TcpEngine(ConnectionSetup):
             return
         self.counts.fin_acks_delayed += 1
         if flow.ack_owed_at is None:
-            flow.ack_owed_at = now + self.timeouts.ack_delay
-            self._wake_by(flow.ack_owed_at)
+            self._owe_ack(flow, now)
+
+    def _owe_ack(self, flow: Flow, now: float) -> None:
+        """The ACK of the guest's data (or FIN) waits for a reply to carry it, ``ack_delay`` at
+        most: the one deadline closer than ``look_ahead``, armed here."""
+        flow.ack_owed_at = now + self.timeouts.ack_delay
+        self._timers.look_by(flow, flow.ack_owed_at)
+        self._wake_by(flow.ack_owed_at)
 
     def _maybe_finish(self, flow: Flow) -> None:
         if flow.host_shut and flow.fin_acked and flow.flow_id in self.flows_by_id:

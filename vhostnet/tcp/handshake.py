@@ -45,6 +45,7 @@ class ConnectionSetup:
     counts: EventCounts
     sender: GuestSender
     _timers: FlowTimers
+    look_ahead: float
     _isn: Callable[[], int]
 
     def add_flow(self, key: tuple[bytes, int, bytes, int], inbound: bool, phase: Phase) -> Flow:
@@ -82,7 +83,9 @@ class ConnectionSetup:
         flow.syn_at = now + self.timeouts.syn
         flow.idle_at = now + self.timeouts.idle
         self.commands.append(Connect(flow.flow_id, destination[0], destination[1]))
-        self._timers.schedule(flow)
+        # Looked at by the look-ahead rather than at its SYN deadline: the events to come
+        # set their deadlines without a push (tcp/timers.py).
+        self._timers.look_by(flow, now + self.look_ahead)
 
     def _segment_connecting(self, flow: Flow, seg: Segment) -> None:
         # The guest only retransmits its SYN while we wait for connect(); nothing to answer yet.
@@ -147,7 +150,7 @@ class ConnectionSetup:
         flow.rto_at = now + flow.rto
         flow.idle_at = now + self.timeouts.idle
         self.tx.syn(flow)
-        self._timers.schedule(flow)
+        self._timers.look_by(flow, now + self.look_ahead)  # the SYN-ACK's RTO
 
     def on_connect_failed(self, flow_id: int, errno: int, now: float) -> None:
         flow = self.flows_by_id.get(flow_id)
@@ -193,7 +196,7 @@ class ConnectionSetup:
         if send_space is not None:
             flow.host_space = send_space
         self.tx.syn(flow)
-        self._timers.schedule(flow)
+        self._timers.look_by(flow, now + self.look_ahead)  # see _open_outbound
         return flow.flow_id
 
     def _guest_visible_address(self, peer_host: str) -> bytes:
