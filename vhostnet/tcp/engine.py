@@ -149,6 +149,9 @@ class TcpEngine(ConnectionSetup):
                               self.timeouts.idle)
         self.tx = GuestOutput(output, self.stats, config.mtu)
         self.counts = self.tx.counts  # per-event counts as plain integers (tcp/tally.py)
+        # Guest data acknowledged at once from this much on (``_ack_now``), by address length.
+        self._bulk_bytes = {length: min(2 * mss, ACK_NOW_BYTES_CAP)
+                            for length, mss in self.tx.mss_limits.items()}
         self.sender = GuestSender(self.tx, self.stats, self.timeouts, self.commands)
         self.recently_closed = RecentlyClosed()
         self._now = 0.0  # the latest time an event brought; closed flows linger from it
@@ -325,25 +328,16 @@ class TcpEngine(ConnectionSetup):
                 self._owe_ack(flow, now)
         # (No deadline but the delayed ACK's moves earlier here: the FIN timer restarts.)
 
-    def _wake_by(self, deadline: float) -> None:
-        """Make sure ``poll_timers`` runs by ``deadline`` (the integrator's timer ticks are
-        coarser than the ACK delay): ask the wake-up hook unless a wake-up it was asked for
-        is still to come no later."""
-        if self._wakeup is None or self._polled_at < self._wake_asked <= deadline:
-            return
-        self._wake_asked = deadline
-        self._wakeup(deadline)
-
     def _ack_now(self, flow: Flow, partial: bool) -> bool:
         """Whether guest data just written is acknowledged at once rather than delayed for a
         reply to carry: unless the flow is interactive, after a partial write (the guest
         resends), at two full-sized segments not yet acknowledged (RFC 9293 3.8.6.3: bulk
         data is never slowed; ``ACK_NOW_BYTES_CAP`` at a large MTU), or when the window we
         advertise runs low."""
-        bulk = min(2 * self.tx.mss_limit(flow.guest_ip), ACK_NOW_BYTES_CAP)
+        # (mss_limit and window_bytes written out: this runs per request.)
         return (not flow.interactive or partial or self.timeouts.ack_delay <= 0
-                or flow.rcv_nxt - flow.rcv_acked >= bulk
-                or self.tx.window_bytes(flow) < ACK_NOW_WINDOW)
+                or flow.rcv_nxt - flow.rcv_acked >= self._bulk_bytes[len(flow.guest_ip)]
+                or flow.host_space - len(flow.to_host) < ACK_NOW_WINDOW)
 
     def on_written_elsewhere(self, flow_id: int, n: int, now: float,
                              send_space: int | None = None) -> None:
@@ -483,10 +477,16 @@ class TcpEngine(ConnectionSetup):
 
     def _owe_ack(self, flow: Flow, now: float) -> None:
         """The ACK of the guest's data (or FIN) waits for a reply to carry it, ``ack_delay`` at
-        most: the one deadline closer than ``look_ahead``, armed here."""
-        flow.ack_owed_at = now + self.timeouts.ack_delay
-        self._timers.look_by(flow, flow.ack_owed_at)
-        self._wake_by(flow.ack_owed_at)
+        most: the one deadline closer than ``look_ahead``, armed here. ``poll_timers`` must run
+        by then (the integrator's timer ticks are coarser than the delay): the wake-up hook is
+        asked unless a wake-up it was asked for is still to come no later."""
+        deadline = flow.ack_owed_at = now + self.timeouts.ack_delay
+        if flow.scheduled_at is None or deadline < flow.scheduled_at:
+            self._timers.look_by(flow, deadline)
+        if self._wakeup is None or self._polled_at < self._wake_asked <= deadline:
+            return
+        self._wake_asked = deadline
+        self._wakeup(deadline)
 
     def _maybe_finish(self, flow: Flow) -> None:
         if flow.host_shut and flow.fin_acked and flow.flow_id in self.flows_by_id:

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from vhostnet.stack.counters import Counters
 from vhostnet.tcp._frames import control_frame
-from vhostnet.tcp.flow import Flow, Phase, Segment
+from vhostnet.tcp.flow import SEQ_MOD, Flow, Phase, Segment
 from vhostnet.tcp.tally import EventCounts
 from vhostnet.wire.checksum import PROTO_TCP
 from vhostnet.wire.offload import IPV4_HEADER_LEN, IPV6_HEADER_LEN, GuestOffloads
@@ -53,19 +53,28 @@ class GuestOutput:
         self.output = output
         self.stats = stats
         self.mtu = mtu
+        # The MSS we advertise, by the length of the guest's address (4: IPv4, 16: IPv6).
+        self.mss_limits = {4: mtu - IPV4_HEADER_LEN - 20, 16: mtu - IPV6_HEADER_LEN - 20}
         self.counts = EventCounts(stats)  # the engine's per-event counts (tcp/tally.py)
         self._syn_options: dict[tuple[int, int | None], bytes] = {}  # built once each
 
     def mss_limit(self, address: bytes) -> int:
         """The MSS we advertise: the guest's MTU minus the IP (by family) and TCP headers."""
-        return self.mtu - (IPV6_HEADER_LEN if len(address) == 16 else IPV4_HEADER_LEN) - 20
+        return self.mss_limits[len(address)]
 
     def window_bytes(self, flow: Flow) -> int:
-        return max(0, flow.host_space - len(flow.to_host))
+        """What the host socket takes now beyond the guest bytes queued for it (0 or more)."""
+        room = flow.host_space - len(flow.to_host)
+        return room if room > 0 else 0
 
     def advertised_window(self, flow: Flow, syn: bool = False) -> int:
-        shift = 0 if syn else flow.rcv_wscale
-        return min(self.window_bytes(flow) >> shift, 0xFFFF)
+        """``window_bytes`` scaled for the window field (never scaled on a SYN)."""
+        # Without calls (window_bytes, max, min): every segment to the guest carries it.
+        room = flow.host_space - len(flow.to_host)
+        if room <= 0:
+            return 0
+        room >>= 0 if syn else flow.rcv_wscale
+        return room if room < 0xFFFF else 0xFFFF
 
     def emit(self, flow: Flow, flags: int, seq: int, ack: int | None = None,
              options: bytes = b"") -> None:
@@ -75,7 +84,7 @@ class GuestOutput:
         if ack is None:
             ack = 0
             if flags & ACK:
-                ack = flow.recv_seq(flow.rcv_nxt)
+                ack = (flow.irs + flow.rcv_nxt) % SEQ_MOD  # flow.recv_seq(rcv_nxt), written out
                 flow.rcv_acked = flow.rcv_nxt
                 flow.ack_owed_at = None
         self.control(flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port, seq, ack,
@@ -103,7 +112,7 @@ class GuestOutput:
         self.emit(flow, flags, seq=flow.send_seq(0), options=options)
 
     def ack(self, flow: Flow) -> None:
-        self.emit(flow, ACK, seq=flow.send_seq(flow.snd_nxt))
+        self.emit(flow, ACK, seq=(flow.iss + flow.snd_nxt) % SEQ_MOD)  # send_seq(snd_nxt)
 
     def rst_for(self, flow: Flow, seg: Segment) -> None:
         """Reset answering an unacceptable ACK, without touching the flow (RFC 9293)."""
