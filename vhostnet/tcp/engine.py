@@ -320,7 +320,8 @@ class TcpEngine(ConnectionSetup):
             if flow.guest_fin:
                 flow.guest_fin = False
                 flow.fin_at = None
-        if not self._maybe_shutdown(flow, now) and n > 0:
+        # (``_maybe_shutdown``'s first test without the call: most writes carry no FIN.)
+        if not (flow.guest_fin and self._maybe_shutdown(flow, now)) and n > 0:
             flow.data_in_at = now
             if self._ack_now(flow, partial):
                 self.tx.ack(flow)
@@ -388,14 +389,16 @@ class TcpEngine(ConnectionSetup):
         if flow.peek_seq != flow.snd_nxt or offset != flow.snd_nxt - flow.snd_una:
             self.sender.pump(flow, now)  # a rewind happened meanwhile: peek again
             return
-        if len(data) < min(flow.peek_len, PEEK_BUDGET):
+        length = len(data)
+        if length < flow.peek_len and length < PEEK_BUDGET:
             # Shorter than the glue read (its budget, or the rest of the Peek): everything
             # queued is now in flight.
             flow.host_readable = False
-        if data:
+        if length:
             self.sender.send_host_data(flow, data, now)
             self.table.touch(flow_id)  # snd_max moved: the acks a mirror may take
-        self.sender.pump(flow, now)
+        if flow.host_readable:  # (pump's first test without the call: a reply is read whole)
+            self.sender.pump(flow, now)
         # The data sent here or by the fast path before (``on_peeked_elsewhere``) armed the RTO.
         if flow.scheduled_at is None or flow.scheduled_at > now + self.look_ahead:
             self._timers.look_by(flow, now + self.look_ahead)

@@ -82,7 +82,11 @@ def peer_closed(sock: socket.socket) -> bool:
 
 
 def set_lowat(entry: HostSocket, value: int) -> None:
-    value = max(1, min(value, 1 << 30))
+    # (Clamped to 1 ... 2^30 without min/max calls: twice per request/response.)
+    if value < 1:
+        value = 1
+    elif value > 1 << 30:
+        value = 1 << 30
     if value == entry.lowat:
         return  # already so (a new socket's first reader, a discard after a short peek)
     try:
