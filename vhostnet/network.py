@@ -290,8 +290,13 @@ class Network:
                                     guest_backlogged=self.frames_to_guest.backlogged)
             self.frames_to_guest.drained_listeners.append(self.udp_glue.resume_reading)
             self._glue.append(self.udp_glue)
-        # (per batch: kept) Each glue's command queue, and its flush that empties it.
-        self._glue_flushes = tuple((glue.engine.commands, glue.flush) for glue in self._glue)
+        # (per batch: kept) Each glue's command queue, and its flush that empties it; last the
+        # TCP fast path's record of changed flows (the flushes change flows) and its refresh,
+        # now rather than at the next guest batch, which then waits less for its write.
+        jobs = [(glue.engine.commands, glue.flush) for glue in self._glue]
+        if self.tcp_fast is not None:
+            jobs.append((self.tcp_fast.changed, self.tcp_fast.refresh))
+        self._glue_flushes = tuple(jobs)
 
     # ---- hooks for the layers above -------------------------------------------
 
@@ -348,14 +353,11 @@ class Network:
         """Run the host-side commands the engines queued (a failing glue does not stop the others).
         Runs per guest batch and host event, mostly with nothing queued: that is found here
         without a call."""
-        for commands, _flush in self._glue_flushes:
-            if commands:
+        for pending, _job in self._glue_flushes:
+            if pending:
+                # One guarded pass over all of them (the fast path's refresh included).
                 run_each_pending(self.errors, "glue_flush", log, self._glue_flushes)
-                break
-        tcp_fast = self.tcp_fast
-        if tcp_fast is not None and tcp_fast.changed:
-            # Now rather than at the next guest batch, which then waits less for its write.
-            run_guarded(self.errors, "tcp_fast_refresh", log, self.tcp_fast.refresh)
+                return
 
     def add_output_listener(self, listener: Callable[[], None]) -> None:
         self.frames_to_guest.listeners.append(listener)
