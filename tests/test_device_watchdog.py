@@ -92,3 +92,34 @@ def test_a_lost_rx_interrupt_is_raised_by_the_watchdog(server: VhostnetProcess,
         assert _call_pending(call_fd, 5.0), "the interrupt the guest waits for never came"
         assert server.stats()["device.watch.lost_interrupts"] == 1
         assert len(_arp_replies(frontend.receive_frames(timeout=1))) == 1
+
+
+def test_a_look_that_pushes_frames_keeps_one_chain_of_looks() -> None:
+    """A look offers waiting frames to the RX rings (``_flush_rx_if_waiting``), and a push into
+    an RX ring arms the watchdog (``_rings_busy``): that must not start a second chain of
+    looks beside the running one (each such look doubled them: thousands of looks a second
+    on a busy device instead of one per WATCH_PERIOD)."""
+    import asyncio
+
+    from vhostnet.device_watch import WATCH_PERIOD, RingWatchdog
+
+    class Device(RingWatchdog):
+        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+            self.loop, self.queues, self.counters, self._closed = loop, {}, {}, False
+            self._init_watchdog()
+            self.looks = 0
+
+        def _flush_rx_if_waiting(self) -> None:
+            self.looks += 1
+            if self.looks <= 6:  # frames waited for the first looks: each push arms the watchdog
+                self._rings_busy()
+
+    loop = asyncio.new_event_loop()
+    try:
+        device = Device(loop)
+        device._rings_busy()
+        loop.run_until_complete(asyncio.sleep(WATCH_PERIOD * 12.5))
+        assert 8 <= device.looks <= 13  # one look per period
+        device._stop_watchdog()
+    finally:
+        loop.close()

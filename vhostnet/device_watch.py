@@ -83,9 +83,23 @@ class RingWatchdog:
             self._watch_timer = None
 
     def _watch_rings(self) -> None:
-        self._watch_timer = None
-        if self._closed:
-            return
+        # ``_watch_timer`` stays set during the look: a push it makes (``_flush_rx_if_waiting``)
+        # calls ``_rings_busy``, which must not start a second chain of looks beside this one
+        # (each such look doubled the chains). Whatever the look raises, the chain goes on or
+        # ends here, so a later kick can start the watchdog again.
+        moved = False
+        try:
+            if not self._closed:
+                moved = self._look_at_rings()
+        finally:
+            self._watch_idle_looks = 0 if moved else self._watch_idle_looks + 1
+            if self._watch_idle_looks < WATCH_IDLE_LOOKS and not self._closed:
+                self._watch_timer = self.loop.call_later(WATCH_PERIOD, self._watch_rings)
+            else:
+                self._watch_timer = None
+
+    def _look_at_rings(self) -> bool:
+        """One look at each ring (see the module docstring); whether any ring moved."""
         moved = False
         for index, queue in list(self.queues.items()):
             if queue.broken:
@@ -99,9 +113,7 @@ class RingWatchdog:
                 self._watch_found("lost_kicks", index, "a kick for new TX frames")
                 self._drain_tx(index)
         self._flush_rx_if_waiting()
-        self._watch_idle_looks = 0 if moved else self._watch_idle_looks + 1
-        if self._watch_idle_looks < WATCH_IDLE_LOOKS and not self._closed:
-            self._watch_timer = self.loop.call_later(WATCH_PERIOD, self._watch_rings)
+        return moved
 
     def _watch_found(self, counter: str, index: int, what: str) -> None:
         self.counters[f"watch.{counter}"] += 1
