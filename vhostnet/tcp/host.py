@@ -232,8 +232,8 @@ class TcpHost:
         if self._before_close is not None:
             self._before_close(flow_id)  # nothing else may write to it now (it may be frozen)
         entry.reading = entry.writing = False
-        self._flow_by_fd.pop(entry.sock.fileno(), None)
-        self._readiness.forget(entry.sock.fileno())
+        self._flow_by_fd.pop(entry.fd, None)
+        self._readiness.forget(entry.fd)
         return entry.sock
 
     def adopt(self, flow_id: int, sock: socket.socket) -> None:
@@ -374,7 +374,7 @@ class TcpHost:
     def _connected(self, flow_id: int, entry: HostSocket, events: int) -> None:
         """connect() finished, well or not (``events``: what the epoll set reported)."""
         entry.connecting = False
-        self.connected_fds[flow_id] = entry.sock.fileno()
+        self.connected_fds[flow_id] = entry.fd
         # Writable without an error event means connected; SO_ERROR only to learn the error.
         code = entry.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if events & FAILED else 0
         now = self.clock()
@@ -530,8 +530,8 @@ class TcpHost:
         if self._before_close is not None:
             self._before_close(flow_id)
         entry.reading = entry.writing = False
-        self._flow_by_fd.pop(entry.sock.fileno(), None)
-        self._readiness.closing(entry.sock.fileno())  # close() takes it out of the epoll set
+        self._flow_by_fd.pop(entry.fd, None)
+        self._readiness.closing(entry.fd)  # close() takes it out of the epoll set
         if abort:
             abort_close(entry.sock)
         else:
@@ -548,7 +548,7 @@ class TcpHost:
             set_lowat(entry, already_peeked + 1)
         if not entry.reading:
             entry.reading = True
-            self._readiness.want(entry.sock.fileno(), True, entry.writing)
+            self._readiness.want(entry.fd, True, entry.writing)
 
     def _on_readable(self, flow_id: int, entry: HostSocket) -> None:
         """``entry``, flow ``flow_id``'s socket, is readable. Runs per host read: the flush
@@ -575,13 +575,13 @@ class TcpHost:
             self._want(entry)
 
     def _want(self, entry: HostSocket) -> None:
-        self._readiness.want(entry.sock.fileno(), entry.reading, entry.writing)
+        self._readiness.want(entry.fd, entry.reading, entry.writing)
 
     def _add_socket(self, flow_id: int, entry: HostSocket) -> None:
         self._sockets[flow_id] = entry
-        self._flow_by_fd[entry.sock.fileno()] = flow_id
+        self._flow_by_fd[entry.fd] = flow_id
         if not entry.connecting:
-            self.connected_fds[flow_id] = entry.sock.fileno()
+            self.connected_fds[flow_id] = entry.fd
 
     def _on_socket_event(self, fd: int, events: int) -> None:
         """A flow socket is ready. Armed to read alone, it still is (the reader keeps or stops
@@ -595,7 +595,7 @@ class TcpHost:
         write_fired = entry.writing and events & WRITABLE
         if read_fired and events & PEER_FIN:
             entry.peer_fin = True  # (for good: what follows the FIN is nothing)
-        if not Readiness.stays_armed(entry.reading, entry.writing):
+        if not entry.reading or entry.writing:  # (not ``Readiness.stays_armed``: per event)
             if read_fired:
                 entry.reading = False
             if write_fired:

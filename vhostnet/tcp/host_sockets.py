@@ -10,7 +10,7 @@ import logging
 import socket
 import struct
 import termios
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger("vhostnet.tcp.host")
 
@@ -34,6 +34,10 @@ class HostSocket:
     lowat: int = 1  # SO_RCVLOWAT as set (a new socket's is 1; 0: unknown)
     peek_awaited: bool = False  # a readable event ran; cleared by the peek it led to
     peer_fin: bool = False  # a readable event said the peer's FIN is in (EPOLLRDHUP)
+    fd: int = field(init=False)  # sock.fileno() while open, without its call (several a flow)
+
+    def __post_init__(self) -> None:
+        self.fd = self.sock.fileno()
 
 
 def tune(sock: socket.socket) -> None:
