@@ -254,19 +254,15 @@ class TcpEngine(ConnectionSetup):
             return
         payload = seg.payload
         has_fin = flags & FIN
-        # Only a segment without data or FIN may be a duplicate ACK (fast retransmission).
-        if flags & ACK and not self._process_ack(flow, seg, not payload and not has_fin, now):
-            return
+        if flags & ACK:
+            # Only a segment without data or FIN may be a duplicate ACK (fast retransmission).
+            if not self.sender.take_ack(flow, seg.ack, seg.window, not payload and not has_fin,
+                                        now):
+                return
+            if flow.host_shut and flow.fin_acked:
+                self._maybe_finish(flow)  # the ACK of our FIN, after the guest's
         if (payload or has_fin) and flow.flow_id in self.flows_by_id:
             self._process_data(flow, seg, payload, has_fin, now)
-
-    def _process_ack(self, flow: Flow, seg: Segment, dup_candidate: bool,
-                     now: float) -> bool:
-        if not self.sender.take_ack(flow, seg.ack, seg.window, dup_candidate, now):
-            return False
-        if flow.host_shut and flow.fin_acked:
-            self._maybe_finish(flow)
-        return flow.flow_id in self.flows_by_id
 
     def _process_data(self, flow: Flow, seg: Segment, payload: bytes | memoryview,
                       has_fin: int, now: float) -> None:
