@@ -234,6 +234,32 @@ def test_readiness_keeps_a_socket_that_reads_alone_armed(tcp_pair) -> None:
         loop.close()
 
 
+def test_readiness_a_socket_that_waits_for_nothing_does_not_fire_at_its_hang_up(tcp_pair) -> None:
+    """A socket at EOF that stops reading waits for nothing: its hang-up (which epoll reports
+    whatever the mask) must not wake the handler, as it did once per short connection."""
+    a, b = tcp_pair
+    loop = asyncio.new_event_loop()
+    seen = Recorder()
+    readiness = Readiness(loop, seen)
+    try:
+        readiness.want(a.fileno(), read=True, write=False)
+        b.close()  # the peer's FIN ...
+        a.shutdown(socket.SHUT_WR)  # ... and ours: the socket is hung up
+        time.sleep(0.01)
+        spin(loop)
+        assert seen.events and seen.events[0][1] & select.EPOLLIN
+        readiness.want(a.fileno(), read=False, write=False)
+        fired = len(seen.events)
+        spin(loop)
+        assert len(seen.events) == fired and readiness.watched == 0
+        readiness.want(a.fileno(), read=True, write=False)  # wanted again: back in the set
+        spin(loop)
+        assert len(seen.events) > fired
+    finally:
+        readiness.close()
+        loop.close()
+
+
 def test_readiness_skips_an_event_of_a_socket_closed_earlier_in_the_batch() -> None:
     loop = asyncio.new_event_loop()
     pairs = [socket.socketpair() for _ in range(2)]
@@ -254,7 +280,7 @@ def test_readiness_skips_an_event_of_a_socket_closed_earlier_in_the_batch() -> N
             peer.send(b"x")
         time.sleep(0.01)
         spin(loop)
-        assert len(handled) == 1 and readiness.watched == 1  # the one handled, disarmed
+        assert len(handled) == 1 and readiness.watched == 0  # the one handled: out of the set
     finally:
         readiness.close()
         loop.close()

@@ -60,8 +60,9 @@ class Readiness:
         return len(self._armed)
 
     def want(self, fd: int, read: bool, write: bool) -> None:
-        """Wait for ``fd`` to be readable and/or writable (both False: wait for nothing); a
-        readable event says PEER_FIN too when the peer's FIN is in."""
+        """Wait for ``fd`` to be readable and/or writable (both False: wait for nothing, out of
+        the set until wanted again); a readable event says PEER_FIN too when the peer's FIN
+        is in."""
         events = (READ_ALONE if read else 0) | (select.EPOLLOUT if write else 0)
         armed = self._armed.get(fd)
         if armed == events:
@@ -72,6 +73,12 @@ class Readiness:
             if not events:
                 return
             self._epoll.register(fd, mask)
+        elif not events:
+            # Out of the set rather than armed for nothing: epoll reports a hang-up or an
+            # error whatever the mask, and a socket at EOF would wake the loop once for nothing
+            # (the end of every short connection). The same one epoll_ctl.
+            self.forget(fd)
+            return
         else:
             try:
                 self._epoll.modify(fd, mask)
