@@ -55,6 +55,7 @@ Data rules:
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections import deque
@@ -136,7 +137,7 @@ class TcpEngine(ConnectionSetup):
         if isn_source is None:
             # Initial sequence numbers need only be unpredictable to the guest, not secret.
             rng = random.Random()
-            isn_source = lambda: rng.getrandbits(32)  # noqa: E731
+            isn_source = functools.partial(rng.getrandbits, 32)  # (no Python frame per flow)
         self._isn = isn_source
         self.commands: deque[TcpCommand] = deque()
         self.table = FlowTable(self.stats, config.flow_limit)
@@ -458,7 +459,8 @@ class TcpEngine(ConnectionSetup):
         flow.rcv_queued = flow.rcv_nxt
         self.commands.append(ShutdownWrite(flow.flow_id))
         self._ack_fin(flow, now)
-        self._maybe_finish(flow)
+        if flow.fin_acked:  # (our FIN went first and is acknowledged: the flow is done)
+            self._maybe_finish(flow)
         return True
 
     def _ack_fin(self, flow: Flow, now: float) -> None:

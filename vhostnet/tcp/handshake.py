@@ -73,7 +73,7 @@ class ConnectionSetup:
             self.stats.inc("tcp.unreachable")
             self.tx.answer_stray(key, seg)
             return
-        flow = self.add_flow(key, inbound=False, phase=Phase.CONNECTING)
+        flow = self.table.add(key, inbound=False, phase=Phase.CONNECTING)
         # The guest opened it: a client, whose first data is most likely a request the
         # host answers at once; its ACK waits for the answer (one frame less per exchange).
         flow.interactive = self.timeouts.ack_delay > 0
@@ -184,8 +184,8 @@ class ConnectionSetup:
         if key in self.flows:
             self.stats.inc("tcp.drop.forward_tuple_busy")
             return None
-        flow = self.add_flow(key, inbound=True, phase=Phase.SYN_SENT)
-        flow.mss = self.tx.mss_limit(guest_ip)
+        flow = self.table.add(key, inbound=True, phase=Phase.SYN_SENT)
+        flow.mss = self.tx.mss_limits[len(guest_ip)]  # (mss_limit without its call)
         flow.iss = self._isn() & 0xFFFFFFFF
         flow.snd_nxt = flow.snd_max = 1
         flow.rto = self.timeouts.rto_initial
@@ -220,7 +220,8 @@ class ConnectionSetup:
 
     def _take_syn_options(self, flow: Flow, seg: Segment) -> None:
         options = seg.options
-        flow.mss = min(options.mss or DEFAULT_MSS, self.tx.mss_limit(flow.guest_ip))
+        mss, limit = options.mss or DEFAULT_MSS, self.tx.mss_limits[len(flow.guest_ip)]
+        flow.mss = mss if mss < limit else limit  # (min and mss_limit without their calls)
         if options.wscale is not None:
             flow.snd_wscale = options.wscale
             flow.rcv_wscale = OUR_WSCALE

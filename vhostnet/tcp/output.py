@@ -104,7 +104,7 @@ class GuestOutput:
 
     def syn(self, flow: Flow) -> None:
         """Our SYN (inbound forward) or SYN-ACK (outbound flow), with MSS and window scale."""
-        key = (self.mss_limit(flow.guest_ip), flow.rcv_wscale if flow.rcv_wscale else None)
+        key = (self.mss_limits[len(flow.guest_ip)], flow.rcv_wscale if flow.rcv_wscale else None)
         options = self._syn_options.get(key)
         if options is None:  # one per family and scaling: at most four
             options = self._syn_options[key] = build_options(*key)
