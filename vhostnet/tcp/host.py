@@ -45,11 +45,10 @@ from vhostnet.tcp._fast import discard_acked
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import Close, Connect, Discard, Peek, Send, ShutdownWrite
 from vhostnet.tcp.host_sockets import (
-    SO_PEEK_OFF,
     HostSocket,
     abort_close,
     connected_already,
-    peer_closed,
+    peek_at,
     probe_peek_off,
     send_space,
     set_lowat,
@@ -105,7 +104,9 @@ class TcpHost:
         self.connected_fds: dict[int, int] = {}
         self._readiness = Readiness(loop, self._on_socket_event)
         self._listeners: dict[PortForward, socket.socket] = {}
-        self._peek_off: bool | None = None  # learnt from the first socket
+        # SO_PEEK_OFF works on TCP sockets here (learnt from the first socket; read by the
+        # fast path, which peeks only where it does).
+        self.peek_off: bool | None = None
         self._closed = False
         self._before_close: Callable[[int], None] | None = None
         self._direct_peek: DirectPeekHook | None = None
@@ -424,10 +425,10 @@ class TcpHost:
         if entry is None:
             return
         flow_id, offset, length, now = command.flow_id, command.offset, command.length, self.clock()
-        if self._peek_off is None:
-            self._peek_off = probe_peek_off(entry.sock)
+        if self.peek_off is None:
+            self.peek_off = probe_peek_off(entry.sock)
         direct = None
-        if self._direct_peek is not None and self._peek_off:
+        if self._direct_peek is not None and self.peek_off:
             direct = self._direct_peek(flow_id, entry.sock.fileno(), offset, length, now)
         delivered = 0
         if direct is None or direct[0] == DirectPeek.RING_FULL:
@@ -437,7 +438,7 @@ class TcpHost:
                 delivered = direct[1]
             want = min(length - delivered, PEEK_BUDGET)
             try:
-                data, eof = (self._peek_at(entry.sock, offset + delivered, want) if want > 0
+                data, eof = (peek_at(entry.sock, self.peek_off, offset + delivered, want) if want > 0
                              else (b"", False))
             except OSError as error:
                 self.engine.on_host_error(flow_id, error.errno or 0, now)
@@ -456,17 +457,23 @@ class TcpHost:
             self._stop_reading(entry)
             self.engine.on_host_eof(flow_id, now)
             return
-        start = offset + delivered
-        entry.peeked_until = start + len(data)
-        if drained and entry.peer_fin and (data or delivered):
+        fin_next = self._reader_after_peek(entry, offset, delivered + len(data), drained)
+        self.engine.on_peeked(flow_id, offset + delivered, data, now)
+        if fin_next:
+            self.engine.on_host_eof(flow_id, now)
+
+    def _reader_after_peek(self, entry: HostSocket, offset: int, got: int,
+                           drained: bool) -> bool:
+        """The reader after a peek of ``got`` bytes at ``offset`` (``drained``: the socket held
+        no more). True: the peer's FIN is next, the engine is told after the peek's answer."""
+        entry.peeked_until = offset + got
+        if drained and entry.peer_fin and got:
             # The FIN was in when the socket turned readable and this peek took all before
             # it: the EOF now, not after one more readable event (a reply and its close, the
             # end of most short connections, take one event).
             self._stop_reading(entry)
-            self.engine.on_peeked(flow_id, start, data, now)
-            self.engine.on_host_eof(flow_id, now)
-            return
-        if drained and (data or delivered or offset == 0):
+            return True
+        if drained and (got or offset == 0):
             self._arm_entry(entry, entry.peeked_until)
         else:
             # The guest's window is full (its ACK asks for more), or woken with nothing new
@@ -474,25 +481,7 @@ class TcpHost:
             # queue space instead of spinning.
             self._stop_reading(entry)
             entry.rearm_on_discard = drained
-        self.engine.on_peeked(flow_id, start, data, now)
-
-    def _peek_at(self, sock: socket.socket, offset: int, length: int) -> tuple[bytes, bool]:
-        """(data, eof): ``length`` bytes at ``offset`` into the receive queue, without consuming
-        (``_peek_off`` probed already)."""
-        try:
-            if self._peek_off:
-                sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, offset)
-                data = sock.recv(length, socket.MSG_PEEK)
-                return data, data == b""
-            prefix = sock.recv(offset + length, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            return b"", False
-        if prefix == b"":
-            return b"", True
-        if len(prefix) > offset:
-            return prefix[offset:], False
-        # All queued bytes were peeked already; only the TCP state tells whether a FIN came.
-        return b"", peer_closed(sock)
+        return False
 
     def _discard(self, command: Discard) -> None:
         entry = self._sockets.get(command.flow_id)
@@ -504,14 +493,46 @@ class TcpHost:
         except OSError as error:
             self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
             return
-        if remaining:
-            log.error("TCP flow %d: %d acknowledged bytes missing", command.flow_id, remaining)
-        entry.peeked_until = max(0, entry.peeked_until - command.length)
+        self._discarded(command.flow_id, entry, command.length, remaining)
+
+    def _discarded(self, flow_id: int, entry: HostSocket, length: int, missing: int) -> None:
+        """The reader after ``length`` acknowledged bytes left the queue (``missing`` of them
+        were not there)."""
+        if missing:
+            log.error("TCP flow %d: %d acknowledged bytes missing", flow_id, missing)
+        entry.peeked_until = max(0, entry.peeked_until - length)
         if entry.rearm_on_discard:
             entry.rearm_on_discard = False
             self._arm_entry(entry, entry.peeked_until)
         elif entry.reading and entry.peeked_until + 1 != entry.lowat:
             set_lowat(entry, entry.peeked_until + 1)
+
+    def streamed(self, flow_id: int, acked: int, dropped: int, offset: int,
+                 direct: tuple[int, int] | None, now: float) -> None:
+        """The fast path did a streaming flow's round itself (``TcpFastPath.stream_ack``; the
+        engine knows it already): ``dropped`` of the ``acked`` bytes discarded, then, unless
+        ``direct`` is None, a direct peek at ``offset`` that answered ``direct`` (status,
+        bytes delivered; as ``set_direct_peek``'s hook). The reader as after ``Discard`` and
+        ``Peek``; EOF and errors go to the engine."""
+        entry = self._sockets.get(flow_id)
+        if entry is None:
+            return
+        if direct is None:
+            self._discarded(flow_id, entry, acked, acked - dropped)
+            return
+        if dropped != acked:
+            log.error("TCP flow %d: %d acknowledged bytes missing", flow_id, acked - dropped)
+        status, delivered = direct
+        entry.rearm_on_discard = entry.peek_awaited = False
+        if status < 0:
+            self.engine.on_host_error(flow_id, -status, now)
+        elif status == DirectPeek.EOF:
+            self._stop_reading(entry)
+            self.engine.on_host_eof(flow_id, now)
+        elif status == DirectPeek.RING_FULL:
+            entry.peeked_until = offset + delivered  # the engine's Peek for the rest follows
+        elif self._reader_after_peek(entry, offset, delivered, status != DirectPeek.DONE):
+            self.engine.on_host_eof(flow_id, now)
 
     def _shutdown_write(self, command: ShutdownWrite) -> None:
         entry = self._sockets.get(command.flow_id)
