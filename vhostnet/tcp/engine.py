@@ -372,13 +372,13 @@ class TcpEngine(ConnectionSetup):
         the guest's newest ack and window, taken only when the flow is simply streaming, with
         the acknowledged bytes discarded and the next ``delivered`` bytes of the window peeked
         into the guest): ``GuestSender.streamed`` records it (``ack`` relative, ``window``
-        scaled), then the flow's timers."""
+        scaled), then the flow's timers. The flow is not marked changed for that: the caller
+        brings its mirror up to date itself (the new ``snd_max``; the ack and window it gave
+        are the ones the engine took); what else happens to the flow marks it as always."""
         flow = self.flows_by_id.get(flow_id)
         if flow is None:
             return
         self._now = now
-        if self.table.tracking:
-            self.table.changed.add(flow_id)  # snd_una/snd_max moved: the mirror's acks
         flow.idle_at = now + self.timeouts.idle
         self.sender.streamed(flow, ack, window, delivered, segments, large_segments, drained, now)
         self._timers.schedule(flow)

@@ -49,7 +49,7 @@ from vhostnet.stack.stack import NetworkStack
 from vhostnet.tcp._fast import DIRECT_DONE, DIRECT_RING_FULL, DirectPeeker, discard_acked
 from vhostnet.tcp._fast import TcpFastPath as _Kernel
 from vhostnet.tcp.engine import TcpEngine
-from vhostnet.tcp.flow import SEQ_MOD, Flow, Phase
+from vhostnet.tcp.flow import HALF_SEQ, SEQ_MOD, Flow, Phase
 from vhostnet.tcp.host import TcpHost
 from vhostnet.tcp.sender import WINDOW_PEEK_LIMIT
 from vhostnet.wire.checksum import PROTO_TCP
@@ -315,7 +315,8 @@ class TcpFastPath:
             return False
         host = self.host
         fd = host.connected_fds.get(flow_id)
-        ack = flow.send_rel(ack_wire)
+        snd_una = flow.snd_una  # (Flow.send_rel written out)
+        ack = snd_una + ((ack_wire - flow.iss - snd_una + HALF_SEQ) % SEQ_MOD) - HALF_SEQ
         if fd is None or not flow.snd_una < ack <= flow.snd_max:
             return False
         acked = ack - flow.snd_una
@@ -327,7 +328,8 @@ class TcpFastPath:
             if ring is None:
                 return False
             status, delivered, segments, large = self._peek_run(
-                flow, ring, fd, offset, min(room, WINDOW_PEEK_LIMIT), acked)
+                flow, ring, fd, offset, room if room < WINDOW_PEEK_LIMIT else WINDOW_PEEK_LIMIT,
+                acked)
             dropped = self.peeker.last_dropped
             direct = status, delivered
             drained = status != DIRECT_DONE and status != DIRECT_RING_FULL
@@ -339,6 +341,8 @@ class TcpFastPath:
             direct, delivered, segments, large, drained = None, 0, 0, 0, False
         self.engine.on_streamed_elsewhere(flow_id, ack, window, delivered, segments, large,
                                           drained, now)
+        # The entry's one field that moved (the engine does not mark the flow for refresh).
+        self.kernel.set_ack_limit(flow_id, (flow.iss + flow.snd_max) % SEQ_MOD)
         host.streamed(flow_id, acked, dropped, offset, direct, now)
         return True
 
@@ -360,7 +364,7 @@ class TcpFastPath:
         result = self.peeker.run(
             ring[0], ring[1], fd, offset, length, stack.guest_mac, stack.config.gateway_mac,
             flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port,
-            flow.send_seq(flow.snd_nxt), flow.recv_seq(flow.rcv_nxt),
+            (flow.iss + flow.snd_nxt) % SEQ_MOD, (flow.irs + flow.rcv_nxt) % SEQ_MOD,
             self.engine.tx.advertised_window(flow), size, flow.mss, checksum, discard)
         self.rx.direct_rx_done(result[2])
         self.counts.direct_rx_peeks += 1
