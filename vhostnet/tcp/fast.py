@@ -21,7 +21,14 @@ batch, nothing else.
 After the pass the per-flow results are applied once per batch, before the
 Python stack sees any frame of that batch: the newest ack and window through
 ``TcpEngine.on_acked_elsewhere`` (one call per flow, however many ACKs: data acknowledged
-is discarded, more is peeked as the window allows), then ``rcv_queued``/``rcv_nxt`` advance
+is discarded, more is peeked as the window allows), or, for a flow simply streaming to the
+guest (established, no FIN either way, no Peek or retransmission pending: ``snd_nxt`` is
+``snd_max``) whose batch held only ACKs, as one round without commands (``stream_ack``): one
+kernel call discards the acknowledged bytes and peeks the window's next bytes into the RX ring
+(``DirectPeeker.run`` with ``discard``), the engine records both once
+(``TcpEngine.on_streamed_elsewhere``: ``snd_una``, ``snd_wnd``, ``snd_nxt``/``snd_max``,
+timers), the C entry gets its new ack limit (``set_ack_limit``; the engine does not mark the
+flow changed for it) and the glue its reader (``TcpHost.streamed``); then ``rcv_queued``/``rcv_nxt`` advance
 through ``TcpEngine.on_written_elsewhere`` (counters, idle timer, one ACK per
 flow with the window computed as for any write), and the glue watches a full socket for room
 as it does after its own writes. Flow state is therefore exact between batches;
