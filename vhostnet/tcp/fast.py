@@ -23,12 +23,12 @@ Python stack sees any frame of that batch: the newest ack and window through
 ``TcpEngine.on_acked_elsewhere`` (one call per flow, however many ACKs: data acknowledged
 is discarded, more is peeked as the window allows), or, for a flow simply streaming to the
 guest (established, no FIN either way, no Peek or retransmission pending: ``snd_nxt`` is
-``snd_max``) whose batch held only ACKs, as one round without commands (``stream_ack``): one
-kernel call discards the acknowledged bytes and peeks the window's next bytes into the RX ring
-(``DirectPeeker.run`` with ``discard``), the engine records both once
-(``TcpEngine.on_streamed_elsewhere``: ``snd_una``, ``snd_wnd``, ``snd_nxt``/``snd_max``,
-timers), the C entry gets its new ack limit (``set_ack_limit``; the engine does not mark the
-flow changed for it) and the glue its reader (``TcpHost.streamed``); then ``rcv_queued``/``rcv_nxt`` advance
+``snd_max``), as one round without commands (``stream_ack``): one kernel call discards the
+acknowledged bytes and peeks the window's next bytes into the RX ring (``DirectPeeker.run``
+with ``discard``), the engine records both once (``TcpEngine.on_streamed_elsewhere``:
+``snd_una``, ``snd_wnd``, ``snd_nxt``/``snd_max``, timers), the C entry gets its new ack
+limit (``set_ack_limit``; the engine does not mark the flow changed for it) and the glue its
+reader (``TcpHost.streamed``); then ``rcv_queued``/``rcv_nxt`` advance
 through ``TcpEngine.on_written_elsewhere`` (counters, idle timer, one ACK per
 flow with the window computed as for any write), and the glue watches a full socket for room
 as it does after its own writes. Flow state is therefore exact between batches;
@@ -269,7 +269,7 @@ class TcpFastPath:
         stats = engine.stats
         counts = self.counts
         for flow_id, written, segments, host_full, _acks, newest in self.kernel.take_activity():
-            if newest is not None and (segments or not self.stream_ack(flow_id, *newest, now)):
+            if newest is not None and not self.stream_ack(flow_id, *newest, now):
                 # First, as the engine takes a segment's ack before its data.
                 engine.on_acked_elsewhere(flow_id, newest[0], newest[1], now)
             if not segments:
