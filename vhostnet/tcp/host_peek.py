@@ -55,6 +55,7 @@ class PeekGlue:
     peek_off: bool | None = None
     _direct_peek: DirectPeekHook | None = None
 
+    # The reader's two moves (TcpHost's readiness half defines them).
     def _stop_reading(self, entry: HostSocket) -> None:
         raise NotImplementedError
 
