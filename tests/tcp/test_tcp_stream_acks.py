@@ -204,3 +204,31 @@ def test_the_hosts_fin_while_streaming_follows_the_last_byte(ram, family) -> Non
             peer.close()
             network.close()
     run(scenario)
+
+
+@FAMILIES
+def test_a_ring_without_room_for_the_window_leaves_the_rest_to_the_python_way(ram, family) -> None:
+    async def scenario(loop) -> None:
+        window = 6 * 1460
+        network, guest, peer = await connected(loop, ram, family, window=window)
+        try:
+            guest.rx.post(8, 2048)  # the first window, and two buffers more
+            data = os.urandom(40_000)
+            peer.sendall(data)
+            await settle(lambda: len(guest.collect()) and len(guest.stream) >= window)
+            assert len(guest.stream) == window
+            calls = EngineCalls(network)
+            # The guest's ACK opens the next window; the ring has room for two frames only:
+            # two go straight in, the rest of the window through the frame queue, in order.
+            guest.send_batch([ack_frame(guest, window)])
+            assert calls.streamed == 1 and guest.rx.frames_written == 8
+            assert network.frames_to_guest, "the rest of the window did not go the Python way"
+            guest.collect()
+            assert len(guest.stream) == 2 * window
+            await guest.receive(len(data))
+            assert bytes(guest.stream) == data
+            continuous(guest.segments, guest.peer_isn + 1, data)
+        finally:
+            peer.close()
+            network.close()
+    run(scenario)
