@@ -26,7 +26,7 @@ from vhostnet.wire.tcp import ACK, FIN
 FAMILIES = pytest.mark.parametrize("family", [4, 6])
 # Python calls (functions and builtins) one ACK batch of a streaming flow may cost in the
 # median, the whole receive_batch and flush included, with this test's ring wrapper (the
-# engine's way, Discard and Peek commands: 72 here; the streaming round: about 40).
+# engine's way, Discard and Peek commands: 72 here; the streaming round: 37).
 MAX_CALLS_PER_ACK_BATCH = 48
 
 

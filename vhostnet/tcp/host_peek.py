@@ -127,8 +127,9 @@ class PeekGlue:
         else:
             # The guest's window is full (its ACK asks for more), or woken with nothing new
             # (memory pressure keeps the socket readable): wait until the guest's ACK frees
-            # queue space instead of spinning.
-            self._stop_reading(entry)
+            # queue space instead of spinning. (Mostly stopped already, in a download.)
+            if entry.reading:
+                self._stop_reading(entry)
             entry.rearm_on_discard = drained
         return False
 

@@ -138,7 +138,8 @@ class GuestSender:
     def _advance(self, flow: Flow, ack: int, now: float) -> None:
         """``snd_una`` moves up to ``ack`` (above it): the retransmission state starts over."""
         flow.snd_una = ack
-        flow.snd_nxt = max(flow.snd_nxt, ack)
+        if ack > flow.snd_nxt:  # (max() without its call: once per ACK)
+            flow.snd_nxt = ack
         flow.dup_acks = 0
         flow.retries = 0
         flow.rto = self.timeouts.rto_initial
@@ -189,7 +190,8 @@ class GuestSender:
         if flow.snd_nxt < flow.snd_max:
             self.stats.inc("tcp.retransmitted_bytes", min(n, flow.snd_max - flow.snd_nxt))
         flow.snd_nxt += n
-        flow.snd_max = max(flow.snd_max, flow.snd_nxt)
+        if flow.snd_nxt > flow.snd_max:  # (max() without its call: once per send)
+            flow.snd_max = flow.snd_nxt
         self.tx.counts.bytes_to_guest += n
         if flow.rto_at is None:
             flow.rto_at = now + flow.rto
