@@ -193,6 +193,14 @@ cdef class TcpFastPath:
         self.slots[index].ack_changed = False
         return True
 
+    def set_ack_limit(self, int64_t flow_id, uint32_t ack_limit) -> None:
+        """A registered flow's new ack limit after a round that moved nothing else the entry
+        mirrors (``TcpFastPath.stream_ack``: the engine took the newest ack and window this
+        entry holds, and sent more); an unregistered flow is left alone."""
+        cdef int index = self.index.slot_of(flow_id)
+        if index >= 0:
+            self.slots[index].ack_limit = ack_limit
+
     def remove(self, int64_t flow_id) -> tuple:
         """Forget a flow (before its socket closes); its unreported (bytes, segments)."""
         cdef int index = self.index.discard(flow_id)

@@ -203,6 +203,8 @@ cdef class DirectPeeker:
 
     cdef DirectPeek peek
 
+    cdef readonly Py_ssize_t last_dropped   # bytes the last ``run`` discarded first
+
     @property
     def last_recvs(self) -> int:
         """The recvmsg calls that peeked bytes in the last ``run`` (one fills several frames)."""
@@ -211,22 +213,35 @@ cdef class DirectPeeker:
     def run(self, ring, capsule, int fd, long long offset, Py_ssize_t length, bytes guest_mac,
             bytes gateway_mac, bytes src_ip, bytes dst_ip, int src_port, int dst_port,
             uint32_t seq, uint32_t ack, int window, Py_ssize_t seg_size, int mss,
-            int checksum) -> tuple:
+            int checksum, Py_ssize_t discard=0) -> tuple:
         """Peek ``length`` bytes at ``offset`` of socket ``fd`` into RX buffers of ``ring`` as
         ACK segments of up to ``seg_size`` bytes from ``src_ip``:``src_port`` to the guest,
         the first at ``seq``. Returns (status, delivered bytes, segments, segments longer than
         ``mss``); status DIRECT_DONE, DIRECT_DRAINED, DIRECT_EOF, DIRECT_RING_FULL, or -errno.
-        ``ring``: the ring kernel's queue, ``capsule`` its ``rx_direct_handle``."""
+        ``ring``: the ring kernel's queue, ``capsule`` its ``rx_direct_handle``.
+
+        ``discard``: the guest's ACK first: drop that many bytes from the head of the receive
+        queue (as ``discard_acked``; ``offset`` counts after them) in the same call; how many
+        went is ``last_dropped`` (fewer: the queue held fewer). A failing discard answers
+        -errno without peeking."""
         cdef DirectPeek *p = &self.peek
         cdef long result
+        cdef int failed = 0
+        self.last_dropped = 0
         if len(guest_mac) != 6 or len(gateway_mac) != 6 or len(src_ip) not in (4, 16) \
                 or len(dst_ip) != len(src_ip) or length < 0 or offset < 0 \
                 or offset > 0x7FFFFFFF or not 0 < seg_size <= 0xFFFF - HDR_IP_LEN - HDR_TCP_LEN \
-                or not 0 < mss <= 0xFFFF or checksum not in (CSUM_FULL, CSUM_NONE, CSUM_PARTIAL):
+                or not 0 < mss <= 0xFFFF or checksum not in (CSUM_FULL, CSUM_NONE, CSUM_PARTIAL) \
+                or discard < 0:
             raise ValueError("bad direct peek")
         api = <const RxDirectApi *>PyCapsule_GetPointer(capsule, b"vhostnet.rx_direct")
         if PyCapsule_GetContext(capsule) != <void *>ring:
             raise ValueError("the capsule belongs to another ring")
+        if discard:
+            with nogil:
+                self.last_dropped = drop_queued(fd, discard, &failed)
+            if failed:
+                return (-failed, 0, 0, 0)
         memset(p, 0, sizeof(DirectPeek))
         p.api = api
         p.fd = fd
@@ -264,29 +279,38 @@ cdef enum:
     DISCARD_ROUNDS = 8
 
 
+cdef Py_ssize_t drop_queued(int fd, Py_ssize_t length, int *failed) noexcept nogil:
+    """Drop up to ``length`` bytes from the head of TCP socket ``fd``'s receive queue with
+    recv(MSG_TRUNC) (Linux TCP frees them without copying); the bytes dropped; ``failed``: errno."""
+    cdef Py_ssize_t dropped = 0
+    cdef ssize_t got = 0
+    cdef int rounds
+    for rounds in range(DISCARD_ROUNDS):
+        if dropped >= length:
+            break
+        got = recv(fd, NULL, <size_t>(length - dropped), MSG_TRUNC | MSG_DONTWAIT)
+        if got < 0:
+            if errno == EINTR:
+                continue
+            if errno != EAGAIN:
+                failed[0] = errno
+            break
+        if got == 0:
+            break
+        dropped += got
+    return dropped
+
+
 def discard_acked(int fd, Py_ssize_t length) -> int:
     """Drop the first ``length`` bytes of TCP socket ``fd``'s receive queue (the guest acknowledged
     them) in one recv(MSG_TRUNC): Linux TCP frees them without copying, so no buffer is
     passed. Returns the bytes dropped (fewer: the queue held fewer); raises OSError."""
-    cdef Py_ssize_t dropped = 0
-    cdef ssize_t got = 0
-    cdef int rounds, failed = 0
+    cdef Py_ssize_t dropped
+    cdef int failed = 0
     if length < 0:
         raise ValueError("negative discard")
     with nogil:
-        for rounds in range(DISCARD_ROUNDS):
-            if dropped >= length:
-                break
-            got = recv(fd, NULL, <size_t>(length - dropped), MSG_TRUNC | MSG_DONTWAIT)
-            if got < 0:
-                if errno == EINTR:
-                    continue
-                if errno != EAGAIN:
-                    failed = errno
-                break
-            if got == 0:
-                break
-            dropped += got
+        dropped = drop_queued(fd, length, &failed)
     if failed:
         raise OSError(failed, strerror(failed))
     return dropped

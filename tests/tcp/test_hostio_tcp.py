@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.tcp import GATEWAY6, GUEST_IP6, FakePacket, SegmentOutput
 from vhostnet.stack.config import PortForward, StackConfig
-from vhostnet.tcp import host as hostio_tcp
+from vhostnet.tcp import host_peek as hostio_tcp
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.host import TcpHost
 from vhostnet.wire.checksum import PROTO_TCP

@@ -398,6 +398,12 @@ def test_acks_on_data_are_taken_and_a_frame_the_host_did_not_take_keeps_its_ack(
                 delivered.append(ack)
                 on_acked(flow_id, ack, window, now)
             engine.on_acked_elsewhere = spy
+            on_streamed = engine.on_streamed_elsewhere
+
+            def streamed_spy(flow_id: int, ack: int, *rest) -> None:  # (relative ack)
+                delivered.append(engine.flows_by_id[flow_id].send_seq(ack))
+                on_streamed(flow_id, ack, *rest)
+            engine.on_streamed_elsewhere = streamed_spy
             flow = next(iter(engine.flows.values()))
             peer.sendall(os.urandom(8000))  # host data for the guest to acknowledge
             for _ in range(200):

@@ -28,6 +28,8 @@ SO_SNDBUF minus the bytes queued, when the glue knows it):
     on_sent(flow_id, n, now, send_space=None)      on_writable(flow_id, now, send_space=None)
     on_peeked(flow_id, offset, data, now)          on_readable(flow_id, now)
     on_peeked_elsewhere(flow_id, n, segments, large_segments, now)  (before on_peeked)
+    on_streamed_elsewhere(flow_id, ack, window, delivered, segments, large_segments, drained,
+                          now)  (an ACK, its Discard and the next Peek, all done elsewhere)
     on_host_eof(flow_id, now)                      on_host_error(flow_id, errno, now)
     on_accepted(peer_host, peer_port, guest_port, now, send_space=None) -> flow_id | None
 
@@ -358,6 +360,24 @@ class TcpEngine(ConnectionSetup):
         flow.idle_at = now + self.timeouts.idle
         if self.sender.take_ack(flow, ack, window, False, now):
             self._maybe_finish(flow)
+        self._timers.schedule(flow)
+
+    def on_streamed_elsewhere(self, flow_id: int, ack: int, window: int, delivered: int,
+                              segments: int, large_segments: int, drained: bool,
+                              now: float) -> None:
+        """A streaming flow's round done elsewhere, learnt once (the fast path's ``stream_ack``:
+        the guest's newest ack and window, taken only when the flow is simply streaming, with
+        the acknowledged bytes discarded and the next ``delivered`` bytes of the window peeked
+        into the guest): ``GuestSender.streamed`` records it (``ack`` relative, ``window``
+        scaled), then the flow's timers. The flow is not marked changed for that: the caller
+        brings its mirror up to date itself (the new ``snd_max``; the ack and window it gave
+        are the ones the engine took); what else happens to the flow marks it as always."""
+        flow = self.flows_by_id.get(flow_id)
+        if flow is None:
+            return
+        self._now = now
+        flow.idle_at = now + self.timeouts.idle
+        self.sender.streamed(flow, ack, window, delivered, segments, large_segments, drained, now)
         self._timers.schedule(flow)
 
     def on_writable(self, flow_id: int, now: float, send_space: int | None = None) -> None:

@@ -21,7 +21,14 @@ batch, nothing else.
 After the pass the per-flow results are applied once per batch, before the
 Python stack sees any frame of that batch: the newest ack and window through
 ``TcpEngine.on_acked_elsewhere`` (one call per flow, however many ACKs: data acknowledged
-is discarded, more is peeked as the window allows), then ``rcv_queued``/``rcv_nxt`` advance
+is discarded, more is peeked as the window allows), or, for a flow simply streaming to the
+guest (established, no FIN either way, no Peek or retransmission pending: ``snd_nxt`` is
+``snd_max``), as one round without commands (``stream_ack``): one kernel call discards the
+acknowledged bytes and peeks the window's next bytes into the RX ring (``DirectPeeker.run``
+with ``discard``), the engine records both once (``TcpEngine.on_streamed_elsewhere``:
+``snd_una``, ``snd_wnd``, ``snd_nxt``/``snd_max``, timers), the C entry gets its new ack
+limit (``set_ack_limit``; the engine does not mark the flow changed for it) and the glue its
+reader (``TcpHost.streamed``); then ``rcv_queued``/``rcv_nxt`` advance
 through ``TcpEngine.on_written_elsewhere`` (counters, idle timer, one ACK per
 flow with the window computed as for any write), and the glue watches a full socket for room
 as it does after its own writes. Flow state is therefore exact between batches;
@@ -46,11 +53,12 @@ from typing import Protocol
 import numpy as np
 
 from vhostnet.stack.stack import NetworkStack
-from vhostnet.tcp._fast import DirectPeeker
+from vhostnet.tcp._fast import DIRECT_DONE, DIRECT_RING_FULL, DirectPeeker, discard_acked
 from vhostnet.tcp._fast import TcpFastPath as _Kernel
 from vhostnet.tcp.engine import TcpEngine
-from vhostnet.tcp.flow import SEQ_MOD
+from vhostnet.tcp.flow import HALF_SEQ, SEQ_MOD, Flow, Phase
 from vhostnet.tcp.host import TcpHost
+from vhostnet.tcp.sender import WINDOW_PEEK_LIMIT
 from vhostnet.wire.checksum import PROTO_TCP
 
 MAX_RAW_WINDOW = 0xFFFF
@@ -261,7 +269,7 @@ class TcpFastPath:
         stats = engine.stats
         counts = self.counts
         for flow_id, written, segments, host_full, _acks, newest in self.kernel.take_activity():
-            if newest is not None:
+            if newest is not None and not self.stream_ack(flow_id, *newest, now):
                 # First, as the engine takes a segment's ack before its data.
                 engine.on_acked_elsewhere(flow_id, newest[0], newest[1], now)
             if not segments:
@@ -287,30 +295,89 @@ class TcpFastPath:
                         now: float) -> tuple[int, int] | None:
         """Execute the engine's pending Peek straight into the RX ring (``TcpHost.set_direct_peek``
         says the answer); None: not here (no ring, frames queued before it, a stale Peek)."""
-        stack = self.stack
-        if self.rx is None or stack.guest_mac is None or stack.frames_to_guest:
-            return None
         flow = self.engine.flows_by_id.get(flow_id)
         if (flow is None or not flow.peek_pending or flow.peek_seq != flow.snd_nxt
                 or offset != flow.snd_nxt - flow.snd_una):
             return None
-        ring = self.rx.direct_rx((PROTO_TCP, flow.remote_ip, flow.guest_ip, flow.remote_port,
-                                  flow.guest_port))
+        ring = self._ring_for(flow)
         if ring is None:
             return None
-        tx = self.engine.tx
-        size, checksum = self.engine.sender.segmenting(flow)
-        status, delivered, segments, large = self.peeker.run(
-            ring[0], ring[1], fd, offset, length, stack.guest_mac, stack.config.gateway_mac,
-            flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port,
-            flow.send_seq(flow.snd_nxt), flow.recv_seq(flow.rcv_nxt),
-            tx.advertised_window(flow), size, flow.mss, checksum)
-        self.rx.direct_rx_done(segments)
-        self.counts.direct_rx_peeks += 1
+        status, delivered, segments, large = self._peek_run(flow, ring, fd, offset, length, 0)
         if delivered:
-            self.counts.direct_rx_segments += segments
             self.engine.on_peeked_elsewhere(flow_id, delivered, segments, large, now)
         return status, delivered
+
+    def stream_ack(self, flow_id: int, ack_wire: int, raw_window: int, now: float) -> bool:
+        """The guest's newest ack and window of a simply streaming flow (established, no FIN
+        either way, no retransmission or Peek pending) as one round without commands: one
+        kernel call discards what it acknowledged and peeks the window's next bytes straight
+        into the RX ring (``DirectPeeker.run``'s ``discard``), the engine records both at once
+        (``on_streamed_elsewhere``), the glue its reader (``TcpHost.streamed``). False: not such
+        a flow or ack, or no ring to peek into while the window has room; nothing was done (the
+        caller takes the ack the engine's way)."""
+        flow = self.engine.flows_by_id.get(flow_id)
+        if (flow is None or flow.phase is not Phase.ESTABLISHED or flow.fin_sent
+                or flow.host_eof or flow.peek_pending or flow.snd_nxt != flow.snd_max
+                or flow.fin_at is not None):
+            return False
+        host = self.host
+        fd = host.connected_fds.get(flow_id)
+        snd_una = flow.snd_una  # (Flow.send_rel written out)
+        ack = snd_una + ((ack_wire - flow.iss - snd_una + HALF_SEQ) % SEQ_MOD) - HALF_SEQ
+        if fd is None or not flow.snd_una < ack <= flow.snd_max:
+            return False
+        acked = ack - flow.snd_una
+        window = raw_window << flow.snd_wscale
+        room = ack + window - flow.snd_nxt
+        offset = flow.snd_nxt - ack
+        if flow.host_readable and room > 0:
+            ring = self._ring_for(flow) if host.peek_off else None
+            if ring is None:
+                return False
+            status, delivered, segments, large = self._peek_run(
+                flow, ring, fd, offset, room if room < WINDOW_PEEK_LIMIT else WINDOW_PEEK_LIMIT,
+                acked)
+            dropped = self.peeker.last_dropped
+            direct = status, delivered
+            drained = status != DIRECT_DONE and status != DIRECT_RING_FULL
+        else:
+            try:
+                dropped = discard_acked(fd, acked)
+            except OSError:
+                return False  # the engine's Discard fails again and tells it
+            direct, delivered, segments, large, drained = None, 0, 0, 0, False
+        self.engine.on_streamed_elsewhere(flow_id, ack, window, delivered, segments, large,
+                                          drained, now)
+        # The entry's one field that moved (the engine does not mark the flow for refresh).
+        self.kernel.set_ack_limit(flow_id, (flow.iss + flow.snd_max) % SEQ_MOD)
+        host.streamed(flow_id, acked, dropped, offset, direct, now)
+        return True
+
+    def _ring_for(self, flow: Flow) -> tuple[object, object] | None:
+        """The RX ring ``flow``'s data may be written into now (``DirectRx.direct_rx``), or None
+        (no ring, no guest MAC yet, frames queued before it)."""
+        stack = self.stack
+        if self.rx is None or stack.guest_mac is None or stack.frames_to_guest:
+            return None
+        return self.rx.direct_rx((PROTO_TCP, flow.remote_ip, flow.guest_ip, flow.remote_port,
+                                  flow.guest_port))
+
+    def _peek_run(self, flow: Flow, ring: tuple[object, object], fd: int, offset: int,
+                  length: int, discard: int) -> tuple[int, int, int, int]:
+        """``DirectPeeker.run`` for ``flow`` from its ``snd_nxt`` on, counted: (status,
+        delivered, segments, large segments)."""
+        stack = self.stack
+        size, checksum = self.engine.sender.segmenting(flow)
+        result = self.peeker.run(
+            ring[0], ring[1], fd, offset, length, stack.guest_mac, stack.config.gateway_mac,
+            flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port,
+            (flow.iss + flow.snd_nxt) % SEQ_MOD, (flow.irs + flow.rcv_nxt) % SEQ_MOD,
+            self.engine.tx.advertised_window(flow), size, flow.mss, checksum, discard)
+        self.rx.direct_rx_done(result[2])
+        self.counts.direct_rx_peeks += 1
+        if result[1]:
+            self.counts.direct_rx_segments += result[2]
+        return result
 
     def counters(self) -> dict[str, int]:
         """Guest TCP frames left to the Python path, by reason (only reasons seen)."""

@@ -7,14 +7,8 @@ socket callbacks here call it themselves, then ``after_event`` (if given) so
 the integrator can push the resulting frames to the guest.
 
 Host -> guest data stays in the socket until the guest acknowledged it (see
-``vhostnet.tcp.engine``). Peeking at an offset uses SO_PEEK_OFF where the kernel
-supports it for TCP (Linux 6.9 and later); otherwise the glue peeks the whole
-prefix and slices, which costs a copy of the unacknowledged bytes per peek.
-
-A Peek (the guest's whole window) is offered to the direct-peek hook first
-(``set_direct_peek``: the TCP fast path peeks straight into the guest's RX ring in one
-call); what it leaves is peeked here, ``PEEK_BUDGET`` bytes at most (the engine asks again
-for the rest).
+``vhostnet.tcp.engine``): the ``Peek`` and ``Discard`` executors, the direct-peek hook and
+the fast path's streaming rounds are the ``PeekGlue`` half (``host_peek.py``).
 
 Readiness: the flow sockets wait in the glue's own epoll set (``readiness.py``: one
 ``epoll_ctl`` per change; reading alone level-triggered and kept armed across replies,
@@ -37,26 +31,21 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from enum import IntEnum
 
 from vhostnet.outbound import is_loopback, open_outbound
 from vhostnet.stack.config import PortForward, listener_options
-from vhostnet.tcp._fast import discard_acked
 from vhostnet.tcp.engine import TcpEngine
 from vhostnet.tcp.flow import Close, Connect, Discard, Peek, Send, ShutdownWrite
+from vhostnet.tcp.host_peek import PeekGlue
 from vhostnet.tcp.host_sockets import (
-    SO_PEEK_OFF,
     HostSocket,
     abort_close,
     connected_already,
-    peer_closed,
-    probe_peek_off,
     send_space,
     set_lowat,
     tune,
 )
 from vhostnet.tcp.readiness import FAILED, PEER_FIN, READABLE, WRITABLE, Readiness
-from vhostnet.tcp.sender import PEEK_BUDGET
 
 log = logging.getLogger("vhostnet.tcp.host")
 
@@ -70,19 +59,7 @@ ESTIMATE_SEND_SPACE = 2 * LOW_SEND_SPACE
 LISTEN_RETRY_INTERVAL = 0.1
 
 
-class DirectPeek(IntEnum):
-    """How a direct peek (``set_direct_peek``) ended (the values of ext/tcp_fast_rx.pxi)."""
-
-    RING_FULL = 0  # the guest's RX ring had no room for the rest
-    DONE = 1  # everything asked for went to the guest
-    DRAINED = 2  # the socket held no more
-    EOF = 3  # the peer closed; nothing was delivered
-
-
-DirectPeekHook = Callable[[int, int, int, int, float], "tuple[int, int] | None"]
-
-
-class TcpHost:
+class TcpHost(PeekGlue):
     """The I/O side of ``TcpEngine``: sockets, readiness callbacks, command execution."""
 
     def __init__(
@@ -105,10 +82,9 @@ class TcpHost:
         self.connected_fds: dict[int, int] = {}
         self._readiness = Readiness(loop, self._on_socket_event)
         self._listeners: dict[PortForward, socket.socket] = {}
-        self._peek_off: bool | None = None  # learnt from the first socket
+        self.peek_off: bool | None = None  # (PeekGlue's)
         self._closed = False
         self._before_close: Callable[[int], None] | None = None
-        self._direct_peek: DirectPeekHook | None = None
         # Each command's executor, by the command's type (one dict look-up per command).
         self._handlers: dict[type, Callable] = {
             Peek: self._peek, Discard: self._discard, Send: self._send, Connect: self._connect,
@@ -181,13 +157,6 @@ class TcpHost:
         entry.space, entry.unmeasured = space, 0
         self._watch_for_room(flow_id, entry, host_full, space)
         return space
-
-    def set_direct_peek(self, hook: DirectPeekHook | None) -> None:
-        """Offer every ``Peek`` to ``hook(flow_id, fd, offset, length, now)`` first (the fast
-        path peeks straight into the guest's RX ring and tells the engine itself). It answers
-        None (not taken: peek here), or (status, bytes delivered) with a ``DirectPeek`` status
-        or -errno; after RING_FULL the rest is peeked here (up to PEEK_BUDGET). None: no hook."""
-        self._direct_peek = hook
 
     def set_before_close(self, hook: Callable[[int], None] | None) -> None:
         """Call ``hook(flow_id)`` before a flow's socket closes or leaves this glue (the TCP
@@ -418,100 +387,6 @@ class TcpHost:
         self._stop_writing(entry)
         self.engine.on_writable(flow_id, self.clock(), send_space(entry.sock))
         self._event_done()
-
-    def _peek(self, command: Peek) -> None:
-        entry = self._sockets.get(command.flow_id)
-        if entry is None:
-            return
-        flow_id, offset, length, now = command.flow_id, command.offset, command.length, self.clock()
-        if self._peek_off is None:
-            self._peek_off = probe_peek_off(entry.sock)
-        direct = None
-        if self._direct_peek is not None and self._peek_off:
-            direct = self._direct_peek(flow_id, entry.sock.fileno(), offset, length, now)
-        delivered = 0
-        if direct is None or direct[0] == DirectPeek.RING_FULL:
-            # The Python way, for all of it or for what the guest's RX ring had no room for,
-            # PEEK_BUDGET at a time (the engine asks again for the rest).
-            if direct is not None:
-                delivered = direct[1]
-            want = min(length - delivered, PEEK_BUDGET)
-            try:
-                data, eof = (self._peek_at(entry.sock, offset + delivered, want) if want > 0
-                             else (b"", False))
-            except OSError as error:
-                self.engine.on_host_error(flow_id, error.errno or 0, now)
-                return
-            eof = eof and not delivered  # else the next peek finds it
-            drained = len(data) < want
-        else:
-            status, delivered = direct
-            if status < 0:
-                self.engine.on_host_error(flow_id, -status, now)
-                return
-            data, eof = b"", status == DirectPeek.EOF
-            drained = status != DirectPeek.DONE
-        entry.peek_awaited = False
-        if eof:
-            self._stop_reading(entry)
-            self.engine.on_host_eof(flow_id, now)
-            return
-        start = offset + delivered
-        entry.peeked_until = start + len(data)
-        if drained and entry.peer_fin and (data or delivered):
-            # The FIN was in when the socket turned readable and this peek took all before
-            # it: the EOF now, not after one more readable event (a reply and its close, the
-            # end of most short connections, take one event).
-            self._stop_reading(entry)
-            self.engine.on_peeked(flow_id, start, data, now)
-            self.engine.on_host_eof(flow_id, now)
-            return
-        if drained and (data or delivered or offset == 0):
-            self._arm_entry(entry, entry.peeked_until)
-        else:
-            # The guest's window is full (its ACK asks for more), or woken with nothing new
-            # (memory pressure keeps the socket readable): wait until the guest's ACK frees
-            # queue space instead of spinning.
-            self._stop_reading(entry)
-            entry.rearm_on_discard = drained
-        self.engine.on_peeked(flow_id, start, data, now)
-
-    def _peek_at(self, sock: socket.socket, offset: int, length: int) -> tuple[bytes, bool]:
-        """(data, eof): ``length`` bytes at ``offset`` into the receive queue, without consuming
-        (``_peek_off`` probed already)."""
-        try:
-            if self._peek_off:
-                sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, offset)
-                data = sock.recv(length, socket.MSG_PEEK)
-                return data, data == b""
-            prefix = sock.recv(offset + length, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            return b"", False
-        if prefix == b"":
-            return b"", True
-        if len(prefix) > offset:
-            return prefix[offset:], False
-        # All queued bytes were peeked already; only the TCP state tells whether a FIN came.
-        return b"", peer_closed(sock)
-
-    def _discard(self, command: Discard) -> None:
-        entry = self._sockets.get(command.flow_id)
-        if entry is None:
-            return
-        try:
-            # One recv(MSG_TRUNC) of the whole length: TCP drops the bytes without copying.
-            remaining = command.length - discard_acked(entry.sock.fileno(), command.length)
-        except OSError as error:
-            self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
-            return
-        if remaining:
-            log.error("TCP flow %d: %d acknowledged bytes missing", command.flow_id, remaining)
-        entry.peeked_until = max(0, entry.peeked_until - command.length)
-        if entry.rearm_on_discard:
-            entry.rearm_on_discard = False
-            self._arm_entry(entry, entry.peeked_until)
-        elif entry.reading and entry.peeked_until + 1 != entry.lowat:
-            set_lowat(entry, entry.peeked_until + 1)
 
     def _shutdown_write(self, command: ShutdownWrite) -> None:
         entry = self._sockets.get(command.flow_id)

@@ -107,3 +107,23 @@ def abort_close(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
+
+
+def peek_at(sock: socket.socket, peek_off: bool, offset: int, length: int) -> tuple[bytes, bool]:
+    """(data, eof): ``length`` bytes at ``offset`` into the receive queue, without consuming;
+    ``peek_off``: SO_PEEK_OFF works here (``probe_peek_off``), else the whole prefix is peeked
+    and sliced."""
+    try:
+        if peek_off:
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, offset)
+            data = sock.recv(length, socket.MSG_PEEK)
+            return data, data == b""
+        prefix = sock.recv(offset + length, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        return b"", False
+    if prefix == b"":
+        return b"", True
+    if len(prefix) > offset:
+        return prefix[offset:], False
+    # All queued bytes were peeked already; only the TCP state tells whether a FIN came.
+    return b"", peer_closed(sock)

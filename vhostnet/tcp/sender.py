@@ -120,14 +120,7 @@ class GuestSender:
                 acked -= 1
             if acked > 0:
                 self.commands.append(Discard(flow.flow_id, acked))
-            flow.snd_una = ack
-            flow.snd_nxt = max(flow.snd_nxt, ack)
-            flow.dup_acks = 0
-            flow.retries = 0
-            flow.rto = self.timeouts.rto_initial
-            flow.rto_at = now + flow.rto if flow.snd_una < flow.snd_max else None
-            if flow.fin_at is not None:
-                flow.fin_at = now + self.timeouts.fin  # still closing, but making progress
+            self._advance(flow, ack, now)
         elif (dup_candidate and ack == flow.snd_una and flow.snd_una < flow.snd_max
               and window == flow.snd_wnd):
             flow.dup_acks += 1
@@ -141,6 +134,35 @@ class GuestSender:
         if flow.host_eof and not flow.fin_sent:
             self.maybe_send_fin(flow, now)
         return True
+
+    def _advance(self, flow: Flow, ack: int, now: float) -> None:
+        """``snd_una`` moves up to ``ack`` (above it): the retransmission state starts over."""
+        flow.snd_una = ack
+        if ack > flow.snd_nxt:  # (max() without its call: once per ACK)
+            flow.snd_nxt = ack
+        flow.dup_acks = 0
+        flow.retries = 0
+        flow.rto = self.timeouts.rto_initial
+        flow.rto_at = now + flow.rto if ack < flow.snd_max else None
+        if flow.fin_at is not None:
+            flow.fin_at = now + self.timeouts.fin  # still closing, but making progress
+
+    def streamed(self, flow: Flow, ack: int, window: int, delivered: int, segments: int,
+                 large_segments: int, drained: bool, now: float) -> None:
+        """One round of a streaming flow done elsewhere (the fast path's ``stream_ack``): the
+        guest acknowledged up to ``ack`` (relative, above ``snd_una``; its bytes are gone from
+        the host socket already) with ``window`` (scaled), and ``delivered`` bytes from
+        ``snd_nxt`` on reached it as ``segments`` segments (as ``sent_elsewhere``).
+        ``drained``: the socket held no more (or failed, or reached EOF: the glue says which).
+        A window not filled because the ring was full is asked for again (``pump``)."""
+        self._advance(flow, ack, now)
+        flow.snd_wnd = window
+        if delivered:
+            self.sent_elsewhere(flow, delivered, segments, large_segments, now)
+        if drained:
+            flow.host_readable = False
+        elif flow.host_readable and (ack + window > flow.snd_nxt or flow.snd_nxt == ack):
+            self.pump(flow, now)  # the rest of the window, or the persist timer
 
     def send_host_data(self, flow: Flow, data: bytes | memoryview, now: float) -> None:
         self.data(flow, data)
@@ -168,7 +190,8 @@ class GuestSender:
         if flow.snd_nxt < flow.snd_max:
             self.stats.inc("tcp.retransmitted_bytes", min(n, flow.snd_max - flow.snd_nxt))
         flow.snd_nxt += n
-        flow.snd_max = max(flow.snd_max, flow.snd_nxt)
+        if flow.snd_nxt > flow.snd_max:  # (max() without its call: once per send)
+            flow.snd_max = flow.snd_nxt
         self.tx.counts.bytes_to_guest += n
         if flow.rto_at is None:
             flow.rto_at = now + flow.rto

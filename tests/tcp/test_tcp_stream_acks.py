@@ -1,0 +1,234 @@
+"""A download's guest ACKs as one round without commands (``TcpFastPath.stream_ack``): the ACK
+batch of a simply streaming flow discards what it acknowledged and peeks the window's next
+bytes straight into the RX ring in one kernel call (``DirectPeeker.run(discard=...)``), and the
+engine records both in one call (``TcpEngine.on_streamed_elsewhere``). Real engine, glue, ring
+kernel and loopback sockets; every byte the guest sees is checked against what the host sent.
+
+What is not simple streaming takes the engine's way and must stay exact: a retransmission
+pending (a lost ACK, the RTO rewound ``snd_nxt``), a closed or shrunk window, the host's FIN.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+import pytest
+
+from tests.support.direct_rx import connected, continuous, settle
+from tests.support.loop import run
+from tests.tcp.test_tcp_fast_acks import EngineCalls, ack_frame, counter, the_flow
+from vhostnet.virtqueue import FrameBatch
+from vhostnet.wire.tcp import ACK, FIN
+
+FAMILIES = pytest.mark.parametrize("family", [4, 6])
+# Python calls (functions and builtins) one ACK batch of a streaming flow may cost in the
+# median, the whole receive_batch and flush included, with this test's ring wrapper (the
+# engine's way, Discard and Peek commands: 72 here; the streaming round: 37).
+MAX_CALLS_PER_ACK_BATCH = 48
+
+
+def calls_to_receive(network, frames: list[bytes]) -> int:
+    """The Python calls ``frames`` cost as one TX batch (receive_batch, then flush)."""
+    batch = FrameBatch(max(4, len(frames)), 1 << 16)
+    for frame in frames:
+        assert batch.append(frame)
+    now = time.monotonic()
+    calls = 0
+
+    def count(frame, event, arg) -> None:
+        nonlocal calls
+        if event in ("call", "c_call"):
+            calls += 1
+    sys.setprofile(count)
+    try:
+        network.receive_batch(batch, len(frames), now)
+        network.flush()
+    finally:
+        sys.setprofile(None)
+    return calls - 2  # (the two calls measured, and setprofile's own exit)
+
+
+async def streaming(loop, ram, family: int, size: int, window: int):
+    """(network, guest, peer, data): ``size`` host bytes queued, the first window in the ring."""
+    network, guest, peer = await connected(loop, ram, family, window=window)
+    guest.rx.post(60, 2048)
+    data = os.urandom(size)
+    peer.sendall(data)
+    await settle(lambda: len(guest.collect()) and len(guest.stream) >= window)
+    assert len(guest.stream) == window
+    return network, guest, peer, data
+
+
+@FAMILIES
+def test_an_ack_batch_of_a_streaming_flow_is_one_round_of_few_python_calls(ram, family) -> None:
+    async def scenario(loop) -> None:
+        window = 8 * 1460
+        network, guest, peer, data = await streaming(loop, ram, family, 200_000, window)
+        try:
+            calls = EngineCalls(network)
+            costs: list[int] = []
+            acked = 0
+            for _ in range(200):
+                if len(guest.stream) >= len(data):
+                    break
+                # Three ACKs in one batch (the guest acks every other segment); the newest
+                # acknowledges all: its bytes leave the socket, the next window goes out.
+                received = len(guest.stream)
+                if received == acked:  # nothing new yet (the same ACK again is a duplicate)
+                    await settle(lambda: guest.collect(), rounds=1)
+                    continue
+                frames = [ack_frame(guest, acked + (received - acked) * k // 3) for k in (1, 2, 3)]
+                acked = received
+                costs.append(calls_to_receive(network, frames))
+                guest.collect()
+                guest.rx.post(len(guest.rx.free), guest.rx.ring_posted)
+                await settle(lambda: True, rounds=1)
+            assert bytes(guest.stream) == data
+            continuous(guest.segments, guest.peer_isn + 1, data)
+            assert all(s.direct for s in guest.segments if s.payload)
+            assert calls.segments == 0 and calls.streamed >= len(data) // window - 1
+            median = sorted(costs)[len(costs) // 2]
+            assert median <= MAX_CALLS_PER_ACK_BATCH, f"{median} Python calls per ACK batch"
+            flow = the_flow(network)
+            assert flow.snd_nxt == flow.snd_max == 1 + len(data)
+            guest.ack()
+            assert flow.snd_una == flow.snd_max and flow.rto_at is None
+            assert network.tcp_host.open_sockets == 1
+        finally:
+            peer.close()
+            network.close()
+    run(scenario)
+
+
+@FAMILIES
+def test_a_lost_ack_and_its_retransmission_take_the_engines_way_then_streaming_resumes(
+        ram, family) -> None:
+    async def scenario(loop) -> None:
+        window = 6 * 1460
+        network, guest, peer, data = await streaming(loop, ram, family, 100_000, window)
+        try:
+            calls = EngineCalls(network)
+            first = [s for s in guest.segments if s.payload]
+            flow = the_flow(network)
+            # The guest acknowledges nothing new and shrinks its window to two segments; the
+            # ACK of the window it then sends is lost: the RTO rewinds snd_nxt and the first
+            # two segments go again (the data is still in the host socket), no more.
+            guest.send_batch([ack_frame(guest, 0, 2 * 1460)])
+            assert calls.streamed == 0 and flow.snd_wnd == 2 * 1460
+            network.tcp.poll_timers(time.monotonic() + 5)
+            network.flush()
+            again = [s for s in guest.collect() if s.payload]
+            assert counter(network, "tcp.retransmits") == 1
+            assert again[0].seq == first[0].seq
+            assert b"".join(s.payload for s in again) == data[:2 * 1460]
+            assert flow.snd_nxt == 1 + 2 * 1460 < flow.snd_max == 1 + window
+            # The ACK of half the first window, the window open again: a retransmission is
+            # under way, so the engine takes it (snd_nxt rewound), not the streaming round.
+            guest.send_batch([ack_frame(guest, window // 2, window)])
+            assert calls.streamed == 0 and flow.snd_una == 1 + window // 2
+            assert calls.acks[-1][0] == (guest.peer_isn + 1 + window // 2) & 0xFFFFFFFF
+            streamed = calls.streamed
+            await guest.receive(len(data))
+            assert bytes(guest.stream) == data
+            continuous(guest.segments, guest.peer_isn + 1, data)
+            assert calls.streamed > streamed, "streaming did not resume after the retransmission"
+            assert flow.snd_una == flow.snd_nxt == flow.snd_max == 1 + len(data)
+        finally:
+            peer.close()
+            network.close()
+    run(scenario)
+
+
+@FAMILIES
+def test_a_shrinking_then_closed_window_while_streaming(ram, family) -> None:
+    async def scenario(loop) -> None:
+        window = 6 * 1460
+        network, guest, peer, data = await streaming(loop, ram, family, 60_000, window)
+        try:
+            calls = EngineCalls(network)
+            flow = the_flow(network)
+            # Half acknowledged, the window shrunk to less than what is still in flight:
+            # the acknowledged bytes go, nothing new may (streamed: discard only).
+            half = window // 2
+            guest.send_batch([ack_frame(guest, half, half - 100)])
+            assert calls.streamed == 1 and flow.snd_una == 1 + half
+            await settle(lambda: False, rounds=10)
+            assert not [s for s in guest.collect() if s.payload], "sent past the window"
+            # All acknowledged with a closed window: the engine's (persist timer), no data.
+            guest.send_batch([ack_frame(guest, window, 0)])
+            assert calls.segments == 1 and flow.snd_una == 1 + window and flow.snd_wnd == 0
+            assert flow.rto_at is not None  # the persist timer probes the closed window
+            await settle(lambda: False, rounds=10)
+            assert not [s for s in guest.collect() if s.payload], "sent into a closed window"
+            # It opens again: the rest streams, exact.
+            guest.send_batch([ack_frame(guest, window, window)])
+            await guest.receive(len(data))
+            assert bytes(guest.stream) == data
+            continuous(guest.segments, guest.peer_isn + 1, data)
+            assert calls.streamed > 2 and calls.segments == 1
+        finally:
+            peer.close()
+            network.close()
+    run(scenario)
+
+
+@FAMILIES
+def test_the_hosts_fin_while_streaming_follows_the_last_byte(ram, family) -> None:
+    async def scenario(loop) -> None:
+        window = 6 * 1460
+        network, guest, peer, data = await streaming(loop, ram, family, 50_000, window)
+        try:
+            calls = EngineCalls(network)
+            peer.shutdown(socket.SHUT_WR)  # while most of the data still waits for the window
+            for _ in range(400):
+                await settle(lambda: False, rounds=1)
+                guest.collect()
+                if any(s.flags & FIN for s in guest.segments):
+                    break
+                guest.ack()
+                guest.rx.post(len(guest.rx.free), guest.rx.ring_posted)
+            fins = [s for s in guest.segments if s.flags & FIN]
+            assert len(fins) == 1 and fins[0].seq == (guest.peer_isn + 1 + len(data)) & 0xFFFFFFFF
+            assert bytes(guest.stream) == data
+            continuous(guest.segments, guest.peer_isn + 1, data)
+            assert calls.streamed > 0
+            flow = the_flow(network)
+            assert flow.fin_sent and flow.host_eof
+            # The guest acknowledges the FIN and closes too: the flow ends, its socket closed.
+            guest.send(guest.frame(ACK | FIN, (guest.peer_isn + 2 + len(data)) & 0xFFFFFFFF))
+            assert not network.tcp.flows and network.tcp_host.open_sockets == 0
+        finally:
+            peer.close()
+            network.close()
+    run(scenario)
+
+
+@FAMILIES
+def test_a_ring_without_room_for_the_window_leaves_the_rest_to_the_python_way(ram, family) -> None:
+    async def scenario(loop) -> None:
+        window = 6 * 1460
+        network, guest, peer = await connected(loop, ram, family, window=window)
+        try:
+            guest.rx.post(8, 2048)  # the first window, and two buffers more
+            data = os.urandom(40_000)
+            peer.sendall(data)
+            await settle(lambda: len(guest.collect()) and len(guest.stream) >= window)
+            assert len(guest.stream) == window
+            calls = EngineCalls(network)
+            # The guest's ACK opens the next window; the ring has room for two frames only:
+            # two go straight in, the rest of the window through the frame queue, in order.
+            guest.send_batch([ack_frame(guest, window)])
+            assert calls.streamed == 1 and guest.rx.frames_written == 8
+            assert network.frames_to_guest, "the rest of the window did not go the Python way"
+            guest.collect()
+            assert len(guest.stream) == 2 * window
+            await guest.receive(len(data))
+            assert bytes(guest.stream) == data
+            continuous(guest.segments, guest.peer_isn + 1, data)
+        finally:
+            peer.close()
+            network.close()
+    run(scenario)
