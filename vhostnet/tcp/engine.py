@@ -378,7 +378,9 @@ class TcpEngine(ConnectionSetup):
         self._now = now
         flow.idle_at = now + self.timeouts.idle
         self.sender.streamed(flow, ack, window, delivered, segments, large_segments, drained, now)
-        self._timers.schedule(flow)
+        # The round sets no deadline closer than ``look_ahead`` (tcp/timers.py).
+        if flow.scheduled_at is None or flow.scheduled_at > now + self.look_ahead:
+            self._timers.look_by(flow, now + self.look_ahead)
 
     def on_writable(self, flow_id: int, now: float, send_space: int | None = None) -> None:
         flow = self.flows_by_id.get(flow_id)
