@@ -26,7 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from vhostnet.hostio._udp_fast import DIRECT_DRAINED, DIRECT_LIMIT, UdpFastPath
+from vhostnet.hostio._udp_fast import (
+    DIRECT_DRAINED,
+    DIRECT_LIMIT,
+    DirectRoute,
+    FlowReader,
+    UdpFastPath,
+)
 from vhostnet.stack.stack import NetworkStack
 from vhostnet.stack.udp_nat import UdpNat
 from vhostnet.wire.checksum import PROTO_UDP
@@ -60,16 +66,36 @@ class UdpFastSender:
         self._to_guest: Callable[[Any], None] | None = None
         self._spare: Any | None = None  # taken but not filled (nothing waited): the next read's
         self._peers: dict[int, tuple[int, bytes, int]] = {}  # inbound flow -> kernel's key
-        # Host -> guest straight into the RX ring: the device offering it (the network's
-        # ``set_direct_rx``; duck-typed as ``vhostnet.tcp.fast.DirectRx``: ``direct_rx(flow)``,
-        # ``direct_rx_by_flow()``, ``direct_rx_done(frames)``) and the queue whose waiting
-        # frames must go first.
-        self.rx: Any | None = None
+        # Host -> guest straight into the RX ring: what the flows' C readers (``flow_reader``)
+        # share, kept up to date here: the device offering it (``rx``), the queue whose
+        # waiting frames must go first, the guest MAC the kernel was told.
+        self._route = DirectRoute(stack, self._finish_direct)
         self._waiting: Sized = ()
         # The guest MAC the kernel was told (the gateway's is the config's, fixed): while it is
         # the stack's, the per-batch paths call no ``_macs_known``.
         self._told_guest_mac: object = _NOT_TOLD
         engine.seen_elsewhere = self.kernel.last_seen  # the kernel stamps its flows' activity
+
+    @property
+    def rx(self) -> Any | None:
+        """The device offering direct writes into its RX ring (the network's ``set_direct_rx``;
+        duck-typed as ``vhostnet.tcp.fast.DirectRx``: ``direct_rx(flow)``,
+        ``direct_rx_by_flow()``, ``direct_rx_done(frames)``), or None."""
+        return self._route.rx
+
+    @rx.setter
+    def rx(self, rx: Any | None) -> None:
+        self._route.rx = rx
+
+    def flow_reader(self, flow_id: int, fallback: Callable[[], None],
+                    clock: Callable[[], float]) -> Callable[[], None] | None:
+        """The C reader to register on the loop for a registered flow's socket: the host's
+        datagrams straight into the RX ring with no Python frame on the way, ``fallback()``
+        (the glue's reader) whenever that cannot be (see ext/udp_reader.pxi); ``clock()``
+        stamps the flow's activity. None for a flow not registered."""
+        if not self.kernel.holds(flow_id):
+            return None
+        return FlowReader(self.kernel, self._route, flow_id, fallback, clock)
 
     def attach_guest_output(self, new_batch: Callable[[], Any],
                             to_guest: Callable[[Any], None], waiting: Sized = ()) -> None:
@@ -79,7 +105,7 @@ class UdpFastSender:
         frames, none goes straight into the RX ring (they would pass the queued ones)."""
         self._new_batch = new_batch
         self._to_guest = to_guest
-        self._waiting = waiting
+        self._waiting = self._route.waiting = waiting
         self._spare = None
 
     def receive(self, flow_id: int, now: float) -> bool:
@@ -102,15 +128,25 @@ class UdpFastSender:
                                      or self._macs_known()):
                 status, frames, spilled = self.kernel.receive_direct(
                     flow_id, self.stack.config.mtu, now, *ring)
-                rx.direct_rx_done(frames)  # (also with none: the ring may have faulted)
-                for payload in spilled:  # (in order; one over the MTU is fragmented there)
-                    self.engine.on_host_datagram(flow_id, payload, now)
-                if status == DIRECT_DRAINED or status == DIRECT_LIMIT:
-                    return True
-                if status > 0:
-                    self.engine.on_host_error(flow_id, status, now)
-                    return True
-                # Ring out of buffers, or a datagram handed back: the old way reads on.
+                return self._finish_direct(flow_id, status, frames, spilled, now)
+        return self._receive_queued(flow_id, now)
+
+    def _finish_direct(self, flow_id: int, status: int, frames: int,
+                       spilled: tuple[bytes, ...], now: float) -> bool:
+        """After a direct receive (here or in a flow's C reader): the device told, datagrams
+        handed back to the stack, an error to the engine, what else waits read the old way;
+        False when that is not the fast path's to do (``receive``'s answer)."""
+        rx = self._route.rx
+        if rx is not None:
+            rx.direct_rx_done(frames)  # (also with none: the ring may have faulted)
+        for payload in spilled:  # (in order; one over the MTU is fragmented there)
+            self.engine.on_host_datagram(flow_id, payload, now)
+        if status == DIRECT_DRAINED or status == DIRECT_LIMIT:
+            return True
+        if status > 0:
+            self.engine.on_host_error(flow_id, status, now)
+            return True
+        # Ring out of buffers, or a datagram handed back: the old way reads on.
         return self._receive_queued(flow_id, now)
 
     def _steering_key(self, flow_id: int) -> tuple[int, bytes, bytes, int, int] | None:
@@ -153,7 +189,7 @@ class UdpFastSender:
             return False
         if guest_mac is not self._told_guest_mac:
             self.kernel.set_macs(self.stack.config.gateway_mac, guest_mac)
-            self._told_guest_mac = guest_mac
+            self._told_guest_mac = self._route.told_mac = guest_mac
         return True
 
     def register_peer(self, flow_id: int, sock: socket.socket, peer_addr: str,
