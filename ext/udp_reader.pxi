@@ -40,7 +40,6 @@ cdef class FlowReader:
     cdef readonly int64_t flow_id
     cdef readonly object fallback
     cdef object clock
-    cdef readonly uint64_t direct_calls      # readiness events served here, without Python
 
     def __init__(self, UdpFastPath kernel, DirectRoute route, int64_t flow_id, fallback, clock):
         self.kernel = kernel
@@ -62,7 +61,6 @@ cdef class FlowReader:
         status, frames, spilled = self.kernel.receive_direct(
             self.flow_id, route.stack.config.mtu, now, *ring)
         if (status == UDP_DIRECT_DRAINED or status == UDP_DIRECT_LIMIT) and not spilled:
-            self.direct_calls += 1
             rx.direct_rx_done(frames)
             return None
         if not route.finish(self.flow_id, status, frames, spilled, now):

@@ -95,6 +95,7 @@ class UdpFastSender:
         stamps the flow's activity. None for a flow not registered."""
         if not self.kernel.holds(flow_id):
             return None
+        self._macs_known()  # (now: the flow's first answer need not take the Python way)
         return FlowReader(self.kernel, self._route, flow_id, fallback, clock)
 
     def attach_guest_output(self, new_batch: Callable[[], Any],
