@@ -68,6 +68,9 @@ class RingWatchdog:
     def _drain_tx(self, index: int) -> None:
         raise NotImplementedError  # NetDevice's
 
+    def _kicks_watched(self, on: bool) -> None:
+        raise NotImplementedError  # NetDevice's: the kicks' C readers learn it
+
     def _flush_rx_if_waiting(self) -> None:
         raise NotImplementedError  # NetDevice's
 
@@ -76,11 +79,13 @@ class RingWatchdog:
         if self._watch_timer is None and not self._closed:
             self._watch_idle_looks = 0
             self._watch_timer = self.loop.call_later(WATCH_PERIOD, self._watch_rings)
+            self._kicks_watched(True)
 
     def _stop_watchdog(self) -> None:
         if self._watch_timer is not None:
             self._watch_timer.cancel()
             self._watch_timer = None
+            self._kicks_watched(False)
 
     def _watch_rings(self) -> None:
         self._watch_timer = None
@@ -102,6 +107,8 @@ class RingWatchdog:
         self._watch_idle_looks = 0 if moved else self._watch_idle_looks + 1
         if self._watch_idle_looks < WATCH_IDLE_LOOKS and not self._closed:
             self._watch_timer = self.loop.call_later(WATCH_PERIOD, self._watch_rings)
+        else:
+            self._kicks_watched(False)
 
     def _watch_found(self, counter: str, index: int, what: str) -> None:
         self.counters[f"watch.{counter}"] += 1

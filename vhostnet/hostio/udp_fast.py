@@ -31,6 +31,7 @@ from vhostnet.hostio._udp_fast import (
     DIRECT_LIMIT,
     DirectRoute,
     FlowReader,
+    TxKick,
     UdpFastPath,
 )
 from vhostnet.stack.stack import NetworkStack
@@ -296,17 +297,37 @@ class UdpFastSender:
             arrays = batch.arrays()
             self._handled = np.zeros(len(arrays[1]), dtype=np.uint8)
             kernel.bind_batch(*arrays, self._handled)
-            self._bound = batch
-        taken = kernel.send_bound(count, now)
+            self._bound = self._route.bound = batch
+        return self.sent(kernel.send_bound(count, now), count, now)
+
+    def sent(self, taken: int, count: int, now: float) -> np.ndarray | None:
+        """After the kernel's ``send_bound`` took ``taken`` of the bound batch's first ``count``
+        frames (in ``send_batch``, or in a ``TxKick``): its send errors to the engine, and
+        ``send_batch``'s answer."""
         if not taken:
             return None
-        if kernel.nerrors:
+        if self.kernel.nerrors:
             engine = self.engine
-            for flow_id, error in kernel.take_errors():
+            for flow_id, error in self.kernel.take_errors():
                 engine.on_host_error(flow_id, error, now)
         if taken == count:
             return NONE_LEFT  # the common case: no index array to build
         return np.flatnonzero(self._handled[:count] == 0)
+
+    def tx_kick(self, fd: int, batch: Any, max_frames: int, *, fallback: Callable[[], None],
+                rest: Callable[[tuple[int, bool, int | None, float]], None],
+                busy: Callable[[], None], flush_rx: Callable[[], None],
+                counters: dict[str, int], clock: Callable[[], float]) -> TxKick:
+        """The C reader of a TX ring's kick eventfd ``fd``, draining into ``batch`` and
+        sending its datagrams of registered flows in the same call (see ``TxKick`` in
+        ext/udp_reader.pxi for the arguments and what its owner keeps up to date)."""
+        return TxKick(self.kernel, self._route, fd, batch, max_frames, fallback, rest, busy,
+                      flush_rx, counters, clock)
+
+    def set_tx_sink(self, on: bool) -> None:
+        """Guest frames go to a sink instead of the host (``Network.set_tx_sink``): the kick
+        readers send nothing themselves then."""
+        self._route.tx_sink = on
 
     def counters(self) -> dict[str, int]:
         """What the fast path sent, as the stack counts what it receives and sends itself
