@@ -1,10 +1,11 @@
 # A flow socket's reader on the event loop (included by udp_fast.pyx): the loop calls the
 # ``FlowReader`` itself when the socket is readable, and in the common case (one RX ring to
 # write into, nothing queued for the guest ahead) the datagrams go straight into the RX ring
-# from here (``receive_direct``) with no Python frame between the loop and recvmmsg; the one
-# Python call left is the device's completion (``direct_rx_done``: counters, watchdog, ring
-# errors). Anything else (frames already queued for the guest, several RX rings, no guest MAC
-# told, a datagram handed back, a receive error) goes to the Python side as before.
+# from here (``receive_direct``) with no Python frame between the loop and recvmmsg, nor after
+# it while the device says it needs no completion call (``direct_rx_done``: counters,
+# watchdog, ring errors; see ``DirectRoute``). Anything else (frames already queued for the
+# guest, several RX rings, no guest MAC told, a datagram handed back, a receive error) goes
+# to the Python side as before.
 #
 # The same for the guest's requests (``TxKick``): a TX ring's kick read, drained and the UDP
 # datagrams of registered flows sent in one call.
@@ -22,7 +23,13 @@ cdef class DirectRoute:
     ``config.mtu`` bounds the frames; ``finish(flow_id, status, frames, spilled, now)``: the
     Python end of a direct receive that did not simply drain the socket (False: what is left
     is the fallback's to read); ``bound``: the TX batch the kernel's ``send_bound`` works on;
-    ``tx_sink``: guest frames go to a sink, not to the host (``Network.set_tx_sink``)."""
+    ``tx_sink``: guest frames go to a sink, not to the host (``Network.set_tx_sink``).
+
+    Optional on ``rx`` (a ``NetDevice`` has them): ``direct_rx_generation``, which changes
+    whenever ``direct_rx()``'s answer may (its last answer is kept until then), and
+    ``direct_rx_quiet``, True while a direct write that met no ring error needs no
+    ``direct_rx_done`` but its frames added to ``counters["rx.frames"]`` (the device's
+    watchdog is on already)."""
     cdef public object rx
     cdef public object waiting
     cdef public object stack
@@ -30,8 +37,12 @@ cdef class DirectRoute:
     cdef public object finish
     cdef public object bound
     cdef public bint tx_sink
+    cdef public object ring           # ``rx.direct_rx()``'s last answer, of ``generation``
+    cdef public object generation
 
     def __init__(self, stack, finish):
+        self.ring = None
+        self.generation = None
         self.bound = None
         self.tx_sink = False
         self.rx = None
@@ -64,14 +75,26 @@ cdef class FlowReader:
         if (rx is None or route.waiting or route.stack.guest_mac is not route.told_mac
                 or self.kernel.index.slot_of(self.flow_id) < 0):
             return self.fallback()
-        ring = rx.direct_rx()
-        if ring is None:
-            return self.fallback()  # several RX rings (by flow), a capture, or none usable
+        # The device's handle, asked again only when its rings changed (its generation).
+        generation = getattr(rx, "direct_rx_generation", None)
+        ring = route.ring
+        if ring is None or generation is None or generation != route.generation:
+            ring = rx.direct_rx()
+            if ring is None:
+                return self.fallback()  # several RX rings (by flow), a capture, or none usable
+            route.ring = ring
+            route.generation = generation
         now = self.clock()
         status, frames, spilled = self.kernel.receive_direct(
             self.flow_id, route.stack.config.mtu, now, *ring)
         if (status == UDP_DIRECT_DRAINED or status == UDP_DIRECT_LIMIT) and not spilled:
-            rx.direct_rx_done(frames)
+            queue = ring[0]
+            if (getattr(rx, "direct_rx_quiet", False) and not queue.has_new_errors
+                    and not queue.broken):
+                if frames:
+                    rx.counters["rx.frames"] += frames
+            else:
+                rx.direct_rx_done(frames)
             return None
         if not route.finish(self.flow_id, status, frames, spilled, now):
             return self.fallback()  # (the Python way reads what is left)

@@ -2,7 +2,9 @@
 eventfd read, the ring drained and the datagrams of an established flow sent in one call, with
 no Python frame of vhostnet but the ring's drain; what it does not take (a new flow's first
 datagram) goes on in Python with the same batch; a capture, a disabled ring or the watchdog
-off are the device's to handle. Real NetDevice over test guest RAM, real sockets on loopback.
+off are the device's to handle. The host's answer goes into the RX ring with no call into the
+device while its watchdog is on (``direct_rx_quiet``). Real NetDevice over test guest RAM,
+real sockets on loopback.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.frames import GATEWAY_IP, guest_udp_frame
-from tests.support.guest_ram import tx_parts
-from tests.test_device_direct_rx import TX, Rig
+from tests.support.guest_ram import DESC_F_WRITE, tx_parts
+from tests.test_device_direct_rx import RX, TX, Rig
 
 VHOSTNET = str(Path(__file__).resolve().parents[1] / "vhostnet")
 GUEST_PORT = 40999
@@ -58,7 +60,8 @@ class Kicked:
         self.drainers.clear()
         os.eventfd_write(self.kick, 1)
         self.run()
-        return self.host.recvfrom(2048)[0]
+        payload, self.peer = self.host.recvfrom(2048)
+        return payload
 
     def drained_in_python(self) -> bool:
         """Whether the last kick's drain was called from vhostnet's Python (not the C reader)."""
@@ -94,13 +97,16 @@ def test_an_established_flows_datagram_is_sent_by_the_c_reader(kicked: Kicked) -
     assert counters["udp.tx_host"] == 3
 
 
+class Seen:
+    """A capture that counts the frames it is shown."""
+
+    frames = 0
+
+    def add_batch(self, batch, count: int, start: int = 0) -> None:
+        self.frames += count
+
+
 def test_a_capture_sends_the_kick_to_the_devices_python(kicked: Kicked) -> None:
-    class Seen:
-        frames = 0
-
-        def add_batch(self, batch, count: int, start: int = 0) -> None:
-            self.frames += count
-
     kicked.send(b"first")
     seen = Seen()
     kicked.device.capture = seen  # type: ignore[assignment]
@@ -150,3 +156,58 @@ def test_a_send_error_reaches_the_flow(kicked: Kicked) -> None:
     counters = kicked.device.network.counters()
     assert counters.get("udp.port_unreachable", 0) + counters.get("udp.host_error", 0) >= 1
     assert not kicked.drained_in_python()
+
+
+def test_an_answer_goes_into_the_rx_ring_without_the_devices_python(kicked: Kicked) -> None:
+    device = kicked.device
+    rx = kicked.rig.drivers[RX]
+    for _ in range(4):
+        gpa = rx.alloc(2048)
+        assert rx.queue_chain([(gpa, 2048, DESC_F_WRITE)], gpa)
+    kicked.send(b"first")
+    kicked.send(b"second")
+    completions: list[int] = []
+    done = device.direct_rx_done
+
+    def recording(frames: int) -> None:
+        completions.append(frames)
+        done(frames)
+    device.direct_rx_done = recording  # type: ignore[method-assign]
+    frames = device.counters["rx.frames"]
+    kicked.host.sendto(b"answer", kicked.peer)
+    kicked.run()
+    assert device.counters["rx.frames"] == frames + 1
+    assert completions == []  # (the watchdog is on: nothing to tell the device)
+    assert len(rx.collect_used()) == 1
+    device._stop_watchdog()  # off: the next write turns it on through the device
+    kicked.host.sendto(b"again", kicked.peer)
+    kicked.run()
+    assert completions == [1] and device.counters["rx.frames"] == frames + 2
+    assert device._watch_timer is not None
+    assert len(rx.collect_used()) == 1
+
+
+def test_the_kept_rx_handle_is_dropped_when_the_rings_change(kicked: Kicked) -> None:
+    """The flow reader keeps the device's direct-write handle between answers: a disabled RX
+    ring, or a capture, must stop the direct writes at once (the answer waits in the queue)."""
+    device = kicked.device
+    rx = kicked.rig.drivers[RX]
+    for _ in range(4):
+        gpa = rx.alloc(2048)
+        assert rx.queue_chain([(gpa, 2048, DESC_F_WRITE)], gpa)
+    kicked.send(b"first")
+    kicked.host.sendto(b"direct", kicked.peer)
+    kicked.run()
+    assert len(rx.collect_used()) == 1
+    device.ring_enable(RX, False)
+    kicked.host.sendto(b"held", kicked.peer)
+    kicked.run()
+    assert rx.collect_used() == [] and len(device.network.frames_to_guest) == 1
+    device.ring_enable(RX, True)
+    kicked.run()
+    assert len(rx.collect_used()) == 1 and not device.network.frames_to_guest
+    seen = Seen()
+    device.capture = seen  # type: ignore[assignment]
+    kicked.host.sendto(b"captured", kicked.peer)
+    kicked.run()
+    assert len(rx.collect_used()) == 1 and seen.frames == 1  # (pushed, so captured)

@@ -153,6 +153,11 @@ class NetDevice(RxFlush, RingWatchdog):
         # A ring reported a guest memory fault (Virtqueue.on_fault): checked at the end of a
         # kick instead of asking every ring at every kick.
         self._fault_reported = False
+        # For the UDP fast path's flow readers (``DirectRoute`` in ext/udp_reader.pxi): changes
+        # whenever ``direct_rx()``'s answer may; and whether a direct write that met no ring
+        # error needs no ``direct_rx_done`` (the watchdog is on), just its frames counted.
+        self.direct_rx_generation = 0
+        self.direct_rx_quiet = False
         self._init_watchdog()  # (kicks and interrupts a guest's memory ordering lost)
         # Last: the listener runs at once when frames already wait (connections restored
         # before a front-end came, or frames sent to the broadcast address meanwhile).
@@ -167,7 +172,7 @@ class NetDevice(RxFlush, RingWatchdog):
     @capture.setter
     def capture(self, capture: Capture | None) -> None:
         self._capture = capture
-        self._kicks_changed()
+        self._rx_rings_changed()  # (no direct writes with a capture; kicks in Python)
 
     def _kicks_changed(self) -> None:
         """Tell the TX kicks' C readers their ring and whether they may do a kick without this
@@ -181,9 +186,11 @@ class NetDevice(RxFlush, RingWatchdog):
                           and self._capture is None and self.steering is None
                           and self.switched is None)
 
-    def _kicks_watched(self, on: bool) -> None:
+    def _watching(self, on: bool) -> None:
         """The watchdog started or stopped watching (``RingWatchdog``): a kick's C reader
-        starts it again when it is off."""
+        starts it again when it is off, and so does ``direct_rx_done`` after a direct write
+        (while it is on, the UDP fast path's readers need not call that: ``direct_rx_quiet``)."""
+        self.direct_rx_quiet = on
         for kick in self._tx_kicks.values():
             kick.watched = on
 

@@ -48,6 +48,7 @@ class RxFlush:
     _rx_batches: dict[int, FrameBatch]
     counters: dict[str, int]
     _capture: Capture | None  # (NetDevice.capture, read without its property per frame batch)
+    direct_rx_generation: int
     _closed: bool
     _rx_scheduled: bool
     _usable_rx: dict[int, Virtqueue] | None
@@ -235,6 +236,7 @@ class RxFlush:
         self._usable_rx = None
         self._direct_rx_ring = None
         self._direct_rx_handle = None
+        self.direct_rx_generation += 1  # (the UDP flow readers' kept handle: asked again)
         self._kicks_changed()  # (the TX kicks' C readers: their ring, whether they may run)
 
     def direct_rx(self, flow: tuple[int, bytes, bytes, int, int] | None = None

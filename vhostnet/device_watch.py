@@ -68,8 +68,8 @@ class RingWatchdog:
     def _drain_tx(self, index: int) -> None:
         raise NotImplementedError  # NetDevice's
 
-    def _kicks_watched(self, on: bool) -> None:
-        raise NotImplementedError  # NetDevice's: the kicks' C readers learn it
+    def _watching(self, on: bool) -> None:
+        raise NotImplementedError  # NetDevice's: the C readers learn it
 
     def _flush_rx_if_waiting(self) -> None:
         raise NotImplementedError  # NetDevice's
@@ -79,13 +79,13 @@ class RingWatchdog:
         if self._watch_timer is None and not self._closed:
             self._watch_idle_looks = 0
             self._watch_timer = self.loop.call_later(WATCH_PERIOD, self._watch_rings)
-            self._kicks_watched(True)
+            self._watching(True)
 
     def _stop_watchdog(self) -> None:
         if self._watch_timer is not None:
             self._watch_timer.cancel()
             self._watch_timer = None
-            self._kicks_watched(False)
+            self._watching(False)
 
     def _watch_rings(self) -> None:
         self._watch_timer = None
@@ -108,7 +108,7 @@ class RingWatchdog:
         if self._watch_idle_looks < WATCH_IDLE_LOOKS and not self._closed:
             self._watch_timer = self.loop.call_later(WATCH_PERIOD, self._watch_rings)
         else:
-            self._kicks_watched(False)
+            self._watching(False)
 
     def _watch_found(self, counter: str, index: int, what: str) -> None:
         self.counters[f"watch.{counter}"] += 1

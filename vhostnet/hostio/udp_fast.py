@@ -87,6 +87,7 @@ class UdpFastSender:
     @rx.setter
     def rx(self, rx: Any | None) -> None:
         self._route.rx = rx
+        self._route.ring = None  # (its handle: asked again)
 
     def flow_reader(self, flow_id: int, fallback: Callable[[], None],
                     clock: Callable[[], float]) -> Callable[[], None] | None:
