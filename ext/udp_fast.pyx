@@ -645,3 +645,6 @@ cdef class UdpFastPath:
                 self.nhits += 1
         self.datagrams_received += got
         return -1 if got == want else 0
+
+
+include "udp_reader.pxi"  # a flow socket's reader on the loop (after UdpFastPath, which it uses)

@@ -226,9 +226,14 @@ cdef long udp_direct_work(void *ring, void *arg, long unused) noexcept nogil:
     return 0
 
 
-cdef long udp_direct_finish(void *ring, void *arg, long unused) noexcept nogil:
-    """Publish what was delivered; one interrupt for the whole call if the guest wants one."""
-    return (<UdpDirect *>arg).api.finish(ring)
+cdef long udp_direct_run(void *ring, void *arg, long unused) noexcept nogil:
+    """``udp_direct_work``, then what it delivered published, one interrupt for the whole call
+    if the guest wants one: one guarded call (one GIL release) per receive."""
+    cdef UdpDirect *p = <UdpDirect *>arg
+    udp_direct_work(ring, arg, unused)
+    if p.frames:
+        p.api.finish(ring)
+    return 0
 
 
 cdef tuple direct_receive(UdpDirect *p, object ring, object capsule):
@@ -240,9 +245,7 @@ cdef tuple direct_receive(UdpDirect *p, object ring, object capsule):
     p.frames = 0
     p.spilled_len = 0
     p.next_len = 0
-    cdef long result = p.api.run(<void *>ring, udp_direct_work, <void *>p, 0)
-    if p.frames:
-        p.api.run(<void *>ring, udp_direct_finish, <void *>p, 0)
+    cdef long result = p.api.run(<void *>ring, udp_direct_run, <void *>p, 0)
     if result < 0:
         return UDP_DIRECT_RING_FULL, p.frames, ()  # guest memory faulted: the ring broke
     if p.status != UDP_DIRECT_SPILLED:

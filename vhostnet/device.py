@@ -32,6 +32,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -51,7 +52,7 @@ from vhostnet.virtqueue import AddressError, FlowSteering, FrameBatch, GuestMemo
 
 if TYPE_CHECKING:
     from vhostnet.capture import Capture
-    from vhostnet.network import GuestSide, SwitchedFrames
+    from vhostnet.network import GuestSide, SwitchedFrames, TxKick
     from vhostnet.vhost_user.backend import VringConfig
     from vhostnet.vhost_user.codec import MemoryRegion
 
@@ -120,6 +121,9 @@ class NetDevice(RxFlush, RingWatchdog):
         self.mtu = network.config.mtu
         self.queues: dict[int, Virtqueue] = {}
         self.kick_fds: dict[int, int] = {}
+        # TX rings whose kick the network's C reader takes (``GuestSide.tx_kick``): the ring,
+        # and whether the kick needs nothing of this device's Python, kept up to date here.
+        self._tx_kicks: dict[int, TxKick] = {}
         self.call_fds: dict[int, int] = {}
         self.enabled: dict[int, bool] = {}
         self.tx_batch = FrameBatch(TX_BATCH)
@@ -140,7 +144,7 @@ class NetDevice(RxFlush, RingWatchdog):
         self.ring_log: dict[int, tuple[bool, int]] = {}
         self.device_state = device_state
         # -p/--pcap: frames both ways, per batch (nothing per frame when None).
-        self.capture: Capture | None = None
+        self._capture: Capture | None = None
         self._closed = False
         self._rx_scheduled = False
         self._usable_rx: dict[int, Virtqueue] | None = None  # (RxFlush's cache; None: stale)
@@ -149,11 +153,46 @@ class NetDevice(RxFlush, RingWatchdog):
         # A ring reported a guest memory fault (Virtqueue.on_fault): checked at the end of a
         # kick instead of asking every ring at every kick.
         self._fault_reported = False
+        # For the UDP fast path's flow readers (``DirectRoute`` in ext/udp_reader.pxi): changes
+        # whenever ``direct_rx()``'s answer may; and whether a direct write that met no ring
+        # error needs no ``direct_rx_done`` (the watchdog is on), just its frames counted.
+        self.direct_rx_generation = 0
+        self.direct_rx_quiet = False
         self._init_watchdog()  # (kicks and interrupts a guest's memory ordering lost)
         # Last: the listener runs at once when frames already wait (connections restored
         # before a front-end came, or frames sent to the broadcast address meanwhile).
         network.add_output_listener(self._schedule_rx)
         network.set_direct_rx(self)
+
+    @property
+    def capture(self) -> Capture | None:
+        """-p/--pcap: frames both ways, per batch (nothing per frame when None)."""
+        return self._capture
+
+    @capture.setter
+    def capture(self, capture: Capture | None) -> None:
+        self._capture = capture
+        self._rx_rings_changed()  # (no direct writes with a capture; kicks in Python)
+
+    def _kicks_changed(self) -> None:
+        """Tell the TX kicks' C readers their ring and whether they may do a kick without this
+        device's Python (one queue pair, nothing captured, the ring enabled and whole): at
+        every change of rings (``_rx_rings_changed``) and of the capture."""
+        for index, kick in self._tx_kicks.items():
+            queue = self.queues.get(index)
+            kick.queue = queue
+            kick.ready = (queue is not None and not queue.broken and not self._closed
+                          and self.enabled.get(index, False) and not self._fault_reported
+                          and self._capture is None and self.steering is None
+                          and self.switched is None)
+
+    def _watching(self, on: bool) -> None:
+        """The watchdog started or stopped watching (``RingWatchdog``): a kick's C reader
+        starts it again when it is off, and so does ``direct_rx_done`` after a direct write
+        (while it is on, the UDP fast path's readers need not call that: ``direct_rx_quiet``)."""
+        self.direct_rx_quiet = on
+        for kick in self._tx_kicks.values():
+            kick.watched = on
 
     # ---- BackendDevice: negotiation -----------------------------------------
 
@@ -264,7 +303,17 @@ class NetDevice(RxFlush, RingWatchdog):
             return  # NOFD: QEMU never does this for net; the ring would need polling
         # The guest may have kicked before we got the fd (it kicks RX before
         # DRIVER_OK), so the reader fires at once if the eventfd is readable.
-        self.loop.add_reader(fd, self._on_kick, index, is_rx_ring(index))
+        kick = None if is_rx_ring(index) else self.network.tx_kick(
+            fd, self.tx_batch, TX_BATCH, fallback=partial(self._on_kick, index, False),
+            rest=partial(self._kick_rest, index), busy=self._rings_busy,
+            flush_rx=self._flush_rx, counters=self.counters, clock=time.monotonic)
+        if kick is None:
+            self.loop.add_reader(fd, self._on_kick, index, is_rx_ring(index))
+        else:
+            self._tx_kicks[index] = kick
+            self._kicks_changed()
+            kick.watched = self._watch_timer is not None
+            self.loop.add_reader(fd, kick)
         self.kick_fds[index] = fd  # only once the loop watches it: _drop_kick unregisters
         # It may also never kick: a kick that went to the back-end before (the
         # source of a migration, or this one just before a stop) is lost, and with
@@ -387,13 +436,22 @@ class NetDevice(RxFlush, RingWatchdog):
         if self._fault_reported:
             self._check_memory_fault()
 
-    def _drain_tx(self, index: int = TX_QUEUE) -> None:
+    def _kick_rest(self, index: int, first: tuple[int, bool, int | None]) -> None:
+        """What a TX kick the network's C reader began (``TxKick``) left to Python: its drained
+        batch ``first`` (frames, again, how many the UDP fast path sent: None, none tried) on."""
+        self._drain_tx(index, first)
+        if self._fault_reported:
+            self._check_memory_fault()
+
+    def _drain_tx(self, index: int = TX_QUEUE,
+                  first: tuple[int, bool, int | None] | None = None) -> None:
         """Ring ``index``'s TX frames to the network, its host commands run, and the frames that
         made for the guest into the RX ring, all in this turn (a request's answer goes out
         before the loop polls again). Runs per kick: one frame of Python for the common case
-        of one pass (the loop is spelled out here rather than split into helpers)."""
+        of one pass (the loop is spelled out here rather than split into helpers). ``first``:
+        the first pass's drain, done by a ``TxKick`` (``_kick_rest``)."""
         queue = self.queues.get(index)
-        if queue is None or queue.broken:
+        if first is None and (queue is None or queue.broken):
             return
         network = self.network
         # The frames this makes go to the guest with the flush below, in this turn: no flush
@@ -404,19 +462,23 @@ class NetDevice(RxFlush, RingWatchdog):
             deliver = self.enabled.get(index, False)
             batch = self.tx_batch
             for _ in range(MAX_PASSES_PER_WAKEUP):
-                count, again = queue.tx_drain_rearm(batch, TX_BATCH)  # (notified, re-armed)
+                if first is None:
+                    count, again = queue.tx_drain_rearm(batch, TX_BATCH)  # (notified, re-armed)
+                    udp_taken = None
+                else:
+                    (count, again, udp_taken), first = first, None
                 if count:
-                    if self.capture is not None:
-                        self.capture.add_batch(batch, count)
+                    if self._capture is not None:
+                        self._capture.add_batch(batch, count)
                     if deliver:
                         if self.steering is not None:
                             self.steering.learn(batch, count, index // 2)
-                        network.receive_batch(batch, count, time.monotonic())
+                        network.receive_batch(batch, count, time.monotonic(), udp_taken)
                         self.counters["tx.frames"] += count
                     else:
                         # Started but disabled: consume and discard (vhost-user spec).
                         self.counters["tx.discarded"] += count
-                if not again:
+                if not again or queue is None or queue.broken:
                     break
             else:
                 # Still busy: come back after other callbacks had their turn.
@@ -459,6 +521,7 @@ class NetDevice(RxFlush, RingWatchdog):
             self.on_memory_fault = None
 
     def _drop_kick(self, index: int) -> None:
+        self._tx_kicks.pop(index, None)
         fd = self.kick_fds.pop(index, None)
         if fd is not None:
             self.loop.remove_reader(fd)

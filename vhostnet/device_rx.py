@@ -47,7 +47,8 @@ class RxFlush:
     rx_batch: FrameBatch
     _rx_batches: dict[int, FrameBatch]
     counters: dict[str, int]
-    capture: Capture | None
+    _capture: Capture | None  # (NetDevice.capture, read without its property per frame batch)
+    direct_rx_generation: int
     _closed: bool
     _rx_scheduled: bool
     _usable_rx: dict[int, Virtqueue] | None
@@ -57,6 +58,9 @@ class RxFlush:
     _watch_timer: asyncio.TimerHandle | None  # (RingWatchdog's: None while it does not watch)
 
     def _check_memory_fault(self) -> None:
+        raise NotImplementedError  # NetDevice's
+
+    def _kicks_changed(self) -> None:
         raise NotImplementedError  # NetDevice's
 
     def _schedule_rx(self) -> None:
@@ -198,8 +202,8 @@ class RxFlush:
         if queue.broken:
             self._check_memory_fault()
             return -1
-        if self.capture is not None:
-            self.capture.add_batch(batch, pushed, start)
+        if self._capture is not None:
+            self._capture.add_batch(batch, pushed, start)
         self.counters["rx.frames"] += pushed
         if pushed:
             queue.notify()
@@ -232,6 +236,8 @@ class RxFlush:
         self._usable_rx = None
         self._direct_rx_ring = None
         self._direct_rx_handle = None
+        self.direct_rx_generation += 1  # (the UDP flow readers' kept handle: asked again)
+        self._kicks_changed()  # (the TX kicks' C readers: their ring, whether they may run)
 
     def direct_rx(self, flow: tuple[int, bytes, bytes, int, int] | None = None
                   ) -> tuple[object, object] | None:
@@ -244,7 +250,7 @@ class RxFlush:
         handle = self._direct_rx_handle
         if handle is None:
             handle = self._direct_rx_handle = self._find_direct_rx()
-        if not handle or self.capture is not None:
+        if not handle or self._capture is not None:
             return None
         if handle is True:
             return None if flow is None else self._steered_direct_rx(flow)

@@ -68,6 +68,9 @@ class RingWatchdog:
     def _drain_tx(self, index: int) -> None:
         raise NotImplementedError  # NetDevice's
 
+    def _watching(self, on: bool) -> None:
+        raise NotImplementedError  # NetDevice's: the C readers learn it
+
     def _flush_rx_if_waiting(self) -> None:
         raise NotImplementedError  # NetDevice's
 
@@ -76,11 +79,13 @@ class RingWatchdog:
         if self._watch_timer is None and not self._closed:
             self._watch_idle_looks = 0
             self._watch_timer = self.loop.call_later(WATCH_PERIOD, self._watch_rings)
+            self._watching(True)
 
     def _stop_watchdog(self) -> None:
         if self._watch_timer is not None:
             self._watch_timer.cancel()
             self._watch_timer = None
+            self._watching(False)
 
     def _watch_rings(self) -> None:
         # ``_watch_timer`` stays set during the look: a push it makes (``_flush_rx_if_waiting``)
@@ -97,6 +102,7 @@ class RingWatchdog:
                 self._watch_timer = self.loop.call_later(WATCH_PERIOD, self._watch_rings)
             else:
                 self._watch_timer = None
+                self._watching(False)
 
     def _look_at_rings(self) -> bool:
         """One look at each ring (see the module docstring); whether any ring moved."""

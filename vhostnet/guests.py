@@ -25,7 +25,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vhostnet.guest_queue import GuestFrameQueue
 from vhostnet.network import DirectRx, Network
@@ -98,9 +98,10 @@ class GuestPort:
     def frames_to_guest(self) -> GuestFrameQueue:
         return self._unbound if self.network is None else self.network.frames_to_guest
 
-    def receive_batch(self, batch: FrameBatch, count: int, now: float) -> None:
+    def receive_batch(self, batch: FrameBatch, count: int, now: float,
+                      udp_taken: int | None = None) -> None:
         """Switch the batch: frames for other guests to their ports, the rest (for this
-        guest's router) to its Network."""
+        guest's router) to its Network. (``udp_taken`` is always None: no ``tx_kick`` here.)"""
         if self.network is None and count:
             self._bind_to_sender(batch)
         guests = self.guests
@@ -119,6 +120,10 @@ class GuestPort:
     def flush(self) -> None:
         if self.network is not None:
             self.network.flush()
+
+    def tx_kick(self, fd: int, batch: FrameBatch, max_frames: int, **callbacks: Any) -> None:
+        """No C kick reader behind a switch port: every frame is switched first."""
+        return None
 
     def add_output_listener(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)

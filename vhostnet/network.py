@@ -38,7 +38,7 @@ from vhostnet.hostio.dns import DnsGlue
 from vhostnet.hostio.icmp import IcmpGlue
 from vhostnet.hostio.tftp_files import TftpRoot
 from vhostnet.hostio.udp import UdpGlue
-from vhostnet.hostio.udp_fast import UdpFastSender
+from vhostnet.hostio.udp_fast import TxKick, UdpFastSender
 from vhostnet.stack.config import PortForward, StackConfig
 from vhostnet.stack.counters import add_counts
 from vhostnet.stack.dhcp import DhcpServer
@@ -89,9 +89,14 @@ class GuestSide(Protocol):
     @property
     def frames_to_guest(self) -> GuestFrameQueue: ...  # frames for the guest, oldest first
 
-    def receive_batch(self, batch: FrameBatch, count: int, now: float) -> None: ...
+    def receive_batch(self, batch: FrameBatch, count: int, now: float,
+                      udp_taken: int | None = None) -> None: ...
 
     def flush(self) -> None: ...
+
+    # The C reader of a TX ring's kick (``UdpFastSender.tx_kick``), or None: the device's own.
+    def tx_kick(self, fd: int, batch: FrameBatch, max_frames: int, **callbacks: Any
+                ) -> TxKick | None: ...
 
     def add_output_listener(self, listener: Callable[[], None]) -> None: ...
 
@@ -314,6 +319,8 @@ class Network:
         Frames handed to a sink are counted as ``guest.tx_to_sink``.
         """
         self._tx_sink = sink
+        if self.udp_fast is not None:
+            self.udp_fast.set_tx_sink(sink is not None)
 
     # ---- device side ---------------------------------------------------------
 
@@ -322,8 +329,10 @@ class Network:
         for hook in self._device_started_hooks:
             hook(now)
 
-    def receive_batch(self, batch: FrameBatch, count: int, now: float) -> None:
+    def receive_batch(self, batch: FrameBatch, count: int, now: float,
+                      udp_taken: int | None = None) -> None:
         """Hand ``count`` guest frames of ``batch`` to the stack (or to the TX sink).
+        ``udp_taken``: the UDP fast path already sent that many of them (a ``TxKick``).
 
         UDP datagrams of established outbound flows and in-order data of
         established TCP flows are sent by the C fast paths first (the TCP one
@@ -337,7 +346,12 @@ class Network:
             self._tx_sink(batch, count, now)
             return
         udp_fast, tcp_fast = self.udp_fast, self.tcp_fast
-        left = udp_fast.send_batch(batch, count, now) if udp_fast is not None else None
+        if udp_fast is None:
+            left = None
+        elif udp_taken is None:
+            left = udp_fast.send_batch(batch, count, now)
+        else:
+            left = udp_fast.sent(udp_taken, count, now)
         if tcp_fast is not None and (left is None or len(left)):
             # (UDP took every frame: nothing for TCP's pass, nor its refresh, which the next
             # batch with TCP in it does.)
@@ -348,6 +362,14 @@ class Network:
         frame, vnet = batch.frame, batch.vnet
         for index in range(count) if left is None else left.tolist():
             receive(bytes(frame(index)), now, vnet(index))
+
+    def tx_kick(self, fd: int, batch: FrameBatch, max_frames: int, **callbacks: Any
+                ) -> TxKick | None:
+        """The UDP fast path's C reader for a TX ring's kick eventfd (``UdpFastSender.tx_kick``),
+        or None without that fast path."""
+        if self.udp_fast is None:
+            return None
+        return self.udp_fast.tx_kick(fd, batch, max_frames, **callbacks)
 
     def flush(self) -> None:
         """Run the host-side commands the engines queued (a failing glue does not stop the others).

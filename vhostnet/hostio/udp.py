@@ -30,6 +30,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from vhostnet.outbound import open_outbound
@@ -94,6 +95,9 @@ class UdpGlue:
         self.loop = loop
         self.clock = clock
         self._flow_sockets: dict[int, socket.socket] = {}
+        # The loop's reader of each flow socket: the fast path's C reader for a registered
+        # flow (straight into the RX ring, ``_on_flow_readable`` its fallback), else that.
+        self._flow_readers: dict[int, Callable[[], None]] = {}
         self._peers: dict[int, tuple[socket.socket, tuple[str, int]]] = {}
         self._listeners: dict[PortForward, socket.socket] = {}
         for forward in engine.config.udp_forwards:
@@ -226,9 +230,11 @@ class UdpGlue:
             self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
             return
         self._flow_sockets[command.flow_id] = sock
-        self.loop.add_reader(sock.fileno(), self._on_flow_readable, command.flow_id, sock)
-        if self.fast_path is not None:
-            self.fast_path.register(command.flow_id, sock)
+        reader: Callable[[], None] = partial(self._on_flow_readable, command.flow_id, sock)
+        if self.fast_path is not None and self.fast_path.register(command.flow_id, sock):
+            reader = self.fast_path.flow_reader(command.flow_id, reader, self.clock) or reader
+        self._flow_readers[command.flow_id] = reader
+        self.loop.add_reader(sock.fileno(), reader)
 
     def _send(self, command: UdpSend) -> None:
         try:
@@ -247,7 +253,8 @@ class UdpGlue:
     def _on_flow_readable(self, flow_id: int, sock: socket.socket) -> None:
         backlogged = self.guest_backlogged  # (_paused_for_guest's test inline: once a reply)
         if backlogged is not None and backlogged():
-            self._pause(sock, self._on_flow_readable, flow_id, sock)
+            self._pause(sock, self._flow_readers.get(flow_id)
+                        or partial(self._on_flow_readable, flow_id, sock))
             return
         now = self.clock()
         if self.fast_path is not None and self.fast_path.receive(flow_id, now):
@@ -264,6 +271,7 @@ class UdpGlue:
 
     def _close_flow(self, flow_id: int) -> None:
         self._forget_peer(flow_id)
+        self._flow_readers.pop(flow_id, None)
         sock = self._flow_sockets.pop(flow_id, None)
         if sock is not None:
             if self.fast_path is not None:

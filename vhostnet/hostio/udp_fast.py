@@ -26,7 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from vhostnet.hostio._udp_fast import DIRECT_DRAINED, DIRECT_LIMIT, UdpFastPath
+from vhostnet.hostio._udp_fast import (
+    DIRECT_DRAINED,
+    DIRECT_LIMIT,
+    DirectRoute,
+    FlowReader,
+    TxKick,
+    UdpFastPath,
+)
 from vhostnet.stack.stack import NetworkStack
 from vhostnet.stack.udp_nat import UdpNat
 from vhostnet.wire.checksum import PROTO_UDP
@@ -60,16 +67,38 @@ class UdpFastSender:
         self._to_guest: Callable[[Any], None] | None = None
         self._spare: Any | None = None  # taken but not filled (nothing waited): the next read's
         self._peers: dict[int, tuple[int, bytes, int]] = {}  # inbound flow -> kernel's key
-        # Host -> guest straight into the RX ring: the device offering it (the network's
-        # ``set_direct_rx``; duck-typed as ``vhostnet.tcp.fast.DirectRx``: ``direct_rx(flow)``,
-        # ``direct_rx_by_flow()``, ``direct_rx_done(frames)``) and the queue whose waiting
-        # frames must go first.
-        self.rx: Any | None = None
+        # Host -> guest straight into the RX ring: what the flows' C readers (``flow_reader``)
+        # share, kept up to date here: the device offering it (``rx``), the queue whose
+        # waiting frames must go first, the guest MAC the kernel was told.
+        self._route = DirectRoute(stack, self._finish_direct)
         self._waiting: Sized = ()
         # The guest MAC the kernel was told (the gateway's is the config's, fixed): while it is
         # the stack's, the per-batch paths call no ``_macs_known``.
         self._told_guest_mac: object = _NOT_TOLD
         engine.seen_elsewhere = self.kernel.last_seen  # the kernel stamps its flows' activity
+
+    @property
+    def rx(self) -> Any | None:
+        """The device offering direct writes into its RX ring (the network's ``set_direct_rx``;
+        duck-typed as ``vhostnet.tcp.fast.DirectRx``: ``direct_rx(flow)``,
+        ``direct_rx_by_flow()``, ``direct_rx_done(frames)``), or None."""
+        return self._route.rx
+
+    @rx.setter
+    def rx(self, rx: Any | None) -> None:
+        self._route.rx = rx
+        self._route.ring = None  # (its handle: asked again)
+
+    def flow_reader(self, flow_id: int, fallback: Callable[[], None],
+                    clock: Callable[[], float]) -> Callable[[], None] | None:
+        """The C reader to register on the loop for a registered flow's socket: the host's
+        datagrams straight into the RX ring with no Python frame on the way, ``fallback()``
+        (the glue's reader) whenever that cannot be (see ext/udp_reader.pxi); ``clock()``
+        stamps the flow's activity. None for a flow not registered."""
+        if not self.kernel.holds(flow_id):
+            return None
+        self._macs_known()  # (now: the flow's first answer need not take the Python way)
+        return FlowReader(self.kernel, self._route, flow_id, fallback, clock)
 
     def attach_guest_output(self, new_batch: Callable[[], Any],
                             to_guest: Callable[[Any], None], waiting: Sized = ()) -> None:
@@ -79,7 +108,7 @@ class UdpFastSender:
         frames, none goes straight into the RX ring (they would pass the queued ones)."""
         self._new_batch = new_batch
         self._to_guest = to_guest
-        self._waiting = waiting
+        self._waiting = self._route.waiting = waiting
         self._spare = None
 
     def receive(self, flow_id: int, now: float) -> bool:
@@ -102,15 +131,25 @@ class UdpFastSender:
                                      or self._macs_known()):
                 status, frames, spilled = self.kernel.receive_direct(
                     flow_id, self.stack.config.mtu, now, *ring)
-                rx.direct_rx_done(frames)  # (also with none: the ring may have faulted)
-                for payload in spilled:  # (in order; one over the MTU is fragmented there)
-                    self.engine.on_host_datagram(flow_id, payload, now)
-                if status == DIRECT_DRAINED or status == DIRECT_LIMIT:
-                    return True
-                if status > 0:
-                    self.engine.on_host_error(flow_id, status, now)
-                    return True
-                # Ring out of buffers, or a datagram handed back: the old way reads on.
+                return self._finish_direct(flow_id, status, frames, spilled, now)
+        return self._receive_queued(flow_id, now)
+
+    def _finish_direct(self, flow_id: int, status: int, frames: int,
+                       spilled: tuple[bytes, ...], now: float) -> bool:
+        """After a direct receive (here or in a flow's C reader): the device told, datagrams
+        handed back to the stack, an error to the engine, what else waits read the old way;
+        False when that is not the fast path's to do (``receive``'s answer)."""
+        rx = self._route.rx
+        if rx is not None:
+            rx.direct_rx_done(frames)  # (also with none: the ring may have faulted)
+        for payload in spilled:  # (in order; one over the MTU is fragmented there)
+            self.engine.on_host_datagram(flow_id, payload, now)
+        if status == DIRECT_DRAINED or status == DIRECT_LIMIT:
+            return True
+        if status > 0:
+            self.engine.on_host_error(flow_id, status, now)
+            return True
+        # Ring out of buffers, or a datagram handed back: the old way reads on.
         return self._receive_queued(flow_id, now)
 
     def _steering_key(self, flow_id: int) -> tuple[int, bytes, bytes, int, int] | None:
@@ -153,7 +192,7 @@ class UdpFastSender:
             return False
         if guest_mac is not self._told_guest_mac:
             self.kernel.set_macs(self.stack.config.gateway_mac, guest_mac)
-            self._told_guest_mac = guest_mac
+            self._told_guest_mac = self._route.told_mac = guest_mac
         return True
 
     def register_peer(self, flow_id: int, sock: socket.socket, peer_addr: str,
@@ -259,17 +298,37 @@ class UdpFastSender:
             arrays = batch.arrays()
             self._handled = np.zeros(len(arrays[1]), dtype=np.uint8)
             kernel.bind_batch(*arrays, self._handled)
-            self._bound = batch
-        taken = kernel.send_bound(count, now)
+            self._bound = self._route.bound = batch
+        return self.sent(kernel.send_bound(count, now), count, now)
+
+    def sent(self, taken: int, count: int, now: float) -> np.ndarray | None:
+        """After the kernel's ``send_bound`` took ``taken`` of the bound batch's first ``count``
+        frames (in ``send_batch``, or in a ``TxKick``): its send errors to the engine, and
+        ``send_batch``'s answer."""
         if not taken:
             return None
-        if kernel.nerrors:
+        if self.kernel.nerrors:
             engine = self.engine
-            for flow_id, error in kernel.take_errors():
+            for flow_id, error in self.kernel.take_errors():
                 engine.on_host_error(flow_id, error, now)
         if taken == count:
             return NONE_LEFT  # the common case: no index array to build
         return np.flatnonzero(self._handled[:count] == 0)
+
+    def tx_kick(self, fd: int, batch: Any, max_frames: int, *, fallback: Callable[[], None],
+                rest: Callable[[tuple[int, bool, int | None, float]], None],
+                busy: Callable[[], None], flush_rx: Callable[[], None],
+                counters: dict[str, int], clock: Callable[[], float]) -> TxKick:
+        """The C reader of a TX ring's kick eventfd ``fd``, draining into ``batch`` and
+        sending its datagrams of registered flows in the same call (see ``TxKick`` in
+        ext/udp_reader.pxi for the arguments and what its owner keeps up to date)."""
+        return TxKick(self.kernel, self._route, fd, batch, max_frames, fallback, rest, busy,
+                      flush_rx, counters, clock)
+
+    def set_tx_sink(self, on: bool) -> None:
+        """Guest frames go to a sink instead of the host (``Network.set_tx_sink``): the kick
+        readers send nothing themselves then."""
+        self._route.tx_sink = on
 
     def counters(self) -> dict[str, int]:
         """What the fast path sent, as the stack counts what it receives and sends itself
