@@ -114,12 +114,17 @@ def test_a_look_that_pushes_frames_keeps_one_chain_of_looks() -> None:
             if self.looks <= 6:  # frames waited for the first looks: each push arms the watchdog
                 self._rings_busy()
 
+        def _watching(self, on: bool) -> None:
+            self.watching = on
+
     loop = asyncio.new_event_loop()
     try:
         device = Device(loop)
         device._rings_busy()
         loop.run_until_complete(asyncio.sleep(WATCH_PERIOD * 12.5))
         assert 8 <= device.looks <= 13  # one look per period
+        assert device.watching
         device._stop_watchdog()
+        assert not device.watching
     finally:
         loop.close()

@@ -17,6 +17,7 @@ import pytest
 
 from tests.support.dhcp import dhcp_request, msg_type
 from tests.support.frames import BROADCAST, GATEWAY_IP, GATEWAY_MAC, eth, ipv4, udp
+from tests.support.hostio import port_is_free
 from vhostnet.guests import Guests, forwards_by_guest
 from vhostnet.network import Network
 from vhostnet.stack.config import StackConfig, ip4, parse_port_spec
@@ -243,9 +244,12 @@ def test_networks_of_gone_guests_are_bounded(loop: asyncio.AbstractEventLoop) ->
 
 
 def test_command_line_forwards_go_to_the_guest_they_name(loop: asyncio.AbstractEventLoop) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free = probe.getsockname()[1]
+    for _ in range(50):  # two free ports side by side (another test's socket may hold one)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            free = probe.getsockname()[1]
+        if port_is_free(free + 1):
+            break
     forwards = parse_port_spec(f"127.0.0.1/{free}:10.0.2.16/80,{free + 1}:22")
     config = StackConfig(tcp_forwards=forwards)
     split = forwards_by_guest(config)
