@@ -211,7 +211,9 @@ class StreamDevice:
             self._rx_scheduled = held
             if not read:
                 self._schedule_rx()  # (closed: nothing)
-        if read and not self._writing:
+        # (A guest sending wakes this for a frame or two: most reads queue nothing back.)
+        if read and not self._writing and (self.network.frames_to_guest or self.sender.cut_bytes
+                                           or self.switched is not None):
             self._flush_rx()
 
     def _read(self) -> bool:
