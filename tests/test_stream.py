@@ -655,3 +655,31 @@ def test_framer_receive_makes_room_for_a_chunk_after_a_partial_frame(pair) -> No
             if error:
                 break
     assert taken == [frame] * 400 and framer.buffered == 0
+
+
+def test_a_read_that_queues_nothing_back_skips_the_send_path_and_one_that_does_sends(pair) -> None:
+    ours, peer = pair
+    loop = asyncio.new_event_loop()
+    network = Network(StackConfig(), loop)
+    network.set_tx_sink(lambda batch, count, now: None)  # guest frames go nowhere, answer none
+    device = StreamDevice(loop, network, ours)
+    sends = [0]
+    flush = device._flush_rx
+
+    def counting_flush() -> None:
+        sends[0] += 1
+        flush()
+
+    device._flush_rx = counting_flush  # type: ignore[method-assign]
+    try:
+        peer.sendall(encode_frames([_frame(n) for n in range(3)]))
+        _run_until(loop, lambda: device.counters["tx.frames"] == 3)
+        assert sends == [0] and device.counters["rx.sends"] == 0
+        network.set_tx_sink(None)  # the stack again: an ARP request gets its answer at once
+        peer.sendall(encode_frames([arp_request(GATEWAY_IP)]))
+        _run_until(loop, lambda: device.counters["rx.frames"] == 1)
+        assert sends[0] >= 1
+    finally:
+        device.close()
+        network.close()
+        loop.close()
