@@ -4,8 +4,9 @@ Each Ethernet frame travels as a 4-byte big-endian length followed by the frame,
 with no virtio-net header, so it works with any NIC model (virtio-net, e1000).
 ``StreamFramer`` is the sans-IO half (bytes in, whole frames out as a
 ``FrameBatch`` whose storage is the read buffer: no copy); ``StreamDevice`` is the socket glue, the stream counterpart of
-``NetDevice``: it reads the socket in large chunks and hands the network whole
-batches (``Network.receive_batch``, so the C fast paths run as for the rings), and
+``NetDevice``: it reads the socket in large chunks (``StreamFramer.receive``: the read and
+the framing in one kernel call, since a guest sending wakes it for a frame or two at a
+time) and hands the network whole batches (``Network.receive_batch``, so the C fast paths run as for the rings), and
 writes frames for the guest many at a time in one sendmsg, gathered where they lie
 (``StreamSender``, ext/stream.pyx: no copy into a send buffer). Its socket buffers are
 as large as the system allows (as passt sets them): the peer, a guest under QEMU, reads
@@ -81,8 +82,9 @@ class StreamFramer:
     report with ``filled(n)``, or ``feed(data)``. That buffer is the storage of the framer's
     own ``batch``: ``next_frames`` makes the whole frames buffered that batch's frames where
     they lie, in one kernel call (ext/stream.pyx, no GIL), so a frame is read once and never
-    copied; a partial frame stays for the next read. The batch's frames stay valid until
-    the next ``space()`` or ``feed``.
+    copied; a partial frame stays for the next read. ``receive(fd)`` is the I/O shortcut:
+    recv(2) straight into that buffer, then ``next_frames``, in one call. The batch's frames
+    stay valid until the next ``space()``, ``feed`` or ``receive``.
     """
 
     def __init__(self, chunk: int = READ_CHUNK, frames: int = BATCH_FRAMES) -> None:
