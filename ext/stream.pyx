@@ -16,7 +16,7 @@ The Python face is vhostnet/stream.py; use that, not this module.
 
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
                             PyBytes_GET_SIZE)
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EAGAIN, EINTR, ENOBUFS, errno
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memmove
@@ -120,7 +120,8 @@ cdef class StreamReader:
 
         Returns (bytes read: 0 at the end of the stream, the room the read had, frames
         indexed, the first bad length or -1, errno or 0); after an error nothing was read
-        (EAGAIN: nothing to read), but the frames buffered before are indexed all the same.
+        (EAGAIN: nothing to read; ENOBUFS: no room, whole frames were left buffered), but
+        the frames buffered before are indexed all the same.
         """
         cdef ssize_t got
         cdef Py_ssize_t room, count
@@ -129,13 +130,17 @@ cdef class StreamReader:
         with nogil:
             self._make_room()
             room = self.size - self.end
-            while True:
-                got = recv(fd, self.data + self.end, room, MSG_DONTWAIT)
-                if got >= 0 or errno != EINTR:
-                    break
-            if got < 0:
-                error = errno
+            if room:
+                while True:
+                    got = recv(fd, self.data + self.end, room, MSG_DONTWAIT)
+                    if got >= 0 or errno != EINTR:
+                        break
+                if got < 0:
+                    error = errno
+                    got = 0
+            else:  # whole frames left buffered (a caller that did not take them all)
                 got = 0
+                error = ENOBUFS
             self.end += got
             count = self._index(&bad)
         return got, room, count, bad, error
