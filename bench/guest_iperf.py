@@ -624,7 +624,14 @@ def _row(direction: Direction, name: str, results: list[IperfResult],
         # slowly), frames into the RX ring and interrupts raised for them (vhostnet's rings).
         row.extra.update({name: after[key] - before.get(key, 0) for name, key in (
             ("host_udp_rcvbuf_errors", "host.udp.rcvbuf_errors"),
-            ("backend_rx_frames", "vq0.rx_frames"), ("backend_rx_notifies", "vq0.notifications"))
+            ("backend_rx_frames", "vq0.rx_frames"), ("backend_rx_notifies", "vq0.notifications"),
+            # Stream mode: frames sent, sendmsg calls, waits for a full socket; both modes:
+            # host reading paused for a guest backlog, frames dropped from that backlog.
+            ("backend_stream_frames", "stream.rx.frames"),
+            ("backend_stream_sends", "stream.rx.sends"),
+            ("backend_stream_waits", "stream.rx.send_waits"),
+            ("backend_rx_paused", "udp.rx_paused"),
+            ("backend_backlog_dropped", "guest.rx_backlog_dropped"))
             if key in after})
     else:
         row.extra.update(iperf_bytes=sum(r.bytes for r in results), vhostnet_bytes=counted)

@@ -2,9 +2,9 @@
 """The stream-mode kernel: QEMU's ``-netdev stream`` framing, a batch at a time.
 
 On the stream each Ethernet frame is a 4-byte big-endian length followed by the frame.
-``index_frames`` finds the whole frames in a receive buffer and records them, where they
-lie, in a FrameBatch's arrays (``FrameBatch.arrays()``; the buffer is that batch's own
-storage, so the frames are read once and never copied) without the GIL; a partial frame
+``StreamReader`` reads the socket into a FrameBatch's own storage and records where the
+whole frames lie in that batch's arrays (``FrameBatch.arrays()``: the frames are read once
+and never copied), a read and its indexing in one call without the GIL; a partial frame
 at the end stays for the next read. ``StreamSender`` writes the
 frames queued for the guest with sendmsg(2), gathered where they lie (no copy into a
 send buffer): each frame is two iovecs, its length from a small header array and the
@@ -16,13 +16,13 @@ The Python face is vhostnet/stream.py; use that, not this module.
 
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
                             PyBytes_GET_SIZE)
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EAGAIN, EINTR, ENOBUFS, errno
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove
 
 from netbytes cimport be32, put32
-from sockets cimport MAX_IOV, MSG_DONTWAIT, MSG_NOSIGNAL, iovec, msghdr, sendmsg
+from sockets cimport MAX_IOV, MSG_DONTWAIT, MSG_NOSIGNAL, iovec, msghdr, recv, sendmsg
 
 cdef enum:
     LENGTH_BYTES = 4
@@ -42,37 +42,127 @@ LARGEST_FRAME = MAX_FRAME
 FRAMES_PER_SEND = SEND_SLOTS
 
 
-def index_frames(const uint8_t[::1] buffer not None, Py_ssize_t start, Py_ssize_t end,
-                 uint64_t[::1] offsets not None, uint32_t[::1] lengths not None,
-                 uint64_t[::1] vnets not None) -> tuple:
-    """Record where the whole frames of ``buffer[start:end]`` lie, in place (no copy): entry
-    0 on of the arrays gets each frame's offset in ``buffer`` (after its length) and length,
-    until the arrays are full.
+cdef class StreamReader:
+    """The receiving half of the framing, over one buffer (a FrameBatch's storage, bound
+    once): bytes go in at ``end`` (``receive`` reads the socket there itself, or a caller
+    writes into ``space()`` and reports ``filled``), and ``index`` records where the whole
+    frames from ``start`` on lie in the batch's arrays, in place, without the GIL.
 
-    Returns (position after the last frame taken, frames taken, the first bad length or -1).
-    Nothing past a bad length is taken.
+    ``receive`` is a whole read of a stream peer in one call (make room, recv(2), index):
+    a guest sending on the stream wakes its back-end for a frame or two at a time, so what
+    a wakeup costs outside the kernel is most of what a frame costs.
     """
-    if start < 0 or end > buffer.shape[0] or start > end:
-        raise ValueError(f"range {start}..{end} outside the buffer of {buffer.shape[0]} bytes")
-    cdef Py_ssize_t capacity = min(offsets.shape[0], lengths.shape[0], vnets.shape[0])
-    cdef const uint8_t *data = &buffer[0] if buffer.shape[0] else NULL
-    cdef Py_ssize_t position = start, count = 0
-    cdef uint32_t length
-    cdef long long bad = -1
-    with nogil:
-        while end - position >= LENGTH_BYTES and count < capacity:
-            length = be32(data + position)
+
+    cdef uint8_t[::1] buffer_view
+    cdef uint64_t[::1] offsets_view
+    cdef uint32_t[::1] lengths_view
+    cdef uint64_t[::1] vnets_view
+    cdef object whole  # a memoryview of the buffer, for space()
+    cdef uint8_t *data
+    cdef Py_ssize_t size, capacity
+    cdef readonly Py_ssize_t chunk, start, end
+
+    def __init__(self, storage not None, uint64_t[::1] offsets not None,
+                 uint32_t[::1] lengths not None, uint64_t[::1] vnets not None,
+                 Py_ssize_t chunk):
+        cdef uint8_t[::1] writable = storage
+        if chunk <= 0 or writable.shape[0] < chunk + LENGTH_BYTES + MAX_FRAME:
+            raise ValueError(f"a buffer of {writable.shape[0]} bytes cannot take a chunk of "
+                             f"{chunk} and a largest frame")
+        self.whole = memoryview(storage)
+        self.buffer_view = writable
+        self.offsets_view, self.lengths_view, self.vnets_view = offsets, lengths, vnets
+        self.data = &writable[0]
+        self.size = writable.shape[0]
+        self.capacity = min(offsets.shape[0], lengths.shape[0], vnets.shape[0])
+        self.chunk = chunk
+        self.start = self.end = 0
+
+    @property
+    def buffered(self) -> int:
+        return self.end - self.start
+
+    cdef void _make_room(self) noexcept nogil:
+        """Start again at 0 when everything was taken; move a partial frame (at most one
+        frame's bytes) to the front when less than a quarter chunk is left after it."""
+        if not self.start:
+            return
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif self.size - self.end < self.chunk // 4:
+            memmove(self.data, self.data + self.start, self.end - self.start)
+            self.end -= self.start
+            self.start = 0
+
+    def space(self) -> memoryview:
+        """Where to write next (never empty: a partial frame always leaves room for a chunk)."""
+        self._make_room()
+        return self.whole[self.end:]
+
+    def filled(self, Py_ssize_t count) -> None:
+        """``count`` bytes were written into ``space()``."""
+        if count < 0 or count > self.size - self.end:
+            raise ValueError(f"{count} bytes do not fit the {self.size - self.end} left")
+        self.end += count
+
+    def index(self) -> tuple:
+        """Record the whole frames buffered (as many as the arrays hold) in entries 0 on of
+        the arrays and move past them; returns (frames, the first bad length or -1).
+        Nothing past a bad length is taken."""
+        cdef Py_ssize_t count
+        cdef long long bad
+        with nogil:
+            count = self._index(&bad)
+        return count, bad
+
+    def receive(self, int fd) -> tuple:
+        """One recv(2) of ``fd`` (MSG_DONTWAIT) into the room left, then ``index``.
+
+        Returns (bytes read: 0 at the end of the stream, the room the read had, frames
+        indexed, the first bad length or -1, errno or 0); after an error nothing was read
+        (EAGAIN: nothing to read; ENOBUFS: no room, whole frames were left buffered), but
+        the frames buffered before are indexed all the same.
+        """
+        cdef ssize_t got
+        cdef Py_ssize_t room, count
+        cdef long long bad
+        cdef int error = 0
+        with nogil:
+            self._make_room()
+            room = self.size - self.end
+            if room:
+                while True:
+                    got = recv(fd, self.data + self.end, room, MSG_DONTWAIT)
+                    if got >= 0 or errno != EINTR:
+                        break
+                if got < 0:
+                    error = errno
+                    got = 0
+            else:  # whole frames left buffered (a caller that did not take them all)
+                got = 0
+                error = ENOBUFS
+            self.end += got
+            count = self._index(&bad)
+        return got, room, count, bad, error
+
+    cdef Py_ssize_t _index(self, long long *bad) noexcept nogil:
+        cdef Py_ssize_t position = self.start, count = 0
+        cdef uint32_t length
+        bad[0] = -1
+        while self.end - position >= LENGTH_BYTES and count < self.capacity:
+            length = be32(self.data + position)
             if length < MIN_FRAME or length > MAX_FRAME:
-                bad = length
+                bad[0] = length
                 break
-            if end - position - LENGTH_BYTES < <Py_ssize_t>length:
+            if self.end - position - LENGTH_BYTES < <Py_ssize_t>length:
                 break
-            offsets[count] = <uint64_t>(position + LENGTH_BYTES)
-            lengths[count] = length
-            vnets[count] = 0
+            self.offsets_view[count] = <uint64_t>(position + LENGTH_BYTES)
+            self.lengths_view[count] = length
+            self.vnets_view[count] = 0
             count += 1
             position += LENGTH_BYTES + length
-    return position, count, bad
+        self.start = position
+        return count
 
 
 cdef class StreamSender:

@@ -575,32 +575,111 @@ def test_a_read_sends_what_it_queued_for_the_guest_at_its_end_without_a_callback
         loop.close()
 
 
-class _CountingSocket(socket.socket):
-    """A socket that counts its recv_into calls (the syscalls a read costs)."""
+def _count_receives(framer: StreamFramer) -> list[int]:
+    """Count ``framer.receive`` calls (each is one recv(2)) in the list returned."""
+    calls = [0]
+    receive = framer.receive
 
-    receives = 0
+    def counting(fd: int) -> tuple[int, int, int, int]:
+        calls[0] += 1
+        return receive(fd)
 
-    def recv_into(self, *args, **kwargs):  # type: ignore[override]
-        type(self).receives += 1
-        return super().recv_into(*args, **kwargs)
+    framer.receive = counting  # type: ignore[method-assign]
+    return calls
 
 
 def test_a_read_that_drains_the_socket_takes_one_recv_even_for_a_largest_frame(pair) -> None:
     ours, peer = pair
-    counting = _CountingSocket(ours.family, ours.type, fileno=ours.detach())
-    counting.setblocking(False)
     loop = asyncio.new_event_loop()
     network = Network(StackConfig(), loop)
-    device = StreamDevice(loop, network, counting)
+    device = StreamDevice(loop, network, ours)
+    receives = _count_receives(device.framer)
     try:
         peer.setblocking(True)
         peer.sendall(encode_frames([_frame(1, MAX_FRAME)]))
-        _CountingSocket.receives = 0
         _run_until(loop, lambda: device.counters["tx.frames"] == 1)
         loop.run_until_complete(asyncio.sleep(0.01))
-        assert _CountingSocket.receives == 1  # no second recv only to see EAGAIN
+        assert receives == [1]  # no second recv only to see EAGAIN
     finally:
         device.close()
-        counting.close()
+        network.close()
+        loop.close()
+
+
+def test_framer_receive_reads_the_socket_and_indexes_its_frames_in_one_call(pair) -> None:
+    ours, peer = pair
+    frames = [_frame(n, size) for n, size in enumerate((60, 1514, 9000))]
+    last = _frame(9, 1400)
+    wire = encode_frames([*frames, last])
+    framer = StreamFramer(frames=16)
+    peer.sendall(wire[:-700])  # the last frame cut in two
+    got, room, count, error = framer.receive(ours.fileno())
+    assert (got, count, error) == (len(wire) - 700, 3, 0) and got < room
+    assert _frames(framer.batch, count) == frames
+    got, _room, count, error = framer.receive(ours.fileno())
+    assert (got, count, error) == (0, 0, errno.EAGAIN) and framer.batch.count == 0
+    peer.sendall(wire[-700:])
+    got, _room, count, error = framer.receive(ours.fileno())
+    assert (got, count, error) == (700, 1, 0)
+    assert _frames(framer.batch, count) == [last] and framer.buffered == 0
+    peer.close()
+    got, _room, count, error = framer.receive(ours.fileno())
+    assert (got, count, error) == (0, 0, 0)  # the end of the stream
+
+
+def test_framer_receive_stops_at_a_full_batch_and_at_a_bad_length(pair) -> None:
+    ours, peer = pair
+    frames = [_frame(n) for n in range(20)]
+    framer = StreamFramer(frames=16)
+    peer.sendall(encode_frames(frames) + (5).to_bytes(4, "big") + bytes(5))
+    _got, _room, count, _error = framer.receive(ours.fileno())
+    assert count == 16 and _frames(framer.batch, count) == frames[:16]
+    with pytest.raises(StreamError, match="length 5"):
+        framer.next_frames()
+    assert _frames(framer.batch, framer.batch.count) == frames[16:]
+
+
+def test_framer_receive_makes_room_for_a_chunk_after_a_partial_frame(pair) -> None:
+    ours, peer = pair
+    framer = StreamFramer(chunk=4096)
+    frame = _frame(1, 1400)
+    wire = encode_frames([frame]) * 400  # far more than the buffer: it must be reused
+    peer.setblocking(True)
+    taken: list[bytes] = []
+    for start in range(0, len(wire), 3000):
+        peer.sendall(wire[start:start + 3000])
+        for _ in range(4):
+            got, room, count, error = framer.receive(ours.fileno())
+            taken += _frames(framer.batch, count)
+            assert room >= 4096 // 4 and not (error and error != errno.EAGAIN)
+            if error:
+                break
+    assert taken == [frame] * 400 and framer.buffered == 0
+
+
+def test_a_read_that_queues_nothing_back_skips_the_send_path_and_one_that_does_sends(pair) -> None:
+    ours, peer = pair
+    loop = asyncio.new_event_loop()
+    network = Network(StackConfig(), loop)
+    network.set_tx_sink(lambda batch, count, now: None)  # guest frames go nowhere, answer none
+    device = StreamDevice(loop, network, ours)
+    sends = [0]
+    flush = device._flush_rx
+
+    def counting_flush() -> None:
+        sends[0] += 1
+        flush()
+
+    device._flush_rx = counting_flush  # type: ignore[method-assign]
+    try:
+        peer.sendall(encode_frames([_frame(n) for n in range(3)]))
+        _run_until(loop, lambda: device.counters["tx.frames"] == 3)
+        assert sends == [0] and device.counters["rx.sends"] == 0
+        network.set_tx_sink(None)  # the stack again: an ARP request gets its answer at once
+        peer.sendall(encode_frames([arp_request(GATEWAY_IP)]))
+        _run_until(loop, lambda: device.counters["rx.frames"] == 1)
+        assert sends[0] >= 1
+    finally:
+        device.close()
         network.close()
         loop.close()

@@ -4,8 +4,9 @@ Each Ethernet frame travels as a 4-byte big-endian length followed by the frame,
 with no virtio-net header, so it works with any NIC model (virtio-net, e1000).
 ``StreamFramer`` is the sans-IO half (bytes in, whole frames out as a
 ``FrameBatch`` whose storage is the read buffer: no copy); ``StreamDevice`` is the socket glue, the stream counterpart of
-``NetDevice``: it reads the socket in large chunks and hands the network whole
-batches (``Network.receive_batch``, so the C fast paths run as for the rings), and
+``NetDevice``: it reads the socket in large chunks (``StreamFramer.receive``: the read and
+the framing in one kernel call, since a guest sending wakes it for a frame or two at a
+time) and hands the network whole batches (``Network.receive_batch``, so the C fast paths run as for the rings), and
 writes frames for the guest many at a time in one sendmsg, gathered where they lie
 (``StreamSender``, ext/stream.pyx: no copy into a send buffer). Its socket buffers are
 as large as the system allows (as passt sets them): the peer, a guest under QEMU, reads
@@ -36,8 +37,8 @@ from vhostnet._stream import (
     LARGEST_FRAME,
     LENGTH_PREFIX,
     SMALLEST_FRAME,
+    StreamReader,
     StreamSender,
-    index_frames,
 )
 from vhostnet.guest_queue import GuestBatch
 from vhostnet.vhost_user.ratelimit import limiter
@@ -81,37 +82,27 @@ class StreamFramer:
     report with ``filled(n)``, or ``feed(data)``. That buffer is the storage of the framer's
     own ``batch``: ``next_frames`` makes the whole frames buffered that batch's frames where
     they lie, in one kernel call (ext/stream.pyx, no GIL), so a frame is read once and never
-    copied; a partial frame stays for the next read. The batch's frames stay valid until
-    the next ``space()`` or ``feed``.
+    copied; a partial frame stays for the next read. ``receive(fd)`` is the I/O shortcut:
+    recv(2) straight into that buffer, then ``next_frames``, in one call. The batch's frames
+    stay valid until the next ``space()``, ``feed`` or ``receive``.
     """
 
     def __init__(self, chunk: int = READ_CHUNK, frames: int = BATCH_FRAMES) -> None:
         self.chunk = chunk
         self.batch = FrameBatch(frames, chunk + LENGTH_BYTES + MAX_FRAME)
-        self._buffer, *self._entries = self.batch.arrays()
-        self._view = memoryview(self._buffer)
-        self._start = 0  # first byte not yet consumed
-        self._end = 0  # end of the bytes read
+        self._reader = StreamReader(*self.batch.arrays(), chunk)
 
     @property
     def buffered(self) -> int:
-        return self._end - self._start
+        return self._reader.buffered
 
     def space(self) -> memoryview:
         """Where to read next (never empty: a partial frame always leaves room for a chunk)."""
-        if self._start:
-            if self._start == self._end:
-                self._start = self._end = 0
-            elif len(self._buffer) - self._end < self.chunk // 4:
-                # Move the partial frame to the front (at most one frame's bytes).
-                self._view[:self._end - self._start] = self._view[self._start:self._end]
-                self._end -= self._start
-                self._start = 0
-        return self._view[self._end:]
+        return self._reader.space()
 
     def filled(self, count: int) -> None:
         """``count`` bytes were read into ``space()``."""
-        self._end += count
+        self._reader.filled(count)
 
     def feed(self, data: bytes | memoryview) -> None:
         """Copy ``data`` in (at most ``len(space())`` bytes at a time)."""
@@ -132,13 +123,24 @@ class StreamFramer:
         Raises ``StreamError`` for a length outside [14, 65549] (the frames before it are
         in ``batch``).
         """
-        batch = self.batch
-        batch.clear()
-        if self._end - self._start < LENGTH_BYTES:
-            return 0
-        self._start, count, bad = index_frames(self._buffer, self._start, self._end,
-                                               *self._entries)
-        batch.take_written(count)
+        return self._took(*self._reader.index())
+
+    def receive(self, fd: int) -> tuple[int, int, int, int]:
+        """One read of the socket ``fd`` straight into the buffer, then ``next_frames``, in
+        one kernel call (a stream peer's wakeup often carries a frame or two, so the calls
+        around each read are much of what a frame costs).
+
+        Returns (bytes read, 0 at the end of the stream or after an error; the room the read
+        had: fewer bytes means the socket is drained; frames now in ``batch``; the read's
+        errno or 0, EAGAIN when there was nothing to read). The frames are in ``batch``
+        whatever the read did. Raises ``StreamError`` as ``next_frames``.
+        """
+        got, room, count, bad, error = self._reader.receive(fd)
+        self._took(count, bad)
+        return got, room, count, error
+
+    def _took(self, count: int, bad: int) -> int:
+        self.batch.take_written(count)
         if bad >= 0:
             raise StreamError(f"frame length {bad} outside {MIN_FRAME}..{MAX_FRAME}")
         return count
@@ -211,58 +213,63 @@ class StreamDevice:
             self._rx_scheduled = held
             if not read:
                 self._schedule_rx()  # (closed: nothing)
-        if read and not self._writing:
+        # (A guest sending wakes this for a frame or two: most reads queue nothing back.)
+        if read and not self._writing and (self.network.frames_to_guest or self.sender.cut_bytes
+                                           or self.switched is not None):
             self._flush_rx()
 
     def _read(self) -> bool:
         """Read the socket and hand its frames to the network; False if the connection
         closed."""
-        framer, sock = self.framer, self.sock
+        framer, fd = self.framer, self.sock.fileno()
         for _ in range(MAX_READS_PER_WAKEUP):
-            space = framer.space()
             try:
-                count = sock.recv_into(space)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                log.warning("stream connection error: %s", exc)
+                count, room, frames, error = framer.receive(fd)
+            except StreamError as exc:
+                self._framing_lost(exc)
+                return False
+            if frames and not self._deliver(frames):
+                return False
+            if error:
+                if error in (errno.EAGAIN, errno.EINTR):
+                    break
+                log.warning("stream connection error: %s", os.strerror(error))
                 self.close()
                 return False
             if not count:
-                self._deliver()
                 log.info("stream front-end disconnected")
                 self.close()
                 return False
-            framer.filled(count)
             self.counters["tx.bytes"] += count
-            if not self._deliver():
-                return False
-            if count < len(space):
+            if count < room:
                 break  # drained (a stream recv takes all there is): no second recv for EAGAIN
         self.network.flush()
         return True
 
-    def _deliver(self) -> bool:
-        """Hand every whole frame buffered to the network; False if the connection closed."""
+    def _deliver(self, count: int) -> bool:
+        """Hand the ``count`` frames in the framer's batch, then every other whole frame
+        buffered, to the network; False if the connection closed."""
         framer, network = self.framer, self.network
         batch = framer.batch
-        while True:
-            try:
-                count = framer.next_frames()
-            except StreamError as exc:
-                self.counters["protocol_errors"] += 1
-                limiter.log(log, logging.ERROR, "stream_framing",
-                            "malformed stream from the front-end (%s); closing the connection", exc)
-                self.close()
-                return False
-            if not count:
-                return True
+        while count:
             if self.capture is not None:
                 self.capture.add_batch(batch, count)
             network.receive_batch(batch, count, time.monotonic())
             self.counters["tx.frames"] += count
             if count < batch.capacity_frames:
                 return True  # no whole frame left
+            try:
+                count = framer.next_frames()
+            except StreamError as exc:
+                self._framing_lost(exc)
+                return False
+        return True
+
+    def _framing_lost(self, exc: StreamError) -> None:
+        self.counters["protocol_errors"] += 1
+        limiter.log(log, logging.ERROR, "stream_framing",
+                    "malformed stream from the front-end (%s); closing the connection", exc)
+        self.close()
 
     # ---- network -> guest -------------------------------------------------------
 

@@ -62,3 +62,22 @@ def test_guest_counters_are_summed_over_the_rounds() -> None:
     # A round without both lines: nothing rather than a wrong sum.
     assert parse_guest_stats(console, "guest-udp-rx", 3) == {}
     assert parse_guest_stats(console, "guest-udp-tx", 1) == {}
+
+
+def test_a_udp_row_notes_what_the_back_end_counted_on_the_stream_and_for_the_backlog() -> None:
+    from bench.guest_iperf import DIRECTIONS, IperfResult, _row
+
+    udp_rx = next(d for d in DIRECTIONS if d.case == "guest-udp-rx")
+    before = {"udp.rx_host": 10, "stream.rx.frames": 5, "stream.rx.sends": 1,
+              "stream.rx.send_waits": 0, "udp.rx_paused": 0, "guest.rx_backlog_dropped": 0}
+    after = {"udp.rx_host": 110, "stream.rx.frames": 105, "stream.rx.sends": 6,
+             "stream.rx.send_waits": 2, "udp.rx_paused": 3, "guest.rx_backlog_dropped": 4}
+    result = IperfResult(1e8, 140_000, 100, 0.0)
+    row = _row(udp_rx, "vhostnet-stream", [result], [result], before, after,
+               GuestSettings(rounds=1), 10.0)
+    assert {name: row.extra[name] for name in (
+        "backend_stream_frames", "backend_stream_sends", "backend_stream_waits",
+        "backend_rx_paused", "backend_backlog_dropped")} == {
+        "backend_stream_frames": 100, "backend_stream_sends": 5, "backend_stream_waits": 2,
+        "backend_rx_paused": 3, "backend_backlog_dropped": 4}
+    assert "backend_rx_frames" not in row.extra  # no rings on the stream
