@@ -124,10 +124,17 @@ class Contender:
     stream_template: str | None = None
 
 
+def round_order(contenders: list[Contender], index: int) -> list[Contender]:
+    """The back-ends of round ``index`` (from 0) in the order they run: as given in even
+    rounds, reversed in odd ones."""
+    return contenders if index % 2 == 0 else contenders[::-1]
+
+
 def run(settings: Settings, contenders: list[Contender], guest: GuestSettings,
         kits: GuestKits | None, testpmd: bool, soak: SoakSettings | None = None) -> list[Row]:
-    """Every case, a round at a time, the back-ends interleaved within each round
-    (A B A B A B): a load that comes and goes on the machine touches both alike.
+    """Every case, a round at a time, the back-ends interleaved within each round, in an
+    order that alternates (A B, B A, A B: ``round_order``): a load that comes and goes on the
+    machine touches both alike, and neither always runs first after the other's load.
     The endurance cases (soak, churn) run first, once, on vhostnet alone."""
     rows: list[Row] = []
     soak = soak or SoakSettings()
@@ -147,7 +154,7 @@ def run(settings: Settings, contenders: list[Contender], guest: GuestSettings,
             rows += switch_rows(settings, baselines)
         failed: dict[tuple[str, str], str] = {}  # (back-end, group) -> why it is skipped
         for index in range(settings.rounds):
-            for c in contenders:
+            for c in round_order(contenders, index):
                 settings.progress.update(f"round {index + 1}/{settings.rounds}: {c.name}")
                 for group, measure in round_groups(c, settings, one, one_guest, baselines,
                                               guest_baselines, kits, testpmd):

@@ -348,3 +348,16 @@ def test_empty_socket_path_is_refused() -> None:
     result = run_cli("--socket", "")
     assert result.returncode == 2
     assert "--socket needs a path" in result.stderr
+
+
+def test_vhostnet_starts_no_openblas_threads() -> None:
+    """numpy loads OpenBLAS, which would start a thread per core at import for nothing (no
+    linear algebra here): importing vhostnet keeps the process at one thread."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    script = "import os, vhostnet.cli, numpy; print(len(os.listdir('/proc/self/task')))"
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=60, check=True, cwd=Path(__file__).parent.parent)
+    assert out.stdout.strip() == "1"

@@ -248,3 +248,11 @@ def test_a_back_end_that_does_not_start_says_why_in_the_error() -> None:
     command = f"{sys.executable} -c \"import sys; sys.exit('unknown option {{socket}}')\""
     with pytest.raises(BenchError, match="it said: unknown option /"):
         Backend(command, 1500, "broken")
+
+
+def test_the_back_ends_take_turns_running_first() -> None:
+    from bench import Contender, round_order
+
+    ours, theirs = Contender("vhostnet", "a", None), Contender("passt", "b", None)
+    orders = [[c.name for c in round_order([ours, theirs], index)] for index in range(3)]
+    assert orders == [["vhostnet", "passt"], ["passt", "vhostnet"], ["vhostnet", "passt"]]
