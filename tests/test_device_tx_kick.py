@@ -63,6 +63,14 @@ class Kicked:
         payload, self.peer = self.host.recvfrom(2048)
         return payload
 
+    def offer_rx(self, buffers: int):
+        """The guest offers ``buffers`` 2 KiB RX buffers; its RX ring driver."""
+        rx = self.rig.drivers[RX]
+        for _ in range(buffers):
+            gpa = rx.alloc(2048)
+            assert rx.queue_chain([(gpa, 2048, DESC_F_WRITE)], gpa)
+        return rx
+
     def drained_in_python(self) -> bool:
         """Whether the last kick's drain was called from vhostnet's Python (not the C reader)."""
         assert self.drainers, "the TX ring was not drained"
@@ -160,10 +168,7 @@ def test_a_send_error_reaches_the_flow(kicked: Kicked) -> None:
 
 def test_an_answer_goes_into_the_rx_ring_without_the_devices_python(kicked: Kicked) -> None:
     device = kicked.device
-    rx = kicked.rig.drivers[RX]
-    for _ in range(4):
-        gpa = rx.alloc(2048)
-        assert rx.queue_chain([(gpa, 2048, DESC_F_WRITE)], gpa)
+    rx = kicked.offer_rx(4)
     kicked.send(b"first")
     kicked.send(b"second")
     completions: list[int] = []
@@ -191,10 +196,7 @@ def test_the_kept_rx_handle_is_dropped_when_the_rings_change(kicked: Kicked) -> 
     """The flow reader keeps the device's direct-write handle between answers: a disabled RX
     ring, or a capture, must stop the direct writes at once (the answer waits in the queue)."""
     device = kicked.device
-    rx = kicked.rig.drivers[RX]
-    for _ in range(4):
-        gpa = rx.alloc(2048)
-        assert rx.queue_chain([(gpa, 2048, DESC_F_WRITE)], gpa)
+    rx = kicked.offer_rx(4)
     kicked.send(b"first")
     kicked.host.sendto(b"direct", kicked.peer)
     kicked.run()
