@@ -316,7 +316,7 @@ class UdpFastSender:
         return np.flatnonzero(self._handled[:count] == 0)
 
     def tx_kick(self, fd: int, batch: Any, max_frames: int, *, fallback: Callable[[], None],
-                rest: Callable[[tuple[int, bool, int | None, float]], None],
+                rest: Callable[[tuple[int, bool, int | None]], None],
                 busy: Callable[[], None], flush_rx: Callable[[], None],
                 counters: dict[str, int], clock: Callable[[], float]) -> TxKick:
         """The C reader of a TX ring's kick eventfd ``fd``, draining into ``batch`` and
