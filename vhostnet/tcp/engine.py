@@ -378,9 +378,7 @@ class TcpEngine(ConnectionSetup):
         self._now = now
         flow.idle_at = now + self.timeouts.idle
         self.sender.streamed(flow, ack, window, delivered, segments, large_segments, drained, now)
-        # The round sets no deadline closer than ``look_ahead`` (tcp/timers.py).
-        if flow.scheduled_at is None or flow.scheduled_at > now + self.look_ahead:
-            self._timers.look_by(flow, now + self.look_ahead)
+        self._timers.look_by(flow, now + self.look_ahead)  # (no deadline nearer: tcp/timers.py)
 
     def on_writable(self, flow_id: int, now: float, send_space: int | None = None) -> None:
         flow = self.flows_by_id.get(flow_id)

@@ -78,7 +78,7 @@ class PeekGlue:
             self.peek_off = probe_peek_off(entry.sock)
         direct = None
         if self._direct_peek is not None and self.peek_off:
-            direct = self._direct_peek(flow_id, entry.sock.fileno(), offset, length, now)
+            direct = self._direct_peek(flow_id, entry.fd, offset, length, now)
         delivered = 0
         if direct is None or direct[0] == DirectPeek.RING_FULL:
             # The Python way, for all of it or for what the guest's RX ring had no room for,
@@ -139,7 +139,7 @@ class PeekGlue:
             return
         try:
             # One recv(MSG_TRUNC) of the whole length: TCP drops the bytes without copying.
-            remaining = command.length - discard_acked(entry.sock.fileno(), command.length)
+            remaining = command.length - discard_acked(entry.fd, command.length)
         except OSError as error:
             self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
             return
