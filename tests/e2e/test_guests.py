@@ -157,12 +157,14 @@ def download(port: int, result: str) -> str:
 
 
 def pings_to(peer: int) -> str:
-    """Guest to `peer`: IPv4 and IPv6, by address (waiting for the peer to come up) and by
-    name (the names resolved first)."""
+    """Guest to `peer`: IPv4 and IPv6 by address (waiting for the peer to come up), then by
+    name (the names resolved first). The peer's IPv6 address is reached before its name is
+    asked: the peer may answer IPv4 before its SLAAC address has passed duplicate detection,
+    and vhostnet names only addresses it has seen the guest claim."""
     return (reach(ADDRESSES[peer], "ping4_address", tries=PEER_WAIT)
+            + reach(slaac_address(MACS[peer]), "ping6_address", "-6")
             + resolve(name(peer), "name4") + resolve(name(peer), "name6", "aaaa")
             + reach(name(peer), "ping4_name")
-            + reach(slaac_address(MACS[peer]), "ping6_address", "-6")
             + reach(name(peer), "ping6_name", "-6"))
 
 
