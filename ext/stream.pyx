@@ -371,18 +371,25 @@ cdef class StreamSender:
     cdef void _pop_taken(self, pending, Py_ssize_t entries, Py_ssize_t taken, built_type):
         """Take off ``pending`` the entries whose slots are all taken; a built batch taken
         in part keeps its place with ``start`` after its last frame taken."""
-        cdef Py_ssize_t entry = 0, end
-        popleft = pending.popleft
-        while entry < entries:
-            end = self.entry_first[entry] + self.entry_slots[entry]
-            if end <= taken and self.entry_whole[entry]:
-                front = popleft()
-                if built_type is not None and type(front) is built_type:
+        cdef Py_ssize_t entry = 0, whole = 0
+        while whole < entries and self.entry_whole[whole] \
+                and self.entry_first[whole] + self.entry_slots[whole] <= taken:
+            whole += 1
+        if built_type is not None:
+            for front in pending:
+                if entry >= whole:
+                    if (entry < entries and taken > self.entry_first[entry]
+                            and type(front) is built_type):
+                        front.start = self.slot_index[taken - 1] + 1
+                    break
+                if type(front) is built_type:
                     front.start = front.batch.count  # all taken (the switch reads it)
                 entry += 1
-                continue
-            if taken > self.entry_first[entry] and built_type is not None:
-                front = pending[0]
-                if type(front) is built_type:
-                    front.start = self.slot_index[taken - 1] + 1
-            break
+        # All at once where the queue can (the network's: one call, not one per frame).
+        popleft_many = getattr(pending, "popleft_many", None)
+        if popleft_many is not None:
+            if whole:
+                popleft_many(whole)
+        else:
+            for entry in range(whole):
+                pending.popleft()
