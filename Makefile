@@ -19,7 +19,7 @@ run: setup kit
 test: setup kit $(PLOT_STAMP)
 	$(PY) -m ruff check vhostnet tests tools bench testkit fuzz
 	$(PY) -m tools.check_imports
-	$(NETNS) $(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(NETNS) $(PY) -m pytest -ra --durations=25 $(PYTEST_ARGS)
 
 # Coverage-guided fuzzing (atheris) of every target in fuzz/targets.py, the budget
 # shared out among them (2 at a time); a crashing input lands in fuzz/crashes/.
