@@ -24,15 +24,20 @@ from vhostnet.virtqueue import FrameBatch
 from vhostnet.wire.tcp import ACK, FIN
 
 FAMILIES = pytest.mark.parametrize("family", [4, 6])
-# Python calls (functions and builtins) one ACK batch of a streaming flow may cost in the
-# median, the whole receive_batch and flush included, with this test's ring wrapper (the
-# engine's way, Discard and Peek commands: 72 here; the streaming round: 37).
-MAX_CALLS_PER_ACK_BATCH = 48
+# Python calls (functions and builtins) of vhostnet one ACK batch of a streaming flow may cost
+# in the median, the whole receive_batch and flush included (the tests' own code, spies and
+# ring wrapper, not counted; the ring's ``direct_rx_done`` is, as a device's without its
+# watchdog on). The engine's way, Discard and Peek commands: about 70; the streaming round
+# as first written: 37; with the device's ring kept, the flow's cut cached and the round's
+# calls written out: 13.
+MAX_CALLS_PER_ACK_BATCH = 15
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def calls_to_receive(network, frames: list[bytes]) -> int:
-    """The Python calls ``frames`` cost as one TX batch (receive_batch, then flush)."""
-    batch = FrameBatch(max(4, len(frames)), 1 << 16)
+def calls_to_receive(network, frames: list[bytes], batch: FrameBatch) -> int:
+    """The Python calls ``frames`` cost as one TX batch (receive_batch, then flush), in
+    ``batch`` (reused, as a device reuses its TX batch)."""
+    batch.clear()
     for frame in frames:
         assert batch.append(frame)
     now = time.monotonic()
@@ -40,7 +45,8 @@ def calls_to_receive(network, frames: list[bytes]) -> int:
 
     def count(frame, event, arg) -> None:
         nonlocal calls
-        if event in ("call", "c_call"):
+        # (``frame``: the callee's for a call, the caller's for a builtin's c_call)
+        if event in ("call", "c_call") and not frame.f_code.co_filename.startswith(TESTS):
             calls += 1
     sys.setprofile(count)
     try:
@@ -48,7 +54,7 @@ def calls_to_receive(network, frames: list[bytes]) -> int:
         network.flush()
     finally:
         sys.setprofile(None)
-    return calls - 2  # (the two calls measured, and setprofile's own exit)
+    return calls  # (receive_batch and flush included)
 
 
 async def streaming(loop, ram, family: int, size: int, window: int):
@@ -70,6 +76,7 @@ def test_an_ack_batch_of_a_streaming_flow_is_one_round_of_few_python_calls(ram, 
         try:
             calls = EngineCalls(network)
             costs: list[int] = []
+            batch = FrameBatch(4, 1 << 16)
             acked = 0
             for _ in range(200):
                 if len(guest.stream) >= len(data):
@@ -82,7 +89,7 @@ def test_an_ack_batch_of_a_streaming_flow_is_one_round_of_few_python_calls(ram, 
                     continue
                 frames = [ack_frame(guest, acked + (received - acked) * k // 3) for k in (1, 2, 3)]
                 acked = received
-                costs.append(calls_to_receive(network, frames))
+                costs.append(calls_to_receive(network, frames, batch))
                 guest.collect()
                 guest.rx.post(len(guest.rx.free), guest.rx.ring_posted)
                 await settle(lambda: True, rounds=1)
@@ -91,6 +98,7 @@ def test_an_ack_batch_of_a_streaming_flow_is_one_round_of_few_python_calls(ram, 
             assert all(s.direct for s in guest.segments if s.payload)
             assert calls.segments == 0 and calls.streamed >= len(data) // window - 1
             median = sorted(costs)[len(costs) // 2]
+            print(f"{median} Python calls per ACK batch (median)")
             assert median <= MAX_CALLS_PER_ACK_BATCH, f"{median} Python calls per ACK batch"
             flow = the_flow(network)
             assert flow.snd_nxt == flow.snd_max == 1 + len(data)

@@ -378,7 +378,9 @@ class TcpEngine(ConnectionSetup):
         self._now = now
         flow.idle_at = now + self.timeouts.idle
         self.sender.streamed(flow, ack, window, delivered, segments, large_segments, drained, now)
-        self._timers.look_by(flow, now + self.look_ahead)  # (no deadline nearer: tcp/timers.py)
+        # (No deadline nearer: tcp/timers.py; ``look_by``'s test written out, as per segment.)
+        if flow.scheduled_at is None or flow.scheduled_at > now + self.look_ahead:
+            self._timers.look_by(flow, now + self.look_ahead)
 
     def on_writable(self, flow_id: int, now: float, send_space: int | None = None) -> None:
         flow = self.flows_by_id.get(flow_id)

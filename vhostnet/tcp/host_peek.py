@@ -174,7 +174,11 @@ class PeekGlue:
             log.error("TCP flow %d: %d acknowledged bytes missing", flow_id, acked - dropped)
         status, delivered = direct
         entry.rearm_on_discard = entry.peek_awaited = False
-        if status < 0:
+        if status == DirectPeek.DONE and not entry.reading:
+            # The common round of a download: the window filled, the reader stopped already
+            # (``_reader_after_peek``'s answer to that, without its call).
+            entry.peeked_until = offset + delivered
+        elif status < 0:
             self.engine.on_host_error(flow_id, -status, now)
         elif status == DirectPeek.EOF:
             self._stop_reading(entry)

@@ -154,11 +154,31 @@ class GuestSender:
         the host socket already) with ``window`` (scaled), and ``delivered`` bytes from
         ``snd_nxt`` on reached it as ``segments`` segments (as ``sent_elsewhere``).
         ``drained``: the socket held no more (or failed, or reached EOF: the glue says which).
-        A window not filled because the ring was full is asked for again (``pump``)."""
-        self._advance(flow, ack, now)
+        A window not filled because the ring was full is asked for again (``pump``).
+
+        ``_advance`` and ``sent_elsewhere`` written out for the one case they meet here (a flow
+        simply streaming: ``snd_nxt`` is ``snd_max`` and stays so, nothing is retransmitted, no
+        FIN timer runs): this runs once per ACK batch of a download, without further calls."""
+        flow.snd_una = ack
         flow.snd_wnd = window
+        flow.dup_acks = 0
+        flow.retries = 0
+        flow.rto = rto = self.timeouts.rto_initial
         if delivered:
-            self.sent_elsewhere(flow, delivered, segments, large_segments, now)
+            counts = self.tx.counts
+            counts.segments_out += segments
+            counts.gso_segments_out += large_segments
+            counts.bytes_to_guest += delivered
+            if flow.ack_owed_at is not None:  # (the ACK rode on the data)
+                flow.ack_owed_at = None
+                counts.acks_on_replies += 1
+            if now - flow.data_in_at <= self.timeouts.ack_delay:
+                flow.interactive = True  # (as in ``_sent``)
+            flow.rcv_acked = flow.rcv_nxt
+            flow.snd_nxt = flow.snd_max = flow.snd_nxt + delivered
+            flow.rto_at = now + rto  # data in flight
+        else:
+            flow.rto_at = now + rto if ack < flow.snd_max else None
         if drained:
             flow.host_readable = False
         elif flow.host_readable and (ack + window > flow.snd_nxt or flow.snd_nxt == ack):
@@ -173,9 +193,9 @@ class GuestSender:
         """``n`` bytes from ``snd_nxt`` on reached the guest in ``segments`` segments
         (``large_segments`` of them for the guest to cut) without passing here: the fast
         path peeked them straight into its RX buffers."""
-        self.tx.counts.segments_out += segments
-        if large_segments:
-            self.stats.inc("tcp.gso_segments_out", large_segments)
+        counts = self.tx.counts
+        counts.segments_out += segments
+        counts.gso_segments_out += large_segments
         self._sent(flow, n, now)
 
     def _sent(self, flow: Flow, n: int, now: float) -> None:
