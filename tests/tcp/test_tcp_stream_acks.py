@@ -240,3 +240,76 @@ def test_a_ring_without_room_for_the_window_leaves_the_rest_to_the_python_way(ra
             peer.close()
             network.close()
     run(scenario)
+
+
+@FAMILIES
+def test_the_devices_ring_is_asked_for_again_only_when_its_rings_changed(ram, family) -> None:
+    async def scenario(loop) -> None:
+        window = 8 * 1460
+        network, guest, peer, data = await streaming(loop, ram, family, 200_000, window)
+        try:
+            calls = EngineCalls(network)
+            rx = guest.rx
+            asked: list[object] = []
+            done: list[int] = []
+            direct_rx, direct_rx_done = rx.direct_rx, rx.direct_rx_done
+
+            def asking(flow=None):
+                asked.append(flow)
+                return direct_rx(flow)
+
+            def finishing(frames: int) -> None:
+                done.append(frames)
+                direct_rx_done(frames)
+            rx.direct_rx, rx.direct_rx_done = asking, finishing
+            # Streaming: the handle the first window's peek got serves every round.
+            await guest.receive(70_000)
+            assert calls.streamed > 2 and not asked and done
+            # The device's rings changed (its generation moved): asked once more, then kept.
+            rx.direct_rx_generation += 1
+            await guest.receive(140_000)
+            assert len(asked) == 1
+            # Its watchdog on: a clean write only counts its frames, no direct_rx_done.
+            rx.direct_rx_quiet = True
+            done.clear()
+            written = rx.frames_written
+            await guest.receive(len(data))
+            assert not done and rx.frames_written > written
+            assert len(asked) == 1
+            assert bytes(guest.stream) == data
+            continuous(guest.segments, guest.peer_isn + 1, data)
+            assert rx.frames_written == len([s for s in guest.segments if s.direct])
+        finally:
+            peer.close()
+            network.close()
+    run(scenario)
+
+
+@FAMILIES
+def test_the_segment_cut_follows_the_guests_offloads_while_streaming(ram, family) -> None:
+    async def scenario(loop) -> None:
+        network, guest, peer = await connected(loop, ram, family, mrg=True, offloads="tso")
+        try:
+            calls = EngineCalls(network)
+            guest.rx.post(48, 4096)
+            data = os.urandom(200_000)
+            peer.sendall(data)
+            await guest.receive(80_000)
+            assert calls.streamed > 0
+            assert any(len(s.payload) > guest.mss for s in guest.segments if s.direct)
+            assert counter(network, "tcp.gso_segments_out") > 0
+            # The guest's driver takes large segments no more: every later one is cut by MSS.
+            network.set_guest_offloads(True, False, False)
+            guest.collect()
+            before = len(guest.segments)
+            streamed = calls.streamed
+            await guest.receive(len(data))
+            later = [s for s in guest.segments[before:] if s.payload]
+            assert later and all(len(s.payload) <= guest.mss for s in later)
+            assert calls.streamed > streamed
+            assert bytes(guest.stream) == data
+            continuous(guest.segments, guest.peer_isn + 1, data)
+        finally:
+            peer.close()
+            network.close()
+    run(scenario)
