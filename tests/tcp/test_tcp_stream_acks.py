@@ -1,4 +1,4 @@
-"""A download's guest ACKs as one round without commands (``TcpFastPath.stream_ack``): the ACK
+"""A download's guest ACKs as one round without commands (``TcpFastPath.stream_round``): the ACK
 batch of a simply streaming flow discards what it acknowledged and peeks the window's next
 bytes straight into the RX ring in one kernel call (``DirectPeeker.run(discard=...)``), and the
 engine records both in one call (``TcpEngine.on_streamed_elsewhere``). Real engine, glue, ring
@@ -309,6 +309,50 @@ def test_the_segment_cut_follows_the_guests_offloads_while_streaming(ram, family
             assert calls.streamed > streamed
             assert bytes(guest.stream) == data
             continuous(guest.segments, guest.peer_isn + 1, data)
+        finally:
+            peer.close()
+            network.close()
+    run(scenario)
+
+
+@FAMILIES
+def test_a_readable_socket_while_streaming_is_one_round_without_a_peek_command(
+        ram, family) -> None:
+    async def scenario(loop) -> None:
+        network, guest, peer = await connected(loop, ram, family)
+        try:
+            guest.rx.post(60, 2048)
+            sent = bytearray()
+            first = os.urandom(3000)  # the engine's way first (the glue learns SO_PEEK_OFF)
+            peer.sendall(first)
+            sent += first
+            await guest.receive(len(sent))
+            calls = EngineCalls(network)
+            engine = network.tcp
+            readable: list[int] = []
+            on_readable = engine.on_readable
+
+            def counting(flow_id: int, now: float) -> None:
+                readable.append(flow_id)
+                on_readable(flow_id, now)
+            engine.on_readable = counting
+            # The host writes in bursts the guest's window takes whole: each drains the socket,
+            # the next turns it readable, and that is one round straight into the ring.
+            for _ in range(12):
+                burst = os.urandom(7000)
+                peer.sendall(burst)
+                sent += burst
+                await guest.receive(len(sent))
+            assert calls.read_rounds >= 6, calls.read_rounds
+            assert not readable, "the engine's on_readable and Peek ran for a streaming flow"
+            assert calls.segments == 0
+            assert bytes(guest.stream) == bytes(sent)
+            continuous(guest.segments, guest.peer_isn + 1, bytes(sent))
+            assert all(s.direct for s in guest.segments if s.payload)
+            flow = the_flow(network)
+            guest.ack()
+            assert flow.snd_una == flow.snd_nxt == flow.snd_max == 1 + len(sent)
+            assert flow.rto_at is None and not flow.peek_pending
         finally:
             peer.close()
             network.close()

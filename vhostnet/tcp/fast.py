@@ -23,7 +23,7 @@ Python stack sees any frame of that batch: the newest ack and window through
 ``TcpEngine.on_acked_elsewhere`` (one call per flow, however many ACKs: data acknowledged
 is discarded, more is peeked as the window allows), or, for a flow simply streaming to the
 guest (established, no FIN either way, no Peek or retransmission pending: ``snd_nxt`` is
-``snd_max``), as one round without commands (``stream_ack``): one kernel call discards the
+``snd_max``), as one round without commands (``stream_round``): one kernel call discards the
 acknowledged bytes and peeks the window's next bytes into the RX ring (``DirectPeeker.run``
 with ``discard``), the engine records both once (``TcpEngine.on_streamed_elsewhere``:
 ``snd_una``, ``snd_wnd``, ``snd_nxt``/``snd_max``, timers), the C entry gets its new ack
@@ -127,6 +127,7 @@ class TcpFastPath:
         self.changed = engine.table.changed
         host.set_before_close(self.unregister)
         host.set_direct_peek(self.peek_into_guest)
+        host.set_direct_read(self.stream_round)
         self._after_event = host.after_event
         host.after_event = self._after_host_event
         # Per-event counts as plain integers, added to the counters when they are read: the
@@ -288,7 +289,7 @@ class TcpFastPath:
             counts.fast_acks6 += acks6
             counts.fast_segments6 += taken6 - acks6
         for flow_id, written, segments, host_full, _acks, newest in kernel.take_activity():
-            if newest is not None and not self.stream_ack(flow_id, *newest, now):
+            if newest is not None and not self.stream_round(flow_id, now, *newest):
                 # First, as the engine takes a segment's ack before its data.
                 engine.on_acked_elsewhere(flow_id, newest[0], newest[1], now)
             if not segments:
@@ -328,14 +329,17 @@ class TcpFastPath:
             self.engine.on_peeked_elsewhere(flow_id, delivered, segments, large, now)
         return status, delivered
 
-    def stream_ack(self, flow_id: int, ack_wire: int, raw_window: int, now: float) -> bool:
+    def stream_round(self, flow_id: int, now: float, ack_wire: int | None = None,
+                     raw_window: int = 0) -> bool:
         """The guest's newest ack and window of a simply streaming flow (established, no FIN
         either way, no retransmission or Peek pending) as one round without commands: one
         kernel call discards what it acknowledged and peeks the window's next bytes straight
         into the RX ring (``DirectPeeker.run``'s ``discard``), the engine records both at once
-        (``on_streamed_elsewhere``), the glue its reader (``TcpHost.streamed``). False: not such
-        a flow or ack, or no ring to peek into while the window has room; nothing was done (the
-        caller takes the ack the engine's way)."""
+        (``on_streamed_elsewhere``), the glue its reader (``TcpHost.streamed``). ``ack_wire``
+        None: no ACK; the flow's host socket turned readable (``TcpHost.set_direct_read``): the
+        window's next bytes the same way, in place of ``on_readable`` and its Peek. False: not
+        such a flow or ack, no room in the window after a readable socket, or no ring to peek
+        into while the window has room; nothing was done (the caller takes the engine's way)."""
         # (Lookups by ``in`` and subscript: no call, once per ACK batch of a download.)
         flows, host = self.engine.flows_by_id, self.host
         connected_fds = host.connected_fds
@@ -345,16 +349,20 @@ class TcpFastPath:
         if (flow.phase is not Phase.ESTABLISHED or flow.fin_sent or flow.host_eof
                 or flow.peek_pending or flow.snd_nxt != flow.snd_max or flow.fin_at is not None):
             return False
-        snd_una = flow.snd_una  # (Flow.send_rel written out)
-        ack = snd_una + ((ack_wire - flow.iss - snd_una + HALF_SEQ) % SEQ_MOD) - HALF_SEQ
-        if not snd_una < ack <= flow.snd_max:
-            return False
+        snd_una = flow.snd_una
+        if ack_wire is None:
+            ack, window, readable = snd_una, flow.snd_wnd, True
+        else:
+            # (Flow.send_rel written out)
+            ack = snd_una + ((ack_wire - flow.iss - snd_una + HALF_SEQ) % SEQ_MOD) - HALF_SEQ
+            if not snd_una < ack <= flow.snd_max:
+                return False
+            window, readable = raw_window << flow.snd_wscale, flow.host_readable
         fd = connected_fds[flow_id]
-        acked = ack - flow.snd_una
-        window = raw_window << flow.snd_wscale
+        acked = ack - snd_una
         room = ack + window - flow.snd_nxt
         offset = flow.snd_nxt - ack
-        if flow.host_readable and room > 0:
+        if readable and room > 0:
             result = self._peek_run(
                 flow, fd, offset, room if room < WINDOW_PEEK_LIMIT else WINDOW_PEEK_LIMIT,
                 acked) if host.peek_off else None
@@ -364,14 +372,16 @@ class TcpFastPath:
             dropped = self.peeker.last_dropped
             direct = status, delivered
             drained = status != DIRECT_DONE and status != DIRECT_RING_FULL
+        elif ack_wire is None:
+            return False  # a closed window: the engine's (persist timer)
         else:
             try:
                 dropped = discard_acked(fd, acked)
             except OSError:
                 return False  # the engine's Discard fails again and tells it
             direct, delivered, segments, large, drained = None, 0, 0, 0, False
-        self.engine.on_streamed_elsewhere(flow_id, ack, window, delivered, segments, large,
-                                          drained, now)
+        self.engine.on_streamed_elsewhere(flow_id, None if ack_wire is None else ack, window,
+                                          delivered, segments, large, drained, now)
         # The entry's one field that moved (the engine does not mark the flow for refresh).
         self.kernel.set_ack_limit(flow_id, (flow.iss + flow.snd_max) % SEQ_MOD)
         host.streamed(flow_id, acked, dropped, offset, direct, now)
