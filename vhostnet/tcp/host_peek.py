@@ -185,10 +185,15 @@ class PeekGlue:
             log.error("TCP flow %d: %d acknowledged bytes missing", flow_id, acked - dropped)
         status, delivered = direct
         entry.rearm_on_discard = entry.peek_awaited = False
+        # The two common rounds of a download as ``_reader_after_peek`` answers them, without
+        # its calls: the window filled, the reader stopped already; or (after a readable
+        # socket) the socket ran dry, the reader armed: it waits past what is peeked now.
         if status == DirectPeek.DONE and not entry.reading:
-            # The common round of a download: the window filled, the reader stopped already
-            # (``_reader_after_peek``'s answer to that, without its call).
             entry.peeked_until = offset + delivered
+        elif status == DirectPeek.DRAINED and delivered and entry.reading and not entry.peer_fin:
+            peeked = entry.peeked_until = offset + delivered
+            if peeked + 1 != entry.lowat:
+                set_lowat(entry, peeked + 1)
         elif status < 0:
             self.engine.on_host_error(flow_id, -status, now)
         elif status == DirectPeek.EOF:
