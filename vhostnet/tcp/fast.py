@@ -28,8 +28,13 @@ acknowledged bytes and peeks the window's next bytes into the RX ring (``DirectP
 with ``discard``), the engine records both once (``TcpEngine.on_streamed_elsewhere``:
 ``snd_una``, ``snd_wnd``, ``snd_nxt``/``snd_max``, timers), the C entry gets its new ack
 limit (``set_ack_limit``; the engine does not mark the flow changed for it) and the glue its
-reader (``TcpHost.streamed``). That round is a download's per-batch cost, so it makes few
-Python calls (about a dozen per ACK batch, ``receive_batch`` to ``flush``): the device's ring
+reader (``TcpHost.streamed``). When such a flow's host socket turns readable (the window
+had room, the socket had run dry), the glue offers the event here first
+(``TcpHost.set_direct_read``) and the same round runs without an ack: the window's next
+bytes straight into the ring, the engine told through the same entry (``ack`` None) in place
+of ``on_readable``, its Peek command and the glue's peek. Those rounds are a download's
+per-batch cost, so they make few Python calls (14 per ACK batch, ``receive_batch`` to
+``flush``; 15 per readable event, the loop's callback on): the device's ring
 handle is kept until its ``direct_rx_generation`` changes, a clean write with the device's
 watchdog on only counts its frames (``direct_rx_quiet``), each flow's segment cut is kept
 until the guest's offloads or MAC change, and the engine's and the glue's halves are written
