@@ -1,8 +1,10 @@
 """A download's guest ACKs as one round without commands (``TcpFastPath.stream_round``): the ACK
 batch of a simply streaming flow discards what it acknowledged and peeks the window's next
 bytes straight into the RX ring in one kernel call (``DirectPeeker.run(discard=...)``), and the
-engine records both in one call (``TcpEngine.on_streamed_elsewhere``). Real engine, glue, ring
-kernel and loopback sockets; every byte the guest sees is checked against what the host sent.
+engine records both in one call (``TcpEngine.on_streamed_elsewhere``); the same round, without
+an ack, when the flow's host socket turns readable (no ``on_readable`` nor Peek command). Real
+engine, glue, ring kernel and loopback sockets; every byte the guest sees is checked against
+what the host sent.
 
 What is not simple streaming takes the engine's way and must stay exact: a retransmission
 pending (a lost ACK, the RTO rewound ``snd_nxt``), a closed or shrunk window, the host's FIN.
