@@ -212,11 +212,12 @@ cdef class DirectPeeker:
 
     def run(self, ring, capsule, int fd, long long offset, Py_ssize_t length, bytes guest_mac,
             bytes gateway_mac, bytes src_ip, bytes dst_ip, int src_port, int dst_port,
-            uint32_t seq, uint32_t ack, int window, Py_ssize_t seg_size, int mss,
+            uint32_t seq, uint32_t ack, long long window, Py_ssize_t seg_size, int mss,
             int checksum, Py_ssize_t discard=0) -> tuple:
         """Peek ``length`` bytes at ``offset`` of socket ``fd`` into RX buffers of ``ring`` as
         ACK segments of up to ``seg_size`` bytes from ``src_ip``:``src_port`` to the guest,
-        the first at ``seq``. Returns (status, delivered bytes, segments, segments longer than
+        the first at ``seq``, with ``window`` as the window field (clamped: below 0 is 0, above
+        0xFFFF is 0xFFFF). Returns (status, delivered bytes, segments, segments longer than
         ``mss``); status DIRECT_DONE, DIRECT_DRAINED, DIRECT_EOF, DIRECT_RING_FULL, or -errno.
         ``ring``: the ring kernel's queue, ``capsule`` its ``rx_direct_handle``.
 
@@ -253,7 +254,8 @@ cdef class DirectPeeker:
                       <const uint8_t *><const char *>gateway_mac,
                       <const uint8_t *><const char *>src_ip,
                       <const uint8_t *><const char *>dst_ip, src_port & 0xFFFF,
-                      dst_port & 0xFFFF, ack, window if 0 <= window < 0xFFFF else 0xFFFF)
+                      dst_port & 0xFFFF, ack,
+                      0 if window < 0 else (window if window < 0xFFFF else 0xFFFF))
         p.seq = seq
         p.seg_size = seg_size
         p.mss = mss

@@ -65,7 +65,12 @@ class GuestRx:
                                base=PACKED_FRESH_BASE if packed else 0, hdr_len=12,
                                mrg_rxbuf=mrg, features=features)
         self.free: list[tuple[int, int]] = []  # (gpa, size) of buffers the guest has back
-        self.frames_written = 0
+        # As NetDevice keeps them: frames written, the handle's generation (one ring, never
+        # changed), and whether a clean direct write may skip ``direct_rx_done`` (its
+        # watchdog on; a test turns it on).
+        self.counters = {"rx.frames": 0}
+        self.direct_rx_generation = 0
+        self.direct_rx_quiet = False
         self.used_buffers: list[tuple[int, int]] = []  # (gpa, length written), in order
 
     # DirectRx, as NetDevice implements it (one ring: the flow named, if any, goes there)
@@ -76,8 +81,12 @@ class GuestRx:
         return False
 
     def direct_rx_done(self, frames: int) -> None:
-        self.frames_written += frames
+        self.counters["rx.frames"] += frames
         self.queue.direct_rx_done()
+
+    @property
+    def frames_written(self) -> int:
+        return self.counters["rx.frames"]
 
     def post(self, count: int, size: int) -> None:
         """``count`` fresh buffers of ``size`` bytes (then recycled ones first)."""

@@ -31,12 +31,14 @@ SACK_BLOCK = bytes([1, 1, 5, 10]) + bytes(8)  # two NOPs and one (empty) SACK bl
 class EngineCalls:
     """Counts the engine's per-segment entries and records its per-flow ACK entries (the real
     methods still run): ``acks`` the (wire ack, raw window) of each, ``streamed`` how many came
-    as a streaming round (``on_streamed_elsewhere``: relative ack, scaled window)."""
+    as a streaming round (``on_streamed_elsewhere``: relative ack, scaled window), ``read_rounds``
+    how many rounds came after the host socket turned readable (the same entry, no ack)."""
 
     def __init__(self, network: Network) -> None:
         engine = network.tcp
         self.segments = 0
         self.streamed = 0
+        self.read_rounds = 0
         self.acks: list[tuple[int, int]] = []
         for name in ("handle_segment",):  # (the stack's path and the parsed one both end there)
             setattr(engine, name, self._counting(getattr(engine, name)))
@@ -47,10 +49,13 @@ class EngineCalls:
             self.acks.append((ack, window))
             acked(flow_id, ack, window, now)
 
-        def on_streamed_elsewhere(flow_id: int, ack: int, window: int, *rest) -> None:
-            flow = engine.flows_by_id[flow_id]
-            self.acks.append((flow.send_seq(ack), window >> flow.snd_wscale))
-            self.streamed += 1
+        def on_streamed_elsewhere(flow_id: int, ack: int | None, window: int, *rest) -> None:
+            if ack is None:  # no ACK: the round after the host socket turned readable
+                self.read_rounds += 1
+            else:
+                flow = engine.flows_by_id[flow_id]
+                self.acks.append((flow.send_seq(ack), window >> flow.snd_wscale))
+                self.streamed += 1
             streamed(flow_id, ack, window, *rest)
         engine.on_acked_elsewhere = on_acked_elsewhere
         engine.on_streamed_elsewhere = on_streamed_elsewhere

@@ -29,7 +29,8 @@ SO_SNDBUF minus the bytes queued, when the glue knows it):
     on_peeked(flow_id, offset, data, now)          on_readable(flow_id, now)
     on_peeked_elsewhere(flow_id, n, segments, large_segments, now)  (before on_peeked)
     on_streamed_elsewhere(flow_id, ack, window, delivered, segments, large_segments, drained,
-                          now)  (an ACK, its Discard and the next Peek, all done elsewhere)
+                          now)  (an ACK, its Discard and the next Peek, all done elsewhere;
+                          ack None: on_readable and its Peek, done elsewhere)
     on_host_eof(flow_id, now)                      on_host_error(flow_id, errno, now)
     on_accepted(peer_host, peer_port, guest_port, now, send_space=None) -> flow_id | None
 
@@ -362,23 +363,27 @@ class TcpEngine(ConnectionSetup):
             self._maybe_finish(flow)
         self._timers.schedule(flow)
 
-    def on_streamed_elsewhere(self, flow_id: int, ack: int, window: int, delivered: int,
+    def on_streamed_elsewhere(self, flow_id: int, ack: int | None, window: int, delivered: int,
                               segments: int, large_segments: int, drained: bool,
                               now: float) -> None:
-        """A streaming flow's round done elsewhere, learnt once (the fast path's ``stream_ack``:
+        """A streaming flow's round done elsewhere, learnt once (the fast path's ``stream_round``:
         the guest's newest ack and window, taken only when the flow is simply streaming, with
         the acknowledged bytes discarded and the next ``delivered`` bytes of the window peeked
         into the guest): ``GuestSender.streamed`` records it (``ack`` relative, ``window``
         scaled), then the flow's timers. The flow is not marked changed for that: the caller
         brings its mirror up to date itself (the new ``snd_max``; the ack and window it gave
-        are the ones the engine took); what else happens to the flow marks it as always."""
+        are the ones the engine took); what else happens to the flow marks it as always.
+        ``ack`` None: no ACK; the flow's host socket turned readable and the round peeked the
+        window's next bytes (``on_readable``, its Peek and the answer in one)."""
         flow = self.flows_by_id.get(flow_id)
         if flow is None:
             return
         self._now = now
         flow.idle_at = now + self.timeouts.idle
         self.sender.streamed(flow, ack, window, delivered, segments, large_segments, drained, now)
-        self._timers.look_by(flow, now + self.look_ahead)  # (no deadline nearer: tcp/timers.py)
+        # (No deadline nearer: tcp/timers.py; ``look_by``'s test written out, as per segment.)
+        if flow.scheduled_at is None or flow.scheduled_at > now + self.look_ahead:
+            self._timers.look_by(flow, now + self.look_ahead)
 
     def on_writable(self, flow_id: int, now: float, send_space: int | None = None) -> None:
         flow = self.flows_by_id.get(flow_id)

@@ -23,12 +23,22 @@ Python stack sees any frame of that batch: the newest ack and window through
 ``TcpEngine.on_acked_elsewhere`` (one call per flow, however many ACKs: data acknowledged
 is discarded, more is peeked as the window allows), or, for a flow simply streaming to the
 guest (established, no FIN either way, no Peek or retransmission pending: ``snd_nxt`` is
-``snd_max``), as one round without commands (``stream_ack``): one kernel call discards the
+``snd_max``), as one round without commands (``stream_round``): one kernel call discards the
 acknowledged bytes and peeks the window's next bytes into the RX ring (``DirectPeeker.run``
 with ``discard``), the engine records both once (``TcpEngine.on_streamed_elsewhere``:
 ``snd_una``, ``snd_wnd``, ``snd_nxt``/``snd_max``, timers), the C entry gets its new ack
 limit (``set_ack_limit``; the engine does not mark the flow changed for it) and the glue its
-reader (``TcpHost.streamed``); then ``rcv_queued``/``rcv_nxt`` advance
+reader (``TcpHost.streamed``). When such a flow's host socket turns readable (the window
+had room, the socket had run dry), the glue offers the event here first
+(``TcpHost.set_direct_read``) and the same round runs without an ack: the window's next
+bytes straight into the ring, the engine told through the same entry (``ack`` None) in place
+of ``on_readable``, its Peek command and the glue's peek. Those rounds are a download's
+per-batch cost, so they make few Python calls (14 per ACK batch, ``receive_batch`` to
+``flush``; 15 per readable event, the loop's callback on): the device's ring
+handle is kept until its ``direct_rx_generation`` changes, a clean write with the device's
+watchdog on only counts its frames (``direct_rx_quiet``), each flow's segment cut is kept
+until the guest's offloads or MAC change, and the engine's and the glue's halves are written
+out for the one case they meet. Then ``rcv_queued``/``rcv_nxt`` advance
 through ``TcpEngine.on_written_elsewhere`` (counters, idle timer, one ACK per
 flow with the window computed as for any write), and the glue watches a full socket for room
 as it does after its own writes. Flow state is therefore exact between batches;
@@ -86,6 +96,13 @@ class DirectRx(Protocol):
     def direct_rx_done(self, frames: int) -> None:
         """After a direct write of ``frames`` frames (counters, a ring that broke)."""
 
+    # Changes whenever ``direct_rx``'s answer may (rings, capture): a handle is kept until then.
+    direct_rx_generation: int
+    # True while a direct write that met no ring error needs no ``direct_rx_done``, only its
+    # frames counted in ``counters["rx.frames"]`` (the device's watchdog is on).
+    direct_rx_quiet: bool
+    counters: dict[str, int]
+
 
 class TcpFastPath:
     """Mirrors simple established flows into the C table and accounts for what it wrote."""
@@ -101,11 +118,21 @@ class TcpFastPath:
         self._partial_seen = 0
         self.peeker = DirectPeeker()
         self.rx: DirectRx | None = None
+        # The device's one ring handle as of its ``direct_rx_generation`` (None: by flow, or no
+        # ring), so a direct peek asks nothing of the device until its rings change.
+        self._ring: tuple[object, object] | None = None
+        self._ring_by_flow = False
+        self._ring_generation: object = None
+        # Each flow's (segment size, checksum mode) (``GuestSender.segmenting``), as of the
+        # guest's offloads and MAC they were computed for (either changing empties it).
+        self._cuts: dict[int, tuple[int, int]] = {}
+        self._cuts_of: tuple[object, object] = (None, None)
         engine.table.track_changes()
         # The engine's record of changed flows (one set for its life): empty, nothing to refresh.
         self.changed = engine.table.changed
         host.set_before_close(self.unregister)
         host.set_direct_peek(self.peek_into_guest)
+        host.set_direct_read(self.stream_round)
         self._after_event = host.after_event
         host.after_event = self._after_host_event
         # Per-event counts as plain integers, added to the counters when they are read: the
@@ -123,6 +150,7 @@ class TcpFastPath:
     def unregister(self, flow_id: int) -> None:
         """Forget a flow; called before its socket closes. Its last writes were already synced."""
         self.kernel.remove(flow_id)
+        self._cuts.pop(flow_id, None)
 
     def refresh(self) -> None:
         """Bring the C entries of changed flows up to date: register, update or drop them."""
@@ -193,24 +221,10 @@ class TcpFastPath:
             return NONE_LEFT
         if not taken:
             return left
-        self._note_taken(taken, now)
+        self.sync_all(now, taken)
         if taken == (count if left is None else len(left)):
             return NONE_LEFT  # the common case of a small batch: no numpy pass
         return np.flatnonzero(handled[:count] == 0)
-
-    def _note_taken(self, taken: int, now: float) -> None:
-        """Count the frames the kernel took and apply what it wrote to the engine."""
-        kernel = self.kernel
-        taken6 = kernel.last_taken6
-        self._frames4 += taken - taken6
-        self._frames6 += taken6
-        acks, acks6 = kernel.last_acks, kernel.last_acks6
-        counts = self.counts
-        counts.segments_in += acks
-        counts.fast_acks += acks
-        counts.fast_acks6 += acks6
-        counts.fast_segments6 += taken6 - acks6
-        self.sync_all(now)
 
     def _deliver(self, batch, count: int, now: float, remaining: int, parsed: list,
                  taken: int) -> None:
@@ -218,7 +232,7 @@ class TcpFastPath:
         engine (``TcpEngine.handle_segment``), the others to the stack. A segment from an address
         the stack has not learned as the guest's goes to the stack too (it learns it there)."""
         if taken:
-            self._note_taken(taken, now)  # before the engine sees any segment of the batch
+            self.sync_all(now, taken)  # before the engine sees any segment of the batch
         stack = self.stack
         receive = stack.receive_frame
         frame, vnet = batch.frame, batch.vnet
@@ -263,13 +277,24 @@ class TcpFastPath:
         counts = {"eth.rx": frames4 + frames6, "ipv4.rx": frames4, "ipv6.rx": frames6}
         return {name: value for name, value in counts.items() if value}
 
-    def sync_all(self, now: float) -> None:
-        """Apply everything the C side wrote to the engine's flows (exact Flow state after it)."""
+    def sync_all(self, now: float, taken: int = 0) -> None:
+        """Apply everything the C side wrote to the engine's flows (exact Flow state after it).
+        ``taken``: the frames the kernel's last pass took, counted first (``send_batch``)."""
         engine = self.engine
         stats = engine.stats
         counts = self.counts
-        for flow_id, written, segments, host_full, _acks, newest in self.kernel.take_activity():
-            if newest is not None and not self.stream_ack(flow_id, *newest, now):
+        kernel = self.kernel
+        if taken:
+            taken6 = kernel.last_taken6
+            self._frames4 += taken - taken6
+            self._frames6 += taken6
+            acks, acks6 = kernel.last_acks, kernel.last_acks6
+            counts.segments_in += acks
+            counts.fast_acks += acks
+            counts.fast_acks6 += acks6
+            counts.fast_segments6 += taken6 - acks6
+        for flow_id, written, segments, host_full, _acks, newest in kernel.take_activity():
+            if newest is not None and not self.stream_round(flow_id, now, *newest):
                 # First, as the engine takes a segment's ack before its data.
                 engine.on_acked_elsewhere(flow_id, newest[0], newest[1], now)
             if not segments:
@@ -290,6 +315,8 @@ class TcpFastPath:
     def set_rx(self, rx: DirectRx | None) -> None:
         """Where host data may go straight into the guest's RX buffers (None: nowhere)."""
         self.rx = rx
+        self._ring = None
+        self._ring_generation = None  # (another device's generation may be the same number)
 
     def peek_into_guest(self, flow_id: int, fd: int, offset: int, length: int,
                         now: float) -> tuple[int, int] | None:
@@ -299,84 +326,123 @@ class TcpFastPath:
         if (flow is None or not flow.peek_pending or flow.peek_seq != flow.snd_nxt
                 or offset != flow.snd_nxt - flow.snd_una):
             return None
-        ring = self._ring_for(flow)
-        if ring is None:
+        result = self._peek_run(flow, fd, offset, length, 0)
+        if result is None:
             return None
-        status, delivered, segments, large = self._peek_run(flow, ring, fd, offset, length, 0)
+        status, delivered, segments, large = result
         if delivered:
             self.engine.on_peeked_elsewhere(flow_id, delivered, segments, large, now)
         return status, delivered
 
-    def stream_ack(self, flow_id: int, ack_wire: int, raw_window: int, now: float) -> bool:
+    def stream_round(self, flow_id: int, now: float, ack_wire: int | None = None,
+                     raw_window: int = 0) -> bool:
         """The guest's newest ack and window of a simply streaming flow (established, no FIN
         either way, no retransmission or Peek pending) as one round without commands: one
         kernel call discards what it acknowledged and peeks the window's next bytes straight
         into the RX ring (``DirectPeeker.run``'s ``discard``), the engine records both at once
-        (``on_streamed_elsewhere``), the glue its reader (``TcpHost.streamed``). False: not such
-        a flow or ack, or no ring to peek into while the window has room; nothing was done (the
-        caller takes the ack the engine's way)."""
-        flow = self.engine.flows_by_id.get(flow_id)
-        if (flow is None or flow.phase is not Phase.ESTABLISHED or flow.fin_sent
-                or flow.host_eof or flow.peek_pending or flow.snd_nxt != flow.snd_max
-                or flow.fin_at is not None):
+        (``on_streamed_elsewhere``), the glue its reader (``TcpHost.streamed``). ``ack_wire``
+        None: no ACK; the flow's host socket turned readable (``TcpHost.set_direct_read``): the
+        window's next bytes the same way, in place of ``on_readable`` and its Peek. False: not
+        such a flow or ack, no room in the window after a readable socket, or no ring to peek
+        into while the window has room; nothing was done (the caller takes the engine's way)."""
+        # (Lookups by ``in`` and subscript: no call, once per ACK batch of a download.)
+        flows, host = self.engine.flows_by_id, self.host
+        connected_fds = host.connected_fds
+        if flow_id not in flows or flow_id not in connected_fds:
             return False
-        host = self.host
-        fd = host.connected_fds.get(flow_id)
-        snd_una = flow.snd_una  # (Flow.send_rel written out)
-        ack = snd_una + ((ack_wire - flow.iss - snd_una + HALF_SEQ) % SEQ_MOD) - HALF_SEQ
-        if fd is None or not flow.snd_una < ack <= flow.snd_max:
+        flow = flows[flow_id]
+        if (flow.phase is not Phase.ESTABLISHED or flow.fin_sent or flow.host_eof
+                or flow.peek_pending or flow.snd_nxt != flow.snd_max or flow.fin_at is not None):
             return False
-        acked = ack - flow.snd_una
-        window = raw_window << flow.snd_wscale
+        snd_una = flow.snd_una
+        if ack_wire is None:
+            ack, window, readable = snd_una, flow.snd_wnd, True
+        else:
+            # (Flow.send_rel written out)
+            ack = snd_una + ((ack_wire - flow.iss - snd_una + HALF_SEQ) % SEQ_MOD) - HALF_SEQ
+            if not snd_una < ack <= flow.snd_max:
+                return False
+            window, readable = raw_window << flow.snd_wscale, flow.host_readable
+        fd = connected_fds[flow_id]
+        acked = ack - snd_una
         room = ack + window - flow.snd_nxt
         offset = flow.snd_nxt - ack
-        if flow.host_readable and room > 0:
-            ring = self._ring_for(flow) if host.peek_off else None
-            if ring is None:
+        if readable and room > 0:
+            result = self._peek_run(
+                flow, fd, offset, room if room < WINDOW_PEEK_LIMIT else WINDOW_PEEK_LIMIT,
+                acked) if host.peek_off else None
+            if result is None:
                 return False
-            status, delivered, segments, large = self._peek_run(
-                flow, ring, fd, offset, room if room < WINDOW_PEEK_LIMIT else WINDOW_PEEK_LIMIT,
-                acked)
+            status, delivered, segments, large = result
             dropped = self.peeker.last_dropped
             direct = status, delivered
             drained = status != DIRECT_DONE and status != DIRECT_RING_FULL
+        elif ack_wire is None:
+            return False  # a closed window: the engine's (persist timer)
         else:
             try:
                 dropped = discard_acked(fd, acked)
             except OSError:
                 return False  # the engine's Discard fails again and tells it
             direct, delivered, segments, large, drained = None, 0, 0, 0, False
-        self.engine.on_streamed_elsewhere(flow_id, ack, window, delivered, segments, large,
-                                          drained, now)
+        self.engine.on_streamed_elsewhere(flow_id, None if ack_wire is None else ack, window,
+                                          delivered, segments, large, drained, now)
         # The entry's one field that moved (the engine does not mark the flow for refresh).
         self.kernel.set_ack_limit(flow_id, (flow.iss + flow.snd_max) % SEQ_MOD)
         host.streamed(flow_id, acked, dropped, offset, direct, now)
         return True
 
-    def _ring_for(self, flow: Flow) -> tuple[object, object] | None:
-        """The RX ring ``flow``'s data may be written into now (``DirectRx.direct_rx``), or None
-        (no ring, no guest MAC yet, frames queued before it)."""
+    def _peek_run(self, flow: Flow, fd: int, offset: int, length: int,
+                  discard: int) -> tuple[int, int, int, int] | None:
+        """``DirectPeeker.run`` for ``flow`` from its ``snd_nxt`` on into the RX ring its data
+        may go into now, counted: (status, delivered, segments, large segments); None: no
+        such ring (none, no guest MAC yet, frames queued before it), nothing done. Per ACK
+        batch of a download: the device is asked for its ring only when its rings changed,
+        the flow's cut only when the guest's offloads did (no Python call for either)."""
         stack = self.stack
-        if self.rx is None or stack.guest_mac is None or stack.frames_to_guest:
+        rx = self.rx
+        guest_mac = stack.guest_mac
+        if rx is None or guest_mac is None or stack.frames_to_guest:
             return None
-        return self.rx.direct_rx((PROTO_TCP, flow.remote_ip, flow.guest_ip, flow.remote_port,
-                                  flow.guest_port))
-
-    def _peek_run(self, flow: Flow, ring: tuple[object, object], fd: int, offset: int,
-                  length: int, discard: int) -> tuple[int, int, int, int]:
-        """``DirectPeeker.run`` for ``flow`` from its ``snd_nxt`` on, counted: (status,
-        delivered, segments, large segments)."""
-        stack = self.stack
-        size, checksum = self.engine.sender.segmenting(flow)
+        if rx.direct_rx_generation != self._ring_generation:
+            self._ring_generation = rx.direct_rx_generation
+            self._ring = rx.direct_rx()
+            self._ring_by_flow = self._ring is None and rx.direct_rx_by_flow()
+        ring = self._ring
+        if ring is None:
+            if not self._ring_by_flow:
+                return None
+            ring = rx.direct_rx((PROTO_TCP, flow.remote_ip, flow.guest_ip, flow.remote_port,
+                                 flow.guest_port))
+            if ring is None:
+                return None
+        cuts = self._cuts
+        if self._cuts_of[0] is not stack.guest_offloads or self._cuts_of[1] is not guest_mac:
+            cuts.clear()
+            self._cuts_of = (stack.guest_offloads, guest_mac)
+        flow_id = flow.flow_id
+        if flow_id in cuts:
+            size, checksum = cuts[flow_id]
+        else:
+            size, checksum = cuts[flow_id] = self.engine.sender.segmenting(flow)
+        queue = ring[0]
         result = self.peeker.run(
-            ring[0], ring[1], fd, offset, length, stack.guest_mac, stack.config.gateway_mac,
+            queue, ring[1], fd, offset, length, guest_mac, stack.config.gateway_mac,
             flow.remote_ip, flow.guest_ip, flow.remote_port, flow.guest_port,
             (flow.iss + flow.snd_nxt) % SEQ_MOD, (flow.irs + flow.rcv_nxt) % SEQ_MOD,
-            self.engine.tx.advertised_window(flow), size, flow.mss, checksum, discard)
-        self.rx.direct_rx_done(result[2])
-        self.counts.direct_rx_peeks += 1
+            # (``advertised_window`` without its call when nothing waits for the host: the
+            # kernel clamps the field)
+            flow.host_space >> flow.rcv_wscale if not flow.to_host
+            else self.engine.tx.advertised_window(flow), size, flow.mss, checksum, discard)
+        frames = result[2]
+        if rx.direct_rx_quiet and not queue.has_new_errors and not queue.broken:
+            rx.counters["rx.frames"] += frames  # all ``direct_rx_done`` would do (watchdog on)
+        else:
+            rx.direct_rx_done(frames)
+        counts = self.counts
+        counts.direct_rx_peeks += 1
         if result[1]:
-            self.counts.direct_rx_segments += result[2]
+            counts.direct_rx_segments += frames
         return result
 
     def counters(self) -> dict[str, int]:

@@ -430,7 +430,11 @@ class TcpHost(PeekGlue):
         after the event (``_event_done``) is written out here."""
         # The reader stays: the peek this leads to keeps it (short) or removes it.
         entry.peek_awaited = True
-        self.engine.on_readable(flow_id, self.clock())
+        now = self.clock()
+        # A streaming flow's round, peeked straight into the guest (``set_direct_read``), or
+        # the engine's Peek.
+        if self._direct_read is None or not self._direct_read(flow_id, now):
+            self.engine.on_readable(flow_id, now)
         if self.engine.commands:
             self.flush()
         if self.after_event is not None:

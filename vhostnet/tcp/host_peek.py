@@ -9,7 +9,9 @@ A Peek (the guest's whole window) is offered to the direct-peek hook first
 (``set_direct_peek``: the TCP fast path peeks straight into the guest's RX ring in one
 call); what it leaves is peeked here, ``PEEK_BUDGET`` bytes at most (the engine asks again
 for the rest). The fast path also does a streaming flow's whole ACK round itself (discard and
-the next direct peek in one call) and tells the reader here after it (``streamed``).
+the next direct peek in one call), and the round after its socket turned readable
+(``set_direct_read``: the next direct peek without a Peek command), and tells the reader here
+after it (``streamed``).
 
 The reader (``TcpHost``'s readiness) follows every peek and discard: armed with SO_RCVLOWAT one
 byte above what is already peeked after a peek came back short, stopped while the guest's
@@ -41,6 +43,7 @@ class DirectPeek(IntEnum):
 
 
 DirectPeekHook = Callable[[int, int, int, int, float], "tuple[int, int] | None"]
+DirectReadHook = Callable[[int, float], bool]
 
 
 class PeekGlue:
@@ -54,6 +57,7 @@ class PeekGlue:
     # path, which peeks only where it does).
     peek_off: bool | None = None
     _direct_peek: DirectPeekHook | None = None
+    _direct_read: DirectReadHook | None = None
 
     # The reader's two moves (TcpHost's readiness half defines them).
     def _stop_reading(self, entry: HostSocket) -> None:
@@ -68,6 +72,13 @@ class PeekGlue:
         None (not taken: peek here), or (status, bytes delivered) with a ``DirectPeek`` status
         or -errno; after RING_FULL the rest is peeked here (up to PEEK_BUDGET). None: no hook."""
         self._direct_peek = hook
+
+    def set_direct_read(self, hook: DirectReadHook | None) -> None:
+        """Offer each readable event of a flow's socket to ``hook(flow_id, now)`` first: True,
+        it did the engine's ``on_readable`` and the Peek that follows in one round itself (the
+        fast path peeks the window's next bytes into the guest's RX ring and tells the engine
+        and ``streamed``); False: the engine's way. None: no hook."""
+        self._direct_read = hook
 
     def _peek(self, command: Peek) -> None:
         entry = self._sockets.get(command.flow_id)
@@ -159,7 +170,7 @@ class PeekGlue:
 
     def streamed(self, flow_id: int, acked: int, dropped: int, offset: int,
                  direct: tuple[int, int] | None, now: float) -> None:
-        """The fast path did a streaming flow's round itself (``TcpFastPath.stream_ack``; the
+        """The fast path did a streaming flow's round itself (``TcpFastPath.stream_round``; the
         engine knows it already): ``dropped`` of the ``acked`` bytes discarded, then, unless
         ``direct`` is None, a direct peek at ``offset`` that answered ``direct`` (status,
         bytes delivered; as ``set_direct_peek``'s hook). The reader as after ``Discard`` and
@@ -174,7 +185,16 @@ class PeekGlue:
             log.error("TCP flow %d: %d acknowledged bytes missing", flow_id, acked - dropped)
         status, delivered = direct
         entry.rearm_on_discard = entry.peek_awaited = False
-        if status < 0:
+        # The two common rounds of a download as ``_reader_after_peek`` answers them, without
+        # its calls: the window filled, the reader stopped already; or (after a readable
+        # socket) the socket ran dry, the reader armed: it waits past what is peeked now.
+        if status == DirectPeek.DONE and not entry.reading:
+            entry.peeked_until = offset + delivered
+        elif status == DirectPeek.DRAINED and delivered and entry.reading and not entry.peer_fin:
+            peeked = entry.peeked_until = offset + delivered
+            if peeked + 1 != entry.lowat:
+                set_lowat(entry, peeked + 1)
+        elif status < 0:
             self.engine.on_host_error(flow_id, -status, now)
         elif status == DirectPeek.EOF:
             self._stop_reading(entry)

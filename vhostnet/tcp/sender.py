@@ -147,21 +147,47 @@ class GuestSender:
         if flow.fin_at is not None:
             flow.fin_at = now + self.timeouts.fin  # still closing, but making progress
 
-    def streamed(self, flow: Flow, ack: int, window: int, delivered: int, segments: int,
+    def streamed(self, flow: Flow, ack: int | None, window: int, delivered: int, segments: int,
                  large_segments: int, drained: bool, now: float) -> None:
-        """One round of a streaming flow done elsewhere (the fast path's ``stream_ack``): the
+        """One round of a streaming flow done elsewhere (the fast path's ``stream_round``): the
         guest acknowledged up to ``ack`` (relative, above ``snd_una``; its bytes are gone from
         the host socket already) with ``window`` (scaled), and ``delivered`` bytes from
         ``snd_nxt`` on reached it as ``segments`` segments (as ``sent_elsewhere``).
         ``drained``: the socket held no more (or failed, or reached EOF: the glue says which).
-        A window not filled because the ring was full is asked for again (``pump``)."""
-        self._advance(flow, ack, now)
-        flow.snd_wnd = window
+        A window not filled because the ring was full is asked for again (``pump``).
+        ``ack`` None: no ACK came (``window`` ignored); the host socket turned readable and
+        the round peeked the window's next bytes (``on_readable``, its Peek and the answer).
+
+        ``_advance`` and ``sent_elsewhere`` written out for the one case they meet here (a flow
+        simply streaming: ``snd_nxt`` is ``snd_max`` and stays so, nothing is retransmitted, no
+        FIN timer runs): this runs once per ACK batch of a download, without further calls."""
+        if ack is None:
+            flow.host_readable = True
+            ack = flow.snd_una
+        else:
+            flow.snd_una = ack
+            flow.snd_wnd = window
+            flow.dup_acks = 0
+            flow.retries = 0
+            flow.rto = self.timeouts.rto_initial
+            flow.rto_at = None if ack == flow.snd_max else now + flow.rto
         if delivered:
-            self.sent_elsewhere(flow, delivered, segments, large_segments, now)
+            counts = self.tx.counts
+            counts.segments_out += segments
+            counts.gso_segments_out += large_segments
+            counts.bytes_to_guest += delivered
+            if flow.ack_owed_at is not None:  # (the ACK rode on the data)
+                flow.ack_owed_at = None
+                counts.acks_on_replies += 1
+            if now - flow.data_in_at <= self.timeouts.ack_delay:
+                flow.interactive = True  # (as in ``_sent``)
+            flow.rcv_acked = flow.rcv_nxt
+            flow.snd_nxt = flow.snd_max = flow.snd_nxt + delivered
+            if flow.rto_at is None:
+                flow.rto_at = now + flow.rto  # data in flight
         if drained:
             flow.host_readable = False
-        elif flow.host_readable and (ack + window > flow.snd_nxt or flow.snd_nxt == ack):
+        elif flow.host_readable and (ack + flow.snd_wnd > flow.snd_nxt or flow.snd_nxt == ack):
             self.pump(flow, now)  # the rest of the window, or the persist timer
 
     def send_host_data(self, flow: Flow, data: bytes | memoryview, now: float) -> None:
@@ -173,9 +199,9 @@ class GuestSender:
         """``n`` bytes from ``snd_nxt`` on reached the guest in ``segments`` segments
         (``large_segments`` of them for the guest to cut) without passing here: the fast
         path peeked them straight into its RX buffers."""
-        self.tx.counts.segments_out += segments
-        if large_segments:
-            self.stats.inc("tcp.gso_segments_out", large_segments)
+        counts = self.tx.counts
+        counts.segments_out += segments
+        counts.gso_segments_out += large_segments
         self._sent(flow, n, now)
 
     def _sent(self, flow: Flow, n: int, now: float) -> None:

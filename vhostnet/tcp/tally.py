@@ -26,6 +26,7 @@ NAMES = {
     "parsed_segments": "tcp.parsed_segments",  # parsed by the fast path, not the wire views
     "direct_rx_segments": "tcp.direct_rx_segments",
     "direct_rx_peeks": "tcp.direct_rx_peeks",  # calls into the ring (one Python round each)
+    "gso_segments_out": "tcp.gso_segments_out",  # of the direct RX segments: the guest cuts them
 }
 
 
