@@ -149,6 +149,34 @@ def test_a_new_connection_counts_as_measured_for_its_first_small_writes(monkeypa
     loop.close()
 
 
+def test_a_new_connections_first_request_through_send_is_not_measured(monkeypatch) -> None:
+    # The guest's first request usually arrives with the handshake's last ACK, before the
+    # fast path mirrors the flow: written by ``Send``, it takes the estimate too (old
+    # behaviour: SO_SNDBUF and SIOCOUTQ asked after every ``Send``, two calls per connection).
+    loop, net, engine = new_setup(StackConfig())
+    measures: list[int] = []
+
+    def counting_send_space(sock, nothing_sent=False):
+        measures.append(sock.fileno())
+        return send_space(sock, nothing_sent)
+
+    async def scenario() -> None:
+        async with established_flow(net, engine, loop, 42004, tcp_echo_until_eof) as (
+                host, guest):
+            (flow,) = engine.flows.values()
+            space = flow.host_space
+            monkeypatch.setattr(host_module, "send_space", counting_send_space)
+            guest.send(b"request")
+            await run_until(net, engine, host, lambda: guest.received == b"request",
+                            timeout=10)
+            assert measures == [] and flow.host_space == space - len(b"request")
+            guest.send(b"", then_close=True)
+            await run_until(net, engine, host, lambda: not engine.flows, timeout=10)
+
+    loop.run_until_complete(scenario())
+    loop.close()
+
+
 async def reply_and_close(reader, writer) -> None:
     """A server that answers the first request and closes at once: the reply and the FIN go
     out in one step (write_eof shuts the socket down now, there is nothing buffered)."""

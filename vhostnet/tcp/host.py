@@ -148,6 +148,12 @@ class TcpHost(PeekGlue):
         entry = self._sockets.get(flow_id)
         if entry is None:
             return None
+        return self._space_after_write(flow_id, entry, host_full, written)
+
+    def _space_after_write(self, flow_id: int, entry: HostSocket, host_full: bool,
+                           written: int) -> int | None:
+        """The send space after ``written`` bytes went to ``entry``'s socket (estimated while
+        small writes go into a roomy socket, see ``written_elsewhere``), watching for room."""
         entry.unmeasured += written
         if not host_full and entry.space is not None:
             estimate = entry.space - entry.unmeasured
@@ -366,8 +372,8 @@ class TcpHost(PeekGlue):
         except OSError as error:
             self.engine.on_host_error(command.flow_id, error.errno or 0, self.clock())
             return
-        space = send_space(entry.sock)
-        self._watch_for_room(command.flow_id, entry, sent < len(command.data), space)
+        # (A connection's first request, written here, is not measured: two system calls.)
+        space = self._space_after_write(command.flow_id, entry, sent < len(command.data), sent)
         self.engine.on_sent(command.flow_id, sent, self.clock(), space)
 
     def _watch_for_room(self, flow_id: int, entry: HostSocket, full: bool,
