@@ -307,12 +307,19 @@ def _rr(guest: LineProcess, backend: Backend, name: str, s: Settings, baselines:
         base = baselines.get("loopback-tcp-crr", loopback_crr)
         row = Row("tcp-crr", "conn/s", [], base, "loopback conn/s", backend=name)
         total = 0
+        cost = Usage(0.0, 0)
         for i in range(s.rounds):
             s.progress.update(f"tcp-crr [{name}] round {i + 1}/{s.rounds}")
+            before = backend.usage()
             r = guest.request("tcp_crr", port=echo.port, duration=s.duration)
+            after = backend.usage()
+            if before is not None and after is not None:
+                cost = Usage(cost.cpu_s + after.cpu_s - before.cpu_s,
+                             cost.wakeups + after.wakeups - before.wakeups)
             row.rounds.append(r["count"] / r["seconds"])
             total += r["count"]
         row.extra["connections"] = total
+        row.extra.update(Usage(0.0, 0).per_unit(cost, total, "conn"))
         rows.append(row)
     return rows
 
