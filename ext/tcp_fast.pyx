@@ -195,7 +195,7 @@ cdef class TcpFastPath:
 
     def set_ack_limit(self, int64_t flow_id, uint32_t ack_limit) -> None:
         """A registered flow's new ack limit after a round that moved nothing else the entry
-        mirrors (``TcpFastPath.stream_ack``: the engine took the newest ack and window this
+        mirrors (``TcpFastPath.stream_round``: the engine took the newest ack and window this
         entry holds, and sent more); an unregistered flow is left alone."""
         cdef int index = self.index.slot_of(flow_id)
         if index >= 0:
