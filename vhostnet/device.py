@@ -181,6 +181,7 @@ class NetDevice(RxFlush, RingWatchdog):
         for index, kick in self._tx_kicks.items():
             queue = self.queues.get(index)
             kick.queue = queue
+            kick.ring = None if queue is None else queue.kernel
             kick.ready = (queue is not None and not queue.broken and not self._closed
                           and self.enabled.get(index, False) and not self._fault_reported
                           and self._capture is None and self.steering is None
