@@ -176,9 +176,9 @@ class NetDevice(RxFlush, RingWatchdog):
 
     def _kicks_changed(self) -> None:
         """Tell the TX kicks' C readers their ring (and its C queue, which they drain
-        themselves) and whether they may do a kick without this
-        device's Python (one queue pair, nothing captured, the ring enabled and whole): at
-        every change of rings (``_rx_rings_changed``) and of the capture."""
+        themselves) and whether they may do a kick without this device's Python (one queue
+        pair, nothing captured, the ring enabled and whole): at every change of rings
+        (``_rx_rings_changed``) and of the capture."""
         for index, kick in self._tx_kicks.items():
             queue = self.queues.get(index)
             kick.queue = queue
