@@ -5,7 +5,8 @@ Run the bench with the back-end under ``perf trace`` (``--compare`` with a wrapp
 "$@"``; the same for passt's command), then
 ``python -m bench.trace_gaps FILE [KICK_FD CALL_FD]`` (the TX ring's kick eventfd and the
 RX ring's call eventfd; left out: the most read and the most written 8-byte fds of the
-trace). Per transaction, medians and means in microseconds:
+trace). The bench stops the wrapper, not the traced back-end: end that one yourself
+(by its pid) after the run. Per transaction, medians and means in microseconds:
 
 - ``wake->kick read``: the event loop's wake-up to the kick's eventfd read;
 - ``kick read->send``: the TX ring drained, up to the host ``sendmmsg``;
