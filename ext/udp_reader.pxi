@@ -104,10 +104,13 @@ cdef class FlowReader:
 cdef class TxKick:
     """The loop's reader of a TX ring's kick eventfd (``loop.add_reader(fd, kick)``): the
     eventfd read, the ring drained and re-armed (``tx_drain_rearm``) and the batch's datagrams
-    of registered flows sent (``send_bound``) in one call, with no Python frame of vhostnet but
-    the ring's drain; when the fast path took the whole batch, nothing else runs.
+    of registered flows sent (``send_bound``) in one call, with no Python frame of vhostnet:
+    the ring's C queue (``ring``, ``Virtqueue.kernel``) is drained directly, and the
+    ``Virtqueue`` is called only to log bad guest input met for the first time. When the fast
+    path took the whole batch, nothing else runs.
 
-    The device keeps ``queue`` (its ``Virtqueue``, None while stopped) and ``ready`` (nothing
+    The device keeps ``queue`` (its ``Virtqueue``, None while stopped), ``ring`` (that
+    queue's ``kernel``, None while stopped) and ``ready`` (nothing
     of its own needs Python per kick: one queue pair, no capture, the ring enabled and whole)
     up to date, and ``watched`` (its watchdog is on; if not, ``busy()`` turns it on). Not
     ready: ``fallback()`` does the whole kick in Python. Anything the fast path did not take
@@ -127,6 +130,7 @@ cdef class TxKick:
     cdef dict counters
     cdef object clock
     cdef public object queue
+    cdef public object ring
     cdef public bint ready
     cdef public bint watched
 
@@ -144,19 +148,23 @@ cdef class TxKick:
         self.counters = counters
         self.clock = clock
         self.queue = None
+        self.ring = None
         self.ready = False
         self.watched = False
 
     def __call__(self):
         cdef uint64_t value
         cdef DirectRoute route = self.route
-        if not self.ready or self.queue is None:
+        ring = self.ring
+        if not self.ready or self.queue is None or ring is None:
             return self.fallback()
         if read(self.fd, &value, 8) < 0 and errno != EAGAIN and errno != EINTR:
             return self.fallback()  # (it reads the fd again and deals with the error)
         if not self.watched:
             self.busy()
-        frames, again = self.queue.tx_drain_rearm(self.batch, self.max_frames)
+        frames, again = ring.tx_drain_rearm(self.batch, self.max_frames)
+        if ring.has_new_errors:
+            self.queue.direct_rx_done()  # (the first of a kind of bad guest input: logged)
         taken = None
         if (frames and route.bound is self.batch and not route.tx_sink
                 and route.stack.guest_mac is route.told_mac):

@@ -1,6 +1,6 @@
 """A TX ring's kick taken by the UDP fast path's C reader (``TxKick``, ext/udp_reader.pxi): the
 eventfd read, the ring drained and the datagrams of an established flow sent in one call, with
-no Python frame of vhostnet but the ring's drain; what it does not take (a new flow's first
+no Python frame of vhostnet at all; what it does not take (a new flow's first
 datagram) goes on in Python with the same batch; a capture, a disabled ring or the watchdog
 off are the device's to handle. The host's answer goes into the RX ring with no call into the
 device while its watchdog is on (``direct_rx_quiet``). Real NetDevice over test guest RAM,
@@ -28,7 +28,8 @@ GUEST_PORT = 40999
 
 class Kicked:
     """A rig whose TX ring is kicked through a real eventfd, a host UDP socket to talk to, and
-    the file of the Python frame that drains the TX ring at each kick."""
+    the file of the Python frame that drains the TX ring through its ``Virtqueue`` at each
+    kick (the C reader drains the C queue itself: no such frame)."""
 
     def __init__(self, rig: Rig) -> None:
         self.rig = rig
@@ -44,7 +45,7 @@ class Kicked:
         queue = self.device.queues[TX]
         drain = queue.tx_drain_rearm
 
-        def recording(*args):  # (an instance attribute: the device and the C reader find it)
+        def recording(*args):  # (an instance attribute: the device finds it)
             self.drainers.append(sys._getframe(1).f_code.co_filename)
             return drain(*args)
         queue.tx_drain_rearm = recording  # type: ignore[method-assign]
@@ -52,16 +53,38 @@ class Kicked:
     def run(self, seconds: float = 0.02) -> None:
         self.rig.loop.run_until_complete(asyncio.sleep(seconds))
 
-    def send(self, payload: bytes) -> bytes:
-        """The guest sends ``payload`` to the host socket and kicks; what the host received."""
+    def publish_and_kick(self, payload: bytes) -> None:
+        """The guest puts a datagram of ``payload`` to the host socket in its TX ring, kicks."""
         driver = self.rig.drivers[TX]
         frame = guest_udp_frame(GUEST_PORT, GATEWAY_IP, self.port, payload)
         driver.publish(driver.add_chain(tx_parts(driver, frame, [])))
         self.drainers.clear()
         os.eventfd_write(self.kick, 1)
+
+    def send(self, payload: bytes) -> bytes:
+        """The guest sends ``payload`` to the host socket and kicks; what the host received."""
+        self.publish_and_kick(payload)
         self.run()
         payload, self.peer = self.host.recvfrom(2048)
         return payload
+
+    def python_of_kick(self, payload: bytes) -> list[str]:
+        """The guest sends ``payload``; the kick's reader is called at once (as the loop would),
+        under a profiler: the Python functions of vhostnet it ran."""
+        self.publish_and_kick(payload)
+        reader = self.device._tx_kicks[TX]  # (what the loop calls for the kick fd)
+        ran: list[str] = []
+
+        def profile(frame, event, arg) -> None:
+            if event == "call" and frame.f_code.co_filename.startswith(VHOSTNET):
+                ran.append(frame.f_code.co_qualname)
+        sys.setprofile(profile)
+        try:
+            reader()
+        finally:
+            sys.setprofile(None)
+        assert self.host.recvfrom(2048)[0] == payload
+        return ran
 
     def offer_rx(self, buffers: int):
         """The guest offers ``buffers`` 2 KiB RX buffers; its RX ring driver."""
@@ -72,8 +95,8 @@ class Kicked:
         return rx
 
     def drained_in_python(self) -> bool:
-        """Whether the last kick's drain was called from vhostnet's Python (not the C reader)."""
-        assert self.drainers, "the TX ring was not drained"
+        """Whether the last kick's drain went through vhostnet's Python (the device's
+        ``Virtqueue.tx_drain_rearm``), not the C reader alone."""
         return any(name.startswith(VHOSTNET) for name in self.drainers)
 
     def close(self) -> None:
@@ -103,6 +126,16 @@ def test_an_established_flows_datagram_is_sent_by_the_c_reader(kicked: Kicked) -
     counters = device.network.counters()
     assert counters["udp.fast_path"] == 2
     assert counters["udp.tx_host"] == 3
+
+
+def test_an_established_flows_kick_runs_no_python_of_vhostnet(kicked: Kicked) -> None:
+    assert kicked.send(b"first") == b"first"  # (the flow opened in Python; the watchdog on)
+    # (the fast path's first batch is bound to the device's in Python)
+    assert "UdpFastSender.send_batch" in kicked.python_of_kick(b"second")
+    for payload in (b"third", b"fourth"):
+        assert kicked.python_of_kick(payload) == []
+    assert kicked.device.counters["tx.frames"] == 4
+    assert kicked.device.network.counters()["udp.fast_path"] == 3
 
 
 class Seen:

@@ -175,12 +175,14 @@ class NetDevice(RxFlush, RingWatchdog):
         self._rx_rings_changed()  # (no direct writes with a capture; kicks in Python)
 
     def _kicks_changed(self) -> None:
-        """Tell the TX kicks' C readers their ring and whether they may do a kick without this
-        device's Python (one queue pair, nothing captured, the ring enabled and whole): at
-        every change of rings (``_rx_rings_changed``) and of the capture."""
+        """Tell the TX kicks' C readers their ring (and its C queue, which they drain
+        themselves) and whether they may do a kick without this device's Python (one queue
+        pair, nothing captured, the ring enabled and whole): at every change of rings
+        (``_rx_rings_changed``) and of the capture."""
         for index, kick in self._tx_kicks.items():
             queue = self.queues.get(index)
             kick.queue = queue
+            kick.ring = None if queue is None else queue.kernel
             kick.ready = (queue is not None and not queue.broken and not self._closed
                           and self.enabled.get(index, False) and not self._fault_reported
                           and self._capture is None and self.steering is None

@@ -144,9 +144,17 @@ class Virtqueue:
             self._direct = (self._kernel, _virtq.rx_direct_handle(self._kernel))
         return self._direct
 
+    @property
+    def kernel(self) -> object:
+        """The C queue itself, for a C reader that drains this ring with no Python frame
+        between (the UDP fast path's ``TxKick``: ``tx_drain_rearm`` on it, then
+        ``direct_rx_done()`` here whenever its ``has_new_errors`` is set)."""
+        return self._kernel
+
     def direct_rx_done(self) -> bool:
-        """After a direct write: log the kinds of bad guest input met for the first time.
-        Returns whether the ring is broken now (one call for both: this runs per write)."""
+        """After a direct write (or a drain of ``kernel``): log the kinds of bad guest input
+        met for the first time. Returns whether the ring is broken now (one call for both:
+        this runs per write)."""
         kernel = self._kernel
         if kernel.has_new_errors:
             self._log_new_errors()
