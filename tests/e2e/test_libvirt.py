@@ -513,6 +513,7 @@ def test_libvirt_passt_stream(libvirt11: Libvirt11 | str, kit: Kit,
         assert "stream front-end (-netdev stream)" in vhostnet_log, vhostnet_log[-3000:]
 
 
+@pytest.mark.slow
 def test_libvirt_passt_vhost_user(libvirt11: Libvirt11 | str, kit: Kit,
                                   e2e_tmp: Path) -> None:
     """libvirt 11.3 (``<interface type='vhostuser'>``, libvirt >= 11.1) and QEMU 10.0."""

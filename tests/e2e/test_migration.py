@@ -29,7 +29,7 @@ from tests.support.qmp import wait_migrated
 from tools.qemu import GuestError
 from vhostnet.control import control_request
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 PING_COUNT = 120
 PING_INTERVAL = 0.5

@@ -51,7 +51,7 @@ from tests.support.daemon import nobody_tmp_dir
 from tests.support.qmp import wait_migrated
 from vhostnet.control import control_request
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 DOWNLOAD_BYTES = 50 * 1024 * 1024
 DOWNLOAD_SECONDS = 20.0

@@ -28,7 +28,7 @@ from tests.support.qmp import wait_migrated
 from tools.guest_ipv6 import GATEWAY6, WAIT_FOR_SLAAC
 from vhostnet.control import control_request
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 DOWNLOAD6_BYTES = 30 * 1024 * 1024
 DOWNLOAD6_SECONDS = 20.0
