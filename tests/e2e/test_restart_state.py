@@ -37,7 +37,7 @@ from tests.e2e.held_connections import (
 from tests.e2e.hostservers import LOOPBACK, PacedHttpServer, free_port, generated_bytes, sha256_hex
 from vhostnet.control import control_request
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = pytest.mark.e2e
 
 DOWNLOAD_BYTES = 50 * 1024 * 1024
 DOWNLOAD_SECONDS = 20.0
