@@ -116,6 +116,8 @@ class QemuGuest:
     if the back-end offers VIRTIO_F_RING_PACKED too).
     queues: vhost-user queue pairs (`queues=N` on the netdev, `mq=on,vectors=2N+2` on the
     NIC, as many vCPUs as pairs: Linux enables one pair per online CPU).
+    console_input: QEMU's stdin (the serial console's input) is a pipe `type_line` writes
+    to, instead of /dev/null: how a test tells the guest's script it has seen enough.
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class QemuGuest:
         nic_model: str = "virtio-net-pci",
         packed: bool = False,
         queues: int = 1,
+        console_input: bool = False,
     ) -> None:
         if version not in VERSIONS:
             raise ValueError(f"QEMU version must be one of {VERSIONS}, not {version!r}")
@@ -158,6 +161,7 @@ class QemuGuest:
         self.nic_model = nic_model
         self.packed = packed
         self.queues = queues
+        self.console_input = console_input
         self._workdir = Path(tempfile.mkdtemp(prefix="vhostnet-guest-"))
         self.serial_log = Path(serial_log) if serial_log else self._workdir / "serial.log"
         self.qemu_log = self.serial_log.with_name(self.serial_log.name + ".qemu-stderr")
@@ -249,7 +253,8 @@ class QemuGuest:
             stderr.write((" ".join(command) + "\n").encode())
             stderr.flush()
             self.process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=serial, stderr=stderr,
+                command, stdin=subprocess.PIPE if self.console_input else subprocess.DEVNULL,
+                stdout=serial, stderr=stderr,
                 env=self.environment(), start_new_session=True)
         return self
 
@@ -265,10 +270,13 @@ class QemuGuest:
         return self.process is not None and self.process.poll() is None
 
     def kill(self) -> None:
-        """End QEMU (politely first) and close QMP; safe to call twice."""
+        """End QEMU (politely first) and close QMP and the console input; safe to call
+        twice."""
         if self._qmp is not None:
             self._qmp.close()
             self._qmp = None
+        if self.process is not None and self.process.stdin is not None:
+            self.process.stdin.close()
         # The combined initrd is a few MiB per guest; the logs stay for reading.
         (self._workdir / "initrd.cpio").unlink(missing_ok=True)
         if self.process is None or self.process.poll() is not None:
@@ -288,6 +296,16 @@ class QemuGuest:
             return self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise GuestError(f"QEMU still running after {timeout} s\n{self.log_tail()}") from None
+
+    def type_line(self, line: str) -> None:
+        """Send `line` and a newline to the guest's serial console (console_input=True)."""
+        if self.process is None or self.process.stdin is None:
+            raise GuestError("this guest was started without console_input")
+        try:
+            self.process.stdin.write(line.encode() + b"\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            raise GuestError(f"QEMU exited before {line!r} was typed\n{self.log_tail()}") from None
 
     # --- reading the console -------------------------------------------------
 

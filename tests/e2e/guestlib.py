@@ -212,6 +212,30 @@ def ping_check(target: str, count: int = 3, name: str = "ping", extra: str = "-W
     )
 
 
+STOP_PING_LINE = "VHOSTNET-STOP-PING"
+
+
+def ping_until_stopped(target: str, count: int, interval: float) -> str:
+    """Ping `target` until the host types STOP_PING_LINE on the console
+    (`QemuGuest.type_line`, the guest started with console_input=True) or `count` pings
+    have gone out, whichever is first: the count stays the bound a slow host needs, the
+    test stops waiting once it has seen what it checks. busybox ping ends on SIGINT as on
+    its count, with its summary and status 0 if any reply came. Prints RESULT ping_rc and
+    RESULT ping_done=yes."""
+    return (
+        f"ping -c {count} -i {interval} -W 2 {target} &\n"
+        "ping_pid=$!\n"
+        "(while read -r line; do\n"
+        f"    [ \"$line\" = {STOP_PING_LINE} ] && kill -INT $ping_pid && break\n"
+        "done) < /dev/console &\n"
+        "reader_pid=$!\n"
+        "wait $ping_pid\n"
+        "echo \"RESULT ping_rc=$?\"\n"
+        "kill $reader_pid 2>/dev/null\n"
+        "echo RESULT ping_done=yes\n"
+    )
+
+
 PING_REPLY = r"^\d+ bytes from {target}: seq=(\d+)"
 
 

@@ -87,15 +87,19 @@ def wait_until(condition: Callable[[], object], seconds: float, what: str) -> No
         time.sleep(0.2)
 
 
-def start_migration(source: Any, guest: Callable[..., Any], version: str, script: str,
-                    socket_path: Path, tmp_path: Path, memory_mb: int) -> Any:
-    """Boot the destination QEMU on ``socket_path`` waiting for an incoming migration
+def start_destination(guest: Callable[..., Any], version: str, script: str, socket_path: Path,
+                      tmp_path: Path, memory_mb: int) -> Any:
+    """Start the destination QEMU on ``socket_path`` waiting for an incoming migration
     (QEMU 7.2 also stopped: its vhostnet state moves through the control sockets before
-    ``cont``) and start migrating ``source`` into it over a UNIX socket; the destination."""
+    ``cont``); started while the source boots, it costs the test no time."""
     extra = ("-incoming", "defer") if version == "10.0" else ("-S", "-incoming", "defer")
-    destination = guest(version, script, socket_path=socket_path,
-                        qmp_path=tmp_path / "dst.qmp", memory_mb=memory_mb, extra_args=extra)
+    return guest(version, script, socket_path=socket_path, qmp_path=tmp_path / "dst.qmp",
+                 memory_mb=memory_mb, extra_args=extra)
+
+
+def start_migration(source: Any, destination: Any, tmp_path: Path) -> None:
+    """Start migrating ``source`` into ``destination`` (``start_destination``) over a UNIX
+    socket."""
     uri = f"unix:{tmp_path / 'migration.sock'}"
     destination.qmp("migrate-incoming", uri=uri)
     source.qmp("migrate", uri=uri)
-    return destination

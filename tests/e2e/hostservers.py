@@ -343,7 +343,9 @@ class PacedHttpServer(_AcceptLoopServer):
 
     ``sent`` is how far the body got; past ``hold_at`` bytes nothing more goes
     out until ``release()`` (or IO_TIMEOUT), so a transfer can be made to span
-    an event of unknown duration such as a live migration. ``half_closed``: the
+    an event of unknown duration such as a live migration. ``release()`` also ends the
+    pacing: once the event is over, the rest goes out as fast as the client takes it (the
+    test need not wait out ``seconds``). ``half_closed``: the
     answer waits for the client's FIN after the request (``client_closed`` is set
     then), so the whole body travels over a half-closed connection. ``port``: a
     port chosen beforehand (``free_port()``), so a guest that retries connecting
@@ -386,7 +388,7 @@ class PacedHttpServer(_AcceptLoopServer):
                 self._gate.wait(IO_TIMEOUT)
             delay = started + self.seconds * offset / total - time.monotonic()
             if delay > 0:
-                time.sleep(delay)
+                self._gate.wait(delay)  # release() ends the pacing, this wait included
             conn.sendall(self.data[offset:offset + self.CHUNK])
             self.sent = min(total, offset + self.CHUNK)
         conn.shutdown(socket.SHUT_WR)

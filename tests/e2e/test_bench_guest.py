@@ -26,7 +26,7 @@ from bench.output import Progress
 from bench.runner import BenchError, vhostnet_template
 from tools.guestkit import Kit
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("mtu", GUEST_MTUS)

@@ -55,7 +55,7 @@ from tools.guest_ipv6 import WAIT_FOR_SLAAC
 from tools.guestkit import Kit
 from tools.qemu import QemuGuest
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 DOMAIN = "vhostnet.internal"
 MACS = {1: "52:54:00:16:00:01", 2: "52:54:00:16:00:02", 3: "52:54:00:16:00:03"}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 
 import pytest
 
 from tests.e2e.guestlib import GUEST_MARKERS, GuestRun, script_exit_code
+from tests.e2e.hostservers import LOOPBACK, PacedHttpServer, generated_bytes
 from tools.guestkit import CpioWriter, script_archive
 from tools.netns import interfaces
 from tools.qemu import GuestError, parse_results
@@ -79,3 +81,20 @@ def test_waits_are_bounded_and_show_the_console(guest):
         machine.wait_exit(timeout=1)
     machine.kill()
     assert not machine.running()
+
+
+def test_a_released_paced_server_sends_the_rest_unpaced():
+    """Paced over an hour, held at half: after release() the rest arrives at once (a test
+    waits for its event, not for the pace)."""
+    data = generated_bytes(256 * 1024, seed=5)
+    with (PacedHttpServer("paced", data, seconds=3600.0, hold_at=len(data) // 2) as server,
+          socket.create_connection((LOOPBACK, server.port), timeout=30) as conn):
+        conn.sendall(b"GET /paced HTTP/1.0\r\n\r\n")
+        received = b""
+        while len(received) < 64 * 1024:  # the first chunk goes out at once
+            received += conn.recv(65536)
+        server.release()
+        conn.shutdown(socket.SHUT_WR)
+        while chunk := conn.recv(65536):
+            received += chunk
+    assert received.endswith(data) and server.sent == len(data)

@@ -56,7 +56,7 @@ from tools.guestkit import (
     fetch_libvirt11,
     script_archive,
 )
-from tools.qemu import DEFAULT_MAC, SYSTEM_QEMU, parse_results
+from tools.qemu import DEFAULT_MAC, POLL_INTERVAL, SYSTEM_QEMU, parse_results
 
 pytestmark = pytest.mark.e2e
 
@@ -399,7 +399,7 @@ def _wait_for_result(serial: Path, name: str, timeout: float) -> dict[str, str]:
         text = serial.read_text(errors="replace") if serial.exists() else ""
         if name in parse_results(text):
             return parse_results(text)
-        time.sleep(1)
+        time.sleep(POLL_INTERVAL)
     raise AssertionError(f"the guest printed no {name} within {timeout:.0f} s; console:\n"
                          + (serial.read_text(errors="replace")[-3000:] if serial.exists() else ""))
 
@@ -513,6 +513,7 @@ def test_libvirt_passt_stream(libvirt11: Libvirt11 | str, kit: Kit,
         assert "stream front-end (-netdev stream)" in vhostnet_log, vhostnet_log[-3000:]
 
 
+@pytest.mark.slow
 def test_libvirt_passt_vhost_user(libvirt11: Libvirt11 | str, kit: Kit,
                                   e2e_tmp: Path) -> None:
     """libvirt 11.3 (``<interface type='vhostuser'>``, libvirt >= 11.1) and QEMU 10.0."""

@@ -43,6 +43,7 @@ from tests.e2e.held_connections import (
     guest_script,
     open_forward,
     read_exactly,
+    start_destination,
     start_migration,
     wait_until,
 )
@@ -51,7 +52,7 @@ from tests.support.daemon import nobody_tmp_dir
 from tests.support.qmp import wait_migrated
 from vhostnet.control import control_request
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 DOWNLOAD_BYTES = 50 * 1024 * 1024
 DOWNLOAD_SECONDS = 20.0
@@ -93,10 +94,12 @@ class Scenario:
         if helper is not None:
             for net in (self.source_net, self.dest_net):
                 self.start_helper(helper, Path(f"{net.socket_path}.repair"))
-        self.guest, self.script = guest, guest_script(self.server.port)
+        self.script = guest_script(self.server.port)
         self.source = guest(version, self.script, socket_path=self.source_net.socket_path,
                             qmp_path=tmp_path / "src.qmp", memory_mb=GUEST_MEMORY_MB)
-        self.destination = None
+        self.destination = start_destination(guest, version, self.script,
+                                             self.dest_net.socket_path, tmp_path,
+                                             GUEST_MEMORY_MB)
 
     def start_helper(self, helper: Callable[[Path], list[str]], path: Path) -> None:
         # passt-repair gives up at once on a path that does not exist yet.
@@ -121,9 +124,7 @@ class Scenario:
         # Part of the echo must sit in vhostnet's host socket, unsent, when it freezes.
         wait_until(lambda: self.source_counter("tcp.bytes_to_host") >= BACKLOG_IN_SOCKET, 120,
                    "the echoed bytes to reach vhostnet's host socket")
-        self.destination = start_migration(self.source, self.guest, self.version, self.script,
-                                           self.dest_net.socket_path, self.tmp_path,
-                                           GUEST_MEMORY_MB)
+        start_migration(self.source, self.destination, self.tmp_path)
         return forward
 
     def source_counter(self, name: str) -> int:

@@ -17,7 +17,7 @@ import re
 import pytest
 
 from tests.e2e.guestlib import GATEWAY, static_ipv4
-from tests.e2e.held_connections import start_migration, wait_until
+from tests.e2e.held_connections import start_destination, start_migration, wait_until
 from tests.e2e.hostservers import (
     LOOPBACK6,
     PacedHttpServer,
@@ -28,7 +28,7 @@ from tests.support.qmp import wait_migrated
 from tools.guest_ipv6 import GATEWAY6, WAIT_FOR_SLAAC
 from vhostnet.control import control_request
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 DOWNLOAD6_BYTES = 30 * 1024 * 1024
 DOWNLOAD6_SECONDS = 20.0
@@ -73,12 +73,13 @@ def test_ipv6_download_and_half_closed_ipv4_survive_qemu10_migration(vhostnet, g
         script = guest_script(server6.port, server4.port)
         source = guest("10.0", script, socket_path=source_net.socket_path,
                        qmp_path=tmp_path / "src.qmp", memory_mb=GUEST_MEMORY_MB)
+        destination = start_destination(guest, "10.0", script, dest_net.socket_path, tmp_path,
+                                        GUEST_MEMORY_MB)
         wait_until(server4.client_closed.is_set, 300, "the guest to half-close its connection")
         wait_until(lambda: server6.sent >= MIGRATE_AFTER_BYTES[0]
                    and server4.sent >= MIGRATE_AFTER_BYTES[1], 300,
                    "both transfers to be under way")
-        destination = start_migration(source, guest, "10.0", script, dest_net.socket_path,
-                                      tmp_path, GUEST_MEMORY_MB)
+        start_migration(source, destination, tmp_path)
         wait_migrated(source)
         info = source.qmp("query-migrate")
         print(f"migration total {info.get('total-time')} ms, downtime {info.get('downtime')} ms")

@@ -104,6 +104,7 @@ def udp_exchange(port: int, payload: bytes) -> tuple[bytes, tuple[str, int]]:
         return sock.recvfrom(4096)
 
 
+@pytest.mark.slow
 def test_tcp_and_udp_forwards(vhostnet, guest, qemu_version, tmp_path, e2e_tmp):
     udpecho = build_udpecho(tmp_path)
     host_in, host_out = free_port(), free_port()

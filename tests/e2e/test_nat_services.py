@@ -28,7 +28,7 @@ from tests.e2e.hostservers import (
 )
 from vhostnet.control import control_request
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MTU = 1400
 LEASE_SECONDS = 7200  # --lease-time; the default is one day

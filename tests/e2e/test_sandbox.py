@@ -4,6 +4,8 @@ a stub, a 20 MiB download with its sha256, and ping answers (issue 15, item 4)."
 
 from __future__ import annotations
 
+import pytest
+
 from tests.e2e.test_nat_services import (
     BULK_BYTES,
     BULK_SEED,
@@ -19,6 +21,8 @@ from tests.e2e.test_nat_services import (
     sha256_hex,
 )
 from vhostnet import sandbox
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 NOBODY = "65534"
 

@@ -37,7 +37,8 @@ echo "RESULT download_sha256=$(cut -d' ' -f1 /tmp/sum)"
 """
 
 
-@pytest.mark.parametrize("nic", ["virtio-net-pci", "e1000"])
+# e1000 takes an interrupt per frame under TCG: the slow one of the two.
+@pytest.mark.parametrize("nic", ["virtio-net-pci", pytest.param("e1000", marks=pytest.mark.slow)])
 def test_stream_dhcp_ping_download_and_capture(vhostnet, run_guest, qemu_version, nic, e2e_tmp):
     data = generated_bytes(DOWNLOAD_BYTES, DOWNLOAD_SEED)
     control = str(e2e_tmp / "control.sock")
