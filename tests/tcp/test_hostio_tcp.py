@@ -135,8 +135,10 @@ class GuestTcp:
 
     def tick(self, now: float) -> None:
         """Go back to snd_una after a stall: the host may have taken only part of a write.
-        A FIN in flight is unacknowledged too: it goes again after the data."""
-        if self.snd_una < self.snd_nxt and now - self.last_progress > STALL_RETRANSMIT:
+        A FIN in flight is unacknowledged too: it goes again after the data. Not in the
+        handshake: ``pump`` sends no SYN (and from snd_nxt 0 it would spin on empty chunks)."""
+        if (self.established and self.snd_una < self.snd_nxt
+                and now - self.last_progress > STALL_RETRANSMIT):
             self.last_progress = now
             self.snd_nxt = self.snd_una
             self.fin_sent = False
@@ -341,6 +343,34 @@ def test_guest_rewind_with_its_fin_in_flight_still_finishes() -> None:
             assert not guest.reset
             assert guest.received.decode() == hashlib.sha256(upload).hexdigest()
             await run_until(net, engine, host, lambda: not engine.flows, timeout=10)
+
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+
+
+def test_guest_stalled_in_its_handshake_keeps_its_syn() -> None:
+    """A stall before the SYN-ACK rewinds nothing (``pump`` cannot send a SYN again; from
+    snd_nxt 0 it would spin on empty chunks once established); the connection then works."""
+    loop, net, engine = new_setup(StackConfig())
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(serve_sink_and_source, "127.0.0.1", 0)
+        host = TcpHost(engine, loop)
+        try:
+            guest = GuestTcp(net, 41300, GATEWAY, server.sockets[0].getsockname()[1])
+            net.conns[41300] = guest
+            guest.connect()
+            guest.tick(guest.last_progress + 2 * STALL_RETRANSMIT)
+            assert (guest.snd_una, guest.snd_nxt) == (0, 1)
+            guest.send(b"SINK\nabc", then_close=True)
+            await run_until(net, engine, host, lambda: guest.done, timeout=10)
+            assert guest.received.decode() == hashlib.sha256(b"abc").hexdigest()
+        finally:
+            host.close()
+            server.close()
+            await server.wait_closed()
 
     try:
         loop.run_until_complete(scenario())
