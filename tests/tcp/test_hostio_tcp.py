@@ -48,6 +48,7 @@ class GuestTcp:
         self.remote_port = remote_port
         self.iss = random.getrandbits(32)
         self.snd_una = self.snd_nxt = 0  # relative to iss; data starts at 1
+        self.snd_max = 0  # the highest snd_nxt so far (``tick`` rewinds snd_nxt, not this)
         self.snd_wnd = 0
         self.peer_wscale = 0
         self.irs = 0
@@ -63,13 +64,13 @@ class GuestTcp:
 
     # -- guest actions
     def connect(self) -> None:
-        self.snd_nxt = 1
+        self.snd_nxt = self.snd_max = 1
         self._emit(SYN, seq=0, ack=0, mss=MSS, wscale=GUEST_WSCALE)
 
     def accept(self, syn: TcpSegment) -> None:
         self.irs, self.rcv_nxt = syn.seq, 1
         self.peer_wscale = syn.wscale or 0
-        self.snd_nxt = 1
+        self.snd_nxt = self.snd_max = 1
         self._emit(SYN | ACK, seq=0, mss=MSS, wscale=GUEST_WSCALE)
 
     def send(self, data: bytes, then_close: bool = False) -> None:
@@ -96,10 +97,15 @@ class GuestTcp:
             self.pump()
             return
         ack = (seg.ack - self.iss) % (1 << 32)
+        assert ack <= self.snd_max, f"ACK {ack} of what the guest never sent ({self.snd_max})"
         if ack > self.snd_una:
             self.snd_una = ack
             self.last_progress = time.monotonic()
             self.established = True
+            if ack > self.snd_nxt:
+                # What was sent before a rewind (``tick``) arrived after all: go on from there.
+                self.snd_nxt = ack
+                self.fin_sent = ack == len(self.outgoing) + 2  # (only a sent FIN counts there)
         self.snd_wnd = seg.window << self.peer_wscale
         seq = (seg.seq - self.irs) % (1 << 32)
         if seg.payload or seg.flags & FIN:
@@ -125,14 +131,17 @@ class GuestTcp:
             self._emit(ACK | FIN, seq=self.snd_nxt)
             self.snd_nxt += 1
             self.fin_sent = True
+        self.snd_max = max(self.snd_max, self.snd_nxt)
 
     def tick(self, now: float) -> None:
-        """Go back to snd_una after a stall: the host may have taken only part of a write."""
-        if self.snd_una < self.snd_nxt and now - self.last_progress > STALL_RETRANSMIT:
+        """Go back to snd_una after a stall: the host may have taken only part of a write.
+        A FIN in flight is unacknowledged too: it goes again after the data. Not in the
+        handshake: ``pump`` sends no SYN (and from snd_nxt 0 it would spin on empty chunks)."""
+        if (self.established and self.snd_una < self.snd_nxt
+                and now - self.last_progress > STALL_RETRANSMIT):
             self.last_progress = now
             self.snd_nxt = self.snd_una
-            if self.fin_sent and self.snd_una == len(self.outgoing) + 1:
-                self.fin_sent = False
+            self.fin_sent = False
             self.pump()
 
     def _ack(self) -> None:
@@ -313,6 +322,60 @@ def test_megabytes_each_way_through_a_real_host_server(peek_offset: str, monkeyp
     loop.run_until_complete(scenario())
     loop.close()
     assert open_fds() == fds_before
+
+
+def test_guest_rewind_with_its_fin_in_flight_still_finishes() -> None:
+    """The guest goes back to snd_una (``tick``, as after a stall under load) while its data
+    and FIN are in flight; the engine got them all and acknowledges the FIN. The guest must
+    send the FIN again and take that ACK (it once kept waiting for an ACK it had, forever)."""
+    loop, net, engine = new_setup(StackConfig())
+
+    async def scenario() -> None:
+        async with established_flow(net, engine, loop, 41200, serve_sink_and_source) as (
+            host, guest
+        ):
+            upload = random.Random(3).randbytes(5000)
+            guest.send(b"SINK\n" + upload, then_close=True)
+            assert guest.fin_sent and not net.from_engine  # all of it queued for the engine
+            guest.tick(guest.last_progress + 2 * STALL_RETRANSMIT)
+            assert guest.snd_nxt == guest.snd_max  # the data and the FIN again, no ACK yet
+            await run_until(net, engine, host, lambda: guest.done, timeout=10)
+            assert not guest.reset
+            assert guest.received.decode() == hashlib.sha256(upload).hexdigest()
+            await run_until(net, engine, host, lambda: not engine.flows, timeout=10)
+
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+
+
+def test_guest_stalled_in_its_handshake_keeps_its_syn() -> None:
+    """A stall before the SYN-ACK rewinds nothing (``pump`` cannot send a SYN again; from
+    snd_nxt 0 it would spin on empty chunks once established); the connection then works."""
+    loop, net, engine = new_setup(StackConfig())
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(serve_sink_and_source, "127.0.0.1", 0)
+        host = TcpHost(engine, loop)
+        try:
+            guest = GuestTcp(net, 41300, GATEWAY, server.sockets[0].getsockname()[1])
+            net.conns[41300] = guest
+            guest.connect()
+            guest.tick(guest.last_progress + 2 * STALL_RETRANSMIT)
+            assert (guest.snd_una, guest.snd_nxt) == (0, 1)
+            guest.send(b"SINK\nabc", then_close=True)
+            await run_until(net, engine, host, lambda: guest.done, timeout=10)
+            assert guest.received.decode() == hashlib.sha256(b"abc").hexdigest()
+        finally:
+            host.close()
+            server.close()
+            await server.wait_closed()
+
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()
 
 
 def test_two_hundred_concurrent_connections_leave_no_flows_or_fds() -> None:
