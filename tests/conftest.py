@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,18 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VhostnetP
             raise
         assert alive, f"vhostnet died during the test:\n{process.log_path.read_text()}"
         assert code == 0, process.log_path.read_text()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected pair of non-blocking UNIX stream sockets, (ours, peer): a stream link's
+    two ends for the stream sender's tests."""
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    peer.setblocking(False)
+    yield ours, peer
+    ours.close()
+    peer.close()
 
 
 @pytest.fixture(scope="session")

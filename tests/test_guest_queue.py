@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import socket
-
-import pytest
 from vhostnet._stream import FRAMES_PER_SEND, StreamSender
 
 import vhostnet.guest_queue as guest_queue
@@ -69,16 +66,6 @@ class CountingQueue(GuestFrameQueue):
     def popleft(self):
         self.single_pops += 1
         return super().popleft()
-
-
-@pytest.fixture
-def pair():
-    ours, peer = socket.socketpair()
-    ours.setblocking(False)
-    peer.setblocking(False)
-    yield ours, peer
-    ours.close()
-    peer.close()
 
 
 def test_the_stream_sender_takes_what_a_send_carried_off_the_queue_in_one_call(pair) -> None:

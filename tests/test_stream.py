@@ -375,16 +375,6 @@ def _read_all(peer: socket.socket) -> bytes:
         chunks.append(chunk)
 
 
-@pytest.fixture
-def pair():
-    ours, peer = socket.socketpair()
-    ours.setblocking(False)
-    peer.setblocking(False)
-    yield ours, peer
-    ours.close()
-    peer.close()
-
-
 def test_the_sender_puts_every_kind_of_entry_on_the_wire_byte_for_byte(pair) -> None:
     ours, peer = pair
     frames = [_frame(n, 60 + n) for n in range(9)]

@@ -127,21 +127,27 @@ def test_small_writes_elsewhere_estimate_the_send_space_instead_of_measuring() -
         loop.close()
 
 
-def test_a_new_connection_counts_as_measured_for_its_first_small_writes(monkeypatch) -> None:
-    # connect() finishing measured the space (SO_SNDBUF, nothing queued): a request written
-    # elsewhere right after takes the estimate, without two more system calls per connection.
-    loop, net, engine = new_setup(StackConfig())
+def count_measures(monkeypatch) -> list[int]:
+    """From now on, the fds whose send space the glue measures (``send_space``) are listed."""
     measures: list[int] = []
 
     def counting_send_space(sock, nothing_sent=False):
         measures.append(sock.fileno())
         return send_space(sock, nothing_sent)
+    monkeypatch.setattr(host_module, "send_space", counting_send_space)
+    return measures
+
+
+def test_a_new_connection_counts_as_measured_for_its_first_small_writes(monkeypatch) -> None:
+    # connect() finishing measured the space (SO_SNDBUF, nothing queued): a request written
+    # elsewhere right after takes the estimate, without two more system calls per connection.
+    loop, net, engine = new_setup(StackConfig())
 
     async def scenario() -> None:
         async with established_flow(net, engine, loop, 42001, tcp_echo_until_eof) as (
                 host, guest):
             (flow,) = engine.flows.values()
-            monkeypatch.setattr(host_module, "send_space", counting_send_space)
+            measures = count_measures(monkeypatch)
             space = host.written_elsewhere(flow.flow_id, False, 100)
             assert measures == [] and space == flow.host_space - 100
 
@@ -154,18 +160,13 @@ def test_a_new_connections_first_request_through_send_is_not_measured(monkeypatc
     # fast path mirrors the flow: written by ``Send``, it takes the estimate too (old
     # behaviour: SO_SNDBUF and SIOCOUTQ asked after every ``Send``, two calls per connection).
     loop, net, engine = new_setup(StackConfig())
-    measures: list[int] = []
-
-    def counting_send_space(sock, nothing_sent=False):
-        measures.append(sock.fileno())
-        return send_space(sock, nothing_sent)
 
     async def scenario() -> None:
         async with established_flow(net, engine, loop, 42004, tcp_echo_until_eof) as (
                 host, guest):
             (flow,) = engine.flows.values()
             space = flow.host_space
-            monkeypatch.setattr(host_module, "send_space", counting_send_space)
+            measures = count_measures(monkeypatch)
             guest.send(b"request")
             await run_until(net, engine, host, lambda: guest.received == b"request",
                             timeout=10)
