@@ -107,8 +107,8 @@ def compare_backends(rows: list[Row], ours: str, other: str) -> None:
 
 
 # Extras of the back-end's own cost, shown beside the figures in the comparison table.
-COST_NOTES = ("cpu_us_per_pkt", "cpu_us_per_MB", "cpu_us_per_txn",
-              "wakeups_per_pkt", "wakeups_per_MB", "wakeups_per_txn")
+COST_NOTES = ("cpu_us_per_pkt", "cpu_us_per_MB", "cpu_us_per_txn", "cpu_us_per_conn",
+              "wakeups_per_pkt", "wakeups_per_MB", "wakeups_per_txn", "wakeups_per_conn")
 
 
 def comparison_table(rows: list[Row], ours: str, other: str) -> str:

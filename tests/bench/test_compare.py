@@ -83,7 +83,10 @@ def test_comparison_table_says_which_is_better() -> None:
             Row("testpmd-tx-64B", "pps", [200.0], backend="passt"),
             Row("tcp-rr", "p50 us", [300.0]),
             Row("tcp-rr", "p50 us", [400.0], backend="passt"),
-            Row("ring-64B", "Mpps", [1.0])]  # vhostnet only
+            Row("ring-64B", "Mpps", [1.0]),  # vhostnet only
+            Row("tcp-crr", "conn/s", [10.0], extra={"cpu_us_per_conn": 300.0,
+                                                    "wakeups_per_conn": 5.0}),
+            Row("tcp-crr", "conn/s", [20.0], backend="passt")]
     compare_backends(rows, "vhostnet", "passt")
     lines = comparison_table(rows, "vhostnet", "passt").splitlines()
     assert lines[0].startswith("| case | unit | vhostnet median (min-max) | passt median")
@@ -92,6 +95,7 @@ def test_comparison_table_says_which_is_better() -> None:
     assert lines[3].startswith("| tcp-rr | p50 us | 300.0 (300.0-300.0) | 400.0 (400.0-400.0) | "
                                "0.75 | vhostnet |")
     assert lines[4] == "| ring-64B | Mpps | 1 (1-1) | - | - | - | - | - |"
+    assert lines[5].endswith("| cpu_us/conn 300.0, wakeups/conn 5 | - |"), lines[5]
 
 
 def test_usage_per_unit_and_wakeups_of_a_process() -> None:
